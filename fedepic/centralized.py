@@ -1,0 +1,280 @@
+"""Centralized baselines: the EPIC paper's poisoning benchmark (Yang et al., ICML 2022, Table 2 protocol).
+
+Per trial: draw a target, an adversarial class and poison rows (seeded), brew Witches' Brew poisons on a
+clean model (trained once per run) or load them, then train a victim from scratch under every defense
+in `defense.compare` with the same seed, and record whether the target flips. Label-flip and backdoor
+attacks use the same loop. Controls (random / highest-loss drops) replay EPIC's per-selection drop
+counts from the same trial, so they remove exactly as many rows at the same epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fedepic import defenses as controls
+from fedepic.attacks import attack_success, poison_rows
+from fedepic.attacks.gradient_matching import (
+    BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, load_poisons, poison_mask, save_poisons,
+)
+from fedepic.config import ConfigError, RunConfig, to_yaml
+from fedepic.data import ImageData, load_dataset
+from fedepic.epic import EpicSchedule, EpicState
+from fedepic.metrics import mean_and_se, success_rate
+from fedepic.models import build_model
+from fedepic.outputs import RunWriter, csv_table, markdown_table
+from fedepic.plots import close, comparison_figure, curves_figure
+from fedepic.progress import bar, progress_bars
+from fedepic.train import evaluate, fit, prepare_model, resolve_device
+
+TABLE_COLUMNS = ("defense", "attack_success", "attack_success_se", "accuracy", "accuracy_se", "seconds",
+                 "dropped", "poison_recall", "clean_drop_rate", "trials")
+
+
+@dataclass
+class Trial:
+    """One poisoned training set and what measures the attack on it."""
+
+    index: int
+    seed: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    poisoned: torch.Tensor
+    target_x: Optional[torch.Tensor] = None
+    adversarial_class: Optional[int] = None
+    info: dict = field(default_factory=dict)
+
+
+def defense_members(cfg: RunConfig) -> list[str]:
+    if cfg.defense.compare:
+        return list(cfg.defense.compare)
+    return [f"epic-{cfg.defense.epic.fraction:g}"] if cfg.defense.epic.enabled else ["none"]
+
+
+def epic_schedule(cfg: RunConfig, fraction: Optional[float] = None) -> EpicSchedule:
+    epic = cfg.defense.epic
+    until = epic.until if epic.until is not None else (max(cfg.train.milestones) if cfg.train.milestones else None)
+    return EpicSchedule(fraction=fraction or epic.fraction, warmup=epic.warmup, interval=epic.interval,
+                        until=until, proxy=epic.proxy, threshold=epic.threshold)
+
+
+def new_model(cfg: RunConfig, data: ImageData, seed: int, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+    return prepare_model(model, device, cfg.train.amp)
+
+
+def _brew_config(cfg: RunConfig) -> BrewConfig:
+    a = cfg.attack
+    return BrewConfig(eps=a.eps / 255, budget=a.budget, restarts=a.restarts, steps=a.steps, tau=a.tau,
+                      augment=cfg.train.augment != "none", pad=cfg.train.crop_pad, flip=cfg.train.augment == "crop_flip")
+
+
+def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter,
+                              progress) -> list[Trial]:
+    if cfg.attack.poisons:
+        sets = [load_poisons(cfg.attack.poisons)]
+    else:
+        epochs = cfg.attack.pretrain_epochs or cfg.train.epochs
+        clean = new_model(cfg, data, cfg.seed, device)
+        pre = bar(progress, "pretrain clean model", epochs)
+        fit(clean, data.train_x, data.train_y, cfg.train, seed=cfg.seed, device=device, epochs=epochs,
+            on_epoch=lambda rec, _: pre.advance(info=f"loss {rec.loss:.3f}"))
+        sets = []
+        brew_bar = bar(progress, "brew poisons", cfg.attack.targets * cfg.attack.restarts * cfg.attack.steps)
+        for t in range(cfg.attack.targets):
+            setup = choose_setup(data.train_y, data.test_y, data.num_classes, cfg.attack.budget, cfg.seed + 1000 * t)
+            target_x = data.test_x[setup.target_index:setup.target_index + 1].float() / 255
+            poisons = brew_poisons(clean, data.train_x, data.train_y, setup.poison_indices, target_x,
+                                   setup.adversarial_class, _brew_config(cfg), seed=cfg.seed + 1000 * t,
+                                   device=device, target_index=setup.target_index, target_class=setup.target_class,
+                                   progress=lambda r, s, loss: brew_bar.advance(info=f"loss {loss:.3f}"))
+            save_poisons(poisons, writer.dir / f"poisons-trial{t}.npz")
+            sets.append(poisons)
+    return [_poison_trial(t, cfg.seed + 1000 * t, data, p) for t, p in enumerate(sets)]
+
+
+def _poison_trial(index: int, seed: int, data: ImageData, poisons: PoisonSet) -> Trial:
+    if not 0 <= poisons.target_index < len(data.test_y):
+        raise ConfigError(f"attack.poisons: target index {poisons.target_index} is outside this test set")
+    target_x = data.test_x[poisons.target_index:poisons.target_index + 1].float() / 255
+    info = {"target_index": poisons.target_index, "target_class": poisons.target_class,
+            "adversarial_class": poisons.adversarial_class, "poisons": len(poisons.indices),
+            "brew_alignment": poisons.alignment}
+    return Trial(index, seed, apply_poisons(data.train_x, poisons), data.train_y,
+                 poison_mask(len(data.train_y), poisons), target_x, poisons.adversarial_class, info)
+
+
+def build_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter, progress) -> list[Trial]:
+    if cfg.attack.data == "gradient_matching":
+        return _gradient_matching_trials(cfg, data, device, writer, progress)
+    rows = poison_rows(cfg.attack, data.train_x, data.train_y, data.num_classes,
+                       fraction=cfg.attack.budget if cfg.attack.data == "label_flip" else cfg.attack.backdoor_fraction,
+                       seed=cfg.seed)
+    return [Trial(t, cfg.seed + 1000 * t, rows.x, rows.y, rows.poisoned) for t in range(cfg.attack.targets)]
+
+
+class DropPolicy:
+    """Which rows a defense removes after an epoch; EPIC's per-selection counts drive the controls."""
+
+    def __init__(self, name: str, cfg: RunConfig, trial: Trial, keep: torch.Tensor, device: torch.device,
+                 epic_counts: Optional[list[int]]) -> None:
+        base, _, frac = name.partition("-")
+        self.base, self.cfg, self.trial, self.keep, self.device = base, cfg, trial, keep, device
+        self.schedule = epic_schedule(cfg, float(frac) if frac else None)
+        self.epic = EpicState(len(keep), self.schedule, device=device) if base == "epic" else None
+        if self.epic is not None:
+            self.epic.keep = keep  # share the mask the training loop reads
+        fallback = [int(trial.poisoned.sum()) or max(1, round(cfg.attack.budget * len(keep)))]
+        self.counts = list(epic_counts) if epic_counts else fallback
+        self.generator = torch.Generator().manual_seed(trial.seed + 7)
+        self.selections: list[int] = []
+        self.seconds = 0.0
+
+    def __call__(self, epoch: int, model: torch.nn.Module) -> dict:
+        if self.base == "none" or not self.schedule.is_selection_epoch(epoch):
+            return {}
+        started = time.perf_counter()
+        if self.epic is not None:
+            stats = self.epic.select(model, self.trial.train_x, self.trial.train_y, self.trial.poisoned)
+            self.selections.append(stats["dropped_now"])
+        else:
+            stats = self._control(model)
+        self.seconds += time.perf_counter() - started
+        return stats
+
+    def _control(self, model: torch.nn.Module) -> dict:
+        step = len(self.selections)
+        if self.base == "spectral" and step > 0 or step >= len(self.counts) and self.base != "spectral":
+            return {}
+        rows = self.keep.nonzero().squeeze(1)
+        x, y = self.trial.train_x[rows], self.trial.train_y[rows]
+        count = min(self.counts[step] if self.base != "spectral" else 0, len(rows))
+        if self.base == "random":
+            drop = controls.random_drop(len(rows), count, self.generator)
+        elif self.base == "loss":
+            drop = controls.highest_loss_drop(model, x, y, count, device=self.device)
+        else:
+            budget = min(max(self.cfg.attack.budget, 1 / len(rows)), 0.5)
+            drop = controls.spectral_signatures(model, x, y, budget, device=self.device)
+        self.keep[rows[drop]] = False
+        self.selections.append(int(drop.sum()))
+        dropped = ~self.keep
+        poisons = self.trial.poisoned
+        return {"dropped_now": int(drop.sum()), "dropped_total": int(dropped.sum()),
+                "poisons_dropped": int((dropped & poisons).sum()),
+                "poison_recall": (dropped & poisons).sum().item() / max(int(poisons.sum()), 1),
+                "clean_dropped": int((dropped & ~poisons).sum())}
+
+
+def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, device: torch.device,
+                 member: RunWriter, epic_counts: Optional[list[int]], progress_bar) -> tuple[dict, list[int]]:
+    """Train a fresh model on the trial's data under `defense`; returns the outcome and the drop counts."""
+    started = time.perf_counter()
+    model = new_model(cfg, data, trial.seed, device)
+    keep = torch.ones(len(trial.train_y), dtype=torch.bool)
+    policy = DropPolicy(defense, cfg, trial, keep, device, epic_counts)
+    accuracy_curve: list[float] = []
+
+    def epoch_end(epoch: int, net: torch.nn.Module) -> dict:
+        stats = policy(epoch, net)
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            ev = evaluate(net, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
+            stats = {**stats, "test_accuracy": ev["accuracy"]}
+            accuracy_curve.append(ev["accuracy"])
+        return stats
+
+    def on_epoch(record, extra) -> None:
+        member.log({"trial": trial.index, **record.__dict__, **extra})
+        progress_bar.advance(info=f"{defense} t{trial.index} e{record.epoch} loss {record.loss:.3f}")
+
+    fit(model, trial.train_x, trial.train_y, cfg.train, seed=trial.seed, device=device, keep=keep,
+        epoch_end=epoch_end, on_epoch=on_epoch)
+    final = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
+    success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, trial.target_x,
+                             trial.adversarial_class)
+    dropped = ~keep
+    outcome = {
+        "trial": trial.index, "defense": defense, "accuracy": final["accuracy"], "per_class": final["per_class"],
+        "attack_success": success, "seconds": time.perf_counter() - started, "defense_seconds": policy.seconds,
+        "dropped": int(dropped.sum()), "poisons_dropped": int((dropped & trial.poisoned).sum()),
+        "poison_recall": ((dropped & trial.poisoned).sum() / trial.poisoned.sum()).item()
+        if trial.poisoned.any() else None,
+        "clean_drop_rate": ((dropped & ~trial.poisoned).sum() / (~trial.poisoned).sum()).item(),
+        "accuracy_curve": accuracy_curve, **trial.info,
+    }
+    return outcome, policy.selections
+
+
+def summarise(defense: str, outcomes: list[dict], binary_success: bool) -> dict:
+    successes = [o["attack_success"] for o in outcomes if o["attack_success"] is not None]
+    if binary_success:
+        asr, asr_se = success_rate([s >= 0.5 for s in successes])
+    else:
+        asr, asr_se = mean_and_se(successes) if successes else (None, None)
+    acc, acc_se = mean_and_se([o["accuracy"] for o in outcomes])
+    recalls = [o["poison_recall"] for o in outcomes if o["poison_recall"] is not None]
+    return {"defense": defense, "attack_success": asr, "attack_success_se": asr_se, "accuracy": acc,
+            "accuracy_se": acc_se, "seconds": mean_and_se([o["seconds"] for o in outcomes])[0],
+            "dropped": mean_and_se([o["dropped"] for o in outcomes])[0],
+            "poison_recall": mean_and_se(recalls)[0] if recalls else None,
+            "clean_drop_rate": mean_and_se([o["clean_drop_rate"] for o in outcomes])[0], "trials": len(outcomes)}
+
+
+def _write_tables(writer: RunWriter, rows: list[dict], curves: dict[str, dict[str, list[float]]], title: str) -> None:
+    writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, TABLE_COLUMNS))
+    writer.write_text("comparison.csv", csv_table(rows, TABLE_COLUMNS))
+    fig = comparison_figure(curves, ["test_accuracy"], "evaluation", title)
+    writer.save_figure(fig, "comparison.png")
+    close(fig)
+
+
+def _ordered(members: list[str]) -> list[str]:
+    """EPIC members first: the controls replay the counts of the first EPIC member."""
+    return sorted(members, key=lambda m: 0 if m.startswith("epic") else 1)
+
+
+def run_centralized(cfg: RunConfig) -> Path:
+    """Run the centralized benchmark and return the run folder."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = load_dataset(cfg.data, cfg.seed)  # before anything is written: a data error leaves no folder
+    device = resolve_device(cfg.train.device)
+    members = _ordered(defense_members(cfg))
+    with progress_bars(cfg.progress) as progress, RunWriter(cfg.output_dir, cfg.name) as writer:
+        writer.write_config(to_yaml(cfg))
+        trials = build_trials(cfg, data, device, writer, progress)
+        member_writers = {m: RunWriter(cfg.output_dir, m, parent=writer).__enter__() for m in members}
+        outcomes: dict[str, list[dict]] = {m: [] for m in members}
+        train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
+        try:
+            for trial in trials:
+                epic_counts = None
+                for member in members:
+                    outcome, counts = train_victim(cfg, data, trial, member, device, member_writers[member],
+                                                   epic_counts, train_bar)
+                    if member.startswith("epic") and epic_counts is None:
+                        epic_counts = counts
+                    outcomes[member].append(outcome)
+                    writer.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
+        finally:
+            binary = cfg.attack.data == "gradient_matching"
+            rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
+            for m in members:
+                mw = member_writers[m]
+                if outcomes[m]:
+                    mw.write_summary({"defense": m, **summarise(m, outcomes[m], binary), "trials_detail": outcomes[m]})
+                    fig = curves_figure({"test_accuracy": outcomes[m][0]["accuracy_curve"]}, "evaluation", m)
+                    mw.save_figure(fig, "curves.png")
+                    close(fig)
+                mw.close()
+            if rows:
+                curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
+                _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
+            writer.write_summary({"mode": "centralized", "rows": rows, "class_histogram":
+                                  torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
+    return writer.path

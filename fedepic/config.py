@@ -1,0 +1,433 @@
+"""Typed run configuration: OmegaConf structured configs from dataclasses, YAML loading and validation.
+
+Every key has a documented default here; `configs/*.yaml` only set what differs. `load_config` is the
+one place that turns user input into a validated config, and every problem it finds is raised as a
+`ConfigError` whose message is one line naming the bad key, file or value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODES = ("centralized", "federated", "decentralized")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
+PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
+PROXIES = ("logits", "last_layer")
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+DATA_ATTACKS = ("none", "label_flip", "backdoor", "gradient_matching")
+MODEL_ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax")
+SERVER_STRATEGIES = (
+    "fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic", "centralized-epic",
+)
+PEER_STRATEGIES = ("gossip", "median", "trimmed_mean", "krum", "scclip", "epic", "exclude", "gp", "gp_epic", "upper")
+CENTRAL_DEFENSES = ("none", "epic", "random", "loss", "spectral")
+TOPOLOGIES = ("ring", "k_regular", "erdos_renyi", "small_world", "complete", "edges")
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line naming the key, file or value."""
+
+
+@dataclass
+class LabelGroup:
+    """Clients `clients` hold the labels `labels` (partition=label_sets)."""
+
+    clients: List[int] = field(default_factory=list)
+    labels: List[int] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | imagefolder | synthetic
+    root: Optional[str] = None  # else $FEDEPIC_DATA, else ~/.cache/fedepic/data
+    folder: str = "cifar10-jpeg"  # imagefolder: <root>/<folder>/{train,test}/<class>/<image>
+    download: bool = True  # torchvision datasets download when missing (needs internet)
+    cache_dir: Optional[str] = None  # decoded uint8 cache; else $FEDEPIC_CACHE, else ~/.cache/fedepic
+    classes: Optional[List[int]] = None  # keep only these classes, relabelled 0..k-1 in the given order
+    train_per_class: Optional[int] = None  # seeded subsample of each class (CPU smoke runs)
+    test_per_class: Optional[int] = None
+    synthetic_train: int = 2000  # synthetic: rows in train / test, images 1x28x28, 10 classes
+    synthetic_test: int = 500
+    partition: str = "iid"  # iid | dirichlet | shards | label_sets
+    alpha: float = 0.5  # dirichlet concentration
+    shards_per_client: int = 2  # shards: about k labels per client
+    min_per_client: int = 10  # dirichlet: resample until every client holds at least this many rows
+    label_sets: List[LabelGroup] = field(default_factory=list)  # label_sets: who holds which labels
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # resnet18 (32x32) | cnn (28x28 or 32x32) | mlp
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1  # centralized epochs; in FL, see clients.local_epochs
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: List[int] = field(default_factory=list)  # epochs at which lr *= gamma
+    gamma: float = 0.1
+    augment: str = "none"  # none | crop | crop_flip (pad 4, batched on the device)
+    crop_pad: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast + channels_last on CUDA
+    eval_batch_size: int = 1024
+    eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
+    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+
+
+@dataclass
+class EpicConfig:
+    """EPIC (Yang et al., ICML 2022). Paper defaults: 40-epoch pipeline K=10, T=2; 200-epoch K=30, T=10."""
+
+    enabled: bool = False
+    fraction: float = 0.1  # medoids per class = ceil(fraction * n_c); the paper uses 0.1 / 0.2 / 0.3
+    warmup: int = 10  # K: first selection after this many epochs
+    interval: int = 2  # T: then every T epochs
+    until: Optional[int] = None  # last selection epoch; None = the last lr milestone (if any)
+    proxy: str = "logits"  # logits (softmax - onehot) | last_layer ((p - y) (x) h)
+    threshold: int = 1  # drop medoids whose cluster holds <= threshold rows
+
+
+@dataclass
+class PurificationConfig:
+    """Gradient Purification (Li et al., FCS 2025) detection knobs; see strategies/gradient_purification.py."""
+
+    threshold: float = 3.0  # robust z-score above which a neighbour is suspicious this round
+    patience: int = 2  # consecutive suspicious rounds before a neighbour is confirmed malicious
+    window: int = 4
+    votes: int = 3
+
+
+@dataclass
+class DefenseConfig:
+    epic: EpicConfig = field(default_factory=EpicConfig)
+    compare: List[str] = field(default_factory=list)  # centralized: e.g. [none, epic-0.1, random, loss, spectral]
+    local_epic: bool = False  # FL: clients run EPIC on their own data
+    purification: PurificationConfig = field(default_factory=PurificationConfig)
+    trim: int = 1  # trimmed mean: values cut per side; Krum/Bulyan: assumed Byzantine count (0 = auto)
+    scclip_tau: float = 1.0
+
+
+@dataclass
+class AttackConfig:
+    data: str = "none"  # none | label_flip | backdoor | gradient_matching
+    model: str = "none"  # none | sign_flip | gaussian | scaling | alie | ipm | minmax
+    # label flip
+    flip: str = "pairs"  # pairs (c <-> C-1-c) | all | map
+    flip_map: List[List[int]] = field(default_factory=list)  # flip=map: [[from, to], ...]
+    # backdoor (BadNets)
+    backdoor_label: int = 0
+    backdoor_fraction: float = 0.1
+    patch_size: int = 3
+    # gradient matching (Witches' Brew)
+    eps: float = 8.0  # L-inf budget in /255 units
+    budget: float = 0.01  # poisons as a fraction of the training set
+    restarts: int = 8
+    steps: int = 250
+    tau: float = 0.1
+    targets: int = 1  # independent (target, poison set) trials in the centralized benchmark
+    poisons: Optional[str] = None  # reuse a saved poison set (.npz)
+    pretrain_epochs: int = 0  # clean epochs before brewing; 0 = train.epochs
+    # model attacks
+    scale: float = 10.0  # scaling attack factor
+    sigma: float = 1.0  # gaussian attack std
+    ipm_eps: float = 0.1
+    alie_z: Optional[float] = None  # None = Baruch et al.'s z_max from n and f
+    per_neighbour: bool = False  # decentralized: a different poisoned model per neighbour
+
+
+@dataclass
+class ClientsConfig:
+    count: int = 10
+    malicious_fraction: float = 0.0  # the first round(fraction * count) ids, unless malicious_ids is set
+    malicious_ids: Optional[List[int]] = None
+    local_epochs: int = 1
+    fraction_train: float = 1.0  # federated: fraction of clients sampled per round
+
+
+@dataclass
+class TopologyConfig:
+    name: str = "ring"  # ring | k_regular | erdos_renyi | small_world | complete | edges
+    k: int = 4  # k_regular degree; small_world neighbours
+    p: float = 0.3  # erdos_renyi edge probability; small_world rewiring probability
+    edges: List[List[int]] = field(default_factory=list)  # name=edges: [[u, v], ...]
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # attach to an existing cluster ("auto" or HOST:PORT); None starts a local one
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    num_cpus: Optional[int] = None  # local cluster size; None = all cores
+
+
+@dataclass
+class RunConfig:
+    mode: str = "centralized"  # centralized | federated | decentralized
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str = "run"
+    progress: bool = True  # rich progress bars on stderr
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    rounds: int = 10
+    strategies: List[str] = field(default_factory=lambda: ["fedavg"])
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given if it exists, else `configs/NAME` (".yaml" appended when missing)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"config file not found: {name} (looked for {path} and {candidate})")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {path}{where}: {problem}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Key '" in first and "not in" in first or type(err).__name__ == "ConfigKeyError":
+        return f"unknown config key '{key}' in {source}"
+    value = getattr(err, "value", None)
+    return f"invalid value {value!r} for key '{key}' in {source}: {first}"
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err, source)) from None
+
+
+def _parse_overrides(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"bad override {item!r}: expected key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"bad override value: {str(err).splitlines()[0]}") from None
+
+
+def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Schema defaults <- YAML file <- dotted overrides, then `validate`. Returns a typed RunConfig."""
+    cfg = OmegaConf.structured(RunConfig)
+    if config:
+        path = resolve_config_path(config)
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value {value!r} for key '{key}': {why}")
+
+
+def _choice(key: str, value: str, allowed: tuple) -> None:
+    _check(value in allowed, key, value, f"choose one of {', '.join(allowed)}")
+
+
+def _fraction(key: str, value: float, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+    _check(not math.isnan(value) and low_ok and value <= 1, key, value, f"must lie in {interval}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    _check(value >= 0 if allow_zero else value > 0, key, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def malicious_ids(cfg: RunConfig) -> List[int]:
+    """The malicious client ids: explicit ids, else the first round(fraction * count)."""
+    if cfg.clients.malicious_ids is not None:
+        return sorted(set(cfg.clients.malicious_ids))
+    return list(range(int(round(cfg.clients.malicious_fraction * cfg.clients.count))))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError (one line naming the key) for the first invalid value."""
+    _choice("mode", cfg.mode, MODES)
+    _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", cfg.name,
+           "must be a non-empty folder name without '/'")
+    _validate_data(cfg)
+    _choice("model.name", cfg.model.name, ("resnet18", "cnn", "mlp"))
+    _validate_train(cfg.train)
+    _validate_defense(cfg)
+    _validate_attack(cfg)
+    _validate_clients(cfg)
+    _positive("rounds", cfg.rounds)
+    _check(len(cfg.strategies) > 0, "strategies", cfg.strategies, "list at least one strategy")
+    allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
+    for i, name in enumerate(cfg.strategies):
+        _choice(f"strategies[{i}]", name, allowed)
+    _validate_topology(cfg)
+    _positive("ray.client_cpus", cfg.ray.client_cpus)
+    _positive("ray.client_gpus", cfg.ray.client_gpus, allow_zero=True)
+    if cfg.ray.num_cpus is not None:
+        _positive("ray.num_cpus", cfg.ray.num_cpus)
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    data = cfg.data
+    _choice("data.name", data.name, DATASETS)
+    _choice("data.partition", data.partition, PARTITIONS)
+    _positive("data.alpha", data.alpha)
+    _positive("data.shards_per_client", data.shards_per_client)
+    _positive("data.min_per_client", data.min_per_client, allow_zero=True)
+    for key in ("train_per_class", "test_per_class"):
+        value = getattr(data, key)
+        if value is not None:
+            _positive(f"data.{key}", value)
+    _positive("data.synthetic_train", data.synthetic_train)
+    _positive("data.synthetic_test", data.synthetic_test)
+    if data.classes is not None:
+        _check(len(data.classes) >= 2 and len(set(data.classes)) == len(data.classes), "data.classes",
+               data.classes, "list at least two distinct class ids")
+    if data.partition == "label_sets":
+        _check(len(data.label_sets) > 0, "data.label_sets", [], "partition=label_sets needs label groups")
+        for i, group in enumerate(data.label_sets):
+            for client in group.clients:
+                _check(0 <= client < cfg.clients.count, f"data.label_sets[{i}].clients", client,
+                       f"client ids must lie in [0, {cfg.clients.count})")
+            _check(len(group.labels) > 0, f"data.label_sets[{i}].labels", group.labels, "list at least one label")
+
+
+def _validate_train(train: TrainConfig) -> None:
+    _positive("train.epochs", train.epochs)
+    _positive("train.batch_size", train.batch_size)
+    _positive("train.lr", train.lr)
+    _check(0 <= train.momentum < 1, "train.momentum", train.momentum, "must lie in [0, 1)")
+    _positive("train.weight_decay", train.weight_decay, allow_zero=True)
+    _fraction("train.gamma", train.gamma)
+    _choice("train.augment", train.augment, AUGMENTATIONS)
+    _positive("train.crop_pad", train.crop_pad, allow_zero=True)
+    _positive("train.eval_batch_size", train.eval_batch_size)
+    _positive("train.eval_every", train.eval_every)
+    for milestone in train.milestones:
+        _positive("train.milestones", milestone)
+    device = train.device
+    _check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "train.device", device,
+           "choose auto, cpu, cuda or cuda:N")
+
+
+def _validate_defense(cfg: RunConfig) -> None:
+    epic = cfg.defense.epic
+    _fraction("defense.epic.fraction", epic.fraction)
+    _positive("defense.epic.warmup", epic.warmup, allow_zero=True)
+    _positive("defense.epic.interval", epic.interval)
+    _choice("defense.epic.proxy", epic.proxy, PROXIES)
+    _positive("defense.epic.threshold", epic.threshold, allow_zero=True)
+    for i, name in enumerate(cfg.defense.compare):
+        base, _, frac = name.partition("-")
+        _choice(f"defense.compare[{i}]", base, CENTRAL_DEFENSES)
+        if frac:
+            try:
+                _fraction(f"defense.compare[{i}]", float(frac))
+            except ValueError:
+                raise ConfigError(f"invalid value {name!r} for key 'defense.compare[{i}]': "
+                                  "expected NAME or epic-FRACTION, e.g. epic-0.1") from None
+    pur = cfg.defense.purification
+    _positive("defense.purification.threshold", pur.threshold)
+    _positive("defense.purification.patience", pur.patience)
+    _positive("defense.trim", cfg.defense.trim, allow_zero=True)
+    _positive("defense.scclip_tau", cfg.defense.scclip_tau)
+
+
+def _validate_attack(cfg: RunConfig) -> None:
+    attack = cfg.attack
+    _choice("attack.data", attack.data, DATA_ATTACKS)
+    _choice("attack.model", attack.model, MODEL_ATTACKS)
+    _choice("attack.flip", attack.flip, ("pairs", "all", "map"))
+    _check(0 < attack.eps <= 255, "attack.eps", attack.eps, "must lie in (0, 255] (units of 1/255)")
+    _fraction("attack.budget", attack.budget)
+    _fraction("attack.backdoor_fraction", attack.backdoor_fraction)
+    _positive("attack.restarts", attack.restarts)
+    _positive("attack.steps", attack.steps)
+    _positive("attack.tau", attack.tau)
+    _positive("attack.targets", attack.targets)
+    _positive("attack.pretrain_epochs", attack.pretrain_epochs, allow_zero=True)
+    _positive("attack.patch_size", attack.patch_size)
+    if attack.poisons is not None:
+        _check(os.path.isfile(attack.poisons), "attack.poisons", attack.poisons, "file not found")
+
+
+def _validate_clients(cfg: RunConfig) -> None:
+    clients = cfg.clients
+    _positive("clients.count", clients.count)
+    _fraction("clients.malicious_fraction", clients.malicious_fraction, allow_zero=True)
+    _fraction("clients.fraction_train", clients.fraction_train)
+    _positive("clients.local_epochs", clients.local_epochs)
+    if clients.malicious_ids is not None:
+        for cid in clients.malicious_ids:
+            _check(0 <= cid < clients.count, "clients.malicious_ids", cid,
+                   f"ids must lie in [0, clients.count={clients.count})")
+    bad = malicious_ids(cfg)
+    key = "clients.malicious_fraction" if clients.malicious_ids is None else "clients.malicious_ids"
+    value = clients.malicious_fraction if clients.malicious_ids is None else clients.malicious_ids
+    _check(len(bad) < clients.count or cfg.mode == "centralized", key, value,
+           f"{len(bad)} malicious clients leave no benign one among clients.count={clients.count}")
+
+
+def _validate_topology(cfg: RunConfig) -> None:
+    topo = cfg.topology
+    _choice("topology.name", topo.name, TOPOLOGIES)
+    _positive("topology.k", topo.k)
+    _fraction("topology.p", topo.p)
+    for edge in topo.edges:
+        _check(len(edge) == 2 and all(0 <= v < cfg.clients.count for v in edge), "topology.edges", edge,
+               f"each edge is [u, v] with node ids in [0, {cfg.clients.count})")

@@ -1,0 +1,82 @@
+"""Models selected by name; every one exposes its penultimate features and its last linear layer.
+
+Inputs are float images in [0, 1]; normalisation lives inside the model so that attacks (eps-balls
+in pixel space) and defenses see the same input space.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+
+
+class ImageClassifier(nn.Module):
+    """A feature extractor `body` followed by one linear `classifier`; the interface EPIC's proxies need."""
+
+    def __init__(
+        self, body: nn.Module, feature_dim: int, num_classes: int,
+        mean: Sequence[float], std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.body = body
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations [B, D] of images `x` in [0, 1]."""
+        return self.body((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-18 with the CIFAR stem: 3x3 conv, stride 1, no max-pool (He et al. 2016, Sec. 4.2)."""
+    net = tv_resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def _cnn_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """Two conv blocks and a hidden layer: the usual small CNN for 28x28 digits (also runs on 32x32)."""
+    side = image_size // 4
+    body = nn.Sequential(
+        nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * side * side, 128), nn.ReLU(inplace=True),
+    )
+    return body, 128
+
+
+def _mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    body = nn.Sequential(
+        nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 256), nn.ReLU(inplace=True),
+        nn.Linear(256, 128), nn.ReLU(inplace=True),
+    )
+    return body, 128
+
+
+_BODIES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
+    "resnet18": lambda channels, size: _resnet18_body(channels),
+    "cnn": _cnn_body,
+    "mlp": _mlp_body,
+}
+MODEL_NAMES = tuple(_BODIES)
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: int,
+    mean: Sequence[float], std: Sequence[float],
+) -> ImageClassifier:
+    """Build model `name` (resnet18 | cnn | mlp). Seed torch before calling for reproducible weights."""
+    if name not in _BODIES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    body, feature_dim = _BODIES[name](in_channels, image_size)
+    return ImageClassifier(body, feature_dim, num_classes, mean, std)

@@ -1,0 +1,204 @@
+"""Run folders written atomically: `output_dir/<timestamp>-<name>/` with config, metrics, summary and plots.
+
+A run is built in a hidden `.<timestamp>-<name>.partial` folder and renamed into place when it ends
+(also when it is interrupted, with status "interrupted"), and every file inside is written to a
+temporary name and renamed, so no reader ever sees a half-written summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def environment_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    for module in ("flwr", "ray", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    return versions
+
+
+class RunWriter:
+    """Owns one run folder. Use as a context manager; the folder appears under its final name on exit."""
+
+    def __init__(self, output_dir: str | Path, name: str, *, stamp: Optional[str] = None,
+                 parent: Optional["RunWriter"] = None) -> None:
+        self.parent = parent
+        stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(output_dir)
+        if parent is not None:  # a member of a comparison lives inside its parent's folder
+            self.final_dir = parent.dir / name
+            self.dir = self.final_dir
+        else:
+            self.final_dir = self._unique(base / f"{stamp}-{name}")
+            self.dir = base / f".{self.final_dir.name}.partial"
+        self._metrics: Optional[Any] = None
+        self.started = time.time()
+        self.status = "running"
+
+    @staticmethod
+    def _unique(path: Path) -> Path:
+        candidate, n = path, 1
+        while candidate.exists() or (candidate.parent / f".{candidate.name}.partial").exists():
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+        return candidate
+
+    def __enter__(self) -> "RunWriter":
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is KeyboardInterrupt:
+            self.status = "interrupted"
+        elif exc_type is not None:
+            self.status = "failed"
+        self.close()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self.parent is None and self.dir != self.final_dir and self.dir.exists():
+            os.replace(self.dir, self.final_dir)
+            self.dir = self.final_dir
+
+    @property
+    def path(self) -> Path:
+        """Where the folder will be (and is, once closed)."""
+        return self.final_dir
+
+    def write_config(self, yaml_text: str) -> None:
+        atomic_write_text(self.dir / "config.yaml", yaml_text)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON object (one line) to metrics.jsonl; a line is flushed whole or not at all."""
+        assert self._metrics is not None, "RunWriter used outside its context"
+        self._metrics.write(json.dumps(_jsonable(dict(record))) + "\n")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.dir / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.dir / name, text)
+
+    def write_summary(self, figures: Mapping[str, Any]) -> None:
+        summary = {"status": self.status if self.status != "running" else "completed", **figures,
+                   "wall_seconds": time.time() - self.started, "versions": environment_versions()}
+        atomic_write_json(self.dir / "summary.json", summary)
+
+    def save_figure(self, fig: Any, name: str) -> None:
+        """Save a matplotlib figure atomically as PNG."""
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        atomic_write_bytes(self.dir / name, buf.getvalue())
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:
+    cols = list(columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:
+    import csv
+    import io
+
+    cols = list(columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in cols})
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def remove_partial(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""Matplotlib figures of training curves and strategy comparisons (Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str):
+    """One panel per series name (e.g. accuracy, loss), x = 1..len."""
+    names = [n for n, v in series.items() if len(v)]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = series[name]
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=2.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str],
+                      xlabel: str, title: str):
+    """One panel per metric, one line per member (strategy or defense)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for member, series in per_member.items():
+            values = series.get(panel, [])
+            if len(values):
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=2.5, label=member)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Command line: `python -m fedepic.simulate config=NAME.yaml [key=value ...]`.
+
+Parses and validates the config, then dispatches on `mode`. Only this module reaches `simulations/`,
+and only lazily for the federated and decentralized modes, so the centralized path runs where only
+torch and torchvision are installed. Bad input exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+USAGE = "usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)"
+
+
+def _split_args(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    config, overrides = None, []
+    for arg in argv:
+        if arg.startswith("config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return config, overrides
+
+
+def _runner(mode: str) -> Callable:
+    if mode == "centralized":
+        from fedepic.centralized import run_centralized
+
+        return run_centralized
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if mode == "federated":
+        from simulations.federated import run_federated
+
+        return run_federated
+    from simulations.decentralized import run_decentralized
+
+    return run_decentralized
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fedepic.config import ConfigError, load_config
+    from fedepic.data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    config, overrides = _split_args(argv)
+    try:
+        cfg = load_config(config, overrides)
+        runner = _runner(cfg.mode)
+        run_dir = runner(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"fedepic: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        print(f"fedepic: error: mode needs the missing package '{err.name}' (pip install -e .)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedepic: interrupted; finished parts were kept", file=sys.stderr)
+        return 130
+    print(Path(run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Training and evaluation in the style of airbench: data resident on the device, batched on-device
+augmentation, no per-image Python in the hot loop; bf16 autocast and channels_last on CUDA.
+
+The same code runs on the CPU. Per-epoch hooks (the EPIC selector plugs in here) may shrink the
+`keep` mask in place; the next epoch trains only on kept rows.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedepic.augment import random_crop_flip
+from fedepic.config import TrainConfig
+
+EpochHook = Callable[[int, nn.Module], Optional[dict]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    out = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def prepare_model(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda" and amp:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, amp: bool = True) -> torch.Tensor:
+    """Logits for images `x` (uint8 or float in [0,1]) in eval mode; returns float32 on x's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    channels_last = device.type == "cuda" and amp
+    outs = []
+    for start in range(0, len(x), batch_size):
+        xb = _to_input(x[start:start + batch_size].to(device, non_blocking=True), channels_last)
+        with _autocast(device, amp):
+            outs.append(model(xb).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             num_classes: Optional[int] = None, amp: bool = True) -> dict:
+    """Clean accuracy, per-class accuracy and mean loss."""
+    logits = predict_logits(model, x, batch_size, amp)
+    y = y.to(logits.device)
+    num_classes = num_classes or logits.shape[1]
+    correct = (logits.argmax(1) == y).float()
+    per_class_total = torch.bincount(y, minlength=num_classes).float()
+    per_class_hit = torch.bincount(y, weights=correct, minlength=num_classes)
+    per_class = torch.where(per_class_total > 0, per_class_hit / per_class_total.clamp_min(1), torch.nan)
+    return {
+        "accuracy": correct.mean().item() if len(y) else float("nan"),
+        "per_class": per_class.tolist(),
+        "loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
+    }
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    lr: float
+    rows: int
+    seconds: float
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                rows: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> float:
+    """One pass over `rows` of (x, y) (already on the model's device). Returns the mean training loss."""
+    device = x.device
+    channels_last = device.type == "cuda" and cfg.amp
+    model.train()
+    order = rows[torch.randperm(len(rows), generator=generator, device=generator.device).to(rows.device)]
+    total = torch.zeros((), device=device)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        xb = _to_input(x[idx], False)
+        if cfg.augment != "none":
+            xb = random_crop_flip(xb, cfg.crop_pad, generator, flip=cfg.augment == "crop_flip")
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.amp):
+            loss = F.cross_entropy(model(xb), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(idx)  # stays on the device: no sync per batch
+    return (total / max(len(order), 1)).item()
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, seed: int,
+        device: Optional[torch.device] = None, epochs: Optional[int] = None, lr: Optional[float] = None,
+        keep: Optional[torch.Tensor] = None, epoch_end: Optional[EpochHook] = None,
+        on_epoch: Optional[Callable[[EpochRecord, dict], None]] = None) -> list[dict]:
+    """Train `model` with SGD (Nesterov), weight decay and a step LR schedule.
+
+    `keep` (bool [N]) masks the rows trained on; `epoch_end(epoch, model)` runs after each epoch
+    (1-based) and may shrink `keep` in place. Returns one record per epoch (loss, lr, hook output).
+    """
+    device = device or resolve_device(cfg.device)
+    epochs = cfg.epochs if epochs is None else epochs
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    keep = torch.ones(len(y), dtype=torch.bool) if keep is None else keep
+    generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = make_optimizer(model, cfg, lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    history = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        rows = keep.to(device).nonzero().squeeze(1)
+        current_lr = optimizer.param_groups[0]["lr"]
+        loss = train_epoch(model, optimizer, x, y, rows, cfg, generator)
+        scheduler.step()
+        record = EpochRecord(epoch, loss, current_lr, len(rows), time.perf_counter() - started)
+        extra = (epoch_end(epoch, model) if epoch_end else None) or {}
+        entry = {**record.__dict__, **extra}
+        history.append(entry)
+        if on_epoch:
+            on_epoch(record, extra)
+    return history
