@@ -1,0 +1,181 @@
+"""Model-poisoning attacks: pure functions that turn a malicious client's update into a bad one.
+
+Every attack has the signature
+``attack(honest: Tensor[m, D], own: Tensor[D], generator: torch.Generator | None, **params) -> Tensor[D]``
+where ``honest`` are the round's benign updates and ``own`` is the attacker's honest update. ALIE,
+IPM and min-max use ``honest`` as in their papers: the attacker is omniscient and sees the round's
+benign updates (a colluding attacker without that knowledge would use its own colluders' updates).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
+    if own.dim() != 1:
+        raise ValueError(f"own must be a 1-D update vector, got shape {tuple(own.shape)}")
+    if honest.dim() != 2 or honest.shape[1] != own.shape[0]:
+        raise ValueError(f"honest must have shape [m, {own.shape[0]}], got {tuple(honest.shape)}")
+    if honest.shape[0] < need_honest:
+        raise ValueError(f"this attack needs at least {need_honest} honest updates, got {honest.shape[0]}")
+
+
+def column_std(x: Tensor) -> Tensor:
+    """Unbiased per-coordinate std of the rows of x [m, D] (m >= 2); same as ``x.std(dim=0)``,
+    written out because torch's strided dim-0 reduction is several times slower on CPU."""
+    return ((x - x.mean(dim=0)).square().sum(dim=0) / (x.shape[0] - 1)).sqrt()
+
+
+def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The honest update, unchanged (a baseline)."""
+    return own.clone()
+
+
+def sign_flip(
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, scale: float = 1.0
+) -> Tensor:
+    """Sign flipping: ``-scale * own`` (scale 1 is the classic attack)."""
+    _check(honest, own)
+    return -scale * own
+
+
+def gaussian(
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, sigma: float = 1.0
+) -> Tensor:
+    """Gaussian noise update ``N(0, sigma^2 I)``, independent of the honest update.
+
+    ``sigma`` is in update units (default 1, far larger than a typical SGD update, i.e. the
+    "random update" Byzantine baseline). Pass a seeded ``generator`` (on own's device) to reproduce.
+    """
+    _check(honest, own)
+    if sigma < 0:
+        raise ValueError(f"gaussian: sigma must be >= 0, got {sigma!r}")
+    noise = torch.randn(own.shape, generator=generator, dtype=own.dtype, device=own.device)
+    return sigma * noise
+
+
+def scaling(
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, factor: float = 10.0
+) -> Tensor:
+    """Boosting: ``factor * own``, model replacement style (Bagdasaryan et al., "How to backdoor
+    federated learning", AISTATS 2020), where the boost cancels the averaging of the other updates.
+    """
+    _check(honest, own)
+    return factor * own
+
+
+def alie_z(n: int, f: int) -> float:
+    """ALIE's z_max (Baruch et al., NeurIPS 2019): ``s = floor(n/2 + 1) - f``,
+    ``z_max = Phi^{-1}((n - s) / n)`` for n workers of which f are corrupted."""
+    if not 0 < f < n:
+        raise ValueError(f"alie: needs 0 < f < n, got n={n}, f={f}")
+    s = math.floor(n / 2 + 1) - f
+    p = (n - s) / n
+    if not 0 < p < 1:
+        raise ValueError(f"alie: (n - s)/n = {p:.3f} is outside (0, 1) for n={n}, f={f}")
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)))
+
+
+def alie(
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    f: int = 1,
+    n: int | None = None,
+    z: float | None = None,
+) -> Tensor:
+    """A Little Is Enough (Baruch, Baruch, Goldberg, NeurIPS 2019): ``mu - z_max * sigma``
+    per coordinate, with mu / sigma the mean / sample std (unbiased) of the honest updates.
+
+    ``z_max`` follows the paper (``alie_z(n, f)``), with n = total clients (default ``m + f``)
+    and f = malicious clients. ByzFL fixes z = 1.5; pass ``z`` to override.
+    """
+    _check(honest, own, need_honest=2)
+    if z is None:
+        z = alie_z(honest.shape[0] + f if n is None else n, f)
+    return honest.mean(dim=0) - z * column_std(honest)
+
+
+def ipm(
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, epsilon: float = 0.1
+) -> Tensor:
+    """Inner product manipulation (Xie, Koyejo, Gupta, "Fall of empires", UAI 2019):
+    ``-epsilon * mean(honest)``. A small epsilon (default 0.1) keeps the update close to the honest
+    ones so robust rules accept it, while its inner product with the true gradient is negative."""
+    _check(honest, own, need_honest=1)
+    return -epsilon * honest.mean(dim=0)
+
+
+def _perturbation(honest: Tensor, kind: str) -> Tensor:
+    mu = honest.mean(dim=0)
+    if kind == "std":
+        return -column_std(honest)
+    if kind == "unit_vec":
+        return -mu / mu.norm().clamp_min(torch.finfo(mu.dtype).tiny)
+    if kind == "sign":
+        return -torch.sign(mu)
+    raise ValueError(f"minmax: perturbation must be 'std', 'unit_vec' or 'sign', got {kind!r}")
+
+
+def minmax(
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    perturbation: str = "std",
+) -> Tensor:
+    """Min-max attack (Shejwalkar & Houmansadr, NDSS 2021): ``mu + gamma * p``.
+
+    p is ``-std`` (default), ``-mu/||mu||`` ("unit_vec") or ``-sign(mu)``; gamma is the largest value
+    with ``max_i ||m - h_i|| <= B = max_{i,j} ||h_i - h_j||``. The paper finds gamma by binary
+    search; we solve the same problem exactly. With ``e_i = h_i - mu``,
+    ``||mu + gamma p - h_i||^2 = |p|^2 gamma^2 - 2 <e_i, p> gamma + |e_i|^2``, so constraint i holds
+    up to the larger root ``(b_i + sqrt(b_i^2 - |p|^2 (|e_i|^2 - B^2))) / |p|^2`` (b_i = <e_i, p>),
+    which is real and >= 0 because ``|e_i| <= B`` (mu lies in the hull). gamma is the smallest root.
+    """
+    _check(honest, own, need_honest=2 if perturbation == "std" else 1)
+    mu, p = honest.mean(dim=0), _perturbation(honest, perturbation)
+    p_sq = float(p.double().square().sum())
+    if p_sq == 0.0:
+        return mu  # identical honest updates: no room to move
+    m = honest.shape[0]
+    pairs = (float(torch.dist(honest[i], honest[j])) for i in range(m) for j in range(i + 1, m))
+    budget_sq = max(pairs, default=0.0) ** 2
+    gamma = math.inf
+    for h in honest:
+        e = (h - mu).double()  # float64 scalars: the root formula subtracts close quantities
+        b, e_sq = float(e @ p.double()), float(e @ e)
+        disc = max(b * b - p_sq * (e_sq - budget_sq), 0.0)
+        gamma = min(gamma, (b + math.sqrt(disc)) / p_sq)
+    return mu + gamma * p
+
+
+MODEL_ATTACKS: dict[str, Callable[..., Tensor]] = {
+    "none": no_attack,
+    "sign_flip": sign_flip,
+    "gaussian": gaussian,
+    "scaling": scaling,
+    "alie": alie,
+    "ipm": ipm,
+    "minmax": minmax,
+}
+
+
+def apply_model_attack(
+    name: str,
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    **params: Any,
+) -> Tensor:
+    """Apply the model attack ``name``; ValueError for an unknown name or parameter."""
+    if name not in MODEL_ATTACKS:
+        raise ValueError(f"unknown model attack {name!r}; valid names: {', '.join(MODEL_ATTACKS)}")
+    try:
+        return MODEL_ATTACKS[name](honest, own, generator, **params)
+    except TypeError as err:
+        raise ValueError(f"model attack {name!r}: bad parameters {sorted(params)}: {err}") from None

@@ -1,0 +1,53 @@
+"""EPIC on received updates as a decentralized peer rule: drop isolated updates, gossip the rest.
+
+The selector is the one used everywhere in fedepic (see DESIGN.md, "One selector, three places"):
+here the features are the neighbours' updates ``x_j - x_i`` (received model minus the node's own
+model before aggregation) and all labels are equal (one group).
+Reference: Yang, Xu, Mirzasoleiman, "Not all poisons are created equal: robust training against
+data poisoning" (EPIC), ICML 2022.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedepic.epic import select_medoids
+from strategies.gossip import check_stack, gossip_subset
+
+
+def epic_keep_mask(own: Tensor, neighbours: Tensor, fraction: float, threshold: int = 1) -> Tensor:
+    """BoolTensor [m]: True for the neighbours whose update EPIC does not drop."""
+    updates = neighbours - own
+    labels = torch.zeros(neighbours.shape[0], dtype=torch.long, device=own.device)
+    selection = select_medoids(updates, labels, fraction, threshold=threshold)
+    return ~selection.drop.to(device=own.device, dtype=torch.bool)
+
+
+class EpicPeer:
+    """EPIC over neighbour updates, then gossip over the kept ones with renormalised weights.
+
+    Parameters
+    ----------
+    fraction: fraction of the updates chosen as medoids (``select_medoids``'s ``fraction``).
+    threshold: medoids whose cluster weight is <= threshold are dropped (EPIC's rule; 1 = isolated).
+    The node's own model is always kept (self weight kept, weights renormalised).
+    """
+
+    needs_keep_mask = False
+    needs_state = False
+
+    def __init__(self, fraction: float = 0.5, threshold: int = 1) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"epic: fraction must be in (0, 1], got {fraction!r}")
+        if threshold < 0:
+            raise ValueError(f"epic: threshold must be >= 0, got {threshold!r}")
+        self.fraction = float(fraction)
+        self.threshold = threshold
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        check_stack(own, neighbours)
+        if neighbours.shape[0] == 0:
+            return own.clone()
+        keep = epic_keep_mask(own, neighbours, self.fraction, self.threshold)
+        return gossip_subset(own, neighbours, weights, keep)

@@ -1,0 +1,281 @@
+"""Gradient Purification (GP): a peer rule that detects malicious neighbours across rounds and
+removes their accumulated contribution from the node's model.
+
+Reference: Li, Miao, Zhang, Yin, "Gradient purification: defense against data poisoning attack in
+decentralized federated learning", Frontiers of Computer Science, 2025.
+
+Exact rules (node i, one call of ``aggregate`` per round):
+
+1. **Aggregation as a delta.** Gossip is written ``x_i <- x_i + sum_j w_ij (x_j - x_i)`` over the
+   neighbours kept this round, with the Metropolis–Hastings weights renormalised over self + kept
+   (see ``strategies.gossip.renormalised_weights``). Neighbour j's contribution this round is
+   ``c_ij = w_ij (x_j - x_i)`` and the recording variable accumulates it: ``r_ij += c_ij``.
+2. **Per-round suspicion** (``detector="robust"``, default). Over the models M = {x_i} ∪ {x_j : j
+   active} (active = not yet confirmed), take the coordinate-wise median ``med`` and distances
+   ``d_k = ||x_k - med||``. Neighbour j's robust z-score is ``z_j = (d_j - median(d)) / s`` with
+   ``s = max(1.4826 * MAD(d), min_scale * median(d))``; the MAD term is the usual robust standard
+   deviation, and the ``min_scale`` floor stops a near-consensus (tiny MAD) from turning ordinary
+   non-IID spread into large z-scores. A directional term adds
+   ``cos_weight * threshold * max(0, -cos(x_j - x_i, med - x_i))``: a neighbour pulling the node away
+   from where the robust centre lies gets penalised, and a fully opposite one with
+   ``cos_weight = 1`` is suspicious on direction alone. j is *suspicious* this round when
+   ``score_j > threshold``. The node's own model is trusted (it is benign), and it enters the median,
+   so even a neighbourhood of two can outvote one outlier; with a single neighbour nothing can be
+   told apart and nothing is flagged.
+   ``detector="epic"`` instead uses ``fedepic.epic.select_medoids`` on the active neighbours'
+   updates ``x_j - x_i`` (one label group): a dropped update is suspicious (score 1, else 0).
+3. **Consistency across rounds.** j is *confirmed* malicious when it was suspicious in the last
+   ``patience`` rounds in a row, or in at least ``votes`` of the last ``window`` rounds in which it
+   was seen. One noisy round therefore never triggers purification.
+4. **Purification.** In the round j is confirmed: ``x_i <- x_i - r_ij`` (exactly the recorded
+   aggregated contribution is removed), ``r_ij`` is discarded, and j is excluded from all later
+   aggregation (weights renormalised over the rest). Mixing weights are kept, there is no restart.
+5. **Suspicious but unconfirmed** neighbours are left out of this round's aggregation only; their
+   record is unchanged (they contributed nothing this round) and they stay candidates.
+
+Purification removes the recorded *aggregated contribution*, which is what the paper purifies. The
+indirect effects (local training done on a model that already contained that contribution, and what
+other nodes passed on) are not undone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from strategies.epic_peer import epic_keep_mask
+from strategies.gossip import check_stack, renormalised_weights, resolve_weights
+from strategies.median import coordinate_median
+
+DETECTORS = ("robust", "epic")
+_MAD_TO_STD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+
+
+@dataclass
+class PurificationState:
+    """Per-node GP state: recording variables, suspicion history and the confirmed set.
+
+    ``records[j]`` is the accumulated aggregated contribution of neighbour j (shape of the model
+    vector); ``history[j]`` the suspicion flags of j in the recent rounds it was seen, oldest first;
+    ``confirmed`` the neighbours purified and excluded for good; ``rounds`` the calls so far.
+    """
+
+    records: dict[int, Tensor] = field(default_factory=dict)
+    history: dict[int, list[bool]] = field(default_factory=dict)
+    confirmed: set[int] = field(default_factory=set)
+    rounds: int = 0
+
+    def state_dict(self) -> dict:
+        """Plain form for Flower ``Context.state``: ``records`` maps ``str(j)`` to tensors (an
+        ArrayRecord), ``meta`` maps names to ints / lists of ints (a ConfigRecord)."""
+        meta: dict[str, int | list[int]] = {
+            "rounds": self.rounds,
+            "confirmed": sorted(self.confirmed),
+            "history_ids": sorted(self.history),
+        }
+        for j, flags in self.history.items():
+            meta[f"history.{j}"] = [int(b) for b in flags]
+        return {"records": {str(j): r for j, r in sorted(self.records.items())}, "meta": meta}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "PurificationState":
+        """Inverse of ``state_dict``."""
+        meta = sd["meta"]
+        history = {int(j): [bool(b) for b in meta.get(f"history.{j}", [])] for j in meta["history_ids"]}
+        return cls(
+            records={int(j): torch.as_tensor(r) for j, r in sd["records"].items()},
+            history=history,
+            confirmed={int(j) for j in meta["confirmed"]},
+            rounds=int(meta["rounds"]),
+        )
+
+
+@dataclass
+class PurificationReport:
+    """What one ``aggregate`` call did (neighbour ids throughout)."""
+
+    scores: dict[int, float]
+    flagged: list[int]  # suspicious this round, left out of this round's aggregation
+    purified: list[int]  # confirmed this round: their record was subtracted
+    confirmed: list[int]  # every neighbour confirmed so far
+    kept: list[int]  # neighbours aggregated this round
+
+
+class GradientPurification:
+    """Gradient Purification (Li, Miao, Zhang, Yin, Front. Comput. Sci. 2025). See module docstring.
+
+    Parameters
+    ----------
+    threshold: suspicion threshold on the robust score (default 3: a 3-sigma robust outlier).
+    patience: consecutive suspicious rounds that confirm a neighbour (default 3).
+    window, votes: alternatively, ``votes`` suspicious rounds among the last ``window`` seen
+        (defaults 6 and 4); ``votes=None`` disables this route.
+    min_scale: floor of the z-score scale as a fraction of the median distance (default 0.25, so a
+        neighbour must be at least ``1 + threshold * min_scale`` times the median distance away).
+    cos_weight: weight of the directional term (default 0.5; 0 disables it).
+    detector: "robust" (above) or "epic" (EPIC drop flags on the updates).
+    epic_fraction, epic_threshold: ``select_medoids`` arguments for ``detector="epic"``.
+    """
+
+    needs_keep_mask = False
+    needs_state = True
+
+    def __init__(
+        self,
+        threshold: float = 3.0,
+        patience: int = 3,
+        window: int = 6,
+        votes: int | None = 4,
+        min_scale: float = 0.25,
+        cos_weight: float = 0.5,
+        detector: str = "robust",
+        epic_fraction: float = 0.5,
+        epic_threshold: int = 1,
+    ) -> None:
+        if not threshold > 0:
+            raise ValueError(f"gp: threshold must be > 0, got {threshold!r}")
+        if int(patience) != patience or patience < 1:
+            raise ValueError(f"gp: patience must be a positive integer, got {patience!r}")
+        if int(window) != window or window < 1:
+            raise ValueError(f"gp: window must be a positive integer, got {window!r}")
+        if votes is not None and not 1 <= votes <= window:
+            raise ValueError(f"gp: votes must be in [1, window={window}] or None, got {votes!r}")
+        if min_scale < 0 or cos_weight < 0:
+            raise ValueError("gp: min_scale and cos_weight must be >= 0")
+        if detector not in DETECTORS:
+            raise ValueError(f"gp: detector must be one of {DETECTORS}, got {detector!r}")
+        self.threshold = float(threshold)
+        self.patience = int(patience)
+        self.window = int(window)
+        self.votes = votes
+        self.min_scale = float(min_scale)
+        self.cos_weight = float(cos_weight)
+        self.detector = detector
+        self.epic_fraction = epic_fraction
+        self.epic_threshold = epic_threshold
+
+    @staticmethod
+    def new_state() -> PurificationState:
+        """A fresh per-node state (no records, nothing confirmed)."""
+        return PurificationState()
+
+    # -- detection ---------------------------------------------------------------------------
+    def robust_scores(self, own: Tensor, neighbours: Tensor) -> Tensor:
+        """Suspicion score [m] of each neighbour (robust z-score of the distance to the median
+        plus the directional penalty)."""
+        models = torch.cat([own.unsqueeze(0), neighbours])
+        centre = coordinate_median(models)
+        dist = (models - centre).norm(dim=1)
+        med_d = coordinate_median(dist.unsqueeze(1)).squeeze(0)
+        mad = coordinate_median((dist - med_d).abs().unsqueeze(1)).squeeze(0)
+        # The tiny relative floor only guards against dividing float rounding by zero.
+        floor = 1e-7 * (1.0 + float(centre.norm()))
+        scale = max(_MAD_TO_STD * float(mad), self.min_scale * float(med_d), floor)
+        z = (dist[1:] - med_d) / scale
+        toward = (centre - own).unsqueeze(0).expand_as(neighbours)
+        cos = F.cosine_similarity(neighbours - own, toward, dim=1)
+        return z + self.cos_weight * self.threshold * (-cos).clamp_min(0)
+
+    def suspicion(self, own: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
+        """(scores [m], suspicious BoolTensor [m]) for this round."""
+        if neighbours.shape[0] == 0:
+            empty = torch.zeros(0, dtype=own.dtype, device=own.device)
+            return empty, empty.bool()
+        if self.detector == "epic":
+            drop = ~epic_keep_mask(own, neighbours, self.epic_fraction, self.epic_threshold)
+            return drop.to(own.dtype), drop
+        scores = self.robust_scores(own, neighbours)
+        return scores, scores > self.threshold
+
+    def is_confirmed(self, flags: list[bool]) -> bool:
+        """The consistency rule over one neighbour's recent suspicion flags (oldest first)."""
+        if len(flags) >= self.patience and all(flags[-self.patience :]):
+            return True
+        return self.votes is not None and sum(flags[-self.window :]) >= self.votes
+
+    # -- purification and aggregation --------------------------------------------------------
+    @staticmethod
+    def purify(own: Tensor, state: PurificationState, j: int) -> Tensor:
+        """Remove neighbour j's recorded contribution: return ``own - r_ij``, discard r_ij and
+        mark j confirmed (excluded from now on)."""
+        record = state.records.pop(j, None)
+        state.confirmed.add(j)
+        if record is None:
+            return own.clone()
+        return own - record.to(device=own.device, dtype=own.dtype)
+
+    def aggregate(
+        self,
+        own: Tensor,
+        neighbours: Tensor,
+        neighbour_ids: list[int],
+        weights: Tensor | None,
+        state: PurificationState,
+    ) -> tuple[Tensor, PurificationReport]:
+        """One GP round for a node: detect, confirm, purify, aggregate, record. Mutates ``state``."""
+        check_stack(own, neighbours)
+        ids = [int(j) for j in neighbour_ids]
+        if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
+            raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
+        w = resolve_weights(weights, len(ids), own)
+
+        active = [r for r, j in enumerate(ids) if j not in state.confirmed]
+        scores, suspicious = self.suspicion(own, neighbours[active])
+        report_scores: dict[int, float] = {}
+        flagged: list[int] = []
+        purified: list[int] = []
+        keep = torch.zeros(len(ids), dtype=torch.bool, device=own.device)
+        history_len = max(self.patience, self.window)
+        for pos, row in enumerate(active):
+            j = ids[row]
+            report_scores[j] = float(scores[pos])
+            flag = bool(suspicious[pos])
+            flags = (state.history.get(j, []) + [flag])[-history_len:]
+            state.history[j] = flags
+            if flag:
+                flagged.append(j)
+                if self.is_confirmed(flags):
+                    purified.append(j)
+            else:
+                keep[row] = True
+
+        base = own
+        for j in purified:
+            base = self.purify(base, state, j)
+
+        kept_w = renormalised_weights(w, keep)[1:]
+        kept_rows = keep.nonzero().flatten().tolist()
+        contributions = kept_w[kept_rows].unsqueeze(1) * (neighbours[kept_rows] - base)
+        for row, c in zip(kept_rows, contributions):
+            j = ids[row]
+            state.records[j] = state.records[j] + c if j in state.records else c.clone()
+        new_own = base + contributions.sum(dim=0) if kept_rows else base.clone()
+        state.rounds += 1
+        report = PurificationReport(
+            scores=report_scores,
+            flagged=flagged,
+            purified=purified,
+            confirmed=sorted(state.confirmed),
+            kept=[ids[r] for r in kept_rows],
+        )
+        return new_own, report
+
+
+def detection_metrics(detected: Iterable[Hashable], malicious: Iterable[Hashable]) -> dict[str, float]:
+    """Precision / recall / F1 of a detection against the ground truth.
+
+    Items can be neighbour ids for one node, or ``(node, neighbour)`` pairs for a whole network
+    (only pairs where the neighbour is actually adjacent should be in ``malicious``). Conventions
+    for empty sets: precision is 1 when nothing was detected (no false alarm), recall is 1 when
+    there was nothing to detect.
+    """
+    det, mal = set(detected), set(malicious)
+    tp, fp, fn = len(det & mal), len(det - mal), len(mal - det)
+    precision = tp / (tp + fp) if det else 1.0
+    recall = tp / (tp + fn) if mal else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}

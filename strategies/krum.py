@@ -1,0 +1,77 @@
+"""Krum / Multi-Krum selection as a decentralized peer rule (Byzantine-robust aggregation).
+
+Reference: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine learning with adversaries: Byzantine
+tolerant gradient descent", NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from strategies.gossip import check_stack
+
+
+def pairwise_sq_distances(stack: Tensor) -> Tensor:
+    """Squared Euclidean distances [n, n] between rows, computed from exact differences.
+
+    Pairwise differences avoid the cancellation of the ``|a|^2 + |b|^2 - 2ab`` trick, so equal rows
+    give exactly 0 and ties are resolved deterministically. n is a neighbourhood (small), and one
+    pair at a time keeps the temporary memory at one model vector.
+    """
+    n = stack.shape[0]
+    out = torch.zeros(n, n, dtype=stack.dtype, device=stack.device)
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = torch.dist(stack[i], stack[j]).square()
+    return out
+
+
+def krum_scores(stack: Tensor, f: int) -> Tensor:
+    """Krum score of each row: sum of squared distances to its ``n - f - 2`` nearest other rows."""
+    n = stack.shape[0]
+    k = n - f - 2
+    if k < 1:
+        raise ValueError(f"krum: needs n - f - 2 >= 1 (n = {n} models incl. own, f = {f})")
+    dist = pairwise_sq_distances(stack)
+    dist.fill_diagonal_(float("inf"))
+    return torch.topk(dist, k, dim=1, largest=False).values.sum(dim=1)
+
+
+class KrumSelect:
+    """Krum over ``{own} ∪ neighbours`` (Blanchard et al., NeurIPS 2017).
+
+    Each of the n = m + 1 models is scored by the sum of squared distances to its ``n - f - 2``
+    nearest other models, the paper's definition (ByzFL uses ``n - f - 1``; we follow the paper).
+    The lowest score wins; ties go to the lowest index, so ``own`` (index 0) wins a tie.
+
+    Parameters
+    ----------
+    f: number of Byzantine models tolerated (the paper's guarantee needs ``n > 2f + 2``; the rule
+       only requires ``n - f - 2 >= 1`` so that the score is defined).
+    multi: Multi-Krum's m': average the ``multi`` lowest-score models (1 = plain Krum).
+    The mixing weights are ignored (selection is unweighted, as in the paper).
+    """
+
+    needs_keep_mask = False
+    needs_state = False
+
+    def __init__(self, f: int = 1, multi: int = 1) -> None:
+        if int(f) != f or f < 0:
+            raise ValueError(f"krum: f must be a non-negative integer, got {f!r}")
+        if int(multi) != multi or multi < 1:
+            raise ValueError(f"krum: multi must be a positive integer, got {multi!r}")
+        self.f = int(f)
+        self.multi = int(multi)
+
+    def select(self, stack: Tensor) -> Tensor:
+        """Indices of the selected rows of ``stack``, best first (stable: ties keep lower index)."""
+        if self.multi > stack.shape[0]:
+            raise ValueError(f"krum: multi = {self.multi} exceeds the {stack.shape[0]} models")
+        order = torch.sort(krum_scores(stack, self.f), stable=True).indices
+        return order[: self.multi]
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        check_stack(own, neighbours)
+        stack = torch.cat([own.unsqueeze(0), neighbours])
+        return stack[self.select(stack)].mean(dim=0)

@@ -1,0 +1,67 @@
+"""Self-centered clipping (ClippedGossip) as a decentralized peer rule.
+
+Reference: He, Karimireddy, Jaggi, "Byzantine-robust decentralized learning via ClippedGossip"
+(self-centered clipping), arXiv:2202.01545, 2022.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from strategies.gossip import check_stack, resolve_weights
+
+
+def clip_rows(z: Tensor, tau: float) -> Tensor:
+    """``clip(z, tau) = z * min(1, tau / ||z||)`` row-wise; zero rows are left unchanged."""
+    norms = z.norm(dim=1, keepdim=True)
+    scale = torch.where(
+        norms > tau, tau / norms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(norms)
+    )
+    return z * scale
+
+
+class SelfCenteredClipping:
+    """ClippedGossip: ``x_i <- x_i + sum_j w_ij clip(x_j - x_i, tau)`` (He et al., 2022).
+
+    Each neighbour can move the node by at most ``w_ij * tau``, so a Byzantine neighbour's
+    influence is bounded while close (honest) neighbours are averaged as in plain gossip.
+
+    Parameters
+    ----------
+    tau: fixed clipping radius (> 0), in model-vector L2 units.
+    delta: adaptive radius instead of a fixed one: ``tau`` is set each call to the ``(1 - delta)``
+       quantile (linear interpolation) of the distances ``||x_j - x_i||`` over the neighbours, so
+       roughly the ``delta`` fraction of farthest neighbours is clipped. ``delta`` plays the role of
+       the paper's bound on the Byzantine share of the neighbourhood; the paper's adaptive rule picks
+       the radius so that the neighbours carrying that share of the weight are clipped, and with
+       equal weights the two coincide. Give exactly one of ``tau`` and ``delta``.
+    """
+
+    needs_keep_mask = False
+    needs_state = False
+
+    def __init__(self, tau: float | None = None, delta: float | None = None) -> None:
+        if (tau is None) == (delta is None):
+            raise ValueError("scclip: give exactly one of tau (fixed radius) or delta (adaptive)")
+        if tau is not None and not tau > 0:
+            raise ValueError(f"scclip: tau must be > 0, got {tau!r}")
+        if delta is not None and not 0 <= delta < 1:
+            raise ValueError(f"scclip: delta must be in [0, 1), got {delta!r}")
+        self.tau = tau
+        self.delta = delta
+
+    def radius(self, diffs: Tensor) -> float:
+        """The clipping radius for neighbour differences ``diffs`` [m, D]."""
+        if self.tau is not None:
+            return float(self.tau)
+        dists = diffs.norm(dim=1)
+        return float(torch.quantile(dists.double(), 1.0 - float(self.delta)))
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        check_stack(own, neighbours)
+        if neighbours.shape[0] == 0:
+            return own.clone()
+        w = resolve_weights(weights, neighbours.shape[0], own)
+        diffs = neighbours - own
+        return own + w[1:] @ clip_rows(diffs, self.radius(diffs))

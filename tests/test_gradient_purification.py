@@ -1,0 +1,183 @@
+"""Tests for Gradient Purification (strategies/gradient_purification.py) on hand-made rounds."""
+
+import pytest
+import torch
+
+from strategies.gradient_purification import (
+    GradientPurification,
+    PurificationState,
+    detection_metrics,
+)
+
+D = 40
+IDS = [1, 2, 3, 4]
+W = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+
+
+def _round(gen, y, attack=None, bad_id=4):
+    """Models after local training from a common start y: update = g + noise; ``bad_id`` attacks."""
+    g = torch.ones(D)
+    updates = g + 0.1 * torch.randn(len(IDS) + 1, D, generator=gen)
+    models = y + updates
+    if attack is not None:
+        row = IDS.index(bad_id) + 1
+        models[row] = y + attack(updates[row])
+    return models[0], models[1:]
+
+
+def test_benign_neighbours_never_flagged():
+    gen = torch.Generator().manual_seed(0)
+    gp = GradientPurification()
+    state = gp.new_state()
+    y = torch.zeros(D)
+    bias = 0.3 * torch.randn(len(IDS) + 1, D, generator=gen)  # persistent non-IID offsets
+    for _ in range(15):
+        own, neigh = _round(gen, y)
+        own, neigh = own + bias[0], neigh + bias[1:]
+        y, report = gp.aggregate(own, neigh, IDS, W, state)
+        assert report.flagged == [] and report.purified == []
+        assert report.kept == IDS
+        assert max(report.scores.values()) < gp.threshold
+    assert state.confirmed == set()
+
+
+@pytest.mark.parametrize("attack", [lambda u: -u, lambda u: 10 * u], ids=["sign_flip", "scaling"])
+def test_attacker_confirmed_after_patience(attack):
+    gen = torch.Generator().manual_seed(1)
+    gp = GradientPurification(patience=3, votes=None)
+    state = gp.new_state()
+    y = torch.zeros(D)
+    for t in range(1, 6):
+        own, neigh = _round(gen, y, attack)
+        y, report = gp.aggregate(own, neigh, IDS, W, state)
+        assert report.flagged == ([4] if t <= 3 else [])
+        assert report.purified == ([4] if t == 3 else [])
+        assert report.kept == [1, 2, 3]
+        assert (4 in state.confirmed) == (t >= 3)
+    assert 4 not in report.scores  # confirmed neighbours are no longer scored
+    assert detection_metrics(state.confirmed, {4}) == {
+        "precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 1, "fp": 0, "fn": 0
+    }
+
+
+def test_votes_route_confirms_intermittent_attacker():
+    gen = torch.Generator().manual_seed(2)
+    gp = GradientPurification(patience=5, window=4, votes=3)
+    state = gp.new_state()
+    y = torch.zeros(D)
+    pattern = [True, False, True, True]  # never 5 in a row, but 3 of the last 4
+    for t, bad in enumerate(pattern, start=1):
+        own, neigh = _round(gen, y, (lambda u: -u) if bad else None)
+        y, report = gp.aggregate(own, neigh, IDS, W, state)
+        assert report.purified == ([4] if t == 4 else [])
+
+
+def test_purification_removes_exactly_the_record():
+    gen = torch.Generator().manual_seed(3)
+    gp = GradientPurification(patience=1)
+    state = gp.new_state()
+    y = torch.zeros(D)
+    expected_record = torch.zeros(D)
+    for _ in range(3):  # benign rounds: neighbour 4 contributes and is recorded
+        own, neigh = _round(gen, y)
+        y, report = gp.aggregate(own, neigh, IDS, W, state)
+        assert report.kept == IDS
+        expected_record += 0.2 * (neigh[3] - own)  # c_ij = w_ij (x_j - x_i), weights unchanged
+    record = state.records[4].clone()
+    assert torch.allclose(record, expected_record, atol=1e-6)
+
+    own, neigh = _round(gen, y, lambda u: 10 * u)  # 4 turns rogue; patience 1 confirms at once
+    new_own, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.purified == [4] and report.kept == [1, 2, 3]
+    base = own - record  # x after purification = x before - r_ij
+    # then gossip over self + {1,2,3}, weights renormalised to 1/4 each
+    expected = base + 0.25 * (neigh[:3] - base).sum(dim=0)
+    assert torch.allclose(new_own, expected, atol=1e-6)
+    assert 4 not in state.records and state.confirmed == {4}
+
+    # once confirmed, 4 is excluded for good, even when it looks honest again
+    own, neigh = _round(gen, new_own)
+    _, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.kept == [1, 2, 3] and 4 not in state.records
+
+
+def test_purify_alone_is_exact():
+    state = PurificationState(records={7: torch.tensor([0.5, -1.0, 2.0])})
+    own = torch.tensor([1.0, 1.0, 1.0])
+    out = GradientPurification.purify(own, state, 7)
+    assert torch.equal(out, torch.tensor([0.5, 2.0, -1.0]))
+    assert state.records == {} and state.confirmed == {7}
+
+
+def test_suspicious_unconfirmed_excluded_without_touching_record():
+    gen = torch.Generator().manual_seed(4)
+    gp = GradientPurification(patience=3, votes=None)
+    state = gp.new_state()
+    own, neigh = _round(gen, torch.zeros(D))
+    y, _ = gp.aggregate(own, neigh, IDS, W, state)
+    record = state.records[4].clone()
+    own, neigh = _round(gen, y, lambda u: -u)
+    new_own, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.flagged == [4] and report.purified == [] and report.kept == [1, 2, 3]
+    assert torch.equal(state.records[4], record)
+    assert torch.allclose(new_own, own + 0.25 * (neigh[:3] - own).sum(dim=0), atol=1e-6)
+
+
+def test_state_round_trip():
+    gen = torch.Generator().manual_seed(5)
+    gp = GradientPurification(patience=2, votes=None)
+    state = gp.new_state()
+    y = torch.zeros(D)
+    for _ in range(3):
+        own, neigh = _round(gen, y, lambda u: -u, bad_id=2)
+        y, _ = gp.aggregate(own, neigh, IDS, W, state)
+    own, neigh = _round(gen, y, lambda u: -u, bad_id=2)
+    sd = state.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd["records"].values())
+    assert all(isinstance(v, (int, list)) for v in sd["meta"].values())
+    copy = PurificationState.from_state_dict(sd)
+    assert copy.confirmed == state.confirmed == {2}
+    assert copy.history == state.history and copy.rounds == state.rounds == 3
+    assert copy.records.keys() == state.records.keys()
+    a, ra = gp.aggregate(own, neigh, IDS, W, state)
+    b, rb = gp.aggregate(own, neigh, IDS, W, copy)
+    assert torch.equal(a, b) and ra == rb
+
+
+def test_single_neighbour_cannot_be_told_apart():
+    gp = GradientPurification(patience=1)
+    state = gp.new_state()
+    out, report = gp.aggregate(torch.zeros(3), torch.full((1, 3), 100.0), [9], None, state)
+    assert report.flagged == [] and torch.allclose(out, torch.full((3,), 50.0))
+
+
+def test_bad_arguments():
+    gp = GradientPurification()
+    with pytest.raises(ValueError, match="neighbour_ids"):
+        gp.aggregate(torch.zeros(3), torch.zeros(2, 3), [1, 1], None, gp.new_state())
+    with pytest.raises(ValueError, match="votes"):
+        GradientPurification(window=3, votes=4)
+    with pytest.raises(ValueError, match="detector"):
+        GradientPurification(detector="oracle")
+
+
+def test_detection_metrics():
+    m = detection_metrics({1, 2, 5}, {1, 2, 3, 4})
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert detection_metrics([], [])["precision"] == 1.0
+    assert detection_metrics([], [(0, 3)])["recall"] == 0.0
+    pairs = detection_metrics([(0, 3), (1, 3)], [(0, 3), (1, 3), (2, 3)])
+    assert pairs["tp"] == 2 and pairs["fn"] == 1
+
+
+def test_epic_detector_confirms_outlier():
+    gen = torch.Generator().manual_seed(6)
+    gp = GradientPurification(detector="epic", epic_fraction=0.4, patience=2, votes=None)
+    state = gp.new_state()
+    y = torch.zeros(D)
+    for t in (1, 2):
+        own, neigh = _round(gen, y, lambda u: -u)
+        y, report = gp.aggregate(own, neigh, IDS, W, state)
+        assert report.flagged == [4] and report.scores[4] == 1.0
+        assert report.purified == ([4] if t == 2 else [])

@@ -1,0 +1,158 @@
+"""Tests for the peer-side aggregation rules in strategies/ and their registry."""
+
+import pytest
+import torch
+
+from strategies.gossip import Gossip, GossipSubset, gossip_subset, renormalised_weights
+from strategies.krum import KrumSelect, krum_scores
+from strategies.median import CoordinateMedian, coordinate_median
+from strategies.peer_rules import PEER_RULES, build_peer_rule
+from strategies.scclip import SelfCenteredClipping
+from strategies.trimmed_mean import TrimmedMean
+
+OWN = torch.tensor([0.0, 0.0])
+NEIGH = torch.tensor([[1.0, 0.0], [0.0, 2.0], [10.0, -10.0]])
+W = torch.tensor([0.4, 0.2, 0.2, 0.2])
+
+
+def test_gossip_weighted_sum():
+    out = Gossip()(OWN, NEIGH, W)
+    expected = 0.4 * OWN + 0.2 * NEIGH.sum(dim=0)
+    assert torch.allclose(out, expected)
+    uniform = Gossip()(OWN, NEIGH, None)
+    assert torch.allclose(uniform, torch.cat([OWN[None], NEIGH]).mean(dim=0))
+
+
+def test_gossip_rejects_bad_weights():
+    with pytest.raises(ValueError, match="sum to 1"):
+        Gossip()(OWN, NEIGH, torch.tensor([0.5, 0.2, 0.2, 0.2]))
+    with pytest.raises(ValueError, match="shape"):
+        Gossip()(OWN, NEIGH, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="shape"):
+        Gossip()(OWN, torch.zeros(3, 5), None)
+
+
+def test_gossip_subset_renormalises_with_self():
+    keep = torch.tensor([True, False, False])
+    out = gossip_subset(OWN, NEIGH, W, keep)
+    # self 0.4 and neighbour 0 0.2 remain -> 2/3 and 1/3
+    assert torch.allclose(out, (0.4 * OWN + 0.2 * NEIGH[0]) / 0.6)
+    assert torch.allclose(renormalised_weights(W, keep), torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+    none_kept = gossip_subset(OWN + 3, NEIGH, W, torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(none_kept, OWN + 3)
+    assert torch.allclose(GossipSubset()(OWN, NEIGH, W), Gossip()(OWN, NEIGH, W))
+    assert torch.allclose(GossipSubset()(OWN, NEIGH, W, keep=keep), out)
+
+
+def test_median_true_median_for_even_count():
+    stack = torch.tensor([[1.0, 4.0], [2.0, 3.0], [10.0, -1.0], [3.0, 0.0]])
+    assert torch.equal(coordinate_median(stack), torch.tensor([2.5, 1.5]))
+    assert torch.equal(coordinate_median(stack[:3]), torch.tensor([2.0, 3.0]))
+    out = CoordinateMedian()(OWN, NEIGH, W)  # rows {0,1,0,10} and {0,0,2,-10}
+    assert torch.equal(out, torch.tensor([0.5, 0.0]))
+
+
+def test_trimmed_mean():
+    own = torch.tensor([0.0])
+    neigh = torch.tensor([[1.0], [2.0], [100.0], [-50.0]])
+    assert torch.allclose(TrimmedMean(1)(own, neigh), torch.tensor([1.0]))  # mean of {0, 1, 2}
+    assert torch.allclose(TrimmedMean(0)(own, neigh), torch.tensor([53.0 / 5]))
+    assert torch.allclose(TrimmedMean(2)(own, neigh), torch.tensor([1.0]))  # the middle value
+    with pytest.raises(ValueError, match="2\\*b"):
+        TrimmedMean(3)(own, neigh)
+    with pytest.raises(ValueError, match="non-negative"):
+        TrimmedMean(-1)
+
+
+def test_krum_paper_scores_and_selection():
+    own = torch.tensor([0.0])
+    neigh = torch.tensor([[1.0], [3.0], [20.0]])
+    # n = 4, f = 1 -> each model scored on its n - f - 2 = 1 nearest other model
+    scores = krum_scores(torch.cat([own[None], neigh]), f=1)
+    assert torch.equal(scores, torch.tensor([1.0, 1.0, 4.0, 289.0]))
+    assert torch.equal(KrumSelect(f=1)(own, neigh), own)  # tie between rows 0 and 1 -> lowest index
+    assert torch.equal(KrumSelect(f=1, multi=2)(own, neigh), torch.tensor([0.5]))
+    assert torch.equal(KrumSelect(f=0, multi=3)(own, neigh), torch.tensor([4.0 / 3]))
+    with pytest.raises(ValueError, match="n - f - 2"):
+        KrumSelect(f=2)(own, neigh)
+    with pytest.raises(ValueError, match="multi"):
+        KrumSelect(f=0, multi=5)(own, neigh)
+
+
+def test_krum_excludes_outlier():
+    gen = torch.Generator().manual_seed(0)
+    honest = torch.randn(6, 5, generator=gen) * 0.1
+    bad = torch.full((1, 5), 50.0)
+    out = KrumSelect(f=1)(honest[0], torch.cat([honest[1:], bad]))
+    assert float(out.abs().max()) < 1.0
+
+
+def test_scclip_fixed_tau():
+    own = torch.tensor([0.0, 0.0])
+    neigh = torch.tensor([[0.5, 0.0], [0.0, 30.0], [-3.0, 4.0]])
+    w = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    out = SelfCenteredClipping(tau=1.0)(own, neigh, w)
+    clipped = torch.tensor([[0.5, 0.0], [0.0, 1.0], [-0.6, 0.8]])
+    assert torch.allclose(out, 0.25 * clipped.sum(dim=0))
+    # a huge tau makes it plain gossip
+    assert torch.allclose(SelfCenteredClipping(tau=1e9)(own, neigh, w), Gossip()(own, neigh, w))
+
+
+def test_scclip_adaptive_tau():
+    own = torch.tensor([0.0])
+    neigh = torch.tensor([[1.0], [2.0], [3.0], [100.0]])
+    rule = SelfCenteredClipping(delta=0.25)
+    # distances 1, 2, 3, 100 -> 0.75 quantile (linear) = 3 + 0.25*(100-3) = 27.25
+    assert rule.radius(neigh - own) == pytest.approx(27.25)
+    out = rule(own, neigh, None)
+    assert torch.allclose(out, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))
+    with pytest.raises(ValueError, match="exactly one"):
+        SelfCenteredClipping()
+    with pytest.raises(ValueError, match="tau"):
+        SelfCenteredClipping(tau=0.0)
+
+
+def test_registry():
+    assert set(PEER_RULES) == {
+        "gossip", "median", "trimmed_mean", "krum", "scclip", "epic", "exclude", "upper", "gp", "gp_epic"
+    }
+    assert isinstance(build_peer_rule("trimmed_mean", b=2), TrimmedMean)
+    assert build_peer_rule("krum", f=1, multi=2).multi == 2
+    assert build_peer_rule("exclude").needs_keep_mask
+    assert build_peer_rule("gp", patience=2).needs_state
+    assert build_peer_rule("gp_epic").needs_state
+    assert not build_peer_rule("median").needs_state
+    with pytest.raises(ValueError, match="valid names: gossip"):
+        build_peer_rule("bulyan")
+    with pytest.raises(ValueError, match="bad parameters"):
+        build_peer_rule("median", b=1)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("gossip", {}), ("median", {}), ("trimmed_mean", {"b": 1}), ("krum", {"f": 1}),
+    ("scclip", {"tau": 1.0}), ("exclude", {}), ("upper", {}),
+])
+def test_consensus_is_a_fixed_point(name, params):
+    x = torch.tensor([1.0, -2.0, 3.0])
+    rule = build_peer_rule(name, **params)
+    out = rule(x, x.repeat(4, 1), torch.full((5,), 0.2))
+    assert torch.allclose(out, x)
+
+
+def test_epic_peer_drops_isolated_update():
+    from strategies.epic_peer import EpicPeer, epic_keep_mask
+
+    gen = torch.Generator().manual_seed(0)
+    own = torch.zeros(6)
+    honest = torch.ones(4, 6) + 0.05 * torch.randn(4, 6, generator=gen)
+    neigh = torch.cat([honest[:2], torch.full((1, 6), -20.0), honest[2:]])
+    w = torch.full((6,), 1 / 6)
+    # k = ceil(0.4 * 5) = 2 medoids: one for the honest group, one alone for the outlier
+    keep = epic_keep_mask(own, neigh, fraction=0.4)
+    assert keep.tolist() == [True, True, False, True, True]
+    out = build_peer_rule("epic", fraction=0.4)(own, neigh, w)
+    assert torch.allclose(out, gossip_subset(own, neigh, w, keep))
+    assert torch.allclose(out, honest.sum(dim=0) / 5)
+    assert isinstance(build_peer_rule("epic"), EpicPeer)
+    with pytest.raises(ValueError, match="fraction"):
+        EpicPeer(fraction=0.0)
