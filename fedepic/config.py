@@ -136,7 +136,7 @@ class AttackConfig:
     budget: float = 0.01  # poisons as a fraction of the training set
     restarts: int = 8
     steps: int = 250
-    tau: float = 0.1
+    tau: float = 0.1  # signed-Adam step as a fraction of eps (lr = tau * eps, as in the official code)
     targets: int = 1  # independent (target, poison set) trials in the centralized benchmark
     poisons: Optional[str] = None  # reuse a saved poison set (.npz)
     pretrain_epochs: int = 0  # clean epochs before brewing; 0 = train.epochs

@@ -14,7 +14,7 @@ class Bar:
 
     def __init__(self, progress: Optional[Progress], description: str, total: int) -> None:
         self._progress = progress
-        self._task = progress.add_task(description, total=total) if progress else None
+        self._task = progress.add_task(description, total=total, info="") if progress else None
 
     def advance(self, step: int = 1, **fields: str) -> None:
         if self._progress is not None:
