@@ -1,0 +1,32 @@
+"""Shared fixtures: the offline datasets (../shared/data unpacked into $FEDEPIC_DATA) and a scratch cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Where MNIST/ and cifar10-jpeg/ live: $FEDEPIC_DATA, else unpack ../shared/data into .data/."""
+    root = os.environ.get("FEDEPIC_DATA")
+    if root and (Path(root) / "MNIST").is_dir():
+        return Path(root)
+    target = REPO / ".data"
+    if not (target / "MNIST").is_dir():
+        subprocess.run([str(REPO.parent / "shared" / "data" / "unpack.sh"), str(target)], check=True,
+                       capture_output=True)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test shares one decoded-data cache, away from the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "decoded-cache"
+    monkeypatch.setenv("FEDEPIC_CACHE", str(cache))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")

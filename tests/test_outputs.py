@@ -1,0 +1,62 @@
+"""Run folders appear whole: built under a hidden partial name, renamed at the end, files atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedepic.outputs import RunWriter, atomic_write_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_run_folder_is_renamed_into_place(tmp_path):
+    with RunWriter(tmp_path, "demo", stamp="20260101-000000") as writer:
+        assert writer.dir.name.startswith(".") and writer.dir.name.endswith(".partial")
+        writer.log({"epoch": 1, "accuracy": 0.5})
+        writer.write_summary({"accuracy": 0.5})
+        assert not writer.path.exists()
+    assert writer.path == tmp_path / "20260101-000000-demo" and writer.path.is_dir()
+    assert json.loads((writer.path / "summary.json").read_text())["status"] == "completed"
+    assert [p.name for p in tmp_path.iterdir()] == ["20260101-000000-demo"]
+
+
+def test_interrupted_run_keeps_what_is_done(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with RunWriter(tmp_path, "demo", stamp="s") as writer:
+            writer.log({"epoch": 1})
+            raise KeyboardInterrupt
+    assert (writer.path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"a": object()})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_centralized_mnist_config_writes_the_run_folder(tmp_path, data_root):
+    env = {**os.environ, "FEDEPIC_DATA": str(data_root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedepic.simulate", "config=centralized_mnist", f"output_dir={tmp_path}",
+         "data.train_per_class=200", "data.test_per_class=100", "progress=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "comparison.md", "comparison.png"} <= names
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rows"][0]["accuracy"] > 0.5  # chance is 0.1; 16 SGD steps
+    assert "torch" in summary["versions"] and summary["wall_seconds"] > 0
+    member = run_dir / "none"
+    lines = (member / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
