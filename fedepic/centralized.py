@@ -19,7 +19,8 @@ import torch
 from fedepic import defenses as controls
 from fedepic.attacks import attack_success, poison_rows
 from fedepic.attacks.gradient_matching import (
-    BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, load_poisons, poison_mask, save_poisons,
+    BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
+    save_poisons, target_gradient,
 )
 from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
@@ -32,7 +33,7 @@ from fedepic.progress import bar, progress_bars
 from fedepic.train import evaluate, fit, prepare_model, resolve_device
 
 TABLE_COLUMNS = ("defense", "attack_success", "attack_success_se", "accuracy", "accuracy_se", "seconds",
-                 "dropped", "poison_recall", "clean_drop_rate", "trials")
+                 "dropped", "poison_recall", "clean_drop_rate", "trials", "brew_alignment", "random_alignment")
 
 
 @dataclass
@@ -77,14 +78,14 @@ def _brew_config(cfg: RunConfig) -> BrewConfig:
 def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter,
                               progress) -> list[Trial]:
     if cfg.attack.poisons:
-        sets = [load_poisons(cfg.attack.poisons)]
+        sets, random_alignments = [load_poisons(cfg.attack.poisons)], [None]
     else:
         epochs = cfg.attack.pretrain_epochs or cfg.train.epochs
         clean = new_model(cfg, data, cfg.seed, device)
         pre = bar(progress, "pretrain clean model", epochs)
         fit(clean, data.train_x, data.train_y, cfg.train, seed=cfg.seed, device=device, epochs=epochs,
             on_epoch=lambda rec, _: pre.advance(info=f"loss {rec.loss:.3f}"))
-        sets = []
+        sets, random_alignments = [], []
         brew_bar = bar(progress, "brew poisons", cfg.attack.targets * cfg.attack.restarts * cfg.attack.steps)
         for t in range(cfg.attack.targets):
             setup = choose_setup(data.train_y, data.test_y, data.num_classes, cfg.attack.budget, cfg.seed + 1000 * t)
@@ -95,7 +96,24 @@ def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.dev
                                    progress=lambda r, s, loss: brew_bar.advance(info=f"loss {loss:.3f}"))
             save_poisons(poisons, writer.dir / f"poisons-trial{t}.npz")
             sets.append(poisons)
-    return [_poison_trial(t, cfg.seed + 1000 * t, data, p) for t, p in enumerate(sets)]
+            random_alignments.append(_random_alignment(clean, data, poisons, target_x, cfg.seed + 1000 * t))
+    trials = [_poison_trial(t, cfg.seed + 1000 * t, data, p) for t, p in enumerate(sets)]
+    for trial, aligned in zip(trials, random_alignments):
+        trial.info["random_alignment"] = aligned
+    return trials
+
+
+def _random_alignment(model: torch.nn.Module, data: ImageData, poisons: PoisonSet, target_x: torch.Tensor,
+                      seed: int) -> float:
+    """Cosine of the target gradient with the gradient of random +-eps perturbations of the same rows:
+    the baseline that brewed alignment must beat."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    clean = data.train_x[poisons.indices].float() / 255
+    signs = torch.randint(0, 2, clean.shape, generator=gen).float() * 2 - 1
+    perturbed = (clean + signs * poisons.eps).clamp(0, 1)
+    grad = target_gradient(model, target_x.to(device), poisons.adversarial_class)
+    return gradient_alignment(model, perturbed.to(device), data.train_y[poisons.indices].to(device), grad)
 
 
 def _poison_trial(index: int, seed: int, data: ImageData, poisons: PoisonSet) -> Trial:
@@ -222,7 +240,13 @@ def summarise(defense: str, outcomes: list[dict], binary_success: bool) -> dict:
             "accuracy_se": acc_se, "seconds": mean_and_se([o["seconds"] for o in outcomes])[0],
             "dropped": mean_and_se([o["dropped"] for o in outcomes])[0],
             "poison_recall": mean_and_se(recalls)[0] if recalls else None,
-            "clean_drop_rate": mean_and_se([o["clean_drop_rate"] for o in outcomes])[0], "trials": len(outcomes)}
+            "clean_drop_rate": mean_and_se([o["clean_drop_rate"] for o in outcomes])[0], "trials": len(outcomes),
+            **{key: _mean_of(outcomes, key) for key in ("brew_alignment", "random_alignment")}}
+
+
+def _mean_of(outcomes: list[dict], key: str) -> Optional[float]:
+    values = [o[key] for o in outcomes if o.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _write_tables(writer: RunWriter, rows: list[dict], curves: dict[str, dict[str, list[float]]], title: str) -> None:
