@@ -83,10 +83,12 @@ def environment_versions() -> dict[str, str]:
         versions["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass
-    for module in ("flwr", "ray", "numpy"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("flwr", "ray", "numpy", "omegaconf"):  # metadata only: the core never imports flwr or ray
         try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
+            versions[package] = version(package)
+        except PackageNotFoundError:
             pass
     versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     return versions
