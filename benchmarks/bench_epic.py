@@ -4,7 +4,9 @@ Data: 10 classes x 5000 rows of 10-dim features (a Gaussian mixture per class pl
 few far outliers), fraction 0.1, so 500 medoids per class.  The fast path is timed
 on all classes; the naive greedy (same code matrix and integer gains, vectorised,
 but every step evaluates every candidate: O(k n^2)) is timed on ``--naive-classes``
-classes in the same run and scaled to all classes.  Prints one JSON line.
+classes in the same run and scaled to all classes.  Prints one JSON line, with the
+process CPU time and the 1-minute load average beside the wall times (on a shared
+machine, wall time depends on what else runs).
 
     .venv/bin/python benchmarks/bench_epic.py [--device cuda] [--naive-classes 1]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -59,7 +62,10 @@ def main() -> None:
     parser.add_argument("--naive-classes", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     x, y = make_data(args.classes, args.rows, args.dim, args.outliers, args.seed)
@@ -99,6 +105,8 @@ def main() -> None:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "classes": args.classes,
         "rows_per_class": args.rows,
         "dim": args.dim,

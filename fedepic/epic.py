@@ -561,7 +561,7 @@ def select_medoids(
         assignment = torch.empty(len(labels_cpu), dtype=torch.int64)
         for pos, idx in enumerate(groups):
             x = features[idx.to(dev)]
-            with _threads(caller_threads if _is_heavy(x) else 1):
+            with _threads(caller_threads if _is_heavy(x) else torch.get_num_threads()):
                 codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes, workspace)
             workspace, greedy = codes.workspace, _Greedy(codes)
             k = class_budget(fraction, len(idx))

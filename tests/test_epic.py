@@ -129,12 +129,24 @@ def test_matches_brute_force_all_identical_and_ties() -> None:
     assert same.sizes.tolist() == [4, 1]  # the duplicate medoid keeps only itself
 
 
+def test_codes_keep_the_float64_greedy() -> None:
+    """Quantising to codes does not change the greedy of plain float64 distances (no near ties)."""
+    x, labels = random_classes(11, [45, 30], dim=4)
+    sel = select_medoids(x, labels, 0.2)
+    expected = []
+    for c in (0, 1):
+        idx = (labels == c).nonzero().flatten()
+        dists = torch.cdist(x[idx].double(), x[idx].double()).tolist()
+        expected += idx[brute_force_greedy(dists, class_budget(0.2, len(idx)))].tolist()
+    assert sel.medoids.tolist() == expected
+
+
 def test_lazy_matches_naive_at_scale() -> None:
     gen = torch.Generator().manual_seed(5)
     centers = torch.randn(8, 6, generator=gen) * 3
-    x = centers[torch.randint(0, 8, (700,), generator=gen)] + torch.randn(700, 6, generator=gen)
-    sel = select_medoids(x, torch.zeros(700, dtype=torch.long), 0.1)
-    assert sel.medoids.tolist() == naive_torch_greedy(distance_codes(x), 70)
+    x = centers[torch.randint(0, 8, (500,), generator=gen)] + torch.randn(500, 6, generator=gen)
+    sel = select_medoids(x, torch.zeros(500, dtype=torch.long), 0.12)
+    assert sel.medoids.tolist() == naive_torch_greedy(distance_codes(x), 60)
 
 
 def test_on_demand_rows_match_stored_matrix() -> None:
