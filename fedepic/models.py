@@ -10,7 +10,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
 
 
 class ImageClassifier(nn.Module):
@@ -36,7 +35,9 @@ class ImageClassifier(nn.Module):
 
 def _resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 conv, stride 1, no max-pool (He et al. 2016, Sec. 4.2)."""
-    net = tv_resnet18(weights=None)
+    from torchvision.models import resnet18  # lazy: importing torchvision costs seconds in every Ray actor
+
+    net = resnet18(weights=None)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features

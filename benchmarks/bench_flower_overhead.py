@@ -1,0 +1,175 @@
+"""Flower + Ray wall time against an in-process sequential loop doing exactly the same work, in one run.
+
+Both sides run the same ServerApp body (`simulations.server_app.serve`: FedAvg through Flower's
+strategy, the same client `handle_train`, the same server-side evaluation); the sequential side
+replaces Flower's grid with `LocalGrid`, which calls the ClientApp handler of each node in turn in
+this process. The Flower side is `run_federated` on a local Ray cluster with one actor per core
+(Ray gives each actor OMP_NUM_THREADS=1). Default workload: 50 clients on synthetic 28x28 data, the
+small CNN, 40 rows and one local epoch per client, 3 rounds.
+
+Torch threads in this process (`--threads`, default 1) apply to the sequential clients and to the
+server-side evaluation of both sides. One thread is the fair sequential baseline on a small shared
+machine: with 2 intra-op threads and other load on the 2 cores, the small CNN's local training was
+measured 20x slower per client (0.60 s vs 0.027 s), OpenMP threads spinning against each other.
+
+Reported (one JSON line on stdout):
+- ratio: Flower total wall time / sequential total (Flower's includes Ray start and shutdown);
+- ratio_steady: mean round time from round 2 on (actors warm), Flower / sequential;
+- per_round_overhead_s: that Flower round time minus the sequential one (negative = Flower faster,
+  because two actors train in parallel);
+- per_round_overhead_vs_ideal_parallel_s: Flower round time minus (the clients' own training time
+  spread perfectly over the actors + the server-side work of the sequential round): what Flower,
+  Ray and message passing add per round;
+- flower_startup_s: Flower total minus the sum of its rounds (Ray start, actors' imports and data
+  loading in the warm-up query before round 1, shutdown);
+- data_ship: cost of shipping the dataset in the ClientApp closure (pickled with every message) vs
+  loading it once per actor from the uint8 cache (what client_app.py does).
+
+    .venv/bin/python benchmarks/bench_flower_overhead.py [--clients 50] [--rounds 3] [--rows 40] [--model cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from fedepic.config import RunConfig, load_config  # noqa: E402
+from fedepic.data import load_dataset  # noqa: E402
+from fedepic.outputs import RunWriter  # noqa: E402
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from simulations.client_app import handle_train, handle_warmup  # noqa: E402
+from simulations.common import quiet_flower  # noqa: E402
+from simulations.federated import run_federated  # noqa: E402
+from simulations.server_app import serve  # noqa: E402
+
+
+class LocalGrid:
+    """A Grid that runs every pushed message through the ClientApp handler at once, in this process."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.contexts = {
+            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                              state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            handler = handle_warmup if msg.metadata.message_type == MessageType.QUERY else handle_train
+            self.replies[msg.metadata.message_id] = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def bench_config(args: argparse.Namespace, out: Path, name: str) -> RunConfig:
+    return load_config(None, [
+        "mode=federated", f"name={name}", f"output_dir={out}", "progress=false", "data.name=synthetic",
+        f"data.synthetic_train={args.clients * args.rows}", "data.synthetic_test=500", f"model.name={args.model}",
+        f"clients.count={args.clients}", f"rounds={args.rounds}", "strategies=[fedavg]", "train.batch_size=32",
+        f"ray.num_cpus={os.cpu_count()}",
+    ])
+
+
+def round_seconds(folder: Path) -> list[tuple[float, float]]:
+    """Per round: (wall seconds, summed client training seconds as the clients measured them)."""
+    records = [json.loads(line) for line in (folder / "fedavg" / "metrics.jsonl").read_text().splitlines() if line]
+    return [(r["seconds"], sum(c["train_seconds"] for c in r["clients"])) for r in records]
+
+
+def sequential(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[float, float]]]:
+    cfg = bench_config(args, out, "sequential")
+    previous = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # Messages need a task identity
+    try:
+        started = time.perf_counter()
+        load_dataset(cfg.data, cfg.seed)
+        with RunWriter(cfg.output_dir, cfg.name) as writer:
+            serve(LocalGrid(cfg.clients.count), cfg, writer, threading.Event())
+        total = time.perf_counter() - started
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous
+    return total, round_seconds(writer.path)
+
+
+def flower(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[float, float]]]:
+    cfg = bench_config(args, out, "flower")
+    started = time.perf_counter()
+    folder = run_federated(cfg)
+    return time.perf_counter() - started, round_seconds(folder)
+
+
+def data_shipping() -> dict:
+    """MNIST-sized data (60k x 1x28x28 uint8): pickling it per message vs one cached load per actor."""
+    cfg = load_config(None, ["data.name=mnist", "data.download=false"])
+    try:
+        started = time.perf_counter()
+        data = load_dataset(cfg.data, cfg.seed)
+        load_s = time.perf_counter() - started
+    except ValueError:
+        return {"note": "MNIST not available"}
+    started = time.perf_counter()
+    blob = pickle.dumps(data, protocol=5)
+    pickle.loads(blob)
+    return {"pickle_roundtrip_s_per_message": time.perf_counter() - started, "pickle_mb": len(blob) / 2**20,
+            "cached_load_s_per_actor": load_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=40, help="training rows per client")
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_flower()
+    out = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    try:
+        seq_total, seq_rounds = sequential(args, out)
+        flw_total, flw_rounds = flower(args, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    steady = slice(1, None) if args.rounds > 1 else slice(None)
+    mean = lambda pairs, i: sum(p[i] for p in pairs) / len(pairs)  # noqa: E731
+    seq_round, flw_round = mean(seq_rounds[steady], 0), mean(flw_rounds[steady], 0)
+    actors = os.cpu_count() or 1  # ray.num_cpus = cores, one CPU per client actor
+    print(json.dumps({
+        "benchmark": "flower_overhead", "clients": args.clients, "rounds": args.rounds, "rows_per_client": args.rows,
+        "model": args.model, "cpus": os.cpu_count(), "threads": args.threads,
+        "sequential_s": round(seq_total, 2), "flower_s": round(flw_total, 2), "ratio": round(flw_total / seq_total, 3),
+        "sequential_round_s": round(seq_round, 3), "flower_round_s": round(flw_round, 3),
+        "ratio_steady": round(flw_round / seq_round, 3), "per_round_overhead_s": round(flw_round - seq_round, 3),
+        "flower_client_train_s_per_round": round(mean(flw_rounds[steady], 1), 3),
+        "per_round_overhead_vs_ideal_parallel_s": round(flw_round - mean(flw_rounds[steady], 1) / actors
+                                                        - (seq_round - mean(seq_rounds[steady], 1)), 3),
+        "flower_first_round_s": round(flw_rounds[0][0], 2),
+        "flower_startup_s": round(flw_total - sum(p[0] for p in flw_rounds), 2), "data_ship": data_shipping(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

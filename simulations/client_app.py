@@ -1,0 +1,219 @@
+"""The Flower ClientApp of the server-based simulation: local training, local EPIC, client-side attacks.
+
+One SuperNode per client; the node's partition id (`context.node_config["partition-id"]`) is the
+client id. The ServerApp sends the whole run config (YAML text, key "fedepic-config") and the
+member name (the strategy under test) with every train message, so the same app works under
+`run_simulation` and `flwr run` without reading any file.
+
+Memoisation. A Ray actor runs many ClientApp calls in one process, so the parsed config, the dataset
+and each client's (attacked) rows are cached with `functools.lru_cache`, keyed by the config text
+(and the partition id). The cache holds only values derived deterministically from that key, so it
+never changes results; it saves reloading the dataset per message (about 0.5 s from the uint8
+cache). Shipping the data inside the ClientApp closure instead would make Ray pickle it with
+every message (Flower submits the app factory with each task; see benchmarks/bench_flower_overhead.py).
+
+Local EPIC (defense.local_epic): the client runs EPIC on its own rows after local training in
+round r when `EpicSchedule.is_selection_epoch(r)` holds, i.e. defense.epic.warmup and .interval
+(and .until) count *rounds* here. The dropped rows persist across rounds in the node's
+`Context.state` (one ConfigRecord per member, so strategies compared in one run do not share drops)
+and are left out of later local training.
+
+Model attacks applied here, on the update u = w_local - w_global of a malicious client:
+sign_flip, gaussian (attack.sigma) and scaling (attack.scale). ALIE, IPM and min-max need the
+round's benign updates and are applied by the ServerApp (server_app.inject_model_attack).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fedepic.attacks.model_attacks import apply_model_attack
+from fedepic.config import RunConfig, validate
+from fedepic.data import ImageData, load_dataset
+from fedepic.epic import EpicSchedule, EpicState
+from fedepic.models import build_model
+from fedepic.train import fit, prepare_model, resolve_device
+from fedepic.vectors import flatten_state, unflatten_like
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from simulations.common import ClientData, build_client_data, client_partition, client_seed
+
+CLIENT_SIDE_ATTACKS = ("sign_flip", "gaussian", "scaling")
+SERVER_SIDE_ATTACKS = ("alie", "ipm", "minmax")
+UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
+CONFIG_KEY = "fedepic-config"
+MEMBER_KEY = "member"
+
+
+# --------------------------------------------------------------------------- memoised inputs
+
+
+@lru_cache(maxsize=4)
+def config_from_text(text: str) -> RunConfig:
+    """The RunConfig the ServerApp sent (schema defaults <- its YAML), validated."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+@lru_cache(maxsize=2)
+def dataset_for(text: str) -> ImageData:
+    cfg = config_from_text(text)
+    return load_dataset(cfg.data, cfg.seed)
+
+
+@lru_cache(maxsize=2)
+def partition_for(text: str) -> list[np.ndarray]:
+    return client_partition(config_from_text(text), dataset_for(text))
+
+
+@lru_cache(maxsize=1024)
+def client_data_for(text: str, client_id: int) -> ClientData:
+    return build_client_data(config_from_text(text), dataset_for(text), client_id, partition_for(text))
+
+
+# --------------------------------------------------------------------------- local work
+
+
+def epic_schedule_rounds(cfg: RunConfig) -> EpicSchedule:
+    """defense.epic with warmup / interval / until counted in rounds (see the module docstring)."""
+    epic = cfg.defense.epic
+    return EpicSchedule(fraction=epic.fraction, warmup=epic.warmup, interval=epic.interval, until=epic.until,
+                        proxy=epic.proxy, threshold=epic.threshold)
+
+
+def model_for(cfg: RunConfig, data: ImageData) -> torch.nn.Module:
+    return build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+
+
+def _model_attack_params(cfg: RunConfig) -> dict:
+    a = cfg.attack
+    return {"sign_flip": {}, "gaussian": {"sigma": a.sigma}, "scaling": {"factor": a.scale}}[a.model]
+
+
+@dataclass
+class LocalResult:
+    state: dict[str, torch.Tensor]  # the model state the client sends (after its model attack)
+    metrics: dict[str, float]
+    epic_state: Optional[dict]  # EpicState.state_dict() to keep, when local EPIC runs
+
+
+def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_state: dict[str, torch.Tensor],
+                server_round: int, epic_state: Optional[dict] = None) -> LocalResult:
+    """One client's round: local epochs from the global model (optionally with local EPIC), then its
+    client-side model attack if it is malicious. Pure apart from torch's RNG use inside `fit`."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    model = model_for(cfg, data)
+    model.load_state_dict(global_state)
+    model = prepare_model(model, device, cfg.train.amp)
+    seed = client_seed(cfg, client.client_id) + server_round
+    epic: Optional[EpicState] = None
+    keep = torch.ones(len(client), dtype=torch.bool)
+    if cfg.defense.local_epic:
+        epic = EpicState(len(client), epic_schedule_rounds(cfg), device=device)
+        if epic_state is not None:
+            epic.load_state_dict(epic_state)
+        keep = epic.keep
+    trained_rows = int(keep.sum())
+    history = fit(model, client.x, client.y, cfg.train, seed=seed, device=device, epochs=cfg.clients.local_epochs,
+                  keep=keep) if trained_rows else []
+    recall = UNKNOWN
+    if epic is not None:
+        epic.maybe_select(server_round, model, client.x, client.y, client.poisoned)
+        if client.poisoned.any():
+            recall = float((~epic.keep & client.poisoned).sum()) / float(client.poisoned.sum())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if client.is_malicious and cfg.attack.model in CLIENT_SIDE_ATTACKS:
+        state = _attacked(cfg, global_state, state, seed)
+    metrics = {
+        "num-examples": max(trained_rows, 1),
+        "partition-id": client.client_id,
+        "malicious": int(client.is_malicious),
+        "train-loss": float(history[-1]["loss"]) if history else UNKNOWN,
+        "poisoned-rows": int(client.poisoned.sum()),
+        "epic-dropped": int((~epic.keep).sum()) if epic is not None else 0,
+        "epic-selections": epic.selections if epic is not None else 0,
+        "epic-poison-recall": recall,
+        "train-seconds": time.perf_counter() - started,
+    }
+    return LocalResult(state, metrics, epic.state_dict() if epic is not None else None)
+
+
+def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> dict[str, torch.Tensor]:
+    base = flatten_state(global_state)
+    own = flatten_state(state) - base
+    generator = torch.Generator().manual_seed(seed)
+    bad = apply_model_attack(cfg.attack.model, own[None], own, generator, **_model_attack_params(cfg))
+    return unflatten_like(base + bad, state)
+
+
+# --------------------------------------------------------------------------- Context.state
+
+
+def pack_epic_state(state: dict) -> ConfigRecord:
+    keep = np.asarray(state["keep"], dtype=bool)
+    return ConfigRecord({"keep": np.packbits(keep).tobytes(), "rows": int(len(keep)),
+                         "selections": int(state["selections"])})
+
+
+def unpack_epic_state(record: ConfigRecord) -> dict:
+    bits = np.frombuffer(record["keep"], dtype=np.uint8)  # type: ignore[arg-type]
+    keep = np.unpackbits(bits)[: int(record["rows"])].astype(bool)
+    return {"keep": keep.tolist(), "selections": int(record["selections"])}
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train on this node's partition from the received global model; reply with one ArrayRecord and
+    one MetricRecord (the same metric keys on every client, as Flower's strategies require)."""
+    config = msg.content.config_records["config"]
+    text = str(config[CONFIG_KEY])
+    member = str(config.get(MEMBER_KEY, ""))
+    server_round = int(config["server-round"])
+    cfg = config_from_text(text)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    client_id = int(context.node_config["partition-id"])
+    client = client_data_for(text, client_id)
+    state_key = f"epic:{member}"
+    saved = unpack_epic_state(context.state[state_key]) if state_key in context.state.config_records else None
+    global_state = next(iter(msg.content.array_records.values())).to_torch_state_dict()
+    result = local_train(cfg, dataset_for(text), client, global_state, server_round, saved)
+    if result.epic_state is not None:
+        context.state[state_key] = pack_epic_state(result.epic_state)
+    content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_warmup(msg: Message, context: Context) -> Message:
+    """Load the config, dataset and this client's rows into the actor's caches before round 1, so the
+    first member's round times do not include the actors' start-up."""
+    text = str(msg.content.config_records["config"][CONFIG_KEY])
+    client = client_data_for(text, int(context.node_config["partition-id"]))
+    content = RecordDict({"metrics": MetricRecord({"rows": len(client), "pid": os.getpid()})})
+    return Message(content=content, reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context)
+
+
+@app.query()
+def warmup(msg: Message, context: Context) -> Message:
+    return handle_warmup(msg, context)

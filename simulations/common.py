@@ -1,0 +1,270 @@
+"""Plumbing shared by the Flower simulations (server-based and decentralized): quiet logs, the Ray
+backend config, a Ctrl-C safe `run_simulation`, stop-aware message exchange, each client's
+(possibly attacked) data, and the comparison table and plot.
+
+Ray and the node registration race (see DESIGN.md, "Flower 1.41 facts"):
+- a local cluster is started with ``address="local"``: without it ``ray.init()`` attaches to any
+  cluster found in /tmp/ray/ray_current_cluster (a `ray start --head` someone else runs);
+- every Ray process the run starts is gone when `run_flower` returns or raises: Flower's backend
+  calls ``ray.shutdown()``, and `run_flower` calls it again on every exit path. An attached external
+  cluster is only disconnected from (its nodes keep running; this job's actors end with the driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fedepic.attacks import poison_rows
+from fedepic.config import ConfigError, RunConfig, malicious_ids
+from fedepic.data import ImageData
+from fedepic.outputs import RunWriter, csv_table, markdown_table
+from fedepic.partition import label_histograms, partition
+
+ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+PULL_INTERVAL_S = 0.01  # Flower's own send_and_receive polls every 0.1 s; replies arrive sooner
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised inside a ServerApp when the run's stop event is set (Ctrl-C); RunWriter marks it interrupted."""
+
+
+# --------------------------------------------------------------------------- logs and Ray
+
+
+class _DropKnownNoise(logging.Filter):
+    """Warnings we cause on purpose: `run_simulation` is deprecated in favour of `flwr run` (both work,
+    see the README), and the ServerApp evaluates centrally, so client-side evaluation is off."""
+
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.NOISE)
+
+
+def quiet_flower(level: int = logging.WARNING) -> None:
+    """Telemetry off (no network here), Ray's accelerator env override off, and quieter loggers."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(level)
+    if not any(isinstance(f, _DropKnownNoise) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_DropKnownNoise())
+    logging.getLogger("ray").setLevel(max(level, logging.WARNING))
+
+
+def backend_config(cfg: RunConfig) -> dict:
+    """`backend_config` for `flwr.simulation.run_simulation`; `init_args` go straight to `ray.init`."""
+    init_args: dict[str, Any] = {"log_to_driver": False}
+    if cfg.ray.address:
+        init_args["address"] = cfg.ray.address  # the cluster decides its size: no num_cpus here
+    else:
+        init_args["address"] = "local"  # never attach to a cluster that happens to run on this host
+        if cfg.ray.num_cpus is not None:
+            init_args["num_cpus"] = int(cfg.ray.num_cpus)
+    return {
+        "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus)},
+        "init_args": init_args,
+    }
+
+
+@contextmanager
+def _sigint_sets(stop: threading.Event) -> Iterator[None]:
+    """While inside, the first Ctrl-C sets `stop` (the ServerApp winds down and raises RunInterrupted);
+    a second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig, *,
+               stop: Optional[threading.Event] = None) -> None:
+    """`run_simulation` with one SuperNode per client on Ray; every Ray process it started is gone on exit.
+
+    `stop` is the event the ServerApp polls (via `exchange`): Ctrl-C sets it, the ServerApp raises
+    RunInterrupted, Flower stops its workers and Ray, and the KeyboardInterrupt reaches the caller.
+    """
+    import ray
+    from flwr.simulation import run_simulation
+
+    quiet_flower()
+    stop = stop if stop is not None else threading.Event()
+    if ray.is_initialized():
+        ray.shutdown()  # a stale connection would make Flower reuse it instead of the configured cluster
+    try:
+        with _sigint_sets(stop):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                           backend_config=backend_config(cfg))
+    finally:
+        # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
+        if ray.is_initialized():
+            ray.shutdown()
+    if stop.is_set():
+        raise RunInterrupted("interrupted")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def wait_for_nodes(grid: Any, n: int, timeout_s: float = 120.0, stop: Optional[threading.Event] = None) -> list[int]:
+    """Block until `n` nodes are registered (the ServerApp may start before the SuperNodes); their ids."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("interrupted while waiting for nodes")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {n} nodes registered within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def exchange(grid: Any, messages: Iterable[Any], timeout_s: float = 3600.0,
+             stop: Optional[threading.Event] = None) -> list[Any]:
+    """`grid.send_and_receive`, but it polls faster and raises RunInterrupted as soon as `stop` is set.
+
+    Replies come back in any order; a node that crashed answers with an error Message. Nodes that
+    do not answer within `timeout_s` are simply missing from the result.
+    """
+    pending = set(grid.push_messages(list(messages)))
+    replies: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("interrupted while waiting for replies")
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(PULL_INTERVAL_S)
+    return replies
+
+
+# --------------------------------------------------------------------------- client data
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's share of the training set, after its data attack (if it is malicious)."""
+
+    client_id: int
+    rows: np.ndarray  # indices into data.train_x / train_y
+    x: torch.Tensor  # uint8 [n, C, H, W]
+    y: torch.Tensor  # int64 [n]
+    poisoned: torch.Tensor  # bool [n]: rows the attack changed
+    is_malicious: bool
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def client_partition(cfg: RunConfig, data: ImageData) -> list[np.ndarray]:
+    """Row indices per client, reproducible from cfg.seed (the same split for every strategy)."""
+    return partition(data.train_y.numpy(), cfg.clients.count, cfg.data, cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def _load_poison_set(path: str):
+    from fedepic.attacks.gradient_matching import load_poisons
+
+    return load_poisons(path)
+
+
+def poison_set(cfg: RunConfig):
+    """The saved Witches' Brew poison set for attack.data=gradient_matching (FL reuses, never brews)."""
+    if cfg.attack.data != "gradient_matching":
+        return None
+    if not cfg.attack.poisons:
+        raise ConfigError("invalid value None for key 'attack.poisons': federated gradient_matching needs a saved "
+                          "poison set (brew one with mode=centralized, then pass attack.poisons=FILE.npz)")
+    return _load_poison_set(str(cfg.attack.poisons))
+
+
+def client_seed(cfg: RunConfig, client_id: int) -> int:
+    return cfg.seed * 100_003 + 7919 * (client_id + 1)
+
+
+def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,
+                      parts: Optional[Sequence[np.ndarray]] = None) -> ClientData:
+    """Client `client_id`'s rows, attacked when it is malicious; deterministic from cfg.seed.
+
+    Data attacks of a malicious client:
+    - label_flip: every flippable row of the client (fraction 1.0; Tolpegin et al. 2020's setting);
+    - backdoor: attack.backdoor_fraction of the client's non-target rows get the trigger (BadNets);
+    - gradient_matching: the rows of the saved poison set (attack.poisons) that fall in this client's
+      partition are replaced by their poisoned versions; poisons in benign partitions stay clean.
+    """
+    if not 0 <= client_id < cfg.clients.count:
+        raise ValueError(f"client_id {client_id} outside [0, clients.count={cfg.clients.count})")
+    parts = client_partition(cfg, data) if parts is None else parts
+    rows = np.asarray(parts[client_id], dtype=np.int64)
+    index = torch.from_numpy(rows)
+    x, y = data.train_x[index], data.train_y[index]
+    malicious = client_id in set(malicious_ids(cfg))
+    poisoned = torch.zeros(len(y), dtype=torch.bool)
+    if malicious and cfg.attack.data in ("label_flip", "backdoor"):
+        fraction = 1.0 if cfg.attack.data == "label_flip" else cfg.attack.backdoor_fraction
+        attacked = poison_rows(cfg.attack, x, y, data.num_classes, fraction=fraction, seed=client_seed(cfg, client_id))
+        x, y, poisoned = attacked.x, attacked.y, attacked.poisoned
+    elif malicious and cfg.attack.data == "gradient_matching":
+        poisons = poison_set(cfg)
+        position = {int(r): i for i, r in enumerate(rows)}
+        hits = [(position[int(r)], j) for j, r in enumerate(poisons.indices.tolist()) if int(r) in position]
+        if hits:
+            local, source = (torch.tensor(v, dtype=torch.int64) for v in zip(*hits))
+            x = x.clone()
+            x[local] = poisons.poisoned_x[source].to(x.dtype)
+            poisoned[local] = True
+    return ClientData(client_id, rows, x, y, poisoned, malicious)
+
+
+def partition_report(cfg: RunConfig, data: ImageData, parts: Optional[Sequence[np.ndarray]] = None) -> dict:
+    """Label histogram and size per client, and the malicious ids (written to the run's summary)."""
+    parts = client_partition(cfg, data) if parts is None else parts
+    hist = label_histograms(data.train_y.numpy(), parts, data.num_classes)
+    return {"clients": cfg.clients.count, "sizes": [int(len(p)) for p in parts], "label_histograms": hist,
+            "malicious": malicious_ids(cfg), "partition": cfg.data.partition}
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def write_comparison(writer: RunWriter, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                     curves: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str], title: str) -> None:
+    """comparison.md / comparison.csv (one row per member) and comparison.png (one panel per metric,
+    one line per member, x = round)."""
+    writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, columns))
+    writer.write_text("comparison.csv", csv_table(rows, columns))
+    present = [p for p in panels if any(len(series.get(p, [])) for series in curves.values())]
+    if not present:
+        return
+    from fedepic.plots import close, comparison_figure  # matplotlib: not needed by client actors
+
+    fig = comparison_figure(curves, present, "round", title)
+    try:
+        writer.save_figure(fig, "comparison.png")
+    finally:
+        close(fig)

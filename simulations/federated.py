@@ -1,0 +1,52 @@
+"""`mode=federated`: run the server-based comparison on Flower's simulation engine (Ray) and return the
+run folder.
+
+All members of `strategies:` share one simulation (one Ray start): the ServerApp runs them one
+after another over the same SuperNodes (see server_app.py). With `ray.address` set, the run attaches
+to that Ray cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on others)
+instead of starting a local one. A comparison of only `centralized-epic` needs no Flower at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from fedepic.config import ConfigError, RunConfig
+from fedepic.data import load_dataset
+from fedepic.outputs import RunWriter
+from simulations.common import poison_set, quiet_flower, run_flower
+
+
+def check_federated(cfg: RunConfig) -> None:
+    """Problems that only the federated mode has, as one-line ConfigErrors."""
+    if cfg.mode != "federated":
+        raise ConfigError(f"invalid value {cfg.mode!r} for key 'mode': run_federated needs mode=federated")
+    seen = set()
+    for i, name in enumerate(cfg.strategies):
+        if name in seen:
+            raise ConfigError(f"invalid value {name!r} for key 'strategies[{i}]': listed twice")
+        seen.add(name)
+    poison_set(cfg)  # gradient_matching needs attack.poisons
+
+
+def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None) -> Path:
+    """Run every strategy of `cfg.strategies` and write the comparison; returns the run folder.
+
+    `client_app` replaces simulations.client_app.app (tests use it to inject a failing client).
+    """
+    quiet_flower()
+    check_federated(cfg)
+    load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
+    from simulations.server_app import make_server_app, serve
+
+    stop = threading.Event()
+    with RunWriter(cfg.output_dir, cfg.name) as writer:
+        if all(name == "centralized-epic" for name in cfg.strategies):
+            serve(None, cfg, writer, stop)
+        else:
+            if client_app is None:
+                from simulations.client_app import app as client_app
+            run_flower(make_server_app(cfg, writer, stop), client_app, cfg.clients.count, cfg, stop=stop)
+    return writer.path

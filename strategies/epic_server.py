@@ -1,0 +1,147 @@
+"""EPIC at a Flower server: drop isolated client updates by greedy medoid selection, average the rest.
+
+The selector is fedepic.epic.select_medoids, the same one that cleans training sets (DESIGN.md,
+"One selector, three places", place 3): the features are the clients' flattened updates and all
+labels are equal (one group).
+
+Updates and received models give the same selection: the update of client i is w_i - w_global,
+so every pairwise distance ||u_i - u_j|| = ||w_i - w_j|| and the selector (which works only on
+distances, see fedepic/epic.py) never needs the global model. The strategy therefore overrides
+only `aggregate_train`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedepic.epic import select_medoids
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+
+@dataclass(frozen=True)
+class UpdateSelection:
+    """Which of m updates EPIC keeps: keep (bool [m]), the medoids (rows, greedy order), their sizes."""
+
+    keep: Tensor
+    medoids: Tensor
+    sizes: Tensor
+
+    @property
+    def dropped(self) -> list[int]:
+        return (~self.keep).nonzero().flatten().tolist()
+
+
+def medoid_count(m: int, fraction: float, min_medoids: int = 2, num_malicious: int = 0) -> int:
+    """k = max(min_medoids, num_malicious + 1, ceil(fraction * m)), at most m - 1.
+
+    With few clients, fraction * m is below 2 (0.1 * 20 = 2, 0.1 * 10 = 1), and a single medoid
+    isolates nobody; one medoid for the honest bulk plus one per assumed attacker lets every
+    far-off update become its own singleton cluster. k <= m - 1 keeps at least one cluster of two
+    or more, so some updates always survive.
+    """
+    if m < 1:
+        raise ValueError(f"need at least one update, got m={m}")
+    wanted = max(min_medoids, num_malicious + 1, math.ceil(fraction * m - 1e-9))
+    return max(1, min(wanted, m - 1))
+
+
+def epic_select_updates(updates: Tensor, fraction: float = 0.1, threshold: int = 1, min_medoids: int = 2,
+                        num_malicious: int = 0) -> UpdateSelection:
+    """EPIC on stacked updates [m, D] (one group): medoids whose cluster holds <= threshold updates are dropped.
+
+    Fewer than three updates cannot single out an isolated one: all are kept.
+    """
+    if updates.dim() != 2:
+        raise ValueError(f"updates must be [m, D], got shape {tuple(updates.shape)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    m = updates.shape[0]
+    if m < 3:
+        ones = torch.ones(m, dtype=torch.bool)
+        return UpdateSelection(ones, torch.arange(m), torch.ones(m, dtype=torch.int64))
+    k = medoid_count(m, fraction, min_medoids, num_malicious)
+    # select_medoids takes a fraction: class_budget(k / m, m) = ceil(k - 1e-9) = k medoids.
+    sel = select_medoids(updates, torch.zeros(m, dtype=torch.int64), k / m, threshold)
+    return UpdateSelection(~sel.drop, sel.medoids, sel.sizes)
+
+
+def record_vector(record: ArrayRecord) -> Tensor:
+    """The float arrays of an ArrayRecord, flattened in key order (the order of fedepic.vectors)."""
+    parts = [a.numpy().ravel() for a in record.values()]
+    floats = [p for p in parts if np.issubdtype(p.dtype, np.floating)]
+    return torch.from_numpy(np.concatenate(floats).astype(np.float32, copy=False)) if floats else torch.zeros(0)
+
+
+class EpicServer(FedAvg):
+    """EPIC [Yang et al., 2022] applied to client updates, then Federated Averaging of the kept ones.
+
+    Yang, Gan and Mirzasoleiman, "Not All Poisons are Created Equal: Robust Training against Data
+    Poisoning", ICML 2022 (https://proceedings.mlr.press/v162/yang22j.html). EPIC drops training
+    points that sit alone in gradient space; here the points are the round's client updates, so an
+    update far from all others (a boosted, sign-flipped or noise update) is left out of the average.
+    Colluding attackers that send one identical update form a cluster and are not isolated.
+
+    Parameters
+    ----------
+    fraction : float (default: 0.1)
+        Medoid budget as a fraction of the round's updates (see `medoid_count`).
+    threshold : int (default: 1)
+        Medoids whose cluster holds at most this many updates are dropped.
+    min_medoids : int (default: 2)
+        Lower bound on the medoid count.
+    num_malicious_nodes : int (default: 0)
+        Assumed attackers; the medoid count is at least this plus one.
+    client_id_key : str (default: "partition-id")
+        MetricRecord key naming the client in `dropped_history`; the source node id when absent.
+    **kwargs
+        Passed to FedAvg (fraction_train, min_available_nodes, weighted_by_key, ...).
+
+    Attributes
+    ----------
+    dropped_history : dict[int, list[int]]
+        Round -> ids of the clients whose updates were dropped.
+    """
+
+    def __init__(self, fraction: float = 0.1, threshold: int = 1, min_medoids: int = 2,
+                 num_malicious_nodes: int = 0, client_id_key: str = "partition-id", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        if threshold < 0 or min_medoids < 1 or num_malicious_nodes < 0:
+            raise ValueError("threshold and num_malicious_nodes must be >= 0, min_medoids >= 1")
+        self.fraction, self.threshold, self.min_medoids = fraction, threshold, min_medoids
+        self.num_malicious_nodes = num_malicious_nodes
+        self.client_id_key = client_id_key
+        self.dropped_history: dict[int, list[int]] = {}
+
+    def _client_id(self, msg: Message) -> int:
+        metrics = next(iter(msg.content.metric_records.values()), None)
+        if metrics is not None and self.client_id_key in metrics:
+            return int(metrics[self.client_id_key])
+        return int(msg.metadata.src_node_id)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Drop the isolated updates (EPIC), then weighted-average the kept ArrayRecords and metrics."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents: list[RecordDict] = [msg.content for msg in valid]
+        key = next(iter(contents[0].array_records.keys()))
+        stack = torch.stack([record_vector(content[key]) for content in contents])
+        selection = epic_select_updates(stack, self.fraction, self.threshold, self.min_medoids,
+                                        self.num_malicious_nodes)
+        self.dropped_history[server_round] = sorted(self._client_id(valid[i]) for i in selection.dropped)
+        kept = [c for c, k in zip(contents, selection.keep.tolist()) if k]
+        arrays = aggregate_arrayrecords(kept, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key)
+        return arrays, metrics

@@ -1,0 +1,196 @@
+"""Server strategies by name: Flower's own robust aggregators (used as they are) and EPIC.
+
+Every strategy is a `flwr.serverapp.strategy.Strategy`; `TrackedStrategy` runs its
+`aggregate_train` and also reports which clients it left out, because Flower does not expose it:
+
+- krum, multikrum: Flower's own `select_multikrum` is called on the same reply contents, in the same
+  order and with the same parameters, before `aggregate_train`; it is deterministic, so the selected
+  set is exactly the one the strategy averages (Krum's aggregate equals the chosen client's model).
+- bulyan: Bulyan takes its selection rule as a parameter; we pass Flower's `select_multikrum`
+  wrapped so that it records what it returns (exact). For its second, coordinate-wise step we
+  report per client the share of coordinates where it is not among the beta values closest to
+  the median (1.0 for clients the first step left out).
+- fedtrimmedavg (and bulyan's second step): per client, the share of coordinates whose value falls
+  in the cut tails (ranks below beta*n or from n - beta*n on; ties broken by client order).
+- fedmedian: coordinate-wise, no client is excluded as a whole; nothing is reported.
+- epic: exact, from the strategy's own record.
+
+Never hand the same replies to two strategies: FedMedian, FedTrimmedAvg and Bulyan pop the arrays
+out of the replies they aggregate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+from torch import Tensor
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy.multikrum import select_multikrum
+from strategies.epic_server import EpicServer
+
+SERVER_STRATEGIES = ("fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic")
+ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
+
+
+def mean_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of the numeric client metrics, leaving out ids and negative "unknown" sentinels."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])
+        for key, value in metrics.items():
+            if key == weight_key or key in ID_KEYS or isinstance(value, list) or value < 0:
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
+@dataclass
+class StrategyParams:
+    """What the registry needs to build a strategy for one run.
+
+    expected_clients: clients sampled per round (sets MultiKrum's m and FedTrimmedAvg's beta).
+    num_malicious: attackers the robust rules assume (f); Bulyan caps it at (n - 3) // 4.
+    """
+
+    num_nodes: int
+    expected_clients: int
+    num_malicious: int = 0
+    fraction_train: float = 1.0
+    epic_fraction: float = 0.1
+    epic_threshold: int = 1
+    epic_min_medoids: int = 2
+
+    def trim_beta(self) -> float:
+        return min(self.num_malicious / max(self.expected_clients, 1), 0.49)
+
+    def bulyan_f(self) -> int:
+        return max(0, min(self.num_malicious, (self.expected_clients - 3) // 4))
+
+
+@dataclass
+class Outcome:
+    """What one aggregation produced: arrays (None when the rule skipped the round) and per-reply notes."""
+
+    arrays: Optional[ArrayRecord]
+    metrics: Optional[MetricRecord]
+    excluded: Optional[list[bool]]  # per valid reply (in reply order); None when the rule excludes nobody whole
+    trimmed_share: Optional[list[float]] = None
+
+
+class SelectionRecorder:
+    """Bulyan's first step: Flower's `select_multikrum`, remembering the contents it selected."""
+
+    __name__ = "select_multikrum"  # Bulyan.summary() logs the rule's name
+
+    def __init__(self) -> None:
+        self.selected: list[RecordDict] = []
+
+    def __call__(self, contents: list[RecordDict], num_malicious: int, num_select: int) -> list[RecordDict]:
+        self.selected = select_multikrum(contents, num_malicious, num_select)
+        return self.selected
+
+
+def closest_shares(stack: Tensor, beta: int) -> list[float]:
+    """Bulyan's second step: per row of [t, D], the share of coordinates where the row is not among the
+    `beta` values closest to the coordinate-wise median (so it was not averaged there; ties count as kept)."""
+    t = stack.shape[0]
+    if t == 0 or beta >= t:
+        return [0.0] * t
+    x = stack.numpy()
+    ordered = np.sort(x, axis=0)  # numpy sorts short columns much faster than torch on the CPU
+    median = (ordered[(t - 1) // 2] + ordered[t // 2]) / 2  # numpy's median, as Bulyan uses
+    gap = np.abs(x - median)
+    limit = np.sort(gap, axis=0)[max(beta, 1) - 1]
+    return (gap > limit).mean(axis=1).tolist()
+
+
+def trimmed_shares(stack: Tensor, beta: float) -> list[float]:
+    """Per row of [n, D], the share of coordinates whose value lies in the beta-trimmed tails
+    (below the int(beta*n)-th smallest or above the int(beta*n)-th largest value; ties count as kept)."""
+    n = stack.shape[0]
+    cut = int(beta * n)
+    if cut == 0 or n == 0:
+        return [0.0] * n
+    x = stack.numpy()
+    ordered = np.sort(x, axis=0)
+    tails = (x < ordered[cut]) | (x > ordered[n - cut - 1])
+    return tails.mean(axis=1).tolist()
+
+
+@dataclass
+class TrackedStrategy:
+    """A named Flower strategy plus the bookkeeping of whom it left out (see the module docstring)."""
+
+    name: str
+    strategy: Strategy
+    params: StrategyParams
+    recorder: Optional[SelectionRecorder] = None
+
+    def aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
+        """`strategy.aggregate_train(replies)`; `stack` holds the valid replies' model vectors in reply order."""
+        contents = [m.content for m in replies if not m.has_error()]
+        excluded: Optional[list[bool]] = None
+        shares: Optional[list[float]] = None
+        if self.name in ("krum", "multikrum") and contents:
+            chosen = select_multikrum(contents, self.strategy.num_malicious_nodes, self.strategy.num_nodes_to_select)
+            picked = {id(c) for c in chosen}
+            excluded = [id(c) not in picked for c in contents]
+        elif self.name == "fedtrimmedavg" and contents:
+            shares = trimmed_shares(stack, self.strategy.beta)
+        if self.recorder is not None:
+            self.recorder.selected = []
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if self.name == "fedavg":
+            excluded = [False] * len(contents)
+        elif self.name == "bulyan" and self.recorder is not None and self.recorder.selected:
+            picked = {id(c) for c in self.recorder.selected}
+            excluded = [id(c) not in picked for c in contents]
+            rows = [i for i, ex in enumerate(excluded) if not ex]
+            beta = len(rows) - 2 * self.strategy.num_malicious_nodes
+            shares = [1.0] * len(contents)
+            for i, share in zip(rows, closest_shares(stack[rows], beta)):
+                shares[i] = share
+        elif self.name == "epic":
+            dropped = set(self.strategy.dropped_history.get(server_round, []))
+            ids = [_client_id(m) for m in replies if not m.has_error()]
+            excluded = [cid in dropped for cid in ids]
+        return Outcome(arrays, metrics, excluded, shares)
+
+
+def _client_id(msg: Message) -> int:
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    if metrics is not None and "partition-id" in metrics:
+        return int(metrics["partition-id"])
+    return int(msg.metadata.src_node_id)
+
+
+def build_server_strategy(name: str, params: StrategyParams) -> TrackedStrategy:
+    """A fresh strategy `name` (one of SERVER_STRATEGIES); never share one between runs or members."""
+    common = dict(fraction_train=params.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
+                  min_evaluate_nodes=0, min_available_nodes=params.num_nodes,
+                  train_metrics_aggr_fn=mean_client_metrics)
+    f = params.num_malicious
+    builders: dict[str, Callable[[], Strategy]] = {
+        "fedavg": lambda: FedAvg(**common),
+        "krum": lambda: Krum(num_malicious_nodes=f, **common),
+        "multikrum": lambda: MultiKrum(num_malicious_nodes=f,
+                                       num_nodes_to_select=max(1, params.expected_clients - f), **common),
+        "fedmedian": lambda: FedMedian(**common),
+        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=params.trim_beta(), **common),
+        "epic": lambda: EpicServer(fraction=params.epic_fraction, threshold=params.epic_threshold,
+                                   min_medoids=params.epic_min_medoids, num_malicious_nodes=f, **common),
+    }
+    if name == "bulyan":
+        recorder = SelectionRecorder()
+        bulyan = Bulyan(num_malicious_nodes=params.bulyan_f(), selection_rule=recorder, **common)
+        return TrackedStrategy(name, bulyan, params, recorder)
+    if name not in builders:
+        raise ValueError(f"unknown server strategy {name!r}; choose one of {', '.join(SERVER_STRATEGIES)}")
+    return TrackedStrategy(name, builders[name](), params)

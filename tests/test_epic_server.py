@@ -1,0 +1,183 @@
+"""EPIC on client updates (strategies/epic_server.py) and the server strategy registry (strategies/server.py):
+the pure math, and the Flower wrappers on hand-made reply Messages (no running app)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from strategies.epic_server import EpicServer, epic_select_updates, medoid_count, record_vector
+from strategies.server import (
+    SERVER_STRATEGIES, StrategyParams, build_server_strategy, closest_shares, mean_client_metrics, trimmed_shares,
+)
+
+
+def honest_updates(m: int, d: int = 500, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=gen)
+    return direction + 0.05 * torch.randn(m, d, generator=gen)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages can only be built inside a run; give this process a task identity for the test."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def reply(vector: np.ndarray, client_id: int, examples: int = 10, **metrics: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.from_numpy(vector[:300].reshape(3, 100).copy()),
+                               "b": torch.from_numpy(vector[300:].copy())}),
+        "metrics": MetricRecord({"num-examples": examples, "partition-id": client_id, **metrics}),
+    })
+    return Message(content=content, dst_node_id=client_id + 100, message_type="train")
+
+
+# --------------------------------------------------------------------------- pure selection
+
+
+def test_scaled_update_among_similar_ones_is_dropped():
+    updates = honest_updates(9)
+    updates[4] = 10 * updates[4]
+    sel = epic_select_updates(updates, fraction=0.1)
+    assert sel.dropped == [4]
+    assert sel.keep.sum() == 8
+    assert sel.sizes.sum() == 9  # every update belongs to one medoid's cluster
+
+
+def test_several_attackers_are_isolated_when_their_count_is_assumed():
+    updates = honest_updates(12, seed=1)
+    for bad, factor in ((2, 8.0), (7, -6.0), (11, 12.0)):
+        updates[bad] = factor * updates[bad]
+    sel = epic_select_updates(updates, fraction=0.1, num_malicious=3)
+    assert sel.dropped == [2, 7, 11]
+
+
+def test_honest_updates_are_all_kept_with_the_default_budget():
+    sel = epic_select_updates(honest_updates(10, seed=2), fraction=0.1)
+    assert int(sel.keep.sum()) >= 9  # two medoids: at most one honest singleton
+
+
+def test_selection_is_translation_invariant():
+    """Models and updates give the same drops: the global model cancels in every distance."""
+    updates = honest_updates(8, seed=3)
+    updates[0] *= 9
+    global_model = torch.randn(500) * 3
+    a = epic_select_updates(updates, 0.2)
+    b = epic_select_updates(updates + global_model, 0.2)
+    assert torch.equal(a.keep, b.keep)
+
+
+def test_fewer_than_three_updates_are_kept():
+    assert epic_select_updates(honest_updates(2), 0.5).keep.all()
+    assert epic_select_updates(honest_updates(1), 0.5).keep.all()
+
+
+def test_medoid_count_bounds():
+    assert medoid_count(20, 0.1) == 2
+    assert medoid_count(20, 0.1, num_malicious=4) == 5
+    assert medoid_count(10, 0.5) == 5
+    assert medoid_count(3, 1.0) == 2  # at most m - 1: one cluster keeps two updates
+    with pytest.raises(ValueError):
+        medoid_count(0, 0.1)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError):
+        epic_select_updates(torch.zeros(5), 0.1)
+    with pytest.raises(ValueError):
+        epic_select_updates(torch.zeros(5, 3), 0.0)
+    with pytest.raises(ValueError):
+        EpicServer(fraction=1.5)
+
+
+# --------------------------------------------------------------------------- Flower wrapper
+
+
+def test_epic_server_drops_the_scaled_reply_and_averages_the_rest(task_identity):
+    updates = honest_updates(6, d=400, seed=4).numpy().astype(np.float32)
+    updates[3] *= 10
+    replies = [reply(updates[i], client_id=i, examples=10 + i) for i in range(6)]
+    strategy = EpicServer(fraction=0.1)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert strategy.dropped_history == {1: [3]}
+    kept = [i for i in range(6) if i != 3]
+    weights = np.array([10 + i for i in kept], dtype=np.float64)
+    expected = (updates[kept] * weights[:, None]).sum(0) / weights.sum()
+    np.testing.assert_allclose(record_vector(arrays).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics is not None
+
+
+def test_record_vector_follows_key_order(task_identity):
+    vec = np.arange(400, dtype=np.float32)
+    msg = reply(vec, 0)
+    np.testing.assert_array_equal(record_vector(msg.content["arrays"]).numpy(), vec)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_every_name_builds_a_fresh_strategy():
+    params = StrategyParams(num_nodes=20, expected_clients=20, num_malicious=4)
+    built = [build_server_strategy(name, params) for name in SERVER_STRATEGIES]
+    assert len({id(t.strategy) for t in built}) == len(SERVER_STRATEGIES)
+    assert built[SERVER_STRATEGIES.index("bulyan")].strategy.num_malicious_nodes == 4  # 4*4+3 <= 20
+    assert StrategyParams(num_nodes=10, expected_clients=10, num_malicious=4).bulyan_f() == 1
+    with pytest.raises(ValueError):
+        build_server_strategy("nope", params)
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan", "epic"])
+def test_tracked_strategies_report_the_excluded_attacker(task_identity, name):
+    updates = honest_updates(8, d=400, seed=5).numpy().astype(np.float32)
+    updates[5] *= 12
+    replies = [reply(updates[i], client_id=i) for i in range(8)]
+    stack = torch.from_numpy(updates.copy())
+    tracked = build_server_strategy(name, StrategyParams(num_nodes=8, expected_clients=8, num_malicious=1))
+    outcome = tracked.aggregate(1, replies, stack)
+    assert outcome.arrays is not None
+    assert outcome.excluded[5] is True
+    if name == "krum":  # Krum's aggregate is exactly the chosen client's model
+        chosen = [i for i, ex in enumerate(outcome.excluded) if not ex]
+        assert len(chosen) == 1
+        np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), updates[chosen[0]], rtol=1e-6)
+    if name == "multikrum":
+        assert sum(outcome.excluded) == 1  # m = n - f = 7 selected
+    if name == "bulyan":
+        assert outcome.trimmed_share[5] == 1.0
+
+
+def test_trimmed_mean_reports_the_outlier_as_always_trimmed(task_identity):
+    updates = honest_updates(10, d=400, seed=6).numpy().astype(np.float32)
+    updates[2] += 50
+    replies = [reply(updates[i], client_id=i) for i in range(10)]
+    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=10, expected_clients=10, num_malicious=2))
+    outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
+    assert outcome.excluded is None
+    assert outcome.trimmed_share[2] == 1.0
+    assert max(s for i, s in enumerate(outcome.trimmed_share) if i != 2) < 0.9
+
+
+def test_share_helpers():
+    stack = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [100.0, -100.0]])
+    # one value cut per tail and column: rows 0 and 3 in column 0, rows 3 and 2 in column 1
+    assert trimmed_shares(stack, 0.25) == [0.5, 0.0, 0.5, 1.0]
+    assert trimmed_shares(stack, 0.0) == [0.0] * 4
+    # median per column: 1.5 and 0.5; the 2 closest values are rows 1, 2 (col 0) and rows 0, 1 (col 1)
+    assert closest_shares(stack, 2) == [0.5, 0.0, 0.5, 1.0]
+
+
+def test_client_metrics_mean_skips_ids_and_unknowns():
+    records = [RecordDict({"m": MetricRecord({"num-examples": 1, "partition-id": 3, "train-loss": 1.0,
+                                              "epic-poison-recall": -1.0})}),
+               RecordDict({"m": MetricRecord({"num-examples": 3, "partition-id": 4, "train-loss": 2.0,
+                                              "epic-poison-recall": 0.5})})]
+    out = mean_client_metrics(records, "num-examples")
+    assert "partition-id" not in out
+    assert out["train-loss"] == pytest.approx(1.75)
+    assert out["epic-poison-recall"] == pytest.approx(0.5)

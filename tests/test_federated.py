@@ -1,0 +1,386 @@
+"""Server-based federated simulation (simulations/federated.py, server_app.py, client_app.py, common.py).
+
+The Flower runs happen in a child process started in its own process group, so the tests can check
+that every Ray process the run started is gone afterwards (Ray's processes inherit the driver's
+process group) without touching Ray clusters other sessions run on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedepic.config import load_config
+from fedepic.data import load_dataset
+from fedepic.outputs import RunWriter
+from simulations.common import (
+    backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes, write_comparison,
+)
+from simulations.server_app import inject_model_attack
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+ENV.pop("RAY_ADDRESS", None)
+
+
+def small_overrides(out: Path, **extra: str) -> list[str]:
+    base = {
+        "mode": "federated", "name": "t", "output_dir": str(out), "progress": "false",
+        "data.name": "synthetic", "data.synthetic_train": "1200", "data.synthetic_test": "200",
+        "clients.count": "4", "rounds": "2", "clients.local_epochs": "2", "train.batch_size": "32",
+        "train.threads": "1",
+        "ray.num_cpus": "1",  # one actor: half the start-up imports on a 2-core machine
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) whose process group is `pgid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def wait_group_gone(pgid: int, grace_s: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + grace_s
+    while (alive := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def kill_group(pgid: int) -> None:
+    """Tear down a process group this test started: SIGTERM, then SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        if not wait_group_gone(pgid, 10.0):
+            return
+
+
+def run_child(script: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh process group; afterwards assert that no process of that group survived."""
+    proc = subprocess.Popen([PYTHON, "-c", textwrap.dedent(script)], cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"child timed out after {timeout_s} s\n{err[-3000:]}")
+    leftovers = wait_group_gone(proc.pid)
+    if leftovers:
+        kill_group(proc.pid)
+    assert not leftovers, f"Ray processes survived the run: {leftovers}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- in-process helpers
+
+
+def test_backend_config_local_and_attached():
+    cfg = load_config(None, ["mode=federated", "ray.num_cpus=3", "ray.client_cpus=0.5"])
+    conf = backend_config(cfg)
+    assert conf["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert conf["init_args"] == {"log_to_driver": False, "address": "local", "num_cpus": 3}
+    attached = backend_config(load_config(None, ["mode=federated", "ray.address=10.0.0.1:6379", "ray.num_cpus=3"]))
+    assert attached["init_args"] == {"log_to_driver": False, "address": "10.0.0.1:6379"}  # no num_cpus
+
+
+def test_client_data_is_deterministic_and_attacked_only_for_malicious_clients():
+    cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=4", "clients.malicious_ids=[1]",
+                             "attack.data=label_flip", "data.partition=dirichlet", "seed=3"])
+    data = load_dataset(cfg.data, cfg.seed)
+    clients = [build_client_data(cfg, data, c) for c in range(4)]
+    again = build_client_data(cfg, data, 1)
+    assert torch.equal(clients[1].y, again.y) and np.array_equal(clients[1].rows, again.rows)
+    rows = np.sort(np.concatenate([c.rows for c in clients]))
+    assert np.array_equal(rows, np.arange(len(data.train_y)))  # disjoint and complete
+    assert clients[1].is_malicious and clients[1].poisoned.all()  # pairs flip: every row is flippable
+    assert torch.equal(clients[1].y, 9 - data.train_y[torch.from_numpy(clients[1].rows)])
+    assert not any(c.poisoned.any() or c.is_malicious for i, c in enumerate(clients) if i != 1)
+    report = partition_report(cfg, data)
+    assert report["malicious"] == [1]
+    assert [sum(h) for h in report["label_histograms"]] == report["sizes"] == [len(c) for c in clients]
+
+
+def test_backdoor_poisons_a_fraction_of_the_malicious_rows():
+    cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "clients.malicious_ids=[0]",
+                             "attack.data=backdoor", "attack.backdoor_fraction=0.5"])
+    data = load_dataset(cfg.data, cfg.seed)
+    client = build_client_data(cfg, data, 0)
+    eligible = int((data.train_y[torch.from_numpy(client.rows)] != cfg.attack.backdoor_label).sum())
+    assert int(client.poisoned.sum()) == round(0.5 * eligible)
+    assert (client.y[client.poisoned] == cfg.attack.backdoor_label).all()
+    with pytest.raises(ValueError):
+        build_client_data(cfg, data, 2)
+
+
+def test_saved_poisons_apply_only_in_malicious_partitions(tmp_path):
+    from fedepic.attacks.gradient_matching import PoisonSet, save_poisons
+    from fedepic.config import ConfigError
+    from simulations.common import client_partition
+
+    base = ["mode=federated", "data.name=synthetic", "clients.count=4", "clients.malicious_ids=[2]",
+            "attack.data=gradient_matching"]
+    with pytest.raises(ConfigError, match="attack.poisons"):
+        from simulations.federated import check_federated
+        check_federated(load_config(None, base))
+    data = load_dataset(load_config(None, base).data, 0)
+    parts = client_partition(load_config(None, base), data)
+    rows = torch.tensor([int(parts[2][0]), int(parts[2][5]), int(parts[0][0])])  # two in client 2, one in client 0
+    poisons = PoisonSet(indices=rows, poisoned_x=torch.full((3, 1, 28, 28), 7, dtype=torch.uint8), target_index=3,
+                        target_class=1, adversarial_class=2, eps=8 / 255, loss=0.5, alignment=0.5)
+    path = tmp_path / "p.npz"
+    save_poisons(poisons, path)
+    cfg = load_config(None, [*base, f"attack.poisons={path}"])
+    bad, good = build_client_data(cfg, data, 2, parts), build_client_data(cfg, data, 0, parts)
+    assert bad.poisoned.nonzero().flatten().tolist() == [0, 5]
+    assert (bad.x[bad.poisoned] == 7).all() and torch.equal(bad.y, data.train_y[torch.from_numpy(bad.rows)])
+    assert not good.poisoned.any() and torch.equal(good.x, data.train_x[torch.from_numpy(good.rows)])
+
+
+def test_omniscient_attacks_use_the_benign_updates():
+    cfg = load_config(None, ["mode=federated", "attack.model=ipm", "attack.ipm_eps=0.5"])
+    global_vec = torch.tensor([1.0, 1.0])
+    stack = torch.tensor([[2.0, 1.0], [3.0, 1.0], [100.0, 100.0]])
+    out = inject_model_attack(cfg, [False, False, True], stack, global_vec, seed=0)
+    assert torch.allclose(out, global_vec - 0.5 * torch.tensor([1.5, 0.0]))
+    assert inject_model_attack(cfg, [False, False, False], stack, global_vec, 0) is None
+    cfg.attack.model = "alie"
+    alie = inject_model_attack(cfg, [False, False, False, True], torch.cat([stack, stack[:1]]), global_vec, 0)
+    assert alie is not None and torch.isfinite(alie).all()
+    cfg.attack.model = "scaling"  # applied by the clients, not here
+    assert inject_model_attack(cfg, [False, True, False], stack, global_vec, 0) is None
+
+
+class FakeGrid:
+    """Just enough of a Grid for the polling helpers: nodes appear late, replies never come."""
+
+    def __init__(self, nodes_after: int) -> None:
+        self.calls = 0
+        self.nodes_after = nodes_after
+
+    def get_node_ids(self):
+        self.calls += 1
+        return [1, 2, 3] if self.calls > self.nodes_after else [1]
+
+    def push_messages(self, messages):
+        return ["a", "b"]
+
+    def pull_messages(self, ids):
+        return []
+
+
+def test_wait_for_nodes_and_exchange_stop():
+    assert wait_for_nodes(FakeGrid(3), 3, timeout_s=5) == [1, 2, 3]
+    with pytest.raises(TimeoutError):
+        wait_for_nodes(FakeGrid(10**9), 3, timeout_s=0.2)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RunInterrupted):
+        exchange(FakeGrid(0), [object()], timeout_s=30, stop=stop)
+    assert time.monotonic() - started < 5
+    assert exchange(FakeGrid(0), [object()], timeout_s=0.1) == []  # timeout: missing replies are just absent
+
+
+def test_write_comparison(tmp_path):
+    with RunWriter(tmp_path, "cmp") as writer:
+        rows = [{"strategy": "a", "final_accuracy": 0.5}, {"strategy": "b", "final_accuracy": 0.25}]
+        curves = {"a": {"accuracy": [0.1, 0.5]}, "b": {"accuracy": [0.2, 0.25]}}
+        write_comparison(writer, rows, ["strategy", "final_accuracy"], curves, ["accuracy", "attack_success"], "T")
+    folder = writer.path
+    assert (folder / "comparison.md").read_text().startswith("# T")
+    assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,final_accuracy", "a,0.5", "b,0.25"]
+    assert (folder / "comparison.png").stat().st_size > 1000
+
+
+def test_centralized_epic_only_runs_without_flower(tmp_path):
+    from simulations.federated import run_federated
+
+    cfg = load_config(None, small_overrides(tmp_path, strategies="[centralized-epic]", **{
+        "clients.malicious_ids": "[0]", "attack.data": "label_flip", "defense.epic.warmup": "1",
+        "defense.epic.interval": "1"}))
+    folder = run_federated(cfg)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    row = summary["rows"][0]
+    assert row["strategy"] == "centralized-epic" and row["final_accuracy"] > 0.3
+    assert len(read_jsonl(folder / "centralized-epic" / "metrics.jsonl")) == 2  # one record per "round"
+
+
+# --------------------------------------------------------------------------- Flower + Ray
+
+
+def test_four_clients_two_rounds_on_ray(tmp_path):
+    """fedavg and epic over 4 SuperNodes: a scaled attacker, local EPIC, and a client that fails once."""
+    overrides = small_overrides(tmp_path, strategies="[fedavg,epic]", **{
+        "clients.malicious_ids": "[0]", "attack.model": "scaling", "defense.local_epic": "true",
+        "defense.epic.warmup": "1", "defense.epic.interval": "1"})
+    script = f"""
+        from flwr.clientapp import ClientApp
+        from fedepic.config import load_config
+        from simulations.client_app import handle_train, handle_warmup
+        from simulations.federated import run_federated
+
+        flaky = ClientApp()
+
+        @flaky.train()
+        def train(msg, context):
+            config = msg.content["config"]
+            if (int(context.node_config["partition-id"]) == 3 and int(config["server-round"]) == 1
+                    and config["member"] == "fedavg"):
+                raise RuntimeError("injected failure")
+            return handle_train(msg, context)
+
+        flaky.query()(handle_warmup)
+
+        print(run_federated(load_config(None, {overrides!r}), client_app=flaky))
+    """
+    done = run_child(script, timeout_s=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.is_dir() and not folder.name.startswith(".")
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "comparison.md", "comparison.csv", "comparison.png"):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["partition"]["malicious"] == [0] and summary["clients_ready_seconds"] > 0
+    assert [r["strategy"] for r in summary["rows"]] == ["fedavg", "epic"]
+
+    fedavg = read_jsonl(folder / "fedavg" / "metrics.jsonl")
+    epic = read_jsonl(folder / "epic" / "metrics.jsonl")
+    assert [r["round"] for r in fedavg] == [1, 2] and [r["round"] for r in epic] == [1, 2]
+    for record in fedavg + epic:
+        assert len(record["per_class"]) == 10 and 0.0 <= record["accuracy"] <= 1.0
+    # the failing client is recorded, and the round went on with the other three
+    assert len(fedavg[0]["failures"]) == 1 and "injected failure" in fedavg[0]["failures"][0]["reason"]
+    assert sorted(c["id"] for c in fedavg[0]["clients"]) == [0, 1, 2]
+    assert sorted(c["id"] for c in fedavg[1]["clients"]) == [0, 1, 2, 3] and fedavg[1]["failures"] == []
+    # EPIC on the updates drops the boosted attacker every round, and learns well above chance (0.1)
+    assert all(r["excluded"] == [0] or 0 in r["excluded"] for r in epic)
+    assert epic[-1]["accuracy"] > 0.5
+    # local EPIC state persists across rounds in Context.state, separately per member
+    selections = {(r["strategy"], r["round"], c["id"]): c["epic_selections"]
+                  for r in fedavg + epic for c in r["clients"]}
+    assert selections[("fedavg", 2, 1)] == 2 and selections[("epic", 1, 1)] == 1 and selections[("epic", 2, 1)] == 2
+    boosted = [c["update_norm"] for c in fedavg[0]["clients"] if c["malicious"]][0]
+    honest = max(c["update_norm"] for c in fedavg[0]["clients"] if not c["malicious"])
+    assert boosted > 3 * honest  # attack.scale = 10 applied client-side
+    assert "| epic |" in (folder / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_rounds_and_stops_ray(tmp_path):
+    args = [PYTHON, "-m", "fedepic.simulate", *small_overrides(tmp_path, rounds="40", strategies="[fedavg]")]
+    proc = subprocess.Popen(args, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        metrics = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob(".*-t.partial/fedavg/metrics.jsonl"))
+            if found and found[0].read_text().count("\n") >= 1:
+                metrics = found[0]
+                break
+            time.sleep(0.2)
+        assert metrics is not None, "no round finished in time"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc.pid)
+    leftovers = wait_group_gone(proc.pid)
+    if leftovers:
+        kill_group(proc.pid)
+    assert not leftovers, f"Ray processes survived Ctrl-C: {leftovers}"
+    assert proc.returncode == 130, err[-3000:]
+    folders = [p for p in tmp_path.iterdir() if p.name.endswith("-t")]
+    assert len(folders) == 1 and not list(tmp_path.glob(".*partial"))
+    summary = json.loads((folders[0] / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    done = read_jsonl(folders[0] / "fedavg" / "metrics.jsonl")
+    assert 1 <= len(done) < 40
+    member = json.loads((folders[0] / "fedavg" / "summary.json").read_text())
+    assert member["status"] == "interrupted" and len(member["curves"]["accuracy"]) >= len(done)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_attaches_to_an_existing_ray_cluster(tmp_path):
+    """`ray start --head --block` in a process group we own (never `ray stop`, which kills by name); the run
+    attaches, and leaves the cluster up."""
+    ray_bin = Path(PYTHON).parent / "ray"
+    temp_dir = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
+    port = free_port()
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+        cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = threading.Event()
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in head.stdout:
+                lines.append(line)
+                if "Ray runtime started" in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert ready.wait(90), "ray start did not come up:\n" + "".join(lines[-30:])
+        overrides = small_overrides(tmp_path, rounds="1", strategies="[fedavg]", **{"ray.address": f"127.0.0.1:{port}"})
+        done = run_child(f"""
+            from fedepic.config import load_config
+            from simulations.federated import run_federated
+            print(run_federated(load_config(None, {overrides!r})))
+        """, timeout_s=180)
+        assert done.returncode == 0, done.stderr[-4000:]
+        folder = Path(done.stdout.strip().splitlines()[-1])
+        assert len(read_jsonl(folder / "fedavg" / "metrics.jsonl")) == 1
+        assert head.poll() is None, "the run must not stop a cluster it attached to"
+        assert group_members(head.pid), "the head's processes are gone"
+    finally:
+        kill_group(head.pid)
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not wait_group_gone(head.pid)
