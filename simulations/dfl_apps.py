@@ -1,0 +1,318 @@
+"""Flower apps of the decentralized mode: a ServerApp that only routes over the communication graph,
+and a ClientApp whose nodes train, aggregate with their peer rule and evaluate themselves.
+
+Message flow of one round (``grid.send_and_receive`` takes a different Message per node, which is
+what makes the ServerApp a router):
+1. ``train``: router -> every node {member, round}. The node loads its state from ``Context.state``
+   (a fresh model in round 1), trains locally, keeps the trained model and replies with it.
+2. The router decides what travels over each edge (``dfl_router.outgoing``): benign nodes' trained
+   models, and the malicious nodes' poisoned ones (the router knows every model: omniscient attacks).
+3. ``train.aggregate``: router -> every node ONE message holding its neighbours' models, their ids and
+   the node's mixing weights. The node aggregates with its rule (GP state in ``Context.state``),
+   evaluates the result on the test set and replies with metrics, its detector's confirmed set and
+   its new model (the last only feeds the consensus-distance measurement).
+Several strategy runs ("members") go through one simulation in turn; a node resets its state when
+the member changes, so they never share anything but the Ray actors.
+
+Each ClientApp call ships only the config; nodes load the dataset once per actor process
+(``_node_inputs``, the memo Flower's own examples keep for their FederatedDataset) and then cut
+their partition out of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+
+from fedepic.attacks import attack_success
+from fedepic.config import RunConfig, to_yaml
+from fedepic.data import ImageData, load_dataset
+from fedepic.train import evaluate, resolve_device
+from fedepic.vectors import flatten_state, unflatten_like
+from simulations.common import ClientData, build_client_data, client_partition, exchange, wait_for_nodes
+from simulations.dfl_node import (
+    STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
+    train_local, uses_local_epic,
+)
+from simulations.dfl_router import Routing, detection_truth, message_batches, outgoing, round_metrics
+
+STATE_PREFIX = "dfl."
+MAX_INFLIGHT_BYTES = 1 << 30  # router payload per batch of aggregate messages (see message_batches)
+TRAIN = "train"
+AGGREGATE = "train.aggregate"
+HELLO = "query"
+
+
+# ----------------------------------------------------------------------------------- node side
+
+
+@lru_cache(maxsize=2)
+def _node_inputs(cfg_yaml: str) -> tuple[RunConfig, ImageData, list]:
+    """(config, dataset, partition) of a run, loaded once per actor process (keyed by the config text)."""
+    cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(cfg_yaml)))
+    data = load_dataset(cfg.data, cfg.seed)
+    return cfg, data, client_partition(cfg, data)
+
+
+@lru_cache(maxsize=64)
+def _client_data(cfg_yaml: str, partition_id: int) -> ClientData:
+    cfg, data, parts = _node_inputs(cfg_yaml)
+    return build_client_data(cfg, data, partition_id, parts)
+
+
+def load_node_state(context: Context, member: str) -> NodeState:
+    """The node's state for ``member`` from ``Context.state`` (a fresh one for a new member)."""
+    state = context.state
+    meta_key = STATE_PREFIX + "meta"
+    if meta_key not in state.config_records or state.config_records[meta_key].get("member") != member:
+        return NodeState(member=member)
+    arrays = {k[len(STATE_PREFIX):]: rec.to_torch_state_dict() for k, rec in state.array_records.items()
+              if k.startswith(STATE_PREFIX)}
+    return NodeState.from_plain(arrays, dict(state.config_records[meta_key]))
+
+
+def save_node_state(context: Context, node: NodeState) -> None:
+    """Replace this module's entries of ``Context.state`` with ``node``."""
+    for key in [k for k in context.state.keys() if k.startswith(STATE_PREFIX)]:
+        del context.state[key]
+    arrays, config = node.to_plain()
+    for name, tensors in arrays.items():
+        context.state[STATE_PREFIX + name] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+    context.state[STATE_PREFIX + "meta"] = ConfigRecord(config)
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def make_client_app(cfg: RunConfig) -> ClientApp:
+    """The DFL node. Only ``cfg`` (as YAML text) travels with the app to the Ray actors."""
+    cfg_yaml = to_yaml(cfg)
+    app = ClientApp()
+
+    @app.query()
+    def hello(msg: Message, context: Context) -> Message:
+        pid = _partition_id(context)
+        client = _client_data(cfg_yaml, pid)
+        return Message(RecordDict({"info": MetricRecord({"partition-id": pid, "num-examples": len(client),
+                                                         "malicious": int(client.is_malicious)})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run_cfg, data, _ = _node_inputs(cfg_yaml)
+        pid = _partition_id(context)
+        client = _client_data(cfg_yaml, pid)
+        conf = msg.content.config_records["config"]
+        member, strategy, round_ = str(conf["member"]), str(conf["strategy"]), int(conf["round"])
+        state = load_node_state(context, member)
+        device = resolve_device(run_cfg.train.device)
+        model = new_model(run_cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+        start = state.model if state.model is not None else state.trained  # trained: no aggregation came
+        if start is not None:
+            load_exchanged(model, start)
+        model = model.to(device)
+        started = time.perf_counter()
+        stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
+                            seed=derive_seed(run_cfg.seed, round_, pid), device=device,
+                            epic=uses_local_epic(strategy, run_cfg, client.is_malicious), poison_mask=client.poisoned)
+        # the start-of-round model is not needed any more: Context.state travels with every call
+        state.trained, state.model, state.round = exchanged_state(model), None, round_
+        save_node_state(context, state)
+        metrics = {"partition-id": pid, "num-examples": len(client), "train_seconds": time.perf_counter() - started,
+                   **{k: float(v) for k, v in stats.items()}}
+        return Message(RecordDict({"model": ArrayRecord(state.trained), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    @app.train("aggregate")
+    def aggregate(msg: Message, context: Context) -> Message:
+        run_cfg, data, _ = _node_inputs(cfg_yaml)
+        pid = _partition_id(context)
+        client = _client_data(cfg_yaml, pid)
+        conf = msg.content.config_records["config"]
+        member, strategy = str(conf["member"]), str(conf["strategy"])
+        state = load_node_state(context, member)
+        ids = [int(j) for j in conf["neighbours"]]
+        received = {j: msg.content.array_records[f"n.{j}"].to_torch_state_dict() for j in ids}
+        weights = dict(zip(ids, (float(w) for w in conf["weights"])))
+        report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
+                                  malicious=client.is_malicious)
+        save_node_state(context, state)
+        content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
+                                                        "confirmed": report.confirmed})})
+        metrics: dict[str, Any] = {"partition-id": pid}
+        if not client.is_malicious:  # figures are over benign nodes: skip the work for the others
+            device = resolve_device(run_cfg.train.device)
+            model = new_model(run_cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+            model = load_exchanged(model, state.model).to(device)
+            result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes)
+            metrics.update(accuracy=result["accuracy"], loss=result["loss"], per_class=result["per_class"])
+            success = attack_success(model, run_cfg.attack, data.test_x, data.test_y, data.num_classes)
+            if success is not None:
+                metrics["attack_success"] = float(success)
+            content["model"] = ArrayRecord(state.model)
+        content["metrics"] = MetricRecord(metrics)
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------- router side
+
+
+@dataclass
+class Member:
+    """One strategy run inside the simulation: its name (folder) and its peer strategy."""
+
+    name: str
+    strategy: str
+    routing: Routing
+
+
+class RunSink:
+    """Where the router reports; the runner implements it with run folders."""
+
+    def begin(self, member: Member) -> None: ...
+
+    def round(self, member: Member, record: Mapping[str, Any]) -> None: ...
+
+    def end(self, member: Member) -> None: ...
+
+
+def _check(replies: Sequence[Message], what: str) -> None:
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"a node failed during {what}: {reply.error.reason}")
+
+
+def _config_message(node_id: int, kind: str, values: Mapping[str, Any], group: str) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(dict(values))}), dst_node_id=node_id, message_type=kind,
+                   group_id=group)
+
+
+class Router:
+    """The ServerApp's state for one simulation: node ids, graph knowledge and the reporting sink."""
+
+    def __init__(self, cfg: RunConfig, malicious: Sequence[int], roles: Mapping[str, Sequence[int]],
+                 members: Sequence[Member], sink: RunSink, stop: Optional[threading.Event] = None) -> None:
+        self.cfg, self.malicious, self.roles = cfg, sorted(malicious), roles
+        self.members, self.sink, self.stop = list(members), sink, stop
+        self.benign = [i for i in range(cfg.clients.count) if i not in set(self.malicious)]
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        nodes = wait_for_nodes(grid, self.cfg.clients.count, stop=self.stop)
+        replies = exchange(grid, [_config_message(n, HELLO, {}, "hello") for n in nodes], stop=self.stop)
+        _check(replies, "start-up")
+        self.node_of = {int(r.content.metric_records["info"]["partition-id"]): r.metadata.src_node_id
+                        for r in replies}
+        if sorted(self.node_of) != list(range(self.cfg.clients.count)):
+            raise RuntimeError(f"partition ids {sorted(self.node_of)} do not cover 0..{self.cfg.clients.count - 1}")
+        for member in self.members:
+            self.run_member(grid, member)
+
+    def active_nodes(self, member: Member) -> list[int]:
+        """Nodes that take part: under ``upper`` the malicious nodes are cut off, so they sit out."""
+        if member.strategy == "upper":
+            return list(self.benign)
+        return list(range(self.cfg.clients.count))
+
+    def run_member(self, grid: Grid, member: Member) -> None:
+        self.sink.begin(member)
+        truth = detection_truth(member.routing.graph, self.malicious) if member.strategy in STATEFUL else None
+        for round_ in range(1, self.cfg.rounds + 1):
+            started = time.perf_counter()
+            trained, records, train_stats = self.train_round(grid, member, round_)
+            trained_at = time.perf_counter()
+            evals, models, confirmed = self.aggregate_round(grid, member, round_, trained, records)
+            record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
+                                                         confirmed if truth is not None else None, truth)}
+            losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
+            record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+            record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
+            record["train_phase_seconds"] = trained_at - started
+            record["seconds"] = time.perf_counter() - started
+            self.sink.round(member, record)
+        self.sink.end(member)
+
+    def train_round(self, grid: Grid, member: Member, round_: int):
+        """Phase 1: every active node trains; returns (flat trained models, their records, stats)."""
+        conf = {"member": member.name, "strategy": member.strategy, "round": round_}
+        group = f"{member.name}-{round_}"
+        nodes = self.active_nodes(member)
+        replies = exchange(grid, [_config_message(self.node_of[i], TRAIN, conf, group) for i in nodes], stop=self.stop)
+        _check(replies, f"training of round {round_}")
+        trained: dict[int, torch.Tensor] = {}
+        records: dict[int, ArrayRecord] = {}
+        stats: dict[int, dict] = {}
+        for reply in replies:
+            metrics = reply.content.metric_records["metrics"]
+            pid = int(metrics["partition-id"])
+            records[pid] = reply.content.array_records["model"]
+            trained[pid] = flatten_state(records[pid].to_torch_state_dict())
+            stats[pid] = dict(metrics)
+        if len(trained) != len(nodes):
+            raise RuntimeError(f"round {round_}: {len(trained)} of {len(nodes)} nodes replied to train")
+        return trained, records, stats
+
+    def aggregate_round(self, grid: Grid, member: Member, round_: int, trained: Mapping[int, torch.Tensor],
+                        records: Mapping[int, ArrayRecord]):
+        """Phases 2-3: route (with attacks), every node aggregates and reports."""
+        graph = member.routing.graph
+        sent = outgoing(self.cfg.attack, trained, graph.subgraph(trained.keys()), self.malicious,
+                        seed=self.cfg.seed, round_=round_)
+        template = next(iter(records.values())).to_torch_state_dict()
+        packed: dict[int, ArrayRecord] = {}  # id(tensor) -> record: a shared poisoned model is packed once
+        for sender, msgs in sent.items():
+            for vec in msgs.values():
+                if vec is trained[sender]:
+                    packed[id(vec)] = records[sender]
+                elif id(vec) not in packed:
+                    packed[id(vec)] = ArrayRecord(unflatten_like(vec, template))
+        model_bytes = 4 * next(iter(trained.values())).numel()
+        nodes = sorted(trained)
+        messages, sizes = [], []
+        for i in nodes:
+            ids = sorted(s for s, msgs in sent.items() if i in msgs)
+            w = member.routing.weights[i]
+            content = RecordDict({"config": ConfigRecord({
+                "member": member.name, "strategy": member.strategy, "round": round_, "neighbours": ids,
+                "weights": [float(w[j]) for j in ids],
+                "self_weight": float(1.0 - sum(w[j] for j in ids)),
+            })})
+            for j in ids:
+                content[f"n.{j}"] = packed[id(sent[j][i])]
+            messages.append(Message(content, dst_node_id=self.node_of[i], message_type=AGGREGATE,
+                                    group_id=f"{member.name}-{round_}"))
+            sizes.append(model_bytes * max(len(ids), 1))
+        replies = []
+        for batch in message_batches(sizes, MAX_INFLIGHT_BYTES):
+            replies.extend(exchange(grid, [messages[k] for k in batch], stop=self.stop))
+        _check(replies, f"aggregation of round {round_}")
+        evals, models, confirmed = {}, {}, {}
+        for reply in replies:
+            metrics = reply.content.metric_records["metrics"]
+            pid = int(metrics["partition-id"])
+            confirmed[pid] = [int(j) for j in reply.content.config_records["detector"]["confirmed"]]
+            if "accuracy" in metrics:
+                evals[pid] = dict(metrics)
+                models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
+        return evals, models, confirmed
+
+
+def make_server_app(router: Router) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        router(grid, context)
+
+    return app

@@ -1,0 +1,267 @@
+"""The decentralized router's pure logic: who hears whom, what malicious nodes send, and what is measured.
+
+In ``mode=decentralized`` Flower's ServerApp aggregates nothing; it plays the network. It knows every
+model of the round, which lets it also play the omniscient attacker and the measuring instrument.
+Everything here works on plain tensors and networkx graphs, so it is tested without Flower.
+
+Model attacks in a decentralized network (He, Karimireddy, Jaggi, "Byzantine-robust decentralized
+learning via ClippedGossip", 2022, adapt the server-side attacks this way): a malicious node m sends
+a poisoned MODEL in place of its honest trained model. The functions of
+``fedepic.attacks.model_attacks`` are applied to model vectors: ``honest`` = the benign models of the
+round that the receiver(s) aggregate (each receiver's own trained model and those of its benign
+neighbours), ``own`` = m's honest trained model. So sign_flip sends ``-x_m`` (He et al.'s bit
+flipping), gaussian a N(0, sigma^2) model, scaling ``scale * x_m``, ALIE ``mu - z sigma`` of the
+receivers' honest models (z from Baruch et al. with n = clients.count, f = the malicious count, or
+attack.alie_z), IPM ``-eps * mu`` and min-max ``mu + gamma p`` (Shejwalkar & Houmansadr) over them.
+By default m sends ONE model to all its benign neighbours, crafted against the union of their
+honest neighbourhoods; ``attack.per_neighbour=true`` crafts one model per receiver against exactly
+the honest models that receiver aggregates (and draws fresh noise for each). Colluding malicious
+nodes send each other their honest models. Data attacks (label flipping, backdoor) need nothing
+here: the malicious node trains on its attacked rows and sends the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from fedepic.attacks.model_attacks import apply_model_attack
+from fedepic.config import AttackConfig
+from fedepic.metrics import consensus_distance
+from fedepic.topology import metropolis_hastings_weights
+from strategies.gradient_purification import detection_metrics
+
+NEEDS_HONEST = {"alie": 2, "minmax": 2, "ipm": 1}  # honest rows each omniscient attack needs
+
+
+# ----------------------------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Neighbours and Metropolis-Hastings weights of every node for one strategy run.
+
+    ``weights[i][i]`` is node i's self weight and ``weights[i][j]`` its weight for neighbour j.
+    """
+
+    graph: nx.Graph
+    weights: dict[int, dict[int, float]]
+
+    def neighbours(self, node: int) -> list[int]:
+        return sorted(j for j in self.graph.neighbors(node) if j != node)
+
+
+def routing_for(strategy: str, graph: nx.Graph, malicious: Iterable[int]) -> Routing:
+    """The communication graph a strategy runs on.
+
+    ``upper`` removes every edge between a benign and a malicious node, so benign nodes aggregate
+    only benign models, with Metropolis-Hastings weights recomputed on that benign subgraph (the
+    paper's upper bound: DFL restarted without the malicious clients). Every other strategy uses
+    ``graph`` as is.
+    """
+    bad = set(int(m) for m in malicious)
+    routed = nx.Graph(graph)
+    if strategy == "upper":
+        routed.remove_edges_from([(u, v) for u, v in graph.edges if (u in bad) != (v in bad)])
+    return Routing(routed, metropolis_hastings_weights(routed))
+
+
+def benign_components(routing: Routing, malicious: Iterable[int]) -> int:
+    """How many connected pieces the benign nodes form (1 means gossip can reach consensus)."""
+    bad = set(malicious)
+    benign = [n for n in routing.graph.nodes if n not in bad]
+    return nx.number_connected_components(routing.graph.subgraph(benign)) if benign else 0
+
+
+def malicious_share(graph: nx.Graph, malicious: Iterable[int]) -> float:
+    """The largest share of malicious neighbours any benign node has (0.5 or more defeats majority rules)."""
+    bad = set(malicious)
+    shares = [sum(j in bad for j in graph.neighbors(i)) / graph.degree(i)
+              for i in graph.nodes if i not in bad and graph.degree(i) > 0]
+    return max(shares, default=0.0)
+
+
+# ----------------------------------------------------------------------------------- attacks
+
+
+def honest_reference(graph: nx.Graph, malicious: Iterable[int], receivers: Sequence[int]) -> list[int]:
+    """The benign nodes whose models the ``receivers`` aggregate: each receiver and its benign neighbours."""
+    bad = set(malicious)
+    ref: set[int] = set()
+    for i in receivers:
+        if i not in bad:
+            ref.add(int(i))
+        ref.update(int(j) for j in graph.neighbors(i) if j not in bad)
+    return sorted(ref)
+
+
+def attack_params(attack: AttackConfig, num_nodes: int, num_malicious: int) -> dict[str, Any]:
+    """Keyword arguments of the configured model attack (see ``fedepic.attacks.model_attacks``)."""
+    name = attack.model
+    if name == "gaussian":
+        return {"sigma": attack.sigma}
+    if name == "scaling":
+        return {"factor": attack.scale}
+    if name == "alie":
+        return {"f": max(num_malicious, 1), "n": num_nodes, "z": attack.alie_z}
+    if name == "ipm":
+        return {"epsilon": attack.ipm_eps}
+    return {}
+
+
+def attack_generator(seed: int, round_: int, attacker: int, receiver: int) -> torch.Generator:
+    """The noise source of one poisoned model: a function of the run seed, round and sender/receiver."""
+    mixed = (seed * 1_000_003 + round_ * 10_007 + attacker * 101 + receiver) % (2**62)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _honest_stack(trained: Mapping[int, Tensor], ids: list[int], everyone: list[int], need: int) -> Tensor:
+    """Rows of ``ids``; when fewer than ``need``, all benign models (so a thin neighbourhood still works)."""
+    chosen = ids if len(ids) >= need else everyone
+    if len(chosen) < need:
+        raise ValueError(f"model attack needs {need} benign models, the network has {len(chosen)}")
+    return torch.stack([trained[j] for j in chosen])
+
+
+def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
+                    malicious: Sequence[int], attacker: int, *, seed: int, round_: int) -> dict[int, Tensor]:
+    """What ``attacker`` sends to each of its neighbours: {receiver: model vector}.
+
+    Benign receivers get the poisoned model (one shared tensor, or one per receiver with
+    ``attack.per_neighbour``); malicious receivers get the attacker's honest model.
+    """
+    bad = set(int(m) for m in malicious)
+    own = trained[attacker]
+    receivers = sorted(j for j in graph.neighbors(attacker) if j != attacker)
+    out = {j: own for j in receivers if j in bad}
+    targets = [j for j in receivers if j not in bad]
+    if not targets or attack.model == "none":
+        out.update({j: own for j in targets})
+        return out
+    everyone = sorted(n for n in trained if n not in bad)
+    need = NEEDS_HONEST.get(attack.model, 0)
+    params = attack_params(attack, graph.number_of_nodes(), len(bad))
+    groups = [[j] for j in targets] if attack.per_neighbour else [targets]
+    for group in groups:
+        honest = _honest_stack(trained, honest_reference(graph, bad, group), everyone, need)
+        gen = attack_generator(seed, round_, attacker, group[0] if attack.per_neighbour else attacker)
+        model = apply_model_attack(attack.model, honest, own, gen, **params)
+        out.update({j: model for j in group})
+    return out
+
+
+def outgoing(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph, malicious: Sequence[int],
+             *, seed: int, round_: int) -> dict[int, dict[int, Tensor]]:
+    """{sender: {receiver: vector}} for every edge; benign senders send their trained model."""
+    bad = set(int(m) for m in malicious)
+    sent: dict[int, dict[int, Tensor]] = {}
+    for node in graph.nodes:
+        if node in bad:
+            sent[node] = poisoned_models(attack, trained, graph, sorted(bad), node, seed=seed, round_=round_)
+        else:
+            sent[node] = {j: trained[node] for j in graph.neighbors(node) if j != node}
+    return sent
+
+
+def inbox(sent: Mapping[int, Mapping[int, Tensor]], node: int) -> dict[int, Tensor]:
+    """What ``node`` receives: {sender: vector}."""
+    return {s: msgs[node] for s, msgs in sent.items() if node in msgs}
+
+
+def message_batches(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
+    """Split messages (their payload sizes, in order) into consecutive batches of at most ``cap_bytes``.
+
+    A message larger than the cap goes alone. Sending one batch at a time bounds the router's memory
+    when models are big (ResNet-18 is 45 MB, a degree-8 node's inbox 360 MB).
+    """
+    if cap_bytes <= 0:
+        raise ValueError(f"cap_bytes must be > 0, got {cap_bytes}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if current and used + size > cap_bytes:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ----------------------------------------------------------------------------------- measurement
+
+
+def label_roles(histograms: Sequence[Sequence[int]], malicious: Iterable[int], flip_table: Optional[Tensor]
+                ) -> dict[str, list[int]]:
+    """Which labels only benign nodes, only malicious nodes, or both hold (by training rows).
+
+    ``exclusive`` are labels that only malicious nodes hold AND that the data attack leaves alone
+    (``flip_table[c] == c`` for every c that maps to or from them): their knowledge can reach the
+    benign nodes only through the malicious nodes' models (labels 7 and 8 in configs/noniid.yaml).
+    """
+    bad = set(malicious)
+    num_classes = len(histograms[0]) if histograms else 0
+    benign_has = [any(h[c] > 0 for n, h in enumerate(histograms) if n not in bad) for c in range(num_classes)]
+    bad_has = [any(h[c] > 0 for n, h in enumerate(histograms) if n in bad) for c in range(num_classes)]
+    touched: set[int] = set()
+    if flip_table is not None:
+        for c, d in enumerate(flip_table.tolist()):
+            if c != d:
+                touched.update((c, int(d)))
+    return {
+        "benign": [c for c in range(num_classes) if benign_has[c]],
+        "malicious_only": [c for c in range(num_classes) if bad_has[c] and not benign_has[c]],
+        "exclusive": [c for c in range(num_classes) if bad_has[c] and not benign_has[c] and c not in touched],
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def detection_truth(graph: nx.Graph, malicious: Iterable[int]) -> set[tuple[int, int]]:
+    """(benign node, malicious neighbour) pairs: what a perfect detector confirms."""
+    bad = set(malicious)
+    return {(i, j) for i in graph.nodes if i not in bad for j in graph.neighbors(i) if j in bad}
+
+
+def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor], benign: Sequence[int],
+                  roles: Mapping[str, Sequence[int]], confirmed: Optional[Mapping[int, Sequence[int]]] = None,
+                  truth: Optional[set[tuple[int, int]]] = None) -> dict[str, Any]:
+    """One round's figures over the BENIGN nodes.
+
+    ``evals[i]`` holds node i's ``accuracy``, ``per_class`` (and optionally ``attack_success``);
+    ``models[i]`` its model vector after aggregation; ``confirmed[i]`` the neighbours its detector has
+    confirmed (GP / exclude), scored against ``truth`` with ``detection_metrics`` over all
+    (node, neighbour) pairs.
+    """
+    nodes = [i for i in benign if i in evals]
+    if not nodes:
+        raise ValueError("no benign node reported this round")
+    accs = [float(evals[i]["accuracy"]) for i in nodes]
+    per_class = torch.tensor([list(evals[i]["per_class"]) for i in nodes], dtype=torch.float64)
+    mean_pc = [_mean(per_class[:, c].tolist()) for c in range(per_class.shape[1])]
+    record: dict[str, Any] = {
+        "mean_accuracy": sum(accs) / len(accs),
+        "worst_accuracy": min(accs),
+        "benign_label_accuracy": _mean([mean_pc[c] for c in roles.get("benign", [])]),
+        "exclusive_accuracy": _mean([mean_pc[c] for c in roles.get("exclusive", [])]),
+        "per_class": mean_pc,
+        "consensus_distance": consensus_distance(torch.stack([models[i] for i in nodes if i in models]))
+        if any(i in models for i in nodes) else float("nan"),
+    }
+    success = [float(evals[i]["attack_success"]) for i in nodes if evals[i].get("attack_success") is not None]
+    if success:
+        record["attack_success"] = _mean(success)
+    if confirmed is not None and truth is not None:
+        detected = {(i, int(j)) for i in nodes for j in confirmed.get(i, [])}
+        scored = detection_metrics(detected, {(i, j) for i, j in truth if i in set(nodes)})
+        record.update({f"detection_{k}": v for k, v in scored.items()})
+    return record
