@@ -119,7 +119,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     seed = client_seed(cfg, client.client_id) + server_round
     epic: Optional[EpicState] = None
     keep = torch.ones(len(client), dtype=torch.bool)
-    if cfg.defense.local_epic:
+    if cfg.defense.local_epic and len(client) > 0:  # EpicState needs rows; an empty client trains nothing
         epic = EpicState(len(client), epic_schedule_rounds(cfg), device=device)
         if epic_state is not None:
             epic.load_state_dict(epic_state)

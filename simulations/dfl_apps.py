@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedepic.attacks import attack_success
-from fedepic.config import RunConfig, to_yaml
+from fedepic.config import RunConfig, to_yaml, validate
 from fedepic.data import ImageData, load_dataset
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
@@ -59,6 +59,7 @@ HELLO = "query"
 def _node_inputs(cfg_yaml: str) -> tuple[RunConfig, ImageData, list]:
     """(config, dataset, partition) of a run, loaded once per actor process (keyed by the config text)."""
     cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(cfg_yaml)))
+    validate(cfg)
     data = load_dataset(cfg.data, cfg.seed)
     return cfg, data, client_partition(cfg, data)
 
@@ -153,7 +154,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             device = resolve_device(run_cfg.train.device)
             model = new_model(run_cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
             model = load_exchanged(model, state.model).to(device)
-            result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes)
+            result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes,
+                              run_cfg.train.amp)
             metrics.update(accuracy=result["accuracy"], loss=result["loss"], per_class=result["per_class"])
             success = attack_success(model, run_cfg.attack, data.test_x, data.test_y, data.num_classes)
             if success is not None:

@@ -242,7 +242,7 @@ def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:
     if strategy == "scclip":
         return build_peer_rule("scclip", tau=cfg.defense.scclip_tau)
     if strategy == "epic":
-        return build_peer_rule("epic", threshold=cfg.defense.epic.threshold)
+        return build_peer_rule("epic", fraction=cfg.defense.epic.fraction, threshold=cfg.defense.epic.threshold)
     if strategy == "median":
         return build_peer_rule("median")
     raise ValueError(f"unknown decentralized strategy {strategy!r}")

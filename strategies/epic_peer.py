@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedepic.epic import select_medoids
+from strategies.epic_updates import epic_select_updates
 from strategies.gossip import check_stack, gossip_subset
 
 
 def epic_keep_mask(own: Tensor, neighbours: Tensor, fraction: float, threshold: int = 1) -> Tensor:
-    """BoolTensor [m]: True for the neighbours whose update EPIC does not drop."""
-    updates = neighbours - own
-    labels = torch.zeros(neighbours.shape[0], dtype=torch.long, device=own.device)
-    selection = select_medoids(updates, labels, fraction, threshold=threshold)
-    return ~selection.drop.to(device=own.device, dtype=torch.bool)
+    """BoolTensor [m]: True for the neighbours whose update EPIC does not drop (see epic_select_updates)."""
+    return epic_select_updates(neighbours - own, fraction, threshold).keep.to(own.device)
 
 
 class EpicPeer:

@@ -12,66 +12,17 @@ only `aggregate_train`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedepic.epic import select_medoids
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-
-@dataclass(frozen=True)
-class UpdateSelection:
-    """Which of m updates EPIC keeps: keep (bool [m]), the medoids (rows, greedy order), their sizes."""
-
-    keep: Tensor
-    medoids: Tensor
-    sizes: Tensor
-
-    @property
-    def dropped(self) -> list[int]:
-        return (~self.keep).nonzero().flatten().tolist()
-
-
-def medoid_count(m: int, fraction: float, min_medoids: int = 2, num_malicious: int = 0) -> int:
-    """k = max(min_medoids, num_malicious + 1, ceil(fraction * m)), at most m - 1.
-
-    With few clients, fraction * m is below 2 (0.1 * 20 = 2, 0.1 * 10 = 1), and a single medoid
-    isolates nobody; one medoid for the honest bulk plus one per assumed attacker lets every
-    far-off update become its own singleton cluster. k <= m - 1 keeps at least one cluster of two
-    or more, so some updates always survive.
-    """
-    if m < 1:
-        raise ValueError(f"need at least one update, got m={m}")
-    wanted = max(min_medoids, num_malicious + 1, math.ceil(fraction * m - 1e-9))
-    return max(1, min(wanted, m - 1))
-
-
-def epic_select_updates(updates: Tensor, fraction: float = 0.1, threshold: int = 1, min_medoids: int = 2,
-                        num_malicious: int = 0) -> UpdateSelection:
-    """EPIC on stacked updates [m, D] (one group): medoids whose cluster holds <= threshold updates are dropped.
-
-    Fewer than three updates cannot single out an isolated one: all are kept.
-    """
-    if updates.dim() != 2:
-        raise ValueError(f"updates must be [m, D], got shape {tuple(updates.shape)}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    m = updates.shape[0]
-    if m < 3:
-        ones = torch.ones(m, dtype=torch.bool)
-        return UpdateSelection(ones, torch.arange(m), torch.ones(m, dtype=torch.int64))
-    k = medoid_count(m, fraction, min_medoids, num_malicious)
-    # select_medoids takes a fraction: class_budget(k / m, m) = ceil(k - 1e-9) = k medoids.
-    sel = select_medoids(updates, torch.zeros(m, dtype=torch.int64), k / m, threshold)
-    return UpdateSelection(~sel.drop, sel.medoids, sel.sizes)
+from strategies.epic_updates import UpdateSelection, epic_select_updates, medoid_count  # noqa: F401 (re-exported)
 
 
 def record_vector(record: ArrayRecord) -> Tensor:
