@@ -17,6 +17,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedepic.errors import ConfigError
+
 MODES = ("centralized", "federated", "decentralized")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
@@ -30,10 +32,6 @@ SERVER_STRATEGIES = (
 PEER_STRATEGIES = ("gossip", "median", "trimmed_mean", "krum", "scclip", "epic", "exclude", "gp", "gp_epic", "upper")
 CENTRAL_DEFENSES = ("none", "epic", "random", "loss", "spectral")
 TOPOLOGIES = ("ring", "k_regular", "erdos_renyi", "small_world", "complete", "edges")
-
-
-class ConfigError(ValueError):
-    """Bad user input; the message is one line naming the key, file or value."""
 
 
 @dataclass

@@ -16,11 +16,8 @@ import numpy as np
 import torch
 
 from fedepic.config import DataConfig
+from fedepic.errors import DataError
 from fedepic.outputs import atomic_torch_save
-
-
-class DataError(ValueError):
-    """A dataset is missing or unreadable; the message says which files are expected where."""
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ def _runner(mode: str) -> Callable:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fedepic.config import ConfigError, load_config
-    from fedepic.data import DataError
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError, DataError  # light: bad input is reported before torch loads
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):

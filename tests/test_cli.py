@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "fedepic.simulate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
