@@ -115,8 +115,9 @@ class FolderSink(RunSink):
 
     def abort(self, exc_type: Optional[type]) -> None:
         """Close members cut short by an error or Ctrl-C, marking them failed / interrupted."""
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         for writer in self.writers.values():
-            writer.status = "interrupted" if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) else "failed"
+            writer.status = "interrupted" if interrupted else "failed"
             writer.write_summary({"rounds": len(self.records.get(writer.final_dir.name, []))})
             writer.__exit__(None, None, None)
         self.writers.clear()
