@@ -32,6 +32,14 @@ def record_vector(record: ArrayRecord) -> Tensor:
     return torch.from_numpy(np.concatenate(floats).astype(np.float32, copy=False)) if floats else torch.zeros(0)
 
 
+def client_id(msg: Message, key: str = "partition-id") -> int:
+    """The client's partition id from its reply metrics, else its node id (the server sees only node ids)."""
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    if metrics is not None and key in metrics:
+        return int(metrics[key])
+    return int(msg.metadata.src_node_id)
+
+
 class EpicServer(FedAvg):
     """EPIC [Yang et al., 2022] applied to client updates, then Federated Averaging of the kept ones.
 
@@ -75,10 +83,7 @@ class EpicServer(FedAvg):
         self.dropped_history: dict[int, list[int]] = {}
 
     def _client_id(self, msg: Message) -> int:
-        metrics = next(iter(msg.content.metric_records.values()), None)
-        if metrics is not None and self.client_id_key in metrics:
-            return int(metrics[self.client_id_key])
-        return int(msg.metadata.src_node_id)
+        return client_id(msg, self.client_id_key)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:

@@ -30,7 +30,7 @@ from torch import Tensor
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
-from strategies.epic_server import EpicServer
+from strategies.epic_server import EpicServer, client_id
 
 SERVER_STRATEGIES = ("fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic")
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
@@ -159,16 +159,9 @@ class TrackedStrategy:
                 shares[i] = share
         elif self.name == "epic":
             dropped = set(self.strategy.dropped_history.get(server_round, []))
-            ids = [_client_id(m) for m in replies if not m.has_error()]
+            ids = [client_id(m) for m in replies if not m.has_error()]
             excluded = [cid in dropped for cid in ids]
         return Outcome(arrays, metrics, excluded, shares)
-
-
-def _client_id(msg: Message) -> int:
-    metrics = next(iter(msg.content.metric_records.values()), None)
-    if metrics is not None and "partition-id" in metrics:
-        return int(metrics["partition-id"])
-    return int(msg.metadata.src_node_id)
 
 
 def build_server_strategy(name: str, params: StrategyParams) -> TrackedStrategy:
