@@ -105,7 +105,9 @@ class PurificationConfig:
     threshold: float = 3.0  # robust z-score above which a neighbour is suspicious this round
     patience: int = 2  # consecutive suspicious rounds before a neighbour is confirmed malicious
     window: int = 4
-    votes: int = 3
+    votes: int = 3  # or: suspicious in `votes` of the last `window` rounds
+    reject_score: Optional[float] = 100.0  # a suspect scoring above this is not aggregated even before confirmation
+    min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
 
 
 @dataclass
@@ -382,6 +384,10 @@ def _validate_defense(cfg: RunConfig) -> None:
     pur = cfg.defense.purification
     _positive("defense.purification.threshold", pur.threshold)
     _positive("defense.purification.patience", pur.patience)
+    _positive("defense.purification.min_scale", pur.min_scale, allow_zero=True)
+    if pur.reject_score is not None and not pur.reject_score > pur.threshold:
+        raise ConfigError(f"invalid value {pur.reject_score!r} for key 'defense.purification.reject_score': "
+                          f"must exceed defense.purification.threshold ({pur.threshold}) or be null")
     _positive("defense.trim", cfg.defense.trim, allow_zero=True)
     _positive("defense.scclip_tau", cfg.defense.scclip_tau)
 

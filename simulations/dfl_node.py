@@ -14,10 +14,10 @@ Peer rules by strategy name (``strategies/`` holds the rules themselves):
 - gp: Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025), with its per-neighbour recording
   variables kept in the node state.
 - gp_epic: the same GP rule; the node also runs EPIC on its own rows during local training.
-- exclude: GP's detector and consistency rule WITHOUT purification. A neighbour confirmed malicious
-  is left out of every later aggregation, but what it contributed before (good and bad) stays in the
-  model. This is the "reject after detection" baseline that GP improves on. (The registry's
-  ``exclude`` is an oracle mask; here the mask comes from the detector, as in the GP paper.)
+- exclude: GP's detector WITHOUT recording or purification: a neighbour flagged suspicious in a round is
+  left out of that round's aggregation, and once the consistency rule confirms it, of every later one.
+  This is the "reject suspicious gradients per iteration" family that the GP paper sets itself
+  against. (The registry's ``exclude`` takes an oracle mask; here the mask comes from the detector.)
 - upper: plain gossip; the router runs it on the graph without the malicious nodes, with
   Metropolis-Hastings weights recomputed on that benign subgraph (the paper's upper bound).
 Malicious nodes do not defend: whatever the strategy, they gossip honestly over the honest models of
@@ -205,12 +205,13 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
 
 
 class ExcludeDetected(GradientPurification):
-    """GP's detector and consistency rule without purification (the ``exclude`` baseline).
+    """GP's detector and consistency rule, rejecting per round, without purification (``exclude``).
 
-    Confirmed neighbours are dropped from all later aggregation, but their recorded contribution is
-    NOT subtracted: the model keeps everything they sent before detection. Records are not needed and
-    are cleared after every call (``aggregate_models``) so they cost no memory.
+    A neighbour flagged this round is not aggregated this round; a confirmed one never again. Nothing
+    is subtracted. Records are not needed and are cleared after every call (``aggregate_models``).
     """
+
+    aggregate_suspects = False  # per-round rejection: a neighbour flagged this round is left out this round
 
     @staticmethod
     def purify(own: Tensor, state: PurificationState, j: int) -> Tensor:
@@ -222,7 +223,8 @@ class ExcludeDetected(GradientPurification):
 def purification_rule(strategy: str, cfg: RunConfig) -> GradientPurification:
     pur = cfg.defense.purification
     cls = ExcludeDetected if strategy == "exclude" else GradientPurification
-    return cls(threshold=pur.threshold, patience=pur.patience, window=pur.window, votes=pur.votes)
+    return cls(threshold=pur.threshold, patience=pur.patience, window=pur.window, votes=pur.votes,
+               reject_score=pur.reject_score, min_scale=pur.min_scale)
 
 
 def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:

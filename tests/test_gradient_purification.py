@@ -44,7 +44,7 @@ def test_benign_neighbours_never_flagged():
 @pytest.mark.parametrize("attack", [lambda u: -u, lambda u: 10 * u], ids=["sign_flip", "scaling"])
 def test_attacker_confirmed_after_patience(attack):
     gen = torch.Generator().manual_seed(1)
-    gp = GradientPurification(patience=3, votes=None)
+    gp = GradientPurification(patience=3, votes=None, reject_score=None)  # rule 5 alone
     state = gp.new_state()
     y = torch.zeros(D)
     for t in range(1, 6):
@@ -52,12 +52,30 @@ def test_attacker_confirmed_after_patience(attack):
         y, report = gp.aggregate(own, neigh, IDS, W, state)
         assert report.flagged == ([4] if t <= 3 else [])
         assert report.purified == ([4] if t == 3 else [])
-        assert report.kept == [1, 2, 3]
+        # suspicious but unconfirmed: still aggregated (rule 5); confirmed: out for good
+        assert report.kept == (IDS if t < 3 else [1, 2, 3])
         assert (4 in state.confirmed) == (t >= 3)
     assert 4 not in report.scores  # confirmed neighbours are no longer scored
     assert detection_metrics(state.confirmed, {4}) == {
         "precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 1, "fp": 0, "fn": 0
     }
+
+
+def test_blatant_suspect_left_out_before_confirmation_moderate_one_aggregated():
+    gen = torch.Generator().manual_seed(1)
+    gp = GradientPurification(patience=3, votes=None, reject_score=50.0)
+    state = gp.new_state()
+    own, neigh = _round(gen, torch.zeros(D), lambda u: 10 * u)
+    _, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.scores[4] > 50 and report.flagged == [4] and report.kept == [1, 2, 3]
+    assert 4 not in state.records and state.history[4] == [True]  # not recorded, but it counts
+    # a suspect between threshold and reject_score is still aggregated (and recorded)
+    gp_loose = GradientPurification(patience=3, votes=None, reject_score=2 * report.scores[4])
+    state = gp_loose.new_state()
+    _, report = gp_loose.aggregate(own, neigh, IDS, W, state)
+    assert report.flagged == [4] and report.kept == IDS and 4 in state.records
+    with pytest.raises(ValueError, match="reject_score"):
+        GradientPurification(threshold=3.0, reject_score=2.0)
 
 
 def test_votes_route_confirms_intermittent_attacker():
@@ -109,18 +127,26 @@ def test_purify_alone_is_exact():
     assert state.records == {} and state.confirmed == {7}
 
 
-def test_suspicious_unconfirmed_excluded_without_touching_record():
+def test_suspicious_unconfirmed_still_aggregated_and_recorded():
     gen = torch.Generator().manual_seed(4)
-    gp = GradientPurification(patience=3, votes=None)
+    gp = GradientPurification(patience=2, votes=None)
     state = gp.new_state()
     own, neigh = _round(gen, torch.zeros(D))
     y, _ = gp.aggregate(own, neigh, IDS, W, state)
     record = state.records[4].clone()
     own, neigh = _round(gen, y, lambda u: -u)
     new_own, report = gp.aggregate(own, neigh, IDS, W, state)
-    assert report.flagged == [4] and report.purified == [] and report.kept == [1, 2, 3]
-    assert torch.equal(state.records[4], record)
-    assert torch.allclose(new_own, own + 0.25 * (neigh[:3] - own).sum(dim=0), atol=1e-6)
+    assert report.flagged == [4] and report.purified == [] and report.kept == IDS
+    assert torch.allclose(state.records[4], record + 0.2 * (neigh[3] - own), atol=1e-6)
+    assert torch.allclose(new_own, own + 0.2 * (neigh - own).sum(dim=0), atol=1e-6)
+
+    # confirmed next round: both recorded contributions (the honest and the rogue one) are removed
+    own, neigh = _round(gen, new_own, lambda u: -u)
+    full_record = state.records[4].clone()
+    out, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.purified == [4] and report.kept == [1, 2, 3]
+    base = own - full_record
+    assert torch.allclose(out, base + 0.25 * (neigh[:3] - base).sum(dim=0), atol=1e-5)
 
 
 def test_state_round_trip():
