@@ -24,10 +24,11 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from fedepic.attacks import poison_rows
-from fedepic.config import ConfigError, RunConfig, malicious_ids
-from fedepic.data import ImageData
+from fedepic.config import ConfigError, RunConfig, malicious_ids, validate
+from fedepic.data import ImageData, load_dataset
 from fedepic.outputs import RunWriter, csv_table, markdown_table
 from fedepic.partition import label_histograms, partition
 
@@ -74,7 +75,14 @@ def backend_config(cfg: RunConfig) -> dict:
         if cfg.ray.num_cpus is not None:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)
     return {
-        "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus)},
+        # Flower passes client_resources to `ClientAppActor.options(...)`. Without max_restarts a
+        # worker process that dies (segfault, OOM kill, os._exit) leaves a dead actor in Flower's pool
+        # and every later message it is given fails too; with it, Ray restarts the process. One task
+        # retry lets a message that was queued on the dying actor run on the restarted one (and gives
+        # a transient crash, such as a preempted cluster node, a second chance); only a client that
+        # dies again fails, and is recorded as that round's failure while the round goes on.
+        "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
+                             "max_restarts": -1, "max_task_retries": 1},
         "init_args": init_args,
     }
 
@@ -247,6 +255,37 @@ def partition_report(cfg: RunConfig, data: ImageData, parts: Optional[Sequence[n
     hist = label_histograms(data.train_y.numpy(), parts, data.num_classes)
     return {"clients": cfg.clients.count, "sizes": [int(len(p)) for p in parts], "label_histograms": hist,
             "malicious": malicious_ids(cfg), "partition": cfg.data.partition}
+
+
+# --------------------------------------------------------------------------- memoised node inputs
+# Each ClientApp call ships only the run's config as YAML text; a Ray actor process decodes it and
+# loads the dataset once (the memo Flower's own examples keep for their FederatedDataset), then
+# cuts each client's partition out of it. Keyed by the config text, so two runs never mix.
+
+
+@lru_cache(maxsize=4)
+def config_from_text(text: str) -> RunConfig:
+    """The RunConfig the ServerApp sent (schema defaults <- its YAML), validated."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+@lru_cache(maxsize=2)
+def dataset_for(text: str) -> ImageData:
+    cfg = config_from_text(text)
+    return load_dataset(cfg.data, cfg.seed)
+
+
+@lru_cache(maxsize=2)
+def partition_for(text: str) -> list[np.ndarray]:
+    return client_partition(config_from_text(text), dataset_for(text))
+
+
+@lru_cache(maxsize=1024)
+def client_data_for(text: str, client_id: int) -> ClientData:
+    return build_client_data(config_from_text(text), dataset_for(text), client_id, partition_for(text))
 
 
 # --------------------------------------------------------------------------- comparison

@@ -113,7 +113,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_backend_config_local_and_attached():
     cfg = load_config(None, ["mode=federated", "ray.num_cpus=3", "ray.client_cpus=0.5"])
     conf = backend_config(cfg)
-    assert conf["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert conf["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1}
     assert conf["init_args"] == {"log_to_driver": False, "address": "local", "num_cpus": 3}
     attached = backend_config(load_config(None, ["mode=federated", "ray.address=10.0.0.1:6379", "ray.num_cpus=3"]))
     assert attached["init_args"] == {"log_to_driver": False, "address": "10.0.0.1:6379"}  # no num_cpus
@@ -246,11 +246,13 @@ def test_centralized_epic_only_runs_without_flower(tmp_path):
 
 
 def test_four_clients_two_rounds_on_ray(tmp_path):
-    """fedavg and epic over 4 SuperNodes: a scaled attacker, local EPIC, and a client that fails once."""
+    """fedavg and epic over 4 SuperNodes: a scaled attacker, local EPIC, a client that raises once and
+    one whose worker process dies once."""
     overrides = small_overrides(tmp_path, strategies="[fedavg,epic]", **{
         "clients.malicious_ids": "[0]", "attack.model": "scaling", "defense.local_epic": "true",
         "defense.epic.warmup": "1", "defense.epic.interval": "1"})
     script = f"""
+        import os
         from flwr.clientapp import ClientApp
         from fedepic.config import load_config
         from simulations.client_app import handle_train, handle_warmup
@@ -264,6 +266,9 @@ def test_four_clients_two_rounds_on_ray(tmp_path):
             if (int(context.node_config["partition-id"]) == 3 and int(config["server-round"]) == 1
                     and config["member"] == "fedavg"):
                 raise RuntimeError("injected failure")
+            if (int(context.node_config["partition-id"]) == 2 and int(config["server-round"]) == 2
+                    and config["member"] == "epic"):
+                os._exit(3)  # the Ray worker process dies mid-task
             return handle_train(msg, context)
 
         flaky.query()(handle_warmup)
@@ -290,6 +295,8 @@ def test_four_clients_two_rounds_on_ray(tmp_path):
     assert len(fedavg[0]["failures"]) == 1 and "injected failure" in fedavg[0]["failures"][0]["reason"]
     assert sorted(c["id"] for c in fedavg[0]["clients"]) == [0, 1, 2]
     assert sorted(c["id"] for c in fedavg[1]["clients"]) == [0, 1, 2, 3] and fedavg[1]["failures"] == []
+    # a dead worker is recorded too; Ray restarts it, so the others' round goes on
+    assert len(epic[1]["failures"]) == 1 and sorted(c["id"] for c in epic[1]["clients"]) == [0, 1, 3]
     # EPIC on the updates drops the boosted attacker every round, and learns well above chance (0.1)
     assert all(r["excluded"] == [0] or 0 in r["excluded"] for r in epic)
     assert epic[-1]["accuracy"] > 0.5
