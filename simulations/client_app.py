@@ -6,7 +6,7 @@ member name (the strategy under test) with every train message, so the same app 
 `run_simulation` and `flwr run` without reading any file.
 
 Memoisation. A Ray actor runs many ClientApp calls in one process, so the parsed config, the dataset
-and each client's (attacked) rows are cached with `functools.lru_cache`, keyed by the config text
+and each client's (attacked) rows are cached (`simulations.common.client_data_for`), keyed by the config text
 (and the partition id). The cache holds only values derived deterministically from that key, so it
 never changes results; it saves reloading the dataset per message (about 0.5 s from the uint8
 cache). Shipping the data inside the ClientApp closure instead would make Ray pickle it with
@@ -28,57 +28,27 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from fedepic.attacks.model_attacks import apply_model_attack
-from fedepic.config import RunConfig, validate
-from fedepic.data import ImageData, load_dataset
+from fedepic.config import RunConfig
+from fedepic.data import ImageData
 from fedepic.epic import EpicSchedule, EpicState
 from fedepic.models import build_model
 from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from simulations.common import ClientData, build_client_data, client_partition, client_seed
+from simulations.common import ClientData, client_data_for, client_seed, config_from_text, dataset_for
 
 CLIENT_SIDE_ATTACKS = ("sign_flip", "gaussian", "scaling")
 SERVER_SIDE_ATTACKS = ("alie", "ipm", "minmax")
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
 CONFIG_KEY = "fedepic-config"
 MEMBER_KEY = "member"
-
-
-# --------------------------------------------------------------------------- memoised inputs
-
-
-@lru_cache(maxsize=4)
-def config_from_text(text: str) -> RunConfig:
-    """The RunConfig the ServerApp sent (schema defaults <- its YAML), validated."""
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
-
-
-@lru_cache(maxsize=2)
-def dataset_for(text: str) -> ImageData:
-    cfg = config_from_text(text)
-    return load_dataset(cfg.data, cfg.seed)
-
-
-@lru_cache(maxsize=2)
-def partition_for(text: str) -> list[np.ndarray]:
-    return client_partition(config_from_text(text), dataset_for(text))
-
-
-@lru_cache(maxsize=1024)
-def client_data_for(text: str, client_id: int) -> ClientData:
-    return build_client_data(config_from_text(text), dataset_for(text), client_id, partition_for(text))
 
 
 # --------------------------------------------------------------------------- local work

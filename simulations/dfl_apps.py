@@ -15,8 +15,7 @@ Several strategy runs ("members") go through one simulation in turn; a node rese
 the member changes, so they never share anything but the Ray actors.
 
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
-(``_node_inputs``, the memo Flower's own examples keep for their FederatedDataset) and then cut
-their partition out of it.
+(``simulations.common.dataset_for``) and then cut their partition out of it.
 """
 
 from __future__ import annotations
@@ -24,21 +23,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import OmegaConf
 
 from fedepic.attacks import attack_success
-from fedepic.config import RunConfig, to_yaml, validate
-from fedepic.data import ImageData, load_dataset
+from fedepic.config import RunConfig, to_yaml
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.common import ClientData, build_client_data, client_partition, exchange, wait_for_nodes
+from simulations.common import client_data_for, config_from_text, dataset_for, exchange, wait_for_nodes
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
     train_local, uses_local_epic,
@@ -53,21 +49,6 @@ HELLO = "query"
 
 
 # ----------------------------------------------------------------------------------- node side
-
-
-@lru_cache(maxsize=2)
-def _node_inputs(cfg_yaml: str) -> tuple[RunConfig, ImageData, list]:
-    """(config, dataset, partition) of a run, loaded once per actor process (keyed by the config text)."""
-    cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(cfg_yaml)))
-    validate(cfg)
-    data = load_dataset(cfg.data, cfg.seed)
-    return cfg, data, client_partition(cfg, data)
-
-
-@lru_cache(maxsize=64)
-def _client_data(cfg_yaml: str, partition_id: int) -> ClientData:
-    cfg, data, parts = _node_inputs(cfg_yaml)
-    return build_client_data(cfg, data, partition_id, parts)
 
 
 def load_node_state(context: Context, member: str) -> NodeState:
@@ -103,15 +84,15 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     @app.query()
     def hello(msg: Message, context: Context) -> Message:
         pid = _partition_id(context)
-        client = _client_data(cfg_yaml, pid)
+        client = client_data_for(cfg_yaml, pid)
         return Message(RecordDict({"info": MetricRecord({"partition-id": pid, "num-examples": len(client),
                                                          "malicious": int(client.is_malicious)})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        run_cfg, data, _ = _node_inputs(cfg_yaml)
+        run_cfg, data = config_from_text(cfg_yaml), dataset_for(cfg_yaml)
         pid = _partition_id(context)
-        client = _client_data(cfg_yaml, pid)
+        client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
         member, strategy, round_ = str(conf["member"]), str(conf["strategy"]), int(conf["round"])
         state = load_node_state(context, member)
@@ -135,9 +116,9 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train("aggregate")
     def aggregate(msg: Message, context: Context) -> Message:
-        run_cfg, data, _ = _node_inputs(cfg_yaml)
+        run_cfg, data = config_from_text(cfg_yaml), dataset_for(cfg_yaml)
         pid = _partition_id(context)
-        client = _client_data(cfg_yaml, pid)
+        client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
         member, strategy = str(conf["member"]), str(conf["strategy"])
         state = load_node_state(context, member)
