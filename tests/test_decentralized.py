@@ -68,7 +68,8 @@ def test_malicious_nodes_gossip_whatever_the_strategy():
 def _gp_rounds(strategy: str):
     """Node 0 with neighbours 1..4: neighbour 4 is ordinary in rounds 1-2, then far away in rounds 3-4
     (patience 2: suspicious in 3, confirmed in 4). Returns (state, own before round 4, round-4 inputs)."""
-    cfg = _cfg("defense.purification.patience=2", "defense.purification.votes=4")
+    cfg = _cfg("defense.purification.patience=2", "defense.purification.votes=4",
+               "defense.purification.reject_score=null")  # the +25 neighbour is blatant: test rule 5 alone
     gen = torch.Generator().manual_seed(0)
     ids = [1, 2, 3, 4]
     w = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
@@ -85,6 +86,8 @@ def _gp_rounds(strategy: str):
             assert report.flagged == []
         else:
             assert report.flagged == [4] and report.purified == []
+            # GP still aggregates (and records) a suspect; exclude rejects it for the round
+            assert report.kept == ([1, 2, 3] if strategy == "exclude" else ids)
     raise AssertionError("unreachable")
 
 
@@ -234,61 +237,12 @@ def test_bad_graph_or_detector_settings_stop_before_ray_starts(tmp_path, capsys)
     assert "topology.name" in capsys.readouterr().err
     assert main(base + ["defense.purification.window=2", "defense.purification.votes=3"]) == 2
     assert "defense.purification" in capsys.readouterr().err
+    assert main(base + ["defense.purification.reject_score=2"]) == 2  # not above the threshold (3)
+    assert "defense.purification.reject_score" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no run folder was started
 
 
 # ----------------------------------------------------------------------------------- end to end on Ray
-
-
-def _reference_run(cfg, strategy: str) -> list[dict]:
-    """The same simulation as the Flower run, as a plain loop over the node and router functions."""
-    from fedepic.attacks import flip_table
-    from fedepic.config import malicious_ids
-    from fedepic.data import load_dataset
-    from fedepic.train import evaluate
-    from fedepic.vectors import flatten_state, unflatten_like
-    from simulations.common import build_client_data, client_partition, partition_report
-    from simulations.decentralized import communication_graph
-    from simulations.dfl_node import STATEFUL, exchanged_state, load_exchanged, new_model, train_local, uses_local_epic
-
-    data = load_dataset(cfg.data, cfg.seed)
-    parts = client_partition(cfg, data)
-    bad = malicious_ids(cfg)
-    roles = label_roles(partition_report(cfg, data, parts)["label_histograms"], bad, flip_table(cfg.attack, 10))
-    routing = routing_for(strategy, communication_graph(cfg), bad)
-    benign = [i for i in range(cfg.clients.count) if i not in bad]
-    active = benign if strategy == "upper" else list(range(cfg.clients.count))
-    clients = {i: build_client_data(cfg, data, i, parts) for i in active}
-    states = {i: NodeState(strategy) for i in active}
-    truth = detection_truth(routing.graph, bad) if strategy in STATEFUL else None
-
-    def model_of(sd=None):
-        net = new_model(cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
-        return net if sd is None else load_exchanged(net, sd)
-
-    records = []
-    for round_ in range(1, cfg.rounds + 1):
-        trained = {}
-        for i in active:
-            net = model_of(states[i].model)
-            train_local(net, clients[i].x, clients[i].y, cfg, states[i], round_=round_,
-                        seed=derive_seed(cfg.seed, round_, i), device=torch.device("cpu"),
-                        epic=uses_local_epic(strategy, cfg, clients[i].is_malicious), poison_mask=clients[i].poisoned)
-            states[i].trained = exchanged_state(net)
-            trained[i] = flatten_state(states[i].trained)
-        sent = outgoing(cfg.attack, trained, routing.graph.subgraph(active), bad, seed=cfg.seed, round_=round_)
-        evals, models, confirmed = {}, {}, {}
-        for i in active:
-            box, w = inbox(sent, i), routing.weights[i]
-            report = aggregate_models(strategy, cfg, states[i], {j: unflatten_like(v, states[i].trained)
-                                                                 for j, v in box.items()},
-                                      {j: w[j] for j in box}, 1 - sum(w[j] for j in box), clients[i].is_malicious)
-            confirmed[i] = report.confirmed
-            if i in benign:
-                evals[i] = evaluate(model_of(states[i].model), data.test_x, data.test_y, 1024, data.num_classes)
-                models[i] = flatten_state(states[i].model)
-        records.append(round_metrics(evals, models, benign, roles, confirmed if truth else None, truth))
-    return records
 
 
 def _numbers(run: Path) -> dict[str, list[dict]]:
@@ -323,12 +277,14 @@ def test_small_ring_through_the_cli_twice_gives_the_same_numbers(tmp_path, capsy
             assert len(r["per_class"]) == 10 and math.isfinite(r["consensus_distance"])
     assert "detection_recall" in numbers["gp"][0] and "detection_recall" not in numbers["gossip"][0]
 
-    # the Flower plumbing (Context.state across messages, routing) changes nothing: a plain loop agrees
+    # the Flower plumbing (Context.state across messages, routing) changes nothing: the plain loop agrees
+    from simulations.dfl_sequential import run_sequential
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match
     try:
         for member in ("gossip", "gp"):
-            expected = _reference_run(load_config("dfl_smoke.yaml", [f"output_dir={tmp_path}"]), member)
+            expected = run_sequential(load_config("dfl_smoke.yaml", [f"output_dir={tmp_path}"]), member)
             for got, want in zip(numbers[member], expected):
                 assert got["mean_accuracy"] == pytest.approx(want["mean_accuracy"], abs=1e-6)
                 assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
