@@ -96,6 +96,10 @@ def main() -> None:
         "epic_seconds": round(t_epic, 2), "overhead_ratio": round((t_epic - t_none) / t_none, 4),
         "selections": stats["selections"], "selection_seconds": round(stats["selection_seconds"], 2),
         "dropped_total": stats.get("dropped_total", 0),
+        "dropped_fraction": round(stats.get("dropped_total", 0) / len(y), 4),
+        # the cost side alone (proxy passes + selections), before the savings on dropped rows
+        "gross_overhead_ratio": round(stats["selection_seconds"] / t_none, 4),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "target": "<= 0.10 (40-epoch), <= 0.05 (200-epoch); paper: +0.47 / +0.41",
     }))
 
