@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
@@ -121,14 +122,18 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     stop = stop if stop is not None else threading.Event()
     if ray.is_initialized():
         ray.shutdown()  # a stale connection would make Flower reuse it instead of the configured cluster
-    try:
-        with _sigint_sets(stop):
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                           backend_config=backend_config(cfg))
-    finally:
-        # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
-        if ray.is_initialized():
-            ray.shutdown()
+    # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
+    # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
+    # folder, a benchmark's JSON line).
+    with redirect_stdout(sys.stderr):
+        try:
+            with _sigint_sets(stop):
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                               backend_config=backend_config(cfg))
+        finally:
+            # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
+            if ray.is_initialized():
+                ray.shutdown()
     if stop.is_set():
         raise RunInterrupted("interrupted")
 
