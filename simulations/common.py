@@ -73,6 +73,9 @@ def backend_config(cfg: RunConfig) -> dict:
         init_args["address"] = cfg.ray.address  # the cluster decides its size: no num_cpus here
     else:
         init_args["address"] = "local"  # never attach to a cluster that happens to run on this host
+        # No dashboard for a run-scoped local cluster: its processes cost CPU at every start (measured
+        # below in benchmarks/RESULTS.md) and nobody watches them; an attached cluster keeps its own.
+        init_args["include_dashboard"] = False
         if cfg.ray.num_cpus is not None:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)
     return {

@@ -114,7 +114,7 @@ def test_backend_config_local_and_attached():
     cfg = load_config(None, ["mode=federated", "ray.num_cpus=3", "ray.client_cpus=0.5"])
     conf = backend_config(cfg)
     assert conf["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1}
-    assert conf["init_args"] == {"log_to_driver": False, "address": "local", "num_cpus": 3}
+    assert conf["init_args"] == {"log_to_driver": False, "address": "local", "include_dashboard": False, "num_cpus": 3}
     attached = backend_config(load_config(None, ["mode=federated", "ray.address=10.0.0.1:6379", "ray.num_cpus=3"]))
     assert attached["init_args"] == {"log_to_driver": False, "address": "10.0.0.1:6379"}  # no num_cpus
 
