@@ -125,7 +125,7 @@ class PurificationReport:
     """What one ``aggregate`` call did (neighbour ids throughout)."""
 
     scores: dict[int, float]
-    flagged: list[int]  # suspicious this round, left out of this round's aggregation
+    flagged: list[int]  # suspicious this round (still aggregated unless confirmed or blatant: rules 5-6)
     purified: list[int]  # confirmed this round: their record was subtracted
     confirmed: list[int]  # every neighbour confirmed so far
     kept: list[int]  # neighbours aggregated this round
