@@ -3,8 +3,9 @@ Flower apps (``dfl_node``, ``dfl_router``), without Flower or Ray.
 
 It exists for two reasons. It is the reference that the Flower run is tested against (same seed, same
 numbers: tests/test_decentralized.py), and it makes sweeps over attacks and detector settings cheap
-(``benchmarks/dfl_attack_sweep.py``): on 2 CPU cores one noniid.yaml strategy takes about 10 s here,
-against 25-35 s per strategy through Flower and Ray, whose cost is moving models between processes.
+(``benchmarks/dfl_attack_sweep.py``): on 2 idle CPU cores one noniid.yaml strategy takes about 10 s
+here, against 15 s through Flower and Ray (120 s for the 8 strategies, Ray start included), whose
+extra cost is starting Ray and moving models between processes.
 Nodes run one after another, so it does not scale out; ``mode=decentralized`` remains the way to run.
 """
 
