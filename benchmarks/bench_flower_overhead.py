@@ -26,6 +26,7 @@ Reported (one JSON line on stdout):
   loading it once per actor from the uint8 cache (what client_app.py does).
 
     .venv/bin/python benchmarks/bench_flower_overhead.py [--clients 50] [--rounds 3] [--rows 40] [--model cnn]
+        [--ray-address HOST:PORT]
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ class LocalGrid:
 
 
 def bench_config(args: argparse.Namespace, out: Path, name: str) -> RunConfig:
+    cluster = [f"ray.address={args.ray_address}"] if args.ray_address else [f"ray.num_cpus={os.cpu_count()}"]
     return load_config(None, [
         "mode=federated", f"name={name}", f"output_dir={out}", "progress=false", "data.name=synthetic",
         f"data.synthetic_train={args.clients * args.rows}", "data.synthetic_test=500", f"model.name={args.model}",
         f"clients.count={args.clients}", f"rounds={args.rounds}", "strategies=[fedavg]", "train.batch_size=32",
-        f"ray.num_cpus={os.cpu_count()}",
+        *cluster,
     ])
 
 
@@ -144,6 +146,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40, help="training rows per client")
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    parser.add_argument("--ray-address", default=None,
+                        help="attach the Flower side to this running cluster (e.g. one `ray start --head` "
+                             "with one CPU per core) instead of starting a local one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_flower()
@@ -159,7 +164,7 @@ def main() -> None:
     actors = os.cpu_count() or 1  # ray.num_cpus = cores, one CPU per client actor
     print(json.dumps({
         "benchmark": "flower_overhead", "clients": args.clients, "rounds": args.rounds, "rows_per_client": args.rows,
-        "model": args.model, "cpus": os.cpu_count(), "threads": args.threads,
+        "model": args.model, "cpus": os.cpu_count(), "threads": args.threads, "ray_address": args.ray_address,
         "sequential_s": round(seq_total, 2), "flower_s": round(flw_total, 2), "ratio": round(flw_total / seq_total, 3),
         "sequential_round_s": round(seq_round, 3), "flower_round_s": round(flw_round, 3),
         "ratio_steady": round(flw_round / seq_round, 3), "per_round_overhead_s": round(flw_round - seq_round, 3),
