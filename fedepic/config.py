@@ -106,7 +106,7 @@ class PurificationConfig:
     patience: int = 2  # consecutive suspicious rounds before a neighbour is confirmed malicious
     window: int = 4
     votes: int = 3  # or: suspicious in `votes` of the last `window` rounds
-    reject_score: Optional[float] = 100.0  # a suspect scoring above this is not aggregated even before confirmation
+    reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
     min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
 
 

@@ -129,7 +129,7 @@ def test_purify_alone_is_exact():
 
 def test_suspicious_unconfirmed_still_aggregated_and_recorded():
     gen = torch.Generator().manual_seed(4)
-    gp = GradientPurification(patience=2, votes=None)
+    gp = GradientPurification(patience=2, votes=None, reject_score=None)  # rule 5 alone
     state = gp.new_state()
     own, neigh = _round(gen, torch.zeros(D))
     y, _ = gp.aggregate(own, neigh, IDS, W, state)
@@ -207,3 +207,4 @@ def test_epic_detector_confirms_outlier():
         y, report = gp.aggregate(own, neigh, IDS, W, state)
         assert report.flagged == [4] and report.scores[4] == 1.0
         assert report.purified == ([4] if t == 2 else [])
+
