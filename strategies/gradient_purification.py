@@ -36,7 +36,6 @@ Exact rules (node i, one call of ``aggregate`` per round):
    (``exclude`` in ``simulations/dfl_node.py`` is that baseline, with this same detector). GP instead
    keeps aggregating until the consistency rule (3) is met, and then removes everything the
    neighbour contributed at once (4), so what the node learnt on top of it stays in its weights.
-
 6. **Blatant outliers** are the one exception to rule 5: a neighbour whose score exceeds
    ``reject_score`` (default 30, ten times the threshold) is left out of the round's aggregation even
    before it is confirmed; it still counts as suspicious towards confirmation. Aggregating such a
@@ -57,11 +56,10 @@ with 0.25, benign neighbours of low-degree nodes (after the malicious neighbour 
 models or fewer remain) began to be confirmed from round 6 on ``configs/noniid.yaml`` (detection
 precision 0.76 by round 8, and GP purified their honest contributions); with 0.5 precision stayed
 1.0 in every round while every label-flipping, sign-flipping, IPM and Gaussian neighbour was still
-confirmed by round 2. ``patience = 2``
-(config default) is the shortest history that still ignores a single noisy round, and the shorter it
-is, the less a malicious model is aggregated before purification (a Gaussian-noise model aggregated
-for ``patience - 1`` rounds is subtracted again, but the local training done on top of it is not
-undone).
+confirmed by round 2. ``patience = 2`` (config default) is the shortest history that still ignores
+a single noisy round, and the shorter it is, the less a malicious model is aggregated before
+purification (a suspect aggregated for ``patience - 1`` rounds is subtracted again, but the local
+training done on top of it is not undone).
 
 Purification removes the recorded *aggregated contribution*, which is what the paper purifies. The
 indirect effects (local training done on a model that already contained that contribution, and what
