@@ -55,6 +55,12 @@ def node_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data, progress=False)
 
 
+def run_label_roles(cfg: RunConfig, histograms: list[list[int]], num_classes: int) -> dict[str, list[int]]:
+    """``dfl_router.label_roles`` for this run: only a label-flipping attack touches labels."""
+    table = flip_table(cfg.attack, num_classes) if cfg.attack.data == "label_flip" else None
+    return label_roles(histograms, malicious_ids(cfg), table)
+
+
 def member_names(strategies: list[str]) -> list[str]:
     """Folder names: the strategy, with -2, -3 ... when it is listed again."""
     seen: dict[str, int] = {}
@@ -139,8 +145,7 @@ def run_decentralized(cfg: RunConfig) -> Path:
             raise ConfigError(f"invalid value for key 'defense.purification': {err}") from None
     graph = communication_graph(cfg)
     bad = malicious_ids(cfg)
-    table = flip_table(cfg.attack, data.num_classes) if cfg.attack.data == "label_flip" else None
-    roles = label_roles(report["label_histograms"], bad, table)
+    roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(s, graph, bad)) for name, s in zip(member_names(cfg.strategies),
                                                                               cfg.strategies)]
     stop = threading.Event()

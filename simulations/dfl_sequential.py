@@ -15,18 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from fedepic.attacks import flip_table
 from fedepic.config import RunConfig, malicious_ids
 from fedepic.data import ImageData, load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.common import build_client_data, client_partition, partition_report
-from simulations.decentralized import communication_graph
+from simulations.decentralized import communication_graph, run_label_roles
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model, train_local,
     uses_local_epic,
 )
-from simulations.dfl_router import detection_truth, inbox, label_roles, outgoing, round_metrics, routing_for
+from simulations.dfl_router import detection_truth, inbox, outgoing, round_metrics, routing_for
 
 
 def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = None) -> list[dict[str, Any]]:
@@ -35,8 +34,7 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     data = load_dataset(cfg.data, cfg.seed) if data is None else data
     parts = client_partition(cfg, data)
     bad = malicious_ids(cfg)
-    roles = label_roles(partition_report(cfg, data, parts)["label_histograms"], bad,
-                        flip_table(cfg.attack, data.num_classes))
+    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
     routing = routing_for(strategy, communication_graph(cfg), bad)
     benign = [i for i in range(cfg.clients.count) if i not in bad]
     active = benign if strategy == "upper" else list(range(cfg.clients.count))

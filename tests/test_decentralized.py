@@ -229,6 +229,19 @@ def test_label_roles_and_round_metrics():
     assert record["detection_precision"] == 1.0 and record["detection_recall"] == 0.5
 
 
+def test_run_label_roles_consult_the_flip_map_only_under_label_flipping():
+    """One helper for the Ray run and the in-process loop: a configured flip map marks labels as
+    poisoned only when attack.data=label_flip."""
+    from simulations.decentralized import run_label_roles
+
+    hist = [[5, 5, 0, 0], [0, 0, 5, 5]]  # node 1, the malicious one here, alone holds labels 2 and 3
+    flipping = _cfg("attack.flip_map=[[2,3],[3,2]]", "clients.malicious_ids=[1]")
+    assert run_label_roles(flipping, hist, 4)["exclusive"] == []
+    model_attack = _cfg("attack.flip_map=[[2,3],[3,2]]", "attack.data=none", "attack.model=sign_flip",
+                        "clients.malicious_ids=[1]")
+    assert run_label_roles(model_attack, hist, 4)["exclusive"] == [2, 3]
+
+
 def test_bad_graph_or_detector_settings_stop_before_ray_starts(tmp_path, capsys):
     from fedepic.simulate import main
 
