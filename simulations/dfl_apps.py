@@ -97,7 +97,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         member, strategy, round_ = str(conf["member"]), str(conf["strategy"]), int(conf["round"])
         state = load_node_state(context, member)
         device = resolve_device(run_cfg.train.device)
-        model = new_model(run_cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+        model = new_model(run_cfg, data)
         start = state.model if state.model is not None else state.trained  # trained: no aggregation came
         if start is not None:
             load_exchanged(model, start)
@@ -133,7 +133,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         metrics: dict[str, Any] = {"partition-id": pid}
         if not client.is_malicious:  # figures are over benign nodes: skip the work for the others
             device = resolve_device(run_cfg.train.device)
-            model = new_model(run_cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+            model = new_model(run_cfg, data)
             model = load_exchanged(model, state.model).to(device)
             result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes,
                               run_cfg.train.amp)

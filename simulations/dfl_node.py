@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fedepic.config import RunConfig
+from fedepic.data import ImageData
 from fedepic.epic import EpicSchedule, EpicState
 from fedepic.models import build_model
 from fedepic.train import fit
@@ -59,12 +60,11 @@ def derive_seed(base: int, *parts: int) -> int:
 # ----------------------------------------------------------------------------------- models
 
 
-def new_model(cfg: RunConfig, num_classes: int, in_channels: int, image_size: int,
-              mean: tuple, std: tuple) -> nn.Module:
+def new_model(cfg: RunConfig, data: ImageData) -> nn.Module:
     """The initial model, identical at every node (seeded by ``cfg.seed`` without touching the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model.name, num_classes, in_channels, image_size, mean, std)
+        return build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
 
 
 def exchanged_state(model: nn.Module) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     device = torch.device("cpu")
 
     def model_of(state_dict=None):
-        net = new_model(cfg, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+        net = new_model(cfg, data)
         return net if state_dict is None else load_exchanged(net, state_dict)
 
     records = []
