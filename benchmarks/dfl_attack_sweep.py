@@ -21,6 +21,7 @@ import torch
 
 from fedepic.config import load_config
 from fedepic.data import load_dataset
+from fedepic.outputs import markdown_table
 from simulations.dfl_sequential import run_sequential
 
 ATTACKS = {  # attack name -> config overrides (label_flip keeps the config's flip map)
@@ -49,10 +50,9 @@ def summarise(records: list[dict]) -> dict:
 
 
 def markdown(results: dict, strategies: list[str], key: str) -> str:
-    lines = [f"| attack | {' | '.join(strategies)} |", "|---" * (len(strategies) + 1) + "|"]
-    for attack, rows in results.items():
-        lines.append(f"| {attack} | " + " | ".join(str(rows[s][key]) for s in strategies) + " |")
-    return "\n".join(lines)
+    """One row per attack, one column per strategy, cells ``results[attack][strategy][key]``."""
+    rows = [{"attack": attack, **{s: by_strategy[s][key] for s in strategies}} for attack, by_strategy in results.items()]
+    return markdown_table(rows, ["attack", *strategies])
 
 
 def main() -> None:
