@@ -8,7 +8,10 @@ classes in the same run and scaled to all classes.  Prints one JSON line, with t
 process CPU time and the 1-minute load average beside the wall times (on a shared
 machine, wall time depends on what else runs).
 
-    .venv/bin/python benchmarks/bench_epic.py [--device cuda] [--naive-classes 1]
+    .venv/bin/python benchmarks/bench_epic.py [--device cuda] [--naive-classes 1] [--backend auto]
+
+The default backend on the CPU is the compiled (numba) greedy when numba is installed;
+the torch backend is timed in the same run for the ratio.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "compiled", "torch"])
+    parser.add_argument("--torch-repeats", type=int, default=1, help="timed runs of the torch backend, for the ratio")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,10 +83,19 @@ def main() -> None:
     for _ in range(args.repeats):
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        sel = epic.select_medoids(x, y, args.fraction)
+        sel = epic.select_medoids(x, y, args.fraction, backend=args.backend)
         sync(device)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+
+    torch_times, torch_identical = [], True  # the pure-torch backend in the same run
+    for _ in range(args.torch_repeats if args.backend != "torch" else 0):
+        sync(device)
+        start = time.perf_counter()
+        other = epic.select_medoids(x, y, args.fraction, backend="torch")
+        sync(device)
+        torch_times.append(time.perf_counter() - start)
+        torch_identical &= torch.equal(other.medoids, sel.medoids) and torch.equal(other.assignment, sel.assignment)
 
     k = epic.class_budget(args.fraction, args.rows)
     naive_time, identical = 0.0, True
@@ -112,9 +126,14 @@ def main() -> None:
         "dim": args.dim,
         "fraction": args.fraction,
         "medoids_per_class": k,
+        "backend": args.backend,
+        "backend_used": "torch" if epic._kernel_for(args.backend, device) is None else "compiled",
         "fast_seconds": round(fast, 4),
         "fast_seconds_all_repeats": [round(t, 4) for t in times],
         "fast_process_cpu_seconds": round(min(cpu_times), 4),
+        "torch_backend_seconds": round(min(torch_times), 4) if torch_times else None,
+        "torch_backend_over_fast": round(min(torch_times) / fast, 2) if torch_times else None,
+        "torch_backend_identical": torch_identical if torch_times else None,
         "naive_seconds": round(naive_total, 3) if naive_total else None,
         "naive_timed_classes": args.naive_classes,
         "naive_note": f"naive timed on {args.naive_classes} class(es), scaled by {args.classes}",

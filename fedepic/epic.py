@@ -32,7 +32,9 @@ gain reductions fast.  :func:`distance_codes` exposes the code matrix.
 Speed.  Lazy greedy (Minoux 1978): a heap of stale upper bounds (gains only shrink
 as medoids are added, by submodularity), re-evaluated in small vectorised batches;
 on a 5000-row class with 500 medoids it evaluates about 5 full passes' worth of
-candidates instead of the naive 500.  A class's int32 code matrix is stored when it
+candidates instead of the naive 500.  On the CPU, when numba is installed, a
+compiled kernel (:mod:`fedepic.greedy_kernel`) runs the same greedy with one fused
+pass per gain, and overlaps each class's greedy with the next class's build.  A class's int32 code matrix is stored when it
 fits in ``max_matrix_bytes`` (default 2 GiB, about 23k rows); larger classes
 recompute rows on demand in ``chunk_rows`` blocks.  Recomputed rows come from
 differently shaped float64 products, which may differ from the stored ones in the
@@ -46,9 +48,11 @@ import heapq
 import math
 import numbers
 import time
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -527,6 +531,92 @@ def _check_selection_args(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
 
 
+_BACKENDS = ("auto", "compiled", "torch")
+
+
+def _kernel_for(backend: str, device: torch.device) -> Callable | None:
+    """The compiled lazy greedy that ``backend`` asks for on ``device``, or None (torch)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        return None
+    if device.type != "cpu":
+        raise ValueError(f"backend='compiled' runs on the CPU; features are on {device}")
+    try:
+        from fedepic.greedy_kernel import lazy_greedy
+    except ImportError:  # numba is optional: the core runs with torch alone
+        if backend == "compiled":
+            raise ValueError("backend='compiled' needs numba (pip install numba)") from None
+        return None
+    return lazy_greedy
+
+
+@dataclass(frozen=True)
+class _GroupPlan:
+    """Builds each class's codes and runs its greedy; (chosen, assign) per class, local indices.
+
+    With the compiled kernel (which releases the GIL) and two or more threads, the
+    greedy of one class runs in a worker thread while the next class's matrix is
+    built, in the other of two workspaces; only when two of the largest class's
+    matrices fit in ``max_matrix_bytes``.  Whether a matrix is stored never depends
+    on this, so neither does the result.
+    """
+
+    fraction: float
+    method: str
+    seed: int | None
+    chunk_rows: int
+    max_matrix_bytes: int
+    kernel: Callable | None
+    threads: int
+
+    def run(self, features: Features, groups: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        largest = max(len(idx) for idx in groups)
+        overlap = (
+            self.kernel is not None
+            and self.method == "exact"
+            and self.threads >= 2
+            and len(groups) > 1
+            and 2 * 4 * largest * largest <= self.max_matrix_bytes
+        )
+        workspaces: list[Tensor | None] = [None, None]
+        results: list[Future | tuple[Tensor, Tensor]] = []
+        with ThreadPoolExecutor(1) if overlap else nullcontext() as pool:
+            for pos, idx in enumerate(groups):
+                slot = pos % 2 if overlap else 0
+                if overlap and pos >= 2:
+                    results[pos - 2] = _resolved(results[pos - 2])  # its workspace is free again
+                x = features[idx.to(features.device)]
+                with _threads(self.threads if _is_heavy(x) else 1):
+                    codes = _Codes(_Group(x), self.chunk_rows, self.max_matrix_bytes, workspaces[slot])
+                workspaces[slot] = codes.workspace
+                k = class_budget(self.fraction, len(idx))
+                if self.kernel is not None and self.method == "exact" and codes.matrix is not None:
+                    job = partial(_compiled_greedy, self.kernel, codes, k)
+                    results.append(pool.submit(job) if pool is not None else job())
+                else:
+                    results.append(_torch_greedy(codes, k, self.method, (self.seed or 0) + pos))
+            return [_resolved(r) for r in results]
+
+
+def _resolved(result: Future | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return result.result() if isinstance(result, Future) else result
+
+
+def _compiled_greedy(kernel: Callable, codes: _Codes, k: int) -> tuple[Tensor, Tensor]:
+    chosen, assign = kernel(codes.matrix.numpy(), codes.sums.numpy(), k, CODE_LEVELS + 1)
+    return torch.from_numpy(chosen), torch.from_numpy(assign)
+
+
+def _torch_greedy(codes: _Codes, k: int, method: str, seed: int) -> tuple[Tensor, Tensor]:
+    greedy = _Greedy(codes)
+    if method == "exact":
+        _lazy_greedy(greedy, k)
+    else:
+        _stochastic_greedy(greedy, k, torch.Generator().manual_seed(seed))
+    return torch.tensor(greedy.chosen, dtype=torch.int64), greedy.assign.cpu()
+
+
 def select_medoids(
     features: Features,
     labels: Tensor,
@@ -537,6 +627,7 @@ def select_medoids(
     chunk_rows: int = 4096,
     seed: int | None = None,
     max_matrix_bytes: int = 2**31,
+    backend: str = "auto",
 ) -> MedoidSelection:
     """Per-class greedy medoids and the isolated ones to drop (EPIC, Algorithm 1).
 
@@ -550,30 +641,27 @@ def select_medoids(
                0 when None).
     chunk_rows: rows per block when a class is too big to store its code matrix.
     max_matrix_bytes: largest int32 code matrix stored per class (default 2 GiB).
+               With the compiled backend and two or more torch threads, two
+               classes' matrices are alive at once when both fit in this bound.
+    backend:   how the exact greedy runs on a stored matrix: "compiled" (numba,
+               CPU only, :mod:`fedepic.greedy_kernel`), "torch", or "auto"
+               (compiled on the CPU when numba is installed, else torch).  The
+               result does not depend on it.
     """
     _check_selection_args(features, labels, fraction, threshold, method, chunk_rows)
-    dev = features.device
-    with _single_thread(dev) as caller_threads:
+    kernel = _kernel_for(backend, features.device)
+    with _single_thread(features.device) as caller_threads:
         labels_cpu = labels.detach().cpu()
         groups = [(labels_cpu == c).nonzero().flatten() for c in torch.unique(labels_cpu).tolist()]
-        workspace = None  # the code matrix storage, reused by every class
-        medoids, sizes = [], []
-        assignment = torch.empty(len(labels_cpu), dtype=torch.int64)
-        for pos, idx in enumerate(groups):
-            x = features[idx.to(dev)]
-            with _threads(caller_threads if _is_heavy(x) else torch.get_num_threads()):
-                codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes, workspace)
-            workspace, greedy = codes.workspace, _Greedy(codes)
-            k = class_budget(fraction, len(idx))
-            if method == "exact":
-                _lazy_greedy(greedy, k)
-            else:
-                _stochastic_greedy(greedy, k, torch.Generator().manual_seed((seed or 0) + pos))
-            chosen, local = torch.tensor(greedy.chosen, dtype=torch.int64), greedy.assign.cpu()
-            local[chosen] = chosen  # a medoid always belongs to its own cluster
-            assignment[idx] = idx[local]
-            medoids.append(idx[chosen])
-            sizes.append(torch.bincount(local, minlength=len(idx))[chosen])
+        plan = _GroupPlan(fraction, method, seed, chunk_rows, max_matrix_bytes, kernel, caller_threads)
+        results = plan.run(features, groups)
+    medoids, sizes = [], []
+    assignment = torch.empty(len(labels_cpu), dtype=torch.int64)
+    for idx, (chosen, local) in zip(groups, results):
+        local[chosen] = chosen  # a medoid always belongs to its own cluster
+        assignment[idx] = idx[local]
+        medoids.append(idx[chosen])
+        sizes.append(torch.bincount(local, minlength=len(idx))[chosen])
     medoids_t, sizes_t = torch.cat(medoids), torch.cat(sizes)
     drop = torch.zeros(len(labels_cpu), dtype=torch.bool)
     drop[medoids_t[sizes_t <= threshold]] = True

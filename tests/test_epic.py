@@ -20,6 +20,12 @@ from fedepic.epic import (
 )
 
 CUDA = torch.cuda.is_available()
+try:
+    import numba  # noqa: F401
+
+    BACKENDS = ["torch", "compiled"]
+except ImportError:  # the core runs without numba; the torch backend is still tested
+    BACKENDS = ["torch"]
 
 
 # ------------------------------------------------------------------ references
@@ -106,11 +112,12 @@ def random_classes(seed: int, sizes: list[int], dim: int = 3, duplicates: int = 
 # ----------------------------------------------------------- exact greedy agreement
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.75, 1.0])
-def test_matches_brute_force(seed: int, fraction: float) -> None:
+def test_matches_brute_force(seed: int, fraction: float, backend: str) -> None:
     x, labels = random_classes(seed, [1, 2, 5, 31, 17], duplicates=10)
-    sel = select_medoids(x, labels, fraction, threshold=1)
+    sel = select_medoids(x, labels, fraction, threshold=1, backend=backend)
     medoids, sizes, assignment, drop = reference_selection(x, labels, fraction, 1)
     assert sel.medoids.tolist() == medoids
     assert sel.sizes.tolist() == sizes
@@ -118,13 +125,14 @@ def test_matches_brute_force(seed: int, fraction: float) -> None:
     assert sel.drop.tolist() == drop
 
 
-def test_matches_brute_force_all_identical_and_ties() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_brute_force_all_identical_and_ties(backend: str) -> None:
     x = torch.tensor([[0.0, 0.0]] * 4 + [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     labels = torch.zeros(8, dtype=torch.long)
     for fraction in (0.2, 0.5, 1.0):
-        sel = select_medoids(x, labels, fraction)
+        sel = select_medoids(x, labels, fraction, backend=backend)
         assert sel.medoids.tolist() == reference_selection(x, labels, fraction, 1)[0]
-    same = select_medoids(torch.ones(5, 3), torch.zeros(5, dtype=torch.long), 0.4)
+    same = select_medoids(torch.ones(5, 3), torch.zeros(5, dtype=torch.long), 0.4, backend=backend)
     assert same.medoids.tolist() == [0, 1]
     assert same.sizes.tolist() == [4, 1]  # the duplicate medoid keeps only itself
 
@@ -141,12 +149,44 @@ def test_codes_keep_the_float64_greedy() -> None:
     assert sel.medoids.tolist() == expected
 
 
-def test_lazy_matches_naive_at_scale() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazy_matches_naive_at_scale(backend: str) -> None:
     gen = torch.Generator().manual_seed(5)
     centers = torch.randn(8, 6, generator=gen) * 3
     x = centers[torch.randint(0, 8, (500,), generator=gen)] + torch.randn(500, 6, generator=gen)
-    sel = select_medoids(x, torch.zeros(500, dtype=torch.long), 0.12)
+    sel = select_medoids(x, torch.zeros(500, dtype=torch.long), 0.12, backend=backend)
     assert sel.medoids.tolist() == naive_torch_greedy(distance_codes(x), 60)
+
+
+@pytest.mark.skipif("compiled" not in BACKENDS, reason="needs numba")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_overlapped_classes_match_torch(threads: int) -> None:
+    """With 2 threads the compiled greedy of a class overlaps the next class's build."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(900, 5, generator=gen)
+    labels = torch.randint(0, 5, (900,), generator=gen)
+    labels[:4] = 5  # plus a tiny class
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled = select_medoids(x, labels, 0.15, backend="compiled")
+    finally:
+        torch.set_num_threads(before)
+    reference = select_medoids(x, labels, 0.15, backend="torch")
+    for field in ("medoids", "sizes", "drop", "assignment"):
+        assert torch.equal(getattr(compiled, field), getattr(reference, field))
+    # classes too big to store fall back to the torch greedy, with the same result
+    mixed = select_medoids(x, labels, 0.15, backend="compiled", max_matrix_bytes=4 * 100**2)
+    assert torch.equal(mixed.medoids, reference.medoids)
+
+
+def test_backend_argument_is_checked() -> None:
+    x, labels = torch.randn(10, 2), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend"):
+        select_medoids(x, labels, 0.5, backend="numba")
+    if CUDA:
+        with pytest.raises(ValueError, match="CPU"):
+            select_medoids(x.cuda(), labels.cuda(), 0.5, backend="compiled")
 
 
 def test_on_demand_rows_match_stored_matrix() -> None:

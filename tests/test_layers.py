@@ -26,3 +26,33 @@ print('ok')
 def test_core_imports_without_flower_or_ray():
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+NO_NUMBA_PROBE = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('numba', 'llvmlite'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import torch
+from fedepic.epic import select_medoids
+x, y = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)), torch.arange(200) % 3
+auto = select_medoids(x, y, 0.1)
+assert torch.equal(auto.medoids, select_medoids(x, y, 0.1, backend='torch').medoids)
+try:
+    select_medoids(x, y, 0.1, backend='compiled')
+except ValueError as err:
+    assert 'numba' in str(err)
+else:
+    raise AssertionError('compiled backend without numba')
+print('ok')
+"""
+
+
+def test_selection_runs_without_numba():
+    """numba is optional: the GPU machine has only torch and torchvision."""
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NUMBA_PROBE], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
