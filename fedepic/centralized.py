@@ -26,7 +26,7 @@ from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicSchedule, EpicState
 from fedepic.metrics import mean_and_se, success_rate
-from fedepic.models import build_model
+from fedepic.models import model_for_data
 from fedepic.outputs import RunWriter, csv_table, markdown_table
 from fedepic.plots import close, comparison_figure, curves_figure
 from fedepic.progress import bar, progress_bars
@@ -64,9 +64,7 @@ def epic_schedule(cfg: RunConfig, fraction: Optional[float] = None) -> EpicSched
 
 
 def new_model(cfg: RunConfig, data: ImageData, seed: int, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
-    return prepare_model(model, device, cfg.train.amp)
+    return prepare_model(model_for_data(cfg.model.name, data, seed=seed), device, cfg.train.amp)
 
 
 def _brew_config(cfg: RunConfig) -> BrewConfig:

@@ -6,10 +6,13 @@ in pixel space) and defenses see the same input space.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # data does not import models; the annotation only needs the name
+    from fedepic.data import ImageData
 
 
 class ImageClassifier(nn.Module):
@@ -81,3 +84,19 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     body, feature_dim = _BODIES[name](in_channels, image_size)
     return ImageClassifier(body, feature_dim, num_classes, mean, std)
+
+
+def model_for_data(name: str, data: "ImageData", seed: Optional[int] = None) -> ImageClassifier:
+    """:func:`build_model` for ``data``'s classes, image shape and normalisation.
+
+    With ``seed`` the initial weights come from that seed and the global RNG is left as it was;
+    without it they come from the global RNG (the caller seeds it, or loads weights over them).
+    """
+    def build() -> ImageClassifier:
+        return build_model(name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()

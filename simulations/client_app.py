@@ -37,7 +37,7 @@ from fedepic.attacks.model_attacks import apply_model_attack
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.epic import EpicSchedule, EpicState
-from fedepic.models import build_model
+from fedepic.models import model_for_data
 from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -62,7 +62,7 @@ def epic_schedule_rounds(cfg: RunConfig) -> EpicSchedule:
 
 
 def model_for(cfg: RunConfig, data: ImageData) -> torch.nn.Module:
-    return build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+    return model_for_data(cfg.model.name, data)  # unseeded: the server's initial weights are loaded over it
 
 
 def _model_attack_params(cfg: RunConfig) -> dict:

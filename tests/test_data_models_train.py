@@ -9,8 +9,8 @@ import torch
 
 from fedepic.augment import random_crop_flip
 from fedepic.config import DataConfig, TrainConfig
-from fedepic.data import DataError, load_dataset
-from fedepic.models import build_model
+from fedepic.data import DataError, ImageData, load_dataset
+from fedepic.models import build_model, model_for_data
 from fedepic.train import evaluate, fit
 
 
@@ -102,3 +102,16 @@ def test_same_seed_same_training():
         return torch.nn.utils.parameters_to_vector(model.parameters())
 
     assert torch.equal(run(), run())
+
+
+def test_model_for_data_follows_the_data_and_the_seed():
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    data = ImageData(images, torch.zeros(4, dtype=torch.long), images, torch.zeros(4, dtype=torch.long), 7,
+                     [str(c) for c in range(7)], (0.5,) * 3, (0.25,) * 3)
+    before = torch.random.get_rng_state()
+    a, b = model_for_data("cnn", data, seed=3), model_for_data("cnn", data, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    other = model_for_data("cnn", data, seed=4)
+    assert not torch.equal(a.classifier.weight, other.classifier.weight)
+    assert a(torch.rand(2, 3, 32, 32)).shape == (2, 7)
