@@ -836,7 +836,8 @@ class EpicState:
     def select(self, model: nn.Module, x: Tensor, y: Tensor, poison_mask: Tensor | None = None) -> dict:
         """One EPIC selection on the kept rows (x: all n rows, uint8 or float in [0, 1]).
 
-        Returns: selection (count so far), selected_rows (medoids chosen),
+        Returns: selection (count so far), skipped_nonfinite (1 when the model's proxies hold NaN
+        or infinite values: nothing is selected or dropped), selected_rows (medoids chosen),
         dropped_now, dropped_total, kept, selection_seconds (proxies included), and
         with ``poison_mask`` (bool [n]) the cumulative poisons_dropped,
         poison_recall (0.0 without poisons), clean_dropped and clean_drop_rate.
@@ -848,18 +849,23 @@ class EpicState:
             raise ValueError(f"poison_mask must be a bool tensor of length {n}")
         start = time.perf_counter()
         rows = self.keep.nonzero().flatten().cpu()
-        sched, medoids = self.schedule, 0
+        sched, medoids, skipped = self.schedule, 0, False
         dropped_now = rows[:0]
         if len(rows):
             labels = y[rows.to(y.device)]
             proxy = gradient_proxy(model, x[rows.to(x.device)], labels, sched.proxy, self.batch_size, self.device)
-            seed = None if self.seed is None else self.seed + self.selections
-            sel = select_medoids(proxy, labels, sched.fraction, sched.threshold, method=self.method, seed=seed)
-            dropped_now, medoids = rows[sel.drop], len(sel.medoids)
-            self.keep[dropped_now.to(self.keep.device)] = False
+            # A diverged model (NaN or infinite outputs, e.g. a node that aggregated a poisoned model)
+            # has no gradient geometry to select on: this selection drops nothing.
+            skipped = not _all_finite(proxy)
+            if not skipped:
+                seed = None if self.seed is None else self.seed + self.selections
+                sel = select_medoids(proxy, labels, sched.fraction, sched.threshold, method=self.method, seed=seed)
+                dropped_now, medoids = rows[sel.drop], len(sel.medoids)
+                self.keep[dropped_now.to(self.keep.device)] = False
         self.selections += 1
         stats: dict[str, Any] = {
             "selection": self.selections,
+            "skipped_nonfinite": int(skipped),
             "selected_rows": medoids,
             "dropped_now": len(dropped_now),
             "dropped_total": int((~self.keep).sum()),
@@ -881,6 +887,11 @@ class EpicState:
             raise ValueError(f"state holds {len(keep)} rows, EpicState has {len(self.keep)}")
         self.keep.copy_(keep)
         self.selections = int(state.get("selections", 0))
+
+
+def _all_finite(proxy: Features) -> bool:
+    parts = (proxy.g, proxy.h) if isinstance(proxy, LastLayerProxy) else (proxy,)
+    return all(bool(torch.isfinite(t).all()) for t in parts)
 
 
 def _poison_stats(dropped: Tensor, poison: Tensor) -> dict[str, Any]:

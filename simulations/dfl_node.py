@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.epic import EpicSchedule, EpicState
-from fedepic.models import build_model
+from fedepic.models import model_for_data
 from fedepic.train import fit
 from fedepic.vectors import flatten_state, unflatten_like
 from strategies.gradient_purification import GradientPurification, PurificationState
@@ -62,9 +62,7 @@ def derive_seed(base: int, *parts: int) -> int:
 
 def new_model(cfg: RunConfig, data: ImageData) -> nn.Module:
     """The initial model, identical at every node (seeded by ``cfg.seed`` without touching the global RNG)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+    return model_for_data(cfg.model.name, data, seed=cfg.seed)
 
 
 def exchanged_state(model: nn.Module) -> dict[str, Tensor]:
@@ -196,6 +194,7 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
     stats = {"train_loss": history[-1]["loss"], "rows": int(keep.sum())}
     if selections:
         stats["epic_dropped_total"] = selections[-1]["dropped_total"]
+        stats["epic_skipped_nonfinite"] = sum(sel["skipped_nonfinite"] for sel in selections)
         if "poison_recall" in selections[-1]:
             stats["epic_poison_recall"] = selections[-1]["poison_recall"]
     return stats

@@ -446,6 +446,21 @@ def test_epic_state_drops_accumulate_and_stats() -> None:
     assert state.select(model, x, y)["dropped_now"] == 0  # nothing left to select from
 
 
+@pytest.mark.parametrize("proxy", ["logits", "last_layer"])
+def test_epic_state_skips_a_diverged_model(proxy: str) -> None:
+    """NaN weights (a node that aggregated a poisoned model) drop nothing instead of failing."""
+    x, y, poison = planted_data(2)
+    state = EpicState(len(x), EpicSchedule(fraction=0.1, proxy=proxy))
+    model = PlantedNet(4)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    stats = state.select(model, x, y, poison)
+    assert stats["skipped_nonfinite"] == 1 and stats["dropped_now"] == 0 and state.keep.all()
+    assert stats["selection"] == 1 and stats["poisons_dropped"] == 0
+    healthy = state.select(PlantedNet(4), x, y, poison)
+    assert healthy["skipped_nonfinite"] == 0 and healthy["poisons_dropped"] == 3
+
+
 def test_epic_state_last_layer_proxy() -> None:
     x, y, poison = planted_data(1)
     state = EpicState(len(x), EpicSchedule(fraction=0.1, proxy="last_layer"))
