@@ -10,7 +10,8 @@ machine, wall time depends on what else runs).
 
     .venv/bin/python benchmarks/bench_epic.py [--device cuda] [--naive-classes 1] [--backend auto]
 
-The default backend on the CPU is the compiled (numba) greedy when numba is installed;
+The default backend is the compiled (numba) greedy on the CPU when numba is installed, and the
+batched greedy (all classes in whole-tensor steps) on a GPU;
 the torch backend is timed in the same run for the ratio.
 """
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "compiled", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "compiled", "torch", "batched"])
     parser.add_argument("--torch-repeats", type=int, default=1, help="timed runs of the torch backend, for the ratio")
     args = parser.parse_args()
     if args.threads:
@@ -127,7 +128,7 @@ def main() -> None:
         "fraction": args.fraction,
         "medoids_per_class": k,
         "backend": args.backend,
-        "backend_used": "torch" if epic._kernel_for(args.backend, device) is None else "compiled",
+        "backend_used": epic._resolve_backend(args.backend, device)[0],
         "fast_seconds": round(fast, 4),
         "fast_seconds_all_repeats": [round(t, 4) for t in times],
         "fast_process_cpu_seconds": round(min(cpu_times), 4),

@@ -34,7 +34,9 @@ as medoids are added, by submodularity), re-evaluated in small vectorised batche
 on a 5000-row class with 500 medoids it evaluates about 5 full passes' worth of
 candidates instead of the naive 500.  On the CPU, when numba is installed, a
 compiled kernel (:mod:`fedepic.greedy_kernel`) runs the same greedy with one fused
-pass per gain, and overlaps each class's greedy with the next class's build.  A class's int32 code matrix is stored when it
+pass per gain, and overlaps each class's greedy with the next class's build.  On
+a GPU, :mod:`fedepic.batched_greedy` runs all classes' greedy steps together as
+whole-tensor operations (one host sync per step).  A class's int32 code matrix is stored when it
 fits in ``max_matrix_bytes`` (default 2 GiB, about 23k rows); larger classes
 recompute rows on demand in ``chunk_rows`` blocks.  Recomputed rows come from
 differently shaped float64 products, which may differ from the stored ones in the
@@ -56,6 +58,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from fedepic.batched_greedy import batched_lazy_greedy
 
 __all__ = [
     "LastLayerProxy",
@@ -531,24 +535,81 @@ def _check_selection_args(
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
 
 
-_BACKENDS = ("auto", "compiled", "torch")
+_BACKENDS = ("auto", "compiled", "torch", "batched")
 
 
-def _kernel_for(backend: str, device: torch.device) -> Callable | None:
-    """The compiled lazy greedy that ``backend`` asks for on ``device``, or None (torch)."""
+def _resolve_backend(backend: str, device: torch.device) -> tuple[str, Callable | None]:
+    """(the backend that runs, the compiled kernel or None) for ``backend`` on ``device``.
+
+    "auto" is "batched" on a GPU, "compiled" on the CPU when numba is installed, else "torch".
+    """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
-        return None
+    if backend == "auto" and device.type != "cpu":
+        return "batched", None
+    if backend in ("torch", "batched"):
+        return backend, None
     if device.type != "cpu":
         raise ValueError(f"backend='compiled' runs on the CPU; features are on {device}")
     try:
         from fedepic.greedy_kernel import lazy_greedy
-    except ImportError:  # numba is optional: the core runs with torch alone
+    except Exception as err:  # numba is optional (ImportError), and its cache may be unusable here
         if backend == "compiled":
-            raise ValueError("backend='compiled' needs numba (pip install numba)") from None
-        return None
-    return lazy_greedy
+            raise ValueError(f"backend='compiled' needs a working numba (pip install numba): {err}") from None
+        return "torch", None
+    return "compiled", lazy_greedy
+
+
+def _run_batched(
+    features: Features, groups: list[Tensor], fraction: float, chunk_rows: int, max_matrix_bytes: int,
+    threads: int, batch: int = 128,
+) -> list[tuple[Tensor, Tensor]]:
+    """(chosen, assign) per class with :func:`fedepic.batched_greedy.batched_lazy_greedy`.
+
+    Consecutive classes share one padded [C, N, N] code tensor while it fits in
+    ``max_matrix_bytes`` (plus one scratch matrix for a class smaller than N); a class too big to
+    store runs the torch greedy on rows computed on demand.
+    """
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(groups)
+    storable = [pos for pos, idx in enumerate(groups) if 4 * len(idx) ** 2 <= max_matrix_bytes]
+    for pos in sorted(set(range(len(groups))) - set(storable)):
+        x = features[groups[pos].to(features.device)]
+        with _threads(_build_threads(x, threads)):
+            codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes)
+        results[pos] = _torch_greedy(codes, class_budget(fraction, len(groups[pos])), "exact", 0)
+    for members in _batches([len(groups[pos]) for pos in storable], max_matrix_bytes):
+        positions = [storable[m] for m in members]
+        sizes = [len(groups[pos]) for pos in positions]
+        width = max(sizes)
+        stack = torch.zeros(len(positions), width, width, dtype=torch.int32, device=features.device)
+        sums = torch.zeros(len(positions), width, dtype=torch.int64, device=features.device)
+        scratch = None
+        for slot, pos in enumerate(positions):
+            x = features[groups[pos].to(features.device)]
+            direct = len(x) == width  # build straight into the slot
+            with _threads(_build_threads(x, threads)):
+                codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes, stack[slot].view(-1) if direct else scratch)
+            if not direct:
+                scratch = codes.workspace
+                stack[slot, : len(x), : len(x)] = codes.matrix
+            sums[slot, : len(x)] = codes.sums
+        budgets = [class_budget(fraction, n) for n in sizes]
+        for pos, result in zip(positions, batched_lazy_greedy(stack, sums, sizes, budgets, CODE_LEVELS + 1, batch)):
+            results[pos] = result
+    return results  # type: ignore[return-value]
+
+
+def _batches(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Consecutive runs of classes whose padded int32 [C, N, N] stack fits in ``max_bytes``."""
+    out: list[list[int]] = []
+    for i, n in enumerate(sizes):
+        if out:
+            width = max(n, *(sizes[j] for j in out[-1]))
+            if 4 * (len(out[-1]) + 1) * width * width <= max_bytes:
+                out[-1].append(i)
+                continue
+        out.append([i])
+    return out
 
 
 @dataclass(frozen=True)
@@ -581,13 +642,16 @@ class _GroupPlan:
         )
         workspaces: list[Tensor | None] = [None, None]
         results: list[Future | tuple[Tensor, Tensor]] = []
-        with ThreadPoolExecutor(1) if overlap else nullcontext() as pool:
+        # With a greedy running in the worker, the build leaves it one of the caller's threads.
+        threads = max(1, self.threads - 1) if overlap else self.threads
+        pool = ThreadPoolExecutor(1) if overlap else None
+        try:
             for pos, idx in enumerate(groups):
                 slot = pos % 2 if overlap else 0
                 if overlap and pos >= 2:
                     results[pos - 2] = _resolved(results[pos - 2])  # its workspace is free again
                 x = features[idx.to(features.device)]
-                with _threads(self.threads if _is_heavy(x) else 1):
+                with _threads(_build_threads(x, threads)):
                     codes = _Codes(_Group(x), self.chunk_rows, self.max_matrix_bytes, workspaces[slot])
                 workspaces[slot] = codes.workspace
                 k = class_budget(self.fraction, len(idx))
@@ -597,6 +661,15 @@ class _GroupPlan:
                 else:
                     results.append(_torch_greedy(codes, k, self.method, (self.seed or 0) + pos))
             return [_resolved(r) for r in results]
+        finally:
+            if pool is not None:  # on an error or Ctrl-C: drop the queued class, finish the running one
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _build_threads(x: Features, threads: int) -> int:
+    """torch threads for building a group's codes: one for the cache-sized CPU products of light
+    groups (more made them slower), the caller's for heavy ones and for GPU inputs."""
+    return threads if _is_heavy(x) or x.device.type != "cpu" else 1
 
 
 def _resolved(result: Future | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -644,17 +717,22 @@ def select_medoids(
                With the compiled backend and two or more torch threads, two
                classes' matrices are alive at once when both fit in this bound.
     backend:   how the exact greedy runs on a stored matrix: "compiled" (numba,
-               CPU only, :mod:`fedepic.greedy_kernel`), "torch", or "auto"
-               (compiled on the CPU when numba is installed, else torch).  The
-               result does not depend on it.
+               CPU only, :mod:`fedepic.greedy_kernel`), "torch" (a heap and
+               batched re-evaluation), "batched" (all classes in whole-tensor
+               steps, :mod:`fedepic.batched_greedy`: for GPUs), or "auto"
+               (batched on a GPU; compiled on the CPU when numba is installed,
+               else torch).  The result does not depend on it.
     """
     _check_selection_args(features, labels, fraction, threshold, method, chunk_rows)
-    kernel = _kernel_for(backend, features.device)
+    runner, kernel = _resolve_backend(backend, features.device)
     with _single_thread(features.device) as caller_threads:
         labels_cpu = labels.detach().cpu()
         groups = [(labels_cpu == c).nonzero().flatten() for c in torch.unique(labels_cpu).tolist()]
-        plan = _GroupPlan(fraction, method, seed, chunk_rows, max_matrix_bytes, kernel, caller_threads)
-        results = plan.run(features, groups)
+        if runner == "batched" and method == "exact":
+            results = _run_batched(features, groups, fraction, chunk_rows, max_matrix_bytes, caller_threads)
+        else:
+            plan = _GroupPlan(fraction, method, seed, chunk_rows, max_matrix_bytes, kernel, caller_threads)
+            results = plan.run(features, groups)
     medoids, sizes = [], []
     assignment = torch.empty(len(labels_cpu), dtype=torch.int64)
     for idx, (chosen, local) in zip(groups, results):

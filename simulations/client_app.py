@@ -97,9 +97,10 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     trained_rows = int(keep.sum())
     history = fit(model, client.x, client.y, cfg.train, seed=seed, device=device, epochs=cfg.clients.local_epochs,
                   keep=keep) if trained_rows else []
-    recall = UNKNOWN
+    recall, skipped = UNKNOWN, 0
     if epic is not None:
-        epic.maybe_select(server_round, model, client.x, client.y, client.poisoned)
+        selection = epic.maybe_select(server_round, model, client.x, client.y, client.poisoned)
+        skipped = int(selection["skipped_nonfinite"]) if selection else 0
         if client.poisoned.any():
             recall = float((~epic.keep & client.poisoned).sum()) / float(client.poisoned.sum())
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -114,6 +115,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
         "epic-dropped": int((~epic.keep).sum()) if epic is not None else 0,
         "epic-selections": epic.selections if epic is not None else 0,
         "epic-poison-recall": recall,
+        "epic-skipped-nonfinite": skipped,  # 1: this round's selection met a diverged (NaN/inf) model
         "train-seconds": time.perf_counter() - started,
     }
     return LocalResult(state, metrics, epic.state_dict() if epic is not None else None)

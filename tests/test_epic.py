@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedepic import epic
 from fedepic.epic import (
     EpicSchedule,
     EpicState,
@@ -23,9 +24,9 @@ CUDA = torch.cuda.is_available()
 try:
     import numba  # noqa: F401
 
-    BACKENDS = ["torch", "compiled"]
-except ImportError:  # the core runs without numba; the torch backend is still tested
-    BACKENDS = ["torch"]
+    BACKENDS = ["torch", "batched", "compiled"]
+except ImportError:  # the core runs without numba; the torch backends are still tested
+    BACKENDS = ["torch", "batched"]
 
 
 # ------------------------------------------------------------------ references
@@ -178,6 +179,22 @@ def test_compiled_overlapped_classes_match_torch(threads: int) -> None:
     # classes too big to store fall back to the torch greedy, with the same result
     mixed = select_medoids(x, labels, 0.15, backend="compiled", max_matrix_bytes=4 * 100**2)
     assert torch.equal(mixed.medoids, reference.medoids)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 128])
+def test_batched_greedy_with_small_batches_padding_and_splits(batch: int) -> None:
+    """Tiny batches force the dense fallback often; unequal classes are padded; a small memory
+    bound splits the classes into several stacks and leaves one class to the on-demand path."""
+    x, labels = random_classes(21, [300, 7, 120, 1, 260], dim=4, duplicates=8)
+    reference = select_medoids(x, labels, 0.2, backend="torch")
+    groups = [(labels == c).nonzero().flatten() for c in range(5)]
+    for max_bytes in (2**31, 4 * 2 * 260**2, 4 * 280**2):  # one stack; pairs; the 300-row class too big
+        results = epic._run_batched(x, groups, 0.2, 64, max_bytes, 1, batch=batch)
+        assert torch.equal(torch.cat([g[chosen] for g, (chosen, _) in zip(groups, results)]), reference.medoids)
+        for g, (chosen, assign) in zip(groups, results):
+            assign[chosen] = chosen
+            assert torch.equal(g[assign], reference.assignment[g])
+    assert epic._batches([5, 9, 2, 9], 4 * 2 * 9**2) == [[0, 1], [2, 3]]
 
 
 def test_backend_argument_is_checked() -> None:

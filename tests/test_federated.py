@@ -136,6 +136,20 @@ def test_client_data_is_deterministic_and_attacked_only_for_malicious_clients():
     assert [sum(h) for h in report["label_histograms"]] == report["sizes"] == [len(c) for c in clients]
 
 
+def test_local_epic_on_a_diverged_global_model_reports_a_skipped_selection():
+    from simulations.client_app import local_train, model_for
+
+    cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "defense.local_epic=true",
+                             "defense.epic.warmup=1", "defense.epic.interval=1"])
+    data = load_dataset(cfg.data, cfg.seed)
+    client = build_client_data(cfg, data, 0)
+    healthy = {k: v.clone() for k, v in model_for(cfg, data).state_dict().items()}
+    diverged = {k: (v.clone().fill_(float("nan")) if v.is_floating_point() else v) for k, v in healthy.items()}
+    result = local_train(cfg, data, client, diverged, server_round=1)
+    assert result.metrics["epic-skipped-nonfinite"] == 1 and result.metrics["epic-dropped"] == 0
+    assert local_train(cfg, data, client, healthy, server_round=1).metrics["epic-skipped-nonfinite"] == 0
+
+
 def test_backdoor_poisons_a_fraction_of_the_malicious_rows():
     cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "clients.malicious_ids=[0]",
                              "attack.data=backdoor", "attack.backdoor_fraction=0.5"])
