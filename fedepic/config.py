@@ -108,6 +108,7 @@ class PurificationConfig:
     votes: int = 3  # or: suspicious in `votes` of the last `window` rounds
     reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
     min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
+    clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
 
 
 @dataclass
@@ -385,6 +386,8 @@ def _validate_defense(cfg: RunConfig) -> None:
     _positive("defense.purification.threshold", pur.threshold)
     _positive("defense.purification.patience", pur.patience)
     _positive("defense.purification.min_scale", pur.min_scale, allow_zero=True)
+    if pur.clip_tau is not None:
+        _positive("defense.purification.clip_tau", pur.clip_tau)
     if pur.reject_score is not None and not pur.reject_score > pur.threshold:
         raise ConfigError(f"invalid value {pur.reject_score!r} for key 'defense.purification.reject_score': "
                           f"must exceed defense.purification.threshold ({pur.threshold}) or be null")

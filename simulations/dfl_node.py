@@ -223,7 +223,7 @@ def purification_rule(strategy: str, cfg: RunConfig) -> GradientPurification:
     pur = cfg.defense.purification
     cls = ExcludeDetected if strategy == "exclude" else GradientPurification
     return cls(threshold=pur.threshold, patience=pur.patience, window=pur.window, votes=pur.votes,
-               reject_score=pur.reject_score, min_scale=pur.min_scale)
+               reject_score=pur.reject_score, min_scale=pur.min_scale, clip_tau=pur.clip_tau)
 
 
 def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:

@@ -61,6 +61,14 @@ a single noisy round, and the shorter it is, the less a malicious model is aggre
 purification (a suspect aggregated for ``patience - 1`` rounds is subtracted again, but the local
 training done on top of it is not undone).
 
+7. **Optional clipping** (``clip_tau``, default off). The paper presents GP as a layer over an
+   existing DFL aggregation; with ``clip_tau`` set, that aggregation is ClippedGossip (He,
+   Karimireddy, Jaggi 2022, ``strategies/scclip.py``): ``c_ij = w_ij clip(x_j - x_i, clip_tau)``,
+   and the records hold the clipped contributions, so purification still removes exactly what was
+   added. Clipping bounds what neighbours the detector misses can do, e.g. at a node whose
+   neighbourhood has a malicious majority (the median is then theirs). Measured in
+   benchmarks/RESULTS.md (other topologies).
+
 Purification removes the recorded *aggregated contribution*, which is what the paper purifies. The
 indirect effects (local training done on a model that already contained that contribution, and what
 other nodes passed on) are not undone.
@@ -78,6 +86,7 @@ from torch import Tensor
 from strategies.epic_peer import epic_keep_mask
 from strategies.gossip import check_stack, renormalised_weights, resolve_weights
 from strategies.median import coordinate_median
+from strategies.scclip import clip_rows
 
 DETECTORS = ("robust", "epic")
 _MAD_TO_STD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
@@ -149,6 +158,8 @@ class GradientPurification:
     epic_fraction, epic_threshold: ``select_medoids`` arguments for ``detector="epic"``.
     reject_score: rule 6; a suspect scoring above it is not aggregated this round (default 30,
         ten times the default threshold; None aggregates every unconfirmed suspect, however far).
+    clip_tau: rule 7; clip each neighbour's difference ``x_j - x_i`` to this L2 radius before
+        weighting (ClippedGossip); None (default) is plain gossip.
     """
 
     needs_keep_mask = False
@@ -167,6 +178,7 @@ class GradientPurification:
         epic_fraction: float = 0.5,
         epic_threshold: int = 1,
         reject_score: float | None = 30.0,
+        clip_tau: float | None = None,
     ) -> None:
         if not threshold > 0:
             raise ValueError(f"gp: threshold must be > 0, got {threshold!r}")
@@ -180,6 +192,8 @@ class GradientPurification:
             raise ValueError("gp: min_scale and cos_weight must be >= 0")
         if reject_score is not None and not reject_score > threshold:
             raise ValueError(f"gp: reject_score must exceed threshold={threshold} or be None, got {reject_score!r}")
+        if clip_tau is not None and not clip_tau > 0:
+            raise ValueError(f"gp: clip_tau must be > 0 or None, got {clip_tau!r}")
         if detector not in DETECTORS:
             raise ValueError(f"gp: detector must be one of {DETECTORS}, got {detector!r}")
         self.threshold = float(threshold)
@@ -192,6 +206,7 @@ class GradientPurification:
         self.epic_fraction = epic_fraction
         self.epic_threshold = epic_threshold
         self.reject_score = None if reject_score is None else float(reject_score)
+        self.clip_tau = None if clip_tau is None else float(clip_tau)
 
     @staticmethod
     def new_state() -> PurificationState:
@@ -288,7 +303,10 @@ class GradientPurification:
 
         kept_w = renormalised_weights(w, keep)[1:]
         kept_rows = keep.nonzero().flatten().tolist()
-        contributions = kept_w[kept_rows].unsqueeze(1) * (neighbours[kept_rows] - base)
+        diffs = neighbours[kept_rows] - base
+        if self.clip_tau is not None:
+            diffs = clip_rows(diffs, self.clip_tau)
+        contributions = kept_w[kept_rows].unsqueeze(1) * diffs
         for row, c in zip(kept_rows, contributions):
             j = ids[row]
             state.records[j] = state.records[j] + c if j in state.records else c.clone()

@@ -252,6 +252,8 @@ def test_bad_graph_or_detector_settings_stop_before_ray_starts(tmp_path, capsys)
     assert "defense.purification" in capsys.readouterr().err
     assert main(base + ["defense.purification.reject_score=2"]) == 2  # not above the threshold (3)
     assert "defense.purification.reject_score" in capsys.readouterr().err
+    assert main(base + ["defense.purification.clip_tau=-1"]) == 2
+    assert "defense.purification.clip_tau" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no run folder was started
 
 

@@ -149,6 +149,33 @@ def test_suspicious_unconfirmed_still_aggregated_and_recorded():
     assert torch.allclose(out, base + 0.25 * (neigh[:3] - base).sum(dim=0), atol=1e-5)
 
 
+def test_clipped_aggregation_records_and_purifies_the_clipped_contribution():
+    gen = torch.Generator().manual_seed(5)
+    tau = 0.5
+    gp = GradientPurification(patience=2, votes=None, reject_score=None, clip_tau=tau)
+    state = gp.new_state()
+    own, neigh = _round(gen, torch.zeros(D), lambda u: -u)  # 4 suspicious, aggregated (rule 5), clipped
+    diffs = neigh - own
+    clipped = diffs * torch.clamp(tau / diffs.norm(dim=1, keepdim=True), max=1.0)
+    assert (diffs.norm(dim=1) > tau).all()  # every difference here is longer than tau
+    y, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.kept == IDS
+    assert torch.allclose(y, own + 0.2 * clipped.sum(dim=0), atol=1e-6)
+    assert torch.allclose(state.records[4], 0.2 * clipped[3], atol=1e-6)
+    assert float((y - own).norm()) <= 4 * 0.2 * tau + 1e-6  # each neighbour moves the node by <= w tau
+
+    own, neigh = _round(gen, y, lambda u: -u)  # confirmed: the clipped record is removed
+    record = state.records[4].clone()
+    out, report = gp.aggregate(own, neigh, IDS, W, state)
+    assert report.purified == [4] and report.kept == [1, 2, 3]
+    base = own - record
+    diffs = neigh[:3] - base
+    clipped = diffs * torch.clamp(tau / diffs.norm(dim=1, keepdim=True), max=1.0)
+    assert torch.allclose(out, base + 0.25 * clipped.sum(dim=0), atol=1e-5)
+    with pytest.raises(ValueError, match="clip_tau"):
+        GradientPurification(clip_tau=0.0)
+
+
 def test_state_round_trip():
     gen = torch.Generator().manual_seed(5)
     gp = GradientPurification(patience=2, votes=None)
