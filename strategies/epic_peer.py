@@ -9,7 +9,6 @@ data poisoning" (EPIC), ICML 2022.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from strategies.epic_updates import epic_select_updates
