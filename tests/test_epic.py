@@ -197,6 +197,16 @@ def test_batched_greedy_with_small_batches_padding_and_splits(batch: int) -> Non
     assert epic._batches([5, 9, 2, 9], 4 * 2 * 9**2) == [[0, 1], [2, 3]]
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_backends_agree_on_last_layer_proxies(backend: str) -> None:
+    gen = torch.Generator().manual_seed(13)
+    proxy = LastLayerProxy(torch.randn(400, 5, generator=gen), torch.rand(400, 16, generator=gen))
+    labels = torch.randint(0, 5, (400,), generator=gen)
+    reference = select_medoids(proxy, labels, 0.2, backend="torch")
+    other = select_medoids(proxy, labels, 0.2, backend=backend)
+    assert torch.equal(other.medoids, reference.medoids) and torch.equal(other.assignment, reference.assignment)
+
+
 def test_backend_argument_is_checked() -> None:
     x, labels = torch.randn(10, 2), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match="backend"):
