@@ -573,9 +573,7 @@ def _run_batched(
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(groups)
     storable = [pos for pos, idx in enumerate(groups) if 4 * len(idx) ** 2 <= max_matrix_bytes]
     for pos in sorted(set(range(len(groups))) - set(storable)):
-        x = features[groups[pos].to(features.device)]
-        with _threads(_build_threads(x, threads)):
-            codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes)
+        codes = _class_codes(features, groups[pos], chunk_rows, max_matrix_bytes, threads)
         results[pos] = _torch_greedy(codes, class_budget(fraction, len(groups[pos])), "exact", 0)
     for members in _batches([len(groups[pos]) for pos in storable], max_matrix_bytes):
         positions = [storable[m] for m in members]
@@ -584,15 +582,14 @@ def _run_batched(
         stack = torch.zeros(len(positions), width, width, dtype=torch.int32, device=features.device)
         sums = torch.zeros(len(positions), width, dtype=torch.int64, device=features.device)
         scratch = None
-        for slot, pos in enumerate(positions):
-            x = features[groups[pos].to(features.device)]
-            direct = len(x) == width  # build straight into the slot
-            with _threads(_build_threads(x, threads)):
-                codes = _Codes(_Group(x), chunk_rows, max_matrix_bytes, stack[slot].view(-1) if direct else scratch)
+        for slot, (pos, n) in enumerate(zip(positions, sizes)):
+            direct = n == width  # build straight into the slot
+            workspace = stack[slot].view(-1) if direct else scratch
+            codes = _class_codes(features, groups[pos], chunk_rows, max_matrix_bytes, threads, workspace)
             if not direct:
                 scratch = codes.workspace
-                stack[slot, : len(x), : len(x)] = codes.matrix
-            sums[slot, : len(x)] = codes.sums
+                stack[slot, :n, :n] = codes.matrix
+            sums[slot, :n] = codes.sums
         budgets = [class_budget(fraction, n) for n in sizes]
         for pos, result in zip(positions, batched_lazy_greedy(stack, sums, sizes, budgets, CODE_LEVELS + 1, batch)):
             results[pos] = result
@@ -650,9 +647,7 @@ class _GroupPlan:
                 slot = pos % 2 if overlap else 0
                 if overlap and pos >= 2:
                     results[pos - 2] = _resolved(results[pos - 2])  # its workspace is free again
-                x = features[idx.to(features.device)]
-                with _threads(_build_threads(x, threads)):
-                    codes = _Codes(_Group(x), self.chunk_rows, self.max_matrix_bytes, workspaces[slot])
+                codes = _class_codes(features, idx, self.chunk_rows, self.max_matrix_bytes, threads, workspaces[slot])
                 workspaces[slot] = codes.workspace
                 k = class_budget(self.fraction, len(idx))
                 if self.kernel is not None and self.method == "exact" and codes.matrix is not None:
@@ -666,10 +661,15 @@ class _GroupPlan:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _build_threads(x: Features, threads: int) -> int:
-    """torch threads for building a group's codes: one for the cache-sized CPU products of light
-    groups (more made them slower), the caller's for heavy ones and for GPU inputs."""
-    return threads if _is_heavy(x) or x.device.type != "cpu" else 1
+def _class_codes(
+    features: Features, idx: Tensor, chunk_rows: int, max_matrix_bytes: int, threads: int,
+    workspace: Tensor | None = None,
+) -> _Codes:
+    """The codes of rows ``idx``. Light CPU groups build with one torch thread (their cache-sized
+    products got slower with more); heavy groups and GPU inputs with ``threads``."""
+    x = features[idx.to(features.device)]
+    with _threads(threads if _is_heavy(x) or x.device.type != "cpu" else 1):
+        return _Codes(_Group(x), chunk_rows, max_matrix_bytes, workspace)
 
 
 def _resolved(result: Future | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -50,6 +50,13 @@ Exact rules (node i, one call of ``aggregate`` per round):
    most 1.2 (seed 0). So 30 keeps label-flipping nodes, whose models also hold authentic knowledge,
    aggregated until confirmed, and keeps sign-flipped and Gaussian models out at once.
    ``reject_score=None`` follows rule 5 without exception.
+7. **Optional clipping** (``clip_tau``, default off). The paper presents GP as a layer over an
+   existing DFL aggregation; with ``clip_tau`` set, that aggregation is ClippedGossip (He,
+   Karimireddy, Jaggi 2022, ``strategies/scclip.py``): ``c_ij = w_ij clip(x_j - x_i, clip_tau)``,
+   and the records hold the clipped contributions, so purification still removes exactly what was
+   added. Clipping bounds what neighbours the detector misses can do, e.g. at a node whose
+   neighbourhood has a malicious majority (the median is then theirs). Measured in
+   benchmarks/RESULTS.md (other topologies).
 
 Why these thresholds: z > 3 is the usual 3-sigma outlier rule on a robust scale. ``min_scale = 0.5``:
 with 0.25, benign neighbours of low-degree nodes (after the malicious neighbour is excluded, three
@@ -60,14 +67,6 @@ confirmed by round 2. ``patience = 2`` (config default) is the shortest history 
 a single noisy round, and the shorter it is, the less a malicious model is aggregated before
 purification (a suspect aggregated for ``patience - 1`` rounds is subtracted again, but the local
 training done on top of it is not undone).
-
-7. **Optional clipping** (``clip_tau``, default off). The paper presents GP as a layer over an
-   existing DFL aggregation; with ``clip_tau`` set, that aggregation is ClippedGossip (He,
-   Karimireddy, Jaggi 2022, ``strategies/scclip.py``): ``c_ij = w_ij clip(x_j - x_i, clip_tau)``,
-   and the records hold the clipped contributions, so purification still removes exactly what was
-   added. Clipping bounds what neighbours the detector misses can do, e.g. at a node whose
-   neighbourhood has a malicious majority (the median is then theirs). Measured in
-   benchmarks/RESULTS.md (other topologies).
 
 Purification removes the recorded *aggregated contribution*, which is what the paper purifies. The
 indirect effects (local training done on a model that already contained that contribution, and what
