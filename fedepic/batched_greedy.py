@@ -21,9 +21,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["batched_lazy_greedy"]
+__all__ = ["batched_lazy_greedy", "lowest_argmax"]
 
 _DENSE_BLOCK = 1 << 24  # int32 elements per block of a class's dense evaluation (64 MiB)
+
+
+def lowest_argmax(values: Tensor, dim: int = -1) -> Tensor:
+    """Index of the maximum along ``dim``, the lowest index among equal maxima.
+
+    Written out rather than left to ``Tensor.argmax``, so that the tie rule is this code's and
+    not a property of a torch release or device kernel.
+    """
+    top = values.amax(dim, keepdim=True)
+    index = torch.arange(values.shape[dim], device=values.device)
+    index = index.view([-1 if d == dim % values.dim() else 1 for d in range(values.dim())])
+    return torch.where(values == top, index, values.shape[dim]).amin(dim)
 
 
 def _dense_gains(codes: Tensor, best: Tensor, total: Tensor) -> Tensor:
@@ -66,7 +78,7 @@ def batched_lazy_greedy(
             else:
                 for c in range(classes):
                     bound[c] = _dense_gains(codes[c], best[c], total[c]).masked_fill_(blocked[c], -1)
-            winner = bound.argmax(1)  # the first maximum: the lowest index
+            winner = lowest_argmax(bound, 1)
         else:
             winner = _lazy_step(codes, best, total, blocked, bound, rows_of, batch, active)
         winner = torch.where(active, winner, 0)
@@ -88,6 +100,8 @@ def _lazy_step(
     active: Tensor,
 ) -> Tensor:
     """Each class's exact best candidate (lowest index on ties); refreshes ``bound`` in place."""
+    # topk may order equal bounds either way; the result does not depend on it: the winner is
+    # decided among the evaluated only when its gain beats every bound left out.
     values, order = bound.topk(batch + 1, dim=1)  # descending
     candidates, left_out = order[:, :batch], values[:, batch]
     rows = codes[rows_of[:, None], candidates]  # [C, batch, N]
@@ -100,5 +114,5 @@ def _lazy_step(
     if bool(undecided.any()):
         for c in undecided.nonzero().flatten().tolist():
             bound[c] = _dense_gains(codes[c], best[c], total[c]).masked_fill_(blocked[c], -1)
-            winner[c] = bound[c].argmax()
+            winner[c] = lowest_argmax(bound[c])
     return winner

@@ -10,24 +10,41 @@ assigns each row to its nearest medoid, and drops the medoids whose cluster hold
 most ``threshold`` rows: effective poisons sit far from the clean points of their
 class in gradient space, so they end up alone.
 
-The same selector serves three callers (see DESIGN.md): centralized training, a
+The same selector serves three callers: centralized training, a
 federated client's local rows, and received model updates (one group).
 
 Exactness.  The constant c0 (the largest in-class distance) adds n*c0 to every
 non-empty F, so it never changes a greedy choice: the selector minimises
-sum_i min_{j in S} d(i, j).  To make "the exact greedy result" well defined (float
-sums depend on summation order, which changes with batch shapes and devices),
-distances are computed in float64 and quantised to integer *codes*::
+sum_i min_{j in S} d(i, j).  "The exact greedy result" must not depend on the
+backend, the device, the batch shapes or the torch release, yet float sums depend
+on their order, and BLAS kernels pick the order by shape, CPU and version.  So
+every sum the selector takes is a sum of integers, exact in any order:
 
-    code(i, j) = floor(||x_i - x_j|| * scale),  code(i, i) = 0,
-    scale = the power of two (of scale^2) with L/2 < scale * bound <= L,  L = 2**23,
-    bound = 2 * max_i ||x_i - mean||  (>= the class diameter).
+1. Fixed point.  Each group's features are centred (plain features only) on the
+   coordinate-wise midrange c = max/2 + min/2 and rounded to integers,
+   q = round((x - c) * 2**e).  e is the largest power of two that keeps every
+   ||q_i|| <= 2**25 (2**26 for each factor of a last-layer proxy), found from exact
+   quantities only (the largest |x - c|, then the exact integer norms).  Then every
+   partial sum of the products below is an integer below 2**53: float64 holds it
+   exactly, whatever order BLAS, a GPU or a later torch adds in.  The rounding is
+   2**-25 of the largest row norm per coordinate, below the code resolution (3).
+2. Squared distances.  Plain: ||q_i - q_j||^2 from one product, exact.  Proxies:
+   A_i + A_j - 2 <g_i, g_j> <h_i, h_j> with exact inner products and fixed-order,
+   correctly rounded float64 multiplications and additions (IEEE 754), so the same
+   value on any machine.  Only element-wise operations follow the sums.
+3. Codes.  code(i, j) = floor(sqrt(scale^2 * squared distance)), code(i, i) = 0,
+   with scale^2 the power of two for which L/2 < scale * bound <= L, L = 2**23,
+   bound = 2 * max_i ||q_i|| (>= the group's diameter), taken from the exponent of
+   the largest squared norm (math.frexp, exact).
 
-Gains are sums of integers, exact in any order, so the lazy path, a naive greedy and
-a pure-Python reference agree exactly, ties included (ties go to the lowest row
-index; tie tolerance 0).  The resolution, about 2**-23 of the diameter, is float32
-precision; codes fit int32, and sums of 128 codes fit int32 too, which keeps the
-gain reductions fast.  :func:`distance_codes` exposes the code matrix.
+Gains are sums of integer codes, exact in any order, so the lazy path, the
+compiled and batched backends, rows recomputed on demand, a naive greedy and a
+pure-Python reference agree exactly, ties included.  Every tie-break is written
+out: a candidate tie goes to the lowest row index, and a row at equal code
+distance from two medoids stays with the medoid chosen first (strict '<').  The
+resolution, about 2**-23 of the diameter, is float32 precision; codes fit int32,
+and sums of 128 codes fit int32 too, which keeps the gain reductions fast.
+:func:`distance_codes` exposes the code matrix.
 
 Speed.  Lazy greedy (Minoux 1978): a heap of stale upper bounds (gains only shrink
 as medoids are added, by submodularity), re-evaluated in small vectorised batches;
@@ -38,10 +55,8 @@ pass per gain, and overlaps each class's greedy with the next class's build.  On
 a GPU, :mod:`fedepic.batched_greedy` runs all classes' greedy steps together as
 whole-tensor operations (one host sync per step).  A class's int32 code matrix is stored when it
 fits in ``max_matrix_bytes`` (default 2 GiB, about 23k rows); larger classes
-recompute rows on demand in ``chunk_rows`` blocks.  Recomputed rows come from
-differently shaped float64 products, which may differ from the stored ones in the
-last bit (so a code by one unit); integer-valued inputs are exempt, as scaling by a
-power of two is exact.  The last-layer proxy costs n_c^2 * D flops per class to build.
+recompute rows on demand in ``chunk_rows`` blocks, with the same codes (the sums
+are exact).  The last-layer proxy costs n_c^2 * D flops per class to build.
 """
 
 from __future__ import annotations
@@ -59,7 +74,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from fedepic.batched_greedy import batched_lazy_greedy
+from fedepic.batched_greedy import batched_lazy_greedy, lowest_argmax
 
 __all__ = [
     "LastLayerProxy",
@@ -139,12 +154,17 @@ def _col_blocks(*xs: Tensor) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
 
 
 def _proxy_sq_dists(a: LastLayerProxy, b: LastLayerProxy) -> Tensor:
-    """||g_i h_i^T - g_j h_j^T||_F^2 = |g_i|^2|h_i|^2 + |g_j|^2|h_j|^2 - 2<g_i,g_j><h_i,h_j>."""
+    """||g_i h_i^T - g_j h_j^T||_F^2 = (|g_i|^2|h_i|^2 + |g_j|^2|h_j|^2) - 2<g_i,g_j><h_i,h_j>.
+
+    The norms' sum is taken first (commutative), so the result is symmetric; with
+    integer-valued inputs (the selector's fixed point) every sum here is exact and the
+    rest are single IEEE operations in a fixed order.
+    """
     ga, ha, gb, hb = (t.double() for t in (a.g, a.h, b.g, b.h))
     na = ga.square().sum(1) * ha.square().sum(1)
     nb = gb.square().sum(1) * hb.square().sum(1)
     cross = (ga @ gb.T).mul_(ha @ hb.T)
-    return cross.mul_(-2).add_(na[:, None]).add_(nb[None, :])
+    return (na[:, None] + nb[None, :]).sub_(cross.mul_(2))
 
 
 def pairwise_distances(a: Features, b: Features) -> Tensor:
@@ -181,14 +201,91 @@ def _is_heavy(x: Features) -> bool:
     return isinstance(x, LastLayerProxy) or len(x) * (x.shape[1] + 2) * 16 > _AUGMENTED_BYTES
 
 
+_PLAIN_NORM_BITS = 25  # ||q_i|| <= 2**25: |2 q_i.q_j| + |q_i|^2 + |q_j|^2 <= 2**52 for any partial sum
+_PROXY_NORM_BITS = 26  # ||q_i|| <= 2**26 per proxy factor: its inner products stay below 2**53
+
+
+@dataclass(frozen=True)
+class _FixedPoint:
+    """q = round((x - center) * scale), scale a power of two (module docstring, step 1).
+
+    Every operation is element-wise and correctly rounded, so q depends only on x.
+    """
+
+    center: Tensor | None  # float64 [d]; None: not centred (proxy factors)
+    scale: float
+
+    def __call__(self, block: Tensor, start: int = 0, *, inplace: bool = False) -> Tensor:
+        """Integer-valued float64 q of a column block that starts at column ``start``;
+        ``inplace`` reuses a float64 ``block`` (a work buffer)."""
+        q = block if inplace and block.dtype == torch.float64 else block.to(torch.float64, copy=True)
+        if self.center is not None:
+            q.sub_(self.center[start : start + q.shape[1]])
+        return q.mul_(self.scale).round_()
+
+
+def _fit_fixed_point(x: Tensor, bits: int, centre: bool) -> _FixedPoint:
+    """The largest power-of-two scale with every ||round((x_i - c) * scale)|| <= 2**bits.
+
+    Uses exact quantities only (extrema, frexp, integer norms), so the scale cannot
+    depend on summation order.  First a safe scale from the largest entry
+    (||x_i - c|| <= sqrt(d) max|x - c|), then as many doublings as the exact norms
+    it gives allow (rounding moves a norm by at most sqrt(d)/2).
+    """
+    dim = x.shape[1]
+    if dim == 0:
+        return _FixedPoint(torch.zeros(0, dtype=torch.float64, device=x.device) if centre else None, 1.0)
+    center = None
+    if centre:
+        hi = torch.cat([blk.amax(0) for _, (blk,) in _col_blocks(x)])
+        lo = torch.cat([blk.amin(0) for _, (blk,) in _col_blocks(x)])
+        center = hi / 2 + lo / 2  # halving is exact; no overflow for finite inputs
+        largest = float(torch.maximum(hi - center, center - lo).max())
+    else:
+        largest = float(x.abs().max())
+    if not math.isfinite(largest):
+        raise ValueError("features contain NaN or infinite values")
+    if largest == 0:
+        return _FixedPoint(center, 1.0)
+    half_bits = ((dim - 1).bit_length() + 1) // 2  # sqrt(d) <= 2**half_bits
+    first = bits - 1 - half_bits - math.frexp(largest)[1]  # entries < 2**(bits - 1 - half_bits)
+    probe = _FixedPoint(center, 2.0**first)
+    norms = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    for s, (blk,) in _col_blocks(x):
+        norms += probe(blk, s, inplace=True).square_().sum(1)  # exact: integers below 2**(2 bits)
+    root, slack = math.isqrt(int(norms.max())) + 1, math.isqrt(dim) + 1
+    extra = 0
+    while (2 ** (extra + 1)) * (2 * root + slack) + slack <= 2 ** (bits + 1):
+        extra += 1
+    return _FixedPoint(center, 2.0 ** (first + extra))
+
+
+def _fixed_blocks(fixed: _FixedPoint, *xs: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The same column block of each x in fixed point (integer-valued float64), in reused buffers."""
+    for s, blocks in _col_blocks(*xs):
+        yield tuple(fixed(blk, s, inplace=True) for blk in blocks)
+
+
+def _code_scale2(max_sq_norm: float) -> float:
+    """scale^2 = 2**x, the largest x with 2**x * bound^2 <= L^2, bound^2 = 4 * max_sq_norm.
+
+    x = floor(log2(L^2 / 4) - log2(N)), taken from N's binary exponent (exact, no log).
+    """
+    if max_sq_norm <= 0:
+        return 0.0  # identical points: code 0 everywhere
+    mantissa, exp2 = math.frexp(max_sq_norm)  # N = m 2**E, 0.5 <= m < 1
+    top = 2 * int(math.log2(CODE_LEVELS)) - 2
+    return 2.0 ** min(1000, top - exp2 + (mantissa == 0.5))
+
+
 class _Group:
     """Integer distance codes of one group (class) of rows; see module docstring.
 
-    Squared distances come from one of three float64 forms, chosen by size:
-    a single product of centred, augmented features (few columns); a stored
-    centred Gram matrix built in one pass (wide features, few rows: model
-    updates); or, for wide features with many rows, a blocked Gram per request.
-    Centring keeps the ||a||^2 + ||b||^2 - 2ab expansion from cancelling.
+    Features are first put in fixed point (integer-valued float64), so every sum
+    below is exact.  Squared distances come from one of three forms, chosen by
+    size: a single product of augmented rows (few columns); a stored Gram matrix
+    built in one pass (wide features, few rows: model updates); or, for wide
+    features with many rows, a blocked Gram per request.
     """
 
     def __init__(self, x: Features) -> None:
@@ -197,42 +294,36 @@ class _Group:
         self._left: Tensor | None = None
         self._gram: Tensor | None = None
         if isinstance(x, LastLayerProxy):
-            self._proxy = LastLayerProxy(x.g.double(), x.h.double())
-            self._norms = self._proxy.g.square().sum(1) * self._proxy.h.square().sum(1)
+            g, h = (_fit_fixed_point(t, _PROXY_NORM_BITS, centre=False)(t) for t in (x.g, x.h))
+            self._proxy = LastLayerProxy(g, h)
+            self._norms = g.square().sum(1) * h.square().sum(1)
         elif not _is_heavy(x):
-            xc = x.double()
-            xc = xc - xc.mean(0)  # not in place: .double() of a float64 input is the input
-            self._norms = xc.square().sum(1)
-        elif self.n * self.n * 8 <= _AUGMENTED_BYTES:
-            gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
-            for _, (blk,) in _col_blocks(x):
-                gram.addmm_(blk, blk.T)
-            # (x_i - m).(x_j - m) = G_ij - r_i - r_j + c, r = G.mean(1) = x.m, c = m.m
-            r = gram.mean(1)
-            self._gram = gram.sub_(r[:, None]).sub_(r[None, :]).add_(r.mean())
-            self._norms = self._gram.diagonal().clone()
+            q = _fit_fixed_point(x, _PLAIN_NORM_BITS, centre=True)(x)
+            self._norms = q.square().sum(1)
         else:
-            self._x = x
-            self._center = torch.cat([blk.mean(0) for _, (blk,) in _col_blocks(x)])
-            self._norms = torch.zeros(self.n, dtype=torch.float64, device=x.device)
-            for s, (blk,) in _col_blocks(x):
-                self._norms += (blk - self._center[s : s + blk.shape[1]]).square().sum(1)
+            self._fixed = _fit_fixed_point(x, _PLAIN_NORM_BITS, centre=True)
+            if self.n * self.n * 8 <= _AUGMENTED_BYTES:
+                gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
+                for (blk,) in _fixed_blocks(self._fixed, x):
+                    gram.addmm_(blk, blk.T)
+                self._gram = gram
+                self._norms = gram.diagonal().clone()
+            else:
+                self._x = x
+                self._norms = torch.zeros(self.n, dtype=torch.float64, device=x.device)
+                for (blk,) in _fixed_blocks(self._fixed, x):
+                    self._norms += blk.square_().sum(1)
         if not bool(torch.isfinite(self._norms).all()):
             raise ValueError("features contain NaN or infinite values")
-        bound = 2 * self._norms.max().sqrt().item()
-        # scale^2 is a power of two (codes span L/2..L levels): scaling is then exact,
-        # so integer-valued inputs give BLAS-independent codes.  Identical points
-        # (bound 0) get code 0 everywhere.
-        exponent = min(1000, math.floor(2 * (math.log2(CODE_LEVELS) - math.log2(bound)))) if bound > 0 else 0
-        self.scale2 = 2.0**exponent if bound > 0 else 0.0
+        self.scale2 = _code_scale2(float(self._norms.max()))
         # Products with many columns (proxies, wide features) dominate the build and
         # get large blocks; the augmented product works in cache-sized blocks.
         self.heavy = _is_heavy(x)
         if not self.heavy:
             # One product gives scale^2 ||a - b||^2: [-2s a, s|a|^2, s] . [b, 1, |b|^2], s = scale^2.
             ones, norms = torch.ones_like(self._norms)[:, None], self._norms[:, None]
-            self._left = torch.cat([xc * (-2 * self.scale2), norms * self.scale2, ones * self.scale2], 1)
-            self._right_t = torch.cat([xc, ones, norms], 1).T.contiguous()
+            self._left = torch.cat([q * (-2 * self.scale2), norms * self.scale2, ones * self.scale2], 1)
+            self._right_t = torch.cat([q, ones, norms], 1).T.contiguous()
 
     def _scaled_sq(self, sel: slice | Tensor) -> Tensor:
         """scale^2 * squared distances of rows ``sel`` to all rows (float64)."""
@@ -240,15 +331,13 @@ class _Group:
             return self._left[sel] @ self._right_t
         if self._proxy is not None:
             sq = _proxy_sq_dists(self._proxy[sel], self._proxy)
+        elif self._gram is not None:
+            sq = (self._norms[sel][:, None] + self._norms[None, :]).sub_(self._gram[sel].mul(2))
         else:
-            if self._gram is not None:
-                sq = self._gram[sel].mul(-2)
-            else:
-                sq = torch.zeros(len(self._norms[sel]), self.n, dtype=torch.float64, device=self.device)
-                for s, (a, b) in _col_blocks(self._x[sel], self._x):
-                    c = self._center[s : s + a.shape[1]]
-                    sq.addmm_(a - c, (b - c).T, alpha=-2)
-            sq.add_(self._norms[sel][:, None]).add_(self._norms[None, :])
+            cross = torch.zeros(len(self._norms[sel]), self.n, dtype=torch.float64, device=self.device)
+            for a, b in _fixed_blocks(self._fixed, self._x[sel], self._x):
+                cross.addmm_(a, b.T)
+            sq = (self._norms[sel][:, None] + self._norms[None, :]).sub_(cross.mul_(2))
         return sq.mul_(self.scale2)
 
     def codes(self, sel: slice | Tensor, sums: Tensor | None = None, out: Tensor | None = None) -> Tensor:
@@ -431,7 +520,7 @@ def _lazy_greedy(greedy: _Greedy, k: int, batch_max: int = 256) -> None:
     dev = greedy.best.device
     for step in range(min(k, 2)):
         gains = greedy.all_gains()
-        greedy.add(int(gains.argmax()))  # argmax returns the first (lowest) index
+        greedy.add(int(lowest_argmax(gains)))
     if k <= 2:
         return
     heap = [(-g, j) for j, g in enumerate(gains.tolist()) if g >= 0 and j != greedy.chosen[-1]]
@@ -459,7 +548,7 @@ def _stochastic_greedy(greedy: _Greedy, k: int, gen: torch.Generator, eps: float
         free = (~greedy.taken).nonzero().flatten().cpu()
         pick = free[torch.randperm(len(free), generator=gen)[:sample]].sort().values
         gains = greedy.gains(pick.to(greedy.best.device)).cpu()
-        greedy.add(int(pick[int(gains.argmax())]))  # argmax: first max = lowest index
+        greedy.add(int(pick[int(lowest_argmax(gains))]))  # pick is sorted: the lowest row index
 
 
 # ----------------------------------------------------------------------- selection
@@ -727,7 +816,7 @@ def select_medoids(
     runner, kernel = _resolve_backend(backend, features.device)
     with _single_thread(features.device) as caller_threads:
         labels_cpu = labels.detach().cpu()
-        groups = [(labels_cpu == c).nonzero().flatten() for c in torch.unique(labels_cpu).tolist()]
+        groups = [(labels_cpu == c).nonzero().flatten() for c in torch.unique(labels_cpu, sorted=True).tolist()]
         if runner == "batched" and method == "exact":
             results = _run_batched(features, groups, fraction, chunk_rows, max_matrix_bytes, caller_threads)
         else:

@@ -234,12 +234,102 @@ def test_distance_codes_follow_the_formula() -> None:
     before = x.clone()
     codes = distance_codes(x)
     assert torch.equal(x, before)  # float64 input is not modified
-    bound = 2 * (x - x.mean(0)).norm(dim=1).max().item()
+    center = x.amax(0) / 2 + x.amin(0) / 2  # the coordinate-wise midrange
+    bound = 2 * (x - center).norm(dim=1).max().item()
     scale = math.sqrt(2.0 ** math.floor(2 * math.log2(2**23 / bound)))
     expected = torch.floor(torch.cdist(x, x) * scale)
     assert (codes.double() - expected).abs().max() <= 1
     assert (codes.diagonal() == 0).all() and (codes + torch.eye(700, dtype=torch.int32) > 0).all()
-    assert (codes.T - codes).abs().max() <= 1
+    assert torch.equal(codes.T, codes)  # exact arithmetic: symmetric to the bit
+
+
+def exact_squared_distances(q: torch.Tensor) -> torch.Tensor:
+    """||q_i - q_j||^2 of integer-valued rows in int64 (exact; no float sum anywhere)."""
+    qi = q.long()
+    return torch.stack([(qi - row).square().sum(1) for row in qi])
+
+
+# The three forms of squared distances, forced on small data through the size limits:
+# (_AUGMENTED_BYTES, _BLOCK_ELEMS) per path; a tiny column block gives many blocks.
+PATHS = {"augmented": (2**28, 1 << 21), "gram": (10_000, 64), "on_demand": (1_000, 64)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_squared_distances_are_exact_integers(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sum the selector takes is an exact integer sum, so no BLAS order can change it."""
+    monkeypatch.setattr(epic, "_AUGMENTED_BYTES", PATHS[path][0])
+    monkeypatch.setattr(epic, "_BLOCK_ELEMS", PATHS[path][1])
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(30, 50, generator=gen) * torch.logspace(-3, 2, 50)  # float32, uneven columns
+    group = epic._Group(x)
+    assert group.heavy == (path != "augmented")
+    fixed = epic._fit_fixed_point(x, epic._PLAIN_NORM_BITS, centre=True)
+    q = fixed(x)
+    assert torch.equal(q, q.round()) and q.norm(dim=1).max() <= 2**25
+    assert q.norm(dim=1).max() > 2**24  # the scale uses the range it is given
+    assert torch.equal(group._scaled_sq(slice(0, 30)) / group.scale2, exact_squared_distances(q).double())
+    for rows in (torch.tensor([3]), torch.tensor([29, 0, 7])):  # other shapes, same values
+        assert torch.equal(group._scaled_sq(rows), group._scaled_sq(slice(0, 30))[rows])
+
+
+def test_proxy_factors_are_exact_integers() -> None:
+    gen = torch.Generator().manual_seed(32)
+    proxy = LastLayerProxy(torch.randn(40, 5, generator=gen), torch.rand(40, 33, generator=gen))
+    group = epic._Group(proxy)
+    for factor in (group._proxy.g, group._proxy.h):
+        assert torch.equal(factor, factor.round())
+        assert 2**25 < factor.norm(dim=1).max() <= 2**26
+        gram = factor.long() @ factor.long().T  # int64: exact
+        assert torch.equal((factor @ factor.T).long(), gram)
+    full = group._scaled_sq(slice(0, 40))
+    assert torch.equal(full, full.T)
+    assert torch.equal(group._scaled_sq(torch.tensor([5, 1])), full[[5, 1]])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_codes_do_not_depend_on_row_order(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permuting the rows permutes the codes exactly: no result depends on where a row sits."""
+    monkeypatch.setattr(epic, "_AUGMENTED_BYTES", PATHS[path][0])
+    monkeypatch.setattr(epic, "_BLOCK_ELEMS", PATHS[path][1])
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(30, 50, generator=gen)
+    perm = torch.randperm(30, generator=gen)
+    codes = distance_codes(x)
+    assert torch.equal(distance_codes(x[perm]), codes[perm][:, perm])
+    proxy = LastLayerProxy(torch.randn(30, 4, generator=gen), torch.rand(30, 9, generator=gen))
+    assert torch.equal(distance_codes(proxy[perm]), distance_codes(proxy)[perm][:, perm])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_stored_and_on_demand_selection_agree_on_float_features(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-integer float32 features with exact duplicates (tied rows): every path, every backend,
+    the stored matrix and rows recomputed on demand give the same medoids and assignment."""
+    monkeypatch.setattr(epic, "_AUGMENTED_BYTES", PATHS[path][0])
+    monkeypatch.setattr(epic, "_BLOCK_ELEMS", PATHS[path][1])
+    gen = torch.Generator().manual_seed(34)
+    x = torch.randn(150, 50, generator=gen) / 3
+    x[75:] = x[:75]  # every row has an exact twin: tied gains and tied assignments
+    labels = torch.randint(0, 3, (150,), generator=gen)
+    labels[75:] = labels[:75]
+    reference = select_medoids(x, labels, 0.2, backend="torch")
+    for kwargs in [{"backend": b} for b in BACKENDS] + [{"chunk_rows": 7, "max_matrix_bytes": 0}]:
+        other = select_medoids(x, labels, 0.2, **kwargs)
+        assert torch.equal(other.medoids, reference.medoids), kwargs
+        assert torch.equal(other.assignment, reference.assignment), kwargs
+    medoids = set(reference.medoids.tolist())
+    # twins tie in every gain: the lower index is taken first, and a medoid's twin joins it
+    assert all(j - 75 in medoids for j in medoids if j >= 75)
+    assert all(int(reference.assignment[j + 75]) == j for j in medoids if j < 75 and j + 75 not in medoids)
+
+
+def test_lowest_argmax_breaks_ties_to_the_lowest_index() -> None:
+    from fedepic.batched_greedy import lowest_argmax
+
+    values = torch.tensor([[1, 5, 5, 2], [7, 7, 7, 7], [0, 1, 2, 3]])
+    assert lowest_argmax(values, 1).tolist() == [1, 0, 3]
+    assert lowest_argmax(values, 0).tolist() == [1, 1, 1, 1]
+    assert lowest_argmax(torch.tensor([[2, 9], [9, 2], [9, 9]]), 0).tolist() == [1, 0]
+    assert int(lowest_argmax(torch.tensor([3.0, 9.0, 9.0]))) == 1
 
 
 def test_result_fields_and_budgets() -> None:
