@@ -7,6 +7,7 @@ temporary name and renamed, so no reader ever sees a half-written summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -94,6 +95,44 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"  # beside pyproject.toml in a checkout
+
+
+def lock_record(path: Path = LOCK_FILE) -> dict[str, Any]:
+    """The lock's sha256 and the installed packages whose versions differ from its pins.
+
+    ``differs`` lists "name: installed X, locked Y" (or "not installed") for every pin whose
+    environment marker holds here; it is None where the markers cannot be read (no ``packaging``,
+    as on a machine with only torch). Without the file (an installed wheel) both are None.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not path.is_file():
+        return {"file": path.name, "sha256": None, "differs": None}
+    data = path.read_bytes()
+    record: dict[str, Any] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "differs": None}
+    try:
+        from packaging.markers import Marker
+        from packaging.utils import canonicalize_name
+    except ImportError:
+        return record
+    differs = []
+    for line in data.decode().splitlines():
+        pin, _, marker = line.partition(";")
+        name, sep, locked = pin.strip().rstrip("\\").strip().partition("==")
+        if not sep or line.startswith((" ", "#")) or (marker.strip(" \\") and not Marker(marker.strip(" \\")).evaluate()):
+            continue
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            differs.append(f"{name}: not installed, locked {locked}")
+            continue
+        if canonicalize_name(name) != "fedepic" and installed != locked:
+            differs.append(f"{name}: installed {installed}, locked {locked}")
+    record["differs"] = differs
+    return record
+
+
 class RunWriter:
     """Owns one run folder. Use as a context manager; the folder appears under its final name on exit."""
 
@@ -161,7 +200,8 @@ class RunWriter:
 
     def write_summary(self, figures: Mapping[str, Any]) -> None:
         summary = {"status": self.status if self.status != "running" else "completed", **figures,
-                   "wall_seconds": time.time() - self.started, "versions": environment_versions()}
+                   "wall_seconds": time.time() - self.started, "versions": environment_versions(),
+                   "lock": lock_record()}
         atomic_write_json(self.dir / "summary.json", summary)
 
     def save_figure(self, fig: Any, name: str) -> None:

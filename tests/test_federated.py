@@ -405,3 +405,20 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
         head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not wait_group_gone(head.pid)
+
+
+def test_flwr_run_leaves_the_checkout_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flwr run .` first calls flwr's config migration on the app's pyproject.toml, which rewrites
+    a file that still declares [tool.flwr.federations]; ours declares none, so it stays as it is."""
+    from flwr.cli.config_migration import migrate
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    ours = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_bytes()
+    legacy = ours + b'\n[tool.flwr.federations]\ndefault = "sim"\n\n[tool.flwr.federations.sim]\noptions.num-supernodes = 2\n'
+    for name, text in (("ours", ours), ("legacy", legacy)):
+        app = tmp_path / name
+        app.mkdir()
+        (app / "pyproject.toml").write_bytes(text)
+        migrate(str(app), [], ignore_legacy_usage=True)  # what flwr/cli/run/run.py does first
+        after = (app / "pyproject.toml").read_bytes()
+        assert (after == text) == (name == "ours"), name  # the legacy file shows the rewrite is seen

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedepic.outputs import RunWriter, atomic_write_json
+from fedepic.outputs import LOCK_FILE, RunWriter, atomic_write_json, lock_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,6 +24,31 @@ def test_run_folder_is_renamed_into_place(tmp_path):
     assert writer.path == tmp_path / "20260101-000000-demo" and writer.path.is_dir()
     assert json.loads((writer.path / "summary.json").read_text())["status"] == "completed"
     assert [p.name for p in tmp_path.iterdir()] == ["20260101-000000-demo"]
+
+
+def test_summary_records_the_lock(tmp_path):
+    import hashlib
+
+    from importlib.metadata import version
+
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(
+        "# header\n"
+        f"torch=={version('torch')} \\\n    --hash=sha256:00\n"
+        "numpy==0.0.1 ; python_full_version >= '3.0' \\\n    # via torch\n"
+        "pytest==0.0.2 ; sys_platform == 'no-such-platform'\n"
+        "no-such-package-fedepic==1.0\n"
+    )
+    record = lock_record(lock)
+    assert record["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert len(record["differs"]) == 2  # the marker that does not hold is skipped; torch matches
+    assert record["differs"][0].startswith("numpy: installed ") and record["differs"][0].endswith("locked 0.0.1")
+    assert record["differs"][1] == "no-such-package-fedepic: not installed, locked 1.0"
+    assert lock_record(tmp_path / "absent.lock") == {"file": "absent.lock", "sha256": None, "differs": None}
+    with RunWriter(tmp_path, "run") as run:
+        run.write_summary({})
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["lock"]["sha256"] == hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
 
 
 def test_interrupted_run_keeps_what_is_done(tmp_path):
