@@ -25,6 +25,7 @@ from fedepic.attacks.gradient_matching import (
 from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicSchedule, EpicState
+from fedepic.interrupts import Interrupts
 from fedepic.metrics import mean_and_se, success_rate
 from fedepic.models import model_for_data
 from fedepic.outputs import RunWriter, csv_table, markdown_table
@@ -260,43 +261,71 @@ def _ordered(members: list[str]) -> list[str]:
     return sorted(members, key=lambda m: 0 if m.startswith("epic") else 1)
 
 
-def run_centralized(cfg: RunConfig) -> Path:
-    """Run the centralized benchmark and return the run folder."""
+def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) -> Path:
+    """Run the centralized benchmark and return the run folder.
+
+    Every exit path writes true statuses: a member whose trials all finished is "completed", one cut
+    short "interrupted" (SIGINT, SIGTERM) or "failed", and the root summary lists the finished members.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = load_dataset(cfg.data, cfg.seed)  # before anything is written: a data error leaves no folder
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
-    with progress_bars(cfg.progress) as progress, RunWriter(cfg.output_dir, cfg.name) as writer:
+    with interrupts or Interrupts(), progress_bars(cfg.progress) as progress, \
+            RunWriter(cfg.output_dir, cfg.name) as writer:
         writer.write_config(to_yaml(cfg))
-        trials = build_trials(cfg, data, device, writer, progress)
-        member_writers = {m: RunWriter(cfg.output_dir, m, parent=writer).__enter__() for m in members}
         outcomes: dict[str, list[dict]] = {m: [] for m in members}
-        train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
+        trials: list[Trial] = []
+        member_writers: dict[str, RunWriter] = {}
         try:
-            for trial in trials:
-                epic_counts = None
-                for member in members:
-                    outcome, counts = train_victim(cfg, data, trial, member, device, member_writers[member],
-                                                   epic_counts, train_bar)
-                    if member.startswith("epic") and epic_counts is None:
-                        epic_counts = counts
-                    outcomes[member].append(outcome)
-                    writer.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
+            trials = build_trials(cfg, data, device, writer, progress)
+            for m in members:
+                member_writers[m] = RunWriter(cfg.output_dir, m, parent=writer).__enter__()
+            _train_members(cfg, data, device, trials, members, member_writers, outcomes, writer, progress)
+        except BaseException as err:
+            writer.mark(err)
+            raise
         finally:
+            finished = [m for m in members if trials and len(outcomes[m]) == len(trials)]
+            _write_members(cfg, [m for m in members if m in member_writers], member_writers, outcomes, finished,
+                           writer.status)
             binary = cfg.attack.data == "gradient_matching"
             rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
-            for m in members:
-                mw = member_writers[m]
-                if outcomes[m]:
-                    mw.write_summary({"defense": m, **summarise(m, outcomes[m], binary), "trials_detail": outcomes[m]})
-                    fig = curves_figure({"test_accuracy": outcomes[m][0]["accuracy_curve"]}, "evaluation", m)
-                    mw.save_figure(fig, "curves.png")
-                    close(fig)
-                mw.close()
             if rows:
                 curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
                 _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
-            writer.write_summary({"mode": "centralized", "rows": rows, "class_histogram":
+            writer.write_summary({"mode": "centralized", "finished": finished, "rows": rows, "class_histogram":
                                   torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
     return writer.path
+
+
+def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials: list[Trial], members: list[str],
+                   member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], writer: RunWriter,
+                   progress) -> None:
+    train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
+    for trial in trials:
+        epic_counts = None
+        for member in members:
+            outcome, counts = train_victim(cfg, data, trial, member, device, member_writers[member],
+                                           epic_counts, train_bar)
+            if member.startswith("epic") and epic_counts is None:
+                epic_counts = counts
+            outcomes[member].append(outcome)
+            writer.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
+
+
+def _write_members(cfg: RunConfig, members: list[str], member_writers: dict[str, RunWriter],
+                   outcomes: dict[str, list[dict]], finished: list[str], run_status: str) -> None:
+    """Each member's summary (finished ones "completed", the others the run's status) and curves."""
+    binary = cfg.attack.data == "gradient_matching"
+    for m in members:
+        mw = member_writers[m]
+        mw.status = "completed" if m in finished else (run_status if run_status != "running" else "failed")
+        mw.write_summary({"defense": m, "trials_done": len(outcomes[m]), "trials_detail": outcomes[m],
+                          **(summarise(m, outcomes[m], binary) if outcomes[m] else {})})
+        if outcomes[m]:
+            fig = curves_figure({"test_accuracy": outcomes[m][0]["accuracy_curve"]}, "evaluation", m)
+            mw.save_figure(fig, "curves.png")
+            close(fig)
+        mw.close()

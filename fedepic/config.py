@@ -156,6 +156,9 @@ class ClientsConfig:
     malicious_ids: Optional[List[int]] = None
     local_epochs: int = 1
     fraction_train: float = 1.0  # federated: fraction of clients sampled per round
+    # FL: the run stops as failed when more than this share of a round's clients fail (raise, or their
+    # worker dies); a round where every client fails always stops it. Fewer failures are recorded.
+    max_failed_fraction: float = 0.5
 
 
 @dataclass
@@ -418,6 +421,7 @@ def _validate_clients(cfg: RunConfig) -> None:
     _positive("clients.count", clients.count)
     _fraction("clients.malicious_fraction", clients.malicious_fraction, allow_zero=True)
     _fraction("clients.fraction_train", clients.fraction_train)
+    _fraction("clients.max_failed_fraction", clients.max_failed_fraction, allow_zero=True)
     _positive("clients.local_epochs", clients.local_epochs)
     if clients.malicious_ids is not None:
         for cid in clients.malicious_ids:

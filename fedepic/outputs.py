@@ -165,11 +165,16 @@ class RunWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is KeyboardInterrupt:
-            self.status = "interrupted"
-        elif exc_type is not None:
-            self.status = "failed"
+        self.mark(exc)
         self.close()
+
+    def mark(self, exc: Optional[BaseException]) -> None:
+        """Record what ``exc`` means for the status: a KeyboardInterrupt (SIGINT, SIGTERM) "interrupted",
+        any other exception "failed"; None changes nothing."""
+        if isinstance(exc, KeyboardInterrupt):
+            self.status = "interrupted"
+        elif exc is not None:
+            self.status = "failed"
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -2,7 +2,9 @@
 
 Parses and validates the config, then dispatches on `mode`. Only this module reaches `simulations/`,
 and only lazily for the federated and decentralized modes, so the centralized path runs where only
-torch and torchvision are installed. Bad input exits with status 2 and one line on stderr.
+torch and torchvision are installed. Bad input exits with status 2 and one line on stderr; a run that
+cannot go on (fedepic.errors.RunFailed) with 1; SIGINT and SIGTERM end the run with status
+"interrupted" and exit 130 and 143 (fedepic.interrupts).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _runner(mode: str) -> Callable:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fedepic.config import load_config
-    from fedepic.errors import ConfigError, DataError  # light: bad input is reported before torch loads
+    from fedepic.errors import ConfigError, DataError, RunFailed  # light: reported before torch loads
+    from fedepic.interrupts import Interrupts, exit_status
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -53,18 +56,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     config, overrides = _split_args(argv)
     try:
-        cfg = load_config(config, overrides)
-        runner = _runner(cfg.mode)
-        run_dir = runner(cfg)
+        with Interrupts() as interrupts:
+            cfg = load_config(config, overrides)
+            runner = _runner(cfg.mode)
+            run_dir = runner(cfg, interrupts=interrupts)
     except (ConfigError, DataError) as err:
         print(f"fedepic: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:
         print(f"fedepic: error: mode needs the missing package '{err.name}' (pip install -e .)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except RunFailed as err:
+        print(f"fedepic: run failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
         print("fedepic: interrupted; finished parts were kept", file=sys.stderr)
-        return 130
+        return exit_status(err)
     print(Path(run_dir))
     return 0
 

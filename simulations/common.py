@@ -12,15 +12,18 @@ Ray and the node registration race (see DESIGN.md, "Flower 1.41 facts"):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
+import tempfile
 import os
-import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -29,7 +32,9 @@ from omegaconf import OmegaConf
 
 from fedepic.attacks import poison_rows
 from fedepic.config import ConfigError, RunConfig, malicious_ids, validate
-from fedepic.data import ImageData, load_dataset
+from fedepic.data import ImageData, cache_dir, default_root, load_dataset
+from fedepic.errors import RunFailed, RunInterrupted
+from fedepic.interrupts import Interrupts
 from fedepic.outputs import RunWriter, csv_table, markdown_table
 from fedepic.partition import label_histograms, partition
 
@@ -38,8 +43,6 @@ ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZE
 PULL_INTERVAL_S = 0.01  # Flower's own send_and_receive polls every 0.1 s; replies arrive sooner
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Raised inside a ServerApp when the run's stop event is set (Ctrl-C); RunWriter marks it interrupted."""
 
 
 # --------------------------------------------------------------------------- logs and Ray
@@ -91,54 +94,72 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-@contextmanager
-def _sigint_sets(stop: threading.Event) -> Iterator[None]:
-    """While inside, the first Ctrl-C sets `stop` (the ServerApp winds down and raises RunInterrupted);
-    a second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can own signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A ConfigError naming ``ray.address`` unless its GCS port accepts a TCP connection within
+    ``timeout_s``: `ray.init` keeps retrying an unreachable cluster for minutes, and then hangs in
+    shutdown. "auto" reads the address of the cluster started on this machine (`ray start`)."""
+    address = cfg.ray.address
+    if not address:
         return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, handler)
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not current.is_file():
+            raise ConfigError(f"invalid value 'auto' for key 'ray.address': no Ray cluster runs on this machine "
+                              f"({current} not found; start one with `ray start --head`)")
+        target = current.read_text().strip()
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"invalid value {address!r} for key 'ray.address': expected auto or HOST:PORT")
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"invalid value {address!r} for key 'ray.address': no Ray cluster answers at "
+                          f"{host}:{port} within {timeout_s:.0f} s ({err.strerror or err})") from None
 
 
 def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig, *,
-               stop: Optional[threading.Event] = None) -> None:
+               interrupts: Optional[Interrupts] = None) -> None:
     """`run_simulation` with one SuperNode per client on Ray; every Ray process it started is gone on exit.
 
-    `stop` is the event the ServerApp polls (via `exchange`): Ctrl-C sets it, the ServerApp raises
-    RunInterrupted, Flower stops its workers and Ray, and the KeyboardInterrupt reaches the caller.
+    The ServerApp polls ``interrupts.stop`` (via `exchange`): SIGINT or SIGTERM sets it, the ServerApp
+    raises RunInterrupted, Flower stops its workers and Ray, and RunInterrupted (with the signal's
+    number) reaches the caller. Later signals are ignored while that happens (fedepic.interrupts).
     """
     import ray
     from flwr.simulation import run_simulation
 
     quiet_flower()
-    stop = stop if stop is not None else threading.Event()
+    interrupts = interrupts if interrupts is not None else Interrupts()
     if ray.is_initialized():
         ray.shutdown()  # a stale connection would make Flower reuse it instead of the configured cluster
     # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
     # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
     # folder, a benchmark's JSON line).
-    with redirect_stdout(sys.stderr):
+    with redirect_stdout(sys.stderr), interrupts, interrupts.polled():
         try:
-            with _sigint_sets(stop):
-                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                               backend_config=backend_config(cfg))
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                           backend_config=backend_config(cfg))
         finally:
             # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
             if ray.is_initialized():
                 ray.shutdown()
-    if stop.is_set():
-        raise RunInterrupted("interrupted")
+    interrupts.raise_if_stopped()
+
+
+@contextmanager
+def interrupted_quietly(stop: threading.Event) -> Iterator[None]:
+    """Around a ServerApp's body: once ``stop`` is set, its RunInterrupted ends the ServerApp thread
+    quietly (the statuses are written by then, and `run_flower` raises in the main thread); Flower
+    catches only Exception there, and a KeyboardInterrupt would print a thread traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not stop.is_set():
+            raise
 
 
 # --------------------------------------------------------------------------- messages
@@ -177,6 +198,23 @@ def exchange(grid: Any, messages: Iterable[Any], timeout_s: float = 3600.0,
         if pending:
             time.sleep(PULL_INTERVAL_S)
     return replies
+
+
+def worker_config(cfg: RunConfig) -> RunConfig:
+    """The config clients and nodes get: data root and decoded cache as absolute paths resolved on the
+    driver, so that Ray workers (other processes, other working directories, other machines of a
+    cluster without FEDEPIC_DATA) read the same files as the driver."""
+    data = dataclasses.replace(cfg.data, root=str(default_root(cfg.data).resolve()),
+                               cache_dir=str(cache_dir(cfg.data).resolve()))
+    return dataclasses.replace(cfg, data=data, progress=False)
+
+
+def check_failures(cfg: RunConfig, what: str, failures: Sequence[Mapping[str, Any]], asked: int) -> None:
+    """Raise RunFailed when every one of ``asked`` clients failed, or more than clients.max_failed_fraction."""
+    limit = cfg.clients.max_failed_fraction
+    if asked and failures and (len(failures) == asked or len(failures) > limit * asked):
+        raise RunFailed(f"{what}: {len(failures)} of {asked} clients failed (clients.max_failed_fraction={limit}); "
+                        f"first: {str(failures[0].get('reason', '?')).splitlines()[0][:300]}")
 
 
 # --------------------------------------------------------------------------- client data

@@ -9,8 +9,6 @@ All figures are over the BENIGN nodes (see ``dfl_router.round_metrics``).
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -18,12 +16,15 @@ import networkx as nx
 
 from fedepic.attacks import flip_table
 from fedepic.config import ConfigError, RunConfig, malicious_ids, to_yaml
-from fedepic.data import cache_dir, default_root, load_dataset
+from fedepic.data import load_dataset
+from fedepic.interrupts import Interrupts
 from fedepic.outputs import RunWriter
 from fedepic.plots import close, curves_figure
 from fedepic.progress import bar, progress_bars
 from fedepic.topology import build_topology
-from simulations.common import client_partition, partition_report, quiet_flower, run_flower, write_comparison
+from simulations.common import (
+    check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config, write_comparison,
+)
 from simulations.dfl_node import STATEFUL, purification_rule
 from simulations.dfl_apps import Member, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import benign_components, label_roles, malicious_share, routing_for
@@ -45,14 +46,6 @@ def communication_graph(cfg: RunConfig) -> nx.Graph:
                               edges=[tuple(e) for e in topo.edges], seed=cfg.seed)
     except ValueError as err:
         raise ConfigError(f"invalid value {topo.name!r} for key 'topology.name': {err}") from None
-
-
-def node_config(cfg: RunConfig) -> RunConfig:
-    """The config the nodes get: data root and decoded cache as absolute paths, so that Ray workers
-    (other processes, maybe other working directories) read the same files as the driver."""
-    data = dataclasses.replace(cfg.data, root=str(default_root(cfg.data).resolve()),
-                               cache_dir=str(cache_dir(cfg.data).resolve()))
-    return dataclasses.replace(cfg, data=data, progress=False)
 
 
 def run_label_roles(cfg: RunConfig, histograms: list[list[int]], num_classes: int) -> dict[str, list[int]]:
@@ -119,19 +112,25 @@ class FolderSink(RunSink):
         writer.write_summary(summary)
         writer.__exit__(None, None, None)
 
-    def abort(self, exc_type: Optional[type]) -> None:
-        """Close members cut short by an error or Ctrl-C, marking them failed / interrupted."""
-        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+    def abort(self, err: BaseException) -> None:
+        """Close the members cut short by ``err``: "interrupted" for SIGINT/SIGTERM, else "failed"."""
         for writer in self.writers.values():
-            writer.status = "interrupted" if interrupted else "failed"
-            writer.write_summary({"rounds": len(self.records.get(writer.final_dir.name, []))})
+            writer.mark(err)
+            writer.write_summary({"rounds": len(self.records.get(writer.final_dir.name, [])),
+                                  "error": str(err) or type(err).__name__})
             writer.__exit__(None, None, None)
         self.writers.clear()
 
 
-def run_decentralized(cfg: RunConfig) -> Path:
-    """Simulate ``cfg.strategies`` on the configured graph; returns the run folder."""
+def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) -> Path:
+    """Simulate ``cfg.strategies`` on the configured graph; returns the run folder.
+
+    On every exit path the finished members keep their summaries, a member cut short is marked
+    "interrupted" (SIGINT, SIGTERM) or "failed", and the root gets the comparison of the finished
+    members and a summary with the run's status and the list of finished members.
+    """
     quiet_flower()
+    check_ray_address(cfg)  # before a run folder exists
     data = load_dataset(cfg.data, cfg.seed)  # also fills the decoded cache the Ray workers read
     try:
         parts = client_partition(cfg, data)
@@ -148,8 +147,8 @@ def run_decentralized(cfg: RunConfig) -> Path:
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(s, graph, bad)) for name, s in zip(member_names(cfg.strategies),
                                                                               cfg.strategies)]
-    stop = threading.Event()
-    with RunWriter(cfg.output_dir, cfg.name) as root, progress_bars(cfg.progress) as progress:
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    with interrupts, RunWriter(cfg.output_dir, cfg.name) as root, progress_bars(cfg.progress) as progress:
         root.write_config(to_yaml(cfg))
         root.write_json("partition.json", report)
         root.write_json("topology.json", {
@@ -158,22 +157,33 @@ def run_decentralized(cfg: RunConfig) -> Path:
             "benign_components": {m.name: benign_components(m.routing, bad) for m in members},
         })
         sink = FolderSink(root, cfg, progress)
-        node_cfg = node_config(cfg)
-        router = Router(node_cfg, bad, roles, members, sink, stop)
+        node_cfg = worker_config(cfg)
+        router = Router(node_cfg, bad, roles, members, sink, interrupts.stop)
         try:
-            run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg, stop=stop)
+            run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
+                       interrupts=interrupts)
         except BaseException as err:
-            sink.abort(type(err))
+            root.mark(err)
+            sink.abort(err)
             raise
-        rows = [sink.summaries[m.name] for m in members]
-        curves = {m.name: {k: [r[k] for r in sink.records[m.name] if r.get(k) is not None] for k in SERIES}
-                  for m in members}
-        title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), {cfg.topology.name}, " \
-                f"attack {attack_label(cfg)}"
-        write_comparison(root, rows, COLUMNS, curves, PANELS, title)
-        root.write_summary({"mode": "decentralized", "attack": attack_label(cfg), "label_roles": roles,
-                            "members": {r["strategy"]: r for r in rows}})
+        finally:
+            _write_root(cfg, root, sink, members, bad, roles)
     return root.path
+
+
+def _write_root(cfg: RunConfig, root: RunWriter, sink: "FolderSink", members: list[Member], bad: list[int],
+                roles: Mapping[str, Any]) -> None:
+    """The comparison of the finished members and the root summary (with the run's status)."""
+    done = [m for m in members if m.name in sink.summaries]
+    rows = [sink.summaries[m.name] for m in done]
+    if rows:
+        curves = {m.name: {k: [r[k] for r in sink.records[m.name] if r.get(k) is not None] for k in SERIES}
+                  for m in done}
+        title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
+                f"{cfg.topology.name}, attack {attack_label(cfg)}"
+        write_comparison(root, rows, COLUMNS, curves, PANELS, title)
+    root.write_summary({"mode": "decentralized", "attack": attack_label(cfg), "label_roles": roles,
+                        "finished": [m.name for m in done], "members": {r["strategy"]: r for r in rows}})
 
 
 def attack_label(cfg: RunConfig) -> str:

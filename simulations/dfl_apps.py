@@ -34,7 +34,10 @@ from fedepic.attacks import attack_success
 from fedepic.config import RunConfig, to_yaml
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.common import client_data_for, config_from_text, dataset_for, exchange, wait_for_nodes
+from fedepic.errors import RunFailed
+from simulations.common import (
+    check_failures, client_data_for, config_from_text, dataset_for, exchange, interrupted_quietly, wait_for_nodes,
+)
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
     train_local, uses_local_epic,
@@ -170,10 +173,15 @@ class RunSink:
     def end(self, member: Member) -> None: ...
 
 
-def _check(replies: Sequence[Message], what: str) -> None:
-    for reply in replies:
-        if reply.has_error():
-            raise RuntimeError(f"a node failed during {what}: {reply.error.reason}")
+def _failures(asked: Sequence[int], replies: Sequence[Message], partition_of: Mapping[int, int],
+              phase: str) -> list[dict]:
+    """One record per asked node that answered with an error (it raised, or its worker died) or not
+    at all; ``asked`` and the records use partition ids."""
+    failed = [{"node": partition_of.get(int(r.metadata.src_node_id)), "phase": phase, "reason": r.error.reason}
+              for r in replies if r.has_error()]
+    answered = {partition_of.get(int(r.metadata.src_node_id)) for r in replies}
+    return failed + [{"node": i, "phase": phase, "reason": "no reply before the timeout"}
+                     for i in asked if i not in answered]
 
 
 def _config_message(node_id: int, kind: str, values: Mapping[str, Any], group: str) -> Message:
@@ -194,7 +202,10 @@ class Router:
     def __call__(self, grid: Grid, context: Context) -> None:
         nodes = wait_for_nodes(grid, self.cfg.clients.count, stop=self.stop)
         replies = exchange(grid, [_config_message(n, HELLO, {}, "hello") for n in nodes], stop=self.stop)
-        _check(replies, "start-up")
+        failed = [r.error.reason for r in replies if r.has_error()]
+        if failed or len(replies) != len(nodes):  # no node may be missing from the graph
+            reason = failed[0].splitlines()[0] if failed else "no reply before the timeout"
+            raise RunFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} nodes failed at start-up: {reason}")
         self.node_of = {int(r.content.metric_records["info"]["partition-id"]): r.metadata.src_node_id
                         for r in replies}
         if sorted(self.node_of) != list(range(self.cfg.clients.count)):
@@ -213,38 +224,49 @@ class Router:
         truth = detection_truth(member.routing.graph, self.malicious) if member.strategy in STATEFUL else None
         for round_ in range(1, self.cfg.rounds + 1):
             started = time.perf_counter()
-            trained, records, train_stats = self.train_round(grid, member, round_)
+            trained, records, train_stats, failures = self.train_round(grid, member, round_)
             trained_at = time.perf_counter()
-            evals, models, confirmed = self.aggregate_round(grid, member, round_, trained, records)
+            evals, models, confirmed, failed = self.aggregate_round(grid, member, round_, trained, records)
+            failures += failed
+            if not any(i in evals for i in self.benign):
+                raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
+                                f"({len(failures)} failures; first: {failures[0]['reason'] if failures else '?'})")
             record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
                                                          confirmed if truth is not None else None, truth)}
+            record["failures"] = failures
             losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
             record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
             record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
             record["train_phase_seconds"] = trained_at - started
             record["seconds"] = time.perf_counter() - started
             self.sink.round(member, record)
+            check_failures(self.cfg, f"{member.name}, round {round_}", failures, len(self.active_nodes(member)))
         self.sink.end(member)
 
+    @property
+    def partition_of(self) -> dict[int, int]:
+        return {node: pid for pid, node in self.node_of.items()}
+
     def train_round(self, grid: Grid, member: Member, round_: int):
-        """Phase 1: every active node trains; returns (flat trained models, their records, stats)."""
+        """Phase 1: every active node trains; returns (flat trained models, their records, stats,
+        failures). A node that fails sits the round out: it sends nothing and keeps its model."""
         conf = {"member": member.name, "strategy": member.strategy, "round": round_}
         group = f"{member.name}-{round_}"
         nodes = self.active_nodes(member)
         replies = exchange(grid, [_config_message(self.node_of[i], TRAIN, conf, group) for i in nodes], stop=self.stop)
-        _check(replies, f"training of round {round_}")
+        failures = _failures(nodes, replies, self.partition_of, "train")
         trained: dict[int, torch.Tensor] = {}
         records: dict[int, ArrayRecord] = {}
         stats: dict[int, dict] = {}
-        for reply in replies:
+        for reply in (r for r in replies if not r.has_error()):
             metrics = reply.content.metric_records["metrics"]
             pid = int(metrics["partition-id"])
             records[pid] = reply.content.array_records["model"]
             trained[pid] = flatten_state(records[pid].to_torch_state_dict())
             stats[pid] = dict(metrics)
-        if len(trained) != len(nodes):
-            raise RuntimeError(f"round {round_}: {len(trained)} of {len(nodes)} nodes replied to train")
-        return trained, records, stats
+        if not trained:
+            check_failures(self.cfg, f"{member.name}, round {round_}", failures, len(nodes))
+        return trained, records, stats, failures
 
     def aggregate_round(self, grid: Grid, member: Member, round_: int, trained: Mapping[int, torch.Tensor],
                         records: Mapping[int, ArrayRecord]):
@@ -279,16 +301,16 @@ class Router:
         replies = []
         for batch in message_batches(sizes, MAX_INFLIGHT_BYTES):
             replies.extend(exchange(grid, [messages[k] for k in batch], stop=self.stop))
-        _check(replies, f"aggregation of round {round_}")
+        failures = _failures(nodes, replies, self.partition_of, "aggregate")
         evals, models, confirmed = {}, {}, {}
-        for reply in replies:
+        for reply in (r for r in replies if not r.has_error()):
             metrics = reply.content.metric_records["metrics"]
             pid = int(metrics["partition-id"])
             confirmed[pid] = [int(j) for j in reply.content.config_records["detector"]["confirmed"]]
             if "accuracy" in metrics:
                 evals[pid] = dict(metrics)
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
-        return evals, models, confirmed
+        return evals, models, confirmed, failures
 
 
 def make_server_app(router: Router) -> ServerApp:
@@ -296,6 +318,7 @@ def make_server_app(router: Router) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        router(grid, context)
+        with interrupted_quietly(router.stop or threading.Event()):
+            router(grid, context)
 
     return app

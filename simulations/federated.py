@@ -9,14 +9,14 @@ instead of starting a local one. A comparison of only `centralized-epic` needs n
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
+from fedepic.interrupts import Interrupts
 from fedepic.outputs import RunWriter
-from simulations.common import poison_set, quiet_flower, run_flower
+from simulations.common import check_ray_address, poison_set, quiet_flower, run_flower
 
 
 def check_federated(cfg: RunConfig) -> None:
@@ -31,22 +31,27 @@ def check_federated(cfg: RunConfig) -> None:
     poison_set(cfg)  # gradient_matching needs attack.poisons
 
 
-def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None) -> Path:
+def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupts: Optional[Interrupts] = None) -> Path:
     """Run every strategy of `cfg.strategies` and write the comparison; returns the run folder.
 
-    `client_app` replaces simulations.client_app.app (tests use it to inject a failing client).
+    `client_app` replaces simulations.client_app.app (tests use it to inject a failing client);
+    `interrupts` is the caller's SIGINT/SIGTERM handling (the CLI's), else the run installs its own.
     """
     quiet_flower()
     check_federated(cfg)
+    check_ray_address(cfg)  # before a run folder exists
     load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
     from simulations.server_app import make_server_app, serve
 
-    stop = threading.Event()
-    with RunWriter(cfg.output_dir, cfg.name) as writer:
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    with interrupts, RunWriter(cfg.output_dir, cfg.name) as writer:
         if all(name == "centralized-epic" for name in cfg.strategies):
-            serve(None, cfg, writer, stop)
+            with interrupts.polled():  # centralized-epic polls the stop event between rounds
+                serve(None, cfg, writer, interrupts.stop)
+            interrupts.raise_if_stopped()
         else:
             if client_app is None:
                 from simulations.client_app import app as client_app
-            run_flower(make_server_app(cfg, writer, stop), client_app, cfg.clients.count, cfg, stop=stop)
+            server_app = make_server_app(cfg, writer, interrupts.stop)
+            run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=interrupts)
     return writer.path

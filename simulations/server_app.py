@@ -50,8 +50,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, MEMBER_KEY, SERVER_SIDE_ATTACKS, model_for
 from simulations.common import (
-    RunInterrupted, build_client_data, client_partition, exchange, partition_report, poison_set, quiet_flower,
-    wait_for_nodes, write_comparison,
+    RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
+    partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config, write_comparison,
 )
 from strategies.epic_server import record_vector
 from strategies.server import StrategyParams, build_server_strategy
@@ -215,7 +215,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluat
     tracked = build_server_strategy(name, _params(cfg))
     like = {k: v.detach().cpu() for k, v in new_model(cfg, data, cfg.seed, torch.device("cpu")).state_dict().items()}
     arrays = ArrayRecord(like)
-    config = ConfigRecord({CONFIG_KEY: to_yaml(cfg), MEMBER_KEY: name})
+    config = ConfigRecord({CONFIG_KEY: to_yaml(worker_config(cfg)), MEMBER_KEY: name})
     bad_ids = set(malicious_ids(cfg))
     tally, recalls = Tally(), []
     for rnd in range(1, cfg.rounds + 1):
@@ -250,6 +250,7 @@ def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluat
         })
         result.curves["accuracy"].append(ev["accuracy"])
         result.curves["attack_success"].append(math.nan if ev["attack_success"] is None else ev["attack_success"])
+        check_failures(cfg, f"{name}, round {rnd}", failures, len(messages))
     result.row = {**_row(name, result.curves, time.perf_counter() - started), **tally.rates(),
                   "poison_recall": sum(recalls) / len(recalls) if recalls else None}
 
@@ -325,7 +326,8 @@ def _wait_for_clients(grid: Grid, cfg: RunConfig, stop: threading.Event) -> dict
     if len(nodes) != cfg.clients.count:
         raise ValueError(f"{len(nodes)} SuperNodes registered but clients.count={cfg.clients.count}; "
                          "the run needs exactly one SuperNode per client")
-    queries = [Message(content=RecordDict({"config": ConfigRecord({CONFIG_KEY: to_yaml(cfg)})}), dst_node_id=node,
+    text = to_yaml(worker_config(cfg))
+    queries = [Message(content=RecordDict({"config": ConfigRecord({CONFIG_KEY: text})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in nodes]
     failed = [m.error.reason for m in exchange(grid, queries, ROUND_TIMEOUT_S, stop) if m.has_error()]
     return {"event": "clients_ready", "seconds": time.perf_counter() - started, "warmup_failures": failed}
@@ -428,7 +430,8 @@ def make_server_app(cfg: RunConfig, writer: RunWriter, stop: threading.Event) ->
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, writer, stop)
+        with interrupted_quietly(stop):
+            serve(grid, cfg, writer, stop)
 
     return server
 

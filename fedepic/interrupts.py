@@ -1,0 +1,98 @@
+"""SIGINT and SIGTERM for one run: the first one stops the run, and the run still writes a true status.
+
+`kill`, `docker stop` and cluster schedulers send SIGTERM; a terminal sends SIGINT. Both mean "stop
+now, keep what is done". While an `Interrupts` is entered (main thread only, as Python allows):
+
+- the first signal sets ``stop`` and records its number. Unless a Flower run polls ``stop`` (inside
+  :meth:`Interrupts.polled`, where the ServerApp winds down by itself and raises at a message
+  boundary), it also raises :class:`~fedepic.errors.RunInterrupted` in the main thread;
+- later signals are ignored: the run is writing its summaries (each file atomically). Raising again
+  there would cut a summary short, and a second KeyboardInterrupt in Flower's mode left its server
+  thread running and the interpreter waiting for it at exit;
+- a watchdog bounds that wind-down: ``grace_s`` after the first signal the process exits with
+  128 + the signal's number whatever is still running (one line on stderr).
+
+The exit status of an interrupted run is 128 + signum: 130 for SIGINT, 143 for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, Iterator, Optional
+
+from fedepic.errors import RunInterrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupts:
+    """Handlers for SIGINT and SIGTERM while entered; see the module docstring.
+
+    Parameters
+    ----------
+    grace_s : float
+        Seconds the run may take to wind down after the first signal before the process exits.
+    """
+
+    def __init__(self, grace_s: float = 120.0) -> None:
+        self.grace_s = grace_s
+        self.stop = threading.Event()
+        self.signum: Optional[int] = None
+        self._polled = 0
+        self._saved: list[dict[int, Any]] = []  # one entry per (nested) __enter__
+
+    def __enter__(self) -> "Interrupts":
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            saved = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        self._saved.append(saved)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._saved.pop().items():
+            signal.signal(sig, handler)
+
+    @contextmanager
+    def polled(self) -> Iterator[None]:
+        """Inside, a signal only sets ``stop``: the code running here polls it and raises itself."""
+        self._polled += 1
+        try:
+            yield
+        finally:
+            self._polled -= 1
+
+    def raise_if_stopped(self) -> None:
+        """Raise RunInterrupted (with the signal's number) when a signal has arrived."""
+        if self.stop.is_set():
+            raise RunInterrupted(f"interrupted by {_name(self.signum)}", signum=self.signum)
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signum is not None:
+            return  # already winding down: see the module docstring
+        self.signum = signum
+        self.stop.set()
+        watchdog = threading.Timer(self.grace_s, _exit_now, args=(signum, self.grace_s))
+        watchdog.daemon = True
+        watchdog.start()
+        if not self._polled:
+            raise RunInterrupted(f"interrupted by {_name(signum)}", signum=signum)
+
+
+def exit_status(err: BaseException) -> int:
+    """128 + the signal that interrupted the run (SIGINT for a plain KeyboardInterrupt)."""
+    return 128 + int(getattr(err, "signum", None) or signal.SIGINT)
+
+
+def _name(signum: Optional[int]) -> str:
+    return signal.Signals(signum).name if signum else "SIGINT"
+
+
+def _exit_now(signum: int, grace_s: float) -> None:
+    print(f"fedepic: the run did not stop within {grace_s:.0f} s of {_name(signum)}; exiting", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(128 + signum)
