@@ -12,6 +12,9 @@ Every strategy is a `flwr.serverapp.strategy.Strategy`; `TrackedStrategy` runs i
   the median (1.0 for clients the first step left out).
 - fedtrimmedavg (and bulyan's second step): per client, the share of coordinates whose value falls
   in the cut tails (ranks below beta*n or from n - beta*n on; ties broken by client order).
+  `ExactTrimmedAvg` is Flower's FedTrimmedAvg with its beta set each round from the reply count n so
+  that Flower's own `int(beta * n)` cuts exactly f values per side (`exact_trim_beta`); Flower's
+  beta = f / n can round below f (e.g. n = 49, f = 1: 1 / 49 * 49 = 0.999..., nothing trimmed).
 - fedmedian: coordinate-wise, no client is excluded as a whole; nothing is reported.
 - epic: exact, from the strategy's own record.
 
@@ -21,6 +24,7 @@ out of the replies they aggregate.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,8 +59,9 @@ def mean_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRec
 class StrategyParams:
     """What the registry needs to build a strategy for one run.
 
-    expected_clients: clients sampled per round (sets MultiKrum's m and FedTrimmedAvg's beta).
-    num_malicious: attackers the robust rules assume (f); Bulyan caps it at (n - 3) // 4.
+    expected_clients: clients sampled per round (sets MultiKrum's m).
+    num_malicious: attackers the robust rules assume (f); Bulyan caps it at (n - 3) // 4, and the trimmed
+    mean cuts f per side, at most (n - 1) // 2 of the n replies of a round.
     """
 
     num_nodes: int
@@ -67,11 +72,50 @@ class StrategyParams:
     epic_threshold: int = 1
     epic_min_medoids: int = 2
 
-    def trim_beta(self) -> float:
-        return min(self.num_malicious / max(self.expected_clients, 1), 0.49)
-
     def bulyan_f(self) -> int:
         return max(0, min(self.num_malicious, (self.expected_clients - 3) // 4))
+
+
+def exact_trim_beta(n: int, f: int) -> float:
+    """A beta in [0, 0.5) with ``int(beta * n) == f`` exactly, for Flower's ``trim_mean``.
+
+    ``f / n`` does not do it: the float product ``(f / n) * n`` can fall just below f (368 of the
+    valid (n, f) pairs with n <= 200, e.g. (49, 1)), and ``int`` then cuts f - 1. ``(f + 0.25) / n``
+    puts the product a quarter away from every integer, far beyond float rounding, and stays below
+    0.5 for every valid f (2f < n, so f + 0.25 < n / 2).
+
+    >>> int(exact_trim_beta(49, 1) * 49)
+    1
+    """
+    if not (n >= 1 and 0 <= f and 2 * f < n):
+        raise ValueError(f"trimmed mean: needs 0 <= 2f < n, got n={n}, f={f}")
+    return (f + 0.25) / n if f else 0.0
+
+
+class ExactTrimmedAvg(FedTrimmedAvg):
+    """Flower's FedTrimmedAvg cutting exactly ``num_trim`` values per side and coordinate.
+
+    Coordinate-wise trimmed mean (Yin, Chen, Ramchandran, Bartlett, "Byzantine-robust distributed
+    learning: towards optimal statistical rates", ICML 2018): drop the f largest and f smallest values
+    of the n replies, average the other n - 2f. Before each aggregation beta is set to
+    ``exact_trim_beta(n, min(num_trim, (n - 1) // 2))`` for the round's n valid replies, so fewer
+    replies than expected lower the cut instead of failing the round (behaviour change from a fixed beta).
+    """
+
+    def __init__(self, num_trim: int = 0, **kwargs) -> None:
+        if int(num_trim) != num_trim or num_trim < 0:
+            raise ValueError(f"fedtrimmedavg: num_trim must be a non-negative integer, got {num_trim!r}")
+        super().__init__(beta=0.0, **kwargs)
+        self.num_trim = int(num_trim)
+
+    def beta_for(self, n: int) -> float:
+        return exact_trim_beta(max(n, 1), min(self.num_trim, (max(n, 1) - 1) // 2))
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        replies = list(replies)
+        self.beta = self.beta_for(sum(not m.has_error() for m in replies))
+        return super().aggregate_train(server_round, replies)
 
 
 @dataclass
@@ -143,7 +187,7 @@ class TrackedStrategy:
             picked = {id(c) for c in chosen}
             excluded = [id(c) not in picked for c in contents]
         elif self.name == "fedtrimmedavg" and contents:
-            shares = trimmed_shares(stack, self.strategy.beta)
+            shares = trimmed_shares(stack, self.strategy.beta_for(len(contents)))
         if self.recorder is not None:
             self.recorder.selected = []
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
@@ -176,7 +220,7 @@ def build_server_strategy(name: str, params: StrategyParams) -> TrackedStrategy:
         "multikrum": lambda: MultiKrum(num_malicious_nodes=f,
                                        num_nodes_to_select=max(1, params.expected_clients - f), **common),
         "fedmedian": lambda: FedMedian(**common),
-        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=params.trim_beta(), **common),
+        "fedtrimmedavg": lambda: ExactTrimmedAvg(num_trim=f, **common),
         "epic": lambda: EpicServer(fraction=params.epic_fraction, threshold=params.epic_threshold,
                                    min_medoids=params.epic_min_medoids, num_malicious_nodes=f, **common),
     }

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from strategies.epic_server import EpicServer, epic_select_updates, medoid_count, record_vector
 from strategies.server import (
-    SERVER_STRATEGIES, StrategyParams, build_server_strategy, closest_shares, mean_client_metrics, trimmed_shares,
+    SERVER_STRATEGIES, StrategyParams, build_server_strategy, closest_shares, exact_trim_beta, mean_client_metrics,
+    trimmed_shares,
 )
 
 
@@ -181,3 +182,57 @@ def test_client_metrics_mean_skips_ids_and_unknowns():
     assert "partition-id" not in out
     assert out["train-loss"] == pytest.approx(1.75)
     assert out["epic-poison-recall"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- exact trimming
+
+
+def valid_trims(limit: int = 200):
+    return [(n, f) for n in range(1, limit + 1) for f in range((n - 1) // 2 + 1)]
+
+
+def test_flower_beta_f_over_n_undercuts_and_exact_beta_does_not():
+    """Flower cuts int(beta * n) per side: f / n undercuts for 368 pairs, exact_trim_beta for none."""
+    assert sum(int((f / n) * n) != f for n, f in valid_trims()) == 368
+    assert int((1 / 49) * 49) == 0
+    for n, f in valid_trims():
+        beta = exact_trim_beta(n, f)
+        assert 0.0 <= beta < 0.5, (n, f)
+        assert int(beta * n) == f, (n, f)
+
+
+def test_flower_trim_mean_cuts_exactly_f_for_every_n_and_f():
+    """Flower's own trim_mean with exact_trim_beta equals the mean of the middle n - 2f sorted values."""
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    rng = np.random.default_rng(0)
+    for n, f in valid_trims():
+        x = rng.permutation(n).astype(np.float64)[:, None] ** 2  # distinct values: the cut is visible
+        expected = np.sort(x, axis=0)[f:n - f].mean(axis=0)
+        np.testing.assert_array_equal(trim_mean(x, exact_trim_beta(n, f)), expected, err_msg=f"{(n, f)}")
+
+
+def test_exact_trim_beta_refuses_invalid_pairs():
+    for n, f in ((4, 2), (1, 1), (0, 0), (5, -1)):
+        with pytest.raises(ValueError):
+            exact_trim_beta(n, f)
+
+
+def test_fedtrimmedavg_trims_one_of_49(task_identity):
+    """(49, 1): Flower's f / n trimmed nothing; the strategy now cuts the outlier in every coordinate."""
+    updates = honest_updates(49, d=400, seed=7).numpy().astype(np.float32)
+    updates[3] += 1000
+    replies = [reply(updates[i], client_id=i) for i in range(49)]
+    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=49, expected_clients=49, num_malicious=1))
+    outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
+    ordered = np.sort(updates, axis=0)
+    np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), ordered[1:48].mean(axis=0), rtol=1e-5)
+    assert outcome.trimmed_share[3] == 1.0
+
+
+def test_fedtrimmedavg_lowers_the_cut_when_replies_are_missing(task_identity):
+    """f = 3 assumed for 8 clients but only 5 replied: cut (5 - 1) // 2 = 2 per side, not fail."""
+    updates = honest_updates(5, d=400, seed=8).numpy().astype(np.float32)
+    replies = [reply(updates[i], client_id=i) for i in range(5)]
+    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=8, expected_clients=8, num_malicious=3))
+    outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
+    np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), np.median(updates, axis=0), rtol=1e-6)
