@@ -232,6 +232,7 @@ def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:
     trimmed_mean cuts ``defense.trim`` values per side and krum assumes ``defense.trim`` Byzantine
     neighbours (1 when 0), both lowered to what the neighbourhood allows (2b < n, n - f - 2 >= 1):
     node degrees differ, and a rule that refuses to run at a low-degree node would stop the network.
+    With one neighbour (n = 2) krum keeps the node's own model (``strategies.krum.KrumSelect``).
     """
     if strategy in ("gossip", "upper"):
         return build_peer_rule("gossip")
@@ -251,12 +252,16 @@ def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:
 
 @dataclass
 class AggregationReport:
-    """What the peer rule did at one node this round (neighbour ids)."""
+    """What the peer rule did at one node this round (neighbour ids). ``nonfinite``: neighbours whose
+    model held NaN / inf and was left out; ``own_nonfinite``: the node's own model did and was replaced
+    (``strategies/finite.py``)."""
 
     flagged: list[int] = field(default_factory=list)
     purified: list[int] = field(default_factory=list)
     confirmed: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    own_nonfinite: bool = False
 
 
 def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Tensor, ids: list[int],
@@ -276,9 +281,13 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
         new, report = purification_rule(strategy, cfg).aggregate(own, neighbours, ids, weights, state.gp)
         if strategy == "exclude":
             state.gp.records.clear()
-        return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept)
+        return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
+                                      report.nonfinite, report.own_nonfinite)
     rule = stateless_rule(strategy, cfg, neighbours.shape[0] + 1)
-    return rule(own, neighbours, weights), AggregationReport(kept=list(ids))
+    new, bad = rule.apply(own, neighbours, weights)
+    dropped = set(bad.rows)
+    return new, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
+                                  nonfinite=[ids[r] for r in bad.rows], own_nonfinite=bad.own)
 
 
 def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,

@@ -12,11 +12,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from strategies.epic_updates import epic_select_updates
+from strategies.finite import split_finite
 from strategies.gossip import check_stack, gossip_subset
 
 
 def epic_keep_mask(own: Tensor, neighbours: Tensor, fraction: float, threshold: int = 1) -> Tensor:
-    """BoolTensor [m]: True for the neighbours whose update EPIC does not drop (see epic_select_updates)."""
+    """BoolTensor [m]: True for the neighbours whose update EPIC does not drop (see epic_select_updates;
+    a non-finite update is always dropped)."""
     return epic_select_updates(neighbours - own, fraction, threshold).keep.to(own.device)
 
 
@@ -27,7 +29,8 @@ class EpicPeer:
     ----------
     fraction: fraction of the updates chosen as medoids (``select_medoids``'s ``fraction``).
     threshold: medoids whose cluster weight is <= threshold are dropped (EPIC's rule; 1 = isolated).
-    The node's own model is always kept (self weight kept, weights renormalised).
+    The node's own model is always kept (self weight kept, weights renormalised). Non-finite vectors
+    are left out before the selection (``strategies/finite.py``).
     """
 
     needs_keep_mask = False
@@ -41,9 +44,13 @@ class EpicPeer:
         self.fraction = float(fraction)
         self.threshold = threshold
 
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
         check_stack(own, neighbours)
-        if neighbours.shape[0] == 0:
-            return own.clone()
-        keep = epic_keep_mask(own, neighbours, self.fraction, self.threshold)
-        return gossip_subset(own, neighbours, weights, keep)
+        inp = split_finite(own, neighbours, weights)
+        if inp.neighbours.shape[0] == 0:
+            return inp.own.clone(), inp.report
+        keep = epic_keep_mask(inp.own, inp.neighbours, self.fraction, self.threshold)
+        return gossip_subset(inp.own, inp.neighbours, inp.weights, keep), inp.report
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        return self.apply(own, neighbours, weights)[0]

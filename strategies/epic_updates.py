@@ -17,11 +17,13 @@ from fedepic.epic import select_medoids
 
 @dataclass(frozen=True)
 class UpdateSelection:
-    """Which of m updates EPIC keeps: keep (bool [m]), the medoids (rows, greedy order), their sizes."""
+    """Which of m updates EPIC keeps: keep (bool [m]), the medoids (rows, greedy order), their sizes,
+    and the rows dropped before the selection because they held NaN / inf (``nonfinite``)."""
 
     keep: Tensor
     medoids: Tensor
     sizes: Tensor
+    nonfinite: tuple[int, ...] = ()
 
     @property
     def dropped(self) -> list[int]:
@@ -46,12 +48,23 @@ def epic_select_updates(updates: Tensor, fraction: float = 0.1, threshold: int =
                         num_malicious: int = 0) -> UpdateSelection:
     """EPIC on stacked updates [m, D] (one group): medoids whose cluster holds <= threshold updates are dropped.
 
-    Fewer than three updates cannot single out an isolated one: all are kept.
+    Fewer than three updates cannot single out an isolated one: all are kept. An update holding NaN or
+    inf is dropped before the selection (it has no distance to anything) and listed in ``nonfinite``;
+    the selection runs on the finite rest, and medoids are indices of the original rows.
     """
     if updates.dim() != 2:
         raise ValueError(f"updates must be [m, D], got shape {tuple(updates.shape)}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    finite = torch.isfinite(updates).all(dim=1).cpu()
+    if not bool(finite.all()):
+        rows = finite.nonzero().flatten()
+        inner = epic_select_updates(updates[finite.to(updates.device)], fraction, threshold, min_medoids,
+                                    num_malicious)
+        keep = torch.zeros(updates.shape[0], dtype=torch.bool)
+        keep[rows] = inner.keep.cpu()
+        bad = tuple((~finite).nonzero().flatten().tolist())
+        return UpdateSelection(keep, rows[inner.medoids.cpu()], inner.sizes, bad)
     m = updates.shape[0]
     if m < 3:
         ones = torch.ones(m, dtype=torch.bool)

@@ -5,6 +5,9 @@ Every peer rule in ``strategies/`` has the signature
 ``own`` is the node's model vector after local training, ``neighbours`` holds the models received this
 round (one row per neighbour), and ``weights`` are the node's Metropolis–Hastings mixing weights
 (index 0 = self, then the neighbours in row order), summing to 1. ``None`` means uniform weights.
+
+Every rule also has ``apply(own, neighbours, weights) -> (new_own, NonFinite)``: the same result plus the
+record of the NaN / inf vectors it left out (``strategies/finite.py``); ``rule(...)`` is ``apply(...)[0]``.
 """
 
 from __future__ import annotations
@@ -73,17 +76,24 @@ class Gossip:
     """D-PSGD gossip averaging (Lian et al., "Can decentralized algorithms outperform centralized
     algorithms?", NeurIPS 2017): ``x_i <- sum_j w_ij x_j`` over self and neighbours.
 
-    No parameters. Not robust: one bad neighbour moves the average without bound.
+    No parameters. Not robust: one bad neighbour moves the average without bound. Non-finite vectors
+    are left out, weights renormalised (``strategies/finite.py``): a change from plain D-PSGD, where
+    one NaN neighbour would make every model NaN.
     """
 
     needs_keep_mask = False
     needs_state = False
 
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        check_stack(own, neighbours)
-        w = resolve_weights(weights, neighbours.shape[0], own)
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
+        from strategies.finite import split_finite  # finite.py builds on this module
+
+        inp = split_finite(own, neighbours, weights)
+        w = resolve_weights(inp.weights, inp.neighbours.shape[0], inp.own)
         # Written as own + weighted delta: identical math, and exact when all models are equal.
-        return own + weighted_delta(own, neighbours, w[1:])
+        return inp.own + weighted_delta(inp.own, inp.neighbours, w[1:]), inp.report
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        return self.apply(own, neighbours, weights)[0]
 
 
 def gossip_subset(
@@ -104,11 +114,24 @@ class GossipSubset:
 
     ``exclude``: the runner passes ``keep`` = mask of neighbours known (oracle) to be benign.
     ``upper``: same math, in a run without attackers; it is the accuracy upper bound.
-    No parameters; ``keep=None`` keeps every neighbour (plain gossip).
+    No parameters; ``keep=None`` keeps every neighbour (plain gossip). Non-finite vectors are left
+    out even when ``keep`` keeps them (``strategies/finite.py``).
     """
 
     needs_keep_mask = True
     needs_state = False
+
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None, keep: Tensor | None = None):
+        from strategies.finite import split_finite  # finite.py builds on this module
+
+        check_stack(own, neighbours)
+        if keep is None:
+            keep = torch.ones(neighbours.shape[0], dtype=torch.bool, device=own.device)
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=own.device)
+        if keep.shape != (neighbours.shape[0],):
+            raise ValueError(f"keep must have shape [{neighbours.shape[0]}], got {tuple(keep.shape)}")
+        inp = split_finite(own, neighbours, weights)
+        return gossip_subset(inp.own, inp.neighbours, inp.weights, keep[inp.kept.to(keep.device)]), inp.report
 
     def __call__(
         self,
@@ -117,6 +140,4 @@ class GossipSubset:
         weights: Tensor | None = None,
         keep: Tensor | None = None,
     ) -> Tensor:
-        if keep is None:
-            keep = torch.ones(neighbours.shape[0], dtype=torch.bool, device=own.device)
-        return gossip_subset(own, neighbours, weights, keep)
+        return self.apply(own, neighbours, weights, keep)[0]

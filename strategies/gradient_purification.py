@@ -58,6 +58,13 @@ Exact rules (node i, one call of ``aggregate`` per round):
    neighbourhood has a malicious majority (the median is then theirs). Measured in
    benchmarks/RESULTS.md (other topologies).
 
+8. **Non-finite models** (NaN / inf; not in the paper, which assumes finite messages). Such a
+   neighbour is scored ``inf`` and flagged suspicious (it counts towards confirmation), is never
+   aggregated or recorded, and is left out of the median and distances of rule 2, which it would
+   otherwise turn into NaN for everyone. A non-finite own model is replaced by the coordinate-wise
+   median of the finite neighbours before anything else (``strategies/finite.py``). The report lists
+   both in ``nonfinite`` (neighbour ids) and ``own_nonfinite``.
+
 Why these thresholds: z > 3 is the usual 3-sigma outlier rule on a robust scale. ``min_scale = 0.5``:
 with 0.25, benign neighbours of low-degree nodes (after the malicious neighbour is excluded, three
 models or fewer remain) began to be confirmed from round 6 on ``configs/noniid.yaml`` (detection
@@ -83,6 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from strategies.epic_peer import epic_keep_mask
+from strategies.finite import finite_rows
 from strategies.gossip import check_stack, renormalised_weights, resolve_weights
 from strategies.median import coordinate_median
 from strategies.scclip import clip_rows
@@ -139,6 +147,8 @@ class PurificationReport:
     purified: list[int]  # confirmed this round: their record was subtracted
     confirmed: list[int]  # every neighbour confirmed so far
     kept: list[int]  # neighbours aggregated this round
+    nonfinite: list[int] = field(default_factory=list)  # sent NaN / inf this round: flagged, not aggregated (rule 8)
+    own_nonfinite: bool = False  # own model was NaN / inf and was replaced (rule 8)
 
 
 class GradientPurification:
@@ -275,9 +285,17 @@ class GradientPurification:
         if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
             raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
         w = resolve_weights(weights, len(ids), own)
+        finite = finite_rows(neighbours).tolist()
+        own_nonfinite = not bool(torch.isfinite(own).all())
+        if own_nonfinite and any(finite):
+            own = coordinate_median(neighbours[torch.tensor(finite, device=neighbours.device)])
 
-        active = [r for r, j in enumerate(ids) if j not in state.confirmed]
+        active = [r for r, j in enumerate(ids) if j not in state.confirmed and finite[r]]
         scores, suspicious = self.suspicion(own, neighbours[active])
+        broken = [r for r, j in enumerate(ids) if j not in state.confirmed and not finite[r]]
+        scores = torch.cat([scores, torch.full((len(broken),), float("inf"), dtype=scores.dtype, device=scores.device)])
+        suspicious = torch.cat([suspicious, torch.ones(len(broken), dtype=torch.bool, device=suspicious.device)])
+        active = active + broken
         report_scores: dict[int, float] = {}
         flagged: list[int] = []
         purified: list[int] = []
@@ -293,7 +311,7 @@ class GradientPurification:
                 flagged.append(j)
             if flag and self.is_confirmed(flags):
                 purified.append(j)
-            elif not flag or (self.aggregate_suspects and not self.is_blatant(float(scores[pos]))):
+            elif finite[row] and (not flag or (self.aggregate_suspects and not self.is_blatant(float(scores[pos])))):
                 keep[row] = True
 
         base = own
@@ -317,6 +335,8 @@ class GradientPurification:
             purified=purified,
             confirmed=sorted(state.confirmed),
             kept=[ids[r] for r in kept_rows],
+            nonfinite=[ids[r] for r, ok in enumerate(finite) if not ok],
+            own_nonfinite=own_nonfinite,
         )
         return new_own, report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from strategies.gossip import check_stack
+from strategies.finite import split_finite
 
 
 def pairwise_sq_distances(stack: Tensor) -> Tensor:
@@ -45,10 +45,21 @@ class KrumSelect:
     nearest other models, the paper's definition (ByzFL uses ``n - f - 1``; we follow the paper).
     The lowest score wins; ties go to the lowest index, so ``own`` (index 0) wins a tie.
 
+    Small neighbourhoods (a change from the paper, which assumes n - f - 2 >= 1 everywhere; node
+    degrees in a graph differ): at a node with ``n - f - 2 < 1`` the rule uses ``f' = n - 3`` when
+    n >= 3, and with n <= 2 (own and at most one neighbour) keeps the node's own model, since one
+    neighbour cannot be told apart from own and own is the one model the node trusts. ``multi`` is
+    capped at the n models. Non-finite vectors are left out first (``strategies/finite.py``), and n
+    counts what remains.
+
+    Example: own = [0], neighbours = [[0.1], [5.0], [-0.1]], f = 1: n - f - 2 = 1, scores
+    [0.01, 24.01, 0.01, 0.04] -> own (lowest index of the tie) is returned. With neighbours = [[5.0]]
+    the node keeps [0].
+
     Parameters
     ----------
     f: number of Byzantine models tolerated (the paper's guarantee needs ``n > 2f + 2``; the rule
-       only requires ``n - f - 2 >= 1`` so that the score is defined).
+       only requires ``n - f - 2 >= 1`` so that the score is defined, and adapts below that).
     multi: Multi-Krum's m': average the ``multi`` lowest-score models (1 = plain Krum).
     The mixing weights are ignored (selection is unweighted, as in the paper).
     """
@@ -71,7 +82,20 @@ class KrumSelect:
         order = torch.sort(krum_scores(stack, self.f), stable=True).indices
         return order[: self.multi]
 
+    def effective_f(self, n: int) -> int | None:
+        """The f used for n models: ``self.f``, lowered to n - 3 when needed; None when n <= 2."""
+        if n <= 2:
+            return None
+        return min(self.f, n - 3)
+
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
+        inp = split_finite(own, neighbours, None)
+        stack = torch.cat([inp.own.unsqueeze(0), inp.neighbours])
+        f = self.effective_f(stack.shape[0])
+        if f is None:
+            return inp.own.clone(), inp.report
+        adapted = KrumSelect(f, min(self.multi, stack.shape[0]))
+        return stack[adapted.select(stack)].mean(dim=0), inp.report
+
     def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        check_stack(own, neighbours)
-        stack = torch.cat([own.unsqueeze(0), neighbours])
-        return stack[self.select(stack)].mean(dim=0)
+        return self.apply(own, neighbours, weights)[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from strategies.gossip import check_stack
 
 
 def coordinate_median(stack: Tensor) -> Tensor:
@@ -33,12 +32,18 @@ class CoordinateMedian:
     """Coordinate-wise median over ``{own} ∪ neighbours`` (Yin et al., ICML 2018).
 
     No parameters. The mixing weights are ignored: the median is unweighted, as in the paper.
-    Even counts use the true median (mean of the two middle values).
+    Even counts use the true median (mean of the two middle values). Non-finite vectors are left out
+    before the median is taken (``strategies/finite.py``); torch would sort NaN above every number.
     """
 
     needs_keep_mask = False
     needs_state = False
 
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
+        from strategies.finite import split_finite  # finite.py builds on this module
+
+        inp = split_finite(own, neighbours, None)
+        return coordinate_median(torch.cat([inp.own.unsqueeze(0), inp.neighbours])), inp.report
+
     def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        check_stack(own, neighbours)
-        return coordinate_median(torch.cat([own.unsqueeze(0), neighbours]))
+        return self.apply(own, neighbours, weights)[0]

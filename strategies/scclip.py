@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from strategies.gossip import check_stack, resolve_weights
+from strategies.finite import split_finite
+from strategies.gossip import resolve_weights
 
 
 def clip_rows(z: Tensor, tau: float) -> Tensor:
@@ -36,6 +37,11 @@ class SelfCenteredClipping:
        the paper's bound on the Byzantine share of the neighbourhood; the paper's adaptive rule picks
        the radius so that the neighbours carrying that share of the weight are clipped, and with
        equal weights the two coincide. Give exactly one of ``tau`` and ``delta``.
+
+    Non-finite vectors are left out before the radius is chosen and the rest clipped
+    (``strategies/finite.py``): a NaN or inf difference has no norm to clip by, and in delta mode it
+    would make the quantile radius NaN, switching clipping off for every neighbour. The paper assumes
+    finite messages; this is the reading that keeps its bound ``w_ij * tau`` per neighbour.
     """
 
     needs_keep_mask = False
@@ -58,10 +64,13 @@ class SelfCenteredClipping:
         dists = diffs.norm(dim=1)
         return float(torch.quantile(dists.double(), 1.0 - float(self.delta)))
 
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
+        inp = split_finite(own, neighbours, weights)
+        if inp.neighbours.shape[0] == 0:
+            return inp.own.clone(), inp.report
+        w = resolve_weights(inp.weights, inp.neighbours.shape[0], inp.own)
+        diffs = inp.neighbours - inp.own
+        return inp.own + w[1:] @ clip_rows(diffs, self.radius(diffs)), inp.report
+
     def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        check_stack(own, neighbours)
-        if neighbours.shape[0] == 0:
-            return own.clone()
-        w = resolve_weights(weights, neighbours.shape[0], own)
-        diffs = neighbours - own
-        return own + w[1:] @ clip_rows(diffs, self.radius(diffs))
+        return self.apply(own, neighbours, weights)[0]

@@ -74,9 +74,27 @@ def test_krum_paper_scores_and_selection():
     assert torch.equal(KrumSelect(f=1, multi=2)(own, neigh), torch.tensor([0.5]))
     assert torch.equal(KrumSelect(f=0, multi=3)(own, neigh), torch.tensor([4.0 / 3]))
     with pytest.raises(ValueError, match="n - f - 2"):
-        KrumSelect(f=2)(own, neigh)
-    with pytest.raises(ValueError, match="multi"):
-        KrumSelect(f=0, multi=5)(own, neigh)
+        krum_scores(torch.cat([own[None], neigh]), f=2)
+    # the rule adapts (simulations/dfl_node.py relies on it): f = 2 with n = 4 runs as f' = n - 3 = 1,
+    # and multi is capped at the n models
+    assert torch.equal(KrumSelect(f=2)(own, neigh), KrumSelect(f=1)(own, neigh))
+    assert torch.equal(KrumSelect(f=0, multi=5)(own, neigh), torch.tensor([6.0]))
+
+
+@pytest.mark.parametrize("f", [0, 1, 3])
+def test_krum_with_one_neighbour_keeps_own(f):
+    """n = 2 (own + one neighbour): n - f - 2 < 1 for every f; one neighbour cannot be told apart from
+    own, so the node keeps its own model instead of raising."""
+    own, neigh = torch.tensor([0.0, 1.0]), torch.tensor([[5.0, -5.0]])
+    assert torch.equal(KrumSelect(f=f)(own, neigh), own)
+    assert torch.equal(KrumSelect(f=f, multi=2)(own, neigh), own)
+    assert torch.equal(KrumSelect(f=f)(own, torch.zeros(0, 2)), own)
+
+
+def test_krum_with_two_neighbours_lowers_f():
+    own, neigh = torch.tensor([0.0]), torch.tensor([[0.5], [9.0]])
+    # n = 3 -> f' = 0, k = 1: scores 0.25, 0.25, 72.25 -> own (lowest index of the tie)
+    assert torch.equal(KrumSelect(f=2)(own, neigh), own)
 
 
 def test_krum_excludes_outlier():

@@ -1,0 +1,148 @@
+"""Non-finite (NaN / inf) input vectors: every peer rule, GP, EPIC on updates, the server strategies and
+the model attacks leave them out, return a finite result and record how many they left out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from strategies.epic_updates import epic_select_updates
+from strategies.finite import NonFinite, split_finite
+from strategies.gradient_purification import GradientPurification, PurificationState
+from strategies.peer_rules import build_peer_rule
+
+BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def neighbourhood(m: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    own = torch.randn(d, generator=gen)
+    return own, own + 0.1 * torch.randn(m, d, generator=gen)
+
+
+def spoil(rows: torch.Tensor, which: dict[int, str]) -> torch.Tensor:
+    """A copy of `rows` with one coordinate of row r set to NaN / inf per entry {r: kind}."""
+    out = rows.clone()
+    for r, kind in which.items():
+        out[r, r % out.shape[1]] = BAD[kind]
+    return out
+
+
+STATELESS = [
+    ("gossip", {}), ("median", {}), ("trimmed_mean", {"b": 1}), ("trimmed_mean", {"b": 3}), ("krum", {"f": 1}),
+    ("krum", {"f": 1, "multi": 3}), ("scclip", {"tau": 0.05}), ("scclip", {"delta": 0.3}),
+    ("epic", {"fraction": 0.4}), ("exclude", {}), ("upper", {}),
+]
+
+
+@pytest.mark.parametrize("name, params", STATELESS)
+@pytest.mark.parametrize("kinds", [{1: "nan"}, {4: "inf"}, {1: "nan", 4: "inf"}, {0: "-inf", 2: "nan", 5: "inf"}])
+def test_peer_rules_leave_out_nonfinite_neighbours(name, params, kinds):
+    own, neigh = neighbourhood()
+    w = torch.full((7,), 1 / 7)
+    rule = build_peer_rule(name, **params)
+    out, report = rule.apply(own, spoil(neigh, kinds), w)
+    assert torch.isfinite(out).all()
+    assert report == NonFinite(sorted(kinds), False) and report.count == len(kinds)
+    # the same result as running the rule on the finite rows alone, weights renormalised
+    keep = [r for r in range(6) if r not in kinds]
+    w_kept = torch.cat([w[:1], w[1:][keep]])
+    if name not in ("trimmed_mean",) or 2 * params["b"] < len(keep) + 1:
+        assert torch.allclose(out, rule(own, neigh[keep], w_kept / w_kept.sum()), atol=1e-6)
+    assert torch.isfinite(rule(own, spoil(neigh, kinds), w)).all()  # __call__ is apply()[0]
+
+
+@pytest.mark.parametrize("name, params", STATELESS)
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_peer_rules_replace_a_nonfinite_own_model(name, params, kind):
+    own, neigh = neighbourhood(seed=1)
+    bad_own = own.clone()
+    bad_own[3] = BAD[kind]
+    out, report = build_peer_rule(name, **params).apply(bad_own, spoil(neigh, {2: "nan"}), None)
+    assert torch.isfinite(out).all()
+    assert report.own and report.rows == [2] and report.count == 2
+
+
+def test_split_finite_example():
+    own = torch.zeros(2)
+    neigh = torch.tensor([[1.0, 0.0], [math.nan, 0.0], [math.inf, 1.0]])
+    inp = split_finite(own, neigh, torch.tensor([0.4, 0.2, 0.2, 0.2]))
+    assert torch.equal(inp.neighbours, neigh[:1])
+    assert torch.allclose(inp.weights, torch.tensor([2 / 3, 1 / 3]))
+    assert inp.report == NonFinite([1, 2], False)
+    lost = split_finite(torch.full((2,), math.nan), neigh[1:], None)  # nothing finite: own unchanged
+    assert lost.report.count == 3 and lost.neighbours.shape == (0, 2)
+
+
+def test_scclip_delta_radius_ignores_nonfinite_neighbours():
+    """Before: a NaN distance made the quantile radius NaN and `norms > nan` is False, so no one was clipped."""
+    own = torch.tensor([0.0])
+    neigh = torch.tensor([[1.0], [2.0], [3.0], [100.0], [math.nan]])
+    out, report = build_peer_rule("scclip", delta=0.25).apply(own, neigh, None)
+    assert torch.allclose(out, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))  # as without the NaN row
+    assert report.rows == [4]
+
+
+@pytest.mark.parametrize("detector", ["robust", "epic"])
+@pytest.mark.parametrize("reject_score", [30.0, None])
+def test_gp_flags_and_never_aggregates_nonfinite_neighbours(detector, reject_score):
+    own, neigh = neighbourhood(m=5, seed=2)
+    ids = [10, 11, 12, 13, 14]
+    rule = GradientPurification(patience=2, detector=detector, epic_fraction=0.4, reject_score=reject_score)
+    state = PurificationState()
+    spoilt = spoil(neigh, {1: "nan", 3: "inf"})
+    new, report = rule.aggregate(own, spoilt, ids, None, state)
+    assert torch.isfinite(new).all()
+    assert report.nonfinite == [11, 13] and not report.own_nonfinite
+    assert {11, 13} <= set(report.flagged) and not {11, 13} & set(report.kept)
+    assert report.scores[11] == math.inf
+    assert all(torch.isfinite(r).all() for r in state.records.values()) and 11 not in state.records
+    new, report = rule.aggregate(new, spoilt, ids, None, state)  # second suspicious round: confirmed
+    assert torch.isfinite(new).all() and {11, 13} <= set(report.confirmed)
+
+
+def test_gp_replaces_a_nonfinite_own_model():
+    own, neigh = neighbourhood(m=4, seed=3)
+    own[0] = math.nan
+    new, report = GradientPurification().aggregate(own, spoil(neigh, {2: "inf"}), [1, 2, 3, 4], None,
+                                                   PurificationState())
+    assert torch.isfinite(new).all() and report.own_nonfinite and report.nonfinite == [3]
+
+
+@pytest.mark.parametrize("kinds", [{2: "nan"}, {5: "inf"}, {0: "nan", 5: "-inf"}])
+def test_epic_on_updates_drops_nonfinite_updates(kinds):
+    gen = torch.Generator().manual_seed(4)
+    updates = spoil(torch.ones(8, 6) + 0.05 * torch.randn(8, 6, generator=gen), kinds)
+    sel = epic_select_updates(updates, fraction=0.3)
+    assert sel.nonfinite == tuple(sorted(kinds))
+    assert not sel.keep[list(kinds)].any()
+    finite = [r for r in range(8) if r not in kinds]
+    assert torch.equal(sel.keep[finite], epic_select_updates(updates[finite], fraction=0.3).keep)
+    assert set(sel.dropped) >= set(kinds)
+    assert all(int(r) not in kinds for r in sel.medoids)
+
+
+def test_dfl_node_reports_nonfinite_neighbours_by_id():
+    from fedepic.config import load_config
+    from simulations.dfl_node import NodeState, aggregate_vectors
+
+    cfg = load_config("dfl_smoke.yaml", [])
+    own, neigh = neighbourhood(m=4, seed=5)
+    spoilt = spoil(neigh, {0: "nan", 2: "inf"})
+    for strategy in ("gossip", "median", "trimmed_mean", "krum", "scclip", "epic", "gp", "exclude"):
+        new, report = aggregate_vectors(strategy, cfg, own, spoilt, [7, 8, 9, 10], None, NodeState("m"))
+        assert torch.isfinite(new).all(), strategy
+        assert report.nonfinite == [7, 9] and not report.own_nonfinite, strategy
+        assert not {7, 9} & set(report.kept), strategy
+
+
+def test_dfl_krum_with_a_single_neighbour():
+    from fedepic.config import load_config
+    from simulations.dfl_node import NodeState, aggregate_vectors
+
+    cfg = load_config("dfl_smoke.yaml", ["defense.trim=2"])
+    own, neigh = neighbourhood(m=1, seed=6)
+    new, report = aggregate_vectors("krum", cfg, own, neigh, [3], None, NodeState("m"))
+    assert torch.equal(new, own) and report.kept == [3]
