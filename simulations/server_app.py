@@ -197,6 +197,7 @@ def _client_records(valid: list[Message], malicious: list[bool], norms: list[flo
             "update_norm": norms[i],
             "excluded": None if outcome.excluded is None else bool(outcome.excluded[i]),
             "trimmed_share": None if outcome.trimmed_share is None else outcome.trimmed_share[i],
+            "nonfinite": bool(outcome.nonfinite[i]) if outcome.nonfinite else False,  # NaN/inf: left out
             "epic_dropped_rows": int(info["epic-dropped"]), "epic_selections": int(info["epic-selections"]),
             "epic_skipped_nonfinite": int(info.get("epic-skipped-nonfinite", 0)),
             "poison_recall": _known(info["epic-poison-recall"]),

@@ -17,6 +17,10 @@ Every strategy is a `flwr.serverapp.strategy.Strategy`; `TrackedStrategy` runs i
   beta = f / n can round below f (e.g. n = 49, f = 1: 1 / 49 * 49 = 0.999..., nothing trimmed).
 - fedmedian: coordinate-wise, no client is excluded as a whole; nothing is reported.
 - epic: exact, from the strategy's own record.
+- every strategy: a reply whose model vector holds NaN or inf is left out before the strategy runs (one
+  such reply would make FedAvg's, FedMedian's and the trimmed mean's coordinates NaN and Krum's
+  distances NaN); it is reported excluded (trimmed share 1.0 where shares are reported) and flagged
+  in `Outcome.nonfinite`. With no finite reply the round is skipped (arrays None).
 
 Never hand the same replies to two strategies: FedMedian, FedTrimmedAvg and Bulyan pop the arrays
 out of the replies they aggregate.
@@ -25,16 +29,19 @@ out of the replies they aggregate.
 from __future__ import annotations
 
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from strategies.epic_server import EpicServer, client_id
+from strategies.finite import finite_rows
 
 SERVER_STRATEGIES = ("fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic")
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
@@ -126,6 +133,11 @@ class Outcome:
     metrics: Optional[MetricRecord]
     excluded: Optional[list[bool]]  # per valid reply (in reply order); None when the rule excludes nobody whole
     trimmed_share: Optional[list[float]] = None
+    nonfinite: Optional[list[bool]] = None  # per valid reply: its vector held NaN / inf and was left out
+
+    @property
+    def nonfinite_count(self) -> int:
+        return sum(self.nonfinite or [])
 
 
 class SelectionRecorder:
@@ -178,7 +190,25 @@ class TrackedStrategy:
     recorder: Optional[SelectionRecorder] = None
 
     def aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
-        """`strategy.aggregate_train(replies)`; `stack` holds the valid replies' model vectors in reply order."""
+        """`strategy.aggregate_train(replies)`; `stack` holds the valid replies' model vectors in reply order.
+
+        Replies whose vector is not finite are left out first (module docstring) and marked in the outcome.
+        """
+        valid = [m for m in replies if not m.has_error()]
+        finite = finite_rows(stack).tolist() if valid else []
+        if all(finite):
+            return dataclasses.replace(self._aggregate(server_round, replies, stack), nonfinite=[False] * len(valid))
+        bad = {id(m) for m, ok in zip(valid, finite) if not ok}
+        if len(bad) == len(valid):
+            return Outcome(None, None, [True] * len(valid), None, [True] * len(valid))
+        inner = self._aggregate(server_round, [m for m in replies if id(m) not in bad], stack[torch.tensor(finite)])
+        pos = iter(range(len(valid)))
+        rows = [next(pos) if ok else None for ok in finite]  # position among the finite replies
+        excluded = [True if r is None else (False if inner.excluded is None else inner.excluded[r]) for r in rows]
+        shares = None if inner.trimmed_share is None else [1.0 if r is None else inner.trimmed_share[r] for r in rows]
+        return Outcome(inner.arrays, inner.metrics, excluded, shares, [not ok for ok in finite])
+
+    def _aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
         contents = [m.content for m in replies if not m.has_error()]
         excluded: Optional[list[bool]] = None
         shares: Optional[list[float]] = None

@@ -146,3 +146,78 @@ def test_dfl_krum_with_a_single_neighbour():
     own, neigh = neighbourhood(m=1, seed=6)
     new, report = aggregate_vectors("krum", cfg, own, neigh, [3], None, NodeState("m"))
     assert torch.equal(new, own) and report.kept == [3]
+
+
+# --------------------------------------------------------------------------- server strategies
+
+
+def honest_updates(m: int, d: int = 400, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(d, generator=gen) + 0.05 * torch.randn(m, d, generator=gen)
+
+
+def reply(vector, client_id: int, examples: int = 10):
+    """A train reply Message as a ClientApp builds it (two arrays, the metrics the strategies read)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.from_numpy(vector[:300].reshape(3, 100).copy()),
+                               "b": torch.from_numpy(vector[300:].copy())}),
+        "metrics": MetricRecord({"num-examples": examples, "partition-id": client_id}),
+    })
+    return Message(content=content, dst_node_id=client_id + 100, message_type="train")
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic"])
+@pytest.mark.parametrize("kinds", [{2: "nan"}, {6: "inf"}, {2: "nan", 6: "inf"}])
+def test_server_strategies_leave_out_nonfinite_replies(task_identity, name, kinds):
+    import numpy as np
+
+    from strategies.epic_server import record_vector
+    from strategies.server import StrategyParams, build_server_strategy
+
+    n = 12
+    updates = spoil(honest_updates(n, d=400, seed=9), kinds).numpy().astype(np.float32)
+    replies = [reply(updates[i], client_id=i) for i in range(n)]
+    tracked = build_server_strategy(name, StrategyParams(num_nodes=n, expected_clients=n, num_malicious=1))
+    outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
+    assert outcome.arrays is not None, name
+    assert np.isfinite(record_vector(outcome.arrays).numpy()).all(), name
+    assert outcome.nonfinite == [i in kinds for i in range(n)] and outcome.nonfinite_count == len(kinds)
+    assert all(outcome.excluded[i] for i in kinds)
+    if outcome.trimmed_share is not None:
+        assert all(outcome.trimmed_share[i] == 1.0 for i in kinds)
+    if name == "fedavg":  # the plain mean of the finite replies
+        finite = [i for i in range(n) if i not in kinds]
+        np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), updates[finite].mean(axis=0), rtol=1e-5)
+
+
+def test_server_round_with_only_nonfinite_replies_is_skipped(task_identity):
+    import numpy as np
+
+    from strategies.server import StrategyParams, build_server_strategy
+
+    updates = np.full((3, 400), np.nan, dtype=np.float32)
+    tracked = build_server_strategy("fedavg", StrategyParams(num_nodes=3, expected_clients=3))
+    outcome = tracked.aggregate(1, [reply(u, client_id=i) for i, u in enumerate(updates)], torch.from_numpy(updates))
+    assert outcome.arrays is None and outcome.excluded == [True] * 3 and outcome.nonfinite_count == 3
+
+
+def test_epic_server_alone_drops_nonfinite_updates(task_identity):
+    import numpy as np
+
+    from strategies.epic_server import EpicServer, record_vector
+
+    updates = spoil(honest_updates(9, d=400, seed=10), {4: "nan"}).numpy().astype(np.float32)
+    strategy = EpicServer(fraction=0.1)
+    arrays, _ = strategy.aggregate_train(1, [reply(u, client_id=i) for i, u in enumerate(updates)])
+    assert np.isfinite(record_vector(arrays).numpy()).all() and 4 in strategy.dropped_history[1]
