@@ -221,3 +221,50 @@ def test_epic_server_alone_drops_nonfinite_updates(task_identity):
     strategy = EpicServer(fraction=0.1)
     arrays, _ = strategy.aggregate_train(1, [reply(u, client_id=i) for i, u in enumerate(updates)])
     assert np.isfinite(record_vector(arrays).numpy()).all() and 4 in strategy.dropped_history[1]
+
+
+# --------------------------------------------------------------------------- model attacks
+
+ATTACKS = [("none", {}), ("sign_flip", {}), ("gaussian", {"sigma": 0.5}), ("scaling", {}), ("alie", {"f": 1}),
+           ("ipm", {}), ("minmax", {}), ("minmax", {"perturbation": "unit_vec"}), ("minmax", {"perturbation": "sign"})]
+
+
+@pytest.mark.parametrize("name, params", ATTACKS)
+@pytest.mark.parametrize("kinds", [{1: "nan"}, {3: "inf"}, {1: "nan", 3: "inf"}])
+def test_model_attacks_leave_out_nonfinite_honest_rows(name, params, kinds):
+    from fedepic.attacks.model_attacks import run_model_attack
+
+    _, honest = neighbourhood(m=6, seed=11)
+    own = honest[0] + 0.01
+    spoilt = spoil(honest, kinds)
+    out = run_model_attack(name, spoilt, own, torch.Generator().manual_seed(0), **params)
+    assert torch.isfinite(out.update).all() and out.nonfinite == len(kinds)
+    finite = [r for r in range(6) if r not in kinds]
+    clean = run_model_attack(name, honest[finite], own, torch.Generator().manual_seed(0), **params)
+    assert torch.allclose(out.update, clean.update) and clean.nonfinite == 0
+
+
+@pytest.mark.parametrize("name, params", ATTACKS)
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_model_attacks_replace_a_nonfinite_own_update(name, params, kind):
+    from fedepic.attacks.model_attacks import apply_model_attack, run_model_attack
+
+    _, honest = neighbourhood(m=5, seed=12)
+    own = honest[0].clone()
+    own[2] = BAD[kind]
+    out = run_model_attack(name, spoil(honest, {4: "nan"}), own, torch.Generator().manual_seed(0), **params)
+    assert torch.isfinite(out.update).all() and out.nonfinite == 2
+    assert torch.equal(apply_model_attack(name, spoil(honest, {4: "nan"}), own, torch.Generator().manual_seed(0),
+                                          **params), out.update)
+
+
+def test_minmax_was_nan_with_one_nonfinite_honest_row_and_falls_back_when_too_few_remain():
+    from fedepic.attacks.model_attacks import minmax, run_model_attack
+
+    _, honest = neighbourhood(m=4, seed=13)
+    assert torch.isfinite(minmax(spoil(honest, {2: "inf"}), honest[0])).all()
+    two_bad = spoil(honest[:3], {0: "nan", 1: "inf"})  # one finite row left: std needs two
+    out = run_model_attack("minmax", two_bad, honest[2])
+    assert torch.equal(out.update, honest[2]) and out.nonfinite == 2
+    with pytest.raises(ValueError, match="at least 2"):  # too few rows to begin with is still an error
+        minmax(honest[:1], honest[0])

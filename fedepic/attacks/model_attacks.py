@@ -5,11 +5,20 @@ Every attack has the signature
 where ``honest`` are the round's benign updates and ``own`` is the attacker's honest update. ALIE,
 IPM and min-max use ``honest`` as in their papers: the attacker is omniscient and sees the round's
 benign updates (a colluding attacker without that knowledge would use its own colluders' updates).
+
+Non-finite inputs (not in the papers, which assume finite updates): an honest row holding NaN or inf
+is left out before the attack uses ``honest`` (one such row makes mu, sigma and min-max's budget NaN),
+and a non-finite ``own`` is replaced by the mean of the finite honest rows (zeros when there is none).
+If leaving rows out drops ``honest`` below what the attack needs (2 for ALIE and min-max with "std",
+1 for IPM and min-max otherwise), the attacker sends its (finite) own update. ``run_model_attack``
+returns the update with the count of vectors left out; ``apply_model_attack`` only the update.
 """
 
 from __future__ import annotations
 
 import math
+import functools
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,17 +34,54 @@ def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
         raise ValueError(f"this attack needs at least {need_honest} honest updates, got {honest.shape[0]}")
 
 
+def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(finite honest rows, own or its replacement, how many vectors were left out); see the module docstring."""
+    keep = torch.isfinite(honest).all(dim=1)
+    finite = honest[keep]
+    count = int((~keep).sum())
+    if not bool(torch.isfinite(own).all()):
+        count += 1
+        own = finite.mean(dim=0) if finite.shape[0] else torch.zeros_like(own)
+    return finite, own, count
+
+
+_NEEDS_HONEST = {"alie": 2, "ipm": 1}
+
+
+def _needs_honest(name: str, params: dict[str, Any]) -> int:
+    if name == "minmax":
+        return 2 if params.get("perturbation", "std") == "std" else 1
+    return _NEEDS_HONEST.get(name, 0)
+
+
+def finite_inputs(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``attack`` on the finite inputs only (module docstring); shapes are checked on the raw inputs."""
+
+    @functools.wraps(attack)
+    def wrapped(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+        need = _needs_honest(attack.__name__, params)
+        _check(honest, own, need)
+        finite, own, _ = nonfinite_inputs(honest, own)
+        if finite.shape[0] < need:
+            return own.clone()
+        return attack(finite, own, generator, **params)
+
+    return wrapped
+
+
 def column_std(x: Tensor) -> Tensor:
     """Unbiased per-coordinate std of the rows of x [m, D] (m >= 2); same as ``x.std(dim=0)``,
     written out because torch's strided dim-0 reduction is several times slower on CPU."""
     return ((x - x.mean(dim=0)).square().sum(dim=0) / (x.shape[0] - 1)).sqrt()
 
 
+@finite_inputs
 def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """The honest update, unchanged (a baseline)."""
     return own.clone()
 
 
+@finite_inputs
 def sign_flip(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, scale: float = 1.0
 ) -> Tensor:
@@ -44,6 +90,7 @@ def sign_flip(
     return -scale * own
 
 
+@finite_inputs
 def gaussian(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, sigma: float = 1.0
 ) -> Tensor:
@@ -59,6 +106,7 @@ def gaussian(
     return sigma * noise
 
 
+@finite_inputs
 def scaling(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, factor: float = 10.0
 ) -> Tensor:
@@ -81,6 +129,7 @@ def alie_z(n: int, f: int) -> float:
     return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)))
 
 
+@finite_inputs
 def alie(
     honest: Tensor,
     own: Tensor,
@@ -101,6 +150,7 @@ def alie(
     return honest.mean(dim=0) - z * column_std(honest)
 
 
+@finite_inputs
 def ipm(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, epsilon: float = 0.1
 ) -> Tensor:
@@ -122,6 +172,7 @@ def _perturbation(honest: Tensor, kind: str) -> Tensor:
     raise ValueError(f"minmax: perturbation must be 'std', 'unit_vec' or 'sign', got {kind!r}")
 
 
+@finite_inputs
 def minmax(
     honest: Tensor,
     own: Tensor,
@@ -165,6 +216,32 @@ MODEL_ATTACKS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class AttackOutcome:
+    """A model attack's update and the number of input vectors (honest rows, own) left out as NaN / inf."""
+
+    update: Tensor
+    nonfinite: int
+
+
+def run_model_attack(
+    name: str,
+    honest: Tensor,
+    own: Tensor,
+    generator: torch.Generator | None = None,
+    **params: Any,
+) -> AttackOutcome:
+    """Apply the model attack ``name``, reporting the non-finite inputs; ValueError for an unknown
+    name or parameter."""
+    if name not in MODEL_ATTACKS:
+        raise ValueError(f"unknown model attack {name!r}; valid names: {', '.join(MODEL_ATTACKS)}")
+    try:
+        update = MODEL_ATTACKS[name](honest, own, generator, **params)
+    except TypeError as err:
+        raise ValueError(f"model attack {name!r}: bad parameters {sorted(params)}: {err}") from None
+    return AttackOutcome(update, nonfinite_inputs(honest, own)[2])
+
+
 def apply_model_attack(
     name: str,
     honest: Tensor,
@@ -172,10 +249,5 @@ def apply_model_attack(
     generator: torch.Generator | None = None,
     **params: Any,
 ) -> Tensor:
-    """Apply the model attack ``name``; ValueError for an unknown name or parameter."""
-    if name not in MODEL_ATTACKS:
-        raise ValueError(f"unknown model attack {name!r}; valid names: {', '.join(MODEL_ATTACKS)}")
-    try:
-        return MODEL_ATTACKS[name](honest, own, generator, **params)
-    except TypeError as err:
-        raise ValueError(f"model attack {name!r}: bad parameters {sorted(params)}: {err}") from None
+    """The update of ``run_model_attack`` (NaN / inf inputs left out, uncounted)."""
+    return run_model_attack(name, honest, own, generator, **params).update
