@@ -20,7 +20,7 @@ from fedepic import defenses as controls
 from fedepic.attacks import attack_success, poison_rows
 from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
-    save_poisons, target_gradient,
+    check_poisons, save_poisons, target_gradient,
 )
 from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
@@ -270,6 +270,9 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = load_dataset(cfg.data, cfg.seed)  # before anything is written: a data error leaves no folder
+    if cfg.attack.data == "gradient_matching" and cfg.attack.poisons:  # a bad poison file too
+        check_poisons(load_poisons(cfg.attack.poisons), data.train_x, data.train_y, data.test_y, data.num_classes,
+                      cfg.attack.eps)
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
     with interrupts or Interrupts(), progress_bars(cfg.progress) as progress, \

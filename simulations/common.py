@@ -285,6 +285,9 @@ def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,
         x, y, poisoned = attacked.x, attacked.y, attacked.poisoned
     elif malicious and cfg.attack.data == "gradient_matching":
         poisons = poison_set(cfg)
+        from fedepic.attacks.gradient_matching import check_poisons
+
+        check_poisons(poisons, data.train_x, data.train_y, data.test_y, data.num_classes, cfg.attack.eps)
         position = {int(r): i for i, r in enumerate(rows)}
         hits = [(position[int(r)], j) for j, r in enumerate(poisons.indices.tolist()) if int(r) in position]
         if hits:

@@ -174,15 +174,21 @@ def test_saved_poisons_apply_only_in_malicious_partitions(tmp_path):
         check_federated(load_config(None, base))
     data = load_dataset(load_config(None, base).data, 0)
     parts = client_partition(load_config(None, base), data)
-    rows = torch.tensor([int(parts[2][0]), int(parts[2][5]), int(parts[0][0])])  # two in client 2, one in client 0
-    poisons = PoisonSet(indices=rows, poisoned_x=torch.full((3, 1, 28, 28), 7, dtype=torch.uint8), target_index=3,
+    # clean-label poisons (check_poisons refuses others): two rows of class 2 in client 2, one in client 0,
+    # each moved by at most eps = 8/255 from its clean image
+    of_class = lambda p: [int(r) for r in p if int(data.train_y[int(r)]) == 2]  # noqa: E731
+    rows = torch.tensor([*of_class(parts[2])[:2], of_class(parts[0])[0]])
+    target = int((data.test_y == 1).nonzero()[0])
+    images = (data.train_x[rows].int() + 7).clamp(0, 255).to(torch.uint8)
+    poisons = PoisonSet(indices=rows, poisoned_x=images, target_index=target,
                         target_class=1, adversarial_class=2, eps=8 / 255, loss=0.5, alignment=0.5)
     path = tmp_path / "p.npz"
     save_poisons(poisons, path)
     cfg = load_config(None, [*base, f"attack.poisons={path}"])
     bad, good = build_client_data(cfg, data, 2, parts), build_client_data(cfg, data, 0, parts)
-    assert bad.poisoned.nonzero().flatten().tolist() == [0, 5]
-    assert (bad.x[bad.poisoned] == 7).all() and torch.equal(bad.y, data.train_y[torch.from_numpy(bad.rows)])
+    local = [list(map(int, parts[2])).index(int(r)) for r in rows[:2]]
+    assert bad.poisoned.nonzero().flatten().tolist() == sorted(local)
+    assert torch.equal(bad.x[local], images[:2]) and torch.equal(bad.y, data.train_y[torch.from_numpy(bad.rows)])
     assert not good.poisoned.any() and torch.equal(good.x, data.train_x[torch.from_numpy(good.rows)])
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedepic.augment import random_crop_flip
+from fedepic.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
 ProgressFn = Callable[[int, int, float], None]
@@ -313,6 +314,14 @@ def _check_fits(shape: tuple[int, ...] | torch.Size, poisons: PoisonSet) -> None
 
 # ---------------------------------------------------------------------------------------------
 # Storage: a plain .npz (no pickled objects), with a format version and a sha256 over the arrays.
+#
+# The sha256 is unkeyed: it detects accidental damage (a truncated copy, flipped bits, an array
+# rewritten by a tool that does not know the format), i.e. integrity. It is no proof of origin: anyone
+# who can edit the file can recompute it, so it does not protect against a deliberately crafted file
+# (authenticity). What a crafted file can do is bounded by `check_poisons`, which every run applies
+# before it starts: the images must stay within the eps ball of the clean rows they replace, the rows
+# must be distinct, in range and of the adversarial class, and the classes must exist in the dataset.
+# There is no secret the simulator could key it with (files are shared between runs and users).
 
 _SCALARS = {"target_index": np.int64, "target_class": np.int64, "adversarial_class": np.int64,
             "eps": np.float64, "loss": np.float64, "alignment": np.float64}
@@ -352,8 +361,51 @@ def save_poisons(poisons: PoisonSet, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def check_poisons(poisons: PoisonSet, train_x: torch.Tensor, train_y: torch.Tensor, test_y: torch.Tensor,
+                  num_classes: int, eps_255: float, source: str = "attack.poisons") -> PoisonSet:
+    """Refuse a poison set that does not fit the data or the budget; return it unchanged otherwise.
+
+    DataError (one line, naming `source`) unless: indices are distinct rows of the training set, the
+    images are uint8 of the training images' shape, both classes lie in [0, num_classes) and differ,
+    every poisoned row is of the adversarial class (clean-label poisons, as `choose_setup` draws them),
+    the target is a test image of the target class, and every pixel is within the file's eps of the
+    clean image. ConfigError when the file's eps exceeds the configured `eps_255` (units of 1/255).
+    """
+    idx, x = poisons.indices, poisons.poisoned_x
+    n = len(train_y)
+    fail = lambda why: DataError(f"{source}: {why}")  # noqa: E731
+    if idx.dim() != 1 or idx.dtype != torch.int64 or len(idx) != len(x):
+        raise fail(f"expected {len(x)} int64 row indices, got {idx.dtype} {tuple(idx.shape)}")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise fail(f"poison indices outside the {n} training rows")
+    if idx.unique().numel() != idx.numel():
+        raise fail("poison indices repeat a row")
+    if x.dtype != torch.uint8 or tuple(x.shape[1:]) != tuple(train_x.shape[1:]):
+        raise fail(f"poison images {x.dtype} {tuple(x.shape[1:])} do not match the training images "
+                   f"{train_x.dtype} {tuple(train_x.shape[1:])}")
+    for name in ("adversarial_class", "target_class"):
+        if not 0 <= getattr(poisons, name) < num_classes:
+            raise fail(f"{name.replace('_', ' ')} {getattr(poisons, name)} is not one of the {num_classes} classes")
+    if poisons.adversarial_class == poisons.target_class:
+        raise fail("adversarial class equals the target class")
+    if len(idx) and not bool((train_y[idx] == poisons.adversarial_class).all()):
+        raise fail(f"poisoned rows are not all of the adversarial class {poisons.adversarial_class}")
+    if not 0 <= poisons.target_index < len(test_y) or int(test_y[poisons.target_index]) != poisons.target_class:
+        raise fail(f"target index {poisons.target_index} is not a test image of class {poisons.target_class}")
+    if not 0 < poisons.eps <= 1:
+        raise fail(f"eps {poisons.eps} is not in (0, 1]")
+    # The brew rounds its float eps ball onto uint8: allow the half step that rounding can add.
+    limit = math.floor(poisons.eps * 255 + 0.5 + 1e-6)
+    if len(idx) and int((x.int() - train_x[idx].int()).abs().max()) > limit:
+        raise fail(f"poison images move pixels by more than the file's eps {poisons.eps * 255:g}/255")
+    if poisons.eps * 255 > eps_255 + 1e-6:
+        raise ConfigError(f"attack.poisons: brewed with eps {poisons.eps * 255:g}/255, above attack.eps = {eps_255:g}")
+    return poisons
+
+
 def load_poisons(path: str | os.PathLike) -> PoisonSet:
-    """Read a file written by `save_poisons`; raise ValueError naming `path` if it does not check out.
+    """Read a file written by `save_poisons`; raise DataError (one line, naming `path`) if it does
+    not check out. Whether the set fits a dataset and budget is `check_poisons`'s job.
 
     Loaded with allow_pickle=False: a file holding object arrays is rejected, never unpickled.
     """
@@ -361,19 +413,19 @@ def load_poisons(path: str | os.PathLike) -> PoisonSet:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except Exception as err:  # zip, header and pickle refusals all mean "not a valid poison file"
-        raise ValueError(f"{path}: not a readable poison file ({err})") from err
+        raise DataError(f"{path}: not a readable poison file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     required = {"format_version", "indices", "poisoned_x", "restarts_losses", "sha256", *_SCALARS}
     missing = required - set(arrays)
     if missing:
-        raise ValueError(f"{path}: poison file lacks {', '.join(sorted(missing))}")
+        raise DataError(f"{path}: poison file lacks {', '.join(sorted(missing))}")
     stored = arrays.pop("sha256")
     if stored.dtype.kind != "U" or stored.shape != () or str(stored) != _checksum(arrays):
-        raise ValueError(f"{path}: checksum mismatch, the poison file is corrupted or was modified")
+        raise DataError(f"{path}: checksum mismatch, the poison file is corrupted or was modified")
     if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {int(arrays['format_version'])}, expected {FORMAT_VERSION}")
+        raise DataError(f"{path}: format version {int(arrays['format_version'])}, expected {FORMAT_VERSION}")
     indices, images = arrays["indices"], arrays["poisoned_x"]
     if images.dtype != np.uint8 or images.ndim != 4 or indices.ndim != 1 or len(indices) != len(images):
-        raise ValueError(f"{path}: expected uint8 images [P,C,H,W] and P indices, got "
+        raise DataError(f"{path}: expected uint8 images [P,C,H,W] and P indices, got "
                          f"{images.dtype} {images.shape} and {indices.shape}")
     scalars = {name: arrays[name].item() for name in _SCALARS}
     return PoisonSet(
