@@ -39,7 +39,10 @@ from fedepic.outputs import RunWriter, csv_table, markdown_table
 from fedepic.partition import label_histograms, partition
 
 ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-                "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Ray's core worker otherwise installs absl's failure signal handler in the driver at
+                # ray.init, over ours: SIGTERM then aborted the run (rc 134) instead of stopping it.
+                "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
 PULL_INTERVAL_S = 0.01  # Flower's own send_and_receive polls every 0.1 s; replies arrive sooner
 
 
@@ -94,6 +97,26 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+@contextmanager
+def _ray_leaves_sigterm_alone() -> Iterator[None]:
+    """While inside, `ray.init` keeps the driver's SIGTERM handler (ours, fedepic.interrupts).
+
+    ray.init replaces it with ``sys.exit(signum)`` (ray/_private/worker.py, through
+    ``ray._private.utils.set_sigterm_handler``), and has no option to skip that. The SystemExit then
+    ends Flower's simulation loop while the ServerApp thread still waits for replies, so the run hung
+    (and its status was never written). Ray's worker processes, where the same helper matters, are
+    other processes and keep it. tests/test_interrupts.py fails if a Ray release moves this.
+    """
+    import ray._private.utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
@@ -139,7 +162,7 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
     # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
     # folder, a benchmark's JSON line).
-    with redirect_stdout(sys.stderr), interrupts, interrupts.polled():
+    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), _ray_leaves_sigterm_alone():
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                            backend_config=backend_config(cfg))

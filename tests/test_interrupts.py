@@ -1,0 +1,123 @@
+"""SIGINT and SIGTERM in every mode: a true status, the finished members kept, no process left, exit 128+signum."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedepic.errors import RunInterrupted
+from fedepic.interrupts import Interrupts, exit_status
+from test_federated import ENV, PYTHON, REPO, kill_group, small_overrides, wait_group_gone
+
+
+def test_first_signal_raises_with_its_number_and_later_ones_are_ignored() -> None:
+    with Interrupts(grace_s=60) as interrupts:
+        with pytest.raises(RunInterrupted) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in the main thread long before this ends
+        assert caught.value.signum == signal.SIGTERM and exit_status(caught.value) == 143
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the run is writing its status
+        time.sleep(0.05)
+        assert interrupts.stop.is_set() and interrupts.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert exit_status(KeyboardInterrupt()) == 130
+
+
+def test_polled_signal_only_sets_stop() -> None:
+    with Interrupts(grace_s=60) as interrupts, interrupts.polled():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert interrupts.stop.is_set()
+        with pytest.raises(RunInterrupted) as caught:
+            interrupts.raise_if_stopped()
+    assert caught.value.signum == signal.SIGINT
+
+
+def interrupt_run(args: list[str], out: Path, wait_for: str, sig: int, timeout_s: float = 240) -> tuple[int, str]:
+    """Start the CLI, send ``sig`` once a file matching ``wait_for`` (under out) has a line, and wait."""
+    proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = [p for p in out.glob(wait_for) if p.read_text().count("\n") >= 1]
+            if found:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc.pid)
+    leftovers = wait_group_gone(proc.pid)
+    if leftovers:
+        kill_group(proc.pid)
+    assert not leftovers, f"processes of the run survived: {leftovers}"
+    return proc.returncode, err
+
+
+def run_folder(out: Path) -> Path:
+    assert not list(out.glob(".*partial")), "a .partial folder stayed behind"
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    return folders[0]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_centralized_comparison_interrupted(tmp_path: Path, data_root: Path, sig: int) -> None:
+    args = ["config=centralized_mnist.yaml", f"output_dir={tmp_path}", "name=c", "progress=false",
+            "defense.compare=[none,random]", "train.epochs=6", "data.train_per_class=40", "data.test_per_class=20",
+            "train.threads=1", f"data.root={data_root}"]
+    # "none" trains first; once "random" has logged an epoch, "none" has finished its trial
+    rc, err = interrupt_run(args, tmp_path, ".*partial/random/metrics.jsonl", sig)
+    assert rc == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("fedepic: interrupted")
+    folder = run_folder(tmp_path)
+    root = read(folder / "summary.json")
+    assert root["status"] == "interrupted" and root["finished"] == ["none"]
+    assert [r["defense"] for r in root["rows"]] == ["none"]  # the comparison covers the finished member
+    assert "| none |" in (folder / "comparison.md").read_text()
+    assert read(folder / "none" / "summary.json")["status"] == "completed"
+    cut = read(folder / "random" / "summary.json")
+    assert cut["status"] == "interrupted" and cut["trials_done"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_decentralized_comparison_interrupted(tmp_path: Path, sig: int) -> None:
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "name=d", "progress=false", "rounds=10",
+            "strategies=[gossip,median]", "ray.num_cpus=1", "train.threads=1"]
+    rc, err = interrupt_run(args, tmp_path, ".*partial/median/metrics.jsonl", sig)
+    assert rc == 128 + sig, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    folder = run_folder(tmp_path)
+    root = read(folder / "summary.json")
+    assert root["status"] == "interrupted" and root["finished"] == ["gossip"]
+    assert list(root["members"]) == ["gossip"] and "| gossip |" in (folder / "comparison.md").read_text()
+    assert read(folder / "gossip" / "summary.json")["status"] == "completed"
+    cut = read(folder / "median" / "summary.json")
+    assert cut["status"] == "interrupted" and 1 <= cut["rounds"] < 10
+
+
+@pytest.mark.slow
+def test_federated_sigterm_keeps_finished_rounds_and_stops_ray(tmp_path: Path) -> None:
+    args = small_overrides(tmp_path, rounds="40", strategies="[fedavg]")
+    rc, err = interrupt_run(args, tmp_path, ".*-t.partial/fedavg/metrics.jsonl", signal.SIGTERM)
+    assert rc == 143, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    folder = run_folder(tmp_path)
+    assert read(folder / "summary.json")["status"] == "interrupted"
+    member = read(folder / "fedavg" / "summary.json")
+    assert member["status"] == "interrupted" and 1 <= len(member["curves"]["accuracy"]) < 40
