@@ -7,8 +7,10 @@ one place that turns user input into a validated config, and every problem it fi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -210,10 +212,34 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config file not found: {name} (looked for {path} and {candidate})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader (no tags executed) that refuses a key given twice in one mapping: the last one would win silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
 def _read_yaml(path: Path) -> DictConfig:
     try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                          f"at offset {err.start})") from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"duplicate key '{err.key}' in {path} line {err.line}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -225,7 +251,52 @@ def _read_yaml(path: Path) -> DictConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    _check_shapes(RunConfig, data, "", str(path))
     return OmegaConf.create(data)
+
+
+def _field_kind(hint: Any) -> tuple[str, Any]:
+    """('section', dataclass) | ('list', element hint) | ('scalar', None) for a schema field's type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    if dataclasses.is_dataclass(hint):
+        return "section", hint
+    if typing.get_origin(hint) in (list, List):
+        return "list", typing.get_args(hint)[0]
+    return "scalar", None
+
+
+def _describe(value: Any) -> str:
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
+
+
+def _check_shapes(schema: type, data: Any, prefix: str, source: str) -> None:
+    """Refuse a scalar where a section is expected, a mapping where a list is, and so on, naming the key.
+
+    OmegaConf's own errors here name the key 'None' or escape as a TypeError, so this walks the plain
+    data against the dataclass types first. Unknown keys are left to the merge, which names them.
+    """
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        if key not in hints or value is None:
+            continue
+        _check_value_shape(hints[key], value, f"{prefix}{key}", source)
+
+
+def _check_value_shape(hint: Any, value: Any, key: str, source: str) -> None:
+    kind, inner = _field_kind(hint)
+    expected = {"section": "a mapping of keys", "list": "a list", "scalar": "a single value"}[kind]
+    ok = isinstance(value, dict) if kind == "section" else isinstance(value, list) if kind == "list" \
+        else not isinstance(value, (dict, list))
+    if not ok:
+        raise ConfigError(f"invalid value {_describe(value)} for key '{key}' in {source}: expected {expected}")
+    if kind == "section":
+        _check_shapes(inner, value, f"{key}.", source)
+    elif kind == "list":
+        for i, item in enumerate(value):
+            if item is not None:
+                _check_value_shape(inner, item, f"{key}[{i}]", source)
 
 
 def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
@@ -249,11 +320,13 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"bad override {item!r}: expected key=value")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        parsed = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"bad override value: {str(err).splitlines()[0]}") from None
+    _check_shapes(RunConfig, OmegaConf.to_container(parsed), "", "overrides")
+    return parsed
 
 
 def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -266,6 +339,7 @@ def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = N
         cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(run)
+    check_environment(run)
     return run
 
 
@@ -303,9 +377,13 @@ def malicious_ids(cfg: RunConfig) -> List[int]:
     return list(range(int(round(cfg.clients.malicious_fraction * cfg.clients.count))))
 
 
+SEED_LIMIT = 2**32  # derived seeds (seed * 100_003 + ..., seed + 1000 t) must stay inside torch's 64-bit range
+
+
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError (one line naming the key) for the first invalid value."""
     _choice("mode", cfg.mode, MODES)
+    _check(0 <= cfg.seed < SEED_LIMIT, "seed", cfg.seed, "must lie in [0, 2**32)")
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", cfg.name,
            "must be a non-empty folder name without '/'")
     _validate_data(cfg)
@@ -376,6 +454,7 @@ def _validate_defense(cfg: RunConfig) -> None:
     _positive("defense.epic.interval", epic.interval)
     _choice("defense.epic.proxy", epic.proxy, PROXIES)
     _positive("defense.epic.threshold", epic.threshold, allow_zero=True)
+    seen: dict[tuple, str] = {}
     for i, name in enumerate(cfg.defense.compare):
         base, _, frac = name.partition("-")
         _choice(f"defense.compare[{i}]", base, CENTRAL_DEFENSES)
@@ -385,6 +464,10 @@ def _validate_defense(cfg: RunConfig) -> None:
             except ValueError:
                 raise ConfigError(f"invalid value {name!r} for key 'defense.compare[{i}]': "
                                   "expected NAME or epic-FRACTION, e.g. epic-0.1") from None
+        # epic, epic-0.1 and epic-0.10 are one member when defense.epic.fraction is 0.1
+        member = (base, float(frac) if frac else (epic.fraction if base == "epic" else None))
+        _check(member not in seen, f"defense.compare[{i}]", name, f"repeats {seen.get(member)!r}")
+        seen[member] = name
     pur = cfg.defense.purification
     _positive("defense.purification.threshold", pur.threshold)
     _positive("defense.purification.patience", pur.patience)
@@ -412,6 +495,12 @@ def _validate_attack(cfg: RunConfig) -> None:
     _positive("attack.targets", attack.targets)
     _positive("attack.pretrain_epochs", attack.pretrain_epochs, allow_zero=True)
     _positive("attack.patch_size", attack.patch_size)
+    sources = [pair[0] for pair in attack.flip_map if len(pair) == 2]
+    for pair in attack.flip_map:
+        _check(len(pair) == 2, "attack.flip_map", pair, "each entry is [from, to]")
+    _check(len(set(sources)) == len(sources), "attack.flip_map", attack.flip_map, "a class is mapped twice")
+    _check(bool(attack.flip_map) or attack.flip != "map" or attack.data != "label_flip", "attack.flip_map", [],
+           "attack.flip=map needs [[from, to], ...]")
     if attack.poisons is not None:
         _check(os.path.isfile(attack.poisons), "attack.poisons", attack.poisons, "file not found")
 
@@ -442,3 +531,102 @@ def _validate_topology(cfg: RunConfig) -> None:
     for edge in topo.edges:
         _check(len(edge) == 2 and all(0 <= v < cfg.clients.count for v in edge), "topology.edges", edge,
                f"each edge is [u, v] with node ids in [0, {cfg.clients.count})")
+
+
+# --------------------------------------------------------------------------- checks against this machine
+
+STATIC_SHAPES = {"mnist": (10, 28), "fashion_mnist": (10, 28), "cifar10": (10, 32), "synthetic": (10, 28)}
+
+
+def data_root(data: DataConfig) -> Path:
+    if data.root:
+        return Path(data.root).expanduser()
+    if os.environ.get("FEDEPIC_DATA"):
+        return Path(os.environ["FEDEPIC_DATA"]).expanduser()
+    return Path.home() / ".cache" / "fedepic" / "data"
+
+
+def decoded_cache_dir(data: DataConfig) -> tuple[Path, str]:
+    """The decoded-image cache folder and the setting it came from (for messages)."""
+    if data.cache_dir:
+        return Path(data.cache_dir).expanduser(), "data.cache_dir"
+    if os.environ.get("FEDEPIC_CACHE"):
+        return Path(os.environ["FEDEPIC_CACHE"]).expanduser(), "$FEDEPIC_CACHE"
+    return Path.home() / ".cache" / "fedepic" / "decoded", "data.cache_dir (default)"
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """Checks that read the file system or the machine; `load_config` runs them, Ray workers do not."""
+    check_writable_dir("output_dir", Path(cfg.output_dir).expanduser())
+    if cfg.data.name != "synthetic":
+        folder, key = decoded_cache_dir(cfg.data)
+        check_writable_dir(key, folder)
+    _check_device(cfg)
+    num_classes, image_size = dataset_shape(cfg.data)
+    if num_classes is not None:
+        validate_against_dataset(cfg, num_classes, image_size)
+
+
+def check_writable_dir(key: str, path: Path) -> None:
+    """A folder that is, or can be made, writable. Missing folders are created later, except a missing
+    top-level folder of an absolute path (most likely a typo, and writable only by root)."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"invalid value '{path}' for key '{key}': a symbolic link to nothing")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"invalid value '{path}' for key '{key}': a file, not a folder")
+    if path.is_absolute() and len(path.parts) > 1 and not Path(*path.parts[:2]).exists():
+        raise ConfigError(f"invalid value '{path}' for key '{key}': {Path(*path.parts[:2])} does not exist")
+    nearest = path
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"invalid value '{path}' for key '{key}': it lies under the file {nearest}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"invalid value '{path}' for key '{key}': {nearest} is not writable")
+
+
+def _check_device(cfg: RunConfig) -> None:
+    device = cfg.train.device
+    if not device.startswith("cuda") or cfg.ray.address is not None:  # cluster workers may have GPUs the driver lacks
+        return
+    import torch  # only here: the other checks stay light
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+    _check(count > 0, "train.device", device, "CUDA is not available on this machine; use auto or cpu")
+    _check(index < count, "train.device", device, f"this machine has {count} CUDA device(s)")
+
+
+def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
+    """(classes after data.classes, image side) where known without decoding; None where not."""
+    if data.name == "imagefolder":
+        train = data_root(data) / data.folder / "train"
+        base = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
+        side = None
+    else:
+        base, side = STATIC_SHAPES[data.name]
+    if base is None:
+        return None, side
+    if data.classes is not None:
+        for c in data.classes:
+            _check(0 <= c < base, "data.classes", c, f"{data.name} has classes 0..{base - 1}")
+        return len(data.classes), side
+    return base, side
+
+
+def validate_against_dataset(cfg: RunConfig, num_classes: int, image_size: Optional[int]) -> None:
+    """Class ids and patch sizes that must fit the dataset (after data.classes relabels it 0..k-1)."""
+    where = f"the dataset has classes 0..{num_classes - 1}"
+    attack = cfg.attack
+    if attack.data == "label_flip" and attack.flip == "map":
+        for pair in attack.flip_map:
+            _check(all(0 <= c < num_classes for c in pair), "attack.flip_map", pair, where)
+    if attack.data == "backdoor":
+        _check(0 <= attack.backdoor_label < num_classes, "attack.backdoor_label", attack.backdoor_label, where)
+        if image_size is not None:
+            _check(attack.patch_size <= image_size, "attack.patch_size", attack.patch_size,
+                   f"images are {image_size}x{image_size}")
+    if cfg.data.partition == "label_sets":
+        for i, group in enumerate(cfg.data.label_sets):
+            for label in group.labels:
+                _check(0 <= label < num_classes, f"data.label_sets[{i}].labels", label, where)

@@ -1,13 +1,20 @@
 """Datasets as uint8 tensors: torchvision datasets, any class-folder tree, and a tiny synthetic set.
 
-Images are decoded once and cached as uint8 tensors (written atomically), so a second run loads
-CIFAR-sized data in about a second. Model input is `x.float() / 255`.
+Images are decoded once and cached as uint8 arrays in an uncompressed `.npz` (read with
+allow_pickle=False, never unpickled) with its sha256 beside it, so a second run loads CIFAR-sized
+data in about a second; a cache file that fails its checksum is rebuilt. The cache key is the
+dataset and a fingerprint of its files (relative paths, sizes, mtimes), never the seed: seeded
+subsampling happens after loading. Model input is `x.float() / 255`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
+import sys
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -15,9 +22,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from fedepic.config import DataConfig
+from fedepic.config import DataConfig, data_root, decoded_cache_dir
 from fedepic.errors import DataError
-from fedepic.outputs import atomic_torch_save
+from fedepic.outputs import atomic_write_bytes, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -41,19 +48,41 @@ class ImageData:
 
 
 def default_root(cfg: DataConfig) -> Path:
-    if cfg.root:
-        return Path(cfg.root).expanduser()
-    if os.environ.get("FEDEPIC_DATA"):
-        return Path(os.environ["FEDEPIC_DATA"]).expanduser()
-    return Path.home() / ".cache" / "fedepic" / "data"
+    return data_root(cfg)
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    if os.environ.get("FEDEPIC_CACHE"):
-        return Path(os.environ["FEDEPIC_CACHE"]).expanduser()
-    return Path.home() / ".cache" / "fedepic" / "decoded"
+    return decoded_cache_dir(cfg)[0]
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (MNIST's format), its header checked against its size."""
+    data = path.read_bytes()
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is corrupt: {len(data)} bytes, shorter than its {header}-byte header")
+    if data[:4] != bytes((0, 0, 8, ndim)):
+        raise DataError(f"{path} is corrupt: header magic {data[:4].hex()}, expected {bytes((0, 0, 8, ndim)).hex()}")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        why = "truncated" if len(data) < expected else "longer than its header says"
+        raise DataError(f"{path} is corrupt: {why} ({len(data)} bytes, header {dims} needs {expected})")
+    array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return torch.from_numpy(array.copy())
+
+
+def _read_mnist_split(raw: Path, prefix: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 3)
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1).to(torch.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{raw}/{prefix}-*: {len(images)} images but {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(f"{raw}/{prefix}-labels-idx1-ubyte is corrupt: label {int(labels.max())} >= {num_classes}")
+    return images.unsqueeze(1), labels
 
 
 def _mnist_like(cls_name: str, expected: Sequence[str]) -> Callable[[Path, bool], tuple]:
@@ -61,19 +90,21 @@ def _mnist_like(cls_name: str, expected: Sequence[str]) -> Callable[[Path, bool]
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
-        try:
-            train = cls(str(root), train=True, download=download)
-            test = cls(str(root), train=False, download=download)
-        except (RuntimeError, OSError) as err:
-            raise DataError(
-                f"{cls_name} not found under {root} and could not be downloaded ({str(err).splitlines()[0]}); "
-                f"expected {root}/{cls_name}/raw/{{{','.join(expected)}}}"
-            ) from None
-        return (train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets, list(train.classes))
+        raw = root / cls_name / "raw"
+        if not all((raw / name).is_file() for name in expected):
+            try:  # torchvision only downloads; the files are parsed (and checked) below
+                cls(str(root), train=True, download=download)
+                cls(str(root), train=False, download=download)
+            except (RuntimeError, OSError) as err:
+                raise DataError(
+                    f"{cls_name} not found under {root} and could not be downloaded ({str(err).splitlines()[0]}); "
+                    f"expected {raw}/{{{','.join(expected)}}}"
+                ) from None
+        classes = list(cls.classes)
+        train_x, train_y = _read_mnist_split(raw, "train", len(classes))
+        test_x, test_y = _read_mnist_split(raw, "t10k", len(classes))
+        return train_x, train_y, test_x, test_y, classes
     return load
-
-
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _load_cifar10(root: Path, download: bool) -> tuple:
@@ -100,7 +131,7 @@ def _read_image_folder(folder: Path, classes: list[str]) -> tuple[torch.Tensor, 
     for label, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir() if p.is_file())
         for path in files:
-            images.append(decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED))
+            images.append(_decode(path, decode_image, read_file, ImageReadMode.UNCHANGED))
             labels.append(label)
     if not images:
         raise DataError(f"no images found under {folder}/<class>/")
@@ -108,6 +139,16 @@ def _read_image_folder(folder: Path, classes: list[str]) -> tuple[torch.Tensor, 
     if len(shapes) != 1:
         raise DataError(f"images under {folder} differ in shape {sorted(shapes)[:3]}; resize them to one size")
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _decode(path: Path, decode_image: Callable, read_file: Callable, mode: object) -> torch.Tensor:
+    if path.stat().st_size == 0:
+        raise DataError(f"image file {path} is empty")
+    try:
+        return decode_image(read_file(str(path)), mode=mode)
+    except RuntimeError as err:  # torchvision prefixes "function, source.cpp:line, "
+        why = re.sub(r"^\w+, \S+:\d+, ", "", str(err).splitlines()[0])
+        raise DataError(f"cannot decode image file {path}: {why}") from None
 
 
 def _load_image_folder(tree: Path) -> tuple:
@@ -138,35 +179,115 @@ def _synthetic(cfg: DataConfig, seed: int) -> tuple:
     return train_x, train_y, test_x, test_y, [f"class{i}" for i in range(10)]
 
 
-def _cache_key(cfg: DataConfig, source: Path, seed: int) -> str:
-    ident = f"v1|{cfg.name}|{source.resolve() if source.exists() else source}|{cfg.folder}|{seed}"
-    if cfg.name == "synthetic":
-        ident += f"|{cfg.synthetic_train}|{cfg.synthetic_test}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+_SOURCES = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
+
+
+def _source_dir(cfg: DataConfig) -> Path:
+    """The folder whose files the decoded data comes from."""
+    root = default_root(cfg)
+    return root / cfg.folder if cfg.name == "imagefolder" else root / _SOURCES[cfg.name]
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 of every file's relative path, size and mtime under `folder`: an edit changes the cache key."""
+    digest = hashlib.sha256()
+    for rel, size, mtime in sorted(_file_stats(folder, "")):
+        digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_stats(folder: Path, prefix: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file below `folder`; scandir: one stat per file (60k for CIFAR)."""
+    stats = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return stats
+    for entry in entries:
+        if entry.is_dir():
+            stats += _file_stats(Path(entry.path), f"{prefix}{entry.name}/")
+        elif entry.is_file():
+            stat = entry.stat()
+            stats.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
+    return stats
+
+
+def _cache_file(cfg: DataConfig) -> Path:
+    source = _source_dir(cfg)
+    ident = f"v2|{cfg.name}|{source.resolve() if source.exists() else source}|{fingerprint(source)}"
+    return cache_dir(cfg) / f"{cfg.name}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
+
+
+_ARRAYS = ("train_x", "train_y", "test_x", "test_y", "classes")
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def read_cache(path: Path) -> Optional[tuple]:
+    """The cached arrays, or None when there are none; a file failing its checksum is deleted and reported."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        stored = _checksum_file(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        stored = None
+    why = "no checksum beside it" if stored is None else None
+    if why is None and hashlib.sha256(data).hexdigest() != stored:
+        why = "checksum mismatch"
+    if why is None:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = [npz[name] for name in _ARRAYS]
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
+            why = f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    if why is not None:
+        print(f"fedepic: warning: decoded cache {path} is corrupt ({why}); rebuilding it", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        _checksum_file(path).unlink(missing_ok=True)
+        return None
+    tensors = [torch.from_numpy(a.copy()) for a in arrays[:4]]
+    return (*tensors, [str(c) for c in arrays[4]])
+
+
+def write_cache(path: Path, blob: dict) -> None:
+    """Write the arrays, then their sha256 (a file without one is treated as corrupt); no pickle."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(blob[k].numpy() if k != "classes" else [str(c) for c in blob[k]])
+                     for k in _ARRAYS})
+    data = buf.getvalue()
+    try:
+        atomic_write_bytes(path, data)
+        atomic_write_text(_checksum_file(path), hashlib.sha256(data).hexdigest() + "\n")
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise DataError(f"cannot write the decoded cache {path}: {err.strerror} "
+                        "(free space, or point data.cache_dir / $FEDEPIC_CACHE elsewhere)") from None
 
 
 def _load_raw(cfg: DataConfig, seed: int) -> tuple:
+    """The full decoded dataset; `seed` only generates the synthetic set, which is never cached."""
     root = default_root(cfg)
-    source = root / cfg.folder if cfg.name == "imagefolder" else root
-    cache_file = cache_dir(cfg) / f"{cfg.name}-{_cache_key(cfg, source, seed)}.pt"
-    if cache_file.is_file():
-        blob = torch.load(cache_file, weights_only=True)
-        return blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], list(blob["classes"])
+    if cfg.name == "synthetic":
+        raw = _synthetic(cfg, seed)
+        return raw[0], raw[1].to(torch.int64), raw[2], raw[3].to(torch.int64), raw[4]
+    cached = read_cache(_cache_file(cfg))
+    if cached is not None:
+        return cached
     if cfg.name == "mnist":
         raw = _mnist_like("MNIST", _MNIST_FILES)(root, cfg.download)
     elif cfg.name == "fashion_mnist":
         raw = _mnist_like("FashionMNIST", _MNIST_FILES)(root, cfg.download)
     elif cfg.name == "cifar10":
         raw = _load_cifar10(root, cfg.download)
-    elif cfg.name == "imagefolder":
-        raw = _load_image_folder(source)
     else:
-        raw = _synthetic(cfg, seed)
+        raw = _load_image_folder(_source_dir(cfg))
     train_x, train_y, test_x, test_y, classes = raw
     blob = {"train_x": train_x.to(torch.uint8).contiguous(), "train_y": train_y.to(torch.int64),
             "test_x": test_x.to(torch.uint8).contiguous(), "test_y": test_y.to(torch.int64), "classes": classes}
-    if cfg.name != "synthetic":
-        atomic_torch_save(blob, cache_file)
+    write_cache(_cache_file(cfg), blob)  # keyed after a download, so the next run finds it
     return blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], classes
 
 

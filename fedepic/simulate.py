@@ -9,12 +9,16 @@ cannot go on (fedepic.errors.RunFailed) with 1; SIGINT and SIGTERM end the run w
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 USAGE = "usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)"
+
+# a full, read-only or forbidden disk is the user's to fix, not a bug: one line, no traceback
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _split_args(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
@@ -69,6 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunFailed as err:
         print(f"fedepic: run failed: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"fedepic: error: cannot write {err.filename or 'a file'}: {err.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         print("fedepic: interrupted; finished parts were kept", file=sys.stderr)
         return exit_status(err)
