@@ -10,7 +10,8 @@ now, keep what is done". While an `Interrupts` is entered (main thread only, as 
   there would cut a summary short, and a second KeyboardInterrupt in Flower's mode left its server
   thread running and the interpreter waiting for it at exit;
 - a watchdog bounds that wind-down: ``grace_s`` after the first signal the process exits with
-  128 + the signal's number whatever is still running (one line on stderr).
+  128 + the signal's number whatever is still running (one line on stderr). Leaving the outermost
+  ``with`` disarms it, unless a non-daemon thread is still alive then (the interpreter would wait).
 
 The exit status of an interrupted run is 128 + signum: 130 for SIGINT, 143 for SIGTERM.
 """
@@ -45,6 +46,7 @@ class Interrupts:
         self.signum: Optional[int] = None
         self._polled = 0
         self._saved: list[dict[int, Any]] = []  # one entry per (nested) __enter__
+        self._watchdog: Optional[threading.Timer] = None
 
     def __enter__(self) -> "Interrupts":
         saved = {}
@@ -56,6 +58,8 @@ class Interrupts:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._saved.pop().items():
             signal.signal(sig, handler)
+        if not self._saved and self._watchdog is not None and not _other_threads_alive():
+            self._watchdog.cancel()  # wound down; a thread still alive keeps the bound on the exit
 
     @contextmanager
     def polled(self) -> Iterator[None]:
@@ -76,9 +80,9 @@ class Interrupts:
             return  # already winding down: see the module docstring
         self.signum = signum
         self.stop.set()
-        watchdog = threading.Timer(self.grace_s, _exit_now, args=(signum, self.grace_s))
-        watchdog.daemon = True
-        watchdog.start()
+        self._watchdog = threading.Timer(self.grace_s, _exit_now, args=(signum, self.grace_s))
+        self._watchdog.daemon = True
+        self._watchdog.start()
         if not self._polled:
             raise RunInterrupted(f"interrupted by {_name(signum)}", signum=signum)
 
@@ -90,6 +94,12 @@ def exit_status(err: BaseException) -> int:
 
 def _name(signum: Optional[int]) -> str:
     return signal.Signals(signum).name if signum else "SIGINT"
+
+
+def _other_threads_alive() -> bool:
+    """Non-daemon threads besides this one: the interpreter would wait for them at exit."""
+    me = threading.current_thread()
+    return any(t is not me and t.is_alive() and not t.daemon for t in threading.enumerate())
 
 
 def _exit_now(signum: int, grace_s: float) -> None:
