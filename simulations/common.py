@@ -237,7 +237,13 @@ def check_failures(cfg: RunConfig, what: str, failures: Sequence[Mapping[str, An
     limit = cfg.clients.max_failed_fraction
     if asked and failures and (len(failures) == asked or len(failures) > limit * asked):
         raise RunFailed(f"{what}: {len(failures)} of {asked} clients failed (clients.max_failed_fraction={limit}); "
-                        f"first: {str(failures[0].get('reason', '?')).splitlines()[0][:300]}")
+                        f"first: {last_line(str(failures[0].get('reason', '?')))}")
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of an error text (a Ray traceback ends with the exception's message)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "?")[:limit]
 
 
 # --------------------------------------------------------------------------- client data

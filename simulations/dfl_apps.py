@@ -36,7 +36,7 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 from simulations.common import (
-    check_failures, client_data_for, config_from_text, dataset_for, exchange, interrupted_quietly, wait_for_nodes,
+    check_failures, client_data_for, last_line, config_from_text, dataset_for, exchange, interrupted_quietly, wait_for_nodes,
 )
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
@@ -132,7 +132,9 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
                                   malicious=client.is_malicious)
         save_node_state(context, state)
         content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
-                                                        "confirmed": report.confirmed})})
+                                                        "confirmed": report.confirmed,
+                                                        "nonfinite": report.nonfinite,
+                                                        "own_nonfinite": report.own_nonfinite})})
         metrics: dict[str, Any] = {"partition-id": pid}
         if not client.is_malicious:  # figures are over benign nodes: skip the work for the others
             device = resolve_device(run_cfg.train.device)
@@ -204,7 +206,7 @@ class Router:
         replies = exchange(grid, [_config_message(n, HELLO, {}, "hello") for n in nodes], stop=self.stop)
         failed = [r.error.reason for r in replies if r.has_error()]
         if failed or len(replies) != len(nodes):  # no node may be missing from the graph
-            reason = failed[0].splitlines()[0] if failed else "no reply before the timeout"
+            reason = last_line(failed[0]) if failed else "no reply before the timeout"
             raise RunFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} nodes failed at start-up: {reason}")
         self.node_of = {int(r.content.metric_records["info"]["partition-id"]): r.metadata.src_node_id
                         for r in replies}
@@ -226,7 +228,7 @@ class Router:
             started = time.perf_counter()
             trained, records, train_stats, failures = self.train_round(grid, member, round_)
             trained_at = time.perf_counter()
-            evals, models, confirmed, failed = self.aggregate_round(grid, member, round_, trained, records)
+            evals, models, confirmed, failed, nonfinite = self.aggregate_round(grid, member, round_, trained, records)
             failures += failed
             if not any(i in evals for i in self.benign):
                 raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
@@ -234,6 +236,7 @@ class Router:
             record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
                                                          confirmed if truth is not None else None, truth)}
             record["failures"] = failures
+            record["nonfinite_models"] = nonfinite  # left out (or replaced) by the nodes' rules
             losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
             record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
             record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
@@ -270,7 +273,8 @@ class Router:
 
     def aggregate_round(self, grid: Grid, member: Member, round_: int, trained: Mapping[int, torch.Tensor],
                         records: Mapping[int, ArrayRecord]):
-        """Phases 2-3: route (with attacks), every node aggregates and reports."""
+        """Phases 2-3: route (with attacks), every node aggregates and reports; returns (evals, models,
+        confirmed neighbours, failures, models the rules left out as non-finite)."""
         graph = member.routing.graph
         sent = outgoing(self.cfg.attack, trained, graph.subgraph(trained.keys()), self.malicious,
                         seed=self.cfg.seed, round_=round_)
@@ -302,15 +306,17 @@ class Router:
         for batch in message_batches(sizes, MAX_INFLIGHT_BYTES):
             replies.extend(exchange(grid, [messages[k] for k in batch], stop=self.stop))
         failures = _failures(nodes, replies, self.partition_of, "aggregate")
-        evals, models, confirmed = {}, {}, {}
+        evals, models, confirmed, nonfinite = {}, {}, {}, {}
         for reply in (r for r in replies if not r.has_error()):
             metrics = reply.content.metric_records["metrics"]
             pid = int(metrics["partition-id"])
-            confirmed[pid] = [int(j) for j in reply.content.config_records["detector"]["confirmed"]]
+            detector = reply.content.config_records["detector"]
+            confirmed[pid] = [int(j) for j in detector["confirmed"]]
+            nonfinite[pid] = len(detector["nonfinite"]) + int(bool(detector["own_nonfinite"]))
             if "accuracy" in metrics:
                 evals[pid] = dict(metrics)
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
-        return evals, models, confirmed, failures
+        return evals, models, confirmed, failures, sum(nonfinite.values())
 
 
 def make_server_app(router: Router) -> ServerApp:

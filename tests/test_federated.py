@@ -428,3 +428,44 @@ def test_flwr_run_leaves_the_checkout_untouched(tmp_path: Path, monkeypatch: pyt
         migrate(str(app), [], ignore_legacy_usage=True)  # what flwr/cli/run/run.py does first
         after = (app / "pyproject.toml").read_bytes()
         assert (after == text) == (name == "ours"), name  # the legacy file shows the rewrite is seen
+
+
+@pytest.mark.slow
+def test_every_client_failing_stops_the_run_as_failed(tmp_path):
+    """Clients that all raise (as on a cluster whose workers cannot read the data): the run must not
+    report `completed` with chance accuracy; it stops after the round, marked failed, with exit 1."""
+    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3")
+    script = f"""
+        import sys
+        from flwr.clientapp import ClientApp
+        from fedepic.config import load_config
+        from fedepic.errors import RunFailed
+        from simulations.client_app import handle_warmup
+        from simulations.federated import run_federated
+
+        broken = ClientApp()
+
+        @broken.train()
+        def train(msg, context):
+            raise RuntimeError("dataset not found on this worker")
+
+        broken.query()(handle_warmup)
+        try:
+            run_federated(load_config(None, {overrides!r}), client_app=broken)
+        except RunFailed as err:
+            print("RunFailed:", err)
+            sys.exit(1)
+    """
+    proc = subprocess.run([PYTHON, "-c", textwrap.dedent(script)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "fedavg, round 1: 4 of 4 clients failed" in proc.stdout and "dataset not found" in proc.stdout
+    folders = [p for p in tmp_path.iterdir() if p.name.endswith("-t")]
+    assert len(folders) == 1 and not list(tmp_path.glob(".*partial"))
+    summary = json.loads((folders[0] / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rows"] == []
+    member = json.loads((folders[0] / "fedavg" / "summary.json").read_text())
+    assert member["status"] == "failed"
+    rounds = read_jsonl(folders[0] / "fedavg" / "metrics.jsonl")
+    assert len(rounds) == 1 and len(rounds[0]["failures"]) == 4  # the failed round is recorded
+    assert not (folders[0] / "fedmedian").exists()  # nothing ran after the failure

@@ -121,3 +121,63 @@ def test_federated_sigterm_keeps_finished_rounds_and_stops_ray(tmp_path: Path) -
     assert read(folder / "summary.json")["status"] == "interrupted"
     member = read(folder / "fedavg" / "summary.json")
     assert member["status"] == "interrupted" and 1 <= len(member["curves"]["accuracy"]) < 40
+
+
+# --------------------------------------------------------------------------- faults recorded, never silent
+
+
+def fake_reply(node: int, error: str | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
+                           error=SimpleNamespace(reason=error))
+
+
+def test_node_failures_are_recorded_and_too_many_stop_the_run() -> None:
+    from fedepic.config import load_config
+    from fedepic.errors import RunFailed
+    from simulations.common import check_failures
+    from simulations.dfl_apps import _failures
+
+    partition_of = {101: 0, 102: 1, 103: 2, 104: 3}  # Flower node id -> partition id
+    replies = [fake_reply(101), fake_reply(102, "worker died"), fake_reply(104)]  # node 2 never answered
+    failures = _failures([0, 1, 2, 3], replies, partition_of, "train")
+    assert failures == [{"node": 1, "phase": "train", "reason": "worker died"},
+                        {"node": 2, "phase": "train", "reason": "no reply before the timeout"}]
+    cfg = load_config("dfl_smoke.yaml", [])
+    check_failures(cfg, "gossip, round 1", failures, 4)  # 2 of 4 = the 0.5 limit: the round goes on
+    with pytest.raises(RunFailed, match="3 of 4 clients failed.*first: worker died"):
+        check_failures(cfg, "gossip, round 1", failures + [failures[0]], 4)
+    every = load_config("dfl_smoke.yaml", ["clients.max_failed_fraction=1.0"])
+    check_failures(every, "r", failures * 1 + [failures[0]], 4)
+    with pytest.raises(RunFailed, match="4 of 4"):  # every client failing always stops the run
+        check_failures(every, "r", failures * 2, 4)
+
+
+def test_clients_get_the_drivers_resolved_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedepic.config import load_config
+    from simulations.common import worker_config
+
+    monkeypatch.setenv("FEDEPIC_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("dfl_smoke.yaml", ["data.cache_dir=cache"])
+    sent = worker_config(cfg)
+    assert sent.data.root == str(tmp_path / "data") and sent.data.cache_dir == str(tmp_path / "cache")
+
+
+def test_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
+    import socket
+
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError
+    from simulations.common import check_ray_address
+
+    with socket.socket() as sock:  # a port nobody listens on: bind, then close
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="ray.address.*no Ray cluster answers"):
+        check_ray_address(load_config("dfl_smoke.yaml", [f"ray.address=127.0.0.1:{port}"]), timeout_s=2)
+    assert time.monotonic() - started < 5
+    with pytest.raises(ConfigError, match="expected auto or HOST:PORT"):
+        check_ray_address(load_config("dfl_smoke.yaml", ["ray.address=nonsense"]))
