@@ -286,6 +286,16 @@ def poison_set(cfg: RunConfig):
     return _load_poison_set(str(cfg.attack.poisons))
 
 
+def checked_poison_set(cfg: RunConfig, data: ImageData):
+    """`poison_set`, refused (one-line DataError / ConfigError) unless it fits ``data`` and attack.eps."""
+    poisons = poison_set(cfg)
+    if poisons is not None:
+        from fedepic.attacks.gradient_matching import check_poisons
+
+        check_poisons(poisons, data.train_x, data.train_y, data.test_y, data.num_classes, cfg.attack.eps)
+    return poisons
+
+
 def client_seed(cfg: RunConfig, client_id: int) -> int:
     return cfg.seed * 100_003 + 7919 * (client_id + 1)
 
@@ -313,10 +323,7 @@ def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,
         attacked = poison_rows(cfg.attack, x, y, data.num_classes, fraction=fraction, seed=client_seed(cfg, client_id))
         x, y, poisoned = attacked.x, attacked.y, attacked.poisoned
     elif malicious and cfg.attack.data == "gradient_matching":
-        poisons = poison_set(cfg)
-        from fedepic.attacks.gradient_matching import check_poisons
-
-        check_poisons(poisons, data.train_x, data.train_y, data.test_y, data.num_classes, cfg.attack.eps)
+        poisons = checked_poison_set(cfg, data)
         position = {int(r): i for i, r in enumerate(rows)}
         hits = [(position[int(r)], j) for j, r in enumerate(poisons.indices.tolist()) if int(r) in position]
         if hits:

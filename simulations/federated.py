@@ -16,7 +16,7 @@ from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
 from fedepic.outputs import RunWriter
-from simulations.common import check_ray_address, poison_set, quiet_flower, run_flower
+from simulations.common import check_ray_address, checked_poison_set, poison_set, quiet_flower, run_flower
 
 
 def check_federated(cfg: RunConfig) -> None:
@@ -40,7 +40,8 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     quiet_flower()
     check_federated(cfg)
     check_ray_address(cfg)  # before a run folder exists
-    load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
+    data = load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
+    checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data
     from simulations.server_app import make_server_app, serve
 
     interrupts = interrupts if interrupts is not None else Interrupts()

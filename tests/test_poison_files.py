@@ -91,3 +91,16 @@ def test_a_bad_poison_file_stops_a_centralized_run_before_its_folder(data, tmp_p
     with pytest.raises(DataError, match="adversarial class 99"):
         run_centralized(cfg)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_bad_poison_file_stops_a_federated_run_before_its_folder(data, tmp_path):
+    from simulations.federated import run_federated
+
+    path = tmp_path / "p.npz"
+    save_poisons(dataclasses.replace(valid_set(data), adversarial_class=99), path)
+    out = tmp_path / "runs"
+    cfg = load_config(None, ["mode=federated", "data.name=synthetic", "attack.data=gradient_matching",
+                             f"attack.poisons={path}", f"output_dir={out}", "strategies=[fedavg]"])
+    with pytest.raises(DataError, match="adversarial class 99"):
+        run_federated(cfg)  # refused before Ray starts or a folder is made
+    assert not out.exists() or not any(out.iterdir())
