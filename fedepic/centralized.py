@@ -275,8 +275,8 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) 
                       cfg.attack.eps)
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
-    with interrupts or Interrupts(), progress_bars(cfg.progress) as progress, \
-            RunWriter(cfg.output_dir, cfg.name) as writer:
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    with interrupts, progress_bars(cfg.progress) as progress, RunWriter(cfg.output_dir, cfg.name) as writer:
         writer.write_config(to_yaml(cfg))
         outcomes: dict[str, list[dict]] = {m: [] for m in members}
         trials: list[Trial] = []
@@ -290,17 +290,24 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) 
             writer.mark(err)
             raise
         finally:
-            finished = [m for m in members if trials and len(outcomes[m]) == len(trials)]
-            _write_members(cfg, [m for m in members if m in member_writers], member_writers, outcomes, finished,
-                           writer.status)
-            binary = cfg.attack.data == "gradient_matching"
-            rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
-            if rows:
-                curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
-                _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
-            writer.write_summary({"mode": "centralized", "finished": finished, "rows": rows, "class_histogram":
-                                  torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
+            with interrupts.polled():  # a signal now must not cut the summaries short
+                _write_run(cfg, data, writer, members, member_writers, outcomes, trials)
     return writer.path
+
+
+def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list[str],
+               member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], trials: list[Trial]) -> None:
+    """Members' summaries, the comparison of those with results, and the root summary."""
+    finished = [m for m in members if trials and len(outcomes[m]) == len(trials)]
+    _write_members(cfg, [m for m in members if m in member_writers], member_writers, outcomes, finished,
+                   writer.status)
+    binary = cfg.attack.data == "gradient_matching"
+    rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
+    if rows:
+        curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
+        _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
+    writer.write_summary({"mode": "centralized", "finished": finished, "rows": rows, "class_histogram":
+                          torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
 
 
 def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials: list[Trial], members: list[str],

@@ -213,7 +213,7 @@ class _FixedPoint:
     """
 
     center: Tensor | None  # float64 [d]; None: not centred (proxy factors)
-    scale: float
+    exponent: int  # scale = 2**exponent
 
     def __call__(self, block: Tensor, start: int = 0, *, inplace: bool = False) -> Tensor:
         """Integer-valued float64 q of a column block that starts at column ``start``;
@@ -221,7 +221,13 @@ class _FixedPoint:
         q = block if inplace and block.dtype == torch.float64 else block.to(torch.float64, copy=True)
         if self.center is not None:
             q.sub_(self.center[start : start + q.shape[1]])
-        return q.mul_(self.scale).round_()
+        # In steps of at most 2**1000 (2**exponent itself may not be a float64 for tiny inputs); each
+        # step multiplies by a power of two, exactly.
+        left = self.exponent
+        while left > 1000:
+            q.mul_(2.0**1000)
+            left -= 1000
+        return q.mul_(2.0**left).round_()
 
 
 def _fit_fixed_point(x: Tensor, bits: int, centre: bool) -> _FixedPoint:
@@ -234,22 +240,22 @@ def _fit_fixed_point(x: Tensor, bits: int, centre: bool) -> _FixedPoint:
     """
     dim = x.shape[1]
     if dim == 0:
-        return _FixedPoint(torch.zeros(0, dtype=torch.float64, device=x.device) if centre else None, 1.0)
+        return _FixedPoint(torch.zeros(0, dtype=torch.float64, device=x.device) if centre else None, 0)
     center = None
     if centre:
         hi = torch.cat([blk.amax(0) for _, (blk,) in _col_blocks(x)])
         lo = torch.cat([blk.amin(0) for _, (blk,) in _col_blocks(x)])
-        center = hi / 2 + lo / 2  # halving is exact; no overflow for finite inputs
+        center = hi / 2 + lo / 2  # no overflow for finite inputs (any c would do: it only shifts)
         largest = float(torch.maximum(hi - center, center - lo).max())
     else:
         largest = float(x.abs().max())
     if not math.isfinite(largest):
         raise ValueError("features contain NaN or infinite values")
     if largest == 0:
-        return _FixedPoint(center, 1.0)
+        return _FixedPoint(center, 0)
     half_bits = ((dim - 1).bit_length() + 1) // 2  # sqrt(d) <= 2**half_bits
     first = bits - 1 - half_bits - math.frexp(largest)[1]  # entries < 2**(bits - 1 - half_bits)
-    probe = _FixedPoint(center, 2.0**first)
+    probe = _FixedPoint(center, first)
     norms = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     for s, (blk,) in _col_blocks(x):
         norms += probe(blk, s, inplace=True).square_().sum(1)  # exact: integers below 2**(2 bits)
@@ -257,7 +263,7 @@ def _fit_fixed_point(x: Tensor, bits: int, centre: bool) -> _FixedPoint:
     extra = 0
     while (2 ** (extra + 1)) * (2 * root + slack) + slack <= 2 ** (bits + 1):
         extra += 1
-    return _FixedPoint(center, 2.0 ** (first + extra))
+    return _FixedPoint(center, first + extra)
 
 
 def _fixed_blocks(fixed: _FixedPoint, *xs: Tensor) -> Iterator[tuple[Tensor, ...]]:

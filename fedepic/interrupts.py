@@ -3,9 +3,10 @@
 `kill`, `docker stop` and cluster schedulers send SIGTERM; a terminal sends SIGINT. Both mean "stop
 now, keep what is done". While an `Interrupts` is entered (main thread only, as Python allows):
 
-- the first signal sets ``stop`` and records its number. Unless a Flower run polls ``stop`` (inside
-  :meth:`Interrupts.polled`, where the ServerApp winds down by itself and raises at a message
-  boundary), it also raises :class:`~fedepic.errors.RunInterrupted` in the main thread;
+- the first signal sets ``stop`` and records its number. Unless the main thread is inside
+  :meth:`Interrupts.polled` (a Flower run, whose ServerApp winds down by itself at a message boundary,
+  or a run writing its summaries, which must not be cut short), it also raises
+  :class:`~fedepic.errors.RunInterrupted` in the main thread;
 - later signals are ignored: the run is writing its summaries (each file atomically). Raising again
   there would cut a summary short, and a second KeyboardInterrupt in Flower's mode left its server
   thread running and the interpreter waiting for it at exit;
@@ -37,29 +38,42 @@ class Interrupts:
     Parameters
     ----------
     grace_s : float
-        Seconds the run may take to wind down after the first signal before the process exits.
+        Seconds the run may take to wind down after the first signal before the process exits (a
+        Flower round in flight finishes first: its clients are not cut off mid-task).
     """
 
-    def __init__(self, grace_s: float = 120.0) -> None:
+    def __init__(self, grace_s: float = 300.0) -> None:
         self.grace_s = grace_s
         self.stop = threading.Event()
         self.signum: Optional[int] = None
         self._polled = 0
         self._saved: list[dict[int, Any]] = []  # one entry per (nested) __enter__
-        self._watchdog: Optional[threading.Timer] = None
+        self._disarmed = threading.Event()
 
     def __enter__(self) -> "Interrupts":
         saved = {}
         if threading.current_thread() is threading.main_thread():
             saved = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        if not self._saved:
+            self._disarmed.clear()
+            # Started here, not in the handler: a handler runs between the main thread's bytecodes,
+            # and starting a thread there can deadlock on threading's own locks.
+            threading.Thread(target=self._watch, name="fedepic-interrupt-watchdog", daemon=True).start()
         self._saved.append(saved)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._saved.pop().items():
             signal.signal(sig, handler)
-        if not self._saved and self._watchdog is not None and not _other_threads_alive():
-            self._watchdog.cancel()  # wound down; a thread still alive keeps the bound on the exit
+        if not self._saved and not _other_threads_alive():
+            self._disarmed.set()  # wound down; a thread still alive keeps the bound on the exit
+
+    def _watch(self) -> None:
+        while not self._disarmed.is_set():
+            if self.stop.wait(0.5):
+                if not self._disarmed.wait(self.grace_s):
+                    _exit_now(self.signum or signal.SIGINT, self.grace_s)
+                return
 
     @contextmanager
     def polled(self) -> Iterator[None]:
@@ -80,9 +94,6 @@ class Interrupts:
             return  # already winding down: see the module docstring
         self.signum = signum
         self.stop.set()
-        self._watchdog = threading.Timer(self.grace_s, _exit_now, args=(signum, self.grace_s))
-        self._watchdog.daemon = True
-        self._watchdog.start()
         if not self._polled:
             raise RunInterrupted(f"interrupted by {_name(signum)}", signum=signum)
 

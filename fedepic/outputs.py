@@ -150,6 +150,7 @@ class RunWriter:
         self._metrics: Optional[Any] = None
         self.started = time.time()
         self.status = "running"
+        self.summary_written = False
 
     @staticmethod
     def _unique(path: Path) -> Path:
@@ -177,6 +178,8 @@ class RunWriter:
             self.status = "failed"
 
     def close(self) -> None:
+        if not self.summary_written and self.dir.exists():
+            self.write_summary({})  # cut short before the run wrote its own: the status, at least
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -208,6 +211,7 @@ class RunWriter:
                    "wall_seconds": time.time() - self.started, "versions": environment_versions(),
                    "lock": lock_record()}
         atomic_write_json(self.dir / "summary.json", summary)
+        self.summary_written = True
 
     def save_figure(self, fig: Any, name: str) -> None:
         """Save a matplotlib figure atomically as PNG."""

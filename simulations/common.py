@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import tempfile
 import os
 import sys
 import threading
@@ -128,13 +127,18 @@ def check_ray_address(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) 
     if not address:
         return
     target = address.removeprefix("ray://")
+    if target == "auto" and os.environ.get("RAY_ADDRESS"):
+        target = os.environ["RAY_ADDRESS"].removeprefix("ray://")  # what ray.init("auto") reads first
     if target == "auto":
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        from ray._common.utils import get_ray_address_file  # where `ray start` records the cluster
+
+        current = Path(get_ray_address_file(None))
         if not current.is_file():
             raise ConfigError(f"invalid value 'auto' for key 'ray.address': no Ray cluster runs on this machine "
                               f"({current} not found; start one with `ray start --head`)")
         target = current.read_text().strip()
     host, _, port = target.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         raise ConfigError(f"invalid value {address!r} for key 'ray.address': expected auto or HOST:PORT")
     try:
@@ -149,8 +153,10 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     """`run_simulation` with one SuperNode per client on Ray; every Ray process it started is gone on exit.
 
     The ServerApp polls ``interrupts.stop`` (via `exchange`): SIGINT or SIGTERM sets it, the ServerApp
-    raises RunInterrupted, Flower stops its workers and Ray, and RunInterrupted (with the signal's
-    number) reaches the caller. Later signals are ignored while that happens (fedepic.interrupts).
+    writes its statuses and ends, and Flower stops its workers and Ray; later signals are ignored
+    while that happens (fedepic.interrupts). The call then returns: whether the run was cut short
+    (and so raises RunInterrupted) is the caller's to say, since a signal may also arrive after the
+    ServerApp finished its work.
     """
     import ray
     from flwr.simulation import run_simulation
@@ -166,11 +172,13 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                            backend_config=backend_config(cfg))
+        except BaseException:
+            interrupts.stop.set()  # a ServerApp thread still waiting for replies winds down
+            raise
         finally:
             # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
             if ray.is_initialized():
                 ray.shutdown()
-    interrupts.raise_if_stopped()
 
 
 @contextmanager

@@ -162,12 +162,16 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
         try:
             run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
                        interrupts=interrupts)
+            if len(sink.summaries) < len(members):  # cut short by a signal (an error would have raised)
+                interrupts.raise_if_stopped()
         except BaseException as err:
             root.mark(err)
-            sink.abort(err)
+            with interrupts.polled():
+                sink.abort(err)
             raise
         finally:
-            _write_root(cfg, root, sink, members, bad, roles)
+            with interrupts.polled():  # a signal now must not cut the summaries short
+                _write_root(cfg, root, sink, members, bad, roles)
     return root.path
 
 

@@ -46,13 +46,17 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
 
     interrupts = interrupts if interrupts is not None else Interrupts()
     with interrupts, RunWriter(cfg.output_dir, cfg.name) as writer:
-        if all(name == "centralized-epic" for name in cfg.strategies):
-            with interrupts.polled():  # centralized-epic polls the stop event between rounds
-                serve(None, cfg, writer, interrupts.stop)
-            interrupts.raise_if_stopped()
-        else:
-            if client_app is None:
-                from simulations.client_app import app as client_app
-            server_app = make_server_app(cfg, writer, interrupts.stop)
-            run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=interrupts)
+        try:
+            if all(name == "centralized-epic" for name in cfg.strategies):
+                serve(None, cfg, writer, interrupts.stop)  # main thread: a signal raises at once
+            else:
+                if client_app is None:
+                    from simulations.client_app import app as client_app
+                server_app = make_server_app(cfg, writer, interrupts.stop)
+                run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=interrupts)
+                if writer.status == "interrupted":  # the ServerApp stopped early (not after its work)
+                    interrupts.raise_if_stopped()
+        except BaseException as err:
+            writer.mark(err)
+            raise
     return writer.path

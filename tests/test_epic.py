@@ -322,6 +322,17 @@ def test_stored_and_on_demand_selection_agree_on_float_features(path: str, monke
     assert all(int(reference.assignment[j + 75]) == j for j in medoids if j < 75 and j + 75 not in medoids)
 
 
+def test_tiny_and_huge_magnitudes_give_the_same_codes() -> None:
+    """Fixed point scales by any power of two exactly: 2**-1000 or 2**1000 times the data, same codes."""
+    gen = torch.Generator().manual_seed(35)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    codes = distance_codes(x)
+    for factor in (2.0**-1000, 2.0**1000):  # exact scalings of the data
+        assert torch.equal(distance_codes(x * factor), codes), factor
+    subnormal = distance_codes(x * 2.0**-1040)  # the data itself loses bits: codes within a unit
+    assert (subnormal - codes).abs().max() <= 1
+
+
 def test_lowest_argmax_breaks_ties_to_the_lowest_index() -> None:
     from fedepic.batched_greedy import lowest_argmax
 
