@@ -1,11 +1,11 @@
-"""SIGINT and SIGTERM in every mode: a true status, the finished members kept, no process left, exit 128+signum."""
+"""SIGINT and SIGTERM in every mode (federated: tests/test_federated.py): a true status, the finished members
+kept, no process left, exit 128+signum; and faults recorded, never silent."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 
 from fedepic.errors import RunInterrupted
 from fedepic.interrupts import Interrupts, exit_status
-from test_federated import ENV, PYTHON, REPO, kill_group, small_overrides, wait_group_gone
+from test_federated import interrupt_run
 
 
 def test_first_signal_raises_with_its_number_and_later_ones_are_ignored() -> None:
@@ -37,30 +37,6 @@ def test_polled_signal_only_sets_stop() -> None:
         with pytest.raises(RunInterrupted) as caught:
             interrupts.raise_if_stopped()
     assert caught.value.signum == signal.SIGINT
-
-
-def interrupt_run(args: list[str], out: Path, wait_for: str, sig: int, timeout_s: float = 240) -> tuple[int, str]:
-    """Start the CLI, send ``sig`` once a file matching ``wait_for`` (under out) has a line, and wait."""
-    proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = [p for p in out.glob(wait_for) if p.read_text().count("\n") >= 1]
-            if found:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc.pid)
-    leftovers = wait_group_gone(proc.pid)
-    if leftovers:
-        kill_group(proc.pid)
-    assert not leftovers, f"processes of the run survived: {leftovers}"
-    return proc.returncode, err
 
 
 def run_folder(out: Path) -> Path:
@@ -109,18 +85,6 @@ def test_decentralized_comparison_interrupted(tmp_path: Path, sig: int) -> None:
     assert read(folder / "gossip" / "summary.json")["status"] == "completed"
     cut = read(folder / "median" / "summary.json")
     assert cut["status"] == "interrupted" and 1 <= cut["rounds"] < 10
-
-
-@pytest.mark.slow
-def test_federated_sigterm_keeps_finished_rounds_and_stops_ray(tmp_path: Path) -> None:
-    args = small_overrides(tmp_path, rounds="40", strategies="[fedavg]")
-    rc, err = interrupt_run(args, tmp_path, ".*-t.partial/fedavg/metrics.jsonl", signal.SIGTERM)
-    assert rc == 143, err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    folder = run_folder(tmp_path)
-    assert read(folder / "summary.json")["status"] == "interrupted"
-    member = read(folder / "fedavg" / "summary.json")
-    assert member["status"] == "interrupted" and 1 <= len(member["curves"]["accuracy"]) < 40
 
 
 # --------------------------------------------------------------------------- faults recorded, never silent
