@@ -9,6 +9,8 @@ counts from the same trial, so they remove exactly as many rows at the same epoc
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +211,8 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         member.log({"trial": trial.index, **record.__dict__, **extra})
         progress_bar.advance(info=f"{defense} t{trial.index} e{record.epoch} loss {record.loss:.3f}")
 
-    fit(model, trial.train_x, trial.train_y, cfg.train, seed=trial.seed, device=device, keep=keep,
-        epoch_end=epoch_end, on_epoch=on_epoch)
+    history = fit(model, trial.train_x, trial.train_y, cfg.train, seed=trial.seed, device=device, keep=keep,
+                  epoch_end=epoch_end, on_epoch=on_epoch)
     final = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
     success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, trial.target_x,
                              trial.adversarial_class)
@@ -222,9 +224,15 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         "poison_recall": ((dropped & trial.poisoned).sum() / trial.poisoned.sum()).item()
         if trial.poisoned.any() else None,
         "clean_drop_rate": ((dropped & ~trial.poisoned).sum() / (~trial.poisoned).sum()).item(),
-        "accuracy_curve": accuracy_curve, **trial.info,
+        "accuracy_curve": accuracy_curve, "diverged": _diverged(history, model), **trial.info,
     }
     return outcome, policy.selections
+
+
+def _diverged(history: list[dict], model: torch.nn.Module) -> bool:
+    """A non-finite training loss, or non-finite weights at the end (e.g. train.lr=inf)."""
+    return not all(math.isfinite(h["loss"]) for h in history) or not all(
+        bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point())
 
 
 def summarise(defense: str, outcomes: list[dict], binary_success: bool) -> dict:
@@ -240,6 +248,7 @@ def summarise(defense: str, outcomes: list[dict], binary_success: bool) -> dict:
             "dropped": mean_and_se([o["dropped"] for o in outcomes])[0],
             "poison_recall": mean_and_se(recalls)[0] if recalls else None,
             "clean_drop_rate": mean_and_se([o["clean_drop_rate"] for o in outcomes])[0], "trials": len(outcomes),
+            "diverged_trials": sum(bool(o.get("diverged")) for o in outcomes),
             **{key: _mean_of(outcomes, key) for key in ("brew_alignment", "random_alignment")}}
 
 
@@ -306,8 +315,12 @@ def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list
     if rows:
         curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
         _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
-    writer.write_summary({"mode": "centralized", "finished": finished, "rows": rows, "class_histogram":
-                          torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
+    diverged = [r["defense"] for r in rows if r["diverged_trials"]]
+    for name in diverged:
+        print(f"fedepic: warning: {name} diverged (non-finite loss or weights) in "
+              f"{next(r['diverged_trials'] for r in rows if r['defense'] == name)} trial(s)", file=sys.stderr)
+    writer.write_summary({"mode": "centralized", "finished": finished, "diverged": diverged, "rows": rows,
+                          "class_histogram": torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
 
 
 def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials: list[Trial], members: list[str],

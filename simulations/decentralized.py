@@ -73,6 +73,8 @@ def member_summary(name: str, strategy: str, records: list[Mapping[str, Any]]) -
     summary["seconds"] = sum(float(r.get("seconds", 0.0)) for r in records)
     full = [r["round"] for r in records if r.get("detection_recall") == 1.0 and r.get("detection_tp", 0) > 0]
     summary["detected_round"] = full[0] if full else None
+    diverged = [r["round"] for r in records if r.get("diverged_nodes")]
+    summary["diverged_round"] = diverged[0] if diverged else None  # a benign node's model went non-finite
     return summary
 
 

@@ -236,6 +236,7 @@ class Router:
             record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
                                                          confirmed if truth is not None else None, truth)}
             record["failures"] = failures
+            record["diverged_nodes"] = sum(not bool(torch.isfinite(models[i]).all()) for i in self.benign if i in models)
             record["nonfinite_models"] = nonfinite  # left out (or replaced) by the nodes' rules
             losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
             record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")

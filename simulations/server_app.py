@@ -219,6 +219,8 @@ def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluat
     config = ConfigRecord({CONFIG_KEY: to_yaml(worker_config(cfg)), MEMBER_KEY: name})
     bad_ids = set(malicious_ids(cfg))
     tally, recalls = Tally(), []
+    diverged_round: Optional[int] = None  # the first round whose global model is non-finite
+    nonfinite = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         random.seed(cfg.seed * 7919 + rnd)  # Flower samples with `random`: every member sees the same clients
@@ -233,10 +235,14 @@ def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluat
             valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected, like))
             stack[i] = injected
         outcome = tracked.aggregate(rnd, replies, stack)
+        nonfinite += outcome.nonfinite_count
         if outcome.arrays is not None:
             arrays = outcome.arrays
             like = arrays.to_torch_state_dict()
         ev = evaluator(like)
+        diverged = not math.isfinite(ev["loss"]) or not bool(torch.isfinite(flatten_state(like)).all())
+        if diverged and diverged_round is None:
+            diverged_round = rnd
         clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
         failures = _failures(messages, replies)
         tally.add(malicious, outcome.excluded, len(failures))
@@ -247,13 +253,14 @@ def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluat
             "excluded": None if outcome.excluded is None else sorted(c["id"] for c in clients if c["excluded"]),
             "malicious_replies": sum(malicious), "aggregated": outcome.arrays is not None,
             "attack_injected": cfg.attack.model if injected is not None else None,
-            "failures": failures, "clients": clients, "seconds": time.perf_counter() - t0,
+            "failures": failures, "clients": clients, "diverged": diverged, "seconds": time.perf_counter() - t0,
         })
         result.curves["accuracy"].append(ev["accuracy"])
         result.curves["attack_success"].append(math.nan if ev["attack_success"] is None else ev["attack_success"])
         check_failures(cfg, f"{name}, round {rnd}", failures, len(messages))
     result.row = {**_row(name, result.curves, time.perf_counter() - started), **tally.rates(),
-                  "poison_recall": sum(recalls) / len(recalls) if recalls else None}
+                  "poison_recall": sum(recalls) / len(recalls) if recalls else None, "diverged_round": diverged_round,
+                  "nonfinite_replies": nonfinite}
 
 
 def _row(name: str, curves: dict[str, list[float]], seconds: float) -> dict:

@@ -68,3 +68,18 @@ def test_table_has_every_defense(smoke_run):
     assert (smoke_run / "comparison.md").read_text().count("\n|") >= 6
     for member in by_name:
         assert (smoke_run / member / "summary.json").is_file() and (smoke_run / member / "metrics.jsonl").is_file()
+
+
+def test_a_diverged_member_says_so(tmp_path, capsys):
+    """train.lr=inf trains to NaN: the run completes its protocol, and its summaries say it diverged."""
+    from fedepic.centralized import run_centralized
+    from fedepic.config import load_config
+
+    cfg = load_config(None, ["mode=centralized", "data.name=synthetic", "data.synthetic_train=200",
+                             "data.synthetic_test=50", "model.name=mlp", "train.lr=inf", "progress=false",
+                             f"output_dir={tmp_path}", "train.threads=1"])
+    folder = run_centralized(cfg)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["diverged"] == ["none"]
+    assert summary["rows"][0]["diverged_trials"] == 1
+    assert "fedepic: warning: none diverged" in capsys.readouterr().err

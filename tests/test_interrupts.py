@@ -145,3 +145,30 @@ def test_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
     with pytest.raises(ConfigError, match="expected auto or HOST:PORT"):
         check_ray_address(load_config("dfl_smoke.yaml", ["ray.address=nonsense"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["federated", "decentralized"])
+def test_a_diverged_fl_run_says_so(tmp_path: Path, mode: str) -> None:
+    """train.lr=inf: every trained model goes non-finite. Decentralized nodes keep them (each node's model
+    is its own): the summary names the first such round. The server leaves non-finite replies out, so
+    its model stays finite: the summary counts the replies it left out."""
+    import subprocess
+
+    from test_federated import ENV, PYTHON, REPO, small_overrides
+
+    if mode == "federated":
+        args = small_overrides(tmp_path, rounds="2", strategies="[fedavg]", **{"train.lr": "inf"})
+    else:
+        args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "name=t", "progress=false", "rounds=2",
+                "strategies=[gossip]", "train.lr=inf", "ray.num_cpus=1"]
+    proc = subprocess.run([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    member = read(folder / ("fedavg" if mode == "federated" else "gossip") / "summary.json")
+    assert member["status"] == "completed"
+    if mode == "federated":
+        assert member["diverged_round"] is None and member["nonfinite_replies"] == 4 * 2
+    else:
+        assert member["diverged_round"] == 1
