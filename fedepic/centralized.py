@@ -315,11 +315,11 @@ def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list
     if rows:
         curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
         _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
-    diverged = [r["defense"] for r in rows if r["diverged_trials"]]
-    for name in diverged:
-        print(f"fedepic: warning: {name} diverged (non-finite loss or weights) in "
-              f"{next(r['diverged_trials'] for r in rows if r['defense'] == name)} trial(s)", file=sys.stderr)
-    writer.write_summary({"mode": "centralized", "finished": finished, "diverged": diverged, "rows": rows,
+    diverged = [r for r in rows if r["diverged_trials"]]
+    for r in diverged:
+        print(f"fedepic: warning: {r['defense']} diverged (non-finite loss or weights) in {r['diverged_trials']} "
+              "trial(s)", file=sys.stderr)
+    writer.write_summary({"mode": "centralized", "finished": finished, "diverged": [r["defense"] for r in diverged], "rows": rows,
                           "class_histogram": torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
 
 

@@ -1,7 +1,7 @@
 """EPIC: drop isolated training points by greedy medoid selection on gradient proxies.
 
-Implements Algorithm 1 of Yang, Gan and Mirzasoleiman, "Not All Poisons are Created
-Equal: Robust Training against Data Poisoning" (ICML 2022).  Within every class the
+Implements Algorithm 1 of Yu Yang, Tian Yu Liu and Baharan Mirzasoleiman, "Not All Poisons are
+Created Equal: Robust Training against Data Poisoning" (ICML 2022).  Within every class the
 selector greedily picks medoids that maximise the facility-location function (Eq. 5)
 
     F(S) = sum_i max_{j in S} (c0 - ||x_i - x_j||),   F(empty) = 0,
@@ -243,8 +243,8 @@ def _fit_fixed_point(x: Tensor, bits: int, centre: bool) -> _FixedPoint:
         return _FixedPoint(torch.zeros(0, dtype=torch.float64, device=x.device) if centre else None, 0)
     center = None
     if centre:
-        hi = torch.cat([blk.amax(0) for _, (blk,) in _col_blocks(x)])
-        lo = torch.cat([blk.amin(0) for _, (blk,) in _col_blocks(x)])
+        extrema = [(blk.amax(0), blk.amin(0)) for _, (blk,) in _col_blocks(x)]  # one pass over x
+        hi, lo = (torch.cat(parts) for parts in zip(*extrema))
         center = hi / 2 + lo / 2  # no overflow for finite inputs (any c would do: it only shifts)
         largest = float(torch.maximum(hi - center, center - lo).max())
     else:

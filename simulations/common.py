@@ -2,7 +2,7 @@
 backend config, a Ctrl-C safe `run_simulation`, stop-aware message exchange, each client's
 (possibly attacked) data, and the comparison table and plot.
 
-Ray and the node registration race (see DESIGN.md, "Flower 1.41 facts"):
+Ray and the node registration race:
 - a local cluster is started with ``address="local"``: without it ``ray.init()`` attaches to any
   cluster found in /tmp/ray/ray_current_cluster (a `ray start --head` someone else runs);
 - every Ray process the run starts is gone when `run_flower` returns or raises: Flower's backend
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import os
+import socket
 import sys
 import threading
 import time
@@ -43,8 +43,6 @@ ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZE
                 # ray.init, over ours: SIGTERM then aborted the run (rc 134) instead of stopping it.
                 "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
 PULL_INTERVAL_S = 0.01  # Flower's own send_and_receive polls every 0.1 s; replies arrive sooner
-
-
 
 
 # --------------------------------------------------------------------------- logs and Ray
@@ -184,7 +182,7 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
 @contextmanager
 def interrupted_quietly(stop: threading.Event) -> Iterator[None]:
     """Around a ServerApp's body: once ``stop`` is set, its RunInterrupted ends the ServerApp thread
-    quietly (the statuses are written by then, and `run_flower` raises in the main thread); Flower
+    quietly (the statuses are written by then, and the runner raises in the main thread); Flower
     catches only Exception there, and a KeyboardInterrupt would print a thread traceback."""
     try:
         yield

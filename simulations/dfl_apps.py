@@ -36,7 +36,8 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 from simulations.common import (
-    check_failures, client_data_for, last_line, config_from_text, dataset_for, exchange, interrupted_quietly, wait_for_nodes,
+    check_failures, client_data_for, config_from_text, dataset_for, exchange, interrupted_quietly, last_line,
+    wait_for_nodes,
 )
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
@@ -232,7 +233,7 @@ class Router:
             failures += failed
             if not any(i in evals for i in self.benign):
                 raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
-                                f"({len(failures)} failures; first: {failures[0]['reason'] if failures else '?'})")
+                                f"({len(failures)} failures; first: {last_line(failures[0]['reason']) if failures else '?'})")
             record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
                                                          confirmed if truth is not None else None, truth)}
             record["failures"] = failures

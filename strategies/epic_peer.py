@@ -1,9 +1,9 @@
 """EPIC on received updates as a decentralized peer rule: drop isolated updates, gossip the rest.
 
-The selector is the one used everywhere in fedepic (see DESIGN.md, "One selector, three places"):
+The selector is the one used everywhere in fedepic (training sets, client rows, updates):
 here the features are the neighbours' updates ``x_j - x_i`` (received model minus the node's own
 model before aggregation) and all labels are equal (one group).
-Reference: Yang, Xu, Mirzasoleiman, "Not all poisons are created equal: robust training against
+Reference: Yu Yang, Tian Yu Liu, Baharan Mirzasoleiman, "Not all poisons are created equal: robust training against
 data poisoning" (EPIC), ICML 2022.
 """
 

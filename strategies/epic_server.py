@@ -1,7 +1,7 @@
 """EPIC at a Flower server: drop isolated client updates by greedy medoid selection, average the rest.
 
-The selector is fedepic.epic.select_medoids, the same one that cleans training sets (DESIGN.md,
-"One selector, three places", place 3): the features are the clients' flattened updates and all
+The selector is fedepic.epic.select_medoids, the same one that cleans training sets and
+each client's rows (here the third place): the features are the clients' flattened updates and all
 labels are equal (one group).
 
 Updates and received models give the same selection: the update of client i is w_i - w_global,
@@ -43,8 +43,8 @@ def client_id(msg: Message, key: str = "partition-id") -> int:
 class EpicServer(FedAvg):
     """EPIC [Yang et al., 2022] applied to client updates, then Federated Averaging of the kept ones.
 
-    Yang, Gan and Mirzasoleiman, "Not All Poisons are Created Equal: Robust Training against Data
-    Poisoning", ICML 2022 (https://proceedings.mlr.press/v162/yang22j.html). EPIC drops training
+    Yu Yang, Tian Yu Liu and Baharan Mirzasoleiman, "Not All Poisons are Created Equal: Robust
+    Training against Data Poisoning", ICML 2022 (https://proceedings.mlr.press/v162/yang22j.html). EPIC drops training
     points that sit alone in gradient space; here the points are the round's client updates, so an
     update far from all others (a boosted, sign-flipped or noise update) is left out of the average.
     Colluding attackers that send one identical update form a cluster and are not isolated.

@@ -4,7 +4,7 @@ Geiping et al., "Witches' Brew: Industrial Scale Data Poisoning via Gradient Mat
 Algorithm 1. The attacker perturbs a few training images of the adversarial class (within an
 l_inf ball of radius eps, labels untouched) so that the training gradient of those images aligns
 with the gradient that would make the model classify one target test image as the adversarial
-class. Details follow the official code (as recorded in DESIGN.md): the target gradient is taken
+class. Details follow the official code (Geiping et al.'s public implementation): the target gradient is taken
 once on the clean model over all trainable parameters, the model stays in eval mode while
 brewing, the optimiser is Adam on the sign of the gradient with step decays at 3/8, 5/8, 7/8 of
 the steps, perturbations start at randn * eps, differentiable augmentation is on, and the restart
