@@ -10,6 +10,7 @@ counts from the same trial, so they remove exactly as many rows at the same epoc
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
     check_poisons, save_poisons, target_gradient,
 )
+from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, remove_checkpoints, save_checkpoint, truncate_metrics
 from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicSchedule, EpicState
@@ -77,9 +79,13 @@ def _brew_config(cfg: RunConfig) -> BrewConfig:
 
 
 def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter,
-                              progress) -> list[Trial]:
+                              progress, brewed: Optional[list] = None) -> list[Trial]:
+    """``brewed``: the random alignments of a resumed run, whose poisons are read back from its folder."""
     if cfg.attack.poisons:
         sets, random_alignments = [load_poisons(cfg.attack.poisons)], [None]
+    elif brewed is not None:
+        sets = [load_poisons(writer.dir / f"poisons-trial{t}.npz") for t in range(cfg.attack.targets)]
+        random_alignments = list(brewed)
     else:
         epochs = cfg.attack.pretrain_epochs or cfg.train.epochs
         clean = new_model(cfg, data, cfg.seed, device)
@@ -128,9 +134,10 @@ def _poison_trial(index: int, seed: int, data: ImageData, poisons: PoisonSet) ->
                  poison_mask(len(data.train_y), poisons), target_x, poisons.adversarial_class, info)
 
 
-def build_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter, progress) -> list[Trial]:
+def build_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter, progress,
+                 brewed: Optional[list] = None) -> list[Trial]:
     if cfg.attack.data == "gradient_matching":
-        return _gradient_matching_trials(cfg, data, device, writer, progress)
+        return _gradient_matching_trials(cfg, data, device, writer, progress, brewed)
     rows = poison_rows(cfg.attack, data.train_x, data.train_y, data.num_classes,
                        fraction=cfg.attack.budget if cfg.attack.data == "label_flip" else cfg.attack.backdoor_fraction,
                        seed=cfg.seed)
@@ -153,6 +160,17 @@ class DropPolicy:
         self.generator = torch.Generator().manual_seed(trial.seed + 7)
         self.selections: list[int] = []
         self.seconds = 0.0
+
+    def state_dict(self) -> dict:
+        """What decides the policy's next drops besides the shared ``keep`` mask."""
+        return {"selections": list(self.selections), "generator": self.generator.get_state(),
+                "epic_selections": self.epic.selections if self.epic is not None else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selections = list(state["selections"])
+        self.generator.set_state(state["generator"])
+        if self.epic is not None:
+            self.epic.selections = int(state["epic_selections"])
 
     def __call__(self, epoch: int, model: torch.nn.Module) -> dict:
         if self.base == "none" or not self.schedule.is_selection_epoch(epoch):
@@ -191,13 +209,24 @@ class DropPolicy:
 
 
 def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, device: torch.device,
-                 member: RunWriter, epic_counts: Optional[list[int]], progress_bar) -> tuple[dict, list[int]]:
-    """Train a fresh model on the trial's data under `defense`; returns the outcome and the drop counts."""
+                 member: RunWriter, epic_counts: Optional[list[int]], progress_bar,
+                 snapshot: Optional[dict] = None, on_snapshot=None) -> tuple[dict, list[int]]:
+    """Train a fresh model on the trial's data under `defense`; returns the outcome and the drop counts.
+
+    ``on_snapshot(state)`` gets the victim's full state after every ``checkpoint_every``-th epoch;
+    passing such a state as ``snapshot`` continues the training after that epoch.
+    """
     started = time.perf_counter()
     model = new_model(cfg, data, trial.seed, device)
     keep = torch.ones(len(trial.train_y), dtype=torch.bool)
     policy = DropPolicy(defense, cfg, trial, keep, device, epic_counts)
     accuracy_curve: list[float] = []
+    if snapshot is not None:
+        model.load_state_dict(snapshot["model"])
+        keep.copy_(snapshot["keep"])
+        policy.load_state_dict(snapshot["policy"])
+        accuracy_curve = list(snapshot["accuracy_curve"])
+        progress_bar.advance(int(snapshot["fit"]["epoch"]))
 
     def epoch_end(epoch: int, net: torch.nn.Module) -> dict:
         stats = policy(epoch, net)
@@ -211,8 +240,16 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         member.log({"trial": trial.index, **record.__dict__, **extra})
         progress_bar.advance(info=f"{defense} t{trial.index} e{record.epoch} loss {record.loss:.3f}")
 
+    def on_state(epoch: int, state: dict) -> None:
+        if on_snapshot is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch < cfg.train.epochs:
+            on_snapshot({"trial": trial.index, "defense": defense, "fit": state, "keep": keep.clone(),
+                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                         "policy": policy.state_dict(), "accuracy_curve": list(accuracy_curve)})
+
     history = fit(model, trial.train_x, trial.train_y, cfg.train, seed=trial.seed, device=device, keep=keep,
-                  epoch_end=epoch_end, on_epoch=on_epoch)
+                  epoch_end=epoch_end, on_epoch=on_epoch, resume=snapshot["fit"] if snapshot else None,
+                  on_state=on_state)
     final = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
     success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, trial.target_x,
                              trial.adversarial_class)
@@ -270,11 +307,17 @@ def _ordered(members: list[str]) -> list[str]:
     return sorted(members, key=lambda m: 0 if m.startswith("epic") else 1)
 
 
-def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) -> Path:
+def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
+                    resume: Optional[Resume] = None) -> Path:
     """Run the centralized benchmark and return the run folder.
 
     Every exit path writes true statuses: a member whose trials all finished is "completed", one cut
     short "interrupted" (SIGINT, SIGTERM) or "failed", and the root summary lists the finished members.
+
+    Checkpoints (``checkpoint.pt`` in the run folder) are written after the poisons are brewed, after
+    each victim, and every ``checkpoint_every`` epochs within one. With ``resume`` the run continues
+    in the interrupted folder: brewed poisons are read back, finished victims kept, the interrupted
+    one continues after its last checkpointed epoch.
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -284,32 +327,95 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) 
                       cfg.attack.eps)
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
+    saved = resume.checkpoint if resume is not None else None
     interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, progress_bars(cfg.progress) as progress, RunWriter(cfg.output_dir, cfg.name) as writer:
+    with interrupts, progress_bars(cfg.progress) as progress, \
+            RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
+        if resume is not None and saved is None:
+            _clear(writer.dir)  # stopped before its first checkpoint: start over in the same folder
         writer.write_config(to_yaml(cfg))
-        outcomes: dict[str, list[dict]] = {m: [] for m in members}
-        trials: list[Trial] = []
+        progress_state = _Progress(writer, saved)
+        outcomes, trials = progress_state.outcomes(members), []
         member_writers: dict[str, RunWriter] = {}
         try:
-            trials = build_trials(cfg, data, device, writer, progress)
+            trials = build_trials(cfg, data, device, writer, progress, saved["brewed"] if saved else None)
             for m in members:
                 member_writers[m] = RunWriter(cfg.output_dir, m, parent=writer).__enter__()
-            _train_members(cfg, data, device, trials, members, member_writers, outcomes, writer, progress)
+            progress_state.restore_metrics(member_writers)
+            progress_state.save(member_writers, brewed=[t.info.get("random_alignment") for t in trials],
+                                outcomes=outcomes)
+            _train_members(cfg, data, device, trials, members, member_writers, outcomes, writer, progress,
+                           progress_state)
         except BaseException as err:
             writer.mark(err)
             raise
         finally:
             with interrupts.polled():  # a signal now must not cut the summaries short
-                _write_run(cfg, data, writer, members, member_writers, outcomes, trials)
+                _write_run(cfg, data, writer, members, member_writers, outcomes, trials, resume)
+                if writer.status == "running":
+                    remove_checkpoints(writer.dir)
     return writer.path
 
 
+def _clear(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+class _Progress:
+    """The run's checkpoint: finished victims, the interrupted one's state, the metrics files' lengths."""
+
+    def __init__(self, writer: RunWriter, saved: Optional[dict]) -> None:
+        self.writer, self.saved = writer, saved or {}
+        # a resumed run starts from what was saved: the interrupted victim and the trial's EPIC counts
+        # stay in the checkpoint until they are replaced, so a second interruption loses nothing
+        self.state: dict = {"outcomes": {}, "epic_counts": None, "victim": None, "brewed": None, "offsets": {},
+                            **{k: v for k, v in self.saved.items() if k != "format_version"}}
+
+    def outcomes(self, members: list[str]) -> dict[str, list[dict]]:
+        kept = self.saved.get("outcomes", {})
+        return {m: [dict(o) for o in kept.get(m, [])] for m in members}
+
+    def restore_metrics(self, member_writers: dict[str, RunWriter]) -> None:
+        """Cut every metrics.jsonl back to its length at the checkpoint (lines after it are redone)."""
+        if not self.saved:
+            return
+        offsets = self.saved["offsets"]
+        truncate_metrics(self.writer.dir, offsets.get(""))
+        for name, mw in member_writers.items():
+            truncate_metrics(mw.dir, offsets.get(name))
+
+    def victim(self, trial: int, defense: str) -> Optional[dict]:
+        """The saved state of this victim's interrupted training, if the checkpoint holds it."""
+        victim = self.saved.get("victim")
+        if victim is not None and victim["trial"] == trial and victim["defense"] == defense:
+            return victim
+        return None
+
+    def epic_counts(self, trial: int) -> Optional[list[int]]:
+        counts = self.saved.get("epic_counts")
+        return list(counts["counts"]) if counts is not None and counts["trial"] == trial else None
+
+    def save(self, member_writers: dict[str, RunWriter], **updates) -> None:
+        """Write the checkpoint with ``updates`` (outcomes, epic_counts, victim, brewed) applied."""
+        self.state.update(updates)
+        self.state["offsets"] = {"": metrics_size(self.writer.dir),
+                                 **{name: metrics_size(mw.dir) for name, mw in member_writers.items()}}
+        save_checkpoint(self.writer.dir / CHECKPOINT, self.state)
+
+
 def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list[str],
-               member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], trials: list[Trial]) -> None:
-    """Members' summaries, the comparison of those with results, and the root summary."""
+               member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], trials: list[Trial],
+               resume: Optional[Resume] = None) -> None:
+    """Members' summaries, the comparison of those with results, and the root summary. Members a
+    resumed run found finished keep their folders as they were."""
     finished = [m for m in members if trials and len(outcomes[m]) == len(trials)]
-    _write_members(cfg, [m for m in members if m in member_writers], member_writers, outcomes, finished,
-                   writer.status)
+    kept = [m for m in members if resume is not None and resume.finished(m)]
+    _write_members(cfg, [m for m in members if m in member_writers and m not in kept], member_writers, outcomes,
+                   finished, writer.status)
+    for m in kept:
+        member_writers[m].summary_written = True  # its summary stays as it is
+        member_writers[m].close()
     binary = cfg.attack.data == "gradient_matching"
     rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
     if rows:
@@ -320,22 +426,33 @@ def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list
         print(f"fedepic: warning: {r['defense']} diverged (non-finite loss or weights) in {r['diverged_trials']} "
               "trial(s)", file=sys.stderr)
     writer.write_summary({"mode": "centralized", "finished": finished, "diverged": [r["defense"] for r in diverged], "rows": rows,
-                          "class_histogram": torch.bincount(data.train_y, minlength=data.num_classes).tolist()})
+                          "class_histogram": torch.bincount(data.train_y, minlength=data.num_classes).tolist(),
+                          "resumed": resume is not None})
 
 
 def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials: list[Trial], members: list[str],
                    member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], writer: RunWriter,
-                   progress) -> None:
+                   progress, checkpoint: _Progress) -> None:
     train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
     for trial in trials:
-        epic_counts = None
+        epic_counts = checkpoint.epic_counts(trial.index)
         for member in members:
+            if len(outcomes[member]) > trial.index:  # finished before the resume
+                train_bar.advance(cfg.train.epochs)
+                continue
+            counts_record = {"trial": trial.index, "counts": epic_counts} if epic_counts is not None else None
+
+            def save_victim(state: dict, counts: Optional[dict] = counts_record) -> None:
+                checkpoint.save(member_writers, epic_counts=counts, victim=state)
+
             outcome, counts = train_victim(cfg, data, trial, member, device, member_writers[member],
-                                           epic_counts, train_bar)
+                                           epic_counts, train_bar, checkpoint.victim(trial.index, member), save_victim)
             if member.startswith("epic") and epic_counts is None:
                 epic_counts = counts
             outcomes[member].append(outcome)
             writer.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
+            checkpoint.save(member_writers, outcomes=outcomes, victim=None,
+                            epic_counts={"trial": trial.index, "counts": epic_counts} if epic_counts is not None else None)
 
 
 def _write_members(cfg: RunConfig, members: list[str], member_writers: dict[str, RunWriter],

@@ -186,6 +186,9 @@ class RunConfig:
     output_dir: str = "runs"
     name: str = "run"
     progress: bool = True  # rich progress bars on stderr
+    # a checkpoint (for `resume=`) after every N-th epoch (centralized) or round (federated,
+    # decentralized); 0 writes none, and such a run cannot be resumed
+    checkpoint_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -386,6 +389,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= cfg.seed < SEED_LIMIT, "seed", cfg.seed, "must lie in [0, 2**32)")
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", cfg.name,
            "must be a non-empty folder name without '/'")
+    _positive("checkpoint_every", cfg.checkpoint_every, allow_zero=True)
     _validate_data(cfg)
     _choice("model.name", cfg.model.name, ("resnet18", "cnn", "mlp"))
     _validate_train(cfg.train)

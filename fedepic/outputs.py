@@ -137,13 +137,20 @@ class RunWriter:
     """Owns one run folder. Use as a context manager; the folder appears under its final name on exit."""
 
     def __init__(self, output_dir: str | Path, name: str, *, stamp: Optional[str] = None,
-                 parent: Optional["RunWriter"] = None) -> None:
+                 parent: Optional["RunWriter"] = None, resume: Optional[Path] = None) -> None:
         self.parent = parent
         stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(output_dir)
+        # resuming: the interrupted run's folder is reopened (renamed to .partial while the run goes on)
+        self.resuming = resume is not None or (parent is not None and parent.resuming)
         if parent is not None:  # a member of a comparison lives inside its parent's folder
             self.final_dir = parent.dir / name
             self.dir = self.final_dir
+        elif resume is not None:
+            resume = Path(resume)
+            partial = resume.name.startswith(".") and resume.name.endswith(".partial")
+            self.final_dir = resume.with_name(resume.name[1:-len(".partial")]) if partial else resume
+            self.dir = resume if partial else resume.with_name(f".{resume.name}.partial")
         else:
             self.final_dir = self._unique(base / f"{stamp}-{name}")
             self.dir = base / f".{self.final_dir.name}.partial"
@@ -161,7 +168,10 @@ class RunWriter:
         return candidate
 
     def __enter__(self) -> "RunWriter":
-        self.dir.mkdir(parents=True, exist_ok=False)
+        if self.resuming and self.parent is None and not self.dir.exists():
+            os.replace(self.final_dir, self.dir)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=self.resuming)
         self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         return self
 
@@ -186,6 +196,11 @@ class RunWriter:
         if self.parent is None and self.dir != self.final_dir and self.dir.exists():
             os.replace(self.dir, self.final_dir)
             self.dir = self.final_dir
+
+    def flush(self) -> None:
+        """Put the metrics lines logged so far on disk (before a checkpoint records the file's length)."""
+        if self._metrics is not None:
+            self._metrics.flush()
 
     @property
     def path(self) -> Path:

@@ -15,22 +15,26 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-USAGE = "usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)"
+USAGE = ("usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)\n"
+         "       python -m fedepic.simulate resume=RUN_FOLDER [config=NAME.yaml key=value ...]   (continue an "
+         "interrupted run)")
 
 # a full, read-only or forbidden disk is the user's to fix, not a bug: one line, no traceback
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _split_args(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
-    config, overrides = None, []
+def _split_args(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], list[str]]:
+    """(config, resume, overrides) from ``config=``, ``resume=`` (or ``--config=``, ``--resume=``) and the rest."""
+    config, resume, overrides = None, None, []
     for arg in argv:
-        if arg.startswith("config="):
-            config = arg.split("=", 1)[1]
-        elif arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
+        key, _, value = arg.lstrip("-").partition("=")
+        if key == "config" and value:
+            config = value
+        elif key == "resume" and value:
+            resume = value
         else:
             overrides.append(arg)
-    return config, overrides
+    return config, resume, overrides
 
 
 def _runner(mode: str) -> Callable:
@@ -58,12 +62,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    config, overrides = _split_args(argv)
+    config, resume, overrides = _split_args(argv)
     try:
         with Interrupts() as interrupts:
-            cfg = load_config(config, overrides)
-            runner = _runner(cfg.mode)
-            run_dir = runner(cfg, interrupts=interrupts)
+            if resume:
+                from fedepic.checkpoint import resume_config
+
+                cfg, point = resume_config(resume, config, overrides)
+                run_dir = _runner(cfg.mode)(cfg, interrupts=interrupts, resume=point)
+            else:
+                cfg = load_config(config, overrides)
+                run_dir = _runner(cfg.mode)(cfg, interrupts=interrupts)
     except (ConfigError, DataError) as err:
         print(f"fedepic: error: {err}", file=sys.stderr)
         return 2

@@ -122,11 +122,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, seed: int,
         device: Optional[torch.device] = None, epochs: Optional[int] = None, lr: Optional[float] = None,
         keep: Optional[torch.Tensor] = None, epoch_end: Optional[EpochHook] = None,
-        on_epoch: Optional[Callable[[EpochRecord, dict], None]] = None) -> list[dict]:
+        on_epoch: Optional[Callable[[EpochRecord, dict], None]] = None,
+        resume: Optional[dict] = None, on_state: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Train `model` with SGD (Nesterov), weight decay and a step LR schedule.
 
     `keep` (bool [N]) masks the rows trained on; `epoch_end(epoch, model)` runs after each epoch
     (1-based) and may shrink `keep` in place. Returns one record per epoch (loss, lr, hook output).
+
+    `on_state(epoch, state)` gets, after each epoch's hooks, what decides the epochs to come besides
+    the model and `keep`: {"epoch", "optimizer", "scheduler", "generator", "history"}. Passing such
+    a `state` as `resume` (with the model and `keep` restored by the caller) continues after its
+    epoch exactly as the uninterrupted call would have.
     """
     device = device or resolve_device(cfg.device)
     epochs = cfg.epochs if epochs is None else epochs
@@ -136,8 +142,14 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
     generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    history = []
-    for epoch in range(1, epochs + 1):
+    history: list[dict] = []
+    first = 1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        history, first = list(resume["history"]), int(resume["epoch"]) + 1
+    for epoch in range(first, epochs + 1):
         started = time.perf_counter()
         rows = keep.to(device).nonzero().squeeze(1)
         current_lr = optimizer.param_groups[0]["lr"]
@@ -149,4 +161,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
         history.append(entry)
         if on_epoch:
             on_epoch(record, extra)
+        if on_state:
+            on_state(epoch, {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "generator": generator.get_state(), "history": history})
     return history

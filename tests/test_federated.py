@@ -103,14 +103,15 @@ def run_child(script: str, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def interrupt_run(args: list[str], out: Path, wait_for: str, sig: int, timeout_s: float = 240) -> tuple[int, str]:
-    """Start the CLI, send ``sig`` once a file matching ``wait_for`` (under out) has a line, and wait."""
+def interrupt_run(args: list[str], out: Path, wait_for: str, sig: int, timeout_s: float = 240,
+                  lines: int = 1) -> tuple[int, str]:
+    """Start the CLI, send ``sig`` once a file matching ``wait_for`` (under out) has ``lines`` lines, and wait."""
     proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
-            found = [p for p in out.glob(wait_for) if p.read_text().count("\n") >= 1]
+            found = [p for p in out.glob(wait_for) if p.read_text().count("\n") >= lines]
             if found:
                 break
             time.sleep(0.1)

@@ -1,0 +1,159 @@
+"""Checkpoints of a run in progress, and resuming an interrupted run from them.
+
+A checkpoint is one ``checkpoint.pt`` per run folder (or per member folder), written atomically
+(temporary name, then rename) after every ``checkpoint_every``-th epoch or round, once that step's
+metrics lines are on disk. It holds plain data only: tensors, numbers, strings, lists and dicts,
+so it is read with ``torch.load(weights_only=True)`` and never unpickles code. It records the byte
+length of every metrics.jsonl it covers: a resume truncates each file there, so lines logged after the
+checkpoint (by the step the interruption cut short) are dropped and logged again.
+
+``python -m fedepic.simulate resume=RUN_DIR [config=... key=value ...]`` continues the run in
+RUN_DIR (see :func:`resume_config`). Finished members are kept as they are, the interrupted one
+continues from its checkpoint, and the others run as usual. Because every random draw is seeded from
+the config (or restored from the checkpoint), the resumed metrics.jsonl equals the one an
+uninterrupted run writes, apart from timing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from fedepic.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Keys a resume may change: where the run is written and how it is displayed, never what it computes.
+RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir")
+RESUMABLE_STATUSES = ("interrupted", "failed")
+
+
+@dataclass
+class Resume:
+    """An interrupted run folder to continue (``run_dir``), and what its checkpoint and member
+    summaries say. ``checkpoint`` is None when the run stopped before its first checkpoint."""
+
+    run_dir: Path
+    checkpoint: Optional[dict[str, Any]] = None
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)  # member folder -> its summary.json
+
+    def finished(self, member: str) -> bool:
+        """True when ``member``'s folder holds a completed summary (kept as it is)."""
+        return self.members.get(member, {}).get("status") == "completed"
+
+    def member_checkpoint(self, member: str) -> Optional[dict[str, Any]]:
+        """The checkpoint in ``member``'s folder, or None (the member starts over)."""
+        path = self.run_dir / member / CHECKPOINT
+        return load_checkpoint(path) if path.is_file() else None
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` (plain data and tensors) to ``path`` atomically."""
+    from fedepic.outputs import atomic_torch_save  # torch is imported only by runs that checkpoint
+
+    atomic_torch_save({"format_version": FORMAT_VERSION, **state}, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; a file that is not one is a one-line ConfigError."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, a foreign pickle and a zip error all mean "unusable"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"invalid value '{path}' for key 'resume': not a readable checkpoint ({first[:120]})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"invalid value '{path}' for key 'resume': checkpoint format "
+                          f"{state.get('format_version') if isinstance(state, dict) else '?'} is not {FORMAT_VERSION}")
+    return state
+
+
+def truncate_metrics(folder: Path, size: Optional[int]) -> None:
+    """Cut ``folder``/metrics.jsonl back to ``size`` bytes (None or 0: empty it)."""
+    path = folder / "metrics.jsonl"
+    if path.exists():
+        with open(path, "r+b") as handle:
+            handle.truncate(min(size or 0, path.stat().st_size))
+
+
+def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(given)):
+        name = f"{prefix}{key}"
+        a, b = stored.get(key), given.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{name}.")
+        elif a != b and name not in RESUMABLE_KEYS:
+            out.append(f"key '{name}' is {json.dumps(a)} in the run and {json.dumps(b)} here")
+    return out
+
+
+def _run_folder(value: str) -> Path:
+    """The folder ``resume=`` names; a crashed resume leaves ``.NAME.partial``, accepted too."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        partial = path.parent / f".{path.name}.partial"
+        if partial.is_dir():
+            return partial
+        raise ConfigError(f"invalid value '{value}' for key 'resume': not a run folder")
+    return path
+
+
+def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tuple[Any, Resume]:
+    """The config to continue the run in folder ``value`` with, and what the folder holds.
+
+    Without ``config`` the stored config.yaml is used (``overrides`` on top); with it, the config it
+    gives must equal the stored one in every key but :data:`RESUMABLE_KEYS`, else a one-line
+    ConfigError names the first key that differs. A completed run, or a folder without a config and a
+    summary, is refused the same way.
+    """
+    from fedepic.config import load_config, to_dict
+
+    folder = _run_folder(value)
+    stored_path, summary_path = folder / "config.yaml", folder / "summary.json"
+    if not stored_path.is_file() or not summary_path.is_file():
+        raise ConfigError(f"invalid value '{value}' for key 'resume': {folder} holds no config.yaml and summary.json")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"invalid value '{value}' for key 'resume': {summary_path} is unreadable ({err})") from None
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status not in RESUMABLE_STATUSES:
+        raise ConfigError(f"invalid value '{value}' for key 'resume': the run's status is {status!r}; "
+                          f"only {' or '.join(RESUMABLE_STATUSES)} runs can be resumed")
+    stored = load_config(str(stored_path), [])
+    given = load_config(config, overrides) if config else load_config(str(stored_path), overrides)
+    differs = _differences(to_dict(stored), to_dict(given))
+    if differs:
+        raise ConfigError(f"resume refused: {differs[0]} (only {', '.join(RESUMABLE_KEYS)} may change)")
+    if Path(given.output_dir).expanduser().resolve() != folder.parent.resolve():
+        given.output_dir = str(folder.parent)  # the run continues where it is
+    checkpoint_path = folder / CHECKPOINT
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
+    members = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "summary.json").is_file()):
+        try:
+            members[child.name] = json.loads((child / "summary.json").read_text())
+        except (OSError, ValueError):
+            members[child.name] = {}  # unreadable: not finished, so it runs again
+    return given, Resume(folder, checkpoint, members)
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Delete the checkpoints of a run that completed: its results are final, the states are not needed."""
+    for path in [folder / CHECKPOINT, *folder.glob(f"*/{CHECKPOINT}")]:
+        path.unlink(missing_ok=True)
+    for tmp in folder.glob(f"**/.{CHECKPOINT}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def metrics_size(folder: Path) -> int:
+    """Bytes in ``folder``/metrics.jsonl now (0 when there is none)."""
+    try:
+        return os.stat(folder / "metrics.jsonl").st_size
+    except FileNotFoundError:
+        return 0

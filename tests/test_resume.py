@@ -1,0 +1,153 @@
+"""`resume=RUN_FOLDER`: an interrupted run continues from its checkpoint and ends with the metrics an
+uninterrupted run writes (byte for byte once timing fields are removed), in every mode."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedepic.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from fedepic.errors import ConfigError
+from tests.test_federated import ENV, PYTHON, REPO, interrupt_run
+
+
+def without_timing(value):
+    """The value with every key that measures time ("seconds", "train_seconds", ...) removed."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if not k.endswith("seconds")}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def metrics_lines(path: Path) -> list[str]:
+    """metrics.jsonl re-serialised without timing fields, keys in file order: equal lists mean the
+    files are byte-identical apart from timings."""
+    return [json.dumps(without_timing(json.loads(line))) for line in path.read_text().splitlines()]
+
+
+def cli(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def only_folder(out: Path) -> Path:
+    assert not list(out.glob(".*partial")), "a .partial folder stayed behind"
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def assert_same_run(resumed: Path, reference: Path, members: list[str]) -> None:
+    """Every metrics.jsonl (root and members) equal apart from timing; the resumed run completed."""
+    assert json.loads((resumed / "summary.json").read_text())["status"] == "completed"
+    for sub in ["", *members]:
+        got, want = metrics_lines(resumed / sub / "metrics.jsonl"), metrics_lines(reference / sub / "metrics.jsonl")
+        assert got == want, f"{sub or 'root'}: metrics differ after the resume"
+    assert not list(resumed.glob(f"**/{CHECKPOINT}")), "a completed run keeps no checkpoints"
+
+
+def interrupt_then_resume(args: list[str], out: Path, wait_for: str, lines: int, sig: int,
+                          check_cut=None) -> Path:
+    """Interrupt the run once ``wait_for`` has ``lines`` lines, let ``check_cut(folder)`` look at what
+    the interruption left, resume, and return the folder."""
+    rc, err = interrupt_run(args, out, wait_for, sig, lines=lines)
+    assert rc == 128 + sig, err[-2000:]
+    folder = only_folder(out)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
+    if check_cut is not None:
+        check_cut(folder)
+    done = cli([f"resume={folder}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(done.stdout.strip().splitlines()[-1]) == folder
+    return only_folder(out)
+
+
+# --------------------------------------------------------------------------- centralized
+
+
+def centralized_args(out: Path, data_root: Path) -> list[str]:
+    return ["config=centralized_mnist.yaml", f"output_dir={out}", "name=c", "progress=false", "train.epochs=6",
+            "defense.compare=[epic-0.2,random]", "defense.epic.warmup=1", "defense.epic.interval=2",
+            "attack.data=label_flip", "attack.budget=0.1", "data.train_per_class=40", "data.test_per_class=20",
+            "train.threads=1", "train.augment=crop", "train.milestones=[4]", f"data.root={data_root}"]
+
+
+@pytest.mark.slow
+def test_centralized_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    reference = cli(centralized_args(tmp_path / "ref", data_root))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = Path(reference.stdout.strip().splitlines()[-1])
+
+    def cut_inside_random(folder: Path) -> None:
+        saved = load_checkpoint(folder / CHECKPOINT)
+        assert saved["victim"]["defense"] == "random" and 2 <= saved["victim"]["fit"]["epoch"] < 6
+        assert len(saved["outcomes"]["epic-0.2"]) == 1 and saved["epic_counts"]["counts"]
+
+    # epic-0.2 trains first; "random" (replaying EPIC's drop counts) is interrupted after epoch 3
+    resumed = interrupt_then_resume(centralized_args(tmp_path / "cut", data_root), tmp_path / "cut",
+                                    ".*partial/random/metrics.jsonl", 3, signal.SIGTERM, cut_inside_random)
+    assert_same_run(resumed, ref, ["epic-0.2", "random"])
+    root = json.loads((resumed / "summary.json").read_text())
+    assert root["resumed"] is True and root["finished"] == ["epic-0.2", "random"]
+    assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
+
+
+# --------------------------------------------------------------------------- refusals, in-process
+
+
+def test_a_resume_with_another_config_is_refused_in_one_line(tmp_path: Path, data_root: Path) -> None:
+    from fedepic.checkpoint import resume_config
+
+    folder = tmp_path / "20261202-000000-c"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"mode: centralized\nname: c\noutput_dir: {tmp_path}\n")
+    (folder / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    cfg, point = resume_config(str(folder), None, ["progress=false"])  # a display key may change
+    assert cfg.name == "c" and point.checkpoint is None and point.run_dir == folder
+    with pytest.raises(ConfigError, match=r"key 'seed' is 0 in the run and 3 here"):
+        resume_config(str(folder), None, ["seed=3"])
+    (folder / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match="status is 'completed'"):
+        resume_config(str(folder), None, [])
+    with pytest.raises(ConfigError, match="not a run folder"):
+        resume_config(str(tmp_path / "nothing"), None, [])
+
+
+def test_cli_refuses_a_bad_resume_with_exit_2_and_writes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("mode: centralized\nname: c\n")
+    (folder / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    before = sorted(p.name for p in folder.iterdir())
+    done = cli([f"resume={folder}", "train.epochs=9"], timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "fedepic: error: resume refused: key 'train.epochs' is 1 in the run and 9 here "
+        "(only output_dir, name, progress, data.cache_dir may change)"]
+    assert sorted(p.name for p in folder.iterdir()) == before and list(tmp_path.iterdir()) == [folder]
+
+
+def test_checkpoints_are_read_without_unpickling(tmp_path: Path) -> None:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / CHECKPOINT
+    torch.save({"format_version": 1, "x": Payload()}, path)
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(pickle.dumps({"format_version": 1})[:5])
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "gen": torch.Generator().manual_seed(1).get_state()})
+    state = load_checkpoint(path)
+    assert torch.equal(state["model"]["w"], torch.ones(2)) and state["format_version"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
