@@ -319,9 +319,14 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
 
 
 def _parse_overrides(overrides: List[str]) -> DictConfig:
+    seen: set[str] = set()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"bad override {item!r}: expected key=value")
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in seen:  # the last one would win silently, as a duplicate YAML key would
+            raise ConfigError(f"key '{key}' is overridden twice on the command line")
+        seen.add(key)
     try:
         parsed = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -605,8 +610,9 @@ def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
     """(classes after data.classes, image side) where known without decoding; None where not."""
     if data.name == "imagefolder":
         train = data_root(data) / data.folder / "train"
-        base = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
-        side = None
+        classes = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        base = len(classes) or None
+        side = _first_image_side(classes[0]) if classes else None
     else:
         base, side = STATIC_SHAPES[data.name]
     if base is None:
@@ -616,6 +622,21 @@ def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
             _check(0 <= c < base, "data.classes", c, f"{data.name} has classes 0..{base - 1}")
         return len(data.classes), side
     return base, side
+
+
+def _first_image_side(folder: Path) -> Optional[int]:
+    """The smaller side of the first image in ``folder`` (its header only), None when unreadable: the
+    loader then names the file. Lets a too-large backdoor patch be refused before any decoding."""
+    try:
+        from PIL import Image
+
+        first = min((p for p in folder.iterdir() if p.is_file()), default=None)
+        if first is None:
+            return None
+        with Image.open(first) as image:
+            return min(image.size)
+    except Exception:  # noqa: BLE001 - any unreadable file is the loader's to report, by name
+        return None
 
 
 def validate_against_dataset(cfg: RunConfig, num_classes: int, image_size: Optional[int]) -> None:

@@ -75,6 +75,9 @@ SETUPS: dict[str, Callable[[Path, Path], None]] = {
     "img_text": lambda t, d: _image_tree(t, d, "notes.jpg", b"not an image\n"),
     "img_empty": lambda t, d: _image_tree(t, d, "empty.png", b""),
     "img_truncated": lambda t, d: _image_tree(t, d, "cut.jpg", _jpeg(d)[:300]),
+    "img_tree": lambda t, d: _image_tree(t, d),
+    "completed_run": lambda t, d: (_write(t / "done" / "config.yaml", b"mode: centralized\n"),
+                                   _write(t / "done" / "summary.json", b'{"status": "completed"}')),
 }
 
 # (id, setup, args ({tmp} is the scratch dir), needles that the one stderr line must hold, extra env)
@@ -110,6 +113,11 @@ CASES = [
     ("flip_map after data.classes", None, [*FLIP_MAP, "data.classes=[0,1,2]", "attack.flip_map=[[0,3]]"],
      ["attack.flip_map", "0..2"], {}),
     ("patch_size too large", None, [*BACKDOOR, "attack.patch_size=29"], ["attack.patch_size", "28x28"], {}),
+    ("imagefolder patch_size too large", "img_tree", [*IMAGEFOLDER, *BACKDOOR, "attack.patch_size=33"],
+     ["attack.patch_size", "32x32"], {}),
+    ("an override given twice", None, ["train.lr=0.1", "train.lr=0.2"], ["train.lr", "twice"], {}),
+    ("resume of no run folder", None, ["resume={tmp}/nothing"], ["resume", "not a run folder"], {}),
+    ("resume of a completed run", "completed_run", ["resume={tmp}/done"], ["resume", "'completed'"], {}),
     ("backdoor_label out of range", None, [*BACKDOOR, "attack.backdoor_label=10"], ["attack.backdoor_label"], {}),
     ("backdoor_label after data.classes", None, [*BACKDOOR, "data.classes=[3,4]", "attack.backdoor_label=2"],
      ["attack.backdoor_label", "0..1"], {}),
@@ -133,7 +141,7 @@ def _run(tmp: Path, data_root: Path, args: list[str], env_extra: dict) -> subpro
     args = [a.replace("{tmp}", str(tmp)) for a in args]
     if not any(a.startswith("output_dir=") for a in args):
         args.append(f"output_dir={tmp}/runs")
-    if not any(a.startswith("config=") for a in args):
+    if not any(a.startswith(("config=", "resume=")) for a in args):
         args = [*SMALL, *args]
     return subprocess.run([sys.executable, "-m", "fedepic.simulate", *args], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=300)
