@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 
-from fedepic import defenses as controls
 from fedepic.attacks import attack_success, poison_rows
 from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
@@ -29,6 +28,7 @@ from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, remove_checkpoi
 from fedepic.config import ConfigError, RunConfig, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicSchedule, EpicState
+from fedepic.extensions import CENTRAL_DEFENSES
 from fedepic.interrupts import Interrupts
 from fedepic.metrics import mean_and_se, success_rate
 from fedepic.models import model_for_data
@@ -173,7 +173,7 @@ class DropPolicy:
             self.epic.selections = int(state["epic_selections"])
 
     def __call__(self, epoch: int, model: torch.nn.Module) -> dict:
-        if self.base == "none" or not self.schedule.is_selection_epoch(epoch):
+        if CENTRAL_DEFENSES.has(self.base, "inactive") or not self.schedule.is_selection_epoch(epoch):
             return {}
         started = time.perf_counter()
         if self.epic is not None:
@@ -185,19 +185,17 @@ class DropPolicy:
         return stats
 
     def _control(self, model: torch.nn.Module) -> dict:
-        step = len(self.selections)
-        if self.base == "spectral" and step > 0 or step >= len(self.counts) and self.base != "spectral":
+        """One selection of a control of ``fedepic.extensions.CENTRAL_DEFENSES``, bound by signature to
+        the kept rows and, for the ``replays_epic`` ones, EPIC's drop count of the same selection."""
+        step, entry = len(self.selections), CENTRAL_DEFENSES.get(self.base)
+        if step >= (1 if "once" in entry.flags else len(self.counts)):
             return {}
         rows = self.keep.nonzero().squeeze(1)
         x, y = self.trial.train_x[rows], self.trial.train_y[rows]
-        count = min(self.counts[step] if self.base != "spectral" else 0, len(rows))
-        if self.base == "random":
-            drop = controls.random_drop(len(rows), count, self.generator)
-        elif self.base == "loss":
-            drop = controls.highest_loss_drop(model, x, y, count, device=self.device)
-        else:
-            budget = min(max(self.cfg.attack.budget, 1 / len(rows)), 0.5)
-            drop = controls.spectral_signatures(model, x, y, budget, device=self.device)
+        count = min(self.counts[step], len(rows)) if "replays_epic" in entry.flags else 0
+        context = {"n": len(rows), "count": count, "generator": self.generator, "model": model, "x_uint8": x,
+                   "y": y, "device": self.device}
+        drop = CENTRAL_DEFENSES.build(self.base, self.cfg, context)
         self.keep[rows[drop]] = False
         self.selections.append(int(drop.sum()))
         dropped = ~self.keep

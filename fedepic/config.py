@@ -19,20 +19,21 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedepic import extensions
 from fedepic.errors import ConfigError
 
 MODES = ("centralized", "federated", "decentralized")
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
-DATA_ATTACKS = ("none", "label_flip", "backdoor", "gradient_matching")
-MODEL_ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax")
-SERVER_STRATEGIES = (
-    "fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic", "centralized-epic",
-)
-PEER_STRATEGIES = ("gossip", "median", "trimmed_mean", "krum", "scclip", "epic", "exclude", "gp", "gp_epic", "upper")
-CENTRAL_DEFENSES = ("none", "epic", "random", "loss", "spectral")
+# the names of the extension points come from their registries (fedepic/extensions.py)
+DATASETS = extensions.DATASETS.names()
+DATA_ATTACKS = extensions.DATA_ATTACKS.names()
+MODEL_ATTACKS = extensions.MODEL_ATTACKS.names()
+SERVER_STRATEGIES = extensions.SERVER_STRATEGIES.names()
+PEER_STRATEGIES = extensions.PEER_RULES.names()
+CENTRAL_DEFENSES = extensions.CENTRAL_DEFENSES.names()
+MODEL_NAMES = extensions.MODELS.names()
 TOPOLOGIES = ("ring", "k_regular", "erdos_renyi", "small_world", "complete", "edges")
 
 
@@ -110,6 +111,7 @@ class PurificationConfig:
     votes: int = 3  # or: suspicious in `votes` of the last `window` rounds
     reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
     min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
+    cos_weight: float = 0.5  # weight of the directional (cosine) term of the suspicion score; 0 disables it
     clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
 
 
@@ -119,7 +121,8 @@ class DefenseConfig:
     compare: List[str] = field(default_factory=list)  # centralized: e.g. [none, epic-0.1, random, loss, spectral]
     local_epic: bool = False  # FL: clients run EPIC on their own data
     purification: PurificationConfig = field(default_factory=PurificationConfig)
-    trim: int = 1  # trimmed mean: values cut per side; Krum/Bulyan: assumed Byzantine count (0 = auto)
+    trim: int = 1  # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
+    byzantine: Optional[int] = 1  # attackers f that Krum, MultiKrum, Bulyan and server EPIC assume; null: the configured count
     scclip_tau: float = 1.0
 
 
@@ -396,7 +399,7 @@ def validate(cfg: RunConfig) -> None:
            "must be a non-empty folder name without '/'")
     _positive("checkpoint_every", cfg.checkpoint_every, allow_zero=True)
     _validate_data(cfg)
-    _choice("model.name", cfg.model.name, ("resnet18", "cnn", "mlp"))
+    _choice("model.name", cfg.model.name, MODEL_NAMES)
     _validate_train(cfg.train)
     _validate_defense(cfg)
     _validate_attack(cfg)
@@ -487,6 +490,9 @@ def _validate_defense(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid value {pur.reject_score!r} for key 'defense.purification.reject_score': "
                           f"must exceed defense.purification.threshold ({pur.threshold}) or be null")
     _positive("defense.trim", cfg.defense.trim, allow_zero=True)
+    if cfg.defense.byzantine is not None:
+        _positive("defense.byzantine", cfg.defense.byzantine, allow_zero=True)
+    _positive("defense.purification.cos_weight", pur.cos_weight, allow_zero=True)
     _positive("defense.scclip_tau", cfg.defense.scclip_tau)
 
 
@@ -543,9 +549,6 @@ def _validate_topology(cfg: RunConfig) -> None:
 
 
 # --------------------------------------------------------------------------- checks against this machine
-
-STATIC_SHAPES = {"mnist": (10, 28), "fashion_mnist": (10, 28), "cifar10": (10, 32), "synthetic": (10, 28)}
-
 
 def data_root(data: DataConfig) -> Path:
     if data.root:
@@ -614,7 +617,8 @@ def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
         base = len(classes) or None
         side = _first_image_side(classes[0]) if classes else None
     else:
-        base, side = STATIC_SHAPES[data.name]
+        info = extensions.DATASETS.get(data.name).info
+        base, side = info["classes"], info["side"]
     if base is None:
         return None, side
     if data.classes is not None:

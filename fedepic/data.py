@@ -24,6 +24,7 @@ import torch
 
 from fedepic.config import DataConfig, data_root, decoded_cache_dir
 from fedepic.errors import DataError
+from fedepic.extensions import DATASETS
 from fedepic.outputs import atomic_write_bytes, atomic_write_text
 
 
@@ -179,13 +180,35 @@ def _synthetic(cfg: DataConfig, seed: int) -> tuple:
     return train_x, train_y, test_x, test_y, [f"class{i}" for i in range(10)]
 
 
-_SOURCES = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
+@dataclass(frozen=True)
+class DatasetSource:
+    """How one dataset of ``fedepic.extensions.DATASETS`` is read.
+
+    ``folder``: where its files lie under the data root (None: ``data.folder``), the files whose
+    fingerprint keys the decoded cache; ``read(cfg, root, seed)`` returns (train_x, train_y, test_x,
+    test_y, class names); ``cached``: False for data generated from the seed (never cached).
+    """
+
+    folder: Optional[str]
+    read: Callable[[DataConfig, Path, int], tuple]
+    cached: bool = True
+
+
+MNIST = DatasetSource("MNIST/raw", lambda cfg, root, seed: _mnist_like("MNIST", _MNIST_FILES)(root, cfg.download))
+FASHION_MNIST = DatasetSource("FashionMNIST/raw",
+                              lambda cfg, root, seed: _mnist_like("FashionMNIST", _MNIST_FILES)(root, cfg.download))
+CIFAR10 = DatasetSource("cifar-10-batches-py", lambda cfg, root, seed: _load_cifar10(root, cfg.download))
+IMAGE_FOLDER = DatasetSource(None, lambda cfg, root, seed: _load_image_folder(root / cfg.folder))
+SYNTHETIC = DatasetSource(None, lambda cfg, root, seed: _synthetic(cfg, seed), cached=False)
+
+
+def _dataset(cfg: DataConfig) -> DatasetSource:
+    return DATASETS.get(cfg.name).load()
 
 
 def _source_dir(cfg: DataConfig) -> Path:
     """The folder whose files the decoded data comes from."""
-    root = default_root(cfg)
-    return root / cfg.folder if cfg.name == "imagefolder" else root / _SOURCES[cfg.name]
+    return default_root(cfg) / (_dataset(cfg).folder or cfg.folder)
 
 
 def fingerprint(folder: Path) -> str:
@@ -269,21 +292,14 @@ def write_cache(path: Path, blob: dict) -> None:
 
 def _load_raw(cfg: DataConfig, seed: int) -> tuple:
     """The full decoded dataset; `seed` only generates the synthetic set, which is never cached."""
-    root = default_root(cfg)
-    if cfg.name == "synthetic":
-        raw = _synthetic(cfg, seed)
+    root, source = default_root(cfg), _dataset(cfg)
+    if not source.cached:
+        raw = source.read(cfg, root, seed)
         return raw[0], raw[1].to(torch.int64), raw[2], raw[3].to(torch.int64), raw[4]
     cached = read_cache(_cache_file(cfg))
     if cached is not None:
         return cached
-    if cfg.name == "mnist":
-        raw = _mnist_like("MNIST", _MNIST_FILES)(root, cfg.download)
-    elif cfg.name == "fashion_mnist":
-        raw = _mnist_like("FashionMNIST", _MNIST_FILES)(root, cfg.download)
-    elif cfg.name == "cifar10":
-        raw = _load_cifar10(root, cfg.download)
-    else:
-        raw = _load_image_folder(_source_dir(cfg))
+    raw = source.read(cfg, root, seed)
     train_x, train_y, test_x, test_y, classes = raw
     blob = {"train_x": train_x.to(torch.uint8).contiguous(), "train_y": train_y.to(torch.int64),
             "test_x": test_x.to(torch.uint8).contiguous(), "test_y": test_y.to(torch.int64), "classes": classes}

@@ -23,6 +23,11 @@ def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.dev
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
+def no_drop(n: int) -> torch.Tensor:
+    """Drop nothing (the undefended baseline)."""
+    return torch.zeros(n, dtype=torch.bool)
+
+
 def random_drop(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """Drop `count` of `n` rows uniformly at random: the control for "any removal helps"."""
     _check_count(n, count)

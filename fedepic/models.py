@@ -1,4 +1,4 @@
-"""Models selected by name; every one exposes its penultimate features and its last linear layer.
+"""Models selected by name (``fedepic.extensions.MODELS``); every one exposes its penultimate features and its last linear layer.
 
 Inputs are float images in [0, 1]; normalisation lives inside the model so that attacks (eps-balls
 in pixel space) and defenses see the same input space.
@@ -6,10 +6,12 @@ in pixel space) and defenses see the same input space.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
+
+from fedepic.extensions import MODELS
 
 if TYPE_CHECKING:  # data does not import models; the annotation only needs the name
     from fedepic.data import ImageData
@@ -36,7 +38,7 @@ class ImageClassifier(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
+def resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 conv, stride 1, no max-pool (He et al. 2016, Sec. 4.2)."""
     from torchvision.models import resnet18  # lazy: importing torchvision costs seconds in every Ray actor
 
@@ -48,7 +50,7 @@ def _resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
     return net, feature_dim
 
 
-def _cnn_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def cnn_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """Two conv blocks and a hidden layer: the usual small CNN for 28x28 digits (also runs on 32x32)."""
     side = image_size // 4
     body = nn.Sequential(
@@ -59,7 +61,8 @@ def _cnn_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     return body, 128
 
 
-def _mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+def mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """Two hidden layers (256, 128) on the flattened image."""
     body = nn.Sequential(
         nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 256), nn.ReLU(inplace=True),
         nn.Linear(256, 128), nn.ReLU(inplace=True),
@@ -67,22 +70,15 @@ def _mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     return body, 128
 
 
-_BODIES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
-    "resnet18": lambda channels, size: _resnet18_body(channels),
-    "cnn": _cnn_body,
-    "mlp": _mlp_body,
-}
-MODEL_NAMES = tuple(_BODIES)
 
 
 def build_model(
     name: str, num_classes: int, in_channels: int, image_size: int,
     mean: Sequence[float], std: Sequence[float],
 ) -> ImageClassifier:
-    """Build model `name` (resnet18 | cnn | mlp). Seed torch before calling for reproducible weights."""
-    if name not in _BODIES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    body, feature_dim = _BODIES[name](in_channels, image_size)
+    """Build model `name` (a body of ``fedepic.extensions.MODELS``, bound to the image shape by its
+    signature, plus the linear classifier). Seed torch before calling for reproducible weights."""
+    body, feature_dim = MODELS.build(name, None, {"in_channels": in_channels, "image_size": image_size})
     return ImageClassifier(body, feature_dim, num_classes, mean, std)
 
 

@@ -6,16 +6,18 @@ import pytest
 import torch
 
 from fedepic.attacks.model_attacks import (
-    MODEL_ATTACKS,
     alie,
     alie_z,
     apply_model_attack,
     gaussian,
     ipm,
     minmax,
+    model_attack_arguments,
     scaling,
     sign_flip,
 )
+from fedepic.config import load_config
+from fedepic.extensions import MODEL_ATTACKS
 
 HONEST = torch.tensor([[1.0, 2.0, 0.0], [3.0, 2.0, 1.0], [2.0, 5.0, -1.0]])
 OWN = torch.tensor([1.0, -2.0, 0.5])
@@ -24,7 +26,7 @@ OWN = torch.tensor([1.0, -2.0, 0.5])
 def test_sign_flip_and_scaling():
     assert torch.equal(sign_flip(HONEST, OWN), -OWN)
     assert torch.equal(sign_flip(HONEST, OWN, scale=3.0), -3.0 * OWN)
-    assert torch.equal(scaling(HONEST, OWN), 10.0 * OWN)
+    assert torch.equal(scaling(HONEST, OWN, factor=10.0), 10.0 * OWN)
     assert torch.equal(scaling(HONEST, OWN, factor=2.5), 2.5 * OWN)
 
 
@@ -55,15 +57,15 @@ def test_alie_mean_minus_z_std():
     sd = HONEST.std(dim=0)  # unbiased, as documented
     z = alie_z(4, 1)  # default n = m + f = 3 + 1; s = 3 - 1 = 2; z = Phi^-1(0.5) = 0
     assert z == pytest.approx(0.0, abs=1e-9)
-    assert torch.allclose(alie(HONEST, OWN, None), mu - z * sd)
-    assert torch.allclose(alie(HONEST, OWN, None, f=2, n=10), mu - alie_z(10, 2) * sd)
-    assert torch.allclose(alie(HONEST, OWN, None, z=1.5), mu - 1.5 * sd)
+    assert torch.allclose(alie(HONEST, OWN, None, f=1, n=None, z=None), mu - z * sd)
+    assert torch.allclose(alie(HONEST, OWN, None, f=2, n=10, z=None), mu - alie_z(10, 2) * sd)
+    assert torch.allclose(alie(HONEST, OWN, None, f=1, n=None, z=1.5), mu - 1.5 * sd)
     with pytest.raises(ValueError, match="at least 2"):
-        alie(HONEST[:1], OWN, None)
+        alie(HONEST[:1], OWN, None, f=1, n=None, z=None)
 
 
 def test_ipm():
-    assert torch.allclose(ipm(HONEST, OWN), -0.1 * HONEST.mean(dim=0))
+    assert torch.allclose(ipm(HONEST, OWN, epsilon=0.1), -0.1 * HONEST.mean(dim=0))
     assert torch.allclose(ipm(HONEST, OWN, epsilon=2.0), -2.0 * HONEST.mean(dim=0))
 
 
@@ -102,11 +104,11 @@ def test_minmax_identical_honest_updates():
 
 
 def test_registry_and_errors():
-    assert set(MODEL_ATTACKS) >= {"sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax"}
+    assert set(MODEL_ATTACKS.names()) >= {"sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax"}
     out = apply_model_attack("scaling", HONEST, OWN, None, factor=3.0)
     assert torch.equal(out, 3.0 * OWN)
     assert torch.equal(apply_model_attack("none", HONEST, OWN), OWN)
-    with pytest.raises(ValueError, match="valid names"):
+    with pytest.raises(ValueError, match="unknown model attack 'lie'; choose one of none, sign_flip"):
         apply_model_attack("lie", HONEST, OWN)
     with pytest.raises(ValueError, match="bad parameters"):
         apply_model_attack("ipm", HONEST, OWN, None, eps=1.0)
@@ -115,9 +117,11 @@ def test_registry_and_errors():
 
 
 def test_all_attacks_shape_and_finite():
+    """Every registered attack, with the arguments the config gives it (schema defaults)."""
     gen = torch.Generator().manual_seed(0)
-    for name in MODEL_ATTACKS:
-        out = apply_model_attack(name, HONEST, OWN, gen)
+    for name in MODEL_ATTACKS.names():
+        cfg = load_config(None, [f"attack.model={name}"])
+        out = apply_model_attack(name, HONEST, OWN, gen, **model_attack_arguments(cfg, n=5, f=2))
         assert out.shape == OWN.shape and bool(torch.isfinite(out).all()), name
         assert not math.isnan(float(out.sum()))
 
@@ -127,3 +131,11 @@ def test_column_std_matches_torch():
 
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(column_std(x), x.std(dim=0), atol=1e-6)
+
+
+def test_config_binds_each_attacks_parameters_by_signature():
+    cfg = load_config(None, ["attack.model=alie", "attack.alie_z=1.5"])
+    assert model_attack_arguments(cfg, n=12, f=2) == {"f": 2, "n": 12, "z": 1.5}
+    cfg = load_config(None, ["attack.model=gaussian", "attack.sigma=0.25"])
+    assert model_attack_arguments(cfg, n=12, f=2) == {"sigma": 0.25}
+    assert model_attack_arguments(load_config(None, ["attack.model=ipm"])) == {"epsilon": cfg.attack.ipm_eps}

@@ -225,8 +225,9 @@ def test_epic_server_alone_drops_nonfinite_updates(task_identity):
 
 # --------------------------------------------------------------------------- model attacks
 
-ATTACKS = [("none", {}), ("sign_flip", {}), ("gaussian", {"sigma": 0.5}), ("scaling", {}), ("alie", {"f": 1}),
-           ("ipm", {}), ("minmax", {}), ("minmax", {"perturbation": "unit_vec"}), ("minmax", {"perturbation": "sign"})]
+ATTACKS = [("none", {}), ("sign_flip", {}), ("gaussian", {"sigma": 0.5}), ("scaling", {"factor": 10.0}),
+           ("alie", {"f": 1, "n": None, "z": None}), ("ipm", {"epsilon": 0.1}), ("minmax", {}),
+           ("minmax", {"perturbation": "unit_vec"}), ("minmax", {"perturbation": "sign"})]
 
 
 @pytest.mark.parametrize("name, params", ATTACKS)

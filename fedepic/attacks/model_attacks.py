@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fedepic.extensions import MODEL_ATTACKS
+
 
 def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
     if own.dim() != 1:
@@ -58,7 +60,7 @@ def finite_inputs(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Run ``attack`` on the finite inputs only (module docstring); shapes are checked on the raw inputs."""
 
     @functools.wraps(attack)
-    def wrapped(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+    def wrapped(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, **params: Any) -> Tensor:
         need = _needs_honest(attack.__name__, params)
         _check(honest, own, need)
         finite, own, _ = nonfinite_inputs(honest, own)
@@ -76,14 +78,14 @@ def column_std(x: Tensor) -> Tensor:
 
 
 @finite_inputs
-def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /) -> Tensor:
     """The honest update, unchanged (a baseline)."""
     return own.clone()
 
 
 @finite_inputs
 def sign_flip(
-    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, scale: float = 1.0
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, scale: float = 1.0
 ) -> Tensor:
     """Sign flipping: ``-scale * own`` (scale 1 is the classic attack)."""
     _check(honest, own)
@@ -92,12 +94,12 @@ def sign_flip(
 
 @finite_inputs
 def gaussian(
-    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, sigma: float = 1.0
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, sigma: float
 ) -> Tensor:
     """Gaussian noise update ``N(0, sigma^2 I)``, independent of the honest update.
 
-    ``sigma`` is in update units (default 1, far larger than a typical SGD update, i.e. the
-    "random update" Byzantine baseline). Pass a seeded ``generator`` (on own's device) to reproduce.
+    ``sigma`` is in update units (``attack.sigma``; 1 is far larger than a typical SGD update, i.e.
+    the "random update" Byzantine baseline). Pass a seeded ``generator`` (on own's device) to reproduce.
     """
     _check(honest, own)
     if sigma < 0:
@@ -108,7 +110,7 @@ def gaussian(
 
 @finite_inputs
 def scaling(
-    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, factor: float = 10.0
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, factor: float
 ) -> Tensor:
     """Boosting: ``factor * own``, model replacement style (Bagdasaryan et al., "How to backdoor
     federated learning", AISTATS 2020), where the boost cancels the averaging of the other updates.
@@ -134,15 +136,17 @@ def alie(
     honest: Tensor,
     own: Tensor,
     generator: torch.Generator | None = None,
-    f: int = 1,
-    n: int | None = None,
-    z: float | None = None,
+    /,
+    *,
+    f: int,
+    n: int | None,
+    z: float | None,
 ) -> Tensor:
     """A Little Is Enough (Baruch, Baruch, Goldberg, NeurIPS 2019): ``mu - z_max * sigma``
     per coordinate, with mu / sigma the mean / sample std (unbiased) of the honest updates.
 
-    ``z_max`` follows the paper (``alie_z(n, f)``), with n = total clients (default ``m + f``)
-    and f = malicious clients. ByzFL fixes z = 1.5; pass ``z`` to override.
+    ``z_max`` follows the paper (``alie_z(n, f)``), with n = total clients (None: ``m + f``)
+    and f = malicious clients. ByzFL fixes z = 1.5; pass ``z`` (``attack.alie_z``) to override.
     """
     _check(honest, own, need_honest=2)
     if z is None:
@@ -152,10 +156,10 @@ def alie(
 
 @finite_inputs
 def ipm(
-    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, epsilon: float = 0.1
+    honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, epsilon: float
 ) -> Tensor:
     """Inner product manipulation (Xie, Koyejo, Gupta, "Fall of empires", UAI 2019):
-    ``-epsilon * mean(honest)``. A small epsilon (default 0.1) keeps the update close to the honest
+    ``-epsilon * mean(honest)``. A small epsilon (``attack.ipm_eps``, 0.1 by default) keeps the update close to the honest
     ones so robust rules accept it, while its inner product with the true gradient is negative."""
     _check(honest, own, need_honest=1)
     return -epsilon * honest.mean(dim=0)
@@ -177,6 +181,7 @@ def minmax(
     honest: Tensor,
     own: Tensor,
     generator: torch.Generator | None = None,
+    /,
     perturbation: str = "std",
 ) -> Tensor:
     """Min-max attack (Shejwalkar & Houmansadr, NDSS 2021): ``mu + gamma * p``.
@@ -205,17 +210,6 @@ def minmax(
     return mu + gamma * p
 
 
-MODEL_ATTACKS: dict[str, Callable[..., Tensor]] = {
-    "none": no_attack,
-    "sign_flip": sign_flip,
-    "gaussian": gaussian,
-    "scaling": scaling,
-    "alie": alie,
-    "ipm": ipm,
-    "minmax": minmax,
-}
-
-
 @dataclass(frozen=True)
 class AttackOutcome:
     """A model attack's update and the number of input vectors (honest rows, own) left out as NaN / inf."""
@@ -231,12 +225,12 @@ def run_model_attack(
     generator: torch.Generator | None = None,
     **params: Any,
 ) -> AttackOutcome:
-    """Apply the model attack ``name``, reporting the non-finite inputs; ValueError for an unknown
-    name or parameter."""
-    if name not in MODEL_ATTACKS:
-        raise ValueError(f"unknown model attack {name!r}; valid names: {', '.join(MODEL_ATTACKS)}")
+    """Apply the model attack ``name`` (``fedepic.extensions.MODEL_ATTACKS``; its parameters from
+    ``model_attack_arguments``), reporting the non-finite inputs; ValueError for an unknown name or
+    parameter."""
+    attack = MODEL_ATTACKS.get(name).load()
     try:
-        update = MODEL_ATTACKS[name](honest, own, generator, **params)
+        update = attack(honest, own, generator, **params)
     except TypeError as err:
         raise ValueError(f"model attack {name!r}: bad parameters {sorted(params)}: {err}") from None
     return AttackOutcome(update, nonfinite_inputs(honest, own)[2])
@@ -251,3 +245,14 @@ def apply_model_attack(
 ) -> Tensor:
     """The update of ``run_model_attack`` (NaN / inf inputs left out, uncounted)."""
     return run_model_attack(name, honest, own, generator, **params).update
+
+
+def model_attack_arguments(cfg: Any, *, n: int | None = None, f: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of the configured model attack: its config keys, plus ``n`` (vectors
+    the aggregation sees) and ``f`` (malicious among them) for the attacks that take them (ALIE)."""
+    return MODEL_ATTACKS.arguments(cfg.attack.model, cfg, {"n": n, "f": f})
+
+
+def needs_honest(name: str) -> bool:
+    """True for the omniscient attacks built from the round's honest updates (applied by the server or router)."""
+    return MODEL_ATTACKS.has(name, "needs_honest")

@@ -1,0 +1,157 @@
+"""Every extension point's registry (``fedepic.registry``): peer rules, server strategies, model
+attacks, data attacks, centralized defenses, datasets and models.
+
+To add one, write its module and add one ``Entry`` line below: config validation, the runners, the
+README's tables and the tests pick it up from here. Targets are imported only when built, so this
+module stays light (no torch, no flwr).
+
+Flags:
+- peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
+  ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
+  the malicious nodes from the graph: the upper bound), ``keeps_records`` (GP's recording variables
+  must persist; ``exclude`` shares GP's detector but keeps none);
+- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic);
+- model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
+  the server or router), the others act on the attacker's own update where it trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from fedepic.registry import Entry, Registry
+
+
+def assumed_byzantine(cfg: Any, context: Mapping[str, Any]) -> int:
+    """``defense.byzantine``, or (null) the configured number of malicious clients."""
+    if cfg.defense.byzantine is not None:
+        return int(cfg.defense.byzantine)
+    from fedepic.config import malicious_ids
+
+    return len(malicious_ids(cfg))
+
+
+def expected_clients(cfg: Any) -> int:
+    """Clients sampled per round of the server-based mode."""
+    return max(int(cfg.clients.count * cfg.clients.fraction_train), 1)
+
+
+PEER_RULES = Registry("peer rule", [
+    Entry("gossip", "strategies.gossip:Gossip", "D-PSGD gossip averaging (Lian et al., NeurIPS 2017)"),
+    Entry("median", "strategies.median:CoordinateMedian", "coordinate-wise median (Yin et al., ICML 2018)"),
+    Entry("trimmed_mean", "strategies.trimmed_mean:TrimmedMean",
+          "coordinate-wise trimmed mean, `defense.trim` per side (Yin et al., ICML 2018)", {"b": "defense.trim"}),
+    Entry("krum", "strategies.krum:KrumSelect", "Krum assuming `defense.byzantine` attackers (Blanchard et al., "
+          "NeurIPS 2017)", {"f": assumed_byzantine}),
+    Entry("scclip", "strategies.scclip:SelfCenteredClipping",
+          "self-centred clipping at radius `defense.scclip_tau` (He, Karimireddy, Jaggi, 2022)",
+          {"tau": "defense.scclip_tau"}),
+    Entry("epic", "strategies.epic_peer:EpicPeer", "EPIC on the neighbours' updates, then gossip",
+          {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold"}),
+    Entry("exclude", "strategies.exclude:ExcludeDetected",
+          "GP's detector, rejecting flagged neighbours each round and confirmed ones for good, no purification",
+          {**{k: f"defense.purification.{k}" for k in (
+              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          frozenset({"stateful"})),
+    Entry("gp", "strategies.gradient_purification:GradientPurification",
+          "Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025)",
+          {**{k: f"defense.purification.{k}" for k in (
+              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          frozenset({"stateful", "keeps_records"})),
+    Entry("gp_epic", "strategies.gradient_purification:GradientPurification",
+          "Gradient Purification, with benign nodes running EPIC on their own rows",
+          {**{k: f"defense.purification.{k}" for k in (
+              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          frozenset({"stateful", "keeps_records", "local_epic"})),
+    Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
+          flags=frozenset({"benign_graph"})),
+])
+
+
+SERVER_STRATEGIES = Registry("server strategy", [
+    Entry("fedavg", "flwr.serverapp.strategy:FedAvg", "FedAvg (McMahan et al., AISTATS 2017), Flower's"),
+    Entry("krum", "flwr.serverapp.strategy:Krum", "Krum (Blanchard et al., NeurIPS 2017), Flower's",
+          {"num_malicious_nodes": assumed_byzantine}),
+    Entry("multikrum", "flwr.serverapp.strategy:MultiKrum", "Multi-Krum averaging n - f, Flower's",
+          {"num_malicious_nodes": assumed_byzantine,
+           "num_nodes_to_select": lambda cfg, ctx: max(1, expected_clients(cfg) - assumed_byzantine(cfg, ctx))}),
+    Entry("bulyan", "flwr.serverapp.strategy:Bulyan", "Bulyan (El Mhamdi et al., ICML 2018), Flower's; f capped "
+          "at (n - 3) // 4", {"num_malicious_nodes": lambda cfg, ctx: max(
+              0, min(assumed_byzantine(cfg, ctx), (expected_clients(cfg) - 3) // 4))}),
+    Entry("fedmedian", "flwr.serverapp.strategy:FedMedian", "coordinate-wise median (Yin et al., ICML 2018), "
+          "Flower's"),
+    Entry("fedtrimmedavg", "strategies.server:ExactTrimmedAvg", "Flower's trimmed mean cutting exactly "
+          "`defense.trim` per side", {"num_trim": "defense.trim"}),
+    Entry("epic", "strategies.epic_server:EpicServer", "EPIC on the clients' updates, then FedAvg of the rest",
+          {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold",
+           "num_malicious_nodes": assumed_byzantine}),
+    Entry("centralized-epic", "simulations.server_app:run_centralized_epic",
+          "reference: every client's rows pooled and trained centrally with EPIC", flags=frozenset({"reference"})),
+])
+
+
+MODEL_ATTACKS = Registry("model attack", [
+    Entry("none", "fedepic.attacks.model_attacks:no_attack", "no model attack"),
+    Entry("sign_flip", "fedepic.attacks.model_attacks:sign_flip", "the negated update"),
+    Entry("gaussian", "fedepic.attacks.model_attacks:gaussian", "N(0, `attack.sigma`^2) noise as the update",
+          {"sigma": "attack.sigma"}),
+    Entry("scaling", "fedepic.attacks.model_attacks:scaling", "the update times `attack.scale` (Bagdasaryan et "
+          "al., AISTATS 2020)", {"factor": "attack.scale"}),
+    Entry("alie", "fedepic.attacks.model_attacks:alie", "A Little Is Enough (Baruch et al., NeurIPS 2019)",
+          {"z": "attack.alie_z"}, frozenset({"needs_honest"})),
+    Entry("ipm", "fedepic.attacks.model_attacks:ipm", "inner product manipulation (Xie et al., UAI 2019)",
+          {"epsilon": "attack.ipm_eps"}, frozenset({"needs_honest"})),
+    Entry("minmax", "fedepic.attacks.model_attacks:minmax", "min-max (Shejwalkar & Houmansadr, NDSS 2021)",
+          flags=frozenset({"needs_honest"})),
+])
+
+
+DATA_ATTACKS = Registry("data attack", [
+    Entry("none", "fedepic.attacks.data_attacks:NoDataAttack", "no data poisoning"),
+    Entry("label_flip", "fedepic.attacks.data_attacks:LabelFlip", "label flipping (`attack.flip`, `.flip_map`)",
+          {"flip": "attack.flip", "flip_map": "attack.flip_map"}),
+    Entry("backdoor", "fedepic.attacks.data_attacks:Backdoor", "BadNets patch backdoor (Gu et al., 2017)",
+          {"label": "attack.backdoor_label", "patch_size": "attack.patch_size"}),
+    Entry("gradient_matching", "fedepic.attacks.gradient_matching:GradientMatching",
+          "Witches' Brew clean-label poisons (Geiping et al., ICLR 2021)"),
+])
+
+
+def spectral_budget(cfg: Any, context: Mapping[str, Any]) -> float:
+    """The poison budget spectral signatures expects: ``attack.budget``, within [1/n, 0.5]."""
+    return min(max(cfg.attack.budget, 1 / context["n"]), 0.5)
+
+
+# ``epic`` is the selector itself (``fedepic.epic``); the controls are drop-mask functions over the kept
+# rows: ``replays_epic`` ones drop as many rows as EPIC did at the same selection, ``once`` ones select
+# once, at EPIC's first selection epoch; ``inactive``: never selects.
+CENTRAL_DEFENSES = Registry("centralized defense", [
+    Entry("none", "fedepic.defenses:no_drop", "train on every row", flags=frozenset({"inactive"})),
+    Entry("epic", "fedepic.epic:EpicState", "EPIC (Yang, Liu, Mirzasoleiman, ICML 2022): drop isolated medoids; "
+          "`epic-F` sets the fraction"),
+    Entry("random", "fedepic.defenses:random_drop", "control: as many rows as EPIC dropped, at random",
+          flags=frozenset({"replays_epic"})),
+    Entry("loss", "fedepic.defenses:highest_loss_drop", "control: as many rows as EPIC dropped, highest loss first",
+          flags=frozenset({"replays_epic"})),
+    Entry("spectral", "fedepic.defenses:spectral_signatures", "spectral signatures (Tran, Li, Madry, NeurIPS 2018),"
+          " once", {"budget": spectral_budget}, frozenset({"once"})),
+])
+
+
+DATASETS = Registry("dataset", [
+    Entry("mnist", "fedepic.data:MNIST", "MNIST (torchvision's files)", info={"classes": 10, "side": 28}),
+    Entry("fashion_mnist", "fedepic.data:FASHION_MNIST", "FashionMNIST (torchvision's files)",
+          info={"classes": 10, "side": 28}),
+    Entry("cifar10", "fedepic.data:CIFAR10", "CIFAR-10 (torchvision's files)", info={"classes": 10, "side": 32}),
+    Entry("imagefolder", "fedepic.data:IMAGE_FOLDER", "`<root>/<data.folder>/{train,test}/<class>/<image>`; "
+          "classes and image side read from the folder"),
+    Entry("synthetic", "fedepic.data:SYNTHETIC", "seeded class prototypes plus noise, 1x28x28, 10 classes (tests)",
+          info={"classes": 10, "side": 28}),
+])
+
+
+MODELS = Registry("model", [
+    Entry("resnet18", "fedepic.models:resnet18_body", "torchvision ResNet-18 with a CIFAR stem"),
+    Entry("cnn", "fedepic.models:cnn_body", "a small CNN (28x28 or 32x32)"),
+    Entry("mlp", "fedepic.models:mlp_body", "a two-layer MLP"),
+])
