@@ -111,7 +111,8 @@ DATA_ATTACKS = Registry("data attack", [
     Entry("label_flip", "fedepic.attacks.data_attacks:LabelFlip", "label flipping (`attack.flip`, `.flip_map`)",
           {"flip": "attack.flip", "flip_map": "attack.flip_map"}),
     Entry("backdoor", "fedepic.attacks.data_attacks:Backdoor", "BadNets patch backdoor (Gu et al., 2017)",
-          {"label": "attack.backdoor_label", "patch_size": "attack.patch_size"}),
+          {"label": "attack.backdoor_label", "patch_size": "attack.patch_size",
+           "fraction": "attack.backdoor_fraction"}),
     Entry("gradient_matching", "fedepic.attacks.gradient_matching:GradientMatching",
           "Witches' Brew clean-label poisons (Geiping et al., ICLR 2021)"),
 ])

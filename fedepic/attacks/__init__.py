@@ -9,63 +9,37 @@ Attack success per attack:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import nn
 
-from fedepic.attacks.data_attacks import backdoor_patch, backdoor_success, flip_mapping, label_flip
+from fedepic.attacks.data_attacks import NoDataAttack, PoisonedRows
 from fedepic.config import AttackConfig
-from fedepic.train import predict_logits
+from fedepic.extensions import DATA_ATTACKS
+
+__all__ = ["PoisonedRows", "attack_success", "data_attack", "flip_table", "poison_rows"]
 
 
-@dataclass
-class PoisonedRows:
-    x: torch.Tensor  # uint8 images after the attack
-    y: torch.Tensor  # labels after the attack
-    poisoned: torch.Tensor  # bool mask of the rows the attack changed
+def data_attack(attack: AttackConfig) -> NoDataAttack:
+    """The configured data attack of ``fedepic.extensions.DATA_ATTACKS``, its parameters bound from ``attack``."""
+    return DATA_ATTACKS.build(attack.data, SimpleNamespace(attack=attack))
 
 
-def flip_table(attack: AttackConfig, num_classes: int) -> torch.Tensor:
-    mapping = {int(a): int(b) for a, b in attack.flip_map} if attack.flip == "map" else None
-    return flip_mapping(num_classes, attack.flip, mapping)
+def flip_table(attack: AttackConfig, num_classes: int) -> Optional[torch.Tensor]:
+    """The label every class becomes under the configured attack (None when it changes no label)."""
+    return data_attack(attack).flip_table(num_classes)
 
 
 def poison_rows(attack: AttackConfig, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 fraction: float, seed: int) -> PoisonedRows:
-    """Apply a label-flip or backdoor attack to `fraction` of the eligible rows (seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    if attack.data == "label_flip":
-        mapping = {int(a): int(b) for a, b in attack.flip_map} if attack.flip == "map" else None
-        new_y, flipped = label_flip(y, num_classes, attack.flip, mapping, fraction, gen)
-        return PoisonedRows(x, new_y, flipped)
-    if attack.data == "backdoor":
-        new_x, new_y, mask = backdoor_patch(x, y, attack.backdoor_label, fraction, attack.patch_size, generator=gen)
-        return PoisonedRows(new_x, new_y, mask)
-    return PoisonedRows(x, y, torch.zeros(len(y), dtype=torch.bool))
-
-
-@torch.no_grad()
-def label_flip_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor,
-                       batch_size: int = 1024) -> float:
-    sources = table != torch.arange(len(table))
-    rows = sources[y]
-    if not bool(rows.any()):
-        return float("nan")
-    pred = predict_logits(model, x[rows], batch_size).argmax(1).cpu()
-    return (pred == table[y[rows]]).float().mean().item()
+    """Apply the configured data attack to `fraction` of the eligible rows (seeded)."""
+    return data_attack(attack).poison(x, y, num_classes, fraction, torch.Generator().manual_seed(seed))
 
 
 def attack_success(model: nn.Module, attack: AttackConfig, test_x: torch.Tensor, test_y: torch.Tensor,
                    num_classes: int, target_x: Optional[torch.Tensor] = None,
                    adversarial_class: Optional[int] = None) -> Optional[float]:
     """Success of the configured data attack on `model`; None when no data attack is in force."""
-    if attack.data == "label_flip":
-        return label_flip_success(model, test_x, test_y, flip_table(attack, num_classes))
-    if attack.data == "backdoor":
-        return backdoor_success(model, test_x, test_y, attack.backdoor_label, attack.patch_size)
-    if attack.data == "gradient_matching" and target_x is not None:
-        pred = predict_logits(model, target_x).argmax(1)[0].item()
-        return float(pred == adversarial_class)
-    return None
+    return data_attack(attack).success(model, test_x, test_y, num_classes, target_x, adversarial_class)

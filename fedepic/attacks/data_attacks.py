@@ -2,9 +2,15 @@
 
 Used by malicious clients in the federated and decentralized simulations (applied to their own
 rows before local training) and by the centralized baselines. Images are uint8 [N,C,H,W].
+
+The classes at the end (``NoDataAttack``, ``LabelFlip``, ``Backdoor``) are what the registry
+``fedepic.extensions.DATA_ATTACKS`` builds: each poisons rows and measures its own success.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -152,3 +158,92 @@ def backdoor_success(
         batch = triggered[start:start + batch_size].to(device).float() / 255
         hits += int((model(batch).argmax(1) == target_label).sum())
     return hits / triggered.shape[0]
+
+
+# --------------------------------------------------------------------------- registry entries
+
+
+@dataclass
+class PoisonedRows:
+    x: torch.Tensor  # uint8 images after the attack
+    y: torch.Tensor  # labels after the attack
+    poisoned: torch.Tensor  # bool mask of the rows the attack changed
+
+
+class NoDataAttack:
+    """No data poisoning: rows unchanged, no success to measure."""
+
+    client_fraction: Optional[float] = None
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, fraction: float,
+               generator: torch.Generator) -> PoisonedRows:
+        return PoisonedRows(x, y, torch.zeros(len(y), dtype=torch.bool))
+
+    def flip_table(self, num_classes: int) -> Optional[torch.Tensor]:
+        """The label each class is turned into, for attacks that change labels (None otherwise)."""
+        return None
+
+    def success(self, model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
+                target_x: Optional[torch.Tensor] = None, adversarial_class: Optional[int] = None) -> Optional[float]:
+        return None
+
+
+class LabelFlip(NoDataAttack):
+    """Label flipping with ``flip_mapping`` (modes pairs, all, map; Fang et al., USENIX Security 2020;
+    Tolpegin et al., ESORICS 2020). Success: the share of test images of a flipped source class
+    predicted as its flip destination.
+
+    Parameters
+    ----------
+    flip : str
+        ``pairs``, ``all`` or ``map`` (``attack.flip``).
+    flip_map : list of [from, to]
+        The explicit mapping of mode ``map`` (``attack.flip_map``).
+    """
+
+    client_fraction = 1.0  # a malicious FL client flips every flippable row it holds
+
+    def __init__(self, flip: str, flip_map: Sequence[Sequence[int]]) -> None:
+        self.mode, self.mapping = flip, ({int(a): int(b) for a, b in flip_map} if flip == "map" else None)
+
+    def poison(self, x, y, num_classes, fraction, generator):
+        new_y, flipped = label_flip(y, num_classes, self.mode, self.mapping, fraction, generator)
+        return PoisonedRows(x, new_y, flipped)
+
+    def flip_table(self, num_classes: int) -> torch.Tensor:
+        return flip_mapping(num_classes, self.mode, self.mapping)
+
+    @torch.no_grad()
+    def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
+        from fedepic.train import predict_logits  # train imports the config; this module stays light
+
+        table = self.flip_table(num_classes)
+        rows = (table != torch.arange(len(table)))[test_y]
+        if not bool(rows.any()):
+            return float("nan")
+        pred = predict_logits(model, test_x[rows]).argmax(1).cpu()
+        return (pred == table[test_y[rows]]).float().mean().item()
+
+
+class Backdoor(NoDataAttack):
+    """The BadNets all-to-one patch backdoor (Gu, Dolan-Gavitt, Garg, "BadNets", 2017); success: the
+    share of triggered non-target test images predicted as the backdoor label.
+
+    Parameters
+    ----------
+    label : int
+        The backdoor's target label (``attack.backdoor_label``).
+    patch_size : int
+        Side of the white square trigger, bottom right (``attack.patch_size``).
+    fraction : float
+        Share of the non-target rows stamped, in every mode (``attack.backdoor_fraction``).
+    """
+
+    def __init__(self, label: int, patch_size: int, fraction: float) -> None:
+        self.label, self.patch_size, self.client_fraction = label, patch_size, fraction
+
+    def poison(self, x, y, num_classes, fraction, generator):
+        return PoisonedRows(*backdoor_patch(x, y, self.label, fraction, self.patch_size, generator=generator))
+
+    def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
+        return backdoor_success(model, test_x, test_y, self.label, self.patch_size)

@@ -22,13 +22,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedepic.attacks.data_attacks import NoDataAttack
 from fedepic.augment import random_crop_flip
 from fedepic.errors import ConfigError, DataError
 
@@ -433,3 +434,19 @@ def load_poisons(path: str | os.PathLike) -> PoisonSet:
         restarts_losses=[float(v) for v in arrays["restarts_losses"]],
         **{k: (int(v) if _SCALARS[k] is np.int64 else float(v)) for k, v in scalars.items()},
     )
+
+
+class GradientMatching(NoDataAttack):
+    """Witches' Brew as a registry entry (``fedepic.extensions.DATA_ATTACKS``): its poisons are brewed
+    per trial (centralized) or read from ``attack.poisons`` (federated), not drawn from rows, so
+    ``poison`` leaves rows as they are; success: whether the target image is predicted as the
+    adversarial class (one trial)."""
+
+    @torch.no_grad()
+    def success(self, model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
+                target_x: Optional[torch.Tensor] = None, adversarial_class: Optional[int] = None) -> Optional[float]:
+        if target_x is None:
+            return None
+        from fedepic.train import predict_logits
+
+        return float(predict_logits(model, target_x).argmax(1)[0].item() == adversarial_class)
