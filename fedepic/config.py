@@ -112,6 +112,9 @@ class PurificationConfig:
     reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
     min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
     cos_weight: float = 0.5  # weight of the directional (cosine) term of the suspicion score; 0 disables it
+    detector: str = "robust"  # robust (z-score of distances) | epic (EPIC's drops on the updates)
+    epic_fraction: float = 0.5  # detector=epic: medoid fraction over the neighbours' updates
+    epic_threshold: int = 1  # detector=epic: drop medoids whose cluster holds <= this many updates
     clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
 
 
@@ -493,6 +496,9 @@ def _validate_defense(cfg: RunConfig) -> None:
     if cfg.defense.byzantine is not None:
         _positive("defense.byzantine", cfg.defense.byzantine, allow_zero=True)
     _positive("defense.purification.cos_weight", pur.cos_weight, allow_zero=True)
+    _choice("defense.purification.detector", pur.detector, ("robust", "epic"))
+    _fraction("defense.purification.epic_fraction", pur.epic_fraction)
+    _positive("defense.purification.epic_threshold", pur.epic_threshold, allow_zero=True)
     _positive("defense.scclip_tau", cfg.defense.scclip_tau)
 
 

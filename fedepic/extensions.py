@@ -36,6 +36,12 @@ def expected_clients(cfg: Any) -> int:
     return max(int(cfg.clients.count * cfg.clients.fraction_train), 1)
 
 
+# GP's detector settings, shared by exclude, gp and gp_epic
+PURIFICATION = {k: f"defense.purification.{k}" for k in (
+    "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "detector", "epic_fraction",
+    "epic_threshold", "reject_score", "clip_tau")}
+
+
 PEER_RULES = Registry("peer rule", [
     Entry("gossip", "strategies.gossip:Gossip", "D-PSGD gossip averaging (Lian et al., NeurIPS 2017)"),
     Entry("median", "strategies.median:CoordinateMedian", "coordinate-wise median (Yin et al., ICML 2018)"),
@@ -50,18 +56,15 @@ PEER_RULES = Registry("peer rule", [
           {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold"}),
     Entry("exclude", "strategies.exclude:ExcludeDetected",
           "GP's detector, rejecting flagged neighbours each round and confirmed ones for good, no purification",
-          {**{k: f"defense.purification.{k}" for k in (
-              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          PURIFICATION,
           frozenset({"stateful"})),
     Entry("gp", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025)",
-          {**{k: f"defense.purification.{k}" for k in (
-              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          PURIFICATION,
           frozenset({"stateful", "keeps_records"})),
     Entry("gp_epic", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification, with benign nodes running EPIC on their own rows",
-          {**{k: f"defense.purification.{k}" for k in (
-              "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "reject_score", "clip_tau")}},
+          PURIFICATION,
           frozenset({"stateful", "keeps_records", "local_epic"})),
     Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
           flags=frozenset({"benign_graph"})),

@@ -25,7 +25,7 @@ from fedepic.topology import build_topology
 from simulations.common import (
     check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config, write_comparison,
 )
-from simulations.dfl_node import STATEFUL, purification_rule
+from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_apps import Member, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import benign_components, label_roles, malicious_share, routing_for
 
@@ -141,7 +141,7 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     report = partition_report(cfg, data, parts)
     for strategy in set(cfg.strategies) & set(STATEFUL):
         try:  # a bad detector setting should stop the run here, not inside a Ray worker
-            purification_rule(strategy, cfg)
+            peer_rule(strategy, cfg)
         except ValueError as err:
             raise ConfigError(f"invalid value for key 'defense.purification': {err}") from None
     graph = communication_graph(cfg)

@@ -9,15 +9,15 @@ A round at node i (Lian et al., D-PSGD, NeurIPS 2017, in its "train then gossip"
 2. The router hands the node its neighbours' models of this round (possibly poisoned).
 3. ``aggregate_models``: combine the node's trained model with them using its peer rule.
 
-Peer rules by strategy name (``strategies/`` holds the rules themselves):
-- gossip, median, trimmed_mean, krum, scclip, epic: ``strategies.peer_rules.build_peer_rule``.
+Peer rules by strategy name (``strategies/`` holds the rules, ``fedepic.extensions.PEER_RULES`` builds them):
+- gossip, median, trimmed_mean, krum, scclip, epic: stateless rules over the stacked models.
 - gp: Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025), with its per-neighbour recording
   variables kept in the node state.
 - gp_epic: the same GP rule; the node also runs EPIC on its own rows during local training.
 - exclude: GP's detector WITHOUT recording or purification: a neighbour flagged suspicious in a round is
   left out of that round's aggregation, and once the consistency rule confirms it, of every later one.
   This is the "reject suspicious gradients per iteration" family that the GP paper sets itself
-  against. (The registry's ``exclude`` takes an oracle mask; here the mask comes from the detector.)
+  against (``strategies/exclude.py``).
 - upper: plain gossip; the router runs it on the graph without the malicious nodes, with
   Metropolis-Hastings weights recomputed on that benign subgraph (the paper's upper bound).
 Malicious nodes do not defend: whatever the strategy, they gossip honestly over the honest models of
@@ -44,10 +44,10 @@ from fedepic.epic import EpicSchedule, EpicState
 from fedepic.models import model_for_data
 from fedepic.train import fit
 from fedepic.vectors import flatten_state, unflatten_like
-from strategies.gradient_purification import GradientPurification, PurificationState
-from strategies.peer_rules import build_peer_rule
+from fedepic.extensions import PEER_RULES
+from strategies.gradient_purification import PurificationState
 
-STATEFUL = ("gp", "gp_epic", "exclude")  # rules with per-neighbour state (records, suspicion history)
+STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
 FIXED_BUFFERS = ("mean", "std")  # ImageClassifier's normalisation buffers: identical everywhere
 
 
@@ -142,7 +142,7 @@ class NodeState:
 
 def uses_local_epic(strategy: str, cfg: RunConfig, malicious: bool) -> bool:
     """Benign nodes run EPIC on their own rows under gp_epic, or for any strategy with defense.local_epic."""
-    return not malicious and (strategy == "gp_epic" or cfg.defense.local_epic)
+    return not malicious and (PEER_RULES.has(strategy, "local_epic") or cfg.defense.local_epic)
 
 
 def local_schedule(cfg: RunConfig) -> EpicSchedule:
@@ -203,51 +203,11 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
 # ----------------------------------------------------------------------------------- aggregation
 
 
-class ExcludeDetected(GradientPurification):
-    """GP's detector and consistency rule, rejecting per round, without purification (``exclude``).
-
-    A neighbour flagged this round is not aggregated this round; a confirmed one never again. Nothing
-    is subtracted. Records are not needed and are cleared after every call (``aggregate_models``).
-    """
-
-    aggregate_suspects = False  # per-round rejection: a neighbour flagged this round is left out this round
-
-    @staticmethod
-    def purify(own: Tensor, state: PurificationState, j: int) -> Tensor:
-        state.records.pop(j, None)
-        state.confirmed.add(j)
-        return own.clone()
-
-
-def purification_rule(strategy: str, cfg: RunConfig) -> GradientPurification:
-    pur = cfg.defense.purification
-    cls = ExcludeDetected if strategy == "exclude" else GradientPurification
-    return cls(threshold=pur.threshold, patience=pur.patience, window=pur.window, votes=pur.votes,
-               reject_score=pur.reject_score, min_scale=pur.min_scale, clip_tau=pur.clip_tau)
-
-
-def stateless_rule(strategy: str, cfg: RunConfig, num_models: int) -> Any:
-    """The rule object for a stateless strategy and a neighbourhood of ``num_models`` (own included).
-
-    trimmed_mean cuts ``defense.trim`` values per side and krum assumes ``defense.trim`` Byzantine
-    neighbours (1 when 0), both lowered to what the neighbourhood allows (2b < n, n - f - 2 >= 1):
-    node degrees differ, and a rule that refuses to run at a low-degree node would stop the network.
-    With one neighbour (n = 2) krum keeps the node's own model (``strategies.krum.KrumSelect``).
-    """
-    if strategy in ("gossip", "upper"):
-        return build_peer_rule("gossip")
-    if strategy == "trimmed_mean":
-        return build_peer_rule("trimmed_mean", b=min(cfg.defense.trim, (num_models - 1) // 2))
-    if strategy == "krum":
-        f = cfg.defense.trim or 1
-        return build_peer_rule("krum", f=max(0, min(f, num_models - 3)))
-    if strategy == "scclip":
-        return build_peer_rule("scclip", tau=cfg.defense.scclip_tau)
-    if strategy == "epic":
-        return build_peer_rule("epic", fraction=cfg.defense.epic.fraction, threshold=cfg.defense.epic.threshold)
-    if strategy == "median":
-        return build_peer_rule("median")
-    raise ValueError(f"unknown decentralized strategy {strategy!r}")
+def peer_rule(strategy: str, cfg: RunConfig) -> Any:
+    """The rule of ``strategy`` (``fedepic.extensions.PEER_RULES``), its parameters bound from ``cfg``.
+    Rules adapt to the neighbourhood themselves (trimmed mean's b, Krum's f), since node degrees differ
+    and a rule that refused to run at a low-degree node would stop the network."""
+    return PEER_RULES.build(strategy, cfg)
 
 
 @dataclass
@@ -278,13 +238,10 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
     if strategy in STATEFUL:
         if state.gp is None:
             state.gp = PurificationState()
-        new, report = purification_rule(strategy, cfg).aggregate(own, neighbours, ids, weights, state.gp)
-        if strategy == "exclude":
-            state.gp.records.clear()
+        new, report = peer_rule(strategy, cfg).aggregate(own, neighbours, ids, weights, state.gp)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    rule = stateless_rule(strategy, cfg, neighbours.shape[0] + 1)
-    new, bad = rule.apply(own, neighbours, weights)
+    new, bad = peer_rule(strategy, cfg).apply(own, neighbours, weights)
     dropped = set(bad.rows)
     return new, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
                                   nonfinite=[ids[r] for r in bad.rows], own_nonfinite=bad.own)

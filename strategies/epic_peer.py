@@ -27,8 +27,11 @@ class EpicPeer:
 
     Parameters
     ----------
-    fraction: fraction of the updates chosen as medoids (``select_medoids``'s ``fraction``).
-    threshold: medoids whose cluster weight is <= threshold are dropped (EPIC's rule; 1 = isolated).
+    fraction : float
+        Fraction of the updates chosen as medoids (``select_medoids``'s ``fraction``; ``defense.epic.fraction``).
+    threshold : int
+        Medoids whose cluster weight is <= threshold are dropped (EPIC's rule; 1 = isolated;
+        ``defense.epic.threshold``).
     The node's own model is always kept (self weight kept, weights renormalised). Non-finite vectors
     are left out before the selection (``strategies/finite.py``).
     """
@@ -36,7 +39,7 @@ class EpicPeer:
     needs_keep_mask = False
     needs_state = False
 
-    def __init__(self, fraction: float = 0.5, threshold: int = 1) -> None:
+    def __init__(self, fraction: float, threshold: int) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"epic: fraction must be in (0, 1], got {fraction!r}")
         if threshold < 0:

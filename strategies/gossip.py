@@ -101,43 +101,8 @@ def gossip_subset(
 ) -> Tensor:
     """Gossip over self plus the neighbours with ``keep_mask[j] == True``, weights renormalised.
 
-    Used by the ``exclude`` / ``upper`` baselines (an oracle mask of benign neighbours) and by the
-    rules that drop suspicious neighbours (EPIC on updates, Gradient Purification).
+    Used by the rules that drop suspicious neighbours (EPIC on updates, Gradient Purification).
     """
     check_stack(own, neighbours)
     w = renormalised_weights(resolve_weights(weights, neighbours.shape[0], own), keep_mask)
     return own + weighted_delta(own, neighbours, w[1:])
-
-
-class GossipSubset:
-    """Gossip restricted to a caller-given subset of neighbours (the ``exclude`` and ``upper`` rules).
-
-    ``exclude``: the runner passes ``keep`` = mask of neighbours known (oracle) to be benign.
-    ``upper``: same math, in a run without attackers; it is the accuracy upper bound.
-    No parameters; ``keep=None`` keeps every neighbour (plain gossip). Non-finite vectors are left
-    out even when ``keep`` keeps them (``strategies/finite.py``).
-    """
-
-    needs_keep_mask = True
-    needs_state = False
-
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None, keep: Tensor | None = None):
-        from strategies.finite import split_finite  # finite.py builds on this module
-
-        check_stack(own, neighbours)
-        if keep is None:
-            keep = torch.ones(neighbours.shape[0], dtype=torch.bool, device=own.device)
-        keep = torch.as_tensor(keep, dtype=torch.bool, device=own.device)
-        if keep.shape != (neighbours.shape[0],):
-            raise ValueError(f"keep must have shape [{neighbours.shape[0]}], got {tuple(keep.shape)}")
-        inp = split_finite(own, neighbours, weights)
-        return gossip_subset(inp.own, inp.neighbours, inp.weights, keep[inp.kept.to(keep.device)]), inp.report
-
-    def __call__(
-        self,
-        own: Tensor,
-        neighbours: Tensor,
-        weights: Tensor | None = None,
-        keep: Tensor | None = None,
-    ) -> Tensor:
-        return self.apply(own, neighbours, weights, keep)[0]

@@ -154,21 +154,33 @@ class PurificationReport:
 class GradientPurification:
     """Gradient Purification (Li, Miao, Zhang, Yin, Front. Comput. Sci. 2025). See module docstring.
 
+    Every parameter is required: the registry (``fedepic.extensions.PEER_RULES``) binds them to the
+    ``defense.purification.*`` keys, whose schema holds the one set of defaults (given in brackets).
+
     Parameters
     ----------
-    threshold: suspicion threshold on the robust score (default 3: a 3-sigma robust outlier).
-    patience: consecutive suspicious rounds that confirm a neighbour (default 3).
-    window, votes: alternatively, ``votes`` suspicious rounds among the last ``window`` seen
-        (defaults 6 and 4); ``votes=None`` disables this route.
-    min_scale: floor of the z-score scale as a fraction of the median distance (default 0.5, so a
-        neighbour must be at least ``1 + threshold * min_scale`` = 2.5 times the median distance away).
-    cos_weight: weight of the directional term (default 0.5; 0 disables it).
-    detector: "robust" (above) or "epic" (EPIC drop flags on the updates).
-    epic_fraction, epic_threshold: ``select_medoids`` arguments for ``detector="epic"``.
-    reject_score: rule 6; a suspect scoring above it is not aggregated this round (default 30,
-        ten times the default threshold; None aggregates every unconfirmed suspect, however far).
-    clip_tau: rule 7; clip each neighbour's difference ``x_j - x_i`` to this L2 radius before
-        weighting (ClippedGossip); None (default) is plain gossip.
+    threshold : float
+        Suspicion threshold on the robust score [3: a 3-sigma robust outlier].
+    patience : int
+        Consecutive suspicious rounds that confirm a neighbour [2].
+    window, votes : int, int or None
+        Alternatively, ``votes`` suspicious rounds among the last ``window`` seen [4, 3]; ``votes=None``
+        disables this route.
+    min_scale : float
+        Floor of the z-score scale as a fraction of the median distance [0.5: a neighbour must be at
+        least ``1 + threshold * min_scale`` = 2.5 times the median distance away].
+    cos_weight : float
+        Weight of the directional term [0.5; 0 disables it].
+    detector : str
+        "robust" (above) or "epic" (EPIC drop flags on the updates) [robust].
+    epic_fraction, epic_threshold : float, int
+        ``select_medoids`` arguments for ``detector="epic"`` [0.5, 1].
+    reject_score : float or None
+        Rule 6; a suspect scoring above it is not aggregated this round [30, ten times the threshold;
+        None aggregates every unconfirmed suspect, however far].
+    clip_tau : float or None
+        Rule 7; clip each neighbour's difference ``x_j - x_i`` to this L2 radius before weighting
+        (ClippedGossip) [None: plain gossip].
     """
 
     needs_keep_mask = False
@@ -177,17 +189,18 @@ class GradientPurification:
 
     def __init__(
         self,
-        threshold: float = 3.0,
-        patience: int = 3,
-        window: int = 6,
-        votes: int | None = 4,
-        min_scale: float = 0.5,
-        cos_weight: float = 0.5,
-        detector: str = "robust",
-        epic_fraction: float = 0.5,
-        epic_threshold: int = 1,
-        reject_score: float | None = 30.0,
-        clip_tau: float | None = None,
+        *,
+        threshold: float,
+        patience: int,
+        window: int,
+        votes: int | None,
+        min_scale: float,
+        cos_weight: float,
+        detector: str,
+        epic_fraction: float,
+        epic_threshold: int,
+        reject_score: float | None,
+        clip_tau: float | None,
     ) -> None:
         if not threshold > 0:
             raise ValueError(f"gp: threshold must be > 0, got {threshold!r}")

@@ -58,16 +58,18 @@ class KrumSelect:
 
     Parameters
     ----------
-    f: number of Byzantine models tolerated (the paper's guarantee needs ``n > 2f + 2``; the rule
-       only requires ``n - f - 2 >= 1`` so that the score is defined, and adapts below that).
-    multi: Multi-Krum's m': average the ``multi`` lowest-score models (1 = plain Krum).
+    f : int
+        Byzantine models tolerated (``defense.byzantine``; the paper's guarantee needs ``n > 2f + 2``;
+        the rule only requires ``n - f - 2 >= 1`` so that the score is defined, and adapts below that).
+    multi : int
+        Multi-Krum's m': average the ``multi`` lowest-score models (1 = plain Krum).
     The mixing weights are ignored (selection is unweighted, as in the paper).
     """
 
     needs_keep_mask = False
     needs_state = False
 
-    def __init__(self, f: int = 1, multi: int = 1) -> None:
+    def __init__(self, f: int, multi: int = 1) -> None:
         if int(f) != f or f < 0:
             raise ValueError(f"krum: f must be a non-negative integer, got {f!r}")
         if int(multi) != multi or multi < 1:

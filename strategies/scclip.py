@@ -47,7 +47,7 @@ class SelfCenteredClipping:
     needs_keep_mask = False
     needs_state = False
 
-    def __init__(self, tau: float | None = None, delta: float | None = None) -> None:
+    def __init__(self, tau: float | None, delta: float | None = None) -> None:
         if (tau is None) == (delta is None):
             raise ValueError("scclip: give exactly one of tau (fixed radius) or delta (adaptive)")
         if tau is not None and not tau > 0:

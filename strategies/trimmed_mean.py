@@ -27,14 +27,18 @@ class TrimmedMean:
 
     Parameters
     ----------
-    b: number of values removed at each end per coordinate (the number of Byzantine neighbours
-       tolerated). Needs ``2*b < m + 1``; otherwise a ValueError is raised at call time, since the
-       neighbourhood size is known only then. ``b = 0`` is the plain (unweighted) mean.
+    b : int
+        Values removed at each end per coordinate (the number of Byzantine neighbours tolerated;
+        ``defense.trim``). ``b = 0`` is the plain (unweighted) mean.
     The mixing weights are ignored (unweighted, as in the paper).
 
-    Non-finite vectors are left out first (``strategies/finite.py``); if that leaves n' <= 2b models,
-    b is lowered to ``(n' - 1) // 2`` for the call (a change from the paper's fixed b: the dropped
-    vectors were rejected already, and refusing would stop the node).
+    Small neighbourhoods (a change from the paper's fixed b, which assumes ``2b < n`` everywhere; node
+    degrees in a graph differ, and a rule that refused to run at a low-degree node would stop the
+    network): b is lowered to ``(n - 1) // 2`` at a node with n <= 2b models. Non-finite vectors are
+    left out first (``strategies/finite.py``), and n counts what remains.
+
+    Example: own = [0], neighbours = [[1], [2], [50]], b = 1: the values {0, 1, 2, 50} lose 0 and 50,
+    so the result is [1.5]; with b = 2 (more than the 4 models allow) b is lowered to 1.
     """
 
     needs_keep_mask = False
@@ -42,14 +46,11 @@ class TrimmedMean:
 
     def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
         check_stack(own, neighbours)
-        if 2 * self.b >= neighbours.shape[0] + 1:
-            raise ValueError(f"trimmed_mean: 2*b = {2 * self.b} must be < the number of models n = "
-                             f"{neighbours.shape[0] + 1}")
         inp = split_finite(own, neighbours, None)
         stack = torch.cat([inp.own.unsqueeze(0), inp.neighbours])
         return trimmed_mean(stack, min(self.b, (stack.shape[0] - 1) // 2)), inp.report
 
-    def __init__(self, b: int = 1) -> None:
+    def __init__(self, b: int) -> None:
         if int(b) != b or b < 0:
             raise ValueError(f"trimmed_mean: b must be a non-negative integer, got {b!r}")
         self.b = int(b)

@@ -15,7 +15,7 @@ from fedepic.attacks.model_attacks import alie_z, column_std
 from fedepic.config import load_config
 from fedepic.topology import build_topology, mixing_matrix
 from simulations.dfl_node import (
-    ExcludeDetected, NodeState, aggregate_models, aggregate_vectors, derive_seed, round_lr,
+    NodeState, aggregate_models, aggregate_vectors, derive_seed, round_lr,
 )
 from simulations.dfl_router import (
     detection_truth, honest_reference, inbox, label_roles, message_batches, outgoing, poisoned_models,
@@ -114,8 +114,8 @@ def test_exclude_drops_a_confirmed_neighbour_but_keeps_its_past_contribution():
     assert report.purified == [4] and report.confirmed == [4]
     kept_w = renormalised_weights(w, torch.tensor([True, True, True, False]))
     expected = own + sum(kept_w[k + 1] * (neigh[k] - own) for k in range(3))
-    assert torch.allclose(new, expected, atol=1e-6)
-    assert isinstance(ExcludeDetected(), ExcludeDetected)
+    assert torch.allclose(new, expected, atol=1e-6)  # nothing subtracted: the past contribution stays
+    assert state.gp.records == {} and state.gp.confirmed == {4}
 
 
 def test_aggregate_models_works_on_state_dicts_and_keeps_int_buffers():

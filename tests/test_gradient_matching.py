@@ -141,9 +141,19 @@ def test_augmented_brew_reports_progress_and_respects_eps(world):
     assert int(diff.max()) <= 8
 
 
-def test_target_prediction_is_a_class(world):
-    prediction = gm.target_prediction(world["model"], world["target_x"])
-    assert isinstance(prediction, int) and 0 <= prediction < CLASSES
+def test_target_prediction_is_the_argmax_in_eval_mode(world):
+    model, target_x = world["model"], world["target_x"]
+    model.train()
+    prediction = gm.target_prediction(model, target_x)
+    assert not model.training  # evaluated as the official code does
+    with torch.no_grad():
+        assert prediction == int(model(target_x[:1].float()).argmax(1)[0])
+    # and it is the same decision GradientMatching.success scores
+    adversarial = (prediction + 1) % CLASSES
+    attack = gm.GradientMatching()
+    assert attack.success(model, None, None, CLASSES, target_x, prediction) == 1.0
+    assert attack.success(model, None, None, CLASSES, target_x, adversarial) == 0.0
+    assert attack.success(model, None, None, CLASSES) is None
 
 
 def test_bad_arguments_raise_value_error(world):

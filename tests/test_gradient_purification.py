@@ -9,6 +9,16 @@ from strategies.gradient_purification import (
     detection_metrics,
 )
 
+
+def make_gp(**overrides):
+    """GP with the config schema's defaults (the ``gp`` of the command line), ``overrides`` on top."""
+    import dataclasses
+
+    from fedepic.config import PurificationConfig
+    from strategies.gradient_purification import GradientPurification
+
+    return GradientPurification(**{**dataclasses.asdict(PurificationConfig()), **overrides})
+
 D = 40
 IDS = [1, 2, 3, 4]
 W = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
@@ -27,7 +37,7 @@ def _round(gen, y, attack=None, bad_id=4):
 
 def test_benign_neighbours_never_flagged():
     gen = torch.Generator().manual_seed(0)
-    gp = GradientPurification()
+    gp = make_gp()
     state = gp.new_state()
     y = torch.zeros(D)
     bias = 0.3 * torch.randn(len(IDS) + 1, D, generator=gen)  # persistent non-IID offsets
@@ -44,7 +54,7 @@ def test_benign_neighbours_never_flagged():
 @pytest.mark.parametrize("attack", [lambda u: -u, lambda u: 10 * u], ids=["sign_flip", "scaling"])
 def test_attacker_confirmed_after_patience(attack):
     gen = torch.Generator().manual_seed(1)
-    gp = GradientPurification(patience=3, votes=None, reject_score=None)  # rule 5 alone
+    gp = make_gp(patience=3, votes=None, reject_score=None)  # rule 5 alone
     state = gp.new_state()
     y = torch.zeros(D)
     for t in range(1, 6):
@@ -63,24 +73,24 @@ def test_attacker_confirmed_after_patience(attack):
 
 def test_blatant_suspect_left_out_before_confirmation_moderate_one_aggregated():
     gen = torch.Generator().manual_seed(1)
-    gp = GradientPurification(patience=3, votes=None, reject_score=50.0)
+    gp = make_gp(patience=3, votes=None, reject_score=50.0)
     state = gp.new_state()
     own, neigh = _round(gen, torch.zeros(D), lambda u: 10 * u)
     _, report = gp.aggregate(own, neigh, IDS, W, state)
     assert report.scores[4] > 50 and report.flagged == [4] and report.kept == [1, 2, 3]
     assert 4 not in state.records and state.history[4] == [True]  # not recorded, but it counts
     # a suspect between threshold and reject_score is still aggregated (and recorded)
-    gp_loose = GradientPurification(patience=3, votes=None, reject_score=2 * report.scores[4])
+    gp_loose = make_gp(patience=3, votes=None, reject_score=2 * report.scores[4])
     state = gp_loose.new_state()
     _, report = gp_loose.aggregate(own, neigh, IDS, W, state)
     assert report.flagged == [4] and report.kept == IDS and 4 in state.records
     with pytest.raises(ValueError, match="reject_score"):
-        GradientPurification(threshold=3.0, reject_score=2.0)
+        make_gp(threshold=3.0, reject_score=2.0)
 
 
 def test_votes_route_confirms_intermittent_attacker():
     gen = torch.Generator().manual_seed(2)
-    gp = GradientPurification(patience=5, window=4, votes=3)
+    gp = make_gp(patience=5, window=4, votes=3)
     state = gp.new_state()
     y = torch.zeros(D)
     pattern = [True, False, True, True]  # never 5 in a row, but 3 of the last 4
@@ -92,7 +102,7 @@ def test_votes_route_confirms_intermittent_attacker():
 
 def test_purification_removes_exactly_the_record():
     gen = torch.Generator().manual_seed(3)
-    gp = GradientPurification(patience=1)
+    gp = make_gp(patience=1)
     state = gp.new_state()
     y = torch.zeros(D)
     expected_record = torch.zeros(D)
@@ -129,7 +139,7 @@ def test_purify_alone_is_exact():
 
 def test_suspicious_unconfirmed_still_aggregated_and_recorded():
     gen = torch.Generator().manual_seed(4)
-    gp = GradientPurification(patience=2, votes=None, reject_score=None)  # rule 5 alone
+    gp = make_gp(patience=2, votes=None, reject_score=None)  # rule 5 alone
     state = gp.new_state()
     own, neigh = _round(gen, torch.zeros(D))
     y, _ = gp.aggregate(own, neigh, IDS, W, state)
@@ -152,7 +162,7 @@ def test_suspicious_unconfirmed_still_aggregated_and_recorded():
 def test_clipped_aggregation_records_and_purifies_the_clipped_contribution():
     gen = torch.Generator().manual_seed(5)
     tau = 0.5
-    gp = GradientPurification(patience=2, votes=None, reject_score=None, clip_tau=tau)
+    gp = make_gp(patience=2, votes=None, reject_score=None, clip_tau=tau)
     state = gp.new_state()
     own, neigh = _round(gen, torch.zeros(D), lambda u: -u)  # 4 suspicious, aggregated (rule 5), clipped
     diffs = neigh - own
@@ -173,12 +183,12 @@ def test_clipped_aggregation_records_and_purifies_the_clipped_contribution():
     clipped = diffs * torch.clamp(tau / diffs.norm(dim=1, keepdim=True), max=1.0)
     assert torch.allclose(out, base + 0.25 * clipped.sum(dim=0), atol=1e-5)
     with pytest.raises(ValueError, match="clip_tau"):
-        GradientPurification(clip_tau=0.0)
+        make_gp(clip_tau=0.0)
 
 
 def test_state_round_trip():
     gen = torch.Generator().manual_seed(5)
-    gp = GradientPurification(patience=2, votes=None)
+    gp = make_gp(patience=2, votes=None)
     state = gp.new_state()
     y = torch.zeros(D)
     for _ in range(3):
@@ -198,20 +208,20 @@ def test_state_round_trip():
 
 
 def test_single_neighbour_cannot_be_told_apart():
-    gp = GradientPurification(patience=1)
+    gp = make_gp(patience=1)
     state = gp.new_state()
     out, report = gp.aggregate(torch.zeros(3), torch.full((1, 3), 100.0), [9], None, state)
     assert report.flagged == [] and torch.allclose(out, torch.full((3,), 50.0))
 
 
 def test_bad_arguments():
-    gp = GradientPurification()
+    gp = make_gp()
     with pytest.raises(ValueError, match="neighbour_ids"):
         gp.aggregate(torch.zeros(3), torch.zeros(2, 3), [1, 1], None, gp.new_state())
     with pytest.raises(ValueError, match="votes"):
-        GradientPurification(window=3, votes=4)
+        make_gp(window=3, votes=4)
     with pytest.raises(ValueError, match="detector"):
-        GradientPurification(detector="oracle")
+        make_gp(detector="oracle")
 
 
 def test_detection_metrics():
@@ -226,7 +236,7 @@ def test_detection_metrics():
 
 def test_epic_detector_confirms_outlier():
     gen = torch.Generator().manual_seed(6)
-    gp = GradientPurification(detector="epic", epic_fraction=0.4, patience=2, votes=None)
+    gp = make_gp(detector="epic", epic_fraction=0.4, patience=2, votes=None)
     state = gp.new_state()
     y = torch.zeros(D)
     for t in (1, 2):

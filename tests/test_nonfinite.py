@@ -11,7 +11,18 @@ import torch
 from strategies.epic_updates import epic_select_updates
 from strategies.finite import NonFinite, split_finite
 from strategies.gradient_purification import GradientPurification, PurificationState
-from strategies.peer_rules import build_peer_rule
+from fedepic.extensions import PEER_RULES
+
+
+def make_gp(**overrides):
+    """GP with the config schema's defaults (the ``gp`` of the command line), ``overrides`` on top."""
+    import dataclasses
+
+    from fedepic.config import PurificationConfig
+    from strategies.gradient_purification import GradientPurification
+
+    return GradientPurification(**{**dataclasses.asdict(PurificationConfig()), **overrides})
+
 
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -32,9 +43,14 @@ def spoil(rows: torch.Tensor, which: dict[int, str]) -> torch.Tensor:
 
 STATELESS = [
     ("gossip", {}), ("median", {}), ("trimmed_mean", {"b": 1}), ("trimmed_mean", {"b": 3}), ("krum", {"f": 1}),
-    ("krum", {"f": 1, "multi": 3}), ("scclip", {"tau": 0.05}), ("scclip", {"delta": 0.3}),
-    ("epic", {"fraction": 0.4}), ("exclude", {}), ("upper", {}),
+    ("krum", {"f": 1, "multi": 3}), ("scclip", {"tau": 0.05}), ("scclip", {"tau": None, "delta": 0.3}),
+    ("epic", {"fraction": 0.4, "threshold": 1}), ("upper", {}),
 ]
+
+
+def build_peer_rule(name, **params):
+    """The registered rule's class with explicit parameters (the config binding is tested elsewhere)."""
+    return PEER_RULES.get(name).load()(**params)
 
 
 @pytest.mark.parametrize("name, params", STATELESS)
@@ -80,7 +96,7 @@ def test_scclip_delta_radius_ignores_nonfinite_neighbours():
     """Before: a NaN distance made the quantile radius NaN and `norms > nan` is False, so no one was clipped."""
     own = torch.tensor([0.0])
     neigh = torch.tensor([[1.0], [2.0], [3.0], [100.0], [math.nan]])
-    out, report = build_peer_rule("scclip", delta=0.25).apply(own, neigh, None)
+    out, report = build_peer_rule("scclip", tau=None, delta=0.25).apply(own, neigh, None)
     assert torch.allclose(out, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))  # as without the NaN row
     assert report.rows == [4]
 
@@ -90,7 +106,7 @@ def test_scclip_delta_radius_ignores_nonfinite_neighbours():
 def test_gp_flags_and_never_aggregates_nonfinite_neighbours(detector, reject_score):
     own, neigh = neighbourhood(m=5, seed=2)
     ids = [10, 11, 12, 13, 14]
-    rule = GradientPurification(patience=2, detector=detector, epic_fraction=0.4, reject_score=reject_score)
+    rule = make_gp(patience=2, detector=detector, epic_fraction=0.4, reject_score=reject_score)
     state = PurificationState()
     spoilt = spoil(neigh, {1: "nan", 3: "inf"})
     new, report = rule.aggregate(own, spoilt, ids, None, state)
@@ -106,7 +122,7 @@ def test_gp_flags_and_never_aggregates_nonfinite_neighbours(detector, reject_sco
 def test_gp_replaces_a_nonfinite_own_model():
     own, neigh = neighbourhood(m=4, seed=3)
     own[0] = math.nan
-    new, report = GradientPurification().aggregate(own, spoil(neigh, {2: "inf"}), [1, 2, 3, 4], None,
+    new, report = make_gp().aggregate(own, spoil(neigh, {2: "inf"}), [1, 2, 3, 4], None,
                                                    PurificationState())
     assert torch.isfinite(new).all() and report.own_nonfinite and report.nonfinite == [3]
 
