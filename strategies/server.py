@@ -24,6 +24,14 @@ Every strategy is a `flwr.serverapp.strategy.Strategy`; `TrackedStrategy` runs i
 
 Never hand the same replies to two strategies: FedMedian, FedTrimmedAvg and Bulyan pop the arrays
 out of the replies they aggregate.
+
+State across rounds (what a checkpoint must hold, `TrackedStrategy.state_dict`): none of the
+registered rules carries any into its next aggregation. FedAvg, Krum, MultiKrum, Bulyan and FedMedian
+keep only their parameters; ExactTrimmedAvg sets beta afresh before each aggregation; EpicServer's
+`dropped_history` is read only for the round that wrote it (saved anyway, so that a resumed strategy
+equals the uninterrupted one). Flower's FedAvgM (server momentum) and the FedOpt family (FedAdam,
+FedYogi, FedAdagrad: current_arrays, m_t, v_t) do carry state; registering one of them needs its state
+in `state_dict` (tests/test_epic_server.py checks that the registered ones need nothing else).
 """
 
 from __future__ import annotations
@@ -188,6 +196,16 @@ class TrackedStrategy:
     strategy: Strategy
     params: StrategyParams
     recorder: Optional[SelectionRecorder] = None
+
+    def state_dict(self) -> dict:
+        """What the strategy carries from one round to the next, as plain data (module docstring)."""
+        if isinstance(self.strategy, EpicServer):
+            return {"dropped_history": {r: list(ids) for r, ids in self.strategy.dropped_history.items()}}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.strategy, EpicServer):
+            self.strategy.dropped_history = {int(r): list(ids) for r, ids in state["dropped_history"].items()}
 
     def aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
         """`strategy.aggregate_train(replies)`; `stack` holds the valid replies' model vectors in reply order.
