@@ -14,9 +14,13 @@ every message (Flower submits the app factory with each task; see benchmarks/ben
 
 Local EPIC (defense.local_epic): the client runs EPIC on its own rows after local training in
 round r when `EpicSchedule.is_selection_epoch(r)` holds, i.e. defense.epic.warmup and .interval
-(and .until) count *rounds* here. The dropped rows persist across rounds in the node's
-`Context.state` (one ConfigRecord per member, so strategies compared in one run do not share drops)
-and are left out of later local training.
+(and .until) count *rounds* here. The dropped rows persist across rounds and are left out of later
+local training. The server holds them, not the node: the client returns its packed EPIC state in the
+train reply (ConfigRecord `EPIC_KEY`), and the server sends the state it holds for the client back
+with the client's next train message of the same member (ServerApp, `run_strategy`). Clients are
+thus stateless: a restarted Ray worker or a resumed run (whose nodes are new) continues with the
+drops the server checkpointed, and members compared in one run never share drops. Flower's
+strategies never see the record: the server takes it out of the reply before aggregating.
 
 Model attacks applied here, on the update u = w_local - w_global of a malicious client:
 sign_flip, gaussian (attack.sigma) and scaling (attack.scale). ALIE, IPM and min-max need the
@@ -49,6 +53,7 @@ SERVER_SIDE_ATTACKS = ("alie", "ipm", "minmax")
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
 CONFIG_KEY = "fedepic-config"
 MEMBER_KEY = "member"
+EPIC_KEY = "epic-state"  # the client's local EPIC state, in train messages and replies
 
 
 # --------------------------------------------------------------------------- local work
@@ -129,16 +134,18 @@ def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> dic
     return unflatten_like(base + bad, state)
 
 
-# --------------------------------------------------------------------------- Context.state
+# --------------------------------------------------------------------------- EPIC state in messages
 
 
 def pack_epic_state(state: dict) -> ConfigRecord:
+    """`EpicState.state_dict()` as a ConfigRecord, the kept-rows mask bit-packed."""
     keep = np.asarray(state["keep"], dtype=bool)
     return ConfigRecord({"keep": np.packbits(keep).tobytes(), "rows": int(len(keep)),
                          "selections": int(state["selections"])})
 
 
 def unpack_epic_state(record: ConfigRecord) -> dict:
+    """The `EpicState.state_dict()` that `pack_epic_state` packed."""
     bits = np.frombuffer(record["keep"], dtype=np.uint8)  # type: ignore[arg-type]
     keep = np.unpackbits(bits)[: int(record["rows"])].astype(bool)
     return {"keep": keep.tolist(), "selections": int(record["selections"])}
@@ -148,33 +155,35 @@ def unpack_epic_state(record: ConfigRecord) -> dict:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train on this node's partition from the received global model; reply with one ArrayRecord and
-    one MetricRecord (the same metric keys on every client, as Flower's strategies require)."""
+    """Train on this node's partition from the received global model (and the local EPIC state the
+    message carries, if any); reply with one ArrayRecord and one MetricRecord (the same metric keys on
+    every client, as Flower's strategies require), plus the new EPIC state when local EPIC runs."""
     config = msg.content.config_records["config"]
     text = str(config[CONFIG_KEY])
-    member = str(config.get(MEMBER_KEY, ""))
     server_round = int(config["server-round"])
     cfg = config_from_text(text)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    client_id = int(context.node_config["partition-id"])
-    client = client_data_for(text, client_id)
-    state_key = f"epic:{member}"
-    saved = unpack_epic_state(context.state[state_key]) if state_key in context.state.config_records else None
+    client = client_data_for(text, int(context.node_config["partition-id"]))
+    records = msg.content.config_records
+    saved = unpack_epic_state(records[EPIC_KEY]) if EPIC_KEY in records else None
     global_state = next(iter(msg.content.array_records.values())).to_torch_state_dict()
     result = local_train(cfg, dataset_for(text), client, global_state, server_round, saved)
-    if result.epic_state is not None:
-        context.state[state_key] = pack_epic_state(result.epic_state)
     content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)})
+    if result.epic_state is not None:
+        content[EPIC_KEY] = pack_epic_state(result.epic_state)
     return Message(content=content, reply_to=msg)
 
 
 def handle_warmup(msg: Message, context: Context) -> Message:
     """Load the config, dataset and this client's rows into the actor's caches before round 1, so the
-    first member's round times do not include the actors' start-up."""
+    first member's round times do not include the actors' start-up; the reply names the node's
+    partition (the server addresses EPIC states and orders nodes by it)."""
     text = str(msg.content.config_records["config"][CONFIG_KEY])
-    client = client_data_for(text, int(context.node_config["partition-id"]))
-    content = RecordDict({"metrics": MetricRecord({"rows": len(client), "pid": os.getpid()})})
+    partition = int(context.node_config["partition-id"])
+    client = client_data_for(text, partition)
+    content = RecordDict({"metrics": MetricRecord({"rows": len(client), "pid": os.getpid(),
+                                                   "partition-id": partition})})
     return Message(content=content, reply_to=msg)
 
 

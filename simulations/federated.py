@@ -5,6 +5,9 @@ All members of `strategies:` share one simulation (one Ray start): the ServerApp
 after another over the same SuperNodes (see server_app.py). With `ray.address` set, the run attaches
 to that Ray cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on others)
 instead of starting a local one. A comparison of only `centralized-epic` needs no Flower at all.
+
+Every member checkpoints itself after every `checkpoint_every`-th round; `resume=` continues an
+interrupted run in its folder from those checkpoints (simulations/server_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
@@ -31,11 +35,14 @@ def check_federated(cfg: RunConfig) -> None:
     poison_set(cfg)  # gradient_matching needs attack.poisons
 
 
-def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupts: Optional[Interrupts] = None) -> Path:
+def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupts: Optional[Interrupts] = None,
+                  resume: Optional[Resume] = None) -> Path:
     """Run every strategy of `cfg.strategies` and write the comparison; returns the run folder.
 
     `client_app` replaces simulations.client_app.app (tests use it to inject a failing client);
     `interrupts` is the caller's SIGINT/SIGTERM handling (the CLI's), else the run installs its own.
+    `resume` (from fedepic.checkpoint.resume_config) continues that interrupted run in its folder:
+    finished members are kept, the interrupted one continues from its checkpoint.
     """
     quiet_flower()
     check_federated(cfg)
@@ -43,16 +50,18 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     data = load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
     checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data
     from simulations.server_app import make_server_app, serve
+    from simulations.server_checkpoints import resumed_from
 
+    resumed = resumed_from(cfg, resume) if resume is not None else None  # before the folder is touched
     interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, RunWriter(cfg.output_dir, cfg.name) as writer:
+    with interrupts, RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
         try:
             if all(name == "centralized-epic" for name in cfg.strategies):
-                serve(None, cfg, writer, interrupts.stop)  # main thread: a signal raises at once
+                serve(None, cfg, writer, interrupts.stop, resumed)  # main thread: a signal raises at once
             else:
                 if client_app is None:
                     from simulations.client_app import app as client_app
-                server_app = make_server_app(cfg, writer, interrupts.stop)
+                server_app = make_server_app(cfg, writer, interrupts.stop, resumed)
                 run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=interrupts)
                 if writer.status == "interrupted":  # the ServerApp stopped early (not after its work)
                     interrupts.raise_if_stopped()

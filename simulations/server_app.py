@@ -9,6 +9,13 @@ server evaluates the global model on the test set (accuracy, per-class accuracy,
 A reply that carries an error (the client raised or died) is recorded in that round's `failures`
 and the round goes on with the others.
 
+Clients are stateless: the server holds each client's local EPIC state (per member), takes it out of
+the client's train reply before aggregating and sends it back with the client's next train message
+(client_app.py). Nodes are listed to Flower's samplers in partition order (`PartitionGrid`), so the
+clients drawn in a round depend on the seed and the round only, not on the random node ids of a run.
+Each member checkpoints everything that decides its next rounds after every `checkpoint_every`-th
+round, and a resumed run (`serve(..., resumed)`) continues from there: see server_checkpoints.py.
+
 Attack injector (ALIE, IPM, min-max): these attacks need the round's benign updates, so they are
 applied here, after the replies arrive and before aggregation. This simulates omniscient, colluding
 attackers, as in the papers: each malicious reply's model becomes w_global + attack(benign updates).
@@ -26,6 +33,7 @@ run_config["fedepic-config"], optional overrides from run_config["fedepic-overri
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import random
@@ -39,6 +47,7 @@ import torch
 from fedepic.attacks import attack_success
 from fedepic.attacks.model_attacks import apply_model_attack
 from fedepic.centralized import epic_schedule, new_model
+from fedepic.checkpoint import remove_checkpoints
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicState
@@ -48,13 +57,16 @@ from fedepic.train import evaluate, fit, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from simulations.client_app import CONFIG_KEY, MEMBER_KEY, SERVER_SIDE_ATTACKS, model_for
+from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, SERVER_SIDE_ATTACKS, model_for
 from simulations.common import (
     RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
     partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config, write_comparison,
 )
+from simulations.server_checkpoints import (
+    Resumed, checkpoint_due, elapsed, kept_row_and_curves, member_checkpoint, restore_root, save_member_checkpoint,
+)
 from strategies.epic_server import record_vector
-from strategies.server import StrategyParams, build_server_strategy
+from strategies.server import StrategyParams, TrackedStrategy, build_server_strategy
 
 ROUND_TIMEOUT_S = 3600.0
 NODE_WAIT_S = 300.0
@@ -205,62 +217,148 @@ def _client_records(valid: list[Message], malicious: list[bool], norms: list[flo
     return records
 
 
-def run_strategy(grid: Grid, cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
-                 member: RunWriter, stop: threading.Event, result: MemberResult) -> None:
-    """`cfg.rounds` rounds of strategy `name`; logs one record per round to the member's metrics.jsonl.
+@dataclass
+class Progress:
+    """What decides a member's next rounds besides the config and the strategy (its checkpoint)."""
+
+    like: dict[str, torch.Tensor]  # the global model
+    tally: Tally = field(default_factory=Tally)
+    recalls: list[float] = field(default_factory=list)  # the last round's local EPIC recalls
+    diverged_round: Optional[int] = None  # the first round whose global model is non-finite
+    nonfinite: int = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
+    epic: dict[int, dict] = field(default_factory=dict)  # partition id -> its packed local EPIC state
+
+    def state_dict(self) -> dict:
+        return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
+                "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
+                "epic": {pid: dict(state) for pid, state in self.epic.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Progress":
+        return cls(dict(state["like"]), Tally(**state["tally"]), list(state["recalls"]), state["diverged_round"],
+                   int(state["nonfinite"]), {int(pid): dict(s) for pid, s in state["epic"].items()})
+
+
+class PartitionGrid:
+    """The run's Grid, listing its nodes in partition-id order.
+
+    Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)``, and simulated nodes
+    get random ids in every run (a set, in no set order): after ``random.seed`` the same positions are
+    drawn, but they held other clients in another run, or in a resumed one (whose nodes are new).
+    Listed by partition, the sample depends on the seed and the round alone. ``partitions`` (node id
+    -> partition id) is filled from the warm-up replies and every train reply; nodes of unknown
+    partition (a failed warm-up) come last, by id.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.partitions: dict[int, int] = {}
+
+    def get_node_ids(self) -> list[int]:
+        known = self.partitions
+        return sorted(self.grid.get_node_ids(), key=lambda n: (n not in known, known.get(n, 0), n))
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the Grid's
+        return getattr(self.grid, name)
+
+
+def _with_epic_state(msg: Message, grid: PartitionGrid, states: dict[int, dict]) -> Message:
+    """``msg`` carrying the receiving client's local EPIC state, if the server holds one (a new
+    Message: Flower's strategies give all messages of a round one content)."""
+    partition = grid.partitions.get(int(msg.metadata.dst_node_id))
+    state = states.get(partition) if partition is not None else None
+    if state is None:
+        return msg
+    content = RecordDict({**msg.content, EPIC_KEY: ConfigRecord(dict(state))})
+    return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+
+def _take_epic_states(valid: list[Message], grid: PartitionGrid, states: dict[int, dict]) -> None:
+    """Keep each reply's local EPIC state (and its node's partition) and take it out of the reply, so
+    that the strategy aggregates exactly the ArrayRecord and MetricRecord Flower validates."""
+    for msg in valid:
+        partition = int(_client_metrics(msg)["partition-id"])
+        grid.partitions[int(msg.metadata.src_node_id)] = partition
+        if EPIC_KEY in msg.content.config_records:
+            states[partition] = dict(msg.content.pop(EPIC_KEY))
+
+
+def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, rnd: int, config: ConfigRecord,
+                 evaluator: Evaluator, stop: threading.Event, progress: Progress) -> tuple[dict, int]:
+    """One round of ``tracked``: sample, exchange, inject the server-side attack, aggregate, evaluate.
+    Updates ``progress``; returns the round's metrics record and the number of clients asked."""
+    t0 = time.perf_counter()
+    random.seed(cfg.seed * 7919 + rnd)  # Flower samples with `random`: every member sees the same clients
+    messages = [_with_epic_state(m, grid, progress.epic) for m in tracked.strategy.configure_train(
+        rnd, ArrayRecord(progress.like), ConfigRecord(dict(config)), grid)]
+    replies = sorted(exchange(grid, messages, ROUND_TIMEOUT_S, stop), key=_reply_order)
+    valid = [m for m in replies if not m.has_error()]
+    _take_epic_states(valid, grid, progress.epic)
+    bad_ids = set(malicious_ids(cfg))
+    malicious = [int(_client_metrics(m)["partition-id"]) in bad_ids for m in valid]
+    like = progress.like
+    global_vec = flatten_state(like)
+    stack = torch.stack([record_vector(m.content[_array_key(m)]) for m in valid]) if valid else torch.zeros(0)
+    injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd) if valid else None
+    for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
+        valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected, like))
+        stack[i] = injected
+    outcome = tracked.aggregate(rnd, replies, stack)
+    progress.nonfinite += outcome.nonfinite_count
+    if outcome.arrays is not None:
+        progress.like = outcome.arrays.to_torch_state_dict()
+    ev = evaluator(progress.like)
+    diverged = not math.isfinite(ev["loss"]) or not bool(torch.isfinite(flatten_state(progress.like)).all())
+    if diverged and progress.diverged_round is None:
+        progress.diverged_round = rnd
+    clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
+    failures = _failures(messages, replies)
+    progress.tally.add(malicious, outcome.excluded, len(failures))
+    progress.recalls = [c["poison_recall"] for c in clients if c["poison_recall"] is not None]
+    return {
+        "round": rnd, "strategy": tracked.name, "accuracy": ev["accuracy"], "loss": ev["loss"],
+        "attack_success": ev["attack_success"], "per_class": ev["per_class"],
+        "excluded": None if outcome.excluded is None else sorted(c["id"] for c in clients if c["excluded"]),
+        "malicious_replies": sum(malicious), "aggregated": outcome.arrays is not None,
+        "attack_injected": cfg.attack.model if injected is not None else None,
+        "failures": failures, "clients": clients, "diverged": diverged, "seconds": time.perf_counter() - t0,
+    }, len(messages)
+
+
+def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
+                 member: RunWriter, stop: threading.Event, result: MemberResult,
+                 saved: Optional[dict] = None) -> None:
+    """`cfg.rounds` rounds of strategy `name`; logs one record per round to the member's metrics.jsonl
+    and checkpoints after every `checkpoint_every`-th (simulations/server_checkpoints.py). With
+    ``saved`` (such a checkpoint) the member continues after the round it was written in.
 
     poison_recall in the row: the mean over clients with poisoned rows of local EPIC's cumulative
     recall after the last round (None without local EPIC or poisons).
     """
-    started = time.perf_counter()
+    started = time.perf_counter() - elapsed(saved)
     tracked = build_server_strategy(name, _params(cfg))
-    like = {k: v.detach().cpu() for k, v in new_model(cfg, data, cfg.seed, torch.device("cpu")).state_dict().items()}
-    arrays = ArrayRecord(like)
+    if saved is None:
+        model = new_model(cfg, data, cfg.seed, torch.device("cpu"))
+        progress, first = Progress({k: v.detach().cpu() for k, v in model.state_dict().items()}), 1
+    else:
+        progress, first = Progress.from_state_dict(saved["progress"]), int(saved["round"]) + 1
+        tracked.load_state_dict(saved["strategy"])
+        result.curves = {k: list(v) for k, v in saved["curves"].items()}
     config = ConfigRecord({CONFIG_KEY: to_yaml(worker_config(cfg)), MEMBER_KEY: name})
-    bad_ids = set(malicious_ids(cfg))
-    tally, recalls = Tally(), []
-    diverged_round: Optional[int] = None  # the first round whose global model is non-finite
-    nonfinite = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
-    for rnd in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        random.seed(cfg.seed * 7919 + rnd)  # Flower samples with `random`: every member sees the same clients
-        messages = list(tracked.strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
-        replies = sorted(exchange(grid, messages, ROUND_TIMEOUT_S, stop), key=_reply_order)
-        valid = [m for m in replies if not m.has_error()]
-        malicious = [int(_client_metrics(m)["partition-id"]) in bad_ids for m in valid]
-        global_vec = flatten_state(like)
-        stack = torch.stack([record_vector(m.content[_array_key(m)]) for m in valid]) if valid else torch.zeros(0)
-        injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd) if valid else None
-        for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
-            valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected, like))
-            stack[i] = injected
-        outcome = tracked.aggregate(rnd, replies, stack)
-        nonfinite += outcome.nonfinite_count
-        if outcome.arrays is not None:
-            arrays = outcome.arrays
-            like = arrays.to_torch_state_dict()
-        ev = evaluator(like)
-        diverged = not math.isfinite(ev["loss"]) or not bool(torch.isfinite(flatten_state(like)).all())
-        if diverged and diverged_round is None:
-            diverged_round = rnd
-        clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
-        failures = _failures(messages, replies)
-        tally.add(malicious, outcome.excluded, len(failures))
-        recalls = [c["poison_recall"] for c in clients if c["poison_recall"] is not None]
-        member.log({
-            "round": rnd, "strategy": name, "accuracy": ev["accuracy"], "loss": ev["loss"],
-            "attack_success": ev["attack_success"], "per_class": ev["per_class"],
-            "excluded": None if outcome.excluded is None else sorted(c["id"] for c in clients if c["excluded"]),
-            "malicious_replies": sum(malicious), "aggregated": outcome.arrays is not None,
-            "attack_injected": cfg.attack.model if injected is not None else None,
-            "failures": failures, "clients": clients, "diverged": diverged, "seconds": time.perf_counter() - t0,
-        })
-        result.curves["accuracy"].append(ev["accuracy"])
-        result.curves["attack_success"].append(math.nan if ev["attack_success"] is None else ev["attack_success"])
-        check_failures(cfg, f"{name}, round {rnd}", failures, len(messages))
-    result.row = {**_row(name, result.curves, time.perf_counter() - started), **tally.rates(),
-                  "poison_recall": sum(recalls) / len(recalls) if recalls else None, "diverged_round": diverged_round,
-                  "nonfinite_replies": nonfinite}
+    for rnd in range(first, cfg.rounds + 1):
+        record, asked = _train_round(grid, cfg, tracked, rnd, config, evaluator, stop, progress)
+        member.log(record)
+        result.curves["accuracy"].append(record["accuracy"])
+        result.curves["attack_success"].append(math.nan if record["attack_success"] is None
+                                               else record["attack_success"])
+        check_failures(cfg, f"{name}, round {rnd}", record["failures"], asked)
+        if checkpoint_due(cfg, rnd):
+            save_member_checkpoint(member, {"member": name, "round": rnd, "progress": progress.state_dict(),
+                                            "strategy": tracked.state_dict(), "curves": result.curves}, started)
+    recalls = progress.recalls
+    result.row = {**_row(name, result.curves, time.perf_counter() - started), **progress.tally.rates(),
+                  "poison_recall": sum(recalls) / len(recalls) if recalls else None,
+                  "diverged_round": progress.diverged_round, "nonfinite_replies": progress.nonfinite}
 
 
 def _row(name: str, curves: dict[str, list[float]], seconds: float) -> dict:
@@ -275,9 +373,13 @@ def _row(name: str, curves: dict[str, list[float]], seconds: float) -> dict:
 
 
 def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, member: RunWriter,
-                         stop: threading.Event, result: MemberResult) -> None:
-    """Pool every client's (attacked) rows and train one model with EPIC for rounds * local_epochs epochs."""
-    started = time.perf_counter()
+                         stop: threading.Event, result: MemberResult, saved: Optional[dict] = None) -> None:
+    """Pool every client's (attacked) rows and train one model with EPIC for rounds * local_epochs epochs.
+
+    Checkpoints (model, EPIC mask, `fit`'s state, curves) after every `checkpoint_every`-th round; with
+    ``saved`` the training continues after that round's last epoch.
+    """
+    started = time.perf_counter() - elapsed(saved)
     parts = client_partition(cfg, data)
     clients = [build_client_data(cfg, data, c, parts) for c in range(cfg.clients.count)]
     x = torch.cat([c.x for c in clients])
@@ -287,6 +389,10 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
     model = new_model(cfg, data, cfg.seed, device)
     epochs = cfg.rounds * cfg.clients.local_epochs
     state = EpicState(len(y), epic_schedule(cfg), device=device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        state.load_state_dict(saved["epic"])
+        result.curves = {k: list(v) for k, v in saved["curves"].items()}
     curves = result.curves
 
     def epoch_end(epoch: int, net: torch.nn.Module) -> dict:
@@ -301,7 +407,16 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
                         **ev, "epic": stats or None, "dropped_total": int((~state.keep).sum())})
         return {}
 
-    fit(model, x, y, cfg.train, seed=cfg.seed, device=device, epochs=epochs, keep=state.keep, epoch_end=epoch_end)
+    def on_state(epoch: int, fit_state: dict) -> None:
+        rnd, within = divmod(epoch, cfg.clients.local_epochs)
+        if within == 0 and checkpoint_due(cfg, rnd):
+            save_member_checkpoint(member, {
+                "member": "centralized-epic", "round": rnd, "fit": fit_state, "curves": curves,
+                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "epic": {"keep": state.keep.clone(), "selections": state.selections}}, started)
+
+    fit(model, x, y, cfg.train, seed=cfg.seed, device=device, epochs=epochs, keep=state.keep, epoch_end=epoch_end,
+        resume=saved["fit"] if saved is not None else None, on_state=on_state)
     dropped = ~state.keep
     row = _row("centralized-epic", curves, time.perf_counter() - started)
     row["poison_recall"] = float((dropped & poisoned).sum() / poisoned.sum()) if poisoned.any() else None
@@ -320,11 +435,12 @@ def _target(cfg: RunConfig, data: ImageData) -> Target:
     return Target(x, poisons.adversarial_class)
 
 
-def _wait_for_clients(grid: Grid, cfg: RunConfig, stop: threading.Event) -> dict:
+def _wait_for_clients(grid: PartitionGrid, cfg: RunConfig, stop: threading.Event) -> dict:
     """One SuperNode per client: wait until all registered (the registration race), refuse extra ones,
     then warm every node up with a query message (actors start, import, load their rows), so that the
-    first member's round times do not include the start-up. A node that fails the warm-up is only
-    noted here: its failures are recorded again, round by round, in training."""
+    first member's round times do not include the start-up; the replies name each node's partition
+    (``grid.partitions``). A node that fails the warm-up is only noted here: its failures are recorded
+    again, round by round, in training."""
     started = time.perf_counter()
     try:
         nodes = wait_for_nodes(grid, cfg.clients.count, NODE_WAIT_S, stop)
@@ -337,7 +453,12 @@ def _wait_for_clients(grid: Grid, cfg: RunConfig, stop: threading.Event) -> dict
     text = to_yaml(worker_config(cfg))
     queries = [Message(content=RecordDict({"config": ConfigRecord({CONFIG_KEY: text})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in nodes]
-    failed = [m.error.reason for m in exchange(grid, queries, ROUND_TIMEOUT_S, stop) if m.has_error()]
+    replies = exchange(grid, queries, ROUND_TIMEOUT_S, stop)
+    for msg in (m for m in replies if not m.has_error()):
+        metrics = _client_metrics(msg)
+        if "partition-id" in metrics:
+            grid.partitions[int(msg.metadata.src_node_id)] = int(metrics["partition-id"])
+    failed = [m.error.reason for m in replies if m.has_error()]
     return {"event": "clients_ready", "seconds": time.perf_counter() - started, "warmup_failures": failed}
 
 
@@ -352,20 +473,24 @@ def _finish_member(member: RunWriter, name: str, result: MemberResult) -> None:
         close(fig)
 
 
-def _run_member(grid: Optional[Grid], cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
-                writer: RunWriter, stop: threading.Event) -> MemberResult:
-    """One member in its sub-folder; its summary is written also when it is interrupted or fails."""
+def _run_member(grid: Optional[PartitionGrid], cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
+                writer: RunWriter, stop: threading.Event, resumed: Optional[Resumed] = None) -> MemberResult:
+    """One member in its sub-folder; its summary is written also when it is interrupted or fails. A
+    member a resumed run found finished is kept as it is (its row and curves read back)."""
+    if resumed is not None and name in resumed.finished:
+        return MemberResult(*kept_row_and_curves(resumed.finished[name]))
+    saved = member_checkpoint(writer, name, resumed)
     result = MemberResult()
-    started = time.perf_counter()
+    started = time.perf_counter() - elapsed(saved)
     with RunWriter(cfg.output_dir, name, parent=writer) as member:
         member.write_config(to_yaml(cfg))
         try:
             if name == "centralized-epic":
-                run_centralized_epic(cfg, data, evaluator, member, stop, result)
+                run_centralized_epic(cfg, data, evaluator, member, stop, result, saved)
             elif grid is None:
                 raise ValueError(f"strategy {name!r} needs a Flower grid")
             else:
-                run_strategy(grid, cfg, name, data, evaluator, member, stop, result)
+                run_strategy(grid, cfg, name, data, evaluator, member, stop, result, saved)
         except BaseException as err:
             member.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             raise
@@ -376,8 +501,11 @@ def _run_member(grid: Optional[Grid], cfg: RunConfig, name: str, data: ImageData
     return result
 
 
-def serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threading.Event) -> list[dict]:
-    """Run every member of `cfg.strategies` and write the comparison; returns its rows.
+def serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threading.Event,
+          resumed: Optional[Resumed] = None) -> list[dict]:
+    """Run every member of `cfg.strategies` and write the comparison; returns its rows. With
+    ``resumed`` it continues an interrupted run in ``writer``'s (reopened) folder
+    (simulations/server_checkpoints.py).
 
     For the duration of the call (both are restored afterwards):
     - train.threads, when set, applies to the server-side evaluation and centralized-epic;
@@ -392,31 +520,36 @@ def serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threadi
     gc.collect()
     gc.freeze()
     try:
-        return _serve(grid, cfg, writer, stop)
+        return _serve(PartitionGrid(grid) if grid is not None else None, cfg, writer, stop, resumed)
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
 
 
-def _serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threading.Event) -> list[dict]:
+def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, writer: RunWriter, stop: threading.Event,
+           resumed: Optional[Resumed]) -> list[dict]:
     data = load_dataset(cfg.data, cfg.seed)
     target = _target(cfg, data)
     writer.write_config(to_yaml(cfg))
     report = partition_report(cfg, data)
     evaluator = Evaluator(cfg, data, target)
+    # a resumed run keeps the root lines an uninterrupted one has written by now, and does not log them again
+    ready_logged, members_logged = restore_root(writer, resumed) if resumed is not None else (False, [])
     rows: list[dict] = []
     curves: dict[str, dict[str, list[float]]] = {}
     startup: Optional[float] = None
     try:
         if grid is not None and any(m != "centralized-epic" for m in cfg.strategies):
-            ready = _wait_for_clients(grid, cfg, stop)
-            writer.log(ready)
+            ready = _wait_for_clients(grid, cfg, stop)  # a resumed run's nodes are new: they warm up again
+            if not ready_logged:
+                writer.log(ready)
             startup = ready["seconds"]
         for name in cfg.strategies:
-            result = _run_member(grid, cfg, name, data, evaluator, writer, stop)
+            result = _run_member(grid, cfg, name, data, evaluator, writer, stop, resumed)
             rows.append(result.row)
             curves[name] = result.curves
-            writer.log({"event": "member", **result.row})
+            if name not in members_logged:
+                writer.log({"event": "member", **result.row})
     except KeyboardInterrupt:
         writer.status = "interrupted"
         raise
@@ -428,18 +561,22 @@ def _serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: thread
             write_comparison(writer, rows, COMPARISON_COLUMNS, curves, PANELS,
                              f"{cfg.name}: {cfg.attack.data}/{cfg.attack.model} attack on {cfg.data.name}, "
                              f"{cfg.clients.count} clients")
-        writer.write_summary({"mode": "federated", "rows": rows, "clients_ready_seconds": startup, "partition": report})
+        writer.write_summary({"mode": "federated", "rows": rows, "clients_ready_seconds": startup, "partition": report,
+                              "resumed": resumed is not None})
+        if writer.status == "running":  # completed: the results are final, the states are not needed
+            remove_checkpoints(writer.dir)
     return rows
 
 
-def make_server_app(cfg: RunConfig, writer: RunWriter, stop: threading.Event) -> ServerApp:
+def make_server_app(cfg: RunConfig, writer: RunWriter, stop: threading.Event,
+                    resumed: Optional[Resumed] = None) -> ServerApp:
     """A ServerApp bound to a config and a run folder (the run_simulation path; see federated.py)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         with interrupted_quietly(stop):
-            serve(grid, cfg, writer, stop)
+            serve(grid, cfg, writer, stop, resumed)
 
     return server
 

@@ -345,7 +345,7 @@ def test_four_clients_two_rounds_on_ray(tmp_path):
     # EPIC on the updates drops the boosted attacker every round, and learns well above chance (0.1)
     assert all(r["excluded"] == [0] or 0 in r["excluded"] for r in epic)
     assert epic[-1]["accuracy"] > 0.5
-    # local EPIC state persists across rounds in Context.state, separately per member
+    # local EPIC state persists across rounds (the server holds it), separately per member
     selections = {(r["strategy"], r["round"], c["id"]): c["epic_selections"]
                   for r in fedavg + epic for c in r["clients"]}
     assert selections[("fedavg", 2, 1)] == 2 and selections[("epic", 1, 1)] == 1 and selections[("epic", 2, 1)] == 2

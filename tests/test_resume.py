@@ -151,3 +151,146 @@ def test_checkpoints_are_read_without_unpickling(tmp_path: Path) -> None:
     state = load_checkpoint(path)
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["format_version"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# --------------------------------------------------------------------------- federated (server-based)
+
+
+class LocalGrid:
+    """A Flower Grid that answers every pushed message at once with the ClientApp handlers, in this
+    process; node ``node_ids[i]`` holds partition i (Flower's simulated nodes get random ids)."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i}, state=RecordDict(),
+                                       run_config={}) for i, node in enumerate(node_ids)}
+        self.replies: dict = {}
+
+    def get_node_ids(self) -> set[int]:
+        return set(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        import uuid
+
+        from flwr.app import MessageType
+        from simulations.client_app import handle_train, handle_warmup
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            handler = handle_warmup if msg.metadata.message_type == MessageType.QUERY else handle_train
+            self.replies[msg.metadata.message_id] = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class StopAt:
+    """A stop event that is set once a file matching ``pattern`` (under ``out``) has ``lines`` lines:
+    the run stops there as after SIGTERM."""
+
+    def __init__(self, out: Path, pattern: str, lines: int) -> None:
+        self.out, self.pattern, self.lines = out, pattern, lines
+
+    def is_set(self) -> bool:
+        return any(p.read_text().count("\n") >= self.lines for p in self.out.glob(self.pattern))
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages can only be built inside a run; give this process a task identity for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def local_config(out: Path, strategies: str):
+    from fedepic.config import load_config
+
+    return load_config(None, [
+        "mode=federated", "name=f", f"output_dir={out}", "progress=false", "data.name=synthetic",
+        "data.synthetic_train=600", "data.synthetic_test=100", "clients.count=4", "clients.fraction_train=0.5",
+        "clients.malicious_ids=[0,2]", "attack.model=scaling", "rounds=5", "train.batch_size=32", "train.threads=1",
+        "defense.local_epic=true", "defense.epic.warmup=1", "defense.epic.interval=1", f"strategies={strategies}"])
+
+
+def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
+    """The ServerApp body over a LocalGrid, as run_federated runs it; returns the run folder."""
+    import threading
+
+    from fedepic.outputs import RunWriter
+    from simulations.server_app import serve
+    from simulations.server_checkpoints import resumed_from
+
+    resumed = resumed_from(cfg, resume) if resume is not None else None
+    with RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
+        serve(LocalGrid(node_ids), cfg, writer, stop or threading.Event(), resumed)
+    return writer.path
+
+
+@pytest.mark.parametrize("cut", ["epic", "centralized-epic"])
+def test_federated_resume_in_process_equals_an_uninterrupted_run(tmp_path: Path, task_identity, cut: str) -> None:
+    """Half the clients sampled per round, local EPIC, a client-side attack; the run is cut after round 3
+    of ``cut`` and resumed over nodes with other ids (as a new simulation has)."""
+    from fedepic.checkpoint import resume_config
+    from fedepic.errors import RunInterrupted
+
+    strategies = "[fedavg,centralized-epic,epic]"
+    members = ["fedavg", "centralized-epic", "epic"]
+    ref = serve_locally(local_config(tmp_path / "ref", strategies), [11, 12, 13, 14])
+    out = tmp_path / "cut"
+    with pytest.raises(RunInterrupted):
+        serve_locally(local_config(out, strategies), [904, 17, 5, 33], StopAt(out, f".*partial/{cut}/metrics.jsonl", 3))
+    folder = only_folder(out)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
+    saved = load_checkpoint(folder / cut / CHECKPOINT)
+    assert saved["round"] == 3 and saved["member"] == cut
+    if cut == "epic":
+        assert saved["progress"]["epic"], "the server holds the clients' local EPIC states"
+    cfg, point = resume_config(str(folder), None, [])
+    resumed = serve_locally(cfg, [8, 2, 71, 40], resume=point)
+    assert resumed == folder
+    assert_same_run(resumed, ref, members)
+    root = json.loads((resumed / "summary.json").read_text())
+    assert root["resumed"] is True
+    assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
+
+
+def federated_args(out: Path, data_root: Path) -> list[str]:
+    return ["config=server_noniid.yaml", f"output_dir={out}", "name=f", "rounds=6", "strategies=[fedavg,krum]",
+            "ray.num_cpus=1", "train.threads=1", "progress=false", "clients.count=4", "data.train_per_class=30",
+            "data.test_per_class=20", "defense.local_epic=true", "defense.epic.warmup=1", "defense.epic.interval=1",
+            f"data.root={data_root}"]
+
+
+@pytest.mark.slow
+def test_federated_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    """On Flower and Ray through the CLI: fedavg finishes, krum is cut by SIGTERM after round 3 and
+    resumed in a new simulation (new nodes, new actors) with the clients' local EPIC states the server
+    checkpointed."""
+    reference = cli(federated_args(tmp_path / "ref", data_root))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = Path(reference.stdout.strip().splitlines()[-1])
+
+    finished: dict[str, bytes] = {}
+
+    def cut_inside_krum(folder: Path) -> None:
+        saved = load_checkpoint(folder / "krum" / CHECKPOINT)
+        assert saved["member"] == "krum" and 2 <= saved["round"] < 6
+        assert sorted(saved["progress"]["epic"]) == [0, 1, 2, 3]  # every client's local EPIC state
+        assert json.loads((folder / "fedavg" / "summary.json").read_text())["status"] == "completed"
+        finished.update({p.name: p.read_bytes() for p in (folder / "fedavg").iterdir() if p.name != CHECKPOINT})
+
+    out = tmp_path / "cut"
+    resumed = interrupt_then_resume(federated_args(out, data_root), out, ".*partial/krum/metrics.jsonl", 3,
+                                    signal.SIGTERM, cut_inside_krum)
+    assert_same_run(resumed, ref, ["fedavg", "krum"])
+    assert {p.name: p.read_bytes() for p in (resumed / "fedavg").iterdir()} == finished, "fedavg was rewritten"
+    root = json.loads((resumed / "summary.json").read_text())
+    assert root["resumed"] is True and [r["strategy"] for r in root["rows"]] == ["fedavg", "krum"]
+    assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
