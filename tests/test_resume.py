@@ -199,24 +199,30 @@ class StopAt:
         return any(p.read_text().count("\n") >= self.lines for p in self.out.glob(self.pattern))
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages can only be built inside a run; give this process a task identity for the test."""
+@pytest.fixture(scope="module")
+def task_identity():
+    """Messages can only be built inside a run; give this process a task identity for these tests."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+            patch.setattr(TaskIdentity, key, value)
+        yield
 
 
-def local_config(out: Path, strategies: str):
+LOCAL_MEMBERS = ["fedavg", "centralized-epic", "epic"]
+
+
+def local_config(out: Path, every: int = 1):
+    """4 clients, half of them sampled per round, local EPIC, a label-flipping and boosting attacker."""
     from fedepic.config import load_config
 
     return load_config(None, [
         "mode=federated", "name=f", f"output_dir={out}", "progress=false", "data.name=synthetic",
-        "data.synthetic_train=600", "data.synthetic_test=100", "clients.count=4", "clients.fraction_train=0.5",
-        "clients.malicious_ids=[0,2]", "attack.model=scaling", "rounds=5", "train.batch_size=32", "train.threads=1",
-        "defense.local_epic=true", "defense.epic.warmup=1", "defense.epic.interval=1", f"strategies={strategies}"])
+        "data.synthetic_train=400", "data.synthetic_test=100", "clients.count=4", "clients.fraction_train=0.5",
+        "clients.malicious_ids=[0]", "attack.data=label_flip", "attack.model=scaling", "attack.scale=3", "rounds=4",
+        "train.batch_size=32", "train.threads=1", "defense.local_epic=true", "defense.epic.warmup=1",
+        "defense.epic.interval=1", f"strategies=[{','.join(LOCAL_MEMBERS)}]", f"checkpoint_every={every}"])
 
 
 def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
@@ -233,32 +239,57 @@ def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
     return writer.path
 
 
-@pytest.mark.parametrize("cut", ["epic", "centralized-epic"])
-def test_federated_resume_in_process_equals_an_uninterrupted_run(tmp_path: Path, task_identity, cut: str) -> None:
-    """Half the clients sampled per round, local EPIC, a client-side attack; the run is cut after round 3
-    of ``cut`` and resumed over nodes with other ids (as a new simulation has)."""
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, task_identity) -> Path:
+    return serve_locally(local_config(tmp_path_factory.mktemp("ref")), [11, 12, 13, 14])
+
+
+@pytest.mark.parametrize("cut, lines, every, restart", [
+    ("epic", 3, 2, 2),  # continues after round 2: its round-3 line is cut off and logged again
+    ("centralized-epic", 3, 2, 2),
+    pytest.param("epic", 1, 2, None, marks=pytest.mark.slow),  # no checkpoint yet: epic starts over
+])
+def test_federated_resume_in_process_equals_an_uninterrupted_run(tmp_path: Path, local_reference: Path, cut: str,
+                                                                  lines: int, every: int, restart) -> None:
+    """Cut once ``cut`` logged ``lines`` rounds, resumed over nodes with other ids (a new simulation's)."""
     from fedepic.checkpoint import resume_config
     from fedepic.errors import RunInterrupted
 
-    strategies = "[fedavg,centralized-epic,epic]"
-    members = ["fedavg", "centralized-epic", "epic"]
-    ref = serve_locally(local_config(tmp_path / "ref", strategies), [11, 12, 13, 14])
     out = tmp_path / "cut"
     with pytest.raises(RunInterrupted):
-        serve_locally(local_config(out, strategies), [904, 17, 5, 33], StopAt(out, f".*partial/{cut}/metrics.jsonl", 3))
+        serve_locally(local_config(out, every), [904, 17, 5, 33], StopAt(out, f".*partial/{cut}/metrics.jsonl", lines))
     folder = only_folder(out)
     assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
-    saved = load_checkpoint(folder / cut / CHECKPOINT)
-    assert saved["round"] == 3 and saved["member"] == cut
-    if cut == "epic":
-        assert saved["progress"]["epic"], "the server holds the clients' local EPIC states"
+    if restart is None:
+        assert not (folder / cut / CHECKPOINT).exists()
+    else:
+        saved = load_checkpoint(folder / cut / CHECKPOINT)
+        assert saved["round"] == restart and saved["member"] == cut
+        assert cut != "epic" or saved["progress"]["epic"], "the server holds the clients' local EPIC states"
     cfg, point = resume_config(str(folder), None, [])
     resumed = serve_locally(cfg, [8, 2, 71, 40], resume=point)
     assert resumed == folder
-    assert_same_run(resumed, ref, members)
+    assert_same_run(resumed, local_reference, LOCAL_MEMBERS)
     root = json.loads((resumed / "summary.json").read_text())
-    assert root["resumed"] is True
-    assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
+    reference = json.loads((local_reference / "summary.json").read_text())
+    assert root["resumed"] is True and without_timing(root["rows"]) == without_timing(reference["rows"])
+
+
+def test_the_root_metrics_keep_what_an_uninterrupted_run_has_written(tmp_path: Path) -> None:
+    """clients_ready, then the finished members' lines in order; a torn line, a line of an unfinished
+    member and what follows are cut off."""
+    from fedepic.outputs import RunWriter
+    from simulations.server_checkpoints import Resumed, restore_root
+
+    lines = [{"event": "clients_ready", "seconds": 1.0}, {"event": "member", "strategy": "a"},
+             {"event": "member", "strategy": "c"}]
+    with RunWriter(tmp_path, "r") as writer:
+        text = "".join(json.dumps(r) + "\n" for r in lines)
+        (writer.dir / "metrics.jsonl").write_text(text + '{"event": "mem')
+        assert restore_root(writer, Resumed(finished={"a": {}, "b": {}})) == (True, ["a"])
+        assert (writer.dir / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in lines[:2])
+        (writer.dir / "metrics.jsonl").write_text('{"event": "member", "strategy": "a"}\n')
+        assert restore_root(writer, Resumed(finished={"a": {}})) == (False, ["a"])
 
 
 def federated_args(out: Path, data_root: Path) -> list[str]:
