@@ -37,6 +37,17 @@ def _split_args(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], list
     return config, resume, overrides
 
 
+def _extension_names() -> str:
+    """What each key accepts, from the registries (fedepic/extensions.py)."""
+    from fedepic import extensions as ext
+
+    keys = [("strategies (federated)", ext.SERVER_STRATEGIES), ("strategies (decentralized)", ext.PEER_RULES),
+            ("attack.model", ext.MODEL_ATTACKS), ("attack.data", ext.DATA_ATTACKS),
+            ("defense.compare (centralized)", ext.CENTRAL_DEFENSES), ("data.name", ext.DATASETS),
+            ("model.name", ext.MODELS)]
+    return "\n".join(f"{key}: {', '.join(registry.names())}" for key, registry in keys)
+
+
 def _runner(mode: str) -> Callable:
     if mode == "centralized":
         from fedepic.centralized import run_centralized
@@ -60,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(USAGE + "\n\n" + _extension_names())
         return 0
     config, resume, overrides = _split_args(argv)
     try:
