@@ -5,16 +5,31 @@ Run folder (``output_dir/<timestamp>-<name>/``): config.yaml, partition.json (la
 node), topology.json (edges, malicious nodes, label roles), summary.json, comparison.{md,csv,png}, and
 per strategy ``<strategy>/`` with metrics.jsonl (one line per round), summary.json and curves.png.
 All figures are over the BENIGN nodes (see ``dfl_router.round_metrics``).
+
+Checkpoints: after every ``checkpoint_every``-th round but its last, a member's folder gets
+``checkpoint.pt`` (``fedepic.checkpoint``): the round, the length of its metrics.jsonl, and every
+node's state after that round as the router collected it (``dfl_apps``: model, GP records and
+detector meta, local EPIC's kept rows and selections). A member deletes it when it completes, the
+run deletes any left when it completes. ``resume=RUN_FOLDER`` keeps the completed members as they
+are (their records are read back from metrics.jsonl for the comparison), continues the interrupted
+one after its checkpointed round (metrics.jsonl cut back to the checkpoint's length, the nodes'
+states sent back to them), starts a member without a checkpoint over and runs the others as usual.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import networkx as nx
 
 from fedepic.attacks import flip_table
+from fedepic.checkpoint import (
+    CHECKPOINT, Resume, load_checkpoint, metrics_size, remove_checkpoints, save_checkpoint, truncate_metrics,
+)
 from fedepic.config import ConfigError, RunConfig, malicious_ids, to_yaml
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
@@ -26,7 +41,7 @@ from simulations.common import (
     check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config, write_comparison,
 )
 from simulations.dfl_node import STATEFUL, peer_rule
-from simulations.dfl_apps import Member, Router, RunSink, make_client_app, make_server_app
+from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import benign_components, label_roles, malicious_share, routing_for
 
 COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy", "exclusive_accuracy",
@@ -78,22 +93,81 @@ def member_summary(name: str, strategy: str, records: list[Mapping[str, Any]]) -
     return summary
 
 
-class FolderSink(RunSink):
-    """Writes each member's sub-folder as the router reports rounds."""
+def _nan_for_null(value: Any) -> Any:
+    """metrics.jsonl writes NaN as null: a number (or a list of them) read back becomes NaN again."""
+    if value is None:
+        return math.nan
+    if isinstance(value, list) and all(v is None or isinstance(v, (int, float)) for v in value):
+        return [math.nan if v is None else v for v in value]
+    return value
 
-    def __init__(self, root: RunWriter, cfg: RunConfig, progress: Any) -> None:
-        self.root, self.cfg, self.progress = root, cfg, progress
+
+def logged_records(folder: Path) -> list[dict]:
+    """A member's per-round records as its metrics.jsonl holds them (failures lists left as they are)."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [{k: v if k == "failures" else _nan_for_null(v) for k, v in json.loads(line).items()} for line in lines]
+
+
+class FolderSink(RunSink):
+    """Writes each member's sub-folder as the router reports rounds, with its checkpoints; with
+    ``resume``, reopens the members an interrupted run left (see the module docstring)."""
+
+    def __init__(self, root: RunWriter, cfg: RunConfig, progress: Any, members: Sequence[Member] = (),
+                 resume: Optional[Resume] = None) -> None:
+        self.root, self.cfg, self.progress, self.resume = root, cfg, progress, resume
         self.writers: dict[str, RunWriter] = {}
         self.records: dict[str, list[dict]] = {}
         self.bars: dict[str, Any] = {}
         self.summaries: dict[str, dict] = {}
+        self.kept: set[str] = set()
+        for member in members:
+            if resume is not None and resume.finished(member.name):
+                self._keep(member)
 
-    def begin(self, member: Member) -> None:
+    def _keep(self, member: Member) -> None:
+        """A member the interrupted run completed: its folder stays, the comparison covers it."""
+        records = logged_records(self.root.dir / member.name)
+        self.records[member.name] = records
+        self.summaries[member.name] = member_summary(member.name, member.strategy, records)
+        self.kept.add(member.name)
+
+    def finished(self, member: Member) -> bool:
+        return member.name in self.kept
+
+    def begin(self, member: Member) -> MemberStart:
+        folder = self.root.dir / member.name  # the reopened root: resume.run_dir is now .partial
+        resuming = self.resume is not None and (folder / CHECKPOINT).is_file()
+        saved = load_checkpoint(folder / CHECKPOINT) if resuming else None
+        if self.resume is not None and saved is None:
+            shutil.rmtree(folder, ignore_errors=True)  # cut short before its first checkpoint: start over
+        elif saved is not None:
+            truncate_metrics(folder, saved["metrics_size"])  # rounds after the checkpoint are played again
         writer = RunWriter(self.root.dir, member.name, parent=self.root)
         writer.__enter__()
         self.writers[member.name] = writer
-        self.records[member.name] = []
+        self.records[member.name] = logged_records(folder) if saved is not None else []
         self.bars[member.name] = bar(self.progress, member.name, self.cfg.rounds)
+        if saved is None:
+            return MemberStart()
+        self._check_saved(member, saved)
+        self.bars[member.name].advance(saved["round"])
+        return MemberStart(int(saved["round"]), {int(i): state for i, state in saved["states"].items()})
+
+    def _check_saved(self, member: Member, saved: Mapping[str, Any]) -> None:
+        rounds = [r.get("round") for r in self.records[member.name]]
+        if rounds != list(range(1, int(saved["round"]) + 1)):
+            raise ConfigError(f"invalid value '{self.root.dir / member.name}' for key 'resume': metrics.jsonl "
+                              f"holds rounds {rounds[:3]}..., its checkpoint is at round {saved['round']}")
+
+    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
+        """``checkpoint.pt`` of the member after ``round_``, whose metrics line is on disk by now."""
+        writer = self.writers[member.name]
+        writer.flush()
+        save_checkpoint(writer.dir / CHECKPOINT, {
+            "member": member.name, "round": round_, "metrics_size": metrics_size(writer.dir),
+            "states": {str(i): dict(state) for i, state in sorted(states.items())},
+        })
 
     def round(self, member: Member, record: Mapping[str, Any]) -> None:
         self.writers[member.name].log(record)
@@ -113,6 +187,7 @@ class FolderSink(RunSink):
             close(fig)
         writer.write_summary(summary)
         writer.__exit__(None, None, None)
+        (writer.dir / CHECKPOINT).unlink(missing_ok=True)  # completed: a resume keeps it as it is
 
     def abort(self, err: BaseException) -> None:
         """Close the members cut short by ``err``: "interrupted" for SIGINT/SIGTERM, else "failed"."""
@@ -124,12 +199,14 @@ class FolderSink(RunSink):
         self.writers.clear()
 
 
-def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None) -> Path:
+def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
+                      resume: Optional[Resume] = None) -> Path:
     """Simulate ``cfg.strategies`` on the configured graph; returns the run folder.
 
     On every exit path the finished members keep their summaries, a member cut short is marked
     "interrupted" (SIGINT, SIGTERM) or "failed", and the root gets the comparison of the finished
-    members and a summary with the run's status and the list of finished members.
+    members and a summary with the run's status and the list of finished members. With ``resume``
+    the interrupted run's folder is continued (see the module docstring).
     """
     quiet_flower()
     check_ray_address(cfg)  # before a run folder exists
@@ -150,7 +227,8 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     members = [Member(name, s, routing_for(s, graph, bad)) for name, s in zip(member_names(cfg.strategies),
                                                                               cfg.strategies)]
     interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, RunWriter(cfg.output_dir, cfg.name) as root, progress_bars(cfg.progress) as progress:
+    with interrupts, RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as root, \
+            progress_bars(cfg.progress) as progress:
         root.write_config(to_yaml(cfg))
         root.write_json("partition.json", report)
         root.write_json("topology.json", {
@@ -158,7 +236,7 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
             "malicious": bad, "label_roles": roles, "max_malicious_share": malicious_share(graph, bad),
             "benign_components": {m.name: benign_components(m.routing, bad) for m in members},
         })
-        sink = FolderSink(root, cfg, progress)
+        sink = FolderSink(root, cfg, progress, members, resume)
         node_cfg = worker_config(cfg)
         router = Router(node_cfg, bad, roles, members, sink, interrupts.stop)
         try:
@@ -173,12 +251,14 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
             raise
         finally:
             with interrupts.polled():  # a signal now must not cut the summaries short
-                _write_root(cfg, root, sink, members, bad, roles)
+                _write_root(cfg, root, sink, members, bad, roles, resumed=resume is not None)
+                if root.status == "running":
+                    remove_checkpoints(root.dir)
     return root.path
 
 
 def _write_root(cfg: RunConfig, root: RunWriter, sink: "FolderSink", members: list[Member], bad: list[int],
-                roles: Mapping[str, Any]) -> None:
+                roles: Mapping[str, Any], resumed: bool = False) -> None:
     """The comparison of the finished members and the root summary (with the run's status)."""
     done = [m for m in members if m.name in sink.summaries]
     rows = [sink.summaries[m.name] for m in done]
@@ -189,7 +269,8 @@ def _write_root(cfg: RunConfig, root: RunWriter, sink: "FolderSink", members: li
                 f"{cfg.topology.name}, attack {attack_label(cfg)}"
         write_comparison(root, rows, COLUMNS, curves, PANELS, title)
     root.write_summary({"mode": "decentralized", "attack": attack_label(cfg), "label_roles": roles,
-                        "finished": [m.name for m in done], "members": {r["strategy"]: r for r in rows}})
+                        "finished": [m.name for m in done], "members": {r["strategy"]: r for r in rows},
+                        "resumed": resumed})
 
 
 def attack_label(cfg: RunConfig) -> str:

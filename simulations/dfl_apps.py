@@ -14,6 +14,18 @@ what makes the ServerApp a router):
 Several strategy runs ("members") go through one simulation in turn; a node resets its state when
 the member changes, so they never share anything but the Ray actors.
 
+Checkpoints (``resume=``): a node's state lives on its Ray actor, so the router collects it. In a
+round ``r`` with ``r % checkpoint_every == 0`` (the member's last round excepted: it then completes),
+the ``train.aggregate`` config carries ``send_state``, and the node adds its state after the
+aggregation (``NodeState.to_plain`` as ``dfl.*`` records, the layout of ``Context.state``) to its
+reply: exactly what round ``r + 1`` starts from. The router hands those states to the sink
+(``RunSink.checkpoint``) once the round's metrics line is logged. A node that failed that round
+(or sat it out) keeps the state it had in the previous checkpoint: a resume restores that one,
+so after node failures a resumed run may differ from an uninterrupted one. On resume the first
+round's ``train`` messages carry each node's saved state, which the node puts into its
+``Context.state`` before training. The router itself keeps nothing across rounds, and every random
+draw (local training, attack noise) is seeded from (seed, round, node).
+
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
 (``simulations.common.dataset_for``) and then cut their partition out of it.
 """
@@ -22,7 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -55,25 +67,52 @@ HELLO = "query"
 # ----------------------------------------------------------------------------------- node side
 
 
+def state_records(node: NodeState) -> dict[str, Any]:
+    """``node`` as the ``dfl.*`` records of ``Context.state`` (also what a message carrying it holds)."""
+    arrays, config = node.to_plain()
+    records: dict[str, Any] = {STATE_PREFIX + name: ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+                               for name, tensors in arrays.items()}
+    records[STATE_PREFIX + "meta"] = ConfigRecord(config)
+    return records
+
+
+def plain_state(records: RecordDict) -> Optional[dict[str, Any]]:
+    """The ``dfl.*`` records of ``records`` as {"arrays", "config"} (``NodeState.to_plain``'s two
+    parts, tensors and plain values: what a checkpoint stores), or None when it holds none."""
+    meta_key = STATE_PREFIX + "meta"
+    if meta_key not in records.config_records:
+        return None
+    arrays = {k[len(STATE_PREFIX):]: rec.to_torch_state_dict() for k, rec in records.array_records.items()
+              if k.startswith(STATE_PREFIX)}
+    return {"arrays": arrays, "config": dict(records.config_records[meta_key])}
+
+
+def node_state_from(plain: Mapping[str, Any]) -> NodeState:
+    return NodeState.from_plain(plain["arrays"], plain["config"])
+
+
 def load_node_state(context: Context, member: str) -> NodeState:
     """The node's state for ``member`` from ``Context.state`` (a fresh one for a new member)."""
-    state = context.state
-    meta_key = STATE_PREFIX + "meta"
-    if meta_key not in state.config_records or state.config_records[meta_key].get("member") != member:
+    plain = plain_state(context.state)
+    if plain is None or plain["config"].get("member") != member:
         return NodeState(member=member)
-    arrays = {k[len(STATE_PREFIX):]: rec.to_torch_state_dict() for k, rec in state.array_records.items()
-              if k.startswith(STATE_PREFIX)}
-    return NodeState.from_plain(arrays, dict(state.config_records[meta_key]))
+    return node_state_from(plain)
 
 
 def save_node_state(context: Context, node: NodeState) -> None:
     """Replace this module's entries of ``Context.state`` with ``node``."""
     for key in [k for k in context.state.keys() if k.startswith(STATE_PREFIX)]:
         del context.state[key]
-    arrays, config = node.to_plain()
-    for name, tensors in arrays.items():
-        context.state[STATE_PREFIX + name] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
-    context.state[STATE_PREFIX + "meta"] = ConfigRecord(config)
+    for key, record in state_records(node).items():
+        context.state[key] = record
+
+
+def restore_node_state(context: Context, content: RecordDict) -> None:
+    """A resumed run's first ``train`` message carries the node's checkpointed state: it replaces
+    whatever ``Context.state`` holds (a fresh simulation holds nothing)."""
+    plain = plain_state(content)
+    if plain is not None:
+        save_node_state(context, node_state_from(plain))
 
 
 def _partition_id(context: Context) -> int:
@@ -99,6 +138,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
         member, strategy, round_ = str(conf["member"]), str(conf["strategy"]), int(conf["round"])
+        restore_node_state(context, msg.content)
         state = load_node_state(context, member)
         device = resolve_device(run_cfg.train.device)
         model = new_model(run_cfg, data)
@@ -148,6 +188,9 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             if success is not None:
                 metrics["attack_success"] = float(success)
             content["model"] = ArrayRecord(state.model)
+        if conf.get("send_state"):  # a checkpoint is due: the state round + 1 starts from
+            for key, record in state_records(state).items():
+                content[key] = record
         content["metrics"] = MetricRecord(metrics)
         return Message(content, reply_to=msg)
 
@@ -166,12 +209,29 @@ class Member:
     routing: Routing
 
 
+@dataclass
+class MemberStart:
+    """Where a member's rounds begin: after round ``round`` (0: from the start), with ``states``
+    (partition id -> ``plain_state``) for the nodes to restore first."""
+
+    round: int = 0
+    states: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
 class RunSink:
     """Where the router reports; the runner implements it with run folders."""
 
-    def begin(self, member: Member) -> None: ...
+    def finished(self, member: Member) -> bool:
+        """True for a member a resumed run found completed: the router skips it."""
+        return False
+
+    def begin(self, member: Member) -> MemberStart:
+        return MemberStart()
 
     def round(self, member: Member, record: Mapping[str, Any]) -> None: ...
+
+    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
+        """Round ``round_``'s metrics line is logged; ``states`` are the nodes' states after it."""
 
     def end(self, member: Member) -> None: ...
 
@@ -187,9 +247,22 @@ def _failures(asked: Sequence[int], replies: Sequence[Message], partition_of: Ma
                      for i in asked if i not in answered]
 
 
-def _config_message(node_id: int, kind: str, values: Mapping[str, Any], group: str) -> Message:
-    return Message(RecordDict({"config": ConfigRecord(dict(values))}), dst_node_id=node_id, message_type=kind,
-                   group_id=group)
+def _config_message(node_id: int, kind: str, values: Mapping[str, Any], group: str,
+                    records: Optional[Mapping[str, Any]] = None) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(dict(values)), **(records or {})}), dst_node_id=node_id,
+                   message_type=kind, group_id=group)
+
+
+@dataclass
+class Aggregated:
+    """What the nodes reported after aggregating (partition ids throughout)."""
+
+    evals: dict[int, dict]
+    models: dict[int, torch.Tensor]
+    confirmed: dict[int, list[int]]
+    failures: list[dict]
+    nonfinite: int  # models the nodes' rules left out (or replaced) as non-finite
+    states: dict[int, dict[str, Any]]  # plain node states, when a checkpoint is due
 
 
 class Router:
@@ -222,43 +295,70 @@ class Router:
             return list(self.benign)
         return list(range(self.cfg.clients.count))
 
+    def checkpoint_due(self, round_: int) -> bool:
+        """Every ``checkpoint_every``-th round but the last (after it the member completes)."""
+        every = self.cfg.checkpoint_every
+        return bool(every) and round_ % every == 0 and round_ < self.cfg.rounds
+
     def run_member(self, grid: Grid, member: Member) -> None:
-        self.sink.begin(member)
+        if self.sink.finished(member):
+            return  # completed before a resume: its folder stays as it is
+        start = self.sink.begin(member)
+        saved = dict(start.states)  # a node missing from a checkpoint round keeps its older state
         truth = detection_truth(member.routing.graph, self.malicious) if member.strategy in STATEFUL else None
-        for round_ in range(1, self.cfg.rounds + 1):
-            started = time.perf_counter()
-            trained, records, train_stats, failures = self.train_round(grid, member, round_)
-            trained_at = time.perf_counter()
-            evals, models, confirmed, failed, nonfinite = self.aggregate_round(grid, member, round_, trained, records)
-            failures += failed
-            if not any(i in evals for i in self.benign):
-                raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
-                                f"({len(failures)} failures; first: {last_line(failures[0]['reason']) if failures else '?'})")
-            record = {"round": round_, **round_metrics(evals, models, self.benign, self.roles,
-                                                         confirmed if truth is not None else None, truth)}
-            record["failures"] = failures
-            record["diverged_nodes"] = sum(not bool(torch.isfinite(models[i]).all()) for i in self.benign if i in models)
-            record["nonfinite_models"] = nonfinite  # left out (or replaced) by the nodes' rules
-            losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
-            record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
-            record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
-            record["train_phase_seconds"] = trained_at - started
-            record["seconds"] = time.perf_counter() - started
+        for round_ in range(start.round + 1, self.cfg.rounds + 1):
+            restore = start.states if round_ == start.round + 1 else {}
+            due = self.checkpoint_due(round_)
+            record, states = self.play_round(grid, member, round_, truth, restore, due)
             self.sink.round(member, record)
-            check_failures(self.cfg, f"{member.name}, round {round_}", failures, len(self.active_nodes(member)))
+            check_failures(self.cfg, f"{member.name}, round {round_}", record["failures"],
+                           len(self.active_nodes(member)))
+            if due:  # after check_failures: a resume redoes a round that failed the run
+                saved.update(states)
+                self.sink.checkpoint(member, round_, saved)
         self.sink.end(member)
+
+    def play_round(self, grid: Grid, member: Member, round_: int, truth: Optional[set[tuple[int, int]]],
+                   restore: Mapping[int, Mapping[str, Any]], collect: bool) -> tuple[dict, dict[int, dict]]:
+        """One round: (its metrics record, the nodes' states after it when ``collect``)."""
+        started = time.perf_counter()
+        trained, records, train_stats, failures = self.train_round(grid, member, round_, restore)
+        trained_at = time.perf_counter()
+        agg = self.aggregate_round(grid, member, round_, trained, records, collect)
+        failures += agg.failures
+        if not any(i in agg.evals for i in self.benign):
+            raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
+                            f"({len(failures)} failures; first: {last_line(failures[0]['reason']) if failures else '?'})")
+        record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles,
+                                                     agg.confirmed if truth is not None else None, truth)}
+        record["failures"] = failures
+        record["diverged_nodes"] = sum(not bool(torch.isfinite(agg.models[i]).all())
+                                       for i in self.benign if i in agg.models)
+        record["nonfinite_models"] = agg.nonfinite  # left out (or replaced) by the nodes' rules
+        losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
+        record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
+        record["train_phase_seconds"] = trained_at - started
+        record["seconds"] = time.perf_counter() - started
+        return record, agg.states
 
     @property
     def partition_of(self) -> dict[int, int]:
         return {node: pid for pid, node in self.node_of.items()}
 
-    def train_round(self, grid: Grid, member: Member, round_: int):
+    def train_round(self, grid: Grid, member: Member, round_: int,
+                    restore: Optional[Mapping[int, Mapping[str, Any]]] = None):
         """Phase 1: every active node trains; returns (flat trained models, their records, stats,
-        failures). A node that fails sits the round out: it sends nothing and keeps its model."""
+        failures). A node that fails sits the round out: it sends nothing and keeps its model.
+        ``restore``: checkpointed node states, sent along for the nodes to start from."""
         conf = {"member": member.name, "strategy": member.strategy, "round": round_}
         group = f"{member.name}-{round_}"
         nodes = self.active_nodes(member)
-        replies = exchange(grid, [_config_message(self.node_of[i], TRAIN, conf, group) for i in nodes], stop=self.stop)
+        restore = restore or {}
+        messages = [_config_message(self.node_of[i], TRAIN, conf, group,
+                                    state_records(node_state_from(restore[i])) if i in restore else None)
+                    for i in nodes]
+        replies = exchange(grid, messages, stop=self.stop)
         failures = _failures(nodes, replies, self.partition_of, "train")
         trained: dict[int, torch.Tensor] = {}
         records: dict[int, ArrayRecord] = {}
@@ -274,9 +374,9 @@ class Router:
         return trained, records, stats, failures
 
     def aggregate_round(self, grid: Grid, member: Member, round_: int, trained: Mapping[int, torch.Tensor],
-                        records: Mapping[int, ArrayRecord]):
-        """Phases 2-3: route (with attacks), every node aggregates and reports; returns (evals, models,
-        confirmed neighbours, failures, models the rules left out as non-finite)."""
+                        records: Mapping[int, ArrayRecord], collect: bool = False) -> Aggregated:
+        """Phases 2-3: route (with attacks), every node aggregates and reports (with its state when
+        ``collect``)."""
         graph = member.routing.graph
         sent = outgoing(self.cfg.attack, trained, graph.subgraph(trained.keys()), self.malicious,
                         seed=self.cfg.seed, round_=round_)
@@ -297,7 +397,7 @@ class Router:
             content = RecordDict({"config": ConfigRecord({
                 "member": member.name, "strategy": member.strategy, "round": round_, "neighbours": ids,
                 "weights": [float(w[j]) for j in ids],
-                "self_weight": float(1.0 - sum(w[j] for j in ids)),
+                "self_weight": float(1.0 - sum(w[j] for j in ids)), "send_state": collect,
             })})
             for j in ids:
                 content[f"n.{j}"] = packed[id(sent[j][i])]
@@ -308,7 +408,7 @@ class Router:
         for batch in message_batches(sizes, MAX_INFLIGHT_BYTES):
             replies.extend(exchange(grid, [messages[k] for k in batch], stop=self.stop))
         failures = _failures(nodes, replies, self.partition_of, "aggregate")
-        evals, models, confirmed, nonfinite = {}, {}, {}, {}
+        evals, models, confirmed, nonfinite, states = {}, {}, {}, {}, {}
         for reply in (r for r in replies if not r.has_error()):
             metrics = reply.content.metric_records["metrics"]
             pid = int(metrics["partition-id"])
@@ -318,7 +418,9 @@ class Router:
             if "accuracy" in metrics:
                 evals[pid] = dict(metrics)
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
-        return evals, models, confirmed, failures, sum(nonfinite.values())
+            if collect and (plain := plain_state(reply.content)) is not None:
+                states[pid] = plain
+        return Aggregated(evals, models, confirmed, failures, sum(nonfinite.values()), states)
 
 
 def make_server_app(router: Router) -> ServerApp:

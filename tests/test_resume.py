@@ -4,6 +4,7 @@ uninterrupted run writes (byte for byte once timing fields are removed), in ever
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 from pathlib import Path
@@ -96,6 +97,128 @@ def test_centralized_resume_equals_an_uninterrupted_run(tmp_path: Path, data_roo
     root = json.loads((resumed / "summary.json").read_text())
     assert root["resumed"] is True and root["finished"] == ["epic-0.2", "random"]
     assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
+
+
+# --------------------------------------------------------------------------- decentralized
+
+
+def decentralized_args(out: Path) -> list[str]:
+    return ["config=dfl_smoke.yaml", f"output_dir={out}", "name=d", "progress=false", "rounds=6",
+            "strategies=[gossip,gp]", "ray.num_cpus=1", "train.threads=1"]
+
+
+@pytest.mark.slow
+def test_decentralized_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    reference = cli(decentralized_args(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = Path(reference.stdout.strip().splitlines()[-1])
+    kept: dict[str, str] = {}
+
+    def cut_inside_gp(folder: Path) -> None:
+        assert not (folder / "gossip" / CHECKPOINT).exists(), "a completed member keeps no checkpoint"
+        kept["gossip"] = (folder / "gossip" / "summary.json").read_text()
+        saved = load_checkpoint(folder / "gp" / CHECKPOINT)
+        assert saved["member"] == "gp" and 2 <= saved["round"] < 6
+        assert sorted(saved["states"]) == ["0", "1", "2", "3", "4"]  # every node, the malicious one too
+        for state in saved["states"].values():
+            assert state["config"]["member"] == "gp" and state["config"]["round"] == saved["round"]
+            assert "model" in state["arrays"] and "trained" not in state["arrays"]  # after the aggregation
+        benign = [saved["states"][str(i)] for i in (1, 2, 3, 4)]
+        assert all(s["config"]["gp.present"] and s["config"]["gp.rounds"] == saved["round"] for s in benign)
+        assert any(s["arrays"]["gp"] for s in benign)  # GP's recording variables travel too
+        kept["gp"] = "".join((folder / "gp" / "metrics.jsonl").read_text().splitlines(True)[:saved["round"]])
+
+    # gossip completes first; gp is interrupted after its third round
+    resumed = interrupt_then_resume(decentralized_args(tmp_path / "cut"), tmp_path / "cut",
+                                    ".*partial/gp/metrics.jsonl", 3, signal.SIGTERM, cut_inside_gp)
+    assert_same_run(resumed, ref, ["gossip", "gp"])
+    assert (resumed / "gossip" / "summary.json").read_text() == kept["gossip"]  # kept as it was
+    # the checkpointed rounds were not played again: their lines keep the first run's timings
+    assert (resumed / "gp" / "metrics.jsonl").read_text().startswith(kept["gp"])
+    root = json.loads((resumed / "summary.json").read_text())
+    assert root["resumed"] is True and root["finished"] == ["gossip", "gp"]
+    want = json.loads((ref / "summary.json").read_text())
+    assert without_timing(root["members"]) == without_timing(want["members"])
+
+
+def _gp_node_state():
+    from simulations.dfl_node import NodeState
+    from strategies.gradient_purification import PurificationState
+
+    gp = PurificationState(records={3: torch.ones(4)}, history={3: [True, False], 5: []}, confirmed={3}, rounds=2)
+    return NodeState("gp", round=2, model={"w": torch.arange(4.0)}, gp=gp,
+                     epic_keep=torch.tensor([True, False, True]), epic_selections=1)
+
+
+def test_a_node_state_survives_a_reply_a_checkpoint_and_a_train_message(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from simulations.dfl_apps import load_node_state, node_state_from, plain_state, restore_node_state, state_records
+
+    reply = RecordDict(state_records(_gp_node_state()))  # what an aggregate reply with send_state adds
+    save_checkpoint(tmp_path / CHECKPOINT, {"states": {"1": plain_state(reply)}})
+    saved = load_checkpoint(tmp_path / CHECKPOINT)["states"]["1"]  # weights_only: plain data and tensors
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    restore_node_state(context, RecordDict(state_records(node_state_from(saved))))  # a resumed train message
+    back = load_node_state(context, "gp")
+    assert back.round == 2 and back.epic_selections == 1 and torch.equal(back.model["w"], torch.arange(4.0))
+    assert torch.equal(back.epic_keep, torch.tensor([True, False, True])) and back.trained is None
+    assert back.gp.confirmed == {3} and back.gp.history == {3: [True, False], 5: []} and back.gp.rounds == 2
+    assert torch.equal(back.gp.records[3], torch.ones(4))
+    restore_node_state(context, RecordDict())  # a message without a state leaves the node's own alone
+    assert load_node_state(context, "gp").round == 2 and load_node_state(context, "gossip").model is None
+
+
+def _record(round_: int) -> dict:
+    return {"round": round_, "mean_accuracy": 0.5, "worst_accuracy": 0.4, "exclusive_accuracy": float("nan"),
+            "per_class": [0.5, float("nan")], "failures": [{"node": None, "phase": "train", "reason": "x"}],
+            "seconds": 1.0}
+
+
+def test_folder_sink_keeps_continues_and_restarts_the_members_it_finds(tmp_path: Path) -> None:
+    from fedepic.checkpoint import Resume, metrics_size
+    from fedepic.config import load_config
+    from fedepic.outputs import RunWriter
+    from simulations.decentralized import FolderSink
+    from simulations.dfl_apps import Member
+
+    folder = tmp_path / "20261202-000000-d"
+    members = [Member(name, name, None) for name in ("gossip", "gp", "median")]
+    with RunWriter(tmp_path, "d", stamp="20261202-000000") as first:  # the interrupted run
+        for member, rounds in zip(members, (2, 3, 1)):  # gossip completed, gp checkpointed round 2 of 3
+            with RunWriter(tmp_path, member.name, parent=first) as mw:
+                for r in range(1, rounds + 1):
+                    mw.log(_record(r))
+                    if member.name == "gp" and r == 2:
+                        mw.flush()
+                        save_checkpoint(mw.dir / CHECKPOINT, {"round": 2, "metrics_size": metrics_size(mw.dir),
+                                                              "states": {"1": {"arrays": {}, "config": {"x": 1}}}})
+                mw.mark(None if member.name == "gossip" else KeyboardInterrupt())
+        first.mark(KeyboardInterrupt())
+    before = (folder / "gossip" / "summary.json").read_text()
+    statuses = {m.name: json.loads((folder / m.name / "summary.json").read_text()) for m in members}
+    resume = Resume(folder, None, statuses)
+    with RunWriter(tmp_path, "d", resume=folder) as root:
+        sink = FolderSink(root, load_config("dfl_smoke.yaml", ["rounds=4"]), None, members, resume)
+        assert sink.finished(members[0]) and not sink.finished(members[1])
+        assert sink.summaries["gossip"]["rounds"] == 2 and math.isnan(sink.records["gossip"][1]["per_class"][1])
+        assert sink.records["gossip"][0]["failures"][0]["node"] is None  # not a number: left alone
+        start = sink.begin(members[1])
+        assert start.round == 2 and start.states == {1: {"arrays": {}, "config": {"x": 1}}}
+        assert [r["round"] for r in sink.records["gp"]] == [1, 2]
+        assert len((root.dir / "gp" / "metrics.jsonl").read_text().splitlines()) == 2  # round 3 is played again
+        sink.round(members[1], _record(3))
+        sink.checkpoint(members[1], 3, {1: {"arrays": {"model": {"w": torch.ones(2)}}, "config": {"x": 2}}})
+        saved = load_checkpoint(root.dir / "gp" / CHECKPOINT)
+        assert saved["round"] == 3 and saved["metrics_size"] == metrics_size(root.dir / "gp")
+        sink.end(members[1])
+        assert not (root.dir / "gp" / CHECKPOINT).exists()
+        assert sink.begin(members[2]).round == 0  # no checkpoint: starts over in an empty folder
+        assert sorted(p.name for p in (root.dir / "median").iterdir()) == ["metrics.jsonl"]
+        assert (root.dir / "median" / "metrics.jsonl").read_text() == ""
+        sink.abort(KeyboardInterrupt())
+    assert (folder / "gossip" / "summary.json").read_text() == before
+    assert json.loads((folder / "gp" / "summary.json").read_text())["rounds"] == 3
 
 
 # --------------------------------------------------------------------------- refusals, in-process
