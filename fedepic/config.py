@@ -193,7 +193,8 @@ class RunConfig:
     name: str = "run"
     progress: bool = True  # rich progress bars on stderr
     # a checkpoint (for `resume=`) after every N-th epoch (centralized) or round (federated,
-    # decentralized); 0 writes none, and such a run cannot be resumed
+    # decentralized); 0 writes none: a resume then keeps the finished members and starts the
+    # interrupted one over
     checkpoint_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
