@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fedepic.attacks.model_attacks import apply_model_attack
+from fedepic.attacks.model_attacks import model_attack_arguments, needs_honest, run_model_attack
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.epic import EpicSchedule, EpicState
@@ -48,8 +48,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from simulations.common import ClientData, client_data_for, client_seed, config_from_text, dataset_for
 
-CLIENT_SIDE_ATTACKS = ("sign_flip", "gaussian", "scaling")
-SERVER_SIDE_ATTACKS = ("alie", "ipm", "minmax")
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
 CONFIG_KEY = "fedepic-config"
 MEMBER_KEY = "member"
@@ -68,11 +66,6 @@ def epic_schedule_rounds(cfg: RunConfig) -> EpicSchedule:
 
 def model_for(cfg: RunConfig, data: ImageData) -> torch.nn.Module:
     return model_for_data(cfg.model.name, data)  # unseeded: the server's initial weights are loaded over it
-
-
-def _model_attack_params(cfg: RunConfig) -> dict:
-    a = cfg.attack
-    return {"sign_flip": {}, "gaussian": {"sigma": a.sigma}, "scaling": {"factor": a.scale}}[a.model]
 
 
 @dataclass
@@ -109,8 +102,9 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
         if client.poisoned.any():
             recall = float((~epic.keep & client.poisoned).sum()) / float(client.poisoned.sum())
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if client.is_malicious and cfg.attack.model in CLIENT_SIDE_ATTACKS:
-        state = _attacked(cfg, global_state, state, seed)
+    attack_nonfinite = 0
+    if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
+        state, attack_nonfinite = _attacked(cfg, global_state, state, seed)
     metrics = {
         "num-examples": max(trained_rows, 1),
         "partition-id": client.client_id,
@@ -121,17 +115,19 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
         "epic-selections": epic.selections if epic is not None else 0,
         "epic-poison-recall": recall,
         "epic-skipped-nonfinite": skipped,  # 1: this round's selection met a diverged (NaN/inf) model
+        "attack-nonfinite": attack_nonfinite,  # 1: the attacker's own update was NaN/inf and was replaced
         "train-seconds": time.perf_counter() - started,
     }
     return LocalResult(state, metrics, epic.state_dict() if epic is not None else None)
 
 
-def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> dict[str, torch.Tensor]:
+def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The attacked model state, and how many attack inputs were non-finite (left out or replaced)."""
     base = flatten_state(global_state)
     own = flatten_state(state) - base
     generator = torch.Generator().manual_seed(seed)
-    bad = apply_model_attack(cfg.attack.model, own[None], own, generator, **_model_attack_params(cfg))
-    return unflatten_like(base + bad, state)
+    outcome = run_model_attack(cfg.attack.model, own[None], own, generator, **model_attack_arguments(cfg.attack))
+    return unflatten_like(base + outcome.update, state), outcome.nonfinite
 
 
 # --------------------------------------------------------------------------- EPIC state in messages

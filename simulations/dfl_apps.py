@@ -55,7 +55,7 @@ from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
     train_local, uses_local_epic,
 )
-from simulations.dfl_router import Routing, detection_truth, message_batches, outgoing, round_metrics
+from simulations.dfl_router import AttackTally, Routing, detection_truth, message_batches, outgoing, round_metrics
 
 STATE_PREFIX = "dfl."
 MAX_INFLIGHT_BYTES = 1 << 30  # router payload per batch of aggregate messages (see message_batches)
@@ -263,6 +263,7 @@ class Aggregated:
     failures: list[dict]
     nonfinite: int  # models the nodes' rules left out (or replaced) as non-finite
     states: dict[int, dict[str, Any]]  # plain node states, when a checkpoint is due
+    attack_nonfinite: int = 0  # NaN / inf inputs the model attacks left out or replaced
 
 
 class Router:
@@ -335,6 +336,7 @@ class Router:
         record["diverged_nodes"] = sum(not bool(torch.isfinite(agg.models[i]).all())
                                        for i in self.benign if i in agg.models)
         record["nonfinite_models"] = agg.nonfinite  # left out (or replaced) by the nodes' rules
+        record["attack_nonfinite_inputs"] = agg.attack_nonfinite
         losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
         record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
         record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
@@ -378,8 +380,9 @@ class Router:
         """Phases 2-3: route (with attacks), every node aggregates and reports (with its state when
         ``collect``)."""
         graph = member.routing.graph
+        tally = AttackTally()
         sent = outgoing(self.cfg.attack, trained, graph.subgraph(trained.keys()), self.malicious,
-                        seed=self.cfg.seed, round_=round_)
+                        seed=self.cfg.seed, round_=round_, tally=tally)
         template = next(iter(records.values())).to_torch_state_dict()
         packed: dict[int, ArrayRecord] = {}  # id(tensor) -> record: a shared poisoned model is packed once
         for sender, msgs in sent.items():
@@ -420,7 +423,7 @@ class Router:
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
             if collect and (plain := plain_state(reply.content)) is not None:
                 states[pid] = plain
-        return Aggregated(evals, models, confirmed, failures, sum(nonfinite.values()), states)
+        return Aggregated(evals, models, confirmed, failures, sum(nonfinite.values()), states, tally.nonfinite_inputs)
 
 
 def make_server_app(router: Router) -> ServerApp:

@@ -29,13 +29,12 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from fedepic.attacks.model_attacks import apply_model_attack
+from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_arguments, run_model_attack
 from fedepic.config import AttackConfig
 from fedepic.metrics import consensus_distance
 from fedepic.topology import metropolis_hastings_weights
 from strategies.gradient_purification import detection_metrics
 
-NEEDS_HONEST = {"alie": 2, "minmax": 2, "ipm": 1}  # honest rows each omniscient attack needs
 
 
 # ----------------------------------------------------------------------------------- routing
@@ -99,20 +98,6 @@ def honest_reference(graph: nx.Graph, malicious: Iterable[int], receivers: Seque
     return sorted(ref)
 
 
-def attack_params(attack: AttackConfig, num_nodes: int, num_malicious: int) -> dict[str, Any]:
-    """Keyword arguments of the configured model attack (see ``fedepic.attacks.model_attacks``)."""
-    name = attack.model
-    if name == "gaussian":
-        return {"sigma": attack.sigma}
-    if name == "scaling":
-        return {"factor": attack.scale}
-    if name == "alie":
-        return {"f": max(num_malicious, 1), "n": num_nodes, "z": attack.alie_z}
-    if name == "ipm":
-        return {"epsilon": attack.ipm_eps}
-    return {}
-
-
 def attack_generator(seed: int, round_: int, attacker: int, receiver: int) -> torch.Generator:
     """The noise source of one poisoned model: a function of the run seed, round and sender/receiver."""
     mixed = (seed * 1_000_003 + round_ * 10_007 + attacker * 101 + receiver) % (2**62)
@@ -128,11 +113,13 @@ def _honest_stack(trained: Mapping[int, Tensor], ids: list[int], everyone: list[
 
 
 def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
-                    malicious: Sequence[int], attacker: int, *, seed: int, round_: int) -> dict[int, Tensor]:
+                    malicious: Sequence[int], attacker: int, *, seed: int, round_: int,
+                    tally: Optional[AttackTally] = None) -> dict[int, Tensor]:
     """What ``attacker`` sends to each of its neighbours: {receiver: model vector}.
 
     Benign receivers get the poisoned model (one shared tensor, or one per receiver with
-    ``attack.per_neighbour``); malicious receivers get the attacker's honest model.
+    ``attack.per_neighbour``); malicious receivers get the attacker's honest model. ALIE's n and f are
+    the graph's nodes and malicious nodes (at least 1). ``tally`` counts the non-finite attack inputs.
     """
     bad = set(int(m) for m in malicious)
     own = trained[attacker]
@@ -143,25 +130,35 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
         out.update({j: own for j in targets})
         return out
     everyone = sorted(n for n in trained if n not in bad)
-    need = NEEDS_HONEST.get(attack.model, 0)
-    params = attack_params(attack, graph.number_of_nodes(), len(bad))
+    params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1))
+    need = honest_rows_needed(attack.model, params)
     groups = [[j] for j in targets] if attack.per_neighbour else [targets]
     for group in groups:
         honest = _honest_stack(trained, honest_reference(graph, bad, group), everyone, need)
         gen = attack_generator(seed, round_, attacker, group[0] if attack.per_neighbour else attacker)
-        model = apply_model_attack(attack.model, honest, own, gen, **params)
-        out.update({j: model for j in group})
+        outcome = run_model_attack(attack.model, honest, own, gen, **params)
+        if tally is not None:
+            tally.nonfinite_inputs += outcome.nonfinite
+        out.update({j: outcome.update for j in group})
     return out
 
 
+@dataclass
+class AttackTally:
+    """What the model attacks of one round met: NaN / inf inputs they left out or replaced."""
+
+    nonfinite_inputs: int = 0
+
+
 def outgoing(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph, malicious: Sequence[int],
-             *, seed: int, round_: int) -> dict[int, dict[int, Tensor]]:
+             *, seed: int, round_: int, tally: Optional[AttackTally] = None) -> dict[int, dict[int, Tensor]]:
     """{sender: {receiver: vector}} for every edge; benign senders send their trained model."""
     bad = set(int(m) for m in malicious)
     sent: dict[int, dict[int, Tensor]] = {}
     for node in graph.nodes:
         if node in bad:
-            sent[node] = poisoned_models(attack, trained, graph, sorted(bad), node, seed=seed, round_=round_)
+            sent[node] = poisoned_models(attack, trained, graph, sorted(bad), node, seed=seed, round_=round_,
+                                         tally=tally)
         else:
             sent[node] = {j: trained[node] for j in graph.neighbors(node) if j != node}
     return sent

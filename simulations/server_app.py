@@ -45,7 +45,9 @@ from typing import Any, Optional
 import torch
 
 from fedepic.attacks import attack_success
-from fedepic.attacks.model_attacks import apply_model_attack
+from fedepic.attacks.model_attacks import (
+    AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
+)
 from fedepic.centralized import epic_schedule, new_model
 from fedepic.checkpoint import remove_checkpoints
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
@@ -57,7 +59,7 @@ from fedepic.train import evaluate, fit, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, SERVER_SIDE_ATTACKS, model_for
+from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, model_for
 from simulations.common import (
     RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
     partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config, write_comparison,
@@ -116,27 +118,23 @@ class Evaluator:
 
 
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
-                        seed: int) -> Optional[torch.Tensor]:
-    """Omniscient ALIE / IPM / min-max: the attack vector built from the round's benign updates
-    (rows of `stack` minus `global_vec`), or None when it does not apply this round.
+                        seed: int) -> Optional[AttackOutcome]:
+    """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
+    from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
+    inputs it left out; None when it does not apply this round.
 
     ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set).
     """
     n_bad = sum(malicious)
-    if cfg.attack.model not in SERVER_SIDE_ATTACKS or n_bad == 0:
+    if not needs_honest(cfg.attack.model) or n_bad == 0:
         return None
     benign = stack[[i for i, bad in enumerate(malicious) if not bad]] - global_vec
     own = stack[malicious.index(True)] - global_vec
-    need = 1 if cfg.attack.model == "ipm" else 2
-    if len(benign) < need:
+    params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad)
+    if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
-    params: dict[str, Any] = {}
-    if cfg.attack.model == "alie":
-        params = {"f": n_bad, "n": len(malicious), "z": cfg.attack.alie_z}
-    elif cfg.attack.model == "ipm":
-        params = {"epsilon": cfg.attack.ipm_eps}
-    generator = torch.Generator().manual_seed(seed)
-    return global_vec + apply_model_attack(cfg.attack.model, benign, own, generator, **params)
+    outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
+    return AttackOutcome(global_vec + outcome.update, outcome.nonfinite)
 
 
 def _array_key(msg: Message) -> str:
@@ -212,6 +210,7 @@ def _client_records(valid: list[Message], malicious: list[bool], norms: list[flo
             "nonfinite": bool(outcome.nonfinite[i]) if outcome.nonfinite else False,  # NaN/inf: left out
             "epic_dropped_rows": int(info["epic-dropped"]), "epic_selections": int(info["epic-selections"]),
             "epic_skipped_nonfinite": int(info.get("epic-skipped-nonfinite", 0)),
+            "attack_nonfinite": int(info.get("attack-nonfinite", 0)),
             "poison_recall": _known(info["epic-poison-recall"]),
         })
     return records
@@ -301,8 +300,8 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
     stack = torch.stack([record_vector(m.content[_array_key(m)]) for m in valid]) if valid else torch.zeros(0)
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd) if valid else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
-        valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected, like))
-        stack[i] = injected
+        valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected.update, like))
+        stack[i] = injected.update
     outcome = tracked.aggregate(rnd, replies, stack)
     progress.nonfinite += outcome.nonfinite_count
     if outcome.arrays is not None:
@@ -321,6 +320,9 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
         "excluded": None if outcome.excluded is None else sorted(c["id"] for c in clients if c["excluded"]),
         "malicious_replies": sum(malicious), "aggregated": outcome.arrays is not None,
         "attack_injected": cfg.attack.model if injected is not None else None,
+        # NaN / inf vectors a model attack left out (server side) or replaced (the attackers' own updates)
+        "attack_nonfinite_inputs": (injected.nonfinite if injected is not None else 0)
+        + sum(c["attack_nonfinite"] for c in clients),
         "failures": failures, "clients": clients, "diverged": diverged, "seconds": time.perf_counter() - t0,
     }, len(messages)
 

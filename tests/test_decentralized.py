@@ -18,7 +18,7 @@ from simulations.dfl_node import (
     NodeState, aggregate_models, aggregate_vectors, derive_seed, round_lr,
 )
 from simulations.dfl_router import (
-    detection_truth, honest_reference, inbox, label_roles, message_batches, outgoing, poisoned_models,
+    AttackTally, detection_truth, honest_reference, inbox, label_roles, message_batches, outgoing, poisoned_models,
     round_metrics, routing_for,
 )
 from strategies.gossip import renormalised_weights
@@ -197,6 +197,14 @@ def test_model_attacks_at_the_router():
     assert everything[0][1] is trained[0] and torch.equal(everything[0][4], -trained[0])
     got = inbox(everything, 2)  # node 1 is malicious too: it attacks its benign neighbour 2
     assert sorted(got) == [1, 3] and torch.equal(got[1], -trained[1]) and got[3] is trained[3]
+
+    # a NaN honest model is left out of ALIE's statistics and counted in the round's tally
+    cfg = _cfg("attack.data=none", "attack.model=alie")
+    spoilt = {**trained, 2: torch.full((6,), float("nan"))}
+    tally = AttackTally()
+    sent = outgoing(cfg.attack, spoilt, graph, [0], seed=0, round_=1, tally=tally)
+    honest = torch.stack([trained[j] for j in (1, 3, 4)])
+    assert torch.allclose(sent[0][1], honest.mean(0) - alie_z(5, 1) * column_std(honest)) and tally.nonfinite_inputs == 1
 
 
 def test_message_batches_cap_the_payload():

@@ -222,11 +222,15 @@ def test_omniscient_attacks_use_the_benign_updates():
     global_vec = torch.tensor([1.0, 1.0])
     stack = torch.tensor([[2.0, 1.0], [3.0, 1.0], [100.0, 100.0]])
     out = inject_model_attack(cfg, [False, False, True], stack, global_vec, seed=0)
-    assert torch.allclose(out, global_vec - 0.5 * torch.tensor([1.5, 0.0]))
+    assert torch.allclose(out.update, global_vec - 0.5 * torch.tensor([1.5, 0.0])) and out.nonfinite == 0
     assert inject_model_attack(cfg, [False, False, False], stack, global_vec, 0) is None
+    spoilt = stack.clone()
+    spoilt[1, 0] = float("nan")  # a non-finite benign update is left out, and counted
+    out = inject_model_attack(cfg, [False, False, True], spoilt, global_vec, seed=0)
+    assert torch.allclose(out.update, global_vec - 0.5 * torch.tensor([1.0, 0.0])) and out.nonfinite == 1
     cfg.attack.model = "alie"
     alie = inject_model_attack(cfg, [False, False, False, True], torch.cat([stack, stack[:1]]), global_vec, 0)
-    assert alie is not None and torch.isfinite(alie).all()
+    assert alie is not None and torch.isfinite(alie.update).all()
     cfg.attack.model = "scaling"  # applied by the clients, not here
     assert inject_model_attack(cfg, [False, True, False], stack, global_vec, 0) is None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -247,10 +248,17 @@ def apply_model_attack(
     return run_model_attack(name, honest, own, generator, **params).update
 
 
-def model_attack_arguments(cfg: Any, *, n: int | None = None, f: int | None = None) -> dict[str, Any]:
-    """The keyword arguments of the configured model attack: its config keys, plus ``n`` (vectors
-    the aggregation sees) and ``f`` (malicious among them) for the attacks that take them (ALIE)."""
-    return MODEL_ATTACKS.arguments(cfg.attack.model, cfg, {"n": n, "f": f})
+def model_attack_arguments(attack: Any, *, n: int | None = None, f: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of the configured model attack (``attack``: the config's ``attack``
+    section, or a whole config): its config keys, plus ``n`` (vectors the aggregation sees) and ``f``
+    (malicious among them) for the attacks that take them (ALIE). The one builder every mode uses."""
+    section = getattr(attack, "attack", attack)
+    return MODEL_ATTACKS.arguments(section.model, SimpleNamespace(attack=section), {"n": n, "f": f})
+
+
+def honest_rows_needed(name: str, params: dict[str, Any]) -> int:
+    """How many honest updates attack ``name`` needs with ``params`` (0 for those that need none)."""
+    return _needs_honest(name, params)
 
 
 def needs_honest(name: str) -> bool:
