@@ -99,6 +99,7 @@ class EpicConfig:
     until: Optional[int] = None  # last selection epoch; None = the last lr milestone (if any)
     proxy: str = "logits"  # logits (softmax - onehot) | last_layer ((p - y) (x) h)
     threshold: int = 1  # drop medoids whose cluster holds <= threshold rows
+    min_medoids: int = 2  # server EPIC on the clients' updates: at least this many medoids per round
 
 
 @dataclass
@@ -470,6 +471,7 @@ def _validate_defense(cfg: RunConfig) -> None:
     _positive("defense.epic.interval", epic.interval)
     _choice("defense.epic.proxy", epic.proxy, PROXIES)
     _positive("defense.epic.threshold", epic.threshold, allow_zero=True)
+    _positive("defense.epic.min_medoids", epic.min_medoids)
     seen: dict[tuple, str] = {}
     for i, name in enumerate(cfg.defense.compare):
         base, _, frac = name.partition("-")

@@ -10,7 +10,8 @@ Flags:
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound), ``keeps_records`` (GP's recording variables
   must persist; ``exclude`` shares GP's detector but keeps none);
-- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic);
+- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic),
+  ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains.
 """
@@ -80,14 +81,15 @@ SERVER_STRATEGIES = Registry("server strategy", [
            "num_nodes_to_select": lambda cfg, ctx: max(1, expected_clients(cfg) - assumed_byzantine(cfg, ctx))}),
     Entry("bulyan", "flwr.serverapp.strategy:Bulyan", "Bulyan (El Mhamdi et al., ICML 2018), Flower's; f capped "
           "at (n - 3) // 4", {"num_malicious_nodes": lambda cfg, ctx: max(
-              0, min(assumed_byzantine(cfg, ctx), (expected_clients(cfg) - 3) // 4))}),
+              0, min(assumed_byzantine(cfg, ctx), (expected_clients(cfg) - 3) // 4))},
+          frozenset({"records_selection"})),
     Entry("fedmedian", "flwr.serverapp.strategy:FedMedian", "coordinate-wise median (Yin et al., ICML 2018), "
           "Flower's"),
     Entry("fedtrimmedavg", "strategies.server:ExactTrimmedAvg", "Flower's trimmed mean cutting exactly "
           "`defense.trim` per side", {"num_trim": "defense.trim"}),
     Entry("epic", "strategies.epic_server:EpicServer", "EPIC on the clients' updates, then FedAvg of the rest",
           {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold",
-           "num_malicious_nodes": assumed_byzantine}),
+           "min_medoids": "defense.epic.min_medoids", "num_malicious_nodes": assumed_byzantine}),
     Entry("centralized-epic", "simulations.server_app:run_centralized_epic",
           "reference: every client's rows pooled and trained centrally with EPIC", flags=frozenset({"reference"})),
 ])

@@ -68,7 +68,7 @@ from simulations.server_checkpoints import (
     Resumed, checkpoint_due, elapsed, kept_row_and_curves, member_checkpoint, restore_root, save_member_checkpoint,
 )
 from strategies.epic_server import record_vector
-from strategies.server import StrategyParams, TrackedStrategy, build_server_strategy
+from strategies.server import TrackedStrategy, build_server_strategy
 
 ROUND_TIMEOUT_S = 3600.0
 NODE_WAIT_S = 300.0
@@ -158,14 +158,6 @@ def _known(value: Any) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------- one Flower strategy
-
-
-def _params(cfg: RunConfig) -> StrategyParams:
-    expected = max(int(cfg.clients.count * cfg.clients.fraction_train), 1)
-    assumed = cfg.defense.trim if cfg.defense.trim > 0 else len(malicious_ids(cfg))
-    return StrategyParams(num_nodes=cfg.clients.count, expected_clients=expected, num_malicious=assumed,
-                          fraction_train=cfg.clients.fraction_train, epic_fraction=cfg.defense.epic.fraction,
-                          epic_threshold=cfg.defense.epic.threshold)
 
 
 @dataclass
@@ -338,7 +330,7 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     recall after the last round (None without local EPIC or poisons).
     """
     started = time.perf_counter() - elapsed(saved)
-    tracked = build_server_strategy(name, _params(cfg))
+    tracked = build_server_strategy(name, cfg)
     if saved is None:
         model = new_model(cfg, data, cfg.seed, torch.device("cpu"))
         progress, first = Progress({k: v.detach().cpu() for k, v in model.state_dict().items()}), 1

@@ -51,14 +51,14 @@ class EpicServer(FedAvg):
 
     Parameters
     ----------
-    fraction : float (default: 0.1)
-        Medoid budget as a fraction of the round's updates (see `medoid_count`).
-    threshold : int (default: 1)
-        Medoids whose cluster holds at most this many updates are dropped.
-    min_medoids : int (default: 2)
-        Lower bound on the medoid count.
-    num_malicious_nodes : int (default: 0)
-        Assumed attackers; the medoid count is at least this plus one.
+    fraction : float
+        Medoid budget as a fraction of the round's updates (see `medoid_count`; ``defense.epic.fraction``).
+    threshold : int
+        Medoids whose cluster holds at most this many updates are dropped (``defense.epic.threshold``).
+    min_medoids : int
+        Lower bound on the medoid count (``defense.epic.min_medoids``).
+    num_malicious_nodes : int
+        Assumed attackers; the medoid count is at least this plus one (``defense.byzantine``).
     client_id_key : str (default: "partition-id")
         MetricRecord key naming the client in `dropped_history`; the source node id when absent.
     **kwargs
@@ -70,8 +70,8 @@ class EpicServer(FedAvg):
         Round -> ids of the clients whose updates were dropped.
     """
 
-    def __init__(self, fraction: float = 0.1, threshold: int = 1, min_medoids: int = 2,
-                 num_malicious_nodes: int = 0, client_id_key: str = "partition-id", **kwargs) -> None:
+    def __init__(self, fraction: float, threshold: int, min_medoids: int, num_malicious_nodes: int,
+                 client_id_key: str = "partition-id", **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")

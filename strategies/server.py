@@ -39,19 +39,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from strategies.epic_server import EpicServer, client_id
 from strategies.finite import finite_rows
 
-SERVER_STRATEGIES = ("fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic")
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
 
 
@@ -68,27 +67,6 @@ def mean_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRec
             sums[key] = sums.get(key, 0.0) + w * float(value)
             weights[key] = weights.get(key, 0.0) + w
     return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
-
-
-@dataclass
-class StrategyParams:
-    """What the registry needs to build a strategy for one run.
-
-    expected_clients: clients sampled per round (sets MultiKrum's m).
-    num_malicious: attackers the robust rules assume (f); Bulyan caps it at (n - 3) // 4, and the trimmed
-    mean cuts f per side, at most (n - 1) // 2 of the n replies of a round.
-    """
-
-    num_nodes: int
-    expected_clients: int
-    num_malicious: int = 0
-    fraction_train: float = 1.0
-    epic_fraction: float = 0.1
-    epic_threshold: int = 1
-    epic_min_medoids: int = 2
-
-    def bulyan_f(self) -> int:
-        return max(0, min(self.num_malicious, (self.expected_clients - 3) // 4))
 
 
 def exact_trim_beta(n: int, f: int) -> float:
@@ -117,7 +95,7 @@ class ExactTrimmedAvg(FedTrimmedAvg):
     replies than expected lower the cut instead of failing the round (behaviour change from a fixed beta).
     """
 
-    def __init__(self, num_trim: int = 0, **kwargs) -> None:
+    def __init__(self, num_trim: int, **kwargs) -> None:
         if int(num_trim) != num_trim or num_trim < 0:
             raise ValueError(f"fedtrimmedavg: num_trim must be a non-negative integer, got {num_trim!r}")
         super().__init__(beta=0.0, **kwargs)
@@ -194,7 +172,6 @@ class TrackedStrategy:
 
     name: str
     strategy: Strategy
-    params: StrategyParams
     recorder: Optional[SelectionRecorder] = None
 
     def state_dict(self) -> dict:
@@ -256,26 +233,23 @@ class TrackedStrategy:
         return Outcome(arrays, metrics, excluded, shares)
 
 
-def build_server_strategy(name: str, params: StrategyParams) -> TrackedStrategy:
-    """A fresh strategy `name` (one of SERVER_STRATEGIES); never share one between runs or members."""
-    common = dict(fraction_train=params.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
-                  min_evaluate_nodes=0, min_available_nodes=params.num_nodes,
-                  train_metrics_aggr_fn=mean_client_metrics)
-    f = params.num_malicious
-    builders: dict[str, Callable[[], Strategy]] = {
-        "fedavg": lambda: FedAvg(**common),
-        "krum": lambda: Krum(num_malicious_nodes=f, **common),
-        "multikrum": lambda: MultiKrum(num_malicious_nodes=f,
-                                       num_nodes_to_select=max(1, params.expected_clients - f), **common),
-        "fedmedian": lambda: FedMedian(**common),
-        "fedtrimmedavg": lambda: ExactTrimmedAvg(num_trim=f, **common),
-        "epic": lambda: EpicServer(fraction=params.epic_fraction, threshold=params.epic_threshold,
-                                   min_medoids=params.epic_min_medoids, num_malicious_nodes=f, **common),
-    }
-    if name == "bulyan":
-        recorder = SelectionRecorder()
-        bulyan = Bulyan(num_malicious_nodes=params.bulyan_f(), selection_rule=recorder, **common)
-        return TrackedStrategy(name, bulyan, params, recorder)
-    if name not in builders:
-        raise ValueError(f"unknown server strategy {name!r}; choose one of {', '.join(SERVER_STRATEGIES)}")
-    return TrackedStrategy(name, builders[name](), params)
+def flower_settings(cfg: Any) -> dict[str, Any]:
+    """The keyword arguments every Flower strategy of a run gets: sampling, no Flower-side evaluation
+    (the server evaluates the global model itself) and the client-metric average."""
+    return dict(fraction_train=cfg.clients.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
+                min_evaluate_nodes=0, min_available_nodes=cfg.clients.count, train_metrics_aggr_fn=mean_client_metrics)
+
+
+def build_server_strategy(name: str, cfg: Any) -> TrackedStrategy:
+    """A fresh strategy `name` of ``fedepic.extensions.SERVER_STRATEGIES``, its parameters bound from
+    `cfg` by signature; never share one between runs or members. Bulyan gets a recorder as its
+    selection rule (module docstring)."""
+    from fedepic.extensions import SERVER_STRATEGIES
+
+    context = flower_settings(cfg)
+    recorder = SelectionRecorder() if SERVER_STRATEGIES.has(name, "records_selection") else None
+    if recorder is not None:
+        context["selection_rule"] = recorder
+    if SERVER_STRATEGIES.has(name, "reference"):
+        raise ValueError(f"{name!r} is a reference trained in-process, not a Flower strategy")
+    return TrackedStrategy(name, SERVER_STRATEGIES.build(name, cfg, context), recorder)

@@ -7,13 +7,22 @@ import numpy as np
 import pytest
 import torch
 
+from fedepic.extensions import SERVER_STRATEGIES
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from strategies.epic_server import EpicServer, epic_select_updates, medoid_count, record_vector
 from strategies.server import (
-    SERVER_STRATEGIES, StrategyParams, build_server_strategy, closest_shares, exact_trim_beta, mean_client_metrics,
+    build_server_strategy, closest_shares, exact_trim_beta, mean_client_metrics,
     trimmed_shares,
 )
+
+
+def fl_cfg(clients: int, f: int):
+    """A federated config with `clients` clients whose robust rules assume (and trim) f attackers."""
+    from fedepic.config import load_config
+
+    return load_config(None, ["mode=federated", f"clients.count={clients}", f"defense.byzantine={f}",
+                              f"defense.trim={f}"])
 
 
 def honest_updates(m: int, d: int = 500, seed: int = 0) -> torch.Tensor:
@@ -94,7 +103,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         epic_select_updates(torch.zeros(5, 3), 0.0)
     with pytest.raises(ValueError):
-        EpicServer(fraction=1.5)
+        EpicServer(fraction=1.5, threshold=1, min_medoids=2, num_malicious_nodes=0)
 
 
 # --------------------------------------------------------------------------- Flower wrapper
@@ -104,7 +113,7 @@ def test_epic_server_drops_the_scaled_reply_and_averages_the_rest(task_identity)
     updates = honest_updates(6, d=400, seed=4).numpy().astype(np.float32)
     updates[3] *= 10
     replies = [reply(updates[i], client_id=i, examples=10 + i) for i in range(6)]
-    strategy = EpicServer(fraction=0.1)
+    strategy = EpicServer(fraction=0.1, threshold=1, min_medoids=2, num_malicious_nodes=0)
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert strategy.dropped_history == {1: [3]}
     kept = [i for i in range(6) if i != 3]
@@ -124,13 +133,26 @@ def test_record_vector_follows_key_order(task_identity):
 
 
 def test_every_name_builds_a_fresh_strategy():
-    params = StrategyParams(num_nodes=20, expected_clients=20, num_malicious=4)
-    built = [build_server_strategy(name, params) for name in SERVER_STRATEGIES]
-    assert len({id(t.strategy) for t in built}) == len(SERVER_STRATEGIES)
-    assert built[SERVER_STRATEGIES.index("bulyan")].strategy.num_malicious_nodes == 4  # 4*4+3 <= 20
-    assert StrategyParams(num_nodes=10, expected_clients=10, num_malicious=4).bulyan_f() == 1
-    with pytest.raises(ValueError):
+    params = fl_cfg(20, 4)
+    names = [n for n in SERVER_STRATEGIES.names() if not SERVER_STRATEGIES.has(n, "reference")]
+    built = [build_server_strategy(name, params) for name in names]
+    assert len({id(t.strategy) for t in built}) == len(names)
+    assert built[names.index("bulyan")].strategy.num_malicious_nodes == 4  # 4*4+3 <= 20
+    assert build_server_strategy("bulyan", fl_cfg(10, 4)).strategy.num_malicious_nodes == 1  # capped at (n-3)//4
+    assert build_server_strategy("multikrum", params).strategy.num_nodes_to_select == 16  # n - f
+    assert build_server_strategy("fedtrimmedavg", params).strategy.num_trim == 4
+    assert build_server_strategy("epic", params).strategy.min_medoids == params.defense.epic.min_medoids
+    with pytest.raises(ValueError, match="unknown server strategy 'nope'"):
         build_server_strategy("nope", params)
+    with pytest.raises(ValueError, match="reference"):
+        build_server_strategy("centralized-epic", params)
+
+
+def test_byzantine_null_assumes_the_configured_attackers():
+    from fedepic.config import load_config
+
+    cfg = load_config("server_noniid.yaml", [])
+    assert cfg.defense.byzantine is None and build_server_strategy("krum", cfg).strategy.num_malicious_nodes == 4
 
 
 @pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan", "epic"])
@@ -139,7 +161,7 @@ def test_tracked_strategies_report_the_excluded_attacker(task_identity, name):
     updates[5] *= 12
     replies = [reply(updates[i], client_id=i) for i in range(8)]
     stack = torch.from_numpy(updates.copy())
-    tracked = build_server_strategy(name, StrategyParams(num_nodes=8, expected_clients=8, num_malicious=1))
+    tracked = build_server_strategy(name, fl_cfg(8, 1))
     outcome = tracked.aggregate(1, replies, stack)
     assert outcome.arrays is not None
     assert outcome.excluded[5] is True
@@ -157,7 +179,7 @@ def test_trimmed_mean_reports_the_outlier_as_always_trimmed(task_identity):
     updates = honest_updates(10, d=400, seed=6).numpy().astype(np.float32)
     updates[2] += 50
     replies = [reply(updates[i], client_id=i) for i in range(10)]
-    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=10, expected_clients=10, num_malicious=2))
+    tracked = build_server_strategy("fedtrimmedavg", fl_cfg(10, 2))
     outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
     assert outcome.excluded is None
     assert outcome.trimmed_share[2] == 1.0
@@ -222,7 +244,7 @@ def test_fedtrimmedavg_trims_one_of_49(task_identity):
     updates = honest_updates(49, d=400, seed=7).numpy().astype(np.float32)
     updates[3] += 1000
     replies = [reply(updates[i], client_id=i) for i in range(49)]
-    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=49, expected_clients=49, num_malicious=1))
+    tracked = build_server_strategy("fedtrimmedavg", fl_cfg(49, 1))
     outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
     ordered = np.sort(updates, axis=0)
     np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), ordered[1:48].mean(axis=0), rtol=1e-5)
@@ -233,7 +255,7 @@ def test_fedtrimmedavg_lowers_the_cut_when_replies_are_missing(task_identity):
     """f = 3 assumed for 8 clients but only 5 replied: cut (5 - 1) // 2 = 2 per side, not fail."""
     updates = honest_updates(5, d=400, seed=8).numpy().astype(np.float32)
     replies = [reply(updates[i], client_id=i) for i in range(5)]
-    tracked = build_server_strategy("fedtrimmedavg", StrategyParams(num_nodes=8, expected_clients=8, num_malicious=3))
+    tracked = build_server_strategy("fedtrimmedavg", fl_cfg(8, 3))
     outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
     np.testing.assert_allclose(record_vector(outcome.arrays).numpy(), np.median(updates, axis=0), rtol=1e-6)
 
@@ -244,13 +266,16 @@ def _carried(strategy) -> dict:
     return {k: repr(v) if isinstance(v, plain) else type(v).__name__ for k, v in vars(strategy).items()}
 
 
-@pytest.mark.parametrize("name", SERVER_STRATEGIES)
+FLOWER_STRATEGIES = [n for n in SERVER_STRATEGIES.names() if not SERVER_STRATEGIES.has(n, "reference")]
+
+
+@pytest.mark.parametrize("name", FLOWER_STRATEGIES)
 def test_a_restored_strategy_equals_the_one_that_aggregated(task_identity, name):
     """What a checkpoint saves (TrackedStrategy.state_dict) is all a strategy carries from a round to the
     next: a fresh one loaded with it matches the one that aggregated two rounds. A stateful rule such as
     FedAdam (m_t, v_t, current_arrays) fails this until its state is added there."""
     updates = honest_updates(8, d=400, seed=7).numpy().astype(np.float32)
-    params = StrategyParams(num_nodes=8, expected_clients=8, num_malicious=1)
+    params = fl_cfg(8, 1)
     used = build_server_strategy(name, params)
     for rnd in (1, 2):
         used.aggregate(rnd, [reply(updates[i] + rnd, client_id=i) for i in range(8)], torch.from_numpy(updates + rnd))

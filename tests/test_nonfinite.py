@@ -14,6 +14,15 @@ from strategies.gradient_purification import GradientPurification, PurificationS
 from fedepic.extensions import PEER_RULES
 
 
+def fl_cfg(clients: int, f: int):
+    """A federated config with `clients` clients whose robust rules assume (and trim) f attackers."""
+    from fedepic.config import load_config
+
+    return load_config(None, ["mode=federated", f"clients.count={clients}", f"defense.byzantine={f}",
+                              f"defense.trim={f}"])
+
+
+
 def make_gp(**overrides):
     """GP with the config schema's defaults (the ``gp`` of the command line), ``overrides`` on top."""
     import dataclasses
@@ -199,12 +208,12 @@ def test_server_strategies_leave_out_nonfinite_replies(task_identity, name, kind
     import numpy as np
 
     from strategies.epic_server import record_vector
-    from strategies.server import StrategyParams, build_server_strategy
+    from strategies.server import build_server_strategy
 
     n = 12
     updates = spoil(honest_updates(n, d=400, seed=9), kinds).numpy().astype(np.float32)
     replies = [reply(updates[i], client_id=i) for i in range(n)]
-    tracked = build_server_strategy(name, StrategyParams(num_nodes=n, expected_clients=n, num_malicious=1))
+    tracked = build_server_strategy(name, fl_cfg(n, 1))
     outcome = tracked.aggregate(1, replies, torch.from_numpy(updates.copy()))
     assert outcome.arrays is not None, name
     assert np.isfinite(record_vector(outcome.arrays).numpy()).all(), name
@@ -220,10 +229,10 @@ def test_server_strategies_leave_out_nonfinite_replies(task_identity, name, kind
 def test_server_round_with_only_nonfinite_replies_is_skipped(task_identity):
     import numpy as np
 
-    from strategies.server import StrategyParams, build_server_strategy
+    from strategies.server import build_server_strategy
 
     updates = np.full((3, 400), np.nan, dtype=np.float32)
-    tracked = build_server_strategy("fedavg", StrategyParams(num_nodes=3, expected_clients=3))
+    tracked = build_server_strategy("fedavg", fl_cfg(3, 0))
     outcome = tracked.aggregate(1, [reply(u, client_id=i) for i, u in enumerate(updates)], torch.from_numpy(updates))
     assert outcome.arrays is None and outcome.excluded == [True] * 3 and outcome.nonfinite_count == 3
 
@@ -234,7 +243,7 @@ def test_epic_server_alone_drops_nonfinite_updates(task_identity):
     from strategies.epic_server import EpicServer, record_vector
 
     updates = spoil(honest_updates(9, d=400, seed=10), {4: "nan"}).numpy().astype(np.float32)
-    strategy = EpicServer(fraction=0.1)
+    strategy = EpicServer(fraction=0.1, threshold=1, min_medoids=2, num_malicious_nodes=0)
     arrays, _ = strategy.aggregate_train(1, [reply(u, client_id=i) for i, u in enumerate(updates)])
     assert np.isfinite(record_vector(arrays).numpy()).all() and 4 in strategy.dropped_history[1]
 

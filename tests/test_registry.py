@@ -1,0 +1,70 @@
+"""The registries (fedepic/extensions.py): every entry binds to a config, no class default can differ
+from the schema's, the config accepts exactly the registered names, and the README lists them."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from fedepic import extensions as ext
+from fedepic.config import load_config
+from fedepic.registry import Entry, Registry
+
+REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.MODEL_ATTACKS, ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES,
+              ext.DATASETS, ext.MODELS]
+OURS = ("fedepic.", "strategies.", "simulations.")  # Flower's own classes keep Flower's defaults
+
+
+@pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
+def test_every_entry_loads_and_no_mapped_parameter_has_a_class_default(registry: Registry) -> None:
+    for entry in registry:
+        target = entry.load()
+        if not entry.target.startswith(OURS) or not callable(target):
+            continue
+        params = inspect.signature(target).parameters
+        for name in entry.params:
+            assert name in params, f"{entry.name}: {name} is not a parameter of {entry.target}"
+            assert params[name].default is inspect.Parameter.empty, (entry.name, name)
+
+
+def test_every_configurable_entry_binds_from_the_default_config() -> None:
+    cfg = load_config(None, ["mode=decentralized", "strategies=[gossip]"])
+    for name in ext.PEER_RULES.names():
+        assert ext.PEER_RULES.build(name, cfg) is not None
+    for name in ext.MODEL_ATTACKS.names():
+        ext.MODEL_ATTACKS.arguments(name, cfg, {"n": 10, "f": 2})
+    for name in ext.DATA_ATTACKS.names():
+        assert hasattr(ext.DATA_ATTACKS.build(name, cfg), "poison")
+
+
+def _bound_target(x, /, *, d, e=5, g):  # positional-only x is the call's data, never bound
+    return d, e, g
+
+
+def test_binding_reads_keys_then_context_then_defaults() -> None:
+    registry = Registry("thing", [Entry("t", f"{__name__}:_bound_target", params={"d": "seed"})])
+    cfg = load_config(None, ["seed=7"])
+    assert registry.arguments("t", cfg, {"g": 1, "unused": 2}) == {"d": 7, "g": 1}
+    with pytest.raises(TypeError, match="parameter 'g' has no config key or runtime value"):
+        registry.arguments("t", cfg)
+    with pytest.raises(ValueError, match="registered twice"):
+        Registry("thing", [Entry("t", "x:y"), Entry("t", "x:z")])
+
+
+def test_the_config_accepts_exactly_the_registered_names() -> None:
+    from fedepic.errors import ConfigError
+
+    for name in ext.PEER_RULES.names():
+        load_config(None, ["mode=decentralized", f"strategies=[{name}]"])
+    with pytest.raises(ConfigError, match="choose one of gossip, median"):
+        load_config(None, ["mode=decentralized", "strategies=[nope]"])
+    for name in ext.MODEL_ATTACKS.names():
+        load_config(None, [f"attack.model={name}"])
+
+
+def test_the_readme_tables_are_the_registries() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for registry in REGISTRIES:
+        assert registry.table() in readme, f"README lacks the {registry.kind} table (fedepic.registry.Registry.table)"
