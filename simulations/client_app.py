@@ -40,8 +40,8 @@ import torch
 from fedepic.attacks.model_attacks import model_attack_arguments, needs_honest, run_model_attack
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
-from fedepic.epic import EpicSchedule, EpicState
-from fedepic.models import model_for_data
+from fedepic.builders import build_model, epic_schedule
+from fedepic.epic import EpicState
 from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -57,15 +57,8 @@ EPIC_KEY = "epic-state"  # the client's local EPIC state, in train messages and 
 # --------------------------------------------------------------------------- local work
 
 
-def epic_schedule_rounds(cfg: RunConfig) -> EpicSchedule:
-    """defense.epic with warmup / interval / until counted in rounds (see the module docstring)."""
-    epic = cfg.defense.epic
-    return EpicSchedule(fraction=epic.fraction, warmup=epic.warmup, interval=epic.interval, until=epic.until,
-                        proxy=epic.proxy, threshold=epic.threshold)
-
-
 def model_for(cfg: RunConfig, data: ImageData) -> torch.nn.Module:
-    return model_for_data(cfg.model.name, data)  # unseeded: the server's initial weights are loaded over it
+    return build_model(cfg, data)  # unseeded: the server's initial weights are loaded over it
 
 
 @dataclass
@@ -88,7 +81,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     epic: Optional[EpicState] = None
     keep = torch.ones(len(client), dtype=torch.bool)
     if cfg.defense.local_epic and len(client) > 0:  # EpicState needs rows; an empty client trains nothing
-        epic = EpicState(len(client), epic_schedule_rounds(cfg), device=device)
+        epic = EpicState(len(client), epic_schedule(cfg, "rounds"), device=device)
         if epic_state is not None:
             epic.load_state_dict(epic_state)
         keep = epic.keep

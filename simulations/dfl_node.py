@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
-from fedepic.epic import EpicSchedule, EpicState
-from fedepic.models import model_for_data
+from fedepic.builders import build_model, epic_schedule
+from fedepic.epic import EpicState
 from fedepic.train import fit
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.extensions import PEER_RULES
@@ -62,7 +62,7 @@ def derive_seed(base: int, *parts: int) -> int:
 
 def new_model(cfg: RunConfig, data: ImageData) -> nn.Module:
     """The initial model, identical at every node (seeded by ``cfg.seed`` without touching the global RNG)."""
-    return model_for_data(cfg.model.name, data, seed=cfg.seed)
+    return build_model(cfg, data, seed=cfg.seed)
 
 
 def exchanged_state(model: nn.Module) -> dict[str, Tensor]:
@@ -145,14 +145,6 @@ def uses_local_epic(strategy: str, cfg: RunConfig, malicious: bool) -> bool:
     return not malicious and (PEER_RULES.has(strategy, "local_epic") or cfg.defense.local_epic)
 
 
-def local_schedule(cfg: RunConfig) -> EpicSchedule:
-    """EPIC's schedule over a node's cumulative local epochs (round r's e-th epoch is (r-1)*E + e)."""
-    epic = cfg.defense.epic
-    until = epic.until if epic.until is not None else (max(cfg.train.milestones) if cfg.train.milestones else None)
-    return EpicSchedule(fraction=epic.fraction, warmup=epic.warmup, interval=epic.interval, until=until,
-                        proxy=epic.proxy, threshold=epic.threshold)
-
-
 def round_lr(cfg: RunConfig, round_: int) -> float:
     """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round."""
     done = (round_ - 1) * cfg.clients.local_epochs
@@ -174,7 +166,7 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
     keep = state.epic_keep if state.epic_keep is not None else torch.ones(len(y), dtype=torch.bool)
     selector = None
     if epic:
-        selector = EpicState(len(y), local_schedule(cfg), device=device)
+        selector = EpicState(len(y), epic_schedule(cfg, "local_epochs"), device=device)
         selector.keep, selector.selections = keep, state.epic_selections
     first = (round_ - 1) * epochs
     selections: list[dict] = []
