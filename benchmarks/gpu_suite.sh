@@ -19,7 +19,8 @@
 # Beforehand, on a machine with an index: bash benchmarks/make_gpu_wheels.sh, then carry .wheels and .carry.
 # Overrides (the CPU dry run sets them): SUITE_DEVICE (cuda), SUITE_CONFIG (centralized_cifar10), SUITE_SET
 # (extra config overrides), SUITE_TARGETS (10), SUITE_PROBE (1,2,4,8), SUITE_PROBE_STEPS (100),
-# SUITE_PARTS (1,2,3,4,5), SUITE_EPIC_ARGS, SUITE_WORK, SUITE_DATA, SUITE_WHEELS (.wheels), SUITE_PREVIOUS
+# SUITE_PARTS (1,2,3,4,5), SUITE_ORDER (brews-first: the clean model stays on the machine, so a run brews every
+# target before it trains; targets-first finishes targets in order), SUITE_EPIC_ARGS, SUITE_WORK, SUITE_DATA, SUITE_WHEELS (.wheels), SUITE_PREVIOUS
 # (an earlier run's table2.jsonl, default benchmarks/table2-gpu.jsonl if present: its targets are kept and
 # new ones appended), PY (python3).
 set -uo pipefail
@@ -141,15 +142,21 @@ keep_poisons() {  # the brewed sets come back as one file (10 sets: 15 MB), for 
   (cd "$WORK" && ls poisons-trial*.npz > /dev/null 2>&1 && tar -cf "$OUT/poisons.tar" poisons-trial*)
 }
 want 3 && part pretrain 100000 "$PY" benchmarks/table2.py pretrain "${common[@]}"
-want 4 && [ ! -f "$WORK/poisons-trial0.npz" ] && part brew 100000 "$PY" benchmarks/table2.py brew --targets 1 \
-    --first-target 0 "${common[@]}"
+if want 4 && [ -f "$WORK/poisons-trial0.npz" ]; then
+  echo "== brew: skipped, target 0's poisons were carried" >> "$log"
+  record brew 125 0
+elif want 4; then
+  part brew 100000 "$PY" benchmarks/table2.py brew --targets 1 --first-target 0 "${common[@]}"
+fi
 keep_poisons
 if want 5; then
   previous=()
   [ -f "$PREVIOUS" ] && previous=(--previous "$PREVIOUS")
   # table2.py stops itself at its budget (and on SIGTERM) with a summary; the timeout is the backstop
-  part table2 100000 "$PY" benchmarks/table2.py run --budget $(($(left) - RESERVE - 25)) \
-      --targets "${SUITE_TARGETS:-10}" --probe "${SUITE_PROBE:-1,2,4,8}" \
+  t2budget=$(($(left) - RESERVE - 20))  # 20 s for its imports and its summary
+  ((t2budget < 20)) && t2budget=0        # too little: part() records it as skipped
+  part table2 $((t2budget ? t2budget + 15 : 0)) "$PY" benchmarks/table2.py run --budget "$t2budget" \
+      --targets "${SUITE_TARGETS:-10}" --probe "${SUITE_PROBE:-1,2,4,8}" --order "${SUITE_ORDER:-brews-first}" \
       --probe-steps "${SUITE_PROBE_STEPS:-100}" "${previous[@]}" "${common[@]}"
   keep_poisons
 fi

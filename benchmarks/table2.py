@@ -273,13 +273,16 @@ def table(rows: list[dict], trainings: list[dict]) -> str:
 
 
 class Scheduler:
-    """Brews and trainings through one pool with at most `limit` in flight, trainings (lowest target
-    first) before brews, so targets finish in order; nothing starts that would end past the deadline."""
+    """Brews and trainings through one pool with at most `limit` in flight; nothing starts that would
+    end past the deadline. Trainings (lowest target first) go before brews, so targets finish in order,
+    unless `brews_first`: then every brew goes first, so that a run too short for Table 2 still brews
+    every poison set on its clean model (which stays on the machine; the sets come back)."""
 
     def __init__(self, pool: ProcessPoolExecutor, limit: int, deadline: float, defenses: list[str],
                  targets: list[int], have_poisons: set[int], previous: list[dict], output: Output,
-                 estimates: dict) -> None:
+                 estimates: dict, brews_first: bool = False) -> None:
         self.pool, self.limit, self.deadline, self.output = pool, limit, deadline, output
+        self.brews_first = brews_first
         self.defenses = _ordered(defenses)
         # the member whose drop counts the controls replay, as in the centralized runner
         self.first_epic = next((d for d in self.defenses if d.startswith("epic")), None)
@@ -312,11 +315,11 @@ class Scheduler:
         self.ready.sort()
 
     def _next(self) -> Optional[tuple]:
+        if self.brews and (self.brews_first or not self.ready):
+            return ("brew", self.brews.pop(0))
         if self.ready:
             t, d = self.ready.pop(0)
             return ("train", t, d, self.counts.get(t, self.previous_counts.get(t)))
-        if self.brews:
-            return ("brew", self.brews.pop(0))
         return None
 
     def _fits(self, kind: str) -> bool:
@@ -442,7 +445,8 @@ def run(args, cfg: RunConfig, device: torch.device, output: Output, started: flo
             estimates["train"] = probe_results[limit]["seconds_per_step_each"] * steps  # until one finishes
         summary.update(concurrent=limit, probe=list(probe_results.values()))
         phase = time.time()
-        sched = Scheduler(pool, limit, deadline - args.margin, defenses, targets, have, previous, output, estimates)
+        sched = Scheduler(pool, limit, deadline - args.margin, defenses, targets, have, previous, output, estimates,
+                          brews_first=args.order == "brews-first")
         sched.fill()
         while not sched.done():
             timeout = max(1.0, deadline - time.time()) if math.isfinite(deadline) else None
@@ -498,6 +502,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default cores/pool)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for this stage, from its start")
     parser.add_argument("--margin", type=float, default=5.0, help="seconds kept free before the deadline")
+    parser.add_argument("--order", choices=["targets-first", "brews-first"], default="targets-first",
+                        help="targets-first: finish targets in order; brews-first: brew every target before training")
     parser.add_argument("--previous", action="append", default=[], help="table2.jsonl of an earlier run to merge")
     parser.add_argument("--out", default="runs/table2")
     parser.add_argument("--work", default=None, help="clean model and poisons (default: --out)")
@@ -531,6 +537,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = write_table(output, cfg, trainings, args.defenses.split(","))
     output.emit({**base, "event": "summary", "defenses": args.defenses.split(","), "rows": rows,
                  "paper": PAPER, "targets_done": sorted({o["target"] for o in trainings}),
+                 "targets_complete": sorted(t for t in {o["target"] for o in trainings}
+                                            if all(any(o["target"] == t and o["defense"] == d for o in trainings)
+                                                   for d in args.defenses.split(","))),
                  "wall_seconds": round(time.time() - started, 2), **result})
 
 
