@@ -206,13 +206,17 @@ def _warm(steps: int) -> dict:
 
 
 def _task(kind: str, *args):
-    if kind == "probe":
-        return probe(_CTX, *args)
-    if kind == "brew":
-        return brew(_CTX, *args)
-    if kind == "train":
-        return train(_CTX, *args)
-    raise ValueError(kind)
+    try:
+        if kind == "probe":
+            return probe(_CTX, *args)
+        if kind == "brew":
+            return brew(_CTX, *args)
+        if kind == "train":
+            return train(_CTX, *args)
+        raise ValueError(kind)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()  # give the cached blocks back to the other workers
+        raise
 
 
 # ----------------------------------------------------------------------------- main process
@@ -348,7 +352,14 @@ class Scheduler:
             record = future.result()
         except Exception as err:  # one line, and the other tasks go on
             record = {"event": "error", "kind": kind, "target": args[0], "defense": args[1] if kind == "train" else None,
-                      "error": f"{type(err).__name__}: {err}"[-2000:]}
+                      "error": f"{type(err).__name__}: {err}"[-2000:], "retried": False}
+            if isinstance(err, torch.cuda.OutOfMemoryError) and self.limit > 1:  # fewer at once, and again
+                self.limit -= 1
+                record["retried"], record["concurrent_now"] = True, self.limit
+                if kind == "brew":
+                    self.brews.insert(0, args[0])
+                else:
+                    self.ready.insert(0, (args[0], args[1]))
             self.errors.append(record)
             self.output.emit(record)
             return record
