@@ -3,8 +3,10 @@
 The selector is the one used everywhere in fedepic (training sets, client rows, updates):
 here the features are the neighbours' updates ``x_j - x_i`` (received model minus the node's own
 model before aggregation) and all labels are equal (one group).
-Reference: Yu Yang, Tian Yu Liu, Baharan Mirzasoleiman, "Not all poisons are created equal: robust training against
-data poisoning" (EPIC), ICML 2022.
+Paper: Yu Yang, Tian Yu Liu, Baharan Mirzasoleiman, "Not All Poisons are Created Equal: Robust Training
+against Data Poisoning", ICML 2022 (PMLR 162), https://proceedings.mlr.press/v162/yang22j.html.
+Deviation (our extension): the paper selects over training examples' gradients; here the points are
+the neighbours' model updates.
 """
 
 from __future__ import annotations

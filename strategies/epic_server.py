@@ -1,5 +1,10 @@
 """EPIC at a Flower server: drop isolated client updates by greedy medoid selection, average the rest.
 
+Paper: Yu Yang, Tian Yu Liu, Baharan Mirzasoleiman, "Not All Poisons are Created Equal: Robust Training
+against Data Poisoning", ICML 2022 (PMLR 162), https://proceedings.mlr.press/v162/yang22j.html.
+Deviation (our extension): the paper selects over training examples' gradients; here the points are
+the clients' updates.
+
 The selector is fedepic.epic.select_medoids, the same one that cleans training sets and
 each client's rows (here the third place): the features are the clients' flattened updates and all
 labels are equal (one group).

@@ -1,5 +1,9 @@
 """Plain gossip averaging for decentralized FL, plus the shared input checks of the peer rules.
 
+Paper: Xiangru Lian, Ce Zhang, Huan Zhang, Cho-Jui Hsieh, Wei Zhang, Ji Liu, "Can Decentralized
+Algorithms Outperform Centralized Algorithms? A Case Study for Decentralized Parallel Stochastic
+Gradient Descent", NeurIPS 2017, arXiv:1705.09056 (D-PSGD).
+
 Every peer rule in ``strategies/`` has the signature
 ``rule(own: Tensor[D], neighbours: Tensor[m, D], weights: Tensor[m+1] | None) -> Tensor[D]``:
 ``own`` is the node's model vector after local training, ``neighbours`` holds the models received this

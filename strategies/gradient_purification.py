@@ -1,8 +1,9 @@
 """Gradient Purification (GP): a peer rule that detects malicious neighbours across rounds and
 removes their accumulated contribution from the node's model.
 
-Reference: Li, Miao, Zhang, Yin, "Gradient purification: defense against data poisoning attack in
-decentralized federated learning", Frontiers of Computer Science, 2025.
+Paper: Bin Li, Xiaoye Miao, Yan Zhang, Jianwei Yin, "Gradient Purification: Defense Against Data
+Poisoning Attack in Decentralized Federated Learning", Frontiers of Computer Science 2025,
+DOI 10.1007/s11704-025-50240-3, arXiv:2501.04453.
 
 Exact rules (node i, one call of ``aggregate`` per round):
 

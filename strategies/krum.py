@@ -1,7 +1,8 @@
 """Krum / Multi-Krum selection as a decentralized peer rule (Byzantine-robust aggregation).
 
-Reference: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine learning with adversaries: Byzantine
-tolerant gradient descent", NeurIPS 2017.
+Paper: Peva Blanchard, El Mahdi El Mhamdi, Rachid Guerraoui, Julien Stainer, "Machine Learning with
+Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017,
+https://papers.nips.cc/paper/6617. Deviation: f adapts to small neighbourhoods (see ``KrumSelect``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Self-centered clipping (ClippedGossip) as a decentralized peer rule.
 
-Reference: He, Karimireddy, Jaggi, "Byzantine-robust decentralized learning via ClippedGossip"
-(self-centered clipping), arXiv:2202.01545, 2022.
+Paper: Lie He, Sai Praneeth Karimireddy, Martin Jaggi, "Byzantine-Robust Decentralized Learning via
+ClippedGossip", arXiv:2202.01545, 2022 (self-centered clipping). Deviation: NaN / inf neighbours
+are left out before clipping (strategies/finite.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Coordinate-wise trimmed mean as a decentralized peer rule (Byzantine-robust aggregation).
 
-Reference: Yin, Chen, Ramchandran, Bartlett, "Byzantine-robust distributed learning: towards optimal
-statistical rates", ICML 2018.
+Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
+Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498. Deviation: b adapts to
+small neighbourhoods (see ``TrimmedMean``).
 """
 
 from __future__ import annotations

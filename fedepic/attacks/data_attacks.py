@@ -189,9 +189,13 @@ class NoDataAttack:
 
 
 class LabelFlip(NoDataAttack):
-    """Label flipping with ``flip_mapping`` (modes pairs, all, map; Fang et al., USENIX Security 2020;
-    Tolpegin et al., ESORICS 2020). Success: the share of test images of a flipped source class
-    predicted as its flip destination.
+    """Label flipping with ``flip_mapping`` (modes pairs, all, map). Success: the share of test images of
+    a flipped source class predicted as its flip destination.
+
+    Papers: Minghong Fang, Xiaoyu Cao, Jinyuan Jia, Neil Zhenqiang Gong, "Local Model Poisoning Attacks
+    to Byzantine-Robust Federated Learning", USENIX Security 2020, arXiv:1911.11815; Vale Tolpegin,
+    Stacey Truex, Mehmet Emre Gursoy, Ling Liu, "Data Poisoning Attacks Against Federated Learning
+    Systems", ESORICS 2020, arXiv:2007.08432.
 
     Parameters
     ----------
@@ -226,8 +230,11 @@ class LabelFlip(NoDataAttack):
 
 
 class Backdoor(NoDataAttack):
-    """The BadNets all-to-one patch backdoor (Gu, Dolan-Gavitt, Garg, "BadNets", 2017); success: the
-    share of triggered non-target test images predicted as the backdoor label.
+    """The BadNets all-to-one patch backdoor; success: the share of triggered non-target test images
+    predicted as the backdoor label.
+
+    Paper: Tianyu Gu, Brendan Dolan-Gavitt, Siddharth Garg, "BadNets: Identifying Vulnerabilities in the
+    Machine Learning Model Supply Chain", arXiv:1708.06733, 2017.
 
     Parameters
     ----------

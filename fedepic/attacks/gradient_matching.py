@@ -437,7 +437,9 @@ def load_poisons(path: str | os.PathLike) -> PoisonSet:
 
 
 class GradientMatching(NoDataAttack):
-    """Witches' Brew as a registry entry (``fedepic.extensions.DATA_ATTACKS``): its poisons are brewed
+    """Witches' Brew (Jonas Geiping, Liam Fowl, W. Ronny Huang, Wojciech Czaja, Gavin Taylor, Michael
+    Moeller, Tom Goldstein, "Witches' Brew: Industrial Scale Data Poisoning via Gradient Matching",
+    ICLR 2021, arXiv:2009.02276) as a registry entry (``fedepic.extensions.DATA_ATTACKS``): its poisons are brewed
     per trial (centralized) or read from ``attack.poisons`` (federated), not drawn from rows, so
     ``poison`` leaves rows as they are; success: whether the target image is predicted as the
     adversarial class (one trial)."""

@@ -88,7 +88,11 @@ def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = N
 def sign_flip(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, scale: float = 1.0
 ) -> Tensor:
-    """Sign flipping: ``-scale * own`` (scale 1 is the classic attack)."""
+    """Sign flipping: ``-scale * own`` (scale 1 is the classic attack).
+
+    Paper: the "bit-flipping" baseline of Sai Praneeth Karimireddy, Lie He, Martin Jaggi, "Learning from
+    History for Byzantine Robust Optimization", ICML 2021, arXiv:2012.10333.
+    """
     _check(honest, own)
     return -scale * own
 
@@ -98,6 +102,9 @@ def gaussian(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, sigma: float
 ) -> Tensor:
     """Gaussian noise update ``N(0, sigma^2 I)``, independent of the honest update.
+
+    Paper: the Gaussian Byzantine workers of Peva Blanchard, El Mahdi El Mhamdi, Rachid Guerraoui,
+    Julien Stainer, "Machine Learning with Adversaries", NeurIPS 2017.
 
     ``sigma`` is in update units (``attack.sigma``; 1 is far larger than a typical SGD update, i.e.
     the "random update" Byzantine baseline). Pass a seeded ``generator`` (on own's device) to reproduce.
@@ -113,8 +120,11 @@ def gaussian(
 def scaling(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, factor: float
 ) -> Tensor:
-    """Boosting: ``factor * own``, model replacement style (Bagdasaryan et al., "How to backdoor
-    federated learning", AISTATS 2020), where the boost cancels the averaging of the other updates.
+    """Boosting: ``factor * own``, model replacement style, where the boost cancels the averaging of
+    the other updates (``factor``: ``attack.scale``).
+
+    Paper: Eugene Bagdasaryan, Andreas Veit, Yiqing Hua, Deborah Estrin, Vitaly Shmatikov, "How To
+    Backdoor Federated Learning", AISTATS 2020, arXiv:1807.00459.
     """
     _check(honest, own)
     return factor * own
@@ -143,7 +153,8 @@ def alie(
     n: int | None,
     z: float | None,
 ) -> Tensor:
-    """A Little Is Enough (Baruch, Baruch, Goldberg, NeurIPS 2019): ``mu - z_max * sigma``
+    """A Little Is Enough (Moran Baruch, Gilad Baruch, Yoav Goldberg, "A Little Is Enough: Circumventing
+    Defenses For Distributed Learning", NeurIPS 2019, arXiv:1902.06156): ``mu - z_max * sigma``
     per coordinate, with mu / sigma the mean / sample std (unbiased) of the honest updates.
 
     ``z_max`` follows the paper (``alie_z(n, f)``), with n = total clients (None: ``m + f``)
@@ -159,7 +170,8 @@ def alie(
 def ipm(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, epsilon: float
 ) -> Tensor:
-    """Inner product manipulation (Xie, Koyejo, Gupta, "Fall of empires", UAI 2019):
+    """Inner product manipulation (Cong Xie, Oluwasanmi Koyejo, Indranil Gupta, "Fall of Empires:
+    Breaking Byzantine-tolerant SGD by Inner Product Manipulation", UAI 2019, arXiv:1903.03936):
     ``-epsilon * mean(honest)``. A small epsilon (``attack.ipm_eps``, 0.1 by default) keeps the update close to the honest
     ones so robust rules accept it, while its inner product with the true gradient is negative."""
     _check(honest, own, need_honest=1)
@@ -185,7 +197,8 @@ def minmax(
     /,
     perturbation: str = "std",
 ) -> Tensor:
-    """Min-max attack (Shejwalkar & Houmansadr, NDSS 2021): ``mu + gamma * p``.
+    """Min-max attack (Virat Shejwalkar, Amir Houmansadr, "Manipulating the Byzantine: Optimizing Model
+    Poisoning Attacks and Defenses for Federated Learning", NDSS 2021): ``mu + gamma * p``.
 
     p is ``-std`` (default), ``-mu/||mu||`` ("unit_vec") or ``-sign(mu)``; gamma is the largest value
     with ``max_i ||m - h_i|| <= B = max_{i,j} ||h_i - h_j||``. The paper finds gamma by binary
