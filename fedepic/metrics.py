@@ -1,9 +1,10 @@
-"""Metrics shared by every mode: attack success with its standard error, and consensus distance."""
+"""Metrics shared by every mode: attack success with its standard error, consensus distance,
+and the precision / recall of a detector."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Hashable, Iterable, Sequence
 
 import torch
 
@@ -35,3 +36,19 @@ def consensus_distance(models: torch.Tensor) -> float:
         return float("nan")
     centred = models - models.mean(0, keepdim=True)
     return centred.pow(2).sum(1).mean().item()
+
+
+def detection_metrics(detected: Iterable[Hashable], malicious: Iterable[Hashable]) -> dict[str, float]:
+    """Precision / recall / F1 of a detection against the ground truth.
+
+    Items can be neighbour ids for one node, or ``(node, neighbour)`` pairs for a whole network
+    (only pairs where the neighbour is actually adjacent should be in ``malicious``). Conventions
+    for empty sets: precision is 1 when nothing was detected (no false alarm), recall is 1 when
+    there was nothing to detect.
+    """
+    det, mal = set(detected), set(malicious)
+    tp, fp, fn = len(det & mal), len(det - mal), len(mal - det)
+    precision = tp / (tp + fp) if det else 1.0
+    recall = tp / (tp + fn) if mal else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}

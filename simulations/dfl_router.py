@@ -31,9 +31,8 @@ from torch import Tensor
 
 from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_arguments, run_model_attack
 from fedepic.config import AttackConfig
-from fedepic.metrics import consensus_distance
+from fedepic.metrics import consensus_distance, detection_metrics
 from fedepic.topology import metropolis_hastings_weights
-from strategies.gradient_purification import detection_metrics
 
 
 

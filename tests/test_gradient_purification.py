@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from strategies.gradient_purification import (
-    GradientPurification,
-    PurificationState,
-    detection_metrics,
-)
+from fedepic.metrics import detection_metrics
+from strategies.gradient_purification import GradientPurification, PurificationState
 
 
 def make_gp(**overrides):
