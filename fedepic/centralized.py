@@ -10,7 +10,6 @@ counts from the same trial, so they remove exactly as many rows at the same epoc
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,16 +23,16 @@ from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
     check_poisons, save_poisons, target_gradient,
 )
-from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, remove_checkpoints, save_checkpoint, truncate_metrics
-from fedepic.config import ConfigError, RunConfig, to_yaml
+from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint, truncate_metrics
+from fedepic.config import ConfigError, RunConfig
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicSchedule, EpicState
 from fedepic.extensions import CENTRAL_DEFENSES
 from fedepic.interrupts import Interrupts
+from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.metrics import mean_and_se, success_rate
 from fedepic.models import model_for_data
-from fedepic.outputs import RunWriter, csv_table, markdown_table
-from fedepic.plots import close, comparison_figure, curves_figure
+from fedepic.outputs import RunWriter
 from fedepic.progress import bar, progress_bars
 from fedepic.train import evaluate, fit, prepare_model, resolve_device
 
@@ -292,14 +291,6 @@ def _mean_of(outcomes: list[dict], key: str) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def _write_tables(writer: RunWriter, rows: list[dict], curves: dict[str, dict[str, list[float]]], title: str) -> None:
-    writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, TABLE_COLUMNS))
-    writer.write_text("comparison.csv", csv_table(rows, TABLE_COLUMNS))
-    fig = comparison_figure(curves, ["test_accuracy"], "evaluation", title)
-    writer.save_figure(fig, "comparison.png")
-    close(fig)
-
-
 def _ordered(members: list[str]) -> list[str]:
     """EPIC members first: the controls replay the counts of the first EPIC member."""
     return sorted(members, key=lambda m: 0 if m.startswith("epic") else 1)
@@ -309,8 +300,9 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
                     resume: Optional[Resume] = None) -> Path:
     """Run the centralized benchmark and return the run folder.
 
-    Every exit path writes true statuses: a member whose trials all finished is "completed", one cut
-    short "interrupted" (SIGINT, SIGTERM) or "failed", and the root summary lists the finished members.
+    Every exit path writes true statuses (fedepic.lifecycle): a member whose trials all finished is
+    "completed", one cut short "interrupted" (SIGINT, SIGTERM) or "failed", and the root summary lists
+    the finished members, which the comparison covers.
 
     Checkpoints (``checkpoint.pt`` in the run folder) are written after the poisons are brewed, after
     each victim, and every ``checkpoint_every`` epochs within one. With ``resume`` the run continues
@@ -326,62 +318,59 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
     saved = resume.checkpoint if resume is not None else None
-    interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, progress_bars(cfg.progress) as progress, \
-            RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
+    comparison = Comparison(TABLE_COLUMNS, ("test_accuracy",), f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}",
+                            xlabel="evaluation")
+    histogram = torch.bincount(data.train_y, minlength=data.num_classes).tolist()
+    life = RunLifecycle(cfg, members, comparison, interrupts=interrupts, resume=resume,
+                        extras=lambda rows: _root_figures(rows, histogram))
+    with life, progress_bars(cfg.progress) as progress:
         if resume is not None and saved is None:
-            _clear(writer.dir)  # stopped before its first checkpoint: start over in the same folder
-        writer.write_config(to_yaml(cfg))
-        progress_state = _Progress(writer, saved)
-        outcomes, trials = progress_state.outcomes(members), []
-        member_writers: dict[str, RunWriter] = {}
-        try:
-            trials = build_trials(cfg, data, device, writer, progress, saved["brewed"] if saved else None)
-            for m in members:
-                member_writers[m] = RunWriter(cfg.output_dir, m, parent=writer).__enter__()
-            progress_state.restore_metrics(member_writers)
-            progress_state.save(member_writers, brewed=[t.info.get("random_alignment") for t in trials],
-                                outcomes=outcomes)
-            _train_members(cfg, data, device, trials, members, member_writers, outcomes, writer, progress,
-                           progress_state)
-        except BaseException as err:
-            writer.mark(err)
-            raise
-        finally:
-            with interrupts.polled():  # a signal now must not cut the summaries short
-                _write_run(cfg, data, writer, members, member_writers, outcomes, trials, resume)
-                if writer.status == "running":
-                    remove_checkpoints(writer.dir)
-    return writer.path
+            life.start_over()  # stopped before its first checkpoint: start over in the same folder
+        checkpoint = _Progress(life, saved)
+        outcomes = checkpoint.outcomes(members)
+        trials = build_trials(cfg, data, device, life.root, progress, saved["brewed"] if saved else None)
+        checkpoint.save(brewed=[t.info.get("random_alignment") for t in trials], outcomes=outcomes)
+        _train_members(cfg, data, device, trials, members, outcomes, life, progress, checkpoint)
+    return life.path
 
 
-def _clear(folder: Path) -> None:
-    for child in folder.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+def _root_figures(rows: list[dict], histogram: list[int]) -> dict:
+    """The root summary's own figures: the diverged members (each also a warning line) and the labels."""
+    diverged = [r["defense"] for r in rows if r["diverged_trials"]]
+    for r in rows:
+        if r["diverged_trials"]:
+            print(f"fedepic: warning: {r['defense']} diverged (non-finite loss or weights) in "
+                  f"{r['diverged_trials']} trial(s)", file=sys.stderr)
+    return {"diverged": diverged, "class_histogram": histogram}
+
+
+def _member_report(cfg: RunConfig, member: str, outcomes: list[dict]) -> MemberReport:
+    """A member's summary (its trials so far), comparison row and accuracy curve (of its first trial)."""
+    row = summarise(member, outcomes, cfg.attack.data == "gradient_matching") if outcomes else {}
+    curves = {"test_accuracy": outcomes[0]["accuracy_curve"]} if outcomes else {}
+    return MemberReport({"defense": member, "trials_done": len(outcomes), "trials_detail": outcomes, **row}, row,
+                        curves)
 
 
 class _Progress:
     """The run's checkpoint: finished victims, the interrupted one's state, the metrics files' lengths."""
 
-    def __init__(self, writer: RunWriter, saved: Optional[dict]) -> None:
-        self.writer, self.saved = writer, saved or {}
+    def __init__(self, life: RunLifecycle, saved: Optional[dict]) -> None:
+        self.life, self.saved = life, saved or {}
         # a resumed run starts from what was saved: the interrupted victim and the trial's EPIC counts
         # stay in the checkpoint until they are replaced, so a second interruption loses nothing
         self.state: dict = {"outcomes": {}, "epic_counts": None, "victim": None, "brewed": None, "offsets": {},
                             **{k: v for k, v in self.saved.items() if k != "format_version"}}
+        if self.saved:  # root lines after the checkpoint are logged again
+            truncate_metrics(life.root.dir, self.saved["offsets"].get(""))
 
     def outcomes(self, members: list[str]) -> dict[str, list[dict]]:
         kept = self.saved.get("outcomes", {})
         return {m: [dict(o) for o in kept.get(m, [])] for m in members}
 
-    def restore_metrics(self, member_writers: dict[str, RunWriter]) -> None:
-        """Cut every metrics.jsonl back to its length at the checkpoint (lines after it are redone)."""
-        if not self.saved:
-            return
-        offsets = self.saved["offsets"]
-        truncate_metrics(self.writer.dir, offsets.get(""))
-        for name, mw in member_writers.items():
-            truncate_metrics(mw.dir, offsets.get(name))
+    def offset(self, member: str) -> Optional[int]:
+        """The member's metrics.jsonl length at the checkpoint; None: the checkpoint has none of its lines."""
+        return self.saved.get("offsets", {}).get(member)
 
     def victim(self, trial: int, defense: str) -> Optional[dict]:
         """The saved state of this victim's interrupted training, if the checkpoint holds it."""
@@ -394,43 +383,33 @@ class _Progress:
         counts = self.saved.get("epic_counts")
         return list(counts["counts"]) if counts is not None and counts["trial"] == trial else None
 
-    def save(self, member_writers: dict[str, RunWriter], **updates) -> None:
+    def save(self, **updates) -> None:
         """Write the checkpoint with ``updates`` (outcomes, epic_counts, victim, brewed) applied."""
+        root = self.life.root
         self.state.update(updates)
-        self.state["offsets"] = {"": metrics_size(self.writer.dir),
-                                 **{name: metrics_size(mw.dir) for name, mw in member_writers.items()}}
-        save_checkpoint(self.writer.dir / CHECKPOINT, self.state)
+        self.state["offsets"] = {"": metrics_size(root.dir),
+                                 **{name: metrics_size(mw.dir) for name, mw in self.life.writers.items()}}
+        save_checkpoint(root.dir / CHECKPOINT, self.state)
 
 
-def _write_run(cfg: RunConfig, data: ImageData, writer: RunWriter, members: list[str],
-               member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], trials: list[Trial],
-               resume: Optional[Resume] = None) -> None:
-    """Members' summaries, the comparison of those with results, and the root summary. Members a
-    resumed run found finished keep their folders as they were."""
-    finished = [m for m in members if trials and len(outcomes[m]) == len(trials)]
-    kept = [m for m in members if resume is not None and resume.finished(m)]
-    _write_members(cfg, [m for m in members if m in member_writers and m not in kept], member_writers, outcomes,
-                   finished, writer.status)
-    for m in kept:
-        member_writers[m].summary_written = True  # its summary stays as it is
-        member_writers[m].close()
-    binary = cfg.attack.data == "gradient_matching"
-    rows = [summarise(m, outcomes[m], binary) for m in members if outcomes[m]]
-    if rows:
-        curves = {m: {"test_accuracy": outcomes[m][0]["accuracy_curve"]} for m in members if outcomes[m]}
-        _write_tables(writer, rows, curves, f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}")
-    diverged = [r for r in rows if r["diverged_trials"]]
-    for r in diverged:
-        print(f"fedepic: warning: {r['defense']} diverged (non-finite loss or weights) in {r['diverged_trials']} "
-              "trial(s)", file=sys.stderr)
-    writer.write_summary({"mode": "centralized", "finished": finished, "diverged": [r["defense"] for r in diverged], "rows": rows,
-                          "class_histogram": torch.bincount(data.train_y, minlength=data.num_classes).tolist(),
-                          "resumed": resume is not None})
+def _member_writer(cfg: RunConfig, member: str, outcomes: dict[str, list[dict]], life: RunLifecycle,
+                   checkpoint: _Progress) -> RunWriter:
+    """The member's folder, opened when it first trains (reopened where the checkpoint left it)."""
+    if member not in life.writers:
+        life.open_member(member, lambda: _member_report(cfg, member, outcomes[member]), checkpoint.offset(member))
+    return life.writers[member]
 
 
 def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials: list[Trial], members: list[str],
-                   member_writers: dict[str, RunWriter], outcomes: dict[str, list[dict]], writer: RunWriter,
-                   progress, checkpoint: _Progress) -> None:
+                   outcomes: dict[str, list[dict]], life: RunLifecycle, progress, checkpoint: _Progress) -> None:
+    for member in members:  # finished before the resume: kept, or (cut before its status) completed now
+        if len(outcomes[member]) == len(trials):
+            if life.kept(member):
+                report = _member_report(cfg, member, outcomes[member])
+                life.keep(member, report.row, report.curves)
+            else:
+                _member_writer(cfg, member, outcomes, life, checkpoint)
+                life.complete(member)
     train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
     for trial in trials:
         epic_counts = checkpoint.epic_counts(trial.index)
@@ -441,29 +420,16 @@ def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials
             counts_record = {"trial": trial.index, "counts": epic_counts} if epic_counts is not None else None
 
             def save_victim(state: dict, counts: Optional[dict] = counts_record) -> None:
-                checkpoint.save(member_writers, epic_counts=counts, victim=state)
+                checkpoint.save(epic_counts=counts, victim=state)
 
-            outcome, counts = train_victim(cfg, data, trial, member, device, member_writers[member],
-                                           epic_counts, train_bar, checkpoint.victim(trial.index, member), save_victim)
+            writer = _member_writer(cfg, member, outcomes, life, checkpoint)
+            outcome, counts = train_victim(cfg, data, trial, member, device, writer, epic_counts, train_bar,
+                                           checkpoint.victim(trial.index, member), save_victim)
             if member.startswith("epic") and epic_counts is None:
                 epic_counts = counts
             outcomes[member].append(outcome)
-            writer.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
-            checkpoint.save(member_writers, outcomes=outcomes, victim=None,
+            life.root.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})
+            checkpoint.save(outcomes=outcomes, victim=None,
                             epic_counts={"trial": trial.index, "counts": epic_counts} if epic_counts is not None else None)
-
-
-def _write_members(cfg: RunConfig, members: list[str], member_writers: dict[str, RunWriter],
-                   outcomes: dict[str, list[dict]], finished: list[str], run_status: str) -> None:
-    """Each member's summary (finished ones "completed", the others the run's status) and curves."""
-    binary = cfg.attack.data == "gradient_matching"
-    for m in members:
-        mw = member_writers[m]
-        mw.status = "completed" if m in finished else (run_status if run_status != "running" else "failed")
-        mw.write_summary({"defense": m, "trials_done": len(outcomes[m]), "trials_detail": outcomes[m],
-                          **(summarise(m, outcomes[m], binary) if outcomes[m] else {})})
-        if outcomes[m]:
-            fig = curves_figure({"test_accuracy": outcomes[m][0]["accuracy_curve"]}, "evaluation", m)
-            mw.save_figure(fig, "curves.png")
-            close(fig)
-        mw.close()
+            if len(outcomes[member]) == len(trials):  # after the checkpoint: a "completed" member is in it
+                life.complete(member)

@@ -16,7 +16,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import fedepic.simulate, fedepic.centralized, fedepic.epic, fedepic.attacks, fedepic.defenses, fedepic.outputs
-import fedepic.topology, fedepic.attacks.model_attacks
+import fedepic.topology, fedepic.attacks.model_attacks, fedepic.lifecycle, fedepic.report
 from fedepic.outputs import environment_versions
 environment_versions()
 print('ok')
