@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import networkx as nx
 
 from fedepic.attacks import flip_table
-from fedepic.checkpoint import (
-    CHECKPOINT, Resume, load_checkpoint, metrics_size, remove_checkpoints, save_checkpoint, truncate_metrics,
-)
-from fedepic.config import ConfigError, RunConfig, malicious_ids, to_yaml
+from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint
+from fedepic.config import ConfigError, RunConfig, malicious_ids
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
-from fedepic.outputs import RunWriter
-from fedepic.plots import close, curves_figure
+from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.progress import bar, progress_bars
 from fedepic.topology import build_topology
 from simulations.common import (
-    check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config, write_comparison,
+    check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config,
 )
 from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
@@ -110,43 +106,33 @@ def logged_records(folder: Path) -> list[dict]:
 
 
 class FolderSink(RunSink):
-    """Writes each member's sub-folder as the router reports rounds, with its checkpoints; with
-    ``resume``, reopens the members an interrupted run left (see the module docstring)."""
+    """The router's reports into the run's member folders (fedepic.lifecycle), with their checkpoints;
+    a resumed run keeps the members the interrupted one completed (see the module docstring)."""
 
-    def __init__(self, root: RunWriter, cfg: RunConfig, progress: Any, members: Sequence[Member] = (),
-                 resume: Optional[Resume] = None) -> None:
-        self.root, self.cfg, self.progress, self.resume = root, cfg, progress, resume
-        self.writers: dict[str, RunWriter] = {}
+    def __init__(self, life: RunLifecycle, cfg: RunConfig, progress: Any, members: Sequence[Member] = ()) -> None:
+        self.life, self.cfg, self.progress = life, cfg, progress
         self.records: dict[str, list[dict]] = {}
         self.bars: dict[str, Any] = {}
-        self.summaries: dict[str, dict] = {}
-        self.kept: set[str] = set()
         for member in members:
-            if resume is not None and resume.finished(member.name):
-                self._keep(member)
+            if life.kept(member.name):  # its folder stays; the comparison covers its logged rounds
+                self.records[member.name] = logged_records(life.root.dir / member.name)
+                report = self.report(member)
+                life.keep(member.name, report.row, report.curves)
 
-    def _keep(self, member: Member) -> None:
-        """A member the interrupted run completed: its folder stays, the comparison covers it."""
-        records = logged_records(self.root.dir / member.name)
-        self.records[member.name] = records
-        self.summaries[member.name] = member_summary(member.name, member.strategy, records)
-        self.kept.add(member.name)
+    def report(self, member: Member) -> MemberReport:
+        """The member's summary (also its comparison row) and curves from the rounds recorded so far."""
+        records = self.records[member.name]
+        summary = member_summary(member.name, member.strategy, records)
+        return MemberReport(summary, summary, {k: [r[k] for r in records if r.get(k) is not None] for k in SERIES})
 
     def finished(self, member: Member) -> bool:
-        return member.name in self.kept
+        return self.life.kept(member.name)
 
     def begin(self, member: Member) -> MemberStart:
-        folder = self.root.dir / member.name  # the reopened root: resume.run_dir is now .partial
-        resuming = self.resume is not None and (folder / CHECKPOINT).is_file()
-        saved = load_checkpoint(folder / CHECKPOINT) if resuming else None
-        if self.resume is not None and saved is None:
-            shutil.rmtree(folder, ignore_errors=True)  # cut short before its first checkpoint: start over
-        elif saved is not None:
-            truncate_metrics(folder, saved["metrics_size"])  # rounds after the checkpoint are played again
-        writer = RunWriter(self.root.dir, member.name, parent=self.root)
-        writer.__enter__()
-        self.writers[member.name] = writer
-        self.records[member.name] = logged_records(folder) if saved is not None else []
+        saved = self.life.checkpoint(member.name)
+        writer = self.life.open_member(member.name, lambda: self.report(member),
+                                       saved["metrics_size"] if saved is not None else None)
+        self.records[member.name] = logged_records(writer.dir) if saved is not None else []
         self.bars[member.name] = bar(self.progress, member.name, self.cfg.rounds)
         if saved is None:
             return MemberStart()
@@ -157,12 +143,12 @@ class FolderSink(RunSink):
     def _check_saved(self, member: Member, saved: Mapping[str, Any]) -> None:
         rounds = [r.get("round") for r in self.records[member.name]]
         if rounds != list(range(1, int(saved["round"]) + 1)):
-            raise ConfigError(f"invalid value '{self.root.dir / member.name}' for key 'resume': metrics.jsonl "
+            raise ConfigError(f"invalid value '{self.life.root.dir / member.name}' for key 'resume': metrics.jsonl "
                               f"holds rounds {rounds[:3]}..., its checkpoint is at round {saved['round']}")
 
     def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
         """``checkpoint.pt`` of the member after ``round_``, whose metrics line is on disk by now."""
-        writer = self.writers[member.name]
+        writer = self.life.writers[member.name]
         writer.flush()
         save_checkpoint(writer.dir / CHECKPOINT, {
             "member": member.name, "round": round_, "metrics_size": metrics_size(writer.dir),
@@ -170,43 +156,22 @@ class FolderSink(RunSink):
         })
 
     def round(self, member: Member, record: Mapping[str, Any]) -> None:
-        self.writers[member.name].log(record)
+        self.life.writers[member.name].log(record)
         self.records[member.name].append(dict(record))
         self.bars[member.name].advance(info=f"acc {record['mean_accuracy']:.3f} worst {record['worst_accuracy']:.3f}")
 
     def end(self, member: Member) -> None:
-        writer = self.writers.pop(member.name)
-        records = self.records[member.name]
-        summary = member_summary(member.name, member.strategy, records)
-        self.summaries[member.name] = summary
-        series = {k: [r[k] for r in records if r.get(k) is not None] for k in SERIES}
-        fig = curves_figure({k: v for k, v in series.items() if v}, "round", f"{member.name} ({self.cfg.name})")
-        try:
-            writer.save_figure(fig, "curves.png")
-        finally:
-            close(fig)
-        writer.write_summary(summary)
-        writer.__exit__(None, None, None)
-        (writer.dir / CHECKPOINT).unlink(missing_ok=True)  # completed: a resume keeps it as it is
-
-    def abort(self, err: BaseException) -> None:
-        """Close the members cut short by ``err``: "interrupted" for SIGINT/SIGTERM, else "failed"."""
-        for writer in self.writers.values():
-            writer.mark(err)
-            writer.write_summary({"rounds": len(self.records.get(writer.final_dir.name, [])),
-                                  "error": str(err) or type(err).__name__})
-            writer.__exit__(None, None, None)
-        self.writers.clear()
+        self.life.complete(member.name)
 
 
 def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
                       resume: Optional[Resume] = None) -> Path:
     """Simulate ``cfg.strategies`` on the configured graph; returns the run folder.
 
-    On every exit path the finished members keep their summaries, a member cut short is marked
-    "interrupted" (SIGINT, SIGTERM) or "failed", and the root gets the comparison of the finished
-    members and a summary with the run's status and the list of finished members. With ``resume``
-    the interrupted run's folder is continued (see the module docstring).
+    On every exit path (fedepic.lifecycle) the finished members keep their summaries, a member cut
+    short is marked "interrupted" (SIGINT, SIGTERM) or "failed", and the root gets the comparison of
+    the finished members and a summary with the run's status and the list of finished members. With
+    ``resume`` the interrupted run's folder is continued (see the module docstring).
     """
     quiet_flower()
     check_ray_address(cfg)  # before a run folder exists
@@ -226,51 +191,26 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(s, graph, bad)) for name, s in zip(member_names(cfg.strategies),
                                                                               cfg.strategies)]
-    interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as root, \
-            progress_bars(cfg.progress) as progress:
-        root.write_config(to_yaml(cfg))
-        root.write_json("partition.json", report)
-        root.write_json("topology.json", {
+    title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
+            f"{cfg.topology.name}, attack {attack_label(cfg)}"
+    life = RunLifecycle(cfg, [m.name for m in members], Comparison(COLUMNS, PANELS, title), interrupts=interrupts,
+                        resume=resume, extras=lambda rows: {"attack": attack_label(cfg), "label_roles": roles,
+                                                            "members": {r["strategy"]: r for r in rows}})
+    with life, progress_bars(cfg.progress) as progress:
+        life.root.write_json("partition.json", report)
+        life.root.write_json("topology.json", {
             "name": cfg.topology.name, "nodes": cfg.clients.count, "edges": sorted(map(sorted, graph.edges)),
             "malicious": bad, "label_roles": roles, "max_malicious_share": malicious_share(graph, bad),
             "benign_components": {m.name: benign_components(m.routing, bad) for m in members},
         })
-        sink = FolderSink(root, cfg, progress, members, resume)
+        sink = FolderSink(life, cfg, progress, members)
         node_cfg = worker_config(cfg)
-        router = Router(node_cfg, bad, roles, members, sink, interrupts.stop)
-        try:
-            run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
-                       interrupts=interrupts)
-            if len(sink.summaries) < len(members):  # cut short by a signal (an error would have raised)
-                interrupts.raise_if_stopped()
-        except BaseException as err:
-            root.mark(err)
-            with interrupts.polled():
-                sink.abort(err)
-            raise
-        finally:
-            with interrupts.polled():  # a signal now must not cut the summaries short
-                _write_root(cfg, root, sink, members, bad, roles, resumed=resume is not None)
-                if root.status == "running":
-                    remove_checkpoints(root.dir)
-    return root.path
-
-
-def _write_root(cfg: RunConfig, root: RunWriter, sink: "FolderSink", members: list[Member], bad: list[int],
-                roles: Mapping[str, Any], resumed: bool = False) -> None:
-    """The comparison of the finished members and the root summary (with the run's status)."""
-    done = [m for m in members if m.name in sink.summaries]
-    rows = [sink.summaries[m.name] for m in done]
-    if rows:
-        curves = {m.name: {k: [r[k] for r in sink.records[m.name] if r.get(k) is not None] for k in SERIES}
-                  for m in done}
-        title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
-                f"{cfg.topology.name}, attack {attack_label(cfg)}"
-        write_comparison(root, rows, COLUMNS, curves, PANELS, title)
-    root.write_summary({"mode": "decentralized", "attack": attack_label(cfg), "label_roles": roles,
-                        "finished": [m.name for m in done], "members": {r["strategy"]: r for r in rows},
-                        "resumed": resumed})
+        router = Router(node_cfg, bad, roles, members, sink, life.interrupts.stop)
+        run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
+                   interrupts=life.interrupts)
+        if not life.all_finished:  # cut short by a signal (an error would have raised)
+            life.interrupts.raise_if_stopped()
+    return life.path
 
 
 def attack_label(cfg: RunConfig) -> str:

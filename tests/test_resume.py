@@ -178,6 +178,7 @@ def _record(round_: int) -> dict:
 def test_folder_sink_keeps_continues_and_restarts_the_members_it_finds(tmp_path: Path) -> None:
     from fedepic.checkpoint import Resume, metrics_size
     from fedepic.config import load_config
+    from fedepic.lifecycle import Comparison, RunLifecycle
     from fedepic.outputs import RunWriter
     from simulations.decentralized import FolderSink
     from simulations.dfl_apps import Member
@@ -197,11 +198,14 @@ def test_folder_sink_keeps_continues_and_restarts_the_members_it_finds(tmp_path:
         first.mark(KeyboardInterrupt())
     before = (folder / "gossip" / "summary.json").read_text()
     statuses = {m.name: json.loads((folder / m.name / "summary.json").read_text()) for m in members}
-    resume = Resume(folder, None, statuses)
-    with RunWriter(tmp_path, "d", resume=folder) as root:
-        sink = FolderSink(root, load_config("dfl_smoke.yaml", ["rounds=4"]), None, members, resume)
+    cfg = load_config("dfl_smoke.yaml", ["rounds=4", "name=d", f"output_dir={tmp_path}"])
+    life = RunLifecycle(cfg, [m.name for m in members], Comparison(["strategy", "rounds"], [], "T"),
+                        resume=Resume(folder, None, statuses))
+    with pytest.raises(KeyboardInterrupt), life:
+        root = life.root
+        sink = FolderSink(life, cfg, None, members)
         assert sink.finished(members[0]) and not sink.finished(members[1])
-        assert sink.summaries["gossip"]["rounds"] == 2 and math.isnan(sink.records["gossip"][1]["per_class"][1])
+        assert life.rows[0]["rounds"] == 2 and math.isnan(sink.records["gossip"][1]["per_class"][1])
         assert sink.records["gossip"][0]["failures"][0]["node"] is None  # not a number: left alone
         start = sink.begin(members[1])
         assert start.round == 2 and start.states == {1: {"arrays": {}, "config": {"x": 1}}}
@@ -216,9 +220,14 @@ def test_folder_sink_keeps_continues_and_restarts_the_members_it_finds(tmp_path:
         assert sink.begin(members[2]).round == 0  # no checkpoint: starts over in an empty folder
         assert sorted(p.name for p in (root.dir / "median").iterdir()) == ["metrics.jsonl"]
         assert (root.dir / "median" / "metrics.jsonl").read_text() == ""
-        sink.abort(KeyboardInterrupt())
+        raise KeyboardInterrupt
     assert (folder / "gossip" / "summary.json").read_text() == before
     assert json.loads((folder / "gp" / "summary.json").read_text())["rounds"] == 3
+    cut = json.loads((folder / "median" / "summary.json").read_text())
+    assert cut["status"] == "interrupted" and cut["rounds"] == 0 and cut["error"] == "KeyboardInterrupt"
+    root_summary = json.loads((folder / "summary.json").read_text())
+    assert root_summary["status"] == "interrupted" and root_summary["finished"] == ["gossip", "gp"]
+    assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,rounds", "gossip,2", "gp,3"]
 
 
 # --------------------------------------------------------------------------- refusals, in-process
