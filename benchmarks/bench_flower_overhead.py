@@ -49,13 +49,12 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from fedepic.config import RunConfig, load_config  # noqa: E402
 from fedepic.data import load_dataset  # noqa: E402
-from fedepic.outputs import RunWriter  # noqa: E402
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from simulations.client_app import handle_train, handle_warmup  # noqa: E402
 from simulations.common import quiet_flower  # noqa: E402
 from simulations.federated import run_federated  # noqa: E402
-from simulations.server_app import serve  # noqa: E402
+from simulations.server_app import open_run, serve  # noqa: E402
 
 
 class LocalGrid:
@@ -108,12 +107,12 @@ def sequential(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[f
     try:
         started = time.perf_counter()
         load_dataset(cfg.data, cfg.seed)
-        with RunWriter(cfg.output_dir, cfg.name) as writer:
-            serve(LocalGrid(cfg.clients.count), cfg, writer, threading.Event())
+        with open_run(cfg) as life:
+            serve(LocalGrid(cfg.clients.count), cfg, life, threading.Event())
         total = time.perf_counter() - started
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous
-    return total, round_seconds(writer.path)
+    return total, round_seconds(life.path)
 
 
 def flower(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[float, float]]]:

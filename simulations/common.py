@@ -1,6 +1,6 @@
 """Plumbing shared by the Flower simulations (server-based and decentralized): quiet logs, the Ray
-backend config, a Ctrl-C safe `run_simulation`, stop-aware message exchange, each client's
-(possibly attacked) data, and the comparison table and plot.
+backend config, a Ctrl-C safe `run_simulation`, stop-aware message exchange and each client's
+(possibly attacked) data. The comparison table and plot are in fedepic/report.py.
 
 Ray and the node registration race:
 - a local cluster is started with ``address="local"``: without it ``ray.init()`` attaches to any
@@ -34,7 +34,6 @@ from fedepic.config import ConfigError, RunConfig, malicious_ids, validate
 from fedepic.data import ImageData, cache_dir, default_root, load_dataset
 from fedepic.errors import RunFailed, RunInterrupted
 from fedepic.interrupts import Interrupts
-from fedepic.outputs import RunWriter, csv_table, markdown_table
 from fedepic.partition import label_histograms, partition
 
 ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -377,24 +376,3 @@ def partition_for(text: str) -> list[np.ndarray]:
 @lru_cache(maxsize=1024)
 def client_data_for(text: str, client_id: int) -> ClientData:
     return build_client_data(config_from_text(text), dataset_for(text), client_id, partition_for(text))
-
-
-# --------------------------------------------------------------------------- comparison
-
-
-def write_comparison(writer: RunWriter, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                     curves: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str], title: str) -> None:
-    """comparison.md / comparison.csv (one row per member) and comparison.png (one panel per metric,
-    one line per member, x = round)."""
-    writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, columns))
-    writer.write_text("comparison.csv", csv_table(rows, columns))
-    present = [p for p in panels if any(len(series.get(p, [])) for series in curves.values())]
-    if not present:
-        return
-    from fedepic.plots import close, comparison_figure  # matplotlib: not needed by client actors
-
-    fig = comparison_figure(curves, present, "round", title)
-    try:
-        writer.save_figure(fig, "comparison.png")
-    finally:
-        close(fig)

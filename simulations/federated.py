@@ -19,7 +19,6 @@ from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
-from fedepic.outputs import RunWriter
 from simulations.common import check_ray_address, checked_poison_set, poison_set, quiet_flower, run_flower
 
 
@@ -49,23 +48,16 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     check_ray_address(cfg)  # before a run folder exists
     data = load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
     checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data
-    from simulations.server_app import make_server_app, serve
-    from simulations.server_checkpoints import resumed_from
+    from simulations.server_app import make_server_app, open_run, serve
 
-    resumed = resumed_from(cfg, resume) if resume is not None else None  # before the folder is touched
-    interrupts = interrupts if interrupts is not None else Interrupts()
-    with interrupts, RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
-        try:
-            if all(name == "centralized-epic" for name in cfg.strategies):
-                serve(None, cfg, writer, interrupts.stop, resumed)  # main thread: a signal raises at once
-            else:
-                if client_app is None:
-                    from simulations.client_app import app as client_app
-                server_app = make_server_app(cfg, writer, interrupts.stop, resumed)
-                run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=interrupts)
-                if writer.status == "interrupted":  # the ServerApp stopped early (not after its work)
-                    interrupts.raise_if_stopped()
-        except BaseException as err:
-            writer.mark(err)
-            raise
-    return writer.path
+    with open_run(cfg, interrupts=interrupts, resume=resume) as life:  # reads the checkpoints, then opens the folder
+        if all(name == "centralized-epic" for name in cfg.strategies):
+            serve(None, cfg, life, life.interrupts.stop)  # main thread: a signal raises at once
+        else:
+            if client_app is None:
+                from simulations.client_app import app as client_app
+            server_app = make_server_app(cfg, life, life.interrupts.stop)
+            run_flower(server_app, client_app, cfg.clients.count, cfg, interrupts=life.interrupts)
+            if not life.all_finished:  # the ServerApp stopped early, on a signal (an error would have raised)
+                life.interrupts.raise_if_stopped()
+    return life.path

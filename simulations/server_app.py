@@ -14,7 +14,7 @@ the client's train reply before aggregating and sends it back with the client's 
 (client_app.py). Nodes are listed to Flower's samplers in partition order (`PartitionGrid`), so the
 clients drawn in a round depend on the seed and the round only, not on the random node ids of a run.
 Each member checkpoints everything that decides its next rounds after every `checkpoint_every`-th
-round, and a resumed run (`serve(..., resumed)`) continues from there: see server_checkpoints.py.
+round, and a resumed run (`open_run(cfg, resume=...)`) continues from there: see server_checkpoints.py.
 
 Attack injector (ALIE, IPM, min-max): these attacks need the round's benign updates, so they are
 applied here, after the replies arrive and before aggregation. This simulates omniscient, colluding
@@ -49,12 +49,13 @@ from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
 from fedepic.centralized import epic_schedule, new_model
-from fedepic.checkpoint import remove_checkpoints
+from fedepic.checkpoint import Resume
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicState
+from fedepic.interrupts import Interrupts
+from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.outputs import RunWriter
-from fedepic.plots import close, curves_figure
 from fedepic.train import evaluate, fit, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -62,10 +63,10 @@ from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, model_for
 from simulations.common import (
     RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
-    partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config, write_comparison,
+    partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config,
 )
 from simulations.server_checkpoints import (
-    Resumed, checkpoint_due, elapsed, kept_row_and_curves, member_checkpoint, restore_root, save_member_checkpoint,
+    checkpoint_due, elapsed, kept_row_and_curves, restore_root, save_member_checkpoint,
 )
 from strategies.epic_server import record_vector
 from strategies.server import TrackedStrategy, build_server_strategy
@@ -456,50 +457,49 @@ def _wait_for_clients(grid: PartitionGrid, cfg: RunConfig, stop: threading.Event
     return {"event": "clients_ready", "seconds": time.perf_counter() - started, "warmup_failures": failed}
 
 
-def _finish_member(member: RunWriter, name: str, result: MemberResult) -> None:
-    if not result.curves["accuracy"]:
-        return
-    member.write_summary({"strategy": name, **result.row, "curves": result.curves})
-    fig = curves_figure(result.curves, "round", name)
-    try:
-        member.save_figure(fig, "curves.png")
-    finally:
-        close(fig)
+def _report(name: str, result: MemberResult, started: float) -> MemberReport:
+    """A member's summary (its row and curves) and comparison row; a member cut short gets the row of
+    the rounds it finished."""
+    row = result.row or _row(name, result.curves, time.perf_counter() - started)
+    return MemberReport({"strategy": name, **row, "curves": result.curves}, row, result.curves)
 
 
 def _run_member(grid: Optional[PartitionGrid], cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
-                writer: RunWriter, stop: threading.Event, resumed: Optional[Resumed] = None) -> MemberResult:
-    """One member in its sub-folder; its summary is written also when it is interrupted or fails. A
-    member a resumed run found finished is kept as it is (its row and curves read back)."""
-    if resumed is not None and name in resumed.finished:
-        return MemberResult(*kept_row_and_curves(resumed.finished[name]))
-    saved = member_checkpoint(writer, name, resumed)
+                life: RunLifecycle, stop: threading.Event) -> dict:
+    """One member in its sub-folder (fedepic.lifecycle); returns its comparison row. A member a resumed
+    run found finished is kept as it is (its row and curves read back)."""
+    if life.kept(name):
+        row, curves = kept_row_and_curves(life.kept_summary(name))
+        life.keep(name, row, curves)
+        return row
+    saved = life.checkpoint(name)
     result = MemberResult()
     started = time.perf_counter() - elapsed(saved)
-    with RunWriter(cfg.output_dir, name, parent=writer) as member:
-        member.write_config(to_yaml(cfg))
-        try:
-            if name == "centralized-epic":
-                run_centralized_epic(cfg, data, evaluator, member, stop, result, saved)
-            elif grid is None:
-                raise ValueError(f"strategy {name!r} needs a Flower grid")
-            else:
-                run_strategy(grid, cfg, name, data, evaluator, member, stop, result, saved)
-        except BaseException as err:
-            member.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            raise
-        finally:
-            if not result.row:
-                result.row = _row(name, result.curves, time.perf_counter() - started)
-            _finish_member(member, name, result)
-    return result
+    member = life.open_member(name, lambda: _report(name, result, started),
+                              saved["offsets"]["member"] if saved is not None else None)
+    member.write_config(to_yaml(cfg))
+    if name == "centralized-epic":
+        run_centralized_epic(cfg, data, evaluator, member, stop, result, saved)
+    elif grid is None:
+        raise ValueError(f"strategy {name!r} needs a Flower grid")
+    else:
+        run_strategy(grid, cfg, name, data, evaluator, member, stop, result, saved)
+    life.complete(name)
+    return result.row
 
 
-def serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threading.Event,
-          resumed: Optional[Resumed] = None) -> list[dict]:
-    """Run every member of `cfg.strategies` and write the comparison; returns its rows. With
-    ``resumed`` it continues an interrupted run in ``writer``'s (reopened) folder
-    (simulations/server_checkpoints.py).
+def open_run(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
+             resume: Optional[Resume] = None) -> RunLifecycle:
+    """The lifecycle of a federated run folder: enter it, :func:`serve` in it, and leaving it writes the
+    statuses, the comparison and the root summary (fedepic.lifecycle)."""
+    title = f"{cfg.name}: {cfg.attack.data}/{cfg.attack.model} attack on {cfg.data.name}, {cfg.clients.count} clients"
+    return RunLifecycle(cfg, list(cfg.strategies), Comparison(COMPARISON_COLUMNS, PANELS, title),
+                        interrupts=interrupts, resume=resume)
+
+
+def serve(grid: Optional[Grid], cfg: RunConfig, life: RunLifecycle, stop: threading.Event) -> list[dict]:
+    """Run every member of `cfg.strategies` in ``life``'s run folder (:func:`open_run`); returns the
+    comparison rows. A resumed ``life`` continues the interrupted run (simulations/server_checkpoints.py).
 
     For the duration of the call (both are restored afterwards):
     - train.threads, when set, applies to the server-side evaluation and centralized-epic;
@@ -514,63 +514,42 @@ def serve(grid: Optional[Grid], cfg: RunConfig, writer: RunWriter, stop: threadi
     gc.collect()
     gc.freeze()
     try:
-        return _serve(PartitionGrid(grid) if grid is not None else None, cfg, writer, stop, resumed)
+        return _serve(PartitionGrid(grid) if grid is not None else None, cfg, life, stop)
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
 
 
-def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, writer: RunWriter, stop: threading.Event,
-           resumed: Optional[Resumed]) -> list[dict]:
+def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, life: RunLifecycle, stop: threading.Event) -> list[dict]:
     data = load_dataset(cfg.data, cfg.seed)
     target = _target(cfg, data)
-    writer.write_config(to_yaml(cfg))
     report = partition_report(cfg, data)
+    ready: dict = {"seconds": None}
+    life.extras = lambda rows: {"clients_ready_seconds": ready["seconds"], "partition": report}
     evaluator = Evaluator(cfg, data, target)
     # a resumed run keeps the root lines an uninterrupted one has written by now, and does not log them again
-    ready_logged, members_logged = restore_root(writer, resumed) if resumed is not None else (False, [])
-    rows: list[dict] = []
-    curves: dict[str, dict[str, list[float]]] = {}
-    startup: Optional[float] = None
-    try:
-        if grid is not None and any(m != "centralized-epic" for m in cfg.strategies):
-            ready = _wait_for_clients(grid, cfg, stop)  # a resumed run's nodes are new: they warm up again
-            if not ready_logged:
-                writer.log(ready)
-            startup = ready["seconds"]
-        for name in cfg.strategies:
-            result = _run_member(grid, cfg, name, data, evaluator, writer, stop, resumed)
-            rows.append(result.row)
-            curves[name] = result.curves
-            if name not in members_logged:
-                writer.log({"event": "member", **result.row})
-    except KeyboardInterrupt:
-        writer.status = "interrupted"
-        raise
-    except BaseException:
-        writer.status = "failed"
-        raise
-    finally:
-        if rows:
-            write_comparison(writer, rows, COMPARISON_COLUMNS, curves, PANELS,
-                             f"{cfg.name}: {cfg.attack.data}/{cfg.attack.model} attack on {cfg.data.name}, "
-                             f"{cfg.clients.count} clients")
-        writer.write_summary({"mode": "federated", "rows": rows, "clients_ready_seconds": startup, "partition": report,
-                              "resumed": resumed is not None})
-        if writer.status == "running":  # completed: the results are final, the states are not needed
-            remove_checkpoints(writer.dir)
-    return rows
+    kept = [name for name in cfg.strategies if life.kept(name)]
+    ready_logged, members_logged = restore_root(life.root, kept) if life.resume is not None else (False, [])
+    if grid is not None and any(m != "centralized-epic" for m in cfg.strategies):
+        warmup = _wait_for_clients(grid, cfg, stop)  # a resumed run's nodes are new: they warm up again
+        if not ready_logged:
+            life.root.log(warmup)
+        ready["seconds"] = warmup["seconds"]
+    for name in cfg.strategies:
+        row = _run_member(grid, cfg, name, data, evaluator, life, stop)
+        if name not in members_logged:
+            life.root.log({"event": "member", **row})
+    return life.rows
 
 
-def make_server_app(cfg: RunConfig, writer: RunWriter, stop: threading.Event,
-                    resumed: Optional[Resumed] = None) -> ServerApp:
+def make_server_app(cfg: RunConfig, life: RunLifecycle, stop: threading.Event) -> ServerApp:
     """A ServerApp bound to a config and a run folder (the run_simulation path; see federated.py)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         with interrupted_quietly(stop):
-            serve(grid, cfg, writer, stop, resumed)
+            serve(grid, cfg, life, stop)
 
     return server
 
@@ -590,5 +569,5 @@ app = ServerApp()
 def flwr_run_main(grid: Grid, context: Context) -> None:
     quiet_flower()
     cfg = config_from_run_config(dict(context.run_config))
-    with RunWriter(cfg.output_dir, cfg.name) as writer:
-        serve(grid, cfg, writer, threading.Event())
+    with open_run(cfg) as life:
+        serve(grid, cfg, life, threading.Event())

@@ -9,10 +9,11 @@ state (the server holds those, see client_app.py); centralized-epic saves its mo
 `fit`'s optimizer, scheduler and generator state. It records the length of the member's and the
 root's metrics.jsonl.
 
-A resumed run (:func:`resumed_from`, read before the folder is touched, so an unreadable checkpoint is
-a one-line ConfigError) keeps finished members as they are and takes their rows and curves from their
-summary.json; the interrupted member continues after its checkpointed round, its metrics.jsonl cut
-back to the checkpoint; a member without a checkpoint starts over in a cleared folder.
+A resumed run (fedepic.lifecycle, which reads the checkpoints before the folder is touched, so an
+unreadable one is a one-line ConfigError) keeps finished members as they are and takes their rows and
+curves from their summary.json (:func:`kept_row_and_curves`); the interrupted member continues after
+its checkpointed round, its metrics.jsonl cut back to the checkpoint; a member without a checkpoint
+starts over in a cleared folder.
 
 The root metrics.jsonl holds a "clients_ready" line (the warm-up, before the first member) and one
 "member" line per finished member, and gets no line while a member runs. :func:`restore_root` cuts it
@@ -28,37 +29,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint, truncate_metrics
+from fedepic.checkpoint import CHECKPOINT, metrics_size, save_checkpoint, truncate_metrics
 from fedepic.config import RunConfig
 from fedepic.outputs import RunWriter
 
 # summary.json keys that are not the member's comparison row: RunWriter's own, and the curves
 SUMMARY_ONLY = ("status", "curves", "wall_seconds", "versions", "lock")
-
-
-@dataclass
-class Resumed:
-    """What a resumed run continues from: the finished members' summaries and the other members'
-    checkpoints (a member without one starts over)."""
-
-    finished: dict[str, dict] = field(default_factory=dict)  # member -> its summary.json
-    checkpoints: dict[str, dict] = field(default_factory=dict)  # member -> its checkpoint
-
-
-def resumed_from(cfg: RunConfig, resume: Resume) -> Resumed:
-    """Read ``resume``'s member summaries and checkpoints, in ``cfg.strategies`` order."""
-    out = Resumed()
-    for name in cfg.strategies:
-        if resume.finished(name):
-            out.finished[name] = resume.members[name]
-        elif (saved := resume.member_checkpoint(name)) is not None:
-            out.checkpoints[name] = saved
-    return out
 
 
 def kept_row_and_curves(summary: dict) -> tuple[dict, dict[str, list[float]]]:
@@ -68,25 +47,12 @@ def kept_row_and_curves(summary: dict) -> tuple[dict, dict[str, list[float]]]:
     return row, curves
 
 
-def member_checkpoint(writer: RunWriter, name: str, resumed: Optional[Resumed]) -> Optional[dict]:
-    """The checkpoint member ``name`` continues from, its metrics.jsonl cut back to it; None: the
-    member starts over, and a folder the interrupted run left for it is cleared."""
-    if resumed is None:
-        return None
-    folder = writer.dir / name
-    saved = resumed.checkpoints.get(name)
-    if saved is not None:
-        truncate_metrics(folder, saved["offsets"]["member"])
-    elif folder.exists():
-        shutil.rmtree(folder)
-    return saved
-
-
-def restore_root(writer: RunWriter, resumed: Resumed) -> tuple[bool, list[str]]:
-    """Cut the root metrics.jsonl to the prefix an uninterrupted run also writes (module docstring);
-    returns whether it holds the clients_ready line, and the members whose line it holds."""
+def restore_root(writer: RunWriter, finished: list[str]) -> tuple[bool, list[str]]:
+    """Cut the root metrics.jsonl to the prefix an uninterrupted run also writes (module docstring),
+    ``finished`` being the members the interrupted run completed, in order; returns whether the prefix
+    holds the clients_ready line, and the members whose line it holds."""
     path, size, ready, logged = writer.dir / "metrics.jsonl", 0, False, []
-    expected = list(resumed.finished)
+    expected = list(finished)
     lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
     for line in lines:
         record = _record(line)

@@ -26,8 +26,9 @@ import torch
 from fedepic.config import load_config
 from fedepic.data import load_dataset
 from fedepic.outputs import RunWriter
+from fedepic.report import write_comparison
 from simulations.common import (
-    backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes, write_comparison,
+    backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes,
 )
 from simulations.server_app import inject_model_attack
 

@@ -361,14 +361,11 @@ def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
     """The ServerApp body over a LocalGrid, as run_federated runs it; returns the run folder."""
     import threading
 
-    from fedepic.outputs import RunWriter
-    from simulations.server_app import serve
-    from simulations.server_checkpoints import resumed_from
+    from simulations.server_app import open_run, serve
 
-    resumed = resumed_from(cfg, resume) if resume is not None else None
-    with RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume else None) as writer:
-        serve(LocalGrid(node_ids), cfg, writer, stop or threading.Event(), resumed)
-    return writer.path
+    with open_run(cfg, resume=resume) as life:
+        serve(LocalGrid(node_ids), cfg, life, stop or threading.Event())
+    return life.path
 
 
 @pytest.fixture(scope="module")
@@ -411,17 +408,17 @@ def test_the_root_metrics_keep_what_an_uninterrupted_run_has_written(tmp_path: P
     """clients_ready, then the finished members' lines in order; a torn line, a line of an unfinished
     member and what follows are cut off."""
     from fedepic.outputs import RunWriter
-    from simulations.server_checkpoints import Resumed, restore_root
+    from simulations.server_checkpoints import restore_root
 
     lines = [{"event": "clients_ready", "seconds": 1.0}, {"event": "member", "strategy": "a"},
              {"event": "member", "strategy": "c"}]
     with RunWriter(tmp_path, "r") as writer:
         text = "".join(json.dumps(r) + "\n" for r in lines)
         (writer.dir / "metrics.jsonl").write_text(text + '{"event": "mem')
-        assert restore_root(writer, Resumed(finished={"a": {}, "b": {}})) == (True, ["a"])
+        assert restore_root(writer, ["a", "b"]) == (True, ["a"])
         assert (writer.dir / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in lines[:2])
         (writer.dir / "metrics.jsonl").write_text('{"event": "member", "strategy": "a"}\n')
-        assert restore_root(writer, Resumed(finished={"a": {}})) == (False, ["a"])
+        assert restore_root(writer, ["a"]) == (False, ["a"])
 
 
 def federated_args(out: Path, data_root: Path) -> list[str]:
