@@ -63,7 +63,8 @@ class RunLifecycle:
     resume : Resume, optional
         An interrupted run to continue in its folder (fedepic.checkpoint.resume_config).
     extras : callable, optional
-        The mode's root summary figures, given the finished rows; read when the run ends.
+        The mode's root summary figures, given the finished rows; called when the run ends (the
+        attribute of that name may be replaced until then).
     """
 
     def __init__(self, cfg: RunConfig, members: Sequence[str], comparison: Comparison, *,
@@ -102,8 +103,10 @@ class RunLifecycle:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             with self.interrupts.polled():  # a signal now must not cut the summaries short
-                self.finish(exc)
-                self.root.__exit__(exc_type, exc, tb)
+                try:
+                    self.finish(exc)
+                finally:  # the folder is renamed into place even if a report could not be written
+                    self.root.__exit__(exc_type, exc, tb)
         finally:
             self.interrupts.__exit__(exc_type, exc, tb)
 
@@ -124,6 +127,7 @@ class RunLifecycle:
 
     @property
     def all_finished(self) -> bool:
+        """Every member finished: only then may the run end "completed"."""
         return len(self._done) == len(self.members)
 
     def start_over(self) -> None:
@@ -195,8 +199,9 @@ class RunLifecycle:
             return
         self._ended = True
         with self.interrupts.polled():
-            if exc is None and self.writers:  # no member may be left "running" (it would read completed)
-                exc = RuntimeError(f"the run ended before {', '.join(self.writers)} finished")
+            if exc is None and not self.all_finished:  # not "completed": a member did not run to its end
+                exc = RuntimeError(f"the run ended before {', '.join(m for m in self.members if m not in self._done)} "
+                                   "finished")
             self.root.mark(exc)
             for name in list(self.writers):
                 self._close_member(name, exc)

@@ -25,8 +25,6 @@ import torch
 
 from fedepic.config import load_config
 from fedepic.data import load_dataset
-from fedepic.outputs import RunWriter
-from fedepic.report import write_comparison
 from simulations.common import (
     backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes,
 )
@@ -265,17 +263,6 @@ def test_wait_for_nodes_and_exchange_stop():
         exchange(FakeGrid(0), [object()], timeout_s=30, stop=stop)
     assert time.monotonic() - started < 5
     assert exchange(FakeGrid(0), [object()], timeout_s=0.1) == []  # timeout: missing replies are just absent
-
-
-def test_write_comparison(tmp_path):
-    with RunWriter(tmp_path, "cmp") as writer:
-        rows = [{"strategy": "a", "final_accuracy": 0.5}, {"strategy": "b", "final_accuracy": 0.25}]
-        curves = {"a": {"accuracy": [0.1, 0.5]}, "b": {"accuracy": [0.2, 0.25]}}
-        write_comparison(writer, rows, ["strategy", "final_accuracy"], curves, ["accuracy", "attack_success"], "T")
-    folder = writer.path
-    assert (folder / "comparison.md").read_text().startswith("# T")
-    assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,final_accuracy", "a,0.5", "b,0.25"]
-    assert (folder / "comparison.png").stat().st_size > 1000
 
 
 def test_centralized_epic_only_runs_without_flower(tmp_path):

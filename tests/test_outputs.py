@@ -85,3 +85,16 @@ def test_centralized_mnist_config_writes_the_run_folder(tmp_path, data_root):
     member = run_dir / "none"
     lines = (member / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+
+
+def test_write_comparison(tmp_path):
+    from fedepic.report import write_comparison
+
+    with RunWriter(tmp_path, "cmp") as writer:
+        rows = [{"strategy": "a", "final_accuracy": 0.5}, {"strategy": "b", "final_accuracy": 0.25}]
+        curves = {"a": {"accuracy": [0.1, 0.5]}, "b": {"accuracy": [0.2, 0.25]}}
+        write_comparison(writer, rows, ["strategy", "final_accuracy"], curves, ["accuracy", "attack_success"], "T")
+    folder = writer.path
+    assert (folder / "comparison.md").read_text().startswith("# T")
+    assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,final_accuracy", "a,0.5", "b,0.25"]
+    assert (folder / "comparison.png").stat().st_size > 1000
