@@ -26,9 +26,10 @@ trained centrally with EPIC for rounds * local_epochs epochs (defense.epic warmu
 epochs, as in mode=centralized), evaluated every local_epochs epochs so that its curve lines up
 with the rounds.
 
-The same ServerApp runs under `run_simulation` (simulations/federated.py passes the config, the run
-folder and the stop event) and under `flwr run` (module-level `app`: the config file name comes from
-run_config["fedepic-config"], optional overrides from run_config["fedepic-overrides"]).
+The same ServerApp runs under `run_simulation` (simulations/federated.py passes the config, the run's
+lifecycle and the stop event) and under `flwr run` (module-level `app`: the config file name comes from
+run_config["fedepic-config"], optional overrides from run_config["fedepic-overrides"]). Either way the
+run folder's statuses, comparison and summary are written by fedepic.lifecycle when the run ends.
 """
 
 from __future__ import annotations
