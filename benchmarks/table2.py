@@ -2,7 +2,7 @@
 
 One ResNet-18 at batch 128 leaves most of a large GPU idle, so this runs several trainings at once, as
 a pool of worker processes ('spawn'), each loading the dataset once and keeping it on the device. The
-work is the centralized runner's own (fedepic.centralized: `train_victim`, `new_model`, the brew's
+work is the centralized runner's own (fedepic.centralized: `train_victim`, `fedepic.builders.build_model`, the brew's
 config and the trial built from a poison set) with its seeding: target t uses seed cfg.seed + 1000*t,
 the clean model is trained once with cfg.seed, so every outcome equals the one `run_centralized` gives
 for that trial (on the CPU exactly, tests/test_table2.py; on CUDA up to the brew's float rounding).
@@ -46,8 +46,9 @@ from typing import Optional
 import torch
 
 from fedepic.attacks.gradient_matching import brew_poisons, choose_setup, load_poisons, save_poisons
+from fedepic.builders import build_model
 from fedepic.centralized import (
-    _brew_config, _ordered, _poison_trial, _random_alignment, new_model, summarise, train_victim,
+    _brew_config, _ordered, _poison_trial, _random_alignment, summarise, train_victim,
 )
 from fedepic.config import RunConfig, load_config
 from fedepic.data import ImageData, load_dataset
@@ -76,7 +77,7 @@ class Context:
 
     def clean(self) -> torch.nn.Module:
         if self._clean is None:
-            model = new_model(self.cfg, self.data, self.cfg.seed, self.device)
+            model = build_model(self.cfg, self.data, self.cfg.seed, self.device)
             model.load_state_dict(torch.load(self.work / "clean.pt", map_location=self.device, weights_only=True))
             self._clean = model
         return self._clean
@@ -102,7 +103,7 @@ def pretrain(ctx: Context) -> dict:
     """The centralized runner's clean model (same seed, epochs and call), timed; saved to WORK/clean.pt."""
     cfg, data = ctx.cfg, ctx.data
     epochs = cfg.attack.pretrain_epochs or cfg.train.epochs
-    model = new_model(cfg, data, cfg.seed, ctx.device)
+    model = build_model(cfg, data, cfg.seed, ctx.device)
     _sync(ctx.device)
     started = time.perf_counter()
     fit(model, data.train_x, data.train_y, cfg.train, seed=cfg.seed, device=ctx.device, epochs=epochs)
@@ -175,7 +176,7 @@ def probe(ctx: Context, steps: int, seed: int) -> dict:
     """A fresh model trained for `steps` batches (the victims' loop and batch size), timed."""
     cfg, data = ctx.cfg, ctx.data
     rows = min(len(data.train_y), steps * cfg.train.batch_size)
-    model = new_model(cfg, data, seed, ctx.device)
+    model = build_model(cfg, data, seed, ctx.device)
     _sync(ctx.device)
     started = time.perf_counter()
     fit(model, data.train_x[:rows], data.train_y[:rows], cfg.train, seed=seed, device=ctx.device, epochs=1)

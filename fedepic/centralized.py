@@ -26,15 +26,15 @@ from fedepic.attacks.gradient_matching import (
 from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint, truncate_metrics
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import ImageData, load_dataset
-from fedepic.epic import EpicSchedule, EpicState
+from fedepic.builders import build_model, epic_schedule
+from fedepic.epic import EpicState
 from fedepic.extensions import CENTRAL_DEFENSES
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
-from fedepic.metrics import mean_and_se, success_rate
-from fedepic.models import model_for_data
+from fedepic.metrics import mean_and_se, poison_stats, success_rate
 from fedepic.outputs import RunWriter
 from fedepic.progress import bar, progress_bars
-from fedepic.train import evaluate, fit, prepare_model, resolve_device
+from fedepic.train import evaluate, fit, resolve_device
 
 TABLE_COLUMNS = ("defense", "attack_success", "attack_success_se", "accuracy", "accuracy_se", "seconds",
                  "dropped", "poison_recall", "clean_drop_rate", "trials", "brew_alignment", "random_alignment")
@@ -60,17 +60,6 @@ def defense_members(cfg: RunConfig) -> list[str]:
     return [f"epic-{cfg.defense.epic.fraction:g}"] if cfg.defense.epic.enabled else ["none"]
 
 
-def epic_schedule(cfg: RunConfig, fraction: Optional[float] = None) -> EpicSchedule:
-    epic = cfg.defense.epic
-    until = epic.until if epic.until is not None else (max(cfg.train.milestones) if cfg.train.milestones else None)
-    return EpicSchedule(fraction=fraction or epic.fraction, warmup=epic.warmup, interval=epic.interval,
-                        until=until, proxy=epic.proxy, threshold=epic.threshold)
-
-
-def new_model(cfg: RunConfig, data: ImageData, seed: int, device: torch.device) -> torch.nn.Module:
-    return prepare_model(model_for_data(cfg.model.name, data, seed=seed), device, cfg.train.amp)
-
-
 def _brew_config(cfg: RunConfig) -> BrewConfig:
     a = cfg.attack
     return BrewConfig(eps=a.eps / 255, budget=a.budget, restarts=a.restarts, steps=a.steps, tau=a.tau,
@@ -87,7 +76,7 @@ def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.dev
         random_alignments = list(brewed)
     else:
         epochs = cfg.attack.pretrain_epochs or cfg.train.epochs
-        clean = new_model(cfg, data, cfg.seed, device)
+        clean = build_model(cfg, data, cfg.seed, device)
         pre = bar(progress, "pretrain clean model", epochs)
         fit(clean, data.train_x, data.train_y, cfg.train, seed=cfg.seed, device=device, epochs=epochs,
             on_epoch=lambda rec, _: pre.advance(info=f"loss {rec.loss:.3f}"))
@@ -150,7 +139,7 @@ class DropPolicy:
                  epic_counts: Optional[list[int]]) -> None:
         base, _, frac = name.partition("-")
         self.base, self.cfg, self.trial, self.keep, self.device = base, cfg, trial, keep, device
-        self.schedule = epic_schedule(cfg, float(frac) if frac else None)
+        self.schedule = epic_schedule(cfg, "epochs", float(frac) if frac else None)
         self.epic = EpicState(len(keep), self.schedule, device=device) if base == "epic" else None
         if self.epic is not None:
             self.epic.keep = keep  # share the mask the training loop reads
@@ -197,12 +186,8 @@ class DropPolicy:
         drop = CENTRAL_DEFENSES.build(self.base, self.cfg, context)
         self.keep[rows[drop]] = False
         self.selections.append(int(drop.sum()))
-        dropped = ~self.keep
-        poisons = self.trial.poisoned
-        return {"dropped_now": int(drop.sum()), "dropped_total": int(dropped.sum()),
-                "poisons_dropped": int((dropped & poisons).sum()),
-                "poison_recall": (dropped & poisons).sum().item() / max(int(poisons.sum()), 1),
-                "clean_dropped": int((dropped & ~poisons).sum())}
+        return {"dropped_now": int(drop.sum()), "dropped_total": int((~self.keep).sum()),
+                **poison_stats(~self.keep, self.trial.poisoned)}  # the same keys as EPIC's selections
 
 
 def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, device: torch.device,
@@ -214,7 +199,7 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
     passing such a state as ``snapshot`` continues the training after that epoch.
     """
     started = time.perf_counter()
-    model = new_model(cfg, data, trial.seed, device)
+    model = build_model(cfg, data, trial.seed, device)
     keep = torch.ones(len(trial.train_y), dtype=torch.bool)
     policy = DropPolicy(defense, cfg, trial, keep, device, epic_counts)
     accuracy_curve: list[float] = []
@@ -251,13 +236,13 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
     success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, trial.target_x,
                              trial.adversarial_class)
     dropped = ~keep
+    drops = poison_stats(dropped, trial.poisoned)
     outcome = {
         "trial": trial.index, "defense": defense, "accuracy": final["accuracy"], "per_class": final["per_class"],
         "attack_success": success, "seconds": time.perf_counter() - started, "defense_seconds": policy.seconds,
-        "dropped": int(dropped.sum()), "poisons_dropped": int((dropped & trial.poisoned).sum()),
-        "poison_recall": ((dropped & trial.poisoned).sum() / trial.poisoned.sum()).item()
-        if trial.poisoned.any() else None,
-        "clean_drop_rate": ((dropped & ~trial.poisoned).sum() / (~trial.poisoned).sum()).item(),
+        "dropped": int(dropped.sum()), "poisons_dropped": drops["poisons_dropped"],
+        "poison_recall": drops["poison_recall"] if trial.poisoned.any() else None,
+        "clean_drop_rate": drops["clean_drop_rate"],
         "accuracy_curve": accuracy_curve, "diverged": _diverged(history, model), **trial.info,
     }
     return outcome, policy.selections

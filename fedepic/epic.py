@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from fedepic.batched_greedy import batched_lazy_greedy, lowest_argmax
+from fedepic.metrics import poison_stats
 
 __all__ = [
     "LastLayerProxy",
@@ -1045,7 +1046,7 @@ class EpicState:
             "kept": int(self.keep.sum()),
         }
         if poison_mask is not None:
-            stats.update(_poison_stats(~self.keep.cpu(), poison_mask.cpu()))
+            stats.update(poison_stats(~self.keep.cpu(), poison_mask.cpu()))
         stats["selection_seconds"] = time.perf_counter() - start
         return stats
 
@@ -1065,14 +1066,3 @@ class EpicState:
 def _all_finite(proxy: Features) -> bool:
     parts = (proxy.g, proxy.h) if isinstance(proxy, LastLayerProxy) else (proxy,)
     return all(bool(torch.isfinite(t).all()) for t in parts)
-
-
-def _poison_stats(dropped: Tensor, poison: Tensor) -> dict[str, Any]:
-    poisons, clean = int(poison.sum()), int((~poison).sum())
-    hit, miss = int((dropped & poison).sum()), int((dropped & ~poison).sum())
-    return {
-        "poisons_dropped": hit,
-        "poison_recall": hit / poisons if poisons else 0.0,
-        "clean_dropped": miss,
-        "clean_drop_rate": miss / clean if clean else 0.0,
-    }

@@ -52,3 +52,14 @@ def detection_metrics(detected: Iterable[Hashable], malicious: Iterable[Hashable
     recall = tp / (tp + fn) if mal else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def poison_stats(dropped: torch.Tensor, poisoned: torch.Tensor) -> dict:
+    """What a defense's drops (bool [n]) did to the poisons (bool [n]): poisons_dropped, poison_recall
+    (0.0 without poisons), clean_dropped and clean_drop_rate (0.0 without clean rows), exact ratios of
+    integer counts. Every mode reports its drops with it."""
+    dropped, poisoned = dropped.bool().cpu(), poisoned.bool().cpu()
+    poisons, clean = int(poisoned.sum()), int((~poisoned).sum())
+    hit, miss = int((dropped & poisoned).sum()), int((dropped & ~poisoned).sum())
+    return {"poisons_dropped": hit, "poison_recall": hit / poisons if poisons else 0.0,
+            "clean_dropped": miss, "clean_drop_rate": miss / clean if clean else 0.0}

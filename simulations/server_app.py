@@ -49,7 +49,8 @@ from fedepic.attacks import attack_success
 from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
-from fedepic.centralized import epic_schedule, new_model
+from fedepic.builders import build_model, epic_schedule
+from fedepic.metrics import poison_stats
 from fedepic.checkpoint import Resume
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
@@ -334,7 +335,7 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     started = time.perf_counter() - elapsed(saved)
     tracked = build_server_strategy(name, cfg)
     if saved is None:
-        model = new_model(cfg, data, cfg.seed, torch.device("cpu"))
+        model = build_model(cfg, data, cfg.seed, torch.device("cpu"))
         progress, first = Progress({k: v.detach().cpu() for k, v in model.state_dict().items()}), 1
     else:
         progress, first = Progress.from_state_dict(saved["progress"]), int(saved["round"]) + 1
@@ -382,9 +383,9 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
     y = torch.cat([c.y for c in clients])
     poisoned = torch.cat([c.poisoned for c in clients])
     device = resolve_device(cfg.train.device)
-    model = new_model(cfg, data, cfg.seed, device)
+    model = build_model(cfg, data, cfg.seed, device)
     epochs = cfg.rounds * cfg.clients.local_epochs
-    state = EpicState(len(y), epic_schedule(cfg), device=device)
+    state = EpicState(len(y), epic_schedule(cfg, "epochs"), device=device)
     if saved is not None:
         model.load_state_dict(saved["model"])
         state.load_state_dict(saved["epic"])
@@ -415,7 +416,7 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
         resume=saved["fit"] if saved is not None else None, on_state=on_state)
     dropped = ~state.keep
     row = _row("centralized-epic", curves, time.perf_counter() - started)
-    row["poison_recall"] = float((dropped & poisoned).sum() / poisoned.sum()) if poisoned.any() else None
+    row["poison_recall"] = poison_stats(dropped, poisoned)["poison_recall"] if poisoned.any() else None
     row["failures"] = 0
     result.row = row
 
