@@ -52,7 +52,7 @@ from fedepic.data import load_dataset  # noqa: E402
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from simulations.client_app import handle_train, handle_warmup  # noqa: E402
-from simulations.common import quiet_flower  # noqa: E402
+from simulations.flower_runtime import quiet_flower  # noqa: E402
 from simulations.federated import run_federated  # noqa: E402
 from simulations.server_app import open_run, serve  # noqa: E402
 

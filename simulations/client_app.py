@@ -6,7 +6,7 @@ member name (the strategy under test) with every train message, so the same app 
 `run_simulation` and `flwr run` without reading any file.
 
 Memoisation. A Ray actor runs many ClientApp calls in one process, so the parsed config, the dataset
-and each client's (attacked) rows are cached (`simulations.common.client_data_for`), keyed by the config text
+and each client's (attacked) rows are cached (`simulations.client_data.client_data_for`), keyed by the config text
 (and the partition id). The cache holds only values derived deterministically from that key, so it
 never changes results; it saves reloading the dataset per message (about 0.5 s from the uint8
 cache). Shipping the data inside the ClientApp closure instead would make Ray pickle it with
@@ -46,7 +46,7 @@ from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from simulations.common import ClientData, client_data_for, client_seed, config_from_text, dataset_for
+from simulations.client_data import ClientData, client_data_for, client_seed, config_from_text, dataset_for
 
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
 CONFIG_KEY = "fedepic-config"

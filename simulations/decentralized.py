@@ -25,20 +25,20 @@ from typing import Any, Mapping, Optional, Sequence
 
 import networkx as nx
 
-from fedepic.attacks import flip_table
 from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint
 from fedepic.config import ConfigError, RunConfig, malicious_ids
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.progress import bar, progress_bars
-from fedepic.topology import build_topology
-from simulations.common import (
+
     check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config,
 )
 from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
-from simulations.dfl_router import benign_components, label_roles, malicious_share, routing_for
+from simulations.dfl_router import (
+    benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
+)
 
 COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy", "exclusive_accuracy",
            "attack_success", "consensus_distance", "detection_precision", "detection_recall", "detected_round",
@@ -46,23 +46,6 @@ COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy
 PANELS = ("mean_accuracy", "worst_accuracy", "exclusive_accuracy", "consensus_distance", "detection_recall")
 SERIES = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "exclusive_accuracy", "attack_success",
           "consensus_distance", "detection_precision", "detection_recall", "train_loss")
-
-
-def communication_graph(cfg: RunConfig) -> nx.Graph:
-    """``fedepic.topology.build_topology`` from the config (a bad graph is a ConfigError naming the key)."""
-    topo = cfg.topology
-    name = "explicit" if topo.name == "edges" else topo.name
-    try:
-        return build_topology(name, cfg.clients.count, k=topo.k, p=topo.p,
-                              edges=[tuple(e) for e in topo.edges], seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"invalid value {topo.name!r} for key 'topology.name': {err}") from None
-
-
-def run_label_roles(cfg: RunConfig, histograms: list[list[int]], num_classes: int) -> dict[str, list[int]]:
-    """``dfl_router.label_roles`` for this run: only a label-flipping attack touches labels."""
-    table = flip_table(cfg.attack, num_classes) if cfg.attack.data == "label_flip" else None
-    return label_roles(histograms, malicious_ids(cfg), table)
 
 
 def member_names(strategies: list[str]) -> list[str]:

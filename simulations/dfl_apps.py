@@ -27,7 +27,7 @@ round's ``train`` messages carry each node's saved state, which the node puts in
 draw (local training, attack noise) is seeded from (seed, round, node).
 
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
-(``simulations.common.dataset_for``) and then cut their partition out of it.
+(``simulations.client_data.dataset_for``) and then cut their partition out of it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from fedepic.config import RunConfig, to_yaml
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
-from simulations.common import (
+
     check_failures, client_data_for, config_from_text, dataset_for, exchange, interrupted_quietly, last_line,
     wait_for_nodes,
 )

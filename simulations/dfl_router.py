@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_arguments, run_model_attack
-from fedepic.config import AttackConfig
+from fedepic.attacks import flip_table
+from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.metrics import consensus_distance, detection_metrics
-from fedepic.topology import metropolis_hastings_weights
+from fedepic.topology import build_topology, metropolis_hastings_weights
 
 
 
@@ -261,3 +262,22 @@ def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, T
         scored = detection_metrics(detected, {(i, j) for i, j in truth if i in set(nodes)})
         record.update({f"detection_{k}": v for k, v in scored.items()})
     return record
+
+
+# ----------------------------------------------------------------------------------- the run's graph
+
+
+def communication_graph(cfg: RunConfig) -> nx.Graph:
+    """``fedepic.topology.build_topology`` from the config (a bad graph is a ConfigError naming the key)."""
+    topo = cfg.topology
+    name = "explicit" if topo.name == "edges" else topo.name
+    try:
+        return build_topology(name, cfg.clients.count, k=topo.k, p=topo.p,
+                              edges=[tuple(e) for e in topo.edges], seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"invalid value {topo.name!r} for key 'topology.name': {err}") from None
+
+
+def run_label_roles(cfg: RunConfig, histograms: list[list[int]], num_classes: int) -> dict[str, list[int]]:
+    """``dfl_router.label_roles`` for this run: only a label-flipping attack touches labels."""
+    return label_roles(histograms, malicious_ids(cfg), flip_table(cfg.attack, num_classes))

@@ -1,5 +1,6 @@
 """The decentralized simulation as a plain in-process loop: the same node and router functions as the
-Flower apps (``dfl_node``, ``dfl_router``), without Flower or Ray.
+Flower apps (``dfl_node``, ``dfl_router``), without Flower or Ray (it imports neither:
+tests/test_layers.py checks it).
 
 It exists for two reasons. It is the reference that the Flower run is tested against (same seed, same
 numbers: tests/test_decentralized.py), and it makes sweeps over attacks and detector settings cheap
@@ -19,13 +20,14 @@ from fedepic.config import RunConfig, malicious_ids
 from fedepic.data import ImageData, load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.common import build_client_data, client_partition, partition_report
-from simulations.decentralized import communication_graph, run_label_roles
+from simulations.client_data import build_client_data, client_partition, partition_report
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model, train_local,
     uses_local_epic,
 )
-from simulations.dfl_router import detection_truth, inbox, outgoing, round_metrics, routing_for
+from simulations.dfl_router import (
+    communication_graph, detection_truth, inbox, outgoing, round_metrics, routing_for, run_label_roles,
+)
 
 
 def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = None) -> list[dict[str, Any]]:

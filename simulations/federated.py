@@ -19,7 +19,8 @@ from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
-from simulations.common import check_ray_address, checked_poison_set, poison_set, quiet_flower, run_flower
+from simulations.client_data import checked_poison_set, poison_set
+from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 
 
 def check_federated(cfg: RunConfig) -> None:

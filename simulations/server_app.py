@@ -2,7 +2,7 @@
 same nodes, data, partition, attack and seed, then one comparison table and plot.
 
 Per member (strategy) and round: the strategy's own `configure_train` samples the clients; replies
-are collected with `common.exchange` (Ctrl-C aware); the attack injector replaces the arrays of
+are collected with `messaging.exchange` (Ctrl-C aware); the attack injector replaces the arrays of
 malicious replies for the omniscient model attacks; the strategy's own `aggregate_train`
 aggregates (through `strategies.server.TrackedStrategy`, which also reports whom it left out); the
 server evaluates the global model on the test set (accuracy, per-class accuracy, attack success).
@@ -63,7 +63,7 @@ from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, model_for
-from simulations.common import (
+
     RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
     partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config,
 )

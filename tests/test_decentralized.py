@@ -240,7 +240,7 @@ def test_label_roles_and_round_metrics():
 def test_run_label_roles_consult_the_flip_map_only_under_label_flipping():
     """One helper for the Ray run and the in-process loop: a configured flip map marks labels as
     poisoned only when attack.data=label_flip."""
-    from simulations.decentralized import run_label_roles
+    from simulations.dfl_router import run_label_roles
 
     hist = [[5, 5, 0, 0], [0, 0, 5, 5]]  # node 1, the malicious one here, alone holds labels 2 and 3
     flipping = _cfg("attack.flip_map=[[2,3],[3,2]]", "clients.malicious_ids=[1]")

@@ -1,4 +1,4 @@
-"""Server-based federated simulation (simulations/federated.py, server_app.py, client_app.py, common.py).
+"""Server-based federated simulation (simulations/federated.py, server_app.py, client_app.py, client_data.py, messaging.py, flower_runtime.py).
 
 The Flower runs happen in a child process started in its own process group, so the tests can check
 that every Ray process the run started is gone afterwards (Ray's processes inherit the driver's
@@ -25,7 +25,7 @@ import torch
 
 from fedepic.config import load_config
 from fedepic.data import load_dataset
-from simulations.common import (
+
     backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes,
 )
 from simulations.server_app import inject_model_attack
@@ -189,7 +189,7 @@ def test_backdoor_poisons_a_fraction_of_the_malicious_rows():
 def test_saved_poisons_apply_only_in_malicious_partitions(tmp_path):
     from fedepic.attacks.gradient_matching import PoisonSet, save_poisons
     from fedepic.config import ConfigError
-    from simulations.common import client_partition
+    from simulations.client_data import client_partition
 
     base = ["mode=federated", "data.name=synthetic", "clients.count=4", "clients.malicious_ids=[2]",
             "attack.data=gradient_matching"]

@@ -100,7 +100,7 @@ def fake_reply(node: int, error: str | None = None):
 def test_node_failures_are_recorded_and_too_many_stop_the_run() -> None:
     from fedepic.config import load_config
     from fedepic.errors import RunFailed
-    from simulations.common import check_failures
+    from simulations.messaging import check_failures
     from simulations.dfl_apps import _failures
 
     partition_of = {101: 0, 102: 1, 103: 2, 104: 3}  # Flower node id -> partition id
@@ -120,7 +120,7 @@ def test_node_failures_are_recorded_and_too_many_stop_the_run() -> None:
 
 def test_clients_get_the_drivers_resolved_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedepic.config import load_config
-    from simulations.common import worker_config
+    from simulations.client_data import worker_config
 
     monkeypatch.setenv("FEDEPIC_DATA", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
@@ -134,7 +134,7 @@ def test_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
 
     from fedepic.config import load_config
     from fedepic.errors import ConfigError
-    from simulations.common import check_ray_address
+    from simulations.flower_runtime import check_ray_address
 
     with socket.socket() as sock:  # a port nobody listens on: bind, then close
         sock.bind(("127.0.0.1", 0))

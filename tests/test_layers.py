@@ -56,3 +56,39 @@ def test_selection_runs_without_numba():
         [sys.executable, "-c", NO_NUMBA_PROBE], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+SEQUENTIAL_PROBE = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('flwr', 'ray'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from fedepic.config import load_config
+from simulations.dfl_sequential import run_sequential
+cfg = load_config(None, ['mode=decentralized', 'data.name=synthetic', 'data.synthetic_train=200',
+                         'data.synthetic_test=50', 'clients.count=4', 'clients.malicious_ids=[0]', 'rounds=1',
+                         'model.name=mlp', 'topology.name=complete', 'strategies=[gp]', 'attack.data=label_flip'])
+records = run_sequential(cfg, 'gp')
+assert len(records) == 1 and 0.0 <= records[0]['mean_accuracy'] <= 1.0
+print('ok')
+"""
+
+
+def test_the_in_process_decentralized_loop_runs_without_flower_or_ray():
+    """simulations/dfl_sequential.py: the same node and router code as the Flower run, importing neither."""
+    proc = subprocess.run([sys.executable, "-c", SEQUENTIAL_PROBE], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fedepic.registry", "fedepic.extensions",
+                "fedepic.checkpoint", "fedepic.metrics")
+
+
+def test_new_core_modules_import_without_flower_or_ray():
+    probe = PROBE.replace("import fedepic.topology, fedepic.attacks.model_attacks",
+                          "import fedepic.topology, fedepic.attacks.model_attacks, " + ", ".join(CORE_MODULES))
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

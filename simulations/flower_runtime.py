@@ -1,0 +1,177 @@
+"""Flower and Ray plumbing of the simulations: quiet logs, the Ray backend config, a bounded check of
+``ray.address``, and a `run_simulation` that is safe under SIGINT and SIGTERM.
+
+Ray and the node registration race:
+- a local cluster is started with ``address="local"``: without it ``ray.init()`` attaches to any
+  cluster found in /tmp/ray/ray_current_cluster (a `ray start --head` someone else runs);
+- every Ray process the run starts is gone when `run_flower` returns or raises: Flower's backend
+  calls ``ray.shutdown()``, and `run_flower` calls it again on every exit path. An attached external
+  cluster is only disconnected from (its nodes keep running; this job's actors end with the driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from fedepic.config import ConfigError, RunConfig
+from fedepic.errors import RunInterrupted
+from fedepic.interrupts import Interrupts
+
+
+ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Ray's core worker otherwise installs absl's failure signal handler in the driver at
+                # ray.init, over ours: SIGTERM then aborted the run (rc 134) instead of stopping it.
+                "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+
+
+class _DropKnownNoise(logging.Filter):
+    """Warnings we cause on purpose: `run_simulation` is deprecated in favour of `flwr run` (both work,
+    see the README), and the ServerApp evaluates centrally, so client-side evaluation is off."""
+
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.NOISE)
+
+
+def quiet_flower(level: int = logging.WARNING) -> None:
+    """Telemetry off (no network here), Ray's accelerator env override off, and quieter loggers."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(level)
+    if not any(isinstance(f, _DropKnownNoise) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_DropKnownNoise())
+    logging.getLogger("ray").setLevel(max(level, logging.WARNING))
+
+
+def backend_config(cfg: RunConfig) -> dict:
+    """`backend_config` for `flwr.simulation.run_simulation`; `init_args` go straight to `ray.init`."""
+    init_args: dict[str, Any] = {"log_to_driver": False}
+    if cfg.ray.address:
+        init_args["address"] = cfg.ray.address  # the cluster decides its size: no num_cpus here
+    else:
+        init_args["address"] = "local"  # never attach to a cluster that happens to run on this host
+        # No dashboard for a run-scoped local cluster: its processes cost CPU at every start (measured
+        # below in benchmarks/RESULTS.md) and nobody watches them; an attached cluster keeps its own.
+        init_args["include_dashboard"] = False
+        if cfg.ray.num_cpus is not None:
+            init_args["num_cpus"] = int(cfg.ray.num_cpus)
+    return {
+        # Flower passes client_resources to `ClientAppActor.options(...)`. Without max_restarts a
+        # worker process that dies (segfault, OOM kill, os._exit) leaves a dead actor in Flower's pool
+        # and every later message it is given fails too; with it, Ray restarts the process. One task
+        # retry lets a message that was queued on the dying actor run on the restarted one (and gives
+        # a transient crash, such as a preempted cluster node, a second chance); only a client that
+        # dies again fails, and is recorded as that round's failure while the round goes on.
+        "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
+                             "max_restarts": -1, "max_task_retries": 1},
+        "init_args": init_args,
+    }
+
+
+@contextmanager
+def _ray_leaves_sigterm_alone() -> Iterator[None]:
+    """While inside, `ray.init` keeps the driver's SIGTERM handler (ours, fedepic.interrupts).
+
+    ray.init replaces it with ``sys.exit(signum)`` (ray/_private/worker.py, through
+    ``ray._private.utils.set_sigterm_handler``), and has no option to skip that. The SystemExit then
+    ends Flower's simulation loop while the ServerApp thread still waits for replies, so the run hung
+    (and its status was never written). Ray's worker processes, where the same helper matters, are
+    other processes and keep it. tests/test_interrupts.py fails if a Ray release moves this.
+    """
+    import ray._private.utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A ConfigError naming ``ray.address`` unless its GCS port accepts a TCP connection within
+    ``timeout_s``: `ray.init` keeps retrying an unreachable cluster for minutes, and then hangs in
+    shutdown. "auto" reads the address of the cluster started on this machine (`ray start`)."""
+    address = cfg.ray.address
+    if not address:
+        return
+    target = address.removeprefix("ray://")
+    if target == "auto" and os.environ.get("RAY_ADDRESS"):
+        target = os.environ["RAY_ADDRESS"].removeprefix("ray://")  # what ray.init("auto") reads first
+    if target == "auto":
+        from ray._common.utils import get_ray_address_file  # where `ray start` records the cluster
+
+        current = Path(get_ray_address_file(None))
+        if not current.is_file():
+            raise ConfigError(f"invalid value 'auto' for key 'ray.address': no Ray cluster runs on this machine "
+                              f"({current} not found; start one with `ray start --head`)")
+        target = current.read_text().strip()
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit():
+        raise ConfigError(f"invalid value {address!r} for key 'ray.address': expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"invalid value {address!r} for key 'ray.address': no Ray cluster answers at "
+                          f"{host}:{port} within {timeout_s:.0f} s ({err.strerror or err})") from None
+
+
+def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig, *,
+               interrupts: Optional[Interrupts] = None) -> None:
+    """`run_simulation` with one SuperNode per client on Ray; every Ray process it started is gone on exit.
+
+    The ServerApp polls ``interrupts.stop`` (via `exchange`): SIGINT or SIGTERM sets it, the ServerApp
+    writes its statuses and ends, and Flower stops its workers and Ray; later signals are ignored
+    while that happens (fedepic.interrupts). The call then returns: whether the run was cut short
+    (and so raises RunInterrupted) is the caller's to say, since a signal may also arrive after the
+    ServerApp finished its work.
+    """
+    import ray
+    from flwr.simulation import run_simulation
+
+    quiet_flower()
+    interrupts = interrupts if interrupts is not None else Interrupts()
+    if ray.is_initialized():
+        ray.shutdown()  # a stale connection would make Flower reuse it instead of the configured cluster
+    # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
+    # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
+    # folder, a benchmark's JSON line).
+    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), _ray_leaves_sigterm_alone():
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                           backend_config=backend_config(cfg))
+        except BaseException:
+            interrupts.stop.set()  # a ServerApp thread still waiting for replies winds down
+            raise
+        finally:
+            # Flower's backend already shut Ray down on the normal path; this covers errors raised before it.
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+@contextmanager
+def interrupted_quietly(stop: threading.Event) -> Iterator[None]:
+    """Around a ServerApp's body: once ``stop`` is set, its RunInterrupted ends the ServerApp thread
+    quietly (the statuses are written by then, and the runner raises in the main thread); Flower
+    catches only Exception there, and a KeyboardInterrupt would print a thread traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not stop.is_set():
+            raise
+
+
