@@ -32,8 +32,8 @@ from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.progress import bar, progress_bars
 
-    check_ray_address, client_partition, partition_report, quiet_flower, run_flower, worker_config,
-)
+from simulations.client_data import client_partition, partition_report, worker_config
+from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import (

@@ -48,9 +48,9 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 
-    check_failures, client_data_for, config_from_text, dataset_for, exchange, interrupted_quietly, last_line,
-    wait_for_nodes,
-)
+from simulations.client_data import client_data_for, config_from_text, dataset_for
+from simulations.flower_runtime import interrupted_quietly
+from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
     train_local, uses_local_epic,

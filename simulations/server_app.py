@@ -59,14 +59,14 @@ from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.outputs import RunWriter
 from fedepic.train import evaluate, fit, resolve_device
+from fedepic.errors import RunInterrupted
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, model_for
-
-    RunInterrupted, build_client_data, check_failures, client_partition, exchange, interrupted_quietly,
-    partition_report, poison_set, quiet_flower, wait_for_nodes, worker_config,
-)
+from simulations.client_data import build_client_data, client_partition, partition_report, poison_set, worker_config
+from simulations.flower_runtime import interrupted_quietly, quiet_flower
+from simulations.messaging import check_failures, exchange, wait_for_nodes
 from simulations.server_checkpoints import (
     checkpoint_due, elapsed, kept_row_and_curves, restore_root, save_member_checkpoint,
 )

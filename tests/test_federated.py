@@ -26,8 +26,10 @@ import torch
 from fedepic.config import load_config
 from fedepic.data import load_dataset
 
-    backend_config, build_client_data, exchange, partition_report, RunInterrupted, wait_for_nodes,
-)
+from fedepic.errors import RunInterrupted
+from simulations.client_data import build_client_data, partition_report
+from simulations.flower_runtime import backend_config
+from simulations.messaging import exchange, wait_for_nodes
 from simulations.server_app import inject_model_attack
 
 REPO = Path(__file__).resolve().parent.parent
