@@ -138,12 +138,7 @@ def _run(tmp: Path, data_root: Path, args: list[str], env_extra: dict) -> subpro
     env = {**os.environ, "FEDEPIC_DATA": str(data_root), "FEDEPIC_CACHE": str(tmp / "cache"),
            "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO),  # this checkout, not an installed copy
            **{k: v.replace("{tmp}", str(tmp)) for k, v in env_extra.items()}}
-    args = [a.replace("{tmp}", str(tmp)) for a in args]
-    if not any(a.startswith("output_dir=") for a in args):
-        args.append(f"output_dir={tmp}/runs")
-    if not any(a.startswith(("config=", "resume=")) for a in args):
-        args = [*SMALL, *args]
-    return subprocess.run([sys.executable, "-m", "fedepic.simulate", *args], cwd=tmp, env=env,
+    return subprocess.run([sys.executable, "-m", "fedepic.simulate", *_args(tmp, args)], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -157,8 +152,37 @@ def assert_one_line(returncode: int, stderr: str, needles: list[str]) -> None:
         assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
 
 
+def _args(tmp: Path, args: list[str]) -> list[str]:
+    args = [a.replace("{tmp}", str(tmp)) for a in args]
+    if not any(a.startswith("output_dir=") for a in args):
+        args.append(f"output_dir={tmp}/runs")
+    if not any(a.startswith(("config=", "resume=")) for a in args):
+        args = [*SMALL, *args]
+    return args
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, data_root, case):
+def test_bad_input(tmp_path, data_root, case, monkeypatch, capsys):
+    """In-process ``main`` (the CLI's entry point; an uncaught exception fails the test as a traceback
+    would): a subprocess per case cost 2-3 s of interpreter and torch start-up each.
+    ``test_the_cli_process_exits_2_with_one_line`` runs the real command."""
+    _, setup, args, needles, env_extra = case
+    if setup:
+        SETUPS[setup](tmp_path, data_root)
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDEPIC_DATA", str(data_root))
+    monkeypatch.setenv("FEDEPIC_CACHE", str(tmp_path / "cache"))
+    for key, value in env_extra.items():
+        monkeypatch.setenv(key, value.replace("{tmp}", str(tmp_path)))
+    code, err = _main(_args(tmp_path, args), capsys)
+    assert_one_line(code, err, needles)
+    assert _tree(tmp_path) == before, "a failed run wrote files"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("duplicate YAML key", "MNIST truncated file",
+                                                               "seed -1 decentralized")], ids=lambda c: c[0])
+def test_the_cli_process_exits_2_with_one_line(tmp_path, data_root, case):
     _, setup, args, needles, env_extra = case
     if setup:
         SETUPS[setup](tmp_path, data_root)
