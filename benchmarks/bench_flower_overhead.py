@@ -39,7 +39,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -49,39 +48,11 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from fedepic.config import RunConfig, load_config  # noqa: E402
 from fedepic.data import load_dataset  # noqa: E402
-from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from simulations.client_app import handle_train, handle_warmup  # noqa: E402
 from simulations.flower_runtime import quiet_flower  # noqa: E402
+from simulations.local_grid import LocalGrid  # noqa: E402
 from simulations.federated import run_federated  # noqa: E402
 from simulations.server_app import open_run, serve  # noqa: E402
-
-
-class LocalGrid:
-    """A Grid that runs every pushed message through the ClientApp handler at once, in this process."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
-        self.replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            handler = handle_warmup if msg.metadata.message_type == MessageType.QUERY else handle_train
-            self.replies[msg.metadata.message_id] = handler(msg, self.contexts[msg.metadata.dst_node_id])
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def bench_config(args: argparse.Namespace, out: Path, name: str) -> RunConfig:
@@ -108,7 +79,7 @@ def sequential(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[f
         started = time.perf_counter()
         load_dataset(cfg.data, cfg.seed)
         with open_run(cfg) as life:
-            serve(LocalGrid(cfg.clients.count), cfg, life, threading.Event())
+            serve(LocalGrid(num_nodes=cfg.clients.count), cfg, life, threading.Event())
         total = time.perf_counter() - started
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous

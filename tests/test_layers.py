@@ -8,13 +8,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-PROBE = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('flwr', 'ray', 'strategies', 'simulations'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+
+def blocking(*packages: str) -> str:
+    """A script prologue under which importing any of ``packages`` fails."""
+    return ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {packages!r}:\n            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n")
+
+
+PROBE = blocking('flwr', 'ray', 'strategies', 'simulations') + """
 import fedepic.simulate, fedepic.centralized, fedepic.epic, fedepic.attacks, fedepic.defenses, fedepic.outputs
 import fedepic.topology, fedepic.attacks.model_attacks, fedepic.lifecycle, fedepic.report
 from fedepic.outputs import environment_versions
@@ -23,18 +25,17 @@ print('ok')
 """
 
 
+def run_probe(script: str) -> None:
+    """Run ``script`` in a fresh interpreter (its import blocks must not leak into this one); it prints ok."""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_core_imports_without_flower_or_ray():
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    run_probe(PROBE)
 
 
-NO_NUMBA_PROBE = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('numba', 'llvmlite'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+NO_NUMBA_PROBE = blocking('numba', 'llvmlite') + """
 import torch
 from fedepic.epic import select_medoids
 x, y = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)), torch.arange(200) % 3
@@ -52,19 +53,10 @@ print('ok')
 
 def test_selection_runs_without_numba():
     """numba is optional: the GPU machine has only torch and torchvision."""
-    proc = subprocess.run(
-        [sys.executable, "-c", NO_NUMBA_PROBE], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    run_probe(NO_NUMBA_PROBE)
 
 
-SEQUENTIAL_PROBE = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('flwr', 'ray'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+SEQUENTIAL_PROBE = blocking('flwr', 'ray') + """
 from fedepic.config import load_config
 from simulations.dfl_sequential import run_sequential
 cfg = load_config(None, ['mode=decentralized', 'data.name=synthetic', 'data.synthetic_train=200',
@@ -78,9 +70,7 @@ print('ok')
 
 def test_the_in_process_decentralized_loop_runs_without_flower_or_ray():
     """simulations/dfl_sequential.py: the same node and router code as the Flower run, importing neither."""
-    proc = subprocess.run([sys.executable, "-c", SEQUENTIAL_PROBE], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_probe(SEQUENTIAL_PROBE)
 
 
 CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fedepic.registry", "fedepic.extensions",
@@ -90,5 +80,4 @@ CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fede
 def test_new_core_modules_import_without_flower_or_ray():
     probe = PROBE.replace("import fedepic.topology, fedepic.attacks.model_attacks",
                           "import fedepic.topology, fedepic.attacks.model_attacks, " + ", ".join(CORE_MODULES))
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    run_probe(probe)

@@ -14,6 +14,7 @@ import torch
 
 from fedepic.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedepic.errors import ConfigError
+from simulations.local_grid import LocalGrid
 from tests.test_federated import ENV, PYTHON, REPO, interrupt_run
 
 
@@ -288,38 +289,6 @@ def test_checkpoints_are_read_without_unpickling(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- federated (server-based)
 
 
-class LocalGrid:
-    """A Flower Grid that answers every pushed message at once with the ClientApp handlers, in this
-    process; node ``node_ids[i]`` holds partition i (Flower's simulated nodes get random ids)."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        from flwr.app import Context, RecordDict
-
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i}, state=RecordDict(),
-                                       run_config={}) for i, node in enumerate(node_ids)}
-        self.replies: dict = {}
-
-    def get_node_ids(self) -> set[int]:
-        return set(self.contexts)
-
-    def push_messages(self, messages) -> list[str]:
-        import uuid
-
-        from flwr.app import MessageType
-        from simulations.client_app import handle_train, handle_warmup
-
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            handler = handle_warmup if msg.metadata.message_type == MessageType.QUERY else handle_train
-            self.replies[msg.metadata.message_id] = handler(msg, self.contexts[msg.metadata.dst_node_id])
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-
 class StopAt:
     """A stop event that is set once a file matching ``pattern`` (under ``out``) has ``lines`` lines:
     the run stops there as after SIGTERM."""
@@ -364,7 +333,7 @@ def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
     from simulations.server_app import open_run, serve
 
     with open_run(cfg, resume=resume) as life:
-        serve(LocalGrid(node_ids), cfg, life, stop or threading.Event())
+        serve(LocalGrid(node_ids=node_ids), cfg, life, stop or threading.Event())
     return life.path
 
 
