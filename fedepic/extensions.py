@@ -9,7 +9,8 @@ Flags:
 - peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound), ``keeps_records`` (GP's recording variables
-  must persist; ``exclude`` shares GP's detector but keeps none);
+  persist in the node state; ``exclude`` shares GP's detector but keeps none: documentation, since the
+  rule itself clears them);
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic),
   ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by

@@ -44,6 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedepic.attacks import attack_success
 from fedepic.config import RunConfig, to_yaml
+from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
@@ -292,7 +293,7 @@ class Router:
 
     def active_nodes(self, member: Member) -> list[int]:
         """Nodes that take part: under ``upper`` the malicious nodes are cut off, so they sit out."""
-        if member.strategy == "upper":
+        if PEER_RULES.has(member.strategy, "benign_graph"):
             return list(self.benign)
         return list(range(self.cfg.clients.count))
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_arguments, run_model_attack
 from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
+from fedepic.extensions import PEER_RULES
 from fedepic.metrics import consensus_distance, detection_metrics
 from fedepic.topology import build_topology, metropolis_hastings_weights
 
@@ -64,7 +65,7 @@ def routing_for(strategy: str, graph: nx.Graph, malicious: Iterable[int]) -> Rou
     """
     bad = set(int(m) for m in malicious)
     routed = nx.Graph(graph)
-    if strategy == "upper":
+    if PEER_RULES.has(strategy, "benign_graph"):
         routed.remove_edges_from([(u, v) for u, v in graph.edges if (u in bad) != (v in bad)])
     return Routing(routed, metropolis_hastings_weights(routed))
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from fedepic.config import RunConfig, malicious_ids
+from fedepic.extensions import PEER_RULES
 from fedepic.data import ImageData, load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
@@ -39,7 +40,7 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
     routing = routing_for(strategy, communication_graph(cfg), bad)
     benign = [i for i in range(cfg.clients.count) if i not in bad]
-    active = benign if strategy == "upper" else list(range(cfg.clients.count))
+    active = benign if PEER_RULES.has(strategy, "benign_graph") else list(range(cfg.clients.count))
     clients = {i: build_client_data(cfg, data, i, parts) for i in active}
     states = {i: NodeState(strategy) for i in active}
     truth = detection_truth(routing.graph, bad) if strategy in STATEFUL else None
