@@ -372,16 +372,19 @@ class _Progress:
         """Write the checkpoint with ``updates`` (outcomes, epic_counts, victim, brewed) applied."""
         root = self.life.root
         self.state.update(updates)
-        self.state["offsets"] = {"": metrics_size(root.dir),
+        # members closed since keep the lengths recorded while they were open
+        self.state["offsets"] = {**self.state.get("offsets", {}), "": metrics_size(root.dir),
                                  **{name: metrics_size(mw.dir) for name, mw in self.life.writers.items()}}
         save_checkpoint(root.dir / CHECKPOINT, self.state)
 
 
 def _member_writer(cfg: RunConfig, member: str, outcomes: dict[str, list[dict]], life: RunLifecycle,
-                   checkpoint: _Progress) -> RunWriter:
-    """The member's folder, opened when it first trains (reopened where the checkpoint left it)."""
+                   checkpoint: _Progress, finished: bool = False) -> RunWriter:
+    """The member's folder, opened when it first trains (reopened where the checkpoint left it; a
+    member whose trials all finished keeps every line it logged)."""
     if member not in life.writers:
-        life.open_member(member, lambda: _member_report(cfg, member, outcomes[member]), checkpoint.offset(member))
+        offset = metrics_size(life.root.dir / member) if finished else checkpoint.offset(member)
+        life.open_member(member, lambda: _member_report(cfg, member, outcomes[member]), offset)
     return life.writers[member]
 
 
@@ -393,7 +396,7 @@ def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials
                 report = _member_report(cfg, member, outcomes[member])
                 life.keep(member, report.row, report.curves)
             else:
-                _member_writer(cfg, member, outcomes, life, checkpoint)
+                _member_writer(cfg, member, outcomes, life, checkpoint, finished=True)
                 life.complete(member)
     train_bar = bar(progress, "train victims", len(trials) * len(members) * cfg.train.epochs)
     for trial in trials:

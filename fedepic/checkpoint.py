@@ -27,8 +27,10 @@ from fedepic.errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Keys a resume may change: where the run is written and how it is displayed, never what it computes.
-RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir")
-RESUMABLE_STATUSES = ("interrupted", "failed")
+RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir", "checkpoint_every")
+# "killed": the folder holds no summary, because the process ended without writing one (SIGKILL, an
+# out-of-memory kill, a power loss); its checkpoints are what a resume is for
+RESUMABLE_STATUSES = ("interrupted", "failed", "killed")
 
 
 @dataclass
@@ -93,7 +95,8 @@ def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], prefix: st
 
 
 def _run_folder(value: str) -> Path:
-    """The folder ``resume=`` names; a crashed resume leaves ``.NAME.partial``, accepted too."""
+    """The folder ``resume=`` names; a killed run (or resume) leaves ``.NAME.partial``, accepted under
+    either name."""
     path = Path(value).expanduser()
     if not path.is_dir():
         partial = path.parent / f".{path.name}.partial"
@@ -103,25 +106,33 @@ def _run_folder(value: str) -> Path:
     return path
 
 
+def _status(value: str, summary_path: Path) -> Optional[str]:
+    """The run's status from its summary.json; "killed" when there is none."""
+    if not summary_path.is_file():
+        return "killed"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"invalid value '{value}' for key 'resume': {summary_path} is unreadable ({err})") from None
+    return summary.get("status") if isinstance(summary, dict) else None
+
+
 def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tuple[Any, Resume]:
     """The config to continue the run in folder ``value`` with, and what the folder holds.
 
     Without ``config`` the stored config.yaml is used (``overrides`` on top); with it, the config it
     gives must equal the stored one in every key but :data:`RESUMABLE_KEYS`, else a one-line
-    ConfigError names the first key that differs. A completed run, or a folder without a config and a
-    summary, is refused the same way.
+    ConfigError names the first key that differs. A completed run, or a folder without a config, is
+    refused the same way. A folder without a summary is a killed run (:data:`RESUMABLE_STATUSES`): do
+    not resume a run that is still running.
     """
     from fedepic.config import load_config, to_dict
 
     folder = _run_folder(value)
     stored_path, summary_path = folder / "config.yaml", folder / "summary.json"
-    if not stored_path.is_file() or not summary_path.is_file():
-        raise ConfigError(f"invalid value '{value}' for key 'resume': {folder} holds no config.yaml and summary.json")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"invalid value '{value}' for key 'resume': {summary_path} is unreadable ({err})") from None
-    status = summary.get("status") if isinstance(summary, dict) else None
+    if not stored_path.is_file():
+        raise ConfigError(f"invalid value '{value}' for key 'resume': {folder} holds no config.yaml")
+    status = _status(value, summary_path)
     if status not in RESUMABLE_STATUSES:
         raise ConfigError(f"invalid value '{value}' for key 'resume': the run's status is {status!r}; "
                           f"only {' or '.join(RESUMABLE_STATUSES)} runs can be resumed")
@@ -130,8 +141,7 @@ def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tu
     differs = _differences(to_dict(stored), to_dict(given))
     if differs:
         raise ConfigError(f"resume refused: {differs[0]} (only {', '.join(RESUMABLE_KEYS)} may change)")
-    if Path(given.output_dir).expanduser().resolve() != folder.parent.resolve():
-        given.output_dir = str(folder.parent)  # the run continues where it is
+    given.output_dir, given.name = str(folder.parent), stored.name  # the run continues where and as it is
     checkpoint_path = folder / CHECKPOINT
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
     members = {}

@@ -86,14 +86,20 @@ def test_centralized_resume_equals_an_uninterrupted_run(tmp_path: Path, data_roo
     assert reference.returncode == 0, reference.stderr[-3000:]
     ref = Path(reference.stdout.strip().splitlines()[-1])
 
-    def cut_inside_random(folder: Path) -> None:
+    def cut_inside_random_then_as_if_killed(folder: Path) -> None:
         saved = load_checkpoint(folder / CHECKPOINT)
         assert saved["victim"]["defense"] == "random" and 2 <= saved["victim"]["fit"]["epoch"] < 6
         assert len(saved["outcomes"]["epic-0.2"]) == 1 and saved["epic_counts"]["counts"]
+        # what SIGKILL or an out-of-memory kill leaves: no summaries, the folder still .partial
+        for summary in [folder / "summary.json", *folder.glob("*/summary.json")]:
+            summary.unlink()
+        folder.rename(folder.with_name(f".{folder.name}.partial"))
 
-    # epic-0.2 trains first; "random" (replaying EPIC's drop counts) is interrupted after epoch 3
+    # epic-0.2 trains first; "random" (replaying EPIC's drop counts) is interrupted after epoch 3;
+    # the folder is then made to look killed, and resumed by its final name
     resumed = interrupt_then_resume(centralized_args(tmp_path / "cut", data_root), tmp_path / "cut",
-                                    ".*partial/random/metrics.jsonl", 3, signal.SIGTERM, cut_inside_random)
+                                    ".*partial/random/metrics.jsonl", 3, signal.SIGTERM,
+                                    cut_inside_random_then_as_if_killed)
     assert_same_run(resumed, ref, ["epic-0.2", "random"])
     root = json.loads((resumed / "summary.json").read_text())
     assert root["resumed"] is True and root["finished"] == ["epic-0.2", "random"]
@@ -250,6 +256,11 @@ def test_a_resume_with_another_config_is_refused_in_one_line(tmp_path: Path, dat
         resume_config(str(folder), None, [])
     with pytest.raises(ConfigError, match="not a run folder"):
         resume_config(str(tmp_path / "nothing"), None, [])
+    (folder / "summary.json").unlink()  # killed before it wrote one: resumable
+    assert resume_config(str(folder), None, ["checkpoint_every=5"])[0].checkpoint_every == 5
+    (folder / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="holds no config.yaml"):
+        resume_config(str(folder), None, [])
 
 
 def test_cli_refuses_a_bad_resume_with_exit_2_and_writes_nothing(tmp_path: Path) -> None:
@@ -262,7 +273,7 @@ def test_cli_refuses_a_bad_resume_with_exit_2_and_writes_nothing(tmp_path: Path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "fedepic: error: resume refused: key 'train.epochs' is 1 in the run and 9 here "
-        "(only output_dir, name, progress, data.cache_dir may change)"]
+        "(only output_dir, name, progress, data.cache_dir, checkpoint_every may change)"]
     assert sorted(p.name for p in folder.iterdir()) == before and list(tmp_path.iterdir()) == [folder]
 
 
