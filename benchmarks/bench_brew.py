@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedepic.attacks.gradient_matching import BrewConfig, brew_poisons
-from fedepic.models import build_model
+from fedepic.models import build_classifier
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, 10, 3, 32, CIFAR_MEAN, CIFAR_STD).to(device)
+    model = build_classifier(args.model, 10, 3, 32, CIFAR_MEAN, CIFAR_STD).to(device)
     train_x, target_u8, source = load_images(args.poisons, args.seed)
     train_y = torch.ones(args.poisons, dtype=torch.long)
     cfg = BrewConfig(restarts=args.restarts, steps=args.steps, batch_size=args.batch_size)

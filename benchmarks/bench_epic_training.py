@@ -20,7 +20,7 @@ import torch
 from fedepic.config import DataConfig, TrainConfig
 from fedepic.data import load_dataset
 from fedepic.epic import EpicSchedule, EpicState
-from fedepic.models import build_model
+from fedepic.models import build_classifier
 from fedepic.train import fit, prepare_model, resolve_device
 
 PIPELINES = {
@@ -43,7 +43,7 @@ def load(args) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple, int]:
 
 def timed_run(args, x, y, mean, std, classes, device, schedule) -> tuple[float, dict]:
     torch.manual_seed(0)
-    model = prepare_model(build_model(args.model, classes, 3, 32, mean, std), device, True)
+    model = prepare_model(build_classifier(args.model, classes, 3, 32, mean, std), device, True)
     epochs = args.epochs or args.pipeline
     cfg = TrainConfig(epochs=epochs, batch_size=128, lr=0.1, milestones=PIPELINES[args.pipeline][1],
                       augment="crop_flip", device=str(device))

@@ -23,7 +23,7 @@ from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
     check_poisons, save_poisons, target_gradient,
 )
-from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint, truncate_metrics
+from fedepic.checkpoint import CHECKPOINT, Resume, checkpoint_due, metrics_size, save_checkpoint, truncate_metrics
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import ImageData, load_dataset
 from fedepic.builders import build_model, epic_schedule
@@ -223,8 +223,7 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         progress_bar.advance(info=f"{defense} t{trial.index} e{record.epoch} loss {record.loss:.3f}")
 
     def on_state(epoch: int, state: dict) -> None:
-        if on_snapshot is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
-                and epoch < cfg.train.epochs:
+        if on_snapshot is not None and checkpoint_due(cfg.checkpoint_every, epoch, cfg.train.epochs):
             on_snapshot({"trial": trial.index, "defense": defense, "fit": state, "keep": keep.clone(),
                          "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                          "policy": policy.state_dict(), "accuracy_curve": list(accuracy_curve)})

@@ -52,6 +52,12 @@ class Resume:
         return load_checkpoint(path) if path.is_file() else None
 
 
+def checkpoint_due(every: int, step: int, last: int) -> bool:
+    """Whether step ``step`` (an epoch or a round, 1-based) ends with a checkpoint: every ``every``-th
+    (``checkpoint_every``; 0 never), but not the ``last``, after which the member completes."""
+    return bool(every) and step % every == 0 and step < last
+
+
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Write ``state`` (plain data and tensors) to ``path`` atomically."""
     from fedepic.outputs import atomic_torch_save  # torch is imported only by runs that checkpoint

@@ -126,7 +126,7 @@ class DefenseConfig:
     local_epic: bool = False  # FL: clients run EPIC on their own data
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     trim: int = 1  # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
-    byzantine: Optional[int] = 1  # attackers f that Krum, MultiKrum, Bulyan and server EPIC assume; null: the configured count
+    byzantine: Optional[int] = 1  # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
     scclip_tau: float = 1.0
 
 
@@ -626,8 +626,8 @@ def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
         base = len(classes) or None
         side = _first_image_side(classes[0]) if classes else None
     else:
-        info = extensions.DATASETS.get(data.name).info
-        base, side = info["classes"], info["side"]
+        info = extensions.DATASETS.get(data.name).info  # a dataset without these facts is checked at load
+        base, side = info.get("classes"), info.get("side")
     if base is None:
         return None, side
     if data.classes is not None:

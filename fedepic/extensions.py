@@ -8,9 +8,7 @@ module stays light (no torch, no flwr).
 Flags:
 - peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
-  the malicious nodes from the graph: the upper bound), ``keeps_records`` (GP's recording variables
-  persist in the node state; ``exclude`` shares GP's detector but keeps none: documentation, since the
-  rule itself clears them);
+  the malicious nodes from the graph: the upper bound);
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic),
   ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
@@ -63,11 +61,11 @@ PEER_RULES = Registry("peer rule", [
     Entry("gp", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025)",
           PURIFICATION,
-          frozenset({"stateful", "keeps_records"})),
+          frozenset({"stateful"})),
     Entry("gp_epic", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification, with benign nodes running EPIC on their own rows",
           PURIFICATION,
-          frozenset({"stateful", "keeps_records", "local_epic"})),
+          frozenset({"stateful", "local_epic"})),
     Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
           flags=frozenset({"benign_graph"})),
 ])

@@ -180,12 +180,15 @@ class RunLifecycle:
         self._close_member(name, None)
 
     def _close_member(self, name: str, exc: Optional[BaseException]) -> None:
-        writer, report = self.writers.pop(name), self._reports.pop(name)()
+        writer, make_report = self.writers.pop(name), self._reports.pop(name)
         writer.mark(exc)
-        summary = report.summary if exc is None else {**report.summary, "error": str(exc) or type(exc).__name__}
-        write_curves(writer, report.curves, self.comparison.xlabel, f"{name} ({self.cfg.name})")
-        writer.write_summary(summary)
-        writer.close()
+        try:  # a report that fails still leaves the member closed, with its status (RunWriter.close)
+            report = make_report()
+            summary = report.summary if exc is None else {**report.summary, "error": str(exc) or type(exc).__name__}
+            write_curves(writer, report.curves, self.comparison.xlabel, f"{name} ({self.cfg.name})")
+            writer.write_summary(summary)
+        finally:
+            writer.close()
         if exc is None:
             (writer.dir / CHECKPOINT).unlink(missing_ok=True)  # its results are final; a resume keeps it
             self._done[name] = (report.row, report.curves)
@@ -203,8 +206,14 @@ class RunLifecycle:
                 exc = RuntimeError(f"the run ended before {', '.join(m for m in self.members if m not in self._done)} "
                                    "finished")
             self.root.mark(exc)
+            broken: Optional[Exception] = None  # a member whose report failed: the others still close
             for name in list(self.writers):
-                self._close_member(name, exc)
+                try:
+                    self._close_member(name, exc)
+                except Exception as err:  # noqa: BLE001 - re-raised below, after the root summary
+                    broken = broken or err
+            if broken is not None and exc is None:
+                self.root.mark(broken)
             rows = self.rows
             if rows:
                 c = self.comparison
@@ -214,3 +223,5 @@ class RunLifecycle:
                                      "resumed": self.resume is not None, **self.extras(rows)})
             if self.root.status == "running":
                 remove_checkpoints(self.root.dir)
+        if broken is not None and exc is None:
+            raise broken

@@ -72,7 +72,7 @@ def mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
 
 
 
-def build_model(
+def build_classifier(
     name: str, num_classes: int, in_channels: int, image_size: int,
     mean: Sequence[float], std: Sequence[float],
 ) -> ImageClassifier:
@@ -83,13 +83,13 @@ def build_model(
 
 
 def model_for_data(name: str, data: "ImageData", seed: Optional[int] = None) -> ImageClassifier:
-    """:func:`build_model` for ``data``'s classes, image shape and normalisation.
+    """:func:`build_classifier` for ``data``'s classes, image shape and normalisation.
 
     With ``seed`` the initial weights come from that seed and the global RNG is left as it was;
     without it they come from the global RNG (the caller seeds it, or loads weights over them).
     """
     def build() -> ImageClassifier:
-        return build_model(name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+        return build_classifier(name, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
 
     if seed is None:
         return build()

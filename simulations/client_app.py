@@ -42,6 +42,7 @@ from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
+from fedepic.metrics import poison_stats
 from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -93,7 +94,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
         selection = epic.maybe_select(server_round, model, client.x, client.y, client.poisoned)
         skipped = int(selection["skipped_nonfinite"]) if selection else 0
         if client.poisoned.any():
-            recall = float((~epic.keep & client.poisoned).sum()) / float(client.poisoned.sum())
+            recall = poison_stats(~epic.keep, client.poisoned)["poison_recall"]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     attack_nonfinite = 0
     if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):

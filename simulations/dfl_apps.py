@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedepic.attacks import attack_success
+from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, to_yaml
 from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate, resolve_device
@@ -297,11 +298,6 @@ class Router:
             return list(self.benign)
         return list(range(self.cfg.clients.count))
 
-    def checkpoint_due(self, round_: int) -> bool:
-        """Every ``checkpoint_every``-th round but the last (after it the member completes)."""
-        every = self.cfg.checkpoint_every
-        return bool(every) and round_ % every == 0 and round_ < self.cfg.rounds
-
     def run_member(self, grid: Grid, member: Member) -> None:
         if self.sink.finished(member):
             return  # completed before a resume: its folder stays as it is
@@ -310,7 +306,7 @@ class Router:
         truth = detection_truth(member.routing.graph, self.malicious) if member.strategy in STATEFUL else None
         for round_ in range(start.round + 1, self.cfg.rounds + 1):
             restore = start.states if round_ == start.round + 1 else {}
-            due = self.checkpoint_due(round_)
+            due = checkpoint_due(self.cfg.checkpoint_every, round_, self.cfg.rounds)
             record, states = self.play_round(grid, member, round_, truth, restore, due)
             self.sink.round(member, record)
             check_failures(self.cfg, f"{member.name}, round {round_}", record["failures"],

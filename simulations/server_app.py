@@ -51,7 +51,7 @@ from fedepic.attacks.model_attacks import (
 )
 from fedepic.builders import build_model, epic_schedule
 from fedepic.metrics import poison_stats
-from fedepic.checkpoint import Resume
+from fedepic.checkpoint import Resume, checkpoint_due
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicState
@@ -68,7 +68,7 @@ from simulations.client_data import build_client_data, client_partition, partiti
 from simulations.flower_runtime import interrupted_quietly, quiet_flower
 from simulations.messaging import check_failures, exchange, wait_for_nodes
 from simulations.server_checkpoints import (
-    checkpoint_due, elapsed, kept_row_and_curves, restore_root, save_member_checkpoint,
+    elapsed, kept_row_and_curves, restore_root, save_member_checkpoint,
 )
 from strategies.epic_server import record_vector
 from strategies.server import TrackedStrategy, build_server_strategy
@@ -349,7 +349,7 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
         result.curves["attack_success"].append(math.nan if record["attack_success"] is None
                                                else record["attack_success"])
         check_failures(cfg, f"{name}, round {rnd}", record["failures"], asked)
-        if checkpoint_due(cfg, rnd):
+        if checkpoint_due(cfg.checkpoint_every, rnd, cfg.rounds):
             save_member_checkpoint(member, {"member": name, "round": rnd, "progress": progress.state_dict(),
                                             "strategy": tracked.state_dict(), "curves": result.curves}, started)
     recalls = progress.recalls
@@ -406,7 +406,7 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
 
     def on_state(epoch: int, fit_state: dict) -> None:
         rnd, within = divmod(epoch, cfg.clients.local_epochs)
-        if within == 0 and checkpoint_due(cfg, rnd):
+        if within == 0 and checkpoint_due(cfg.checkpoint_every, rnd, cfg.rounds):
             save_member_checkpoint(member, {
                 "member": "centralized-epic", "round": rnd, "fit": fit_state, "curves": curves,
                 "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

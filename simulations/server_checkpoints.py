@@ -33,7 +33,6 @@ import time
 from typing import Any, Optional
 
 from fedepic.checkpoint import CHECKPOINT, metrics_size, save_checkpoint, truncate_metrics
-from fedepic.config import RunConfig
 from fedepic.outputs import RunWriter
 
 # summary.json keys that are not the member's comparison row: RunWriter's own, and the curves
@@ -75,11 +74,6 @@ def _record(line: bytes) -> dict:
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
-
-
-def checkpoint_due(cfg: RunConfig, rnd: int) -> bool:
-    """Whether round ``rnd`` ends with a checkpoint (never the last: the member completes after it)."""
-    return bool(cfg.checkpoint_every) and rnd % cfg.checkpoint_every == 0 and rnd < cfg.rounds
 
 
 def save_member_checkpoint(member: RunWriter, state: dict[str, Any], started: float) -> None:

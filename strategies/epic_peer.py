@@ -38,8 +38,6 @@ class EpicPeer:
     are left out before the selection (``strategies/finite.py``).
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def __init__(self, fraction: float, threshold: int) -> None:
         if not 0 < fraction <= 1:

@@ -85,8 +85,6 @@ class Gossip:
     one NaN neighbour would make every model NaN.
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
         from strategies.finite import split_finite  # finite.py builds on this module

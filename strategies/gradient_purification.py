@@ -183,8 +183,6 @@ class GradientPurification:
         (ClippedGossip) [None: plain gossip].
     """
 
-    needs_keep_mask = False
-    needs_state = True
     aggregate_suspects = True  # rule 5: a suspicious, unconfirmed neighbour is still aggregated (and recorded)
 
     def __init__(

@@ -67,8 +67,6 @@ class KrumSelect:
     The mixing weights are ignored (selection is unweighted, as in the paper).
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def __init__(self, f: int, multi: int = 1) -> None:
         if int(f) != f or f < 0:

@@ -37,8 +37,6 @@ class CoordinateMedian:
     before the median is taken (``strategies/finite.py``); torch would sort NaN above every number.
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
         from strategies.finite import split_finite  # finite.py builds on this module

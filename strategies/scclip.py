@@ -45,8 +45,6 @@ class SelfCenteredClipping:
     finite messages; this is the reading that keeps its bound ``w_ij * tau`` per neighbour.
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def __init__(self, tau: float | None, delta: float | None = None) -> None:
         if (tau is None) == (delta is None):

@@ -42,8 +42,6 @@ class TrimmedMean:
     so the result is [1.5]; with b = 2 (more than the 4 models allow) b is lowered to 1.
     """
 
-    needs_keep_mask = False
-    needs_state = False
 
     def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
         check_stack(own, neighbours)

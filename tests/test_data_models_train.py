@@ -10,7 +10,7 @@ import torch
 from fedepic.augment import random_crop_flip
 from fedepic.config import DataConfig, TrainConfig
 from fedepic.data import DataError, ImageData, load_dataset
-from fedepic.models import build_model, model_for_data
+from fedepic.models import build_classifier, model_for_data
 from fedepic.train import evaluate, fit
 
 
@@ -40,7 +40,7 @@ def test_missing_imagefolder_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name,channels,size", [("cnn", 1, 28), ("mlp", 1, 28), ("resnet18", 3, 32), ("cnn", 3, 32)])
 def test_models_expose_features_and_classifier(name, channels, size):
-    model = build_model(name, 10, channels, size, (0.5,) * channels, (0.25,) * channels).eval()
+    model = build_classifier(name, 10, channels, size, (0.5,) * channels, (0.25,) * channels).eval()
     x = torch.rand(3, channels, size, size)
     feats = model.features(x)
     assert feats.shape[0] == 3 and model.classifier.in_features == feats.shape[1]
@@ -48,7 +48,7 @@ def test_models_expose_features_and_classifier(name, channels, size):
 
 
 def test_resnet18_has_cifar_stem():
-    model = build_model("resnet18", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    model = build_classifier("resnet18", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
     assert model.body.conv1.kernel_size == (3, 3) and model.body.conv1.stride == (1, 1)
     assert isinstance(model.body.maxpool, torch.nn.Identity)
 
@@ -66,7 +66,7 @@ def test_crop_flip_keeps_shape_and_content_and_is_seeded():
 def test_small_cnn_reaches_97_percent_on_mnist_in_one_epoch_on_cpu(data_root):
     data = load_dataset(DataConfig(name="mnist", root=str(data_root), download=False))
     torch.manual_seed(0)
-    model = build_model("cnn", 10, 1, 28, data.mean, data.std)
+    model = build_classifier("cnn", 10, 1, 28, data.mean, data.std)
     cfg = TrainConfig(epochs=1, batch_size=128, lr=0.05, device="cpu")
     history = fit(model, data.train_x, data.train_y, cfg, seed=0)
     result = evaluate(model, data.test_x, data.test_y)
@@ -86,7 +86,7 @@ def test_keep_mask_limits_training_rows():
         keep[:10] = False
         return {"dropped": 10}
 
-    model = build_model("mlp", 10, 1, 28, (0.5,), (0.25,))
+    model = build_classifier("mlp", 10, 1, 28, (0.5,), (0.25,))
     hist = fit(model, x, y, TrainConfig(epochs=2, batch_size=8, device="cpu"), seed=0, keep=keep, epoch_end=shrink)
     assert [h["rows"] for h in hist] == [20, 10] and hist[0]["dropped"] == 10
 
@@ -97,7 +97,7 @@ def test_same_seed_same_training():
 
     def run() -> torch.Tensor:
         torch.manual_seed(1)
-        model = build_model("cnn", 10, 1, 28, (0.5,), (0.25,))
+        model = build_classifier("cnn", 10, 1, 28, (0.5,), (0.25,))
         fit(model, x, y, TrainConfig(epochs=1, batch_size=16, augment="crop_flip", device="cpu"), seed=5)
         return torch.nn.utils.parameters_to_vector(model.parameters())
 

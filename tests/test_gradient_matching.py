@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedepic.attacks import gradient_matching as gm
-from fedepic.models import build_model
+from fedepic.models import build_classifier
 
 CLASSES, SIZE, TRAIN_N, TEST_N = 3, 16, 120, 30
 EPS = 16 / 255  # at 16x16 an MLP has little room; 16/255 gives a clear, stable gain (see test below)
@@ -40,7 +40,7 @@ def world(one_thread):
     test_y = torch.arange(TEST_N) % CLASSES
     train_x, test_x = _images(protos, train_y, gen), _images(protos, test_y, gen)
     torch.manual_seed(0)
-    model = build_model("mlp", CLASSES, 3, SIZE, (0.5,) * 3, (0.25,) * 3)
+    model = build_classifier("mlp", CLASSES, 3, SIZE, (0.5,) * 3, (0.25,) * 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(100):
         optimizer.zero_grad()

@@ -106,3 +106,17 @@ def test_start_over_empties_the_reopened_folder(tmp_path: Path) -> None:
         assert not life.kept("a") and sorted(p.name for p in life.root.dir.iterdir()) == ["config.yaml", "metrics.jsonl"]
         life.root.log({"event": "y"})
     assert (folder / "metrics.jsonl").read_text() == '{"event": "y"}\n'
+
+
+def test_a_member_whose_report_fails_does_not_leave_the_others_open(tmp_path: Path) -> None:
+    def broken() -> MemberReport:
+        raise ValueError("report broke")
+
+    with pytest.raises(RunInterrupted), lifecycle(tmp_path) as life:
+        life.open_member("a", broken)
+        life.open_member("b", lambda: report("b", [0.5]))
+        raise RunInterrupted("interrupted by SIGINT")
+    folder = life.path
+    assert not folder.name.startswith(".") and read(folder / "summary.json")["status"] == "interrupted"
+    assert read(folder / "a" / "summary.json")["status"] == "interrupted"  # RunWriter's fallback summary
+    assert read(folder / "b" / "summary.json")["status"] == "interrupted"
