@@ -51,7 +51,8 @@ def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
 _NEEDS_HONEST = {"alie": 2, "ipm": 1}
 
 
-def _needs_honest(name: str, params: dict[str, Any]) -> int:
+def honest_rows_needed(name: str, params: dict[str, Any]) -> int:
+    """How many honest updates attack ``name`` needs with ``params`` (0 for those that need none)."""
     if name == "minmax":
         return 2 if params.get("perturbation", "std") == "std" else 1
     return _NEEDS_HONEST.get(name, 0)
@@ -62,7 +63,7 @@ def finite_inputs(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     @functools.wraps(attack)
     def wrapped(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, **params: Any) -> Tensor:
-        need = _needs_honest(attack.__name__, params)
+        need = honest_rows_needed(attack.__name__, params)
         _check(honest, own, need)
         finite, own, _ = nonfinite_inputs(honest, own)
         if finite.shape[0] < need:
@@ -267,11 +268,6 @@ def model_attack_arguments(attack: Any, *, n: int | None = None, f: int | None =
     (malicious among them) for the attacks that take them (ALIE). The one builder every mode uses."""
     section = getattr(attack, "attack", attack)
     return MODEL_ATTACKS.arguments(section.model, SimpleNamespace(attack=section), {"n": n, "f": f})
-
-
-def honest_rows_needed(name: str, params: dict[str, Any]) -> int:
-    """How many honest updates attack ``name`` needs with ``params`` (0 for those that need none)."""
-    return _needs_honest(name, params)
 
 
 def needs_honest(name: str) -> bool:
