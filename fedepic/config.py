@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +23,12 @@ from fedepic import extensions
 from fedepic.errors import ConfigError
 
 MODES = ("centralized", "federated", "decentralized")
+ENGINES = ("ray", "local")
+DFL_ALGORITHMS = ("dpsgd", "dsgt")
+PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
+# keys that belong to the whole run, not to one compared member (see `member_config`)
+RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "data", "clients",
+                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -117,6 +123,13 @@ class PurificationConfig:
     epic_fraction: float = 0.5  # detector=epic: medoid fraction over the neighbours' updates
     epic_threshold: int = 1  # detector=epic: drop medoids whose cluster holds <= this many updates
     clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
+    # what a confirmation subtracts the records from: gradient (the DSGT trackers), weights (the models),
+    # none (the neighbour is only dropped from then on); auto = gradient under dsgt, weights under dpsgd
+    target: str = "auto"
+    # oracle detection at T_d = max(1, ceil(oracle_at * rounds)): in round T_d's aggregation every benign
+    # node confirms exactly its malicious neighbours, and nothing is flagged before (0: they are never
+    # aggregated); null = the detector
+    oracle_at: Optional[float] = None
 
 
 @dataclass
@@ -179,6 +192,15 @@ class TopologyConfig:
 
 
 @dataclass
+class DecentralizedConfig:
+    """The decentralized algorithm (mode=decentralized); see simulations/dfl_node.py for the equations."""
+
+    # dpsgd: train clients.local_epochs epochs, then gossip the models (Lian et al. 2017);
+    # dsgt: gradient tracking, one minibatch step of train.lr per round (Pu & Nedic 2021)
+    algorithm: str = "dpsgd"
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # attach to an existing cluster ("auto" or HOST:PORT); None starts a local one
     client_cpus: float = 1.0
@@ -207,6 +229,13 @@ class RunConfig:
     strategies: List[str] = field(default_factory=lambda: ["fedavg"])
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # decentralized: ray (Flower + Ray, one actor per node; clusters, GPUs per node) | local (every node
+    # in this process, DSGT's gradients in one vectorized call: many small rounds)
+    engine: str = "ray"
+    decentralized: DecentralizedConfig = field(default_factory=DecentralizedConfig)
+    # named members to compare: {name: {strategy: RULE, <any member-level keys>: ...}}; a name listed
+    # in `strategies` runs RULE with those keys merged over the run's (e.g. one GP per purification target)
+    variants: Dict[str, Any] = field(default_factory=dict)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -275,6 +304,8 @@ def _field_kind(hint: Any) -> tuple[str, Any]:
         return "section", hint
     if typing.get_origin(hint) in (list, List):
         return "list", typing.get_args(hint)[0]
+    if typing.get_origin(hint) in (dict, Dict):
+        return "mapping", None
     return "scalar", None
 
 
@@ -297,8 +328,9 @@ def _check_shapes(schema: type, data: Any, prefix: str, source: str) -> None:
 
 def _check_value_shape(hint: Any, value: Any, key: str, source: str) -> None:
     kind, inner = _field_kind(hint)
-    expected = {"section": "a mapping of keys", "list": "a list", "scalar": "a single value"}[kind]
-    ok = isinstance(value, dict) if kind == "section" else isinstance(value, list) if kind == "list" \
+    expected = {"section": "a mapping of keys", "mapping": "a mapping of keys", "list": "a list",
+                "scalar": "a single value"}[kind]
+    ok = isinstance(value, dict) if kind in ("section", "mapping") else isinstance(value, list) if kind == "list" \
         else not isinstance(value, (dict, list))
     if not ok:
         raise ConfigError(f"invalid value {_describe(value)} for key '{key}' in {source}: expected {expected}")
@@ -411,14 +443,69 @@ def validate(cfg: RunConfig) -> None:
     _validate_clients(cfg)
     _positive("rounds", cfg.rounds)
     _check(len(cfg.strategies) > 0, "strategies", cfg.strategies, "list at least one strategy")
+    _choice("engine", cfg.engine, ENGINES)
+    _check(cfg.engine == "ray" or cfg.mode == "decentralized", "engine", cfg.engine,
+           "engine=local runs mode=decentralized; the other modes run on ray")
+    _choice("decentralized.algorithm", cfg.decentralized.algorithm, DFL_ALGORITHMS)
+    _check(cfg.decentralized.algorithm == "dpsgd" or cfg.engine == "local", "decentralized.algorithm",
+           cfg.decentralized.algorithm, "dsgt runs on engine=local for now (the Flower apps exchange models only)")
     allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
+    _validate_variants(cfg, allowed)
     for i, name in enumerate(cfg.strategies):
-        _choice(f"strategies[{i}]", name, allowed)
+        if name not in cfg.variants:
+            _choice(f"strategies[{i}]", name, allowed + tuple(cfg.variants))
+        _validate_member(cfg, name, f"strategies[{i}]")
     _validate_topology(cfg)
     _positive("ray.client_cpus", cfg.ray.client_cpus)
     _positive("ray.client_gpus", cfg.ray.client_gpus, allow_zero=True)
     if cfg.ray.num_cpus is not None:
         _positive("ray.num_cpus", cfg.ray.num_cpus)
+
+
+def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
+    for name, body in cfg.variants.items():
+        key = f"variants.{name}"
+        _check(cfg.mode == "decentralized", "variants", name, "variants are members of mode=decentralized")
+        _check(name not in allowed, key, name, "a variant may not take the name of a strategy")
+        _check(isinstance(body, dict) and "strategy" in body, key, body, "expected {strategy: RULE, ...}")
+        _choice(f"{key}.strategy", body["strategy"], allowed)
+        for k in body:
+            _check(k not in RUN_LEVEL_KEYS, f"{key}.{k}", body[k], "a run-level key, the same for every member")
+
+
+def member_config(cfg: RunConfig, entry: str) -> tuple[str, RunConfig]:
+    """(the rule, the member's config) of an entry of ``strategies``: a rule name runs on ``cfg`` as
+    is; a variant name runs its ``strategy`` with its keys merged over ``cfg`` (validated)."""
+    if entry not in cfg.variants:
+        return entry, cfg
+    body = {k: v for k, v in dict(cfg.variants[entry]).items() if k != "strategy"}
+    _check_shapes(RunConfig, body, f"variants.{entry}.", "the config")
+    merged = _merge(OmegaConf.structured(cfg), OmegaConf.create(body), f"variants.{entry}")
+    run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return str(cfg.variants[entry]["strategy"]), run
+
+
+def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
+    """What only a member's own config can tell (the variants' merged keys, the rule's needs)."""
+    rule, member = member_config(cfg, entry)
+    if member is not cfg:
+        try:
+            _validate_defense(member)
+            _validate_attack(member)
+            _validate_train(member.train)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in variants.{entry})") from None
+    if cfg.mode != "decentralized":
+        return
+    pur = member.defense.purification
+    where = "" if member is cfg else f" (in variants.{entry})"
+    dsgt = cfg.decentralized.algorithm == "dsgt"
+    if pur.target == "gradient" and not dsgt and extensions.PEER_RULES.has(rule, "stateful"):
+        raise ConfigError(f"invalid value 'gradient' for key 'defense.purification.target'{where}: "
+                          "gradient state exists under decentralized.algorithm=dsgt only")
+    if dsgt and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
+        raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
+                          "decentralized.algorithm=dsgt takes one minibatch step per round")
 
 
 def _validate_data(cfg: RunConfig) -> None:
@@ -500,6 +587,9 @@ def _validate_defense(cfg: RunConfig) -> None:
         _positive("defense.byzantine", cfg.defense.byzantine, allow_zero=True)
     _positive("defense.purification.cos_weight", pur.cos_weight, allow_zero=True)
     _choice("defense.purification.detector", pur.detector, ("robust", "epic"))
+    _choice("defense.purification.target", pur.target, PURIFICATION_TARGETS)
+    if pur.oracle_at is not None:
+        _fraction("defense.purification.oracle_at", pur.oracle_at, allow_zero=True)
     _fraction("defense.purification.epic_fraction", pur.epic_fraction)
     _positive("defense.purification.epic_threshold", pur.epic_threshold, allow_zero=True)
     _positive("defense.scclip_tau", cfg.defense.scclip_tau)

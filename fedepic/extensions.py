@@ -17,6 +17,7 @@ Flags:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from fedepic.registry import Entry, Registry
@@ -36,10 +37,32 @@ def expected_clients(cfg: Any) -> int:
     return max(int(cfg.clients.count * cfg.clients.fraction_train), 1)
 
 
+def purification_target(cfg: Any, context: Mapping[str, Any]) -> str:
+    """``defense.purification.target``; ``auto`` is the gradient state under DSGT, the weights under D-PSGD."""
+    target = cfg.defense.purification.target
+    if target != "auto":
+        return target
+    return "gradient" if cfg.decentralized.algorithm == "dsgt" else "weights"
+
+
+def oracle_round(cfg: Any, context: Mapping[str, Any] | None = None) -> int | None:
+    """T_d of oracle detection: ``max(1, ceil(defense.purification.oracle_at * rounds))``, None without."""
+    at = cfg.defense.purification.oracle_at
+    return None if at is None else max(1, math.ceil(at * cfg.rounds - 1e-9))
+
+
+def known_malicious(cfg: Any, context: Mapping[str, Any]) -> list[int]:
+    """The malicious ids, which only GP's oracle detection (``defense.purification.oracle_round``) reads."""
+    from fedepic.config import malicious_ids
+
+    return malicious_ids(cfg)
+
+
 # GP's detector settings, shared by exclude, gp and gp_epic
-PURIFICATION = {k: f"defense.purification.{k}" for k in (
+PURIFICATION: dict[str, Any] = {k: f"defense.purification.{k}" for k in (
     "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "detector", "epic_fraction",
     "epic_threshold", "reject_score", "clip_tau")}
+PURIFICATION.update(target=purification_target, oracle_round=oracle_round, known_malicious=known_malicious)
 
 
 PEER_RULES = Registry("peer rule", [

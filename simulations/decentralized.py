@@ -34,7 +34,8 @@ from fedepic.progress import bar, progress_bars
 
 from simulations.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
-from simulations.dfl_node import STATEFUL, peer_rule
+from simulations.dfl_node import STATEFUL, peer_rule, rule_and_config
+from simulations.dfl_sequential import run_local_member
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import (
     benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
@@ -105,7 +106,7 @@ class FolderSink(RunSink):
     def report(self, member: Member) -> MemberReport:
         """The member's summary (also its comparison row) and curves from the rounds recorded so far."""
         records = self.records[member.name]
-        summary = member_summary(member.name, member.strategy, records)
+        summary = member_summary(member.name, rule_and_config(member.strategy, self.cfg)[0], records)
         return MemberReport(summary, summary, {k: [r[k] for r in records if r.get(k) is not None] for k in SERIES})
 
     def finished(self, member: Member) -> bool:
@@ -141,7 +142,10 @@ class FolderSink(RunSink):
     def round(self, member: Member, record: Mapping[str, Any]) -> None:
         self.life.writers[member.name].log(record)
         self.records[member.name].append(dict(record))
-        self.bars[member.name].advance(info=f"acc {record['mean_accuracy']:.3f} worst {record['worst_accuracy']:.3f}")
+        if "mean_accuracy" in record:  # rounds without evaluation (train.eval_every) only advance
+            self.bars[member.name].advance(info=f"acc {record['mean_accuracy']:.3f} worst {record['worst_accuracy']:.3f}")
+        else:
+            self.bars[member.name].advance()
 
     def end(self, member: Member) -> None:
         self.life.complete(member.name)
@@ -157,23 +161,26 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     ``resume`` the interrupted run's folder is continued (see the module docstring).
     """
     quiet_flower()
-    check_ray_address(cfg)  # before a run folder exists
+    if cfg.engine == "ray":
+        check_ray_address(cfg)  # before a run folder exists
     data = load_dataset(cfg.data, cfg.seed)  # also fills the decoded cache the Ray workers read
     try:
         parts = client_partition(cfg, data)
     except ValueError as err:
         raise ConfigError(f"invalid value {cfg.data.partition!r} for key 'data.partition': {err}") from None
     report = partition_report(cfg, data, parts)
-    for strategy in set(cfg.strategies) & set(STATEFUL):
-        try:  # a bad detector setting should stop the run here, not inside a Ray worker
-            peer_rule(strategy, cfg)
-        except ValueError as err:
-            raise ConfigError(f"invalid value for key 'defense.purification': {err}") from None
+    for entry in cfg.strategies:
+        rule, member_cfg = rule_and_config(entry, cfg)
+        if rule in STATEFUL:
+            try:  # a bad detector setting should stop the run here, not inside a Ray worker
+                peer_rule(rule, member_cfg)
+            except ValueError as err:
+                raise ConfigError(f"invalid value for key 'defense.purification' ({entry}): {err}") from None
     graph = communication_graph(cfg)
     bad = malicious_ids(cfg)
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
-    members = [Member(name, s, routing_for(s, graph, bad)) for name, s in zip(member_names(cfg.strategies),
-                                                                              cfg.strategies)]
+    members = [Member(name, s, routing_for(rule_and_config(s, cfg)[0], graph, bad))
+               for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
     title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
             f"{cfg.topology.name}, attack {attack_label(cfg)}"
     life = RunLifecycle(cfg, [m.name for m in members], Comparison(COLUMNS, PANELS, title), interrupts=interrupts,
@@ -187,10 +194,14 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
             "benign_components": {m.name: benign_components(m.routing, bad) for m in members},
         })
         sink = FolderSink(life, cfg, progress, members)
-        node_cfg = worker_config(cfg)
-        router = Router(node_cfg, bad, roles, members, sink, life.interrupts.stop)
-        run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
-                   interrupts=life.interrupts)
+        if cfg.engine == "local":
+            for member in members:
+                run_local_member(cfg, member, sink, data, parts, roles, life.interrupts.stop)
+        else:
+            node_cfg = worker_config(cfg)
+            router = Router(node_cfg, bad, roles, members, sink, life.interrupts.stop)
+            run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
+                       interrupts=life.interrupts)
         if not life.all_finished:  # cut short by a signal (an error would have raised)
             life.interrupts.raise_if_stopped()
     return life.path

@@ -55,7 +55,7 @@ from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
-    train_local, uses_local_epic,
+    rule_and_config, train_local, uses_local_epic,
 )
 from simulations.dfl_router import AttackTally, Routing, detection_truth, message_batches, outgoing, round_metrics
 
@@ -139,7 +139,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         pid = _partition_id(context)
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
-        member, strategy, round_ = str(conf["member"]), str(conf["strategy"]), int(conf["round"])
+        member, round_ = str(conf["member"]), int(conf["round"])
+        strategy, run_cfg = rule_and_config(str(conf["strategy"]), run_cfg)  # a variant: its rule and keys
         restore_node_state(context, msg.content)
         state = load_node_state(context, member)
         device = resolve_device(run_cfg.train.device)
@@ -166,7 +167,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         pid = _partition_id(context)
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
-        member, strategy = str(conf["member"]), str(conf["strategy"])
+        member = str(conf["member"])
+        strategy, run_cfg = rule_and_config(str(conf["strategy"]), run_cfg)
         state = load_node_state(context, member)
         ids = [int(j) for j in conf["neighbours"]]
         received = {j: msg.content.array_records[f"n.{j}"].to_torch_state_dict() for j in ids}
@@ -294,7 +296,7 @@ class Router:
 
     def active_nodes(self, member: Member) -> list[int]:
         """Nodes that take part: under ``upper`` the malicious nodes are cut off, so they sit out."""
-        if PEER_RULES.has(member.strategy, "benign_graph"):
+        if PEER_RULES.has(rule_and_config(member.strategy, self.cfg)[0], "benign_graph"):
             return list(self.benign)
         return list(range(self.cfg.clients.count))
 
@@ -303,7 +305,8 @@ class Router:
             return  # completed before a resume: its folder stays as it is
         start = self.sink.begin(member)
         saved = dict(start.states)  # a node missing from a checkpoint round keeps its older state
-        truth = detection_truth(member.routing.graph, self.malicious) if member.strategy in STATEFUL else None
+        rule = rule_and_config(member.strategy, self.cfg)[0]
+        truth = detection_truth(member.routing.graph, self.malicious) if rule in STATEFUL else None
         for round_ in range(start.round + 1, self.cfg.rounds + 1):
             restore = start.states if round_ == start.round + 1 else {}
             due = checkpoint_due(self.cfg.checkpoint_every, round_, self.cfg.rounds)

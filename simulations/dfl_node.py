@@ -3,11 +3,32 @@
 The Flower ClientApp in ``simulations/dfl_apps.py`` only converts messages and ``Context.state`` to and
 from the plain objects here, so every step of a node can be tested on hand-made tensors.
 
-A round at node i (Lian et al., D-PSGD, NeurIPS 2017, in its "train then gossip" form):
+Two algorithms (``decentralized.algorithm``); W = (w_ij) are the Metropolis-Hastings weights of the
+graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).
+
+**dpsgd** (Lian et al., "Can decentralized algorithms outperform centralized algorithms?", NeurIPS
+2017, in its "train then gossip" form). A round at node i:
 1. ``train_local``: start from the node's model, train ``clients.local_epochs`` epochs on its own rows
    (optionally with local EPIC, Yang et al. ICML 2022, whose drops persist in the node state).
 2. The router hands the node its neighbours' models of this round (possibly poisoned).
 3. ``aggregate_models``: combine the node's trained model with them using its peer rule.
+
+**dsgt**, gradient tracking (Pu & Nedic, "Distributed stochastic gradient tracking methods",
+Mathematical Programming 187, 2021; also Di Lorenzo & Scutari's NEXT, 2016). Node i keeps its model
+x_i, a tracker y_i of the network's average gradient and its last stochastic gradient g_i:
+
+    x_i <- sum_j w_ij x_j - eta y_i
+    y_i <- sum_j w_ij y_j + g_i(x_i new) - g_i(x_i old),        y_i(0) = g_i(x_i(0))
+
+with one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by seed, round,
+node) per gradient, ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
+``train.weight_decay`` inside g_i; no momentum. A node sends (x_i, y_i) as one vector (the model's
+entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector
+as under dpsgd, and a model attack perturbs both. Stateless rules replace both sums (R applied to
+the x's and to the y's); GP (``strategies/gradient_purification.py``) screens on the trackers and
+purifies them. In code: ``dsgt_mix`` (the two sums), then the gradient at the new point
+(``fedepic.stacked.stacked_gradients``, all nodes at once in process, one at a time on Ray), then
+``dsgt_finish``.
 
 Peer rules by strategy name (``strategies/`` holds the rules, ``fedepic.extensions.PEER_RULES`` builds them):
 - gossip, median, trimmed_mean, krum, scclip, epic: stateless rules over the stacked models.
@@ -39,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from fedepic.config import RunConfig
+from fedepic.stacked import stacked_gradients
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
@@ -47,6 +69,7 @@ from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.extensions import PEER_RULES
 from strategies.gradient_purification import PurificationState
 
+TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
 STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
 FIXED_BUFFERS = ("mean", "std")  # ImageClassifier's normalisation buffers: identical everywhere
 
@@ -100,6 +123,8 @@ class NodeState:
     gp: Optional[PurificationState] = None
     epic_keep: Optional[Tensor] = None
     epic_selections: int = 0
+    tracker: Optional[Tensor] = None  # dsgt: y_i (flat)
+    gradient: Optional[Tensor] = None  # dsgt: g_i at the current model (flat)
 
     def to_plain(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         """(array groups, config values): tensors grouped by record name, and scalars / lists."""
@@ -112,6 +137,8 @@ class NodeState:
             arrays["trained"] = self.trained
         if self.epic_keep is not None:
             arrays["epic"] = {"keep": self.epic_keep.to(torch.uint8)}
+        if self.tracker is not None:
+            arrays["dsgt"] = {"tracker": self.tracker, "gradient": self.gradient}
         if self.gp is not None:
             gp = self.gp.state_dict()
             arrays["gp"] = gp["records"]
@@ -126,6 +153,7 @@ class NodeState:
             meta = {k[3:]: v for k, v in config.items() if k.startswith("gp.") and k != "gp.present"}
             gp = PurificationState.from_state_dict({"records": dict(arrays.get("gp", {})), "meta": meta})
         keep = arrays.get("epic", {}).get("keep")
+        dsgt = arrays.get("dsgt", {})
         return cls(
             member=str(config["member"]),
             round=int(config.get("round", 0)),
@@ -134,6 +162,8 @@ class NodeState:
             gp=gp,
             epic_keep=None if keep is None else torch.as_tensor(keep).bool(),
             epic_selections=int(config.get("epic_selections", 0)),
+            tracker=None if "tracker" not in dsgt else torch.as_tensor(dsgt["tracker"]),
+            gradient=None if "gradient" not in dsgt else torch.as_tensor(dsgt["gradient"]),
         )
 
 
@@ -217,10 +247,11 @@ class AggregationReport:
 
 
 def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Tensor, ids: list[int],
-                      weights: Optional[Tensor], state: NodeState, malicious: bool = False
-                      ) -> tuple[Tensor, AggregationReport]:
+                      weights: Optional[Tensor], state: NodeState, malicious: bool = False,
+                      rules: Optional[Mapping[str, Any]] = None) -> tuple[Tensor, AggregationReport]:
     """One aggregation at a node over flat vectors: ``own`` [D], ``neighbours`` [m, D] with node ids
-    ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules."""
+    ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules.
+    ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call."""
     if len(ids) != neighbours.shape[0]:
         raise ValueError(f"{len(ids)} neighbour ids for {neighbours.shape[0]} neighbour models")
     if malicious:
@@ -230,18 +261,24 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
     if strategy in STATEFUL:
         if state.gp is None:
             state.gp = PurificationState()
-        new, report = peer_rule(strategy, cfg).aggregate(own, neighbours, ids, weights, state.gp)
+        new, report = built_rule(strategy, cfg, rules).aggregate(own, neighbours, ids, weights, state.gp)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    new, bad = peer_rule(strategy, cfg).apply(own, neighbours, weights)
+    new, bad = built_rule(strategy, cfg, rules).apply(own, neighbours, weights)
     dropped = set(bad.rows)
     return new, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
                                   nonfinite=[ids[r] for r in bad.rows], own_nonfinite=bad.own)
 
 
+def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]]) -> Any:
+    """``rules[strategy]`` when given, else ``peer_rule(strategy, cfg)``."""
+    return rules[strategy] if rules is not None and strategy in rules else peer_rule(strategy, cfg)
+
+
 def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
                      neighbour_models: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float],
-                     self_weight: float, malicious: bool = False) -> AggregationReport:
+                     self_weight: float, malicious: bool = False,
+                     rules: Optional[Mapping[str, Any]] = None) -> AggregationReport:
     """Aggregate ``state.trained`` with the neighbours' state dicts; the result becomes ``state.model``.
 
     ``weights`` maps neighbour id to its mixing weight and ``self_weight`` is the node's own (they sum
@@ -253,7 +290,112 @@ def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
     own = flatten_state(state.trained)
     stack = torch.stack([flatten_state(neighbour_models[j]) for j in ids]) if ids else own.new_zeros(0, own.numel())
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
-    new, report = aggregate_vectors(strategy, cfg, own, stack, ids, w, state, malicious)
+    new, report = aggregate_vectors(strategy, cfg, own, stack, ids, w, state, malicious, rules)
     state.model = unflatten_like(new, state.trained)
     state.trained = None
     return report
+
+
+def rule_and_config(entry: str, cfg: RunConfig) -> tuple[str, RunConfig]:
+    """(peer rule, member config) of a ``strategies`` entry (``fedepic.config.member_config``)."""
+    from fedepic.config import member_config
+
+    return member_config(cfg, entry)
+
+
+# ----------------------------------------------------------------------------------- dsgt
+
+
+def is_dsgt(cfg: RunConfig) -> bool:
+    return cfg.decentralized.algorithm == "dsgt"
+
+
+def dsgt_lr(cfg: RunConfig, round_: int) -> float:
+    """eta of round ``round_``: ``train.lr`` times gamma for every milestone (in rounds) already passed."""
+    return cfg.train.lr * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if round_ - 1 >= m)
+
+
+def minibatch_rows(rows: int, batch_size: int, seed: int) -> Tensor:
+    """``batch_size`` row indices in [0, rows), drawn with replacement from a generator seeded by ``seed``."""
+    if rows <= 0:
+        raise ValueError("a DSGT node needs at least one training row")
+    return torch.randint(rows, (batch_size,), generator=torch.Generator().manual_seed(seed))
+
+
+def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor, Tensor]], cfg: RunConfig) -> Tensor:
+    """g_k at every row of ``points`` [n, D] on its minibatch ``batches[k]`` (images, labels): one
+    vectorized call (``fedepic.stacked``)."""
+    xb = torch.stack([b[0] for b in batches])
+    xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+    yb = torch.stack([b[1] for b in batches])
+    return stacked_gradients(model, points, xb, yb, cfg.train.weight_decay)
+
+
+def dsgt_batch(x: Tensor, y: Tensor, cfg: RunConfig, seed: int) -> tuple[Tensor, Tensor]:
+    rows = minibatch_rows(len(y), cfg.train.batch_size, seed)
+    return x[rows], y[rows]
+
+
+def dsgt_message(state: NodeState) -> dict[str, Tensor]:
+    """What the node sends: its model's exchanged entries, then ``TRACKER`` (one flat vector)."""
+    if state.model is None or state.tracker is None:
+        raise ValueError("a DSGT node sends after its first gradient: model and tracker must be set")
+    return {**state.model, TRACKER: state.tracker}
+
+
+def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int, Tensor],
+             weights: Mapping[int, float], self_weight: float, malicious: bool = False,
+             rules: Optional[Mapping[str, Any]] = None) -> tuple[Tensor, Tensor, AggregationReport]:
+    """The two sums of a DSGT round at a node, ``(sum_j w_ij x_j, sum_j w_ij y_j)`` with the node's rule
+    in place of W, over the flat (x, y) vectors ``received`` ({neighbour: vector}). Malicious nodes
+    gossip honestly. Mutates ``state.gp`` for GP rules."""
+    own = torch.cat([flatten_state(state.model), state.tracker.float()])
+    split = own.numel() - state.tracker.numel()
+    ids = sorted(int(j) for j in received)
+    stack = torch.stack([received[j].float() for j in ids]) if ids else own.new_zeros(0, own.numel())
+    w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
+    rule = "gossip" if malicious else rule
+    if not ids:
+        return own[:split].clone(), own[split:].clone(), AggregationReport()
+    if rule in STATEFUL:
+        if state.gp is None:
+            state.gp = PurificationState()
+        x, y, report = built_rule(rule, cfg, rules).aggregate_tracking(own[:split], own[split:], stack[:, :split],
+                                                               stack[:, split:], ids, w, state.gp)
+        return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
+                                       report.nonfinite, report.own_nonfinite)
+    applied = built_rule(rule, cfg, rules)
+    x, bad_x = applied.apply(own[:split], stack[:, :split], w)
+    y, bad_y = applied.apply(own[split:], stack[:, split:], w)
+    dropped = set(bad_x.rows) | set(bad_y.rows)
+    return x, y, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
+                                   nonfinite=[ids[r] for r in sorted(dropped)], own_nonfinite=bad_x.own or bad_y.own)
+
+
+def dsgt_point(cfg: RunConfig, state: NodeState, mixed_x: Tensor, round_: int) -> Tensor:
+    """x_i new = sum_j w_ij x_j - eta y_i (y_i: the tracker the node sent this round)."""
+    return mixed_x - dsgt_lr(cfg, round_) * state.tracker.float()
+
+
+def dsgt_finish(state: NodeState, point: Tensor, mixed_y: Tensor, gradient: Tensor) -> None:
+    """y_i <- sum_j w_ij y_j + g_i(new) - g_i(old); the new model and gradient become the state."""
+    state.tracker = mixed_y + gradient - state.gradient
+    state.gradient = gradient.clone()
+    state.model = unflatten_like(point, state.model)
+    state.trained = None
+
+
+def dsgt_start(state: NodeState, model: nn.Module, gradient: Tensor) -> None:
+    """Round 1: the initial model, and y_i(0) = g_i(x_i(0))."""
+    state.model = exchanged_state(model)
+    state.tracker, state.gradient = gradient.clone(), gradient.clone()
+
+
+def eval_due(cfg: RunConfig, round_: int) -> bool:
+    """Whether the benign nodes evaluate after ``round_``: every ``train.eval_every`` rounds, the last
+    round, and (oracle detection) just before and in the confirmation round of ``cfg`` (a member's)."""
+    from fedepic.extensions import oracle_round
+
+    oracle = oracle_round(cfg)
+    return (round_ % cfg.train.eval_every == 0 or round_ == cfg.rounds
+            or (oracle is not None and round_ in (oracle - 1, oracle)))

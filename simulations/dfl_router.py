@@ -199,6 +199,7 @@ def label_roles(histograms: Sequence[Sequence[int]], malicious: Iterable[int], f
                 ) -> dict[str, list[int]]:
     """Which labels only benign nodes, only malicious nodes, or both hold (by training rows).
 
+    ``clean`` are labels benign nodes hold that the data attack leaves alone (0-5 in configs/gp_claim.yaml).
     ``exclusive`` are labels that only malicious nodes hold AND that the data attack leaves alone
     (``flip_table[c] == c`` for every c that maps to or from them): their knowledge can reach the
     benign nodes only through the malicious nodes' models (labels 7 and 8 in configs/noniid.yaml).
@@ -216,6 +217,7 @@ def label_roles(histograms: Sequence[Sequence[int]], malicious: Iterable[int], f
         "benign": [c for c in range(num_classes) if benign_has[c]],
         "malicious_only": [c for c in range(num_classes) if bad_has[c] and not benign_has[c]],
         "exclusive": [c for c in range(num_classes) if bad_has[c] and not benign_has[c] and c not in touched],
+        "clean": [c for c in range(num_classes) if benign_has[c] and c not in touched],
     }
 
 
@@ -251,6 +253,7 @@ def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, T
         "worst_accuracy": min(accs),
         "benign_label_accuracy": _mean([mean_pc[c] for c in roles.get("benign", [])]),
         "exclusive_accuracy": _mean([mean_pc[c] for c in roles.get("exclusive", [])]),
+        "clean_accuracy": _mean([mean_pc[c] for c in roles.get("clean", [])]),
         "per_class": mean_pc,
         "consensus_distance": consensus_distance(torch.stack([models[i] for i in nodes if i in models]))
         if any(i in models for i in nodes) else float("nan"),
@@ -258,11 +261,18 @@ def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, T
     success = [float(evals[i]["attack_success"]) for i in nodes if evals[i].get("attack_success") is not None]
     if success:
         record["attack_success"] = _mean(success)
-    if confirmed is not None and truth is not None:
-        detected = {(i, int(j)) for i in nodes for j in confirmed.get(i, [])}
-        scored = detection_metrics(detected, {(i, j) for i, j in truth if i in set(nodes)})
-        record.update({f"detection_{k}": v for k, v in scored.items()})
+    record.update(detection_record(nodes, confirmed, truth))
     return record
+
+
+def detection_record(nodes: Sequence[int], confirmed: Optional[Mapping[int, Sequence[int]]],
+                     truth: Optional[set[tuple[int, int]]]) -> dict[str, Any]:
+    """``detection_*`` figures of the benign ``nodes``' confirmed sets against ``truth`` (empty without either)."""
+    if confirmed is None or truth is None:
+        return {}
+    detected = {(i, int(j)) for i in nodes for j in confirmed.get(i, [])}
+    scored = detection_metrics(detected, {(i, j) for i, j in truth if i in set(nodes)})
+    return {f"detection_{k}": v for k, v in scored.items()}
 
 
 # ----------------------------------------------------------------------------------- the run's graph

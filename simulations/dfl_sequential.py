@@ -1,77 +1,232 @@
-"""The decentralized simulation as a plain in-process loop: the same node and router functions as the
-Flower apps (``dfl_node``, ``dfl_router``), without Flower or Ray (it imports neither:
-tests/test_layers.py checks it).
+"""The in-process engine of the decentralized mode (``engine=local``): every node of a round in this
+process, with the same node, router, attack and rule functions as the Flower apps (``dfl_node``,
+``dfl_router``), and without Flower or Ray (it imports neither: tests/test_layers.py checks it).
 
-It exists for two reasons. It is the reference that the Flower run is tested against (same seed, same
-numbers: tests/test_decentralized.py), and it makes sweeps over attacks and detector settings cheap
-(``benchmarks/dfl_attack_sweep.py``): on 2 idle CPU cores one noniid.yaml strategy takes about 10 s
-here, against 15 s through Flower and Ray (120 s for the 8 strategies, Ray start included), whose
-extra cost is starting Ray and moving models between processes.
-Nodes run one after another, so it does not scale out; ``mode=decentralized`` remains the way to run.
+- Each node's model is built once and reused across rounds.
+- Under ``decentralized.algorithm=dsgt`` the round's gradients of all nodes are one vectorized call
+  (``fedepic.stacked``, torch.func.vmap over functional_call); under dpsgd the nodes' local epochs
+  run one after another (``train_local``, as a Ray node runs them).
+- Evaluation runs where ``dfl_node.eval_due`` says (``train.eval_every``), one benign node at a time,
+  with the Ray node's own ``evaluate`` and ``attack_success``.
+
+It is also the reference the Flower run is tested against (same seed, same numbers:
+tests/test_decentralized.py). Pick it for many small rounds on one machine (per-round overhead on Ray
+is 0.4 s or more, benchmarks/RESULTS.md); pick ``engine=ray`` for big models, GPUs per node and
+clusters. It is not parallel: one process, torch's own threads.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import threading
+import time
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from fedepic.attacks import attack_success
+from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, malicious_ids
-from fedepic.extensions import PEER_RULES
 from fedepic.data import ImageData, load_dataset
+from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.client_data import build_client_data, client_partition, partition_report
+from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
 from simulations.dfl_node import (
-    STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model, train_local,
-    uses_local_epic,
+    STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
+    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgt, load_exchanged, new_model, peer_rule,
+    rule_and_config, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
-    communication_graph, detection_truth, inbox, outgoing, round_metrics, routing_for, run_label_roles,
+    AttackTally, Routing, communication_graph, detection_record, detection_truth, inbox, outgoing,
+    round_metrics, routing_for, run_label_roles,
 )
+
+
+class LocalMember:
+    """One member (``strategies`` entry) run in process: its rule, config, nodes and their states."""
+
+    def __init__(self, cfg: RunConfig, entry: str, name: str, routing: Routing, data: ImageData,
+                 parts: Sequence[Any], roles: Mapping[str, Sequence[int]]) -> None:
+        self.rule, self.cfg = rule_and_config(entry, cfg)
+        self.name, self.routing, self.data, self.roles = name, routing, data, roles
+        self.bad = malicious_ids(cfg)
+        self.benign = [i for i in range(cfg.clients.count) if i not in set(self.bad)]
+        self.active = self.benign if PEER_RULES.has(self.rule, "benign_graph") else list(range(cfg.clients.count))
+        self.clients: dict[int, ClientData] = {i: build_client_data(cfg, data, i, parts) for i in self.active}
+        self.states = {i: NodeState(name) for i in self.active}
+        self.models = {i: new_model(cfg, data) for i in self.active}  # built once, reloaded every round
+        self.truth = detection_truth(routing.graph, self.bad) if self.rule in STATEFUL else None
+        self.device = torch.device("cpu")
+        # built once: the rules keep their per-node state in NodeState, not in themselves
+        self.rules = {name: peer_rule(name, self.cfg) for name in {self.rule, "gossip"}}
+
+    # -- one round ------------------------------------------------------------------------------
+    def play_round(self, round_: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        tally = AttackTally()
+        if is_dsgt(self.cfg):
+            reports, losses = self._dsgt_round(round_, tally), {}
+        else:
+            reports, losses = self._dpsgd_round(round_, tally)
+        confirmed = {i: reports[i].confirmed for i in self.active}
+        nonfinite = sum(len(r.nonfinite) + int(r.own_nonfinite) for r in reports.values())
+        if eval_due(self.cfg, round_):
+            evals, vectors = self._evaluate()
+            record = {"round": round_, **round_metrics(evals, vectors, self.benign, self.roles,
+                                                       confirmed if self.truth else None, self.truth)}
+            record["diverged_nodes"] = sum(not bool(torch.isfinite(v).all()) for v in vectors.values())
+        else:
+            record = {"round": round_, **detection_record(self.benign, confirmed if self.truth else None, self.truth)}
+        record["failures"] = []
+        record["nonfinite_models"] = nonfinite
+        record["attack_nonfinite_inputs"] = tally.nonfinite_inputs
+        benign_losses = [losses[i] for i in self.benign if i in losses]
+        if benign_losses:
+            record["train_loss"] = sum(benign_losses) / len(benign_losses)
+        record["seconds"] = time.perf_counter() - started
+        return record
+
+    def _send(self, trained: Mapping[int, torch.Tensor], round_: int, tally: AttackTally) -> dict:
+        graph = self.routing.graph.subgraph(self.active)
+        return outgoing(self.cfg.attack, trained, graph, self.bad, seed=self.cfg.seed, round_=round_, tally=tally)
+
+    def _mixing(self, i: int, box: Mapping[int, Any]) -> tuple[dict[int, float], float]:
+        w = self.routing.weights[i]
+        return {j: w[j] for j in box}, 1 - sum(w[j] for j in box)
+
+    def _dpsgd_round(self, round_: int, tally: AttackTally) -> tuple[dict, dict[int, float]]:
+        trained, losses = {}, {}
+        for i in self.active:
+            net, state, client = self.models[i], self.states[i], self.clients[i]
+            start = state.model if state.model is not None else exchanged_state(new_model(self.cfg, self.data))
+            load_exchanged(net, start)
+            stats = train_local(net, client.x, client.y, self.cfg, state, round_=round_,
+                                seed=derive_seed(self.cfg.seed, round_, i), device=self.device,
+                                epic=uses_local_epic(self.rule, self.cfg, client.is_malicious),
+                                poison_mask=client.poisoned)
+            losses[i] = stats["train_loss"]
+            state.trained, state.model, state.round = exchanged_state(net), None, round_
+            trained[i] = flatten_state(state.trained)
+        sent = self._send(trained, round_, tally)
+        reports = {}
+        for i in self.active:
+            box = inbox(sent, i)
+            weights, self_weight = self._mixing(i, box)
+            received = {j: unflatten_like(v, self.states[i].trained) for j, v in box.items()}
+            reports[i] = aggregate_models(self.rule, self.cfg, self.states[i], received, weights, self_weight,
+                                          self.clients[i].is_malicious, self.rules)
+        return reports, losses
+
+    def _dsgt_round(self, round_: int, tally: AttackTally) -> dict:
+        fresh = [i for i in self.active if self.states[i].tracker is None]
+        if fresh:  # the first round: y_i(0) = g_i(x_i(0)) on a minibatch seeded with round 0
+            starts = {i: self.models[i] for i in fresh}
+            points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
+            grads = dsgt_gradients(starts[fresh[0]], points, [self._batch(i, 0) for i in fresh], self.cfg)
+            for k, i in enumerate(fresh):
+                dsgt_start(self.states[i], starts[i], grads[k])
+        trained = {i: flatten_state(dsgt_message(self.states[i])) for i in self.active}
+        sent = self._send(trained, round_, tally)
+        reports, points, mixed_y = {}, [], {}
+        for i in self.active:
+            box = inbox(sent, i)
+            weights, self_weight = self._mixing(i, box)
+            x, y, reports[i] = dsgt_mix(self.rule, self.cfg, self.states[i], box, weights, self_weight,
+                                        self.clients[i].is_malicious, self.rules)
+            points.append(dsgt_point(self.cfg, self.states[i], x, round_))
+            mixed_y[i] = y
+        stacked = torch.stack(points)
+        grads = dsgt_gradients(self.models[self.active[0]], stacked, [self._batch(i, round_) for i in self.active],
+                               self.cfg)
+        for k, i in enumerate(self.active):
+            dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
+            self.states[i].round = round_
+        return reports
+
+    def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        client = self.clients[i]
+        return dsgt_batch(client.x, client.y, self.cfg, derive_seed(self.cfg.seed, round_, i))
+
+    def _evaluate(self) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+        evals, vectors = {}, {}
+        for i in self.benign:
+            if i not in self.states:
+                continue
+            net = load_exchanged(self.models[i], self.states[i].model)
+            result = evaluate(net, self.data.test_x, self.data.test_y, self.cfg.train.eval_batch_size,
+                              self.data.num_classes, self.cfg.train.amp)
+            success = attack_success(net, self.cfg.attack, self.data.test_x, self.data.test_y, self.data.num_classes)
+            evals[i] = {**result, "attack_success": None if success is None else float(success)}
+            vectors[i] = flatten_state(self.states[i].model)
+        return evals, vectors
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def plain_states(self) -> dict[int, dict[str, Any]]:
+        """The nodes' states as the Flower router collects them (``{"arrays", "config"}``)."""
+        out = {}
+        for i, state in self.states.items():
+            arrays, config = state.to_plain()
+            out[i] = {"arrays": arrays, "config": config}
+        return out
+
+    def restore(self, states: Mapping[int, Mapping[str, Any]]) -> None:
+        for i, plain in states.items():
+            if int(i) in self.states:
+                self.states[int(i)] = NodeState.from_plain(plain["arrays"], plain["config"])
+
+
+def run_local_member(cfg: RunConfig, member: Any, sink: Any, data: ImageData, parts: Sequence[Any],
+                     roles: Mapping[str, Sequence[int]], stop: Optional[threading.Event] = None) -> None:
+    """``member`` (a ``dfl_apps.Member``-like: name, strategy, routing) through ``sink`` (a
+    ``dfl_apps.RunSink``), exactly as the Flower router drives it: begin (maybe from a checkpoint),
+    one ``round`` report per round, checkpoints when due, ``end``. Returns early when ``stop`` is set."""
+    if sink.finished(member):
+        return
+    local = LocalMember(cfg, member.strategy, member.name, member.routing, data, parts, roles)
+    start = sink.begin(member)
+    local.restore(start.states)
+    for round_ in range(start.round + 1, cfg.rounds + 1):
+        if stop is not None and stop.is_set():
+            return
+        sink.round(member, local.play_round(round_))
+        if checkpoint_due(cfg.checkpoint_every, round_, cfg.rounds):
+            sink.checkpoint(member, round_, local.plain_states())
+    sink.end(member)
+
+
+class _Collect:
+    """A sink that keeps the records (``run_sequential``)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def finished(self, member: Any) -> bool:
+        return False
+
+    def begin(self, member: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(round=0, states={})
+
+    def round(self, member: Any, record: Mapping[str, Any]) -> None:
+        self.records.append({k: v for k, v in record.items() if k not in ("seconds", "failures")})
+
+    def checkpoint(self, *args: Any) -> None: ...
+
+    def end(self, member: Any) -> None: ...
 
 
 def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = None) -> list[dict[str, Any]]:
-    """One strategy's rounds; returns the per-round records ``round_metrics`` gives the Flower run
-    (without timings). ``data`` may be passed to reuse a loaded dataset across strategies."""
+    """One ``strategies`` entry's rounds in process; returns the per-round records (without timings
+    and failures). ``data`` may be passed to reuse a loaded dataset across strategies."""
+    from types import SimpleNamespace
+
     data = load_dataset(cfg.data, cfg.seed) if data is None else data
     parts = client_partition(cfg, data)
-    bad = malicious_ids(cfg)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
-    routing = routing_for(strategy, communication_graph(cfg), bad)
-    benign = [i for i in range(cfg.clients.count) if i not in bad]
-    active = benign if PEER_RULES.has(strategy, "benign_graph") else list(range(cfg.clients.count))
-    clients = {i: build_client_data(cfg, data, i, parts) for i in active}
-    states = {i: NodeState(strategy) for i in active}
-    truth = detection_truth(routing.graph, bad) if strategy in STATEFUL else None
-    device = torch.device("cpu")
-
-    def model_of(state_dict=None):
-        net = new_model(cfg, data)
-        return net if state_dict is None else load_exchanged(net, state_dict)
-
-    records = []
-    for round_ in range(1, cfg.rounds + 1):
-        trained = {}
-        for i in active:
-            net = model_of(states[i].model)
-            train_local(net, clients[i].x, clients[i].y, cfg, states[i], round_=round_,
-                        seed=derive_seed(cfg.seed, round_, i), device=device,
-                        epic=uses_local_epic(strategy, cfg, clients[i].is_malicious), poison_mask=clients[i].poisoned)
-            states[i].trained = exchanged_state(net)
-            trained[i] = flatten_state(states[i].trained)
-        sent = outgoing(cfg.attack, trained, routing.graph.subgraph(active), bad, seed=cfg.seed, round_=round_)
-        evals, models, confirmed = {}, {}, {}
-        for i in active:
-            box, w = inbox(sent, i), routing.weights[i]
-            received = {j: unflatten_like(v, states[i].trained) for j, v in box.items()}
-            report = aggregate_models(strategy, cfg, states[i], received, {j: w[j] for j in box},
-                                      1 - sum(w[j] for j in box), clients[i].is_malicious)
-            confirmed[i] = report.confirmed
-            if i in benign:
-                evals[i] = evaluate(model_of(states[i].model), data.test_x, data.test_y,
-                                    cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
-                models[i] = flatten_state(states[i].model)
-        records.append({"round": round_, **round_metrics(evals, models, benign, roles,
-                                                         confirmed if truth else None, truth)})
-    return records
+    rule, _ = rule_and_config(strategy, cfg)
+    member = SimpleNamespace(name=strategy, strategy=strategy,
+                             routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
+    sink = _Collect()
+    run_local_member(cfg, member, sink, data, parts, roles)
+    return sink.records

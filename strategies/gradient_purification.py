@@ -1,97 +1,96 @@
-"""Gradient Purification (GP): a peer rule that detects malicious neighbours across rounds and
-removes their accumulated contribution from the node's model.
+"""Gradient Purification (GP): a peer rule that keeps one recording variable per neighbour, detects
+malicious neighbours across rounds and, once one is confirmed, removes everything it contributed to
+the node's gradient state (or, as an option, its model) at once.
 
 Paper: Bin Li, Xiaoye Miao, Yan Zhang, Jianwei Yin, "Gradient Purification: Defense Against Data
 Poisoning Attack in Decentralized Federated Learning", Frontiers of Computer Science 2025,
 DOI 10.1007/s11704-025-50240-3, arXiv:2501.04453.
 
-Exact rules (node i, one call of ``aggregate`` per round):
+What the paper says (its abstracts are all we could read; the quotes are from them):
+- Q1 "It aims to separately mitigate the harm in gradients and retain benefits embedded in model weights."
+- Q2 "a recording variable is designed to track historically aggregated gradients from one of its
+  neighbors. It allows benign clients to precisely detect malicious neighbors and mitigate all
+  aggregated malicious gradients at once."
+- Q3 "Upon mitigation, benign clients optimize model weights using purified gradients. This
+  optimization not only retains previously beneficial components from malicious clients but also
+  exploits canonical contributions from benign clients."
+- Q4 (v1) GP "integrates seamlessly with existing DFL aggregation"; "Upon mitigation, GPD optimizes
+  model weights via aggregating gradients solely from benign clients".
 
-1. **Aggregation as a delta.** Gossip is written ``x_i <- x_i + sum_j w_ij (x_j - x_i)`` over the
-   neighbours kept this round, with the Metropolis–Hastings weights renormalised over self + kept
-   (see ``strategies.gossip.renormalised_weights``). Neighbour j's contribution this round is
-   ``c_ij = w_ij (x_j - x_i)`` and the recording variable accumulates it: ``r_ij += c_ij``.
-2. **Per-round suspicion** (``detector="robust"``, default). Over the models M = {x_i} ∪ {x_j : j
-   active} (active = not yet confirmed), take the coordinate-wise median ``med`` and distances
-   ``d_k = ||x_k - med||``. Neighbour j's robust z-score is ``z_j = (d_j - median(d)) / s`` with
-   ``s = max(1.4826 * MAD(d), min_scale * median(d))``; the MAD term is the usual robust standard
-   deviation, and the ``min_scale`` floor stops a near-consensus (tiny MAD) from turning ordinary
-   non-IID spread into large z-scores. A directional term adds
-   ``cos_weight * threshold * max(0, -cos(x_j - x_i, med - x_i))``: a neighbour pulling the node away
-   from where the robust centre lies gets penalised, and a fully opposite one with
-   ``cos_weight = 1`` is suspicious on direction alone. j is *suspicious* this round when
-   ``score_j > threshold``. The node's own model is trusted (it is benign), and it enters the median,
-   so even a neighbourhood of two can outvote one outlier; with a single neighbour nothing can be
-   told apart and nothing is flagged.
-   ``detector="epic"`` instead uses ``fedepic.epic.select_medoids`` on the active neighbours'
-   updates ``x_j - x_i`` (one label group): a dropped update is suspicious (score 1, else 0).
-3. **Consistency across rounds.** j is *confirmed* malicious when it was suspicious in the last
-   ``patience`` rounds in a row, or in at least ``votes`` of the last ``window`` rounds in which it
-   was seen. One noisy round therefore never triggers purification.
-4. **Purification.** In the round j is confirmed: ``x_i <- x_i - r_ij`` (exactly the recorded
-   aggregated contribution is removed, all at once), ``r_ij`` is discarded, and j is excluded from all
-   later aggregation (weights renormalised over the rest). Mixing weights are kept; there is no
-   restart and no reset of the model.
-5. **Suspicious but unconfirmed** neighbours are still aggregated, and recorded. This is the point of
-   the method: the paper sets GP against defenses that "reject suspicious gradients per iteration"
-   (``exclude`` in ``simulations/dfl_node.py`` is that baseline, with this same detector). GP instead
-   keeps aggregating until the consistency rule (3) is met, and then removes everything the
-   neighbour contributed at once (4), so what the node learnt on top of it stays in its weights.
-6. **Blatant outliers** are the one exception to rule 5: a neighbour whose score exceeds
-   ``reject_score`` (default 30, ten times the threshold) is left out of the round's aggregation even
-   before it is confirmed; it still counts as suspicious towards confirmation. Aggregating such a
-   model even once wrecks the node: the next round's local training runs on the broken model, and
-   purification removes the recorded contribution but not that training. It can also capture the
-   node. On ``configs/noniid.yaml`` with seed 2 and ``reject_score=100``, two benign nodes had two
-   sign-flipping neighbours each and aggregated both in round 1. Their own models then moved so far
-   towards the attackers that from round 2 on the attackers scored below 1.3 (46 before), and they
-   were never confirmed: precision and recall 0.73, and 4.3 points lost.
-   Measured robust scores of malicious neighbours in rounds 1-2 (seeds 0-2) are label flipping 4.5-18,
-   IPM 17-31, sign flipping 33-59 and Gaussian N(0, 1) models 780-1,250; benign neighbours score at
-   most 1.2 (seed 0). So 30 keeps label-flipping nodes, whose models also hold authentic knowledge,
-   aggregated until confirmed, and keeps sign-flipped and Gaussian models out at once.
-   ``reject_score=None`` follows rule 5 without exception.
-7. **Optional clipping** (``clip_tau``, default off). The paper presents GP as a layer over an
-   existing DFL aggregation; with ``clip_tau`` set, that aggregation is ClippedGossip (He,
-   Karimireddy, Jaggi 2022, ``strategies/scclip.py``): ``c_ij = w_ij clip(x_j - x_i, clip_tau)``,
-   and the records hold the clipped contributions, so purification still removes exactly what was
-   added. Clipping bounds what neighbours the detector misses can do, e.g. at a node whose
-   neighbourhood has a malicious majority (the median is then theirs). Measured in
-   benchmarks/RESULTS.md (other topologies).
+What that becomes here, rule by rule (node i, one call per round). "[Q]" marks a rule read off a
+quote, "[inferred]" one we had to choose, since the paper's body was not available:
 
-8. **Non-finite models** (NaN / inf; not in the paper, which assumes finite messages). Such a
-   neighbour is scored ``inf`` and flagged suspicious (it counts towards confirmation), is never
-   aggregated or recorded, and is left out of the median and distances of rule 2, which it would
-   otherwise turn into NaN for everyone. A non-finite own model is replaced by the coordinate-wise
-   median of the finite neighbours before anything else (``strategies/finite.py``). The report lists
-   both in ``nonfinite`` (neighbour ids) and ``own_nonfinite``.
+1. **The gradient state** [inferred from Q2-Q4 and from the same group's LPPA, arXiv 2501.04409, which
+   works in gradient-tracking DFL]. Under ``decentralized.algorithm=dsgt`` nodes exchange a model x_j
+   and a gradient tracker y_j (``simulations/dfl_node.py``), and the tracker is the gradient that
+   moves the weights. GP acts on the trackers (``target="gradient"``, what ``auto`` picks there).
+2. **Mixing as deltas, and the records** [Q2; the delta form is inferred]. The aggregation is
+   ``v_i <- v_i + sum_j w_ij (v_j - v_i)`` over the neighbours kept this round (v = y for the gradient
+   state, x for the weights); neighbour j's contribution is ``c_ij = w_ij (v_j - v_i)`` and its
+   recording variable accumulates it: ``r_ij += c_ij``. A neighbour left out contributes nothing:
+   its weight w_ij stays on the node itself [inferred], so mixing stays doubly stochastic and the
+   benign nodes' sum of v changes only by the sum of their records. Under DSGT this makes
+   ``y_i = g_i(x_i) + sum_j r_ij`` exactly (the tracker telescopes), so the records are precisely
+   "the historically aggregated gradients" of each neighbour.
+3. **Detection** [Q2 says the records make detection possible; the scores are inferred]. Robust
+   z-score of each neighbour's vector against the coordinate-wise median of {own} ∪ {active
+   neighbours} (``detector="robust"``): the trackers under DSGT, the models under D-PSGD.
+   ``d_k = ||v_k - med||``, ``z_j = (d_j - median(d)) / s`` with ``s = max(1.4826 MAD(d),
+   min_scale median(d))``, plus ``cos_weight * threshold * max(0, -cos(v_j - v_i, med - v_i))``;
+   j is suspicious this round when the score exceeds ``threshold``. ``detector="epic"`` uses
+   ``fedepic.epic.select_medoids`` on the neighbours' updates (a dropped update is suspicious).
+   Oracle detection (``oracle_round=T``) replaces all of this: nothing is flagged before round T,
+   and in round T every malicious neighbour is confirmed, which separates purification from
+   detection in experiments.
+4. **Consistency across rounds** [inferred]. j is confirmed when it was suspicious in the last
+   ``patience`` rounds in a row, or in ``votes`` of the last ``window`` rounds it was seen.
+5. **Purification** [Q2 "mitigate all aggregated malicious gradients at once"; Q1/Q3 keep the
+   weights]. In the round j is confirmed, j is not mixed, and after this round's mixing
+   ``v_i <- v_i - r_ij``; r_ij is discarded and j never mixed again. Because it happens after the
+   mixing, the vector the node sends next is the purified one, and every neighbour that mixed v_i
+   before saw exactly what v_i was: with ``target="gradient"`` the benign trackers' sum is then
+   exactly the sum of the benign gradients (the network holds none of j's mass; tests check it on
+   a linear toy). The weights x_i are never changed by purification under ``target="gradient"``:
+   they keep what the malicious neighbour taught them (Q3), and from then on move by the purified
+   trackers. ``target="weights"`` subtracts the records of the models instead (exact unlearning of
+   every contribution, authentic ones included; the rule of the first fedepic release, now purified
+   before the next send); ``target="none"`` only drops j from then on.
+6. **Suspicious but unconfirmed** neighbours are still aggregated and recorded [Q2/Q4: the paper sets
+   GP against rejecting "suspicious gradients per iteration", ``strategies/exclude.py``], except a
+   **blatant** one, scoring above ``reject_score`` (default 30, ten times the threshold), which is
+   left out of the round even before confirmation [inferred; not in the paper]: aggregating a
+   Gaussian or sign-flipped model even once wrecks a node (measured in benchmarks/RESULTS.md).
+7. **Optional clipping** (``clip_tau``) [Q4 "integrates with existing DFL aggregation"]: the mixing
+   is ClippedGossip (He, Karimireddy, Jaggi 2022), ``c_ij = w_ij clip(v_j - v_i, clip_tau)``, and the
+   records hold the clipped contributions.
+8. **Non-finite vectors** [not in the paper]: such a neighbour is scored ``inf``, flagged, never mixed
+   or recorded and left out of the median; a non-finite own vector is replaced by the coordinate-wise
+   median of the finite neighbours (``strategies/finite.py``).
 
-Why these thresholds: z > 3 is the usual 3-sigma outlier rule on a robust scale. ``min_scale = 0.5``:
-with 0.25, benign neighbours of low-degree nodes (after the malicious neighbour is excluded, three
-models or fewer remain) began to be confirmed from round 6 on ``configs/noniid.yaml`` (detection
-precision 0.76 by round 8, and GP purified their honest contributions); with 0.5 precision stayed
-1.0 in every round while every label-flipping, sign-flipping, IPM and Gaussian neighbour was still
-confirmed by round 2. ``patience = 2`` (config default) is the shortest history that still ignores
-a single noisy round, and the shorter it is, the less a malicious model is aggregated before
-purification (a suspect aggregated for ``patience - 1`` rounds is subtracted again, but the local
-training done on top of it is not undone).
+Why these thresholds: z > 3 is the 3-sigma rule on a robust scale. ``min_scale = 0.5``: with 0.25,
+benign neighbours of low-degree nodes began to be confirmed from round 6 on ``configs/noniid.yaml``;
+with 0.5 precision stayed 1.0 while every label-flipping, sign-flipping, IPM and Gaussian neighbour
+was confirmed by round 2. ``patience = 2`` is the shortest history that ignores one noisy round.
+Measured scores of malicious models in rounds 1-2 (noniid.yaml, seeds 0-2): label flipping 4.5-18,
+IPM 17-31, sign flipping 33-59, Gaussian 780-1,250; benign ones at most 1.2: hence ``reject_score`` 30.
 
-Purification removes the recorded *aggregated contribution*, which is what the paper purifies. The
-indirect effects (local training done on a model that already contained that contribution, and what
-other nodes passed on) are not undone.
+Purification removes the recorded aggregated contribution. Under D-PSGD with ``target="weights"``
+the local training done on a model that held it is not undone; under DSGT nothing but the tracker
+is touched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from strategies.epic_peer import epic_keep_mask
-from strategies.finite import finite_rows
-from strategies.gossip import check_stack, renormalised_weights, resolve_weights
+from strategies.finite import all_finite, finite_rows
+from strategies.gossip import check_stack, resolve_weights
 from strategies.median import coordinate_median
 from strategies.scclip import clip_rows
 
@@ -151,6 +150,22 @@ class PurificationReport:
     own_nonfinite: bool = False  # own model was NaN / inf and was replaced (rule 8)
 
 
+TARGETS = ("weights", "gradient", "none")
+
+
+@dataclass
+class Screening:
+    """One round's detector verdicts at a node (row indices into the neighbour stack)."""
+
+    scores: dict[int, float]
+    flagged: list[int]
+    confirm: list[int]  # confirmed this round: purified after the mixing, never mixed again
+    keep: Tensor  # BoolTensor [m]: rows mixed this round
+    nonfinite: list[int]
+    own: Tensor  # the own vector the screening used (replaced when it was non-finite: rule 8)
+    own_nonfinite: bool
+
+
 class GradientPurification:
     """Gradient Purification (Li, Miao, Zhang, Yin, Front. Comput. Sci. 2025). See module docstring.
 
@@ -167,23 +182,28 @@ class GradientPurification:
         Alternatively, ``votes`` suspicious rounds among the last ``window`` seen [4, 3]; ``votes=None``
         disables this route.
     min_scale : float
-        Floor of the z-score scale as a fraction of the median distance [0.5: a neighbour must be at
-        least ``1 + threshold * min_scale`` = 2.5 times the median distance away].
+        Floor of the z-score scale as a fraction of the median distance [0.5].
     cos_weight : float
         Weight of the directional term [0.5; 0 disables it].
     detector : str
-        "robust" (above) or "epic" (EPIC drop flags on the updates) [robust].
+        "robust" or "epic" (EPIC drop flags on the updates) [robust].
     epic_fraction, epic_threshold : float, int
         ``select_medoids`` arguments for ``detector="epic"`` [0.5, 1].
     reject_score : float or None
-        Rule 6; a suspect scoring above it is not aggregated this round [30, ten times the threshold;
-        None aggregates every unconfirmed suspect, however far].
+        Rule 6; a suspect scoring above it is not aggregated this round [30; None: never].
     clip_tau : float or None
-        Rule 7; clip each neighbour's difference ``x_j - x_i`` to this L2 radius before weighting
-        (ClippedGossip) [None: plain gossip].
+        Rule 7; ClippedGossip radius [None: plain gossip].
+    target : str
+        What purification subtracts the records from: "gradient" (DSGT trackers), "weights" (models)
+        or "none" (drop only) [auto: gradient under dsgt, weights under dpsgd; resolved by the node].
+    oracle_round : int or None
+        Oracle detection: confirm exactly ``known_malicious`` in this round [None: the detector].
+    known_malicious : sequence of int
+        The malicious node ids, read only by the oracle.
     """
 
-    aggregate_suspects = True  # rule 5: a suspicious, unconfirmed neighbour is still aggregated (and recorded)
+    aggregate_suspects = True  # rule 6: a suspicious, unconfirmed neighbour is still aggregated (and recorded)
+    purifies = True  # exclude (a subclass) drops confirmed neighbours without subtracting anything
 
     def __init__(
         self,
@@ -199,6 +219,9 @@ class GradientPurification:
         epic_threshold: int,
         reject_score: float | None,
         clip_tau: float | None,
+        target: str,
+        oracle_round: int | None,
+        known_malicious: Sequence[int],
     ) -> None:
         if not threshold > 0:
             raise ValueError(f"gp: threshold must be > 0, got {threshold!r}")
@@ -216,6 +239,10 @@ class GradientPurification:
             raise ValueError(f"gp: clip_tau must be > 0 or None, got {clip_tau!r}")
         if detector not in DETECTORS:
             raise ValueError(f"gp: detector must be one of {DETECTORS}, got {detector!r}")
+        if target not in TARGETS:
+            raise ValueError(f"gp: target must be one of {TARGETS}, got {target!r}")
+        if oracle_round is not None and oracle_round < 1:
+            raise ValueError(f"gp: oracle_round must be >= 1 or None, got {oracle_round!r}")
         self.threshold = float(threshold)
         self.patience = int(patience)
         self.window = int(window)
@@ -227,6 +254,9 @@ class GradientPurification:
         self.epic_threshold = epic_threshold
         self.reject_score = None if reject_score is None else float(reject_score)
         self.clip_tau = None if clip_tau is None else float(clip_tau)
+        self.target = target if self.purifies else "none"
+        self.oracle_round = oracle_round
+        self.known_malicious = frozenset(int(m) for m in known_malicious)
 
     @staticmethod
     def new_state() -> PurificationState:
@@ -271,82 +301,127 @@ class GradientPurification:
             return True
         return self.votes is not None and sum(flags[-self.window :]) >= self.votes
 
-    # -- purification and aggregation --------------------------------------------------------
-    @staticmethod
-    def purify(own: Tensor, state: PurificationState, j: int) -> Tensor:
-        """Remove neighbour j's recorded contribution: return ``own - r_ij``, discard r_ij and
-        mark j confirmed (excluded from now on)."""
-        record = state.records.pop(j, None)
-        state.confirmed.add(j)
-        if record is None:
-            return own.clone()
-        return own - record.to(device=own.device, dtype=own.dtype)
-
-    def aggregate(
-        self,
-        own: Tensor,
-        neighbours: Tensor,
-        neighbour_ids: list[int],
-        weights: Tensor | None,
-        state: PurificationState,
-    ) -> tuple[Tensor, PurificationReport]:
-        """One GP round for a node: detect, confirm, purify, aggregate, record. Mutates ``state``."""
+    # -- screening, mixing, purification --------------------------------------------------------
+    def screen(self, own: Tensor, neighbours: Tensor, ids: list[int], state: PurificationState) -> Screening:
+        """Rules 3, 4, 6 and 8 for this round: scores, flags, confirmations and the rows to mix.
+        Updates the suspicion history (not the records, nor ``confirmed``: see ``purify``)."""
         check_stack(own, neighbours)
-        ids = [int(j) for j in neighbour_ids]
         if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
             raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
-        w = resolve_weights(weights, len(ids), own)
         finite = finite_rows(neighbours).tolist()
-        own_nonfinite = not bool(torch.isfinite(own).all())
+        own_nonfinite = not all_finite(own)
         if own_nonfinite and any(finite):
             own = coordinate_median(neighbours[torch.tensor(finite, device=neighbours.device)])
-
+        keep = torch.zeros(len(ids), dtype=torch.bool, device=own.device)
+        screening = Screening({}, [], [], keep, [ids[r] for r, ok in enumerate(finite) if not ok], own, own_nonfinite)
+        if self.oracle_round is not None:
+            return self._oracle(screening, ids, finite, state)
         active = [r for r, j in enumerate(ids) if j not in state.confirmed and finite[r]]
         scores, suspicious = self.suspicion(own, neighbours[active])
         broken = [r for r, j in enumerate(ids) if j not in state.confirmed and not finite[r]]
         scores = torch.cat([scores, torch.full((len(broken),), float("inf"), dtype=scores.dtype, device=scores.device)])
         suspicious = torch.cat([suspicious, torch.ones(len(broken), dtype=torch.bool, device=suspicious.device)])
-        active = active + broken
-        report_scores: dict[int, float] = {}
-        flagged: list[int] = []
-        purified: list[int] = []
-        keep = torch.zeros(len(ids), dtype=torch.bool, device=own.device)
         history_len = max(self.patience, self.window)
-        for pos, row in enumerate(active):
-            j = ids[row]
-            report_scores[j] = float(scores[pos])
-            flag = bool(suspicious[pos])
+        for pos, row in enumerate(active + broken):
+            j, flag, score = ids[row], bool(suspicious[pos]), float(scores[pos])
+            screening.scores[j] = score
             flags = (state.history.get(j, []) + [flag])[-history_len:]
             state.history[j] = flags
             if flag:
-                flagged.append(j)
+                screening.flagged.append(j)
             if flag and self.is_confirmed(flags):
-                purified.append(j)
-            elif finite[row] and (not flag or (self.aggregate_suspects and not self.is_blatant(float(scores[pos])))):
+                screening.confirm.append(j)
+            elif finite[row] and (not flag or (self.aggregate_suspects and not self.is_blatant(score))):
                 keep[row] = True
+        return screening
 
-        base = own
-        for j in purified:
-            base = self.purify(base, state, j)
+    def _oracle(self, screening: Screening, ids: list[int], finite: list[bool],
+                state: PurificationState) -> Screening:
+        """Oracle detection: the malicious neighbours are confirmed in round ``oracle_round``, and
+        every other finite neighbour is mixed (nothing is flagged before)."""
+        due = state.rounds + 1 >= self.oracle_round
+        for row, j in enumerate(ids):
+            if j in state.confirmed:
+                continue
+            if due and j in self.known_malicious:
+                screening.confirm.append(j)
+            elif finite[row]:
+                screening.keep[row] = True
+        return screening
 
-        kept_w = renormalised_weights(w, keep)[1:]
-        kept_rows = keep.nonzero().flatten().tolist()
-        diffs = neighbours[kept_rows] - base
+    def mix(self, own: Tensor, neighbours: Tensor, ids: list[int], weights: Tensor | None, keep: Tensor,
+            records: dict[int, Tensor] | None) -> Tensor:
+        """``own + sum_{j kept} w_ij clip(v_j - own)`` (rules 2, 7); a dropped neighbour's weight stays
+        with the node. Adds each contribution to ``records`` when given."""
+        w = resolve_weights(weights, len(ids), own)
+        rows = keep.nonzero().flatten().tolist()
+        if not rows:
+            return own.clone()
+        diffs = neighbours[rows] - own
         if self.clip_tau is not None:
             diffs = clip_rows(diffs, self.clip_tau)
-        contributions = kept_w[kept_rows].unsqueeze(1) * diffs
-        for row, c in zip(kept_rows, contributions):
-            j = ids[row]
-            state.records[j] = state.records[j] + c if j in state.records else c.clone()
-        new_own = base + contributions.sum(dim=0) if kept_rows else base.clone()
+        contributions = w[1:][rows].unsqueeze(1) * diffs
+        if records is not None:
+            for row, c in zip(rows, contributions):
+                j = ids[row]
+                records[j] = records[j] + c if j in records else c.clone()
+        return own + contributions.sum(dim=0)
+
+    @staticmethod
+    def purify(vector: Tensor, state: PurificationState, j: int) -> Tensor:
+        """Rule 5: ``vector - r_ij``; r_ij is discarded and j marked confirmed (never mixed again)."""
+        record = state.records.pop(j, None)
+        state.confirmed.add(j)
+        if record is None:
+            return vector
+        return vector - record.to(device=vector.device, dtype=vector.dtype)
+
+    def finish(self, vector: Tensor, screening: Screening, state: PurificationState, subtract: bool) -> Tensor:
+        """After the round's mixing: purify (``subtract``) or just drop the confirmed neighbours."""
+        for j in screening.confirm:
+            if subtract:
+                vector = self.purify(vector, state, j)
+            else:
+                state.records.pop(j, None)
+                state.confirmed.add(j)
         state.rounds += 1
-        report = PurificationReport(
-            scores=report_scores,
-            flagged=flagged,
-            purified=purified,
-            confirmed=sorted(state.confirmed),
-            kept=[ids[r] for r in kept_rows],
-            nonfinite=[ids[r] for r, ok in enumerate(finite) if not ok],
-            own_nonfinite=own_nonfinite,
-        )
-        return new_own, report
+        return vector
+
+    def report(self, screening: Screening, ids: list[int], state: PurificationState) -> PurificationReport:
+        return PurificationReport(
+            scores=screening.scores, flagged=screening.flagged, purified=list(screening.confirm),
+            confirmed=sorted(state.confirmed), kept=[ids[r] for r in screening.keep.nonzero().flatten().tolist()],
+            nonfinite=screening.nonfinite, own_nonfinite=screening.own_nonfinite)
+
+    def aggregate(self, own: Tensor, neighbours: Tensor, neighbour_ids: list[int], weights: Tensor | None,
+                  state: PurificationState) -> tuple[Tensor, PurificationReport]:
+        """One round of model gossip (D-PSGD): screen on the models, mix them (recorded under
+        ``target="weights"``), then purify. Mutates ``state``."""
+        if self.target == "gradient":
+            raise ValueError("gp: target='gradient' needs gradient state (decentralized.algorithm=dsgt)")
+        ids = [int(j) for j in neighbour_ids]
+        screening = self.screen(own, neighbours, ids, state)
+        records = state.records if self.target == "weights" else None
+        mixed = self.mix(screening.own, neighbours, ids, weights, screening.keep, records)
+        mixed = self.finish(mixed, screening, state, subtract=self.target == "weights")
+        return mixed, self.report(screening, ids, state)
+
+    def aggregate_tracking(self, own_x: Tensor, own_y: Tensor, x: Tensor, y: Tensor, neighbour_ids: list[int],
+                           weights: Tensor | None, state: PurificationState
+                           ) -> tuple[Tensor, Tensor, PurificationReport]:
+        """One round of gradient tracking (DSGT): screen on the trackers ``y``, mix models and trackers
+        over the same kept neighbours, record and purify the ``target`` family. Returns the mixed
+        (x, y), before DSGT's own step (``simulations.dfl_node``). Mutates ``state``."""
+        ids = [int(j) for j in neighbour_ids]
+        screening = self.screen(own_y, y, ids, state)
+        x_finite = finite_rows(x)
+        keep_x = screening.keep & x_finite.to(screening.keep.device)
+        own_x = own_x if all_finite(own_x) or not bool(x_finite.any()) else coordinate_median(x[x_finite])
+        mixed_x = self.mix(own_x, x, ids, weights, keep_x, state.records if self.target == "weights" else None)
+        mixed_y = self.mix(screening.own, y, ids, weights, screening.keep,
+                           state.records if self.target == "gradient" else None)
+        if self.target == "weights":
+            mixed_x = self.finish(mixed_x, screening, state, subtract=True)
+        else:
+            mixed_y = self.finish(mixed_y, screening, state, subtract=self.target == "gradient")
+        return mixed_x, mixed_y, self.report(screening, ids, state)

@@ -21,7 +21,6 @@ from simulations.dfl_router import (
     AttackTally, detection_truth, honest_reference, inbox, label_roles, message_batches, outgoing, poisoned_models,
     round_metrics, routing_for,
 )
-from strategies.gossip import renormalised_weights
 from strategies.gradient_purification import PurificationState
 
 
@@ -97,9 +96,8 @@ def test_gp_removes_exactly_the_recorded_contribution_of_a_confirmed_neighbour()
     assert record.abs().sum() > 0  # rounds 1-2 contributed: 0.2 * (x_4 - own) each
     new, report = aggregate_vectors("gp", cfg, own, neigh, ids, w, state)
     assert report.purified == [4] and report.confirmed == [4] and 4 not in state.gp.records
-    base = own - record
-    kept_w = renormalised_weights(w, torch.tensor([True, True, True, False]))
-    expected = base + sum(kept_w[k + 1] * (neigh[k] - base) for k in range(3))
+    # mixed over 1-3 (4's weight stays with the node), then the record subtracted before the next send
+    expected = own + sum(w[k + 1] * (neigh[k] - own) for k in range(3)) - record
     assert torch.allclose(new, expected, atol=1e-6)
     # from now on 4 is out: a later round ignores whatever it sends
     later, report = aggregate_vectors("gp", cfg, new, torch.cat([new.expand(3, -1), (new + 1e3)[None]]), ids, w,
@@ -112,8 +110,7 @@ def test_exclude_drops_a_confirmed_neighbour_but_keeps_its_past_contribution():
     assert state.gp.records == {}  # exclude needs no records
     new, report = aggregate_vectors("exclude", cfg, own, neigh, ids, w, state)
     assert report.purified == [4] and report.confirmed == [4]
-    kept_w = renormalised_weights(w, torch.tensor([True, True, True, False]))
-    expected = own + sum(kept_w[k + 1] * (neigh[k] - own) for k in range(3))
+    expected = own + sum(w[k + 1] * (neigh[k] - own) for k in range(3))  # 4's weight stays with the node
     assert torch.allclose(new, expected, atol=1e-6)  # nothing subtracted: the past contribution stays
     assert state.gp.records == {} and state.gp.confirmed == {4}
 
@@ -217,7 +214,9 @@ def test_message_batches_cap_the_payload():
 def test_label_roles_and_round_metrics():
     hist = [[5, 5, 0, 0], [0, 0, 5, 5], [5, 5, 0, 0]]  # node 1 (malicious) alone holds labels 2 and 3
     roles = label_roles(hist, [1], torch.tensor([0, 1, 3, 2]))  # attack flips 2 <-> 3
-    assert roles == {"benign": [0, 1], "malicious_only": [2, 3], "exclusive": []}
+    assert roles == {"benign": [0, 1], "malicious_only": [2, 3], "exclusive": [], "clean": [0, 1]}
+    hist_flipped = [[5, 5, 5, 0], [0, 0, 5, 5], [5, 5, 0, 0]]  # a benign node holds the flipped label 2
+    assert label_roles(hist_flipped, [1], torch.tensor([0, 1, 3, 2]))["clean"] == [0, 1]
     roles = label_roles(hist, [1], None)
     assert roles["exclusive"] == [2, 3]
 
@@ -232,6 +231,7 @@ def test_label_roles_and_round_metrics():
     assert record["per_class"][:3] == pytest.approx([1.0, 0.5, 0.25]) and record["per_class"][3] == 0.0
     assert record["exclusive_accuracy"] == pytest.approx(0.125)
     assert record["benign_label_accuracy"] == pytest.approx(0.75)
+    assert record["clean_accuracy"] == pytest.approx(0.75)  # labels 0, 1: benign, untouched by the flip
     assert record["consensus_distance"] == pytest.approx(1.0)  # both at distance 1 from the mean
     assert record["attack_success"] == 0.25
     assert record["detection_precision"] == 1.0 and record["detection_recall"] == 0.5

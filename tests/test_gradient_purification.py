@@ -3,18 +3,11 @@
 import pytest
 import torch
 
+from gp_factory import make_gp
+
 from fedepic.metrics import detection_metrics
 from strategies.gradient_purification import GradientPurification, PurificationState
 
-
-def make_gp(**overrides):
-    """GP with the config schema's defaults (the ``gp`` of the command line), ``overrides`` on top."""
-    import dataclasses
-
-    from fedepic.config import PurificationConfig
-    from strategies.gradient_purification import GradientPurification
-
-    return GradientPurification(**{**dataclasses.asdict(PurificationConfig()), **overrides})
 
 D = 40
 IDS = [1, 2, 3, 4]
@@ -114,9 +107,8 @@ def test_purification_removes_exactly_the_record():
     own, neigh = _round(gen, y, lambda u: 10 * u)  # 4 turns rogue; patience 1 confirms at once
     new_own, report = gp.aggregate(own, neigh, IDS, W, state)
     assert report.purified == [4] and report.kept == [1, 2, 3]
-    base = own - record  # x after purification = x before - r_ij
-    # then gossip over self + {1,2,3}, weights renormalised to 1/4 each
-    expected = base + 0.25 * (neigh[:3] - base).sum(dim=0)
+    # gossip over self + {1,2,3}, 4's weight staying with the node, then x - r_ij (before the next send)
+    expected = own + 0.2 * (neigh[:3] - own).sum(dim=0) - record
     assert torch.allclose(new_own, expected, atol=1e-6)
     assert 4 not in state.records and state.confirmed == {4}
 
@@ -152,8 +144,7 @@ def test_suspicious_unconfirmed_still_aggregated_and_recorded():
     full_record = state.records[4].clone()
     out, report = gp.aggregate(own, neigh, IDS, W, state)
     assert report.purified == [4] and report.kept == [1, 2, 3]
-    base = own - full_record
-    assert torch.allclose(out, base + 0.25 * (neigh[:3] - base).sum(dim=0), atol=1e-5)
+    assert torch.allclose(out, own + 0.2 * (neigh[:3] - own).sum(dim=0) - full_record, atol=1e-5)
 
 
 def test_clipped_aggregation_records_and_purifies_the_clipped_contribution():
@@ -175,10 +166,9 @@ def test_clipped_aggregation_records_and_purifies_the_clipped_contribution():
     record = state.records[4].clone()
     out, report = gp.aggregate(own, neigh, IDS, W, state)
     assert report.purified == [4] and report.kept == [1, 2, 3]
-    base = own - record
-    diffs = neigh[:3] - base
+    diffs = neigh[:3] - own
     clipped = diffs * torch.clamp(tau / diffs.norm(dim=1, keepdim=True), max=1.0)
-    assert torch.allclose(out, base + 0.25 * clipped.sum(dim=0), atol=1e-5)
+    assert torch.allclose(out, own + 0.2 * clipped.sum(dim=0) - record, atol=1e-5)
     with pytest.raises(ValueError, match="clip_tau"):
         make_gp(clip_tau=0.0)
 

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from gp_factory import make_gp
+
 from strategies.epic_updates import epic_select_updates
 from strategies.finite import NonFinite, split_finite
 from strategies.gradient_purification import GradientPurification, PurificationState
@@ -21,16 +23,6 @@ def fl_cfg(clients: int, f: int):
     return load_config(None, ["mode=federated", f"clients.count={clients}", f"defense.byzantine={f}",
                               f"defense.trim={f}"])
 
-
-
-def make_gp(**overrides):
-    """GP with the config schema's defaults (the ``gp`` of the command line), ``overrides`` on top."""
-    import dataclasses
-
-    from fedepic.config import PurificationConfig
-    from strategies.gradient_purification import GradientPurification
-
-    return GradientPurification(**{**dataclasses.asdict(PurificationConfig()), **overrides})
 
 
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -1,0 +1,61 @@
+"""Many copies of one model at once: per-copy minibatch gradients over stacked flat parameter vectors.
+
+Decentralized gradient tracking takes one minibatch step per node per round, so a round is many tiny
+gradients; one ``torch.func.vmap`` over ``torch.func.functional_call`` computes all of them in one
+call instead of one Python-level backward pass per node (torch.func is PyTorch's own batching of
+functional transforms; nothing here reimplements autograd). A single node is the case n = 1, so the
+in-process engine and a Ray node run the same function.
+
+The flat layout is ``fedepic.vectors.flatten_state`` of the exchanged state (the model's state dict
+without the fixed ``mean``/``std`` normalisation buffers): models whose exchanged entries are all
+parameters (mlp, cnn) are supported; models with running statistics (BatchNorm: resnet18) are not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+FIXED_BUFFERS = ("mean", "std")
+
+
+def parameter_layout(model: nn.Module) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of every exchanged float entry, in the order of the flat vectors."""
+    params = dict(model.named_parameters())
+    layout = []
+    for name, value in model.state_dict().items():
+        if name in FIXED_BUFFERS or not torch.is_floating_point(value):
+            continue
+        if name not in params:
+            raise ValueError(f"stacked gradients need a model without running buffers; {name!r} is one "
+                             "(use decentralized.algorithm=dpsgd for models with BatchNorm)")
+        layout.append((name, value.shape))
+    return layout
+
+
+def split_flat(flat: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, Tensor]:
+    """Views of ``flat`` [n, D] as {name: [n, *shape]}."""
+    out, offset = {}, 0
+    for name, shape in layout:
+        size = shape.numel()
+        out[name] = flat[:, offset:offset + size].reshape(flat.shape[0], *shape)
+        offset += size
+    if offset != flat.shape[1]:
+        raise ValueError(f"flat vectors have {flat.shape[1]} entries, the model needs {offset}")
+    return out
+
+
+def stacked_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor, weight_decay: float = 0.0) -> Tensor:
+    """Gradient [n, D] of ``cross_entropy(model_k(xb[k]), yb[k]) + weight_decay / 2 ||theta_k||^2`` for
+    every row k of ``flat`` [n, D] (parameters), with minibatches ``xb`` [n, B, ...] and ``yb`` [n, B]."""
+    layout = parameter_layout(model)
+    fixed = {k: v for k, v in model.state_dict().items() if k in FIXED_BUFFERS}
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, {**params, **fixed}, (x,)), y)
+
+    grads = vmap(grad(loss))(split_flat(flat, layout), xb, yb)
+    out = torch.cat([grads[name].reshape(flat.shape[0], -1) for name, _ in layout], dim=1)
+    return out + weight_decay * flat if weight_decay else out

@@ -1,0 +1,176 @@
+"""Gradient tracking (DSGT) and Gradient Purification on the gradient state, on hand-made problems:
+the closed form of a quadratic, exact purification on a linear toy, the oracle round, the claim
+protocol's smoke run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gp_factory import make_gp
+
+from fedepic.config import ConfigError, load_config, member_config
+from fedepic.extensions import oracle_round
+from fedepic.topology import build_topology, metropolis_hastings_weights
+from simulations.dfl_node import NodeState, dsgt_finish, dsgt_mix, dsgt_point
+from strategies.gradient_purification import GradientPurification
+
+D = 6
+RING = build_topology("ring", 5, seed=0)
+W = metropolis_hastings_weights(RING)
+
+
+def gp(target: str, oracle: int | None = None, malicious=(0,)) -> GradientPurification:
+    return make_gp(target=target, oracle_round=oracle, known_malicious=malicious)
+
+
+def dsgt_cfg(**extra: str):
+    overrides = ["decentralized.algorithm=dsgt", "engine=local", "train.lr=0.2", "train.weight_decay=0"]
+    return load_config("dfl_smoke", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_dsgt_converges_to_the_quadratics_closed_form():
+    """f_i(x) = a_i / 2 ||x - b_i||^2 on a ring: every node reaches x* = sum a_i b_i / sum a_i."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(5, generator=gen) + 0.5
+    b = torch.randn(5, D, generator=gen)
+    x_star = (a[:, None] * b).sum(0) / a.sum()
+    cfg = dsgt_cfg()
+    grad = lambda i, x: a[i] * (x - b[i])  # noqa: E731
+    states = {i: NodeState("q", model={"w": torch.zeros(D)}, tracker=grad(i, torch.zeros(D)),
+                           gradient=grad(i, torch.zeros(D))) for i in range(5)}
+    for round_ in range(1, 400):
+        sent = {i: torch.cat([states[i].model["w"], states[i].tracker]) for i in range(5)}
+        new = {}
+        for i in range(5):
+            box = {j: sent[j] for j in RING.neighbors(i)}
+            x, y, _ = dsgt_mix("gossip", cfg, states[i], box, {j: W[i][j] for j in box}, W[i][i])
+            new[i] = (dsgt_point(cfg, states[i], x, round_), y)
+        for i, (point, y) in new.items():
+            dsgt_finish(states[i], point, y, grad(i, point))
+    for i in range(5):
+        assert torch.allclose(states[i].model["w"], x_star, atol=1e-5)
+    ys = torch.stack([s.tracker for s in states.values()])
+    gs = torch.stack([s.gradient for s in states.values()])
+    assert torch.allclose(ys.sum(0), gs.sum(0), atol=1e-5)  # the tracking invariant
+
+
+def _toy_round(rule, states, malicious_vector, family):
+    """One synchronous round of linear gossip on the ring (no gradients): node 0 sends
+    ``malicious_vector``; benign nodes run GP on the ``family`` ('x' models via aggregate, 'y' trackers
+    via aggregate_tracking). Returns the purified set of the round."""
+    sent = {i: states[i]["v"] for i in range(1, 5)}
+    sent[0] = malicious_vector
+    new, purified = {}, set()
+    for i in range(1, 5):
+        ids = sorted(RING.neighbors(i))
+        stack = torch.stack([sent[j] for j in ids])
+        w = torch.tensor([W[i][i], *(W[i][j] for j in ids)])
+        if family == "x":
+            new[i], report = rule.aggregate(states[i]["v"], stack, ids, w, states[i]["gp"])
+        else:
+            zeros = torch.zeros_like(stack)
+            _, new[i], report = rule.aggregate_tracking(torch.zeros(D), states[i]["v"], zeros, stack, ids, w,
+                                                        states[i]["gp"])
+        purified |= {(i, j) for j in report.purified}
+    for i in range(1, 5):
+        states[i]["v"] = new[i]
+    return purified
+
+
+@pytest.mark.parametrize("target,family", [("weights", "x"), ("gradient", "y")])
+def test_after_purification_the_network_holds_none_of_the_purified_mass(target, family):
+    """Linear toy: the benign nodes' sum is conserved by their mixing and changes only through what
+    they took from node 0, so once every neighbour of 0 has purified, the sum is the initial one exactly
+    (purifying before the next send; subtracting inside the round would let about half flow back)."""
+    gen = torch.Generator().manual_seed(1)
+    rule = gp(target, oracle=4)
+    states = {i: {"v": torch.randn(D, generator=gen), "gp": rule.new_state()} for i in range(1, 5)}
+    initial = sum(s["v"] for s in states.values())
+    bad = 10 * torch.ones(D)
+    purified = set()
+    for round_ in range(1, 4):
+        purified |= _toy_round(rule, states, bad, family)
+    assert not purified
+    assert not torch.allclose(sum(s["v"] for s in states.values()), initial, atol=1e-3)  # the attack moved it
+    purified |= _toy_round(rule, states, bad, family)
+    assert purified == {(1, 0), (4, 0)}  # node 0's benign neighbours on the ring, in round 4 exactly
+    assert torch.allclose(sum(s["v"] for s in states.values()), initial, atol=1e-5)
+    for _ in range(20):  # and it stays so: 0 is never mixed again
+        _toy_round(rule, states, bad, family)
+    assert torch.allclose(sum(s["v"] for s in states.values()), initial, atol=1e-5)
+
+
+def test_gradient_target_never_changes_the_weights_at_confirmation():
+    gen = torch.Generator().manual_seed(2)
+    ids = [0, 2]
+    w = torch.tensor([0.4, 0.3, 0.3])
+    out = {}
+    for target in ("gradient", "none"):
+        rule = gp(target, oracle=3)
+        state = rule.new_state()
+        g = torch.Generator().manual_seed(5)
+        for round_ in range(1, 4):
+            own_x, own_y = torch.randn(D, generator=g), torch.randn(D, generator=g)
+            x, y = torch.randn(2, D, generator=g), torch.randn(2, D, generator=g)
+            record = state.records.get(0, torch.zeros(D)).clone()
+            mx, my, report = rule.aggregate_tracking(own_x, own_y, x, y, ids, w, state)
+        out[target] = (mx, my, record, report)
+    (gx, gy, record, report), (nx, ny, _, _) = out["gradient"], out["none"]
+    assert report.purified == [0]
+    assert torch.equal(gx, nx)  # x_i: mixed over the kept neighbours only, never rolled back
+    assert torch.allclose(gy, ny - record, atol=1e-6)  # y_i: exactly the record of 0 less
+    assert torch.allclose(gx, own_x + 0.3 * (x[1] - own_x), atol=1e-6)  # 0's weight stays with the node
+    del gen
+
+
+def test_oracle_confirms_exactly_at_its_round():
+    rule = gp("gradient", oracle=3, malicious=(0, 7))
+    state = rule.new_state()
+    w = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    confirmed_at = {}
+    for round_ in range(1, 6):
+        vec = torch.randn(3, D)
+        _, _, report = rule.aggregate_tracking(torch.zeros(D), torch.zeros(D), vec, vec, [0, 2, 7], w, state)
+        for j in report.purified:
+            confirmed_at[j] = round_
+        assert report.flagged == []  # the oracle flags nothing
+    assert confirmed_at == {0: 3, 7: 3}
+    cfg = load_config("gp_claim", ["rounds=200"])
+    assert [oracle_round(member_config(cfg, m)[1]) for m in ("exclude_start", "gp_grad_td5", "gp_grad_td20",
+                                                                "gp_grad_td50", "gp_grad")] == [1, 10, 40, 100, None]
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["decentralized.algorithm=dsgt"], "decentralized.algorithm"),  # engine=ray
+    (["defense.purification.target=gradient"], "defense.purification.target"),  # dpsgd has no gradient state
+    (["variants.g={strategy: gp, rounds: 3}", "strategies=[g]"], "variants.g.rounds"),
+    (["variants.g={strategy: nope}", "strategies=[g]"], "variants.g.strategy"),
+    (["defense.purification.oracle_at=1.5"], "defense.purification.oracle_at"),
+])
+def test_bad_algorithm_and_variant_settings_name_their_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        given = any(o.startswith("strategies=") for o in overrides)
+        load_config("dfl_smoke", [*([] if given else ["strategies=[gp]"]), *overrides])
+
+
+def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
+    """configs/gp_claim.yaml at toy scale through ``python -m fedepic.simulate`` (in process)."""
+    from fedepic.simulate import main
+
+    code = main([
+        "config=gp_claim.yaml", f"output_dir={tmp_path}", "progress=false", "rounds=6", "train.eval_every=3",
+        "data.train_per_class=30", "data.test_per_class=10",
+        "strategies=[gossip,exclude_start,upper,gp_grad_td50,gp_weights_td50,stop_td50,gp_grad]",
+    ])
+    assert code == 0
+    run = next(tmp_path.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    lines = [json.loads(x) for x in (run / "gp_grad_td50" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    evaluated = [r["round"] for r in lines if "mean_accuracy" in r]
+    assert evaluated == [2, 3, 6]  # eval_every 3, the last round, and just before / at T_d = 3
+    assert lines[1]["detection_recall"] == 0.0 and lines[2]["detection_recall"] == 1.0
+    assert all(not math.isnan(lines[-1][k]) for k in ("clean_accuracy", "exclusive_accuracy", "attack_success"))
