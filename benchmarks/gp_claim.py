@@ -83,7 +83,9 @@ def main() -> None:
     for m in members:
         td = oracle_round_of(m, overrides)
         points = {"end": cfg.rounds, **({"before_td": td - 1, "after_td": td} if td and td > 1 else {})}
-        out["members"][m] = {"oracle_round": td, **{
+        last = [by[(s, m)][-1] for s in args.seeds]
+        detection = {k: summarise([r.get(f"detection_{k}") for r in last]) for k in ("precision", "recall")}
+        out["members"][m] = {"oracle_round": td, "detection": detection, **{
             name: {k: summarise([at(by[(s, m)], r)[k] for s in args.seeds]) for k in METRICS}
             for name, r in points.items()}}
     out["claim"] = claim_check(out["members"])
@@ -110,11 +112,12 @@ def claim_check(members: dict) -> dict:
 
 
 def markdown(out: dict) -> str:
-    def cell(s: dict) -> str:
+    def cell(s: dict) -> str:  # mean over seeds, ± half their range
         return "n/a" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['spread'] / 2:.1f}"
 
-    lines = ["| member | T_d | 7/8 end | ASR 6/9 end | 0-5 end | mean end | 7/8 before/after T_d | ASR before/after T_d |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| member | T_d | 7/8 end | ASR 6/9 end | 0-5 end | mean end | 7/8 before/after T_d | "
+             "ASR before/after T_d | detection P / R |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in out["members"].items():
         e = m["end"]
         around = "-"
@@ -124,7 +127,7 @@ def markdown(out: dict) -> str:
             asr = f"{cell(m['before_td']['attack_success'])} / {cell(m['after_td']['attack_success'])}"
         lines.append(f"| {name} | {m['oracle_round'] or '-'} | {cell(e['exclusive_accuracy'])} | "
                      f"{cell(e['attack_success'])} | {cell(e['clean_accuracy'])} | {cell(e['mean_accuracy'])} | "
-                     f"{around} | {asr} |")
+                     f"{around} | {asr} | {cell(m['detection']['precision'])} / {cell(m['detection']['recall'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -447,8 +447,6 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.engine == "ray" or cfg.mode == "decentralized", "engine", cfg.engine,
            "engine=local runs mode=decentralized; the other modes run on ray")
     _choice("decentralized.algorithm", cfg.decentralized.algorithm, DFL_ALGORITHMS)
-    _check(cfg.decentralized.algorithm == "dpsgd" or cfg.engine == "local", "decentralized.algorithm",
-           cfg.decentralized.algorithm, "dsgt runs on engine=local for now (the Flower apps exchange models only)")
     allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
     _validate_variants(cfg, allowed)
     for i, name in enumerate(cfg.strategies):

@@ -30,6 +30,7 @@ from fedepic.config import ConfigError, RunConfig, malicious_ids
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
+from fedepic.plots import X_SUFFIX
 from fedepic.progress import bar, progress_bars
 
 from simulations.client_data import client_partition, partition_report, worker_config
@@ -41,11 +42,12 @@ from simulations.dfl_router import (
     benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
 )
 
-COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy", "exclusive_accuracy",
-           "attack_success", "consensus_distance", "detection_precision", "detection_recall", "detected_round",
+COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy",
+           "exclusive_accuracy", "attack_success", "consensus_distance", "detection_precision", "detection_recall", "detected_round",
            "seconds")
 PANELS = ("mean_accuracy", "worst_accuracy", "exclusive_accuracy", "consensus_distance", "detection_recall")
-SERIES = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "exclusive_accuracy", "attack_success",
+SERIES = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
+          "attack_success",
           "consensus_distance", "detection_precision", "detection_recall", "train_loss")
 
 
@@ -107,7 +109,11 @@ class FolderSink(RunSink):
         """The member's summary (also its comparison row) and curves from the rounds recorded so far."""
         records = self.records[member.name]
         summary = member_summary(member.name, rule_and_config(member.strategy, self.cfg)[0], records)
-        return MemberReport(summary, summary, {k: [r[k] for r in records if r.get(k) is not None] for k in SERIES})
+        curves: dict[str, list] = {}
+        for k in SERIES:  # with train.eval_every > 1 the accuracies exist in some rounds only
+            curves[k] = [r[k] for r in records if r.get(k) is not None]
+            curves[k + X_SUFFIX] = [r["round"] for r in records if r.get(k) is not None]
+        return MemberReport(summary, summary, curves)
 
     def finished(self, member: Member) -> bool:
         return self.life.kept(member.name)

@@ -54,10 +54,13 @@ from simulations.client_data import client_data_for, config_from_text, dataset_f
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
-    STATEFUL, NodeState, aggregate_models, derive_seed, exchanged_state, load_exchanged, new_model,
+    STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
+    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgt, load_exchanged, new_model,
     rule_and_config, train_local, uses_local_epic,
 )
-from simulations.dfl_router import AttackTally, Routing, detection_truth, message_batches, outgoing, round_metrics
+from simulations.dfl_router import (
+    AttackTally, Routing, detection_record, detection_truth, message_batches, outgoing, round_metrics,
+)
 
 STATE_PREFIX = "dfl."
 MAX_INFLIGHT_BYTES = 1 << 30  # router payload per batch of aggregate messages (see message_batches)
@@ -150,11 +153,19 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             load_exchanged(model, start)
         model = model.to(device)
         started = time.perf_counter()
-        stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
-                            seed=derive_seed(run_cfg.seed, round_, pid), device=device,
-                            epic=uses_local_epic(strategy, run_cfg, client.is_malicious), poison_mask=client.poisoned)
-        # the start-of-round model is not needed any more: Context.state travels with every call
-        state.trained, state.model, state.round = exchanged_state(model), None, round_
+        if is_dsgt(run_cfg):  # nothing to train: send (x_i, y_i); round 1 first takes y_i(0) = g_i(x_i(0))
+            if state.tracker is None:
+                batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, 0, pid))
+                point = flatten_state(exchanged_state(model)).unsqueeze(0)
+                dsgt_start(state, model, dsgt_gradients(model, point, [batch], run_cfg)[0])
+            state.trained, state.round, stats = dsgt_message(state), round_, {}
+        else:
+            stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
+                                seed=derive_seed(run_cfg.seed, round_, pid), device=device,
+                                epic=uses_local_epic(strategy, run_cfg, client.is_malicious),
+                                poison_mask=client.poisoned)
+            # the start-of-round model is not needed any more: Context.state travels with every call
+            state.trained, state.model, state.round = exchanged_state(model), None, round_
         save_node_state(context, state)
         metrics = {"partition-id": pid, "num-examples": len(client), "train_seconds": time.perf_counter() - started,
                    **{k: float(v) for k, v in stats.items()}}
@@ -173,15 +184,24 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         ids = [int(j) for j in conf["neighbours"]]
         received = {j: msg.content.array_records[f"n.{j}"].to_torch_state_dict() for j in ids}
         weights = dict(zip(ids, (float(w) for w in conf["weights"])))
-        report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
-                                  malicious=client.is_malicious)
+        round_ = int(conf["round"])
+        if is_dsgt(run_cfg):  # the two sums, the step, the gradient at the new point, the tracker update
+            x, y, report = dsgt_mix(strategy, run_cfg, state, {j: flatten_state(v) for j, v in received.items()},
+                                    weights, float(conf["self_weight"]), client.is_malicious)
+            point = dsgt_point(run_cfg, state, x, round_)
+            batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
+            dsgt_finish(state, point, y, dsgt_gradients(new_model(run_cfg, data), point.unsqueeze(0), [batch],
+                                                        run_cfg)[0])
+        else:
+            report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
+                                      malicious=client.is_malicious)
         save_node_state(context, state)
         content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
                                                         "confirmed": report.confirmed,
                                                         "nonfinite": report.nonfinite,
                                                         "own_nonfinite": report.own_nonfinite})})
         metrics: dict[str, Any] = {"partition-id": pid}
-        if not client.is_malicious:  # figures are over benign nodes: skip the work for the others
+        if not client.is_malicious and eval_due(run_cfg, round_):  # figures are over benign nodes only
             device = resolve_device(run_cfg.train.device)
             model = new_model(run_cfg, data)
             model = load_exchanged(model, state.model).to(device)
@@ -327,18 +347,25 @@ class Router:
         trained_at = time.perf_counter()
         agg = self.aggregate_round(grid, member, round_, trained, records, collect)
         failures += agg.failures
-        if not any(i in agg.evals for i in self.benign):
+        evaluated = eval_due(rule_and_config(member.strategy, self.cfg)[1], round_)
+        reported = [i for i in self.benign if i in agg.confirmed]
+        if not (any(i in agg.evals for i in self.benign) if evaluated else reported):
             raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
                             f"({len(failures)} failures; first: {last_line(failures[0]['reason']) if failures else '?'})")
-        record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles,
-                                                     agg.confirmed if truth is not None else None, truth)}
+        confirmed = agg.confirmed if truth is not None else None
+        if evaluated:
+            record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles, confirmed,
+                                                         truth)}
+            record["diverged_nodes"] = sum(not bool(torch.isfinite(agg.models[i]).all())
+                                           for i in self.benign if i in agg.models)
+        else:  # train.eval_every: the detector's figures only
+            record = {"round": round_, **detection_record(reported, confirmed, truth)}
         record["failures"] = failures
-        record["diverged_nodes"] = sum(not bool(torch.isfinite(agg.models[i]).all())
-                                       for i in self.benign if i in agg.models)
         record["nonfinite_models"] = agg.nonfinite  # left out (or replaced) by the nodes' rules
         record["attack_nonfinite_inputs"] = agg.attack_nonfinite
-        losses = [train_stats[i]["train_loss"] for i in self.benign if i in train_stats]
-        record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        losses = [train_stats[i]["train_loss"] for i in self.benign if "train_loss" in train_stats.get(i, {})]
+        if losses or not is_dsgt(self.cfg):  # dsgt nodes train nothing in the train phase
+            record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
         record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
         record["train_phase_seconds"] = trained_at - started
         record["seconds"] = time.perf_counter() - started

@@ -4,6 +4,7 @@ protocol's smoke run."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_oracle_confirms_exactly_at_its_round():
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["decentralized.algorithm=dsgt"], "decentralized.algorithm"),  # engine=ray
+    (["decentralized.algorithm=dsgt", "defense.local_epic=true"], "strategies"),  # local EPIC counts epochs
     (["defense.purification.target=gradient"], "defense.purification.target"),  # dpsgd has no gradient state
     (["variants.g={strategy: gp, rounds: 3}", "strategies=[g]"], "variants.g.rounds"),
     (["variants.g={strategy: nope}", "strategies=[g]"], "variants.g.strategy"),
@@ -174,3 +175,40 @@ def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
     assert evaluated == [2, 3, 6]  # eval_every 3, the last round, and just before / at T_d = 3
     assert lines[1]["detection_recall"] == 0.0 and lines[2]["detection_recall"] == 1.0
     assert all(not math.isnan(lines[-1][k]) for k in ("clean_accuracy", "exclusive_accuracy", "attack_success"))
+
+
+@pytest.mark.slow
+def test_dsgt_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
+    """The same DSGT run (a variant included) through Flower + Ray and in process: the same rounds,
+    evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's a vmap
+    over one: equal to float rounding)."""
+    from fedepic.simulate import main
+
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "decentralized.algorithm=dsgt",
+            "train.lr=0.05", "rounds=3", "train.eval_every=2",
+            "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
+            "strategies=[gossip,gp,gp_none]"]
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match
+    try:
+        for engine in ("ray", "local"):
+            assert main([*args, f"engine={engine}"]) == 0
+            runs[engine] = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        torch.set_num_threads(threads)
+    for member in ("gossip", "gp", "gp_none"):
+        rows = {e: [json.loads(x) for x in (run / member / "metrics.jsonl").read_text().splitlines()]
+                for e, run in runs.items()}
+        assert [r["round"] for r in rows["ray"]] == [r["round"] for r in rows["local"]] == [1, 2, 3]
+        evaluated = [r["round"] for r in rows["local"] if "mean_accuracy" in r]
+        assert evaluated == ([1, 2, 3] if member == "gp_none" else [2, 3])  # T_d = 2 evaluates 1 and 2 too
+        for got, want in zip(rows["ray"], rows["local"]):
+            assert ("mean_accuracy" in got) == ("mean_accuracy" in want)
+            assert got.get("detection_recall") == want.get("detection_recall")
+            if "mean_accuracy" not in want:
+                continue
+            assert got["mean_accuracy"] == pytest.approx(want["mean_accuracy"], abs=1e-6)
+            assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
+            assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-3, abs=1e-6)
+    assert json.loads((runs["ray"] / "summary.json").read_text())["status"] == "completed"

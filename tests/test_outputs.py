@@ -98,3 +98,21 @@ def test_write_comparison(tmp_path):
     assert (folder / "comparison.md").read_text().startswith("# T")
     assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,final_accuracy", "a,0.5", "b,0.25"]
     assert (folder / "comparison.png").stat().st_size > 1000
+
+
+def test_curves_take_their_x_values_from_the_at_x_series():
+    """With train.eval_every > 1 the accuracies exist at some rounds only: they are drawn at those rounds."""
+    from fedepic.plots import close, comparison_figure, curves_figure
+
+    series = {"mean_accuracy": [0.5, 0.7], "mean_accuracy@x": [10, 20], "train_loss": [1.0, 0.9, 0.8]}
+    fig = curves_figure(series, "round", "t")
+    try:
+        lines = [ax.get_lines()[0] for ax in fig.axes]
+        assert [list(line.get_xdata()) for line in lines] == [[10, 20], [1, 2, 3]]  # no panel for "@x"
+    finally:
+        close(fig)
+    fig = comparison_figure({"gp": series}, ["mean_accuracy"], "round", "t")
+    try:
+        assert list(fig.axes[0].get_lines()[0].get_xdata()) == [10, 20]
+    finally:
+        close(fig)

@@ -148,6 +148,31 @@ def test_decentralized_resume_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     assert without_timing(root["members"]) == without_timing(want["members"])
 
 
+@pytest.mark.slow
+def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """engine=local, decentralized.algorithm=dsgt: the in-process engine checkpoints the trackers and GP's
+    records like the router does, and a resumed run is the uninterrupted one."""
+    args = ["config=dfl_smoke.yaml", "name=l", "progress=false", "rounds=60", "engine=local", "checkpoint_every=5",
+            "decentralized.algorithm=dsgt", "train.lr=0.05", "train.eval_every=20", "strategies=[gossip,gp]",
+            "train.threads=1"]
+    reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = Path(reference.stdout.strip().splitlines()[-1])
+
+    def cut_inside_gp(folder: Path) -> None:
+        saved = load_checkpoint(folder / "gp" / CHECKPOINT)
+        assert saved["member"] == "gp" and 5 <= saved["round"] < 60 and saved["round"] % 5 == 0
+        states = saved["states"]
+        assert sorted(states) == ["0", "1", "2", "3", "4"]
+        assert all({"model", "dsgt"} <= set(s["arrays"]) for s in states.values())  # x, y and g travel
+        assert any(s["arrays"].get("gp") for s in states.values())  # GP's records on the trackers too
+
+    # cut after 7 logged rounds of gp: its checkpoint of round 5 (or a later one) is on disk
+    resumed = interrupt_then_resume([*args, f"output_dir={tmp_path / 'cut'}"], tmp_path / "cut",
+                                    ".*partial/gp/metrics.jsonl", 7, signal.SIGTERM, cut_inside_gp)
+    assert_same_run(resumed, ref, ["gossip", "gp"])
+
+
 def _gp_node_state():
     from simulations.dfl_node import NodeState
     from strategies.gradient_purification import PurificationState
