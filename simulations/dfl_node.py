@@ -345,11 +345,14 @@ def dsgt_message(state: NodeState) -> dict[str, Tensor]:
 
 def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int, Tensor],
              weights: Mapping[int, float], self_weight: float, malicious: bool = False,
-             rules: Optional[Mapping[str, Any]] = None) -> tuple[Tensor, Tensor, AggregationReport]:
+             rules: Optional[Mapping[str, Any]] = None, own: Optional[Tensor] = None
+             ) -> tuple[Tensor, Tensor, AggregationReport]:
     """The two sums of a DSGT round at a node, ``(sum_j w_ij x_j, sum_j w_ij y_j)`` with the node's rule
     in place of W, over the flat (x, y) vectors ``received`` ({neighbour: vector}). Malicious nodes
-    gossip honestly. Mutates ``state.gp`` for GP rules."""
-    own = torch.cat([flatten_state(state.model), state.tracker.float()])
+    gossip honestly. Mutates ``state.gp`` for GP rules. ``own``: the node's flat (x, y) when the caller
+    has it (what it sent this round), else built from the state."""
+    if own is None:
+        own = torch.cat([flatten_state(state.model), state.tracker.float()])
     split = own.numel() - state.tracker.numel()
     ids = sorted(int(j) for j in received)
     stack = torch.stack([received[j].float() for j in ids]) if ids else own.new_zeros(0, own.numel())

@@ -132,7 +132,7 @@ class LocalMember:
             box = inbox(sent, i)
             weights, self_weight = self._mixing(i, box)
             x, y, reports[i] = dsgt_mix(self.rule, self.cfg, self.states[i], box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules)
+                                        self.clients[i].is_malicious, self.rules, own=trained[i])
             points.append(dsgt_point(self.cfg, self.states[i], x, round_))
             mixed_y[i] = y
         stacked = torch.stack(points)
