@@ -26,6 +26,7 @@ MODES = ("centralized", "federated", "decentralized")
 ENGINES = ("ray", "local")
 DFL_ALGORITHMS = ("dpsgd", "dsgt")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
+PRE_AGGREGATION = ("nnm", "clip")
 # keys that belong to the whole run, not to one compared member (see `member_config`)
 RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "data", "clients",
                   "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized")
@@ -141,6 +142,10 @@ class DefenseConfig:
     trim: int = 1  # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
     byzantine: Optional[int] = 1  # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
     scclip_tau: float = 1.0
+    # decentralized: steps applied to {own} ∪ neighbours before a stateless peer rule, in order:
+    # nnm (nearest-neighbour mixing, f = defense.byzantine), clip (static L2 clipping at clip_radius)
+    pre_aggregation: List[str] = field(default_factory=list)
+    clip_radius: float = 1.0
 
 
 @dataclass
@@ -501,6 +506,9 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if pur.target == "gradient" and not dsgt and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value 'gradient' for key 'defense.purification.target'{where}: "
                           "gradient state exists under decentralized.algorithm=dsgt only")
+    if member.defense.pre_aggregation and extensions.PEER_RULES.has(rule, "stateful"):
+        raise ConfigError(f"invalid value {entry!r} for key '{key}': defense.pre_aggregation runs before "
+                          "stateless peer rules; GP and exclude record what they receive as it is")
     if dsgt and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
                           "decentralized.algorithm=dsgt takes one minibatch step per round")
@@ -591,6 +599,11 @@ def _validate_defense(cfg: RunConfig) -> None:
     _fraction("defense.purification.epic_fraction", pur.epic_fraction)
     _positive("defense.purification.epic_threshold", pur.epic_threshold, allow_zero=True)
     _positive("defense.scclip_tau", cfg.defense.scclip_tau)
+    _positive("defense.clip_radius", cfg.defense.clip_radius)
+    for i, step in enumerate(cfg.defense.pre_aggregation):
+        _choice(f"defense.pre_aggregation[{i}]", step, PRE_AGGREGATION)
+    _check(not cfg.defense.pre_aggregation or cfg.mode == "decentralized", "defense.pre_aggregation",
+           cfg.defense.pre_aggregation, "pre-aggregation runs before the peer rules of mode=decentralized")
 
 
 def _validate_attack(cfg: RunConfig) -> None:

@@ -225,11 +225,23 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
 # ----------------------------------------------------------------------------------- aggregation
 
 
-def peer_rule(strategy: str, cfg: RunConfig) -> Any:
+HONEST = "honest gossip"  # the key of the malicious nodes' own aggregation in a ``rules`` cache
+
+
+def peer_rule(strategy: str, cfg: RunConfig, defended: bool = True) -> Any:
     """The rule of ``strategy`` (``fedepic.extensions.PEER_RULES``), its parameters bound from ``cfg``.
     Rules adapt to the neighbourhood themselves (trimmed mean's b, Krum's f), since node degrees differ
-    and a rule that refused to run at a low-degree node would stop the network."""
-    return PEER_RULES.build(strategy, cfg)
+    and a rule that refused to run at a low-degree node would stop the network. With
+    ``defense.pre_aggregation`` a stateless rule of a ``defended`` (benign) node gets those steps first
+    (``strategies/preaggregation.py``, NNM's f from ``defense.byzantine``)."""
+    rule = PEER_RULES.build(strategy, cfg)
+    steps = cfg.defense.pre_aggregation
+    if not defended or not steps or strategy in STATEFUL:
+        return rule
+    from fedepic.extensions import assumed_byzantine
+    from strategies.preaggregation import PreAggregated, build_steps
+
+    return PreAggregated(rule, build_steps(steps, f=assumed_byzantine(cfg, {}), clip_c=cfg.defense.clip_radius))
 
 
 @dataclass
@@ -254,25 +266,27 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
     ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call."""
     if len(ids) != neighbours.shape[0]:
         raise ValueError(f"{len(ids)} neighbour ids for {neighbours.shape[0]} neighbour models")
-    if malicious:
-        strategy = "gossip"
     if neighbours.shape[0] == 0:
         return own.clone(), AggregationReport()
-    if strategy in STATEFUL:
+    if strategy in STATEFUL and not malicious:
         if state.gp is None:
             state.gp = PurificationState()
         new, report = built_rule(strategy, cfg, rules).aggregate(own, neighbours, ids, weights, state.gp)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    new, bad = built_rule(strategy, cfg, rules).apply(own, neighbours, weights)
+    new, bad = built_rule(strategy, cfg, rules, malicious).apply(own, neighbours, weights)
     dropped = set(bad.rows)
     return new, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
                                   nonfinite=[ids[r] for r in bad.rows], own_nonfinite=bad.own)
 
 
-def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]]) -> Any:
-    """``rules[strategy]`` when given, else ``peer_rule(strategy, cfg)``."""
-    return rules[strategy] if rules is not None and strategy in rules else peer_rule(strategy, cfg)
+def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]], malicious: bool = False) -> Any:
+    """The rule a node aggregates with: ``strategy``'s, or plain gossip at a malicious node (which does
+    not defend), from the ``rules`` cache when it holds it (keys: rule names and ``HONEST``)."""
+    key = HONEST if malicious else strategy
+    if rules is not None and key in rules:
+        return rules[key]
+    return peer_rule("gossip", cfg, defended=False) if malicious else peer_rule(strategy, cfg)
 
 
 def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
@@ -357,17 +371,16 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
     ids = sorted(int(j) for j in received)
     stack = torch.stack([received[j].float() for j in ids]) if ids else own.new_zeros(0, own.numel())
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
-    rule = "gossip" if malicious else rule
     if not ids:
         return own[:split].clone(), own[split:].clone(), AggregationReport()
-    if rule in STATEFUL:
+    if rule in STATEFUL and not malicious:
         if state.gp is None:
             state.gp = PurificationState()
         x, y, report = built_rule(rule, cfg, rules).aggregate_tracking(own[:split], own[split:], stack[:, :split],
                                                                stack[:, split:], ids, w, state.gp)
         return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                        report.nonfinite, report.own_nonfinite)
-    applied = built_rule(rule, cfg, rules)
+    applied = built_rule(rule, cfg, rules, malicious)
     x, bad_x = applied.apply(own[:split], stack[:, :split], w)
     y, bad_y = applied.apply(own[split:], stack[:, split:], w)
     dropped = set(bad_x.rows) | set(bad_y.rows)

@@ -32,7 +32,7 @@ from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
 from simulations.dfl_node import (
-    STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
+    HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
     dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgt, load_exchanged, new_model, peer_rule,
     rule_and_config, train_local, uses_local_epic,
 )
@@ -58,7 +58,7 @@ class LocalMember:
         self.truth = detection_truth(routing.graph, self.bad) if self.rule in STATEFUL else None
         self.device = torch.device("cpu")
         # built once: the rules keep their per-node state in NodeState, not in themselves
-        self.rules = {name: peer_rule(name, self.cfg) for name in {self.rule, "gossip"}}
+        self.rules = {self.rule: peer_rule(self.rule, self.cfg), HONEST: peer_rule("gossip", self.cfg, defended=False)}
 
     # -- one round ------------------------------------------------------------------------------
     def play_round(self, round_: int) -> dict[str, Any]:

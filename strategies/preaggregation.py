@@ -1,0 +1,100 @@
+"""Pre-aggregation steps: transforms of the stacked input vectors that run before any aggregation rule.
+
+Small callables over a stack [n, D] (ByzFL's style), with no framework inside, so the same step serves
+a peer rule (``PreAggregated``) and a server-side rule.
+
+- **Nearest-neighbour mixing** (NNM). Paper: Youssef Allouah, Sadegh Farhadkhani, Rachid Guerraoui,
+  Nirupam Gupta, Rafael Pinot, John Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
+  under Heterogeneity", AISTATS 2023, arXiv:2302.01772. Each vector is replaced by the average of its
+  n - f nearest neighbours in Euclidean distance, itself included:
+
+      y_i = 1 / (n - f) * sum_{j in N_i} x_j,   N_i = the n - f indices j closest to x_i (||x_j - x_i||)
+
+  Ties are broken by index (the stable order of ``torch.sort``), so the result is deterministic.
+
+- **Static clipping**: ``x_i <- x_i * min(1, c / ||x_i||)`` (the fixed-radius clipping the robust
+  aggregation literature applies to updates before averaging, e.g. ByzFL's ``Clipping``).
+
+Example::
+
+    >>> import torch
+    >>> x = torch.tensor([[0.0], [1.0], [10.0]])
+    >>> nearest_neighbor_mixing(x, f=1)      # each row: the mean of itself and its nearest neighbour
+    tensor([[0.5000],
+            [0.5000],
+            [5.5000]])
+    >>> static_clip(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0)
+    tensor([[0.6000, 0.8000],
+            [0.3000, 0.4000]])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Step = Callable[[Tensor], Tensor]
+
+
+def nearest_neighbor_mixing(vectors: Tensor, f: int) -> Tensor:
+    """NNM of the rows of ``vectors`` [n, D] assuming ``f`` Byzantine rows (0 <= f < n)."""
+    n = vectors.shape[0]
+    if not 0 <= f < n:
+        raise ValueError(f"nnm: f must lie in [0, n={n}), got {f}")
+    if f == 0 or n == 1:
+        return vectors.mean(dim=0, keepdim=True).expand_as(vectors).clone()
+    distances = torch.cdist(vectors.double(), vectors.double())
+    nearest = torch.sort(distances, dim=1, stable=True).indices[:, : n - f]
+    return vectors[nearest].mean(dim=1)
+
+
+def static_clip(vectors: Tensor, c: float) -> Tensor:
+    """Rows of ``vectors`` [n, D] scaled to an L2 norm of at most ``c`` (> 0)."""
+    if not c > 0:
+        raise ValueError(f"clip: the radius must be > 0, got {c}")
+    norms = vectors.norm(dim=1, keepdim=True)
+    return vectors * torch.clamp(c / norms.clamp_min(torch.finfo(vectors.dtype).tiny), max=1.0)
+
+
+def build_steps(names: Sequence[str], *, f: int, clip_c: float) -> list[Step]:
+    """The steps named in ``defense.pre_aggregation``, in order (``nnm``, ``clip``)."""
+    steps: list[Step] = []
+    for name in names:
+        if name == "nnm":
+            steps.append(lambda v: nearest_neighbor_mixing(v, min(f, max(v.shape[0] - 1, 0))))
+        elif name == "clip":
+            steps.append(lambda v: static_clip(v, clip_c))
+        else:
+            raise ValueError(f"unknown pre-aggregation step {name!r}: choose nnm or clip")
+    return steps
+
+
+class PreAggregated:
+    """A peer rule whose inputs ``{own} ∪ neighbours`` first go through ``steps``.
+
+    In a decentralized node the own vector is a row like the others (NNM mixes it too, as at a
+    server). ``f`` of NNM is capped at ``rows - 1`` where a neighbourhood is small. Stateful rules
+    (GP, exclude) keep per-neighbour records of what they received, so they are not wrapped.
+    """
+
+    def __init__(self, rule, steps: Sequence[Step]) -> None:
+        self.rule, self.steps = rule, list(steps)
+
+    def transform(self, own: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
+        stack = torch.cat([own.unsqueeze(0), neighbours])
+        for step in self.steps:
+            stack = step(stack)
+        return stack[0], stack[1:]
+
+    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
+        from strategies.finite import split_finite
+
+        inp = split_finite(own, neighbours, weights)  # the steps need finite rows: NaN would spread
+        new_own, new_neighbours = self.transform(inp.own, inp.neighbours)
+        result, _ = self.rule.apply(new_own, new_neighbours, inp.weights)
+        return result, inp.report
+
+    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
+        return self.apply(own, neighbours, weights)[0]

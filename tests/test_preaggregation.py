@@ -1,0 +1,72 @@
+"""Pre-aggregation (strategies/preaggregation.py): NNM and static clipping against their formulas, and
+as a step before a peer rule."""
+
+import doctest
+
+import pytest
+import torch
+
+import strategies.preaggregation as pre
+from fedepic.config import ConfigError, load_config
+from simulations.dfl_node import NodeState, aggregate_vectors, peer_rule
+from strategies.gossip import Gossip
+from strategies.median import CoordinateMedian
+
+
+def nnm_by_hand(x: torch.Tensor, f: int) -> torch.Tensor:
+    """y_i = mean of the n - f rows closest to x_i (itself included), one row at a time."""
+    n = x.shape[0]
+    out = []
+    for i in range(n):
+        d = [(float((x[j] - x[i]).norm()), j) for j in range(n)]
+        chosen = [j for _, j in sorted(d)[: n - f]]
+        out.append(x[chosen].mean(dim=0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n,f", [(1, 0), (5, 0), (5, 1), (7, 3), (12, 2)])
+def test_nnm_is_the_mean_of_the_n_minus_f_nearest(n, f):
+    x = torch.randn(n, 9, generator=torch.Generator().manual_seed(n * 10 + f))
+    assert torch.allclose(pre.nearest_neighbor_mixing(x, f), nnm_by_hand(x, f), atol=1e-6)
+    with pytest.raises(ValueError, match="nnm"):
+        pre.nearest_neighbor_mixing(x, n)
+
+
+def test_static_clip_is_the_formula():
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.1], [1], [3], [10], [0.5], [2]])
+    c = 1.5
+    want = torch.stack([v * min(1.0, c / float(v.norm())) for v in x])
+    assert torch.allclose(pre.static_clip(x, c), want, atol=1e-6)
+    assert torch.equal(pre.static_clip(torch.zeros(2, 3), 1.0), torch.zeros(2, 3))  # a zero row stays zero
+    with pytest.raises(ValueError):
+        pre.static_clip(x, 0.0)
+
+
+def test_module_examples():
+    assert doctest.testmod(pre).failed == 0
+
+
+def test_pre_aggregation_runs_before_the_peer_rule_of_a_benign_node_only():
+    cfg = load_config("dfl_smoke", ["strategies=[median]", "defense.pre_aggregation=[nnm,clip]",
+                                    "defense.clip_radius=2.0", "defense.byzantine=1"])
+    gen = torch.Generator().manual_seed(3)
+    own, neigh = torch.randn(8, generator=gen), torch.randn(4, 8, generator=gen) * 3
+    stack = pre.static_clip(pre.nearest_neighbor_mixing(torch.cat([own[None], neigh]), 1), 2.0)
+    want = CoordinateMedian()(stack[0], stack[1:])
+    rule = peer_rule("median", cfg)
+    assert isinstance(rule, pre.PreAggregated) and torch.allclose(rule(own, neigh), want, atol=1e-6)
+    got, _ = aggregate_vectors("median", cfg, own, neigh, [1, 2, 3, 4], None, NodeState("m"))
+    assert torch.allclose(got, want, atol=1e-6)
+    honest, _ = aggregate_vectors("median", cfg, own, neigh, [1, 2, 3, 4], None, NodeState("m"), malicious=True)
+    assert torch.allclose(honest, Gossip()(own, neigh), atol=1e-6)  # a malicious node gossips, undefended
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["defense.pre_aggregation=[nnm,bogus]"], r"defense\.pre_aggregation\[1\]"),
+    (["strategies=[gp]", "defense.pre_aggregation=[nnm]"], r"strategies\[0\]"),
+])
+def test_bad_pre_aggregation_names_its_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config("dfl_smoke", overrides)
+    with pytest.raises(ConfigError, match=r"defense\.pre_aggregation"):
+        load_config("server_noniid", ["defense.pre_aggregation=[clip]"])
