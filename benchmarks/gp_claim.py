@@ -4,8 +4,8 @@
 
 Runs each (seed, member) of the config in process (``simulations.dfl_sequential``, the engine=local
 path) in a pool of ``--workers`` processes (one torch thread each), and prints one JSON line: the wall
-time, and per member the mean and spread (max - min) over seeds of, at the end and just before and
-after the oracle round T_d: exclusive_accuracy (labels 7/8), attack_success (6 <-> 9), clean_accuracy
+time, and per member the mean and spread (max - min) over seeds of, at the end and after rounds
+T_d - 1, T_d, T_d + 1 and T_d + 10 of the oracle round T_d: exclusive_accuracy (labels 7/8), attack_success (6 <-> 9), clean_accuracy
 (labels 0-5), mean_accuracy. Then the claim check of the issue, for GP on the gradient state against
 exclude-from-the-start and upper at each T_d:
   (a) GP's final 7/8 accuracy beats exclude's by more than the seeds' spread (of either),
@@ -82,7 +82,10 @@ def main() -> None:
                  "cpus": os.cpu_count(), "overrides": overrides, "members": {}}
     for m in members:
         td = oracle_round_of(m, overrides)
-        points = {"end": cfg.rounds, **({"before_td": td - 1, "after_td": td} if td and td > 1 else {})}
+        # before: after round T_d - 1; after: after T_d + 1, the first step with a purified tracker (round
+        # T_d's step still used the tracker sent before the purification); later: T_d + 10
+        points = {"end": cfg.rounds, **({"before_td": td - 1, "at_td": td, "after_td": td + 1, "later_td": td + 10}
+                                        if td and td > 1 else {})}
         last = [by[(s, m)][-1] for s in args.seeds]
         detection = {k: summarise([r.get(f"detection_{k}") for r in last]) for k in ("precision", "recall")}
         out["members"][m] = {"oracle_round": td, "detection": detection, **{
@@ -115,16 +118,16 @@ def markdown(out: dict) -> str:
     def cell(s: dict) -> str:  # mean over seeds, ± half their range
         return "n/a" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['spread'] / 2:.1f}"
 
-    lines = ["| member | T_d | 7/8 end | ASR 6/9 end | 0-5 end | mean end | 7/8 before/after T_d | "
-             "ASR before/after T_d | detection P / R |",
+    lines = ["| member | T_d | 7/8 end | ASR 6/9 end | 0-5 end | mean end | 7/8 at T_d-1 / T_d+1 / T_d+10 | "
+             "ASR at T_d-1 / T_d+1 / T_d+10 | detection P / R |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in out["members"].items():
         e = m["end"]
         around = "-"
         asr = "-"
         if "before_td" in m:
-            around = f"{cell(m['before_td']['exclusive_accuracy'])} / {cell(m['after_td']['exclusive_accuracy'])}"
-            asr = f"{cell(m['before_td']['attack_success'])} / {cell(m['after_td']['attack_success'])}"
+            around = " / ".join(cell(m[p]["exclusive_accuracy"]) for p in ("before_td", "after_td", "later_td"))
+            asr = " / ".join(cell(m[p]["attack_success"]) for p in ("before_td", "after_td", "later_td"))
         lines.append(f"| {name} | {m['oracle_round'] or '-'} | {cell(e['exclusive_accuracy'])} | "
                      f"{cell(e['attack_success'])} | {cell(e['clean_accuracy'])} | {cell(e['mean_accuracy'])} | "
                      f"{around} | {asr} | {cell(m['detection']['precision'])} / {cell(m['detection']['recall'])} |")

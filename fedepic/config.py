@@ -28,8 +28,11 @@ DFL_ALGORITHMS = ("dpsgd", "dsgt")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 PRE_AGGREGATION = ("nnm", "clip")
 # keys that belong to the whole run, not to one compared member (see `member_config`)
+# (the model and the attack too: the router attacks, and both engines build the nodes' data and models,
+# with the run's settings)
 RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "data", "clients",
-                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized")
+                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized", "model",
+                  "attack")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -451,6 +454,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("engine", cfg.engine, ENGINES)
     _check(cfg.engine == "ray" or cfg.mode == "decentralized", "engine", cfg.engine,
            "engine=local runs mode=decentralized; the other modes run on ray")
+    _check(cfg.engine == "ray" or not cfg.train.device.startswith("cuda"), "train.device", cfg.train.device,
+           "engine=local runs on the CPU for now; use engine=ray for GPUs")
     _choice("decentralized.algorithm", cfg.decentralized.algorithm, DFL_ALGORITHMS)
     allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
     _validate_variants(cfg, allowed)
@@ -512,6 +517,20 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if dsgt and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
                           "decentralized.algorithm=dsgt takes one minibatch step per round")
+    if dsgt:
+        _dsgt_settings(member, where)
+
+
+def _dsgt_settings(cfg: RunConfig, where: str) -> None:
+    """DSGT takes plain minibatch gradient steps (no momentum, no augmentation, one step per round) on
+    models without running statistics: a setting it would ignore is refused, naming the key."""
+    why = "decentralized.algorithm=dsgt takes plain gradient steps"
+    _check(cfg.train.momentum == 0, f"train.momentum{where}", cfg.train.momentum, f"{why}: set it to 0")
+    _check(cfg.train.augment == "none", f"train.augment{where}", cfg.train.augment, f"{why}: set it to none")
+    _check(cfg.clients.local_epochs == 1, f"clients.local_epochs{where}", cfg.clients.local_epochs,
+           "decentralized.algorithm=dsgt takes one minibatch step per round: leave it at 1")
+    _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
+           "decentralized.algorithm=dsgt needs a model without BatchNorm statistics (mlp, cnn)")
 
 
 def _validate_data(cfg: RunConfig) -> None:

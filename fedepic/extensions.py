@@ -12,7 +12,8 @@ Flags:
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic),
   ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
-  the server or router), the others act on the attacker's own update where it trains.
+  the server or router), the others act on the attacker's own update where it trains;
+- models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ DATASETS = Registry("dataset", [
 
 
 MODELS = Registry("model", [
-    Entry("resnet18", "fedepic.models:resnet18_body", "torchvision ResNet-18 with a CIFAR stem"),
+    Entry("resnet18", "fedepic.models:resnet18_body", "torchvision ResNet-18 with a CIFAR stem",
+          flags=frozenset({"running_stats"})),
     Entry("cnn", "fedepic.models:cnn_body", "a small CNN (28x28 or 32x32)"),
     Entry("mlp", "fedepic.models:mlp_body", "a two-layer MLP"),
 ])

@@ -151,15 +151,16 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         start = state.model if state.model is not None else state.trained  # trained: no aggregation came
         if start is not None:
             load_exchanged(model, start)
-        model = model.to(device)
         started = time.perf_counter()
         if is_dsgt(run_cfg):  # nothing to train: send (x_i, y_i); round 1 first takes y_i(0) = g_i(x_i(0))
+            # DSGT's vectors and minibatches live on the CPU (fedepic.stacked), so the model stays there
             if state.tracker is None:
                 batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, 0, pid))
                 point = flatten_state(exchanged_state(model)).unsqueeze(0)
                 dsgt_start(state, model, dsgt_gradients(model, point, [batch], run_cfg)[0])
             state.trained, state.round, stats = dsgt_message(state), round_, {}
         else:
+            model = model.to(device)
             stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
                                 seed=derive_seed(run_cfg.seed, round_, pid), device=device,
                                 epic=uses_local_epic(strategy, run_cfg, client.is_malicious),

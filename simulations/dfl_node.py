@@ -13,12 +13,19 @@ graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).
 2. The router hands the node its neighbours' models of this round (possibly poisoned).
 3. ``aggregate_models``: combine the node's trained model with them using its peer rule.
 
-**dsgt**, gradient tracking (Pu & Nedic, "Distributed stochastic gradient tracking methods",
-Mathematical Programming 187, 2021; also Di Lorenzo & Scutari's NEXT, 2016). Node i keeps its model
-x_i, a tracker y_i of the network's average gradient and its last stochastic gradient g_i:
+**dsgt**, gradient tracking. Node i keeps its model x_i, a tracker y_i of the network's average
+gradient and its last stochastic gradient g_i:
 
     x_i <- sum_j w_ij x_j - eta y_i
     y_i <- sum_j w_ij y_j + g_i(x_i new) - g_i(x_i old),        y_i(0) = g_i(x_i(0))
+
+This is the combine-then-adapt form of DIGing (Nedic, Olshevsky, Shi, "Achieving geometric
+convergence for distributed optimization over time-varying graphs", SIAM J. Optim. 2017) with
+stochastic gradients; Pu & Nedic's DSGT ("Distributed stochastic gradient tracking methods",
+Mathematical Programming 187, 2021) writes the model step adapt-then-combine,
+``x_i <- sum_j w_ij (x_j - eta y_j)``, with the same tracker update. We keep the first form because
+the model step then uses the node's own tracker only, so purifying it (GP) changes nothing but i's
+own direction.
 
 with one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by seed, round,
 node) per gradient, ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
@@ -271,7 +278,8 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
     if strategy in STATEFUL and not malicious:
         if state.gp is None:
             state.gp = PurificationState()
-        new, report = built_rule(strategy, cfg, rules).aggregate(own, neighbours, ids, weights, state.gp)
+        new, report = built_rule(strategy, cfg, rules).aggregate(own, neighbours, ids, weights, state.gp,
+                                                                 round_=state.round or None)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
     new, bad = built_rule(strategy, cfg, rules, malicious).apply(own, neighbours, weights)
@@ -377,7 +385,8 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
         if state.gp is None:
             state.gp = PurificationState()
         x, y, report = built_rule(rule, cfg, rules).aggregate_tracking(own[:split], own[split:], stack[:, :split],
-                                                               stack[:, split:], ids, w, state.gp)
+                                                               stack[:, split:], ids, w, state.gp,
+                                                               round_=state.round or None)
         return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                        report.nonfinite, report.own_nonfinite)
     applied = built_rule(rule, cfg, rules, malicious)
@@ -409,9 +418,12 @@ def dsgt_start(state: NodeState, model: nn.Module, gradient: Tensor) -> None:
 
 def eval_due(cfg: RunConfig, round_: int) -> bool:
     """Whether the benign nodes evaluate after ``round_``: every ``train.eval_every`` rounds, the last
-    round, and (oracle detection) just before and in the confirmation round of ``cfg`` (a member's)."""
+    round, and (oracle detection, ``cfg`` a member's) after rounds T_d - 1, T_d and T_d + 1: before the
+    confirmation, after it (a weights purification shows here), and after the first step taken with a
+    purified tracker (a gradient purification shows only here: round T_d's step used the tracker sent
+    before it)."""
     from fedepic.extensions import oracle_round
 
     oracle = oracle_round(cfg)
     return (round_ % cfg.train.eval_every == 0 or round_ == cfg.rounds
-            or (oracle is not None and round_ in (oracle - 1, oracle)))
+            or (oracle is not None and oracle - 1 <= round_ <= oracle + 1))

@@ -125,6 +125,8 @@ class LocalMember:
             grads = dsgt_gradients(starts[fresh[0]], points, [self._batch(i, 0) for i in fresh], self.cfg)
             for k, i in enumerate(fresh):
                 dsgt_start(self.states[i], starts[i], grads[k])
+        for i in self.active:
+            self.states[i].round = round_  # as a Ray node's train phase sets it: the oracle reads it
         trained = {i: flatten_state(dsgt_message(self.states[i])) for i in self.active}
         sent = self._send(trained, round_, tally)
         reports, points, mixed_y = {}, [], {}
@@ -140,7 +142,6 @@ class LocalMember:
                                self.cfg)
         for k, i in enumerate(self.active):
             dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
-            self.states[i].round = round_
         return reports
 
     def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:

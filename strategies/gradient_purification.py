@@ -28,10 +28,13 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    ``v_i <- v_i + sum_j w_ij (v_j - v_i)`` over the neighbours kept this round (v = y for the gradient
    state, x for the weights); neighbour j's contribution is ``c_ij = w_ij (v_j - v_i)`` and its
    recording variable accumulates it: ``r_ij += c_ij``. A neighbour left out contributes nothing:
-   its weight w_ij stays on the node itself [inferred], so mixing stays doubly stochastic and the
-   benign nodes' sum of v changes only by the sum of their records. Under DSGT this makes
-   ``y_i = g_i(x_i) + sum_j r_ij`` exactly (the tracker telescopes), so the records are precisely
-   "the historically aggregated gradients" of each neighbour.
+   its weight w_ij stays on the node itself [inferred]. Under DSGT the tracker telescopes to
+   ``y_i = g_i(x_i) + sum_j r_ij`` exactly, so the records are what i's tracker took in over each
+   edge. Limits: r_ij is the net flow over the edge (i, j), so it also holds benign mass that reached
+   j from elsewhere and i's own mass coming back; and mixing stays doubly stochastic only while drops
+   are symmetric (both ends of an edge drop it): a benign neighbour confirmed by mistake, or a blatant
+   suspect left out for a round (rule 6), is dropped by one end only, and mass then leaks over that
+   edge. With the real detector's measured precision (benchmarks/RESULTS.md) this happens.
 3. **Detection** [Q2 says the records make detection possible; the scores are inferred]. Robust
    z-score of each neighbour's vector against the coordinate-wise median of {own} ∪ {active
    neighbours} (``detector="robust"``): the trackers under DSGT, the models under D-PSGD.
@@ -49,8 +52,9 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    ``v_i <- v_i - r_ij``; r_ij is discarded and j never mixed again. Because it happens after the
    mixing, the vector the node sends next is the purified one, and every neighbour that mixed v_i
    before saw exactly what v_i was: with ``target="gradient"`` the benign trackers' sum is then
-   exactly the sum of the benign gradients (the network holds none of j's mass; tests check it on
-   a linear toy). The weights x_i are never changed by purification under ``target="gradient"``:
+   exactly the sum of the benign gradients (the network's sum holds none of j's mass; tests check
+   it on a linear toy). Each node's own tracker is not cleaned of what arrived through other
+   benign nodes: mixing spreads the correction from then on. The weights x_i are never changed by purification under ``target="gradient"``:
    they keep what the malicious neighbour taught them (Q3), and from then on move by the purified
    trackers. ``target="weights"`` subtracts the records of the models instead (exact unlearning of
    every contribution, authentic ones included; the rule of the first fedepic release, now purified
@@ -302,9 +306,11 @@ class GradientPurification:
         return self.votes is not None and sum(flags[-self.window :]) >= self.votes
 
     # -- screening, mixing, purification --------------------------------------------------------
-    def screen(self, own: Tensor, neighbours: Tensor, ids: list[int], state: PurificationState) -> Screening:
+    def screen(self, own: Tensor, neighbours: Tensor, ids: list[int], state: PurificationState,
+               round_: int | None = None) -> Screening:
         """Rules 3, 4, 6 and 8 for this round: scores, flags, confirmations and the rows to mix.
-        Updates the suspicion history (not the records, nor ``confirmed``: see ``purify``)."""
+        Updates the suspicion history (not the records, nor ``confirmed``: see ``purify``). ``round_``
+        (1-based) is the round the oracle compares with T_d; without it, the calls so far + 1."""
         check_stack(own, neighbours)
         if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
             raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
@@ -315,7 +321,7 @@ class GradientPurification:
         keep = torch.zeros(len(ids), dtype=torch.bool, device=own.device)
         screening = Screening({}, [], [], keep, [ids[r] for r, ok in enumerate(finite) if not ok], own, own_nonfinite)
         if self.oracle_round is not None:
-            return self._oracle(screening, ids, finite, state)
+            return self._oracle(screening, ids, finite, state, state.rounds + 1 if round_ is None else round_)
         active = [r for r, j in enumerate(ids) if j not in state.confirmed and finite[r]]
         scores, suspicious = self.suspicion(own, neighbours[active])
         broken = [r for r, j in enumerate(ids) if j not in state.confirmed and not finite[r]]
@@ -335,11 +341,12 @@ class GradientPurification:
                 keep[row] = True
         return screening
 
-    def _oracle(self, screening: Screening, ids: list[int], finite: list[bool],
-                state: PurificationState) -> Screening:
-        """Oracle detection: the malicious neighbours are confirmed in round ``oracle_round``, and
-        every other finite neighbour is mixed (nothing is flagged before)."""
-        due = state.rounds + 1 >= self.oracle_round
+    def _oracle(self, screening: Screening, ids: list[int], finite: list[bool], state: PurificationState,
+                round_: int) -> Screening:
+        """Oracle detection: the malicious neighbours are confirmed in round ``oracle_round`` (or at the
+        node's first aggregation after it, had it none that round), and every other finite neighbour
+        is mixed (nothing is flagged before)."""
+        due = round_ >= self.oracle_round
         for row, j in enumerate(ids):
             if j in state.confirmed:
                 continue
@@ -394,26 +401,26 @@ class GradientPurification:
             nonfinite=screening.nonfinite, own_nonfinite=screening.own_nonfinite)
 
     def aggregate(self, own: Tensor, neighbours: Tensor, neighbour_ids: list[int], weights: Tensor | None,
-                  state: PurificationState) -> tuple[Tensor, PurificationReport]:
+                  state: PurificationState, round_: int | None = None) -> tuple[Tensor, PurificationReport]:
         """One round of model gossip (D-PSGD): screen on the models, mix them (recorded under
-        ``target="weights"``), then purify. Mutates ``state``."""
+        ``target="weights"``), then purify. Mutates ``state``. ``round_``: see ``screen``."""
         if self.target == "gradient":
             raise ValueError("gp: target='gradient' needs gradient state (decentralized.algorithm=dsgt)")
         ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own, neighbours, ids, state)
+        screening = self.screen(own, neighbours, ids, state, round_)
         records = state.records if self.target == "weights" else None
         mixed = self.mix(screening.own, neighbours, ids, weights, screening.keep, records)
         mixed = self.finish(mixed, screening, state, subtract=self.target == "weights")
         return mixed, self.report(screening, ids, state)
 
     def aggregate_tracking(self, own_x: Tensor, own_y: Tensor, x: Tensor, y: Tensor, neighbour_ids: list[int],
-                           weights: Tensor | None, state: PurificationState
+                           weights: Tensor | None, state: PurificationState, round_: int | None = None
                            ) -> tuple[Tensor, Tensor, PurificationReport]:
         """One round of gradient tracking (DSGT): screen on the trackers ``y``, mix models and trackers
         over the same kept neighbours, record and purify the ``target`` family. Returns the mixed
         (x, y), before DSGT's own step (``simulations.dfl_node``). Mutates ``state``."""
         ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own_y, y, ids, state)
+        screening = self.screen(own_y, y, ids, state, round_)
         x_finite = finite_rows(x)
         keep_x = screening.keep & x_finite.to(screening.keep.device)
         own_x = own_x if all_finite(own_x) or not bool(x_finite.any()) else coordinate_median(x[x_finite])

@@ -27,7 +27,8 @@ def gp(target: str, oracle: int | None = None, malicious=(0,)) -> GradientPurifi
 
 
 def dsgt_cfg(**extra: str):
-    overrides = ["decentralized.algorithm=dsgt", "engine=local", "train.lr=0.2", "train.weight_decay=0"]
+    overrides = ["decentralized.algorithm=dsgt", "engine=local", "train.lr=0.2", "train.weight_decay=0",
+                 "train.momentum=0"]
     return load_config("dfl_smoke", overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -145,6 +146,11 @@ def test_oracle_confirms_exactly_at_its_round():
 
 @pytest.mark.parametrize("overrides,key", [
     (["decentralized.algorithm=dsgt", "defense.local_epic=true"], "strategies"),  # local EPIC counts epochs
+    (["decentralized.algorithm=dsgt"], "train.momentum"),  # DSGT takes plain steps: momentum would be ignored
+    (["decentralized.algorithm=dsgt", "train.momentum=0", "model.name=resnet18"], "model.name"),
+    (["engine=local", "train.device=cuda"], "train.device"),
+    (["variants.g={strategy: gp, model: {name: cnn}}", "strategies=[g]"], "variants.g.model"),
+    (["variants.g={strategy: gp, attack: {data: none}}", "strategies=[g]"], "variants.g.attack"),
     (["defense.purification.target=gradient"], "defense.purification.target"),  # dpsgd has no gradient state
     (["variants.g={strategy: gp, rounds: 3}", "strategies=[g]"], "variants.g.rounds"),
     (["variants.g={strategy: nope}", "strategies=[g]"], "variants.g.strategy"),
@@ -172,7 +178,7 @@ def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
     lines = [json.loads(x) for x in (run / "gp_grad_td50" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2, 3, 4, 5, 6]
     evaluated = [r["round"] for r in lines if "mean_accuracy" in r]
-    assert evaluated == [2, 3, 6]  # eval_every 3, the last round, and just before / at T_d = 3
+    assert evaluated == [2, 3, 4, 6]  # eval_every 3, the last round, and T_d - 1, T_d, T_d + 1 (T_d = 3)
     assert lines[1]["detection_recall"] == 0.0 and lines[2]["detection_recall"] == 1.0
     assert all(not math.isnan(lines[-1][k]) for k in ("clean_accuracy", "exclusive_accuracy", "attack_success"))
 
@@ -185,7 +191,7 @@ def test_dsgt_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
     from fedepic.simulate import main
 
     args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "decentralized.algorithm=dsgt",
-            "train.lr=0.05", "rounds=3", "train.eval_every=2",
+            "train.lr=0.05", "train.momentum=0", "rounds=3", "train.eval_every=2",
             "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
             "strategies=[gossip,gp,gp_none]"]
     runs = {}
@@ -202,7 +208,7 @@ def test_dsgt_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
                 for e, run in runs.items()}
         assert [r["round"] for r in rows["ray"]] == [r["round"] for r in rows["local"]] == [1, 2, 3]
         evaluated = [r["round"] for r in rows["local"] if "mean_accuracy" in r]
-        assert evaluated == ([1, 2, 3] if member == "gp_none" else [2, 3])  # T_d = 2 evaluates 1 and 2 too
+        assert evaluated == ([1, 2, 3] if member == "gp_none" else [2, 3])  # T_d = 2 evaluates 1, 2 and 3
         for got, want in zip(rows["ray"], rows["local"]):
             assert ("mean_accuracy" in got) == ("mean_accuracy" in want)
             assert got.get("detection_recall") == want.get("detection_recall")
@@ -212,3 +218,14 @@ def test_dsgt_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
             assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
             assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-3, abs=1e-6)
     assert json.loads((runs["ray"] / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_oracle_reads_the_round_not_how_many_aggregations_the_node_had():
+    """A node that sat rounds out (an empty inbox, a failed message, an older checkpoint) still confirms
+    in round T_d."""
+    rule = gp("gradient", oracle=3)
+    state = rule.new_state()
+    vec = torch.randn(2, D)
+    w = torch.tensor([0.4, 0.3, 0.3])
+    _, _, report = rule.aggregate_tracking(torch.zeros(D), torch.zeros(D), vec, vec, [0, 2], w, state, round_=3)
+    assert report.purified == [0] and state.rounds == 1

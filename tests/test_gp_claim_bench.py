@@ -51,7 +51,7 @@ def test_the_benchmark_prints_one_json_line_and_a_table(tmp_path, data_root):
     result = json.loads(lines[0])
     assert result["seeds"] == [0, 1] and set(result["members"]) == {"exclude_start", "upper", "gp_grad_td50", "stop"}
     gp = result["members"]["gp_grad_td50"]
-    assert gp["oracle_round"] == 2 and {"end", "before_td", "after_td"} <= set(gp)
+    assert gp["oracle_round"] == 2 and {"end", "before_td", "at_td", "after_td", "later_td"} <= set(gp)
     assert gp["detection"]["recall"]["mean"] == 1.0  # the oracle confirmed every malicious neighbour
     assert set(result["claim"]) == {"gp_grad_td50"}
     assert "| gp_grad_td50 | 2 |" in table.read_text()
