@@ -273,15 +273,21 @@ class GradientPurification:
         plus the directional penalty)."""
         models = torch.cat([own.unsqueeze(0), neighbours])
         centre = coordinate_median(models)
-        dist = (models - centre).norm(dim=1)
+        delta = models.sub_(centre)  # models is this function's own copy: v_k - med, in place
+        dist = delta.norm(dim=1)
         med_d = coordinate_median(dist.unsqueeze(1)).squeeze(0)
         mad = coordinate_median((dist - med_d).abs().unsqueeze(1)).squeeze(0)
         # The tiny relative floor only guards against dividing float rounding by zero.
         floor = 1e-7 * (1.0 + float(centre.norm()))
         scale = max(_MAD_TO_STD * float(mad), self.min_scale * float(med_d), floor)
         z = (dist[1:] - med_d) / scale
-        toward = (centre - own).unsqueeze(0).expand_as(neighbours)
-        cos = F.cosine_similarity(neighbours - own, toward, dim=1)
+        # cos(v_j - v_i, med - v_i) from delta (v_j - v_i = delta_j - delta_i, med - v_i = -delta_i): dot
+        # products instead of a second [m, D] difference (the same value up to float rounding)
+        toward = -delta[0]
+        dots = delta[1:] @ toward
+        dot = dots + toward @ toward
+        norm_d = (dist[1:].square() + 2 * dots + toward @ toward).clamp_min(0).sqrt()
+        cos = dot / (norm_d * toward.norm()).clamp_min(1e-8)
         return z + self.cos_weight * self.threshold * (-cos).clamp_min(0)
 
     def suspicion(self, own: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
@@ -367,11 +373,14 @@ class GradientPurification:
         diffs = neighbours[rows] - own
         if self.clip_tau is not None:
             diffs = clip_rows(diffs, self.clip_tau)
-        contributions = w[1:][rows].unsqueeze(1) * diffs
+        contributions = diffs.mul_(w[1:][rows].unsqueeze(1))  # diffs is ours: weighted in place
         if records is not None:
             for row, c in zip(rows, contributions):
                 j = ids[row]
-                records[j] = records[j] + c if j in records else c.clone()
+                if j in records:
+                    records[j].add_(c)  # the record is the state's own tensor (a clone when it began)
+                else:
+                    records[j] = c.clone()
         return own + contributions.sum(dim=0)
 
     @staticmethod
