@@ -145,8 +145,9 @@ class DefenseConfig:
     trim: int = 1  # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
     byzantine: Optional[int] = 1  # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
     scclip_tau: float = 1.0
-    # decentralized: steps applied to {own} ∪ neighbours before a stateless peer rule, in order:
-    # nnm (nearest-neighbour mixing, f = defense.byzantine), clip (static L2 clipping at clip_radius)
+    # steps applied before the aggregation, in order: nnm (nearest-neighbour mixing, f = defense.byzantine),
+    # clip (static L2 clipping at clip_radius); federated: on the clients' updates before the strategy;
+    # decentralized: on {own} ∪ neighbours before a stateless peer rule
     pre_aggregation: List[str] = field(default_factory=list)
     clip_radius: float = 1.0
 
@@ -621,8 +622,9 @@ def _validate_defense(cfg: RunConfig) -> None:
     _positive("defense.clip_radius", cfg.defense.clip_radius)
     for i, step in enumerate(cfg.defense.pre_aggregation):
         _choice(f"defense.pre_aggregation[{i}]", step, PRE_AGGREGATION)
-    _check(not cfg.defense.pre_aggregation or cfg.mode == "decentralized", "defense.pre_aggregation",
-           cfg.defense.pre_aggregation, "pre-aggregation runs before the peer rules of mode=decentralized")
+    _check(not cfg.defense.pre_aggregation or cfg.mode != "centralized", "defense.pre_aggregation",
+           cfg.defense.pre_aggregation, "pre-aggregation runs before the aggregation rules of federated and "
+           "decentralized runs")
 
 
 def _validate_attack(cfg: RunConfig) -> None:

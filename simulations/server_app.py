@@ -71,6 +71,7 @@ from simulations.server_checkpoints import (
     elapsed, kept_row_and_curves, restore_root, save_member_checkpoint,
 )
 from strategies.epic_server import record_vector
+from strategies.preaggregation import build_steps, pre_aggregate_updates
 from strategies.server import TrackedStrategy, build_server_strategy
 
 ROUND_TIMEOUT_S = 3600.0
@@ -277,6 +278,14 @@ def _take_epic_states(valid: list[Message], grid: PartitionGrid, states: dict[in
             states[partition] = dict(msg.content.pop(EPIC_KEY))
 
 
+def server_steps(cfg: RunConfig) -> list:
+    """``defense.pre_aggregation``'s steps (NNM's f from ``defense.byzantine``; each step caps it at
+    the rows it gets minus one)."""
+    from fedepic.extensions import assumed_byzantine
+
+    return build_steps(cfg.defense.pre_aggregation, f=assumed_byzantine(cfg, {}), clip_c=cfg.defense.clip_radius)
+
+
 def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, rnd: int, config: ConfigRecord,
                  evaluator: Evaluator, stop: threading.Event, progress: Progress) -> tuple[dict, int]:
     """One round of ``tracked``: sample, exchange, inject the server-side attack, aggregate, evaluate.
@@ -297,6 +306,10 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected.update, like))
         stack[i] = injected.update
+    if cfg.defense.pre_aggregation and valid:  # NNM / clipping of the updates, then Flower's strategy
+        stack = pre_aggregate_updates(stack, global_vec, server_steps(cfg))
+        for i, m in enumerate(valid):
+            m.content[_array_key(m)] = ArrayRecord(unflatten_like(stack[i], like))
     outcome = tracked.aggregate(rnd, replies, stack)
     progress.nonfinite += outcome.nonfinite_count
     if outcome.arrays is not None:

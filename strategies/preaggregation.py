@@ -1,7 +1,8 @@
 """Pre-aggregation steps: transforms of the stacked input vectors that run before any aggregation rule.
 
 Small callables over a stack [n, D] (ByzFL's style), with no framework inside, so the same step serves
-a peer rule (``PreAggregated``) and a server-side rule.
+a peer rule (``PreAggregated``, over {own} ∪ neighbours' models) and the server, where it transforms
+the clients' updates before Flower's strategy aggregates them (``pre_aggregate_updates``).
 
 - **Nearest-neighbour mixing** (NNM). Paper: Youssef Allouah, Sadegh Farhadkhani, Rachid Guerraoui,
   Nirupam Gupta, Rafael Pinot, John Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
@@ -69,6 +70,23 @@ def build_steps(names: Sequence[str], *, f: int, clip_c: float) -> list[Step]:
         else:
             raise ValueError(f"unknown pre-aggregation step {name!r}: choose nnm or clip")
     return steps
+
+
+def pre_aggregate_updates(models: Tensor, reference: Tensor, steps: Sequence[Step]) -> Tensor:
+    """Server side: the steps applied to the clients' updates ``models - reference`` (rows [n, D] and
+    the global model [D]), returned as models again. Non-finite rows are left as they are (the
+    strategy leaves them out, ``strategies/server.py``); the steps see the finite ones only."""
+    from strategies.finite import finite_rows
+
+    ok = finite_rows(models)
+    if not steps or int(ok.sum()) == 0:
+        return models
+    updates = models[ok] - reference
+    for step in steps:
+        updates = step(updates)
+    out = models.clone()
+    out[ok] = reference + updates
+    return out
 
 
 class PreAggregated:

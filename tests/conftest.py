@@ -30,3 +30,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "decoded-cache"
     monkeypatch.setenv("FEDEPIC_CACHE", str(cache))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def task_identity():
+    """Flower Messages can only be built inside a run; give this process a task identity for a module's tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+            patch.setattr(TaskIdentity, key, value)
+        yield

@@ -9,7 +9,6 @@ import torch
 
 from fedepic.extensions import SERVER_STRATEGIES
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from strategies.epic_server import EpicServer, epic_select_updates, medoid_count, record_vector
 from strategies.server import (
     build_server_strategy, closest_shares, exact_trim_beta, mean_client_metrics,
@@ -29,14 +28,6 @@ def honest_updates(m: int, d: int = 500, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(d, generator=gen)
     return direction + 0.05 * torch.randn(m, d, generator=gen)
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Messages can only be built inside a run; give this process a task identity for the test."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
 def reply(vector: np.ndarray, client_id: int, examples: int = 10, **metrics: float) -> Message:

@@ -185,15 +185,6 @@ def reply(vector, client_id: int, examples: int = 10):
     return Message(content=content, dst_node_id=client_id + 100, message_type="train")
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
-
 @pytest.mark.parametrize("name", ["fedavg", "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "epic"])
 @pytest.mark.parametrize("kinds", [{2: "nan"}, {6: "inf"}, {2: "nan", 6: "inf"}])
 def test_server_strategies_leave_out_nonfinite_replies(task_identity, name, kinds):

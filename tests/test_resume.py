@@ -337,17 +337,6 @@ class StopAt:
         return any(p.read_text().count("\n") >= self.lines for p in self.out.glob(self.pattern))
 
 
-@pytest.fixture(scope="module")
-def task_identity():
-    """Messages can only be built inside a run; give this process a task identity for these tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-            patch.setattr(TaskIdentity, key, value)
-        yield
-
-
 LOCAL_MEMBERS = ["fedavg", "centralized-epic", "epic"]
 
 
