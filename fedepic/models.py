@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # data does not import models; the annotation only needs the 
     from fedepic.data import ImageData
 
 
+# ImageClassifier's input-normalisation buffers: fixed statistics of the training set, identical in every
+# copy of a run's model, so decentralized nodes neither exchange nor train them
+FIXED_BUFFERS = ("mean", "std")
+
+
 class ImageClassifier(nn.Module):
     """A feature extractor `body` followed by one linear `classifier`; the interface EPIC's proxies need."""
 

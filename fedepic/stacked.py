@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-FIXED_BUFFERS = ("mean", "std")
+from fedepic.models import FIXED_BUFFERS
 
 
 def parameter_layout(model: nn.Module) -> list[tuple[str, torch.Size]]:

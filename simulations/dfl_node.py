@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from fedepic.config import RunConfig
+from fedepic.models import FIXED_BUFFERS
 from fedepic.stacked import stacked_gradients
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
@@ -78,7 +79,6 @@ from strategies.gradient_purification import PurificationState
 
 TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
 STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
-FIXED_BUFFERS = ("mean", "std")  # ImageClassifier's normalisation buffers: identical everywhere
 
 
 def derive_seed(base: int, *parts: int) -> int:
