@@ -24,7 +24,7 @@ from fedepic.errors import ConfigError
 
 MODES = ("centralized", "federated", "decentralized")
 ENGINES = ("ray", "local")
-DFL_ALGORITHMS = ("dpsgd", "dsgt")
+DFL_ALGORITHMS = ("dpsgd", "dsgd", "dsgt")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 PRE_AGGREGATION = ("nnm", "clip")
 # keys that belong to the whole run, not to one compared member (see `member_config`)
@@ -205,7 +205,8 @@ class DecentralizedConfig:
     """The decentralized algorithm (mode=decentralized); see simulations/dfl_node.py for the equations."""
 
     # dpsgd: train clients.local_epochs epochs, then gossip the models (Lian et al. 2017);
-    # dsgt: gradient tracking, one minibatch step of train.lr per round (Pu & Nedic 2021)
+    # dsgd: one minibatch step per round with client momentum train.momentum (the per-step protocol);
+    # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021)
     algorithm: str = "dpsgd"
 
 
@@ -515,23 +516,25 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if member.defense.pre_aggregation and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': defense.pre_aggregation runs before "
                           "stateless peer rules; GP and exclude record what they receive as it is")
-    if dsgt and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
+    algorithm = cfg.decentralized.algorithm
+    if algorithm != "dpsgd" and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
-                          "decentralized.algorithm=dsgt takes one minibatch step per round")
-    if dsgt:
-        _dsgt_settings(member, where)
+                          f"decentralized.algorithm={algorithm} takes one minibatch step per round")
+    if algorithm != "dpsgd":
+        _one_step_settings(member, where, algorithm)
 
 
-def _dsgt_settings(cfg: RunConfig, where: str) -> None:
-    """DSGT takes plain minibatch gradient steps (no momentum, no augmentation, one step per round) on
-    models without running statistics: a setting it would ignore is refused, naming the key."""
-    why = "decentralized.algorithm=dsgt takes plain gradient steps"
-    _check(cfg.train.momentum == 0, f"train.momentum{where}", cfg.train.momentum, f"{why}: set it to 0")
+def _one_step_settings(cfg: RunConfig, where: str, algorithm: str) -> None:
+    """dsgd and dsgt take one minibatch gradient step per round (dsgt without momentum), with no
+    augmentation, on models without running statistics: a setting they would ignore is refused."""
+    why = f"decentralized.algorithm={algorithm} takes plain gradient steps"
+    _check(algorithm != "dsgt" or cfg.train.momentum == 0, f"train.momentum{where}", cfg.train.momentum,
+           f"{why}: set it to 0")
     _check(cfg.train.augment == "none", f"train.augment{where}", cfg.train.augment, f"{why}: set it to none")
     _check(cfg.clients.local_epochs == 1, f"clients.local_epochs{where}", cfg.clients.local_epochs,
-           "decentralized.algorithm=dsgt takes one minibatch step per round: leave it at 1")
+           f"decentralized.algorithm={algorithm} takes one minibatch step per round: leave it at 1")
     _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
-           "decentralized.algorithm=dsgt needs a model without BatchNorm statistics (mlp, cnn)")
+           f"decentralized.algorithm={algorithm} needs a model without BatchNorm statistics (mlp, cnn)")
 
 
 def _validate_data(cfg: RunConfig) -> None:

@@ -54,8 +54,9 @@ from simulations.client_data import client_data_for, config_from_text, dataset_f
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
-    STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
-    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgt, load_exchanged, new_model,
+    STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
+    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
+    load_exchanged, new_model, one_step,
     rule_and_config, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
@@ -159,6 +160,13 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
                 point = flatten_state(exchanged_state(model)).unsqueeze(0)
                 dsgt_start(state, model, dsgt_gradients(model, point, [batch], run_cfg)[0])
             state.trained, state.round, stats = dsgt_message(state), round_, {}
+        elif is_dsgd(run_cfg):  # the gradient at the model it sends, into the client momentum
+            if state.model is None:
+                state.model = exchanged_state(model)
+            batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
+            point = flatten_state(state.model).unsqueeze(0)
+            dsgd_momentum(state, dsgt_gradients(model, point, [batch], run_cfg)[0], run_cfg.train.momentum)
+            state.trained, state.round, stats = state.model, round_, {}
         else:
             model = model.to(device)
             stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
@@ -196,6 +204,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         else:
             report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
                                       malicious=client.is_malicious)
+            if is_dsgd(run_cfg):
+                dsgd_step(run_cfg, state, round_)
         save_node_state(context, state)
         content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
                                                         "confirmed": report.confirmed,
@@ -365,7 +375,7 @@ class Router:
         record["nonfinite_models"] = agg.nonfinite  # left out (or replaced) by the nodes' rules
         record["attack_nonfinite_inputs"] = agg.attack_nonfinite
         losses = [train_stats[i]["train_loss"] for i in self.benign if "train_loss" in train_stats.get(i, {})]
-        if losses or not is_dsgt(self.cfg):  # dsgt nodes train nothing in the train phase
+        if losses or not one_step(self.cfg):  # dsgd / dsgt nodes report no training loss
             record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
         record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
         record["train_phase_seconds"] = trained_at - started

@@ -13,6 +13,17 @@ graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).
 2. The router hands the node its neighbours' models of this round (possibly poisoned).
 3. ``aggregate_models``: combine the node's trained model with them using its peer rule.
 
+**dsgd**, one-step decentralized SGD with client momentum (the per-step protocol of the
+Byzantine-robust literature, e.g. He, Karimireddy, Jaggi's ClippedGossip 2022 and ByzFL's benchmark):
+
+    m_i <- beta m_i + (1 - beta) g_i(x_i),    m_i(0) = 0,   beta = train.momentum
+    x_i <- R_i({x_j}) - eta m_i                                  (R = W for gossip)
+
+g_i on one minibatch of ``train.batch_size`` rows at the model the node sends, eta = ``train.lr``
+(milestones in rounds), the L2 term ``train.weight_decay`` inside g_i. Every peer rule applies as under
+dpsgd (the node sends its model). In code: ``dsgd_momentum`` in the train phase, then
+``aggregate_models`` and ``dsgd_step``.
+
 **dsgt**, gradient tracking. Node i keeps its model x_i, a tracker y_i of the network's average
 gradient and its last stochastic gradient g_i:
 
@@ -132,6 +143,7 @@ class NodeState:
     epic_selections: int = 0
     tracker: Optional[Tensor] = None  # dsgt: y_i (flat)
     gradient: Optional[Tensor] = None  # dsgt: g_i at the current model (flat)
+    momentum: Optional[Tensor] = None  # dsgd: the client momentum m_i (flat)
 
     def to_plain(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         """(array groups, config values): tensors grouped by record name, and scalars / lists."""
@@ -146,6 +158,8 @@ class NodeState:
             arrays["epic"] = {"keep": self.epic_keep.to(torch.uint8)}
         if self.tracker is not None:
             arrays["dsgt"] = {"tracker": self.tracker, "gradient": self.gradient}
+        if self.momentum is not None:
+            arrays["dsgd"] = {"momentum": self.momentum}
         if self.gp is not None:
             gp = self.gp.state_dict()
             arrays["gp"] = gp["records"]
@@ -171,6 +185,7 @@ class NodeState:
             epic_selections=int(config.get("epic_selections", 0)),
             tracker=None if "tracker" not in dsgt else torch.as_tensor(dsgt["tracker"]),
             gradient=None if "gradient" not in dsgt else torch.as_tensor(dsgt["gradient"]),
+            momentum=None if "momentum" not in arrays.get("dsgd", {}) else torch.as_tensor(arrays["dsgd"]["momentum"]),
         )
 
 
@@ -330,6 +345,27 @@ def rule_and_config(entry: str, cfg: RunConfig) -> tuple[str, RunConfig]:
 
 def is_dsgt(cfg: RunConfig) -> bool:
     return cfg.decentralized.algorithm == "dsgt"
+
+
+def is_dsgd(cfg: RunConfig) -> bool:
+    return cfg.decentralized.algorithm == "dsgd"
+
+
+def one_step(cfg: RunConfig) -> bool:
+    """dsgd and dsgt take one minibatch step per round (no local epochs, no training loss to report)."""
+    return cfg.decentralized.algorithm in ("dsgd", "dsgt")
+
+
+def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float) -> None:
+    """m_i <- beta m_i + (1 - beta) g_i (m_i starts at 0)."""
+    previous = torch.zeros_like(gradient) if state.momentum is None else state.momentum
+    state.momentum = beta * previous + (1.0 - beta) * gradient
+
+
+def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
+    """After the aggregation (``state.model`` = R_i): x_i <- R_i - eta m_i."""
+    point = flatten_state(state.model) - dsgt_lr(cfg, round_) * state.momentum
+    state.model = unflatten_like(point, state.model)
 
 
 def dsgt_lr(cfg: RunConfig, round_: int) -> float:

@@ -3,9 +3,9 @@ process, with the same node, router, attack and rule functions as the Flower app
 ``dfl_router``), and without Flower or Ray (it imports neither: tests/test_layers.py checks it).
 
 - Each node's model is built once and reused across rounds.
-- Under ``decentralized.algorithm=dsgt`` the round's gradients of all nodes are one vectorized call
-  (``fedepic.stacked``, torch.func.vmap over functional_call); under dpsgd the nodes' local epochs
-  run one after another (``train_local``, as a Ray node runs them).
+- Under ``decentralized.algorithm=dsgt`` or ``dsgd`` the round's gradients of all nodes are one
+  vectorized call (``fedepic.stacked``, torch.func.vmap over functional_call); under dpsgd the nodes'
+  local epochs run one after another (``train_local``, as a Ray node runs them).
 - Evaluation runs where ``dfl_node.eval_due`` says (``train.eval_every``), one benign node at a time,
   with the Ray node's own ``evaluate`` and ``attack_success``.
 
@@ -32,8 +32,9 @@ from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
 from simulations.dfl_node import (
-    HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
-    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgt, load_exchanged, new_model, peer_rule,
+    HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
+    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, load_exchanged, new_model,
+    peer_rule,
     rule_and_config, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
@@ -66,6 +67,8 @@ class LocalMember:
         tally = AttackTally()
         if is_dsgt(self.cfg):
             reports, losses = self._dsgt_round(round_, tally), {}
+        elif is_dsgd(self.cfg):
+            reports, losses = self._dsgd_round(round_, tally), {}
         else:
             reports, losses = self._dpsgd_round(round_, tally)
         confirmed = {i: reports[i].confirmed for i in self.active}
@@ -142,6 +145,32 @@ class LocalMember:
                                self.cfg)
         for k, i in enumerate(self.active):
             dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
+        return reports
+
+    def _dsgd_round(self, round_: int, tally: AttackTally) -> dict:
+        """Every node's gradient at the model it sends (one vectorized call), its momentum, the
+        exchange, the peer rule, then the step (``dfl_node``: dsgd)."""
+        for i in self.active:
+            if self.states[i].model is None:
+                self.states[i].model = exchanged_state(self.models[i])
+        points = torch.stack([flatten_state(self.states[i].model) for i in self.active])
+        grads = dsgt_gradients(self.models[self.active[0]], points, [self._batch(i, round_) for i in self.active],
+                               self.cfg)
+        trained = {}
+        for k, i in enumerate(self.active):
+            state = self.states[i]
+            dsgd_momentum(state, grads[k], self.cfg.train.momentum)
+            state.trained, state.round = state.model, round_
+            trained[i] = points[k]
+        sent = self._send(trained, round_, tally)
+        reports = {}
+        for i in self.active:
+            box = inbox(sent, i)
+            weights, self_weight = self._mixing(i, box)
+            received = {j: unflatten_like(v, self.states[i].trained) for j, v in box.items()}
+            reports[i] = aggregate_models(self.rule, self.cfg, self.states[i], received, weights, self_weight,
+                                          self.clients[i].is_malicious, self.rules)
+            dsgd_step(self.cfg, self.states[i], round_)
         return reports
 
     def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,14 +184,16 @@ def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_dsgt_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
-    """The same DSGT run (a variant included) through Flower + Ray and in process: the same rounds,
-    evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's a vmap
-    over one: equal to float rounding)."""
+@pytest.mark.parametrize("algorithm,momentum", [("dsgt", 0.0), ("dsgd", 0.9)])
+def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, capsys, algorithm, momentum):
+    """The same DSGT / DSGD run (a variant included) through Flower + Ray and in process: the same
+    rounds, evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's
+    a vmap over one: equal to float rounding)."""
     from fedepic.simulate import main
 
-    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "decentralized.algorithm=dsgt",
-            "train.lr=0.05", "train.momentum=0", "rounds=3", "train.eval_every=2",
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false",
+            f"decentralized.algorithm={algorithm}", "train.lr=0.05", f"train.momentum={momentum}", "rounds=3",
+            "train.eval_every=2",
             "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
             "strategies=[gossip,gp,gp_none]"]
     runs = {}
@@ -229,3 +231,43 @@ def test_the_oracle_reads_the_round_not_how_many_aggregations_the_node_had():
     w = torch.tensor([0.4, 0.3, 0.3])
     _, _, report = rule.aggregate_tracking(torch.zeros(D), torch.zeros(D), vec, vec, [0, 2], w, state, round_=3)
     assert report.purified == [0] and state.rounds == 1
+
+
+def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
+    """Two nodes and no edge: each runs m <- beta m + (1 - beta) g, x <- x - lr m on its own minibatches,
+    which a hand loop over torch.autograd reproduces."""
+    import torch.nn.functional as F
+
+    from fedepic.data import load_dataset
+    from simulations.client_data import client_partition, partition_report
+    from simulations.dfl_node import derive_seed, dsgt_batch, exchanged_state, new_model
+    from simulations.dfl_router import routing_for, run_label_roles
+    from simulations.dfl_sequential import LocalMember
+    from fedepic.vectors import flatten_state
+
+    import networkx as nx
+
+    cfg = load_config("dfl_smoke", ["clients.count=2", "clients.malicious_ids=[]", "decentralized.algorithm=dsgd",
+                                    "engine=local",
+                                    "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.001",
+                                    "attack.data=none", "strategies=[gossip]", "train.eval_every=100"])
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
+    member = LocalMember(cfg, "gossip", "gossip", routing_for("gossip", nx.empty_graph(2), []), data, parts, roles)
+    for round_ in range(1, 6):
+        member.play_round(round_)
+    net = new_model(cfg, data)
+    params = dict(net.named_parameters())
+    momentum = {k: torch.zeros_like(p) for k, p in params.items()}
+    client = member.clients[1]
+    for round_ in range(1, 6):
+        xb, yb = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, round_, 1))
+        net.zero_grad()
+        F.cross_entropy(net(xb.float().div(255) if xb.dtype == torch.uint8 else xb), yb).backward()
+        with torch.no_grad():
+            for k, p in params.items():
+                g = p.grad + 0.001 * p
+                momentum[k] = 0.9 * momentum[k] + 0.1 * g
+                p -= 0.1 * momentum[k]
+    assert torch.allclose(flatten_state(member.states[1].model), flatten_state(exchanged_state(net)), atol=1e-5)
