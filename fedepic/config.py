@@ -123,7 +123,7 @@ class PurificationConfig:
     reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
     min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
     cos_weight: float = 0.5  # weight of the directional (cosine) term of the suspicion score; 0 disables it
-    detector: str = "robust"  # robust (z-score of distances) | epic (EPIC's drops on the updates)
+    detector: str = "robust"  # robust (z-score of distances) | records (of the records) | epic (EPIC's drops)
     epic_fraction: float = 0.5  # detector=epic: medoid fraction over the neighbours' updates
     epic_threshold: int = 1  # detector=epic: drop medoids whose cluster holds <= this many updates
     clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
@@ -513,6 +513,12 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if pur.target == "gradient" and not dsgt and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value 'gradient' for key 'defense.purification.target'{where}: "
                           "gradient state exists under decentralized.algorithm=dsgt only")
+    if pur.detector == "records" and extensions.PEER_RULES.has(rule, "stateful"):
+        screened = "gradient" if dsgt else "weights"
+        target = pur.target if pur.target != "auto" else screened
+        _check(target == screened and rule != "exclude", f"defense.purification.detector{where}", "records",
+               f"scores the records of what it screens: needs a GP rule with defense.purification.target="
+               f"{screened} here (exclude keeps no records)")
     if member.defense.pre_aggregation and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': defense.pre_aggregation runs before "
                           "stateless peer rules; GP and exclude record what they receive as it is")
@@ -615,7 +621,7 @@ def _validate_defense(cfg: RunConfig) -> None:
     if cfg.defense.byzantine is not None:
         _positive("defense.byzantine", cfg.defense.byzantine, allow_zero=True)
     _positive("defense.purification.cos_weight", pur.cos_weight, allow_zero=True)
-    _choice("defense.purification.detector", pur.detector, ("robust", "epic"))
+    _choice("defense.purification.detector", pur.detector, ("robust", "records", "epic"))
     _choice("defense.purification.target", pur.target, PURIFICATION_TARGETS)
     if pur.oracle_at is not None:
         _fraction("defense.purification.oracle_at", pur.oracle_at, allow_zero=True)

@@ -40,7 +40,12 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    neighbours} (``detector="robust"``): the trackers under DSGT, the models under D-PSGD.
    ``d_k = ||v_k - med||``, ``z_j = (d_j - median(d)) / s`` with ``s = max(1.4826 MAD(d),
    min_scale median(d))``, plus ``cos_weight * threshold * max(0, -cos(v_j - v_i, med - v_i))``;
-   j is suspicious this round when the score exceeds ``threshold``. ``detector="epic"`` uses
+   j is suspicious this round when the score exceeds ``threshold``. ``detector="records"`` scores the
+   records instead [Q2: the records let nodes "precisely detect malicious neighbors"; the score is
+   inferred]: the same robust z-score over each neighbour's record per unit weight and round,
+   ``r_ij / (w_ij k_j)``, the mean of what j's vector differed from the node's, against 0 (the node
+   itself); it needs records of the screened family (``target="gradient"`` under DSGT,
+   ``"weights"`` under D-PSGD). ``detector="epic"`` uses
    ``fedepic.epic.select_medoids`` on the neighbours' updates (a dropped update is suspicious).
    Oracle detection (``oracle_round=T``) replaces all of this: nothing is flagged before round T,
    and in round T every malicious neighbour is confirmed, which separates purification from
@@ -98,7 +103,7 @@ from strategies.gossip import check_stack, resolve_weights
 from strategies.median import coordinate_median
 from strategies.scclip import clip_rows
 
-DETECTORS = ("robust", "epic")
+DETECTORS = ("robust", "records", "epic")
 _MAD_TO_STD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 
 
@@ -115,6 +120,7 @@ class PurificationState:
     history: dict[int, list[bool]] = field(default_factory=dict)
     confirmed: set[int] = field(default_factory=set)
     rounds: int = 0
+    mixed: dict[int, int] = field(default_factory=dict)  # rounds each neighbour's contribution was recorded
 
     def state_dict(self) -> dict:
         """Plain form for Flower ``Context.state``: ``records`` maps ``str(j)`` to tensors (an
@@ -126,6 +132,8 @@ class PurificationState:
         }
         for j, flags in self.history.items():
             meta[f"history.{j}"] = [int(b) for b in flags]
+        meta["mixed_ids"] = sorted(self.mixed)
+        meta["mixed_counts"] = [self.mixed[j] for j in sorted(self.mixed)]
         return {"records": {str(j): r for j, r in sorted(self.records.items())}, "meta": meta}
 
     @classmethod
@@ -138,6 +146,7 @@ class PurificationState:
             history=history,
             confirmed={int(j) for j in meta["confirmed"]},
             rounds=int(meta["rounds"]),
+            mixed={int(j): int(c) for j, c in zip(meta.get("mixed_ids", []), meta.get("mixed_counts", []))},
         )
 
 
@@ -190,7 +199,8 @@ class GradientPurification:
     cos_weight : float
         Weight of the directional term [0.5; 0 disables it].
     detector : str
-        "robust" or "epic" (EPIC drop flags on the updates) [robust].
+        "robust", "records" (the robust score of the records per unit weight and round) or "epic"
+        (EPIC drop flags on the updates) [robust].
     epic_fraction, epic_threshold : float, int
         ``select_medoids`` arguments for ``detector="epic"`` [0.5, 1].
     reject_score : float or None
@@ -301,6 +311,27 @@ class GradientPurification:
         scores = self.robust_scores(own, neighbours)
         return scores, scores > self.threshold
 
+    def record_suspicion(self, own: Tensor, neighbours: Tensor, ids: list[int], active: list[int],
+                         weights: Tensor | None, state: PurificationState) -> tuple[Tensor, Tensor]:
+        """``detector="records"``: the robust score of each neighbour's record per unit weight and round,
+        ``r_ij / (w_ij k_j)`` (k_j: the rounds j was recorded), the mean of what j's vector differed from
+        the node's over its history, against 0 (the node itself). A neighbour without a record yet is
+        scored on this round's difference ``v_j - v_i``. Averaging over the history is the consistency
+        across iterations: a benign neighbour's differences average out, a poisoning one's persist."""
+        if not active:
+            empty = torch.zeros(0, dtype=own.dtype, device=own.device)
+            return empty, empty.bool()
+        w = resolve_weights(weights, len(ids), own)[1:]
+        rows = []
+        for r in active:
+            j, count = ids[r], state.mixed.get(ids[r], 0)
+            if j in state.records and count > 0 and float(w[r]) > 0:
+                rows.append(state.records[j].to(own) / (float(w[r]) * count))
+            else:
+                rows.append(neighbours[r] - own)
+        scores = self.robust_scores(torch.zeros_like(own), torch.stack(rows))
+        return scores, scores > self.threshold
+
     def is_blatant(self, score: float) -> bool:
         """Rule 6: a score beyond ``reject_score`` is left out of this round even before confirmation."""
         return self.reject_score is not None and score > self.reject_score
@@ -313,7 +344,7 @@ class GradientPurification:
 
     # -- screening, mixing, purification --------------------------------------------------------
     def screen(self, own: Tensor, neighbours: Tensor, ids: list[int], state: PurificationState,
-               round_: int | None = None) -> Screening:
+               round_: int | None = None, weights: Tensor | None = None) -> Screening:
         """Rules 3, 4, 6 and 8 for this round: scores, flags, confirmations and the rows to mix.
         Updates the suspicion history (not the records, nor ``confirmed``: see ``purify``). ``round_``
         (1-based) is the round the oracle compares with T_d; without it, the calls so far + 1."""
@@ -329,7 +360,10 @@ class GradientPurification:
         if self.oracle_round is not None:
             return self._oracle(screening, ids, finite, state, state.rounds + 1 if round_ is None else round_)
         active = [r for r, j in enumerate(ids) if j not in state.confirmed and finite[r]]
-        scores, suspicious = self.suspicion(own, neighbours[active])
+        if self.detector == "records":
+            scores, suspicious = self.record_suspicion(own, neighbours, ids, active, weights, state)
+        else:
+            scores, suspicious = self.suspicion(own, neighbours[active])
         broken = [r for r, j in enumerate(ids) if j not in state.confirmed and not finite[r]]
         scores = torch.cat([scores, torch.full((len(broken),), float("inf"), dtype=scores.dtype, device=scores.device)])
         suspicious = torch.cat([suspicious, torch.ones(len(broken), dtype=torch.bool, device=suspicious.device)])
@@ -363,7 +397,7 @@ class GradientPurification:
         return screening
 
     def mix(self, own: Tensor, neighbours: Tensor, ids: list[int], weights: Tensor | None, keep: Tensor,
-            records: dict[int, Tensor] | None) -> Tensor:
+            records: dict[int, Tensor] | None, mixed: dict[int, int] | None = None) -> Tensor:
         """``own + sum_{j kept} w_ij clip(v_j - own)`` (rules 2, 7); a dropped neighbour's weight stays
         with the node. Adds each contribution to ``records`` when given."""
         w = resolve_weights(weights, len(ids), own)
@@ -381,12 +415,15 @@ class GradientPurification:
                     records[j].add_(c)  # the record is the state's own tensor (a clone when it began)
                 else:
                     records[j] = c.clone()
+                if mixed is not None:
+                    mixed[j] = mixed.get(j, 0) + 1
         return own + contributions.sum(dim=0)
 
     @staticmethod
     def purify(vector: Tensor, state: PurificationState, j: int) -> Tensor:
         """Rule 5: ``vector - r_ij``; r_ij is discarded and j marked confirmed (never mixed again)."""
         record = state.records.pop(j, None)
+        state.mixed.pop(j, None)
         state.confirmed.add(j)
         if record is None:
             return vector
@@ -399,6 +436,7 @@ class GradientPurification:
                 vector = self.purify(vector, state, j)
             else:
                 state.records.pop(j, None)
+                state.mixed.pop(j, None)
                 state.confirmed.add(j)
         state.rounds += 1
         return vector
@@ -416,9 +454,9 @@ class GradientPurification:
         if self.target == "gradient":
             raise ValueError("gp: target='gradient' needs gradient state (decentralized.algorithm=dsgt)")
         ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own, neighbours, ids, state, round_)
+        screening = self.screen(own, neighbours, ids, state, round_, weights)
         records = state.records if self.target == "weights" else None
-        mixed = self.mix(screening.own, neighbours, ids, weights, screening.keep, records)
+        mixed = self.mix(screening.own, neighbours, ids, weights, screening.keep, records, state.mixed)
         mixed = self.finish(mixed, screening, state, subtract=self.target == "weights")
         return mixed, self.report(screening, ids, state)
 
@@ -429,13 +467,15 @@ class GradientPurification:
         over the same kept neighbours, record and purify the ``target`` family. Returns the mixed
         (x, y), before DSGT's own step (``simulations.dfl_node``). Mutates ``state``."""
         ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own_y, y, ids, state, round_)
+        screening = self.screen(own_y, y, ids, state, round_, weights)
         x_finite = finite_rows(x)
         keep_x = screening.keep & x_finite.to(screening.keep.device)
         own_x = own_x if all_finite(own_x) or not bool(x_finite.any()) else coordinate_median(x[x_finite])
-        mixed_x = self.mix(own_x, x, ids, weights, keep_x, state.records if self.target == "weights" else None)
+        mixed_x = self.mix(own_x, x, ids, weights, keep_x, state.records if self.target == "weights" else None,
+                           state.mixed if self.target == "weights" else None)
         mixed_y = self.mix(screening.own, y, ids, weights, screening.keep,
-                           state.records if self.target == "gradient" else None)
+                           state.records if self.target == "gradient" else None,
+                           state.mixed if self.target == "gradient" else None)
         if self.target == "weights":
             mixed_x = self.finish(mixed_x, screening, state, subtract=True)
         else:

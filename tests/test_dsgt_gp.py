@@ -149,6 +149,8 @@ def test_oracle_confirms_exactly_at_its_round():
     (["decentralized.algorithm=dsgt"], "train.momentum"),  # DSGT takes plain steps: momentum would be ignored
     (["decentralized.algorithm=dsgt", "train.momentum=0", "model.name=resnet18"], "model.name"),
     (["engine=local", "train.device=cuda"], "train.device"),
+    (["defense.purification.detector=records", "defense.purification.target=none"], "defense.purification.detector"),
+    (["strategies=[exclude]", "defense.purification.detector=records"], "defense.purification.detector"),
     (["variants.g={strategy: gp, model: {name: cnn}}", "strategies=[g]"], "variants.g.model"),
     (["variants.g={strategy: gp, attack: {data: none}}", "strategies=[g]"], "variants.g.attack"),
     (["defense.purification.target=gradient"], "defense.purification.target"),  # dpsgd has no gradient state
@@ -271,3 +273,33 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
                 momentum[k] = 0.9 * momentum[k] + 0.1 * g
                 p -= 0.1 * momentum[k]
     assert torch.allclose(flatten_state(member.states[1].model), flatten_state(exchanged_state(net)), atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["gradient", "weights"])
+def test_the_records_detector_finds_a_persistent_offset_that_one_round_hides(target):
+    """A neighbour whose vector differs from the node's in one fixed direction, by less than the benign
+    neighbours' noise per round: its record per unit weight and round converges to the offset while the
+    benign ones average out, so ``detector="records"`` confirms it, and only it (on the DSGT trackers,
+    and on the D-PSGD models)."""
+    rule = make_gp(target=target, detector="records", patience=2, votes=None, reject_score=None)
+    state = rule.new_state()
+    gen = torch.Generator().manual_seed(7)
+    d = 400
+    offset = torch.ones(d) * 0.6  # norm 12
+    w = torch.full((5,), 0.2)
+    confirmed_at = None
+    for round_ in range(1, 41):
+        own_y = torch.randn(d, generator=gen)
+        y = own_y + torch.randn(4, d, generator=gen) * 1.0  # benign differences: norm about 28 each round
+        y[3] = own_y + offset + torch.randn(d, generator=gen) * 0.5
+        x = torch.zeros(4, d)
+        if target == "gradient":
+            _, _, report = rule.aggregate_tracking(torch.zeros(d), own_y, x, y, [1, 2, 3, 4], w, state,
+                                                   round_=round_)
+        else:
+            _, report = rule.aggregate(own_y, y, [1, 2, 3, 4], w, state, round_=round_)
+        assert set(report.flagged) <= {4}, f"round {round_}: benign neighbours flagged {report.flagged}"
+        if report.purified and confirmed_at is None:
+            confirmed_at = round_
+    assert confirmed_at is not None and state.confirmed == {4}
+    assert 4 not in state.records and 4 not in state.mixed  # purified: its record went with it
