@@ -110,6 +110,10 @@ class LocalMember:
             losses[i] = stats["train_loss"]
             state.trained, state.model, state.round = exchanged_state(net), None, round_
             trained[i] = flatten_state(state.trained)
+        return self._exchange_models(trained, round_, tally), losses
+
+    def _exchange_models(self, trained: Mapping[int, torch.Tensor], round_: int, tally: AttackTally) -> dict:
+        """Send the nodes' models (attacks included) and aggregate each node's inbox with its rule."""
         sent = self._send(trained, round_, tally)
         reports = {}
         for i in self.active:
@@ -118,7 +122,7 @@ class LocalMember:
             received = {j: unflatten_like(v, self.states[i].trained) for j, v in box.items()}
             reports[i] = aggregate_models(self.rule, self.cfg, self.states[i], received, weights, self_weight,
                                           self.clients[i].is_malicious, self.rules)
-        return reports, losses
+        return reports
 
     def _dsgt_round(self, round_: int, tally: AttackTally) -> dict:
         fresh = [i for i in self.active if self.states[i].tracker is None]
@@ -162,14 +166,8 @@ class LocalMember:
             dsgd_momentum(state, grads[k], self.cfg.train.momentum)
             state.trained, state.round = state.model, round_
             trained[i] = points[k]
-        sent = self._send(trained, round_, tally)
-        reports = {}
+        reports = self._exchange_models(trained, round_, tally)
         for i in self.active:
-            box = inbox(sent, i)
-            weights, self_weight = self._mixing(i, box)
-            received = {j: unflatten_like(v, self.states[i].trained) for j, v in box.items()}
-            reports[i] = aggregate_models(self.rule, self.cfg, self.states[i], received, weights, self_weight,
-                                          self.clients[i].is_malicious, self.rules)
             dsgd_step(self.cfg, self.states[i], round_)
         return reports
 
