@@ -139,6 +139,16 @@ def config_from_text(text: str) -> RunConfig:
     return cfg
 
 
+@lru_cache(maxsize=64)
+def member_from_text(text: str, entry: str) -> tuple[str, RunConfig]:
+    """(peer rule, member config) of a ``strategies`` entry of the config the ServerApp sent
+    (``fedepic.config.member_config``), resolved once per worker process: a variant's merge is not
+    repeated for every message."""
+    from fedepic.config import member_config
+
+    return member_config(config_from_text(text), entry)
+
+
 @lru_cache(maxsize=2)
 def dataset_for(text: str) -> ImageData:
     cfg = config_from_text(text)

@@ -50,7 +50,7 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 
-from simulations.client_data import client_data_for, config_from_text, dataset_for
+from simulations.client_data import client_data_for, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
@@ -139,12 +139,12 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        run_cfg, data = config_from_text(cfg_yaml), dataset_for(cfg_yaml)
+        data = dataset_for(cfg_yaml)
         pid = _partition_id(context)
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
         member, round_ = str(conf["member"]), int(conf["round"])
-        strategy, run_cfg = rule_and_config(str(conf["strategy"]), run_cfg)  # a variant: its rule and keys
+        strategy, run_cfg = member_from_text(cfg_yaml, str(conf["strategy"]))  # a variant: its rule and keys
         restore_node_state(context, msg.content)
         state = load_node_state(context, member)
         device = resolve_device(run_cfg.train.device)
@@ -183,12 +183,12 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train("aggregate")
     def aggregate(msg: Message, context: Context) -> Message:
-        run_cfg, data = config_from_text(cfg_yaml), dataset_for(cfg_yaml)
+        data = dataset_for(cfg_yaml)
         pid = _partition_id(context)
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
         member = str(conf["member"])
-        strategy, run_cfg = rule_and_config(str(conf["strategy"]), run_cfg)
+        strategy, run_cfg = member_from_text(cfg_yaml, str(conf["strategy"]))
         state = load_node_state(context, member)
         ids = [int(j) for j in conf["neighbours"]]
         received = {j: msg.content.array_records[f"n.{j}"].to_torch_state_dict() for j in ids}
@@ -310,6 +310,7 @@ class Router:
         self.members, self.sink, self.stop = list(members), sink, stop
         self.benign = [i for i in range(cfg.clients.count) if i not in set(self.malicious)]
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        self._resolved: dict[str, tuple[str, RunConfig]] = {}
 
     def __call__(self, grid: Grid, context: Context) -> None:
         nodes = wait_for_nodes(grid, self.cfg.clients.count, stop=self.stop)
@@ -325,9 +326,15 @@ class Router:
         for member in self.members:
             self.run_member(grid, member)
 
+    def resolved(self, member: Member) -> tuple[str, RunConfig]:
+        """(peer rule, member config) of ``member``, resolved once per member (variants merge keys)."""
+        if member.name not in self._resolved:
+            self._resolved[member.name] = rule_and_config(member.strategy, self.cfg)
+        return self._resolved[member.name]
+
     def active_nodes(self, member: Member) -> list[int]:
         """Nodes that take part: under ``upper`` the malicious nodes are cut off, so they sit out."""
-        if PEER_RULES.has(rule_and_config(member.strategy, self.cfg)[0], "benign_graph"):
+        if PEER_RULES.has(self.resolved(member)[0], "benign_graph"):
             return list(self.benign)
         return list(range(self.cfg.clients.count))
 
@@ -336,7 +343,7 @@ class Router:
             return  # completed before a resume: its folder stays as it is
         start = self.sink.begin(member)
         saved = dict(start.states)  # a node missing from a checkpoint round keeps its older state
-        rule = rule_and_config(member.strategy, self.cfg)[0]
+        rule = self.resolved(member)[0]
         truth = detection_truth(member.routing.graph, self.malicious) if rule in STATEFUL else None
         for round_ in range(start.round + 1, self.cfg.rounds + 1):
             restore = start.states if round_ == start.round + 1 else {}
@@ -358,7 +365,7 @@ class Router:
         trained_at = time.perf_counter()
         agg = self.aggregate_round(grid, member, round_, trained, records, collect)
         failures += agg.failures
-        evaluated = eval_due(rule_and_config(member.strategy, self.cfg)[1], round_)
+        evaluated = eval_due(self.resolved(member)[1], round_)
         reported = [i for i in self.benign if i in agg.confirmed]
         if not (any(i in agg.evals for i in self.benign) if evaluated else reported):
             raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
