@@ -27,17 +27,20 @@ round's ``train`` messages carry each node's saved state, which the node puts in
 draw (local training, attack noise) is seeded from (seed, round, node).
 
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
-(``simulations.client_data.dataset_for``) and then cut their partition out of it.
+(``simulations.client_data.dataset_for``) and then cut their partition out of it, and build one model
+per process (``node_model``) that they load their state into.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -50,7 +53,7 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 
-from simulations.client_data import client_data_for, dataset_for, member_from_text
+from simulations.client_data import client_data_for, config_from_text, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (
@@ -125,6 +128,16 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+@lru_cache(maxsize=2)
+def node_model(text: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """One model per worker process and run config, and the initial (seeded) exchanged state: a node
+    loads its state into it for every use instead of building a model per message. Ray runs one
+    task at a time per actor, so no two messages share it at once."""
+    cfg = config_from_text(text)
+    net = new_model(cfg, dataset_for(text))
+    return net, exchanged_state(net)
+
+
 def make_client_app(cfg: RunConfig) -> ClientApp:
     """The DFL node. Only ``cfg`` (as YAML text) travels with the app to the Ray actors."""
     cfg_yaml = to_yaml(cfg)
@@ -139,7 +152,6 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        data = dataset_for(cfg_yaml)
         pid = _partition_id(context)
         client = client_data_for(cfg_yaml, pid)
         conf = msg.content.config_records["config"]
@@ -148,10 +160,9 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         restore_node_state(context, msg.content)
         state = load_node_state(context, member)
         device = resolve_device(run_cfg.train.device)
-        model = new_model(run_cfg, data)
+        model, initial = node_model(cfg_yaml)
         start = state.model if state.model is not None else state.trained  # trained: no aggregation came
-        if start is not None:
-            load_exchanged(model, start)
+        load_exchanged(model, initial if start is None else start)
         started = time.perf_counter()
         if is_dsgt(run_cfg):  # nothing to train: send (x_i, y_i); round 1 first takes y_i(0) = g_i(x_i(0))
             # DSGT's vectors and minibatches live on the CPU (fedepic.stacked), so the model stays there
@@ -199,7 +210,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
                                     weights, float(conf["self_weight"]), client.is_malicious)
             point = dsgt_point(run_cfg, state, x, round_)
             batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
-            dsgt_finish(state, point, y, dsgt_gradients(new_model(run_cfg, data), point.unsqueeze(0), [batch],
+            dsgt_finish(state, point, y, dsgt_gradients(node_model(cfg_yaml)[0], point.unsqueeze(0), [batch],
                                                         run_cfg)[0])
         else:
             report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
@@ -214,8 +225,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         metrics: dict[str, Any] = {"partition-id": pid}
         if not client.is_malicious and eval_due(run_cfg, round_):  # figures are over benign nodes only
             device = resolve_device(run_cfg.train.device)
-            model = new_model(run_cfg, data)
-            model = load_exchanged(model, state.model).to(device)
+            model = load_exchanged(node_model(cfg_yaml)[0], state.model).to(device)
             result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes,
                               run_cfg.train.amp)
             metrics.update(accuracy=result["accuracy"], loss=result["loss"], per_class=result["per_class"])
