@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import networkx as nx
 
 from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint
-from fedepic.config import ConfigError, RunConfig, malicious_ids
+from fedepic.config import ConfigError, RunConfig, malicious_ids, member_config
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
@@ -35,7 +35,7 @@ from fedepic.progress import bar, progress_bars
 
 from simulations.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
-from simulations.dfl_node import STATEFUL, peer_rule, rule_and_config
+from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_sequential import run_local_member
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
 from simulations.dfl_router import (
@@ -108,7 +108,7 @@ class FolderSink(RunSink):
     def report(self, member: Member) -> MemberReport:
         """The member's summary (also its comparison row) and curves from the rounds recorded so far."""
         records = self.records[member.name]
-        summary = member_summary(member.name, rule_and_config(member.strategy, self.cfg)[0], records)
+        summary = member_summary(member.name, member_config(self.cfg, member.strategy)[0], records)
         curves: dict[str, list] = {}
         for k in SERIES:  # with train.eval_every > 1 the accuracies exist in some rounds only
             curves[k] = [r[k] for r in records if r.get(k) is not None]
@@ -176,7 +176,7 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
         raise ConfigError(f"invalid value {cfg.data.partition!r} for key 'data.partition': {err}") from None
     report = partition_report(cfg, data, parts)
     for entry in cfg.strategies:
-        rule, member_cfg = rule_and_config(entry, cfg)
+        rule, member_cfg = member_config(cfg, entry)
         if rule in STATEFUL:
             try:  # a bad detector setting should stop the run here, not inside a Ray worker
                 peer_rule(rule, member_cfg)
@@ -185,7 +185,7 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     graph = communication_graph(cfg)
     bad = malicious_ids(cfg)
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
-    members = [Member(name, s, routing_for(rule_and_config(s, cfg)[0], graph, bad))
+    members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad))
                for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
     title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
             f"{cfg.topology.name}, attack {attack_label(cfg)}"

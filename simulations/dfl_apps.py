@@ -47,7 +47,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedepic.attacks import attack_success
 from fedepic.checkpoint import checkpoint_due
-from fedepic.config import RunConfig, to_yaml
+from fedepic.config import RunConfig, member_config, to_yaml
 from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
@@ -59,8 +59,7 @@ from simulations.messaging import check_failures, exchange, last_line, wait_for_
 from simulations.dfl_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
-    load_exchanged, new_model, one_step,
-    rule_and_config, train_local, uses_local_epic,
+    load_exchanged, new_model, one_step, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
     AttackTally, Routing, detection_record, detection_truth, message_batches, outgoing, round_metrics,
@@ -339,7 +338,7 @@ class Router:
     def resolved(self, member: Member) -> tuple[str, RunConfig]:
         """(peer rule, member config) of ``member``, resolved once per member (variants merge keys)."""
         if member.name not in self._resolved:
-            self._resolved[member.name] = rule_and_config(member.strategy, self.cfg)
+            self._resolved[member.name] = member_config(self.cfg, member.strategy)
         return self._resolved[member.name]
 
     def active_nodes(self, member: Member) -> list[int]:

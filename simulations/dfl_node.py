@@ -38,8 +38,8 @@ Mathematical Programming 187, 2021) writes the model step adapt-then-combine,
 the model step then uses the node's own tracker only, so purifying it (GP) changes nothing but i's
 own direction.
 
-with one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by seed, round,
-node) per gradient, ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
+Each gradient takes one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by
+seed, round, node), ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
 ``train.weight_decay`` inside g_i; no momentum. A node sends (x_i, y_i) as one vector (the model's
 entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector
 as under dpsgd, and a model attack perturbs both. Stateless rules replace both sums (R applied to
@@ -198,7 +198,8 @@ def uses_local_epic(strategy: str, cfg: RunConfig, malicious: bool) -> bool:
 
 
 def round_lr(cfg: RunConfig, round_: int) -> float:
-    """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round."""
+    """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round
+    (in rounds under dsgd / dsgt, whose ``clients.local_epochs`` is 1)."""
     done = (round_ - 1) * cfg.clients.local_epochs
     return cfg.train.lr * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)
 
@@ -333,13 +334,6 @@ def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
     return report
 
 
-def rule_and_config(entry: str, cfg: RunConfig) -> tuple[str, RunConfig]:
-    """(peer rule, member config) of a ``strategies`` entry (``fedepic.config.member_config``)."""
-    from fedepic.config import member_config
-
-    return member_config(cfg, entry)
-
-
 # ----------------------------------------------------------------------------------- dsgt
 
 
@@ -364,13 +358,8 @@ def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float) -> None:
 
 def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
     """After the aggregation (``state.model`` = R_i): x_i <- R_i - eta m_i."""
-    point = flatten_state(state.model) - dsgt_lr(cfg, round_) * state.momentum
+    point = flatten_state(state.model) - round_lr(cfg, round_) * state.momentum
     state.model = unflatten_like(point, state.model)
-
-
-def dsgt_lr(cfg: RunConfig, round_: int) -> float:
-    """eta of round ``round_``: ``train.lr`` times gamma for every milestone (in rounds) already passed."""
-    return cfg.train.lr * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if round_ - 1 >= m)
 
 
 def minibatch_rows(rows: int, batch_size: int, seed: int) -> Tensor:
@@ -435,7 +424,7 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
 
 def dsgt_point(cfg: RunConfig, state: NodeState, mixed_x: Tensor, round_: int) -> Tensor:
     """x_i new = sum_j w_ij x_j - eta y_i (y_i: the tracker the node sent this round)."""
-    return mixed_x - dsgt_lr(cfg, round_) * state.tracker.float()
+    return mixed_x - round_lr(cfg, round_) * state.tracker.float()
 
 
 def dsgt_finish(state: NodeState, point: Tensor, mixed_y: Tensor, gradient: Tensor) -> None:

@@ -25,17 +25,16 @@ import torch
 
 from fedepic.attacks import attack_success
 from fedepic.checkpoint import checkpoint_due
-from fedepic.config import RunConfig, malicious_ids
+from fedepic.config import RunConfig, malicious_ids, member_config
 from fedepic.data import ImageData, load_dataset
 from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
 from simulations.dfl_node import (
-    HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message,
-    dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, load_exchanged, new_model,
-    peer_rule,
-    rule_and_config, train_local, uses_local_epic,
+    HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
+    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
+    load_exchanged, new_model, peer_rule, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
     AttackTally, Routing, communication_graph, detection_record, detection_truth, inbox, outgoing,
@@ -48,7 +47,7 @@ class LocalMember:
 
     def __init__(self, cfg: RunConfig, entry: str, name: str, routing: Routing, data: ImageData,
                  parts: Sequence[Any], roles: Mapping[str, Sequence[int]]) -> None:
-        self.rule, self.cfg = rule_and_config(entry, cfg)
+        self.rule, self.cfg = member_config(cfg, entry)
         self.name, self.routing, self.data, self.roles = name, routing, data, roles
         self.bad = malicious_ids(cfg)
         self.benign = [i for i in range(cfg.clients.count) if i not in set(self.bad)]
@@ -252,7 +251,7 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     data = load_dataset(cfg.data, cfg.seed) if data is None else data
     parts = client_partition(cfg, data)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
-    rule, _ = rule_and_config(strategy, cfg)
+    rule, _ = member_config(cfg, strategy)
     member = SimpleNamespace(name=strategy, strategy=strategy,
                              routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
     sink = _Collect()
