@@ -25,15 +25,16 @@ from fedepic.errors import ConfigError
 MODES = ("centralized", "federated", "decentralized")
 ENGINES = ("ray", "local")
 DFL_ALGORITHMS = ("dpsgd", "dsgd", "dsgt")
+SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 PRE_AGGREGATION = ("nnm", "clip")
 # keys that belong to the whole run, not to one compared member (see `member_config`)
 # (the model and the attack too: the router attacks, and both engines build the nodes' data and models,
 # with the run's settings)
 RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "data", "clients",
-                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized", "model",
-                  "attack")
-PARTITIONS = ("iid", "dirichlet", "shards", "label_sets")
+                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized", "server",
+                  "model", "attack")
+PARTITIONS = ("iid", "dirichlet", "shards", "label_sets", "rows")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 # the names of the extension points come from their registries (fedepic/extensions.py)
@@ -67,7 +68,8 @@ class DataConfig:
     test_per_class: Optional[int] = None
     synthetic_train: int = 2000  # synthetic: rows in train / test, images 1x28x28, 10 classes
     synthetic_test: int = 500
-    partition: str = "iid"  # iid | dirichlet | shards | label_sets
+    partition: str = "iid"  # iid | dirichlet | shards | label_sets | rows (read from partition_file)
+    partition_file: Optional[str] = None  # partition=rows: .npz with int arrays client_0 .. client_{count-1}
     alpha: float = 0.5  # dirichlet concentration
     shards_per_client: int = 2  # shards: about k labels per client
     min_per_client: int = 10  # dirichlet: resample until every client holds at least this many rows
@@ -94,7 +96,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast + channels_last on CUDA
     eval_batch_size: int = 1024
-    eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
+    eval_every: int = 1  # evaluate on the test set every N epochs (centralized) or rounds (and always after the last)
     threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
 
 
@@ -211,6 +213,19 @@ class DecentralizedConfig:
 
 
 @dataclass
+class ServerConfig:
+    """How a server-based round trains (mode=federated); simulations/server_app.py has the equations."""
+
+    # local_epochs: each sampled client trains clients.local_epochs epochs from the global model and
+    #   sends its model; the strategy's aggregate is the new global model (FedAvg-style);
+    # per_step: each client takes one minibatch gradient (train.batch_size rows) at the global model,
+    #   sends its momentum m_i <- beta m_i + (1 - beta) g_i (beta = train.momentum, m_i kept across
+    #   rounds); the server aggregates the momenta and steps w <- w - lr (agg + train.weight_decay w)
+    protocol: str = "local_epochs"
+    lr: Optional[float] = None  # per_step: the server's step size; None = train.lr (train.milestones count rounds)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # attach to an existing cluster ("auto" or HOST:PORT); None starts a local one
     client_cpus: float = 1.0
@@ -239,10 +254,11 @@ class RunConfig:
     strategies: List[str] = field(default_factory=lambda: ["fedavg"])
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    # decentralized: ray (Flower + Ray, one actor per node; clusters, GPUs per node) | local (every node
-    # in this process, DSGT's gradients in one vectorized call: many small rounds)
+    # ray (Flower + Ray, one actor per node or client; clusters, GPUs per node) | local (every node or
+    # client in this process, the one-step gradients in one vectorized call: many small rounds)
     engine: str = "ray"
     decentralized: DecentralizedConfig = field(default_factory=DecentralizedConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     # named members to compare: {name: {strategy: RULE, <any member-level keys>: ...}}; a name listed
     # in `strategies` runs RULE with those keys merged over the run's (e.g. one GP per purification target)
     variants: Dict[str, Any] = field(default_factory=dict)
@@ -454,11 +470,12 @@ def validate(cfg: RunConfig) -> None:
     _positive("rounds", cfg.rounds)
     _check(len(cfg.strategies) > 0, "strategies", cfg.strategies, "list at least one strategy")
     _choice("engine", cfg.engine, ENGINES)
-    _check(cfg.engine == "ray" or cfg.mode == "decentralized", "engine", cfg.engine,
-           "engine=local runs mode=decentralized; the other modes run on ray")
+    _check(cfg.engine == "ray" or cfg.mode != "centralized", "engine", cfg.engine,
+           "engine=local runs mode=federated or decentralized; mode=centralized has no nodes")
     _check(cfg.engine == "ray" or not cfg.train.device.startswith("cuda"), "train.device", cfg.train.device,
            "engine=local runs on the CPU for now; use engine=ray for GPUs")
     _choice("decentralized.algorithm", cfg.decentralized.algorithm, DFL_ALGORITHMS)
+    _validate_server(cfg)
     allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
     _validate_variants(cfg, allowed)
     for i, name in enumerate(cfg.strategies):
@@ -470,6 +487,25 @@ def validate(cfg: RunConfig) -> None:
     _positive("ray.client_gpus", cfg.ray.client_gpus, allow_zero=True)
     if cfg.ray.num_cpus is not None:
         _positive("ray.num_cpus", cfg.ray.num_cpus)
+
+
+def _validate_server(cfg: RunConfig) -> None:
+    """``server.*``; per_step refuses what it would ignore (local epochs, augmentation, local EPIC, the
+    epoch-based centralized reference, BatchNorm statistics)."""
+    _choice("server.protocol", cfg.server.protocol, SERVER_PROTOCOLS)
+    if cfg.server.lr is not None:
+        _positive("server.lr", cfg.server.lr)
+    if cfg.mode != "federated" or cfg.server.protocol != "per_step":
+        return
+    why = "server.protocol=per_step takes one minibatch gradient per client and round"
+    _check(cfg.clients.local_epochs == 1, "clients.local_epochs", cfg.clients.local_epochs, f"{why}: leave it at 1")
+    _check(cfg.train.augment == "none", "train.augment", cfg.train.augment, f"{why}: set it to none")
+    _check(not cfg.defense.local_epic, "defense.local_epic", cfg.defense.local_epic,
+           f"{why}; local EPIC selects over epochs")
+    _check("centralized-epic" not in cfg.strategies, "strategies", "centralized-epic",
+           f"{why}; the centralized reference trains epochs (use server.protocol=local_epochs)")
+    _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
+           f"{why}: needs a model without BatchNorm statistics (mlp, cnn)")
 
 
 def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
@@ -559,6 +595,8 @@ def _validate_data(cfg: RunConfig) -> None:
     if data.classes is not None:
         _check(len(data.classes) >= 2 and len(set(data.classes)) == len(data.classes), "data.classes",
                data.classes, "list at least two distinct class ids")
+    if data.partition == "rows":
+        _check_partition_file(data.partition_file, cfg.clients.count)
     if data.partition == "label_sets":
         _check(len(data.label_sets) > 0, "data.label_sets", [], "partition=label_sets needs label groups")
         for i, group in enumerate(data.label_sets):
@@ -735,6 +773,33 @@ def check_writable_dir(key: str, path: Path) -> None:
         raise ConfigError(f"invalid value '{path}' for key '{key}': it lies under the file {nearest}")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ConfigError(f"invalid value '{path}' for key '{key}': {nearest} is not writable")
+
+
+def _check_partition_file(path: Optional[str], count: int) -> None:
+    """partition=rows: the file holds client_0 .. client_{count-1}, disjoint non-negative integer rows
+    (their upper bound is checked against the loaded dataset, fedepic.partition.partition)."""
+    key = "data.partition_file"
+    _check(path is not None, key, path, "partition=rows reads the rows of every client from this .npz file")
+    try:
+        import numpy as np
+
+        with np.load(path) as saved:
+            parts = {name: saved[name] for name in saved.files}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line naming it
+        raise ConfigError(f"invalid value {path!r} for key '{key}': cannot read it as .npz ({err})") from None
+    names = {f"client_{k}" for k in range(count)}
+    _check(set(parts) == names, key, path, f"expected the arrays client_0 .. client_{count - 1} "
+           f"(clients.count={count}), found {', '.join(sorted(parts)) or 'none'}")
+    seen: set[int] = set()
+    for name in sorted(names, key=lambda n: int(n.split("_")[1])):
+        rows = parts[name]
+        _check(rows.ndim == 1 and (rows.size == 0 or rows.dtype.kind in "iu"), key, path,
+               f"{name} must be a 1-d array of integer row indices")
+        _check(rows.size == 0 or int(rows.min()) >= 0, key, path, f"{name} holds a negative row index")
+        rows_set = set(rows.tolist())
+        _check(len(rows_set) == rows.size and not (rows_set & seen), key, path,
+               f"{name} repeats a row (clients' rows must be disjoint)")
+        seen |= rows_set
 
 
 def _check_device(cfg: RunConfig) -> None:

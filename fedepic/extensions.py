@@ -183,5 +183,6 @@ MODELS = Registry("model", [
     Entry("resnet18", "fedepic.models:resnet18_body", "torchvision ResNet-18 with a CIFAR stem",
           flags=frozenset({"running_stats"})),
     Entry("cnn", "fedepic.models:cnn_body", "a small CNN (28x28 or 32x32)"),
+    Entry("cnn_mnist", "fedepic.models:cnn_mnist_body", "ByzFL's cnn_mnist (two 5x5 convs, 500 hidden)"),
     Entry("mlp", "fedepic.models:mlp_body", "a two-layer MLP"),
 ])

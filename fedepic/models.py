@@ -66,6 +66,19 @@ def cnn_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     return body, 128
 
 
+def cnn_mnist_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """ByzFL's ``cnn_mnist`` (LPD-EPFL/byzfl, fed_framework/models.py, 431,080 parameters on 28x28):
+    two unpadded 5x5 convolutions (20, 50 channels), each followed by ReLU and 2x2 max-pooling, then a
+    hidden layer of 500. Its log-softmax output and NLL loss are our logits and cross-entropy."""
+    side = ((image_size - 4) // 2 - 4) // 2
+    body = nn.Sequential(
+        nn.Conv2d(in_channels, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(50 * side * side, 500), nn.ReLU(inplace=True),
+    )
+    return body, 500
+
+
 def mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     """Two hidden layers (256, 128) on the flattened image."""
     body = nn.Sequential(

@@ -1,7 +1,7 @@
 """Seeded, disjoint and complete partitions of a labelled dataset across clients.
 
 Schemes: iid, dirichlet(alpha) (Hsu et al. 2019), shards (McMahan et al. 2017: k label-sorted shards per
-client) and explicit label sets (which clients hold which labels).
+client), explicit label sets (which clients hold which labels) and saved rows (a split made elsewhere).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from fedepic.config import DataConfig, LabelGroup
+from fedepic.errors import ConfigError
 
 
 def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -70,6 +71,19 @@ def label_sets(labels: np.ndarray, num_clients: int, groups: Sequence[LabelGroup
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
+def saved_rows(path: str, num_clients: int, num_rows: int) -> list[np.ndarray]:
+    """The rows of every client as saved in ``path`` (client_0, client_1, ...): a split made elsewhere,
+    e.g. by another framework, so that both train on the same clients. Clients may hold no rows, and
+    rows may belong to nobody; the config check has refused overlaps."""
+    with np.load(path) as saved:
+        parts = [np.sort(saved[f"client_{k}"].astype(np.int64)) for k in range(num_clients)]
+    top = max((int(p.max()) for p in parts if p.size), default=-1)
+    if top >= num_rows:
+        raise ConfigError(f"invalid value {path!r} for key 'data.partition_file': row {top} is beyond the "
+                          f"{num_rows} training rows of the dataset")
+    return parts
+
+
 def partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int) -> list[np.ndarray]:
     """Row indices per client under `cfg.partition`, reproducible from `seed`."""
     labels = np.asarray(labels)
@@ -84,6 +98,8 @@ def partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int) 
         return shards(labels, num_clients, cfg.shards_per_client, rng)
     if cfg.partition == "label_sets":
         return label_sets(labels, num_clients, cfg.label_sets, rng)
+    if cfg.partition == "rows":
+        return saved_rows(cfg.partition_file, num_clients, len(labels))
     raise ValueError(f"unknown data.partition {cfg.partition!r}")
 
 

@@ -49,13 +49,41 @@ def split_flat(flat: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, 
 
 def stacked_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor, weight_decay: float = 0.0) -> Tensor:
     """Gradient [n, D] of ``cross_entropy(model_k(xb[k]), yb[k]) + weight_decay / 2 ||theta_k||^2`` for
-    every row k of ``flat`` [n, D] (parameters), with minibatches ``xb`` [n, B, ...] and ``yb`` [n, B]."""
+    every row k of ``flat`` [n, D] (parameters), with minibatches ``xb`` [n, B, ...] and ``yb`` [n, B].
+
+    ``flat`` may also be one point [D] shared by all n minibatches (the server-based per-step round,
+    where every client is at the global model): the parameters are then not batched, which keeps
+    convolutions ungrouped (13x faster for a 5x5 two-conv MNIST net with 10 clients here)."""
     layout = parameter_layout(model)
     fixed = {k: v for k, v in model.state_dict().items() if k in FIXED_BUFFERS}
+    shared = flat.dim() == 1
 
     def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(model, {**params, **fixed}, (x,)), y)
 
-    grads = vmap(grad(loss))(split_flat(flat, layout), xb, yb)
-    out = torch.cat([grads[name].reshape(flat.shape[0], -1) for name, _ in layout], dim=1)
+    points = flat[None] if shared else flat
+    params = {k: v[0] for k, v in split_flat(points, layout).items()} if shared else split_flat(points, layout)
+    grads = vmap(grad(loss), in_dims=(None if shared else 0, 0, 0))(params, xb, yb)
+    out = torch.cat([grads[name].reshape(xb.shape[0], -1) for name, _ in layout], dim=1)
     return out + weight_decay * flat if weight_decay else out
+
+
+def gradients_in_state_layout(model: nn.Module, like: dict[str, Tensor], points: Tensor, xb: Tensor,
+                              yb: Tensor, weight_decay: float = 0.0) -> Tensor:
+    """:func:`stacked_gradients` with ``points`` ([n, D] or one shared [D]) and the result [n, D] in the layout of
+    ``fedepic.vectors.flatten_state(like)``, where ``like`` is a full state dict (the fixed
+    normalisation buffers included, at which the gradient is 0): the server-based mode exchanges full
+    state dicts."""
+    params = dict(model.named_parameters())
+    keys = [k for k, v in like.items() if torch.is_floating_point(v)]
+    sizes = [like[k].numel() for k in keys]
+    is_param = [k in params for k in keys]
+    for k, param in zip(keys, is_param):
+        if not param and k not in FIXED_BUFFERS:
+            raise ValueError(f"stacked gradients need a model without running buffers; {k!r} is one")
+    pieces = points.split(sizes, dim=-1)
+    grads = stacked_gradients(model, torch.cat([p for p, keep in zip(pieces, is_param) if keep], dim=-1), xb, yb,
+                              weight_decay).split([s for s, keep in zip(sizes, is_param) if keep], dim=1)
+    it = iter(grads)
+    n = xb.shape[0]
+    return torch.cat([next(it) if keep else p.new_zeros(n, p.shape[-1]) for p, keep in zip(pieces, is_param)], dim=1)

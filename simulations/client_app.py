@@ -25,6 +25,17 @@ strategies never see the record: the server takes it out of the reply before agg
 Model attacks applied here, on the update u = w_local - w_global of a malicious client:
 sign_flip, gaussian (attack.sigma) and scaling (attack.scale). ALIE, IPM and min-max need the
 round's benign updates and are applied by the ServerApp (server_app.inject_model_attack).
+
+Per-step protocol (server.protocol=per_step, :func:`per_step_results`): a client takes one minibatch
+gradient g_i at the global model (``train.batch_size`` rows drawn with replacement, seeded by the
+seed, the client and the round; no weight decay: the server applies it), updates its momentum
+m_i <- beta m_i + (1 - beta) g_i (beta = ``train.momentum``, m_i(0) = 0) and sends m_i, laid out as
+the model's state dict (zero at the fixed normalisation buffers), after its own model attack
+(applied to m_i, as to an update); a malicious client whose vector a server-side attack (ALIE, IPM,
+min-max) replaces computes nothing and may hold no rows. m_i persists across rounds the way local EPIC's drops do: the
+server keeps it and sends it back (``MOMENTUM_KEY``), so clients stay stateless. The gradients of
+several clients are one vectorized call (``fedepic.stacked``): the in-process engine hands a round's
+messages to :func:`handle_train_batch` at once; on Ray each message is the case n = 1.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from functools import lru_cache
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,16 +55,19 @@ from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
+from fedepic.stacked import gradients_in_state_layout
 from fedepic.train import fit, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from simulations.client_data import ClientData, client_data_for, client_seed, config_from_text, dataset_for
+from simulations.dfl_node import minibatch_rows
 
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
 CONFIG_KEY = "fedepic-config"
 MEMBER_KEY = "member"
 EPIC_KEY = "epic-state"  # the client's local EPIC state, in train messages and replies
+MOMENTUM_KEY = "momentum"  # per_step: the client's momentum m_i (one flat vector), in train messages and replies
 
 
 # --------------------------------------------------------------------------- local work
@@ -67,6 +82,7 @@ class LocalResult:
     state: dict[str, torch.Tensor]  # the model state the client sends (after its model attack)
     metrics: dict[str, float]
     epic_state: Optional[dict]  # EpicState.state_dict() to keep, when local EPIC runs
+    momentum: Optional[torch.Tensor] = None  # per_step: the client's new m_i (before its model attack)
 
 
 def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_state: dict[str, torch.Tensor],
@@ -115,6 +131,52 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     return LocalResult(state, metrics, epic.state_dict() if epic is not None else None)
 
 
+@lru_cache(maxsize=2)
+def structure_model(text: str) -> torch.nn.Module:
+    """The model that per-step gradients are taken through (its structure and fixed buffers; its
+    parameters are never read): one per process and config, not one per message."""
+    return model_for(config_from_text(text), dataset_for(text))
+
+
+def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[ClientData],
+                     global_state: dict[str, torch.Tensor], server_round: int,
+                     momenta: Sequence[Optional[torch.Tensor]]) -> list[LocalResult]:
+    """One per-step round of ``clients`` (module docstring): their minibatch gradients at the global
+    model in one vectorized call, their momenta, and what each sends (after its client-side attack)."""
+    started = time.perf_counter()
+    base = flatten_state(global_state)
+    seeds = [client_seed(cfg, c.client_id) + server_round for c in clients]
+    # a malicious client whose vector the server-side attack replaces computes nothing (as in ByzFL, its
+    # rows are not needed: it may hold none)
+    replaced = [c.is_malicious and needs_honest(cfg.attack.model) for c in clients]
+    computing = [i for i, skip in enumerate(replaced) if not skip]
+    grads = torch.zeros(len(clients), base.numel())
+    if computing:
+        rows = [minibatch_rows(len(clients[i]), cfg.train.batch_size, seeds[i]) for i in computing]
+        xb = torch.stack([clients[i].x[r] for i, r in zip(computing, rows)])
+        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])
+        # one shared point, the global model, for every client
+        grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
+    beta = cfg.train.momentum
+    seconds = (time.perf_counter() - started) / max(len(computing), 1)
+    results = []
+    for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
+        momentum = (1.0 - beta) * gradient if previous is None else beta * previous + (1.0 - beta) * gradient
+        sent, attack_nonfinite = momentum, 0
+        if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
+            outcome = run_model_attack(cfg.attack.model, momentum[None], momentum, torch.Generator().manual_seed(seed),
+                                       **model_attack_arguments(cfg.attack))
+            sent, attack_nonfinite = outcome.update, outcome.nonfinite
+        metrics = {"num-examples": cfg.train.batch_size,  # equal weights: the literature's plain mean
+                   "partition-id": client.client_id, "malicious": int(client.is_malicious), "train-loss": UNKNOWN,
+                   "poisoned-rows": int(client.poisoned.sum()), "epic-dropped": 0, "epic-selections": 0,
+                   "epic-poison-recall": UNKNOWN, "epic-skipped-nonfinite": 0, "attack-nonfinite": attack_nonfinite,
+                   "train-seconds": seconds}
+        results.append(LocalResult(unflatten_like(sent, global_state), metrics, None, momentum))
+    return results
+
+
 def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> tuple[dict[str, torch.Tensor], int]:
     """The attacked model state, and how many attack inputs were non-finite (left out or replaced)."""
     base = flatten_state(global_state)
@@ -148,12 +210,42 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train on this node's partition from the received global model (and the local EPIC state the
     message carries, if any); reply with one ArrayRecord and one MetricRecord (the same metric keys on
     every client, as Flower's strategies require), plus the new EPIC state when local EPIC runs."""
+    return handle_train_batch([msg], [context])[0]
+
+
+def handle_train_batch(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+    """The replies to train messages of one round (``handle_train`` for each; under the per-step
+    protocol, the gradients of all of them in one vectorized call)."""
+    config = messages[0].content.config_records["config"]
+    text = str(config[CONFIG_KEY])
+    cfg = config_from_text(text)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.server.protocol != "per_step":
+        return [_train_reply(m, c) for m, c in zip(messages, contexts)]
+    clients = [client_data_for(text, int(c.node_config["partition-id"])) for c in contexts]
+    momenta = [_momentum_of(m) for m in messages]
+    global_state = next(iter(messages[0].content.array_records.values())).to_torch_state_dict()
+    results = per_step_results(cfg, structure_model(text), clients, global_state, int(config["server-round"]),
+                               momenta)
+    replies = []
+    for msg, result in zip(messages, results):
+        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),
+                              MOMENTUM_KEY: ArrayRecord({"m": result.momentum})})
+        replies.append(Message(content=content, reply_to=msg))
+    return replies
+
+
+def _momentum_of(msg: Message) -> Optional[torch.Tensor]:
+    record = msg.content.array_records.get(MOMENTUM_KEY)
+    return None if record is None else record.to_torch_state_dict()["m"]
+
+
+def _train_reply(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     text = str(config[CONFIG_KEY])
     server_round = int(config["server-round"])
     cfg = config_from_text(text)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     client = client_data_for(text, int(context.node_config["partition-id"]))
     records = msg.content.config_records
     saved = unpack_epic_state(records[EPIC_KEY]) if EPIC_KEY in records else None

@@ -365,7 +365,7 @@ def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
 def minibatch_rows(rows: int, batch_size: int, seed: int) -> Tensor:
     """``batch_size`` row indices in [0, rows), drawn with replacement from a generator seeded by ``seed``."""
     if rows <= 0:
-        raise ValueError("a DSGT node needs at least one training row")
+        raise ValueError("a one-step gradient needs at least one training row (this client or node has none)")
     return torch.randint(rows, (batch_size,), generator=torch.Generator().manual_seed(seed))
 
 

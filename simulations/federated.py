@@ -5,6 +5,8 @@ All members of `strategies:` share one simulation (one Ray start): the ServerApp
 after another over the same SuperNodes (see server_app.py). With `ray.address` set, the run attaches
 to that Ray cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on others)
 instead of starting a local one. A comparison of only `centralized-epic` needs no Flower at all.
+With `engine: local` the same ServerApp code runs over every client in this process, with no Ray
+(simulations/local_grid.py): the engine for many small rounds on one machine.
 
 Every member checkpoints itself after every `checkpoint_every`-th round; `resume=` continues an
 interrupted run in its folder from those checkpoints (simulations/server_checkpoints.py).
@@ -19,7 +21,7 @@ from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
-from simulations.client_data import checked_poison_set, poison_set
+from simulations.client_data import checked_poison_set, client_partition, poison_set
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 
 
@@ -33,6 +35,17 @@ def check_federated(cfg: RunConfig) -> None:
             raise ConfigError(f"invalid value {name!r} for key 'strategies[{i}]': listed twice")
         seen.add(name)
     poison_set(cfg)  # gradient_matching needs attack.poisons
+
+
+def _serve_locally(cfg: RunConfig, life: Any, client_app: Optional[Any]) -> None:
+    """engine=local: the ServerApp's code over every client in this process (simulations/local_grid.py),
+    in the main thread, so a signal stops the run at once."""
+    from simulations.local_grid import LocalGrid, server_identity
+    from simulations.server_app import serve
+
+    quiet_flower()  # again: importing Flower's strategies sets its logger's level back to INFO
+    with server_identity():
+        serve(LocalGrid(cfg.clients.count, client_app=client_app), cfg, life, life.interrupts.stop)
 
 
 def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupts: Optional[Interrupts] = None,
@@ -49,11 +62,17 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     check_ray_address(cfg)  # before a run folder exists
     data = load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
     checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data
+    try:
+        client_partition(cfg, data)  # and a split that does not (data.partition_file's rows)
+    except ValueError as err:
+        raise ConfigError(f"invalid value {cfg.data.partition!r} for key 'data.partition': {err}") from None
     from simulations.server_app import make_server_app, open_run, serve
 
     with open_run(cfg, interrupts=interrupts, resume=resume) as life:  # reads the checkpoints, then opens the folder
         if all(name == "centralized-epic" for name in cfg.strategies):
             serve(None, cfg, life, life.interrupts.stop)  # main thread: a signal raises at once
+        elif cfg.engine == "local":
+            _serve_locally(cfg, life, client_app)
         else:
             if client_app is None:
                 from simulations.client_app import app as client_app

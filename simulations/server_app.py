@@ -16,6 +16,22 @@ clients drawn in a round depend on the seed and the round only, not on the rando
 Each member checkpoints everything that decides its next rounds after every `checkpoint_every`-th
 round, and a resumed run (`open_run(cfg, resume=...)`) continues from there: see server_checkpoints.py.
 
+Per-step protocol (``server.protocol=per_step``; Karimireddy, He, Jaggi, "Learning from history for
+Byzantine robust optimization", ICML 2021; Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan,
+"Fixing by mixing: a recipe for optimal Byzantine ML under heterogeneity", AISTATS 2023). In round t
+every sampled client sends its momentum m_i (client_app.py: one minibatch gradient g_i at w_t,
+m_i <- beta m_i + (1 - beta) g_i), the attacks replace the malicious vectors, the optional
+pre-aggregation and the strategy aggregate the momenta, and the server steps
+
+    w_{t+1} = w_t - eta_t (agg(m_1, ..., m_n) + lambda w_t),   eta_t = server.lr (else train.lr),
+                                                                  lambda = train.weight_decay,
+
+on every float entry but the fixed normalisation buffers. The momenta are the "updates" there: the
+attacks, NNM, clipping (radius on m_i) and the reported norms see m_i itself, not w_t + m_i.
+Translation-equivariant rules (mean, median, trimmed mean, Krum, Bulyan) aggregate m_i exactly as
+they would the models w_t - eta m_i. The server keeps each m_i between rounds, as it keeps local
+EPIC's drops, and checkpoints it.
+
 Attack injector (ALIE, IPM, min-max): these attacks need the round's benign updates, so they are
 applied here, after the replies arrive and before aggregation. This simulates omniscient, colluding
 attackers, as in the papers: each malicious reply's model becomes w_global + attack(benign updates).
@@ -51,6 +67,7 @@ from fedepic.attacks.model_attacks import (
 )
 from fedepic.builders import build_model, epic_schedule
 from fedepic.metrics import poison_stats
+from fedepic.models import FIXED_BUFFERS
 from fedepic.checkpoint import Resume, checkpoint_due
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
@@ -63,7 +80,7 @@ from fedepic.errors import RunInterrupted
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, model_for
+from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, MOMENTUM_KEY, model_for
 from simulations.client_data import build_client_data, client_partition, partition_report, poison_set, worker_config
 from simulations.flower_runtime import interrupted_quietly, quiet_flower
 from simulations.messaging import check_failures, exchange, wait_for_nodes
@@ -95,7 +112,9 @@ class MemberResult:
     still has its finished rounds."""
 
     row: dict = field(default_factory=dict)
-    curves: dict[str, list[float]] = field(default_factory=lambda: {"accuracy": [], "attack_success": []})
+    # with train.eval_every > 1 the rounds evaluated are a subset: "accuracy@x" holds them (fedepic.plots)
+    curves: dict[str, list[float]] = field(default_factory=lambda: {
+        "accuracy": [], "attack_success": [], "accuracy@x": [], "attack_success@x": []})
 
 
 class Evaluator:
@@ -222,16 +241,19 @@ class Progress:
     diverged_round: Optional[int] = None  # the first round whose global model is non-finite
     nonfinite: int = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
     epic: dict[int, dict] = field(default_factory=dict)  # partition id -> its packed local EPIC state
+    momentum: dict[int, torch.Tensor] = field(default_factory=dict)  # per_step: partition id -> its m_i
 
     def state_dict(self) -> dict:
         return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
                 "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
-                "epic": {pid: dict(state) for pid, state in self.epic.items()}}
+                "epic": {pid: dict(state) for pid, state in self.epic.items()},
+                "momentum": {pid: m.clone() for pid, m in self.momentum.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Progress":
         return cls(dict(state["like"]), Tally(**state["tally"]), list(state["recalls"]), state["diverged_round"],
-                   int(state["nonfinite"]), {int(pid): dict(s) for pid, s in state["epic"].items()})
+                   int(state["nonfinite"]), {int(pid): dict(s) for pid, s in state["epic"].items()},
+                   {int(pid): m for pid, m in state.get("momentum", {}).items()})
 
 
 class PartitionGrid:
@@ -257,25 +279,54 @@ class PartitionGrid:
         return getattr(self.grid, name)
 
 
-def _with_epic_state(msg: Message, grid: PartitionGrid, states: dict[int, dict]) -> Message:
-    """``msg`` carrying the receiving client's local EPIC state, if the server holds one (a new
-    Message: Flower's strategies give all messages of a round one content)."""
+def _with_client_state(msg: Message, grid: PartitionGrid, progress: Progress) -> Message:
+    """``msg`` carrying the receiving client's local EPIC state and momentum, where the server holds
+    them (a new Message: Flower's strategies give all messages of a round one content)."""
     partition = grid.partitions.get(int(msg.metadata.dst_node_id))
-    state = states.get(partition) if partition is not None else None
-    if state is None:
+    if partition is None or (partition not in progress.epic and partition not in progress.momentum):
         return msg
-    content = RecordDict({**msg.content, EPIC_KEY: ConfigRecord(dict(state))})
+    extra: dict[str, Any] = {}
+    if partition in progress.epic:
+        extra[EPIC_KEY] = ConfigRecord(dict(progress.epic[partition]))
+    if partition in progress.momentum:
+        extra[MOMENTUM_KEY] = ArrayRecord({"m": progress.momentum[partition]})
+    content = RecordDict({**msg.content, **extra})
     return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
 
-def _take_epic_states(valid: list[Message], grid: PartitionGrid, states: dict[int, dict]) -> None:
-    """Keep each reply's local EPIC state (and its node's partition) and take it out of the reply, so
-    that the strategy aggregates exactly the ArrayRecord and MetricRecord Flower validates."""
+def _take_client_states(valid: list[Message], grid: PartitionGrid, progress: Progress) -> None:
+    """Keep each reply's local EPIC state and momentum (and its node's partition) and take them out of
+    the reply, so that the strategy aggregates exactly the ArrayRecord and MetricRecord Flower validates."""
     for msg in valid:
         partition = int(_client_metrics(msg)["partition-id"])
         grid.partitions[int(msg.metadata.src_node_id)] = partition
         if EPIC_KEY in msg.content.config_records:
-            states[partition] = dict(msg.content.pop(EPIC_KEY))
+            progress.epic[partition] = dict(msg.content.pop(EPIC_KEY))
+        if MOMENTUM_KEY in msg.content.array_records:
+            progress.momentum[partition] = msg.content.pop(MOMENTUM_KEY).to_torch_state_dict()["m"]
+
+
+def per_step(cfg: RunConfig) -> bool:
+    return cfg.server.protocol == "per_step"
+
+
+def server_lr(cfg: RunConfig, rnd: int) -> float:
+    """eta_t of the per-step server step: server.lr (else train.lr), times train.gamma per passed
+    milestone of train.milestones (in rounds)."""
+    base = cfg.server.lr if cfg.server.lr is not None else cfg.train.lr
+    return base * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if rnd - 1 >= m)
+
+
+def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], lr: float,
+                weight_decay: float) -> dict[str, torch.Tensor]:
+    """w - lr (d + weight_decay w) on every float entry but the fixed normalisation buffers."""
+    out = {}
+    for key, value in like.items():
+        if torch.is_floating_point(value) and key not in FIXED_BUFFERS:
+            out[key] = value - lr * (direction[key].to(value.dtype) + weight_decay * value)
+        else:
+            out[key] = value.clone()
+    return out
 
 
 def server_steps(cfg: RunConfig) -> list:
@@ -292,15 +343,16 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
     Updates ``progress``; returns the round's metrics record and the number of clients asked."""
     t0 = time.perf_counter()
     random.seed(cfg.seed * 7919 + rnd)  # Flower samples with `random`: every member sees the same clients
-    messages = [_with_epic_state(m, grid, progress.epic) for m in tracked.strategy.configure_train(
+    messages = [_with_client_state(m, grid, progress) for m in tracked.strategy.configure_train(
         rnd, ArrayRecord(progress.like), ConfigRecord(dict(config)), grid)]
     replies = sorted(exchange(grid, messages, ROUND_TIMEOUT_S, stop), key=_reply_order)
     valid = [m for m in replies if not m.has_error()]
-    _take_epic_states(valid, grid, progress.epic)
+    _take_client_states(valid, grid, progress)
     bad_ids = set(malicious_ids(cfg))
     malicious = [int(_client_metrics(m)["partition-id"]) in bad_ids for m in valid]
     like = progress.like
-    global_vec = flatten_state(like)
+    # the vectors' origin: per_step clients send momenta, the others models (updates are model - global)
+    global_vec = torch.zeros(flatten_state(like).numel()) if per_step(cfg) else flatten_state(like)
     stack = torch.stack([record_vector(m.content[_array_key(m)]) for m in valid]) if valid else torch.zeros(0)
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd) if valid else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
@@ -312,10 +364,15 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
             m.content[_array_key(m)] = ArrayRecord(unflatten_like(stack[i], like))
     outcome = tracked.aggregate(rnd, replies, stack)
     progress.nonfinite += outcome.nonfinite_count
-    if outcome.arrays is not None:
+    if outcome.arrays is not None and per_step(cfg):
+        progress.like = server_step(like, outcome.arrays.to_torch_state_dict(), server_lr(cfg, rnd),
+                                    cfg.train.weight_decay)
+    elif outcome.arrays is not None:
         progress.like = outcome.arrays.to_torch_state_dict()
-    ev = evaluator(progress.like)
-    diverged = not math.isfinite(ev["loss"]) or not bool(torch.isfinite(flatten_state(progress.like)).all())
+    evaluated = rnd % cfg.train.eval_every == 0 or rnd == cfg.rounds
+    ev = evaluator(progress.like) if evaluated else dict.fromkeys(("accuracy", "loss", "per_class", "attack_success"))
+    diverged = ((evaluated and not math.isfinite(ev["loss"]))
+                or not bool(torch.isfinite(flatten_state(progress.like)).all()))
     if diverged and progress.diverged_round is None:
         progress.diverged_round = rnd
     clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
@@ -358,9 +415,8 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     for rnd in range(first, cfg.rounds + 1):
         record, asked = _train_round(grid, cfg, tracked, rnd, config, evaluator, stop, progress)
         member.log(record)
-        result.curves["accuracy"].append(record["accuracy"])
-        result.curves["attack_success"].append(math.nan if record["attack_success"] is None
-                                               else record["attack_success"])
+        if record["accuracy"] is not None:
+            _append_point(result.curves, rnd, record["accuracy"], record["attack_success"])
         check_failures(cfg, f"{name}, round {rnd}", record["failures"], asked)
         if checkpoint_due(cfg.checkpoint_every, rnd, cfg.rounds):
             save_member_checkpoint(member, {"member": name, "round": rnd, "progress": progress.state_dict(),
@@ -369,6 +425,13 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     result.row = {**_row(name, result.curves, time.perf_counter() - started), **progress.tally.rates(),
                   "poison_recall": sum(recalls) / len(recalls) if recalls else None,
                   "diverged_round": progress.diverged_round, "nonfinite_replies": progress.nonfinite}
+
+
+def _append_point(curves: dict[str, list[float]], rnd: int, accuracy: float, success: Optional[float]) -> None:
+    curves["accuracy"].append(accuracy)
+    curves["attack_success"].append(math.nan if success is None else success)
+    for key in ("accuracy@x", "attack_success@x"):
+        curves.setdefault(key, []).append(rnd)
 
 
 def _row(name: str, curves: dict[str, list[float]], seconds: float) -> dict:
@@ -411,8 +474,7 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
         stats = state.maybe_select(epoch, net, x, y, poisoned) or {}
         if epoch % cfg.clients.local_epochs == 0:
             ev = evaluator.measure(net)
-            curves["accuracy"].append(ev["accuracy"])
-            curves["attack_success"].append(math.nan if ev["attack_success"] is None else ev["attack_success"])
+            _append_point(curves, epoch // cfg.clients.local_epochs, ev["accuracy"], ev["attack_success"])
             member.log({"round": epoch // cfg.clients.local_epochs, "epoch": epoch, "strategy": "centralized-epic",
                         **ev, "epic": stats or None, "dropped_total": int((~state.keep).sum())})
         return {}

@@ -62,3 +62,39 @@ def test_label_sets_reject_orphan_labels(mnist_labels):
     cfg = DataConfig(partition="label_sets", label_sets=[LabelGroup(clients=[0, 1], labels=[0, 1])])
     with pytest.raises(ValueError, match="held by no client"):
         partition(mnist_labels, 2, cfg, seed=0)
+
+
+def test_saved_rows_are_read_as_they_are(tmp_path, mnist_labels):
+    """partition=rows: a split made elsewhere (another framework's, e.g. ByzFL's) is taken as saved;
+    clients may be empty and rows may belong to nobody."""
+    path = tmp_path / "split.npz"
+    np.savez(path, client_0=np.array([5, 1, 3]), client_1=np.array([], dtype=np.int64), client_2=np.array([59_999]))
+    parts = partition(mnist_labels, 3, DataConfig(partition="rows", partition_file=str(path)), seed=0)
+    assert [p.tolist() for p in parts] == [[1, 3, 5], [], [59_999]]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"client_0": [1, 2]}, "expected the arrays client_0 .. client_1"),
+    ({"client_0": [1, 2], "client_1": [2]}, "client_1 repeats a row"),
+    ({"client_0": [1.5], "client_1": [2]}, "integer row indices"),
+    ({"client_0": [-1], "client_1": [2]}, "negative row index"),
+])
+def test_a_bad_saved_split_is_one_line_naming_the_key(tmp_path, arrays, message):
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError
+
+    path = tmp_path / "split.npz"
+    np.savez(path, **{k: np.array(v) for k, v in arrays.items()})
+    with pytest.raises(ConfigError, match=f"'data.partition_file'.*{message}"):
+        load_config(None, ["data.partition=rows", f"data.partition_file={path}", "clients.count=2"])
+    with pytest.raises(ConfigError, match="'data.partition_file'.*cannot read"):
+        load_config(None, ["data.partition=rows", f"data.partition_file={tmp_path / 'none.npz'}", "clients.count=2"])
+
+
+def test_saved_rows_beyond_the_dataset_are_refused(tmp_path, mnist_labels):
+    from fedepic.errors import ConfigError
+
+    path = tmp_path / "split.npz"
+    np.savez(path, client_0=np.array([60_000]))
+    with pytest.raises(ConfigError, match="row 60000 is beyond the 60000 training rows"):
+        partition(mnist_labels, 1, DataConfig(partition="rows", partition_file=str(path)), seed=0)

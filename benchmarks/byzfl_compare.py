@@ -1,0 +1,150 @@
+"""fedepic against ByzFL on ByzFL's own benchmark scenario, side by side, on this machine, in one run.
+
+    python benchmarks/byzfl_compare.py [--steps 800] [--rows none_avg,alie_tm,...] [--markdown]
+
+The scenario (ByzFL 0.0.11's benchmark defaults where the issue does not fix a value):
+- MNIST, all 60,000 training rows (ByzFL's size_train_set 1.0: no validation split), 10 honest
+  clients with ByzFL's own Dirichlet(0.5) split made under its data_distribution_seed 0
+  (benchmarks/byzfl_side.py ``split``), and 2 Byzantine clients holding no rows;
+- ByzFL's ``cnn_mnist`` (fedepic: ``model.name=cnn_mnist``, the same layers);
+- the per-step protocol: batch 25, client momentum 0.9 (m <- 0.9 m + 0.1 g), server SGD with lr 0.1
+  and weight decay 1e-4 on the aggregate, 800 steps, test accuracy every 50 steps.
+
+Rows, and what each side runs:
+
+| row | ByzFL | fedepic |
+|---|---|---|
+| none_avg | NoAttack, Average, n = 10 (ByzFL refuses f > 0 without an attack) | fedavg, 10 clients |
+| alie_tm | ALittleIsEnough (mean + 1.5 std, ddof 1), TrMean f = 2 | alie with attack.alie_z=-1.5 (fedepic's ALIE is mean - z std), fedtrimmedavg trim 2 |
+| signflip_median | SignFlipping (-mean of the honest vectors), Median | ipm with attack.ipm_eps=1 (the same vector; fedepic's sign_flip flips the attacker's own update, and these attackers hold no rows), fedmedian |
+| ipm_tm_clip_nnm | InnerProductManipulation tau 2, [Clipping c = 2, NNM f = 2], TrMean f = 2 | ipm eps 2, pre_aggregation [clip, nnm], clip_radius 2, trim 2 |
+
+Known differences: ByzFL draws minibatches without replacement (a shuffled loader per client),
+fedepic with replacement; the initial weights differ (each side's own seeding); ByzFL evaluates at
+step 0 too (17 evaluations), fedepic at steps 50, 100, ..., 800 (16).
+
+Timing: ByzFL's is the wall time of its ``start_training`` call (data loading included); fedepic's is
+the wall time of the whole ``python -m fedepic.simulate`` process (interpreter start, imports, data
+loading included), so the ratio is conservative for fedepic. Both run with the machine's torch
+threads, one after the other, never together. ByzFL is installed from the registry into a throw-away
+venv (``--venv``, made on first use: torch 2.14.1 and torchvision 0.29.1 as fedepic's lock, then byzfl
+0.0.11). Prints one JSON line: per row both sides' seconds and final accuracies, the speed-up
+(ByzFL / fedepic) and the accuracy gap, and whether the targets hold (at least 2x on every row, 4x on
+the rows with a robust aggregator; accuracy within 2 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SIDE = REPO / "benchmarks" / "byzfl_side.py"
+BYZFL = "byzfl==0.0.11"
+TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+
+COMMON = ["mode=federated", "engine=local", "progress=false", "seed=0", "data.name=mnist", "data.partition=rows",
+          "model.name=cnn_mnist", "server.protocol=per_step", "train.lr=0.1", "train.momentum=0.9",
+          "train.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0"]
+FEDEPIC_ROWS = {
+    "none_avg": ["clients.count=10", "strategies=[fedavg]"],
+    "alie_tm": ["clients.count=12", "clients.malicious_ids=[10,11]", "attack.model=alie", "attack.alie_z=-1.5",
+                "strategies=[fedtrimmedavg]", "defense.trim=2"],
+    "signflip_median": ["clients.count=12", "clients.malicious_ids=[10,11]", "attack.model=ipm", "attack.ipm_eps=1.0",
+                        "strategies=[fedmedian]"],
+    "ipm_tm_clip_nnm": ["clients.count=12", "clients.malicious_ids=[10,11]", "attack.model=ipm", "attack.ipm_eps=2.0",
+                        "strategies=[fedtrimmedavg]", "defense.trim=2", "defense.pre_aggregation=[clip,nnm]",
+                        "defense.clip_radius=2.0", "defense.byzantine=2"],
+}
+ROBUST = {"alie_tm", "signflip_median", "ipm_tm_clip_nnm"}
+
+
+def byzfl_python(venv: Path) -> Path:
+    """The throw-away venv's python, made (and ByzFL installed) when missing."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        for packages in (TORCH, (BYZFL,)):
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+    return python
+
+
+def run_json(cmd: list[str], env: dict) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fedepic_row(row: str, split: Path, steps: int, eval_every: int, out: Path, env: dict) -> dict:
+    args = [*COMMON, f"data.partition_file={split}", f"rounds={steps}", f"train.eval_every={eval_every}",
+            f"output_dir={out}", f"name={row}", *FEDEPIC_ROWS[row]]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fedepic.simulate", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"fedepic row {row} failed:\n{done.stderr[-3000:]}")
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    member = json.loads(next(folder.glob("*/summary.json")).read_text())
+    return {"seconds": seconds, "member_seconds": member["seconds"], "final_accuracy": member["final_accuracy"],
+            "evaluations": len(member["curves"]["accuracy"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--rows", default=",".join(FEDEPIC_ROWS))
+    parser.add_argument("--venv", default=str(Path(tempfile.gettempdir()) / "fedepic-byzfl-venv"))
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    unknown = sorted(set(rows) - set(FEDEPIC_ROWS))
+    if unknown:
+        raise SystemExit(f"unknown --rows {', '.join(unknown)}; choose from {', '.join(FEDEPIC_ROWS)}")
+    data = os.environ.get("FEDEPIC_DATA")
+    if not data or not (Path(data) / "MNIST" / "raw").is_dir():
+        raise SystemExit("set FEDEPIC_DATA to a folder holding MNIST/raw (../shared/data/unpack.sh DIR prints one)")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    python = byzfl_python(Path(args.venv))
+    work = Path(tempfile.mkdtemp(prefix="byzfl-compare-"))
+    splits = {}
+    for byzantine in (0, 2):
+        splits[byzantine] = work / f"split_{byzantine}.npz"
+        subprocess.run([str(python), str(SIDE), "split", "--data", data, "--out", str(splits[byzantine]),
+                        "--byzantine", str(byzantine)], check=True, env=env)
+    results = {}
+    for row in rows:
+        theirs = run_json([str(python), str(SIDE), "train", "--data", data, "--row", row, "--steps", str(args.steps),
+                           "--eval-every", str(args.eval_every), "--results", str(work / "byzfl")], env)
+        ours = fedepic_row(row, splits[0 if row == "none_avg" else 2], args.steps, args.eval_every, work / "fedepic", env)
+        speedup = theirs["seconds"] / ours["seconds"]
+        gap = abs(ours["final_accuracy"] - theirs["final_accuracy"]) * 100
+        results[row] = {"byzfl": theirs, "fedepic": ours, "speedup": round(speedup, 2), "accuracy_gap_points": round(gap, 2),
+                        "speed_target": 4.0 if row in ROBUST else 2.0}
+    holds = {"speed": all(r["speedup"] >= r["speed_target"] for r in results.values()),
+             "accuracy": all(r["accuracy_gap_points"] <= 2.0 for r in results.values())}
+    import torch
+
+    print(json.dumps({"benchmark": "byzfl_compare", "steps": args.steps, "threads": torch.get_num_threads(),
+                      "cpus": os.cpu_count(), "rows": results, "targets_hold": holds}))
+    if args.markdown:
+        print("| row | ByzFL s | fedepic s (process / training) | speed-up | target | ByzFL acc | fedepic acc |",
+              file=sys.stderr)
+        print("|---|---|---|---|---|---|---|", file=sys.stderr)
+        for row, r in results.items():
+            b, f = r["byzfl"], r["fedepic"]
+            print(f"| {row} | {b['seconds']:.1f} | {f['seconds']:.1f} / {f['member_seconds']:.1f} | {r['speedup']:.2f}x | "
+                  f"{r['speed_target']:.0f}x | {100 * b['final_accuracy']:.2f} | {100 * f['final_accuracy']:.2f} |",
+                  file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

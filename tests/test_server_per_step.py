@@ -1,0 +1,173 @@
+"""The server-based per-step protocol (server.protocol=per_step) and the in-process engine of the
+server-based mode (engine=local, simulations/local_grid.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedepic.builders import build_model
+from fedepic.config import load_config
+from fedepic.data import load_dataset
+from fedepic.errors import ConfigError
+from fedepic.stacked import gradients_in_state_layout, stacked_gradients
+from fedepic.train import evaluate
+from fedepic.vectors import flatten_state
+from simulations.client_data import build_client_data, client_partition, client_seed
+from simulations.dfl_node import minibatch_rows
+from tests.test_federated import ENV, PYTHON, REPO, small_overrides
+from tests.test_resume import metrics_lines, only_folder, serve_locally
+
+
+def per_step_config(out: Path, *extra: str):
+    return load_config(None, ["mode=federated", "name=p", f"output_dir={out}", "progress=false", "data.name=mnist",
+                              "data.train_per_class=30", "data.test_per_class=20", "model.name=mlp",
+                              "server.protocol=per_step", "train.lr=0.1", "train.momentum=0.9",
+                              "train.weight_decay=0.01", "train.batch_size=16", "train.threads=1", "rounds=6",
+                              *extra])
+
+
+def assert_close(got, want, where: str, rel: float = 1e-5) -> None:
+    """Equal JSON values, floats within ``rel``."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close(got[k], want[k], f"{where}.{k}", rel)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, f"{where}[{i}]", rel)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=rel, abs=1e-7), where
+    else:
+        assert got == want, where
+
+
+def records(folder: Path, member: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / member / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_per_step_without_attackers_is_minibatch_sgd_with_momentum_on_the_pooled_data(tmp_path, task_identity):
+    """One client holding all rows: m <- beta m + (1 - beta) g, w <- w - lr (m + wd w), written by hand
+    with autograd, gives the run's test loss after every round."""
+    cfg = per_step_config(tmp_path, "clients.count=1", "strategies=[fedavg]", "train.milestones=[4]",
+                          "train.gamma=0.5")
+    folder = serve_locally(cfg, [7])
+    data = load_dataset(cfg.data, cfg.seed)
+    client = build_client_data(cfg, data, 0, client_partition(cfg, data))
+    assert len(client) == len(data.train_y)  # the pooled data
+    model = build_model(cfg, data, cfg.seed, torch.device("cpu"))
+    params = [p for p in model.parameters()]
+    momentum = [torch.zeros_like(p) for p in params]
+    for rnd, record in enumerate(records(folder, "fedavg"), start=1):
+        rows = minibatch_rows(len(client), cfg.train.batch_size, client_seed(cfg, 0) + rnd)
+        model.zero_grad()
+        F.cross_entropy(model(client.x[rows].float() / 255), client.y[rows]).backward()
+        lr = cfg.train.lr * (0.5 if rnd > 4 else 1.0)
+        with torch.no_grad():
+            for p, m in zip(params, momentum):
+                m.mul_(cfg.train.momentum).add_((1 - cfg.train.momentum) * p.grad)
+                p.sub_(lr * (m + cfg.train.weight_decay * p))
+        ev = evaluate(model, data.test_x, data.test_y, 1024, data.num_classes, False)
+        assert record["loss"] == pytest.approx(ev["loss"], rel=1e-5, abs=1e-6), rnd
+        assert record["accuracy"] == pytest.approx(ev["accuracy"])
+        assert record["clients"][0]["update_norm"] == pytest.approx(
+            float(torch.cat([m.reshape(-1) for m in momentum]).norm()), rel=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_the_vectorized_gradients_equal_the_loop_over_clients(model_name):
+    """At one shared point (server-based) and at one point per client (decentralized): the gradient of
+    every client's minibatch equals autograd's on that client alone."""
+    cfg = load_config(None, ["data.name=synthetic", f"model.name={model_name}"])
+    data = load_dataset(cfg.data, 0)
+    model = build_model(cfg, data, 3, torch.device("cpu"))
+    state = model.state_dict()
+    n, batch = 3, 5
+    xb = data.train_x[: n * batch].float().div(255).reshape(n, batch, *data.train_x.shape[1:])
+    yb = data.train_y[: n * batch].reshape(n, batch)
+    shared = gradients_in_state_layout(model, state, flatten_state(state), xb, yb)
+    points = torch.stack([flatten_state(state) + 0.01 * k for k in range(n)])
+    per_point = gradients_in_state_layout(model, state, points, xb, yb)
+    for k in range(n):
+        for got, offset in ((shared, 0.0), (per_point, 0.01 * k)):
+            reference = build_model(cfg, data, 3, torch.device("cpu"))
+            with torch.no_grad():
+                for p in reference.parameters():
+                    p.add_(offset)
+            F.cross_entropy(reference(xb[k]), yb[k]).backward()
+            want = {name: p.grad for name, p in reference.named_parameters()}
+            flat = torch.cat([want[name].reshape(-1) if name in want else torch.zeros(v.numel())
+                              for name, v in state.items() if torch.is_floating_point(v)])
+            torch.testing.assert_close(got[k], flat, rtol=1e-4, atol=1e-5)
+    # the fixed normalisation buffers have no gradient; the parameter-only layout agrees
+    params = torch.cat([v.reshape(-1) for v in model.parameters()])
+    torch.testing.assert_close(stacked_gradients(model, params, xb, yb),
+                               stacked_gradients(model, params.expand(n, -1).contiguous(), xb, yb),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_per_step_momenta_persist_through_a_resume(tmp_path, task_identity):
+    """The server holds every m_i: a run cut after round 3 and resumed over new node ids logs what an
+    uninterrupted one does."""
+    from fedepic.checkpoint import CHECKPOINT, load_checkpoint, resume_config
+    from fedepic.errors import RunInterrupted
+    from tests.test_resume import StopAt, assert_same_run
+
+    extra = ("clients.count=4", "clients.malicious_ids=[1]", "attack.model=alie", "strategies=[fedavg,fedtrimmedavg]",
+             "defense.trim=1", "defense.pre_aggregation=[clip]", "defense.clip_radius=0.5", "checkpoint_every=1")
+    reference = serve_locally(per_step_config(tmp_path / "ref", *extra), [1, 2, 3, 4])
+    out = tmp_path / "cut"
+    with pytest.raises(RunInterrupted):
+        serve_locally(per_step_config(out, *extra), [9, 8, 7, 6], StopAt(out, ".*partial/fedtrimmedavg/metrics.jsonl", 3))
+    folder = only_folder(out)
+    saved = load_checkpoint(folder / "fedtrimmedavg" / CHECKPOINT)
+    assert sorted(saved["progress"]["momentum"]) == [0, 1, 2, 3]
+    cfg, point = resume_config(str(folder), None, [])
+    assert_same_run(serve_locally(cfg, [40, 30, 20, 10], resume=point), reference, ["fedavg", "fedtrimmedavg"])
+    clients = records(reference, "fedtrimmedavg")[-1]["clients"]
+    assert all(c["update_norm"] <= 0.5 + 1e-5 for c in clients)  # clipping acts on the momenta
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["clients.local_epochs=2"], "clients.local_epochs"),
+    (["train.augment=crop"], "train.augment"),
+    (["defense.local_epic=true"], "defense.local_epic"),
+    (["strategies=[fedavg,centralized-epic]"], "strategies"),
+    (["model.name=resnet18", "data.name=cifar10"], "model.name"),
+    (["server.protocol=steps"], "server.protocol"),
+    (["server.lr=0"], "server.lr"),
+])
+def test_per_step_refuses_what_it_would_ignore(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        per_step_config(tmp_path, *overrides)
+
+
+def test_both_engines_give_the_same_federated_run(tmp_path):
+    """engine=local (in process) and engine=ray (Flower's simulation engine) on one small config, for
+    both protocols: the same metrics, apart from timings."""
+    def run(out: Path, **extra: str) -> Path:
+        args = small_overrides(out, **{"strategies": "[fedavg,fedmedian]", "clients.malicious_ids": "[0]",
+                                       "attack.model": "sign_flip", **extra})
+        done = subprocess.run([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return only_folder(out)
+
+    per_step = {"server.protocol": "per_step", "rounds": "4", "clients.local_epochs": "1", "train.momentum": "0.5"}
+    for name, extra in (("epochs", {}), ("steps", per_step)):
+        local = run(tmp_path / f"{name}-local", engine="local", **extra)
+        ray = run(tmp_path / f"{name}-ray", **extra)
+        for member in ("", "fedavg", "fedmedian"):
+            got, want = metrics_lines(local / member / "metrics.jsonl"), metrics_lines(ray / member / "metrics.jsonl")
+            if member == "":  # the root logs the warm-up's worker pids: they differ by engine
+                got, want = got[1:], want[1:]
+            if name == "epochs":  # the same calls in the same order: identical
+                assert got == want, f"{name}/{member or 'root'}"
+            else:  # one vectorized call over 4 clients against 4 calls of one: the last bits may differ
+                assert_close([json.loads(x) for x in got], [json.loads(x) for x in want], f"{name}/{member or 'root'}")
