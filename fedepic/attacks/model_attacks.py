@@ -40,8 +40,8 @@ def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
 def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
     """(finite honest rows, own or its replacement, how many vectors were left out); see the module docstring."""
     keep = torch.isfinite(honest).all(dim=1)
-    finite = honest[keep]
     count = int((~keep).sum())
+    finite = honest if count == 0 else honest[keep]  # no copy of the common all-finite case
     if not bool(torch.isfinite(own).all()):
         count += 1
         own = finite.mean(dim=0) if finite.shape[0] else torch.zeros_like(own)
