@@ -19,9 +19,10 @@ Rows, and what each side runs:
 | signflip_median | SignFlipping (-mean of the honest vectors), Median | ipm with attack.ipm_eps=1 (the same vector; fedepic's sign_flip flips the attacker's own update, and these attackers hold no rows), fedmedian |
 | ipm_tm_clip_nnm | InnerProductManipulation tau 2, [Clipping c = 2, NNM f = 2], TrMean f = 2 | ipm eps 2, pre_aggregation [clip, nnm], clip_radius 2, trim 2 |
 
-Known differences: ByzFL draws minibatches without replacement (a shuffled loader per client),
-fedepic with replacement; the initial weights differ (each side's own seeding); ByzFL evaluates at
-step 0 too (17 evaluations), fedepic at steps 50, 100, ..., 800 (16).
+Known differences: ByzFL draws minibatches without replacement (a shuffled loader per client, a
+short last batch per epoch), fedepic with replacement; the initial weights differ (each side's own
+seeding); ByzFL normalises with MNIST's usual (0.1307, 0.3081), fedepic with statistics of its own
+training images; ByzFL evaluates at step 0 too (17 evaluations), fedepic at steps 50, 100, ..., 800 (16).
 
 Timing: ByzFL's is the wall time of its ``start_training`` call (data loading included); fedepic's is
 the wall time of the whole ``python -m fedepic.simulate`` process (interpreter start, imports, data
@@ -67,11 +68,12 @@ ROBUST = {"alie_tm", "signflip_median", "ipm_tm_clip_nnm"}
 
 def byzfl_python(venv: Path) -> Path:
     """The throw-away venv's python, made (and ByzFL installed) when missing."""
-    python = venv / "bin" / "python"
-    if not python.exists():
+    python, ready = venv / "bin" / "python", venv / ".fedepic-ready"
+    if not ready.exists():  # a venv whose install failed half-way is installed into again
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         for packages in (TORCH, (BYZFL,)):
             subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+        ready.write_text(BYZFL + "\n")
     return python
 
 
@@ -123,7 +125,7 @@ def main() -> None:
     results = {}
     for row in rows:
         theirs = run_json([str(python), str(SIDE), "train", "--data", data, "--row", row, "--steps", str(args.steps),
-                           "--eval-every", str(args.eval_every), "--results", str(work / "byzfl")], env)
+                           "--eval-every", str(args.eval_every), "--results", str(work / "byzfl" / row)], env)
         ours = fedepic_row(row, splits[0 if row == "none_avg" else 2], args.steps, args.eval_every, work / "fedepic", env)
         speedup = theirs["seconds"] / ours["seconds"]
         gap = abs(ours["final_accuracy"] - theirs["final_accuracy"]) * 100

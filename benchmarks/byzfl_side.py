@@ -69,13 +69,13 @@ def train_row(data: str, row: str, steps: int, seed: int, results: str, eval_eve
                                    "store_models": False, "data_folder": data, "results_directory": results},
     }
     started = time.perf_counter()
-    start_training(params)
+    start_training(params)  # its results land under ``results`` (one folder per row: the caller's)
     seconds = time.perf_counter() - started
-    accuracies = sorted(Path(results).glob(f"**/test_accuracy_tr_seed_{seed}_dd_seed_{seed}.txt"),
-                        key=lambda p: p.stat().st_mtime)
-    values = [float(v) for v in accuracies[-1].read_text().replace(",", " ").split()] if accuracies else []
-    return {"row": row, "seconds": seconds, "final_accuracy": values[-1] if values else None,
-            "evaluations": len(values)}
+    files = list(Path(results).glob(f"**/test_accuracy_tr_seed_{seed}_dd_seed_{seed}.txt"))
+    if len(files) != 1:
+        raise SystemExit(f"expected one test-accuracy file of ByzFL under {results}, found {len(files)}")
+    values = [float(v) for v in files[0].read_text().replace(",", " ").split()]
+    return {"row": row, "seconds": seconds, "final_accuracy": values[-1], "evaluations": len(values)}
 
 
 def main() -> None:

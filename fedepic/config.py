@@ -8,6 +8,7 @@ one place that turns user input into a validated config, and every problem it fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -493,8 +494,12 @@ def _validate_server(cfg: RunConfig) -> None:
     """``server.*``; per_step refuses what it would ignore (local epochs, augmentation, local EPIC, the
     epoch-based centralized reference, BatchNorm statistics)."""
     _choice("server.protocol", cfg.server.protocol, SERVER_PROTOCOLS)
+    _check(cfg.mode == "federated" or cfg.server.protocol == "local_epochs", "server.protocol", cfg.server.protocol,
+           "a protocol of mode=federated (decentralized: decentralized.algorithm=dsgd is the per-step one)")
     if cfg.server.lr is not None:
         _positive("server.lr", cfg.server.lr)
+        _check(cfg.server.protocol == "per_step", "server.lr", cfg.server.lr,
+               "the step size of server.protocol=per_step; local_epochs rounds take the strategy's aggregate")
     if cfg.mode != "federated" or cfg.server.protocol != "per_step":
         return
     why = "server.protocol=per_step takes one minibatch gradient per client and round"
@@ -597,6 +602,12 @@ def _validate_data(cfg: RunConfig) -> None:
                data.classes, "list at least two distinct class ids")
     if data.partition == "rows":
         _check_partition_file(data.partition_file, cfg.clients.count)
+        for key in ("classes", "train_per_class"):
+            _check(getattr(data, key) is None, f"data.{key}", getattr(data, key),
+                   "partition=rows indexes the full training set; a subset would give its rows other images")
+    else:
+        _check(data.partition_file is None, "data.partition_file", data.partition_file,
+               "read only under data.partition=rows")
     if data.partition == "label_sets":
         _check(len(data.label_sets) > 0, "data.label_sets", [], "partition=label_sets needs label groups")
         for i, group in enumerate(data.label_sets):
@@ -777,9 +788,20 @@ def check_writable_dir(key: str, path: Path) -> None:
 
 def _check_partition_file(path: Optional[str], count: int) -> None:
     """partition=rows: the file holds client_0 .. client_{count-1}, disjoint non-negative integer rows
-    (their upper bound is checked against the loaded dataset, fedepic.partition.partition)."""
+    (their upper bound is checked against the loaded dataset, fedepic.partition.partition). Checked
+    once per file version: workers validate the config of every message."""
+    _check(path is not None, "data.partition_file", path,
+           "partition=rows reads the rows of every client from this .npz file")
+    try:
+        stat = os.stat(path)  # type: ignore[arg-type]
+    except OSError as err:
+        raise ConfigError(f"invalid value {path!r} for key 'data.partition_file': cannot read it ({err})") from None
+    _checked_partition_file(str(path), stat.st_mtime_ns, stat.st_size, count)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int) -> None:
     key = "data.partition_file"
-    _check(path is not None, key, path, "partition=rows reads the rows of every client from this .npz file")
     try:
         import numpy as np
 

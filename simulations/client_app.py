@@ -31,8 +31,10 @@ gradient g_i at the global model (``train.batch_size`` rows drawn with replaceme
 seed, the client and the round; no weight decay: the server applies it), updates its momentum
 m_i <- beta m_i + (1 - beta) g_i (beta = ``train.momentum``, m_i(0) = 0) and sends m_i, laid out as
 the model's state dict (zero at the fixed normalisation buffers), after its own model attack
-(applied to m_i, as to an update); a malicious client whose vector a server-side attack (ALIE, IPM,
-min-max) replaces computes nothing and may hold no rows. m_i persists across rounds the way local EPIC's drops do: the
+(applied to m_i, as to an update); a malicious client that holds no rows and whose vector a
+server-side attack (ALIE, IPM, min-max) replaces computes nothing and sends 0, which the attack
+replaces whenever it applies (a round with fewer honest replies than the attack needs aggregates
+the 0). m_i persists across rounds the way local EPIC's drops do: the
 server keeps it and sends it back (``MOMENTUM_KEY``), so clients stay stateless. The gradients of
 several clients are one vectorized call (``fedepic.stacked``): the in-process engine hands a round's
 messages to :func:`handle_train_batch` at once; on Ray each message is the case n = 1.
@@ -146,9 +148,10 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     started = time.perf_counter()
     base = flatten_state(global_state)
     seeds = [client_seed(cfg, c.client_id) + server_round for c in clients]
-    # a malicious client whose vector the server-side attack replaces computes nothing (as in ByzFL, its
-    # rows are not needed: it may hold none)
-    replaced = [c.is_malicious and needs_honest(cfg.attack.model) for c in clients]
+    # a malicious client without rows whose vector the server-side attack replaces computes nothing (as
+    # in ByzFL, where Byzantine clients hold no data); with rows it computes honestly, so that a round
+    # in which the attack cannot apply (too few honest replies) aggregates its honest momentum
+    replaced = [c.is_malicious and needs_honest(cfg.attack.model) and len(c) == 0 for c in clients]
     computing = [i for i, skip in enumerate(replaced) if not skip]
     grads = torch.zeros(len(clients), base.numel())
     if computing:
@@ -225,7 +228,7 @@ def handle_train_batch(messages: Sequence[Message], contexts: Sequence[Context])
         return [_train_reply(m, c) for m, c in zip(messages, contexts)]
     clients = [client_data_for(text, int(c.node_config["partition-id"])) for c in contexts]
     momenta = [_momentum_of(m) for m in messages]
-    global_state = next(iter(messages[0].content.array_records.values())).to_torch_state_dict()
+    global_state = messages[0].content.array_records["arrays"].to_torch_state_dict()
     results = per_step_results(cfg, structure_model(text), clients, global_state, int(config["server-round"]),
                                momenta)
     replies = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,7 +29,9 @@ def worker_config(cfg: RunConfig) -> RunConfig:
     driver, so that Ray workers (other processes, other working directories, other machines of a
     cluster without FEDEPIC_DATA) read the same files as the driver."""
     data = dataclasses.replace(cfg.data, root=str(default_root(cfg.data).resolve()),
-                               cache_dir=str(cache_dir(cfg.data).resolve()))
+                               cache_dir=str(cache_dir(cfg.data).resolve()),
+                               partition_file=None if cfg.data.partition_file is None
+                               else str(Path(cfg.data.partition_file).resolve()))
     return dataclasses.replace(cfg, data=data, progress=False)
 
 

@@ -172,6 +172,8 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     data = load_dataset(cfg.data, cfg.seed)  # also fills the decoded cache the Ray workers read
     try:
         parts = client_partition(cfg, data)
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"invalid value {cfg.data.partition!r} for key 'data.partition': {err}") from None
     report = partition_report(cfg, data, parts)

@@ -64,6 +64,8 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data
     try:
         client_partition(cfg, data)  # and a split that does not (data.partition_file's rows)
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"invalid value {cfg.data.partition!r} for key 'data.partition': {err}") from None
     from simulations.server_app import make_server_app, open_run, serve

@@ -21,6 +21,7 @@ and restores it afterwards.
 from __future__ import annotations
 
 import contextlib
+import logging
 import traceback
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -73,6 +74,8 @@ class LocalGrid:
                                        node_config={"partition-id": i, "num-partitions": len(ids)},
                                        state=RecordDict(), run_config={}) for i, node in enumerate(ids)}
         self.replies: dict[str, Message] = {}
+        self.batch_calls = 0  # batched train calls made, and how many of them failed (then: one by one)
+        self.batch_failed = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -100,9 +103,15 @@ class LocalGrid:
 
     def _answer_batch(self, messages: list[Message]) -> None:
         contexts = [self.contexts[m.metadata.dst_node_id] for m in messages]
+        self.batch_calls += 1
         try:
             replies = self.batch_train(messages, contexts)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 - a failure in the batch: every client then answers alone
+        except Exception as err:  # noqa: BLE001 - a failure in the batch: every client then answers alone
+            if not self.batch_failed:
+                logging.getLogger("fedepic").warning(
+                    "the batched train call failed (%s); the clients of this round and of later failing ones "
+                    "answer one by one", err)
+            self.batch_failed += 1
             return
         for msg, reply in zip(messages, replies):
             self.replies[msg.metadata.message_id] = reply

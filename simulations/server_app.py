@@ -26,7 +26,9 @@ pre-aggregation and the strategy aggregate the momenta, and the server steps
     w_{t+1} = w_t - eta_t (agg(m_1, ..., m_n) + lambda w_t),   eta_t = server.lr (else train.lr),
                                                                   lambda = train.weight_decay,
 
-on every float entry but the fixed normalisation buffers. The momenta are the "updates" there: the
+on every float entry but the fixed normalisation buffers (no server momentum; ``train.nesterov`` does not
+apply, and ``train.momentum`` is an average's weight: a step moves by about eta times the gradient,
+not eta / (1 - beta) as heavy-ball momentum would). The momenta are the "updates" there: the
 attacks, NNM, clipping (radius on m_i) and the reported norms see m_i itself, not w_t + m_i.
 Translation-equivariant rules (mean, median, trimmed mean, Krum, Bulyan) aggregate m_i exactly as
 they would the models w_t - eta m_i. The server keeps each m_i between rounds, as it keeps local
@@ -34,7 +36,8 @@ EPIC's drops, and checkpoints it.
 
 Attack injector (ALIE, IPM, min-max): these attacks need the round's benign updates, so they are
 applied here, after the replies arrive and before aggregation. This simulates omniscient, colluding
-attackers, as in the papers: each malicious reply's model becomes w_global + attack(benign updates).
+attackers, as in the papers: each malicious reply's model becomes w_global + attack(benign updates)
+(under per_step: its momentum becomes attack(benign momenta)).
 sign_flip, gaussian and scaling are applied by the clients themselves (client_app.py).
 
 `centralized-epic` is a reference row without Flower: all clients' (attacked) rows pooled and
@@ -410,7 +413,7 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     else:
         progress, first = Progress.from_state_dict(saved["progress"]), int(saved["round"]) + 1
         tracked.load_state_dict(saved["strategy"])
-        result.curves = {k: list(v) for k, v in saved["curves"].items()}
+        result.curves = _with_x(saved["curves"])
     config = ConfigRecord({CONFIG_KEY: to_yaml(worker_config(cfg)), MEMBER_KEY: name})
     for rnd in range(first, cfg.rounds + 1):
         record, asked = _train_round(grid, cfg, tracked, rnd, config, evaluator, stop, progress)
@@ -425,6 +428,14 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     result.row = {**_row(name, result.curves, time.perf_counter() - started), **progress.tally.rates(),
                   "poison_recall": sum(recalls) / len(recalls) if recalls else None,
                   "diverged_round": progress.diverged_round, "nonfinite_replies": progress.nonfinite}
+
+
+def _with_x(curves: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Saved curves, with the "@x" rounds a checkpoint of an earlier version lacks (then every round)."""
+    out = {k: list(v) for k, v in curves.items()}
+    for key in ("accuracy", "attack_success"):
+        out.setdefault(f"{key}@x", list(range(1, len(out.get(key, [])) + 1)))
+    return out
 
 
 def _append_point(curves: dict[str, list[float]], rnd: int, accuracy: float, success: Optional[float]) -> None:
@@ -465,7 +476,7 @@ def run_centralized_epic(cfg: RunConfig, data: ImageData, evaluator: Evaluator, 
     if saved is not None:
         model.load_state_dict(saved["model"])
         state.load_state_dict(saved["epic"])
-        result.curves = {k: list(v) for k, v in saved["curves"].items()}
+        result.curves = _with_x(saved["curves"])
     curves = result.curves
 
     def epoch_end(epoch: int, net: torch.nn.Module) -> dict:

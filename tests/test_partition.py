@@ -98,3 +98,14 @@ def test_saved_rows_beyond_the_dataset_are_refused(tmp_path, mnist_labels):
     np.savez(path, client_0=np.array([60_000]))
     with pytest.raises(ConfigError, match="row 60000 is beyond the 60000 training rows"):
         partition(mnist_labels, 1, DataConfig(partition="rows", partition_file=str(path)), seed=0)
+
+
+def test_saved_rows_index_the_full_training_set(tmp_path):
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError
+
+    path = tmp_path / "split.npz"
+    np.savez(path, client_0=np.array([1]), client_1=np.array([2]))
+    with pytest.raises(ConfigError, match="'data.train_per_class'.*full training set"):
+        load_config(None, ["data.partition=rows", f"data.partition_file={path}", "clients.count=2",
+                           "data.train_per_class=10"])

@@ -25,11 +25,12 @@ from tests.test_resume import metrics_lines, only_folder, serve_locally
 
 
 def per_step_config(out: Path, *extra: str):
-    return load_config(None, ["mode=federated", "name=p", f"output_dir={out}", "progress=false", "data.name=mnist",
-                              "data.train_per_class=30", "data.test_per_class=20", "model.name=mlp",
-                              "server.protocol=per_step", "train.lr=0.1", "train.momentum=0.9",
-                              "train.weight_decay=0.01", "train.batch_size=16", "train.threads=1", "rounds=6",
-                              *extra])
+    base = ["mode=federated", "name=p", f"output_dir={out}", "progress=false", "data.name=mnist",
+            "data.train_per_class=30", "data.test_per_class=20", "model.name=mlp", "server.protocol=per_step",
+            "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.01", "train.batch_size=16",
+            "train.threads=1", "rounds=6"]
+    keys = {e.split("=", 1)[0] for e in extra}
+    return load_config(None, [b for b in base if b.split("=", 1)[0] not in keys] + list(extra))
 
 
 def assert_close(got, want, where: str, rel: float = 1e-5) -> None:
@@ -142,6 +143,9 @@ def test_per_step_momenta_persist_through_a_resume(tmp_path, task_identity):
     (["model.name=resnet18", "data.name=cifar10"], "model.name"),
     (["server.protocol=steps"], "server.protocol"),
     (["server.lr=0"], "server.lr"),
+    (["server.protocol=local_epochs", "server.lr=0.1"], "server.lr"),  # it would be ignored
+    (["data.partition_file=split.npz"], "data.partition_file"),  # read only under partition=rows
+    (["mode=decentralized"], "server.protocol"),  # a federated protocol
 ])
 def test_per_step_refuses_what_it_would_ignore(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -171,3 +175,105 @@ def test_both_engines_give_the_same_federated_run(tmp_path):
                 assert got == want, f"{name}/{member or 'root'}"
             else:  # one vectorized call over 4 clients against 4 calls of one: the last bits may differ
                 assert_close([json.loads(x) for x in got], [json.loads(x) for x in want], f"{name}/{member or 'root'}")
+
+
+def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identity):
+    """benchmarks/byzfl_compare.py's fedepic rows load as configs and run two rounds on a saved split
+    (its ByzFL half needs the registry and runs only in the benchmark)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(60_000)[:400]
+    for count in (10, 12):
+        np.savez(tmp_path / f"split{count}.npz", **{f"client_{k}": rows[40 * k:40 * (k + 1)] if k < 10 else
+                                                   np.zeros(0, dtype=np.int64) for k in range(count)})
+    for row, extra in module.FEDEPIC_ROWS.items():
+        count = 10 if "clients.count=10" in extra else 12
+        cfg = load_config(None, [*module.COMMON, f"data.partition_file={tmp_path / f'split{count}.npz'}", "rounds=2",
+                                 "data.test_per_class=10", "train.threads=1", f"output_dir={tmp_path / row}",
+                                 f"name={row}", *extra])
+        folder = serve_locally(cfg, list(range(1, count + 1)))
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["status"] == "completed", row
+        (member,) = [r for r in records(folder, cfg.strategies[0])[-1:]]
+        assert member["malicious_replies"] == (count - 10) and not member["failures"], row
+        if count == 12:
+            assert member["attack_injected"] in ("alie", "ipm"), row
+
+
+@pytest.mark.parametrize("model_name, momentum, nesterov", [("mlp", 0.9, True), ("cnn", 0.9, False), ("mlp", 0.0, False)])
+def test_stacked_fit_equals_fit_node_by_node(model_name, momentum, nesterov):
+    """Local epochs of several nodes in one batched loop: the same models and epoch losses as
+    ``fedepic.train.fit`` per node (unequal row counts, a partial last minibatch, a shrunken keep)."""
+    import dataclasses
+
+    from fedepic.stacked import stacked_fit
+    from fedepic.train import fit
+
+    cfg = load_config(None, ["data.name=synthetic", f"model.name={model_name}", "train.batch_size=8",
+                             f"train.momentum={momentum}", f"train.nesterov={str(nesterov).lower()}",
+                             "train.weight_decay=0.001"])
+    data = load_dataset(cfg.data, 0)
+    sizes = [21, 8, 13]
+    xs = [data.train_x[30 * k:30 * k + n] for k, n in enumerate(sizes)]
+    ys = [data.train_y[30 * k:30 * k + n] for k, n in enumerate(sizes)]
+    keeps = [torch.ones(n, dtype=torch.bool) for n in sizes]
+    keeps[0][[2, 5]] = False
+    models = [build_model(cfg, data, 10 + k, torch.device("cpu")) for k in range(3)]
+    params = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+    flat, history = stacked_fit(models[0], torch.stack([params(m) for m in models]), xs, ys,
+                                [k.clone() for k in keeps], batch_size=8, lr=0.05, momentum=momentum,
+                                nesterov=nesterov and momentum > 0, weight_decay=0.001, seeds=[7, 8, 9], epochs=2)
+    train = dataclasses.replace(cfg.train, milestones=[])
+    for k, model in enumerate(models):
+        want = fit(model, xs[k], ys[k], train, seed=7 + k, device=torch.device("cpu"), epochs=2, lr=0.05, keep=keeps[k])
+        torch.testing.assert_close(flat[k], params(model), rtol=1e-4, atol=1e-6)
+        assert history[k] == pytest.approx([h["loss"] for h in want], rel=1e-5)
+
+
+def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
+    """Two honest clients and one IPM attacker, every momentum clipped to radius 0.01, the mean:
+    w1 = w0 - lr (mean(clip(m_1), clip(m_2), clip(-2 mean(m_1, m_2))) + wd w0), with m_i = (1 - beta) g_i.
+    The batched handler answered the round (no fallback)."""
+    import threading
+
+    from simulations.local_grid import LocalGrid
+    from simulations.server_app import open_run, serve
+
+    cfg = per_step_config(tmp_path, "clients.count=3", "clients.malicious_ids=[2]", "attack.model=ipm",
+                          "attack.ipm_eps=2.0", "strategies=[fedavg]", "defense.pre_aggregation=[clip]",
+                          "defense.clip_radius=0.01", "rounds=1")
+    grid = LocalGrid(node_ids=[5, 6, 7])
+    with open_run(cfg) as life:
+        serve(grid, cfg, life, threading.Event())
+    assert grid.batch_calls == 1 and grid.batch_failed == 0
+    (record,) = records(life.path, "fedavg")
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    model = build_model(cfg, data, cfg.seed, torch.device("cpu"))
+    momenta = []
+    for k in (0, 1):
+        client = build_client_data(cfg, data, k, parts)
+        rows = minibatch_rows(len(client), cfg.train.batch_size, client_seed(cfg, k) + 1)
+        model.zero_grad()
+        F.cross_entropy(model(client.x[rows].float() / 255), client.y[rows]).backward()
+        momenta.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * (1 - cfg.train.momentum))
+    vectors = [*momenta, -2.0 * (momenta[0] + momenta[1]) / 2]
+    clipped = [v * min(1.0, 0.01 / float(v.norm())) for v in vectors]
+    direction = sum(clipped) / 3
+    with torch.no_grad():
+        w0 = torch.cat([p.reshape(-1) for p in model.parameters()])
+        w1 = w0 - cfg.train.lr * (direction + cfg.train.weight_decay * w0)
+        offset = 0
+        for p in model.parameters():
+            p.copy_(w1[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    ev = evaluate(model, data.test_x, data.test_y, 1024, data.num_classes, False)
+    assert record["loss"] == pytest.approx(ev["loss"], rel=1e-5)
+    assert record["attack_injected"] == "ipm"
+    assert [c["update_norm"] for c in record["clients"]] == pytest.approx([0.01] * 3, rel=1e-4)

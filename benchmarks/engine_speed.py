@@ -1,0 +1,104 @@
+"""engine=local against engine=ray on one config, in one run, with the workload's compute estimate.
+
+    python benchmarks/engine_speed.py [--config noniid.yaml] [key=value ...]
+
+Runs ``python -m fedepic.simulate config=CONFIG engine=ray`` and then ``engine=local`` (the same
+overrides, one after the other, never together), and prints one JSON line: each engine's wall time
+(the whole process: start-up, data, every member), the ratio ray / local, the largest difference of
+the comparison table's accuracy columns between the engines (points), and the compute estimate of
+the workload. Target (issue: engine and per-step protocol): local at least 5x faster on noniid.yaml,
+the tables within 0.5 points.
+
+Compute estimate, per member, for the decentralized mode with an all-parameter model (mlp, cnn):
+training ``6 P`` FLOPs per row and epoch (forward 2P, backward 4P; the multiply-adds of the
+parameters, activations and the optimizer left out) over every active node's rows, local epochs and
+rounds; evaluation ``2 P`` per test image per benign node and evaluated round (the attack-success
+pass and local EPIC's proxies left out). P counts the parameters. An estimate of the work, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ACCURACY_COLUMNS = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
+                    "final_accuracy", "best_accuracy")
+
+
+def run(config: str, engine: str, overrides: list[str], out: Path) -> tuple[float, Path]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fedepic.simulate", f"config={config}", f"engine={engine}",
+                           f"output_dir={out}", "progress=false", *overrides], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"engine={engine} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds, Path(done.stdout.strip().splitlines()[-1])
+
+
+def table(folder: Path) -> dict[str, dict]:
+    import csv
+
+    with open(folder / "comparison.csv", newline="") as handle:
+        return {row["strategy"]: row for row in csv.DictReader(handle)}
+
+
+def largest_gap(a: dict[str, dict], b: dict[str, dict]) -> float:
+    gaps = [0.0]
+    for member, row in a.items():
+        for column in ACCURACY_COLUMNS:
+            if row.get(column) not in (None, "") and b[member].get(column) not in (None, ""):
+                gaps.append(abs(float(row[column]) - float(b[member][column])) * 100)
+    return max(gaps)
+
+
+def compute_estimate(folder: Path) -> dict:
+    """GFLOP of training and evaluation per member (module docstring), from the run's resolved config."""
+    sys.path.insert(0, str(REPO))
+    from fedepic.config import load_config, malicious_ids
+    from fedepic.data import load_dataset
+    from fedepic.models import model_for_data
+    from simulations.client_data import client_partition
+    from simulations.dfl_node import eval_due
+
+    cfg = load_config(str(folder / "config.yaml"), [])
+    data = load_dataset(cfg.data, cfg.seed)
+    params = sum(p.numel() for p in model_for_data(cfg.model.name, data, 0).parameters())
+    rows = sum(len(p) for p in client_partition(cfg, data))
+    benign = cfg.clients.count - len(malicious_ids(cfg))
+    evaluations = sum(eval_due(cfg, r) for r in range(1, cfg.rounds + 1))
+    train = 6 * params * rows * cfg.clients.local_epochs * cfg.rounds / 1e9
+    evaluation = 2 * params * len(data.test_y) * benign * evaluations / 1e9
+    return {"parameters": params, "train_gflop": round(train, 1), "eval_gflop": round(evaluation, 1),
+            "members": len(cfg.strategies), "total_gflop": round((train + evaluation) * len(cfg.strategies), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="noniid.yaml")
+    parser.add_argument("--out", default="runs/engine-speed")
+    args, overrides = parser.parse_known_args()
+    out = Path(args.out)
+    ray_seconds, ray_folder = run(args.config, "ray", overrides, out)
+    local_seconds, local_folder = run(args.config, "local", overrides, out)
+    estimate = compute_estimate(local_folder)
+    gap = largest_gap(table(local_folder), table(ray_folder))
+    print(json.dumps({
+        "benchmark": "engine_speed", "config": args.config, "overrides": overrides, "cpus": os.cpu_count(),
+        "ray_seconds": round(ray_seconds, 1), "local_seconds": round(local_seconds, 1),
+        "speedup": round(ray_seconds / local_seconds, 2), "largest_accuracy_gap_points": round(gap, 2),
+        "local_gflop_per_second": round(estimate["total_gflop"] / local_seconds, 1), "compute": estimate,
+        "targets_hold": {"speed_5x": ray_seconds / local_seconds >= 5.0, "table_0.5_points": gap <= 0.5},
+    }))
+
+
+if __name__ == "__main__":
+    main()
