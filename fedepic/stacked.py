@@ -13,12 +13,10 @@ parameters (mlp, cnn) are supported; models with running statistics (BatchNorm: 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, vmap
 
 from fedepic.models import FIXED_BUFFERS
 
@@ -90,73 +88,3 @@ def gradients_in_state_layout(model: nn.Module, like: dict[str, Tensor], points:
     n = xb.shape[0]
     return torch.cat([next(it) if keep else p.new_zeros(n, p.shape[-1]) for p, keep in zip(pieces, is_param)], dim=1)
 
-
-def stacked_fit(model: nn.Module, flat: Tensor, xs: list[Tensor], ys: list[Tensor], keeps: list[Tensor], *,
-                batch_size: int, lr: float, momentum: float, nesterov: bool, weight_decay: float, seeds: list[int],
-                epochs: int, epoch_end: Optional[Callable[[int, Tensor], None]] = None) -> tuple[Tensor, list[list[float]]]:
-    """``fedepic.train.fit`` for n copies of ``model`` at once: copy k starts at ``flat[k]`` (the
-    parameter layout) and trains ``epochs`` epochs of SGD on its own rows ``xs[k][keeps[k]]``.
-
-    Per copy, exactly fit's schedule: each epoch a permutation of its kept rows from its own generator
-    (seeded ``seeds[k]``, one ``randperm`` per epoch, as fit draws it), minibatches of ``batch_size``
-    (the last one partial), torch.optim.SGD's update with a fresh momentum buffer (``buf = g`` at the
-    first step, then ``buf <- momentum buf + g``; Nesterov ``d = g + momentum buf``; ``g`` includes
-    ``weight_decay * theta``) at a constant ``lr``. A step of the batched loop moves every copy that
-    still has a minibatch in this epoch; a partial minibatch is padded with weight-0 rows, so its
-    loss is the mean over its real rows. ``epoch_end(epoch, flat)`` runs after every epoch and may
-    shrink ``keeps`` in place (local EPIC). Returns the trained [n, D] and each copy's epoch losses
-    (the mean minibatch loss over the epoch's rows, as fit reports it). Augmentation is not supported
-    (the caller falls back to fit). Every copy needs at least one kept row.
-
-    Written by hand because torch.optim steps one parameter set; torch.func gives the per-copy
-    gradients, and the momentum update below is SGD's, row-wise.
-    """
-    layout = parameter_layout(model)
-    fixed = {k: v for k, v in model.state_dict().items() if k in FIXED_BUFFERS}
-
-    def weighted_loss(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        ce = F.cross_entropy(functional_call(model, {**params, **fixed}, (x,)), y, reduction="none")
-        return (ce * w).sum() / w.sum()
-
-    step = vmap(grad_and_value(weighted_loss))
-    flat = flat.clone()
-    n = flat.shape[0]
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    buffer = torch.zeros_like(flat) if momentum else None
-    started = torch.zeros(n, dtype=torch.bool)
-    history: list[list[float]] = [[] for _ in range(n)]
-    for epoch in range(1, epochs + 1):
-        orders = []
-        for k in range(n):
-            rows = keeps[k].nonzero().squeeze(1)
-            orders.append(rows[torch.randperm(len(rows), generator=generators[k])])
-        steps = [-(-len(o) // batch_size) for o in orders]
-        totals = torch.zeros(n)
-        for t in range(max(steps, default=0)):
-            active = torch.tensor([k for k in range(n) if t < steps[k]])
-            idx = torch.zeros(len(active), batch_size, dtype=torch.long)
-            weights = torch.zeros(len(active), batch_size)
-            for a, k in enumerate(active.tolist()):
-                part = orders[k][t * batch_size:(t + 1) * batch_size]
-                idx[a, :len(part)], weights[a, :len(part)] = part, 1.0
-            xb = torch.stack([xs[k][idx[a]] for a, k in enumerate(active.tolist())])
-            xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
-            yb = torch.stack([ys[k][idx[a]] for a, k in enumerate(active.tolist())])
-            points = flat[active]
-            grads, losses = step(split_flat(points, layout), xb, yb, weights)
-            g = torch.cat([grads[name].reshape(len(active), -1) for name, _ in layout], dim=1)
-            if weight_decay:
-                g = g + weight_decay * points
-            if buffer is not None:
-                first = ~started[active]
-                buf = torch.where(first[:, None], g, momentum * buffer[active] + g)
-                buffer[active] = buf
-                started[active] = True
-                g = g + momentum * buf if nesterov else buf
-            flat[active] = points - lr * g
-            totals[active] += losses.detach() * weights.sum(1)
-        for k in range(n):
-            history[k].append(float(totals[k]) / max(len(orders[k]), 1))
-        if epoch_end is not None:
-            epoch_end(epoch, flat)
-    return flat, history

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 
 from fedepic.config import RunConfig
 from fedepic.models import FIXED_BUFFERS
-from fedepic.stacked import stacked_fit, stacked_gradients
+from fedepic.stacked import stacked_gradients
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
@@ -253,60 +253,6 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
     if selector is not None:
         state.epic_keep, state.epic_selections = selector.keep, selector.selections
     return _local_stats(history[-1]["loss"], keep, selections)
-
-
-def stacks_local_training(cfg: RunConfig) -> bool:
-    """Whether the in-process engine trains the nodes' local epochs together (``fedepic.stacked.stacked_fit``):
-    models without running statistics, no augmentation, on the CPU."""
-    from fedepic.extensions import MODELS
-
-    return (cfg.train.augment == "none" and not MODELS.has(cfg.model.name, "running_stats")
-            and not cfg.train.device.startswith("cuda"))
-
-
-def train_local_stacked(models: list[nn.Module], xs: list[Tensor], ys: list[Tensor], cfg: RunConfig,
-                        states: list[NodeState], *, round_: int, seeds: list[int], epic: list[bool],
-                        poison_masks: list[Optional[Tensor]]) -> list[dict]:
-    """:func:`train_local` for several nodes at once, each ``models[k]`` holding node k's starting model
-    (and, afterwards, its trained one): their local epochs in one batched loop
-    (``fedepic.stacked.stacked_fit``), each node's EPIC on its own model at its epoch ends. The
-    numbers equal the loop over nodes up to float reduction order. Nodes without rows train nothing."""
-    device = torch.device("cpu")
-    out: list[Optional[dict]] = [None] * len(models)
-    live = [k for k in range(len(models)) if len(ys[k])]
-    for k in set(range(len(models))) - set(live):
-        out[k] = {"train_loss": float("nan"), "rows": 0}
-    if not live:
-        return out  # type: ignore[return-value]
-    selectors = {k: _local_selector(cfg, len(ys[k]), states[k], device) for k in live if epic[k]}
-    keeps = [selectors[k].keep if k in selectors else (
-        states[k].epic_keep if states[k].epic_keep is not None else torch.ones(len(ys[k]), dtype=torch.bool))
-        for k in live]
-    selections: dict[int, list[dict]] = {k: [] for k in live}
-    template = exchanged_state(models[live[0]])
-    first = (round_ - 1) * cfg.clients.local_epochs
-
-    def epoch_end(epoch: int, flat: Tensor) -> None:
-        for a, k in enumerate(live):
-            if k in selectors and selectors[k].schedule.is_selection_epoch(first + epoch):
-                net = load_exchanged(models[k], unflatten_like(flat[a], template))
-                stats = selectors[k].maybe_select(first + epoch, net, xs[k], ys[k], poison_masks[k])
-                if stats:
-                    selections[k].append(stats)
-
-    train = cfg.train
-    flat = torch.stack([flatten_state(exchanged_state(models[k])) for k in live])
-    trained, history = stacked_fit(models[live[0]], flat, [xs[k] for k in live], [ys[k] for k in live], keeps,
-                                   batch_size=train.batch_size, lr=round_lr(cfg, round_), momentum=train.momentum,
-                                   nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay,
-                                   seeds=[seeds[k] for k in live], epochs=cfg.clients.local_epochs,
-                                   epoch_end=epoch_end)
-    for a, k in enumerate(live):
-        load_exchanged(models[k], unflatten_like(trained[a], template))
-        if k in selectors:
-            states[k].epic_keep, states[k].epic_selections = selectors[k].keep, selectors[k].selections
-        out[k] = _local_stats(history[a][-1], keeps[a], selections[k])
-    return out  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------- aggregation

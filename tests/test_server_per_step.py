@@ -206,36 +206,6 @@ def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identi
             assert member["attack_injected"] in ("alie", "ipm"), row
 
 
-@pytest.mark.parametrize("model_name, momentum, nesterov", [("mlp", 0.9, True), ("cnn", 0.9, False), ("mlp", 0.0, False)])
-def test_stacked_fit_equals_fit_node_by_node(model_name, momentum, nesterov):
-    """Local epochs of several nodes in one batched loop: the same models and epoch losses as
-    ``fedepic.train.fit`` per node (unequal row counts, a partial last minibatch, a shrunken keep)."""
-    import dataclasses
-
-    from fedepic.stacked import stacked_fit
-    from fedepic.train import fit
-
-    cfg = load_config(None, ["data.name=synthetic", f"model.name={model_name}", "train.batch_size=8",
-                             f"train.momentum={momentum}", f"train.nesterov={str(nesterov).lower()}",
-                             "train.weight_decay=0.001"])
-    data = load_dataset(cfg.data, 0)
-    sizes = [21, 8, 13]
-    xs = [data.train_x[30 * k:30 * k + n] for k, n in enumerate(sizes)]
-    ys = [data.train_y[30 * k:30 * k + n] for k, n in enumerate(sizes)]
-    keeps = [torch.ones(n, dtype=torch.bool) for n in sizes]
-    keeps[0][[2, 5]] = False
-    models = [build_model(cfg, data, 10 + k, torch.device("cpu")) for k in range(3)]
-    params = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
-    flat, history = stacked_fit(models[0], torch.stack([params(m) for m in models]), xs, ys,
-                                [k.clone() for k in keeps], batch_size=8, lr=0.05, momentum=momentum,
-                                nesterov=nesterov and momentum > 0, weight_decay=0.001, seeds=[7, 8, 9], epochs=2)
-    train = dataclasses.replace(cfg.train, milestones=[])
-    for k, model in enumerate(models):
-        want = fit(model, xs[k], ys[k], train, seed=7 + k, device=torch.device("cpu"), epochs=2, lr=0.05, keep=keeps[k])
-        torch.testing.assert_close(flat[k], params(model), rtol=1e-4, atol=1e-6)
-        assert history[k] == pytest.approx([h["loss"] for h in want], rel=1e-5)
-
-
 def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
     """Two honest clients and one IPM attacker, every momentum clipped to radius 0.01, the mean:
     w1 = w0 - lr (mean(clip(m_1), clip(m_2), clip(-2 mean(m_1, m_2))) + wd w0), with m_i = (1 - beta) g_i.
