@@ -432,10 +432,12 @@ def test_flwr_run_leaves_the_checkout_untouched(tmp_path: Path, monkeypatch: pyt
 
 
 @pytest.mark.slow
-def test_every_client_failing_stops_the_run_as_failed(tmp_path):
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_every_client_failing_stops_the_run_as_failed(tmp_path, engine):
     """Clients that all raise (as on a cluster whose workers cannot read the data): the run must not
-    report `completed` with chance accuracy; it stops after the round, marked failed, with exit 1."""
-    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3")
+    report `completed` with chance accuracy; it stops after the round, marked failed, with exit 1.
+    In process (engine=local) a raising client answers with an error reply, as a Ray node does."""
+    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3", engine=engine)
     script = f"""
         import sys
         from flwr.clientapp import ClientApp
