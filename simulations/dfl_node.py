@@ -197,11 +197,13 @@ def uses_local_epic(strategy: str, cfg: RunConfig, malicious: bool) -> bool:
     return not malicious and (PEER_RULES.has(strategy, "local_epic") or cfg.defense.local_epic)
 
 
-def round_lr(cfg: RunConfig, round_: int) -> float:
+def round_lr(cfg: RunConfig, round_: int, base: Optional[float] = None) -> float:
     """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round
-    (in rounds under dsgd / dsgt, whose ``clients.local_epochs`` is 1)."""
+    (in rounds under dsgd / dsgt and the server's per-step protocol, whose ``clients.local_epochs`` is
+    1), starting from ``base`` (None: ``train.lr``)."""
     done = (round_ - 1) * cfg.clients.local_epochs
-    return cfg.train.lr * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)
+    start = cfg.train.lr if base is None else base
+    return start * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)
 
 
 def _local_selector(cfg: RunConfig, rows: int, state: NodeState, device: torch.device) -> EpicState:

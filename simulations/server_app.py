@@ -84,6 +84,7 @@ from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, MOMENTUM_KEY, model_for
+from simulations.dfl_node import round_lr
 from simulations.client_data import build_client_data, client_partition, partition_report, poison_set, worker_config
 from simulations.flower_runtime import interrupted_quietly, quiet_flower
 from simulations.messaging import check_failures, exchange, wait_for_nodes
@@ -316,8 +317,7 @@ def per_step(cfg: RunConfig) -> bool:
 def server_lr(cfg: RunConfig, rnd: int) -> float:
     """eta_t of the per-step server step: server.lr (else train.lr), times train.gamma per passed
     milestone of train.milestones (in rounds)."""
-    base = cfg.server.lr if cfg.server.lr is not None else cfg.train.lr
-    return base * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if rnd - 1 >= m)
+    return round_lr(cfg, rnd, cfg.server.lr)  # the one milestone schedule (clients.local_epochs is 1 here)
 
 
 def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], lr: float,
