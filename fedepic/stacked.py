@@ -88,3 +88,51 @@ def gradients_in_state_layout(model: nn.Module, like: dict[str, Tensor], points:
     n = xb.shape[0]
     return torch.cat([next(it) if keep else p.new_zeros(n, p.shape[-1]) for p, keep in zip(pieces, is_param)], dim=1)
 
+
+
+@torch.no_grad()
+def stacked_logits(model: nn.Module, flat: Tensor, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits [n, B, C] of every row of ``flat`` [n, D] (parameters) on the same images ``x`` [B, ...]
+    (uint8, or float in [0, 1]), in eval mode: one vmap over the models, the images unbatched, so a
+    linear layer is one matrix product per model. Images go through ``batch_size`` at a time."""
+    layout = parameter_layout(model)
+    fixed = {k: v for k, v in model.state_dict().items() if k in FIXED_BUFFERS}
+    params = split_flat(flat, layout)
+    was_training = model.training
+    model.eval()
+
+    def forward(p: dict[str, Tensor], images: Tensor) -> Tensor:
+        return functional_call(model, {**p, **fixed}, (images,))
+
+    outs = []
+    try:
+        for start in range(0, len(x), batch_size):
+            images = x[start:start + batch_size]
+            images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+            outs.append(vmap(forward, in_dims=(0, None))(params, images).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs, dim=1) if outs else flat.new_zeros(flat.shape[0], 0, 0)
+
+
+@torch.no_grad()
+def activation_size(model: nn.Module, image: Tensor) -> int:
+    """Entries of all module outputs for one image (``image`` [1, ...]): what one model holds in
+    flight per image in a forward pass, used to size the chunks of :func:`stacked_logits`."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, Tensor):
+            total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if m is not model]
+    was_training = model.training
+    model.eval()
+    try:
+        model(image.float())
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total

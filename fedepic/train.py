@@ -67,7 +67,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, am
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
              num_classes: Optional[int] = None, amp: bool = True) -> dict:
     """Clean accuracy, per-class accuracy and mean loss."""
-    logits = predict_logits(model, x, batch_size, amp)
+    return logit_metrics(predict_logits(model, x, batch_size, amp), y, num_classes)
+
+
+def logit_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: Optional[int] = None) -> dict:
+    """:func:`evaluate`'s figures from a model's logits [B, C] on the images whose labels are ``y``."""
     y = y.to(logits.device)
     num_classes = num_classes or logits.shape[1]
     correct = (logits.argmax(1) == y).float()

@@ -8,7 +8,8 @@ process, with the same node, router, attack and rule functions as the Flower app
   local epochs run one after another (``train_local``, as a Ray node runs them). A batched loop over
   all nodes' local epochs was tried and measured no faster for noniid.yaml's MLP (batch 32, 20 nodes:
   7.35 s against 6.98 s per member), so it is not used.
-- Evaluation runs where ``dfl_node.eval_due`` says (``train.eval_every``), one benign node at a time,
+- Evaluation runs where ``dfl_node.eval_due`` says (``train.eval_every``): all benign nodes in one
+  vectorized pass (``dfl_eval.evaluate_rows``) for models without BatchNorm, else one node at a time
   with the Ray node's own ``evaluate`` and ``attack_success``.
 
 It is also the reference the Flower run is tested against (same seed, same numbers:
@@ -33,6 +34,7 @@ from fedepic.extensions import PEER_RULES
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
+from simulations.dfl_eval import evaluate_rows, stackable
 from simulations.dfl_node import (
     HONEST, STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
@@ -56,11 +58,15 @@ class LocalMember:
         self.active = self.benign if PEER_RULES.has(self.rule, "benign_graph") else list(range(cfg.clients.count))
         self.clients: dict[int, ClientData] = {i: build_client_data(cfg, data, i, parts) for i in self.active}
         self.states = {i: NodeState(name) for i in self.active}
-        self.models = {i: new_model(cfg, data) for i in self.active}  # built once, reloaded every round
+        self.build_models()
         self.truth = detection_truth(routing.graph, self.bad) if self.rule in STATEFUL else None
         self.device = torch.device("cpu")
         # built once: the rules keep their per-node state in NodeState, not in themselves
         self.rules = {self.rule: peer_rule(self.rule, self.cfg), HONEST: peer_rule("gossip", self.cfg, defended=False)}
+
+    def build_models(self) -> None:
+        """One model per node, built once and reloaded every round."""
+        self.models = {i: new_model(self.cfg, self.data) for i in self.active}
 
     # -- one round ------------------------------------------------------------------------------
     def play_round(self, round_: int) -> dict[str, Any]:
@@ -177,6 +183,11 @@ class LocalMember:
         return dsgt_batch(client.x, client.y, self.cfg, derive_seed(self.cfg.seed, round_, i))
 
     def _evaluate(self) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+        nodes = [i for i in self.benign if i in self.states]
+        if nodes and stackable(self.models[nodes[0]]):  # all benign nodes in one vectorized pass
+            vectors = {i: flatten_state(self.states[i].model) for i in nodes}
+            results = evaluate_rows(self.models[nodes[0]], torch.stack(list(vectors.values())), self.cfg, self.data)
+            return dict(zip(nodes, results)), vectors
         evals, vectors = {}, {}
         for i in self.benign:
             if i not in self.states:
@@ -211,7 +222,9 @@ def run_local_member(cfg: RunConfig, member: Any, sink: Any, data: ImageData, pa
     one ``round`` report per round, checkpoints when due, ``end``. Returns early when ``stop`` is set."""
     if sink.finished(member):
         return
-    local = LocalMember(cfg, member.strategy, member.name, member.routing, data, parts, roles)
+    from simulations.dfl_stacked import member_class
+
+    local = member_class(cfg)(cfg, member.strategy, member.name, member.routing, data, parts, roles)
     start = sink.begin(member)
     local.restore(start.states)
     for round_ in range(start.round + 1, cfg.rounds + 1):

@@ -10,7 +10,7 @@ Attack success per attack:
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -43,3 +43,16 @@ def attack_success(model: nn.Module, attack: AttackConfig, test_x: torch.Tensor,
                    adversarial_class: Optional[int] = None) -> Optional[float]:
     """Success of the configured data attack on `model`; None when no data attack is in force."""
     return data_attack(attack).success(model, test_x, test_y, num_classes, target_x, adversarial_class)
+
+
+def attack_success_many(predict: Callable[[torch.Tensor], torch.Tensor], count: int, attack: AttackConfig,
+                        test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int) -> Optional[list[float]]:
+    """:func:`attack_success` of ``count`` models scored together: ``predict`` maps uint8 images
+    [B, ...] to logits [count, B, C] (``NoDataAttack.success_many``); None without a data attack.
+    Raises TypeError for an attack that scores one model at a time (``batched_success``)."""
+    from fedepic.attacks.data_attacks import batched_success
+
+    built = data_attack(attack)
+    if not batched_success(built):
+        raise TypeError(f"data attack {attack.data!r} defines success() only: score its models one at a time")
+    return built.success_many(predict, count, test_x, test_y, num_classes)

@@ -10,7 +10,7 @@ The classes at the end (``NoDataAttack``, ``LabelFlip``, ``Backdoor``) are what 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -187,6 +187,29 @@ class NoDataAttack:
                 target_x: Optional[torch.Tensor] = None, adversarial_class: Optional[int] = None) -> Optional[float]:
         return None
 
+    def success_many(self, predict: Callable[[torch.Tensor], torch.Tensor], count: int, test_x: torch.Tensor,
+                     test_y: torch.Tensor, num_classes: int, target_x: Optional[torch.Tensor] = None,
+                     adversarial_class: Optional[int] = None) -> Optional[list[float]]:
+        """``success`` of ``count`` models at once, where ``predict`` maps uint8 images [B, ...] to their
+        logits [count, B, C] (the in-process engine scores all nodes in one vectorized pass). None
+        when the attack has no success to measure. An attack class that defines only ``success`` is
+        scored model by model instead (``batched_success``)."""
+        return None
+
+
+def batched_success(attack: NoDataAttack) -> bool:
+    """Whether ``attack`` scores models through ``success_many`` (every built-in attack does), so that
+    models can be scored together: a subclass that overrides ``success`` but not ``success_many`` is
+    scored one model at a time, with its own ``success``."""
+    cls = type(attack)
+
+    def owner(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in vars(k))
+
+    # the class that last defined success must have (re)defined success_many at its level or below:
+    # a subclass of LabelFlip that overrides success alone is scored with its own success
+    return issubclass(owner("success_many"), owner("success"))
+
 
 class LabelFlip(NoDataAttack):
     """Label flipping with ``flip_mapping`` (modes pairs, all, map). Success: the share of test images of
@@ -221,12 +244,15 @@ class LabelFlip(NoDataAttack):
     def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
         from fedepic.train import predict_logits  # train imports the config; this module stays light
 
+        return self.success_many(lambda x: predict_logits(model, x)[None], 1, test_x, test_y, num_classes)[0]
+
+    def success_many(self, predict, count, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
         table = self.flip_table(num_classes)
         rows = (table != torch.arange(len(table)))[test_y]
         if not bool(rows.any()):
-            return float("nan")
-        pred = predict_logits(model, test_x[rows]).argmax(1).cpu()
-        return (pred == table[test_y[rows]]).float().mean().item()
+            return [float("nan")] * count
+        pred = predict(test_x[rows]).argmax(-1).cpu()
+        return (pred == table[test_y[rows]]).float().mean(-1).tolist()
 
 
 class Backdoor(NoDataAttack):
@@ -254,3 +280,10 @@ class Backdoor(NoDataAttack):
 
     def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
         return backdoor_success(model, test_x, test_y, self.label, self.patch_size)
+
+    def success_many(self, predict, count, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
+        keep = torch.as_tensor(test_y) != self.label
+        if not bool(keep.any()):
+            raise ValueError("the test set has no image outside the target class")
+        triggered = add_trigger(test_x[keep], self.patch_size, 255, "bottom_right")
+        return (predict(triggered).argmax(-1) == self.label).float().mean(-1).tolist()

@@ -452,3 +452,9 @@ class GradientMatching(NoDataAttack):
         from fedepic.train import predict_logits
 
         return float(predict_logits(model, target_x).argmax(1)[0].item() == adversarial_class)
+
+    @torch.no_grad()
+    def success_many(self, predict, count, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
+        if target_x is None:
+            return None
+        return (predict(target_x[:1]).argmax(-1)[:, 0] == adversarial_class).float().tolist()

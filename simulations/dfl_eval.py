@@ -1,0 +1,58 @@
+"""Evaluation of many decentralized nodes at once: the benign nodes' models as rows of one [n, D]
+tensor, scored together by one vmap over the models (``fedepic.stacked.stacked_logits``) instead of one
+forward pass per node. Used by both in-process members (``dfl_sequential``, ``dfl_stacked``) for models
+whose exchanged entries are all parameters (mlp, cnn, cnn_mnist); BatchNorm models are scored node by
+node. Equal to ``train.evaluate`` and ``attack_success`` model by model: tests/test_dfl_stacked.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from fedepic.attacks import attack_success, attack_success_many, data_attack
+from fedepic.attacks.data_attacks import batched_success
+from fedepic.config import RunConfig
+from fedepic.data import ImageData
+from fedepic.stacked import activation_size, parameter_layout, stacked_logits
+from fedepic.train import logit_metrics
+from fedepic.vectors import unflatten_like
+from simulations.dfl_node import exchanged_state, load_exchanged
+
+EVAL_ENTRIES = 2 ** 27  # activation entries (float32: 512 MB) in flight in one vectorized evaluation
+
+
+def stackable(model: nn.Module) -> bool:
+    """Whether ``model``'s exchanged entries are all parameters (mlp, cnn), so rows can stand for models."""
+    try:
+        parameter_layout(model)
+    except ValueError:
+        return False
+    return True
+
+
+def evaluate_rows(model: nn.Module, rows: Tensor, cfg: RunConfig, data: ImageData) -> list[dict[str, Any]]:
+    """``train.evaluate`` and the attack's success for every row of ``rows`` [n, D] (models in
+    ``model``'s flat layout), scored together: the test images go once through a vmap over a chunk of
+    models (``fedepic.stacked.stacked_logits``). An attack that scores one model at a time
+    (``batched_success``) is scored with its own ``success`` on each model."""
+    images = min(cfg.train.eval_batch_size, max(len(data.test_y), 1))
+    per_model = activation_size(model, data.test_x[:1].float() / 255) * images
+    chunk = max(1, EVAL_ENTRIES // max(per_model, 1))
+    together = batched_success(data_attack(cfg.attack))
+    out: list[dict[str, Any]] = []
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk]
+        logits = stacked_logits(model, part, data.test_x, images)
+        evals = [logit_metrics(logits[k], data.test_y, data.num_classes) for k in range(part.shape[0])]
+        if together:
+            success = attack_success_many(lambda x: stacked_logits(model, part, x, images), part.shape[0],
+                                          cfg.attack, data.test_x, data.test_y, data.num_classes)
+        else:
+            success = [attack_success(load_exchanged(model, unflatten_like(r, exchanged_state(model))), cfg.attack,
+                                      data.test_x, data.test_y, data.num_classes) for r in part]
+        for k, result in enumerate(evals):
+            value = None if success is None or success[k] is None else float(success[k])
+            out.append({**result, "attack_success": value})
+    return out

@@ -1,0 +1,169 @@
+"""The stacked in-process D-SGD engine (simulations/dfl_stacked.py) against the node-by-node one
+(``LocalMember``), and its vectorized evaluation against ``train.evaluate`` model by model."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+
+from fedepic.attacks import attack_success
+from fedepic.config import load_config, malicious_ids, member_config
+from fedepic.data import load_dataset
+from fedepic.train import evaluate
+from fedepic.vectors import flatten_state, unflatten_like
+from simulations.client_data import client_partition, partition_report
+from simulations.dfl_node import exchanged_state, new_model
+from simulations.dfl_router import communication_graph, routing_for, run_label_roles
+from simulations.dfl_sequential import LocalMember
+from simulations.dfl_eval import evaluate_rows
+from simulations.dfl_stacked import GossipMatrix, StackedDsgdMember, member_class
+
+
+def dsgd_cfg(*extra: str):
+    return load_config("dfl_smoke", ["decentralized.algorithm=dsgd", "engine=local", "train.lr=0.1",
+                                     "train.momentum=0.9", "train.weight_decay=0.001", "clients.count=8",
+                                     "topology.name=k_regular", "topology.k=3", "train.eval_every=2", *extra])
+
+
+def members(cfg, strategy: str):
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
+    rule, _ = member_config(cfg, strategy)
+    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg))
+    return (LocalMember(cfg, strategy, strategy, routing, data, parts, roles),
+            StackedDsgdMember(cfg, strategy, strategy, routing, data, parts, roles))
+
+
+def assert_same_records(want: dict, got: dict) -> None:
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if key == "seconds":
+            continue
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("gossip", []),                                       # the sparse mix
+    ("gossip", ["attack.data=none", "attack.model=sign_flip"]),  # the sparse mix + attackers' messages
+    ("median", []),                                       # a robust rule: node by node on the rows
+    ("gp", ["attack.data=none", "attack.model=sign_flip"]),  # a stateful rule (GP's records)
+])
+def test_stacked_dsgd_equals_the_node_by_node_engine(strategy, extra):
+    cfg = dsgd_cfg(*extra)
+    loop, stacked = members(cfg, strategy)
+    assert stacked.fast_mix == (strategy == "gossip")
+    for round_ in range(1, 5):
+        assert_same_records(loop.play_round(round_), stacked.play_round(round_))
+        for i in loop.active:
+            want = flatten_state(loop.states[i].model)
+            assert torch.allclose(stacked.x[stacked.row[i]], want, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(stacked.m[stacked.row[i]], loop.states[i].momentum, rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_model_takes_the_node_by_node_mix():
+    """A NaN row is left out by every receiver's rule (strategies/finite.py), exactly as node by node."""
+    cfg = dsgd_cfg("attack.data=none")
+    loop, stacked = members(cfg, "gossip")
+    for member in (loop, stacked):
+        member.play_round(1)
+    stacked.x[stacked.row[2]] = float("nan")
+    loop.states[2].model = unflatten_like(torch.full_like(flatten_state(loop.states[2].model), float("nan")),
+                                          loop.states[2].model)
+    want, got = loop.play_round(2), stacked.play_round(2)
+    assert got["nonfinite_models"] == want["nonfinite_models"] > 0
+    for i in loop.active:
+        assert torch.allclose(stacked.x[stacked.row[i]], flatten_state(loop.states[i].model), rtol=1e-5,
+                              atol=1e-6, equal_nan=True)
+
+
+def test_gossip_matrix_is_the_gossip_rule_row_by_row():
+    """R = W X (over column blocks) equals x_i + sum_j w_ij (x_j - x_i) with Metropolis weights."""
+    from fedepic.topology import metropolis_hastings_weights
+    from strategies.gossip import Gossip
+
+    graph = nx.random_regular_graph(3, 10, seed=1)
+    weights = metropolis_hastings_weights(graph)
+    routing = type("R", (), {"weights": weights})()
+    rows = {i: i for i in graph.nodes}
+    neighbours = {i: sorted(graph.neighbors(i)) for i in graph.nodes}
+    x = torch.randn(10, 7)
+    matrix = GossipMatrix(rows, routing, neighbours)
+    matrix.COLUMN_BLOCK = 3  # blocks that do not divide D
+    mixed = matrix.mix(x, torch.empty_like(x))
+    for i in graph.nodes:
+        w = torch.tensor([weights[i][i], *(weights[i][j] for j in neighbours[i])])
+        assert torch.allclose(mixed[i], Gossip()(x[i], x[neighbours[i]], w), atol=1e-6)
+
+
+def test_checkpoint_round_trip_resumes_the_same_rows():
+    cfg = dsgd_cfg("attack.data=none", "attack.model=sign_flip")
+    _, first = members(cfg, "gp")
+    for round_ in (1, 2):
+        first.play_round(round_)
+    saved = first.plain_states()
+    _, second = members(cfg, "gp")
+    second.restore(saved)
+    assert torch.equal(second.x, first.x) and torch.equal(second.m, first.m)
+    assert_same_records(first.play_round(3), second.play_round(3))
+    assert torch.equal(second.x, first.x)
+
+
+@pytest.mark.parametrize("attack", [["attack.data=label_flip"], ["attack.data=backdoor", "attack.backdoor_label=1"]])
+def test_vectorized_evaluation_equals_evaluate_model_by_model(attack):
+    cfg = dsgd_cfg(*attack)
+    data = load_dataset(cfg.data, cfg.seed)
+    nets = [new_model(cfg, data) for _ in range(3)]
+    for k, net in enumerate(nets):  # three different models
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
+    rows = torch.stack([flatten_state(exchanged_state(n)) for n in nets])
+    got = evaluate_rows(nets[0], rows, cfg, data)
+    for net, result in zip(nets, got):
+        want = evaluate(net, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes)
+        assert result["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+        assert result["per_class"] == pytest.approx(want["per_class"], abs=1e-6, nan_ok=True)
+        assert result["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert result["attack_success"] == pytest.approx(
+            attack_success(net, cfg.attack, data.test_x, data.test_y, data.num_classes), abs=1e-6)
+
+
+def test_the_engine_picks_the_stacked_member_for_dsgd_only():
+    assert member_class(dsgd_cfg()) is StackedDsgdMember
+    assert member_class(load_config("dfl_smoke", ["engine=local"])) is LocalMember
+
+
+def test_the_shipped_scale_config_is_valid_and_stacked():
+    cfg = load_config("scale_dfl", [])
+    assert (cfg.clients.count, cfg.topology.k, cfg.rounds, cfg.train.eval_every) == (1000, 10, 100, 10)
+    assert member_class(cfg) is StackedDsgdMember and cfg.engine == "local"
+
+
+def test_an_attack_with_success_only_is_scored_model_by_model(monkeypatch):
+    """A user's data attack that defines ``success`` but not ``success_many`` is scored with its own
+    ``success`` on each model (here: a figure that depends on the model's first weight)."""
+    import fedepic.attacks
+    import simulations.dfl_eval as stacked
+    from fedepic.attacks.data_attacks import LabelFlip, batched_success
+
+    class Custom(LabelFlip):
+        def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
+            return float(next(model.parameters()).flatten()[0])
+
+    assert batched_success(LabelFlip("pairs", [])) and not batched_success(Custom("pairs", []))
+    monkeypatch.setattr(fedepic.attacks, "data_attack", lambda attack: Custom("pairs", []))
+    monkeypatch.setattr(stacked, "data_attack", lambda attack: Custom("pairs", []))
+    cfg = dsgd_cfg()
+    data = load_dataset(cfg.data, cfg.seed)
+    net = new_model(cfg, data)
+    rows = flatten_state(exchanged_state(net)).repeat(2, 1)
+    rows[1, 0] = 0.5
+    got = [r["attack_success"] for r in evaluate_rows(net, rows, cfg, data)]
+    assert got == pytest.approx([float(rows[0, 0]), 0.5])
