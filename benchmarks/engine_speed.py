@@ -14,7 +14,9 @@ training ``6 P`` FLOPs per row and epoch (forward 2P, backward 4P; the multiply-
 parameters, activations and the optimizer left out) over every active node's rows, local epochs and
 rounds; evaluation ``2 P`` per test image per benign node and evaluated round (the attack-success
 pass and local EPIC's proxies left out). P counts the parameters. An estimate of the work, not a
-measurement.
+measurement. Beside it, the ceiling (``benchmarks/ceiling.py``): the machine's best float32 matrix
+product, measured in this run, and so the least seconds the workload could take here and the largest
+speed-up over the Ray run that any engine could reach.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/engine-speed")
     args, overrides = parser.parse_known_args()
     out = Path(args.out)
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ceiling import ceiling, gemm_peak_gflops
+
+    peak = gemm_peak_gflops()  # before the runs, with nothing of ours running beside it
     ray_seconds, ray_folder = run(args.config, "ray", overrides, out)
     local_seconds, local_folder = run(args.config, "local", overrides, out)
     estimate = compute_estimate(local_folder)
@@ -96,6 +102,8 @@ def main() -> None:
         "ray_seconds": round(ray_seconds, 1), "local_seconds": round(local_seconds, 1),
         "speedup": round(ray_seconds / local_seconds, 2), "largest_accuracy_gap_points": round(gap, 2),
         "local_gflop_per_second": round(estimate["total_gflop"] / local_seconds, 1), "compute": estimate,
+        "gemm_peak_gflops": round(peak, 1), "ceiling": ceiling(estimate["total_gflop"], peak, ray_seconds),
+        "load_average": os.getloadavg(),
         "targets_hold": {"speed_5x": ray_seconds / local_seconds >= 5.0, "table_0.5_points": gap <= 0.5},
     }))
 

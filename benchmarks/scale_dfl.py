@@ -13,6 +13,8 @@ per-round times. Targets (issue: engine and per-step protocol): at most 300 s an
 Compute estimate (GFLOP, an estimate of the work, not a measurement): training ``6 P`` per minibatch
 row (forward 2P, backward 4P) times batch size, active nodes and rounds; evaluation ``2 P`` per test
 image, benign node and evaluated round (the attack-success pass left out). P counts the parameters.
+Beside it, the machine's best float32 matrix product measured in this run (``benchmarks/ceiling.py``)
+and the least seconds the workload could take at that rate.
 """
 
 from __future__ import annotations
@@ -103,8 +105,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/scale-dfl")
     parser.add_argument("--compare-rounds", type=int, default=1)
     args, overrides = parser.parse_known_args()
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ceiling import ceiling, gemm_peak_gflops
+
+    peak = gemm_peak_gflops()  # before the run, with nothing of ours beside it
     seconds, peak_kb, folder = stacked_run(args.config, overrides, Path(args.out))
-    member = json.loads((folder / "summary.json").read_text())["members"][0]["name"]
+    member = json.loads((folder / "summary.json").read_text())["finished"][0]
     records = [json.loads(line) for line in (folder / member / "metrics.jsonl").read_text().splitlines()]
     plain = [r["seconds"] for r in records if "mean_accuracy" not in r]
     evaluated = [r["seconds"] for r in records if "mean_accuracy" in r]
@@ -116,6 +122,9 @@ def main() -> None:
         "evaluated_round_seconds": round(sum(evaluated) / max(len(evaluated), 1), 3),
         "final_mean_accuracy": records[-1].get("mean_accuracy"), "rounds": len(records), "compute": estimate,
         "gflop_per_second": round((estimate["train_gflop"] + estimate["eval_gflop"]) / seconds, 1),
+        "gemm_peak_gflops": round(peak, 1),
+        "ceiling": ceiling(estimate["train_gflop"] + estimate["eval_gflop"], peak),
+        "load_average": os.getloadavg(),
         "targets_hold": {"300_seconds": seconds <= 300, "8_gb": peak_kb / 2 ** 20 <= 8},
     }
     if args.compare_rounds > 0:

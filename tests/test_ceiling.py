@@ -1,0 +1,29 @@
+"""benchmarks/ceiling.py: the FLOP counts behind the speed targets' ceilings, checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.ceiling import ceiling, gemm_peak_gflops, model_flops
+from fedepic.models import build_classifier
+
+
+def test_mlp_flops_are_its_matrix_products():
+    """Forward: 2 multiply-adds per weight and image. Backward: the weights' gradients (2 per weight)
+    plus the inputs' gradients of every layer but the first (the images need none)."""
+    model = build_classifier("mlp", 10, 1, 28, [0.5], [0.5])
+    weights = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    images = torch.rand(8, 1, 28, 28)
+    assert model_flops(model, images, backward=False) == 2 * sum(weights) * 8
+    assert model_flops(model, images, backward=True) == (2 * sum(weights) + 2 * sum(weights) + 2 * sum(weights[1:])) * 8
+    assert all(p.grad is None for p in model.parameters())  # the count leaves no gradient behind
+
+
+def test_ceiling_is_work_over_peak():
+    assert ceiling(300.0, 150.0, 10.0) == {"gflop": 300.0, "seconds_at_peak": 2.0, "max_possible_speedup": 5.0}
+    assert "max_possible_speedup" not in ceiling(300.0, 150.0)
+
+
+def test_gemm_peak_is_a_positive_rate():
+    assert gemm_peak_gflops(side=128, repeats=2) > 0
