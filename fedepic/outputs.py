@@ -228,13 +228,9 @@ class RunWriter:
         atomic_write_json(self.dir / "summary.json", summary)
         self.summary_written = True
 
-    def save_figure(self, fig: Any, name: str) -> None:
-        """Save a matplotlib figure atomically as PNG."""
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        atomic_write_bytes(self.dir / name, buf.getvalue())
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A binary file (a figure: fedepic.plots.save_figure), written atomically."""
+        atomic_write_bytes(self.dir / name, data)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:
