@@ -12,12 +12,13 @@ context, on every exit path and inside ``Interrupts.polled`` (a signal cannot cu
 - the root gets the comparison of the finished members, in member order (fedepic.report: table and
   figures), and its summary.json: the status, ``mode``, ``finished``, ``rows`` (the finished members'
   comparison rows), ``resumed`` and the mode's own figures (``extras``);
+- then report.html (fedepic.html_report), from what the folder holds by then;
 - a completed run deletes its checkpoints (fedepic.checkpoint.remove_checkpoints).
 
 A member's summary.json holds what its report says (:class:`MemberReport`, asked for when the member
 ends, so a member cut short reports what it did), and its figures its curves. Every member keeps one
-line style (fedepic.plots.member_styles over ``members``) in every figure of the run. A figure that
-cannot be written is a warning line on stderr: the folder is still renamed into place and
+line style (fedepic.plots.member_styles over ``members``) in every figure of the run. A figure or
+report that cannot be written is a warning line on stderr: the folder is still renamed into place and
 the statuses stay what the run's end made them.
 """
 
@@ -208,6 +209,11 @@ class RunLifecycle:
 
         return member_styles(self.members)
 
+    def _write_html(self) -> None:
+        from fedepic.html_report import write_run_report
+
+        write_run_report(self.root, members=self.members, title=self.comparison.title)
+
     def finish(self, exc: Optional[BaseException]) -> None:
         """Close the members cut short by ``exc``, write the comparison and the root summary, and delete
         the checkpoints of a completed run. Runs once (on leaving the context, at the latest)."""
@@ -235,6 +241,7 @@ class RunLifecycle:
                                  class_labels=c.class_labels)
             self.root.write_summary({"mode": self.cfg.mode, "finished": self.finished, "rows": rows,
                                      "resumed": self.resume is not None, **self.extras(rows)})
+            best_effort("report.html", self._write_html)
             if self.root.status == "running":
                 remove_checkpoints(self.root.dir)
         if broken is not None and exc is None:

@@ -12,7 +12,7 @@ Every mode writes them through fedepic.lifecycle, so the files have one format (
 
 Per-class figures come from the members' metrics.jsonl (records with a ``per_class`` list). Figures
 are presentation: one that cannot be drawn is a warning line on stderr, never a lost folder or a
-changed status (:func:`best_effort`).
+changed status (:func:`best_effort`). The run's report.html is fedepic.html_report.
 """
 
 from __future__ import annotations

@@ -96,3 +96,13 @@ def test_accuracy_curves_are_the_mean_over_trials_with_their_standard_error():
     assert curves["test_accuracy@x"] == [2, 4, 5]  # every eval_every-th epoch and the last
     assert accuracy_curves([], TrainConfig()) == {}
 
+
+def test_the_report_shows_every_defense_and_its_figures(smoke_run):
+    from report_pages import read_report, run_pngs
+
+    _, page = read_report(smoke_run)
+    assert page.status == "completed"
+    assert [row[0] for row in page.tables["comparison"] if row] == ["epic-0.1", "none", "random", "loss", "spectral"]
+    figures = {str(p.relative_to(smoke_run)) for p in run_pngs(smoke_run)}
+    assert {"comparison.png", "per_class.png", "per_class_rounds.png", "none/curves.png"} <= figures
+    assert set(page.figures) == figures

@@ -298,7 +298,7 @@ def test_small_ring_through_the_cli_twice_gives_the_same_numbers(tmp_path, capsy
     names = {p.name for p in first.iterdir()}
     assert {"config.yaml", "summary.json", "comparison.md", "comparison.csv", "comparison.png", "partition.json",
             "topology.json", "gossip", "gp", "upper"} <= names
-    assert {"per_class.png", "per_class_rounds.png", "comparison.pdf"} <= names
+    assert {"report.html", "per_class.png", "per_class_rounds.png", "comparison.pdf"} <= names
     for member in ("gossip", "gp", "upper"):
         assert {"metrics.jsonl", "summary.json", "curves.png", "curves.pdf"} <= {p.name for p in (first / member).iterdir()}
     summary = json.loads((first / "summary.json").read_text())

@@ -79,7 +79,8 @@ def test_centralized_mnist_config_writes_the_run_folder(tmp_path, data_root):
     assert run_dir.parent == tmp_path
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "summary.json", "comparison.md", "comparison.png", "comparison.pdf",
-            "per_class.png", "per_class.pdf"} <= names  # one epoch: no per-class over epochs
+            "per_class.png", "per_class.pdf", "report.html"} <= names  # one epoch: no per-class over epochs
+    assert "data:image/png;base64," in (run_dir / "report.html").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rows"][0]["accuracy"] > 0.5  # chance is 0.1; 16 SGD steps
     assert "torch" in summary["versions"] and summary["wall_seconds"] > 0
