@@ -25,7 +25,7 @@ A sweep report builds its own page from the same parts and writes it the same wa
                 figures=[embed_figure(sweep_dir, "heatmap_accuracy.png", "accuracy, attack x defense")]),
         Section("Runs", paragraphs=["Each run has its own report:"],
                 facts=[(run.name, link(f"{run.name}/report.html")) for run in runs]),
-        config_section(sweep_dir / "config.yaml"), environment_section(summary),
+        config_section((sweep_dir / "config.yaml").read_text()), environment_section(summary),
     ])
     writer.write_text("report.html", render_page(page))
 """
@@ -118,6 +118,7 @@ class Page:
     title: str
     status: str
     facts: list[tuple[str, Any]] = field(default_factory=list)
+    lead: list[str] = field(default_factory=list)  # what was compared, in a sentence or two
     notes: list[str] = field(default_factory=list)  # what the reader must know first (a run cut short)
     sections: list[Section] = field(default_factory=list)
 
@@ -216,7 +217,7 @@ def run_page(folder: Path, members: Optional[Sequence[str]] = None, title: Optio
     status = str(summary.get("status", "unknown"))
     finished = list(summary.get("finished", []))
     page = Page(title or _comparison_title(folder) or folder.name, status, _run_facts(folder, summary, members),
-                _notes(summary, members, finished))
+                [f"Compared: {', '.join(members)}."] if members else [], _notes(summary, members, finished))
     page.sections = [
         _outcome_section(folder, summary),
         _comparison_section(folder),
@@ -226,7 +227,7 @@ def run_page(folder: Path, members: Optional[Sequence[str]] = None, title: Optio
         environment_section(summary),
     ]
     page.sections.append(_other_figures(folder, page.sections))
-    page.sections = [s for s in page.sections if s is not None and _has_content(s)]
+    page.sections = [s for s in page.sections if _has_content(s)]
     return page
 
 
@@ -289,8 +290,8 @@ def _outcome_section(folder: Path, summary: Mapping[str, Any]) -> Section:
     if not rows:
         section.paragraphs.append("No member finished, so there is nothing to compare.")
         return section
-    key = next(iter(rows[0]))  # the member's name column (strategy, defense)
     columns = _comparison_columns(folder) or list(rows[0])
+    key = columns[0]  # the member's name (strategy, defense)
     table = Table([("measure", "measure"), ("best member", "best"), ("its value", "value"),
                    ("its time", "seconds")], [], "The best member of each ranked measure of the comparison.",
                   "outcome", numeric=False)
@@ -306,7 +307,7 @@ def _outcome_section(folder: Path, summary: Mapping[str, Any]) -> Section:
         section.paragraphs.append("No ranked measure separates the members: they tie on every one.")
     else:
         lead = table.rows[0]
-        section.paragraphs.append(f"Best {lead[0].text.split(',')[0]}: {lead[1].text} with {lead[2].text}, "
+        section.paragraphs.append(f"Best {quantity(lead[0].value).label}: {lead[1].text} with {lead[2].text}, "
                                   f"in {lead[3].text}.")
         section.tables.append(table)
     timed = [(r["seconds"], r[key]) for r in rows if isinstance(r.get("seconds"), (int, float))]
@@ -360,7 +361,8 @@ def _facts(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
     for key, value in values.items():
         if key in NOT_SHOWN or key == "status" or key == "error":
             continue
-        if isinstance(value, list) and all(isinstance(v, (int, float)) or v is None for v in value) and len(value) <= 20:
+        numbers = isinstance(value, list) and all(isinstance(v, (int, float)) or v is None for v in value)
+        if numbers and len(value) <= 20:
             shown = ", ".join(display(key, v) or "n/a" for v in value) or "none"
         elif isinstance(value, (list, dict)):
             shown = _structure(value)
@@ -395,13 +397,13 @@ def environment_section(summary: Mapping[str, Any]) -> Section:
     facts += [("lock file", lock.get("file") or "n/a"), ("lock sha256", lock.get("sha256") or "n/a"),
               ("packages differing from the lock", "; ".join(differs) if differs else
                "none" if differs is not None else "not checked"),
-              ("wall time", f"{_duration(summary.get('wall_seconds'))} ({display('seconds', summary.get('wall_seconds'))} s)")]
+              ("wall time", f"{_duration(summary.get('wall_seconds'))} ({with_unit('seconds', summary.get('wall_seconds'))})")]
     return Section("Environment", facts=facts, collapsed=True)
 
 
-def _other_figures(folder: Path, sections: Sequence[Optional[Section]]) -> Section:
+def _other_figures(folder: Path, sections: Sequence[Section]) -> Section:
     """Every PNG of the folder (root and members) that no section shows: a report leaves none out."""
-    shown = {f.name for s in sections if s is not None for part in (s, *s.subsections) for f in part.figures}
+    shown = {f.name for s in sections for part in (s, *s.subsections) for f in part.figures}
     rest = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png") if not p.name.startswith("."))
     return Section("Other figures", figures=[embed_figure(folder, name, name) for name in rest if name not in shown])
 

@@ -86,7 +86,8 @@ def environment_versions() -> dict[str, str]:
         pass
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in ("flwr", "ray", "numpy", "numba", "omegaconf"):  # metadata only: the core never imports flwr or ray
+    # metadata only: the core never imports flwr or ray
+    for package in ("flwr", "ray", "numpy", "numba", "omegaconf", "matplotlib", "jinja2"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

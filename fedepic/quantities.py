@@ -66,6 +66,7 @@ KNOWN: dict[str, Quantity] = {
     "random_alignment": Quantity("random alignment", "cosine", digits=3),
     # the cost of a member, in every mode
     "seconds": Quantity("time", "s", digits=1, better=LOWER),
+    "wall_seconds": Quantity("wall time", "s", digits=1),
 }
 SE_SUFFIX = "_se"  # comparison columns: "accuracy_se" is the standard error of "accuracy"
 

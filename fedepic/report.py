@@ -69,7 +69,8 @@ def setting_title(cfg: RunConfig) -> str:
         who, where = "nodes", _topology(cfg)
     else:
         who, where = "clients", _partition(cfg)
-    return f"{cfg.name}: {cfg.mode} {data}, {cfg.clients.count} {who} ({bad} malicious), {where}, {attack}, seed {cfg.seed}"
+    return (f"{cfg.name}: {cfg.mode} {data}, {cfg.clients.count} {who} ({bad} malicious), {where}, {attack}, "
+            f"seed {cfg.seed}")
 
 
 def _topology(cfg: RunConfig) -> str:

@@ -81,6 +81,18 @@ def test_the_report_embeds_every_figure_of_the_run_with_its_vector_copy(complete
         assert vector.is_file() and str(vector.relative_to(completed_run)) in page.links
 
 
+def test_a_figure_no_section_knows_is_embedded_too(completed_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / completed_run.name
+    shutil.copytree(completed_run, folder)
+    shutil.copy(folder / "comparison.png", folder / "gp" / "extra.png")
+    page = html_report.run_page(folder)
+    other = next(s for s in page.sections if s.title == "Other figures")
+    assert [f.name for f in other.figures] == ["gp/extra.png"]
+    assert other.figures[0].data_uri == data_uri(folder / "gp" / "extra.png")
+
+
 def test_the_comparison_table_holds_the_rows_of_comparison_csv(completed_run):
     _, page = read_report(completed_run)
     with open(completed_run / "comparison.csv", newline="") as handle:
@@ -132,7 +144,8 @@ def test_a_report_or_figure_that_cannot_be_written_changes_no_status(tmp_path, m
     with lifecycle(tmp_path, ["gossip"]) as life:
         play(life, "gossip", 0.5)
     folder = life.path
-    assert not folder.name.startswith(".") and json.loads((folder / "summary.json").read_text())["status"] == "completed"
+    assert not folder.name.startswith(".")
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
     assert not (folder / "report.html").exists() and (folder / "comparison.png").is_file()
     err = capsys.readouterr().err
     assert "fedepic: warning: report.html not written: OSError: no space left on device" in err
