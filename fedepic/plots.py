@@ -147,7 +147,8 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
         for ax in spare:
             ax.axis("off")
         if place is not None:
-            _legend(fig, spare, styles, list(per_member), place)
+            banded = any(s.get(p + SE_SUFFIX) for s in per_member.values() for p in shown)
+            _legend(fig, spare, styles, list(per_member), place, "member (shaded: ± s.e.)" if banded else "member")
         fig.suptitle(_wrap(title, width))
     return fig
 
@@ -202,18 +203,18 @@ def _legend_place(members: list[str], spare: int, width: float) -> _LegendPlace:
         columns = math.ceil(len(members) / 12)
         return _LegendPlace("right", columns * entry + 0.2, columns)
     per_row = max(1, min(len(members), int(width // entry)))
-    return _LegendPlace("below", 0.22 * math.ceil(len(members) / per_row) + 0.15, per_row)
+    return _LegendPlace("below", 0.22 * math.ceil(len(members) / per_row) + 0.35, per_row)  # rows and a title
 
 
-def _legend(fig, spare: list, styles: Mapping[str, LineStyle], members: list[str], place: _LegendPlace) -> None:
+def _legend(fig, spare: list, styles: Mapping[str, LineStyle], members: list[str], place: _LegendPlace,
+            title: str) -> None:
     handles = [plt.Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle)
                for m in members]
     if place.where == "panel":
-        spare[0].legend(handles, members, loc="center", frameon=False, title="member")
-    elif place.where == "right":
-        fig.legend(handles, members, loc="outside right upper", ncols=place.columns, frameon=False, title="member")
+        spare[0].legend(handles, members, loc="center", frameon=False, title=title)
     else:
-        fig.legend(handles, members, loc="outside lower center", ncols=place.columns, frameon=False)
+        loc = "outside right center" if place.where == "right" else "outside lower center"
+        fig.legend(handles, members, loc=loc, ncols=place.columns, frameon=False, title=title)
 
 
 def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str,

@@ -58,7 +58,9 @@ def attack_label(cfg: RunConfig) -> str:
 def setting_title(cfg: RunConfig) -> str:
     """The run's name and setting, as every figure and the report state it: mode, dataset, nodes or
     clients (malicious), topology or partition, attack, seed."""
-    data = DATASET_NAMES.get(cfg.data.name, cfg.data.name)
+    data = cfg.data.folder if cfg.data.name == "imagefolder" else DATASET_NAMES.get(cfg.data.name, cfg.data.name)
+    if cfg.data.classes is not None:
+        data += f" ({len(cfg.data.classes)} classes)"
     attack = f"attack {attack_label(cfg)}"
     if cfg.mode == "centralized":
         trials = cfg.attack.targets if cfg.attack.data == "gradient_matching" else 1

@@ -166,7 +166,8 @@ def test_the_page_escapes_text_and_links_only_beside_itself():
     ("noniid.yaml", ["noniid:", "decentralized MNIST", "20 nodes (4 malicious)", "small_world (k=4, p=0.2)",
                      "attack label_flip", "seed 0"]),
     ("server_noniid.yaml", ["federated MNIST", "20 clients (4 malicious)", "dirichlet (alpha=0.5)", "seed 0"]),
-    ("centralized_smoke.yaml", ["centralized imagefolder", "cnn", "attack gradient_matching", "2 trials", "seed 0"]),
+    ("centralized_smoke.yaml", ["centralized cifar10-jpeg (3 classes)", "cnn", "attack gradient_matching", "2 trials",
+                                "seed 0"]),
 ])
 def test_every_mode_states_its_setting_in_its_titles(config, words):
     title = setting_title(load_config(config, []))

@@ -103,6 +103,8 @@ def test_a_standard_error_series_draws_a_band_around_the_mean():
         band = ax.collections[0].get_paths()[0].vertices
         assert band[:, 1].min() == pytest.approx(49.0) and band[:, 1].max() == pytest.approx(70.0)
         assert band[:, 0].min() == 2 and band[:, 0].max() == 6
+        legend = next(iter(fig.legends), None) or next(a.get_legend() for a in fig.axes if a.get_legend())
+        assert legend.get_title().get_text() == "member (shaded: ± s.e.)"  # the reader is told what the band is
     finally:
         plots.close(fig)
 
@@ -127,6 +129,7 @@ def test_panel_grids_stay_within_three_to_one_with_the_legend_inside(panels, mem
         assert width / height <= 3.0
         legend = next(iter(fig.legends), None) or next(ax.get_legend() for ax in fig.axes if ax.get_legend())
         assert inside(fig, legend) and inside(fig, fig._suptitle)
+        assert not legend.get_window_extent().overlaps(fig._suptitle.get_window_extent())
         assert all(inside(fig, ax) for ax in fig.axes)
     finally:
         plots.close(fig)
