@@ -34,9 +34,9 @@ DPI_RANGE = (50, 600)  # figures.dpi
 # keys that belong to the whole run, not to one compared member (see `member_config`)
 # (the model and the attack too: the router attacks, and both engines build the nodes' data and models,
 # with the run's settings)
-RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "figures", "data", "clients",
-                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized", "server",
-                  "model", "attack")
+RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "figures", "data",
+                  "clients", "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized",
+                  "server", "model", "attack")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets", "rows")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")

@@ -4,15 +4,15 @@ cost, and how it ended.
 The page holds everything it shows: tables as HTML, figures as embedded PNG (base64 ``data:`` URIs),
 the resolved config, versions, the lock's hash, wall time and status. It loads nothing (no external
 stylesheet, font, image or script; no JavaScript at all: collapsed parts are ``<details>``); the
-only links are relative ones to files beside it (the vector copies of the figures, the JSON files).
+only links are relative ones to files beside it (the vector copies of the figures, the data files).
 
 Two layers:
 
 - a generic page, :class:`Page` of :class:`Section` s, each with paragraphs, :class:`Table` s,
   :class:`Figure` s, key/value facts, code and sub-sections, rendered by :func:`render_page` through
   one Jinja2 template (``fedepic/templates/report.html.j2``, autoescaped). The template is a file
-  shipped as package data rather than a string constant: it is a page of HTML and CSS that reads and
-  diffs as HTML, and Jinja2 loads and caches it by name;
+  shipped as package data rather than a string constant: it is a page of HTML and CSS that reads,
+  diffs and is checked as HTML (editors, linters), and Jinja2 loads it from the package by name;
 - the run report, :func:`run_page` (from what a run folder holds: summary.json, config.yaml,
   comparison.csv and comparison.md, the members' summary.json and every PNG), written by
   :func:`write_run_report` (atomically, through fedepic.outputs.RunWriter) when the run ends
@@ -225,6 +225,7 @@ def run_page(folder: Path, members: Optional[Sequence[str]] = None, title: Optio
         _details_section(summary),
         config_section(config),
         environment_section(summary),
+        _files_section(folder),
     ]
     page.sections.append(_other_figures(folder, page.sections))
     page.sections = [s for s in page.sections if _has_content(s)]
@@ -393,12 +394,21 @@ def environment_section(summary: Mapping[str, Any]) -> Section:
     """Versions, the lock's file, hash and differences, wall time."""
     lock = summary.get("lock") or {}
     differs = lock.get("differs")
+    wall = summary.get("wall_seconds")
     facts: list[tuple[str, Any]] = [(k, v) for k, v in (summary.get("versions") or {}).items()]
     facts += [("lock file", lock.get("file") or "n/a"), ("lock sha256", lock.get("sha256") or "n/a"),
               ("packages differing from the lock", "; ".join(differs) if differs else
                "none" if differs is not None else "not checked"),
-              ("wall time", f"{_duration(summary.get('wall_seconds'))} ({with_unit('seconds', summary.get('wall_seconds'))})")]
+              ("wall time", f"{_duration(wall)} ({with_unit('seconds', wall)})")]
     return Section("Environment", facts=facts, collapsed=True)
+
+
+def _files_section(folder: Path) -> Section:
+    """Links to the run's data files beside the report (tables, summaries, metrics, JSON, poisons)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix not in (".png", ".pdf", ".svg", ".html", ".pt"))
+    return Section("Files", ["The run's data files, beside this page (each member's are in its folder)."],
+                   facts=[(name, link(name)) for name in names], collapsed=True)
 
 
 def _other_figures(folder: Path, sections: Sequence[Section]) -> Section:
