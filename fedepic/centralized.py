@@ -24,7 +24,7 @@ from fedepic.attacks.gradient_matching import (
     check_poisons, save_poisons, target_gradient,
 )
 from fedepic.checkpoint import CHECKPOINT, Resume, checkpoint_due, metrics_size, save_checkpoint, truncate_metrics
-from fedepic.config import ConfigError, RunConfig
+from fedepic.config import ConfigError, RunConfig, TrainConfig
 from fedepic.data import ImageData, load_dataset
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
@@ -34,6 +34,7 @@ from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.metrics import mean_and_se, poison_stats, success_rate
 from fedepic.outputs import RunWriter
 from fedepic.progress import bar, progress_bars
+from fedepic.report import setting_title
 from fedepic.train import evaluate, fit, resolve_device
 
 TABLE_COLUMNS = ("defense", "attack_success", "attack_success_se", "accuracy", "accuracy_se", "seconds",
@@ -214,7 +215,7 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         stats = policy(epoch, net)
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             ev = evaluate(net, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
-            stats = {**stats, "test_accuracy": ev["accuracy"]}
+            stats = {**stats, "test_accuracy": ev["accuracy"], "per_class": ev["per_class"]}
             accuracy_curve.append(ev["accuracy"])
         return stats
 
@@ -302,8 +303,7 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
     saved = resume.checkpoint if resume is not None else None
-    comparison = Comparison(TABLE_COLUMNS, ("test_accuracy",), f"{cfg.name}: {cfg.attack.data} on {cfg.data.name}",
-                            xlabel="evaluation")
+    comparison = Comparison(TABLE_COLUMNS, ("test_accuracy",), setting_title(cfg), xlabel="epoch")
     histogram = torch.bincount(data.train_y, minlength=data.num_classes).tolist()
     life = RunLifecycle(cfg, members, comparison, interrupts=interrupts, resume=resume,
                         extras=lambda rows: _root_figures(rows, histogram))
@@ -329,11 +329,23 @@ def _root_figures(rows: list[dict], histogram: list[int]) -> dict:
 
 
 def _member_report(cfg: RunConfig, member: str, outcomes: list[dict]) -> MemberReport:
-    """A member's summary (its trials so far), comparison row and accuracy curve (of its first trial)."""
+    """A member's summary (its trials so far), comparison row and test-accuracy curve: the mean over its
+    finished trials at each evaluated epoch, with its standard error (fedepic.plots: "@se", "@x")."""
     row = summarise(member, outcomes, cfg.attack.data == "gradient_matching") if outcomes else {}
-    curves = {"test_accuracy": outcomes[0]["accuracy_curve"]} if outcomes else {}
     return MemberReport({"defense": member, "trials_done": len(outcomes), "trials_detail": outcomes, **row}, row,
-                        curves)
+                        accuracy_curves([o["accuracy_curve"] for o in outcomes], cfg.train))
+
+
+def accuracy_curves(per_trial: list[list[float]], train: TrainConfig) -> dict[str, list[float]]:
+    """The trials' test-accuracy curves as one mean curve with its s.e. at the evaluated epochs
+    (every ``train.eval_every``-th and the last); empty without a trial."""
+    if not per_trial:
+        return {}
+    epochs = [e for e in range(1, train.epochs + 1) if e % train.eval_every == 0 or e == train.epochs]
+    points = [mean_and_se([curve[j] for curve in per_trial if j < len(curve)])
+              for j in range(max(len(curve) for curve in per_trial))]
+    return {"test_accuracy": [m for m, _ in points], "test_accuracy@se": [se for _, se in points],
+            "test_accuracy@x": epochs[:len(points)]}
 
 
 class _Progress:

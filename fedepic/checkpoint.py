@@ -27,7 +27,7 @@ from fedepic.errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Keys a resume may change: where the run is written and how it is displayed, never what it computes.
-RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir", "checkpoint_every")
+RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir", "checkpoint_every", "figures")
 # "killed": the folder holds no summary, because the process ended without writing one (SIGKILL, an
 # out-of-memory kill, a power loss); its checkpoints are what a resume is for
 RESUMABLE_STATUSES = ("interrupted", "failed", "killed")
@@ -95,9 +95,14 @@ def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], prefix: st
         a, b = stored.get(key), given.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += _differences(a, b, f"{name}.")
-        elif a != b and name not in RESUMABLE_KEYS:
+        elif a != b and not _resumable(name):
             out.append(f"key '{name}' is {json.dumps(a)} in the run and {json.dumps(b)} here")
     return out
+
+
+def _resumable(key: str) -> bool:
+    """``key`` is one of RESUMABLE_KEYS or inside one of them (``figures.dpi``)."""
+    return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_KEYS)
 
 
 def _run_folder(value: str) -> Path:

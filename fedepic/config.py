@@ -29,12 +29,14 @@ DFL_ALGORITHMS = ("dpsgd", "dsgd", "dsgt")
 SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 PRE_AGGREGATION = ("nnm", "clip")
+VECTOR_FORMATS = ("pdf", "svg")  # figures.vector
+DPI_RANGE = (50, 600)  # figures.dpi
 # keys that belong to the whole run, not to one compared member (see `member_config`)
 # (the model and the attack too: the router attacks, and both engines build the nodes' data and models,
 # with the run's settings)
-RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "data", "clients",
-                  "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized", "server",
-                  "model", "attack")
+RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "figures", "data",
+                  "clients", "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized",
+                  "server", "model", "attack")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets", "rows")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -235,6 +237,14 @@ class RayConfig:
 
 
 @dataclass
+class FiguresConfig:
+    """How the run's figures are saved (fedepic.plots.save_figure): each as PNG and as a vector file."""
+
+    dpi: int = 150  # PNG resolution, dots per inch
+    vector: str = "pdf"  # pdf | svg: the copy of every figure for papers (report.html embeds the PNG)
+
+
+@dataclass
 class RunConfig:
     mode: str = "centralized"  # centralized | federated | decentralized
     seed: int = 0
@@ -245,6 +255,7 @@ class RunConfig:
     # decentralized); 0 writes none: a resume then keeps the finished members and starts the
     # interrupted one over
     checkpoint_every: int = 1
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -462,6 +473,9 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", cfg.name,
            "must be a non-empty folder name without '/'")
     _positive("checkpoint_every", cfg.checkpoint_every, allow_zero=True)
+    _check(DPI_RANGE[0] <= cfg.figures.dpi <= DPI_RANGE[1], "figures.dpi", cfg.figures.dpi,
+           f"must lie in [{DPI_RANGE[0]}, {DPI_RANGE[1]}]")
+    _choice("figures.vector", cfg.figures.vector, VECTOR_FORMATS)
     _validate_data(cfg)
     _choice("model.name", cfg.model.name, MODEL_NAMES)
     _validate_train(cfg.train)

@@ -9,13 +9,17 @@ context, on every exit path and inside ``Interrupts.polled`` (a signal cannot cu
 
 - the members still open are closed with the status the exit gives (``RunWriter.mark``:
   "interrupted" for SIGINT/SIGTERM, else "failed") and the ``error`` that ended them;
-- the root gets comparison.{md,csv,png} of the finished members, in member order, and its
-  summary.json: the status, ``mode``, ``finished``, ``rows`` (the finished members' comparison rows),
-  ``resumed`` and the mode's own figures (``extras``);
+- the root gets the comparison of the finished members, in member order (fedepic.report: table and
+  figures), and its summary.json: the status, ``mode``, ``finished``, ``rows`` (the finished members'
+  comparison rows), ``resumed`` and the mode's own figures (``extras``);
+- then report.html (fedepic.html_report), from what the folder holds by then;
 - a completed run deletes its checkpoints (fedepic.checkpoint.remove_checkpoints).
 
 A member's summary.json holds what its report says (:class:`MemberReport`, asked for when the member
-ends, so a member cut short reports what it did), and curves.png its curves.
+ends, so a member cut short reports what it did), and its figures its curves. Every member keeps one
+line style (fedepic.plots.member_styles over ``members``) in every figure of the run. A figure or
+report that cannot be written is a warning line on stderr: the folder is still renamed into place and
+the statuses stay what the run's end made them.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from fedepic.checkpoint import CHECKPOINT, Resume, remove_checkpoints, truncate_
 from fedepic.config import RunConfig, to_yaml
 from fedepic.interrupts import Interrupts
 from fedepic.outputs import RunWriter
-from fedepic.report import Curves, write_comparison, write_curves
+from fedepic.report import Curves, best_effort, write_comparison, write_curves
 
 
 @dataclass
 class Comparison:
-    """How the root compares its members: the table's columns, the plot's panels, title and x axis."""
+    """How the root compares its members: the table's columns, the plot's panels, title (the setting:
+    fedepic.report.setting_title), x axis (the key of the x values in metrics.jsonl too: "round",
+    "epoch") and, optionally, what the figures call each class (e.g. "7 (exclusive)")."""
 
     columns: Sequence[str]
     panels: Sequence[str]
     title: str
     xlabel: str = "round"
+    class_labels: Optional[Sequence[str]] = None
 
 
 @dataclass
@@ -185,7 +192,9 @@ class RunLifecycle:
         try:  # a report that fails still leaves the member closed, with its status (RunWriter.close)
             report = make_report()
             summary = report.summary if exc is None else {**report.summary, "error": str(exc) or type(exc).__name__}
-            write_curves(writer, report.curves, self.comparison.xlabel, f"{name} ({self.cfg.name})")
+            c = self.comparison
+            write_curves(writer, report.curves, c.xlabel, f"{name} \N{EM DASH} {c.title}", line=self._styles()[name],
+                         figures=self.cfg.figures)
             writer.write_summary(summary)
         finally:
             writer.close()
@@ -194,6 +203,16 @@ class RunLifecycle:
             self._done[name] = (report.row, report.curves)
 
     # ------------------------------------------------------------------ the end
+
+    def _styles(self) -> dict:
+        from fedepic.plots import member_styles  # matplotlib: imported when a figure is drawn
+
+        return member_styles(self.members)
+
+    def _write_html(self) -> None:
+        from fedepic.html_report import write_run_report
+
+        write_run_report(self.root, members=self.members, title=self.comparison.title)
 
     def finish(self, exc: Optional[BaseException]) -> None:
         """Close the members cut short by ``exc``, write the comparison and the root summary, and delete
@@ -218,9 +237,11 @@ class RunLifecycle:
             if rows:
                 c = self.comparison
                 write_comparison(self.root, rows, c.columns, {m: self._done[m][1] for m in self.finished}, c.panels,
-                                 c.title, c.xlabel)
+                                 c.title, c.xlabel, styles=self._styles(), figures=self.cfg.figures,
+                                 class_labels=c.class_labels)
             self.root.write_summary({"mode": self.cfg.mode, "finished": self.finished, "rows": rows,
                                      "resumed": self.resume is not None, **self.extras(rows)})
+            best_effort("report.html", self._write_html)
             if self.root.status == "running":
                 remove_checkpoints(self.root.dir)
         if broken is not None and exc is None:

@@ -86,7 +86,8 @@ def environment_versions() -> dict[str, str]:
         pass
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in ("flwr", "ray", "numpy", "numba", "omegaconf"):  # metadata only: the core never imports flwr or ray
+    # metadata only: the core never imports flwr or ray
+    for package in ("flwr", "ray", "numpy", "numba", "omegaconf", "matplotlib", "jinja2"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -228,13 +229,9 @@ class RunWriter:
         atomic_write_json(self.dir / "summary.json", summary)
         self.summary_written = True
 
-    def save_figure(self, fig: Any, name: str) -> None:
-        """Save a matplotlib figure atomically as PNG."""
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        atomic_write_bytes(self.dir / name, buf.getvalue())
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A binary file (a figure: fedepic.plots.save_figure), written atomically."""
+        atomic_write_bytes(self.dir / name, data)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:

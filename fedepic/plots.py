@@ -1,16 +1,79 @@
-"""Matplotlib figures of training curves and strategy comparisons (Agg backend: no display needed)."""
+"""The figures of a run, in one style: panel grids of curves, heatmaps, one line style per member, and
+one save helper that writes PNG (at a stated dpi) plus PDF or SVG (Agg backend: no display needed).
+
+A member's *series* maps a metric to its values, one per point, with optional companions:
+``series["acc@x"]`` holds the x values (e.g. the evaluated rounds; default 1..n) and
+``series["acc@se"]`` the standard error of each point, drawn as a band mean ± s.e. (a sweep's repeated
+seeds, the centralized trials). Values are stored as the run logs them (fractions); the axes show
+them in the unit of fedepic.quantities (accuracies in percent).
+
+Reuse (e.g. a sweep): :func:`member_styles` gives every member one colour, marker and dash that stay
+the same in each figure drawn with it; :func:`panel_grid_figure` draws one panel per metric and one
+line per member; :func:`heatmap_figure` draws a matrix (per-class accuracy over rounds, attack x
+defense); :func:`save_figure` writes both formats atomically through anything with ``write_bytes``
+(fedepic.outputs.RunWriter).
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+import io
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Protocol, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedepic.config import VECTOR_FORMATS  # noqa: E402
+from fedepic.quantities import quantity  # noqa: E402
 
 X_SUFFIX = "@x"  # series["acc@x"] holds the x values of series["acc"] (e.g. the evaluated rounds)
+SE_SUFFIX = "@se"  # series["acc@se"] holds the standard error of each value of series["acc"]
+COMPANIONS = (X_SUFFIX, SE_SUFFIX)
+MAX_COLUMNS = 3  # panels per row: every panel stays readable
+MAX_ASPECT = 2.8  # width / height of a figure at most (a paper's column or a slide, never a sliver)
+PANEL_SIZE = (3.4, 2.5)  # inches, one curves panel
+CHARS_PER_INCH = 10  # title wrapping at figure.titlesize 11 (DejaVu Sans averages about 12)
+STYLE = {  # rc parameters of every figure: small print sizes, Type 42 fonts (journals), stable SVG ids
+    "font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 8.5,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.titlesize": 11,
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "lines.linewidth": 1.6, "lines.markersize": 4, "pdf.fonttype": 42, "svg.hashsalt": "fedepic",
+}
+# Distinct periods (10 colours, 7 markers, 4 dashes) keep the first 140 members apart, and members
+# stay apart in greyscale print by marker and dash
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+DASHES = ("-", "--", "-.", ":")
+
+
+@dataclass(frozen=True)
+class LineStyle:
+    """How one member is drawn in every figure of a run."""
+
+    color: str
+    marker: str
+    linestyle: str
+
+
+def member_styles(members: Sequence[str]) -> dict[str, LineStyle]:
+    """One style per member, by its position in ``members`` (the run's member order): pass the same
+    list to every figure of a run (or of a sweep) and each member keeps its style."""
+    colors = matplotlib.colormaps["tab10"].colors
+    return {m: LineStyle(to_hex(colors[i % len(colors)]), MARKERS[i % len(MARKERS)],
+                         DASHES[i % len(DASHES)]) for i, m in enumerate(members)}
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """The figures' rc parameters, for drawing and saving alike (never set globally)."""
+    with plt.rc_context(STYLE):
+        yield
 
 
 def x_values(series: Mapping[str, Sequence[float]], name: str) -> Sequence[float]:
@@ -18,37 +81,258 @@ def x_values(series: Mapping[str, Sequence[float]], name: str) -> Sequence[float
     return series.get(name + X_SUFFIX) or range(1, len(series[name]) + 1)
 
 
-def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str):
-    """One panel per series name (e.g. accuracy, loss), x = ``x_values``."""
-    names = [n for n, v in series.items() if len(v) and not n.endswith(X_SUFFIX)]
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        ax.plot(x_values(series, name), series[name], marker="o", markersize=2.5)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
+def metric_names(series: Mapping[str, Sequence[float]]) -> list[str]:
+    """The metrics of ``series`` that have a finite value (their "@x" / "@se" companions left out)."""
+    return [n for n in series if not n.endswith(COMPANIONS) and has_values(series, n)]
+
+
+def has_values(series: Mapping[str, Sequence[float]], name: str) -> bool:
+    return any(_finite(v) for v in series.get(name, []))
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _wrap(title: str, width_in: float) -> str:
+    """``title`` wrapped to the figure's width in lines of about equal length (no lone last word), each
+    of its own lines apart (e.g. what the figure shows, then the setting)."""
+    width = max(20, int(width_in * CHARS_PER_INCH))
+    out = []
+    for line in title.splitlines():
+        lines = max(1, math.ceil(len(line) / width))
+        out += textwrap.wrap(line, min(width, math.ceil(len(line) / lines) + 6)) or [""]
+    return "\n".join(out)
+
+
+def _figsize(width: float, height: float) -> tuple[float, float]:
+    """(width, height) in inches, the height raised where the figure would be wider than MAX_ASPECT."""
+    return width, max(height, width / MAX_ASPECT)
+
+
+def _grid(n: int, columns: int = MAX_COLUMNS) -> tuple[int, int]:
+    cols = max(1, min(columns, n))
+    return math.ceil(max(n, 1) / cols), cols
+
+
+# ----------------------------------------------------------------------------------------- curves
+
+
+def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str],
+                      xlabel: str, title: str, styles: Optional[Mapping[str, LineStyle]] = None,
+                      legend: bool = True):
+    """One panel per metric of ``panels`` (at most 3 per row), one line per member (its mean; a band
+    of ± s.e. where the member's series has ``metric@se``), one shared legend outside the axes.
+
+    ``styles``: the run's :func:`member_styles` (default: by the order of ``per_member``). A metric no
+    member has a finite value for gets no panel.
+    """
+    styles = styles or member_styles(list(per_member))
+    shown = [p for p in panels if any(has_values(s, p) for s in per_member.values())]
+    rows, cols = _grid(len(shown))
+    width = cols * PANEL_SIZE[0]
+    place = _legend_place(list(per_member), rows * cols - len(shown), width) if legend and per_member else None
+    if place is not None and place.where == "right":
+        width += place.inches
+    below = place.inches if place is not None and place.where == "below" else 0.0
+    with style():
+        fig = plt.figure(figsize=_figsize(width, rows * PANEL_SIZE[1] + 0.6 + below), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, panel in zip(axes, shown):
+            for member, series in per_member.items():
+                if has_values(series, panel):
+                    _draw_line(ax, series, panel, member, styles[member])
+            _label_axes(ax, panel, xlabel)
+        spare = list(axes[len(shown):])
+        for ax in spare:
+            ax.axis("off")
+        if place is not None:
+            banded = any(s.get(p + SE_SUFFIX) for s in per_member.values() for p in shown)
+            _legend(fig, spare, styles, list(per_member), place, "member (shaded: ± s.e.)" if banded else "member")
+        fig.suptitle(_wrap(title, width))
     return fig
 
 
-def comparison_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str],
-                      xlabel: str, title: str):
-    """One panel per metric, one line per member (strategy or defense)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for member, series in per_member.items():
-            values = series.get(panel, [])
-            if len(values):
-                ax.plot(x_values(series, panel), values, marker="o", markersize=2.5, label=member)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(panel)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
+def _label_axes(ax, name: str, xlabel: str) -> None:
+    """The quantity's label as the panel title, its unit on the y axis; percentages kept near [0, 100]
+    (a flat 0 % or 100 % curve does not get an axis from -0.04 to 0.04 or past 100)."""
+    q = quantity(name)
+    ax.set_title("\n".join(textwrap.wrap(q.label, 38)))
+    ax.set_ylabel("\n".join(textwrap.wrap(q.unit, 24)))
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    if q.unit == "%":
+        low, high = _finite_range(ax)
+        pad = max(4.0, 0.08 * (high - low))
+        ax.set_ylim(max(low - pad, -2.0), min(high + pad, 102.0))
+    else:  # small magnitudes (consensus distances) as "x 1e-4", not six-decimal ticks
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
+
+
+def _finite_range(ax) -> tuple[float, float]:
+    """The y range of what the panel holds (lines and ± s.e. bands; NaN left out)."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else (0.0, 100.0)
+
+
+def _draw_line(ax, series: Mapping[str, Sequence[float]], name: str, member: str, line: LineStyle) -> None:
+    scale = quantity(name).scale
+    xs = list(x_values(series, name))
+    ys = [math.nan if v is None else v * scale for v in series[name]]
+    ax.plot(xs, ys, color=line.color, marker=line.marker, linestyle=line.linestyle, label=member,
+            markevery=max(1, len(xs) // 12))  # a dozen markers at most: they tell members apart, no more
+    se = series.get(name + SE_SUFFIX)
+    if se:
+        low = [y - (s or 0.0) * scale for y, s in zip(ys, se)]
+        high = [y + (s or 0.0) * scale for y, s in zip(ys, se)]
+        ax.fill_between(xs, low, high, color=line.color, alpha=0.18, linewidth=0, label="_band")
+
+
+@dataclass(frozen=True)
+class _LegendPlace:
+    where: str  # "panel": in an empty panel; "right": beside one column of panels; "below": under them
+    inches: float  # what it adds to the figure's width (right) or height (below)
+    columns: int = 1
+
+
+def _legend_place(members: list[str], spare: int, width: float) -> _LegendPlace:
+    entry = 0.6 + 0.075 * max(len(m) for m in members)  # inches of one entry: the line, then the name
+    if spare and len(members) <= 10:
+        return _LegendPlace("panel", 0.0)
+    if width <= PANEL_SIZE[0]:  # a dozen entries a column fit beside one panel's height
+        columns = math.ceil(len(members) / 12)
+        return _LegendPlace("right", columns * entry + 0.2, columns)
+    per_row = max(1, min(len(members), int(width // entry)))
+    return _LegendPlace("below", 0.22 * math.ceil(len(members) / per_row) + 0.35, per_row)  # rows and a title
+
+
+def _legend(fig, spare: list, styles: Mapping[str, LineStyle], members: list[str], place: _LegendPlace,
+            title: str) -> None:
+    handles = [plt.Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle)
+               for m in members]
+    if place.where == "panel":
+        spare[0].legend(handles, members, loc="center", frameon=False, title=title)
+    else:
+        loc = "outside right center" if place.where == "right" else "outside lower center"
+        fig.legend(handles, members, loc=loc, ncols=place.columns, frameon=False, title=title)
+
+
+def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str,
+                  line: Optional[LineStyle] = None):
+    """One member's curves: one panel per metric with a finite value, in the member's run style."""
+    member = "member"
+    return panel_grid_figure({member: series}, metric_names(series), xlabel, title,
+                             {member: line or member_styles([member])[member]}, legend=False)
+
+
+# ---------------------------------------------------------------------------------------- heatmaps
+
+
+@dataclass
+class Heatmap:
+    """One matrix panel: ``values[r][c]`` (NaN: no value, drawn blank) with its row and column labels."""
+
+    values: Sequence[Sequence[float]]
+    row_labels: Sequence[str]
+    col_labels: Sequence[str]
+    title: str = ""
+    row_title: str = ""
+    col_title: str = ""
+
+
+def heatmap_figure(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str],
+                   title: str, value_label: str, *, row_title: str = "", col_title: str = "",
+                   vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}"):
+    """One heatmap (per-class accuracy over rounds, attack x defense, member x class), its colour bar
+    labelled ``value_label``; cells large enough to read carry their value (``fmt``)."""
+    return heatmap_grid_figure([Heatmap(values, row_labels, col_labels, "", row_title, col_title)], title,
+                               value_label, vmin=vmin, vmax=vmax, fmt=fmt)
+
+
+def heatmap_grid_figure(panels: Sequence[Heatmap], title: str, value_label: str, *,
+                        vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}"):
+    """Several heatmaps on one colour scale (at most 3 per row) and one colour bar."""
+    finite = [v for p in panels for row in p.values for v in row if _finite(v)]
+    vmin = vmin if vmin is not None else (min(finite) if finite else 0.0)
+    vmax = vmax if vmax is not None else (max(finite) if finite else 1.0)
+    n_rows = max(len(p.row_labels) for p in panels)
+    n_cols = max(len(p.col_labels) for p in panels)
+    label_in = 0.065 * max((len(r) for p in panels for r in p.row_labels), default=1)  # row labels' width
+    cell = (min(0.42, max(0.03, 3.6 / max(n_cols, 1))), min(0.3, max(0.02, 4.5 / max(n_rows, 1))))
+    panel = (n_cols * cell[0] + label_in + 0.6, max(n_rows * cell[1] + 0.7, 1.9))  # a colour bar to read
+    rows, cols = _grid(len(panels))
+    width = max(cols * panel[0] + 1.0, 4.0)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")  # NaN: light grey, not a value
+    with style():
+        fig = plt.figure(figsize=_figsize(width, rows * panel[1] + 0.7), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        image = None
+        for ax, heat in zip(axes, panels):
+            image = ax.imshow(heat.values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            _label_cells(ax, heat, cell, vmin, vmax, fmt)
+            ax.grid(False)
+            ax.set_title(heat.title)
+            ax.set_ylabel(heat.row_title)
+            ax.set_xlabel(heat.col_title)
+        for ax in axes[len(panels):]:
+            ax.axis("off")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[:len(panels)]), label=value_label, shrink=0.9, aspect=30)
+        fig.suptitle(_wrap(title, width))
     return fig
+
+
+def _label_cells(ax, heat: Heatmap, cell: tuple[float, float], vmin: float, vmax: float, fmt: str) -> None:
+    """Tick labels (all of them where they fit, else evenly spaced; slanted where wider than their
+    column) and, in cells large enough to read, the values."""
+    x_step = max(1, math.ceil(0.3 / cell[0]))
+    y_step = max(1, math.ceil(0.16 / cell[1]))
+    for axis, labels, step in ((ax.xaxis, heat.col_labels, x_step), (ax.yaxis, heat.row_labels, y_step)):
+        ticks = list(range(0, len(labels), step))
+        axis.set_ticks(ticks, [labels[i] for i in ticks])
+    if max((len(label) for label in heat.col_labels), default=0) * 0.075 > cell[0] * x_step:
+        ax.tick_params(axis="x", labelrotation=40)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
+    ax.tick_params(length=0)
+    if cell[0] < 0.3 or cell[1] < 0.17:
+        return
+    span = (vmax - vmin) or 1.0
+    for r, row in enumerate(heat.values):
+        for c, value in enumerate(row):
+            if _finite(value):  # viridis is dark at the low end: light text there
+                dark = (value - vmin) / span < 0.6
+                ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+class BytesTarget(Protocol):
+    """Where figures go: a run folder's writer (fedepic.outputs.RunWriter writes atomically)."""
+
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+
+
+def save_figure(target: BytesTarget, fig, stem: str, dpi: int, vector: str) -> list[str]:
+    """``stem.png`` at ``dpi`` and ``stem.<vector>`` (``pdf`` or ``svg``), each written atomically;
+    returns the file names. Dates are left out of the vector files, so a figure's bytes are reproducible."""
+    if vector not in VECTOR_FORMATS:
+        raise ValueError(f"vector format {vector!r}: choose one of {', '.join(VECTOR_FORMATS)}")
+    names = []
+    with style():
+        for fmt, options in (("png", {"dpi": dpi}), (vector, {"metadata": {"pdf": {"CreationDate": None},
+                                                                          "svg": {"Date": None}}[vector]})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, **options)  # constrained layout keeps every label inside
+            target.write_bytes(f"{stem}.{fmt}", buf.getvalue())
+            names.append(f"{stem}.{fmt}")
+            fig.set_layout_engine("none")  # laid out (in inches) by the first save: the second keeps it
+    return names
 
 
 def close(fig) -> None:
     plt.close(fig)
+

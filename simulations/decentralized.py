@@ -32,6 +32,7 @@ from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.plots import X_SUFFIX
 from fedepic.progress import bar, progress_bars
+from fedepic.report import attack_label, setting_title
 
 from simulations.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
@@ -189,9 +190,8 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad))
                for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
-    title = f"{cfg.name}: decentralized, {cfg.clients.count} nodes ({len(bad)} malicious), " \
-            f"{cfg.topology.name}, attack {attack_label(cfg)}"
-    life = RunLifecycle(cfg, [m.name for m in members], Comparison(COLUMNS, PANELS, title), interrupts=interrupts,
+    comparison = Comparison(COLUMNS, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
+    life = RunLifecycle(cfg, [m.name for m in members], comparison, interrupts=interrupts,
                         resume=resume, extras=lambda rows: {"attack": attack_label(cfg), "label_roles": roles,
                                                             "members": {r["strategy"]: r for r in rows}})
     with life, progress_bars(cfg.progress) as progress:
@@ -215,6 +215,17 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     return life.path
 
 
-def attack_label(cfg: RunConfig) -> str:
-    parts = [p for p in (cfg.attack.data, cfg.attack.model) if p != "none"]
-    return "+".join(parts) if parts else "none"
+def class_labels(roles: Mapping[str, Sequence[int]], num_classes: int) -> list[str]:
+    """What the figures call each class: its id, and its role where it has one (dfl_router.label_roles):
+    "exclusive" (only malicious nodes hold it, the attack leaves it alone), "malicious only", or
+    "attacked" (benign nodes hold it and the data attack changes it)."""
+    def label(c: int) -> str:
+        if c in roles.get("exclusive", []):
+            return f"{c} (exclusive)"
+        if c in roles.get("malicious_only", []):
+            return f"{c} (malicious only)"
+        if c in roles.get("benign", []) and c not in roles.get("clean", []):
+            return f"{c} (attacked)"
+        return str(c)
+
+    return [label(c) for c in range(num_classes)]

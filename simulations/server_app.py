@@ -78,6 +78,7 @@ from fedepic.epic import EpicState
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.outputs import RunWriter
+from fedepic.report import setting_title
 from fedepic.train import evaluate, fit, resolve_device
 from fedepic.errors import RunInterrupted
 from fedepic.vectors import flatten_state, unflatten_like
@@ -580,8 +581,7 @@ def open_run(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
              resume: Optional[Resume] = None) -> RunLifecycle:
     """The lifecycle of a federated run folder: enter it, :func:`serve` in it, and leaving it writes the
     statuses, the comparison and the root summary (fedepic.lifecycle)."""
-    title = f"{cfg.name}: {cfg.attack.data}/{cfg.attack.model} attack on {cfg.data.name}, {cfg.clients.count} clients"
-    return RunLifecycle(cfg, list(cfg.strategies), Comparison(COMPARISON_COLUMNS, PANELS, title),
+    return RunLifecycle(cfg, list(cfg.strategies), Comparison(COMPARISON_COLUMNS, PANELS, setting_title(cfg)),
                         interrupts=interrupts, resume=resume)
 
 

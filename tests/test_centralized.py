@@ -83,3 +83,26 @@ def test_a_diverged_member_says_so(tmp_path, capsys):
     assert summary["status"] == "completed" and summary["diverged"] == ["none"]
     assert summary["rows"][0]["diverged_trials"] == 1
     assert "fedepic: warning: none diverged" in capsys.readouterr().err
+
+
+def test_accuracy_curves_are_the_mean_over_trials_with_their_standard_error():
+    """A defense's curve in the figures: the mean of its trials at each evaluated epoch, with a ± s.e. band."""
+    from fedepic.centralized import accuracy_curves
+    from fedepic.config import TrainConfig
+
+    curves = accuracy_curves([[0.5, 0.6, 0.9], [0.7, 0.8, 0.9]], TrainConfig(epochs=5, eval_every=2))
+    assert curves["test_accuracy"] == pytest.approx([0.6, 0.7, 0.9])
+    assert curves["test_accuracy@se"] == pytest.approx([0.1, 0.1, 0.0])
+    assert curves["test_accuracy@x"] == [2, 4, 5]  # every eval_every-th epoch and the last
+    assert accuracy_curves([], TrainConfig()) == {}
+
+
+def test_the_report_shows_every_defense_and_its_figures(smoke_run):
+    from report_pages import read_report, run_pngs
+
+    _, page = read_report(smoke_run)
+    assert page.status == "completed"
+    assert [row[0] for row in page.tables["comparison"] if row] == ["epic-0.1", "none", "random", "loss", "spectral"]
+    figures = {str(p.relative_to(smoke_run)) for p in run_pngs(smoke_run)}
+    assert {"comparison.png", "per_class.png", "per_class_rounds.png", "none/curves.png"} <= figures
+    assert set(page.figures) == figures

@@ -250,6 +250,18 @@ def test_run_label_roles_consult_the_flip_map_only_under_label_flipping():
     assert run_label_roles(model_attack, hist, 4)["exclusive"] == [2, 3]
 
 
+def test_figures_name_the_classes_by_their_role():
+    """configs/noniid.yaml: 7 and 8 only reach benign nodes through the malicious ones; 6 and 9 are held
+    by malicious nodes only (and flipped); the per-class heatmaps say so on their class axis."""
+    from simulations.decentralized import class_labels
+
+    roles = {"benign": [0, 1, 2, 3, 4, 5], "malicious_only": [6, 7, 8, 9], "exclusive": [7, 8],
+             "clean": [0, 1, 2, 3, 4, 5]}
+    assert class_labels(roles, 10) == ["0", "1", "2", "3", "4", "5", "6 (malicious only)", "7 (exclusive)",
+                                       "8 (exclusive)", "9 (malicious only)"]
+    assert class_labels({"benign": [0, 1], "clean": [1]}, 2) == ["0 (attacked)", "1"]
+
+
 def test_bad_graph_or_detector_settings_stop_before_ray_starts(tmp_path, capsys):
     from fedepic.simulate import main
 
@@ -286,8 +298,9 @@ def test_small_ring_through_the_cli_twice_gives_the_same_numbers(tmp_path, capsy
     names = {p.name for p in first.iterdir()}
     assert {"config.yaml", "summary.json", "comparison.md", "comparison.csv", "comparison.png", "partition.json",
             "topology.json", "gossip", "gp", "upper"} <= names
+    assert {"report.html", "per_class.png", "per_class_rounds.png", "comparison.pdf"} <= names
     for member in ("gossip", "gp", "upper"):
-        assert {"metrics.jsonl", "summary.json", "curves.png"} <= {p.name for p in (first / member).iterdir()}
+        assert {"metrics.jsonl", "summary.json", "curves.png", "curves.pdf"} <= {p.name for p in (first / member).iterdir()}
     summary = json.loads((first / "summary.json").read_text())
     assert summary["status"] == "completed" and set(summary["members"]) == {"gossip", "gp", "upper"}
     table = (first / "comparison.md").read_text()

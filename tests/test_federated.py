@@ -318,7 +318,8 @@ def test_four_clients_two_rounds_on_ray(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     folder = Path(done.stdout.strip().splitlines()[-1])
     assert folder.is_dir() and not folder.name.startswith(".")
-    for name in ("config.yaml", "summary.json", "metrics.jsonl", "comparison.md", "comparison.csv", "comparison.png"):
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "comparison.md", "comparison.csv", "comparison.png",
+                 "per_class.png", "per_class_rounds.png", "report.html"):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed"

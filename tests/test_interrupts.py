@@ -85,6 +85,8 @@ def test_decentralized_comparison_interrupted(tmp_path: Path, sig: int) -> None:
     assert read(folder / "gossip" / "summary.json")["status"] == "completed"
     cut = read(folder / "median" / "summary.json")
     assert cut["status"] == "interrupted" and 1 <= cut["rounds"] < 10
+    report = (folder / "report.html").read_text()  # written under the signal, with the true status
+    assert 'data-status="interrupted"' in report and "not finished: median" in report
 
 
 # --------------------------------------------------------------------------- faults recorded, never silent

@@ -45,6 +45,7 @@ def test_every_exit_path_writes_true_statuses(tmp_path: Path, error: BaseExcepti
     assert root["rows"] == [{"strategy": "a", "score": 0.75}] and root["best"] == 0.75 and root["resumed"] is False
     assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,score", "a,0.75"]
     assert (folder / "comparison.png").is_file() and (folder / "a" / "curves.png").is_file()
+    assert f'data-status="{status}"' in (folder / "report.html").read_text()  # the report, with the true status
     assert read(folder / "a" / "summary.json")["status"] == "completed" and not (folder / "a" / CHECKPOINT).exists()
     cut = read(folder / "b" / "summary.json")
     assert cut["status"] == status and cut["rounds"] == 2 and cut["error"] == str(error)

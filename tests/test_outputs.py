@@ -78,13 +78,16 @@ def test_centralized_mnist_config_writes_the_run_folder(tmp_path, data_root):
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "comparison.md", "comparison.png"} <= names
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "comparison.md", "comparison.png", "comparison.pdf",
+            "per_class.png", "per_class.pdf", "report.html"} <= names  # one epoch: no per-class over epochs
+    assert "data:image/png;base64," in (run_dir / "report.html").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rows"][0]["accuracy"] > 0.5  # chance is 0.1; 16 SGD steps
     assert "torch" in summary["versions"] and summary["wall_seconds"] > 0
     member = run_dir / "none"
     lines = (member / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+    assert len(json.loads(lines[0])["per_class"]) == 10  # the per-class heatmap's source
 
 
 def test_write_comparison(tmp_path):
@@ -97,22 +100,4 @@ def test_write_comparison(tmp_path):
     folder = writer.path
     assert (folder / "comparison.md").read_text().startswith("# T")
     assert (folder / "comparison.csv").read_text().splitlines() == ["strategy,final_accuracy", "a,0.5", "b,0.25"]
-    assert (folder / "comparison.png").stat().st_size > 1000
-
-
-def test_curves_take_their_x_values_from_the_at_x_series():
-    """With train.eval_every > 1 the accuracies exist at some rounds only: they are drawn at those rounds."""
-    from fedepic.plots import close, comparison_figure, curves_figure
-
-    series = {"mean_accuracy": [0.5, 0.7], "mean_accuracy@x": [10, 20], "train_loss": [1.0, 0.9, 0.8]}
-    fig = curves_figure(series, "round", "t")
-    try:
-        lines = [ax.get_lines()[0] for ax in fig.axes]
-        assert [list(line.get_xdata()) for line in lines] == [[10, 20], [1, 2, 3]]  # no panel for "@x"
-    finally:
-        close(fig)
-    fig = comparison_figure({"gp": series}, ["mean_accuracy"], "round", "t")
-    try:
-        assert list(fig.axes[0].get_lines()[0].get_xdata()) == [10, 20]
-    finally:
-        close(fig)
+    assert (folder / "comparison.png").stat().st_size > 1000 and (folder / "comparison.pdf").is_file()

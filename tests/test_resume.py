@@ -284,6 +284,7 @@ def test_a_resume_with_another_config_is_refused_in_one_line(tmp_path: Path, dat
         resume_config(str(tmp_path / "nothing"), None, [])
     (folder / "summary.json").unlink()  # killed before it wrote one: resumable
     assert resume_config(str(folder), None, ["checkpoint_every=5"])[0].checkpoint_every == 5
+    assert resume_config(str(folder), None, ["figures.dpi=300", "figures.vector=svg"])[0].figures.dpi == 300
     (folder / "config.yaml").unlink()
     with pytest.raises(ConfigError, match="holds no config.yaml"):
         resume_config(str(folder), None, [])
@@ -299,7 +300,7 @@ def test_cli_refuses_a_bad_resume_with_exit_2_and_writes_nothing(tmp_path: Path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "fedepic: error: resume refused: key 'train.epochs' is 1 in the run and 9 here "
-        "(only output_dir, name, progress, data.cache_dir, checkpoint_every may change)"]
+        "(only output_dir, name, progress, data.cache_dir, checkpoint_every, figures may change)"]
     assert sorted(p.name for p in folder.iterdir()) == before and list(tmp_path.iterdir()) == [folder]
 
 
