@@ -298,7 +298,7 @@ class _DuplicateKey(Exception):
         self.key, self.line = key, line
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -318,8 +318,29 @@ def _read_yaml(path: Path) -> DictConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge_file(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """``cfg`` <- the config file ``path``; a file with ``extends: OTHER`` merges over OTHER first
+    (found beside the file, else as ``config=`` finds it), so a sweep can name the experiment it varies."""
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: expected a config file name")
+        beside = path.parent / base
+        try:
+            base_path = (beside if beside.is_file() else resolve_config_path(base)).resolve()
+        except ConfigError:
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: no such config file (looked "
+                              f"beside it and in {CONFIG_DIR})") from None
+        if base_path in chain or base_path == path.resolve():
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: the files extend each other "
+                              "in a loop")
+        cfg = _merge_file(cfg, base_path, (*chain, path.resolve()))
     _check_shapes(RunConfig, data, "", str(path))
-    return OmegaConf.create(data)
+    return _merge(cfg, OmegaConf.create(data), str(path))
 
 
 def _field_kind(hint: Any) -> tuple[str, Any]:
@@ -408,8 +429,7 @@ def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = N
     """Schema defaults <- YAML file <- dotted overrides, then `validate`. Returns a typed RunConfig."""
     cfg = OmegaConf.structured(RunConfig)
     if config:
-        path = resolve_config_path(config)
-        cfg = _merge(cfg, _read_yaml(path), str(path))
+        cfg = _merge_file(cfg, resolve_config_path(config))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
