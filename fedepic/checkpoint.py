@@ -27,7 +27,7 @@ from fedepic.errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Keys a resume may change: where the run is written and how it is displayed, never what it computes.
-RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir", "checkpoint_every")
+RESUMABLE_KEYS = ("output_dir", "name", "progress", "plots", "data.cache_dir", "checkpoint_every")
 # "killed": the folder holds no summary, because the process ended without writing one (SIGKILL, an
 # out-of-memory kill, a power loss); its checkpoints are what a resume is for
 RESUMABLE_STATUSES = ("interrupted", "failed", "killed")

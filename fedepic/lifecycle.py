@@ -11,11 +11,13 @@ context, on every exit path and inside ``Interrupts.polled`` (a signal cannot cu
   "interrupted" for SIGINT/SIGTERM, else "failed") and the ``error`` that ended them;
 - the root gets comparison.{md,csv,png} of the finished members, in member order, and its
   summary.json: the status, ``mode``, ``finished``, ``rows`` (the finished members' comparison rows),
-  ``resumed`` and the mode's own figures (``extras``);
+  ``comparison`` (the table's ``columns``, the first naming the member; the curves' ``panels`` and
+  ``xlabel``), ``resumed`` and the mode's own figures (``extras``);
 - a completed run deletes its checkpoints (fedepic.checkpoint.remove_checkpoints).
 
 A member's summary.json holds what its report says (:class:`MemberReport`, asked for when the member
-ends, so a member cut short reports what it did), and curves.png its curves.
+ends, so a member cut short reports what it did), and curves.png its curves (PNG plots only with
+``plots``, the default).
 """
 
 from __future__ import annotations
@@ -51,7 +53,51 @@ class MemberReport:
     curves: Curves = field(default_factory=dict)
 
 
-class RunLifecycle:
+class FolderLifecycle:
+    """A folder (``self.root``, a RunWriter) that ends with a true summary on every exit path, under the
+    caller's SIGINT/SIGTERM handling (``self.interrupts``); a context manager.
+
+    Entering enters the interrupts, then the folder, then calls :meth:`start`; leaving, on every path,
+    calls :meth:`finish` with the exception (or None) inside ``Interrupts.polled`` (a signal cannot cut
+    it short), then closes the folder (renamed into place, even if ``finish`` failed), then leaves the
+    interrupts. A failing :meth:`start` leaves the same way.
+    """
+
+    interrupts: Interrupts
+    root: RunWriter
+
+    def start(self) -> None:
+        """What the folder needs first (its config), once it is open."""
+
+    def finish(self, exc: Optional[BaseException]) -> None:
+        """The statuses and summaries of an end caused by ``exc`` (None: the work returned)."""
+
+    def __enter__(self):
+        self.interrupts.__enter__()
+        try:
+            self.root.__enter__()
+        except BaseException:
+            self.interrupts.__exit__(None, None, None)
+            raise
+        try:
+            self.start()
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            with self.interrupts.polled():  # a signal now must not cut the summaries short
+                try:
+                    self.finish(exc)
+                finally:  # the folder is renamed into place even if a report could not be written
+                    self.root.__exit__(exc_type, exc, tb)
+        finally:
+            self.interrupts.__exit__(exc_type, exc, tb)
+
+
+class RunLifecycle(FolderLifecycle):
     """The run folder of ``cfg`` and its ``members`` (in comparison order); see the module docstring.
 
     Parameters
@@ -86,29 +132,8 @@ class RunLifecycle:
 
     # ------------------------------------------------------------------ the root
 
-    def __enter__(self) -> "RunLifecycle":
-        self.interrupts.__enter__()
-        try:
-            self.root.__enter__()
-        except BaseException:
-            self.interrupts.__exit__(None, None, None)
-            raise
-        try:
-            self.root.write_config(to_yaml(self.cfg))
-        except BaseException as err:
-            self.__exit__(type(err), err, err.__traceback__)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            with self.interrupts.polled():  # a signal now must not cut the summaries short
-                try:
-                    self.finish(exc)
-                finally:  # the folder is renamed into place even if a report could not be written
-                    self.root.__exit__(exc_type, exc, tb)
-        finally:
-            self.interrupts.__exit__(exc_type, exc, tb)
+    def start(self) -> None:
+        self.root.write_config(to_yaml(self.cfg))
 
     @property
     def path(self) -> Path:
@@ -185,7 +210,8 @@ class RunLifecycle:
         try:  # a report that fails still leaves the member closed, with its status (RunWriter.close)
             report = make_report()
             summary = report.summary if exc is None else {**report.summary, "error": str(exc) or type(exc).__name__}
-            write_curves(writer, report.curves, self.comparison.xlabel, f"{name} ({self.cfg.name})")
+            if self.cfg.plots:
+                write_curves(writer, report.curves, self.comparison.xlabel, f"{name} ({self.cfg.name})")
             writer.write_summary(summary)
         finally:
             writer.close()
@@ -218,8 +244,11 @@ class RunLifecycle:
             if rows:
                 c = self.comparison
                 write_comparison(self.root, rows, c.columns, {m: self._done[m][1] for m in self.finished}, c.panels,
-                                 c.title, c.xlabel)
+                                 c.title, c.xlabel, figure=self.cfg.plots)
+            c = self.comparison  # what the rows and curves hold, for readers such as a sweep's aggregation
             self.root.write_summary({"mode": self.cfg.mode, "finished": self.finished, "rows": rows,
+                                     "comparison": {"columns": list(c.columns), "panels": list(c.panels),
+                                                    "xlabel": c.xlabel},
                                      "resumed": self.resume is not None, **self.extras(rows)})
             if self.root.status == "running":
                 remove_checkpoints(self.root.dir)

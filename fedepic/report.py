@@ -15,13 +15,14 @@ Curves = Mapping[str, Sequence[float]]  # metric name -> one value per round (or
 
 
 def write_comparison(writer: RunWriter, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                     curves: Mapping[str, Curves], panels: Sequence[str], title: str, xlabel: str = "round") -> None:
-    """comparison.md / comparison.csv (one row per member) and comparison.png (one panel per metric of
-    ``panels`` that some member has values for, one line per member, x = ``xlabel``)."""
+                     curves: Mapping[str, Curves], panels: Sequence[str], title: str, xlabel: str = "round",
+                     figure: bool = True) -> None:
+    """comparison.md / comparison.csv (one row per member) and, with ``figure``, comparison.png (one
+    panel per metric of ``panels`` that some member has values for, one line per member, x = ``xlabel``)."""
     writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, columns))
     writer.write_text("comparison.csv", csv_table(rows, columns))
     present = [p for p in panels if any(len(series.get(p, [])) for series in curves.values())]
-    if not present:
+    if not present or not figure:
         return
     from fedepic.plots import close, comparison_figure  # matplotlib: not needed by client actors
 

@@ -299,7 +299,7 @@ def test_cli_refuses_a_bad_resume_with_exit_2_and_writes_nothing(tmp_path: Path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "fedepic: error: resume refused: key 'train.epochs' is 1 in the run and 9 here "
-        "(only output_dir, name, progress, data.cache_dir, checkpoint_every may change)"]
+        "(only output_dir, name, progress, plots, data.cache_dir, checkpoint_every may change)"]
     assert sorted(p.name for p in folder.iterdir()) == before and list(tmp_path.iterdir()) == [folder]
 
 
