@@ -278,6 +278,18 @@ def test_the_best_member_follows_the_metrics_direction() -> None:
         assert ("**" in text) == bool(best)
 
 
+def test_shipped_sweeps_expand_to_their_grids() -> None:
+    plan = plan_sweep(load_config("sweep_dfl_attacks.yaml", []))
+    assert len(plan.cells) == 144 and plan.member_axis == "strategies" and plan.row_axes == ["attack.data", "attack.model"]
+    assert len(plan.axes["seed"]) == 3 and len(plan.axes["strategies"]) == 8 and len(plan.axes["attack.model"]) == 6
+    noniid = load_config("noniid.yaml", [])
+    first = plan.cells[0].config
+    assert (first.data, first.topology, first.rounds) == (noniid.data, noniid.topology, noniid.rounds)
+    assert first.engine == "local" and first.train.threads == 1
+    server = plan_sweep(load_config("sweep_server_attacks.yaml", []))
+    assert server.base.mode == "federated" and server.member_axis == "strategies" and "attack.model" in server.row_axes
+
+
 def test_sweep_figures_keep_to_three_panels_a_row_and_a_3_to_1_aspect() -> None:
     from fedepic.plots import band_curves_figure, close, heatmap_figure
 
