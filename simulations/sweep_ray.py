@@ -9,8 +9,8 @@ one at a time without Ray; both write the same folder.
 - A task runs its cell in process (fedepic.sweep.cells.execute_cell: the mode's runner on the cell's
   in-process engine, torch threads = the cell's train.threads) in a temporary folder on its node, and
   returns the run folder's files; the driver writes them to ``cells/<name>``. A cell that continues a
-  stopped run gets that folder's files with its task. Nothing assumes a shared file system, so Ray
-  Client addresses (``ray://``) work too.
+  stopped run gets that folder's files with its task. Nothing assumes a shared file system (tested on
+  a local instance only: no multi-node cluster was at hand).
 - A cell with ``engine=ray`` would start a Flower simulation inside a Ray task; the plan refuses it
   (fedepic.sweep.plan): such cells run with ``sweep.parallel=false``.
 - Stopping: SIGINT or SIGTERM at the driver sets a flag in a small actor (:class:`SweepControl`).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import os
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from typing import Any, Iterator, Optional
 
 import ray
 
+from fedepic.config import RunConfig
 from fedepic.interrupts import Interrupts
 from fedepic.progress import progress_bars
 from fedepic.sweep.cells import CellOutcome, execute_cell, install_folder, pack_folder, unpack_folder
@@ -42,6 +44,7 @@ from fedepic.sweep.run import SweepRun, cell_config
 from simulations.flower_runtime import backend_config, check_ray_address, quiet_flower, ray_leaves_sigterm_alone
 
 POLL_S = 1.0  # how often the driver refreshes its counts, and a running task looks for a stop
+NICENESS = "RAY_worker_niceness"  # Ray's setting of its workers' niceness (default 15)
 
 
 @ray.remote(num_cpus=0)
@@ -112,6 +115,23 @@ def _stop_watch(control: Any) -> Iterator[None]:
         thread.join()
 
 
+@contextmanager
+def _workers_at_our_priority(cfg: RunConfig) -> Iterator[None]:
+    """While a local Ray instance starts: its workers at niceness 0, unless RAY_worker_niceness says
+    otherwise. Ray starts workers at nice 15 to keep its own daemons responsive; but the cells are this
+    command's work (the one-at-a-time executor runs them at its own priority), and on a shared machine
+    a nice-15 worker gets a few percent of a core that any other process wants (measured:
+    benchmarks/RESULTS.md). An attached cluster keeps its own setting."""
+    if cfg.ray.address or NICENESS in os.environ:
+        yield
+        return
+    os.environ[NICENESS] = "0"  # read by the raylet this ray.init starts
+    try:
+        yield
+    finally:
+        del os.environ[NICENESS]
+
+
 def _spec(run: SweepRun, cell: Cell) -> dict[str, Any]:
     resume = run.resume_folder(cell)
     return {"index": cell.index, "name": cell.name, "config": cell_config(cell, progress=False),
@@ -123,7 +143,8 @@ def run_on_ray(run: SweepRun) -> None:
     On SIGINT/SIGTERM the running cells are interrupted and collected, then RunInterrupted propagates."""
     quiet_flower()
     settings, pending = run.plan.settings, run.pending()
-    with redirect_stdout(sys.stderr), ray_leaves_sigterm_alone():  # stdout keeps only the folder line
+    # stdout keeps only the folder line
+    with redirect_stdout(sys.stderr), ray_leaves_sigterm_alone(), _workers_at_our_priority(run.plan.base):
         ray.init(**backend_config(run.plan.base)["init_args"])
     try:
         control = SweepControl.remote()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 from pathlib import Path
@@ -306,3 +307,20 @@ def test_sweep_figures_keep_to_three_panels_a_row_and_a_3_to_1_aspect() -> None:
     width, height = fig.get_size_inches()
     assert max(width / height, height / width) <= 3.0 + 1e-9
     close(fig)
+
+
+def test_a_local_ray_instance_runs_the_cells_at_the_drivers_priority(monkeypatch) -> None:
+    """Ray's workers default to nice 15, which starves them on a shared machine; a sweep's own local
+    instance starts them at 0 unless RAY_worker_niceness says otherwise; a cluster keeps its setting."""
+    from simulations.sweep_ray import NICENESS, _workers_at_our_priority
+
+    monkeypatch.delenv(NICENESS, raising=False)
+    local, attached = load_config(None, []), load_config(None, ["ray.address=10.0.0.1:6379"])
+    with _workers_at_our_priority(local):
+        assert os.environ[NICENESS] == "0"
+    assert NICENESS not in os.environ
+    with _workers_at_our_priority(attached):
+        assert NICENESS not in os.environ
+    monkeypatch.setenv(NICENESS, "5")
+    with _workers_at_our_priority(local):
+        assert os.environ[NICENESS] == "5"
