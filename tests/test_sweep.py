@@ -277,6 +277,9 @@ def test_the_best_member_follows_the_metrics_direction() -> None:
         assert table.best(row) == best
         text = markdown(table, "setting")
         assert ("**" in text) == bool(best)
+    tie = Table("mean_accuracy", ["attack.model"], [row], ["gossip", "gp"],
+                {(row, "gossip"): Stat.of([0.0, 0.0]), (row, "gp"): Stat.of([0.0, 0.0])})
+    assert tie.best(row) == set()  # every member ties: nothing is marked
 
 
 def test_shipped_sweeps_expand_to_their_grids() -> None:

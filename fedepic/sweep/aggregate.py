@@ -83,13 +83,14 @@ class Table:
         return is_fraction(self.metric)
 
     def best(self, row: tuple[str, ...]) -> set[str]:
-        """The members with the best mean in ``row`` (ties: all of them); none without a direction or
-        with fewer than two members to compare."""
+        """The members with the best mean in ``row`` (ties: all of them); none without a direction,
+        with fewer than two members to compare, or when every member ties (nothing stands out)."""
         means = {m: s.mean for (r, m), s in self.stats.items() if r == row and not math.isnan(s.mean)}
         if not self.direction or len(means) < 2:
             return set()
         top = max(means.values()) if self.direction > 0 else min(means.values())
-        return {m for m, v in means.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)}
+        best = {m for m, v in means.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)}
+        return best if len(best) < len(means) else set()
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per (row, member): the row axes' labels, the member, mean, se, n, seeds."""

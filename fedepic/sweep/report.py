@@ -92,8 +92,8 @@ def _caption(table: Table, usual_n: int) -> str:
     over = f"n = {usual_n} seeds ({', '.join(map(str, seeds))})" if usual_n > 1 else \
         "one seed (n = 1): no standard error"
     varies = "; n beside a cell where it differs" if any(s.n != usual_n for s in table.stats.values()) else ""
-    best = {1: "; **bold**: the best member of each row (higher is better)",
-            -1: "; **bold**: the best member of each row (lower is better)", 0: ""}[table.direction]
+    best = {1: "; **bold**: the best member of each row (higher is better; none where all tie)",
+            -1: "; **bold**: the best member of each row (lower is better; none where all tie)", 0: ""}[table.direction]
     return f"Mean ± standard error over {over}{varies}{best}."
 
 
