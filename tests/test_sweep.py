@@ -17,7 +17,7 @@ from fedepic.errors import RunInterrupted
 from fedepic.simulate import main
 from fedepic.sweep.aggregate import Stat, Table, direction
 from fedepic.sweep.plan import grid, plan_sweep
-from fedepic.sweep.report import format_stat, markdown
+from fedepic.sweep.report import format_stat, markdown, marked
 from tests.test_federated import interrupt_run
 from tests.test_resume import metrics_lines
 
@@ -280,6 +280,10 @@ def test_the_best_member_follows_the_metrics_direction() -> None:
     tie = Table("mean_accuracy", ["attack.model"], [row], ["gossip", "gp"],
                 {(row, "gossip"): Stat.of([0.0, 0.0]), (row, "gp"): Stat.of([0.0, 0.0])})
     assert tie.best(row) == set()  # every member ties: nothing is marked
+    shown_tie = Table("mean_accuracy", ["attack.model"], [row], ["gossip", "gp", "median"],
+                      {(row, "gossip"): Stat.of([0.5681, 0.5683]), (row, "gp"): Stat.of([0.5680, 0.5681]),
+                       (row, "median"): Stat.of([0.51, 0.52])})
+    assert shown_tie.best(row) == {"gossip"} and marked(shown_tie, row, 2) == {"gossip", "gp"}  # both show 56.8
 
 
 def test_shipped_sweeps_expand_to_their_grids() -> None:

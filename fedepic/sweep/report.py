@@ -97,6 +97,18 @@ def _caption(table: Table, usual_n: int) -> str:
     return f"Mean ± standard error over {over}{varies}{best}."
 
 
+def marked(table: Table, row: tuple[str, ...], usual_n: int) -> set[str]:
+    """The members shown as best in ``row``: every one whose shown mean equals the best mean as shown
+    (a reader sees 56.8 and 56.8: both or neither), none when that is every member."""
+    best = table.best(row)
+    if not best:
+        return set()
+    shown = {m: format_stat(s, table.percent, usual_n).split(" ")[0] for (r, m), s in table.stats.items() if r == row}
+    top = shown[next(iter(best))]
+    tied = {m for m, text in shown.items() if text == top}
+    return tied if len(tied) < len(shown) else set()
+
+
 def markdown(table: Table, setting: str) -> str:
     """The paper-ready table of one metric (module docstring)."""
     usual_n = common_n(list(table.stats.values()))
@@ -104,7 +116,7 @@ def markdown(table: Table, setting: str) -> str:
     head = [*(table.row_axes or ["setting"]), *table.members]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in table.rows:
-        best = table.best(row)
+        best = marked(table, row, usual_n)
         cells = []
         for member in table.members:
             stat = table.stats.get((row, member))
@@ -120,18 +132,18 @@ def heatmap(table: Table, setting: str):
 
     usual_n = common_n(list(table.stats.values()))
     scale = 100.0 if table.percent else 1.0
-    values, notes, marked = [], [], set()
+    values, notes, bold = [], [], set()
     for i, row in enumerate(table.rows):
-        best = table.best(row)
+        best = marked(table, row, usual_n)
         stats = [table.stats.get((row, m)) for m in table.members]
         values.append([math.nan if s is None else scale * s.mean for s in stats])
         notes.append(["" if s is None else format_stat(s, table.percent, usual_n) for s in stats])
-        marked |= {(i, j) for j, m in enumerate(table.members) if m in best}
+        bold |= {(i, j) for j, m in enumerate(table.members) if m in best}
     over = f"mean over {usual_n} seeds" if usual_n > 1 else "one seed"
     return heatmap_figure(values, [", ".join(r) or "all" for r in table.rows], table.members, notes,
                           title=f"{setting}\n{_unit(table.metric)}: {over}; bold: best per row",
                           value_label=_unit(table.metric), ylabel=", ".join(table.row_axes),
-                          marked=marked, higher_is_better=table.direction >= 0)
+                          marked=bold, higher_is_better=table.direction >= 0)
 
 
 def band_curves(curve: CurveSet, setting: str):
