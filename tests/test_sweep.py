@@ -294,6 +294,9 @@ def test_shipped_sweeps_expand_to_their_grids() -> None:
     first = plan.cells[0].config
     assert (first.data, first.topology, first.rounds) == (noniid.data, noniid.topology, noniid.rounds)
     assert first.engine == "local" and first.train.threads == 1
+    smaller = plan_sweep(load_config("sweep_dfl_attacks.yaml", ["sweep.seed=[0]", "sweep.attack.data=[label_flip,none]",
+                                                                 "sweep.attack.model=[none,ipm]"]))
+    assert len(smaller.cells) == 16 and smaller.key != plan.key  # the command line replaces the file's axes
     server = plan_sweep(load_config("sweep_server_attacks.yaml", []))
     assert server.base.mode == "federated" and server.member_axis == "strategies" and "attack.model" in server.row_axes
 
