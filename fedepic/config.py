@@ -14,7 +14,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -240,8 +240,24 @@ class RayConfig:
 class FiguresConfig:
     """How the run's figures are saved (fedepic.plots.save_figure): each as PNG and as a vector file."""
 
+    enabled: bool = True  # false: no figures at all (tables, metrics and report.html are always written)
     dpi: int = 150  # PNG resolution, dots per inch
     vector: str = "pdf"  # pdf | svg: the copy of every figure for papers (report.html embeds the PNG)
+
+
+@dataclass
+class SweepSettings:
+    """How a sweep runs: the reserved keys of ``sweep:`` (fedepic/sweep/). Every other key of ``sweep:``
+    is an axis: a dotted config key and the list of its values (``sweep.seed=[0,1,2]``)."""
+
+    zip: List[List[str]] = field(default_factory=list)  # groups of axes that move together (equal lengths)
+    parallel: bool = True  # cells as Ray tasks (local instance, or the cluster at ray.address); false: one at a time here
+    cell_cpus: float = 1.0  # CPUs a cell declares to Ray; also its torch threads when train.threads is null
+    cell_gpus: float = 0.0  # GPUs a cell declares to Ray (fractions share one)
+    max_retries: int = 1  # Ray runs a cell again when its worker process dies (never when the cell raises)
+    metrics: Optional[List[str]] = None  # aggregated metrics; null: every numeric column of the mode's comparison
+    curves: Optional[List[str]] = None  # per-round metrics drawn with a +- s.e. band; null: the mode's panels
+    cell_figures: bool = False  # each cell's own figures (about 1.5 s of matplotlib a cell); the sweep draws its own
 
 
 @dataclass
@@ -274,6 +290,8 @@ class RunConfig:
     # named members to compare: {name: {strategy: RULE, <any member-level keys>: ...}}; a name listed
     # in `strategies` runs RULE with those keys merged over the run's (e.g. one GP per purification target)
     variants: Dict[str, Any] = field(default_factory=dict)
+    # a grid of runs (fedepic/sweep/): the SweepSettings keys, and axes {dotted key: [values]}; empty: one run
+    sweep: Dict[str, Any] = field(default_factory=dict)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -309,7 +327,7 @@ class _DuplicateKey(Exception):
         self.key, self.line = key, line
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -329,8 +347,29 @@ def _read_yaml(path: Path) -> DictConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge_file(cfg: DictConfig, path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """``cfg`` <- the config file ``path``; a file with ``extends: OTHER`` merges over OTHER first
+    (found beside the file, else as ``config=`` finds it), so a sweep can name the experiment it varies."""
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: expected a config file name")
+        beside = path.parent / base
+        try:
+            base_path = (beside if beside.is_file() else resolve_config_path(base)).resolve()
+        except ConfigError:
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: no such config file (looked "
+                              f"beside it and in {CONFIG_DIR})") from None
+        if base_path in chain or base_path == path.resolve():
+            raise ConfigError(f"invalid value {base!r} for key 'extends' in {path}: the files extend each other "
+                              "in a loop")
+        cfg = _merge_file(cfg, base_path, (*chain, path.resolve()))
     _check_shapes(RunConfig, data, "", str(path))
-    return OmegaConf.create(data)
+    return _merge(cfg, OmegaConf.create(data), str(path))
 
 
 def _field_kind(hint: Any) -> tuple[str, Any]:
@@ -419,8 +458,7 @@ def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = N
     """Schema defaults <- YAML file <- dotted overrides, then `validate`. Returns a typed RunConfig."""
     cfg = OmegaConf.structured(RunConfig)
     if config:
-        path = resolve_config_path(config)
-        cfg = _merge(cfg, _read_yaml(path), str(path))
+        cfg = _merge_file(cfg, resolve_config_path(config))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -502,6 +540,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("ray.client_gpus", cfg.ray.client_gpus, allow_zero=True)
     if cfg.ray.num_cpus is not None:
         _positive("ray.num_cpus", cfg.ray.num_cpus)
+    sweep_section(cfg)
 
 
 def _validate_server(cfg: RunConfig) -> None:
@@ -548,6 +587,109 @@ def member_config(cfg: RunConfig, entry: str) -> tuple[str, RunConfig]:
     merged = _merge(OmegaConf.structured(cfg), OmegaConf.create(body), f"variants.{entry}")
     run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     return str(cfg.variants[entry]["strategy"]), run
+
+
+# --------------------------------------------------------------------------- the sweep section
+
+SWEEP_SETTINGS = tuple(f.name for f in dataclasses.fields(SweepSettings))
+# keys a sweep cannot vary: where and how its cells are written and run (the same for every cell), and
+# the mode, whose comparison columns the aggregation reads
+SWEEP_FIXED_KEYS = ("mode", "output_dir", "name", "progress", "figures", "checkpoint_every", "data.cache_dir", "ray",
+                    "sweep")
+
+
+def schema_kind(key: str) -> Optional[str]:
+    """What the dotted config ``key`` holds: "section", "list", "mapping" or "scalar"; "any" below a
+    mapping field (``variants.NAME...``); None for a key the schema does not have."""
+    schema: Any = RunConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            return None
+        kind, schema = _field_kind(hints[part])
+        if depth == len(parts) - 1:
+            return kind
+        if kind == "mapping":
+            return "any"
+        if kind != "section":
+            return None
+    return None
+
+
+def sweep_section(cfg: RunConfig) -> tuple[SweepSettings, dict[str, list]]:
+    """The sweep's settings and its axes ({dotted key: values}, in the order given), validated: one-line
+    ConfigErrors name the key. Empty axes: the config is one run."""
+    settings_data = {k: v for k, v in cfg.sweep.items() if k in SWEEP_SETTINGS}
+    try:
+        settings: SweepSettings = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(SweepSettings), settings_data))  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err, "the config").replace("key '", "key 'sweep.", 1)) from None
+    axes: dict[str, list] = {}
+    for key, value in cfg.sweep.items():
+        if key not in SWEEP_SETTINGS:
+            _collect_axes(key, value, axes)
+    if cfg.sweep:
+        _check(bool(axes), "sweep", dict(cfg.sweep), "a sweep needs at least one axis, e.g. sweep.seed=[0,1,2]")
+    _positive("sweep.cell_cpus", settings.cell_cpus)
+    _positive("sweep.cell_gpus", settings.cell_gpus, allow_zero=True)
+    _positive("sweep.max_retries", settings.max_retries, allow_zero=True)
+    seen: dict[str, int] = {}
+    for i, group in enumerate(settings.zip):
+        for name in group:
+            _check(name in axes, f"sweep.zip[{i}]", name, f"not an axis of this sweep ({', '.join(axes)})")
+            _check(name not in seen, f"sweep.zip[{i}]", name, f"already zipped in sweep.zip[{seen.get(name)}]")
+            seen[name] = i
+        _check(len(group) >= 2, f"sweep.zip[{i}]", list(group), "zip at least two axes")
+        lengths = {name: len(axes[name]) for name in group}
+        _check(len(set(lengths.values())) == 1, f"sweep.zip[{i}]", list(group), "zipped axes move together and "
+               "need equal lengths: " + ", ".join(f"{name} has {n}" for name, n in lengths.items()))
+    return settings, axes
+
+
+def _collect_axes(key: str, value: Any, axes: dict[str, list]) -> None:
+    """Axes under ``sweep.<key>``: a list is the axis of ``key``; a mapping nests dotted keys."""
+    kind = schema_kind(key)
+    if kind is None:
+        raise ConfigError(f"unknown config key '{key}' in sweep.{key}: an axis names a config key")
+    fixed = next((f for f in SWEEP_FIXED_KEYS if key == f or key.startswith(f"{f}.")), None)
+    _check(fixed is None, f"sweep.{key}", value, f"{fixed} is the same for every cell of a sweep")
+    if isinstance(value, dict) and kind in ("section", "any"):
+        for sub, inner in value.items():
+            _collect_axes(f"{key}.{sub}", inner, axes)
+        return
+    _check(isinstance(value, list), f"sweep.{key}", value, f"an axis is a list of values, e.g. sweep.{key}=[a,b]")
+    _check(len(value) > 0, f"sweep.{key}", value, "list at least one value")
+    if kind == "list":  # a single item stands for the list of that item: sweep.strategies=[gossip,gp]
+        value = [v if isinstance(v, list) else [v] for v in value]
+    elif kind == "section":
+        for v in value:
+            _check(isinstance(v, dict), f"sweep.{key}", v, f"{key} is a section: each value is a mapping of its keys")
+    axes[key] = value
+
+
+def values_setter(cfg: RunConfig) -> Callable[[Mapping[str, Any]], RunConfig]:
+    """A function of ``values`` (dotted key -> value) that returns ``cfg`` with them set (a mapping merges
+    over a section), validated and checked against this machine like `load_config`'s result. ``cfg``
+    is converted once: OmegaConf's conversion costs more than the merge."""
+    base = OmegaConf.structured(cfg)
+
+    def with_values(values: Mapping[str, Any]) -> RunConfig:
+        nested: dict[str, Any] = {}
+        for key, value in values.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        _check_shapes(RunConfig, nested, "", "the sweep")
+        run: RunConfig = OmegaConf.to_object(_merge(base, OmegaConf.create(nested), "the sweep"))  # type: ignore
+        validate(run)
+        check_environment(run)
+        return run
+
+    return with_values
 
 
 def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:

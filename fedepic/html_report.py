@@ -65,9 +65,10 @@ NOT_SHOWN = ("versions", "lock", "rows", "members", "curves", "trials_detail", "
 
 @dataclass
 class Cell:
-    """A table cell: ``text`` shown, ``value`` the raw value (the CSV's; ``data-value``), ``best`` in bold."""
+    """A table cell: ``text`` shown (or a :class:`Link`), ``value`` the raw value (the CSV's;
+    ``data-value``), ``best`` in bold."""
 
-    text: str
+    text: Any
     value: str = ""
     best: bool = False
 

@@ -11,15 +11,17 @@ context, on every exit path and inside ``Interrupts.polled`` (a signal cannot cu
   "interrupted" for SIGINT/SIGTERM, else "failed") and the ``error`` that ended them;
 - the root gets the comparison of the finished members, in member order (fedepic.report: table and
   figures), and its summary.json: the status, ``mode``, ``finished``, ``rows`` (the finished members'
-  comparison rows), ``resumed`` and the mode's own figures (``extras``);
+  comparison rows), ``comparison`` (the table's ``columns``, the first naming the member; the curves'
+  ``panels`` and ``xlabel``, for readers such as a sweep's aggregation), ``resumed`` and the mode's own
+  figures (``extras``);
 - then report.html (fedepic.html_report), from what the folder holds by then;
 - a completed run deletes its checkpoints (fedepic.checkpoint.remove_checkpoints).
 
 A member's summary.json holds what its report says (:class:`MemberReport`, asked for when the member
-ends, so a member cut short reports what it did), and its figures its curves. Every member keeps one
-line style (fedepic.plots.member_styles over ``members``) in every figure of the run. A figure or
-report that cannot be written is a warning line on stderr: the folder is still renamed into place and
-the statuses stay what the run's end made them.
+ends, so a member cut short reports what it did), and its figures its curves (none with
+``figures.enabled=false``). Every member keeps one line style (fedepic.plots.member_styles over
+``members``) in every figure of the run. A figure or report that cannot be written is a warning line
+on stderr: the folder is still renamed into place and the statuses stay what the run's end made them.
 """
 
 from __future__ import annotations
@@ -58,7 +60,51 @@ class MemberReport:
     curves: Curves = field(default_factory=dict)
 
 
-class RunLifecycle:
+class FolderLifecycle:
+    """A folder (``self.root``, a RunWriter) that ends with a true summary on every exit path, under the
+    caller's SIGINT/SIGTERM handling (``self.interrupts``); a context manager.
+
+    Entering enters the interrupts, then the folder, then calls :meth:`start`; leaving, on every path,
+    calls :meth:`finish` with the exception (or None) inside ``Interrupts.polled`` (a signal cannot cut
+    it short), then closes the folder (renamed into place, even if ``finish`` failed), then leaves the
+    interrupts. A failing :meth:`start` leaves the same way.
+    """
+
+    interrupts: Interrupts
+    root: RunWriter
+
+    def start(self) -> None:
+        """What the folder needs first (its config), once it is open."""
+
+    def finish(self, exc: Optional[BaseException]) -> None:
+        """The statuses and summaries of an end caused by ``exc`` (None: the work returned)."""
+
+    def __enter__(self):
+        self.interrupts.__enter__()
+        try:
+            self.root.__enter__()
+        except BaseException:
+            self.interrupts.__exit__(None, None, None)
+            raise
+        try:
+            self.start()
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            with self.interrupts.polled():  # a signal now must not cut the summaries short
+                try:
+                    self.finish(exc)
+                finally:  # the folder is renamed into place even if a report could not be written
+                    self.root.__exit__(exc_type, exc, tb)
+        finally:
+            self.interrupts.__exit__(exc_type, exc, tb)
+
+
+class RunLifecycle(FolderLifecycle):
     """The run folder of ``cfg`` and its ``members`` (in comparison order); see the module docstring.
 
     Parameters
@@ -93,29 +139,8 @@ class RunLifecycle:
 
     # ------------------------------------------------------------------ the root
 
-    def __enter__(self) -> "RunLifecycle":
-        self.interrupts.__enter__()
-        try:
-            self.root.__enter__()
-        except BaseException:
-            self.interrupts.__exit__(None, None, None)
-            raise
-        try:
-            self.root.write_config(to_yaml(self.cfg))
-        except BaseException as err:
-            self.__exit__(type(err), err, err.__traceback__)
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            with self.interrupts.polled():  # a signal now must not cut the summaries short
-                try:
-                    self.finish(exc)
-                finally:  # the folder is renamed into place even if a report could not be written
-                    self.root.__exit__(exc_type, exc, tb)
-        finally:
-            self.interrupts.__exit__(exc_type, exc, tb)
+    def start(self) -> None:
+        self.root.write_config(to_yaml(self.cfg))
 
     @property
     def path(self) -> Path:
@@ -239,7 +264,10 @@ class RunLifecycle:
                 write_comparison(self.root, rows, c.columns, {m: self._done[m][1] for m in self.finished}, c.panels,
                                  c.title, c.xlabel, styles=self._styles(), figures=self.cfg.figures,
                                  class_labels=c.class_labels)
+            c = self.comparison  # what the rows and curves hold, for readers such as a sweep's aggregation
             self.root.write_summary({"mode": self.cfg.mode, "finished": self.finished, "rows": rows,
+                                     "comparison": {"columns": list(c.columns), "panels": list(c.panels),
+                                                    "xlabel": c.xlabel},
                                      "resumed": self.resume is not None, **self.extras(rows)})
             best_effort("report.html", self._write_html)
             if self.root.status == "running":

@@ -19,13 +19,14 @@ def success_rate(outcomes: Sequence[bool]) -> tuple[float, float]:
 
 
 def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
-    """Sample mean and its standard error (0 for a single value)."""
+    """Sample mean and its standard error, sample std (ddof 1) / sqrt(n); NaN for a single value (one
+    value shows no spread: a 0 would claim a certainty nobody measured)."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
     mean = sum(values) / n
     if n == 1:
-        return mean, 0.0
+        return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
 

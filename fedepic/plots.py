@@ -31,7 +31,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedepic.config import VECTOR_FORMATS  # noqa: E402
-from fedepic.quantities import quantity  # noqa: E402
+from fedepic.quantities import Quantity, quantity  # noqa: E402
 
 X_SUFFIX = "@x"  # series["acc@x"] holds the x values of series["acc"] (e.g. the evaluated rounds)
 SE_SUFFIX = "@se"  # series["acc@se"] holds the standard error of each value of series["acc"]
@@ -120,13 +120,15 @@ def _grid(n: int, columns: int = MAX_COLUMNS) -> tuple[int, int]:
 
 def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str],
                       xlabel: str, title: str, styles: Optional[Mapping[str, LineStyle]] = None,
-                      legend: bool = True):
+                      legend: bool = True, quantities: Optional[Mapping[str, Quantity]] = None):
     """One panel per metric of ``panels`` (at most 3 per row), one line per member (its mean; a band
     of ± s.e. where the member's series has ``metric@se``), one shared legend outside the axes.
 
     ``styles``: the run's :func:`member_styles` (default: by the order of ``per_member``). A metric no
-    member has a finite value for gets no panel.
+    member has a finite value for gets no panel. ``quantities``: how a panel is labelled and scaled
+    when its key is not the metric's name (a sweep's panel per setting); default ``quantity(panel)``.
     """
+    quantities = quantities or {}
     styles = styles or member_styles(list(per_member))
     shown = [p for p in panels if any(has_values(s, p) for s in per_member.values())]
     rows, cols = _grid(len(shown))
@@ -141,8 +143,8 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
         for ax, panel in zip(axes, shown):
             for member, series in per_member.items():
                 if has_values(series, panel):
-                    _draw_line(ax, series, panel, member, styles[member])
-            _label_axes(ax, panel, xlabel)
+                    _draw_line(ax, series, panel, member, styles[member], quantities.get(panel))
+            _label_axes(ax, panel, xlabel, quantities.get(panel))
         spare = list(axes[len(shown):])
         for ax in spare:
             ax.axis("off")
@@ -153,10 +155,10 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
     return fig
 
 
-def _label_axes(ax, name: str, xlabel: str) -> None:
+def _label_axes(ax, name: str, xlabel: str, q: Optional[Quantity] = None) -> None:
     """The quantity's label as the panel title, its unit on the y axis; percentages kept near [0, 100]
     (a flat 0 % or 100 % curve does not get an axis from -0.04 to 0.04 or past 100)."""
-    q = quantity(name)
+    q = q or quantity(name)
     ax.set_title("\n".join(textwrap.wrap(q.label, 38)))
     ax.set_ylabel("\n".join(textwrap.wrap(q.unit, 24)))
     ax.set_xlabel(xlabel)
@@ -175,8 +177,9 @@ def _finite_range(ax) -> tuple[float, float]:
     return (low, high) if math.isfinite(low) and math.isfinite(high) else (0.0, 100.0)
 
 
-def _draw_line(ax, series: Mapping[str, Sequence[float]], name: str, member: str, line: LineStyle) -> None:
-    scale = quantity(name).scale
+def _draw_line(ax, series: Mapping[str, Sequence[float]], name: str, member: str, line: LineStyle,
+               q: Optional[Quantity] = None) -> None:
+    scale = (q or quantity(name)).scale
     xs = list(x_values(series, name))
     ys = [math.nan if v is None else v * scale for v in series[name]]
     ax.plot(xs, ys, color=line.color, marker=line.marker, linestyle=line.linestyle, label=member,
@@ -238,19 +241,27 @@ class Heatmap:
     title: str = ""
     row_title: str = ""
     col_title: str = ""
+    texts: Optional[Sequence[Sequence[str]]] = None  # what each cell says (default: its value, ``fmt``)
+    bold: frozenset = frozenset()  # (row, column) of the cells written in bold (e.g. the best per row)
 
 
 def heatmap_figure(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str],
                    title: str, value_label: str, *, row_title: str = "", col_title: str = "",
-                   vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}"):
+                   vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}",
+                   texts: Optional[Sequence[Sequence[str]]] = None, bold: frozenset = frozenset(),
+                   lower_is_better: bool = False):
     """One heatmap (per-class accuracy over rounds, attack x defense, member x class), its colour bar
-    labelled ``value_label``; cells large enough to read carry their value (``fmt``)."""
-    return heatmap_grid_figure([Heatmap(values, row_labels, col_labels, "", row_title, col_title)], title,
-                               value_label, vmin=vmin, vmax=vmax, fmt=fmt)
+    labelled ``value_label``; cells large enough to read carry their value (``fmt``) or their ``texts``
+    (e.g. "56.8 ± 0.4"), in bold where ``bold`` says. The bright end of the scale is the better one:
+    with ``lower_is_better`` the scale runs the other way."""
+    heat = Heatmap(values, row_labels, col_labels, "", row_title, col_title, texts, frozenset(bold))
+    return heatmap_grid_figure([heat], title, value_label, vmin=vmin, vmax=vmax, fmt=fmt,
+                               lower_is_better=lower_is_better)
 
 
 def heatmap_grid_figure(panels: Sequence[Heatmap], title: str, value_label: str, *,
-                        vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}"):
+                        vmin: Optional[float] = None, vmax: Optional[float] = None, fmt: str = "{:.0f}",
+                        lower_is_better: bool = False):
     """Several heatmaps on one colour scale (at most 3 per row) and one colour bar."""
     finite = [v for p in panels for row in p.values for v in row if _finite(v)]
     vmin = vmin if vmin is not None else (min(finite) if finite else 0.0)
@@ -259,17 +270,20 @@ def heatmap_grid_figure(panels: Sequence[Heatmap], title: str, value_label: str,
     n_cols = max(len(p.col_labels) for p in panels)
     label_in = 0.065 * max((len(r) for p in panels for r in p.row_labels), default=1)  # row labels' width
     cell = (min(0.42, max(0.03, 3.6 / max(n_cols, 1))), min(0.3, max(0.02, 4.5 / max(n_rows, 1))))
+    longest = max((len(t) for p in panels if p.texts is not None for row in p.texts for t in row), default=0)
+    if longest:  # cells that say more than a number ("56.8 ± 0.4") are as wide as what they say
+        cell = (max(cell[0], 0.062 * longest + 0.12), max(cell[1], 0.3))
     panel = (n_cols * cell[0] + label_in + 0.6, max(n_rows * cell[1] + 0.7, 1.9))  # a colour bar to read
     rows, cols = _grid(len(panels))
     width = max(cols * panel[0] + 1.0, 4.0)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")  # NaN: light grey, not a value
+    cmap = matplotlib.colormaps["viridis_r" if lower_is_better else "viridis"].with_extremes(bad="#e6e6e6")  # NaN: grey
     with style():
         fig = plt.figure(figsize=_figsize(width, rows * panel[1] + 0.7), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False).ravel()
         image = None
         for ax, heat in zip(axes, panels):
             image = ax.imshow(heat.values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            _label_cells(ax, heat, cell, vmin, vmax, fmt)
+            _label_cells(ax, heat, cell, vmin, vmax, fmt, lower_is_better)
             ax.grid(False)
             ax.set_title(heat.title)
             ax.set_ylabel(heat.row_title)
@@ -282,7 +296,8 @@ def heatmap_grid_figure(panels: Sequence[Heatmap], title: str, value_label: str,
     return fig
 
 
-def _label_cells(ax, heat: Heatmap, cell: tuple[float, float], vmin: float, vmax: float, fmt: str) -> None:
+def _label_cells(ax, heat: Heatmap, cell: tuple[float, float], vmin: float, vmax: float, fmt: str,
+                 reversed_scale: bool = False) -> None:
     """Tick labels (all of them where they fit, else evenly spaced; slanted where wider than their
     column) and, in cells large enough to read, the values."""
     x_step = max(1, math.ceil(0.3 / cell[0]))
@@ -301,10 +316,12 @@ def _label_cells(ax, heat: Heatmap, cell: tuple[float, float], vmin: float, vmax
     span = (vmax - vmin) or 1.0
     for r, row in enumerate(heat.values):
         for c, value in enumerate(row):
-            if _finite(value):  # viridis is dark at the low end: light text there
-                dark = (value - vmin) / span < 0.6
-                ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+            if _finite(value):  # viridis is dark at the low end (the high end, reversed): light text there
+                position = (value - vmin) / span
+                dark = (1.0 - position if reversed_scale else position) < 0.6
+                text = heat.texts[r][c] if heat.texts is not None else fmt.format(value)
+                ax.text(c, r, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                        fontweight="bold" if (r, c) in heat.bold else "normal")
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -335,4 +352,3 @@ def save_figure(target: BytesTarget, fig, stem: str, dpi: int, vector: str) -> l
 
 def close(fig) -> None:
     plt.close(fig)
-

@@ -12,9 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class Bar:
     """One task of a rich Progress (or nothing)."""
 
-    def __init__(self, progress: Optional[Progress], description: str, total: int) -> None:
+    def __init__(self, progress: Optional[Progress], description: str, total: int, completed: int = 0) -> None:
         self._progress = progress
-        self._task = progress.add_task(description, total=total, info="") if progress else None
+        # work done before (a resumed sweep's finished cells) starts the bar without counting in its pace
+        self._task = progress.add_task(description, total=total, completed=completed, info="") if progress else None
 
     def advance(self, step: int = 1, **fields: str) -> None:
         if self._progress is not None:
@@ -38,5 +39,5 @@ def progress_bars(enabled: bool) -> Iterator[Optional[Progress]]:
         yield progress
 
 
-def bar(progress: Optional[Progress], description: str, total: int) -> Bar:
-    return Bar(progress, description, total)
+def bar(progress: Optional[Progress], description: str, total: int, completed: int = 0) -> Bar:
+    return Bar(progress, description, total, completed)

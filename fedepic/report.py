@@ -143,9 +143,11 @@ def write_comparison(writer: RunWriter, rows: Sequence[Mapping[str, Any]], colum
     and the per-class heatmaps of the members (``writer.dir/<member>/metrics.jsonl``)."""
     writer.write_text("comparison.md", f"# {title}\n\n" + markdown_table(rows, columns))
     writer.write_text("comparison.csv", csv_table(rows, columns))
+    figures = figures or FiguresConfig()
+    if not figures.enabled:
+        return
     from fedepic import plots  # matplotlib: not needed by client actors
 
-    figures = figures or FiguresConfig()
     styles = styles or plots.member_styles(list(curves))
     if any(plots.has_values(series, p) for series in curves.values() for p in panels):
         best_effort("comparison figure", lambda: _save(writer, "comparison", figures, plots.panel_grid_figure(
@@ -182,10 +184,13 @@ def write_curves(writer: RunWriter, curves: Curves, xlabel: str, title: str, *,
                  line: Optional["LineStyle"] = None, figures: Optional[FiguresConfig] = None) -> None:
     """A member's curves: one panel per non-empty series, in the member's ``line`` style; nothing when
     every series is empty. (Its per-class accuracy over time is a panel of the root's per_class_rounds.)"""
+    figures = figures or FiguresConfig()
+    if not figures.enabled:
+        return
     from fedepic import plots
 
     if plots.metric_names(curves):
-        best_effort("member curves", lambda: _save(writer, "curves", figures or FiguresConfig(),
+        best_effort("member curves", lambda: _save(writer, "curves", figures,
                                                    plots.curves_figure(curves, xlabel, title, line)))
 
 

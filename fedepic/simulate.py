@@ -1,10 +1,11 @@
 """Command line: `python -m fedepic.simulate config=NAME.yaml [key=value ...]`.
 
-Parses and validates the config, then dispatches on `mode`. Only this module reaches `simulations/`,
-and only lazily for the federated and decentralized modes, so the centralized path runs where only
-torch and torchvision are installed. Bad input exits with status 2 and one line on stderr; a run that
-cannot go on (fedepic.errors.RunFailed) with 1; SIGINT and SIGTERM end the run with status
-"interrupted" and exit 130 and 143 (fedepic.interrupts).
+Parses and validates the config, then dispatches on `mode`, or runs the grid of a config with
+`sweep` axes (fedepic.sweep). Only this module reaches `simulations/` (and fedepic.sweep, for a
+parallel sweep), and only lazily for the federated and decentralized modes, so the centralized path
+runs where only torch and torchvision are installed. Bad input exits with status 2 and one line on
+stderr; a run that cannot go on (fedepic.errors.RunFailed), or a sweep with failed cells, with 1;
+SIGINT and SIGTERM end the run with status "interrupted" and exit 130 and 143 (fedepic.interrupts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Callable, Optional, Sequence
 
 USAGE = ("usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)\n"
          "       python -m fedepic.simulate resume=RUN_FOLDER [config=NAME.yaml key=value ...]   (continue an "
-         "interrupted run)")
+         "interrupted run)\n"
+         "       python -m fedepic.simulate config=NAME.yaml sweep.seed=[0,1,2] sweep.KEY=[a,b] ...   (a grid of "
+         "runs; the same command again resumes it)")
 
 # a full, read-only or forbidden disk is the user's to fix, not a bug: one line, no traceback
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -48,7 +51,8 @@ def _extension_names() -> str:
     return "\n".join(f"{key}: {', '.join(registry.names())}" for key, registry in keys)
 
 
-def _runner(mode: str) -> Callable:
+def runner_for(mode: str) -> Callable:
+    """The run function of ``mode`` (imported here: the federated and decentralized ones need flwr or ray)."""
     if mode == "centralized":
         from fedepic.centralized import run_centralized
 
@@ -74,16 +78,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE + "\n\n" + _extension_names())
         return 0
     config, resume, overrides = _split_args(argv)
+    failed_cells: list[str] = []
     try:
         with Interrupts() as interrupts:
             if resume:
                 from fedepic.checkpoint import resume_config
 
                 cfg, point = resume_config(resume, config, overrides)
-                run_dir = _runner(cfg.mode)(cfg, interrupts=interrupts, resume=point)
             else:
-                cfg = load_config(config, overrides)
-                run_dir = _runner(cfg.mode)(cfg, interrupts=interrupts)
+                cfg, point = load_config(config, overrides), None
+            if cfg.sweep:  # a grid of runs (fedepic/sweep): every cell an ordinary run folder
+                from fedepic.sweep.run import run_sweep
+
+                outcome = run_sweep(cfg, interrupts=interrupts, folder=point.run_dir if point else None)
+                run_dir, failed_cells = outcome.folder, outcome.failed
+            else:
+                run_dir = runner_for(cfg.mode)(cfg, interrupts=interrupts, resume=point)
     except (ConfigError, DataError) as err:
         print(f"fedepic: error: {err}", file=sys.stderr)
         return 2
@@ -102,6 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("fedepic: interrupted; finished parts were kept", file=sys.stderr)
         return exit_status(err)
     print(Path(run_dir))
+    if failed_cells:  # the sweep went on past them; its summary says "failed" and why, per cell
+        print(f"fedepic: sweep finished with {len(failed_cells)} failed cell(s): {', '.join(failed_cells[:5])}"
+              f"{' ...' if len(failed_cells) > 5 else ''} (see {Path(run_dir) / 'summary.json'})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,9 +8,9 @@ The same code runs on the CPU. Per-epoch hooks (the EPIC selector plugs in here)
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,19 @@ from fedepic.augment import random_crop_flip
 from fedepic.config import TrainConfig
 
 EpochHook = Callable[[int, nn.Module], Optional[dict]]
+
+
+@contextmanager
+def torch_threads(count: Optional[int]) -> Iterator[None]:
+    """torch's CPU threads set to ``count`` inside (``train.threads``; None leaves them), restored after:
+    a run in a process that runs others (a sweep's cells) leaves the setting as it found it."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -33,6 +33,7 @@ from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.plots import X_SUFFIX
 from fedepic.progress import bar, progress_bars
 from fedepic.report import attack_label, setting_title
+from fedepic.train import torch_threads
 
 from simulations.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
@@ -166,7 +167,15 @@ def run_decentralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None
     short is marked "interrupted" (SIGINT, SIGTERM) or "failed", and the root gets the comparison of
     the finished members and a summary with the run's status and the list of finished members. With
     ``resume`` the interrupted run's folder is continued (see the module docstring).
+
+    ``train.threads``, when set, holds for the whole call in this process (data, models, every node's
+    training under engine=local), so a run's numbers do not depend on the thread count the process had.
     """
+    with torch_threads(cfg.train.threads):
+        return _run_decentralized(cfg, interrupts, resume)
+
+
+def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume: Optional[Resume]) -> Path:
     quiet_flower()
     if cfg.engine == "ray":
         check_ray_address(cfg)  # before a run folder exists

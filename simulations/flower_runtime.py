@@ -79,7 +79,7 @@ def backend_config(cfg: RunConfig) -> dict:
 
 
 @contextmanager
-def _ray_leaves_sigterm_alone() -> Iterator[None]:
+def ray_leaves_sigterm_alone() -> Iterator[None]:
     """While inside, `ray.init` keeps the driver's SIGTERM handler (ours, fedepic.interrupts).
 
     ray.init replaces it with ``sys.exit(signum)`` (ray/_private/worker.py, through
@@ -150,7 +150,7 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
     # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
     # folder, a benchmark's JSON line).
-    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), _ray_leaves_sigterm_alone():
+    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), ray_leaves_sigterm_alone():
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                            backend_config=backend_config(cfg))

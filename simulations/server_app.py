@@ -79,7 +79,7 @@ from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.outputs import RunWriter
 from fedepic.report import setting_title
-from fedepic.train import evaluate, fit, resolve_device
+from fedepic.train import evaluate, fit, resolve_device, torch_threads
 from fedepic.errors import RunInterrupted
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -596,16 +596,13 @@ def serve(grid: Optional[Grid], cfg: RunConfig, life: RunLifecycle, stop: thread
       `gc.collect()` per reply; with the long-lived heap frozen, a 20-client Bulyan round takes
       0.4 s instead of 5.8 s here.
     """
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     gc.collect()
     gc.freeze()
     try:
-        return _serve(PartitionGrid(grid) if grid is not None else None, cfg, life, stop)
+        with torch_threads(cfg.train.threads):
+            return _serve(PartitionGrid(grid) if grid is not None else None, cfg, life, stop)
     finally:
         gc.unfreeze()
-        torch.set_num_threads(threads)
 
 
 def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, life: RunLifecycle, stop: threading.Event) -> list[dict]:

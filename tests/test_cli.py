@@ -94,3 +94,23 @@ def test_bad_input_does_not_touch_existing_runs(tmp_path):
 def test_help_exits_zero(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0 and "config=" in proc.stdout
+
+
+def test_extends_merges_over_its_base_and_refuses_a_loop(tmp_path):
+    """A config file may start from another (``extends:``), found beside it or in configs/."""
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nrounds: 3\n")
+    (tmp_path / "b.yaml").write_text("extends: noniid.yaml\nseed: 7\n")
+    cfg = load_config(str(tmp_path / "a.yaml"), ["clients.local_epochs=1"])
+    assert (cfg.rounds, cfg.seed, cfg.name, cfg.mode, cfg.clients.local_epochs) == (3, 7, "noniid", "decentralized", 1)
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extend each other in a loop"):
+        load_config(str(tmp_path / "a.yaml"), [])
+    (tmp_path / "b.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="key 'extends'.*no such config file"):
+        load_config(str(tmp_path / "a.yaml"), [])
+    (tmp_path / "b.yaml").write_text("extends: noniid.yaml\nrounds: [1]\n")
+    with pytest.raises(ConfigError, match=r"key 'rounds' in .*b\.yaml"):
+        load_config(str(tmp_path / "a.yaml"), [])
