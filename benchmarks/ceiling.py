@@ -9,7 +9,14 @@ runs fastest on a CPU; convolutions and small matrices run slower) with torch's 
 a model's FLOPs with torch's own ``FlopCounterMode`` (matrix products and convolutions, forward and
 backward), so the figures are measured, not taken from a datasheet.
 
-    python benchmarks/ceiling.py        # one JSON line: the peak and the FLOPs of the benchmarks' models
+The GEMM peak is a bound no code reaches with small convolutions and 25-row minibatches. A tighter
+one, :func:`kernel_floor`, times the work itself with eager torch kernels: one round of per-client
+minibatch gradients at a shared model (the faster of a loop over clients and torch.func.vmap) and one
+evaluation pass, each the best of several repeats, so ``steps * round + evaluations * pass`` is the
+least time any eager-torch implementation of the scenario needs here, overhead left out.
+
+    python benchmarks/ceiling.py        # one JSON line: the peak, the FLOPs of the benchmarks' models,
+                                        # and the kernel floor of ByzFL's scenario (cnn_mnist)
 """
 
 from __future__ import annotations
@@ -53,6 +60,52 @@ def model_flops(model: torch.nn.Module, images: torch.Tensor, backward: bool) ->
     return counter.get_total_flops()
 
 
+def _best_seconds(step, repeats: int) -> float:
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def kernel_floor(model: torch.nn.Module, clients: int, batch: int, steps: int, evaluations: int, test_images: int,
+                 repeats: int = 5, eval_batch: int = 1000) -> dict:
+    """The least seconds eager torch kernels need for ``steps`` rounds of ``clients`` minibatch gradients
+    of ``batch`` images at one shared model plus ``evaluations`` passes over ``test_images`` (module
+    docstring): the best of ``repeats`` timings of one round (loop and vmap) and of one pass, times the
+    counts."""
+    from torch.func import functional_call, grad, vmap
+
+    images = torch.rand(clients, batch, 1, 28, 28)
+    labels = torch.randint(0, 10, (clients, batch), generator=torch.Generator().manual_seed(0))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loop() -> None:
+        for k in range(clients):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(images[k]), labels[k]).backward()
+
+    def loss(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    per_client = vmap(grad(loss), in_dims=(None, 0, 0))
+    test = torch.rand(eval_batch, 1, 28, 28)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            model(test)
+
+    rounds = {"loop": _best_seconds(loop, repeats), "vmap": _best_seconds(lambda: per_client(params, images, labels),
+                                                                          repeats)}
+    model.zero_grad(set_to_none=True)
+    one_pass = _best_seconds(evaluate, repeats) * test_images / eval_batch
+    best = min(rounds.values())
+    return {"round_seconds": {k: round(v, 6) for k, v in rounds.items()}, "eval_pass_seconds": round(one_pass, 6),
+            "seconds": round(steps * best + evaluations * one_pass, 1)}
+
+
 def ceiling(total_gflop: float, peak: float, reference_seconds: float | None = None) -> dict:
     """The least seconds ``total_gflop`` can take at ``peak`` GFLOP/s, and, given the reference's
     measured seconds, the largest speed-up over it that any implementation could reach here."""
@@ -73,9 +126,11 @@ def main() -> None:
         images = torch.rand(64, 1, 28, 28)
         per_image[name] = {"train_mflop": round(model_flops(model, images, True) / 64 / 1e6, 3),
                            "eval_mflop": round(model_flops(model, images, False) / 64 / 1e6, 3)}
+    # ByzFL's scenario (benchmarks/byzfl_compare.py): 10 honest clients, batch 25, 800 steps, 17 evaluations
+    byzfl = kernel_floor(build_classifier("cnn_mnist", 10, 1, 28, [0.1307], [0.3081]), 10, 25, 800, 17, 10_000)
     print(json.dumps({"benchmark": "ceiling", "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                       "gemm_peak_gflops": round(peak, 1), "per_image_28x28": per_image,
-                      "load_average": os.getloadavg()}))
+                      "byzfl_scenario_kernel_floor": byzfl, "load_average": os.getloadavg()}))
 
 
 if __name__ == "__main__":
