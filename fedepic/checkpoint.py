@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from fedepic.errors import ConfigError
 
@@ -28,6 +28,10 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Keys a resume may change: where the run is written and how it is displayed, never what it computes.
 RESUMABLE_KEYS = ("output_dir", "name", "progress", "data.cache_dir", "checkpoint_every", "figures")
+# and, for a sweep folder, how its cells are scheduled and aggregated, never what a cell computes
+# (sweep.cell_cpus stays: it sets the cells' torch threads, part of their configs)
+SWEEP_RESUMABLE_KEYS = ("ray", "sweep.parallel", "sweep.cell_gpus", "sweep.max_retries", "sweep.metrics",
+                        "sweep.curves", "sweep.cell_figures")
 # "killed": the folder holds no summary, because the process ended without writing one (SIGKILL, an
 # out-of-memory kill, a power loss); its checkpoints are what a resume is for
 RESUMABLE_STATUSES = ("interrupted", "failed", "killed")
@@ -88,21 +92,22 @@ def truncate_metrics(folder: Path, size: Optional[int]) -> None:
             handle.truncate(min(size or 0, path.stat().st_size))
 
 
-def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> list[str]:
+def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], resumable: Sequence[str],
+                 prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(stored) | set(given)):
         name = f"{prefix}{key}"
         a, b = stored.get(key), given.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{name}.")
-        elif a != b and not _resumable(name):
+            out += _differences(a, b, resumable, f"{name}.")
+        elif a != b and not _resumable(name, resumable):
             out.append(f"key '{name}' is {json.dumps(a)} in the run and {json.dumps(b)} here")
     return out
 
 
-def _resumable(key: str) -> bool:
-    """``key`` is one of RESUMABLE_KEYS or inside one of them (``figures.dpi``)."""
-    return any(key == k or key.startswith(f"{k}.") for k in RESUMABLE_KEYS)
+def _resumable(key: str, resumable: Sequence[str]) -> bool:
+    """``key`` is one of ``resumable`` or inside one of them (``figures.dpi``)."""
+    return any(key == k or key.startswith(f"{k}.") for k in resumable)
 
 
 def _run_folder(value: str) -> Path:
@@ -149,9 +154,10 @@ def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tu
                           f"only {' or '.join(RESUMABLE_STATUSES)} runs can be resumed")
     stored = load_config(str(stored_path), [])
     given = load_config(config, overrides) if config else load_config(str(stored_path), overrides)
-    differs = _differences(to_dict(stored), to_dict(given))
+    resumable = RESUMABLE_KEYS + (SWEEP_RESUMABLE_KEYS if stored.sweep else ())
+    differs = _differences(to_dict(stored), to_dict(given), resumable)
     if differs:
-        raise ConfigError(f"resume refused: {differs[0]} (only {', '.join(RESUMABLE_KEYS)} may change)")
+        raise ConfigError(f"resume refused: {differs[0]} (only {', '.join(resumable)} may change)")
     given.output_dir, given.name = str(folder.parent), stored.name  # the run continues where and as it is
     checkpoint_path = folder / CHECKPOINT
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None

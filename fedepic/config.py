@@ -621,6 +621,9 @@ def sweep_section(cfg: RunConfig) -> tuple[SweepSettings, dict[str, list]]:
     """The sweep's settings and its axes ({dotted key: values}, in the order given), validated: one-line
     ConfigErrors name the key. Empty axes: the config is one run."""
     settings_data = {k: v for k, v in cfg.sweep.items() if k in SWEEP_SETTINGS}
+    zips = settings_data.get("zip", [])
+    _check(isinstance(zips, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in zips), "sweep.zip",
+           zips, "a list of groups of axes, e.g. sweep.zip=[[attack.model,attack.ipm_eps]]")
     try:
         settings: SweepSettings = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(SweepSettings), settings_data))  # type: ignore[assignment]

@@ -14,7 +14,10 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from fedepic.sweep.plan import SweepPlan
 
 USAGE = ("usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (NAME resolves to configs/NAME.yaml)\n"
          "       python -m fedepic.simulate resume=RUN_FOLDER [config=NAME.yaml key=value ...]   (continue an "
@@ -68,6 +71,15 @@ def runner_for(mode: str) -> Callable:
     return run_decentralized
 
 
+def _ray_executor(plan: "SweepPlan") -> Callable:
+    """A parallel sweep's executor (simulations.sweep_ray: Ray tasks), its cluster checked first."""
+    from simulations.flower_runtime import check_ray_address
+    from simulations.sweep_ray import run_on_ray
+
+    check_ray_address(plan.base)  # one line when ray.address names no cluster, before the folder exists
+    return run_on_ray
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fedepic.config import load_config
     from fedepic.errors import ConfigError, DataError, RunFailed  # light: reported before torch loads
@@ -90,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if cfg.sweep:  # a grid of runs (fedepic/sweep): every cell an ordinary run folder
                 from fedepic.sweep.run import run_sweep
 
-                outcome = run_sweep(cfg, interrupts=interrupts, folder=point.run_dir if point else None)
+                outcome = run_sweep(cfg, interrupts=interrupts, folder=point.run_dir if point else None,
+                                    parallel=_ray_executor)
                 run_dir, failed_cells = outcome.folder, outcome.failed
             else:
                 run_dir = runner_for(cfg.mode)(cfg, interrupts=interrupts, resume=point)

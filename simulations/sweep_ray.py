@@ -39,9 +39,9 @@ from fedepic.config import RunConfig
 from fedepic.interrupts import Interrupts
 from fedepic.progress import progress_bars
 from fedepic.sweep.cells import CellOutcome, execute_cell, install_folder, pack_folder, unpack_folder
-from fedepic.sweep.plan import Cell, SweepPlan
+from fedepic.sweep.plan import Cell
 from fedepic.sweep.run import SweepRun, cell_config
-from simulations.flower_runtime import backend_config, check_ray_address, quiet_flower, ray_leaves_sigterm_alone
+from simulations.flower_runtime import backend_config, quiet_flower, ray_leaves_sigterm_alone
 
 POLL_S = 1.0  # how often the driver refreshes its counts, and a running task looks for a stop
 NICENESS = "RAY_worker_niceness"  # Ray's setting of its workers' niceness (default 15)
@@ -69,14 +69,9 @@ class SweepControl:
         return set(self.started)
 
 
-def check_cluster(plan: SweepPlan) -> None:
-    """One line (ConfigError) when ``ray.address`` names no cluster, before the sweep folder exists."""
-    check_ray_address(plan.base)
-
-
 def run_cell_task(spec: dict[str, Any], control: Any) -> dict[str, Any]:
     """A Ray task: run one cell here and return its run folder's files (module docstring)."""
-    if ray.get(control.stopping.remote()) is not None:
+    if _stop_signal(control) is not None:
         return {"started": False}
     control.start.remote(spec["index"])
     interrupts, outcome = Interrupts(), None
@@ -93,10 +88,27 @@ def run_cell_task(spec: dict[str, Any], control: Any) -> dict[str, Any]:
             "node": socket.gethostname()}
 
 
+def _stop_signal(control: Any) -> Optional[int]:
+    """The sweep's stop signal (None: go on), asked off the task's main thread. A blocking ``ray.get``
+    on a task's main thread lends its CPUs back to Ray while it waits ("yielding resources while
+    blocked"), and Ray starts another cell in them: more cells would run than ``sweep.cell_cpus``
+    allows. Ray does this only for the main thread, so the question goes through a helper thread that
+    the main thread joins (a join is no Ray call)."""
+    answer: list[Optional[int]] = []
+    asker = threading.Thread(target=lambda: answer.append(ray.get(control.stopping.remote())),
+                             name="fedepic-sweep-ask", daemon=True)
+    asker.start()
+    asker.join()
+    if not answer:
+        raise RuntimeError("the sweep's control actor did not answer")
+    return answer[0]
+
+
 @contextmanager
 def _stop_watch(control: Any) -> Iterator[None]:
-    """While inside, a thread polls ``control`` and, once the sweep stops, interrupts this task's main
-    thread as that signal would (our handler there, from the cell's Interrupts, marks the run)."""
+    """While inside, a thread polls ``control`` (off the main thread, so the task keeps its CPUs:
+    :func:`_stop_signal`) and, once the sweep stops, interrupts this task's main thread as that signal
+    would (our handler there, from the cell's Interrupts, marks the run)."""
     done = threading.Event()
 
     def watch() -> None:

@@ -239,6 +239,9 @@ def test_parallel_cells_on_ray_give_the_sequential_numbers(tmp_path: Path, capsy
     (["sweep.seed=[0,1]", "engine=ray"], ["sweep cell 1 of 2", "engine", "sweep.parallel=false"]),
     (["sweep.strategies=[[gossip,gp],[gp]]"], ["sweep.strategies", "both run member 'gp'"]),
     (["sweep.parallel=false"], ["needs at least one axis"]),
+    (["sweep.seed=[0,1]", "sweep.zip=[seed,strategies]"], ["'sweep.zip'", "a list of groups of axes"]),
+    (["sweep.seed=[0,1]", "sweep.metrics=[bogus]"], ["'bogus'", "'sweep.metrics'", "mean_accuracy"]),
+    (["sweep.seed=[0,1]", "sweep.curves=[final_accuracy]"], ["'final_accuracy'", "'sweep.curves'"]),
 ])
 def test_a_bad_sweep_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, capsys, extra, needles) -> None:
     base = [a for a in SMOKE if not a.startswith("engine=")] if "engine=ray" in extra else SMOKE
@@ -364,3 +367,76 @@ def test_a_local_ray_instance_runs_the_cells_at_the_drivers_priority(monkeypatch
     monkeypatch.setenv(NICENESS, "5")
     with _workers_at_our_priority(local):
         assert os.environ[NICENESS] == "5"
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_the_sweep_completed(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Figures are presentation: a failing heatmap is one warning line, the tables and the status stand."""
+    import fedepic.sweep.report as sweep_report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(sweep_report, "heatmap", broken)
+    rc, folder, err = run_cli([*SMOKE, f"output_dir={tmp_path}", "sweep.parallel=false", "sweep.seed=[0,1]",
+                               "sweep.strategies=[gossip]"], capsys)
+    assert rc == 0 and "warning: sweep figure figures/heatmap-mean_accuracy not written" in err, err
+    summary = read(folder / "summary.json")
+    assert summary["status"] == "completed" and summary["aggregates"]["mean_accuracy"]
+    assert not (folder / "figures/heatmap-mean_accuracy.png").exists()
+    assert (folder / "figures/curves-mean_accuracy.png").is_file() and (folder / "report.html").is_file()
+    assert all(c["seconds"] is not None for c in summary["cells"]) and summary["cells_seconds"] > 0
+
+
+def test_figures_disabled_draws_no_sweep_figure(tmp_path: Path, capsys) -> None:
+    rc, folder, err = run_cli([*SMOKE, f"output_dir={tmp_path}", "sweep.parallel=false", "sweep.seed=[0]",
+                               "sweep.strategies=[gossip]", "figures.enabled=false"], capsys)
+    assert rc == 0, err
+    assert not (folder / "figures").exists() and read(folder / "summary.json")["figures"] == []
+    assert (folder / "tables/mean_accuracy.md").is_file() and (folder / "report.html").is_file()
+
+
+def test_a_killed_cell_resumes_from_its_partial_folder_in_either_executor(tmp_path: Path) -> None:
+    """The cell folder a resume continues in is the one on disk, also a killed run's .NAME.partial
+    (the parallel executor packs that folder's files for its task)."""
+    from fedepic.interrupts import Interrupts
+    from fedepic.sweep.run import SweepRun
+
+    plan = plan_sweep(load_config("dfl_smoke.yaml", ["engine=local", f"output_dir={tmp_path}", "sweep.seed=[0,1]"]))
+    run = SweepRun(plan, tmp_path / plan.folder_name, Interrupts())
+    cell = plan.cells[1]
+    partial = run.cells_dir / f".{cell.name}.partial"
+    partial.mkdir(parents=True)
+    assert run.resume_folder(cell) == partial and run.resume_folder(plan.cells[0]) is None
+
+
+def test_a_cell_task_never_blocks_its_main_thread_on_ray(monkeypatch) -> None:
+    """A blocking ray.get on a task's main thread lends its CPUs back to Ray, which then starts another
+    cell in them: the task asks whether to stop from another thread."""
+    import threading
+
+    import simulations.sweep_ray as sweep_ray
+
+    asked_from = []
+
+    def fake_get(ref):
+        asked_from.append(threading.current_thread() is threading.main_thread())
+        return ref
+
+    class Method:
+        def __init__(self, value):
+            self.value = value
+
+        def remote(self, *args):
+            return self.value
+
+    class StoppedControl:
+        stopping = Method(signal.SIGTERM)
+        start = Method(None)
+
+    monkeypatch.setattr(sweep_ray.ray, "get", fake_get)
+    assert sweep_ray.run_cell_task({"index": 0, "name": "000", "config": None, "resume": None},
+                                   StoppedControl()) == {"started": False}
+    assert asked_from == [False]

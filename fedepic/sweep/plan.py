@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from fedepic.checkpoint import RESUMABLE_KEYS
+from fedepic.columns import BY_MODE
 from fedepic.config import RunConfig, SweepSettings, sweep_section, values_setter
 from fedepic.errors import ConfigError
 
@@ -96,6 +97,7 @@ def plan_sweep(cfg: RunConfig) -> SweepPlan:
     settings, axes = sweep_section(cfg)
     if not axes:
         raise ConfigError("invalid value {} for key 'sweep': the config has no sweep axes")
+    _check_measures(settings, cfg.mode)
     base = dataclasses.replace(cfg, sweep={})
     combos = list(grid(axes, settings.zip))
     width = max(3, len(str(len(combos) - 1)))
@@ -107,6 +109,19 @@ def plan_sweep(cfg: RunConfig) -> SweepPlan:
                      hashlib.sha256("".join(digests).encode()).hexdigest()[:10])
     _check_members(plan)
     return plan
+
+
+def _check_measures(settings: SweepSettings, mode: str) -> None:
+    """``sweep.metrics`` must name columns of the mode's comparison, ``sweep.curves`` measures its members
+    log per round (fedepic.columns): a typo would otherwise run the whole grid into an empty table."""
+    known = BY_MODE[mode]
+    allowed = {"sweep.metrics": [c for c in known.columns[1:] if not c.endswith("_se")],
+               "sweep.curves": list(known.series)}
+    for key, names in (("sweep.metrics", settings.metrics), ("sweep.curves", settings.curves)):
+        for name in names or []:
+            if name not in allowed[key]:
+                raise ConfigError(f"invalid value {name!r} for key '{key}': a {mode} run has "
+                                  f"{', '.join(allowed[key])}")
 
 
 def grid(axes: Mapping[str, list], zips: Sequence[Sequence[str]]) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from fedepic.config import FiguresConfig, RunConfig
 from fedepic.outputs import RunWriter, csv_table
 from fedepic.quantities import axis_label, quantity
+from fedepic.report import best_effort
 from fedepic.sweep.aggregate import CurveSet, Stat, Table
 
 
@@ -39,12 +40,12 @@ def setting_text(cfg: RunConfig) -> str:
 
 def write_report(writer: RunWriter, tables: Sequence[Table], curve_sets: Sequence[CurveSet],
                  setting: str, figures: FiguresConfig) -> dict[str, list[str]]:
-    """Write every table and figure (module docstring); returns their paths in the folder (the PNGs;
-    each has its vector copy beside it)."""
+    """Write every table, then every figure (module docstring); returns their paths in the folder (the
+    PNGs; each has its vector copy beside it). The numbers come first: a figure that cannot be drawn
+    is a warning line on stderr (fedepic.report.best_effort) and leaves the tables and the sweep's
+    status as they are. ``figures.enabled=false`` draws none."""
     written: dict[str, list[str]] = {"tables": [], "figures": []}
     documents = []
-    members = list(dict.fromkeys(m for t in tables for m in t.members))
-    members += [m for c in curve_sets for lines in c.panels.values() for m in lines if m not in members]
     for table in tables:
         stem = file_stem(table.metric)
         documents.append(markdown(table, setting))
@@ -52,21 +53,26 @@ def write_report(writer: RunWriter, tables: Sequence[Table], curve_sets: Sequenc
         writer.write_text(f"tables/{stem}.csv", csv_table(table.records(),
                                                           [*table.row_axes, "member", "mean", "se", "n", "seeds"]))
         written["tables"] += [f"tables/{stem}.md", f"tables/{stem}.csv"]
-        if table.stats:
-            written["figures"].append(_save(writer, heatmap(table, setting), f"figures/heatmap-{stem}", figures))
     writer.write_text("tables.md", "\n".join(documents))
     written["tables"].append("tables.md")
-    for curve in curve_sets:
-        written["figures"].append(_save(writer, band_curves(curve, setting, members),
-                                        f"figures/curves-{file_stem(curve.metric)}", figures))
+    if not figures.enabled:
+        return written
+    members = list(dict.fromkeys(m for t in tables for m in t.members))
+    members += [m for c in curve_sets for lines in c.panels.values() for m in lines if m not in members]
+    drawings = [(f"figures/heatmap-{file_stem(t.metric)}", lambda t=t: heatmap(t, setting)) for t in tables if t.stats]
+    drawings += [(f"figures/curves-{file_stem(c.metric)}", lambda c=c: band_curves(c, setting, members))
+                 for c in curve_sets]
+    for stem, draw in drawings:
+        if best_effort(f"sweep figure {stem}", lambda: _save(writer, draw(), stem, figures)):
+            written["figures"].append(f"{stem}.png")
     return written
 
 
-def _save(writer: RunWriter, fig: Any, stem: str, figures: FiguresConfig) -> str:
+def _save(writer: RunWriter, fig: Any, stem: str, figures: FiguresConfig) -> None:
     from fedepic.plots import close, save_figure
 
     try:
-        return save_figure(writer, fig, stem, figures.dpi, figures.vector)[0]
+        save_figure(writer, fig, stem, figures.dpi, figures.vector)
     finally:
         close(fig)
 
@@ -95,6 +101,8 @@ def format_stat(stat: Stat, percent: bool, usual_n: Optional[int] = None) -> str
 
 
 def _caption(table: Table, usual_n: int) -> str:
+    if not table.stats:
+        return "No completed cell has a value of this metric."
     seeds = sorted({s for stat in table.stats.values() for s in stat.seeds if s is not None})
     over = f"n = {usual_n} seeds ({', '.join(map(str, seeds))})" if usual_n > 1 else \
         "one seed (n = 1): no standard error"

@@ -33,7 +33,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import ConfigError, RunInterrupted
@@ -118,11 +118,17 @@ class SweepRun(FolderLifecycle):
         """Statuses, aggregates and the summary of this session's end (FolderLifecycle runs it on every
         exit path); the lock goes last, before the folder is renamed."""
         try:
+            # a cell that ended but was not yet recorded (a signal came between) keeps its folder
+            for cell in self._recover_staging():
+                if self.states[cell.index].status == "running":
+                    self.states[cell.index] = replace(self.states[cell.index], status=folder_status(
+                        existing_folder(self.cells_dir, cell.name)))
             for state in self.states.values():
                 if state.status == "running":  # cut short without an outcome (the sweep itself broke)
                     state.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             self.root.mark(exc)
-            self.outcome.failed = [c.name for c in self.plan.cells if self.states[c.index].status == "failed"]
+            # every cell that did not complete (failed, killed, interrupted by its own run): the command exits 1
+            self.outcome.failed = [c.name for c in self.plan.cells if self.states[c.index].status != "completed"]
             if exc is None and any(s.status != "completed" for s in self.states.values()):
                 self.root.status = "failed"  # a cell failed (the others ran): not "completed"
             summary: dict[str, Any] = {}
@@ -134,7 +140,6 @@ class SweepRun(FolderLifecycle):
                 raise
             finally:  # the summary is written even if the aggregation broke
                 self.root.write_summary({**self._description(), **summary})
-                shutil.rmtree(self.root.dir / STAGING, ignore_errors=True)
                 best_effort("the sweep's report.html", lambda: write_sweep_report(self.root))
         finally:
             if self._lock is not None:
@@ -153,9 +158,11 @@ class SweepRun(FolderLifecycle):
             folder = existing_folder(self.cells_dir, cell.name)
             cells.append({"index": cell.index, "name": cell.name, "folder": f"{CELLS}/{folder.name}" if folder else None,
                           "values": cell.values, "status": state.status, "error": state.error,
-                          "traceback": state.traceback, "seconds": state.seconds, "node": state.node,
+                          "traceback": state.traceback, "seconds": _cell_seconds(state, folder), "node": state.node,
                           "ran_this_session": state.ran})
+        # wall_seconds (RunWriter) is this session's; a resumed sweep's cells ran over several sessions
         return {"kind": "sweep", "name": plan.base.name, "mode": plan.base.mode, "key": plan.key,
+                "cells_seconds": sum(c["seconds"] or 0.0 for c in cells),
                 "setting": setting_text(plan.base), "axes": plan.axes, "zip": plan.zips,
                 "replicate_axis": REPLICATE_AXIS if REPLICATE_AXIS in plan.axes else None,
                 "member_axis": plan.member_axis, "row_axes": plan.row_axes, "counts": counts, "cells": cells}
@@ -187,8 +194,9 @@ class SweepRun(FolderLifecycle):
         return [c for c in self.plan.cells if self.states[c.index].status != "completed"]
 
     def resume_folder(self, cell: Cell) -> Optional[Path]:
-        """The stopped run folder ``cell`` continues in (its final name), or None (it starts anew)."""
-        return self.cells_dir / cell.name if existing_folder(self.cells_dir, cell.name) is not None else None
+        """The stopped run folder ``cell`` continues in, as it is on disk (its final name, or the
+        ``.NAME.partial`` of a killed run, whose files a parallel executor packs), or None (it starts anew)."""
+        return existing_folder(self.cells_dir, cell.name)
 
     def staging(self, cell: Cell) -> Path:
         """An empty work folder for a cell that runs in this process."""
@@ -197,15 +205,21 @@ class SweepRun(FolderLifecycle):
         path.mkdir(parents=True)
         return path
 
-    def _recover_staging(self) -> None:
-        """Run folders a killed session left in its staging area go where a resume finds them."""
+    def _recover_staging(self) -> list[Cell]:
+        """Run folders left in the staging area (by a killed session, or a cell whose end a signal cut
+        off before it was recorded) go where a resume finds them; returns their cells."""
         staging = self.root.dir / STAGING
+        by_name = {c.name: c for c in self.plan.cells}
+        recovered = []
         for work in sorted(staging.iterdir()) if staging.is_dir() else []:
             runs = sorted(p for p in work.iterdir() if p.is_dir())
             if runs and existing_folder(self.cells_dir, work.name) is None:
                 self.cells_dir.mkdir(exist_ok=True)
                 os.replace(runs[-1], self.cells_dir / work.name)
+                if work.name in by_name:
+                    recovered.append(by_name[work.name])
         shutil.rmtree(staging, ignore_errors=True)
+        return recovered
 
     def mark_running(self, cell: Cell) -> None:
         self.states[cell.index] = replace(self.states[cell.index], status="running")
@@ -242,6 +256,16 @@ class SweepRun(FolderLifecycle):
 
 def _read_summary(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "summary.json").read_text())
+
+
+def _cell_seconds(state: CellState, folder: Optional[Path]) -> Optional[float]:
+    """How long the cell ran: this session's measure, else its own summary's wall time (an earlier session)."""
+    if state.seconds is not None or folder is None:
+        return state.seconds
+    try:
+        return _read_summary(folder).get("wall_seconds")
+    except (OSError, ValueError):  # a killed cell without a summary: unknown
+        return None
 
 
 def _lock(folder: Path) -> int:
@@ -282,17 +306,25 @@ def run_here(run: SweepRun) -> None:
                 raise RunInterrupted(outcome.error or "interrupted", signum=outcome.signum)
 
 
-def run_sweep(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None, folder: Optional[Path] = None) -> SweepOutcome:
+Executor = Callable[["SweepRun"], None]  # runs the pending cells of a sweep's folder
+
+
+def run_sweep(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None, folder: Optional[Path] = None,
+              parallel: Optional[Callable[[SweepPlan], Executor]] = None) -> SweepOutcome:
     """Plan ``cfg``'s sweep (every cell validated, nothing written before), then run its pending cells
     in its folder (``folder``, else ``output_dir/sweep-<name>-<key>``); returns the folder and the cells
-    that failed. Raises RunInterrupted on SIGINT/SIGTERM, after the folder says so."""
-    plan = plan_sweep(cfg)
-    execute = run_here
-    if plan.settings.parallel:
-        from simulations.sweep_ray import check_cluster, run_on_ray  # Ray: only the parallel executor needs it
+    that failed. Raises RunInterrupted on SIGINT/SIGTERM, after the folder says so.
 
-        check_cluster(plan)  # before the folder exists
-        execute = run_on_ray
+    ``parallel``: given the plan, the executor of ``sweep.parallel=true`` (checking the cluster first,
+    before the folder exists). The core never imports Ray: the command line passes
+    simulations.sweep_ray's; without one, a parallel sweep is refused in one line."""
+    plan = plan_sweep(cfg)
+    execute: Executor = run_here
+    if plan.settings.parallel:
+        if parallel is None:
+            raise ConfigError("invalid value True for key 'sweep.parallel': no parallel executor here; set "
+                              "sweep.parallel=false")
+        execute = parallel(plan)
     target = Path(folder) if folder is not None else Path(cfg.output_dir).expanduser() / plan.folder_name
     if target.name.startswith(".") and target.name.endswith(".partial"):
         target = target.with_name(target.name[1:-len(".partial")])
