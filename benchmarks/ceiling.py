@@ -12,8 +12,10 @@ backward), so the figures are measured, not taken from a datasheet.
 The GEMM peak is a bound no code reaches with small convolutions and 25-row minibatches. A tighter
 one, :func:`kernel_floor`, times the work itself with eager torch kernels: one round of per-client
 minibatch gradients at a shared model (the faster of a loop over clients and torch.func.vmap) and one
-evaluation pass, each the best of several repeats, so ``steps * round + evaluations * pass`` is the
-least time any eager-torch implementation of the scenario needs here, overhead left out.
+evaluation pass (batches of 1,000 test images), each the best of several repeats, so
+``steps * round + evaluations * pass`` estimates the least time an eager-torch implementation of the
+scenario needs here, every overhead left out (a measured estimate on 1 x 28 x 28 images, not a proof:
+another evaluation batch or a compiled kernel could go somewhat below it).
 
     python benchmarks/ceiling.py        # one JSON line: the peak, the FLOPs of the benchmarks' models,
                                         # and the kernel floor of ByzFL's scenario (cnn_mnist)

@@ -24,6 +24,7 @@ from fedepic.attacks.gradient_matching import (
     check_poisons, save_poisons, target_gradient,
 )
 from fedepic.checkpoint import CHECKPOINT, Resume, checkpoint_due, metrics_size, save_checkpoint, truncate_metrics
+from fedepic.columns import CENTRALIZED
 from fedepic.config import ConfigError, RunConfig, TrainConfig
 from fedepic.data import ImageData, load_dataset
 from fedepic.builders import build_model, epic_schedule
@@ -37,8 +38,7 @@ from fedepic.progress import bar, progress_bars
 from fedepic.report import setting_title
 from fedepic.train import evaluate, fit, resolve_device
 
-TABLE_COLUMNS = ("defense", "attack_success", "attack_success_se", "accuracy", "accuracy_se", "seconds",
-                 "dropped", "poison_recall", "clean_drop_rate", "trials", "brew_alignment", "random_alignment")
+TABLE_COLUMNS = CENTRALIZED.columns
 
 
 @dataclass
@@ -303,7 +303,7 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
     device = resolve_device(cfg.train.device)
     members = _ordered(defense_members(cfg))
     saved = resume.checkpoint if resume is not None else None
-    comparison = Comparison(TABLE_COLUMNS, ("test_accuracy",), setting_title(cfg), xlabel="epoch")
+    comparison = Comparison(TABLE_COLUMNS, CENTRALIZED.panels, setting_title(cfg), xlabel="epoch")
     histogram = torch.bincount(data.train_y, minlength=data.num_classes).tolist()
     life = RunLifecycle(cfg, members, comparison, interrupts=interrupts, resume=resume,
                         extras=lambda rows: _root_figures(rows, histogram))

@@ -18,16 +18,9 @@ Two layers:
   :func:`write_run_report` (atomically, through fedepic.outputs.RunWriter) when the run ends
   (fedepic.lifecycle), whatever its status.
 
-A sweep report builds its own page from the same parts and writes it the same way, e.g.::
-
-    page = Page(title="sweep: 3 seeds x 2 attacks x 4 defenses", status=status, facts=[...], sections=[
-        Section("Aggregates", tables=[csv_table(sweep_dir / "aggregate.csv", "mean ± s.e. over seeds")],
-                figures=[embed_figure(sweep_dir, "heatmap_accuracy.png", "accuracy, attack x defense")]),
-        Section("Runs", paragraphs=["Each run has its own report:"],
-                facts=[(run.name, link(f"{run.name}/report.html")) for run in runs]),
-        config_section((sweep_dir / "config.yaml").read_text()), environment_section(summary),
-    ])
-    writer.write_text("report.html", render_page(page))
+A sweep's report (fedepic.sweep.page) builds its page from the same parts (:class:`Page`,
+:class:`Section`, :class:`Table` with :class:`Cell` s, :func:`embed_figure`, :func:`link`,
+:func:`config_section`, :func:`environment_section`) and writes it the same way.
 """
 
 from __future__ import annotations
@@ -188,13 +181,16 @@ def _number(text: str) -> Any:
 
 
 def _best_rows(column: str, cells: Sequence[str]) -> set[int]:
-    """The rows holding the best value of a ranked column (all of them on a tie); none for a single row."""
+    """The rows a reader sees as best in a ranked column: every row whose value, as shown (``display``),
+    equals the best one's (56.8 and 56.8 are both bold, whatever their last digits), none when that is
+    every row or there is a single row (the sweep's tables mark the same way)."""
     better = quantity(column).better
     values = {j: v for j, c in enumerate(cells) if isinstance(v := _number(c), (int, float)) and math.isfinite(v)}
-    if better is None or len(values) < 2 or len(set(values.values())) < 2:
+    if better is None or len(values) < 2:
         return set()
-    target = max(values.values()) if better == HIGHER else min(values.values())
-    return {j for j, v in values.items() if v == target}
+    top = display(column, max(values.values()) if better == HIGHER else min(values.values()))
+    best = {j for j, v in values.items() if display(column, v) == top}
+    return best if len(best) < len(values) else set()
 
 
 # ------------------------------------------------------------------------------------ the run report

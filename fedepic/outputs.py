@@ -250,13 +250,17 @@ def csv_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c, "") for c in cols})
+    for row in rows:  # a missing value (None, NaN: a standard error of one trial) is an empty cell, as in markdown
+        writer.writerow({c: "" if _missing(row.get(c)) else row.get(c, "") for c in cols})
     return buf.getvalue()
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"

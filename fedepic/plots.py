@@ -149,7 +149,7 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
         for ax in spare:
             ax.axis("off")
         if place is not None:
-            banded = any(s.get(p + SE_SUFFIX) for s in per_member.values() for p in shown)
+            banded = any(_finite(v) for s in per_member.values() for p in shown for v in s.get(p + SE_SUFFIX) or [])
             _legend(fig, spare, styles, list(per_member), place, "member (shaded: ± s.e.)" if banded else "member")
         fig.suptitle(_wrap(title, width))
     return fig
@@ -185,7 +185,7 @@ def _draw_line(ax, series: Mapping[str, Sequence[float]], name: str, member: str
     ax.plot(xs, ys, color=line.color, marker=line.marker, linestyle=line.linestyle, label=member,
             markevery=max(1, len(xs) // 12))  # a dozen markers at most: they tell members apart, no more
     se = series.get(name + SE_SUFFIX)
-    if se:
+    if se and any(_finite(v) for v in se):  # n = 1 everywhere (NaN s.e.): no band
         low = [y - (s or 0.0) * scale for y, s in zip(ys, se)]
         high = [y + (s or 0.0) * scale for y, s in zip(ys, se)]
         ax.fill_between(xs, low, high, color=line.color, alpha=0.18, linewidth=0, label="_band")

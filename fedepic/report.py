@@ -63,7 +63,7 @@ def setting_title(cfg: RunConfig) -> str:
         data += f" ({len(cfg.data.classes)} classes)"
     attack = f"attack {attack_label(cfg)}"
     if cfg.mode == "centralized":
-        trials = cfg.attack.targets if cfg.attack.data == "gradient_matching" else 1
+        trials = cfg.attack.targets  # every attack trains attack.targets trials (fedepic.centralized.build_trials)
         return (f"{cfg.name}: centralized {data}, {cfg.model.name}, {attack}, "
                 f"{trials} trial{'s' if trials != 1 else ''}, seed {cfg.seed}")
     bad = len(malicious_ids(cfg))

@@ -29,6 +29,7 @@ from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint
 from fedepic.config import ConfigError, RunConfig, malicious_ids, member_config
 from fedepic.data import load_dataset
 from fedepic.interrupts import Interrupts
+from fedepic.columns import DECENTRALIZED
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.plots import X_SUFFIX
 from fedepic.progress import bar, progress_bars
@@ -44,13 +45,7 @@ from simulations.dfl_router import (
     benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
 )
 
-COLUMNS = ("strategy", "mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy",
-           "exclusive_accuracy", "attack_success", "consensus_distance", "detection_precision", "detection_recall", "detected_round",
-           "seconds")
-PANELS = ("mean_accuracy", "worst_accuracy", "exclusive_accuracy", "consensus_distance", "detection_recall")
-SERIES = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
-          "attack_success",
-          "consensus_distance", "detection_precision", "detection_recall", "train_loss")
+COLUMNS, PANELS, SERIES = DECENTRALIZED.columns, DECENTRALIZED.panels, DECENTRALIZED.series
 
 
 def member_names(strategies: list[str]) -> list[str]:

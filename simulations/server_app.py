@@ -76,6 +76,7 @@ from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicState
 from fedepic.interrupts import Interrupts
+from fedepic.columns import FEDERATED
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.outputs import RunWriter
 from fedepic.report import setting_title
@@ -98,9 +99,7 @@ from strategies.server import TrackedStrategy, build_server_strategy
 
 ROUND_TIMEOUT_S = 3600.0
 NODE_WAIT_S = 300.0
-COMPARISON_COLUMNS = ("strategy", "final_accuracy", "best_accuracy", "attack_success", "malicious_excluded",
-                      "benign_excluded", "poison_recall", "failures", "seconds")
-PANELS = ("accuracy", "attack_success")
+COMPARISON_COLUMNS, PANELS = FEDERATED.columns, FEDERATED.panels
 
 
 @dataclass

@@ -51,6 +51,7 @@ def assert_same_records(want: dict, got: dict) -> None:
 
 @pytest.mark.parametrize("strategy,extra", [
     ("gossip", []),                                       # the sparse mix
+    ("gossip", ["attack.data=none", "clients.malicious_ids=[]"]),  # every row benign: evaluated in place
     ("gossip", ["attack.data=none", "attack.model=sign_flip"]),  # the sparse mix + attackers' messages
     ("median", []),                                       # a robust rule: node by node on the rows
     ("gp", ["attack.data=none", "attack.model=sign_flip"]),  # a stateful rule (GP's records)

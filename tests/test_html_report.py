@@ -169,39 +169,19 @@ def test_the_page_escapes_text_and_links_only_beside_itself():
     ("server_noniid.yaml", ["federated MNIST", "20 clients (4 malicious)", "dirichlet (alpha=0.5)", "seed 0"]),
     ("centralized_smoke.yaml", ["centralized cifar10-jpeg (3 classes)", "cnn", "attack gradient_matching", "2 trials",
                                 "seed 0"]),
+    ("centralized_mnist.yaml attack.data=label_flip attack.targets=3", ["attack label_flip", "3 trials"]),
 ])
 def test_every_mode_states_its_setting_in_its_titles(config, words):
-    title = setting_title(load_config(config, []))
+    name, *overrides = config.split()  # every attack trains attack.targets trials, not gradient matching alone
+    title = setting_title(load_config(name, overrides))
     assert all(word in title for word in words), title
 
 
-def test_a_sweep_builds_its_page_from_the_same_parts(tmp_path):
-    """The module docstring's recipe for a sweep's report: a CSV table, an embedded heatmap, links to
-    each run's own report, the config and the environment, through render_page."""
-    from fedepic import plots
-    from fedepic.outputs import RunWriter
+def test_a_column_marks_in_bold_what_a_reader_sees_as_best():
+    """Values that show alike (56.8 and 56.8) are both best, whatever their last digits; a column where
+    every row shows alike marks none; lower is better where the quantity says so."""
+    assert html_report._best_rows("mean_accuracy", ["0.5681", "0.5683", "0.30"]) == {0, 1}
+    assert html_report._best_rows("mean_accuracy", ["0.5681", "0.5683"]) == set()
+    assert html_report._best_rows("attack_success", ["0.5", "0.1", ""]) == {1}
+    assert html_report._best_rows("consensus_distance", ["0.5", "0.1"]) == set()  # not a ranked measure
 
-    with RunWriter(tmp_path, "sweep") as writer:
-        writer.write_text("aggregate.csv", "defense,mean_accuracy,mean_accuracy_se\ngossip,0.65,0.01\ngp,0.55,0.02\n")
-        fig = plots.heatmap_figure([[65.0, 55.0], [60.0, 50.0]], ["label_flip", "sign_flip"], ["gossip", "gp"],
-                                   "accuracy, attack x defense", "mean accuracy (%)", vmin=0, vmax=100)
-        try:
-            plots.save_figure(writer, fig, "heatmap_accuracy", 60, "svg")
-        finally:
-            plots.close(fig)
-        runs = ["seed0-label_flip", "seed1-label_flip"]
-        aggregate = html_report.csv_table(writer.dir / "aggregate.csv", "mean ± s.e.", "aggregate")
-        heatmap = html_report.embed_figure(writer.dir, "heatmap_accuracy.png", "attack x defense")
-        page = html_report.Page("sweep: 2 seeds x 2 attacks x 2 defenses", "completed", sections=[
-            html_report.Section("Aggregates", tables=[aggregate], figures=[heatmap]),
-            html_report.Section("Runs", facts=[(run, html_report.link(f"{run}/report.html")) for run in runs]),
-            html_report.config_section("seeds: [0, 1]\n"),
-        ])
-        writer.write_text("report.html", html_report.render_page(page))
-    text, parsed = read_report(writer.path)
-    assert parsed.status == "completed" and not EXTERNAL.search(text)
-    assert [row for row in parsed.tables["aggregate"] if row] == [["gossip", "0.65", "0.01"], ["gp", "0.55", "0.02"]]
-    assert parsed.images == [data_uri(writer.path / "heatmap_accuracy.png")]
-    assert {"seed0-label_flip/report.html", "seed1-label_flip/report.html", "heatmap_accuracy.svg"} <= set(
-        parsed.links)
-    assert "seeds: [0, 1]" in text

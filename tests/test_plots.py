@@ -3,6 +3,8 @@ member, heatmaps, and the save helper (PNG at the stated dpi plus PDF or SVG, at
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,19 @@ def test_a_standard_error_series_draws_a_band_around_the_mean():
         assert band[:, 0].min() == 2 and band[:, 0].max() == 6
         legend = next(iter(fig.legends), None) or next(a.get_legend() for a in fig.axes if a.get_legend())
         assert legend.get_title().get_text() == "member (shaded: ± s.e.)"  # the reader is told what the band is
+    finally:
+        plots.close(fig)
+
+
+def test_a_standard_error_of_one_trial_draws_no_band_and_promises_none():
+    """n = 1: the s.e. is NaN (fedepic.metrics.mean_and_se), so no band, and the legend says no shading."""
+    series = {"test_accuracy": [0.5, 0.6], "test_accuracy@se": [math.nan, math.nan]}
+    fig = plots.panel_grid_figure({"none": series, "epic-0.1": {"test_accuracy": [0.4, 0.5]}}, ["test_accuracy"],
+                                  "epoch", "t")
+    try:
+        assert len(fig.axes[0].collections) == 0
+        legend = next(iter(fig.legends), None) or next(a.get_legend() for a in fig.axes if a.get_legend())
+        assert legend.get_title().get_text() == "member"
     finally:
         plots.close(fig)
 
