@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from fedepic.config import RunConfig
 from fedepic.models import FIXED_BUFFERS
 from fedepic.stacked import stacked_gradients
+from fedepic.stacked_fit import NodeRows, stacked_fit
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
@@ -257,6 +258,53 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
     return _local_stats(history[-1]["loss"], keep, selections)
 
 
+@dataclass
+class LocalJob:
+    """One node's share of :func:`train_local_stacked`: its state, its data, its round seed, whether
+    it runs local EPIC (and its poison mask, for EPIC's recall), and its model, into which its row is
+    loaded when an EPIC selection needs a module."""
+
+    state: NodeState
+    x: Tensor
+    y: Tensor
+    seed: int
+    epic: bool
+    net: nn.Module
+    poison_mask: Optional[Tensor] = None
+
+
+def train_local_stacked(model: nn.Module, starts: Tensor, jobs: Sequence[LocalJob], cfg: RunConfig, *,
+                        round_: int, device: torch.device) -> tuple[Tensor, list[dict]]:
+    """:func:`train_local` for many nodes at once (``fedepic.stacked_fit``): row k of ``starts`` [n, D]
+    (flat exchanged states) trains on ``jobs[k]``'s rows with its seed, EPIC selections and drops
+    included. Returns the trained rows [n, D] and each node's statistics, as ``train_local`` gives
+    them. Every job must hold rows (a node without any takes ``train_local``'s early return)."""
+    epochs = cfg.clients.local_epochs
+    first = (round_ - 1) * epochs
+    selectors = [_local_selector(cfg, len(job.y), job.state, device) if job.epic else None for job in jobs]
+    keeps = [sel.keep if sel is not None else (
+        job.state.epic_keep if job.state.epic_keep is not None else torch.ones(len(job.y), dtype=torch.bool))
+        for job, sel in zip(jobs, selectors)]
+    selections: list[list[dict]] = [[] for _ in jobs]
+
+    def epoch_end(k: int, epoch: int, params: Mapping[str, Tensor]) -> Optional[dict]:
+        selector = selectors[k]
+        if selector is None or not selector.schedule.is_selection_epoch(first + epoch):
+            return None
+        net = load_exchanged(jobs[k].net, params)  # a stackable model's exchanged entries are its parameters
+        stats = selector.maybe_select(first + epoch, net, jobs[k].x, jobs[k].y, jobs[k].poison_mask)
+        selections[k].append(stats)
+        return stats
+
+    nodes = [NodeRows(job.x, job.y, keep, job.seed) for job, keep in zip(jobs, keeps)]
+    trained, histories = stacked_fit(model, starts, nodes, dataclasses.replace(cfg.train, milestones=[]),
+                                     epochs=epochs, lr=round_lr(cfg, round_), epoch_end=epoch_end)
+    for job, selector in zip(jobs, selectors):
+        if selector is not None:
+            job.state.epic_keep, job.state.epic_selections = selector.keep, selector.selections
+    return trained, [_local_stats(h[-1]["loss"], keep, sel) for h, keep, sel in zip(histories, keeps, selections)]
+
+
 # ----------------------------------------------------------------------------------- aggregation
 
 
@@ -336,9 +384,20 @@ def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
     """
     if state.trained is None:
         raise ValueError("aggregate before train: the node has no trained model this round")
-    ids = sorted(int(j) for j in neighbour_models)
-    own = flatten_state(state.trained)
-    stack = torch.stack([flatten_state(neighbour_models[j]) for j in ids]) if ids else own.new_zeros(0, own.numel())
+    vectors = {int(j): flatten_state(model) for j, model in neighbour_models.items()}
+    return aggregate_flat(strategy, cfg, state, flatten_state(state.trained), vectors, weights, self_weight,
+                          malicious, rules)
+
+
+def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
+                   neighbours: Mapping[int, Tensor], weights: Mapping[int, float], self_weight: float,
+                   malicious: bool = False, rules: Optional[Mapping[str, Any]] = None) -> AggregationReport:
+    """:func:`aggregate_models` with the node's trained model and the neighbours' already flat
+    (``own`` = ``flatten_state(state.trained)``): the in-process engine holds them as vectors."""
+    if state.trained is None:
+        raise ValueError("aggregate before train: the node has no trained model this round")
+    ids = sorted(int(j) for j in neighbours)
+    stack = torch.stack([neighbours[j] for j in ids]) if ids else own.new_zeros(0, own.numel())
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
     new, report = aggregate_vectors(strategy, cfg, own, stack, ids, w, state, malicious, rules)
     state.model = unflatten_like(new, state.trained)

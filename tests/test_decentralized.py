@@ -320,7 +320,8 @@ def test_small_ring_through_the_cli_twice_gives_the_same_numbers(tmp_path, capsy
     torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match
     try:
         for member in ("gossip", "gp"):
-            expected = run_sequential(load_config("dfl_smoke.yaml", [f"output_dir={tmp_path}"]), member)
+            expected = run_sequential(load_config("dfl_smoke.yaml", [f"output_dir={tmp_path}"]), member,
+                                      node_by_node=True)
             for got, want in zip(numbers[member], expected):
                 assert got["mean_accuracy"] == pytest.approx(want["mean_accuracy"], abs=1e-6)
                 assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)

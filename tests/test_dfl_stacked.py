@@ -168,3 +168,45 @@ def test_an_attack_with_success_only_is_scored_model_by_model(monkeypatch):
     rows[1, 0] = 0.5
     got = [r["attack_success"] for r in evaluate_rows(net, rows, cfg, data)]
     assert got == pytest.approx([float(rows[0, 0]), 0.5])
+
+
+def local_epochs_members(cfg, strategy: str):
+    """The default engine=local member, once vectorized (``train_local_stacked``) and once node by node."""
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
+    rule, _ = member_config(cfg, strategy)
+    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg))
+    vectorized, loop = (LocalMember(cfg, strategy, strategy, routing, data, parts, roles) for _ in range(2))
+    loop.node_by_node = True
+    return vectorized, loop
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("gossip", []),
+    ("gp_epic", ["defense.epic.warmup=1", "defense.epic.interval=1", "defense.epic.fraction=0.3"]),  # EPIC drops
+    ("median", ["train.augment=crop_flip", "train.momentum=0"]),
+])
+def test_vectorized_local_epochs_equal_the_node_by_node_loop(strategy, extra):
+    """Local epochs (the default protocol) of every node in one vectorized loop: the same records, models
+    and EPIC drops as training the nodes one after another, up to float rounding."""
+    cfg = load_config("dfl_smoke", ["engine=local", "train.lr=0.05", "clients.local_epochs=2", "clients.count=6",
+                                    "train.batch_size=24", *extra])
+    vectorized, loop = local_epochs_members(cfg, strategy)
+    assert vectorized.vectorized_training() and not loop.vectorized_training()
+    for round_ in range(1, 4):
+        assert_same_records(loop.play_round(round_), vectorized.play_round(round_))
+        for i in loop.active:
+            want, got = loop.states[i], vectorized.states[i]
+            assert torch.allclose(flatten_state(got.model), flatten_state(want.model), rtol=1e-4, atol=1e-5)
+            assert (got.epic_keep is None) == (want.epic_keep is None)
+            if want.epic_keep is not None:
+                assert torch.equal(got.epic_keep, want.epic_keep) and got.epic_selections == want.epic_selections
+    if strategy == "gp_epic":
+        assert any(int((~s.epic_keep).sum()) > 0 for s in loop.states.values() if s.epic_keep is not None)
+
+
+def test_models_with_convolutions_train_node_by_node():
+    """The cnn takes the loop over nodes (vmap's grouped convolutions measured slower on the CPU)."""
+    vectorized, _ = local_epochs_members(load_config("dfl_smoke", ["engine=local", "model.name=cnn"]), "gossip")
+    assert not vectorized.vectorized_training()

@@ -76,7 +76,7 @@ def test_the_in_process_decentralized_loop_runs_without_flower_or_ray():
 CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fedepic.registry", "fedepic.extensions",
                 "fedepic.checkpoint", "fedepic.metrics", "fedepic.plots", "fedepic.quantities", "fedepic.html_report",
                 "fedepic.sweep.plan", "fedepic.sweep.cells", "fedepic.sweep.aggregate", "fedepic.sweep.report",
-                "fedepic.sweep.run", "fedepic.sweep.page", "fedepic.columns")
+                "fedepic.sweep.run", "fedepic.sweep.page", "fedepic.columns", "fedepic.stacked_fit")
 
 
 def test_new_core_modules_import_without_flower_or_ray():
