@@ -213,6 +213,10 @@ class DecentralizedConfig:
     # dsgd: one minibatch step per round with client momentum train.momentum (the per-step protocol);
     # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021)
     algorithm: str = "dpsgd"
+    # engine=local under dpsgd: the nodes' local epochs in one vectorized loop where the model allows it
+    # (mlp; fedepic/stacked_fit.py), equal to training them one by one up to float rounding; false trains
+    # one node after another, as Ray nodes do (with train.threads=1, Ray's numbers to the last bit)
+    vectorize: bool = True
 
 
 @dataclass

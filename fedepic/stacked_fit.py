@@ -13,7 +13,7 @@ What makes it the same training as ``fit`` node by node (tests/test_stacked_fit.
   its kept rows (``keep``, which an ``epoch_end`` hook such as EPIC may shrink), and, with
   ``train.augment``, its crops and flips batch by batch, in ``train_epoch``'s order;
 - batches are ``train.batch_size`` rows of that order, the last one short; a short batch is padded
-  and its rows weighted 1 / B_k, so every node's gradient is that of its own mean loss;
+  (with weight 0) and its rows weighted 1 / B_k, so every node's gradient is that of its own mean loss;
 - the optimizer is torch's own SGD (momentum, Nesterov, weight decay) over one parameter per node
   and layer: the rows of the stacked [n, *shape] layer tensors. A node without a batch at step s gets no gradient, and
   torch's SGD skips a parameter whose ``grad`` is None, so it neither moves nor decays, exactly as
@@ -68,7 +68,7 @@ def _epoch_orders(nodes: Sequence[NodeRows], generators: Sequence[torch.Generato
 def _step_batch(nodes: Sequence[NodeRows], orders: Sequence[Tensor], active: Sequence[int], start: int,
                 cfg: TrainConfig, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Images [a, B, ...], labels [a, B] and weights [a, B] of step ``start // batch_size`` for the
-    ``active`` nodes, short batches zero-padded with weight 0; also each node's real batch size."""
+    ``active`` nodes, short batches padded with weight-0 copies of a real row; also each node's real batch size."""
     pieces = [orders[k][start:start + cfg.batch_size] for k in active]
     sizes = [len(p) for p in pieces]
     width = max(sizes)
@@ -78,9 +78,9 @@ def _step_batch(nodes: Sequence[NodeRows], orders: Sequence[Tensor], active: Seq
         if cfg.augment != "none":  # per node, from its own generator, as its own loop would draw
             xb = random_crop_flip(xb, cfg.crop_pad, generators[k], flip=cfg.augment == "crop_flip")
         yb = nodes[k].y[rows]
-        if len(rows) < width:
-            xb = torch.cat([xb, xb.new_zeros(width - len(rows), *xb.shape[1:])])
-            yb = torch.cat([yb, yb.new_zeros(width - len(rows))])
+        if len(rows) < width:  # padded with copies of the first row (weight 0): finite wherever the real rows are
+            xb = torch.cat([xb, xb[:1].expand(width - len(rows), *xb.shape[1:])])
+            yb = torch.cat([yb, yb[:1].expand(width - len(rows))])
         images.append(xb)
         labels.append(yb)
     weights = torch.zeros(len(active), width)

@@ -397,7 +397,7 @@ def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
     if state.trained is None:
         raise ValueError("aggregate before train: the node has no trained model this round")
     ids = sorted(int(j) for j in neighbours)
-    stack = torch.stack([neighbours[j] for j in ids]) if ids else own.new_zeros(0, own.numel())
+    stack = torch.stack([neighbours[j].to(own.dtype) for j in ids]) if ids else own.new_zeros(0, own.numel())
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
     new, report = aggregate_vectors(strategy, cfg, own, stack, ids, w, state, malicious, rules)
     state.model = unflatten_like(new, state.trained)

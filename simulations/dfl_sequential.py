@@ -32,6 +32,7 @@ from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, malicious_ids, member_config
 from fedepic.data import ImageData, load_dataset
 from fedepic.extensions import PEER_RULES
+from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
@@ -45,6 +46,11 @@ from simulations.dfl_router import (
     AttackTally, Routing, communication_graph, detection_record, detection_truth, inbox, outgoing,
     round_metrics, routing_for, run_label_roles,
 )
+
+
+# nodes per vectorized training loop: about six copies of a chunk's parameters are alive at once
+# (starts, layers, gradients, momenta, results), 0.36 GB for 64 MLP nodes
+TRAINING_CHUNK = 64
 
 
 class LocalMember:
@@ -130,13 +136,17 @@ class LocalMember:
         return self._exchange_models(trained, round_, tally), losses
 
     def vectorized_training(self) -> bool:
-        """Whether local epochs run in one vectorized loop: for models without convolutions only. vmap
-        turns per-node convolution weights into grouped convolutions, which measured 1.45x slower than
-        the loop over nodes for the cnn (20 nodes, batch 32, 2 epochs; the MLP: 1.27x faster), and
-        BatchNorm's running statistics are not parameters (``fedepic.stacked.parameter_layout``)."""
+        """Whether local epochs run in one vectorized loop (``decentralized.vectorize``): for models whose
+        state is their parameters (plus the fixed normalisation), without convolutions and without
+        dropout. vmap turns per-node convolution weights into grouped convolutions, which measured 1.45x
+        slower than the loop over nodes for the cnn (20 nodes, batch 32, 2 epochs; the MLP: 1.27x
+        faster); BatchNorm's running statistics are not parameters; dropout's randomness would not
+        follow a node's own generator."""
         model = self.models[self.active[0]]
-        return (not self.node_by_node and stackable(model)
-                and not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()))
+        only_parameters = set(model.state_dict()) - set(FIXED_BUFFERS) == {n for n, _ in model.named_parameters()}
+        unsupported = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)
+        return (self.cfg.decentralized.vectorize and not self.node_by_node and only_parameters
+                and not any(isinstance(m, unsupported) for m in model.modules()))
 
     def _dpsgd_train_stacked(self, round_: int) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
         """Every node's local epochs in one vectorized loop (``dfl_node.train_local_stacked``): the same
@@ -155,10 +165,11 @@ class LocalMember:
             jobs.append(LocalJob(state, client.x, client.y, derive_seed(self.cfg.seed, round_, i),
                                  uses_local_epic(self.rule, self.cfg, client.is_malicious), self.models[i],
                                  client.poisoned))
-        if nodes:
-            rows, stats = train_local_stacked(self.models[nodes[0]], torch.stack(starts), jobs, self.cfg,
-                                              round_=round_, device=self.device)
-            for k, i in enumerate(nodes):
+        for first in range(0, len(nodes), TRAINING_CHUNK):  # nodes are independent: chunks bound the memory
+            chunk = slice(first, first + TRAINING_CHUNK)
+            rows, stats = train_local_stacked(self.models[nodes[0]], torch.stack(starts[chunk]), jobs[chunk],
+                                              self.cfg, round_=round_, device=self.device)
+            for k, i in enumerate(nodes[chunk]):
                 state = self.states[i]
                 state.trained, state.model, state.round = unflatten_like(rows[k], self.template), None, round_
                 trained[i], losses[i] = rows[k], stats[k]["train_loss"]

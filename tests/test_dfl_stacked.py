@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import networkx as nx
 import pytest
 import torch
@@ -210,3 +211,64 @@ def test_models_with_convolutions_train_node_by_node():
     """The cnn takes the loop over nodes (vmap's grouped convolutions measured slower on the CPU)."""
     vectorized, _ = local_epochs_members(load_config("dfl_smoke", ["engine=local", "model.name=cnn"]), "gossip")
     assert not vectorized.vectorized_training()
+
+
+def test_train_local_stacked_equals_train_local_job_by_job():
+    """dfl_node.train_local_stacked against dfl_node.train_local, node by node: the trained models, the
+    statistics (EPIC's drops, skipped selections, poison recall) and the node states."""
+    from simulations.client_data import build_client_data
+    from simulations.dfl_node import LocalJob, NodeState, load_exchanged, train_local, train_local_stacked
+
+    cfg = load_config("dfl_smoke", ["clients.local_epochs=3", "defense.epic.warmup=1", "defense.epic.interval=1",
+                                    "defense.epic.fraction=0.3", "train.batch_size=20"])
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    clients = [build_client_data(cfg, data, i, parts) for i in range(4)]
+    start = exchanged_state(new_model(cfg, data))
+    loop_states, stacked_states = [NodeState("m") for _ in clients], [NodeState("m") for _ in clients]
+    want_rows, want_stats = [], []
+    for client, state in zip(clients, loop_states):
+        net = load_exchanged(new_model(cfg, data), start)
+        want_stats.append(train_local(net, client.x, client.y, cfg, state, round_=2, seed=7 + client.client_id,
+                                      device=torch.device("cpu"), epic=client.client_id != 3,
+                                      poison_mask=client.poisoned))
+        want_rows.append(flatten_state(exchanged_state(net)))
+    jobs = [LocalJob(state, c.x, c.y, 7 + c.client_id, c.client_id != 3, new_model(cfg, data), c.poisoned)
+            for c, state in zip(clients, stacked_states)]
+    rows, stats = train_local_stacked(jobs[0].net, torch.stack([flatten_state(start)] * 4), jobs, cfg, round_=2,
+                                      device=torch.device("cpu"))
+    for k in range(4):
+        assert torch.allclose(rows[k], want_rows[k], rtol=1e-4, atol=1e-5)
+        assert stats[k].keys() == want_stats[k].keys()
+        assert stats[k]["train_loss"] == pytest.approx(want_stats[k]["train_loss"], rel=1e-4)
+        assert {k2: v for k2, v in stats[k].items() if k2 != "train_loss"} == \
+            {k2: v for k2, v in want_stats[k].items() if k2 != "train_loss"}
+        assert stacked_states[k].epic_selections == loop_states[k].epic_selections
+        assert (stacked_states[k].epic_keep is None) == (loop_states[k].epic_keep is None)
+        if loop_states[k].epic_keep is not None:
+            assert torch.equal(stacked_states[k].epic_keep, loop_states[k].epic_keep)
+    assert "epic_dropped_total" in want_stats[0] and "epic_dropped_total" not in want_stats[3]
+
+
+def test_a_node_without_rows_sends_its_model_unchanged_in_both_loops():
+    """A node that holds no rows (train_local's early return) in the vectorized member too."""
+    cfg = load_config("dfl_smoke", ["engine=local", "train.lr=0.05", "clients.count=6"])
+    vectorized, loop = local_epochs_members(cfg, "gossip")
+    for member in (vectorized, loop):
+        client = member.clients[2]
+        member.clients[2] = dataclasses.replace(client, rows=client.rows[:0], x=client.x[:0], y=client.y[:0],
+                                                poisoned=client.poisoned[:0])
+    for round_ in range(1, 3):
+        assert_same_records(loop.play_round(round_), vectorized.play_round(round_))
+        for i in loop.active:
+            assert torch.allclose(flatten_state(vectorized.states[i].model), flatten_state(loop.states[i].model),
+                                  rtol=1e-4, atol=1e-5)
+
+
+def test_the_vectorized_loop_is_chosen_by_config_and_model():
+    vectorized, _ = local_epochs_members(load_config("dfl_smoke", ["engine=local"]), "gossip")
+    assert vectorized.vectorized_training()
+    off, _ = local_epochs_members(load_config("dfl_smoke", ["engine=local", "decentralized.vectorize=false"]), "gossip")
+    assert not off.vectorized_training()
+    vectorized.models[vectorized.active[0]] = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    assert not vectorized.vectorized_training()  # dropout's randomness would not follow each node's generator

@@ -174,6 +174,29 @@ def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) ->
     assert_same_run(resumed, ref, ["gossip", "gp"])
 
 
+@pytest.mark.slow
+def test_local_engine_vectorized_local_epochs_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """engine=local under local epochs with the MLP (the vectorized loop, fedepic/stacked_fit.py) and local
+    EPIC: the drops and selection counts travel in the checkpoint, and a resumed run is the uninterrupted one."""
+    args = ["config=dfl_smoke.yaml", "name=v", "progress=false", "rounds=30", "engine=local", "checkpoint_every=2",
+            "strategies=[gp_epic]", "defense.epic.warmup=1", "defense.epic.interval=1", "defense.epic.fraction=0.3",
+            "train.lr=0.05", "train.threads=1"]
+    reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref = Path(reference.stdout.strip().splitlines()[-1])
+
+    def cut_inside(folder: Path) -> None:
+        saved = load_checkpoint(folder / "gp_epic" / CHECKPOINT)
+        assert 2 <= saved["round"] < 30
+        benign = [saved["states"][str(i)] for i in (1, 2, 3, 4)]
+        assert all(s["config"]["epic_selections"] >= 1 for s in benign)
+        assert any(not bool(s["arrays"]["epic"]["keep"].bool().all()) for s in benign)  # drops were made
+
+    resumed = interrupt_then_resume([*args, f"output_dir={tmp_path / 'cut'}"], tmp_path / "cut",
+                                    ".*partial/gp_epic/metrics.jsonl", 5, signal.SIGTERM, cut_inside)
+    assert_same_run(resumed, ref, ["gp_epic"])
+
+
 def _gp_node_state():
     from simulations.dfl_node import NodeState
     from strategies.gradient_purification import PurificationState
