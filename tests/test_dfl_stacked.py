@@ -27,14 +27,18 @@ def dsgd_cfg(*extra: str):
                                      "topology.name=k_regular", "topology.k=3", "train.eval_every=2", *extra])
 
 
-def members(cfg, strategy: str):
+def member_args(cfg, strategy: str) -> tuple:
+    """What a member class takes after (cfg, entry, name): routing, data, parts, roles."""
     data = load_dataset(cfg.data, cfg.seed)
     parts = client_partition(cfg, data)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
     rule, _ = member_config(cfg, strategy)
-    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg))
-    return (LocalMember(cfg, strategy, strategy, routing, data, parts, roles),
-            StackedDsgdMember(cfg, strategy, strategy, routing, data, parts, roles))
+    return routing_for(rule, communication_graph(cfg), malicious_ids(cfg)), data, parts, roles
+
+
+def members(cfg, strategy: str):
+    args = member_args(cfg, strategy)
+    return LocalMember(cfg, strategy, strategy, *args), StackedDsgdMember(cfg, strategy, strategy, *args)
 
 
 def assert_same_records(want: dict, got: dict) -> None:
@@ -173,12 +177,8 @@ def test_an_attack_with_success_only_is_scored_model_by_model(monkeypatch):
 
 def local_epochs_members(cfg, strategy: str):
     """The default engine=local member, once vectorized (``train_local_stacked``) and once node by node."""
-    data = load_dataset(cfg.data, cfg.seed)
-    parts = client_partition(cfg, data)
-    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
-    rule, _ = member_config(cfg, strategy)
-    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg))
-    vectorized, loop = (LocalMember(cfg, strategy, strategy, routing, data, parts, roles) for _ in range(2))
+    args = member_args(cfg, strategy)
+    vectorized, loop = (LocalMember(cfg, strategy, strategy, *args) for _ in range(2))
     loop.node_by_node = True
     return vectorized, loop
 

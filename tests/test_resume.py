@@ -77,7 +77,8 @@ def centralized_args(out: Path, data_root: Path) -> list[str]:
     return ["config=centralized_mnist.yaml", f"output_dir={out}", "name=c", "progress=false", "train.epochs=6",
             "defense.compare=[epic-0.2,random]", "defense.epic.warmup=1", "defense.epic.interval=2",
             "attack.data=label_flip", "attack.budget=0.1", "data.train_per_class=40", "data.test_per_class=20",
-            "train.threads=1", "train.augment=crop", "train.milestones=[4]", f"data.root={data_root}"]
+            "train.threads=1", "train.augment=crop", "train.milestones=[4]", "figures.enabled=false",
+            f"data.root={data_root}"]
 
 
 @pytest.mark.slow
@@ -111,7 +112,7 @@ def test_centralized_resume_equals_an_uninterrupted_run(tmp_path: Path, data_roo
 
 def decentralized_args(out: Path) -> list[str]:
     return ["config=dfl_smoke.yaml", f"output_dir={out}", "name=d", "progress=false", "rounds=6",
-            "strategies=[gossip,gp]", "ray.num_cpus=1", "train.threads=1"]
+            "strategies=[gossip,gp]", "ray.num_cpus=1", "train.threads=1", "figures.enabled=false"]
 
 
 @pytest.mark.slow
@@ -154,8 +155,7 @@ def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) ->
     records like the router does, and a resumed run is the uninterrupted one."""
     args = ["config=dfl_smoke.yaml", "name=l", "progress=false", "rounds=60", "engine=local", "checkpoint_every=5",
             "decentralized.algorithm=dsgt", "train.lr=0.05", "train.momentum=0", "train.eval_every=20",
-            "strategies=[gossip,gp]",
-            "train.threads=1"]
+            "strategies=[gossip,gp]", "train.threads=1", "figures.enabled=false"]
     reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     ref = Path(reference.stdout.strip().splitlines()[-1])
@@ -178,16 +178,16 @@ def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) ->
 def test_local_engine_vectorized_local_epochs_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """engine=local under local epochs with the MLP (the vectorized loop, fedepic/stacked_fit.py) and local
     EPIC: the drops and selection counts travel in the checkpoint, and a resumed run is the uninterrupted one."""
-    args = ["config=dfl_smoke.yaml", "name=v", "progress=false", "rounds=30", "engine=local", "checkpoint_every=2",
+    args = ["config=dfl_smoke.yaml", "name=v", "progress=false", "rounds=12", "engine=local", "checkpoint_every=2",
             "strategies=[gp_epic]", "defense.epic.warmup=1", "defense.epic.interval=1", "defense.epic.fraction=0.3",
-            "train.lr=0.05", "train.threads=1"]
+            "train.lr=0.05", "train.threads=1", "figures.enabled=false"]
     reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     ref = Path(reference.stdout.strip().splitlines()[-1])
 
     def cut_inside(folder: Path) -> None:
         saved = load_checkpoint(folder / "gp_epic" / CHECKPOINT)
-        assert 2 <= saved["round"] < 30
+        assert 2 <= saved["round"] < 12
         benign = [saved["states"][str(i)] for i in (1, 2, 3, 4)]
         assert all(s["config"]["epic_selections"] >= 1 for s in benign)
         assert any(not bool(s["arrays"]["epic"]["keep"].bool().all()) for s in benign)  # drops were made
@@ -444,7 +444,7 @@ def federated_args(out: Path, data_root: Path) -> list[str]:
     return ["config=server_noniid.yaml", f"output_dir={out}", "name=f", "rounds=6", "strategies=[fedavg,krum]",
             "ray.num_cpus=1", "train.threads=1", "progress=false", "clients.count=4", "data.train_per_class=30",
             "data.test_per_class=20", "defense.local_epic=true", "defense.epic.warmup=1", "defense.epic.interval=1",
-            f"data.root={data_root}"]
+            "figures.enabled=false", f"data.root={data_root}"]
 
 
 @pytest.mark.slow
