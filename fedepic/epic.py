@@ -76,6 +76,7 @@ from torch import Tensor, nn
 
 from fedepic.batched_greedy import batched_lazy_greedy, lowest_argmax
 from fedepic.metrics import poison_stats
+from fedepic.train import float_images
 
 __all__ = [
     "LastLayerProxy",
@@ -886,7 +887,7 @@ def gradient_proxy(
     try:
         for s in range(0, len(x), batch_size):
             xb = x[s : s + batch_size].to(device)
-            xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+            xb = float_images(xb)
             if kind == "logits":
                 logits = model(xb)
             else:

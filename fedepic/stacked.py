@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from fedepic.models import FIXED_BUFFERS
+from fedepic.train import float_images
 
 
 def parameter_layout(model: nn.Module) -> list[tuple[str, torch.Size]]:
@@ -128,7 +129,7 @@ def stacked_logits(model: nn.Module, flat: Tensor, x: Tensor, batch_size: int = 
     try:
         for start in range(0, len(x), batch_size):
             images = x[start:start + batch_size]
-            images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+            images = float_images(images)
             outs.append(vmap(forward, in_dims=(0, None))(params, images).float())
     finally:
         model.train(was_training)

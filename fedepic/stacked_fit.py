@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from fedepic.augment import random_crop_flip
 from fedepic.config import TrainConfig
 from fedepic.stacked import parameter_layout, split_flat, weighted_gradients
+from fedepic.train import float_images
 
 # (node index k, epoch, node k's parameters {name: tensor} after that epoch) -> statistics to record, or None
 StackedEpochEnd = Callable[[int, int, dict[str, Tensor]], Optional[dict]]
@@ -50,10 +51,6 @@ class NodeRows:
     y: Tensor
     keep: Tensor
     seed: int
-
-
-def _to_float(images: Tensor) -> Tensor:
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 def _epoch_orders(nodes: Sequence[NodeRows], generators: Sequence[torch.Generator]) -> list[Tensor]:
@@ -74,7 +71,7 @@ def _step_batch(nodes: Sequence[NodeRows], orders: Sequence[Tensor], active: Seq
     width = max(sizes)
     images, labels = [], []
     for k, rows in zip(active, pieces):
-        xb = _to_float(nodes[k].x[rows])
+        xb = float_images(nodes[k].x[rows])
         if cfg.augment != "none":  # per node, from its own generator, as its own loop would draw
             xb = random_crop_flip(xb, cfg.crop_pad, generators[k], flip=cfg.augment == "crop_flip")
         yb = nodes[k].y[rows]

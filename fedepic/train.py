@@ -49,8 +49,13 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
+def float_images(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 divided by 255 (into a new tensor); float images converted."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
 def _to_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    out = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    out = float_images(x)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 

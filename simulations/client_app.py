@@ -58,7 +58,7 @@ from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.stacked import gradients_in_state_layout
-from fedepic.train import fit, prepare_model, resolve_device
+from fedepic.train import fit, float_images, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -157,7 +157,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     if computing:
         rows = [minibatch_rows(len(clients[i]), cfg.train.batch_size, seeds[i]) for i in computing]
         xb = torch.stack([clients[i].x[r] for i, r in zip(computing, rows)])
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        xb = float_images(xb)
         yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])
         # one shared point, the global model, for every client
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)

@@ -84,7 +84,7 @@ from fedepic.stacked_fit import NodeRows, stacked_fit
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
-from fedepic.train import fit
+from fedepic.train import fit, float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.extensions import PEER_RULES
 from strategies.gradient_purification import PurificationState
@@ -215,6 +215,22 @@ def _local_selector(cfg: RunConfig, rows: int, state: NodeState, device: torch.d
     return selector
 
 
+def _local_rows(cfg: RunConfig, rows: int, state: NodeState, device: torch.device,
+                epic: bool) -> tuple[Optional[EpicState], Tensor]:
+    """The node's local EPIC selector (None without ``epic``) and the mask of the rows it trains on:
+    the selector's, else the drops carried in ``state``, else every row."""
+    selector = _local_selector(cfg, rows, state, device) if epic else None
+    if selector is not None:
+        return selector, selector.keep
+    return None, state.epic_keep if state.epic_keep is not None else torch.ones(rows, dtype=torch.bool)
+
+
+def _keep_selections(state: NodeState, selector: Optional[EpicState]) -> None:
+    """Carry the selector's drops and selection count to the next round."""
+    if selector is not None:
+        state.epic_keep, state.epic_selections = selector.keep, selector.selections
+
+
 def _local_stats(loss: float, keep: Tensor, selections: list[dict]) -> dict:
     stats = {"train_loss": loss, "rows": int(keep.sum())}
     if selections:
@@ -237,9 +253,7 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
         return {"train_loss": float("nan"), "rows": 0}
     epochs = cfg.clients.local_epochs
     train_cfg = dataclasses.replace(cfg.train, milestones=[])
-    selector = _local_selector(cfg, len(y), state, device) if epic else None
-    keep = selector.keep if selector is not None else (
-        state.epic_keep if state.epic_keep is not None else torch.ones(len(y), dtype=torch.bool))
+    selector, keep = _local_rows(cfg, len(y), state, device, epic)
     first = (round_ - 1) * epochs
     selections: list[dict] = []
 
@@ -253,8 +267,7 @@ def train_local(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, state: N
 
     history = fit(model, x, y, train_cfg, seed=seed, device=device, epochs=epochs, lr=round_lr(cfg, round_),
                   keep=keep, epoch_end=epoch_end)
-    if selector is not None:
-        state.epic_keep, state.epic_selections = selector.keep, selector.selections
+    _keep_selections(state, selector)
     return _local_stats(history[-1]["loss"], keep, selections)
 
 
@@ -281,10 +294,8 @@ def train_local_stacked(model: nn.Module, starts: Tensor, jobs: Sequence[LocalJo
     them. Every job must hold rows (a node without any takes ``train_local``'s early return)."""
     epochs = cfg.clients.local_epochs
     first = (round_ - 1) * epochs
-    selectors = [_local_selector(cfg, len(job.y), job.state, device) if job.epic else None for job in jobs]
-    keeps = [sel.keep if sel is not None else (
-        job.state.epic_keep if job.state.epic_keep is not None else torch.ones(len(job.y), dtype=torch.bool))
-        for job, sel in zip(jobs, selectors)]
+    rows = [_local_rows(cfg, len(job.y), job.state, device, job.epic) for job in jobs]
+    selectors, keeps = [selector for selector, _ in rows], [keep for _, keep in rows]
     selections: list[list[dict]] = [[] for _ in jobs]
 
     def epoch_end(k: int, epoch: int, params: Mapping[str, Tensor]) -> Optional[dict]:
@@ -300,8 +311,7 @@ def train_local_stacked(model: nn.Module, starts: Tensor, jobs: Sequence[LocalJo
     trained, histories = stacked_fit(model, starts, nodes, dataclasses.replace(cfg.train, milestones=[]),
                                      epochs=epochs, lr=round_lr(cfg, round_), epoch_end=epoch_end)
     for job, selector in zip(jobs, selectors):
-        if selector is not None:
-            job.state.epic_keep, job.state.epic_selections = selector.keep, selector.selections
+        _keep_selections(job.state, selector)
     return trained, [_local_stats(h[-1]["loss"], keep, sel) for h, keep, sel in zip(histories, keeps, selections)]
 
 
@@ -444,7 +454,7 @@ def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor,
     """g_k at every row of ``points`` [n, D] on its minibatch ``batches[k]`` (images, labels): one
     vectorized call (``fedepic.stacked``)."""
     xb = torch.stack([b[0] for b in batches])
-    xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+    xb = float_images(xb)
     yb = torch.stack([b[1] for b in batches])
     return stacked_gradients(model, points, xb, yb, cfg.train.weight_decay)
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.stacked import stacked_gradients
+from fedepic.train import float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from simulations.dfl_eval import evaluate_rows
 from simulations.dfl_node import (
@@ -112,7 +113,7 @@ class StackedDsgdMember(LocalMember):
             ids = self.active[start:start + GRADIENT_CHUNK]
             batches = [self._batch(i, round_) for i in ids]
             xb = torch.stack([b[0] for b in batches])
-            xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+            xb = float_images(xb)
             grads = stacked_gradients(self.model, self.x[start:start + len(ids)], xb,
                                       torch.stack([b[1] for b in batches]), self.cfg.train.weight_decay)
             # dsgd_momentum's m <- beta m + (1 - beta) g, in place: a fresh [n, D] tensor per step costs
