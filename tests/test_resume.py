@@ -38,6 +38,13 @@ def cli(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def completed_run(args: list[str]) -> Path:
+    """Run ``python -m fedepic.simulate ARGS`` to completion; its run folder (the last line it prints)."""
+    done = cli(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def only_folder(out: Path) -> Path:
     assert not list(out.glob(".*partial")), "a .partial folder stayed behind"
     folders = [p for p in out.iterdir() if p.is_dir()]
@@ -83,9 +90,7 @@ def centralized_args(out: Path, data_root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_centralized_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
-    reference = cli(centralized_args(tmp_path / "ref", data_root))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = Path(reference.stdout.strip().splitlines()[-1])
+    ref = completed_run(centralized_args(tmp_path / "ref", data_root))
 
     def cut_inside_random_then_as_if_killed(folder: Path) -> None:
         saved = load_checkpoint(folder / CHECKPOINT)
@@ -117,9 +122,7 @@ def decentralized_args(out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_decentralized_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    reference = cli(decentralized_args(tmp_path / "ref"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = Path(reference.stdout.strip().splitlines()[-1])
+    ref = completed_run(decentralized_args(tmp_path / "ref"))
     kept: dict[str, str] = {}
 
     def cut_inside_gp(folder: Path) -> None:
@@ -156,9 +159,7 @@ def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) ->
     args = ["config=dfl_smoke.yaml", "name=l", "progress=false", "rounds=60", "engine=local", "checkpoint_every=5",
             "decentralized.algorithm=dsgt", "train.lr=0.05", "train.momentum=0", "train.eval_every=20",
             "strategies=[gossip,gp]", "train.threads=1", "figures.enabled=false"]
-    reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = Path(reference.stdout.strip().splitlines()[-1])
+    ref = completed_run([*args, f"output_dir={tmp_path / 'ref'}"])
 
     def cut_inside_gp(folder: Path) -> None:
         saved = load_checkpoint(folder / "gp" / CHECKPOINT)
@@ -181,9 +182,7 @@ def test_local_engine_vectorized_local_epochs_resume_equals_an_uninterrupted_run
     args = ["config=dfl_smoke.yaml", "name=v", "progress=false", "rounds=12", "engine=local", "checkpoint_every=2",
             "strategies=[gp_epic]", "defense.epic.warmup=1", "defense.epic.interval=1", "defense.epic.fraction=0.3",
             "train.lr=0.05", "train.threads=1", "figures.enabled=false"]
-    reference = cli([*args, f"output_dir={tmp_path / 'ref'}"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = Path(reference.stdout.strip().splitlines()[-1])
+    ref = completed_run([*args, f"output_dir={tmp_path / 'ref'}"])
 
     def cut_inside(folder: Path) -> None:
         saved = load_checkpoint(folder / "gp_epic" / CHECKPOINT)
@@ -452,9 +451,7 @@ def test_federated_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root:
     """On Flower and Ray through the CLI: fedavg finishes, krum is cut by SIGTERM after round 3 and
     resumed in a new simulation (new nodes, new actors) with the clients' local EPIC states the server
     checkpointed."""
-    reference = cli(federated_args(tmp_path / "ref", data_root))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref = Path(reference.stdout.strip().splitlines()[-1])
+    ref = completed_run(federated_args(tmp_path / "ref", data_root))
 
     finished: dict[str, bytes] = {}
 
