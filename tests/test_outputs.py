@@ -51,6 +51,23 @@ def test_summary_records_the_lock(tmp_path):
     assert summary["lock"]["sha256"] == hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
 
 
+def test_a_run_reads_its_versions_and_lock_once_for_every_summary(tmp_path, monkeypatch):
+    import fedepic.outputs as outputs
+
+    reads = []
+    real = outputs.lock_record
+    monkeypatch.setattr(outputs, "lock_record", lambda: reads.append(1) or real())
+    with RunWriter(tmp_path, "run") as run:
+        for name in ("a", "b"):
+            with RunWriter(run.dir, name, parent=run) as member:
+                member.write_summary({})
+        run.write_summary({})
+    summaries = [json.loads((run.path / sub / "summary.json").read_text()) for sub in ("", "a", "b")]
+    assert len(reads) == 1
+    assert all(s["lock"] == summaries[0]["lock"] and s["versions"] == summaries[0]["versions"] for s in summaries)
+    assert summaries[0]["lock"]["sha256"] == real()["sha256"]
+
+
 def test_interrupted_run_keeps_what_is_done(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with RunWriter(tmp_path, "demo", stamp="s") as writer:
