@@ -108,6 +108,79 @@ def kernel_floor(model: torch.nn.Module, clients: int, batch: int, steps: int, e
             "seconds": round(steps * best + evaluations * one_pass, 1)}
 
 
+def local_epochs_floor(model: torch.nn.Module, node_rows: list[int], batch: int, epochs: int, lr: float,
+                       momentum: float, weight_decay: float, nesterov: bool, repeats: int = 3) -> dict:
+    """The least seconds eager torch kernels need for one decentralized round's local training: every
+    node of ``node_rows`` (its row count) runs ``epochs`` epochs of minibatch SGD (torch.optim.SGD, fused,
+    with the momentum and weight decay given) on its own model and 1 x 28 x 28 images, laid out two ways:
+
+    - ``loop``: one node after the other (a node's parameters stay in cache);
+    - ``stacked``: the nodes with the same row count as one stack of parameters, each step one
+      ``torch.func.vmap`` gradient and one SGD step over the stack (SGD is elementwise, so this is
+      each node's own SGD).
+
+    No data loading, shuffling, EPIC, augmentation or metric: the best of ``repeats`` timings of the
+    kernels alone, for each layout."""
+    import copy
+
+    from torch.func import functional_call, grad, vmap
+
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+            for n in node_rows]
+
+    def sgd(params) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0, fused=True)  # the fastest update
+
+    models = [copy.deepcopy(model) for _ in node_rows]
+    optimizers = [sgd(m.parameters()) for m in models]
+
+    def loop() -> None:
+        for node, optimizer, (images, labels) in zip(models, optimizers, data):
+            for _ in range(epochs):
+                for start in range(0, len(labels), batch):
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(node(images[start:start + batch]),
+                                                      labels[start:start + batch]).backward()
+                    optimizer.step()
+
+    def loss(params, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    per_node = vmap(grad(loss))
+    groups = []  # (stacked parameters, their optimizer, stacked images, stacked labels) per row count
+    for n in sorted(set(node_rows)):
+        members = [i for i, rows in enumerate(node_rows) if rows == n]
+        stack = {k: torch.stack([v.detach()] * len(members)).requires_grad_() for k, v in model.named_parameters()}
+        groups.append((stack, sgd(list(stack.values())), torch.stack([data[i][0] for i in members]),
+                       torch.stack([data[i][1] for i in members])))
+
+    def stacked() -> None:
+        for stack, optimizer, images, labels in groups:
+            for _ in range(epochs):
+                for start in range(0, labels.shape[1], batch):
+                    grads = per_node({k: v.detach() for k, v in stack.items()}, images[:, start:start + batch],
+                                     labels[:, start:start + batch])
+                    for k, v in stack.items():
+                        v.grad = grads[k]
+                    optimizer.step()
+
+    return {"loop": _best_seconds(loop, repeats), "stacked": _best_seconds(stacked, repeats)}
+
+
+def evaluation_floor(model: torch.nn.Module, nodes: int, test_images: int, repeats: int = 3) -> float:
+    """The least seconds of one evaluation of ``nodes`` models on ``test_images`` 28 x 28 images (one
+    forward pass each in one batch, no metric): the best of ``repeats`` timings, times ``nodes``."""
+    test = torch.rand(test_images, 1, 28, 28)
+
+    def one_pass() -> None:
+        with torch.no_grad():
+            model(test)
+
+    return nodes * _best_seconds(one_pass, repeats)
+
+
 def ceiling(total_gflop: float, peak: float, reference_seconds: float | None = None) -> dict:
     """The least seconds ``total_gflop`` can take at ``peak`` GFLOP/s, and, given the reference's
     measured seconds, the largest speed-up over it that any implementation could reach here."""
