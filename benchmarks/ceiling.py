@@ -109,10 +109,12 @@ def kernel_floor(model: torch.nn.Module, clients: int, batch: int, steps: int, e
 
 
 def local_epochs_floor(model: torch.nn.Module, node_rows: list[int], batch: int, epochs: int, lr: float,
-                       momentum: float, weight_decay: float, nesterov: bool, repeats: int = 3) -> dict:
+                       momentum: float, weight_decay: float, nesterov: bool,
+                       image_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10, repeats: int = 3) -> dict:
     """The least seconds eager torch kernels need for one decentralized round's local training: every
     node of ``node_rows`` (its row count) runs ``epochs`` epochs of minibatch SGD (torch.optim.SGD, fused,
-    with the momentum and weight decay given) on its own model and 1 x 28 x 28 images, laid out two ways:
+    with the momentum and weight decay given) on its own model and random images of ``image_shape``,
+    laid out two ways:
 
     - ``loop``: one node after the other (a node's parameters stay in cache);
     - ``stacked``: the nodes with the same row count as one stack of parameters, each step one
@@ -126,7 +128,7 @@ def local_epochs_floor(model: torch.nn.Module, node_rows: list[int], batch: int,
     from torch.func import functional_call, grad, vmap
 
     generator = torch.Generator().manual_seed(0)
-    data = [(torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+    data = [(torch.rand(n, *image_shape, generator=generator), torch.randint(0, classes, (n,), generator=generator))
             for n in node_rows]
 
     def sgd(params) -> torch.optim.SGD:
@@ -169,10 +171,11 @@ def local_epochs_floor(model: torch.nn.Module, node_rows: list[int], batch: int,
     return {"loop": _best_seconds(loop, repeats), "stacked": _best_seconds(stacked, repeats)}
 
 
-def evaluation_floor(model: torch.nn.Module, nodes: int, test_images: int, repeats: int = 3) -> float:
-    """The least seconds of one evaluation of ``nodes`` models on ``test_images`` 28 x 28 images (one
-    forward pass each in one batch, no metric): the best of ``repeats`` timings, times ``nodes``."""
-    test = torch.rand(test_images, 1, 28, 28)
+def evaluation_floor(model: torch.nn.Module, nodes: int, test_images: int,
+                     image_shape: tuple[int, ...] = (1, 28, 28), repeats: int = 3) -> float:
+    """The least seconds of one evaluation of ``nodes`` models on ``test_images`` images of ``image_shape``
+    (one forward pass each in one batch, no metric): the best of ``repeats`` timings, times ``nodes``."""
+    test = torch.rand(test_images, *image_shape)
 
     def one_pass() -> None:
         with torch.no_grad():

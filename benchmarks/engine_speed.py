@@ -16,10 +16,10 @@ rounds; evaluation ``2 P`` per test image per benign node and evaluated round (t
 pass and local EPIC's proxies left out). P counts the parameters. An estimate of the work, not a
 measurement. Beside it, the ceiling (``benchmarks/ceiling.py``): the machine's best float32 matrix
 product, measured in this run, and so the least seconds the workload could take here and the largest
-speed-up over the Ray run that any engine could reach. A tighter bound, ``kernel_floor``: the
+speed-up over the Ray run that any engine could reach. A tighter estimate, ``kernel_floor``: the
 run's training and evaluation timed with eager torch kernels alone (``benchmarks/ceiling.py``), so
-``ray_seconds / kernel_floor`` is the largest speed-up an eager engine could reach before start-up,
-data, exchange and figures, which both engines also pay.
+``ray_seconds / kernel_floor`` estimates the largest speed-up an eager engine could reach before
+start-up, data, exchange and figures, which both engines also pay.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 ACCURACY_COLUMNS = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
@@ -86,35 +87,47 @@ def compute_estimate(folder: Path) -> dict:
             "members": len(cfg.strategies), "total_gflop": round((train + evaluation) * len(cfg.strategies), 1)}
 
 
-def kernel_floor(folder: Path) -> dict:
-    """The least seconds eager torch kernels need for the run's training and evaluation, every overhead
-    left out (benchmarks/ceiling.py: each node's local epochs, the faster of a loop over nodes and
-    stacked nodes; each benign node's forward pass over the test set), summed over the members;
-    ``upper``'s malicious nodes sit out. A lower bound on any eager engine's time, before start-up,
-    data, exchange and figures."""
+def kernel_floor(folder: Path) -> Optional[dict]:
+    """An estimate of the least seconds eager torch kernels need for the run's training and evaluation,
+    every overhead left out (benchmarks/ceiling.py: each node's local epochs, the faster of a loop over
+    nodes and nodes stacked by row count; each benign node's forward pass over the test set), summed over
+    the members, each with its own rounds, evaluated rounds and active nodes (a ``benign_graph`` rule
+    such as ``upper`` leaves the malicious nodes out). Not a proof: EPIC's drops shrink some nodes'
+    rows, and another layout or a compiled kernel could go somewhat lower. None where the run is not
+    decentralized D-PSGD (local epochs), which is all the floor times."""
     from benchmarks.ceiling import evaluation_floor, local_epochs_floor
-    from fedepic.config import load_config, malicious_ids
+    from fedepic.config import load_config, malicious_ids, member_config
     from fedepic.data import load_dataset
+    from fedepic.extensions import PEER_RULES
     from fedepic.models import model_for_data
     from simulations.client_data import client_partition
     from simulations.dfl_node import eval_due
 
     cfg = load_config(str(folder / "config.yaml"), [])
+    if cfg.mode != "decentralized" or cfg.decentralized.algorithm != "dpsgd":
+        return None
     data = load_dataset(cfg.data, cfg.seed)
     model = model_for_data(cfg.model.name, data, 0)
+    shape = tuple(data.test_x.shape[1:])
     rows = [len(p) for p in client_partition(cfg, data)]
     malicious = set(malicious_ids(cfg))
     benign_rows = [n for i, n in enumerate(rows) if i not in malicious]
-    t = cfg.train
-    train = {key: local_epochs_floor(model, node_rows, t.batch_size, cfg.clients.local_epochs, t.lr, t.momentum,
-                                     t.weight_decay, t.nesterov)
-             for key, node_rows in (("all", rows), ("benign", benign_rows))}
-    evaluations = sum(eval_due(cfg, r) for r in range(1, cfg.rounds + 1))
-    evaluation = evaluation_floor(model, len(benign_rows), len(data.test_y))
-    best = {k: min(v.values()) for k, v in train.items()}
-    seconds = sum(cfg.rounds * best["benign" if m == "upper" else "all"] + evaluations * evaluation
-                  for m in cfg.strategies)
-    return {"round_train_seconds": {k: {layout: round(s, 4) for layout, s in v.items()} for k, v in train.items()},
+    rounds: dict[tuple, dict[str, float]] = {}  # (benign only, epochs, batch) -> seconds by layout
+    evaluation = evaluation_floor(model, len(benign_rows), len(data.test_y), shape)
+    seconds = 0.0
+    for entry in cfg.strategies:
+        rule, member = member_config(cfg, entry)
+        t, benign_only = member.train, PEER_RULES.has(rule, "benign_graph")
+        key = (benign_only, member.clients.local_epochs, t.batch_size)
+        if key not in rounds:
+            rounds[key] = local_epochs_floor(model, benign_rows if benign_only else rows, t.batch_size,
+                                             member.clients.local_epochs, t.lr, t.momentum, t.weight_decay,
+                                             t.nesterov, shape, data.num_classes)
+        evaluations = sum(eval_due(member, r) for r in range(1, member.rounds + 1))
+        seconds += member.rounds * min(rounds[key].values()) + evaluations * evaluation
+    return {"round_train_seconds": {f"{'benign' if b else 'all'} nodes, {e} epochs, batch {n}":
+                                    {layout: round(v, 4) for layout, v in by_layout.items()}
+                                    for (b, e, n), by_layout in rounds.items()},
             "evaluation_seconds": round(evaluation, 4), "seconds": round(seconds, 1)}
 
 
@@ -132,14 +145,14 @@ def main() -> None:
     local_seconds, local_folder = run(args.config, "local", overrides, out)
     estimate = compute_estimate(local_folder)
     gap = largest_gap(table(local_folder), table(ray_folder))
-    floor = kernel_floor(local_folder)
+    floor = kernel_floor(local_folder)  # after the runs: it loads the run's own resolved config
     print(json.dumps({
         "benchmark": "engine_speed", "config": args.config, "overrides": overrides, "cpus": os.cpu_count(),
         "ray_seconds": round(ray_seconds, 1), "local_seconds": round(local_seconds, 1),
         "speedup": round(ray_seconds / local_seconds, 2), "largest_accuracy_gap_points": round(gap, 2),
         "local_gflop_per_second": round(estimate["total_gflop"] / local_seconds, 1), "compute": estimate,
         "gemm_peak_gflops": round(peak, 1), "ceiling": ceiling(estimate["total_gflop"], peak, ray_seconds),
-        "kernel_floor": {**floor, "max_possible_speedup": round(ray_seconds / floor["seconds"], 2)},
+        "kernel_floor": floor and {**floor, "max_possible_speedup": round(ray_seconds / floor["seconds"], 2)},
         "load_average": os.getloadavg(),
         "targets_hold": {"speed_5x": ray_seconds / local_seconds >= 5.0, "table_0.5_points": gap <= 0.5},
     }))

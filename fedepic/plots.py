@@ -45,9 +45,6 @@ STYLE = {  # rc parameters of every figure: small print sizes, Type 42 fonts (jo
     "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.titlesize": 11,
     "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
     "lines.linewidth": 1.6, "lines.markersize": 4, "pdf.fonttype": 42, "svg.hashsalt": "fedepic",
-    # titles at the top of the axes, where matplotlib's automatic placement puts them anyway (no panel
-    # has ticks on top); automatic placement measured every tick label again at every draw (12% of a run's figures)
-    "axes.titley": 1.0,
 }
 # Distinct periods (10 colours, 7 markers, 4 dashes) keep the first 140 members apart, and members
 # stay apart in greyscale print by marker and dash

@@ -20,9 +20,9 @@ What makes it the same training as ``fit`` node by node (tests/test_stacked_fit.
   when its own loop has ended; its momentum buffer starts at its own first step.
 
 Equal to the loop up to float rounding (a batched matrix product sums in another order; the fused SGD
-rounds once per multiply-add). Models whose exchanged entries are all parameters (mlp, cnn, cnn_mnist)
-only: BatchNorm's running statistics are not parameters (``fedepic.stacked.parameter_layout`` refuses
-them). CPU only: no autocast.
+rounds the last elements of a tensor apart). Models whose exchanged entries are all parameters (mlp,
+cnn, cnn_mnist) only: BatchNorm's running statistics are not parameters
+(``fedepic.stacked.parameter_layout`` refuses them). CPU only: no autocast.
 """
 
 from __future__ import annotations
@@ -106,13 +106,16 @@ def stacked_fit(model: nn.Module, start: Tensor, nodes: Sequence[NodeRows], cfg:
     # torch's SGD over one parameter per node and layer. Fused: each tensor's whole update (weight decay,
     # momentum, Nesterov, step) in one kernel instead of one per operation and tensor, which for 20 nodes
     # x 6 layers of the mlp measured 1.6 ms a step against 6.8 ms (foreach), and the local epochs of
-    # noniid.yaml's 20 nodes 0.23 s against 0.31 s (2-core CPU, best of 3). The same arithmetic rounded
-    # once per multiply-add, so the weights differ from fit's unfused SGD in the last bits, as the
-    # batched matrix products already make them.
+    # noniid.yaml's 20 nodes 0.22 s against 0.30 s (2-core CPU, best of 3). The same arithmetic: on that
+    # CPU it matched fit's unfused SGD to the bit except in each tensor's last numel % 16 elements (the
+    # kernel's scalar tail), which the batched matrix products already leave apart in the last bits.
+    # Fused SGD needs every momentum buffer to start at the first step (a parameter first stepped after
+    # the others raises): here it does, as every node with rows has a batch at step 0 of epoch 1 and
+    # ``keep`` only shrinks; a node without rows is never stepped.
     params = [p for node_params in per_node for p in node_params]
+    fused = bool(params) and all(p.device.type in FUSED_SGD_DEVICES for p in params)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay,
-                                fused=all(p.device.type in FUSED_SGD_DEVICES for p in params) or None)
+                                weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": True}))
     generators = [torch.Generator(device=node.x.device).manual_seed(node.seed) for node in nodes]
     histories: list[list[dict]] = [[] for _ in nodes]
     for epoch in range(1, epochs + 1):

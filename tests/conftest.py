@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -18,9 +19,13 @@ def data_root() -> Path:
     if root and (Path(root) / "MNIST").is_dir():
         return Path(root)
     target = REPO / ".data"
-    if not (target / "MNIST").is_dir():
-        subprocess.run([str(REPO.parent / "shared" / "data" / "unpack.sh"), str(target)], check=True,
-                       capture_output=True)
+    # every pytest-xdist worker runs this fixture: the first to hold the lock unpacks, the others wait
+    # for it instead of reading (or unpacking into) a half-written folder
+    with open(REPO / ".data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "MNIST").is_dir():
+            subprocess.run([str(REPO.parent / "shared" / "data" / "unpack.sh"), str(target)], check=True,
+                           capture_output=True)
     return target
 
 

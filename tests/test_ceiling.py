@@ -38,3 +38,28 @@ def test_kernel_floor_is_the_best_round_times_the_steps_plus_the_evaluations():
     assert set(floor["round_seconds"]) == {"loop", "vmap"} and best > 0 and floor["eval_pass_seconds"] > 0
     assert floor["seconds"] == pytest.approx(3 * best + 2 * floor["eval_pass_seconds"], abs=0.11)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_local_epochs_and_evaluation_floors_time_every_layout_on_the_given_images():
+    from benchmarks.ceiling import evaluation_floor, local_epochs_floor
+
+    model = build_classifier("cnn", 10, 3, 32, [0.5] * 3, [0.5] * 3)  # not 28 x 28: the shape is the data's
+    floor = local_epochs_floor(model, [9, 9, 5], batch=4, epochs=2, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                               nesterov=True, image_shape=(3, 32, 32), classes=10, repeats=1)
+    assert set(floor) == {"loop", "stacked"} and all(v > 0 for v in floor.values())
+    assert evaluation_floor(model, nodes=3, test_images=8, image_shape=(3, 32, 32), repeats=1) > 0
+    assert all(p.grad is None for p in model.parameters())  # the model itself is never trained
+
+
+def test_engine_speed_floor_counts_each_member_and_only_dpsgd_runs(tmp_path):
+    from benchmarks.engine_speed import kernel_floor
+    from fedepic.config import load_config, to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("dfl_smoke.yaml", ["strategies=[gossip,upper]"])))
+    floor = kernel_floor(tmp_path)
+    assert set(floor["round_train_seconds"]) == {"all nodes, 1 epochs, batch 32", "benign nodes, 1 epochs, batch 32"}
+    rounds = {k: min(v.values()) for k, v in floor["round_train_seconds"].items()}
+    want = 2 * sum(rounds.values()) + 2 * 2 * floor["evaluation_seconds"]  # 2 members x 2 rounds, each evaluated
+    assert floor["seconds"] == pytest.approx(want, abs=0.06)
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("dfl_smoke.yaml", ["decentralized.algorithm=dsgd"])))
+    assert kernel_floor(tmp_path) is None

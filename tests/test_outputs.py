@@ -55,15 +55,16 @@ def test_a_run_reads_its_versions_and_lock_once_for_every_summary(tmp_path, monk
     import fedepic.outputs as outputs
 
     reads = []
-    real = outputs.lock_record
-    monkeypatch.setattr(outputs, "lock_record", lambda: reads.append(1) or real())
+    real, real_versions = outputs.lock_record, outputs.environment_versions
+    monkeypatch.setattr(outputs, "lock_record", lambda: reads.append("lock") or real())
+    monkeypatch.setattr(outputs, "environment_versions", lambda: reads.append("versions") or real_versions())
     with RunWriter(tmp_path, "run") as run:
         for name in ("a", "b"):
             with RunWriter(run.dir, name, parent=run) as member:
                 member.write_summary({})
         run.write_summary({})
     summaries = [json.loads((run.path / sub / "summary.json").read_text()) for sub in ("", "a", "b")]
-    assert len(reads) == 1
+    assert sorted(reads) == ["lock", "versions"]
     assert all(s["lock"] == summaries[0]["lock"] and s["versions"] == summaries[0]["versions"] for s in summaries)
     assert summaries[0]["lock"]["sha256"] == real()["sha256"]
 
