@@ -30,8 +30,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 ACCURACY_COLUMNS = ("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
@@ -66,28 +67,47 @@ def largest_gap(a: dict[str, dict], b: dict[str, dict]) -> float:
     return max(gaps)
 
 
-def compute_estimate(folder: Path) -> dict:
-    """GFLOP of training and evaluation per member (module docstring), from the run's resolved config."""
+@dataclass
+class Workload:
+    """What a run computes, read once from its folder for the estimate and the floor: its resolved
+    config, data, model and each node's row count."""
+
+    cfg: Any
+    data: Any
+    model: Any
+    rows: list[int]
+    benign_rows: list[int]
+
+
+def load_workload(folder: Path) -> Workload:
     sys.path.insert(0, str(REPO))
     from fedepic.config import load_config, malicious_ids
     from fedepic.data import load_dataset
     from fedepic.models import model_for_data
     from simulations.client_data import client_partition
-    from simulations.dfl_node import eval_due
 
     cfg = load_config(str(folder / "config.yaml"), [])
     data = load_dataset(cfg.data, cfg.seed)
-    params = sum(p.numel() for p in model_for_data(cfg.model.name, data, 0).parameters())
-    rows = sum(len(p) for p in client_partition(cfg, data))
-    benign = cfg.clients.count - len(malicious_ids(cfg))
+    rows = [len(p) for p in client_partition(cfg, data)]
+    malicious = set(malicious_ids(cfg))
+    return Workload(cfg, data, model_for_data(cfg.model.name, data, 0), rows,
+                    [n for i, n in enumerate(rows) if i not in malicious])
+
+
+def compute_estimate(work: Workload) -> dict:
+    """GFLOP of training and evaluation per member (module docstring), from the run's resolved config."""
+    from simulations.dfl_node import eval_due
+
+    cfg = work.cfg
+    params = sum(p.numel() for p in work.model.parameters())
     evaluations = sum(eval_due(cfg, r) for r in range(1, cfg.rounds + 1))
-    train = 6 * params * rows * cfg.clients.local_epochs * cfg.rounds / 1e9
-    evaluation = 2 * params * len(data.test_y) * benign * evaluations / 1e9
+    train = 6 * params * sum(work.rows) * cfg.clients.local_epochs * cfg.rounds / 1e9
+    evaluation = 2 * params * len(work.data.test_y) * len(work.benign_rows) * evaluations / 1e9
     return {"parameters": params, "train_gflop": round(train, 1), "eval_gflop": round(evaluation, 1),
             "members": len(cfg.strategies), "total_gflop": round((train + evaluation) * len(cfg.strategies), 1)}
 
 
-def kernel_floor(folder: Path) -> Optional[dict]:
+def kernel_floor(work: Workload) -> Optional[dict]:
     """An estimate of the least seconds eager torch kernels need for the run's training and evaluation,
     every overhead left out (benchmarks/ceiling.py: each node's local epochs, the faster of a loop over
     nodes and nodes stacked by row count; each benign node's forward pass over the test set), summed over
@@ -96,31 +116,23 @@ def kernel_floor(folder: Path) -> Optional[dict]:
     rows, and another layout or a compiled kernel could go somewhat lower. None where the run is not
     decentralized D-PSGD (local epochs), which is all the floor times."""
     from benchmarks.ceiling import evaluation_floor, local_epochs_floor
-    from fedepic.config import load_config, malicious_ids, member_config
-    from fedepic.data import load_dataset
+    from fedepic.config import member_config
     from fedepic.extensions import PEER_RULES
-    from fedepic.models import model_for_data
-    from simulations.client_data import client_partition
     from simulations.dfl_node import eval_due
 
-    cfg = load_config(str(folder / "config.yaml"), [])
+    cfg, data, model = work.cfg, work.data, work.model
     if cfg.mode != "decentralized" or cfg.decentralized.algorithm != "dpsgd":
         return None
-    data = load_dataset(cfg.data, cfg.seed)
-    model = model_for_data(cfg.model.name, data, 0)
     shape = tuple(data.test_x.shape[1:])
-    rows = [len(p) for p in client_partition(cfg, data)]
-    malicious = set(malicious_ids(cfg))
-    benign_rows = [n for i, n in enumerate(rows) if i not in malicious]
     rounds: dict[tuple, dict[str, float]] = {}  # (benign only, epochs, batch) -> seconds by layout
-    evaluation = evaluation_floor(model, len(benign_rows), len(data.test_y), shape)
+    evaluation = evaluation_floor(model, len(work.benign_rows), len(data.test_y), shape)
     seconds = 0.0
     for entry in cfg.strategies:
         rule, member = member_config(cfg, entry)
         t, benign_only = member.train, PEER_RULES.has(rule, "benign_graph")
         key = (benign_only, member.clients.local_epochs, t.batch_size)
         if key not in rounds:
-            rounds[key] = local_epochs_floor(model, benign_rows if benign_only else rows, t.batch_size,
+            rounds[key] = local_epochs_floor(model, work.benign_rows if benign_only else work.rows, t.batch_size,
                                              member.clients.local_epochs, t.lr, t.momentum, t.weight_decay,
                                              t.nesterov, shape, data.num_classes)
         evaluations = sum(eval_due(member, r) for r in range(1, member.rounds + 1))
@@ -128,7 +140,7 @@ def kernel_floor(folder: Path) -> Optional[dict]:
     return {"round_train_seconds": {f"{'benign' if b else 'all'} nodes, {e} epochs, batch {n}":
                                     {layout: round(v, 4) for layout, v in by_layout.items()}
                                     for (b, e, n), by_layout in rounds.items()},
-            "evaluation_seconds": round(evaluation, 4), "seconds": round(seconds, 1)}
+            "evaluation_seconds": round(evaluation, 4), "seconds": seconds}
 
 
 def main() -> None:
@@ -143,16 +155,18 @@ def main() -> None:
     peak = gemm_peak_gflops()  # before the runs, with nothing of ours running beside it
     ray_seconds, ray_folder = run(args.config, "ray", overrides, out)
     local_seconds, local_folder = run(args.config, "local", overrides, out)
-    estimate = compute_estimate(local_folder)
+    work = load_workload(local_folder)  # after the runs: the run's own resolved config
+    estimate = compute_estimate(work)
     gap = largest_gap(table(local_folder), table(ray_folder))
-    floor = kernel_floor(local_folder)  # after the runs: it loads the run's own resolved config
+    floor = kernel_floor(work)
     print(json.dumps({
         "benchmark": "engine_speed", "config": args.config, "overrides": overrides, "cpus": os.cpu_count(),
         "ray_seconds": round(ray_seconds, 1), "local_seconds": round(local_seconds, 1),
         "speedup": round(ray_seconds / local_seconds, 2), "largest_accuracy_gap_points": round(gap, 2),
         "local_gflop_per_second": round(estimate["total_gflop"] / local_seconds, 1), "compute": estimate,
         "gemm_peak_gflops": round(peak, 1), "ceiling": ceiling(estimate["total_gflop"], peak, ray_seconds),
-        "kernel_floor": floor and {**floor, "max_possible_speedup": round(ray_seconds / floor["seconds"], 2)},
+        "kernel_floor": floor and {**floor, "seconds": round(floor["seconds"], 2),  # unrounded in the ratio
+                                   "max_possible_speedup": round(ray_seconds / floor["seconds"], 2)},
         "load_average": os.getloadavg(),
         "targets_hold": {"speed_5x": ray_seconds / local_seconds >= 5.0, "table_0.5_points": gap <= 0.5},
     }))

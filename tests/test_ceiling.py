@@ -52,14 +52,14 @@ def test_local_epochs_and_evaluation_floors_time_every_layout_on_the_given_image
 
 
 def test_engine_speed_floor_counts_each_member_and_only_dpsgd_runs(tmp_path):
-    from benchmarks.engine_speed import kernel_floor
+    from benchmarks.engine_speed import kernel_floor, load_workload
     from fedepic.config import load_config, to_yaml
 
     (tmp_path / "config.yaml").write_text(to_yaml(load_config("dfl_smoke.yaml", ["strategies=[gossip,upper]"])))
-    floor = kernel_floor(tmp_path)
+    floor = kernel_floor(load_workload(tmp_path))
     assert set(floor["round_train_seconds"]) == {"all nodes, 1 epochs, batch 32", "benign nodes, 1 epochs, batch 32"}
     rounds = {k: min(v.values()) for k, v in floor["round_train_seconds"].items()}
     want = 2 * sum(rounds.values()) + 2 * 2 * floor["evaluation_seconds"]  # 2 members x 2 rounds, each evaluated
     assert floor["seconds"] == pytest.approx(want, abs=0.06)
     (tmp_path / "config.yaml").write_text(to_yaml(load_config("dfl_smoke.yaml", ["decentralized.algorithm=dsgd"])))
-    assert kernel_floor(tmp_path) is None
+    assert kernel_floor(load_workload(tmp_path)) is None
