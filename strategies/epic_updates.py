@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fedepic.epic import select_medoids
+from fedepic.vectors import finite_rows
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def epic_select_updates(updates: Tensor, fraction: float = 0.1, threshold: int =
         raise ValueError(f"updates must be [m, D], got shape {tuple(updates.shape)}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    finite = torch.isfinite(updates).all(dim=1).cpu()
+    finite = finite_rows(updates).cpu()
     if not bool(finite.all()):
         rows = finite.nonzero().flatten()
         inner = epic_select_updates(updates[finite.to(updates.device)], fraction, threshold, min_medoids,

@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from strategies.epic_server import EpicServer, client_id
 from strategies.finite import finite_rows
+from strategies.median import SMALL_STACK, sorted_rows
 
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
 
@@ -155,15 +156,23 @@ def closest_shares(stack: Tensor, beta: int) -> list[float]:
 
 def trimmed_shares(stack: Tensor, beta: float) -> list[float]:
     """Per row of [n, D], the share of coordinates whose value lies in the beta-trimmed tails
-    (below the int(beta*n)-th smallest or above the int(beta*n)-th largest value; ties count as kept)."""
+    (below the int(beta*n)-th smallest or above the int(beta*n)-th largest value; ties count as kept).
+
+    The two order statistics come from a full coordinate-wise sort, not ``np.partition``: for a few
+    rows of a long vector, numpy's partition selects column by column and took 85 ms for 12 x 431k
+    floats here, a sort 25-31 ms (a few-row sorting network, ``strategies.median.sorted_rows``, for
+    finite stacks of up to ``SMALL_STACK`` rows). Both give the same values, so the shares are exact."""
     n = stack.shape[0]
     cut = int(beta * n)
     if cut == 0 or n == 0:
         return [0.0] * n
+    if n <= SMALL_STACK and bool(finite_rows(stack).all()):
+        ordered = sorted_rows(stack)
+        tails = (stack < ordered[cut]) | (stack > ordered[n - cut - 1])
+        return (tails.sum(dim=1, dtype=torch.float64) / stack.shape[1]).tolist()  # numpy's mean of bools
     x = stack.numpy()
-    ordered = np.partition(x, (cut, n - cut - 1), axis=0)  # only these two ranks are needed: no full sort
-    tails = (x < ordered[cut]) | (x > ordered[n - cut - 1])
-    return tails.mean(axis=1).tolist()
+    sorted_x = np.sort(x, axis=0)
+    return ((x < sorted_x[cut]) | (x > sorted_x[n - cut - 1])).mean(axis=1).tolist()
 
 
 @dataclass

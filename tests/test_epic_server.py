@@ -186,6 +186,24 @@ def test_share_helpers():
     assert closest_shares(stack, 2) == [0.5, 0.0, 0.5, 1.0]
 
 
+@pytest.mark.parametrize("rows", [5, 12, 16, 17, 30])
+def test_trimmed_shares_match_the_order_statistics_definition(rows):
+    """Both paths (the few-row sorting network, numpy's sort beyond 16 rows or with NaN) give the
+    shares of the definition: values below the cut-th smallest or above the cut-th largest, ties kept."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(rows)
+    stack = torch.randint(-3, 4, (rows, 400), generator=gen).float()  # many ties
+    for beta in (1.25 / rows, (rows // 3 + 0.25) / rows):
+        cut = int(beta * rows)
+        x = stack.numpy()
+        low, high = np.sort(x, axis=0)[cut], np.sort(x, axis=0)[rows - cut - 1]
+        want = ((x < low) | (x > high)).mean(axis=1).tolist()
+        assert trimmed_shares(stack, beta) == want
+    stack[1, 0] = float("nan")  # the numpy path: NaN sorts last, as before
+    assert len(trimmed_shares(stack, 1.25 / rows)) == rows
+
+
 def test_client_metrics_mean_skips_ids_and_unknowns():
     records = [RecordDict({"m": MetricRecord({"num-examples": 1, "partition-id": 3, "train-loss": 1.0,
                                               "epic-poison-recall": -1.0})}),

@@ -206,6 +206,22 @@ def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identi
             assert member["attack_injected"] in ("alie", "ipm"), row
 
 
+def test_byzfl_comparison_times_each_rows_own_flower_strategy():
+    """The Flower-rule floor of benchmarks/byzfl_compare.py times, for every row, the strategy that row
+    runs (its `strategies=[...]` override and reply count), on fresh replies each call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.FLOWER_RULES) == set(module.FEDEPIC_ROWS)
+    for row, (strategy, replies) in module.FLOWER_RULES.items():
+        assert f"strategies=[{strategy}]" in module.FEDEPIC_ROWS[row], row
+        assert f"clients.count={replies}" in module.FEDEPIC_ROWS[row], row
+        seconds = module.flower_rule_seconds(row, repeats=1)
+        assert 0 < seconds < 60, row
+
+
 def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
     """Two honest clients and one IPM attacker, every momentum clipped to radius 0.01, the mean:
     w1 = w0 - lr (mean(clip(m_1), clip(m_2), clip(-2 mean(m_1, m_2))) + wd w0), with m_i = (1 - beta) g_i.

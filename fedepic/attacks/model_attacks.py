@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fedepic.extensions import MODEL_ATTACKS
+from fedepic.vectors import all_finite, finite_rows
 
 
 def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
@@ -39,10 +40,10 @@ def _check(honest: Tensor, own: Tensor, need_honest: int = 0) -> None:
 
 def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
     """(finite honest rows, own or its replacement, how many vectors were left out); see the module docstring."""
-    keep = torch.isfinite(honest).all(dim=1)
+    keep = finite_rows(honest)  # exact, and cheap on the usual all-finite rows
     count = int((~keep).sum())
     finite = honest if count == 0 else honest[keep]  # no copy of the common all-finite case
-    if not bool(torch.isfinite(own).all()):
+    if not all_finite(own):
         count += 1
         own = finite.mean(dim=0) if finite.shape[0] else torch.zeros_like(own)
     return finite, own, count
