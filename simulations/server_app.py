@@ -60,7 +60,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -245,13 +245,16 @@ class Progress:
     diverged_round: Optional[int] = None  # the first round whose global model is non-finite
     nonfinite: int = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
     epic: dict[int, dict] = field(default_factory=dict)  # partition id -> its packed local EPIC state
-    momentum: dict[int, torch.Tensor] = field(default_factory=dict)  # per_step: partition id -> its m_i
+    # per_step: partition id -> its m_i, kept as the client's own ArrayRecord between rounds and sent
+    # back as it came (a tensor only after a resume): deserialising and serialising every m_i each
+    # step cost about 10 ms of a 12-client step of cnn_mnist here, for bytes that go back unchanged
+    momentum: dict[int, Union[ArrayRecord, torch.Tensor]] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
                 "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
                 "epic": {pid: dict(state) for pid, state in self.epic.items()},
-                "momentum": {pid: m.clone() for pid, m in self.momentum.items()}}
+                "momentum": {pid: momentum_tensor(m).clone() for pid, m in self.momentum.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Progress":
@@ -283,6 +286,11 @@ class PartitionGrid:
         return getattr(self.grid, name)
 
 
+def momentum_tensor(momentum: Union[ArrayRecord, torch.Tensor]) -> torch.Tensor:
+    """A client's m_i as a tensor, from the ArrayRecord its reply carried or a resumed checkpoint's tensor."""
+    return momentum.to_torch_state_dict()["m"] if isinstance(momentum, ArrayRecord) else momentum
+
+
 def _with_client_state(msg: Message, grid: PartitionGrid, progress: Progress) -> Message:
     """``msg`` carrying the receiving client's local EPIC state and momentum, where the server holds
     them (a new Message: Flower's strategies give all messages of a round one content)."""
@@ -293,7 +301,8 @@ def _with_client_state(msg: Message, grid: PartitionGrid, progress: Progress) ->
     if partition in progress.epic:
         extra[EPIC_KEY] = ConfigRecord(dict(progress.epic[partition]))
     if partition in progress.momentum:
-        extra[MOMENTUM_KEY] = ArrayRecord({"m": progress.momentum[partition]})
+        momentum = progress.momentum[partition]
+        extra[MOMENTUM_KEY] = momentum if isinstance(momentum, ArrayRecord) else ArrayRecord({"m": momentum})
     content = RecordDict({**msg.content, **extra})
     return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
@@ -307,7 +316,7 @@ def _take_client_states(valid: list[Message], grid: PartitionGrid, progress: Pro
         if EPIC_KEY in msg.content.config_records:
             progress.epic[partition] = dict(msg.content.pop(EPIC_KEY))
         if MOMENTUM_KEY in msg.content.array_records:
-            progress.momentum[partition] = msg.content.pop(MOMENTUM_KEY).to_torch_state_dict()["m"]
+            progress.momentum[partition] = msg.content.pop(MOMENTUM_KEY)
 
 
 def per_step(cfg: RunConfig) -> bool:

@@ -129,6 +129,8 @@ def test_per_step_momenta_persist_through_a_resume(tmp_path, task_identity):
     folder = only_folder(out)
     saved = load_checkpoint(folder / "fedtrimmedavg" / CHECKPOINT)
     assert sorted(saved["progress"]["momentum"]) == [0, 1, 2, 3]
+    # the momenta travel as the clients' own ArrayRecords between rounds, but are saved as tensors
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 1 for m in saved["progress"]["momentum"].values())
     cfg, point = resume_config(str(folder), None, [])
     assert_same_run(serve_locally(cfg, [40, 30, 20, 10], resume=point), reference, ["fedavg", "fedtrimmedavg"])
     clients = records(reference, "fedtrimmedavg")[-1]["clients"]
