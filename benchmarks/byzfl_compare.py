@@ -134,44 +134,46 @@ def scenario_kernel_floor(steps: int, evaluations: int) -> dict:
                         10_000)
 
 
-FLOWER_RULES = {"none_avg": ("fedavg", 10), "alie_tm": ("fedtrimmedavg", 12), "signflip_median": ("fedmedian", 12),
-                "ipm_tm_clip_nnm": ("fedtrimmedavg", 12)}  # the row's Flower strategy and its reply count
-
-
-def flower_rule_seconds(row: str, repeats: int = 5, trim: int = 2) -> float:
-    """Best seconds of one ``aggregate_train`` call of the row's Flower strategy (the one fedepic runs,
-    from its registry) on in-process replies holding ``cnn_mnist`` state dicts: Flower's own per-step
-    aggregation, records' deserialisation included, which the issue keeps (its strategies are used, not
-    rewritten). Building the replies is not timed (the strategies pop the arrays they read, so every
+def flower_rule_seconds(row: str, repeats: int = 5) -> float:
+    """Best seconds of one ``aggregate_train`` call of the row's Flower strategy on in-process replies
+    holding ``cnn_mnist`` state dicts: Flower's own per-step aggregation, the records' deserialisation
+    included, which the issue keeps (its strategies are used, not rewritten). The strategy is the one
+    the row runs (``build_server_strategy`` on the row's config: the same class, ``defense.trim`` and
+    client-metric average), with as many replies as the row's rounds have, each with a per-step reply's
+    metric keys. Building the replies is not timed (the strategies pop the arrays they read, so every
     call gets fresh ones)."""
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+    from fedepic.config import load_config
+    from fedepic.extensions import expected_clients
     from fedepic.models import build_classifier
     from simulations.local_grid import server_identity
-    from strategies.server import ExactTrimmedAvg
-    from flwr.serverapp.strategy import FedAvg, FedMedian
+    from simulations.flower_runtime import quiet_flower
+    from strategies.server import build_server_strategy
 
-    name, replies = FLOWER_RULES[row]
-    strategy = {"fedavg": FedAvg, "fedmedian": FedMedian,
-                "fedtrimmedavg": lambda: ExactTrimmedAvg(num_trim=trim)}[name]()
+    quiet_flower()  # after the imports: importing Flower's strategies sets its logger back to INFO
+    # the partition decides only the rows; it needs no split file here
+    common = [item for item in COMMON if not item.startswith("data.partition=")]
+    cfg = load_config(None, [*common, *FEDEPIC_ROWS[row], "data.partition=dirichlet"])
+    strategy = build_server_strategy(cfg.strategies[0], cfg).strategy
     like = build_classifier("cnn_mnist", 10, 1, 28, [0.1307], [0.3081]).state_dict()
     generator = torch.Generator().manual_seed(0)
 
-    def fresh() -> list[Message]:
-        out = []
-        for node in range(replies):
-            ask = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1000 + node,
-                          message_type=MessageType.TRAIN)
-            state = {k: torch.randn(v.shape, generator=generator) for k, v in like.items()}
-            out.append(Message(content=RecordDict({"arrays": ArrayRecord(state),
-                                                   "metrics": MetricRecord({"num-examples": 25})}), reply_to=ask))
-        return out
+    def reply(node: int) -> Message:
+        ask = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1000 + node,
+                      message_type=MessageType.TRAIN)
+        state = {k: torch.randn(v.shape, generator=generator) for k, v in like.items()}
+        metrics = {"num-examples": cfg.train.batch_size, "partition-id": node, "malicious": 0, "train-loss": -1.0,
+                   "poisoned-rows": 0, "epic-dropped": 0, "epic-selections": 0, "epic-poison-recall": -1.0,
+                   "epic-skipped-nonfinite": 0, "attack-nonfinite": 0, "train-seconds": 0.05}  # per_step_results' keys
+        return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
+                       reply_to=ask)
 
     best = float("inf")
     with server_identity():
         for _ in range(repeats + 1):  # the first call warms up
-            batch = fresh()
+            batch = [reply(node) for node in range(expected_clients(cfg))]
             started = time.perf_counter()
             strategy.aggregate_train(1, batch)
             best = min(best, time.perf_counter() - started)
@@ -200,9 +202,6 @@ def main() -> None:
     peak = gemm_peak_gflops()  # before the runs, with nothing of ours beside it
     work_gflop = scenario_gflop(args.steps, args.steps // args.eval_every + 1)
     floor = scenario_kernel_floor(args.steps, args.steps // args.eval_every + 1)
-    from simulations.flower_runtime import quiet_flower
-
-    quiet_flower()  # Flower logs every aggregate_train call at INFO
     rule_seconds = {row: flower_rule_seconds(row) for row in rows}
     python = byzfl_python(Path(args.venv))
     work = Path(tempfile.mkdtemp(prefix="byzfl-compare-"))

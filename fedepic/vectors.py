@@ -1,4 +1,5 @@
-"""Flatten model state dicts to one vector and back: the currency of aggregation rules and model attacks."""
+"""Flatten model state dicts to one vector and back (the currency of aggregation rules and model attacks),
+and the finiteness test every rule and attack applies to such vectors."""
 
 from __future__ import annotations
 

@@ -254,7 +254,8 @@ class Progress:
         return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
                 "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
                 "epic": {pid: dict(state) for pid, state in self.epic.items()},
-                "momentum": {pid: momentum_tensor(m).clone() for pid, m in self.momentum.items()}}
+                "momentum": {pid: m.to_torch_state_dict()["m"] if isinstance(m, ArrayRecord) else m.clone()
+                             for pid, m in self.momentum.items()}}  # a record's tensor is already a fresh copy
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Progress":
@@ -284,11 +285,6 @@ class PartitionGrid:
 
     def __getattr__(self, name: str) -> Any:  # everything else is the Grid's
         return getattr(self.grid, name)
-
-
-def momentum_tensor(momentum: Union[ArrayRecord, torch.Tensor]) -> torch.Tensor:
-    """A client's m_i as a tensor, from the ArrayRecord its reply carried or a resumed checkpoint's tensor."""
-    return momentum.to_torch_state_dict()["m"] if isinstance(momentum, ArrayRecord) else momentum
 
 
 def _with_client_state(msg: Message, grid: PartitionGrid, progress: Progress) -> Message:

@@ -186,22 +186,34 @@ def test_share_helpers():
     assert closest_shares(stack, 2) == [0.5, 0.0, 0.5, 1.0]
 
 
-@pytest.mark.parametrize("rows", [5, 12, 16, 17, 30])
-def test_trimmed_shares_match_the_order_statistics_definition(rows):
-    """Both paths (the few-row sorting network, numpy's sort beyond 16 rows or with NaN) give the
-    shares of the definition: values below the cut-th smallest or above the cut-th largest, ties kept."""
+def partitioned_shares(stack: torch.Tensor, beta: float) -> list[float]:
+    """trimmed_shares as it was written before (np.partition of the two ranks): the reference."""
     import numpy as np
 
+    n = stack.shape[0]
+    cut = int(beta * n)
+    if cut == 0 or n == 0:
+        return [0.0] * n
+    x = stack.numpy()
+    ordered = np.partition(x, (cut, n - cut - 1), axis=0)
+    return ((x < ordered[cut]) | (x > ordered[n - cut - 1])).mean(axis=1).tolist()
+
+
+@pytest.mark.parametrize("extra", [-3, 0, 1, 18])  # rows: below, at and above strategies.median.SMALL_STACK
+def test_trimmed_shares_equal_the_partition_they_replace(extra):
+    """Both paths (the few-row sorting network up to SMALL_STACK finite rows, numpy's sort beyond or with
+    NaN) give exactly the shares of the np.partition version: ties, signed zeros and NaN included."""
+    from strategies.median import SMALL_STACK
+
+    rows = SMALL_STACK + extra
     gen = torch.Generator().manual_seed(rows)
-    stack = torch.randint(-3, 4, (rows, 400), generator=gen).float()  # many ties
+    stack = torch.randint(-3, 4, (rows, 400), generator=gen).float() / 4  # many ties
+    stack[:, :50] = torch.randn(rows, 50, generator=gen)
+    stack[0, 60], stack[1, 60] = 0.0, -0.0
     for beta in (1.25 / rows, (rows // 3 + 0.25) / rows):
-        cut = int(beta * rows)
-        x = stack.numpy()
-        low, high = np.sort(x, axis=0)[cut], np.sort(x, axis=0)[rows - cut - 1]
-        want = ((x < low) | (x > high)).mean(axis=1).tolist()
-        assert trimmed_shares(stack, beta) == want
-    stack[1, 0] = float("nan")  # the numpy path: NaN sorts last, as before
-    assert len(trimmed_shares(stack, 1.25 / rows)) == rows
+        assert trimmed_shares(stack, beta) == partitioned_shares(stack, beta)
+    stack[1, 0] = float("nan")  # NaN sorts last in numpy's partition and sort alike
+    assert trimmed_shares(stack, 1.25 / rows) == partitioned_shares(stack, 1.25 / rows)
 
 
 def test_client_metrics_mean_skips_ids_and_unknowns():

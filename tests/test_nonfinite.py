@@ -82,6 +82,21 @@ def test_peer_rules_replace_a_nonfinite_own_model(name, params, kind):
     assert report.own and report.rows == [2] and report.count == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_finite_rows_is_the_elementwise_test(dtype):
+    """The row-sum shortcut of fedepic.vectors.finite_rows equals isfinite(...).all(dim=1): a finite row
+    whose sum overflows is finite, inf - inf (a NaN sum) is not, and an empty stack has no rows."""
+    from fedepic.vectors import all_finite, finite_rows
+
+    big = torch.finfo(dtype).max
+    stack = torch.tensor([[big, big, 1.0], [math.inf, -math.inf, 0.0], [math.nan, 0.0, 0.0], [1.0, 2.0, 3.0],
+                          [-big, -big, 0.0], [0.0, -math.inf, 0.0]], dtype=dtype)
+    assert finite_rows(stack).tolist() == torch.isfinite(stack).all(dim=1).tolist() == [True, False, False, True,
+                                                                                         True, False]
+    assert [all_finite(row) for row in stack] == [True, False, False, True, True, False]
+    assert finite_rows(torch.zeros(0, 5, dtype=dtype)).tolist() == []
+
+
 def test_split_finite_example():
     own = torch.zeros(2)
     neigh = torch.tensor([[1.0, 0.0], [math.nan, 0.0], [math.inf, 1.0]])

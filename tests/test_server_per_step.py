@@ -208,20 +208,63 @@ def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identi
             assert member["attack_injected"] in ("alie", "ipm"), row
 
 
-def test_byzfl_comparison_times_each_rows_own_flower_strategy():
-    """The Flower-rule floor of benchmarks/byzfl_compare.py times, for every row, the strategy that row
-    runs (its `strategies=[...]` override and reply count), on fresh replies each call."""
+def test_byzfl_comparison_times_each_rows_own_flower_strategy(monkeypatch):
+    """The Flower-rule floor of benchmarks/byzfl_compare.py aggregates, for every row, with the strategy
+    fedepic's registry builds from that row's config (class and parameters), as many replies as the row's
+    rounds have."""
     import importlib.util
+
+    import strategies.server
 
     spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert set(module.FLOWER_RULES) == set(module.FEDEPIC_ROWS)
-    for row, (strategy, replies) in module.FLOWER_RULES.items():
-        assert f"strategies=[{strategy}]" in module.FEDEPIC_ROWS[row], row
-        assert f"clients.count={replies}" in module.FEDEPIC_ROWS[row], row
+    built, real = [], strategies.server.build_server_strategy
+
+    def recording(name, cfg):
+        tracked = real(name, cfg)
+        calls = []
+        inner = tracked.strategy.aggregate_train
+        tracked.strategy.aggregate_train = lambda rnd, replies: calls.append(len(list(replies))) or inner(rnd, [])
+        built.append((name, cfg, tracked.strategy, calls))
+        return tracked
+
+    monkeypatch.setattr(strategies.server, "build_server_strategy", recording)
+    want = {"none_avg": ("fedavg", "FedAvg", 10), "alie_tm": ("fedtrimmedavg", "ExactTrimmedAvg", 12),
+            "signflip_median": ("fedmedian", "FedMedian", 12), "ipm_tm_clip_nnm": ("fedtrimmedavg", "ExactTrimmedAvg", 12)}
+    assert set(want) == set(module.FEDEPIC_ROWS)
+    for row, (name, cls, replies) in want.items():
         seconds = module.flower_rule_seconds(row, repeats=1)
-        assert 0 < seconds < 60, row
+        assert seconds >= 0, row
+        got_name, cfg, strategy, calls = built[-1]
+        assert (got_name, type(strategy).__name__, calls) == (name, cls, [replies, replies]), row
+        if name == "fedtrimmedavg":
+            assert strategy.num_trim == cfg.defense.trim == 2, row
+
+
+def test_the_server_sends_each_momentum_back_in_the_record_it_came_in(task_identity):
+    """A reply's momentum record is kept as it is and is the very record of that client's next message
+    (no deserialising and serialising of unchanged bytes); a checkpoint holds it as a tensor."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from simulations.client_app import MOMENTUM_KEY
+    from simulations.server_app import Progress, _take_client_states, _with_client_state
+
+    ask = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
+                  message_type=MessageType.TRAIN)
+    record = ArrayRecord({"m": torch.arange(4.0)})
+    reply = Message(content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(4)}), MOMENTUM_KEY: record,
+                                        "metrics": MetricRecord({"partition-id": 3, "num-examples": 1})}), reply_to=ask)
+    grid, progress = SimpleNamespace(partitions={}), Progress({"w": torch.zeros(4)})
+    _take_client_states([reply], grid, progress)
+    assert MOMENTUM_KEY not in reply.content.array_records and progress.momentum[3] is record
+    nxt = _with_client_state(Message(content=RecordDict({"config": ConfigRecord({"server-round": 2})}),
+                                     dst_node_id=7, message_type=MessageType.TRAIN), grid, progress)
+    assert nxt.content.array_records[MOMENTUM_KEY] is record
+    saved = Progress.from_state_dict(progress.state_dict())
+    assert torch.equal(saved.momentum[3], torch.arange(4.0))
 
 
 def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
