@@ -41,8 +41,8 @@ the largest speed-up over ByzFL that any implementation could reach here; and th
 floor (``ceiling.kernel_floor``): the same gradients and evaluations timed with eager torch kernels
 alone (no messages, no aggregation, no data loading), the least time of any eager-torch implementation;
 and that floor plus the row's own Flower strategy (``flower_rule_seconds``: one ``aggregate_train`` of
-the row's replies, best of 5, times the steps), the least time of any implementation that aggregates
-with Flower's strategies, as the issue asks, instead of rewriting them.
+the row's replies, best of 5, times the steps), an estimate of the least time of any implementation
+that aggregates with Flower's strategies, as the issue asks, instead of rewriting them.
 """
 
 from __future__ import annotations

@@ -32,13 +32,18 @@ def test_nnm_is_the_mean_of_the_n_minus_f_nearest(n, f):
         pre.nearest_neighbor_mixing(x, n)
 
 
-def test_nnm_row_by_row_equals_the_gathered_mean_bit_for_bit():
+@pytest.mark.parametrize("n,f,dtype,transposed", [(12, 2, torch.float32, False), (12, 2, torch.float32, True),
+                                                   (6, 5, torch.float32, False), (9, 3, torch.float16, False)])
+def test_nnm_row_by_row_equals_the_gathered_mean_bit_for_bit(n, f, dtype, transposed):
     """NNM averages each row's neighbours one row at a time (cheaper than gathering all of them): the
-    result is the gathered vectors[nearest].mean(dim=1) exactly, on a long vector as at a server."""
-    x = torch.randn(12, 100_003, generator=torch.Generator().manual_seed(3)) * 1e-2
+    result is the gathered vectors[nearest].mean(dim=1) exactly on the CPU, on a long vector as at a
+    server, for a strided input, a single neighbour (n - f = 1) and half precision too."""
+    x = (torch.randn(n, 100_003, generator=torch.Generator().manual_seed(n + f)) * 1e-2).to(dtype)
+    if transposed:
+        x = x.T.contiguous().T  # the same values, column-major
     wide = x.double()
-    nearest = torch.sort(torch.cdist(wide, wide), dim=1, stable=True).indices[:, :10]
-    assert torch.equal(pre.nearest_neighbor_mixing(x, 2), x[nearest].mean(dim=1))
+    nearest = torch.sort(torch.cdist(wide, wide), dim=1, stable=True).indices[:, : n - f]
+    assert torch.equal(pre.nearest_neighbor_mixing(x, f), x[nearest].mean(dim=1))
 
 
 def test_static_clip_is_the_formula():

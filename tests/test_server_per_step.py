@@ -219,13 +219,20 @@ def test_byzfl_comparison_times_each_rows_own_flower_strategy(monkeypatch):
     spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    built, real = [], strategies.server.build_server_strategy
+    built, outputs, real = [], [], strategies.server.build_server_strategy
 
     def recording(name, cfg):
         tracked = real(name, cfg)
         calls = []
         inner = tracked.strategy.aggregate_train
-        tracked.strategy.aggregate_train = lambda rnd, replies: calls.append(len(list(replies))) or inner(rnd, [])
+        def counted(rnd, replies):  # the real aggregation of the benchmark's replies, counted
+            replies = list(replies)
+            calls.append(len(replies))
+            arrays, metrics = inner(rnd, replies)
+            outputs.append(arrays is not None and metrics is not None and "train-seconds" in metrics)
+            return arrays, metrics
+
+        tracked.strategy.aggregate_train = counted
         built.append((name, cfg, tracked.strategy, calls))
         return tracked
 
@@ -235,9 +242,10 @@ def test_byzfl_comparison_times_each_rows_own_flower_strategy(monkeypatch):
     assert set(want) == set(module.FEDEPIC_ROWS)
     for row, (name, cls, replies) in want.items():
         seconds = module.flower_rule_seconds(row, repeats=1)
-        assert seconds >= 0, row
+        assert seconds > 0, row
         got_name, cfg, strategy, calls = built[-1]
         assert (got_name, type(strategy).__name__, calls) == (name, cls, [replies, replies]), row
+        assert outputs[-2:] == [True, True], row  # it aggregated the arrays and the per-step metrics
         if name == "fedtrimmedavg":
             assert strategy.num_trim == cfg.defense.trim == 2, row
 
