@@ -40,7 +40,7 @@ from simulations.dfl_node import (
 )
 from simulations.dfl_router import AttackTally, Routing
 from simulations.dfl_sequential import LocalMember
-from strategies.finite import finite_rows
+from fedepic.vectors import finite_rows
 from strategies.gossip import Gossip
 
 # -- sizes (one place): what bounds memory, not what is tuned for speed ------------------------------

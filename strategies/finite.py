@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedepic.vectors import all_finite, finite_rows  # noqa: F401 - the peer rules' test, re-exported
+from fedepic.vectors import all_finite, finite_rows
 from strategies.gossip import check_stack, renormalised_weights, resolve_weights
 from strategies.median import coordinate_median
 

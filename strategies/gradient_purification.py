@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from strategies.epic_peer import epic_keep_mask
-from strategies.finite import all_finite, finite_rows
+from fedepic.vectors import all_finite, finite_rows
 from strategies.gossip import check_stack, resolve_weights
 from strategies.median import coordinate_median
 from strategies.scclip import clip_rows

@@ -36,6 +36,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fedepic.vectors import finite_rows
+
 Step = Callable[[Tensor], Tensor]
 
 
@@ -79,8 +81,6 @@ def pre_aggregate_updates(models: Tensor, reference: Tensor, steps: Sequence[Ste
     """Server side: the steps applied to the clients' updates ``models - reference`` (rows [n, D] and
     the global model [D]), returned as models again. Non-finite rows are left as they are (the
     strategy leaves them out, ``strategies/server.py``); the steps see the finite ones only."""
-    from strategies.finite import finite_rows
-
     ok = finite_rows(models)
     if not steps or int(ok.sum()) == 0:
         return models

@@ -49,7 +49,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from strategies.epic_server import EpicServer, client_id
-from strategies.finite import finite_rows
+from fedepic.vectors import finite_rows
 from strategies.median import SMALL_STACK, sorted_rows
 
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged

@@ -271,8 +271,10 @@ def test_the_server_sends_each_momentum_back_in_the_record_it_came_in(task_ident
     nxt = _with_client_state(Message(content=RecordDict({"config": ConfigRecord({"server-round": 2})}),
                                      dst_node_id=7, message_type=MessageType.TRAIN), grid, progress)
     assert nxt.content.array_records[MOMENTUM_KEY] is record
-    saved = Progress.from_state_dict(progress.state_dict())
-    assert torch.equal(saved.momentum[3], torch.arange(4.0))
+    state = progress.state_dict()
+    assert isinstance(state["momentum"][3], torch.Tensor) and torch.equal(state["momentum"][3], torch.arange(4.0))
+    resumed = Progress.from_state_dict(state).momentum[3]  # a resumed run sends a record again
+    assert torch.equal(resumed.to_torch_state_dict()["m"], torch.arange(4.0))
 
 
 def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
