@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -87,9 +88,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def truncate_metrics(folder: Path, size: Optional[int]) -> None:
     """Cut ``folder``/metrics.jsonl back to ``size`` bytes (None or 0: empty it)."""
     path = folder / "metrics.jsonl"
-    if path.exists():
-        with open(path, "r+b") as handle:
-            handle.truncate(min(size or 0, path.stat().st_size))
+    if path.exists():  # O_NOFOLLOW: a link planted there is refused (ELOOP), never truncated through
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, min(size or 0, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
 
 
 def _differences(stored: Mapping[str, Any], given: Mapping[str, Any], resumable: Sequence[str],
@@ -133,6 +137,22 @@ def _status(value: str, summary_path: Path) -> Optional[str]:
     return summary.get("status") if isinstance(summary, dict) else None
 
 
+def refuse_links(folder: Path, key: str = "resume") -> None:
+    """A one-line ConfigError naming the first symbolic link, or hard-linked file, below ``folder``: a
+    resume truncates and appends to the files it finds, and must never write through a link to a file
+    outside the run. A run writes neither (every file is written to a temporary name and renamed)."""
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        for name in sorted(folders) + sorted(files):
+            path = Path(parent) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a symbolic link; a run "
+                                  "folder holds none, and a resume never writes through one")
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a hard link "
+                                  f"({info.st_nlink} names); a resume never writes to a file shared with another")
+
+
 def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tuple[Any, Resume]:
     """The config to continue the run in folder ``value`` with, and what the folder holds.
 
@@ -140,11 +160,13 @@ def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tu
     gives must equal the stored one in every key but :data:`RESUMABLE_KEYS`, else a one-line
     ConfigError names the first key that differs. A completed run, or a folder without a config, is
     refused the same way. A folder without a summary is a killed run (:data:`RESUMABLE_STATUSES`): do
-    not resume a run that is still running.
+    not resume a run that is still running: its folder is locked (fedepic.outputs.lock_folder), so the
+    resume is refused when it opens it. A folder holding a link is refused (:func:`refuse_links`).
     """
     from fedepic.config import load_config, to_dict
 
     folder = _run_folder(value)
+    refuse_links(folder)
     stored_path, summary_path = folder / "config.yaml", folder / "summary.json"
     if not stored_path.is_file():
         raise ConfigError(f"invalid value '{value}' for key 'resume': {folder} holds no config.yaml")

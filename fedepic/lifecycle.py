@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from fedepic.checkpoint import CHECKPOINT, Resume, remove_checkpoints, truncate_metrics
 from fedepic.config import RunConfig, to_yaml
 from fedepic.interrupts import Interrupts
-from fedepic.outputs import RunWriter
+from fedepic.outputs import LOCK, RunWriter
 from fedepic.report import Curves, best_effort, write_comparison, write_curves
 
 
@@ -67,7 +67,8 @@ class FolderLifecycle:
     Entering enters the interrupts, then the folder, then calls :meth:`start`; leaving, on every path,
     calls :meth:`finish` with the exception (or None) inside ``Interrupts.polled`` (a signal cannot cut
     it short), then closes the folder (renamed into place, even if ``finish`` failed), then leaves the
-    interrupts. A failing :meth:`start` leaves the same way.
+    interrupts. A failing :meth:`start` leaves a reopened folder the same way, and removes a new one
+    (RunWriter.discard: nothing was written yet).
     """
 
     interrupts: Interrupts
@@ -89,7 +90,13 @@ class FolderLifecycle:
         try:
             self.start()
         except BaseException as err:
-            self.__exit__(type(err), err, err.__traceback__)
+            if self.root.resuming:
+                self.__exit__(type(err), err, err.__traceback__)
+            else:  # a new run that could not write its config (a full disk) leaves nothing behind
+                try:
+                    self.root.discard()
+                finally:
+                    self.interrupts.__exit__(type(err), err, err.__traceback__)
             raise
         return self
 
@@ -165,7 +172,7 @@ class RunLifecycle(FolderLifecycle):
     def start_over(self) -> None:
         """Empty the reopened folder of a resumed run that has nothing to continue from (the config stays)."""
         for child in self.root.dir.iterdir():
-            if child.name not in ("config.yaml", "metrics.jsonl"):  # the root's own files, reopened
+            if child.name not in ("config.yaml", "metrics.jsonl", LOCK):  # the root's own files, reopened
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         truncate_metrics(self.root.dir, 0)
         self._saved, self._kept = {}, set()

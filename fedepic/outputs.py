@@ -7,6 +7,8 @@ temporary name and renamed, so no reader ever sees a half-written summary.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -42,16 +44,30 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` when it names no file (a write that fills the disk names none)."""
+    if err.filename is None:
+        err.filename = str(path)
+    return err
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path`` (a link at
+    ``path`` is replaced, never written through)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _named(err, path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _named(err, path)
         raise
 
 
@@ -71,8 +87,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _named(err, path)
         raise
 
 
@@ -134,12 +152,55 @@ def lock_record(path: Path = LOCK_FILE) -> dict[str, Any]:
     return record
 
 
+LOCK = ".lock"  # the file a run folder's writing process holds locked (fcntl.flock) while it writes
+
+
+def lock_folder(folder: Path, key: str, kind: str = "run") -> int:
+    """An exclusive lock on ``folder``/.lock (the descriptor; closing it releases the lock). The lock
+    moves with the folder when that is renamed, and a killed process's lock goes with it. A folder
+    that another process holds is a one-line ConfigError naming ``key``.
+
+    flock(2), not a pid file: the kernel releases it on every kind of exit, so no stale lock remains.
+    """
+    from fedepic.errors import ConfigError
+
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"invalid value '{folder}' for key '{key}': {folder / LOCK} is a symbolic link; "
+                              "a run folder holds none") from None
+        raise _named(err, folder / LOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"invalid value '{folder}' for key '{key}': another process is running this {kind} "
+                          "(its folder is locked); wait for it, or stop it first") from None
+    return fd
+
+
+def unlock_folder(folder: Path, fd: int) -> None:
+    """Release :func:`lock_folder`'s lock on ``folder`` (where the folder is now) and remove its file."""
+    (folder / LOCK).unlink(missing_ok=True)
+    os.close(fd)
+
+
 class RunWriter:
-    """Owns one run folder. Use as a context manager; the folder appears under its final name on exit."""
+    """Owns one run folder. Use as a context manager; the folder appears under its final name on exit.
+
+    A top-level folder is locked (:func:`lock_folder`) from before its first change to after its
+    rename, so a second process (a ``resume=`` of a run still going, say) is refused in one line
+    (naming ``lock_key``, and ``kind``: run or sweep) and the live run is untouched. A new folder that cannot be set up (a
+    full disk) is removed again: nothing is left behind.
+    """
 
     def __init__(self, output_dir: str | Path, name: str, *, stamp: Optional[str] = None,
-                 parent: Optional["RunWriter"] = None, resume: Optional[Path] = None) -> None:
-        self.parent = parent
+                 parent: Optional["RunWriter"] = None, resume: Optional[Path] = None,
+                 lock_key: str = "resume", kind: str = "run") -> None:
+        self.parent, self.lock_key, self.kind = parent, lock_key, kind
+        self._lock: Optional[int] = None
+        self._made: Optional[Path] = None  # the first folder that __enter__ created above a new run folder
         stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(output_dir)
         # resuming: the interrupted run's folder is reopened (renamed to .partial while the run goes on)
@@ -170,12 +231,52 @@ class RunWriter:
         return candidate
 
     def __enter__(self) -> "RunWriter":
-        if self.resuming and self.parent is None and not self.dir.exists():
-            os.replace(self.final_dir, self.dir)
-        else:
+        if self.parent is not None:
             self.dir.mkdir(parents=True, exist_ok=self.resuming)
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        elif self.resuming:  # locked before anything in it changes; then renamed to .partial
+            self._lock = lock_folder(self.dir if self.dir.exists() else self.final_dir, self.lock_key, self.kind)
+            if not self.dir.exists():
+                os.replace(self.final_dir, self.dir)
+        else:
+            self._made = _first_missing(self.dir)
+            self.dir.mkdir(parents=True)
+        try:
+            if self.parent is None and self._lock is None:
+                self._lock = lock_folder(self.dir, self.lock_key, self.kind)
+            self._metrics = open_append(self.dir / "metrics.jsonl")
+        except BaseException:
+            self._abandon()
+            raise
         return self
+
+    def discard(self) -> None:
+        """Leave a run that could not start (its config could not be written): a new top-level folder
+        is removed with the parents it made, a reopened one is closed as it is."""
+        if self.parent is None and not self.resuming:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            self._abandon()
+        else:
+            self.close()
+
+    def _abandon(self) -> None:
+        """A folder that could not be set up: a new one is removed again (and the parents it made, while
+        empty), a reopened one is renamed back."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        if self.parent is None and not self.resuming:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            folder = self.dir.parent
+            while self._made is not None and self._made in (folder, *folder.parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
+        elif self.parent is None and self.dir != self.final_dir and self.dir.exists():
+            os.replace(self.dir, self.final_dir)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.mark(exc)
@@ -198,6 +299,9 @@ class RunWriter:
         if self.parent is None and self.dir != self.final_dir and self.dir.exists():
             os.replace(self.dir, self.final_dir)
             self.dir = self.final_dir
+        if self._lock is not None:  # after the rename: nobody can take the folder while it moves
+            unlock_folder(self.dir, self._lock)
+            self._lock = None
 
     def flush(self) -> None:
         """Put the metrics lines logged so far on disk (before a checkpoint records the file's length)."""
@@ -241,6 +345,23 @@ class RunWriter:
     def write_bytes(self, name: str, data: bytes) -> None:
         """A binary file (a figure: fedepic.plots.save_figure), written atomically."""
         atomic_write_bytes(self.dir / name, data)
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The top-most folder of ``path`` that does not exist yet (``path`` itself, or a parent), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def open_append(path: Path):
+    """``path`` opened for appending lines, line-buffered; a symbolic link there is refused (ELOOP), not
+    written through."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> str:

@@ -26,7 +26,6 @@ and keep their checkpoints). The tables and figures cover the completed cells.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from fedepic.checkpoint import refuse_links
 from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import ConfigError, RunInterrupted
 from fedepic.interrupts import Interrupts
@@ -49,7 +49,6 @@ from fedepic.sweep.page import write_sweep_report
 from fedepic.sweep.report import setting_text, write_report
 
 STAGING = ".staging"  # cells that run here write their run folder below it first
-LOCK = ".lock"
 
 
 @dataclass
@@ -89,13 +88,13 @@ class SweepRun(FolderLifecycle):
     def __init__(self, plan: SweepPlan, folder: Path, interrupts: Interrupts) -> None:
         self.plan, self.interrupts = plan, interrupts
         existing = existing_folder(folder.parent, folder.name)
-        self._lock: Optional[int] = None
-        if existing is not None:
-            self._lock = _lock(existing)  # before anything in the folder changes
-            self.root = RunWriter(folder.parent, folder.name, resume=existing)
+        if existing is not None:  # RunWriter locks it before anything in it changes
+            refuse_links(existing, "sweep")
+            self.root = RunWriter(folder.parent, folder.name, resume=existing, lock_key="sweep", kind="sweep")
         else:  # a new folder named exactly ``folder``: RunWriter names it "<stamp>-<name>"
             assert folder.name.startswith("sweep-"), folder
-            self.root = RunWriter(folder.parent, folder.name.removeprefix("sweep-"), stamp="sweep")
+            self.root = RunWriter(folder.parent, folder.name.removeprefix("sweep-"), stamp="sweep", lock_key="sweep",
+                                  kind="sweep")
         self.states = {c.index: CellState("pending") for c in plan.cells}  # read from the folder by start()
         self.outcome = SweepOutcome(self.root.path)
         self.bar: Optional[Bar] = None
@@ -103,8 +102,6 @@ class SweepRun(FolderLifecycle):
     # ------------------------------------------------------------------ start and end
 
     def start(self) -> None:
-        if self._lock is None:
-            self._lock = _lock(self.root.dir)
         self.root.write_config(to_yaml(self.plan.config))
         self._recover_staging()
         self.states = {c.index: CellState(folder_status(existing_folder(self.cells_dir, c.name)))
@@ -116,36 +113,30 @@ class SweepRun(FolderLifecycle):
 
     def finish(self, exc: Optional[BaseException]) -> None:
         """Statuses, aggregates and the summary of this session's end (FolderLifecycle runs it on every
-        exit path); the lock goes last, before the folder is renamed."""
+        exit path; the folder's lock goes after its rename, RunWriter.close)."""
+        # a cell that ended but was not yet recorded (a signal came between) keeps its folder
+        for cell in self._recover_staging():
+            if self.states[cell.index].status == "running":
+                self.states[cell.index] = replace(self.states[cell.index], status=folder_status(
+                    existing_folder(self.cells_dir, cell.name)))
+        for state in self.states.values():
+            if state.status == "running":  # cut short without an outcome (the sweep itself broke)
+                state.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        self.root.mark(exc)
+        # every cell that did not complete (failed, killed, interrupted by its own run): the command exits 1
+        self.outcome.failed = [c.name for c in self.plan.cells if self.states[c.index].status != "completed"]
+        if exc is None and any(s.status != "completed" for s in self.states.values()):
+            self.root.status = "failed"  # a cell failed (the others ran): not "completed"
+        summary: dict[str, Any] = {}
         try:
-            # a cell that ended but was not yet recorded (a signal came between) keeps its folder
-            for cell in self._recover_staging():
-                if self.states[cell.index].status == "running":
-                    self.states[cell.index] = replace(self.states[cell.index], status=folder_status(
-                        existing_folder(self.cells_dir, cell.name)))
-            for state in self.states.values():
-                if state.status == "running":  # cut short without an outcome (the sweep itself broke)
-                    state.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self.root.mark(exc)
-            # every cell that did not complete (failed, killed, interrupted by its own run): the command exits 1
-            self.outcome.failed = [c.name for c in self.plan.cells if self.states[c.index].status != "completed"]
-            if exc is None and any(s.status != "completed" for s in self.states.values()):
-                self.root.status = "failed"  # a cell failed (the others ran): not "completed"
-            summary: dict[str, Any] = {}
-            try:
-                summary = self._aggregate()
-            except Exception as err:  # the sweep's numbers are wrong or missing: not "completed"
-                self.root.mark(err)
-                summary = {"error": f"the aggregation failed: {type(err).__name__}: {err}"}
-                raise
-            finally:  # the summary is written even if the aggregation broke
-                self.root.write_summary({**self._description(), **summary})
-                best_effort("the sweep's report.html", lambda: write_sweep_report(self.root))
-        finally:
-            if self._lock is not None:
-                (self.root.dir / LOCK).unlink(missing_ok=True)
-                os.close(self._lock)
-                self._lock = None
+            summary = self._aggregate()
+        except Exception as err:  # the sweep's numbers are wrong or missing: not "completed"
+            self.root.mark(err)
+            summary = {"error": f"the aggregation failed: {type(err).__name__}: {err}"}
+            raise
+        finally:  # the summary is written even if the aggregation broke
+            self.root.write_summary({**self._description(), **summary})
+            best_effort("the sweep's report.html", lambda: write_sweep_report(self.root))
 
     def _description(self) -> dict[str, Any]:
         plan = self.plan
@@ -266,18 +257,6 @@ def _cell_seconds(state: CellState, folder: Optional[Path]) -> Optional[float]:
         return _read_summary(folder).get("wall_seconds")
     except (OSError, ValueError):  # a killed cell without a summary: unknown
         return None
-
-
-def _lock(folder: Path) -> int:
-    """An exclusive lock on ``folder``'s lock file (it moves with the folder when that is renamed)."""
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ConfigError(f"invalid value '{folder}' for key 'sweep': another process is running this sweep "
-                          "(its folder is locked); wait for it, or stop it first") from None
-    return fd
 
 
 # --------------------------------------------------------------------------- executors
