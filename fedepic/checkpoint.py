@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -75,14 +78,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file first
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, a foreign pickle and a zip error all mean "unusable"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"invalid value '{path}' for key 'resume': not a readable checkpoint ({first[:120]})") from None
+        raise ConfigError(f"invalid value '{path}' for key 'resume': not a readable checkpoint "
+                          f"({_load_failure(err)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"invalid value '{path}' for key 'resume': checkpoint format "
                           f"{state.get('format_version') if isinstance(state, dict) else '?'} is not {FORMAT_VERSION}")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load refused a file, in a few words: the weights-only unpickler's own reason where it
+    gives one (after several lines of advice), else the first line, cut at a word."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    reason = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: was not an allowed global|\.\s|\n|$)", text)
+    first = reason.group(1) if reason else (text.strip().splitlines() or [type(err).__name__])[0]
+    return textwrap.shorten(first, width=120, placeholder=" ...")
 
 
 def truncate_metrics(folder: Path, size: Optional[int]) -> None:

@@ -8,6 +8,7 @@ one place that turns user input into a validated config, and every problem it fi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedepic import extensions
+from fedepic.domains import (ANY, AT_LEAST_ONE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain, between,
+                             check_domains, meta, one_of)
 from fedepic.errors import ConfigError
 
 MODES = ("centralized", "federated", "decentralized")
@@ -49,160 +52,208 @@ PEER_STRATEGIES = extensions.PEER_RULES.names()
 CENTRAL_DEFENSES = extensions.CENTRAL_DEFENSES.names()
 MODEL_NAMES = extensions.MODELS.names()
 TOPOLOGIES = ("ring", "k_regular", "erdos_renyi", "small_world", "complete", "edges")
+GP_DETECTORS = ("robust", "records", "epic")
+FLIPS = ("pairs", "all", "map")
+SEED_LIMIT = 2**32  # derived seeds (seed * 100_003 + ..., seed + 1000 t) must stay inside torch's 64-bit range
+ROWS_LIMIT = 10**8  # rows of a dataset, a batch or a class subsample (a larger one is a typo, and would not fit)
+NODES_LIMIT = 100_000  # clients or nodes of one run (each holds a model)
+NAME_BYTES = 200  # a run's name: its folder ".<stamp>-<name>-N.partial" must fit the 255 bytes of a file name
+# the domains of the keys (fedepic.domains): declared beside each default, checked in one place
+DEVICE = meta(Domain(text=True, pattern=r"auto|cpu|cuda|cuda:[0-9]+", why="choose auto, cpu, cuda or cuda:N"))
+RUN_NAME = meta(Domain(text=True, max_bytes=NAME_BYTES, pattern=r"(?!\.\.?$)[^/]+",
+                       why="must be a folder name without '/', not . or .."))
+FOLDER_NAME = meta(Domain(text=True, max_bytes=255, pattern=r"(?!\.\.?$)[^/]+",
+                          why="must be a folder name without '/', not . or .."))
+MEMBER_NAME = meta(Domain(text=True, max_bytes=NAME_BYTES))  # which names: validate, by mode and registry
 
 
 @dataclass
 class LabelGroup:
     """Clients `clients` hold the labels `labels` (partition=label_sets)."""
 
-    clients: List[int] = field(default_factory=list)
-    labels: List[int] = field(default_factory=list)
+    clients: List[int] = field(default_factory=list, metadata=NON_NEGATIVE)
+    labels: List[int] = field(default_factory=list, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | imagefolder | synthetic
-    root: Optional[str] = None  # else $FEDEPIC_DATA, else ~/.cache/fedepic/data
-    folder: str = "cifar10-jpeg"  # imagefolder: <root>/<folder>/{train,test}/<class>/<image>
-    download: bool = True  # torchvision datasets download when missing (needs internet)
-    cache_dir: Optional[str] = None  # decoded uint8 cache; else $FEDEPIC_CACHE, else ~/.cache/fedepic
-    classes: Optional[List[int]] = None  # keep only these classes, relabelled 0..k-1 in the given order
-    train_per_class: Optional[int] = None  # seeded subsample of each class (CPU smoke runs)
-    test_per_class: Optional[int] = None
-    synthetic_train: int = 2000  # synthetic: rows in train / test, images 1x28x28, 10 classes
-    synthetic_test: int = 500
-    partition: str = "iid"  # iid | dirichlet | shards | label_sets | rows (read from partition_file)
-    partition_file: Optional[str] = None  # partition=rows: .npz with int arrays client_0 .. client_{count-1}
-    alpha: float = 0.5  # dirichlet concentration
-    shards_per_client: int = 2  # shards: about k labels per client
-    min_per_client: int = 10  # dirichlet: resample until every client holds at least this many rows
-    label_sets: List[LabelGroup] = field(default_factory=list)  # label_sets: who holds which labels
+    # mnist | fashion_mnist | cifar10 | imagefolder | synthetic
+    name: str = field(default="mnist", metadata=one_of(DATASETS))
+    root: Optional[str] = field(default=None, metadata=PATH)  # else $FEDEPIC_DATA, else ~/.cache/fedepic/data
+    # imagefolder: <root>/<folder>/{train,test}/<class>/<image>
+    folder: str = field(default="cifar10-jpeg", metadata=FOLDER_NAME)
+    download: bool = field(default=True, metadata=ANY)  # torchvision datasets download when missing (needs internet)
+    # decoded uint8 cache; else $FEDEPIC_CACHE, else ~/.cache/fedepic
+    cache_dir: Optional[str] = field(default=None, metadata=PATH)
+    # keep only these classes, relabelled 0..k-1 in the given order
+    classes: Optional[List[int]] = field(default=None, metadata=NON_NEGATIVE)
+    # seeded subsample of each class (CPU smoke runs)
+    train_per_class: Optional[int] = field(default=None, metadata=between(1, ROWS_LIMIT))
+    test_per_class: Optional[int] = field(default=None, metadata=between(1, ROWS_LIMIT))
+    # synthetic: rows in train / test, images 1x28x28, 10 classes
+    synthetic_train: int = field(default=2000, metadata=between(1, ROWS_LIMIT))
+    synthetic_test: int = field(default=500, metadata=between(1, ROWS_LIMIT))
+    # iid | dirichlet | shards | label_sets | rows (read from partition_file)
+    partition: str = field(default="iid", metadata=one_of(PARTITIONS))
+    # partition=rows: .npz with int arrays client_0 .. client_{count-1}
+    partition_file: Optional[str] = field(default=None, metadata=PATH)
+    alpha: float = field(default=0.5, metadata=POSITIVE)  # dirichlet concentration
+    shards_per_client: int = field(default=2, metadata=AT_LEAST_ONE)  # shards: about k labels per client
+    # dirichlet: resample until every client holds at least this many rows
+    min_per_client: int = field(default=10, metadata=NON_NEGATIVE)
+    label_sets: List[LabelGroup] = field(default_factory=list, metadata=ANY)  # label_sets: who holds which labels
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"  # resnet18 (32x32) | cnn (28x28 or 32x32) | mlp
+    name: str = field(default="cnn", metadata=one_of(MODEL_NAMES))  # resnet18 (32x32) | cnn (28x28 or 32x32) | mlp
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1  # centralized epochs; in FL, see clients.local_epochs
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    milestones: List[int] = field(default_factory=list)  # epochs at which lr *= gamma
-    gamma: float = 0.1
-    augment: str = "none"  # none | crop | crop_flip (pad 4, batched on the device)
-    crop_pad: int = 4
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast + channels_last on CUDA
-    eval_batch_size: int = 1024
-    eval_every: int = 1  # evaluate on the test set every N epochs (centralized) or rounds (and always after the last)
-    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+    epochs: int = field(default=1, metadata=AT_LEAST_ONE)  # centralized epochs; in FL, see clients.local_epochs
+    batch_size: int = field(default=64, metadata=between(1, ROWS_LIMIT))
+    lr: float = field(default=0.05, metadata=POSITIVE)
+    momentum: float = field(default=0.9, metadata=between(0, 1, open_high=True))
+    nesterov: bool = field(default=True, metadata=ANY)
+    weight_decay: float = field(default=5e-4, metadata=NON_NEGATIVE)
+    milestones: List[int] = field(default_factory=list, metadata=AT_LEAST_ONE)  # epochs at which lr *= gamma
+    gamma: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
+    # none | crop | crop_flip (pad 4, batched on the device)
+    augment: str = field(default="none", metadata=one_of(AUGMENTATIONS))
+    crop_pad: int = field(default=4, metadata=between(0, 1024))
+    device: str = field(default="auto", metadata=DEVICE)  # auto | cpu | cuda | cuda:N
+    amp: bool = field(default=True, metadata=ANY)  # bf16 autocast + channels_last on CUDA
+    eval_batch_size: int = field(default=1024, metadata=between(1, ROWS_LIMIT))
+    # evaluate on the test set every N epochs (centralized) or rounds (and always after the last)
+    eval_every: int = field(default=1, metadata=AT_LEAST_ONE)
+    # torch CPU threads; None leaves torch's default
+    threads: Optional[int] = field(default=None, metadata=between(1, 1024))
 
 
 @dataclass
 class EpicConfig:
     """EPIC (Yang et al., ICML 2022). Paper defaults: 40-epoch pipeline K=10, T=2; 200-epoch K=30, T=10."""
 
-    enabled: bool = False
-    fraction: float = 0.1  # medoids per class = ceil(fraction * n_c); the paper uses 0.1 / 0.2 / 0.3
-    warmup: int = 10  # K: first selection after this many epochs
-    interval: int = 2  # T: then every T epochs
-    until: Optional[int] = None  # last selection epoch; None = the last lr milestone (if any)
-    proxy: str = "logits"  # logits (softmax - onehot) | last_layer ((p - y) (x) h)
-    threshold: int = 1  # drop medoids whose cluster holds <= threshold rows
-    min_medoids: int = 2  # server EPIC on the clients' updates: at least this many medoids per round
+    enabled: bool = field(default=False, metadata=ANY)
+    # medoids per class = ceil(fraction * n_c); the paper uses 0.1 / 0.2 / 0.3
+    fraction: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
+    warmup: int = field(default=10, metadata=NON_NEGATIVE)  # K: first selection after this many epochs
+    interval: int = field(default=2, metadata=AT_LEAST_ONE)  # T: then every T epochs
+    # last selection epoch; None = the last lr milestone (if any)
+    until: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
+    # logits (softmax - onehot) | last_layer ((p - y) (x) h)
+    proxy: str = field(default="logits", metadata=one_of(PROXIES))
+    threshold: int = field(default=1, metadata=NON_NEGATIVE)  # drop medoids whose cluster holds <= threshold rows
+    # server EPIC on the clients' updates: at least this many medoids per round
+    min_medoids: int = field(default=2, metadata=AT_LEAST_ONE)
 
 
 @dataclass
 class PurificationConfig:
     """Gradient Purification (Li et al., FCS 2025) detection knobs; see strategies/gradient_purification.py."""
 
-    threshold: float = 3.0  # robust z-score above which a neighbour is suspicious this round
-    patience: int = 2  # consecutive suspicious rounds before a neighbour is confirmed malicious
-    window: int = 4
-    votes: int = 3  # or: suspicious in `votes` of the last `window` rounds
-    reject_score: Optional[float] = 30.0  # a suspect scoring above this is not aggregated even before confirmation
-    min_scale: float = 0.5  # floor of the z-score scale, as a fraction of the median distance to the robust centre
-    cos_weight: float = 0.5  # weight of the directional (cosine) term of the suspicion score; 0 disables it
-    detector: str = "robust"  # robust (z-score of distances) | records (of the records) | epic (EPIC's drops)
-    epic_fraction: float = 0.5  # detector=epic: medoid fraction over the neighbours' updates
-    epic_threshold: int = 1  # detector=epic: drop medoids whose cluster holds <= this many updates
-    clip_tau: Optional[float] = None  # aggregate with ClippedGossip at this radius (null: plain gossip)
+    # robust z-score above which a neighbour is suspicious this round
+    threshold: float = field(default=3.0, metadata=POSITIVE)
+    # consecutive suspicious rounds before a neighbour is confirmed malicious
+    patience: int = field(default=2, metadata=AT_LEAST_ONE)
+    window: int = field(default=4, metadata=AT_LEAST_ONE)
+    votes: int = field(default=3, metadata=AT_LEAST_ONE)  # or: suspicious in `votes` of the last `window` rounds
+    # a suspect scoring above this is not aggregated even before confirmation
+    reject_score: Optional[float] = field(default=30.0, metadata=POSITIVE)
+    # floor of the z-score scale, as a fraction of the median distance to the robust centre
+    min_scale: float = field(default=0.5, metadata=NON_NEGATIVE)
+    # weight of the directional (cosine) term of the suspicion score; 0 disables it
+    cos_weight: float = field(default=0.5, metadata=NON_NEGATIVE)
+    # robust (z-score of distances) | records (of the records) | epic (EPIC's drops)
+    detector: str = field(default="robust", metadata=one_of(GP_DETECTORS))
+    # detector=epic: medoid fraction over the neighbours' updates
+    epic_fraction: float = field(default=0.5, metadata=UNIT_OPEN_LOW)
+    # detector=epic: drop medoids whose cluster holds <= this many updates
+    epic_threshold: int = field(default=1, metadata=NON_NEGATIVE)
+    # aggregate with ClippedGossip at this radius (null: plain gossip)
+    clip_tau: Optional[float] = field(default=None, metadata=POSITIVE)
     # what a confirmation subtracts the records from: gradient (the DSGT trackers), weights (the models),
     # none (the neighbour is only dropped from then on); auto = gradient under dsgt, weights under dpsgd
-    target: str = "auto"
+    target: str = field(default="auto", metadata=one_of(PURIFICATION_TARGETS))
     # oracle detection at T_d = max(1, ceil(oracle_at * rounds)): in round T_d's aggregation every benign
     # node confirms exactly its malicious neighbours, and nothing is flagged before (0: they are never
     # aggregated); null = the detector
-    oracle_at: Optional[float] = None
+    oracle_at: Optional[float] = field(default=None, metadata=UNIT)
 
 
 @dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
-    compare: List[str] = field(default_factory=list)  # centralized: e.g. [none, epic-0.1, random, loss, spectral]
-    local_epic: bool = False  # FL: clients run EPIC on their own data
+    # centralized: e.g. [none, epic-0.1, random, loss, spectral]
+    compare: List[str] = field(default_factory=list, metadata=MEMBER_NAME)
+    local_epic: bool = field(default=False, metadata=ANY)  # FL: clients run EPIC on their own data
     purification: PurificationConfig = field(default_factory=PurificationConfig)
-    trim: int = 1  # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
-    byzantine: Optional[int] = 1  # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
-    scclip_tau: float = 1.0
+    # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
+    trim: int = field(default=1, metadata=NON_NEGATIVE)
+    # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
+    byzantine: Optional[int] = field(default=1, metadata=NON_NEGATIVE)
+    scclip_tau: float = field(default=1.0, metadata=POSITIVE)
     # steps applied before the aggregation, in order: nnm (nearest-neighbour mixing, f = defense.byzantine),
     # clip (static L2 clipping at clip_radius); federated: on the clients' updates before the strategy;
     # decentralized: on {own} ∪ neighbours before a stateless peer rule
-    pre_aggregation: List[str] = field(default_factory=list)
-    clip_radius: float = 1.0
+    pre_aggregation: List[str] = field(default_factory=list, metadata=one_of(PRE_AGGREGATION))
+    clip_radius: float = field(default=1.0, metadata=POSITIVE)
 
 
 @dataclass
 class AttackConfig:
-    data: str = "none"  # none | label_flip | backdoor | gradient_matching
-    model: str = "none"  # none | sign_flip | gaussian | scaling | alie | ipm | minmax
+    data: str = field(default="none", metadata=one_of(DATA_ATTACKS))  # none | label_flip | backdoor | gradient_matching
+    # none | sign_flip | gaussian | scaling | alie | ipm | minmax
+    model: str = field(default="none", metadata=one_of(MODEL_ATTACKS))
     # label flip
-    flip: str = "pairs"  # pairs (c <-> C-1-c) | all | map
-    flip_map: List[List[int]] = field(default_factory=list)  # flip=map: [[from, to], ...]
+    flip: str = field(default="pairs", metadata=one_of(FLIPS))  # pairs (c <-> C-1-c) | all | map
+    flip_map: List[List[int]] = field(default_factory=list, metadata=NON_NEGATIVE)  # flip=map: [[from, to], ...]
     # backdoor (BadNets)
-    backdoor_label: int = 0
-    backdoor_fraction: float = 0.1
-    patch_size: int = 3
+    backdoor_label: int = field(default=0, metadata=NON_NEGATIVE)
+    backdoor_fraction: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
+    patch_size: int = field(default=3, metadata=AT_LEAST_ONE)
     # gradient matching (Witches' Brew)
-    eps: float = 8.0  # L-inf budget in /255 units
-    budget: float = 0.01  # poisons as a fraction of the training set
-    restarts: int = 8
-    steps: int = 250
-    tau: float = 0.1  # signed-Adam step as a fraction of eps (lr = tau * eps, as in the official code)
-    targets: int = 1  # independent (target, poison set) trials in the centralized benchmark
-    poisons: Optional[str] = None  # reuse a saved poison set (.npz)
-    pretrain_epochs: int = 0  # clean epochs before brewing; 0 = train.epochs
+    eps: float = field(default=8.0, metadata=between(0, 255, open_low=True))  # L-inf budget in /255 units
+    budget: float = field(default=0.01, metadata=UNIT_OPEN_LOW)  # poisons as a fraction of the training set
+    restarts: int = field(default=8, metadata=AT_LEAST_ONE)
+    steps: int = field(default=250, metadata=AT_LEAST_ONE)
+    # signed-Adam step as a fraction of eps (lr = tau * eps, as in the official code)
+    tau: float = field(default=0.1, metadata=POSITIVE)
+    # independent (target, poison set) trials in the centralized benchmark
+    targets: int = field(default=1, metadata=AT_LEAST_ONE)
+    poisons: Optional[str] = field(default=None, metadata=PATH)  # reuse a saved poison set (.npz)
+    pretrain_epochs: int = field(default=0, metadata=NON_NEGATIVE)  # clean epochs before brewing; 0 = train.epochs
     # model attacks
-    scale: float = 10.0  # scaling attack factor
-    sigma: float = 1.0  # gaussian attack std
-    ipm_eps: float = 0.1
-    alie_z: Optional[float] = None  # None = Baruch et al.'s z_max from n and f
-    per_neighbour: bool = False  # decentralized: a different poisoned model per neighbour
+    scale: float = field(default=10.0, metadata=POSITIVE)  # scaling attack factor
+    sigma: float = field(default=1.0, metadata=POSITIVE)  # gaussian attack std
+    ipm_eps: float = field(default=0.1, metadata=POSITIVE)
+    alie_z: Optional[float] = field(default=None, metadata=POSITIVE)  # None = Baruch et al.'s z_max from n and f
+    per_neighbour: bool = field(default=False, metadata=ANY)  # decentralized: a different poisoned model per neighbour
 
 
 @dataclass
 class ClientsConfig:
-    count: int = 10
-    malicious_fraction: float = 0.0  # the first round(fraction * count) ids, unless malicious_ids is set
-    malicious_ids: Optional[List[int]] = None
-    local_epochs: int = 1
-    fraction_train: float = 1.0  # federated: fraction of clients sampled per round
+    count: int = field(default=10, metadata=between(1, NODES_LIMIT))
+    # the first round(fraction * count) ids, unless malicious_ids is set
+    malicious_fraction: float = field(default=0.0, metadata=UNIT)
+    malicious_ids: Optional[List[int]] = field(default=None, metadata=NON_NEGATIVE)
+    local_epochs: int = field(default=1, metadata=AT_LEAST_ONE)
+    # federated: fraction of clients sampled per round
+    fraction_train: float = field(default=1.0, metadata=UNIT_OPEN_LOW)
     # FL: the run stops as failed when more than this share of a round's clients fail (raise, or their
     # worker dies); a round where every client fails always stops it. Fewer failures are recorded.
-    max_failed_fraction: float = 0.5
+    max_failed_fraction: float = field(default=0.5, metadata=UNIT)
 
 
 @dataclass
 class TopologyConfig:
-    name: str = "ring"  # ring | k_regular | erdos_renyi | small_world | complete | edges
-    k: int = 4  # k_regular degree; small_world neighbours
-    p: float = 0.3  # erdos_renyi edge probability; small_world rewiring probability
-    edges: List[List[int]] = field(default_factory=list)  # name=edges: [[u, v], ...]
+    # ring | k_regular | erdos_renyi | small_world | complete | edges
+    name: str = field(default="ring", metadata=one_of(TOPOLOGIES))
+    k: int = field(default=4, metadata=AT_LEAST_ONE)  # k_regular degree; small_world neighbours
+    # erdos_renyi edge probability; small_world rewiring probability
+    p: float = field(default=0.3, metadata=UNIT_OPEN_LOW)
+    edges: List[List[int]] = field(default_factory=list, metadata=NON_NEGATIVE)  # name=edges: [[u, v], ...]
 
 
 @dataclass
@@ -212,11 +263,11 @@ class DecentralizedConfig:
     # dpsgd: train clients.local_epochs epochs, then gossip the models (Lian et al. 2017);
     # dsgd: one minibatch step per round with client momentum train.momentum (the per-step protocol);
     # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021)
-    algorithm: str = "dpsgd"
+    algorithm: str = field(default="dpsgd", metadata=one_of(DFL_ALGORITHMS))
     # engine=local under dpsgd: the nodes' local epochs in one vectorized loop where the model allows it
     # (mlp; fedepic/stacked_fit.py), equal to training them one by one up to float rounding; false trains
     # one node after another, as Ray nodes do (with train.threads=1, Ray's numbers to the last bit)
-    vectorize: bool = True
+    vectorize: bool = field(default=True, metadata=ANY)
 
 
 @dataclass
@@ -228,25 +279,30 @@ class ServerConfig:
     # per_step: each client takes one minibatch gradient (train.batch_size rows) at the global model,
     #   sends its momentum m_i <- beta m_i + (1 - beta) g_i (beta = train.momentum, m_i kept across
     #   rounds); the server aggregates the momenta and steps w <- w - lr (agg + train.weight_decay w)
-    protocol: str = "local_epochs"
-    lr: Optional[float] = None  # per_step: the server's step size; None = train.lr (train.milestones count rounds)
+    protocol: str = field(default="local_epochs", metadata=one_of(SERVER_PROTOCOLS))
+    # per_step: the server's step size; None = train.lr (train.milestones count rounds)
+    lr: Optional[float] = field(default=None, metadata=POSITIVE)
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # attach to an existing cluster ("auto" or HOST:PORT); None starts a local one
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    num_cpus: Optional[int] = None  # local cluster size; None = all cores
+    # attach to an existing cluster ("auto" or HOST:PORT); None starts a local one
+    address: Optional[str] = field(default=None, metadata=PATH)
+    client_cpus: float = field(default=1.0, metadata=between(0, 1024, open_low=True))
+    client_gpus: float = field(default=0.0, metadata=between(0, 1024))
+    # local cluster size; None = all cores
+    num_cpus: Optional[int] = field(default=None, metadata=between(1, 1_000_000))
 
 
 @dataclass
 class FiguresConfig:
     """How the run's figures are saved (fedepic.plots.save_figure): each as PNG and as a vector file."""
 
-    enabled: bool = True  # false: no figures at all (tables, metrics and report.html are always written)
-    dpi: int = 150  # PNG resolution, dots per inch
-    vector: str = "pdf"  # pdf | svg: the copy of every figure for papers (report.html embeds the PNG)
+    # false: no figures at all (tables, metrics and report.html are always written)
+    enabled: bool = field(default=True, metadata=ANY)
+    dpi: int = field(default=150, metadata=between(*DPI_RANGE))  # PNG resolution, dots per inch
+    # pdf | svg: the copy of every figure for papers (report.html embeds the PNG)
+    vector: str = field(default="pdf", metadata=one_of(VECTOR_FORMATS))
 
 
 @dataclass
@@ -254,27 +310,35 @@ class SweepSettings:
     """How a sweep runs: the reserved keys of ``sweep:`` (fedepic/sweep/). Every other key of ``sweep:``
     is an axis: a dotted config key and the list of its values (``sweep.seed=[0,1,2]``)."""
 
-    zip: List[List[str]] = field(default_factory=list)  # groups of axes that move together (equal lengths)
-    parallel: bool = True  # cells as Ray tasks (local instance, or the cluster at ray.address); false: one at a time here
-    cell_cpus: float = 1.0  # CPUs a cell declares to Ray; also its torch threads when train.threads is null
-    cell_gpus: float = 0.0  # GPUs a cell declares to Ray (fractions share one)
-    max_retries: int = 1  # Ray runs a cell again when its worker process dies (never when the cell raises)
-    metrics: Optional[List[str]] = None  # aggregated metrics; null: every numeric column of the mode's comparison
-    curves: Optional[List[str]] = None  # per-round metrics drawn with a +- s.e. band; null: the mode's panels
-    cell_figures: bool = False  # each cell's own figures (about 1.5 s of matplotlib a cell); the sweep draws its own
+    # groups of axes that move together (equal lengths)
+    zip: List[List[str]] = field(default_factory=list, metadata=ANY)
+    # cells as Ray tasks (local instance, or the cluster at ray.address); false: one at a time here
+    parallel: bool = field(default=True, metadata=ANY)
+    # CPUs a cell declares to Ray; also its torch threads when train.threads is null
+    cell_cpus: float = field(default=1.0, metadata=between(0, 1024, open_low=True))
+    # GPUs a cell declares to Ray (fractions share one)
+    cell_gpus: float = field(default=0.0, metadata=between(0, 1024))
+    # Ray runs a cell again when its worker process dies (never when the cell raises)
+    max_retries: int = field(default=1, metadata=between(0, 100))
+    # aggregated metrics; null: every numeric column of the mode's comparison
+    metrics: Optional[List[str]] = field(default=None, metadata=ANY)
+    # per-round metrics drawn with a +- s.e. band; null: the mode's panels
+    curves: Optional[List[str]] = field(default=None, metadata=ANY)
+    # each cell's own figures (about 1.5 s of matplotlib a cell); the sweep draws its own
+    cell_figures: bool = field(default=False, metadata=ANY)
 
 
 @dataclass
 class RunConfig:
-    mode: str = "centralized"  # centralized | federated | decentralized
-    seed: int = 0
-    output_dir: str = "runs"
-    name: str = "run"
-    progress: bool = True  # rich progress bars on stderr
+    mode: str = field(default="centralized", metadata=one_of(MODES))  # centralized | federated | decentralized
+    seed: int = field(default=0, metadata=between(0, SEED_LIMIT, open_high=True))
+    output_dir: str = field(default="runs", metadata=PATH)
+    name: str = field(default="run", metadata=RUN_NAME)
+    progress: bool = field(default=True, metadata=ANY)  # rich progress bars on stderr
     # a checkpoint (for `resume=`) after every N-th epoch (centralized) or round (federated,
     # decentralized); 0 writes none: a resume then keeps the finished members and starts the
     # interrupted one over
-    checkpoint_every: int = 1
+    checkpoint_every: int = field(default=1, metadata=NON_NEGATIVE)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -282,20 +346,20 @@ class RunConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
-    rounds: int = 10
-    strategies: List[str] = field(default_factory=lambda: ["fedavg"])
+    rounds: int = field(default=10, metadata=AT_LEAST_ONE)
+    strategies: List[str] = field(default_factory=lambda: ["fedavg"], metadata=MEMBER_NAME)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     # ray (Flower + Ray, one actor per node or client; clusters, GPUs per node) | local (every node or
     # client in this process, the one-step gradients in one vectorized call: many small rounds)
-    engine: str = "ray"
+    engine: str = field(default="ray", metadata=one_of(ENGINES))
     decentralized: DecentralizedConfig = field(default_factory=DecentralizedConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     # named members to compare: {name: {strategy: RULE, <any member-level keys>: ...}}; a name listed
     # in `strategies` runs RULE with those keys merged over the run's (e.g. one GP per purification target)
-    variants: Dict[str, Any] = field(default_factory=dict)
+    variants: Dict[str, Any] = field(default_factory=dict, metadata=ANY)
     # a grid of runs (fedepic/sweep/): the SweepSettings keys, and axes {dotted key: [values]}; empty: one run
-    sweep: Dict[str, Any] = field(default_factory=dict)
+    sweep: Dict[str, Any] = field(default_factory=dict, metadata=ANY)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -347,6 +411,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"YAML syntax error in {path}{where}: {problem}") from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests its values too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -450,16 +516,36 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         seen.add(key)
     try:
         parsed = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"bad override value: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError, RecursionError):
+        raise ConfigError(_bad_override(overrides)) from None
     _check_shapes(RunConfig, OmegaConf.to_container(parsed), "", "overrides")
     return parsed
 
 
+def _bad_override(overrides: List[str]) -> str:
+    """The message naming the first override that does not parse on its own."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            OmegaConf.from_dotlist([item])
+        except RecursionError:
+            return f"invalid value for key '{key.lstrip('+')}' in overrides: nested too deeply"
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            short = value if len(value) <= 60 else value[:57] + "..."
+            return f"invalid value {short!r} for key '{key.lstrip('+')}' in overrides: {str(err).splitlines()[0]}"
+    return "bad overrides: " + " ".join(overrides)[:200]
+
+
 def load_config(config: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """Schema defaults <- YAML file <- dotted overrides, then `validate`. Returns a typed RunConfig."""
+    try:
+        return _load_config(config, overrides)
+    except RecursionError:  # a value nested thousands deep, in a file or an override
+        raise ConfigError(f"a value of {'config file ' + config if config else 'the overrides'} is nested too "
+                          "deeply") from None
+
+
+def _load_config(config: Optional[str], overrides: Optional[List[str]]) -> RunConfig:
     cfg = OmegaConf.structured(RunConfig)
     if config:
         cfg = _merge_file(cfg, resolve_config_path(config))
@@ -494,10 +580,6 @@ def _fraction(key: str, value: float, allow_zero: bool = False) -> None:
     _check(not math.isnan(value) and low_ok and value <= 1, key, value, f"must lie in {interval}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    _check(value >= 0 if allow_zero else value > 0, key, value, "must be >= 0" if allow_zero else "must be > 0")
-
-
 def malicious_ids(cfg: RunConfig) -> List[int]:
     """The malicious client ids: explicit ids, else the first round(fraction * count)."""
     if cfg.clients.malicious_ids is not None:
@@ -505,33 +587,19 @@ def malicious_ids(cfg: RunConfig) -> List[int]:
     return list(range(int(round(cfg.clients.malicious_fraction * cfg.clients.count))))
 
 
-SEED_LIMIT = 2**32  # derived seeds (seed * 100_003 + ..., seed + 1000 t) must stay inside torch's 64-bit range
-
-
 def validate(cfg: RunConfig) -> None:
-    """Raise ConfigError (one line naming the key) for the first invalid value."""
-    _choice("mode", cfg.mode, MODES)
-    _check(0 <= cfg.seed < SEED_LIMIT, "seed", cfg.seed, "must lie in [0, 2**32)")
-    _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", cfg.name,
-           "must be a non-empty folder name without '/'")
-    _positive("checkpoint_every", cfg.checkpoint_every, allow_zero=True)
-    _check(DPI_RANGE[0] <= cfg.figures.dpi <= DPI_RANGE[1], "figures.dpi", cfg.figures.dpi,
-           f"must lie in [{DPI_RANGE[0]}, {DPI_RANGE[1]}]")
-    _choice("figures.vector", cfg.figures.vector, VECTOR_FORMATS)
+    """Raise ConfigError (one line naming the key) for the first invalid value: every key's own domain
+    (fedepic.domains, declared in the schema above), then what relates keys to each other."""
+    check_domains(cfg)
     _validate_data(cfg)
-    _choice("model.name", cfg.model.name, MODEL_NAMES)
-    _validate_train(cfg.train)
     _validate_defense(cfg)
     _validate_attack(cfg)
     _validate_clients(cfg)
-    _positive("rounds", cfg.rounds)
     _check(len(cfg.strategies) > 0, "strategies", cfg.strategies, "list at least one strategy")
-    _choice("engine", cfg.engine, ENGINES)
     _check(cfg.engine == "ray" or cfg.mode != "centralized", "engine", cfg.engine,
            "engine=local runs mode=federated or decentralized; mode=centralized has no nodes")
     _check(cfg.engine == "ray" or not cfg.train.device.startswith("cuda"), "train.device", cfg.train.device,
            "engine=local runs on the CPU for now; use engine=ray for GPUs")
-    _choice("decentralized.algorithm", cfg.decentralized.algorithm, DFL_ALGORITHMS)
     _validate_server(cfg)
     allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
     _validate_variants(cfg, allowed)
@@ -540,21 +608,15 @@ def validate(cfg: RunConfig) -> None:
             _choice(f"strategies[{i}]", name, allowed + tuple(cfg.variants))
         _validate_member(cfg, name, f"strategies[{i}]")
     _validate_topology(cfg)
-    _positive("ray.client_cpus", cfg.ray.client_cpus)
-    _positive("ray.client_gpus", cfg.ray.client_gpus, allow_zero=True)
-    if cfg.ray.num_cpus is not None:
-        _positive("ray.num_cpus", cfg.ray.num_cpus)
     sweep_section(cfg)
 
 
 def _validate_server(cfg: RunConfig) -> None:
     """``server.*``; per_step refuses what it would ignore (local epochs, augmentation, local EPIC, the
     epoch-based centralized reference, BatchNorm statistics)."""
-    _choice("server.protocol", cfg.server.protocol, SERVER_PROTOCOLS)
     _check(cfg.mode == "federated" or cfg.server.protocol == "local_epochs", "server.protocol", cfg.server.protocol,
            "a protocol of mode=federated (decentralized: decentralized.algorithm=dsgd is the per-step one)")
     if cfg.server.lr is not None:
-        _positive("server.lr", cfg.server.lr)
         _check(cfg.server.protocol == "per_step", "server.lr", cfg.server.lr,
                "the step size of server.protocol=per_step; local_epochs rounds take the strategy's aggregate")
     if cfg.mode != "federated" or cfg.server.protocol != "per_step":
@@ -576,6 +638,7 @@ def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
         _check(cfg.mode == "decentralized", "variants", name, "variants are members of mode=decentralized")
         _check(name not in allowed, key, name, "a variant may not take the name of a strategy")
         _check(isinstance(body, dict) and "strategy" in body, key, body, "expected {strategy: RULE, ...}")
+        _check(isinstance(body["strategy"], str), f"{key}.strategy", body["strategy"], "expected a rule name")
         _choice(f"{key}.strategy", body["strategy"], allowed)
         for k in body:
             _check(k not in RUN_LEVEL_KEYS, f"{key}.{k}", body[k], "a run-level key, the same for every member")
@@ -633,15 +696,13 @@ def sweep_section(cfg: RunConfig) -> tuple[SweepSettings, dict[str, list]]:
             OmegaConf.merge(OmegaConf.structured(SweepSettings), settings_data))  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err, "the config").replace("key '", "key 'sweep.", 1)) from None
+    check_domains(settings, "sweep.")
     axes: dict[str, list] = {}
     for key, value in cfg.sweep.items():
         if key not in SWEEP_SETTINGS:
             _collect_axes(key, value, axes)
     if cfg.sweep:
         _check(bool(axes), "sweep", dict(cfg.sweep), "a sweep needs at least one axis, e.g. sweep.seed=[0,1,2]")
-    _positive("sweep.cell_cpus", settings.cell_cpus)
-    _positive("sweep.cell_gpus", settings.cell_gpus, allow_zero=True)
-    _positive("sweep.max_retries", settings.max_retries, allow_zero=True)
     seen: dict[str, int] = {}
     for i, group in enumerate(settings.zip):
         for name in group:
@@ -704,9 +765,9 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     rule, member = member_config(cfg, entry)
     if member is not cfg:
         try:
+            check_domains(member)
             _validate_defense(member)
             _validate_attack(member)
-            _validate_train(member.train)
         except ConfigError as err:
             raise ConfigError(f"{err} (in variants.{entry})") from None
     if cfg.mode != "decentralized":
@@ -749,17 +810,6 @@ def _one_step_settings(cfg: RunConfig, where: str, algorithm: str) -> None:
 
 def _validate_data(cfg: RunConfig) -> None:
     data = cfg.data
-    _choice("data.name", data.name, DATASETS)
-    _choice("data.partition", data.partition, PARTITIONS)
-    _positive("data.alpha", data.alpha)
-    _positive("data.shards_per_client", data.shards_per_client)
-    _positive("data.min_per_client", data.min_per_client, allow_zero=True)
-    for key in ("train_per_class", "test_per_class"):
-        value = getattr(data, key)
-        if value is not None:
-            _positive(f"data.{key}", value)
-    _positive("data.synthetic_train", data.synthetic_train)
-    _positive("data.synthetic_test", data.synthetic_test)
     if data.classes is not None:
         _check(len(data.classes) >= 2 and len(set(data.classes)) == len(data.classes), "data.classes",
                data.classes, "list at least two distinct class ids")
@@ -780,32 +830,8 @@ def _validate_data(cfg: RunConfig) -> None:
             _check(len(group.labels) > 0, f"data.label_sets[{i}].labels", group.labels, "list at least one label")
 
 
-def _validate_train(train: TrainConfig) -> None:
-    _positive("train.epochs", train.epochs)
-    _positive("train.batch_size", train.batch_size)
-    _positive("train.lr", train.lr)
-    _check(0 <= train.momentum < 1, "train.momentum", train.momentum, "must lie in [0, 1)")
-    _positive("train.weight_decay", train.weight_decay, allow_zero=True)
-    _fraction("train.gamma", train.gamma)
-    _choice("train.augment", train.augment, AUGMENTATIONS)
-    _positive("train.crop_pad", train.crop_pad, allow_zero=True)
-    _positive("train.eval_batch_size", train.eval_batch_size)
-    _positive("train.eval_every", train.eval_every)
-    for milestone in train.milestones:
-        _positive("train.milestones", milestone)
-    device = train.device
-    _check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "train.device", device,
-           "choose auto, cpu, cuda or cuda:N")
-
-
 def _validate_defense(cfg: RunConfig) -> None:
     epic = cfg.defense.epic
-    _fraction("defense.epic.fraction", epic.fraction)
-    _positive("defense.epic.warmup", epic.warmup, allow_zero=True)
-    _positive("defense.epic.interval", epic.interval)
-    _choice("defense.epic.proxy", epic.proxy, PROXIES)
-    _positive("defense.epic.threshold", epic.threshold, allow_zero=True)
-    _positive("defense.epic.min_medoids", epic.min_medoids)
     seen: dict[tuple, str] = {}
     for i, name in enumerate(cfg.defense.compare):
         base, _, frac = name.partition("-")
@@ -821,28 +847,12 @@ def _validate_defense(cfg: RunConfig) -> None:
         _check(member not in seen, f"defense.compare[{i}]", name, f"repeats {seen.get(member)!r}")
         seen[member] = name
     pur = cfg.defense.purification
-    _positive("defense.purification.threshold", pur.threshold)
-    _positive("defense.purification.patience", pur.patience)
-    _positive("defense.purification.min_scale", pur.min_scale, allow_zero=True)
-    if pur.clip_tau is not None:
-        _positive("defense.purification.clip_tau", pur.clip_tau)
     if pur.reject_score is not None and not pur.reject_score > pur.threshold:
         raise ConfigError(f"invalid value {pur.reject_score!r} for key 'defense.purification.reject_score': "
                           f"must exceed defense.purification.threshold ({pur.threshold}) or be null")
-    _positive("defense.trim", cfg.defense.trim, allow_zero=True)
-    if cfg.defense.byzantine is not None:
-        _positive("defense.byzantine", cfg.defense.byzantine, allow_zero=True)
-    _positive("defense.purification.cos_weight", pur.cos_weight, allow_zero=True)
-    _choice("defense.purification.detector", pur.detector, ("robust", "records", "epic"))
-    _choice("defense.purification.target", pur.target, PURIFICATION_TARGETS)
-    if pur.oracle_at is not None:
-        _fraction("defense.purification.oracle_at", pur.oracle_at, allow_zero=True)
-    _fraction("defense.purification.epic_fraction", pur.epic_fraction)
-    _positive("defense.purification.epic_threshold", pur.epic_threshold, allow_zero=True)
-    _positive("defense.scclip_tau", cfg.defense.scclip_tau)
-    _positive("defense.clip_radius", cfg.defense.clip_radius)
-    for i, step in enumerate(cfg.defense.pre_aggregation):
-        _choice(f"defense.pre_aggregation[{i}]", step, PRE_AGGREGATION)
+    _check(pur.votes <= pur.window, "defense.purification.votes", pur.votes,
+           f"a neighbour is flagged when suspicious in `votes` of the last defense.purification.window "
+           f"({pur.window}) rounds: votes above the window never flag")
     _check(not cfg.defense.pre_aggregation or cfg.mode != "centralized", "defense.pre_aggregation",
            cfg.defense.pre_aggregation, "pre-aggregation runs before the aggregation rules of federated and "
            "decentralized runs")
@@ -850,18 +860,6 @@ def _validate_defense(cfg: RunConfig) -> None:
 
 def _validate_attack(cfg: RunConfig) -> None:
     attack = cfg.attack
-    _choice("attack.data", attack.data, DATA_ATTACKS)
-    _choice("attack.model", attack.model, MODEL_ATTACKS)
-    _choice("attack.flip", attack.flip, ("pairs", "all", "map"))
-    _check(0 < attack.eps <= 255, "attack.eps", attack.eps, "must lie in (0, 255] (units of 1/255)")
-    _fraction("attack.budget", attack.budget)
-    _fraction("attack.backdoor_fraction", attack.backdoor_fraction)
-    _positive("attack.restarts", attack.restarts)
-    _positive("attack.steps", attack.steps)
-    _positive("attack.tau", attack.tau)
-    _positive("attack.targets", attack.targets)
-    _positive("attack.pretrain_epochs", attack.pretrain_epochs, allow_zero=True)
-    _positive("attack.patch_size", attack.patch_size)
     sources = [pair[0] for pair in attack.flip_map if len(pair) == 2]
     for pair in attack.flip_map:
         _check(len(pair) == 2, "attack.flip_map", pair, "each entry is [from, to]")
@@ -874,11 +872,6 @@ def _validate_attack(cfg: RunConfig) -> None:
 
 def _validate_clients(cfg: RunConfig) -> None:
     clients = cfg.clients
-    _positive("clients.count", clients.count)
-    _fraction("clients.malicious_fraction", clients.malicious_fraction, allow_zero=True)
-    _fraction("clients.fraction_train", clients.fraction_train)
-    _fraction("clients.max_failed_fraction", clients.max_failed_fraction, allow_zero=True)
-    _positive("clients.local_epochs", clients.local_epochs)
     if clients.malicious_ids is not None:
         for cid in clients.malicious_ids:
             _check(0 <= cid < clients.count, "clients.malicious_ids", cid,
@@ -892,9 +885,6 @@ def _validate_clients(cfg: RunConfig) -> None:
 
 def _validate_topology(cfg: RunConfig) -> None:
     topo = cfg.topology
-    _choice("topology.name", topo.name, TOPOLOGIES)
-    _positive("topology.k", topo.k)
-    _fraction("topology.p", topo.p)
     for edge in topo.edges:
         _check(len(edge) == 2 and all(0 <= v < cfg.clients.count for v in edge), "topology.edges", edge,
                f"each edge is [u, v] with node ids in [0, {cfg.clients.count})")
@@ -933,7 +923,18 @@ def check_environment(cfg: RunConfig) -> None:
 
 def check_writable_dir(key: str, path: Path) -> None:
     """A folder that is, or can be made, writable. Missing folders are created later, except a missing
-    top-level folder of an absolute path (most likely a typo, and writable only by root)."""
+    top-level folder of an absolute path (most likely a typo, and writable only by root). A link loop
+    or an over-long name on the way is refused too (pathlib's exists() would call it missing)."""
+    for folder in (path, *path.parents):
+        try:
+            os.stat(folder)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # ELOOP, ENAMETOOLONG, ENOTDIR (checked below with a better message)
+            if err.errno == errno.ENOTDIR:
+                break
+            raise ConfigError(f"invalid value '{path}' for key '{key}': {folder}: {err.strerror}") from None
     if path.is_symlink() and not path.exists():
         raise ConfigError(f"invalid value '{path}' for key '{key}': a symbolic link to nothing")
     if path.exists() and not path.is_dir():
@@ -985,6 +986,7 @@ def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int) -> 
         _check(len(rows_set) == rows.size and not (rows_set & seen), key, path,
                f"{name} repeats a row (clients' rows must be disjoint)")
         seen |= rows_set
+    _check(bool(seen), key, path, "every client's array is empty: no client would train")
 
 
 def _check_device(cfg: RunConfig) -> None:

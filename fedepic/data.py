@@ -13,11 +13,13 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ import torch
 from fedepic.config import DataConfig, data_root, decoded_cache_dir
 from fedepic.errors import DataError
 from fedepic.extensions import DATASETS
-from fedepic.outputs import atomic_write_bytes, atomic_write_text
+from fedepic.outputs import atomic_write_bytes, atomic_write_text, first_missing
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,9 @@ def _mnist_like(cls_name: str, expected: Sequence[str]) -> Callable[[Path, bool]
         raw = root / cls_name / "raw"
         if not all((raw / name).is_file() for name in expected):
             try:  # torchvision only downloads; the files are parsed (and checked) below
-                cls(str(root), train=True, download=download)
-                cls(str(root), train=False, download=download)
+                with _removed_on_failure(raw):
+                    cls(str(root), train=True, download=download)
+                    cls(str(root), train=False, download=download)
             except (RuntimeError, OSError) as err:
                 raise DataError(
                     f"{cls_name} not found under {root} and could not be downloaded ({str(err).splitlines()[0]}); "
@@ -108,12 +111,26 @@ def _mnist_like(cls_name: str, expected: Sequence[str]) -> Callable[[Path, bool]
     return load
 
 
+@contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """The folders a failed download made on the way to ``folder`` are removed again: a refused run
+    writes nothing (torchvision makes them before it tries the network)."""
+    made = first_missing(folder)
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
 def _load_cifar10(root: Path, download: bool) -> tuple:
     import torchvision.datasets as tvd
 
     try:
-        train = tvd.CIFAR10(str(root), train=True, download=download)
-        test = tvd.CIFAR10(str(root), train=False, download=download)
+        with _removed_on_failure(root):
+            train = tvd.CIFAR10(str(root), train=True, download=download)
+            test = tvd.CIFAR10(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:
         raise DataError(
             f"CIFAR-10 not found under {root} and could not be downloaded ({str(err).splitlines()[0]}); expected "
@@ -219,18 +236,31 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_stats(folder: Path, prefix: str) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file below `folder`; scandir: one stat per file (60k for CIFAR)."""
+def _file_stats(folder: Path, prefix: str, seen: frozenset = frozenset()) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file below `folder`; scandir: one stat per file (60k for CIFAR).
+
+    Links are followed (a dataset may link its files from elsewhere); a link loop, or a folder linked
+    inside itself (``seen``: the folders above, by device and inode), is a DataError naming it.
+    """
     stats = []
     try:
         entries = list(os.scandir(folder))
+        here = os.stat(folder)
     except (FileNotFoundError, NotADirectoryError):
         return stats
+    except OSError as err:
+        raise DataError(f"cannot read the data folder {folder}: {err.strerror}") from None
+    seen = seen | {(here.st_dev, here.st_ino)}
     for entry in entries:
+        try:
+            stat = entry.stat()  # follows links
+        except OSError as err:
+            raise DataError(f"cannot read data file {entry.path}: {err.strerror}") from None
         if entry.is_dir():
-            stats += _file_stats(Path(entry.path), f"{prefix}{entry.name}/")
+            if (stat.st_dev, stat.st_ino) in seen:
+                raise DataError(f"the data folder {entry.path} links to a folder above it (a loop)")
+            stats += _file_stats(Path(entry.path), f"{prefix}{entry.name}/", seen)
         elif entry.is_file():
-            stat = entry.stat()
             stats.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
     return stats
 

@@ -238,7 +238,7 @@ class RunWriter:
             if not self.dir.exists():
                 os.replace(self.final_dir, self.dir)
         else:
-            self._made = _first_missing(self.dir)
+            self._made = first_missing(self.dir)
             self.dir.mkdir(parents=True)
         try:
             if self.parent is None and self._lock is None:
@@ -347,7 +347,7 @@ class RunWriter:
         atomic_write_bytes(self.dir / name, data)
 
 
-def _first_missing(path: Path) -> Optional[Path]:
+def first_missing(path: Path) -> Optional[Path]:
     """The top-most folder of ``path`` that does not exist yet (``path`` itself, or a parent), or None."""
     missing = None
     for folder in (path, *path.parents):

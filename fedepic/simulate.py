@@ -31,13 +31,15 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 def _split_args(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], list[str]]:
     """(config, resume, overrides) from ``config=``, ``resume=`` (or ``--config=``, ``--resume=``) and the rest."""
+    from fedepic.errors import ConfigError
+
     config, resume, overrides = None, None, []
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
-        if key == "config" and value:
-            config = value
-        elif key == "resume" and value:
-            resume = value
+        if key in ("config", "resume") and value:
+            if (config if key == "config" else resume) is not None:  # the last one would win silently
+                raise ConfigError(f"key '{key}' is given twice on the command line")
+            config, resume = (value, resume) if key == "config" else (config, value)
         else:
             overrides.append(arg)
     return config, resume, overrides
@@ -89,9 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\n" + _extension_names())
         return 0
-    config, resume, overrides = _split_args(argv)
     failed_cells: list[str] = []
     try:
+        config, resume, overrides = _split_args(argv)
         with Interrupts() as interrupts:
             if resume:
                 from fedepic.checkpoint import resume_config

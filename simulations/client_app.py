@@ -118,7 +118,10 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
         state, attack_nonfinite = _attacked(cfg, global_state, state, seed)
     metrics = {
+        # Flower's FedAvg weights by num-examples and divides by their sum: a client without rows sends the
+        # global model back at weight 1; "trained-rows" is what the client record reports
         "num-examples": max(trained_rows, 1),
+        "trained-rows": trained_rows,
         "partition-id": client.client_id,
         "malicious": int(client.is_malicious),
         "train-loss": float(history[-1]["loss"]) if history else UNKNOWN,

@@ -78,7 +78,35 @@ SETUPS: dict[str, Callable[[Path, Path], None]] = {
     "img_tree": lambda t, d: _image_tree(t, d),
     "completed_run": lambda t, d: (_write(t / "done" / "config.yaml", b"mode: centralized\n"),
                                    _write(t / "done" / "summary.json", b'{"status": "completed"}')),
+    "deep_yaml": lambda t, d: _write(t / "deep.yaml", b"rounds: " + b"[" * 5000 + b"]" * 5000 + b"\n"),
+    "link_loop": lambda t, d: ((t / "a").symlink_to(t / "b"), (t / "b").symlink_to(t / "a")),
+    "img_loop": lambda t, d: (_image_tree(t, d), (t / "images" / "tiny" / "train" / "a" / "x.jpg").symlink_to(
+        t / "images" / "tiny" / "train" / "a" / "y.jpg"), (t / "images" / "tiny" / "train" / "a" / "y.jpg").symlink_to(
+        t / "images" / "tiny" / "train" / "a" / "x.jpg")),
+    "img_folder_loop": lambda t, d: (_image_tree(t, d), (t / "images" / "tiny" / "train" / "a" / "up").symlink_to(
+        t / "images" / "tiny", target_is_directory=True)),
+    "foreign_checkpoint": lambda t, d: (_write(t / "run" / "config.yaml", b"mode: centralized\n"),
+                                        _write(t / "run" / "summary.json", b'{"status": "interrupted"}'),
+                                        _write(t / "run" / "checkpoint.pt", _foreign_pickle())),
+    "empty_partition": lambda t, d: _empty_partition(t / "empty.npz", 10),
 }
+
+
+def _foreign_pickle() -> bytes:
+    import pickle
+
+    class Code:  # what a planted checkpoint would run if it were unpickled
+        def __reduce__(self):
+            return (os.system, ("echo planted",))
+
+    return pickle.dumps(Code(), protocol=4)
+
+
+def _empty_partition(path: Path, count: int) -> Path:
+    import numpy as np
+
+    np.savez(path, **{f"client_{k}": np.zeros(0, dtype=np.int64) for k in range(count)})
+    return path
 
 # (id, setup, args ({tmp} is the scratch dir), needles that the one stderr line must hold, extra env)
 CASES = [
@@ -130,6 +158,23 @@ CASES = [
     ("duplicate compare epic spelling", None, ["defense.compare=[epic-0.1,epic-0.10]"], ["defense.compare[1]"], {}),
     ("label_sets label out of range", "label_sets", ["config={tmp}/ls.yaml"], ["data.label_sets[0].labels", "12"],
      {}),
+    # the section 4 (every value checked before anything runs)
+    ("train.threads negative", None, ["train.threads=-3"], ["train.threads", "-3"], {}),
+    ("train.lr inf", None, ["train.lr=inf"], ["train.lr", "finite"], {}),
+    ("train.lr 1e309", None, ["train.lr=1e309"], ["train.lr", "finite"], {}),
+    ("train.weight_decay inf", None, ["train.weight_decay=inf"], ["train.weight_decay", "finite"], {}),
+    ("name of 300 characters", None, ["name=" + "n" * 300], ["'name'", "at most 200 bytes"], {}),
+    ("YAML nested 5000 deep", "deep_yaml", ["config={tmp}/deep.yaml"], ["deep.yaml", "too deeply"], {}),
+    ("override nested 5000 deep", None, ["rounds=" + "[" * 5000 + "]" * 5000], ["'rounds'"], {}),
+    ("config given twice", None, ["config=centralized_mnist", "config=dfl_smoke"], ["'config'", "twice"], {}),
+    ("a missing data.root is not created", None, ["data.root={tmp}/new/root"], ["MNIST not found"], {}),
+    ("output_dir under a link loop", "link_loop", ["output_dir={tmp}/a/runs"],
+     ["output_dir", "Too many levels of symbolic links"], {}),
+    ("imagefolder link loop", "img_loop", IMAGEFOLDER, ["x.jpg", "Too many levels of symbolic links"], {}),
+    ("imagefolder folder linked inside itself", "img_folder_loop", IMAGEFOLDER, ["up", "loop"], {}),
+    ("a foreign checkpoint", "foreign_checkpoint", ["resume={tmp}/run"], ["checkpoint.pt", "not a readable checkpoint (Unsupported"], {}),
+    ("every client of a partition file empty", "empty_partition",
+     ["mode=federated", "data.partition=rows", "data.partition_file={tmp}/empty.npz"], ["partition_file", "empty"], {}),
 ]
 
 
