@@ -10,7 +10,6 @@ counts from the same trial, so they remove exactly as many rows at the same epoc
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from fedepic.epic import EpicState
 from fedepic.extensions import CENTRAL_DEFENSES
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
-from fedepic.metrics import mean_and_se, poison_stats, success_rate
+from fedepic.metrics import diverged, diverged_members, mean_and_se, poison_stats, success_rate
 from fedepic.outputs import RunWriter
 from fedepic.progress import bar, progress_bars
 from fedepic.report import setting_title
@@ -243,15 +242,17 @@ def train_victim(cfg: RunConfig, data: ImageData, trial: Trial, defense: str, de
         "dropped": int(dropped.sum()), "poisons_dropped": drops["poisons_dropped"],
         "poison_recall": drops["poison_recall"] if trial.poisoned.any() else None,
         "clean_drop_rate": drops["clean_drop_rate"],
-        "accuracy_curve": accuracy_curve, "diverged": _diverged(history, model), **trial.info,
+        "accuracy_curve": accuracy_curve, "diverged": _diverged(history, model, final), **trial.info,
     }
     return outcome, policy.selections
 
 
-def _diverged(history: list[dict], model: torch.nn.Module) -> bool:
-    """A non-finite training loss, or non-finite weights at the end (e.g. train.lr=inf)."""
-    return not all(math.isfinite(h["loss"]) for h in history) or not all(
+def _diverged(history: list[dict], model: torch.nn.Module, final: dict) -> bool:
+    """A non-finite training loss, non-finite weights at the end (e.g. train.lr=inf), or a final model
+    that predicts one class for every test image (fedepic.metrics.diverged)."""
+    finite = all(math.isfinite(h["loss"]) for h in history) and all(
         bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point())
+    return diverged(finite, final)
 
 
 def summarise(defense: str, outcomes: list[dict], binary_success: bool) -> dict:
@@ -320,12 +321,9 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
 
 def _root_figures(rows: list[dict], histogram: list[int]) -> dict:
     """The root summary's own figures: the diverged members (each also a warning line) and the labels."""
-    diverged = [r["defense"] for r in rows if r["diverged_trials"]]
-    for r in rows:
-        if r["diverged_trials"]:
-            print(f"fedepic: warning: {r['defense']} diverged (non-finite loss or weights) in "
-                  f"{r['diverged_trials']} trial(s)", file=sys.stderr)
-    return {"diverged": diverged, "class_histogram": histogram}
+    names = diverged_members(rows, "defense", lambda r: f"in {r['diverged_trials']} trial(s)"
+                             if r["diverged_trials"] else None)
+    return {"diverged": names, "class_histogram": histogram}
 
 
 def _member_report(cfg: RunConfig, member: str, outcomes: list[dict]) -> MemberReport:

@@ -4,7 +4,8 @@ and the precision / recall of a detector."""
 from __future__ import annotations
 
 import math
-from typing import Hashable, Iterable, Sequence
+import sys
+from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -64,3 +65,38 @@ def poison_stats(dropped: torch.Tensor, poisoned: torch.Tensor) -> dict:
     hit, miss = int((dropped & poisoned).sum()), int((dropped & ~poisoned).sum())
     return {"poisons_dropped": hit, "poison_recall": hit / poisons if poisons else 0.0,
             "clean_dropped": miss, "clean_drop_rate": miss / clean if clean else 0.0}
+
+
+# The one wording of divergence in every mode's warnings and docs (fedepic.metrics.diverged).
+DIVERGED_MEANS = "non-finite weights or loss, or every test image predicted as one class"
+
+
+def diverged(weights_finite: bool, evaluation: Optional[Mapping[str, Any]] = None) -> bool:
+    """A model diverged: its weights are non-finite, or its evaluation (fedepic.train.logit_metrics)
+    has a non-finite loss or a collapse to one predicted class (train.lr=1e6 can leave finite weights
+    that predict one class for everything: 10% accuracy on MNIST, no NaN anywhere)."""
+    if not weights_finite:
+        return True
+    if evaluation is None:
+        return False
+    loss = evaluation.get("loss")
+    return bool(evaluation.get("collapsed")) or (loss is not None and not math.isfinite(float(loss)))
+
+
+def diverged_members(rows: Sequence[Mapping[str, Any]], name_key: str, when: Callable[[Mapping[str, Any]], Optional[str]]
+                     ) -> list[str]:
+    """The members whose rows say they diverged (``when(row)``: where, e.g. "from round 3", or None),
+    each also a warning line on stderr in the one wording of every mode (:data:`DIVERGED_MEANS`)."""
+    names = []
+    for row in rows:
+        where = when(row)
+        if where:
+            names.append(str(row[name_key]))
+            print(f"fedepic: warning: {row[name_key]} diverged ({DIVERGED_MEANS}) {where}", file=sys.stderr)
+    return names
+
+
+def diverged_from_round(row: Mapping[str, Any]) -> Optional[str]:
+    """:func:`diverged_members`'s ``when`` for the rows of federated and decentralized runs."""
+    first = row.get("diverged_round")
+    return None if first is None else f"from round {first}"

@@ -7,6 +7,7 @@ The same code runs on the CPU. Per-epoch hooks (the EPIC selector plugs in here)
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, am
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
              num_classes: Optional[int] = None, amp: bool = True) -> dict:
-    """Clean accuracy, per-class accuracy and mean loss."""
+    """Clean accuracy, per-class accuracy, mean loss, and whether the model collapsed (one prediction)."""
     return logit_metrics(predict_logits(model, x, batch_size, amp), y, num_classes)
 
 
@@ -92,15 +93,27 @@ def logit_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: Optional[i
     """:func:`evaluate`'s figures from a model's logits [B, C] on the images whose labels are ``y``."""
     y = y.to(logits.device)
     num_classes = num_classes or logits.shape[1]
-    correct = (logits.argmax(1) == y).float()
+    loss = F.cross_entropy(logits, y).item() if len(y) else float("nan")
+    predicted = logits.argmax(1)
+    correct = (predicted == y).float()
     per_class_total = torch.bincount(y, minlength=num_classes).float()
     per_class_hit = torch.bincount(y, weights=correct, minlength=num_classes)
     per_class = torch.where(per_class_total > 0, per_class_hit / per_class_total.clamp_min(1), torch.nan)
     return {
         "accuracy": correct.mean().item() if len(y) else float("nan"),
         "per_class": per_class.tolist(),
-        "loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
+        "loss": loss,
+        "collapsed": _collapsed(predicted, y, loss, num_classes),
     }
+
+
+def _collapsed(predicted: torch.Tensor, y: torch.Tensor, loss: float, num_classes: int) -> bool:
+    """Every test image predicted as one class (the labels holding several) with a test loss above
+    2 ln C, twice that of the uniform prediction: the logits blew up (train.lr=1e6, dead ReLUs), where
+    an undertrained model that happens to predict one class stays near ln C. The factor 2 is ours."""
+    if len(y) < 2 or bool((y == y[0]).all()) or not bool((predicted == predicted[0]).all()):
+        return False
+    return not math.isfinite(loss) or loss > 2 * math.log(max(num_classes, 2))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.SGD:

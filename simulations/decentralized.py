@@ -34,6 +34,7 @@ from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.plots import X_SUFFIX
 from fedepic.progress import bar, progress_bars
 from fedepic.report import attack_label, setting_title
+from fedepic.metrics import diverged_from_round, diverged_members
 from fedepic.train import torch_threads
 
 from simulations.client_data import client_partition, partition_report, worker_config
@@ -68,7 +69,7 @@ def member_summary(name: str, strategy: str, records: list[Mapping[str, Any]]) -
     full = [r["round"] for r in records if r.get("detection_recall") == 1.0 and r.get("detection_tp", 0) > 0]
     summary["detected_round"] = full[0] if full else None
     diverged = [r["round"] for r in records if r.get("diverged_nodes")]
-    summary["diverged_round"] = diverged[0] if diverged else None  # a benign node's model went non-finite
+    summary["diverged_round"] = diverged[0] if diverged else None  # a benign node's model diverged (fedepic.metrics)
     return summary
 
 
@@ -197,6 +198,8 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
     comparison = Comparison(COLUMNS, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
     life = RunLifecycle(cfg, [m.name for m in members], comparison, interrupts=interrupts,
                         resume=resume, extras=lambda rows: {"attack": attack_label(cfg), "label_roles": roles,
+                                                            "diverged": diverged_members(rows, "strategy",
+                                                                                         diverged_from_round),
                                                             "members": {r["strategy"]: r for r in rows}})
     with life, progress_bars(cfg.progress) as progress:
         life.root.write_json("partition.json", report)

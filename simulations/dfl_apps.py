@@ -62,7 +62,7 @@ from simulations.dfl_node import (
     load_exchanged, new_model, one_step, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
-    AttackTally, Routing, detection_record, detection_truth, message_batches, outgoing, round_metrics,
+    AttackTally, Routing, detection_record, diverged_nodes, detection_truth, message_batches, outgoing, round_metrics,
 )
 
 STATE_PREFIX = "dfl."
@@ -227,7 +227,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             model = load_exchanged(node_model(cfg_yaml)[0], state.model).to(device)
             result = evaluate(model, data.test_x, data.test_y, run_cfg.train.eval_batch_size, data.num_classes,
                               run_cfg.train.amp)
-            metrics.update(accuracy=result["accuracy"], loss=result["loss"], per_class=result["per_class"])
+            metrics.update(accuracy=result["accuracy"], loss=result["loss"], per_class=result["per_class"],
+                           collapsed=int(result["collapsed"]))
             success = attack_success(model, run_cfg.attack, data.test_x, data.test_y, data.num_classes)
             if success is not None:
                 metrics["attack_success"] = float(success)
@@ -383,8 +384,7 @@ class Router:
         if evaluated:
             record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles, confirmed,
                                                          truth)}
-            record["diverged_nodes"] = sum(not bool(torch.isfinite(agg.models[i]).all())
-                                           for i in self.benign if i in agg.models)
+            record["diverged_nodes"] = diverged_nodes(agg.evals, agg.models, self.benign)
         else:  # train.eval_every: the detector's figures only
             record = {"round": round_, **detection_record(reported, confirmed, truth)}
         record["failures"] = failures

@@ -33,7 +33,7 @@ from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_argum
 from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.extensions import PEER_RULES
-from fedepic.metrics import consensus_distance, detection_metrics
+from fedepic.metrics import consensus_distance, detection_metrics, diverged
 from fedepic.topology import build_topology, metropolis_hastings_weights
 
 
@@ -230,6 +230,12 @@ def detection_truth(graph: nx.Graph, malicious: Iterable[int]) -> set[tuple[int,
     """(benign node, malicious neighbour) pairs: what a perfect detector confirms."""
     bad = set(malicious)
     return {(i, j) for i in graph.nodes if i not in bad for j in graph.neighbors(i) if j in bad}
+
+
+def diverged_nodes(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor], benign: Sequence[int]) -> int:
+    """The benign nodes whose model diverged this round (fedepic.metrics.diverged: non-finite, or
+    collapsed to one predicted class)."""
+    return sum(diverged(bool(torch.isfinite(models[i]).all()), evals.get(i)) for i in benign if i in models)
 
 
 def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor], benign: Sequence[int],

@@ -69,7 +69,7 @@ from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
 from fedepic.builders import build_model, epic_schedule
-from fedepic.metrics import poison_stats
+from fedepic.metrics import diverged as model_diverged, diverged_from_round, diverged_members, poison_stats
 from fedepic.models import FIXED_BUFFERS
 from fedepic.checkpoint import Resume, checkpoint_due
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
@@ -138,7 +138,8 @@ class Evaluator:
         ev = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
         success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, self.target.x,
                                  self.target.adversarial_class)
-        return {"accuracy": ev["accuracy"], "loss": ev["loss"], "per_class": ev["per_class"], "attack_success": success}
+        return {"accuracy": ev["accuracy"], "loss": ev["loss"], "per_class": ev["per_class"], "collapsed": ev["collapsed"],
+                "attack_success": success}
 
 
 # --------------------------------------------------------------------------- attack injector
@@ -377,8 +378,7 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
         progress.like = outcome.arrays.to_torch_state_dict()
     evaluated = rnd % cfg.train.eval_every == 0 or rnd == cfg.rounds
     ev = evaluator(progress.like) if evaluated else dict.fromkeys(("accuracy", "loss", "per_class", "attack_success"))
-    diverged = ((evaluated and not math.isfinite(ev["loss"]))
-                or not bool(torch.isfinite(flatten_state(progress.like)).all()))
+    diverged = model_diverged(bool(torch.isfinite(flatten_state(progress.like)).all()), ev if evaluated else None)
     if diverged and progress.diverged_round is None:
         progress.diverged_round = rnd
     clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
@@ -612,7 +612,8 @@ def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, life: RunLifecycle, st
     target = _target(cfg, data)
     report = partition_report(cfg, data)
     ready: dict = {"seconds": None}
-    life.extras = lambda rows: {"clients_ready_seconds": ready["seconds"], "partition": report}
+    life.extras = lambda rows: {"clients_ready_seconds": ready["seconds"], "partition": report,
+                                "diverged": diverged_members(rows, "strategy", diverged_from_round)}
     evaluator = Evaluator(cfg, data, target)
     # a resumed run keeps the root lines an uninterrupted one has written by now, and does not log them again
     kept = [name for name in cfg.strategies if life.kept(name)]
