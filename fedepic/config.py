@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedepic import extensions
-from fedepic.domains import (ANY, AT_LEAST_ONE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain, between,
+from fedepic.domains import (ANY, AT_LEAST_ONE, FINITE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain, between,
                              check_domains, meta, one_of)
 from fedepic.errors import ConfigError
 
@@ -228,7 +228,7 @@ class AttackConfig:
     scale: float = field(default=10.0, metadata=POSITIVE)  # scaling attack factor
     sigma: float = field(default=1.0, metadata=POSITIVE)  # gaussian attack std
     ipm_eps: float = field(default=0.1, metadata=POSITIVE)
-    alie_z: Optional[float] = field(default=None, metadata=POSITIVE)  # None = Baruch et al.'s z_max from n and f
+    alie_z: Optional[float] = field(default=None, metadata=FINITE)  # None = Baruch et al.'s z_max from n and f
     per_neighbour: bool = field(default=False, metadata=ANY)  # decentralized: a different poisoned model per neighbour
 
 

@@ -85,19 +85,20 @@ class Domain:
         high_ok = high is None or (value < high if self.open_high and self.high is not None else value <= high)
         if low_ok and high_ok:
             return None
-        return self.describe()
+        return self.describe(isinstance(value, int))
 
-    def describe(self) -> str:
-        """The range in words: "must lie in (0, 1]", "must be > 0", "must be at most 2147483647"."""
-        if self.low is not None and self.high is not None:
-            return (f"must lie in {'(' if self.open_low else '['}{_fmt(self.low)}, {_fmt(self.high)}"
-                    f"{')' if self.open_high else ']'}")
-        if self.low is not None:
-            return f"must be {'>' if self.open_low else '>='} {_fmt(self.low)}" + \
-                   (f" and at most {INT_LIMIT}" if self.high is None else "")
-        if self.high is not None:
-            return f"must be {'<' if self.open_high else '<='} {_fmt(self.high)}"
-        return f"must be a finite number (integers: at most {INT_LIMIT} in size)"
+    def describe(self, integer: bool = False) -> str:
+        """The range in words: "must lie in (0, 1]", "must be > 0", "must lie in [-2147483647, 2147483647]"."""
+        low = self.low if self.low is not None else (-INT_LIMIT if integer else None)
+        high = self.high if self.high is not None else (INT_LIMIT if integer else None)
+        if low is not None and high is not None:
+            return (f"must lie in {'(' if self.open_low and self.low is not None else '['}{_fmt(low)}, {_fmt(high)}"
+                    f"{')' if self.open_high and self.high is not None else ']'}")
+        if low is not None:
+            return f"must be {'>' if self.open_low else '>='} {_fmt(low)}"
+        if high is not None:
+            return f"must be {'<' if self.open_high else '<='} {_fmt(high)}"
+        return "must be a finite number"
 
 
 def _fmt(bound: float) -> str:

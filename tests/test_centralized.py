@@ -71,12 +71,12 @@ def test_table_has_every_defense(smoke_run):
 
 
 def test_a_diverged_member_says_so(tmp_path, capsys):
-    """train.lr=inf trains to NaN: the run completes its protocol, and its summaries say it diverged."""
+    """train.lr=1e38 trains to NaN (inf itself is refused): the run completes its protocol, and its summaries say it diverged."""
     from fedepic.centralized import run_centralized
     from fedepic.config import load_config
 
     cfg = load_config(None, ["mode=centralized", "data.name=synthetic", "data.synthetic_train=200",
-                             "data.synthetic_test=50", "model.name=mlp", "train.lr=inf", "progress=false",
+                             "data.synthetic_test=50", "model.name=mlp", "train.lr=1e38", "progress=false",
                              f"output_dir={tmp_path}", "train.threads=1"])
     folder = run_centralized(cfg)
     summary = json.loads((folder / "summary.json").read_text())

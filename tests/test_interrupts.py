@@ -155,7 +155,7 @@ def test_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["federated", "decentralized"])
 def test_a_diverged_fl_run_says_so(tmp_path: Path, mode: str) -> None:
-    """train.lr=inf: every trained model goes non-finite. Decentralized nodes keep them (each node's model
+    """train.lr=1e38 (the largest finite step: inf is refused): every trained model goes non-finite. Decentralized nodes keep them (each node's model
     is its own): the summary names the first such round. The server leaves non-finite replies out, so
     its model stays finite: the summary counts the replies it left out."""
     import subprocess
@@ -163,10 +163,10 @@ def test_a_diverged_fl_run_says_so(tmp_path: Path, mode: str) -> None:
     from test_federated import ENV, PYTHON, REPO, small_overrides
 
     if mode == "federated":
-        args = small_overrides(tmp_path, rounds="2", strategies="[fedavg]", **{"train.lr": "inf"})
+        args = small_overrides(tmp_path, rounds="2", strategies="[fedavg]", **{"train.lr": "1e38"})
     else:
         args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "name=t", "progress=false", "rounds=2",
-                "strategies=[gossip]", "train.lr=inf", "ray.num_cpus=1"]
+                "strategies=[gossip]", "train.lr=1e38", "ray.num_cpus=1"]
     proc = subprocess.run([PYTHON, "-m", "fedepic.simulate", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -85,7 +85,7 @@ def test_metrics_are_never_appended_through_a_link(tmp_path):
 def test_a_resume_of_a_live_run_is_refused_and_the_run_goes_on(tmp_path, capsys):
     """The issue's repro: ``resume=`` while the run still runs. The live run keeps its lock, the resume
     says so in one line and writes nothing, and the run completes with one line per round."""
-    out, rounds = tmp_path / "runs", 40
+    out, rounds = tmp_path / "runs", 25
     proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *SMALL, f"output_dir={out}", f"rounds={rounds}"],
                             cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -116,7 +116,7 @@ def test_a_resume_of_a_live_run_is_refused_and_the_run_goes_on(tmp_path, capsys)
 def test_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
     """flock goes with the process: a SIGKILLed run (its lock file left behind) resumes normally."""
     out = tmp_path / "runs"
-    proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *SMALL, f"output_dir={out}", "rounds=40"],
+    proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *SMALL, f"output_dir={out}", "rounds=10"],
                             cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -135,7 +135,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
     assert done.returncode == 0, done.stderr[-2000:]
     final = Path(done.stdout.strip().splitlines()[-1])
     assert json.loads((final / "summary.json").read_text())["status"] == "completed"
-    assert len(read_jsonl(final / "gossip" / "metrics.jsonl")) == 40
+    assert len(read_jsonl(final / "gossip" / "metrics.jsonl")) == 10
 
 
 def test_a_new_run_that_cannot_write_its_config_leaves_nothing(tmp_path, monkeypatch, capsys):
