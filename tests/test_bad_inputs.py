@@ -173,6 +173,8 @@ CASES = [
     ("imagefolder link loop", "img_loop", IMAGEFOLDER, ["x.jpg", "Too many levels of symbolic links"], {}),
     ("imagefolder folder linked inside itself", "img_folder_loop", IMAGEFOLDER, ["up", "loop"], {}),
     ("a foreign checkpoint", "foreign_checkpoint", ["resume={tmp}/run"], ["checkpoint.pt", "not a readable checkpoint (Unsupported"], {}),
+    ("a variant's non-finite value", None, ["config=dfl_smoke", "strategies=[v]", "variants={v: {strategy: gossip, "
+     "train: {lr: .inf}}}"], ["train.lr", "finite", "variants.v"], {}),
     ("every client of a partition file empty", "empty_partition",
      ["mode=federated", "data.partition=rows", "data.partition_file={tmp}/empty.npz"], ["partition_file", "empty"], {}),
 ]
