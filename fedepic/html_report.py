@@ -40,6 +40,7 @@ from fedepic.outputs import RunWriter
 from fedepic.quantities import HIGHER, axis_label, display, quantity, with_unit
 
 REPORT = "report.html"
+TEMPLATE = "report.html.j2"  # in fedepic/templates (package data)
 STATUS_WORDS = {"completed": "completed", "interrupted": "interrupted (SIGINT or SIGTERM)",
                 "failed": "failed", "running": "running"}
 # root figures: (file stem, caption); a PNG of the folder not named here still gets embedded ("Other figures")
@@ -119,9 +120,45 @@ class Page:
 
 def render_page(page: Page) -> str:
     """The page as one HTML document (autoescaped: every text is shown as text)."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fedepic", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=template_loader(), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("report.html.j2").render(page=page, status_words=STATUS_WORDS)
+    return env.get_template(TEMPLATE).render(page=page, status_words=STATUS_WORDS)
+
+
+def template_loader() -> jinja2.BaseLoader:
+    """``templates/`` of the fedepic package in use, else of the installed fedepic distribution.
+
+    The fallback is for `flwr run`: Flower imports the app's packages from its bundle (unpacked under
+    ``$FLWR_HOME/apps/``), and a bundle carries only .py, .toml, .md, .yaml, .yml, .json and .jsonl files
+    (flwr/common/constant.py, FAB_INCLUDE_PATTERNS; `fab-include` may not widen it), so the template is
+    not there. The environment the app runs in (the README's: runtime dependency installation off) has
+    fedepic installed, template included. The error names both places when neither has it.
+    """
+    try:
+        return jinja2.PackageLoader("fedepic", "templates")
+    except ValueError as err:  # no templates/ beside this copy of the package
+        folder = installed_templates()
+        if folder is None:
+            raise ValueError(f"{err} (nor has an installed fedepic distribution; `pip install -e .`)") from None
+        return jinja2.FileSystemLoader(str(folder))
+
+
+def installed_templates() -> Optional[Path]:
+    """The installed fedepic distribution's ``fedepic/templates`` folder (the checkout's, for an editable
+    install), or None where it has no template."""
+    import importlib.metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        dist = importlib.metadata.distribution("fedepic")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    folders = [Path(str(dist.locate_file("fedepic/templates")))]
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")  # PEP 610: where it was installed from
+    url = urlparse(direct.get("url", ""))
+    if direct.get("dir_info", {}).get("editable") and url.scheme == "file":
+        folders.insert(0, Path(unquote(url.path)) / "fedepic" / "templates")
+    return next((folder for folder in folders if (folder / TEMPLATE).is_file()), None)
 
 
 @dataclass(frozen=True)
