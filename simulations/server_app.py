@@ -653,9 +653,46 @@ def config_from_run_config(run_config: dict) -> RunConfig:
 app = ServerApp()
 
 
+FLOWER_EXIT_GRACE_S = 30.0
+
+
 @app.main()
 def flwr_run_main(grid: Grid, context: Context) -> None:
+    """`flwr run`: one line when the run folder opens and one when it closes (its status), on the log
+    stream (`flwr run --stream`, `flwr log`): Flower's own INFO lines are quieted, and a healthy run is
+    otherwise silent for minutes. The folder is under the SuperLink's working directory.
+
+    When the Flower runtime exits first (`flwr stop`, SIGINT or SIGTERM, the SuperLink gone), the run
+    stops at the next message boundary and its folder is marked "interrupted" (see
+    :func:`stop_on_flower_exit`), instead of being left ``.partial``.
+    """
     quiet_flower()
     cfg = config_from_run_config(dict(context.run_config))
-    with open_run(cfg) as life:
-        serve(grid, cfg, life, threading.Event())
+    life = open_run(cfg)
+    stop, done = threading.Event(), threading.Event()
+    stop_on_flower_exit(stop, done)  # after anything that may raise before the try: its finally sets done
+    try:
+        print(f"fedepic: run folder {life.root.final_dir} ({', '.join(cfg.strategies)}; {cfg.rounds} rounds, "
+              f"{cfg.clients.count} clients)", flush=True)
+        with interrupted_quietly(stop), life:
+            serve(grid, cfg, life, stop)
+    finally:
+        done.set()
+        status = life.root.status if life.root.status != "running" else "completed"
+        print(f"fedepic: run {status}: {life.root.final_dir}", flush=True)
+
+
+def stop_on_flower_exit(stop: threading.Event, done: threading.Event,
+                        grace_s: float = FLOWER_EXIT_GRACE_S) -> None:
+    """`flwr-simulation` ends through `flwr_exit` (flwr/supercore/exit/exit.py) on SIGINT or SIGTERM, which
+    it also raises itself when its run is stopped or its SuperLink is gone: that calls the registered exit
+    handlers, then force-exits 5 s after the first phase of them. The one added here (first phase) sets
+    the ServerApp's ``stop`` and waits up to ``grace_s`` for ``done`` (the run folder written)."""
+    from flwr.supercore.exit import add_exit_handler
+
+    def wind_down() -> None:
+        if not done.is_set():
+            stop.set()
+            done.wait(grace_s)
+
+    add_exit_handler(wind_down, run_before_force_exit=True)
