@@ -671,15 +671,16 @@ def flwr_run_main(grid: Grid, context: Context) -> None:
     life = open_run(cfg)
     stop, done = threading.Event(), threading.Event()
     stop_on_flower_exit(stop, done)  # after anything that may raise before the try: its finally sets done
+    folder = life.root.final_dir.absolute()  # relative paths are the SuperLink's working directory's
     try:
-        print(f"fedepic: run folder {life.root.final_dir} ({', '.join(cfg.strategies)}; {cfg.rounds} rounds, "
+        print(f"fedepic: run folder {folder} ({', '.join(cfg.strategies)}; {cfg.rounds} rounds, "
               f"{cfg.clients.count} clients)", flush=True)
         with interrupted_quietly(stop), life:
             serve(grid, cfg, life, stop)
     finally:
         done.set()
         status = life.root.status if life.root.status != "running" else "completed"
-        print(f"fedepic: run {status}: {life.root.final_dir}", flush=True)
+        print(f"fedepic: run {status}: {folder}", flush=True)
 
 
 def stop_on_flower_exit(stop: threading.Event, done: threading.Event,
