@@ -46,7 +46,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.stacked import gradients_in_state_layout
 from fedepic.train import fit, float_images, prepare_model, resolve_device
-from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from simulations.client_data import ClientData, client_data_for, client_seed, config_from_text, dataset_for
@@ -116,7 +116,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     attack_nonfinite = 0
     if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
-        state, attack_nonfinite = _attacked(cfg, global_state, state, seed)
+        state, attack_nonfinite = _attacked(cfg, global_state, state, seed, {n for n, _ in model.named_parameters()})
     metrics = {
         # Flower's FedAvg weights by num-examples and divides by their sum: a client without rows sends the
         # global model back at weight 1; "trained-rows" is what the client record reports
@@ -166,14 +166,16 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
     beta = cfg.train.momentum
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
+    mask = parameter_mask(global_state, {n for n, _ in model.named_parameters()})  # buffers are never attacked
     results = []
     for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
         momentum = (1.0 - beta) * gradient if previous is None else beta * previous + (1.0 - beta) * gradient
         sent, attack_nonfinite = momentum, 0
         if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
-            outcome = run_model_attack(cfg.attack.model, momentum[None], momentum, torch.Generator().manual_seed(seed),
-                                       **model_attack_arguments(cfg.attack))
-            sent, attack_nonfinite = outcome.update, outcome.nonfinite
+            outcome = run_model_attack(cfg.attack.model, momentum[mask][None], momentum[mask],
+                                       torch.Generator().manual_seed(seed), **model_attack_arguments(cfg.attack))
+            sent, attack_nonfinite = momentum.clone(), outcome.nonfinite
+            sent[mask] = outcome.update
         metrics = {"num-examples": cfg.train.batch_size,  # equal weights: the literature's plain mean
                    "partition-id": client.client_id, "malicious": int(client.is_malicious), "train-loss": UNKNOWN,
                    "poisoned-rows": int(client.poisoned.sum()), "epic-dropped": 0, "epic-selections": 0,
@@ -183,13 +185,18 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     return results
 
 
-def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The attacked model state, and how many attack inputs were non-finite (left out or replaced)."""
-    base = flatten_state(global_state)
-    own = flatten_state(state) - base
+def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int,
+              parameters: Collection[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """The attacked model state (its ``parameters`` attacked; its buffers, such as the cnn's
+    normalisation constants, as trained), and how many attack inputs were non-finite (left out or replaced)."""
+    base, trained = flatten_state(global_state), flatten_state(state)
+    mask = parameter_mask(state, parameters)
+    own = (trained - base)[mask]
     generator = torch.Generator().manual_seed(seed)
     outcome = run_model_attack(cfg.attack.model, own[None], own, generator, **model_attack_arguments(cfg.attack))
-    return unflatten_like(base + outcome.update, state), outcome.nonfinite
+    attacked = trained.clone()
+    attacked[mask] = base[mask] + outcome.update
+    return unflatten_like(attacked, state), outcome.nonfinite
 
 
 # --------------------------------------------------------------------------- EPIC state in messages

@@ -82,7 +82,7 @@ from fedepic.outputs import RunWriter
 from fedepic.report import setting_title
 from fedepic.train import evaluate, fit, resolve_device, torch_threads
 from fedepic.errors import RunInterrupted
-from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, EPIC_KEY, MEMBER_KEY, MOMENTUM_KEY, model_for
@@ -133,6 +133,10 @@ class Evaluator:
         self.model.load_state_dict(state)
         return self.measure(self.model)
 
+    def parameter_mask(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Which entries of ``flatten_state(state)`` are the model's parameters (not its buffers)."""
+        return parameter_mask(state, {n for n, _ in self.model.named_parameters()})
+
     def measure(self, model: torch.nn.Module) -> dict:
         cfg, data = self.cfg, self.data
         ev = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
@@ -146,23 +150,29 @@ class Evaluator:
 
 
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
-                        seed: int) -> Optional[AttackOutcome]:
+                        seed: int, mask: Optional[torch.Tensor] = None) -> Optional[AttackOutcome]:
     """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
     from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
-    inputs it left out; None when it does not apply this round.
+    inputs it left out; None when it does not apply this round. Only the entries ``mask`` selects (the
+    model's parameters, fedepic.vectors.parameter_mask) are attacked; the others (buffers) are the
+    first malicious reply's own.
 
     ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set).
     """
     n_bad = sum(malicious)
     if not needs_honest(cfg.attack.model) or n_bad == 0:
         return None
-    benign = stack[[i for i, bad in enumerate(malicious) if not bad]] - global_vec
-    own = stack[malicious.index(True)] - global_vec
+    mask = torch.ones(stack.shape[1], dtype=torch.bool) if mask is None else mask
+    benign = (stack[[i for i, bad in enumerate(malicious) if not bad]] - global_vec)[:, mask]
+    first_bad = stack[malicious.index(True)]
+    own = (first_bad - global_vec)[mask]
     params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
     outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
-    return AttackOutcome(global_vec + outcome.update, outcome.nonfinite)
+    update = first_bad.clone()
+    update[mask] = global_vec[mask] + outcome.update
+    return AttackOutcome(update, outcome.nonfinite)
 
 
 def _array_key(msg: Message) -> str:
@@ -361,7 +371,8 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
     # the vectors' origin: per_step clients send momenta, the others models (updates are model - global)
     global_vec = torch.zeros(flatten_state(like).numel()) if per_step(cfg) else flatten_state(like)
     stack = torch.stack([record_vector(m.content[_array_key(m)]) for m in valid]) if valid else torch.zeros(0)
-    injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd) if valid else None
+    injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
+                                   evaluator.parameter_mask(like)) if valid else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         valid[i].content[_array_key(valid[i])] = ArrayRecord(unflatten_like(injected.update, like))
         stack[i] = injected.update

@@ -139,3 +139,43 @@ def test_config_binds_each_attacks_parameters_by_signature():
     cfg = load_config(None, ["attack.model=gaussian", "attack.sigma=0.25"])
     assert model_attack_arguments(cfg, n=12, f=2) == {"sigma": 0.25}
     assert model_attack_arguments(load_config(None, ["attack.model=ipm"])) == {"epsilon": cfg.attack.ipm_eps}
+
+
+def _cnn_states():
+    from fedepic.config import load_config
+    from fedepic.models import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("cnn", 10, 1, 28, [0.1307], [0.3081])
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = {k: v + 0.01 if k not in ("mean", "std") else v.clone() for k, v in global_state.items()}
+    return model, global_state, trained, load_config
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "sign_flip", "scaling"])
+def test_server_mode_client_attacks_leave_buffers_alone(attack):
+    """The issue's defect: attack.model=gaussian on the cnn turned its std buffer 0.219 into -0.531, and
+    FedAvg averaged it into the global model. Attacks act on the parameters only."""
+    from simulations.client_app import _attacked
+
+    model, global_state, trained, load_config = _cnn_states()
+    cfg = load_config(None, ["mode=federated", f"attack.model={attack}", "model.name=cnn"])
+    attacked, _ = _attacked(cfg, global_state, trained, seed=3, parameters={n for n, _ in model.named_parameters()})
+    for key in ("mean", "std"):
+        assert torch.equal(attacked[key], trained[key]), key
+    assert any(not torch.equal(attacked[n], trained[n]) for n, _ in model.named_parameters())
+
+
+def test_the_server_side_injection_leaves_buffers_alone():
+    from fedepic.vectors import flatten_state, parameter_mask
+    from simulations.server_app import inject_model_attack
+
+    model, global_state, trained, load_config = _cnn_states()
+    cfg = load_config(None, ["mode=federated", "attack.model=alie", "model.name=cnn"])
+    base = flatten_state(global_state)
+    stack = torch.stack([flatten_state(trained) + 0.001 * k for k in range(4)])
+    mask = parameter_mask(global_state, {n for n, _ in model.named_parameters()})
+    assert 0 < int((~mask).sum()) < mask.numel()
+    out = inject_model_attack(cfg, [False, False, False, True], stack, base, seed=0, mask=mask)
+    assert torch.equal(out.update[~mask], stack[3][~mask])  # the buffers are the malicious reply's own
+    assert not torch.equal(out.update[mask], stack[3][mask])
