@@ -4,6 +4,8 @@
 Ray and the node registration race:
 - a local cluster is started with ``address="local"``: without it ``ray.init()`` attaches to any
   cluster found in /tmp/ray/ray_current_cluster (a `ray start --head` someone else runs);
+- a ClientApp message whose worker process dies is not run again (`client_messages_run_once`): it
+  is that round's failure, and the worker is restarted for the next messages;
 - every Ray process the run starts is gone when `run_flower` returns or raises: Flower's backend
   calls ``ray.shutdown()``, and `run_flower` calls it again on every exit path. An attached external
   cluster is only disconnected from (its nodes keep running; this job's actors end with the driver).
@@ -66,12 +68,15 @@ def backend_config(cfg: RunConfig) -> dict:
         if cfg.ray.num_cpus is not None:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)
     return {
-        # Flower passes client_resources to `ClientAppActor.options(...)`. Without max_restarts a
-        # worker process that dies (segfault, OOM kill, os._exit) leaves a dead actor in Flower's pool
-        # and every later message it is given fails too; with it, Ray restarts the process. One task
-        # retry lets a message that was queued on the dying actor run on the restarted one (and gives
-        # a transient crash, such as a preempted cluster node, a second chance); only a client that
-        # dies again fails, and is recorded as that round's failure while the round goes on.
+        # Flower passes client_resources to `ClientAppActor.options(...)`. max_restarts=-1: a worker
+        # process that dies (segfault, OOM kill, os._exit, SIGKILL) is restarted; without it the dead
+        # actor stays in Flower's pool and every later message it is given fails. The message the
+        # worker was running is not retried (`run_flower` sets ClientAppActor.run's own retries to 0,
+        # `client_messages_run_once`): the death reaches the ServerApp or router as an error reply and
+        # is recorded in that round's `failures`. (A retry answered it from the restarted worker, and
+        # the death went unrecorded.) The actor's max_task_retries is 1, not 0, only because with 0 Ray
+        # fails every message sent to the actor while it restarts ("The actor is restarting"), and
+        # Flower's pool hands that actor the next messages at once: one death failed other clients too.
         "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
                              "max_restarts": -1, "max_task_retries": 1},
         "init_args": init_args,
@@ -96,6 +101,43 @@ def ray_leaves_sigterm_alone() -> Iterator[None]:
         yield
     finally:
         ray_utils.set_sigterm_handler = original
+
+
+@contextmanager
+def method_retries(actor_class: Any, method: str, retries: int) -> Iterator[bool]:
+    """While inside, actors of ``actor_class`` created here retry ``method``'s tasks ``retries`` times
+    when their worker dies (what ``@ray.method(max_task_retries=...)`` on the class would do), whatever
+    the actor's own max_task_retries. Ray reads a method's retries from the class's metadata when an
+    actor is created; that is where they are set. Yields whether it could (False where the class has
+    no such metadata, e.g. a Ray release that moved it: tests/test_worker_death.py then fails)."""
+    meta = getattr(actor_class, "__ray_metadata__", None)
+    table = getattr(getattr(meta, "method_meta", None), "max_task_retries", None)
+    if not isinstance(table, dict):
+        yield False
+        return
+    missing = object()
+    before = table.get(method, missing)
+    table[method] = retries
+    try:
+        yield True
+    finally:
+        if before is missing:
+            table.pop(method, None)
+        else:
+            table[method] = before
+
+
+@contextmanager
+def client_messages_run_once() -> Iterator[bool]:
+    """While inside, Ray never runs a message to a ClientApp (a `ClientAppActor.run` task) again when
+    its worker died: the death reaches the ServerApp or router as an error reply. The actor's own
+    max_task_retries stays as `backend_config` sets it, not 0, so that messages sent to the actor while
+    its worker restarts wait for it instead of failing too. Flower calls ``actor.run.remote(...)``
+    with no options, hence the class-level setting (`method_retries`)."""
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor
+
+    with method_retries(ClientAppActor, "run", 0) as done:
+        yield done
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0
@@ -150,7 +192,8 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     # Ray's driver prints cluster messages ("(raylet) Task ... will be retried", a worker died) on
     # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
     # folder, a benchmark's JSON line).
-    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), ray_leaves_sigterm_alone():
+    with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), ray_leaves_sigterm_alone(), \
+            client_messages_run_once():
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                            backend_config=backend_config(cfg))
