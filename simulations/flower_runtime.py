@@ -55,6 +55,14 @@ def quiet_flower(level: int = logging.WARNING) -> None:
     logging.getLogger("ray").setLevel(max(level, logging.WARNING))
 
 
+def uses_ray_client(cfg: RunConfig) -> bool:
+    """Whether ``ray.address`` attaches through Ray Client: ``ray://...``, or ``auto`` with such a RAY_ADDRESS."""
+    address = cfg.ray.address or ""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    return address.startswith("ray://")
+
+
 def backend_config(cfg: RunConfig) -> dict:
     """`backend_config` for `flwr.simulation.run_simulation`; `init_args` go straight to `ray.init`."""
     init_args: dict[str, Any] = {"log_to_driver": False}
@@ -77,8 +85,11 @@ def backend_config(cfg: RunConfig) -> dict:
         # the death went unrecorded.) The actor's max_task_retries is 1, not 0, only because with 0 Ray
         # fails every message sent to the actor while it restarts ("The actor is restarting"), and
         # Flower's pool hands that actor the next messages at once: one death failed other clients too.
+        # Through Ray Client (ray://) the actors are created by the client server from Flower's class as
+        # it imports it, so the method's setting cannot reach them: there the actor's retries are 0, a
+        # death is still recorded, and messages sent to that worker while it restarts fail with it.
         "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
-                             "max_restarts": -1, "max_task_retries": 1},
+                             "max_restarts": -1, "max_task_retries": 0 if uses_ray_client(cfg) else 1},
         "init_args": init_args,
     }
 

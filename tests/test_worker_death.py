@@ -124,6 +124,19 @@ def test_client_app_actor_run_is_set_to_no_retries():
     assert table == before
 
 
+def test_ray_client_gets_no_actor_retries(monkeypatch):
+    """Through Ray Client the class-level setting cannot reach the actors: the actor's retries are 0."""
+    from fedepic.config import load_config
+    from simulations.flower_runtime import backend_config
+
+    retries = lambda address: backend_config(load_config(None, ["mode=federated", f"ray.address={address}"]))[  # noqa: E731
+        "client_resources"]["max_task_retries"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert retries("ray://10.0.0.1:10001") == 0 and retries("10.0.0.1:6379") == 1 and retries("auto") == 1
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")
+    assert retries("auto") == 0
+
+
 @pytest.mark.slow
 def test_ray_fails_the_running_task_and_keeps_the_next_ones():
     """The Ray semantics the fix relies on, on a toy actor with backend_config's actor options and the
