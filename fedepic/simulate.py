@@ -82,6 +82,23 @@ def _ray_executor(plan: "SweepPlan") -> Callable:
     return run_on_ray
 
 
+def _check_cells_cluster(cfg) -> None:
+    """A one-at-a-time sweep whose cells attach to ``ray.address`` (federated cells, decentralized ones
+    with engine=ray) checks the cluster once, before the sweep's folder exists, rather than each cell
+    failing after it; a parallel sweep's executor checks it (`_ray_executor`)."""
+    if not cfg.ray.address:
+        return
+    from fedepic.sweep.plan import plan_sweep
+
+    plan = plan_sweep(cfg)  # a bad grid is refused here as in run_sweep, which plans it again
+    if not plan.settings.parallel and any(c.config.mode == "federated" or (c.config.mode == "decentralized"
+                                                                          and c.config.engine == "ray")
+                                          for c in plan.cells):
+        from simulations.flower_runtime import check_ray_address
+
+        check_ray_address(plan.base)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fedepic.config import load_config
     from fedepic.errors import ConfigError, DataError, RunFailed  # light: reported before torch loads
@@ -104,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if cfg.sweep:  # a grid of runs (fedepic/sweep): every cell an ordinary run folder
                 from fedepic.sweep.run import run_sweep
 
+                _check_cells_cluster(cfg)
                 outcome = run_sweep(cfg, interrupts=interrupts, folder=point.run_dir if point else None,
                                     parallel=_ray_executor)
                 run_dir, failed_cells = outcome.folder, outcome.failed

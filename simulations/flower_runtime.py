@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
+import time
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -151,19 +153,17 @@ def client_messages_run_once() -> Iterator[bool]:
         yield done
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0
+RAY_CONNECT_TIMEOUT_S = 10.0  # the most `check_ray_address` waits: TCP connect and one Ray RPC together
+RAY_CLIENT_PORT = 10001  # Ray Client's default (ray://HOST)
 
 
-def check_ray_address(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """A ConfigError naming ``ray.address`` unless its GCS port accepts a TCP connection within
-    ``timeout_s``: `ray.init` keeps retrying an unreachable cluster for minutes, and then hangs in
-    shutdown. "auto" reads the address of the cluster started on this machine (`ray start`)."""
-    address = cfg.ray.address
-    if not address:
-        return
-    target = address.removeprefix("ray://")
+def _ray_target(address: str) -> tuple[bool, str, int]:
+    """(Ray Client?, host, port) of ``ray.address``: ``auto`` (RAY_ADDRESS, else the cluster `ray start`
+    recorded on this machine), ``HOST:PORT`` or ``[IPv6]:PORT`` (a cluster's GCS), ``ray://HOST[:PORT]``
+    (a Ray Client server)."""
+    target = address
     if target == "auto" and os.environ.get("RAY_ADDRESS"):
-        target = os.environ["RAY_ADDRESS"].removeprefix("ray://")  # what ray.init("auto") reads first
+        target = os.environ["RAY_ADDRESS"]  # what ray.init("auto") reads first
     if target == "auto":
         from ray._common.utils import get_ray_address_file  # where `ray start` records the cluster
 
@@ -172,15 +172,95 @@ def check_ray_address(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) 
             raise ConfigError(f"invalid value 'auto' for key 'ray.address': no Ray cluster runs on this machine "
                               f"({current} not found; start one with `ray start --head`)")
         target = current.read_text().strip()
+    client = target.startswith("ray://")
+    target = target.removeprefix("ray://")
+    if client and target and not re.search(r":\d+$", target):
+        target = f"{target}:{RAY_CLIENT_PORT}"
     host, _, port = target.rpartition(":")
     host = host.strip("[]")  # [::1]:6379
-    if not host or not port.isdigit():
-        raise ConfigError(f"invalid value {address!r} for key 'ray.address': expected auto or HOST:PORT")
+    if not host or not port.isdigit() or "/" in target:
+        raise ConfigError(f"invalid value {address!r} for key 'ray.address': expected auto, HOST:PORT or "
+                          f"ray://HOST:PORT")
+    return client, host, int(port)
+
+
+def _ray_rpc(client: bool, host: str, port: int, timeout_s: float) -> None:
+    """One call that only Ray answers, with a deadline: the GCS's GetClusterId, or Ray Client's ping.
+    Raises grpc.RpcError. The channel is Ray's own (TLS and token authentication as `ray.init` has them)."""
+    import uuid
+
+    from ray._private.gcs_utils import create_gcs_channel
+    from ray._private.grpc_utils import init_grpc_channel
+
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if client:
+        from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+        with init_grpc_channel(endpoint) as channel:
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=timeout_s,
+                metadata=[("client_id", uuid.uuid4().hex)])
+    else:
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        with create_gcs_channel(endpoint) as channel:
+            reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        if reply.status.code != 0 or not reply.cluster_id:
+            raise _NotRay(f"its GCS answered with status {reply.status.code} {reply.status.message!r}")
+
+
+class _NotRay(Exception):
+    """An answer, but not a usable Ray cluster's."""
+
+
+def check_ray_address(cfg: RunConfig, timeout_s: Optional[float] = None) -> None:
+    """A ConfigError naming ``ray.address`` unless a Ray cluster answers there within ``timeout_s``
+    (default RAY_CONNECT_TIMEOUT_S, 10 s) in all: its port accepts a TCP connection, and its GCS
+    answers a GetClusterId call (with ``ray://``: the Ray Client server answers a ping).
+
+    `ray.init` keeps retrying an address where no cluster answers for minutes, and then hangs in
+    shutdown; an HTTP server, a closed port, another gRPC server or a listener that never answers are
+    all refused here, before a run folder exists. "auto" reads the address of the cluster started on
+    this machine (`ray start`), or RAY_ADDRESS.
+    """
+    address = cfg.ray.address
+    if not address:
+        return
+    timeout_s = RAY_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    client, host, port = _ray_target(address)
+    where = f"{'ray://' if client else ''}{f'[{host}]' if ':' in host else host}:{port}"
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"invalid value {address!r} for key 'ray.address': no Ray cluster answers at "
+                           f"{where} within {timeout_s:g} s ({why})")
+
+    deadline = time.monotonic() + timeout_s
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
-        raise ConfigError(f"invalid value {address!r} for key 'ray.address': no Ray cluster answers at "
-                          f"{host}:{port} within {timeout_s:.0f} s ({err.strerror or err})") from None
+        raise refuse(err.strerror or str(err) or type(err).__name__) from None
+    import grpc
+
+    try:
+        _ray_rpc(client, host, port, max(0.1, deadline - time.monotonic()))
+    except grpc.RpcError as err:
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = "the port accepts connections but sent no answer"
+        elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            why = f"a Ray cluster that refused this client: {code.name}; see Ray's token authentication"
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            why = ("a gRPC server that is not a Ray Client server answers; a cluster's GCS is HOST:PORT" if client
+                   else "a gRPC server that is not Ray's GCS answers; a Ray Client server is ray://HOST:PORT")
+        else:  # UNAVAILABLE from an HTTP server: "... Failed parsing HTTP/2 (Expected SETTINGS frame ...)"
+            details = err.details() if callable(getattr(err, "details", None)) else str(err)
+            details = " ".join(str(details).rpartition("last error: ")[2].split())
+            details = re.sub(r"^([A-Z_]+: )?(ipv[46]:\S+: )?", "", details)[:160]
+            why = f"the port answers, but not as Ray: gRPC {getattr(code, 'name', 'error')}: {details}"
+        raise refuse(why) from None
+    except _NotRay as err:
+        raise refuse(str(err)) from None
 
 
 def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig, *,

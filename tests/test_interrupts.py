@@ -148,7 +148,7 @@ def test_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ray.address.*no Ray cluster answers"):
         check_ray_address(load_config("dfl_smoke.yaml", [f"ray.address=127.0.0.1:{port}"]), timeout_s=2)
     assert time.monotonic() - started < 5
-    with pytest.raises(ConfigError, match="expected auto or HOST:PORT"):
+    with pytest.raises(ConfigError, match="expected auto, HOST:PORT or ray://HOST:PORT"):
         check_ray_address(load_config("dfl_smoke.yaml", ["ray.address=nonsense"]))
 
 
