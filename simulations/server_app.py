@@ -60,7 +60,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -222,9 +222,16 @@ class Tally:
                 "benign_excluded": rate(self.benign_excluded, self.benign), "failures": self.failures}
 
 
-def _failures(messages: list[Message], replies: list[Message]) -> list[dict]:
-    out = [{"node": int(m.metadata.src_node_id), "reason": m.error.reason} for m in replies if m.has_error()]
-    return out + [{"node": None, "reason": "no reply before the timeout"}] * (len(messages) - len(replies))
+def _failures(messages: list[Message], replies: list[Message], partitions: Mapping[int, int]) -> list[dict]:
+    """The round's failed clients: an error reply (a raising client, a killed worker) or none before the
+    timeout; each names Flower's node and the client id (its partition) where known."""
+    def failure(node: int, reason: str) -> dict:
+        return {"node": node, "client": partitions.get(node), "reason": reason}
+
+    answered = {int(m.metadata.src_node_id) for m in replies}
+    out = [failure(int(m.metadata.src_node_id), m.error.reason) for m in replies if m.has_error()]
+    return out + [failure(int(m.metadata.dst_node_id), "no reply before the timeout") for m in messages
+                  if int(m.metadata.dst_node_id) not in answered]
 
 
 def _client_records(valid: list[Message], malicious: list[bool], norms: list[float], outcome: Any) -> list[dict]:
@@ -393,7 +400,7 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
     if diverged and progress.diverged_round is None:
         progress.diverged_round = rnd
     clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
-    failures = _failures(messages, replies)
+    failures = _failures(messages, replies, grid.partitions)
     progress.tally.add(malicious, outcome.excluded, len(failures))
     progress.recalls = [c["poison_recall"] for c in clients if c["poison_recall"] is not None]
     return {

@@ -207,6 +207,8 @@ def test_a_killed_client_worker_is_that_rounds_failure(tmp_path):
     assert isinstance(failure["node"], int) and is_worker_death(failure["reason"]), failure
     assert sorted(len(r["clients"]) for r in records) == [3, 4, 4, 4]
     assert len(failed[0]["clients"]) == 3
+    # the failure names the client that is missing from that round's records
+    assert failure["client"] not in {c["id"] for c in failed[0]["clients"]} and failure["client"] in range(4)
     member = json.loads((folder / "fedavg" / "summary.json").read_text())
     assert member["status"] == "completed"
     assert ended < 120
