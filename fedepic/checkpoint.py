@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -151,22 +150,6 @@ def _status(value: str, summary_path: Path) -> Optional[str]:
     return summary.get("status") if isinstance(summary, dict) else None
 
 
-def refuse_links(folder: Path, key: str = "resume") -> None:
-    """A one-line ConfigError naming the first symbolic link, or hard-linked file, below ``folder``: a
-    resume truncates and appends to the files it finds, and must never write through a link to a file
-    outside the run. A run writes neither (every file is written to a temporary name and renamed)."""
-    for parent, folders, files in os.walk(folder, followlinks=False):
-        for name in sorted(folders) + sorted(files):
-            path = Path(parent) / name
-            info = path.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a symbolic link; a run "
-                                  "folder holds none, and a resume never writes through one")
-            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a hard link "
-                                  f"({info.st_nlink} names); a resume never writes to a file shared with another")
-
-
 def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tuple[Any, Resume]:
     """The config to continue the run in folder ``value`` with, and what the folder holds.
 
@@ -179,8 +162,10 @@ def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tu
     """
     from fedepic.config import load_config, to_dict
 
+    from fedepic.outputs import refuse_links
+
     folder = _run_folder(value)
-    refuse_links(folder)
+    refuse_links(folder)  # again under the folder's lock, when the run reopens it (RunWriter)
     stored_path, summary_path = folder / "config.yaml", folder / "summary.json"
     if not stored_path.is_file():
         raise ConfigError(f"invalid value '{value}' for key 'resume': {folder} holds no config.yaml")

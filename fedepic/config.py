@@ -62,8 +62,8 @@ NAME_BYTES = 200  # a run's name: its folder ".<stamp>-<name>-N.partial" must fi
 DEVICE = meta(Domain(text=True, pattern=r"auto|cpu|cuda|cuda:[0-9]+", why="choose auto, cpu, cuda or cuda:N"))
 RUN_NAME = meta(Domain(text=True, max_bytes=NAME_BYTES, pattern=r"(?!\.\.?$)[^/]+",
                        why="must be a folder name without '/', not . or .."))
-FOLDER_NAME = meta(Domain(text=True, max_bytes=255, pattern=r"(?!\.\.?$)[^/]+",
-                          why="must be a folder name without '/', not . or .."))
+RELATIVE_FOLDER = meta(Domain(text=True, pattern=r"(?!/)(?!(.*/)?\.\.(/|$)).+",
+                              why="must be a folder relative to data.root, without '..'"))
 MEMBER_NAME = meta(Domain(text=True, max_bytes=NAME_BYTES))  # which names: validate, by mode and registry
 
 
@@ -81,7 +81,7 @@ class DataConfig:
     name: str = field(default="mnist", metadata=one_of(DATASETS))
     root: Optional[str] = field(default=None, metadata=PATH)  # else $FEDEPIC_DATA, else ~/.cache/fedepic/data
     # imagefolder: <root>/<folder>/{train,test}/<class>/<image>
-    folder: str = field(default="cifar10-jpeg", metadata=FOLDER_NAME)
+    folder: str = field(default="cifar10-jpeg", metadata=RELATIVE_FOLDER)
     download: bool = field(default=True, metadata=ANY)  # torchvision datasets download when missing (needs internet)
     # decoded uint8 cache; else $FEDEPIC_CACHE, else ~/.cache/fedepic
     cache_dir: Optional[str] = field(default=None, metadata=PATH)
@@ -225,9 +225,9 @@ class AttackConfig:
     poisons: Optional[str] = field(default=None, metadata=PATH)  # reuse a saved poison set (.npz)
     pretrain_epochs: int = field(default=0, metadata=NON_NEGATIVE)  # clean epochs before brewing; 0 = train.epochs
     # model attacks
-    scale: float = field(default=10.0, metadata=POSITIVE)  # scaling attack factor
-    sigma: float = field(default=1.0, metadata=POSITIVE)  # gaussian attack std
-    ipm_eps: float = field(default=0.1, metadata=POSITIVE)
+    scale: float = field(default=10.0, metadata=FINITE)  # scaling attack factor
+    sigma: float = field(default=1.0, metadata=NON_NEGATIVE)  # gaussian attack std
+    ipm_eps: float = field(default=0.1, metadata=NON_NEGATIVE)
     alie_z: Optional[float] = field(default=None, metadata=FINITE)  # None = Baruch et al.'s z_max from n and f
     per_neighbour: bool = field(default=False, metadata=ANY)  # decentralized: a different poisoned model per neighbour
 

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import sys
 import zipfile
 from contextlib import contextmanager
@@ -113,14 +112,22 @@ def _mnist_like(cls_name: str, expected: Sequence[str]) -> Callable[[Path, bool]
 
 @contextmanager
 def _removed_on_failure(folder: Path) -> Iterator[None]:
-    """The folders a failed download made on the way to ``folder`` are removed again: a refused run
-    writes nothing (torchvision makes them before it tries the network)."""
+    """The folders a failed download made on the way to ``folder`` are removed again while empty: a
+    refused run writes nothing (torchvision makes them before it tries the network). Only empty ones:
+    another process (a sweep's cell) may be downloading into the same root."""
     made = first_missing(folder)
     try:
         yield
     except BaseException:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+        current = folder
+        while made is not None and made in (current, *current.parents):
+            try:
+                current.rmdir()
+            except OSError:
+                break
+            if current == made:
+                break
+            current = current.parent
         raise
 
 

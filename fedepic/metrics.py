@@ -71,16 +71,21 @@ def poison_stats(dropped: torch.Tensor, poisoned: torch.Tensor) -> dict:
 DIVERGED_MEANS = "non-finite weights or loss, or every test image predicted as one class"
 
 
-def diverged(weights_finite: bool, evaluation: Optional[Mapping[str, Any]] = None) -> bool:
-    """A model diverged: its weights are non-finite, or its evaluation (fedepic.train.logit_metrics)
-    has a non-finite loss or a collapse to one predicted class (train.lr=1e6 can leave finite weights
-    that predict one class for everything: 10% accuracy on MNIST, no NaN anywhere)."""
+def nonfinite_model(weights_finite: bool, evaluation: Optional[Mapping[str, Any]] = None) -> bool:
+    """Non-finite weights, or an evaluation (fedepic.train.logit_metrics) with a non-finite loss: a
+    state no training step leaves again, so a run reports the first round it happened in."""
     if not weights_finite:
         return True
-    if evaluation is None:
-        return False
-    loss = evaluation.get("loss")
-    return bool(evaluation.get("collapsed")) or (loss is not None and not math.isfinite(float(loss)))
+    loss = None if evaluation is None else evaluation.get("loss")
+    return loss is not None and not math.isfinite(float(loss))
+
+
+def diverged(weights_finite: bool, evaluation: Optional[Mapping[str, Any]] = None) -> bool:
+    """A final model diverged: :func:`nonfinite_model`, or its evaluation says it collapsed to one
+    predicted class (train.lr=1e6 can leave finite weights that predict one class for everything: 10%
+    accuracy on MNIST, no NaN anywhere). A collapse counts at the end of a run only: a node trained on
+    one label can predict one class for a while and recover."""
+    return nonfinite_model(weights_finite, evaluation) or bool((evaluation or {}).get("collapsed"))
 
 
 def diverged_members(rows: Sequence[Mapping[str, Any]], name_key: str, when: Callable[[Mapping[str, Any]], Optional[str]]
@@ -97,6 +102,9 @@ def diverged_members(rows: Sequence[Mapping[str, Any]], name_key: str, when: Cal
 
 
 def diverged_from_round(row: Mapping[str, Any]) -> Optional[str]:
-    """:func:`diverged_members`'s ``when`` for the rows of federated and decentralized runs."""
+    """:func:`diverged_members`'s ``when`` for the rows of federated and decentralized runs: non-finite
+    from ``diverged_round``, or ``collapsed`` at the last evaluation."""
     first = row.get("diverged_round")
-    return None if first is None else f"from round {first}"
+    if first is not None:
+        return f"from round {first}"
+    return "at the last evaluation" if row.get("collapsed") else None

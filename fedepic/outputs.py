@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import time
 from datetime import datetime
@@ -155,6 +156,30 @@ def lock_record(path: Path = LOCK_FILE) -> dict[str, Any]:
 LOCK = ".lock"  # the file a run folder's writing process holds locked (fcntl.flock) while it writes
 
 
+def refuse_links(folder: Path, key: str = "resume") -> None:
+    """A one-line ConfigError naming the first symbolic link below ``folder``, or a hard-linked
+    metrics.jsonl: a resume appends to and truncates metrics.jsonl in place and writes into the member
+    folders it finds, so it must never write through a link to a file outside the run. (Every other file
+    is written to a temporary name and renamed over the old one, which replaces a hard link instead of
+    writing through it.) A run writes no link itself; files that vanish during the walk (the
+    temporary files of a run still writing) are passed over."""
+    from fedepic.errors import ConfigError
+
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        for name in sorted(folders) + sorted(files):
+            path = Path(parent) / name
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a symbolic link; a run "
+                                  "folder holds none, and a resume never writes through one")
+            if name == "metrics.jsonl" and stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                raise ConfigError(f"invalid value '{folder}' for key '{key}': {path} is a hard link "
+                                  f"({info.st_nlink} names); a resume never appends to a file shared with another")
+
+
 def lock_folder(folder: Path, key: str, kind: str = "run") -> int:
     """An exclusive lock on ``folder``/.lock (the descriptor; closing it releases the lock). The lock
     moves with the folder when that is renamed, and a killed process's lock goes with it. A folder
@@ -164,20 +189,30 @@ def lock_folder(folder: Path, key: str, kind: str = "run") -> int:
     """
     from fedepic.errors import ConfigError
 
-    try:
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ConfigError(f"invalid value '{folder}' for key '{key}': {folder / LOCK} is a symbolic link; "
-                              "a run folder holds none") from None
-        raise _named(err, folder / LOCK)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    busy = ConfigError(f"invalid value '{folder}' for key '{key}': another process is running this {kind} "
+                       "(its folder is locked); wait for it, or stop it first")
+    for _ in range(3):  # the holder may unlink the file between our open and our flock: open it again
+        try:
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ConfigError(f"invalid value '{folder}' for key '{key}': {folder / LOCK} is a symbolic link; "
+                                  "a run folder holds none") from None
+            raise _named(err, folder / LOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise busy from None
+        try:  # the file we hold must still be the folder's: else its holder released and unlinked it
+            current = os.stat(folder / LOCK, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
         os.close(fd)
-        raise ConfigError(f"invalid value '{folder}' for key '{key}': another process is running this {kind} "
-                          "(its folder is locked); wait for it, or stop it first") from None
-    return fd
+    raise busy
 
 
 def unlock_folder(folder: Path, fd: int) -> None:
@@ -233,21 +268,43 @@ class RunWriter:
     def __enter__(self) -> "RunWriter":
         if self.parent is not None:
             self.dir.mkdir(parents=True, exist_ok=self.resuming)
-        elif self.resuming:  # locked before anything in it changes; then renamed to .partial
-            self._lock = lock_folder(self.dir if self.dir.exists() else self.final_dir, self.lock_key, self.kind)
-            if not self.dir.exists():
-                os.replace(self.final_dir, self.dir)
+            self._metrics = open_append(self.dir / "metrics.jsonl")
+            return self
+        if self.resuming:
+            self._reopen()
         else:
             self._made = first_missing(self.dir)
-            self.dir.mkdir(parents=True)
         try:
-            if self.parent is None and self._lock is None:
+            if not self.resuming:
+                self.dir.mkdir(parents=True)
                 self._lock = lock_folder(self.dir, self.lock_key, self.kind)
             self._metrics = open_append(self.dir / "metrics.jsonl")
         except BaseException:
             self._abandon()
             raise
         return self
+
+    def _reopen(self) -> None:
+        """Lock the folder of a resumed run before anything in it changes, check it again under the lock
+        (no link in it; a run not completed meanwhile), then rename it to .partial."""
+        from fedepic.errors import ConfigError
+
+        folder = self.dir if self.dir.exists() else self.final_dir
+        made_lock = not (folder / LOCK).exists()  # a refusal below leaves the folder as it found it
+        self._lock = lock_folder(folder, self.lock_key, self.kind)
+        try:
+            refuse_links(folder, self.lock_key)
+            if self.kind == "run" and _status_of(folder) == "completed":  # it ended while this resume started
+                raise ConfigError(f"invalid value '{folder}' for key '{self.lock_key}': the run completed while "
+                                  "this resume started; a completed run is not resumed")
+            if folder != self.dir:
+                os.replace(folder, self.dir)
+        except BaseException:
+            if made_lock:
+                (folder / LOCK).unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
+            raise
 
     def discard(self) -> None:
         """Leave a run that could not start (its config could not be written): a new top-level folder
@@ -262,10 +319,15 @@ class RunWriter:
 
     def _abandon(self) -> None:
         """A folder that could not be set up: a new one is removed again (and the parents it made, while
-        empty), a reopened one is renamed back."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        empty), a reopened one is renamed back; its lock goes last."""
+        try:
+            self._leave()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+
+    def _leave(self) -> None:
         if self.parent is None and not self.resuming:
             shutil.rmtree(self.dir, ignore_errors=True)
             folder = self.dir.parent
@@ -291,17 +353,23 @@ class RunWriter:
             self.status = "failed"
 
     def close(self) -> None:
-        if not self.summary_written and self.dir.exists():
-            self.write_summary({})  # cut short before the run wrote its own: the status, at least
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if self.parent is None and self.dir != self.final_dir and self.dir.exists():
-            os.replace(self.dir, self.final_dir)
-            self.dir = self.final_dir
-        if self._lock is not None:  # after the rename: nobody can take the folder while it moves
-            unlock_folder(self.dir, self._lock)
-            self._lock = None
+        """Write the status if the run wrote no summary, then rename the folder into place and release
+        its lock, on every path (a summary that cannot be written still leaves the folder renamed)."""
+        try:
+            if not self.summary_written and self.dir.exists():
+                self.write_summary({})  # cut short before the run wrote its own: the status, at least
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            try:
+                if self.parent is None and self.dir != self.final_dir and self.dir.exists():
+                    os.replace(self.dir, self.final_dir)
+                    self.dir = self.final_dir
+            finally:
+                if self._lock is not None:  # after the rename: nobody can take the folder while it moves
+                    unlock_folder(self.dir, self._lock)
+                    self._lock = None
 
     def flush(self) -> None:
         """Put the metrics lines logged so far on disk (before a checkpoint records the file's length)."""
@@ -345,6 +413,15 @@ class RunWriter:
     def write_bytes(self, name: str, data: bytes) -> None:
         """A binary file (a figure: fedepic.plots.save_figure), written atomically."""
         atomic_write_bytes(self.dir / name, data)
+
+
+def _status_of(folder: Path) -> Optional[str]:
+    """The status in ``folder``/summary.json, None when there is none or it cannot be read."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("status") if isinstance(summary, dict) else None
 
 
 def first_missing(path: Path) -> Optional[Path]:

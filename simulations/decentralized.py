@@ -69,7 +69,10 @@ def member_summary(name: str, strategy: str, records: list[Mapping[str, Any]]) -
     full = [r["round"] for r in records if r.get("detection_recall") == 1.0 and r.get("detection_tp", 0) > 0]
     summary["detected_round"] = full[0] if full else None
     diverged = [r["round"] for r in records if r.get("diverged_nodes")]
-    summary["diverged_round"] = diverged[0] if diverged else None  # a benign node's model diverged (fedepic.metrics)
+    summary["diverged_round"] = diverged[0] if diverged else None  # a benign node's model went non-finite
+    evaluated = [r for r in records if "collapsed_nodes" in r]
+    # a benign node that predicts one class for every test image at the last evaluation (fedepic.metrics)
+    summary["collapsed"] = bool(evaluated and evaluated[-1]["collapsed_nodes"])
     return summary
 
 

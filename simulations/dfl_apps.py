@@ -62,7 +62,7 @@ from simulations.dfl_node import (
     load_exchanged, new_model, one_step, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
-    AttackTally, Routing, detection_record, diverged_nodes, detection_truth, message_batches, outgoing, round_metrics,
+    AttackTally, Routing, detection_record, divergence_counts, detection_truth, message_batches, outgoing, round_metrics,
 )
 
 STATE_PREFIX = "dfl."
@@ -384,7 +384,7 @@ class Router:
         if evaluated:
             record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles, confirmed,
                                                          truth)}
-            record["diverged_nodes"] = diverged_nodes(agg.evals, agg.models, self.benign)
+            record.update(divergence_counts(agg.evals, agg.models, self.benign))
         else:  # train.eval_every: the detector's figures only
             record = {"round": round_, **detection_record(reported, confirmed, truth)}
         record["failures"] = failures

@@ -33,7 +33,7 @@ from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_argum
 from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.extensions import PEER_RULES
-from fedepic.metrics import consensus_distance, detection_metrics, diverged
+from fedepic.metrics import consensus_distance, detection_metrics, nonfinite_model
 from fedepic.topology import build_topology, metropolis_hastings_weights
 
 
@@ -232,10 +232,14 @@ def detection_truth(graph: nx.Graph, malicious: Iterable[int]) -> set[tuple[int,
     return {(i, j) for i in graph.nodes if i not in bad for j in graph.neighbors(i) if j in bad}
 
 
-def diverged_nodes(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor], benign: Sequence[int]) -> int:
-    """The benign nodes whose model diverged this round (fedepic.metrics.diverged: non-finite, or
-    collapsed to one predicted class)."""
-    return sum(diverged(bool(torch.isfinite(models[i]).all()), evals.get(i)) for i in benign if i in models)
+def divergence_counts(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor],
+                      benign: Sequence[int]) -> dict[str, int]:
+    """This round's ``diverged_nodes``, the benign nodes whose model is non-finite
+    (fedepic.metrics.nonfinite_model), and ``collapsed_nodes``, those that predict one class for every
+    test image (a divergence when it lasts to the last round: simulations.decentralized.member_summary)."""
+    nodes = [i for i in benign if i in models]
+    return {"diverged_nodes": sum(nonfinite_model(bool(torch.isfinite(models[i]).all()), evals.get(i)) for i in nodes),
+            "collapsed_nodes": sum(bool(evals.get(i, {}).get("collapsed")) for i in nodes)}
 
 
 def round_metrics(evals: Mapping[int, Mapping[str, Any]], models: Mapping[int, Tensor], benign: Sequence[int],

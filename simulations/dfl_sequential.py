@@ -43,7 +43,7 @@ from simulations.dfl_node import (
     load_exchanged, new_model, peer_rule, train_local, train_local_stacked, uses_local_epic,
 )
 from simulations.dfl_router import (
-    AttackTally, Routing, communication_graph, detection_record, detection_truth, diverged_nodes, inbox, outgoing,
+    AttackTally, Routing, communication_graph, detection_record, detection_truth, divergence_counts, inbox, outgoing,
     round_metrics, routing_for, run_label_roles,
 )
 
@@ -97,7 +97,7 @@ class LocalMember:
             evals, vectors = self._evaluate()
             record = {"round": round_, **round_metrics(evals, vectors, self.benign, self.roles,
                                                        confirmed if self.truth else None, self.truth)}
-            record["diverged_nodes"] = diverged_nodes(evals, vectors, self.benign)
+            record.update(divergence_counts(evals, vectors, self.benign))
         else:
             record = {"round": round_, **detection_record(self.benign, confirmed if self.truth else None, self.truth)}
         record["failures"] = []

@@ -153,7 +153,41 @@ def client_messages_run_once() -> Iterator[bool]:
         yield done
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0  # the most `check_ray_address` waits: TCP connect and one Ray RPC together
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _connect_within(host: str, port: int, deadline: float) -> None:
+    """A TCP connection to ``host``:``port`` (then closed) before ``deadline`` (time.monotonic), name
+    resolution included: getaddrinfo has no timeout of its own, so it runs on a helper thread, and each
+    address it gives gets the time left. Raises OSError (socket.timeout when the time is up)."""
+    found: list = []
+
+    def resolve() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as err:
+            found.append(err)
+
+    resolver = threading.Thread(target=resolve, daemon=True)
+    resolver.start()
+    resolver.join(max(0.0, deadline - time.monotonic()))
+    if not found:
+        raise socket.timeout(f"resolving {host} took longer than the time left")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    last: OSError = OSError(f"{host} resolves to no address")
+    for family, kind, proto, _, address in found[0]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(left)
+            try:
+                sock.connect(address)
+                return
+            except OSError as err:
+                last = err
+    raise last  # the most `check_ray_address` waits: TCP connect and one Ray RPC together
 RAY_CLIENT_PORT = 10001  # Ray Client's default (ray://HOST)
 
 
@@ -237,7 +271,7 @@ def check_ray_address(cfg: RunConfig, timeout_s: Optional[float] = None) -> None
 
     deadline = time.monotonic() + timeout_s
     try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
+        _connect_within(host, port, deadline)
     except OSError as err:
         raise refuse(err.strerror or str(err) or type(err).__name__) from None
     import grpc

@@ -166,8 +166,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     try:
-        while child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        try:
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except KeyboardInterrupt:  # Ctrl-C: the run on the SuperLink is stopped too, not left going
+            if run_ids:
+                stop_run(flwr, run_ids[0], superlink)
+            print("fedepic: interrupted" + (f"; run {run_ids[0]} stopped (flwr stop)" if run_ids else ""),
+                  file=sys.stderr)
+            return 130
         if child.poll() is not None:
             reader.join(5)  # the stream's last lines
         status = None

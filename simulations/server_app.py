@@ -69,7 +69,7 @@ from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
 from fedepic.builders import build_model, epic_schedule
-from fedepic.metrics import diverged as model_diverged, diverged_from_round, diverged_members, poison_stats
+from fedepic.metrics import diverged_from_round, diverged_members, nonfinite_model, poison_stats
 from fedepic.models import FIXED_BUFFERS
 from fedepic.checkpoint import Resume, checkpoint_due
 from fedepic.config import RunConfig, load_config, malicious_ids, to_yaml
@@ -396,7 +396,7 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
         progress.like = outcome.arrays.to_torch_state_dict()
     evaluated = rnd % cfg.train.eval_every == 0 or rnd == cfg.rounds
     ev = evaluator(progress.like) if evaluated else dict.fromkeys(("accuracy", "loss", "per_class", "attack_success"))
-    diverged = model_diverged(bool(torch.isfinite(flatten_state(progress.like)).all()), ev if evaluated else None)
+    diverged = nonfinite_model(bool(torch.isfinite(flatten_state(progress.like)).all()), ev if evaluated else None)
     if diverged and progress.diverged_round is None:
         progress.diverged_round = rnd
     clients = _client_records(valid, malicious, (stack - global_vec).norm(dim=1).tolist() if valid else [], outcome)
@@ -412,7 +412,9 @@ def _train_round(grid: PartitionGrid, cfg: RunConfig, tracked: TrackedStrategy, 
         # NaN / inf vectors a model attack left out (server side) or replaced (the attackers' own updates)
         "attack_nonfinite_inputs": (injected.nonfinite if injected is not None else 0)
         + sum(c["attack_nonfinite"] for c in clients),
-        "failures": failures, "clients": clients, "diverged": diverged, "seconds": time.perf_counter() - t0,
+        "failures": failures, "clients": clients, "diverged": diverged,
+        "collapsed": bool(ev["collapsed"]) if evaluated else None,  # one class predicted for every test image
+        "seconds": time.perf_counter() - t0,
     }, len(messages)
 
 
@@ -448,7 +450,8 @@ def run_strategy(grid: PartitionGrid, cfg: RunConfig, name: str, data: ImageData
     recalls = progress.recalls
     result.row = {**_row(name, result.curves, time.perf_counter() - started), **progress.tally.rates(),
                   "poison_recall": sum(recalls) / len(recalls) if recalls else None,
-                  "diverged_round": progress.diverged_round, "nonfinite_replies": progress.nonfinite}
+                  "diverged_round": progress.diverged_round, "nonfinite_replies": progress.nonfinite,
+                  "collapsed": bool(record["collapsed"])}  # at the last round, always evaluated
 
 
 def _with_x(curves: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -690,15 +693,22 @@ def flwr_run_main(grid: Grid, context: Context) -> None:
     stop, done = threading.Event(), threading.Event()
     stop_on_flower_exit(stop, done)  # after anything that may raise before the try: its finally sets done
     folder = life.root.final_dir.absolute()  # relative paths are the SuperLink's working directory's
+    entered = False
     try:
         print(f"fedepic: run folder {folder} ({', '.join(cfg.strategies)}; {cfg.rounds} rounds, "
               f"{cfg.clients.count} clients)", flush=True)
         with interrupted_quietly(stop), life:
+            entered = True
             serve(grid, cfg, life, stop)
+    except BaseException as err:
+        if not entered:  # the folder could not be opened (a full disk): nothing was written
+            print(f"fedepic: run not started: {err}", flush=True)
+        raise
     finally:
         done.set()
-        status = life.root.status if life.root.status != "running" else "completed"
-        print(f"fedepic: run {status}: {folder}", flush=True)
+        if entered:
+            status = life.root.status if life.root.status != "running" else "completed"
+            print(f"fedepic: run {status}: {folder}", flush=True)
 
 
 def stop_on_flower_exit(stop: threading.Event, done: threading.Event,

@@ -57,3 +57,38 @@ def test_lr_1e6_is_reported_as_diverged_in_every_mode(tmp_path: Path, args: list
     warnings = [line for line in done.stderr.splitlines() if line.startswith("fedepic: warning:")]
     assert any(line.startswith(f"fedepic: warning: {member} diverged ({DIVERGED_MEANS}) ") for line in warnings), \
         done.stderr[-2000:]
+
+
+def test_a_collapse_counts_only_when_it_lasts_to_the_last_evaluation():
+    """A node trained on one label may predict one class for a while and recover: the member diverged
+    only when its last evaluation collapsed, or its models went non-finite (from that round on)."""
+    from fedepic.metrics import diverged_from_round
+    from simulations.decentralized import member_summary
+
+    recovered = [{"round": 1, "collapsed_nodes": 2, "diverged_nodes": 0}, {"round": 2, "collapsed_nodes": 0,
+                                                                             "diverged_nodes": 0}]
+    stuck = [{"round": 1, "collapsed_nodes": 0, "diverged_nodes": 0}, {"round": 2, "collapsed_nodes": 1,
+                                                                         "diverged_nodes": 0}]
+    assert diverged_from_round(member_summary("g", "gossip", recovered)) is None
+    assert diverged_from_round(member_summary("g", "gossip", stuck)) == "at the last evaluation"
+    nonfinite = [{"round": 1, "collapsed_nodes": 0, "diverged_nodes": 1}, {"round": 2, "collapsed_nodes": 0,
+                                                                             "diverged_nodes": 0}]
+    assert diverged_from_round(member_summary("g", "gossip", nonfinite)) == "from round 1"
+
+
+def test_a_failed_download_removes_only_the_empty_folders_it_made(tmp_path):
+    from fedepic.data import _removed_on_failure
+
+    root = tmp_path / "data"
+    with pytest.raises(RuntimeError):
+        with _removed_on_failure(root / "MNIST" / "raw"):
+            (root / "MNIST" / "raw").mkdir(parents=True)
+            (root / "other").mkdir()  # another process's download beside it
+            (root / "other" / "file").write_text("kept")
+            raise RuntimeError("no network")
+    assert (root / "other" / "file").read_text() == "kept" and not (root / "MNIST").exists()
+    with pytest.raises(RuntimeError):
+        with _removed_on_failure(tmp_path / "fresh" / "MNIST" / "raw"):
+            (tmp_path / "fresh" / "MNIST" / "raw").mkdir(parents=True)
+            raise RuntimeError("no network")
+    assert not (tmp_path / "fresh").exists()

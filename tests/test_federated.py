@@ -17,7 +17,9 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import pytest
@@ -54,9 +56,9 @@ def small_overrides(out: Path, **extra: str) -> list[str]:
 # --------------------------------------------------------------------------- processes
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes (not zombies) whose process group is `pgid`."""
-    found = []
+def live_processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command: state, ppid, pgid, ...) of every live
+    process (zombies left out)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -64,9 +66,13 @@ def group_members(pgid: int) -> list[int]:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+        if fields[0] != "Z":
+            yield int(entry), fields
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) whose process group is `pgid`."""
+    return [pid for pid, fields in live_processes() if int(fields[2]) == pgid]
 
 
 def wait_group_gone(pgid: int, grace_s: float = 20.0) -> list[int]:
@@ -89,7 +95,13 @@ def kill_group(pgid: int) -> None:
 
 def run_child(script: str, timeout_s: float) -> subprocess.CompletedProcess:
     """Run `script` in a fresh process group; afterwards assert that no process of that group survived."""
-    proc = subprocess.Popen([PYTHON, "-c", textwrap.dedent(script)], cwd=REPO, env=ENV, start_new_session=True,
+    return run_in_group([PYTHON, "-c", textwrap.dedent(script)], timeout_s)
+
+
+def run_in_group(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` (from the checkout, with the tests' environment) in a fresh process group; fail the
+    test when it outlives ``timeout_s`` or leaves a process of its group behind."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=ENV, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -373,17 +385,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_attaches_to_an_existing_ray_cluster(tmp_path):
-    """`ray start --head --block` in a process group we own (never `ray stop`, which kills by name); the run
-    attaches, and leaves the cluster up."""
+@contextmanager
+def ray_head(prefix: str, client_port: Optional[int] = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`ray start --head --block` in a process group this test owns, stopped by its pid on the way out
+    (never `ray stop`, which stops every cluster of the machine): (the head process, its GCS port).
+    Fails the test when the head does not come up within 90 s."""
     ray_bin = Path(PYTHON).parent / "ray"
-    temp_dir = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
+    temp_dir = Path(f"/tmp/{prefix}{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
     port = free_port()
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+         f"--ray-client-server-port={client_port or free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
         cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ready = threading.Event()
@@ -396,7 +409,24 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        assert ready.wait(90), "ray start did not come up:\n" + "".join(lines[-30:])
+        if not ready.wait(90):
+            pytest.fail("`ray start --head` did not come up within 90 s:\n" + "".join(lines[-20:]))
+        yield head, port
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        kill_group(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not wait_group_gone(head.pid)
+
+
+@pytest.mark.slow
+def test_attaches_to_an_existing_ray_cluster(tmp_path):
+    """The run attaches to a cluster it did not start (ray_head), and leaves the cluster up."""
+    with ray_head("rt") as (head, port):
         overrides = small_overrides(tmp_path, rounds="1", strategies="[fedavg]", **{"ray.address": f"127.0.0.1:{port}"})
         done = run_child(f"""
             from fedepic.config import load_config
@@ -408,11 +438,6 @@ def test_attaches_to_an_existing_ray_cluster(tmp_path):
         assert len(read_jsonl(folder / "fedavg" / "metrics.jsonl")) == 1
         assert head.poll() is None, "the run must not stop a cluster it attached to"
         assert group_members(head.pid), "the head's processes are gone"
-    finally:
-        kill_group(head.pid)
-        head.wait(timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not wait_group_gone(head.pid)
 
 
 def test_flwr_run_leaves_the_checkout_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

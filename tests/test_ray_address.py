@@ -8,11 +8,7 @@ another 300 s) and another non-Ray port ended after 38 s in a traceback: only a 
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -23,7 +19,7 @@ import pytest
 
 from fedepic.config import ConfigError, load_config
 from simulations.flower_runtime import RAY_CONNECT_TIMEOUT_S, check_ray_address
-from tests.test_federated import ENV, PYTHON, REPO, free_port, group_members, kill_group, wait_group_gone
+from tests.test_federated import PYTHON, free_port, group_members, ray_head, run_in_group
 
 STARTUP_MARGIN_S = 20.0  # the CLI's own start (imports) on a busy 2-core machine, on top of the bound
 
@@ -95,20 +91,8 @@ def bad_address(kind: str, request: pytest.FixtureRequest) -> str:
 def run_cli(args: list[str], out: Path, timeout_s: float = 120) -> tuple[int, str, float]:
     """The CLI in its own process group; (exit status, stderr, seconds)."""
     started = time.monotonic()
-    proc = subprocess.Popen([PYTHON, "-m", "fedepic.simulate", *args, f"output_dir={out}"], cwd=REPO, env=ENV,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc.pid)
-        _, err = proc.communicate()
-        pytest.fail(f"the CLI did not end within {timeout_s} s:\n{err[-3000:]}")
-    elapsed = time.monotonic() - started
-    leftovers = wait_group_gone(proc.pid)
-    if leftovers:
-        kill_group(proc.pid)
-    assert not leftovers, f"processes of the run survived: {leftovers}"
-    return proc.returncode, err, elapsed
+    done = run_in_group([PYTHON, "-m", "fedepic.simulate", *args, f"output_dir={out}"], timeout_s)
+    return done.returncode, done.stderr, time.monotonic() - started
 
 
 def assert_refused(rc: int, err: str, elapsed: float, out: Path, address: str) -> None:
@@ -188,31 +172,10 @@ def test_every_entry_point_checks_the_address_before_writing(args, http_port, tm
 
 @pytest.mark.slow
 def test_a_real_cluster_passes_the_check(monkeypatch):
-    """`ray start --head --block` in a process group this test owns (stopped by its pid, never by
-    `ray stop`, which stops every cluster of the machine): its GCS (HOST:PORT, `auto` through
+    """A cluster this test starts (tests.test_federated.ray_head): its GCS (HOST:PORT, `auto` through
     RAY_ADDRESS) and its Ray Client server (ray://) pass; the two ports swapped do not."""
-    ray_bin = Path(PYTHON).parent / "ray"
-    temp_dir = Path(f"/tmp/ra{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
-    port, client_port = free_port(), free_port()
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={free_port()}"],
-        cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        ready = threading.Event()
-        lines: list[str] = []
-
-        def read() -> None:
-            for line in head.stdout:
-                lines.append(line)
-                if "Ray runtime started" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(90):
-            pytest.skip("`ray start --head` did not come up within 90 s:\n" + "".join(lines[-20:]))
-
+    client_port = free_port()
+    with ray_head("ra", client_port) as (head, port):
         def check(address: str) -> float:
             started = time.monotonic()
             check_ray_address(load_config("dfl_smoke.yaml", [f"ray.address={address}"]))
@@ -236,15 +199,3 @@ def test_a_real_cluster_passes_the_check(monkeypatch):
         with pytest.raises(ConfigError, match="not a Ray Client server answers; a cluster's GCS is HOST:PORT"):
             check(f"ray://127.0.0.1:{port}")
         assert head.poll() is None and group_members(head.pid)
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_group(head.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not wait_group_gone(head.pid)

@@ -156,3 +156,55 @@ def test_a_new_run_that_cannot_write_its_config_leaves_nothing(tmp_path, monkeyp
                        "data.synthetic_test=20", "progress=false", f"output_dir={out}"], capsys)
     assert_one_line(code, err, ["cannot write", "config.yaml", "No space left on device"])
     assert list(tmp_path.iterdir()) == [], "a folder was left behind"
+
+
+def test_a_resume_that_finds_the_run_completed_under_the_lock_is_refused(tmp_path):
+    """The live run may complete between resume_config's checks and the resume taking the lock: the
+    status is read again under the lock, and the completed run is left as it is."""
+    from fedepic.errors import ConfigError
+    from fedepic.outputs import RunWriter
+
+    done = cli([*SMALL, f"output_dir={tmp_path}", "rounds=2"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    before = _snapshot(folder)
+    with pytest.raises(ConfigError, match="completed while this resume started"):
+        RunWriter(tmp_path, folder.name, resume=folder).__enter__()
+    assert _snapshot(folder) == before and not (folder / ".lock").exists()
+
+
+def test_the_lock_is_taken_again_when_its_file_was_replaced(tmp_path, monkeypatch):
+    """The holder unlinks .lock as it releases it: a process that opened the old file and locks it
+    after that holds a file nobody else sees, so lock_folder checks the inode and opens the file again."""
+    import fcntl as real_fcntl
+
+    from fedepic import outputs
+
+    calls = []
+    real_flock = real_fcntl.flock
+
+    def flock_after_a_release(fd, op):
+        real_flock(fd, op)
+        if not calls:  # the first file we locked is unlinked and replaced, as a releasing holder does
+            calls.append(fd)
+            (tmp_path / ".lock").unlink()
+            (tmp_path / ".lock").write_text("")
+
+    monkeypatch.setattr(outputs.fcntl, "flock", flock_after_a_release)
+    fd = outputs.lock_folder(tmp_path, "resume")
+    try:
+        assert len(calls) == 1
+        assert os.fstat(fd).st_ino == os.stat(tmp_path / ".lock").st_ino
+    finally:
+        os.close(fd)
+
+
+def test_only_a_hard_linked_metrics_file_is_refused(tmp_path, capsys):
+    """Files other than metrics.jsonl are replaced by a rename, never written through: a folder backed
+    up with hard links (cp -al) resumes."""
+    folder = _interrupted_run(tmp_path / "runs")
+    backup = tmp_path / "backup.yaml"
+    os.link(folder / "config.yaml", backup)
+    code, err = _main([f"resume={folder}"], capsys)
+    assert code == 0, err
+    assert backup.read_bytes() != b"" and json.loads((folder / "summary.json").read_text())["status"] == "completed"

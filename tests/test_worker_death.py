@@ -21,7 +21,8 @@ from typing import Optional
 
 import pytest
 
-from tests.test_federated import ENV, PYTHON, REPO, group_members, kill_group, read_jsonl, small_overrides, wait_group_gone
+from tests.test_federated import (ENV, PYTHON, REPO, kill_group, live_processes, read_jsonl, small_overrides,
+                                  wait_group_gone)
 
 BUSY_TITLE = b"ray::ClientAppActor.run"  # setproctitle of a ClientAppActor while it runs a message
 POLL_S = 0.05
@@ -31,15 +32,8 @@ RUN_TIMEOUT_S = 240.0
 def descendants(root: int) -> list[int]:
     """Live descendants of ``root``, from /proc (parents listed before their children)."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
+    for pid, fields in live_processes():
+        children.setdefault(int(fields[1]), []).append(pid)
     found, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fedepic.checkpoint import refuse_links
 from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import ConfigError, RunInterrupted
 from fedepic.interrupts import Interrupts
@@ -88,8 +87,7 @@ class SweepRun(FolderLifecycle):
     def __init__(self, plan: SweepPlan, folder: Path, interrupts: Interrupts) -> None:
         self.plan, self.interrupts = plan, interrupts
         existing = existing_folder(folder.parent, folder.name)
-        if existing is not None:  # RunWriter locks it before anything in it changes
-            refuse_links(existing, "sweep")
+        if existing is not None:  # RunWriter locks it, and refuses links in it, before anything in it changes
             self.root = RunWriter(folder.parent, folder.name, resume=existing, lock_key="sweep", kind="sweep")
         else:  # a new folder named exactly ``folder``: RunWriter names it "<stamp>-<name>"
             assert folder.name.startswith("sweep-"), folder
