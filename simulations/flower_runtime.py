@@ -65,8 +65,10 @@ def uses_ray_client(cfg: RunConfig) -> bool:
     return address.startswith("ray://")
 
 
-def backend_config(cfg: RunConfig) -> dict:
-    """`backend_config` for `flwr.simulation.run_simulation`; `init_args` go straight to `ray.init`."""
+def backend_config(cfg: RunConfig, run_once: bool = True) -> dict:
+    """`backend_config` for `flwr.simulation.run_simulation`; `init_args` go straight to `ray.init`.
+    ``run_once``: ClientAppActor.run's own retries are 0 (`client_messages_run_once` could set them);
+    where they are not, the actors' retries are 0, so that a death is never absorbed by a retry."""
     init_args: dict[str, Any] = {"log_to_driver": False}
     if cfg.ray.address:
         init_args["address"] = cfg.ray.address  # the cluster decides its size: no num_cpus here
@@ -91,7 +93,8 @@ def backend_config(cfg: RunConfig) -> dict:
         # it imports it, so the method's setting cannot reach them: there the actor's retries are 0, a
         # death is still recorded, and messages sent to that worker while it restarts fail with it.
         "client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
-                             "max_restarts": -1, "max_task_retries": 0 if uses_ray_client(cfg) else 1},
+                             "max_restarts": -1,
+                             "max_task_retries": 1 if run_once and not uses_ray_client(cfg) else 0},
         "init_args": init_args,
     }
 
@@ -318,10 +321,10 @@ def run_flower(server_app: Any, client_app: Any, num_nodes: int, cfg: RunConfig,
     # stdout; they go to stderr here, so that stdout keeps only what the caller prints (the CLI's run
     # folder, a benchmark's JSON line).
     with redirect_stdout(sys.stderr), interrupts, interrupts.polled(), ray_leaves_sigterm_alone(), \
-            client_messages_run_once():
+            client_messages_run_once() as run_once:
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                           backend_config=backend_config(cfg))
+                           backend_config=backend_config(cfg, run_once))
         except BaseException:
             interrupts.stop.set()  # a ServerApp thread still waiting for replies winds down
             raise

@@ -241,3 +241,14 @@ def test_a_killed_node_worker_is_that_rounds_failure(tmp_path):
     assert failure["node"] in range(5) and failure["phase"] in ("train", "aggregate"), failure
     assert is_worker_death(failure["reason"]), failure
     assert ended < 120
+
+
+def test_without_the_method_setting_the_actors_get_no_retries():
+    """Should a Ray release move the class-level setting, the actors' own retries are 0: a death is then
+    never absorbed by a retry (messages sent while the worker restarts fail with it)."""
+    from fedepic.config import load_config
+    from simulations.flower_runtime import backend_config
+
+    cfg = load_config(None, ["mode=federated"])
+    assert backend_config(cfg, run_once=False)["client_resources"]["max_task_retries"] == 0
+    assert backend_config(cfg)["client_resources"]["max_task_retries"] == 1
