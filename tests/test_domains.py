@@ -10,6 +10,7 @@ an empty or too long text, a malformed list item).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +31,9 @@ FREE_KEY_VALUES = {
     "sweep.metrics": ["[no_such_metric]"],
     "sweep.curves": ["[no_such_curve]"],
 }
-SWEEP_CONTEXT = ["sweep.seed=[0]"]  # a sweep with one axis, so that its settings are read
+SWEEP_CONTEXT = ["sweep.seed=[0]"]
+# texts tried against every key with a pattern; each key gets those its pattern refuses
+PATTERN_CANDIDATES = ["a/b", "'..'", "/abs", "../up", "a/../b", "cuda:x", "gpu"]  # a sweep with one axis, so that its settings are read
 
 
 def _leaves(schema: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
@@ -72,8 +75,8 @@ def _scalar_invalid(domain: Domain, scalar: Any) -> list[str]:
     if domain.text:
         values = [] if domain.empty else ["''"]
         values.append("x" * (domain.max_bytes + 1))
-        if domain.pattern is not None:
-            values += ["a/b", "'..'"] if "/" in domain.why else ["cuda:x", "gpu"]
+        if domain.pattern is not None:  # the candidates the pattern refuses
+            values += [v for v in PATTERN_CANDIDATES if not re.fullmatch(domain.pattern, v.strip("'"))]
         return values
     if domain.free:
         return []
