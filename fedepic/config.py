@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedepic import extensions
-from fedepic.domains import (ANY, AT_LEAST_ONE, FINITE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain, between,
-                             check_domains, meta, one_of)
+from fedepic.domains import (ANY, AT_LEAST_ONE, FINITE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain,
+                             between, check_domains, meta, one_of)
 from fedepic.errors import ConfigError
 
 MODES = ("centralized", "federated", "decentralized")

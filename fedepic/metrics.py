@@ -88,8 +88,8 @@ def diverged(weights_finite: bool, evaluation: Optional[Mapping[str, Any]] = Non
     return nonfinite_model(weights_finite, evaluation) or bool((evaluation or {}).get("collapsed"))
 
 
-def diverged_members(rows: Sequence[Mapping[str, Any]], name_key: str, when: Callable[[Mapping[str, Any]], Optional[str]]
-                     ) -> list[str]:
+def diverged_members(rows: Sequence[Mapping[str, Any]], name_key: str,
+                     when: Callable[[Mapping[str, Any]], Optional[str]]) -> list[str]:
     """The members whose rows say they diverged (``when(row)``: where, e.g. "from round 3", or None),
     each also a warning line on stderr in the one wording of every mode (:data:`DIVERGED_MEANS`)."""
     names = []

@@ -226,8 +226,8 @@ class RunWriter:
 
     A top-level folder is locked (:func:`lock_folder`) from before its first change to after its
     rename, so a second process (a ``resume=`` of a run still going, say) is refused in one line
-    (naming ``lock_key``, and ``kind``: run or sweep) and the live run is untouched. A new folder that cannot be set up (a
-    full disk) is removed again: nothing is left behind.
+    (naming ``lock_key``, and ``kind``: run or sweep) and the live run is untouched. A new folder that
+    cannot be set up (a full disk) is removed again: nothing is left behind.
     """
 
     def __init__(self, output_dir: str | Path, name: str, *, stamp: Optional[str] = None,
@@ -236,6 +236,7 @@ class RunWriter:
         self.parent, self.lock_key, self.kind = parent, lock_key, kind
         self._lock: Optional[int] = None
         self._made: Optional[Path] = None  # the first folder that __enter__ created above a new run folder
+        self._created = False  # __enter__ made the new run folder itself (only then may it remove it)
         stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(output_dir)
         # resuming: the interrupted run's folder is reopened (renamed to .partial while the run goes on)
@@ -277,6 +278,7 @@ class RunWriter:
         try:
             if not self.resuming:
                 self.dir.mkdir(parents=True)
+                self._created = True
                 self._lock = lock_folder(self.dir, self.lock_key, self.kind)
             self._metrics = open_append(self.dir / "metrics.jsonl")
         except BaseException:
@@ -329,6 +331,8 @@ class RunWriter:
 
     def _leave(self) -> None:
         if self.parent is None and not self.resuming:
+            if not self._created:  # another process's folder of the same name: not ours to remove
+                return
             shutil.rmtree(self.dir, ignore_errors=True)
             folder = self.dir.parent
             while self._made is not None and self._made in (folder, *folder.parents):

@@ -62,7 +62,8 @@ from simulations.dfl_node import (
     load_exchanged, new_model, one_step, train_local, uses_local_epic,
 )
 from simulations.dfl_router import (
-    AttackTally, Routing, detection_record, divergence_counts, detection_truth, message_batches, outgoing, round_metrics,
+    AttackTally, Routing, detection_record, detection_truth, divergence_counts, message_batches, outgoing,
+    round_metrics,
 )
 
 STATE_PREFIX = "dfl."

@@ -239,7 +239,8 @@ def _client_records(valid: list[Message], malicious: list[bool], norms: list[flo
     for i, msg in enumerate(valid):
         info = _client_metrics(msg)
         records.append({
-            "id": int(info["partition-id"]), "malicious": malicious[i], "examples": int(info.get("trained-rows", info["num-examples"])),
+            "id": int(info["partition-id"]), "malicious": malicious[i],
+            "examples": int(info.get("trained-rows", info["num-examples"])),
             "train_loss": _known(info["train-loss"]), "train_seconds": float(info["train-seconds"]),
             "update_norm": norms[i],
             "excluded": None if outcome.excluded is None else bool(outcome.excluded[i]),

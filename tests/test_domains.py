@@ -31,9 +31,9 @@ FREE_KEY_VALUES = {
     "sweep.metrics": ["[no_such_metric]"],
     "sweep.curves": ["[no_such_curve]"],
 }
-SWEEP_CONTEXT = ["sweep.seed=[0]"]
+SWEEP_CONTEXT = ["sweep.seed=[0]"]  # a sweep with one axis, so that its settings are read
 # texts tried against every key with a pattern; each key gets those its pattern refuses
-PATTERN_CANDIDATES = ["a/b", "'..'", "/abs", "../up", "a/../b", "cuda:x", "gpu"]  # a sweep with one axis, so that its settings are read
+PATTERN_CANDIDATES = ["a/b", "'..'", "/abs", "../up", "a/../b", "cuda:x", "gpu"]
 
 
 def _leaves(schema: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:

@@ -208,3 +208,16 @@ def test_only_a_hard_linked_metrics_file_is_refused(tmp_path, capsys):
     code, err = _main([f"resume={folder}"], capsys)
     assert code == 0, err
     assert backup.read_bytes() != b"" and json.loads((folder / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_new_run_never_removes_a_folder_another_process_made(tmp_path):
+    """Two runs started in the same second with the same name: the one whose mkdir loses the race
+    fails, and leaves the other's folder as it is."""
+    from fedepic.outputs import RunWriter
+
+    writer = RunWriter(tmp_path, "same", stamp="20261207-000000")
+    writer.dir.mkdir()
+    (writer.dir / "config.yaml").write_text("theirs\n")
+    with pytest.raises(FileExistsError):
+        writer.__enter__()
+    assert (writer.dir / "config.yaml").read_text() == "theirs\n"
