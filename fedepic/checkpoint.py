@@ -161,7 +161,6 @@ def resume_config(value: str, config: Optional[str], overrides: list[str]) -> tu
     resume is refused when it opens it. A folder holding a link is refused (:func:`refuse_links`).
     """
     from fedepic.config import load_config, to_dict
-
     from fedepic.outputs import refuse_links
 
     folder = _run_folder(value)

@@ -86,17 +86,15 @@ def _check_cells_cluster(cfg) -> None:
     """A one-at-a-time sweep whose cells attach to ``ray.address`` (federated cells, decentralized ones
     with engine=ray) checks the cluster once, before the sweep's folder exists, rather than each cell
     failing after it; a parallel sweep's executor checks it (`_ray_executor`)."""
-    if not cfg.ray.address:
-        return
-    from fedepic.sweep.plan import plan_sweep
+    from fedepic.config import sweep_section
 
-    plan = plan_sweep(cfg)  # a bad grid is refused here as in run_sweep, which plans it again
-    if not plan.settings.parallel and any(c.config.mode == "federated" or (c.config.mode == "decentralized"
-                                                                          and c.config.engine == "ray")
-                                          for c in plan.cells):
+    settings, axes = sweep_section(cfg)  # validated with the config; the mode is the same in every cell
+    engines = axes.get("engine", [cfg.engine])
+    if cfg.ray.address and not settings.parallel and (cfg.mode == "federated" or
+                                                     (cfg.mode == "decentralized" and "ray" in engines)):
         from simulations.flower_runtime import check_ray_address
 
-        check_ray_address(plan.base)
+        check_ray_address(cfg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

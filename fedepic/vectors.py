@@ -3,7 +3,7 @@ and the finiteness test every rule and attack applies to such vectors."""
 
 from __future__ import annotations
 
-from typing import Collection, Mapping
+from typing import Mapping
 
 import torch
 
@@ -13,10 +13,11 @@ def float_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if torch.is_floating_point(v)]
 
 
-def parameter_mask(state: Mapping[str, torch.Tensor], parameters: Collection[str]) -> torch.Tensor:
-    """Which entries of ``flatten_state(state)`` belong to the named ``parameters`` (the others are
-    buffers: normalisation constants, BatchNorm statistics), as a bool vector. Model attacks act on the
-    parameters only: a buffer travels with the model and is never attacked as if it were one."""
+def parameter_mask(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Which entries of ``flatten_state(state)`` (a state of ``model``) are ``model``'s parameters (the
+    others are buffers: normalisation constants, BatchNorm statistics), as a bool vector. Model attacks
+    act on the parameters only: a buffer travels with the model and is never attacked as if it were one."""
+    parameters = {name for name, _ in model.named_parameters()}
     keys = float_keys(state)
     return torch.cat([torch.full((state[k].numel(),), k in parameters, dtype=torch.bool) for k in keys]) \
         if keys else torch.zeros(0, dtype=torch.bool)

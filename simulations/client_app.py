@@ -46,7 +46,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Collection, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     attack_nonfinite = 0
     if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
-        state, attack_nonfinite = _attacked(cfg, global_state, state, seed, {n for n, _ in model.named_parameters()})
+        state, attack_nonfinite = _attacked(cfg, global_state, state, seed, parameter_mask(model, state))
     metrics = {
         # Flower's FedAvg weights by num-examples and divides by their sum: a client without rows sends the
         # global model back at weight 1; "trained-rows" is what the client record reports
@@ -166,7 +166,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
     beta = cfg.train.momentum
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
-    mask = parameter_mask(global_state, {n for n, _ in model.named_parameters()})  # buffers are never attacked
+    mask = parameter_mask(model, global_state)  # buffers are never attacked
     results = []
     for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
         momentum = (1.0 - beta) * gradient if previous is None else beta * previous + (1.0 - beta) * gradient
@@ -186,11 +186,11 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
 
 
 def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int,
-              parameters: Collection[str]) -> tuple[dict[str, torch.Tensor], int]:
-    """The attacked model state (its ``parameters`` attacked; its buffers, such as the cnn's
-    normalisation constants, as trained), and how many attack inputs were non-finite (left out or replaced)."""
+              mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """The attacked model state (the entries ``mask`` selects, its parameters, attacked; its buffers,
+    such as the cnn's normalisation constants, as trained), and how many attack inputs were non-finite
+    (left out or replaced)."""
     base, trained = flatten_state(global_state), flatten_state(state)
-    mask = parameter_mask(state, parameters)
     own = (trained - base)[mask]
     generator = torch.Generator().manual_seed(seed)
     outcome = run_model_attack(cfg.attack.model, own[None], own, generator, **model_attack_arguments(cfg.attack))

@@ -238,7 +238,8 @@ def divergence_counts(evals: Mapping[int, Mapping[str, Any]], models: Mapping[in
     (fedepic.metrics.nonfinite_model), and ``collapsed_nodes``, those that predict one class for every
     test image (a divergence when it lasts to the last round: simulations.decentralized.member_summary)."""
     nodes = [i for i in benign if i in models]
-    return {"diverged_nodes": sum(nonfinite_model(bool(torch.isfinite(models[i]).all()), evals.get(i)) for i in nodes),
+    return {"diverged_nodes": sum(nonfinite_model(bool(torch.isfinite(models[i]).all()), evals.get(i))
+                                  for i in nodes),
             "collapsed_nodes": sum(bool(evals.get(i, {}).get("collapsed")) for i in nodes)}
 
 

@@ -156,7 +156,7 @@ def client_messages_run_once() -> Iterator[bool]:
         yield done
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0
+RAY_CONNECT_TIMEOUT_S = 10.0  # the most `check_ray_address` waits: TCP connect and one Ray RPC together
 
 
 def _connect_within(host: str, port: int, deadline: float) -> None:
@@ -190,7 +190,9 @@ def _connect_within(host: str, port: int, deadline: float) -> None:
                 return
             except OSError as err:
                 last = err
-    raise last  # the most `check_ray_address` waits: TCP connect and one Ray RPC together
+    raise last
+
+
 RAY_CLIENT_PORT = 10001  # Ray Client's default (ray://HOST)
 
 

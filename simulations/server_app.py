@@ -135,15 +135,15 @@ class Evaluator:
 
     def parameter_mask(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """Which entries of ``flatten_state(state)`` are the model's parameters (not its buffers)."""
-        return parameter_mask(state, {n for n, _ in self.model.named_parameters()})
+        return parameter_mask(self.model, state)
 
     def measure(self, model: torch.nn.Module) -> dict:
         cfg, data = self.cfg, self.data
         ev = evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size, data.num_classes, cfg.train.amp)
         success = attack_success(model, cfg.attack, data.test_x, data.test_y, data.num_classes, self.target.x,
                                  self.target.adversarial_class)
-        return {"accuracy": ev["accuracy"], "loss": ev["loss"], "per_class": ev["per_class"], "collapsed": ev["collapsed"],
-                "attack_success": success}
+        return {"accuracy": ev["accuracy"], "loss": ev["loss"], "per_class": ev["per_class"],
+                "collapsed": ev["collapsed"], "attack_success": success}
 
 
 # --------------------------------------------------------------------------- attack injector
