@@ -119,7 +119,6 @@ AT_LEAST_ONE = meta(Domain(low=1))
 UNIT_OPEN_LOW = meta(Domain(low=0, high=1, open_low=True))  # (0, 1]
 UNIT = meta(Domain(low=0, high=1))  # [0, 1]
 PATH = meta(Domain(text=True))
-NAME = meta(Domain(text=True, max_bytes=255))
 
 
 def between(low: float, high: float, open_low: bool = False, open_high: bool = False) -> dict:
