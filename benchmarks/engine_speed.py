@@ -84,7 +84,7 @@ def load_workload(folder: Path) -> Workload:
     from fedepic.config import load_config, malicious_ids
     from fedepic.data import load_dataset
     from fedepic.models import model_for_data
-    from simulations.client_data import client_partition
+    from fedepic.client_data import client_partition
 
     cfg = load_config(str(folder / "config.yaml"), [])
     data = load_dataset(cfg.data, cfg.seed)

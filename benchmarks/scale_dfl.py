@@ -45,7 +45,7 @@ class Sink(dfl_sequential._Collect):
 from types import SimpleNamespace
 from fedepic.config import malicious_ids, member_config
 from fedepic.data import load_dataset
-from simulations.client_data import client_partition, partition_report
+from fedepic.client_data import client_partition, partition_report
 from simulations.dfl_router import communication_graph, routing_for, run_label_roles
 data = load_dataset(cfg.data, cfg.seed)
 parts = client_partition(cfg, data)

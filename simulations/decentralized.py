@@ -37,7 +37,7 @@ from fedepic.report import attack_label, setting_title
 from fedepic.metrics import diverged_from_round, diverged_members
 from fedepic.train import torch_threads
 
-from simulations.client_data import client_partition, partition_report, worker_config
+from fedepic.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 from simulations.dfl_node import STATEFUL, peer_rule
 from simulations.dfl_sequential import run_local_member

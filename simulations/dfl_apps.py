@@ -27,7 +27,7 @@ round's ``train`` messages carry each node's saved state, which the node puts in
 draw (local training, attack noise) is seeded from (seed, round, node).
 
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
-(``simulations.client_data.dataset_for``) and then cut their partition out of it, and build one model
+(``fedepic.client_data.dataset_for``) and then cut their partition out of it, and build one model
 per process (``node_model``) that they load their state into.
 """
 
@@ -53,7 +53,7 @@ from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.errors import RunFailed
 
-from simulations.client_data import client_data_for, config_from_text, dataset_for, member_from_text
+from fedepic.client_data import client_data_for, config_from_text, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
 from simulations.dfl_node import (

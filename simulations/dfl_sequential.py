@@ -35,7 +35,7 @@ from fedepic.extensions import PEER_RULES
 from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.client_data import ClientData, build_client_data, client_partition, partition_report
+from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
 from simulations.dfl_eval import evaluate_rows, stackable
 from simulations.dfl_node import (
     HONEST, STATEFUL, LocalJob, NodeState, aggregate_flat, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,

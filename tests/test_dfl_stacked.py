@@ -13,7 +13,7 @@ from fedepic.config import load_config, malicious_ids, member_config
 from fedepic.data import load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.client_data import client_partition, partition_report
+from fedepic.client_data import client_partition, partition_report
 from simulations.dfl_node import exchanged_state, new_model
 from simulations.dfl_router import communication_graph, routing_for, run_label_roles
 from simulations.dfl_sequential import LocalMember
@@ -216,7 +216,7 @@ def test_models_with_convolutions_train_node_by_node():
 def test_train_local_stacked_equals_train_local_job_by_job():
     """dfl_node.train_local_stacked against dfl_node.train_local, node by node: the trained models, the
     statistics (EPIC's drops, skipped selections, poison recall) and the node states."""
-    from simulations.client_data import build_client_data
+    from fedepic.client_data import build_client_data
     from simulations.dfl_node import LocalJob, NodeState, load_exchanged, train_local, train_local_stacked
 
     cfg = load_config("dfl_smoke", ["clients.local_epochs=3", "defense.epic.warmup=1", "defense.epic.interval=1",

@@ -241,7 +241,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
     import torch.nn.functional as F
 
     from fedepic.data import load_dataset
-    from simulations.client_data import client_partition, partition_report
+    from fedepic.client_data import client_partition, partition_report
     from simulations.dfl_node import derive_seed, dsgt_batch, exchanged_state, new_model
     from simulations.dfl_router import routing_for, run_label_roles
     from simulations.dfl_sequential import LocalMember

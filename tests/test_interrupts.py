@@ -125,7 +125,7 @@ def test_node_failures_are_recorded_and_too_many_stop_the_run() -> None:
 
 def test_clients_get_the_drivers_resolved_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedepic.config import load_config
-    from simulations.client_data import worker_config
+    from fedepic.client_data import worker_config
 
     monkeypatch.setenv("FEDEPIC_DATA", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
