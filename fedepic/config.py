@@ -31,7 +31,6 @@ ENGINES = ("ray", "local")
 DFL_ALGORITHMS = ("dpsgd", "dsgd", "dsgt")
 SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
-PRE_AGGREGATION = ("nnm", "clip")
 VECTOR_FORMATS = ("pdf", "svg")  # figures.vector
 DPI_RANGE = (50, 600)  # figures.dpi
 # keys that belong to the whole run, not to one compared member (see `member_config`)
@@ -50,6 +49,7 @@ MODEL_ATTACKS = extensions.MODEL_ATTACKS.names()
 SERVER_STRATEGIES = extensions.SERVER_STRATEGIES.names()
 PEER_STRATEGIES = extensions.PEER_RULES.names()
 CENTRAL_DEFENSES = extensions.CENTRAL_DEFENSES.names()
+PRE_AGGREGATION = extensions.PRE_AGGREGATION.names()
 MODEL_NAMES = extensions.MODELS.names()
 TOPOLOGIES = ("ring", "k_regular", "erdos_renyi", "small_world", "complete", "edges")
 GP_DETECTORS = ("robust", "records", "epic")
@@ -191,8 +191,9 @@ class DefenseConfig:
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
     trim: int = field(default=1, metadata=NON_NEGATIVE)
-    # attackers f that Krum (server and peer), MultiKrum, Bulyan and server EPIC assume; null: the configured count
-    byzantine: Optional[int] = field(default=1, metadata=NON_NEGATIVE)
+    # attackers f that Krum (server and peer), MultiKrum, Bulyan, server EPIC and NNM assume; null (the
+    # default): the configured number of malicious clients, as ByzFL and the papers set it
+    byzantine: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
     scclip_tau: float = field(default=1.0, metadata=POSITIVE)
     # steps applied before the aggregation, in order: nnm (nearest-neighbour mixing, f = defense.byzantine),
     # clip (static L2 clipping at clip_radius); federated: on the clients' updates before the strategy;

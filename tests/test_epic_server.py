@@ -144,6 +144,9 @@ def test_byzantine_null_assumes_the_configured_attackers():
 
     cfg = load_config("server_noniid.yaml", [])
     assert cfg.defense.byzantine is None and build_server_strategy("krum", cfg).strategy.num_malicious_nodes == 4
+    # null is the default, as in ByzFL and the papers: f follows the configured attackers
+    plain = load_config(None, ["mode=federated", "clients.count=10", "clients.malicious_ids=[0,1,2]"])
+    assert plain.defense.byzantine is None and build_server_strategy("krum", plain).strategy.num_malicious_nodes == 3
 
 
 @pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan", "epic"])
