@@ -1,9 +1,10 @@
 """Flower + Ray wall time against an in-process sequential loop doing exactly the same work, in one run.
 
-Both sides run the same ServerApp body (`simulations.server_app.serve`: FedAvg through Flower's
-strategy, the same client `handle_train`, the same server-side evaluation); the sequential side
-replaces Flower's grid with `LocalGrid`, which calls the ClientApp handler of each node in turn in
-this process. The Flower side is `run_federated` on a local Ray cluster with one actor per core
+Both sides run the same round engine (`fedepic.server_rounds`, through `simulations.server_app.serve`:
+the same client work `fedepic.client_work.local_train`, the same server-side evaluation); the
+sequential side is the in-process backend (`fedepic.local_backend`: each client in turn, the tensor
+FedAvg), the Flower side sends each client's work as a Message to its ClientApp and aggregates with
+Flower's FedAvg. The Flower side is `run_federated` on a local Ray cluster with one actor per core
 (Ray gives each actor OMP_NUM_THREADS=1). Default workload: 50 clients on synthetic 28x28 data, the
 small CNN, 40 rows and one local epoch per client, 3 rounds.
 
@@ -48,9 +49,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from fedepic.config import RunConfig, load_config  # noqa: E402
 from fedepic.data import load_dataset  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from simulations.flower_runtime import quiet_flower  # noqa: E402
-from simulations.local_grid import LocalGrid  # noqa: E402
 from simulations.federated import run_federated  # noqa: E402
 from simulations.server_app import open_run, serve  # noqa: E402
 
@@ -73,16 +72,11 @@ def round_seconds(folder: Path) -> list[tuple[float, float]]:
 
 def sequential(args: argparse.Namespace, out: Path) -> tuple[float, list[tuple[float, float]]]:
     cfg = bench_config(args, out, "sequential")
-    previous = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # Messages need a task identity
-    try:
-        started = time.perf_counter()
-        load_dataset(cfg.data, cfg.seed)
-        with open_run(cfg) as life:
-            serve(LocalGrid(num_nodes=cfg.clients.count), cfg, life, threading.Event())
-        total = time.perf_counter() - started
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = previous
+    started = time.perf_counter()
+    load_dataset(cfg.data, cfg.seed)
+    with open_run(cfg) as life:
+        serve(None, cfg, life, threading.Event())
+    total = time.perf_counter() - started
     return total, round_seconds(life.path)
 
 

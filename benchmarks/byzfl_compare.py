@@ -148,7 +148,7 @@ def flower_rule_seconds(row: str, repeats: int = 5) -> float:
     from fedepic.config import load_config
     from fedepic.extensions import expected_clients
     from fedepic.models import build_classifier
-    from simulations.local_grid import server_identity
+    from flwr.supercore.task_identity import TaskIdentity
     from simulations.flower_runtime import quiet_flower
     from strategies.server import build_server_strategy
 
@@ -171,12 +171,16 @@ def flower_rule_seconds(row: str, repeats: int = 5) -> float:
                        reply_to=ask)
 
     best = float("inf")
-    with server_identity():
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 0  # Messages need a task identity
+    try:
         for _ in range(repeats + 1):  # the first call warms up
             batch = [reply(node) for node in range(expected_clients(cfg))]
             started = time.perf_counter()
             strategy.aggregate_train(1, batch)
             best = min(best, time.perf_counter() - started)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return best
 
 

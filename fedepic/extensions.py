@@ -118,6 +118,20 @@ SERVER_STRATEGIES = Registry("server strategy", [
 ])
 
 
+# steps over the stacked inputs before a rule (``defense.pre_aggregation``, applied in the order listed)
+PRE_AGGREGATION = Registry("pre-aggregation step", [
+    Entry("nnm", "strategies.preaggregation:NearestNeighborMixing", "nearest-neighbour mixing assuming "
+          "`defense.byzantine` attackers (Allouah et al., AISTATS 2023)", {"f": assumed_byzantine}),
+    Entry("clip", "strategies.preaggregation:StaticClip", "static L2 clipping at `defense.clip_radius`",
+          {"c": "defense.clip_radius"}),
+])
+
+
+def pre_aggregation_steps(cfg: Any) -> list:
+    """``defense.pre_aggregation``'s steps, in order."""
+    return [PRE_AGGREGATION.build(name, cfg) for name in cfg.defense.pre_aggregation]
+
+
 MODEL_ATTACKS = Registry("model attack", [
     Entry("none", "fedepic.attacks.model_attacks:no_attack", "no model attack"),
     Entry("sign_flip", "fedepic.attacks.model_attacks:sign_flip", "the negated update"),

@@ -11,7 +11,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -200,3 +200,12 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
             on_state(epoch, {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "generator": generator.get_state(), "history": history})
     return history
+
+
+def round_lr(cfg: Any, round_: int, base: Optional[float] = None) -> float:
+    """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round
+    (in rounds under dsgd / dsgt and the server's per-step protocol, whose ``clients.local_epochs`` is
+    1), starting from ``base`` (None: ``train.lr``)."""
+    done = (round_ - 1) * cfg.clients.local_epochs
+    start = cfg.train.lr if base is None else base
+    return start * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)

@@ -84,8 +84,9 @@ from fedepic.stacked_fit import NodeRows, stacked_fit
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
-from fedepic.train import fit, float_images
+from fedepic.train import fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.client_work import minibatch_rows
 from fedepic.extensions import PEER_RULES
 from strategies.gradient_purification import PurificationState
 
@@ -196,15 +197,6 @@ class NodeState:
 def uses_local_epic(strategy: str, cfg: RunConfig, malicious: bool) -> bool:
     """Benign nodes run EPIC on their own rows under gp_epic, or for any strategy with defense.local_epic."""
     return not malicious and (PEER_RULES.has(strategy, "local_epic") or cfg.defense.local_epic)
-
-
-def round_lr(cfg: RunConfig, round_: int, base: Optional[float] = None) -> float:
-    """The step schedule of ``train.milestones`` read in cumulative local epochs, fixed within a round
-    (in rounds under dsgd / dsgt and the server's per-step protocol, whose ``clients.local_epochs`` is
-    1), starting from ``base`` (None: ``train.lr``)."""
-    done = (round_ - 1) * cfg.clients.local_epochs
-    start = cfg.train.lr if base is None else base
-    return start * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)
 
 
 def _local_selector(cfg: RunConfig, rows: int, state: NodeState, device: torch.device) -> EpicState:
@@ -331,10 +323,10 @@ def peer_rule(strategy: str, cfg: RunConfig, defended: bool = True) -> Any:
     steps = cfg.defense.pre_aggregation
     if not defended or not steps or strategy in STATEFUL:
         return rule
-    from fedepic.extensions import assumed_byzantine
-    from strategies.preaggregation import PreAggregated, build_steps
+    from fedepic.extensions import pre_aggregation_steps
+    from strategies.preaggregation import PreAggregated
 
-    return PreAggregated(rule, build_steps(steps, f=assumed_byzantine(cfg, {}), clip_c=cfg.defense.clip_radius))
+    return PreAggregated(rule, pre_aggregation_steps(cfg))
 
 
 @dataclass
@@ -441,13 +433,6 @@ def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
     """After the aggregation (``state.model`` = R_i): x_i <- R_i - eta m_i."""
     point = flatten_state(state.model) - round_lr(cfg, round_) * state.momentum
     state.model = unflatten_like(point, state.model)
-
-
-def minibatch_rows(rows: int, batch_size: int, seed: int) -> Tensor:
-    """``batch_size`` row indices in [0, rows), drawn with replacement from a generator seeded by ``seed``."""
-    if rows <= 0:
-        raise ValueError("a one-step gradient needs at least one training row (this client or node has none)")
-    return torch.randint(rows, (batch_size,), generator=torch.Generator().manual_seed(seed))
 
 
 def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor, Tensor]], cfg: RunConfig) -> Tensor:

@@ -5,11 +5,11 @@ All members of `strategies:` share one simulation (one Ray start): the ServerApp
 after another over the same SuperNodes (see server_app.py). With `ray.address` set, the run attaches
 to that Ray cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on others)
 instead of starting a local one. A comparison of only `centralized-epic` needs no Flower at all.
-With `engine: local` the same ServerApp code runs over every client in this process, with no Ray
-(simulations/local_grid.py): the engine for many small rounds on one machine.
+With `engine: local` the same round engine runs every client in this process, with no Flower messages
+and no Ray (fedepic/local_backend.py): the engine for many small rounds on one machine.
 
 Every member checkpoints itself after every `checkpoint_every`-th round; `resume=` continues an
-interrupted run in its folder from those checkpoints (simulations/server_checkpoints.py).
+interrupted run in its folder from those checkpoints (fedepic/server_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Optional
 from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
+from fedepic.extensions import SERVER_STRATEGIES
 from fedepic.interrupts import Interrupts
-from simulations.client_data import checked_poison_set, client_partition, poison_set
+from fedepic.client_data import checked_poison_set, client_partition, poison_set
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 
 
@@ -37,22 +38,11 @@ def check_federated(cfg: RunConfig) -> None:
     poison_set(cfg)  # gradient_matching needs attack.poisons
 
 
-def _serve_locally(cfg: RunConfig, life: Any, client_app: Optional[Any]) -> None:
-    """engine=local: the ServerApp's code over every client in this process (simulations/local_grid.py),
-    in the main thread, so a signal stops the run at once."""
-    from simulations.local_grid import LocalGrid, server_identity
-    from simulations.server_app import serve
-
-    quiet_flower()  # again: importing Flower's strategies sets its logger's level back to INFO
-    with server_identity():
-        serve(LocalGrid(cfg.clients.count, client_app=client_app), cfg, life, life.interrupts.stop)
-
-
 def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupts: Optional[Interrupts] = None,
                   resume: Optional[Resume] = None) -> Path:
     """Run every strategy of `cfg.strategies` and write the comparison; returns the run folder.
 
-    `client_app` replaces simulations.client_app.app (tests use it to inject a failing client);
+    `client_app` replaces simulations.client_app.app under engine=ray (tests use it to inject a failing client);
     `interrupts` is the caller's SIGINT/SIGTERM handling (the CLI's), else the run installs its own.
     `resume` (from fedepic.checkpoint.resume_config) continues that interrupted run in its folder:
     finished members are kept, the interrupted one continues from its checkpoint.
@@ -71,10 +61,8 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     from simulations.server_app import make_server_app, open_run, serve
 
     with open_run(cfg, interrupts=interrupts, resume=resume) as life:  # reads the checkpoints, then opens the folder
-        if all(name == "centralized-epic" for name in cfg.strategies):
-            serve(None, cfg, life, life.interrupts.stop)  # main thread: a signal raises at once
-        elif cfg.engine == "local":
-            _serve_locally(cfg, life, client_app)
+        if cfg.engine == "local" or all(SERVER_STRATEGIES.has(n, "reference") for n in cfg.strategies):
+            serve(None, cfg, life, life.interrupts.stop)  # in this process, main thread: a signal raises at once
         else:
             if client_app is None:
                 from simulations.client_app import app as client_app

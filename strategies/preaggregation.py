@@ -2,7 +2,8 @@
 
 Small callables over a stack [n, D] (ByzFL's style), with no framework inside, so the same step serves
 a peer rule (``PreAggregated``, over {own} ∪ neighbours' models) and the server, where it transforms
-the clients' updates before Flower's strategy aggregates them (``pre_aggregate_updates``).
+the clients' updates before the rule aggregates them (``fedepic.server_rounds.pre_aggregate_updates``).
+The steps are the registry ``fedepic.extensions.PRE_AGGREGATION``: one class and one entry each.
 
 - **Nearest-neighbour mixing** (NNM). Paper: Youssef Allouah, Sadegh Farhadkhani, Rachid Guerraoui,
   Nirupam Gupta, Rafael Pinot, John Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
@@ -36,7 +37,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fedepic.vectors import finite_rows
 
 Step = Callable[[Tensor], Tensor]
 
@@ -64,32 +64,24 @@ def static_clip(vectors: Tensor, c: float) -> Tensor:
     return vectors * torch.clamp(c / norms.clamp_min(torch.finfo(vectors.dtype).tiny), max=1.0)
 
 
-def build_steps(names: Sequence[str], *, f: int, clip_c: float) -> list[Step]:
-    """The steps named in ``defense.pre_aggregation``, in order (``nnm``, ``clip``)."""
-    steps: list[Step] = []
-    for name in names:
-        if name == "nnm":
-            steps.append(lambda v: nearest_neighbor_mixing(v, min(f, max(v.shape[0] - 1, 0))))
-        elif name == "clip":
-            steps.append(lambda v: static_clip(v, clip_c))
-        else:
-            raise ValueError(f"unknown pre-aggregation step {name!r}: choose nnm or clip")
-    return steps
+class NearestNeighborMixing:
+    """NNM as a step: ``nearest_neighbor_mixing`` with f capped at the rows it gets minus one."""
+
+    def __init__(self, f: int) -> None:
+        self.f = int(f)
+
+    def __call__(self, vectors: Tensor, /) -> Tensor:
+        return nearest_neighbor_mixing(vectors, min(self.f, max(vectors.shape[0] - 1, 0)))
 
 
-def pre_aggregate_updates(models: Tensor, reference: Tensor, steps: Sequence[Step]) -> Tensor:
-    """Server side: the steps applied to the clients' updates ``models - reference`` (rows [n, D] and
-    the global model [D]), returned as models again. Non-finite rows are left as they are (the
-    strategy leaves them out, ``strategies/server.py``); the steps see the finite ones only."""
-    ok = finite_rows(models)
-    if not steps or int(ok.sum()) == 0:
-        return models
-    updates = models[ok] - reference
-    for step in steps:
-        updates = step(updates)
-    out = models.clone()
-    out[ok] = reference + updates
-    return out
+class StaticClip:
+    """Static clipping as a step: ``static_clip`` at radius ``c``."""
+
+    def __init__(self, c: float) -> None:
+        self.c = float(c)
+
+    def __call__(self, vectors: Tensor, /) -> Tensor:
+        return static_clip(vectors, self.c)
 
 
 class PreAggregated:

@@ -29,10 +29,10 @@ from fedepic.config import load_config
 from fedepic.data import load_dataset
 
 from fedepic.errors import RunInterrupted
-from simulations.client_data import build_client_data, partition_report
+from fedepic.client_data import build_client_data, partition_report
 from simulations.flower_runtime import backend_config
 from simulations.messaging import exchange, wait_for_nodes
-from simulations.server_app import inject_model_attack
+from fedepic.server_rounds import inject_model_attack
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -175,7 +175,7 @@ def test_client_data_is_deterministic_and_attacked_only_for_malicious_clients():
 
 
 def test_local_epic_on_a_diverged_global_model_reports_a_skipped_selection():
-    from simulations.client_app import local_train, model_for
+    from fedepic.client_work import local_train, model_for
 
     cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "defense.local_epic=true",
                              "defense.epic.warmup=1", "defense.epic.interval=1"])
@@ -203,7 +203,7 @@ def test_backdoor_poisons_a_fraction_of_the_malicious_rows():
 def test_saved_poisons_apply_only_in_malicious_partitions(tmp_path):
     from fedepic.attacks.gradient_matching import PoisonSet, save_poisons
     from fedepic.config import ConfigError
-    from simulations.client_data import client_partition
+    from fedepic.client_data import client_partition
 
     base = ["mode=federated", "data.name=synthetic", "clients.count=4", "clients.malicious_ids=[2]",
             "attack.data=gradient_matching"]
@@ -458,12 +458,10 @@ def test_flwr_run_leaves_the_checkout_untouched(tmp_path: Path, monkeypatch: pyt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ray", "local"])
-def test_every_client_failing_stops_the_run_as_failed(tmp_path, engine):
+def test_every_client_failing_stops_the_run_as_failed(tmp_path):
     """Clients that all raise (as on a cluster whose workers cannot read the data): the run must not
-    report `completed` with chance accuracy; it stops after the round, marked failed, with exit 1.
-    In process (engine=local) a raising client answers with an error reply, as a Ray node does."""
-    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3", engine=engine)
+    report `completed` with chance accuracy; it stops after the round, marked failed, with exit 1."""
+    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3", engine="ray")
     script = f"""
         import sys
         from flwr.clientapp import ClientApp
@@ -498,3 +496,34 @@ def test_every_client_failing_stops_the_run_as_failed(tmp_path, engine):
     rounds = read_jsonl(folders[0] / "fedavg" / "metrics.jsonl")
     assert len(rounds) == 1 and len(rounds[0]["failures"]) == 4  # the failed round is recorded
     assert not (folders[0] / "fedmedian").exists()  # nothing ran after the failure
+
+
+def test_a_raising_client_fails_an_in_process_run(tmp_path):
+    """In process (engine=local) a client's work is a plain call: an exception in it is a fault of the
+    run itself, not a lost worker. The run stops, marked failed, its member failed, nothing after it."""
+    overrides = small_overrides(tmp_path, strategies="[fedavg,fedmedian]", rounds="3", engine="local")
+    script = f"""
+        import sys
+        import fedepic.local_backend as backend
+        from fedepic.config import load_config
+        from simulations.federated import run_federated
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("dataset not found on this worker")
+
+        backend.local_train = broken
+        try:
+            run_federated(load_config(None, {overrides!r}))
+        except RuntimeError as err:
+            print("RuntimeError:", err)
+            sys.exit(1)
+    """
+    proc = subprocess.run([PYTHON, "-c", textwrap.dedent(script)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 1 and "dataset not found" in proc.stdout, proc.stderr[-3000:]
+    folders = [p for p in tmp_path.iterdir() if p.name.endswith("-t")]
+    assert len(folders) == 1 and not list(tmp_path.glob(".*partial"))
+    summary = json.loads((folders[0] / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rows"] == []
+    assert json.loads((folders[0] / "fedavg" / "summary.json").read_text())["status"] == "failed"
+    assert not (folders[0] / "fedmedian").exists()

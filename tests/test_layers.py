@@ -76,10 +76,47 @@ def test_the_in_process_decentralized_loop_runs_without_flower_or_ray():
 CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fedepic.registry", "fedepic.extensions",
                 "fedepic.checkpoint", "fedepic.metrics", "fedepic.plots", "fedepic.quantities", "fedepic.html_report",
                 "fedepic.sweep.plan", "fedepic.sweep.cells", "fedepic.sweep.aggregate", "fedepic.sweep.report",
-                "fedepic.sweep.run", "fedepic.sweep.page", "fedepic.columns", "fedepic.stacked_fit")
+                "fedepic.sweep.run", "fedepic.sweep.page", "fedepic.columns", "fedepic.stacked_fit",
+                # the server-based round engine and its in-process backend
+                "fedepic.server_rounds", "fedepic.local_backend", "fedepic.client_work", "fedepic.client_data",
+                "fedepic.server_checkpoints")
 
 
 def test_new_core_modules_import_without_flower_or_ray():
     probe = PROBE.replace("import fedepic.topology, fedepic.attacks.model_attacks",
                           "import fedepic.topology, fedepic.attacks.model_attacks, " + ", ".join(CORE_MODULES))
     run_probe(probe)
+
+
+ENGINE_PROBE = blocking('flwr', 'ray') + """
+import threading, tempfile
+from fedepic.config import load_config
+from fedepic.data import load_dataset
+from fedepic.client_data import build_client_data, client_partition
+from fedepic.local_backend import LocalServerBackend
+from fedepic.server_rounds import Evaluator, MemberResult, Target, run_member
+from fedepic.outputs import RunWriter
+from fedepic.builders import build_model
+import torch
+out = tempfile.mkdtemp()
+cfg = load_config(None, ['mode=federated', 'engine=local', 'data.name=synthetic', 'data.synthetic_train=200',
+                         'data.synthetic_test=50', 'clients.count=4', 'clients.malicious_ids=[0]', 'rounds=2',
+                         'model.name=mlp', 'attack.model=alie', 'strategies=[krum]', 'defense.pre_aggregation=[clip]'])
+data = load_dataset(cfg.data, cfg.seed)
+parts = client_partition(cfg, data)
+backend = LocalServerBackend(cfg, 'krum', data, [build_client_data(cfg, data, c, parts) for c in range(4)])
+initial = build_model(cfg, data, cfg.seed, torch.device('cpu')).state_dict()
+result = MemberResult()
+with RunWriter(out, 'probe') as writer:
+    run_member(cfg, 'krum', backend, initial, Evaluator(cfg, data, Target()), writer, threading.Event(), result,
+               lambda *a: None)
+assert len(result.curves['accuracy']) == 2 and result.row['strategy'] == 'krum'
+print('ok')
+"""
+
+
+def test_the_server_round_engine_runs_without_flower_or_ray():
+    """fedepic/server_rounds.py with the in-process backend: rounds of a robust rule with an
+    omniscient attack and pre-aggregation, importing neither Flower nor Ray (the rules in strategies/
+    are pure torch)."""
+    run_probe(ENGINE_PROBE)

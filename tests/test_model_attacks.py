@@ -156,7 +156,7 @@ def _cnn_states():
 def test_server_mode_client_attacks_leave_buffers_alone(attack):
     """The issue's defect: attack.model=gaussian on the cnn turned its std buffer 0.219 into -0.531, and
     FedAvg averaged it into the global model. Attacks act on the parameters only."""
-    from simulations.client_app import _attacked
+    from fedepic.client_work import _attacked
 
     model, global_state, trained, load_config = _cnn_states()
     cfg = load_config(None, ["mode=federated", f"attack.model={attack}", "model.name=cnn"])
@@ -170,7 +170,7 @@ def test_server_mode_client_attacks_leave_buffers_alone(attack):
 
 def test_the_server_side_injection_leaves_buffers_alone():
     from fedepic.vectors import flatten_state, parameter_mask
-    from simulations.server_app import inject_model_attack
+    from fedepic.server_rounds import inject_model_attack
 
     model, global_state, trained, load_config = _cnn_states()
     cfg = load_config(None, ["mode=federated", "attack.model=alie", "model.name=cnn"])

@@ -87,7 +87,8 @@ def test_bad_pre_aggregation_names_its_key(overrides, key):
 
 
 def test_server_side_steps_act_on_the_finite_clients_updates():
-    from simulations.server_app import server_steps
+    from fedepic.extensions import pre_aggregation_steps
+    from fedepic.server_rounds import pre_aggregate_updates
 
     cfg = load_config("server_noniid", ["defense.pre_aggregation=[nnm,clip]", "defense.clip_radius=0.5",
                                         "defense.byzantine=3"])
@@ -95,7 +96,7 @@ def test_server_side_steps_act_on_the_finite_clients_updates():
     reference = torch.randn(6, generator=gen)
     models = reference + torch.randn(4, 6, generator=gen)
     models[2, 1] = float("nan")
-    out = pre.pre_aggregate_updates(models, reference, server_steps(cfg))
+    out = pre_aggregate_updates(models, reference, pre_aggregation_steps(cfg))
     finite = [0, 1, 3]
     # NNM's f = 3 is capped at the rows it gets (the three finite updates) minus one
     updates = pre.static_clip(nnm_by_hand(models[finite] - reference, 2), 0.5)
@@ -104,7 +105,7 @@ def test_server_side_steps_act_on_the_finite_clients_updates():
 
 
 def test_a_federated_round_aggregates_the_pre_aggregated_updates(tmp_path, task_identity):
-    """In process (the ServerApp body over a LocalGrid): clipping every update to 1e-6 leaves the global
+    """In process (engine=local): clipping every update to 1e-6 leaves the global
     model where it started, so both rounds score what round 1 scores without any training signal."""
     import json
 
@@ -115,7 +116,7 @@ def test_a_federated_round_aggregates_the_pre_aggregated_updates(tmp_path, task_
             "mode=federated", "name=p", f"output_dir={out}", "progress=false", "data.name=synthetic",
             "data.synthetic_train=200", "data.synthetic_test=100", "clients.count=3", "rounds=2",
             "train.batch_size=32", "train.threads=1", "strategies=[fedavg]", *extra])
-        folder = serve_locally(cfg, [21, 22, 23])
+        folder = serve_locally(cfg)
         return [json.loads(x) for x in (folder / "fedavg" / "metrics.jsonl").read_text().splitlines()]
 
     clipped = run(tmp_path / "clip", "defense.pre_aggregation=[clip]", "defense.clip_radius=1e-6")

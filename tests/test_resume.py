@@ -14,7 +14,6 @@ import torch
 
 from fedepic.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedepic.errors import ConfigError
-from simulations.local_grid import LocalGrid
 from tests.test_federated import ENV, PYTHON, REPO, interrupt_run
 
 
@@ -375,20 +374,20 @@ def local_config(out: Path, every: int = 1):
         "defense.epic.interval=1", f"strategies=[{','.join(LOCAL_MEMBERS)}]", f"checkpoint_every={every}"])
 
 
-def serve_locally(cfg, node_ids: list[int], stop=None, resume=None) -> Path:
-    """The ServerApp body over a LocalGrid, as run_federated runs it; returns the run folder."""
+def serve_locally(cfg, stop=None, resume=None) -> Path:
+    """The server-based run in this process (engine=local), as run_federated runs it; returns the run folder."""
     import threading
 
     from simulations.server_app import open_run, serve
 
     with open_run(cfg, resume=resume) as life:
-        serve(LocalGrid(node_ids=node_ids), cfg, life, stop or threading.Event())
+        serve(None, cfg, life, stop or threading.Event())
     return life.path
 
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory, task_identity) -> Path:
-    return serve_locally(local_config(tmp_path_factory.mktemp("ref")), [11, 12, 13, 14])
+    return serve_locally(local_config(tmp_path_factory.mktemp("ref")))
 
 
 @pytest.mark.parametrize("cut, lines, every, restart", [
@@ -404,7 +403,7 @@ def test_federated_resume_in_process_equals_an_uninterrupted_run(tmp_path: Path,
 
     out = tmp_path / "cut"
     with pytest.raises(RunInterrupted):
-        serve_locally(local_config(out, every), [904, 17, 5, 33], StopAt(out, f".*partial/{cut}/metrics.jsonl", lines))
+        serve_locally(local_config(out, every), StopAt(out, f".*partial/{cut}/metrics.jsonl", lines))
     folder = only_folder(out)
     assert json.loads((folder / "summary.json").read_text())["status"] == "interrupted"
     if restart is None:
@@ -414,7 +413,7 @@ def test_federated_resume_in_process_equals_an_uninterrupted_run(tmp_path: Path,
         assert saved["round"] == restart and saved["member"] == cut
         assert cut != "epic" or saved["progress"]["epic"], "the server holds the clients' local EPIC states"
     cfg, point = resume_config(str(folder), None, [])
-    resumed = serve_locally(cfg, [8, 2, 71, 40], resume=point)
+    resumed = serve_locally(cfg, resume=point)
     assert resumed == folder
     assert_same_run(resumed, local_reference, LOCAL_MEMBERS)
     root = json.loads((resumed / "summary.json").read_text())
@@ -426,7 +425,7 @@ def test_the_root_metrics_keep_what_an_uninterrupted_run_has_written(tmp_path: P
     """clients_ready, then the finished members' lines in order; a torn line, a line of an unfinished
     member and what follows are cut off."""
     from fedepic.outputs import RunWriter
-    from simulations.server_checkpoints import restore_root
+    from fedepic.server_checkpoints import restore_root
 
     lines = [{"event": "clients_ready", "seconds": 1.0}, {"event": "member", "strategy": "a"},
              {"event": "member", "strategy": "c"}]

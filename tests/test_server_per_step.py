@@ -1,5 +1,5 @@
 """The server-based per-step protocol (server.protocol=per_step) and the in-process engine of the
-server-based mode (engine=local, simulations/local_grid.py)."""
+server-based mode (engine=local, fedepic/local_backend.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from fedepic.errors import ConfigError
 from fedepic.stacked import gradients_in_state_layout, stacked_gradients
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state
-from simulations.client_data import build_client_data, client_partition, client_seed
-from simulations.dfl_node import minibatch_rows
+from fedepic.client_data import build_client_data, client_partition, client_seed
+from fedepic.client_work import minibatch_rows
 from tests.test_federated import ENV, PYTHON, REPO, small_overrides
 from tests.test_resume import metrics_lines, only_folder, serve_locally
 
@@ -58,7 +58,7 @@ def test_per_step_without_attackers_is_minibatch_sgd_with_momentum_on_the_pooled
     with autograd, gives the run's test loss after every round."""
     cfg = per_step_config(tmp_path, "clients.count=1", "strategies=[fedavg]", "train.milestones=[4]",
                           "train.gamma=0.5")
-    folder = serve_locally(cfg, [7])
+    folder = serve_locally(cfg)
     data = load_dataset(cfg.data, cfg.seed)
     client = build_client_data(cfg, data, 0, client_partition(cfg, data))
     assert len(client) == len(data.train_y)  # the pooled data
@@ -122,17 +122,17 @@ def test_per_step_momenta_persist_through_a_resume(tmp_path, task_identity):
 
     extra = ("clients.count=4", "clients.malicious_ids=[1]", "attack.model=alie", "strategies=[fedavg,fedtrimmedavg]",
              "defense.trim=1", "defense.pre_aggregation=[clip]", "defense.clip_radius=0.5", "checkpoint_every=1")
-    reference = serve_locally(per_step_config(tmp_path / "ref", *extra), [1, 2, 3, 4])
+    reference = serve_locally(per_step_config(tmp_path / "ref", *extra))
     out = tmp_path / "cut"
     with pytest.raises(RunInterrupted):
-        serve_locally(per_step_config(out, *extra), [9, 8, 7, 6], StopAt(out, ".*partial/fedtrimmedavg/metrics.jsonl", 3))
+        serve_locally(per_step_config(out, *extra), StopAt(out, ".*partial/fedtrimmedavg/metrics.jsonl", 3))
     folder = only_folder(out)
     saved = load_checkpoint(folder / "fedtrimmedavg" / CHECKPOINT)
     assert sorted(saved["progress"]["momentum"]) == [0, 1, 2, 3]
     # the momenta travel as the clients' own ArrayRecords between rounds, but are saved as tensors
     assert all(isinstance(m, torch.Tensor) and m.dim() == 1 for m in saved["progress"]["momentum"].values())
     cfg, point = resume_config(str(folder), None, [])
-    assert_same_run(serve_locally(cfg, [40, 30, 20, 10], resume=point), reference, ["fedavg", "fedtrimmedavg"])
+    assert_same_run(serve_locally(cfg, resume=point), reference, ["fedavg", "fedtrimmedavg"])
     clients = records(reference, "fedtrimmedavg")[-1]["clients"]
     assert all(c["update_norm"] <= 0.5 + 1e-5 for c in clients)  # clipping acts on the momenta
 
@@ -199,7 +199,7 @@ def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identi
         cfg = load_config(None, [*module.COMMON, f"data.partition_file={tmp_path / f'split{count}.npz'}", "rounds=2",
                                  "data.test_per_class=10", "train.threads=1", f"output_dir={tmp_path / row}",
                                  f"name={row}", *extra])
-        folder = serve_locally(cfg, list(range(1, count + 1)))
+        folder = serve_locally(cfg)
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["status"] == "completed", row
         (member,) = [r for r in records(folder, cfg.strategies[0])[-1:]]
@@ -250,49 +250,61 @@ def test_byzfl_comparison_times_each_rows_own_flower_strategy(monkeypatch):
             assert strategy.num_trim == cfg.defense.trim == 2, row
 
 
-def test_the_server_sends_each_momentum_back_in_the_record_it_came_in(task_identity):
-    """A reply's momentum record is kept as it is and is the very record of that client's next message
-    (no deserialising and serialising of unchanged bytes); a checkpoint holds it as a tensor."""
+def test_the_flower_backend_holds_each_clients_momentum_and_epic_state(task_identity, monkeypatch):
+    """Clients are stateless on Ray: the backend takes a reply's momentum and local EPIC state out of it
+    (the strategy never sees them), keeps them in the member's progress as plain data (a checkpoint
+    holds a tensor), and sends them with that client's next train message."""
+    import threading
     from types import SimpleNamespace
 
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, Message, RecordDict
 
-    from simulations.client_app import MOMENTUM_KEY
-    from simulations.server_app import Progress, _take_client_states, _with_client_state
+    import simulations.flower_backend as fb
+    from fedepic.server_rounds import Progress
+    from simulations.client_app import EPIC_KEY, MOMENTUM_KEY
 
-    ask = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
-                  message_type=MessageType.TRAIN)
-    record = ArrayRecord({"m": torch.arange(4.0)})
-    reply = Message(content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(4)}), MOMENTUM_KEY: record,
-                                        "metrics": MetricRecord({"partition-id": 3, "num-examples": 1})}), reply_to=ask)
-    grid, progress = SimpleNamespace(partitions={}), Progress({"w": torch.zeros(4)})
-    _take_client_states([reply], grid, progress)
-    assert MOMENTUM_KEY not in reply.content.array_records and progress.momentum[3] is record
-    nxt = _with_client_state(Message(content=RecordDict({"config": ConfigRecord({"server-round": 2})}),
-                                     dst_node_id=7, message_type=MessageType.TRAIN), grid, progress)
-    assert nxt.content.array_records[MOMENTUM_KEY] is record
+    cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "strategies=[fedavg]"])
+    sent: list = []
+
+    def answer(grid, messages, timeout_s, stop):
+        sent.extend(messages)
+        return [Message(content=RecordDict({
+            "arrays": ArrayRecord({"w": torch.zeros(4)}), MOMENTUM_KEY: ArrayRecord({"m": torch.arange(4.0) + k}),
+            EPIC_KEY: ConfigRecord({"keep": b"\x80", "rows": 1, "selections": 1}),
+            "metrics": MetricRecord({"partition-id": k, "num-examples": 1})}), reply_to=m)
+            for k, m in enumerate(messages)]
+
+    monkeypatch.setattr(fb, "exchange", answer)
+    grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [70, 71]))
+    grid.partitions.update({70: 0, 71: 1})
+    backend = fb.FlowerServerBackend(cfg, "fedavg", grid, {}, threading.Event())
+    progress = Progress({"w": torch.zeros(4)})
+    work = backend.train(1, [0, 1], progress)
+    assert [r.client for r in work.replies] == [0, 1] and work.failures == []
+    assert all(MOMENTUM_KEY not in m.content.array_records and EPIC_KEY not in m.content.config_records
+               for m in backend.valid)
+    assert torch.equal(progress.momentum[1], torch.arange(4.0) + 1) and progress.epic[0]["selections"] == 1
+    backend.train(2, [1], progress)
+    nxt = sent[-1]
+    assert torch.equal(nxt.content.array_records[MOMENTUM_KEY].to_torch_state_dict()["m"], torch.arange(4.0) + 1)
+    assert nxt.content.config_records[EPIC_KEY]["rows"] == 1 and nxt.content["config"]["server-round"] == 2
     state = progress.state_dict()
-    assert isinstance(state["momentum"][3], torch.Tensor) and torch.equal(state["momentum"][3], torch.arange(4.0))
-    resumed = Progress.from_state_dict(state).momentum[3]  # a resumed run sends a record again
-    assert torch.equal(resumed.to_torch_state_dict()["m"], torch.arange(4.0))
+    assert torch.equal(Progress.from_state_dict(state).momentum[1], torch.arange(4.0) + 1)
 
 
 def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_path, task_identity):
     """Two honest clients and one IPM attacker, every momentum clipped to radius 0.01, the mean:
     w1 = w0 - lr (mean(clip(m_1), clip(m_2), clip(-2 mean(m_1, m_2))) + wd w0), with m_i = (1 - beta) g_i.
-    The batched handler answered the round (no fallback)."""
+    Computed in this process (engine=local)."""
     import threading
 
-    from simulations.local_grid import LocalGrid
     from simulations.server_app import open_run, serve
 
     cfg = per_step_config(tmp_path, "clients.count=3", "clients.malicious_ids=[2]", "attack.model=ipm",
                           "attack.ipm_eps=2.0", "strategies=[fedavg]", "defense.pre_aggregation=[clip]",
                           "defense.clip_radius=0.01", "rounds=1")
-    grid = LocalGrid(node_ids=[5, 6, 7])
     with open_run(cfg) as life:
-        serve(grid, cfg, life, threading.Event())
-    assert grid.batch_calls == 1 and grid.batch_failed == 0
+        serve(None, cfg, life, threading.Event())
     (record,) = records(life.path, "fedavg")
     data = load_dataset(cfg.data, cfg.seed)
     parts = client_partition(cfg, data)

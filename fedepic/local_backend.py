@@ -1,0 +1,84 @@
+"""The in-process backend of the server-based round engine (``engine=local``): clients' work as direct
+calls, aggregation by the tensor rules, no messages.
+
+Node work calls the same functions a Flower ClientApp calls (``fedepic.client_work``): local epochs
+client by client, or, under the per-step protocol, every sampled client's minibatch gradient at the
+global model in one batched call. Aggregation runs the member's tensor rule
+(``fedepic.extensions.SERVER_RULES``; each is tested equal to its Flower strategy) through
+``strategies.aggregate.aggregate``, which leaves out NaN / inf rows first. The rule sees the
+parameters only; the fixed normalisation buffers are the global model's, and other buffers (BatchNorm
+statistics) are the weighted mean of the rows the rule kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import torch
+
+from fedepic.client_data import ClientData
+from fedepic.client_work import local_train, model_for, pack_epic_state, per_step_results, unpack_epic_state
+from fedepic.config import RunConfig
+from fedepic.data import ImageData
+from fedepic.extensions import SERVER_RULES, expected_clients
+from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress, fixed_mask, per_step
+from fedepic.vectors import flatten_state, parameter_mask
+
+
+def aggregate_rows(rule: Any, stack: torch.Tensor, weights: torch.Tensor, state: dict) -> Any:
+    """``strategies.aggregate.aggregate`` (imported by name: the core does not import strategies/)."""
+    return importlib.import_module("strategies.aggregate").aggregate(rule, stack, None, weights, state)
+
+
+class LocalServerBackend:
+    """Every client of a member in this process (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, name: str, data: ImageData, clients: Sequence[ClientData]) -> None:
+        self.cfg, self.data, self.clients = cfg, data, list(clients)
+        self.rule = SERVER_RULES.build(name, cfg, {"expected": expected_clients(cfg)})
+        self.rule_state: dict = {}
+        self.model = model_for(cfg, data)  # the structure per-step gradients go through
+        like = self.model.state_dict()
+        self.parameters = parameter_mask(self.model, like)
+        self.fixed = fixed_mask(like)
+
+    def train(self, rnd: int, clients: Sequence[int], progress: Progress) -> NodeWork:
+        chosen = [self.clients[i] for i in clients]
+        if per_step(self.cfg):
+            results = per_step_results(self.cfg, self.model, chosen, progress.like, rnd,
+                                       [progress.momentum.get(c.client_id) for c in chosen])
+            for client, result in zip(chosen, results):
+                progress.momentum[client.client_id] = result.momentum
+        else:
+            results = []
+            for client in chosen:
+                saved = progress.epic.get(client.client_id)
+                result = local_train(self.cfg, self.data, client, progress.like, rnd,
+                                     unpack_epic_state(saved) if saved is not None else None)
+                if result.epic_state is not None:
+                    progress.epic[client.client_id] = pack_epic_state(result.epic_state)
+                results.append(result)
+        replies = [ClientReply(c.client_id, flatten_state(r.state), r.metrics) for c, r in zip(chosen, results)]
+        return NodeWork(replies, [], len(chosen))
+
+    def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
+        weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
+        out = aggregate_rows(self.rule, stack[:, self.parameters], weights, self.rule_state)
+        shares = None if out.shares is None else out.shares.tolist()
+        if out.vector is None:
+            return Aggregated(None, out.excluded, shares, out.nonfinite.tolist())
+        vector = reference.clone()
+        vector[self.parameters] = out.vector.to(vector.dtype)
+        statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
+        if bool(statistics.any()):
+            rows = out.kept.nonzero().flatten()
+            w = weights[rows] / weights[rows].sum()
+            vector[statistics] = (w[:, None] * stack[rows][:, statistics].double()).sum(dim=0).to(vector.dtype)
+        return Aggregated(vector, out.excluded, shares, out.nonfinite.tolist())
+
+    def state_dict(self) -> dict:
+        return {"rule": dict(self.rule_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rule_state = dict(state.get("rule", {}))
