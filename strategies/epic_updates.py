@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fedepic.epic import select_medoids
 from fedepic.vectors import finite_rows
+from strategies.aggregate import Aggregate
+from strategies.mean import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,55 @@ def epic_select_updates(updates: Tensor, fraction: float = 0.1, threshold: int =
     # select_medoids takes a fraction: class_budget(k / m, m) = ceil(k - 1e-9) = k medoids.
     sel = select_medoids(updates, torch.zeros(m, dtype=torch.int64), k / m, threshold)
     return UpdateSelection(~sel.drop, sel.medoids, sel.sizes)
+
+
+class EpicRule:
+    """EPIC on the clients' updates, then FedAvg of the kept ones: ``strategies.epic_server.EpicServer``
+    as a server rule of the one signature.
+
+    ``epic_select_updates(stack, fraction, threshold, min_medoids, num_malicious_nodes)`` picks
+    k = ``medoid_count(n, ...)`` medoids greedily (facility location over the pairwise distances) and
+    drops the rows whose medoid's cluster holds at most ``threshold`` rows; the result is
+    ``sum_{i kept} w_i u_i / sum_{i kept} w_i`` with ``w`` the example counts (equal when None), as
+    EpicServer averages the kept replies with ``aggregate_arrayrecords``. The selection reads only
+    distances, so updates and models give the same ``kept`` (module docstring of ``strategies.mean``).
+
+    Paper: Yu Yang, Tian Yu Liu, Baharan Mirzasoleiman, "Not All Poisons are Created Equal: Robust
+    Training against Data Poisoning", ICML 2022 (PMLR 162), https://proceedings.mlr.press/v162/yang22j.html.
+    Deviation (ours, as EpicServer): the paper selects over training examples' gradients, here the
+    points are client updates.
+
+    Example (the far row sits alone in its cluster)::
+
+        >>> stack = torch.tensor([[0.0], [0.1], [0.2], [0.3], [9.0]])
+        >>> out = EpicRule(0.1, 1, 2, 0)(stack, None, None, {})
+        >>> out.kept.tolist(), out.vector
+        ([True, True, True, True, False], tensor([0.1500]))
+
+    Parameters
+    ----------
+    fraction, threshold, min_medoids, num_malicious_nodes :
+        As EpicServer's (``defense.epic.fraction``, ``.threshold``, ``.min_medoids``, ``defense.byzantine``).
+
+    Cost: ``fedepic.epic.select_medoids`` on n rows (O(n^2 D) for the distances, then the greedy on
+    [n, n]) plus O(n D) for the mean. ``info``: the medoids (row indices, greedy order) and their
+    cluster sizes. Deviation from EpicServer: none on the same stack (it builds the stack with
+    ``record_vector``, the same selection runs); the mean is rounded in float32 as Flower's (another
+    order of summation). ``own_index`` is ignored; stateless.
+    """
+
+    def __init__(self, fraction: float, threshold: int, min_medoids: int, num_malicious_nodes: int) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        if threshold < 0 or min_medoids < 1 or num_malicious_nodes < 0:
+            raise ValueError("threshold and num_malicious_nodes must be >= 0, min_medoids >= 1")
+        self.fraction, self.threshold, self.min_medoids = fraction, threshold, min_medoids
+        self.num_malicious_nodes = num_malicious_nodes
+
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        selection = epic_select_updates(stack, self.fraction, self.threshold, self.min_medoids,
+                                        self.num_malicious_nodes)
+        rows = selection.keep.nonzero().flatten()
+        vector = weighted_mean(stack[rows], None if weights is None else torch.as_tensor(weights)[rows])
+        return Aggregate(vector, selection.keep.clone(), info={
+            "medoids": selection.medoids.tolist(), "sizes": selection.sizes.tolist()})

@@ -7,9 +7,12 @@ unweighted median over own and the neighbours; NaN / inf rows are left out first
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from strategies.aggregate import Aggregate
 
 
 def coordinate_median(stack: Tensor) -> Tensor:
@@ -51,6 +54,64 @@ def sorted_rows(stack: Tensor) -> list[Tensor]:
             low, high = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
             rows[i], rows[i + 1] = low, high
     return rows
+
+
+NETWORK_ROWS = 64  # finite stacks up to this many rows: the sorting network, else torch.sort
+
+
+def sorted_columns(stack: Tensor) -> list[Tensor]:
+    """The rows of ``stack`` [n, D] sorted coordinate-wise, for the server rules (finite stacks, as
+    ``strategies.aggregate.aggregate`` passes them). Up to ``NETWORK_ROWS`` rows the sorting network
+    ``sorted_rows``, which beats ``torch.sort(dim=0)`` well beyond ``SMALL_STACK`` on this CPU (rows x
+    431k float32, best of 3, 2 cores: 17 rows 29 against 157 ms, 30 rows 81 against 333 ms, 50 rows 210
+    against 638 ms; numpy's sort would take 29, 35 and 58 ms, but the rules stay in torch)."""
+    if stack.shape[0] <= NETWORK_ROWS and bool(torch.isfinite(stack.sum())):
+        return sorted_rows(stack)
+    return list(torch.sort(stack, dim=0).values)
+
+
+def tail_shares(stack: Tensor, ordered: list[Tensor], cut: int) -> Tensor:
+    """Per row of ``stack`` [n, D], the share of its coordinates below the ``cut``-th smallest or above
+    the ``cut``-th largest value of the column (``ordered`` is ``sorted_columns(stack)``): the values a
+    rule keeping the middle ``n - 2 cut`` order statistics did not average. Ties with a kept order
+    statistic count as kept, as ``strategies.server.trimmed_shares`` counts them; float64 shares [n]."""
+    n, d = stack.shape
+    if cut == 0 or n == 0 or d == 0:
+        return torch.zeros(n, dtype=torch.float64)
+    tails = (stack < ordered[cut]) | (stack > ordered[n - cut - 1])
+    return tails.sum(dim=1, dtype=torch.float64) / d
+
+
+class MedianRule:
+    """Coordinate-wise median as a server rule of the one signature (Yin et al., ICML 2018; Flower's FedMedian).
+
+    ``x_j = median_i u_ij`` per coordinate j; for an even n the mean of the two middle values, as
+    ``np.median`` (Flower's FedMedian) takes it. Every finite row is kept; ``shares`` reports per row the
+    share of coordinates where it is not one of the middle value(s) that make the median (ties with a
+    middle value count as used), i.e. the trimmed mean's shares with (n - 1) // 2 cut per side.
+
+    Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates", ICML 2018 (PMLR 80),
+    https://proceedings.mlr.press/v80/yin18a.html (arXiv:1803.01498).
+
+    Example::
+
+        >>> out = MedianRule()(torch.tensor([[0.0, 5.0], [1.0, 1.0], [2.0, 0.0], [100.0, 2.0]]), None, None, {})
+        >>> out.vector, out.kept.tolist(), out.shares.tolist()
+        (tensor([1.5000, 1.5000]), [True, True, True, True], [1.0, 0.0, 0.5, 0.5])
+
+    Cost: the sort (``sorted_columns``: O(n^2 D) min / max for n <= 64, else O(D n log n)) plus O(n D)
+    for the shares. ``weights`` are ignored (the median is unweighted, as in the paper and in Flower);
+    ``own_index`` too. Deviation from Flower: none; float32 arithmetic as numpy's on float32 arrays
+    (the mean of the two middle values is rounded once in both).
+    """
+
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        n = stack.shape[0]
+        ordered = sorted_columns(stack)
+        mid = n // 2
+        vector = ordered[mid].clone() if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return Aggregate(vector, torch.ones(n, dtype=torch.bool), tail_shares(stack, ordered, (n - 1) // 2))
 
 
 class CoordinateMedian:

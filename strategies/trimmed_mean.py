@@ -7,11 +7,15 @@ small neighbourhoods (see ``TrimmedMean``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from strategies.aggregate import Aggregate
 from strategies.finite import split_finite
 from strategies.gossip import check_stack
+from strategies.median import sorted_columns, tail_shares
 
 
 def trimmed_mean(stack: Tensor, b: int) -> Tensor:
@@ -56,3 +60,50 @@ class TrimmedMean:
 
     def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
         return self.apply(own, neighbours, weights)[0]
+
+
+class TrimmedMeanRule:
+    """Coordinate-wise trimmed mean cutting exactly f per side, as a server rule of the one signature.
+
+    Per coordinate j, with the n values sorted ``v_(1) <= ... <= v_(n)``:
+    ``x_j = sum_{k=f+1}^{n-f} v_(k) / (n - 2f)``, ``f = min(num_trim, (n - 1) // 2)``: the f largest and
+    f smallest values are dropped, the other n - 2f averaged. This is
+    ``strategies.server.ExactTrimmedAvg`` (Flower's FedTrimmedAvg with its beta set so that exactly f
+    are cut; fewer rows than 2f + 1 lower the cut instead of failing). Every finite row is kept;
+    ``shares`` is per row the share of coordinates where its value fell in a cut tail (ties with the
+    kept extremes count as kept), ``strategies.server.trimmed_shares``'s definition.
+
+    Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates", ICML 2018 (PMLR 80),
+    https://proceedings.mlr.press/v80/yin18a.html (arXiv:1803.01498).
+
+    Example (one cut per side)::
+
+        >>> out = TrimmedMeanRule(1)(torch.tensor([[0.0], [1.0], [2.0], [50.0]]), None, None, {})
+        >>> out.vector, out.shares.tolist()
+        (tensor([1.5000]), [1.0, 0.0, 0.0, 1.0])
+
+    Parameters
+    ----------
+    num_trim : int
+        f, values cut per side and coordinate (``defense.trim``).
+
+    Cost: the sort (``strategies.median.sorted_columns``) plus O(n D). ``weights`` and ``own_index``
+    are ignored (unweighted, as in the paper and in Flower). Deviation from Flower: none; the mean of
+    the middle values is a float32 sum of sorted rows, numpy's a float32 mean of a partitioned slice
+    (same values, another summation order).
+    """
+
+    def __init__(self, num_trim: int) -> None:
+        if int(num_trim) != num_trim or num_trim < 0:
+            raise ValueError(f"trimmed_mean: num_trim must be a non-negative integer, got {num_trim!r}")
+        self.num_trim = int(num_trim)
+
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        n = stack.shape[0]
+        f = min(self.num_trim, (n - 1) // 2)
+        if f == 0:
+            return Aggregate(stack.mean(dim=0), torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64))
+        ordered = sorted_columns(stack)
+        vector = torch.stack(ordered[f:n - f]).sum(dim=0) / (n - 2 * f)
+        return Aggregate(vector, torch.ones(n, dtype=torch.bool), tail_shares(stack, ordered, f))

@@ -1,0 +1,67 @@
+"""Federated Averaging as a server rule of the one signature (``strategies/aggregate.py``).
+
+Paper: H. Brendan McMahan, Eider Moore, Daniel Ramage, Seth Hampson, Blaise Agüera y Arcas,
+"Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017 (PMLR 54),
+https://proceedings.mlr.press/v54/mcmahan17a.html.
+
+The server rules (this module, ``median.MedianRule``, ``trimmed_mean.TrimmedMeanRule``,
+``krum.KrumRule`` / ``MultiKrumRule``, ``bulyan.BulyanRule``, ``epic_updates.EpicRule``) all take a
+stack of client **updates** (model - global model, or per-step momenta) and return the aggregated
+**update**. Every one of them is translation-equivariant: adding the same vector g to every row adds g
+to the result and leaves ``kept`` and ``shares`` unchanged (means with weights summing to one, order
+statistics, and selections that depend only on pairwise distances or on distances to the
+coordinate-wise median). A stack of models therefore gives the aggregated model, which is how
+``strategies.server.TrackedStrategy`` uses them on the models Flower receives; up to float32 rounding
+of ``g + u``, which can move near-ties.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from strategies.aggregate import Aggregate
+
+
+def weighted_mean(stack: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` over the rows of ``stack`` [n, D] (equal weights when None).
+
+    The weights are normalised in float64 and cast to the stack's dtype, then applied as one
+    matrix-vector product (no [n, D] temporary): Flower's ``aggregate_arrayrecords`` does the same in
+    numpy float32 (``x_i * (w_i / total)`` accumulated row by row), so the two agree to float32 rounding.
+
+    >>> weighted_mean(torch.tensor([[0.0, 2.0], [4.0, 6.0]]), torch.tensor([3.0, 1.0]))
+    tensor([1., 3.])
+    """
+    n = stack.shape[0]
+    if n == 0:
+        raise ValueError("weighted_mean needs at least one row")
+    if weights is None:
+        return stack.mean(dim=0)
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if w.shape[0] != n or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError(f"weights must be {n} non-negative values with a positive sum, got {w.tolist()}")
+    return (w / w.sum()).to(stack.dtype) @ stack
+
+
+class MeanRule:
+    """FedAvg (McMahan et al., AISTATS 2017): the weighted mean of the updates.
+
+    ``x = sum_i w_i u_i / sum_i w_i`` with ``w_i`` the clients' example counts (``weights``), or the
+    plain mean when ``weights`` is None. Every row is kept; no coordinate is cut (``shares`` None).
+
+    Example (weights 3 and 1)::
+
+        >>> out = MeanRule()(torch.tensor([[0.0], [4.0]]), None, torch.tensor([3.0, 1.0]), {})
+        >>> out.vector, out.kept.tolist()
+        (tensor([1.]), [True, True])
+
+    Cost: O(n D) time, O(D) extra memory. Deviation from Flower's FedAvg: none (float32 rounding:
+    Flower accumulates ``x_i * w_i`` row by row in float32, here one float32 matrix-vector product).
+    Stateless; ``own_index`` is ignored (a server has none).
+    """
+
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        return Aggregate(weighted_mean(stack, weights), torch.ones(stack.shape[0], dtype=torch.bool))
