@@ -1,5 +1,5 @@
-"""Every extension point's registry (``fedepic.registry``): peer rules, server strategies, model
-attacks, data attacks, centralized defenses, datasets and models.
+"""Every extension point's registry (``fedepic.registry``): peer rules, server strategies (Flower's) and
+their tensor server rules, model attacks, data attacks, centralized defenses, datasets and models.
 
 To add one, write its module and add one ``Entry`` line below: config validation, the runners, the
 README's tables and the tests pick it up from here. Targets are imported only when built, so this
@@ -9,7 +9,7 @@ Flags:
 - peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound);
-- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic),
+- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule),
   ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains;
@@ -59,6 +59,16 @@ def known_malicious(cfg: Any, context: Mapping[str, Any]) -> list[int]:
     return malicious_ids(cfg)
 
 
+def bulyan_byzantine(cfg: Any, context: Mapping[str, Any]) -> int:
+    """Bulyan's f: the assumed attackers, capped at (n - 3) // 4 of the expected clients (n >= 4f + 3)."""
+    return max(0, min(assumed_byzantine(cfg, context), (expected_clients(cfg) - 3) // 4))
+
+
+def multikrum_selected(cfg: Any, context: Mapping[str, Any]) -> int:
+    """Multi-Krum's m: the expected clients less the assumed attackers, at least 1."""
+    return max(1, expected_clients(cfg) - assumed_byzantine(cfg, context))
+
+
 # GP's detector settings, shared by exclude, gp and gp_epic
 PURIFICATION: dict[str, Any] = {k: f"defense.purification.{k}" for k in (
     "threshold", "patience", "window", "votes", "min_scale", "cos_weight", "detector", "epic_fraction",
@@ -100,11 +110,9 @@ SERVER_STRATEGIES = Registry("server strategy", [
     Entry("krum", "flwr.serverapp.strategy:Krum", "Krum (Blanchard et al., NeurIPS 2017), Flower's",
           {"num_malicious_nodes": assumed_byzantine}),
     Entry("multikrum", "flwr.serverapp.strategy:MultiKrum", "Multi-Krum averaging n - f, Flower's",
-          {"num_malicious_nodes": assumed_byzantine,
-           "num_nodes_to_select": lambda cfg, ctx: max(1, expected_clients(cfg) - assumed_byzantine(cfg, ctx))}),
+          {"num_malicious_nodes": assumed_byzantine, "num_nodes_to_select": multikrum_selected}),
     Entry("bulyan", "flwr.serverapp.strategy:Bulyan", "Bulyan (El Mhamdi et al., ICML 2018), Flower's; f capped "
-          "at (n - 3) // 4", {"num_malicious_nodes": lambda cfg, ctx: max(
-              0, min(assumed_byzantine(cfg, ctx), (expected_clients(cfg) - 3) // 4))},
+          "at (n - 3) // 4", {"num_malicious_nodes": bulyan_byzantine},
           frozenset({"records_selection"})),
     Entry("fedmedian", "flwr.serverapp.strategy:FedMedian", "coordinate-wise median (Yin et al., ICML 2018), "
           "Flower's"),
@@ -130,6 +138,24 @@ PRE_AGGREGATION = Registry("pre-aggregation step", [
 def pre_aggregation_steps(cfg: Any) -> list:
     """``defense.pre_aggregation``'s steps, in order."""
     return [PRE_AGGREGATION.build(name, cfg) for name in cfg.defense.pre_aggregation]
+
+
+# The tensor rules of the server strategies (strategies/aggregate.py's one signature), name for name
+# and bound from the same config keys; references (centralized-epic) have none.
+SERVER_RULES = Registry("server rule", [
+    Entry("fedavg", "strategies.mean:MeanRule", "FedAvg: the example-weighted mean"),
+    Entry("krum", "strategies.krum:KrumRule", "Krum, as Flower's", {"num_malicious_nodes": assumed_byzantine}),
+    Entry("multikrum", "strategies.krum:MultiKrumRule", "Multi-Krum averaging n - f, as Flower's",
+          {"num_malicious_nodes": assumed_byzantine, "num_nodes_to_select": multikrum_selected}),
+    Entry("bulyan", "strategies.bulyan:BulyanRule", "Bulyan, as Flower's; f capped at (n - 3) // 4",
+          {"num_malicious_nodes": bulyan_byzantine}),
+    Entry("fedmedian", "strategies.median:MedianRule", "coordinate-wise median, as Flower's FedMedian"),
+    Entry("fedtrimmedavg", "strategies.trimmed_mean:TrimmedMeanRule", "trimmed mean cutting exactly "
+          "`defense.trim` per side", {"num_trim": "defense.trim"}),
+    Entry("epic", "strategies.epic_updates:EpicRule", "EPIC on the updates, then FedAvg of the rest",
+          {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold",
+           "min_medoids": "defense.epic.min_medoids", "num_malicious_nodes": assumed_byzantine}),
+])
 
 
 MODEL_ATTACKS = Registry("model attack", [

@@ -17,7 +17,7 @@ REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.MODEL_ATTACKS, ext.DATA
 OURS = ("fedepic.", "strategies.", "simulations.")  # Flower's own classes keep Flower's defaults
 
 
-@pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
+@pytest.mark.parametrize("registry", REGISTRIES + [ext.SERVER_RULES], ids=lambda r: r.kind)
 def test_every_entry_loads_and_no_mapped_parameter_has_a_class_default(registry: Registry) -> None:
     for entry in registry:
         target = entry.load()
@@ -37,6 +37,25 @@ def test_every_configurable_entry_binds_from_the_default_config() -> None:
         ext.MODEL_ATTACKS.arguments(name, cfg, {"n": 10, "f": 2})
     for name in ext.DATA_ATTACKS.names():
         assert hasattr(ext.DATA_ATTACKS.build(name, cfg), "poison")
+
+
+def test_every_server_strategy_but_references_has_a_server_rule_and_vice_versa() -> None:
+    strategies = {n for n in ext.SERVER_STRATEGIES.names() if not ext.SERVER_STRATEGIES.has(n, "reference")}
+    assert set(ext.SERVER_RULES.names()) == strategies
+    assert not set(ext.SERVER_RULES.names()) & set(ext.SERVER_STRATEGIES.names("reference"))
+
+
+def test_every_server_rule_binds_like_its_flower_strategy() -> None:
+    """Each rule builds from a config alone and gets the very values its Flower strategy's parameters get."""
+    cfg = load_config(None, ["mode=federated", "clients.count=20", "defense.byzantine=4", "defense.trim=3"])
+    for name in ext.SERVER_RULES.names():
+        rule = ext.SERVER_RULES.build(name, cfg)
+        assert callable(rule)
+        flower = ext.SERVER_STRATEGIES.arguments(name, cfg)
+        for key, value in ext.SERVER_RULES.arguments(name, cfg).items():
+            assert flower[key] == value == getattr(rule, key), (name, key)
+    assert ext.SERVER_RULES.build("bulyan", cfg).num_malicious_nodes == 4  # 4 * 4 + 3 <= 20
+    assert ext.SERVER_RULES.build("multikrum", cfg).num_nodes_to_select == 16
 
 
 def _bound_target(x, /, *, d, e=5, g):  # positional-only x is the call's data, never bound
