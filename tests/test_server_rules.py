@@ -1,0 +1,230 @@
+"""The tensor server rules (fedepic.extensions.SERVER_RULES) against the Flower strategies of the same name
+(SERVER_STRATEGIES): the same replies go through Flower's ``aggregate_train`` and the same stack through
+the rule, and the vectors, the kept sets and the shares must agree.
+
+Tolerances: both sides compute in float32 from the same float32 inputs.
+- fedmedian, krum: bit-equal (the same order statistic / the chosen row itself).
+- fedavg, multikrum, epic (weighted means), fedtrimmedavg, bulyan (means of order statistics):
+  rtol 1e-5, atol 1e-6 (values of order 1): only the order of the float32 summations differs.
+- kept sets and shares: equal. The Krum scores are float64 here, float32 in Flower; the stacks below
+  keep the score gaps far above Flower's float32 error (see test_flower_float32_krum_is_the_exact_selection).
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+from fedepic.extensions import SERVER_RULES, SERVER_STRATEGIES
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.multikrum import select_multikrum
+from strategies.aggregate import aggregate
+from strategies.epic_server import record_vector
+from strategies.server import exact_trim_beta, flower_settings, trimmed_shares
+
+NAMES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "epic"]
+RTOL, ATOL = 1e-5, 1e-6
+BIT_EQUAL = {"fedmedian", "krum"}
+
+
+def fl_cfg(clients: int, f: int):
+    from fedepic.config import load_config
+
+    return load_config(None, ["mode=federated", f"clients.count={clients}", f"defense.byzantine={f}",
+                              f"defense.trim={f}"])
+
+
+def reply(vector: np.ndarray, client_id: int, examples: int) -> Message:
+    """Two arrays of different shapes ("w" [3, 100] then "b"), so the flattening order is exercised."""
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.from_numpy(vector[:300].reshape(3, 100).copy()),
+                               "b": torch.from_numpy(vector[300:].copy())}),
+        "metrics": MetricRecord({"num-examples": examples, "partition-id": client_id}),
+    })
+    return Message(content=content, dst_node_id=client_id + 100, message_type="train")
+
+
+def make_stack(n: int, d: int, seed: int, offset: float = 0.0, outliers: tuple[int, ...] = ()) -> np.ndarray:
+    """n float32 rows: a common direction plus noise (client updates), shifted by a random model when
+    ``offset`` (client models), with the rows ``outliers`` boosted."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(d, generator=gen) + 0.3 * torch.randn(n, d, generator=gen)
+    for k, i in enumerate(outliers):
+        rows[i] = (8.0 + 3 * k) * rows[i] if k % 2 == 0 else rows[i] + 5.0
+    rows += offset * torch.randn(d, generator=gen)
+    return rows.numpy().astype(np.float32)
+
+
+def examples_for(n: int, seed: int) -> list[int]:
+    return torch.randint(5, 60, (n,), generator=torch.Generator().manual_seed(seed + 1000)).tolist()
+
+
+def flower_run(name: str, cfg, stack: np.ndarray, examples: list[int]):
+    """Flower's strategy `name` on fresh replies: (vector, kept or None, shares or None) as Flower's own
+    functions define them (select_multikrum for Krum and Bulyan's first step, EpicServer's record,
+    trimmed_shares for the trimmed mean and the median)."""
+    from strategies.server import closest_shares
+
+    n = stack.shape[0]
+    selected: list = []
+
+    def recording(contents, f, m):
+        selected[:] = select_multikrum(contents, f, m)
+        return list(selected)
+
+    context = flower_settings(cfg)
+    if name == "bulyan":
+        context["selection_rule"] = recording
+    strategy = SERVER_STRATEGIES.build(name, cfg, context)
+    replies = [reply(stack[i], i, examples[i]) for i in range(n)]
+    contents = [m.content for m in replies]
+    order = {id(c): i for i, c in enumerate(contents)}
+    kept = shares = None
+    if name in ("krum", "multikrum"):
+        chosen = {order[id(c)] for c in select_multikrum(contents, strategy.num_malicious_nodes,
+                                                          strategy.num_nodes_to_select)}
+        kept = [i in chosen for i in range(n)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    if name == "fedavg":
+        kept = [True] * n
+    elif name == "bulyan" and selected:
+        rows = sorted(order[id(c)] for c in selected)
+        kept = [i in rows for i in range(n)]
+        shares = [1.0] * n
+        beta = len(rows) - 2 * strategy.num_malicious_nodes
+        for i, share in zip(rows, closest_shares(torch.from_numpy(stack[rows]), beta)):
+            shares[i] = share
+    elif name == "epic":
+        kept = [i not in strategy.dropped_history[1] for i in range(n)]
+    elif name == "fedtrimmedavg":
+        kept, shares = [True] * n, trimmed_shares(torch.from_numpy(stack), strategy.beta_for(n))
+    elif name == "fedmedian":
+        kept, shares = [True] * n, trimmed_shares(torch.from_numpy(stack), exact_trim_beta(n, (n - 1) // 2))
+    return (None if arrays is None else record_vector(arrays).numpy()), kept, shares
+
+
+def check_equal(name: str, cfg, stack: np.ndarray, examples: list[int]) -> None:
+    vector, kept, shares = flower_run(name, cfg, stack, examples)
+    rule = SERVER_RULES.build(name, cfg)
+    out = aggregate(rule, torch.from_numpy(stack.copy()), None, torch.tensor(examples, dtype=torch.float64))
+    if vector is None:
+        assert out.vector is None and not out.kept.any(), name
+        return
+    if name in BIT_EQUAL:
+        np.testing.assert_array_equal(out.vector.numpy(), vector, err_msg=name)
+    else:
+        np.testing.assert_allclose(out.vector.numpy(), vector, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert out.kept.tolist() == kept, name
+    if shares is not None:
+        assert out.shares.tolist() == shares, name
+    assert not out.nonfinite.any()
+
+
+CASES = [(5, 400, 1), (7, 400, 1), (8, 1000, 1), (11, 1000, 2), (12, 2000, 2), (16, 1000, 3), (20, 700, 4)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n,d,f", CASES)
+def test_random_stacks_give_flowers_result(task_identity, name, n, d, f):
+    cfg = fl_cfg(n, f)
+    check_equal(name, cfg, make_stack(n, d, seed=n * 31 + d), examples_for(n, n))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n,f,outliers", [(9, 2, (1, 6)), (12, 2, (0, 11)), (15, 3, (2, 7, 13))])
+def test_models_with_planted_outliers_give_flowers_result(task_identity, name, n, f, outliers):
+    """Model-like rows (a large common offset) with boosted and shifted attackers."""
+    cfg = fl_cfg(n, f)
+    stack = make_stack(n, 1200, seed=n, offset=2.0, outliers=outliers)
+    check_equal(name, cfg, stack, examples_for(n, n + 1))
+    if name in ("krum", "multikrum", "bulyan", "epic"):
+        out = SERVER_RULES.build(name, cfg)(torch.from_numpy(stack), None, None, {})
+        assert not any(out.kept[i] for i in outliers), name
+
+
+def test_fedavg_weights_the_example_counts_and_equal_weights_without(task_identity):
+    stack = make_stack(6, 500, seed=3)
+    examples = [1, 100, 3, 50, 7, 9]
+    check_equal("fedavg", fl_cfg(6, 0), stack, examples)
+    rule = SERVER_RULES.build("fedavg", fl_cfg(6, 0))
+    np.testing.assert_allclose(rule(torch.from_numpy(stack), None, None, {}).vector.numpy(), stack.mean(axis=0),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_bulyan_with_too_few_rows_skips_like_flower(task_identity):
+    cfg = fl_cfg(11, 2)  # the config allows f = 2 for 11 clients; 9 replies need 4 * 2 + 3 = 11
+    check_equal("bulyan", cfg, make_stack(9, 400, seed=4), [10] * 9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_updates_give_the_models_result_minus_the_global_model(task_identity, name):
+    """The rules are translation-equivariant: on updates (models - global) they return Flower's aggregated
+    model minus the global model, and keep the same rows."""
+    n, f = 12, 2
+    cfg = fl_cfg(n, f)
+    gen = torch.Generator().manual_seed(5)
+    global_model = torch.randn(900, generator=gen)
+    updates = torch.randn(900, generator=gen) * 0.5 + 0.2 * torch.randn(n, 900, generator=gen)
+    updates[3] *= 10
+    models = (global_model + updates).numpy()
+    examples = examples_for(n, 5)
+    vector, kept, _ = flower_run(name, cfg, models, examples)
+    rule = SERVER_RULES.build(name, cfg)
+    out = rule(torch.from_numpy(models) - global_model, None, torch.tensor(examples, dtype=torch.float64), {})
+    np.testing.assert_allclose(out.vector.numpy(), vector - global_model.numpy(), rtol=RTOL, atol=1e-5)
+    assert out.kept.tolist() == kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_rows_are_handled_as_the_tracked_strategy_handles_them(task_identity, name):
+    """aggregate() leaves NaN / inf rows out as TrackedStrategy.aggregate does: same arrays, excluded and
+    shares (a row left out: excluded, share 1.0) and the same nonfinite flags."""
+    from strategies.server import build_server_strategy
+
+    n, f = 12, 1
+    cfg = fl_cfg(n, f)
+    stack = make_stack(n, 500, seed=6, outliers=(4,))
+    stack[2, 17] = np.nan
+    stack[9, 400] = np.inf
+    examples = examples_for(n, 6)
+    tracked = build_server_strategy(name, cfg)
+    outcome = tracked.aggregate(1, [reply(stack[i], i, examples[i]) for i in range(n)], torch.from_numpy(stack.copy()))
+    out = aggregate(SERVER_RULES.build(name, cfg), torch.from_numpy(stack.copy()), None,
+                    torch.tensor(examples, dtype=torch.float64))
+    assert out.nonfinite.tolist() == outcome.nonfinite
+    np.testing.assert_allclose(out.vector.numpy(), record_vector(outcome.arrays).numpy(), rtol=RTOL, atol=ATOL)
+    excluded = outcome.excluded if outcome.excluded is not None else [False] * n
+    assert out.excluded == excluded
+    if outcome.trimmed_share is not None:
+        assert out.shares.tolist() == outcome.trimmed_share
+    assert out.excluded[2] and out.excluded[9]
+
+
+def test_flower_float32_krum_is_the_exact_selection(task_identity):
+    """Model-like rows (weights of std 0.05, client updates of 1e-2): Flower's float32 |a|^2 + |b|^2 - 2ab
+    still resolves the score gaps, and Flower on float64 copies of the same rows (no cancellation)
+    selects what the rule selects. (With updates of 1e-3 over 431k coordinates Flower's float32 scores
+    err more than the honest clients' score gaps, and its selection is rounding noise there.)"""
+    n, f = 12, 2
+    gen = torch.Generator().manual_seed(7)
+    d = 50_000
+    models = (0.05 * torch.randn(d, generator=gen) + 1e-2 * (torch.randn(d, generator=gen)
+                                                             + torch.randn(n, d, generator=gen))).numpy()
+    for name in ("krum", "multikrum"):
+        cfg = fl_cfg(n, f)
+        out = SERVER_RULES.build(name, cfg)(torch.from_numpy(models), None, None, {})
+        for dtype in (np.float32, np.float64):
+            _, kept, _ = flower_run(name, cfg, models.astype(dtype), [10] * n)
+            assert out.kept.tolist() == kept, (name, dtype)
+
+
+@pytest.mark.parametrize("module", ["strategies.mean", "strategies.median", "strategies.trimmed_mean",
+                                    "strategies.krum", "strategies.bulyan", "strategies.epic_updates"])
+def test_docstring_examples(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
