@@ -9,8 +9,7 @@ Flags:
 - peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound);
-- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule),
-  ``records_selection`` (takes a selection rule that records whom it kept: Bulyan);
+- server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains;
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
@@ -112,8 +111,7 @@ SERVER_STRATEGIES = Registry("server strategy", [
     Entry("multikrum", "flwr.serverapp.strategy:MultiKrum", "Multi-Krum averaging n - f, Flower's",
           {"num_malicious_nodes": assumed_byzantine, "num_nodes_to_select": multikrum_selected}),
     Entry("bulyan", "flwr.serverapp.strategy:Bulyan", "Bulyan (El Mhamdi et al., ICML 2018), Flower's; f capped "
-          "at (n - 3) // 4", {"num_malicious_nodes": bulyan_byzantine},
-          frozenset({"records_selection"})),
+          "at (n - 3) // 4", {"num_malicious_nodes": bulyan_byzantine}),
     Entry("fedmedian", "flwr.serverapp.strategy:FedMedian", "coordinate-wise median (Yin et al., ICML 2018), "
           "Flower's"),
     Entry("fedtrimmedavg", "strategies.server:ExactTrimmedAvg", "Flower's trimmed mean cutting exactly "

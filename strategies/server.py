@@ -1,22 +1,26 @@
 """Server strategies by name: Flower's own robust aggregators (used as they are) and EPIC.
 
 Every strategy is a `flwr.serverapp.strategy.Strategy`; `TrackedStrategy` runs its
-`aggregate_train` and also reports which clients it left out, because Flower does not expose it:
+`aggregate_train` for the arrays and also reports which clients it left out, because Flower does not
+expose it. The report comes from the tensor server rule of the same name
+(``fedepic.extensions.SERVER_RULES``, strategies/aggregate.py's signature), run on the same stack:
+its ``kept`` gives ``Outcome.excluded``, its ``shares`` ``Outcome.trimmed_share``. The rules compute
+what the Flower strategies compute (tests/test_server_rules.py), so the report is exact:
 
-- krum, multikrum: Flower's own `select_multikrum` is called on the same reply contents, in the same
-  order and with the same parameters, before `aggregate_train`; it is deterministic, so the selected
-  set is exactly the one the strategy averages (Krum's aggregate equals the chosen client's model).
-- bulyan: Bulyan takes its selection rule as a parameter; we pass Flower's `select_multikrum`
-  wrapped so that it records what it returns (exact). For its second, coordinate-wise step we
-  report per client the share of coordinates where it is not among the beta values closest to
-  the median (1.0 for clients the first step left out).
-- fedtrimmedavg (and bulyan's second step): per client, the share of coordinates whose value falls
-  in the cut tails (ranks below beta*n or from n - beta*n on; ties broken by client order).
+- krum, multikrum: the rows of lowest Krum score, Flower's score definition; Krum's aggregate equals
+  the chosen client's model. The rule's distances are float64 from exact differences, Flower's float32
+  ``|a|^2 + |b|^2 - 2ab``: where Flower's rounding exceeds the gaps between scores (models whose
+  updates are tiny against the weights), its selection is rounding noise and may differ from the
+  report. `TrackedStrategy` checks the rule's vector against Flower's arrays and logs a warning then.
+- bulyan: the Multi-Krum selection (kept), and per selected client the share of coordinates where it
+  is not among the beta values closest to the median (1.0 for clients the first step left out).
+- fedtrimmedavg, fedmedian: per client the share of coordinates whose value falls in the cut tails
+  (ranks below f or from n - f on; ties with a kept value count as kept; the median cuts (n - 1) // 2).
   `ExactTrimmedAvg` is Flower's FedTrimmedAvg with its beta set each round from the reply count n so
   that Flower's own `int(beta * n)` cuts exactly f values per side (`exact_trim_beta`); Flower's
   beta = f / n can round below f (e.g. n = 49, f = 1: 1 / 49 * 49 = 0.999..., nothing trimmed).
-- fedmedian: coordinate-wise, no client is excluded as a whole; nothing is reported.
-- epic: exact, from the strategy's own record.
+  No client is excluded as a whole (``excluded`` None).
+- epic: EPIC's selection on the same stack (the strategy's ``dropped_history`` holds the same).
 - every strategy: a reply whose model vector holds NaN or inf is left out before the strategy runs (one
   such reply would make FedAvg's, FedMedian's and the trimmed mean's coordinates NaN and Krum's
   distances NaN); it is reported excluded (trimmed share 1.0 where shares are reported) and flagged
@@ -28,10 +32,11 @@ out of the replies they aggregate.
 State across rounds (what a checkpoint must hold, `TrackedStrategy.state_dict`): none of the
 registered rules carries any into its next aggregation. FedAvg, Krum, MultiKrum, Bulyan and FedMedian
 keep only their parameters; ExactTrimmedAvg sets beta afresh before each aggregation; EpicServer's
-`dropped_history` is read only for the round that wrote it (saved anyway, so that a resumed strategy
-equals the uninterrupted one). Flower's FedAvgM (server momentum) and the FedOpt family (FedAdam,
-FedYogi, FedAdagrad: current_arrays, m_t, v_t) do carry state; registering one of them needs its state
-in `state_dict` (tests/test_epic_server.py checks that the registered ones need nothing else).
+`dropped_history` is never read back (saved anyway, so that a resumed strategy equals the uninterrupted
+one). The tensor rules are stateless (each call gets an empty state). Flower's FedAvgM (server
+momentum) and the FedOpt family (FedAdam, FedYogi, FedAdagrad: current_arrays, m_t, v_t) do carry
+state; registering one of them needs its state in `state_dict` (tests/test_epic_server.py checks that
+the registered ones need nothing else).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import dataclasses
 from dataclasses import dataclass
+import logging
 from typing import Any, Optional
 
 import numpy as np
@@ -47,8 +53,8 @@ from torch import Tensor
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
-from flwr.serverapp.strategy.multikrum import select_multikrum
-from strategies.epic_server import EpicServer, client_id
+from strategies.aggregate import Rule
+from strategies.epic_server import EpicServer, record_vector
 from fedepic.vectors import finite_rows
 from strategies.median import SMALL_STACK, sorted_rows
 
@@ -127,21 +133,9 @@ class Outcome:
         return sum(self.nonfinite or [])
 
 
-class SelectionRecorder:
-    """Bulyan's first step: Flower's `select_multikrum`, remembering the contents it selected."""
-
-    __name__ = "select_multikrum"  # Bulyan.summary() logs the rule's name
-
-    def __init__(self) -> None:
-        self.selected: list[RecordDict] = []
-
-    def __call__(self, contents: list[RecordDict], num_malicious: int, num_select: int) -> list[RecordDict]:
-        self.selected = select_multikrum(contents, num_malicious, num_select)
-        return self.selected
-
-
 def closest_shares(stack: Tensor, beta: int) -> list[float]:
-    """Bulyan's second step: per row of [t, D], the share of coordinates where the row is not among the
+    """(A reference for the tests of ``strategies.bulyan``, which reports these shares itself.)
+    Bulyan's second step: per row of [t, D], the share of coordinates where the row is not among the
     `beta` values closest to the coordinate-wise median (so it was not averaged there; ties count as kept)."""
     t = stack.shape[0]
     if t == 0 or beta >= t:
@@ -155,7 +149,9 @@ def closest_shares(stack: Tensor, beta: int) -> list[float]:
 
 
 def trimmed_shares(stack: Tensor, beta: float) -> list[float]:
-    """Per row of [n, D], the share of coordinates whose value lies in the beta-trimmed tails
+    """(A reference for the tests of ``strategies.trimmed_mean.TrimmedMeanRule`` and
+    ``strategies.median.MedianRule``, which report these shares themselves.) Per row of [n, D], the
+    share of coordinates whose value lies in the beta-trimmed tails
     (below the int(beta*n)-th smallest or above the int(beta*n)-th largest value; ties count as kept).
 
     The two order statistics come from a full coordinate-wise sort, not ``np.partition``, which for a
@@ -177,13 +173,17 @@ def trimmed_shares(stack: Tensor, beta: float) -> list[float]:
     return ((x < sorted_x[cut]) | (x > sorted_x[n - cut - 1])).mean(axis=1).tolist()
 
 
+REPORT_RTOL = 1e-4  # the rule's vector against Flower's arrays: float32 summation orders differ far below this
+
+
 @dataclass
 class TrackedStrategy:
-    """A named Flower strategy plus the bookkeeping of whom it left out (see the module docstring)."""
+    """A named Flower strategy, and the tensor rule of the same name for the report of whom it left out
+    (module docstring)."""
 
     name: str
     strategy: Strategy
-    recorder: Optional[SelectionRecorder] = None
+    rule: Rule
 
     def state_dict(self) -> dict:
         """What the strategy carries from one round to the next, as plain data (module docstring)."""
@@ -215,32 +215,34 @@ class TrackedStrategy:
         return Outcome(inner.arrays, inner.metrics, excluded, shares, [not ok for ok in finite])
 
     def _aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
+        """Flower's arrays and metrics; the rule's report on the same (finite) stack, with the example
+        counts Flower weights by. A rule that skips the round (vector None: Bulyan below 4f + 3 replies)
+        reports nobody, as Flower aggregates nothing; one that keeps every row and reports shares cut
+        coordinates only (``excluded`` None)."""
         contents = [m.content for m in replies if not m.has_error()]
-        excluded: Optional[list[bool]] = None
-        shares: Optional[list[float]] = None
-        if self.name in ("krum", "multikrum") and contents:
-            chosen = select_multikrum(contents, self.strategy.num_malicious_nodes, self.strategy.num_nodes_to_select)
-            picked = {id(c) for c in chosen}
-            excluded = [id(c) not in picked for c in contents]
-        elif self.name == "fedtrimmedavg" and contents:
-            shares = trimmed_shares(stack, self.strategy.beta_for(len(contents)))
-        if self.recorder is not None:
-            self.recorder.selected = []
+        if not contents:
+            return Outcome(*self.strategy.aggregate_train(server_round, replies), None)
+        key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        weights = torch.tensor([float(next(iter(c.metric_records.values()))[key]) for c in contents],
+                               dtype=torch.float64)
+        report = self.rule(stack, None, weights, {})  # the stack is finite here: aggregate() would add nothing
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if self.name == "fedavg":
-            excluded = [False] * len(contents)
-        elif self.name == "bulyan" and self.recorder is not None and self.recorder.selected:
-            picked = {id(c) for c in self.recorder.selected}
-            excluded = [id(c) not in picked for c in contents]
-            rows = [i for i, ex in enumerate(excluded) if not ex]
-            beta = len(rows) - 2 * self.strategy.num_malicious_nodes
-            shares = [1.0] * len(contents)
-            for i, share in zip(rows, closest_shares(stack[rows], beta)):
-                shares[i] = share
-        elif self.name == "epic":
-            dropped = set(self.strategy.dropped_history.get(server_round, []))
-            ids = [client_id(m) for m in replies if not m.has_error()]
-            excluded = [cid in dropped for cid in ids]
+        if report.vector is None or arrays is None:
+            if (report.vector is None) != (arrays is None):
+                logging.getLogger("fedepic").warning(
+                    "%s, round %d: the server rule %s the round, Flower's strategy %s it", self.name, server_round,
+                    *(("skipped", "aggregated") if report.vector is None else ("aggregated", "skipped")))
+            return Outcome(arrays, metrics, None, None)
+        flower = record_vector(arrays)
+        scale = float(flower.abs().max()) if flower.numel() else 0.0
+        gap = float((report.vector - flower).abs().max()) if flower.numel() else 0.0
+        if not gap <= REPORT_RTOL * max(scale, 1e-12):
+            logging.getLogger("fedepic").warning(
+                "%s, round %d: the server rule's vector differs from Flower's arrays by %.3g (largest value %.3g);"
+                " its report of the excluded clients may not be Flower's selection", self.name, server_round,
+                gap, scale)
+        shares = None if report.shares is None else report.shares.tolist()
+        excluded = None if shares is not None and bool(report.kept.all()) else report.excluded
         return Outcome(arrays, metrics, excluded, shares)
 
 
@@ -252,15 +254,11 @@ def flower_settings(cfg: Any) -> dict[str, Any]:
 
 
 def build_server_strategy(name: str, cfg: Any) -> TrackedStrategy:
-    """A fresh strategy `name` of ``fedepic.extensions.SERVER_STRATEGIES``, its parameters bound from
-    `cfg` by signature; never share one between runs or members. Bulyan gets a recorder as its
-    selection rule (module docstring)."""
-    from fedepic.extensions import SERVER_STRATEGIES
+    """A fresh strategy `name` of ``fedepic.extensions.SERVER_STRATEGIES`` and its rule of
+    ``SERVER_RULES``, both bound from `cfg` by signature; never share one between runs or members."""
+    from fedepic.extensions import SERVER_RULES, SERVER_STRATEGIES
 
-    context = flower_settings(cfg)
-    recorder = SelectionRecorder() if SERVER_STRATEGIES.has(name, "records_selection") else None
-    if recorder is not None:
-        context["selection_rule"] = recorder
     if SERVER_STRATEGIES.has(name, "reference"):
         raise ValueError(f"{name!r} is a reference trained in-process, not a Flower strategy")
-    return TrackedStrategy(name, SERVER_STRATEGIES.build(name, cfg, context), recorder)
+    strategy = SERVER_STRATEGIES.build(name, cfg, flower_settings(cfg))
+    return TrackedStrategy(name, strategy, SERVER_RULES.build(name, cfg))

@@ -285,7 +285,7 @@ def test_fedtrimmedavg_lowers_the_cut_when_replies_are_missing(task_identity):
 
 
 def _carried(strategy) -> dict:
-    """A strategy's attributes, plain values as they are and objects by type (functions, recorders)."""
+    """A strategy's attributes, plain values as they are and objects by type (functions, selection rules)."""
     plain = (int, float, str, bool, type(None), dict, list, tuple)
     return {k: repr(v) if isinstance(v, plain) else type(v).__name__ for k, v in vars(strategy).items()}
 

@@ -228,3 +228,24 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_tracked_strategy_reports_the_rule_and_warns_when_flower_averaged_otherwise(task_identity, caplog):
+    """TrackedStrategy's report is its rule's, whatever its name; a rule whose vector is not Flower's is
+    logged (a report that may not be Flower's selection)."""
+    from strategies.median import MedianRule
+    from strategies.server import TrackedStrategy, build_server_strategy
+
+    n, cfg = 10, fl_cfg(10, 2)
+    stack = make_stack(n, 500, seed=8, outliers=(3,))
+    replies = lambda: [reply(stack[i], i, 10) for i in range(n)]  # noqa: E731 (fresh replies per strategy)
+    krum = build_server_strategy("krum", cfg)
+    renamed = TrackedStrategy("not-a-registered-name", krum.strategy, krum.rule)
+    outcome = renamed.aggregate(1, replies(), torch.from_numpy(stack.copy()))
+    assert outcome.excluded == SERVER_RULES.build("krum", cfg)(torch.from_numpy(stack), None, None, {}).excluded
+    median = build_server_strategy("fedmedian", cfg).aggregate(1, replies(), torch.from_numpy(stack.copy()))
+    assert median.excluded is None and median.trimmed_share[3] > 0.95  # coordinate-wise: shares only
+    with caplog.at_level("WARNING", logger="fedepic"):
+        mixed = TrackedStrategy("fedavg", build_server_strategy("fedavg", cfg).strategy, MedianRule())
+        mixed.aggregate(1, replies(), torch.from_numpy(stack.copy()))
+    assert "differs from Flower's arrays" in caplog.text
