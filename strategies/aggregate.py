@@ -5,7 +5,10 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
     rule(stack: Tensor[n, D], own_index: int | None, weights: Tensor[n] | None, state: dict) -> Aggregate
 
 - ``stack`` holds the n received vectors (a server: the sampled clients' updates or models; a peer:
-  its own vector and its neighbours').
+  its own vector and its neighbours'). A server rule (``fedepic.extensions.SERVER_RULES``) reads the
+  rows as updates (model - global model, or per-step momenta) and returns the aggregated update; every
+  registered one is translation-equivariant, weighting included (``strategies/mean.py``), so a stack of
+  models gives the aggregated model and the same report.
 - ``own_index`` is the receiver's own row at a peer, None at a server.
 - ``weights`` are per-row weights (FedAvg's example counts, a peer's mixing weights), or None for
   equal weights. A rule that ignores them says so in its docstring.
