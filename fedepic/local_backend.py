@@ -5,15 +5,16 @@ Node work calls the same functions a Flower ClientApp calls (``fedepic.client_wo
 client by client, or, under the per-step protocol, every sampled client's minibatch gradient at the
 global model in one batched call. Aggregation runs the member's tensor rule
 (``fedepic.extensions.SERVER_RULES``; each is tested equal to its Flower strategy) through
-``strategies.aggregate.aggregate``, which leaves out NaN / inf rows first. The rule sees the
-parameters only; the fixed normalisation buffers are the global model's, and other buffers (BatchNorm
-statistics) are the weighted mean of the rows the rule kept.
+``strategies.aggregate.aggregate``, which leaves out NaN / inf rows first. The rule sees the clients'
+updates (model minus global model; momenta under per_step), parameters only; the fixed normalisation
+buffers are the global model's, and other buffers (BatchNorm statistics) are the weighted mean of the
+rows the rule kept.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -29,6 +30,21 @@ from fedepic.vectors import flatten_state, parameter_mask
 def aggregate_rows(rule: Any, stack: torch.Tensor, weights: torch.Tensor, state: dict) -> Any:
     """``strategies.aggregate.aggregate`` (imported by name: the core does not import strategies/)."""
     return importlib.import_module("strategies.aggregate").aggregate(rule, stack, None, weights, state)
+
+
+def reported(out: Any) -> tuple[Optional[list[bool]], Optional[list[float]]]:
+    """Whom a round's record names as left out whole, and the shares of cut coordinates, as the Flower
+    backend reports them (``strategies.server.TrackedStrategy``): rows left out for NaN / inf always;
+    otherwise nobody (None) when the rule skipped the round (Bulyan below 4f + 3 rows) or cut
+    coordinates only (a median or trimmed mean keeps every row); else the rows the rule did not keep."""
+    nonfinite = out.nonfinite
+    only_nonfinite = nonfinite.tolist() if bool(nonfinite.any()) else None
+    if out.vector is None:
+        return (out.excluded if bool(nonfinite.all()) else only_nonfinite), None
+    shares = None if out.shares is None else out.shares.tolist()
+    if shares is not None and bool((out.kept | nonfinite).all()):
+        return only_nonfinite, shares
+    return out.excluded, shares
 
 
 class LocalServerBackend:
@@ -64,18 +80,19 @@ class LocalServerBackend:
 
     def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
         weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
-        out = aggregate_rows(self.rule, stack[:, self.parameters], weights, self.rule_state)
-        shares = None if out.shares is None else out.shares.tolist()
+        base = reference[self.parameters]
+        out = aggregate_rows(self.rule, stack[:, self.parameters] - base, weights, self.rule_state)
+        excluded, shares = reported(out)
         if out.vector is None:
-            return Aggregated(None, out.excluded, shares, out.nonfinite.tolist())
+            return Aggregated(None, excluded, shares, out.nonfinite.tolist())
         vector = reference.clone()
-        vector[self.parameters] = out.vector.to(vector.dtype)
+        vector[self.parameters] = base + out.vector.to(vector.dtype)
         statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
         if bool(statistics.any()):
             rows = out.kept.nonzero().flatten()
             w = weights[rows] / weights[rows].sum()
             vector[statistics] = (w[:, None] * stack[rows][:, statistics].double()).sum(dim=0).to(vector.dtype)
-        return Aggregated(vector, out.excluded, shares, out.nonfinite.tolist())
+        return Aggregated(vector, excluded, shares, out.nonfinite.tolist())
 
     def state_dict(self) -> dict:
         return {"rule": dict(self.rule_state)}

@@ -9,7 +9,8 @@ it left out). A reply that carries an error (the client raised, its worker died)
 
 Clients are stateless: the server holds each client's local EPIC state and per-step momentum
 (``Progress.epic``, ``Progress.momentum``), sends them with the client's train message and takes the
-new ones out of the reply before the strategy sees it. Nodes are listed in partition order
+new ones out of the reply before the strategy sees it. The strategy aggregates the clients' updates
+(model minus global model; momenta under per_step), as the tensor rules of ``engine=local`` do. Nodes are listed in partition order
 (:class:`PartitionGrid`), so the engine's sample (positions in client order) picks the same clients
 in every run, a resumed one included, whose nodes are new.
 """
@@ -116,11 +117,17 @@ class FlowerServerBackend:
         return NodeWork(work, round_failures(messages, replies, self.grid.partitions), len(messages))
 
     def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
-        for i, (msg, reply) in enumerate(zip(self.valid, work.replies)):
-            if not torch.equal(stack[i], reply.vector):  # attacked or pre-aggregated: the strategy sees it
-                msg.content["arrays"] = ArrayRecord(unflatten_like(stack[i], self.like))
-        outcome = self.tracked.aggregate(rnd, self.valid, stack)
-        vector = None if outcome.arrays is None else flatten_state(outcome.arrays.to_torch_state_dict())
+        """Flower's strategy over the updates ``stack - reference``, then the global vector plus the
+        aggregated update. Updates, not models: Flower's Krum computes distances in float32 as
+        |a|^2 + |b|^2 - 2ab, whose rounding on whole models (weights far larger than a round's change)
+        exceeds the gaps between honest clients' scores and makes its choice noise; on updates it
+        chooses what the exact tensor rule chooses (tests/test_server_rules.py). Every registered
+        strategy is translation-equivariant, so this changes nothing else but float rounding."""
+        updates = stack - reference
+        for msg, row in zip(self.valid, updates):
+            msg.content["arrays"] = ArrayRecord(unflatten_like(row, self.like))
+        outcome = self.tracked.aggregate(rnd, self.valid, updates)
+        vector = None if outcome.arrays is None else reference + flatten_state(outcome.arrays.to_torch_state_dict())
         return Aggregated(vector, outcome.excluded, outcome.trimmed_share, outcome.nonfinite)
 
     def state_dict(self) -> dict:
