@@ -13,8 +13,8 @@ the product by one copy (``F.unfold`` and then the per-client layout would copy 
 are the sums of grad_output over the client's rows (and positions).
 
 Cost: the FLOPs of one batched backward pass (the weight products are the batched backward's, split
-by client); memory: the batched activations plus, per convolution, its unfolded input, C*kh*kw*L
-floats per image for L output positions (one convolution's at a time).
+by client); memory: the batched activations plus the unfolded input of one convolution, C*kh*kw*L
+floats per image for L output positions, for a few clients at a time (``UNFOLD_BYTES``).
 
 The gradient with respect to an output is taken at its autograd edge as recorded in the forward
 hook, before any later in-place operation (``ReLU(inplace=True)``) rewrites that tensor's history.
@@ -39,6 +39,10 @@ from torch.func import functional_call
 from fedepic.models import FIXED_BUFFERS
 from fedepic.train import float_images
 
+# the unfolded input of a convolution is laid out a few clients at a time, at most this many bytes at once:
+# it bounds the memory, and a block this size is reused by the C allocator (glibc serves blocks under
+# 32 MiB from its heap once one was freed) where a larger one is mapped afresh, page by page, every call
+UNFOLD_BYTES = 16 * 2**20
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -93,15 +97,20 @@ def _windows(layer: nn.Conv2d, inputs: Tensor) -> Tensor:
 
 def _conv_grads(layer: nn.Conv2d, inputs: Tensor, grad_out: Tensor, n: int, has_bias: bool) -> list[Tensor]:
     """[n, *weight.shape] (and [n, out]): per client, grad_out contracted with the unfolded input over
-    its rows and output positions together."""
+    its rows and output positions together, a few clients at a time (at most ``UNFOLD_BYTES`` of
+    unfolded input at once, one client at least)."""
     windows = _windows(layer, inputs)  # [n*B, C, Ho, Wo, kh, kw]
     batch, channels, out_h, out_w, kh, kw = windows.shape
     per, out_channels, positions = batch // n, grad_out.shape[1], out_h * out_w
-    # one copy lays the windows out as [n, C*kh*kw, B*Ho*Wo]; grad_out [n*B, O, Ho, Wo] as [n, O, B*Ho*Wo]
-    cols = (windows.reshape(n, per, channels, out_h, out_w, kh, kw).permute(0, 2, 5, 6, 1, 3, 4)
-            .reshape(n, channels * kh * kw, per * positions))
+    windows = windows.reshape(n, per, channels, out_h, out_w, kh, kw)
     g = grad_out.reshape(n, per, out_channels, positions).transpose(1, 2).reshape(n, out_channels, per * positions)
-    out = [torch.bmm(g, cols.transpose(1, 2)).reshape(n, *layer.weight.shape)]
+    step = max(1, UNFOLD_BYTES // (windows[0].numel() * windows.element_size()))
+    weights = []
+    for start in range(0, n, step):
+        # one copy lays a chunk's windows out as [clients, C*kh*kw, B*Ho*Wo]
+        cols = windows[start:start + step].permute(0, 2, 5, 6, 1, 3, 4).reshape(-1, channels * kh * kw, per * positions)
+        weights.append(torch.bmm(g[start:start + step], cols.transpose(1, 2)))
+    out = [torch.cat(weights).reshape(n, *layer.weight.shape)]
     if has_bias:
         out.append(g.sum(2))
     return out
