@@ -4,7 +4,7 @@
 
 On ``--model`` built by ``fedepic.models.build_classifier`` for MNIST-sized images (1x28x28, 10
 classes; random pixels and labels), ``--clients`` minibatches of ``--batch`` images, with
-torch.set_num_threads(``--threads``), times ``--repeats`` calls of each of:
+torch.set_num_threads(``--threads``), times ``--repeats`` calls of each of (taking turns call by call):
 
 - vmap: ``fedepic.stacked.stacked_gradients`` at one shared point with the grouped kernel switched
   off (the ``torch.func.vmap`` path);
@@ -37,14 +37,18 @@ import fedepic.stacked as stacked  # noqa: E402
 from fedepic.models import build_classifier  # noqa: E402
 
 
-def timed(fn, repeats: int) -> dict[str, float]:
-    fn()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(methods: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Best and median seconds of ``repeats`` calls of every method, the methods taking turns call by
+    call (on a shared machine a change of load then falls on all of them alike), after one warm-up."""
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
         fn()
-        seconds.append(time.perf_counter() - start)
-    return {"best_s": min(seconds), "median_s": statistics.median(seconds)}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"best_s": min(s), "median_s": statistics.median(s)} for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -89,8 +93,8 @@ def main() -> None:
         F.cross_entropy(model(images), labels).backward()
 
     difference = (grouped() - vmap_path()).abs().max().item()
-    figures = {name: timed(fn, args.repeats) for name, fn in
-               (("vmap", vmap_path), ("grouped", grouped), ("eager_loop", eager_loop), ("one_backward", one_backward))}
+    figures = timed({"vmap": vmap_path, "grouped": grouped, "eager_loop": eager_loop, "one_backward": one_backward},
+                    args.repeats)
     print(json.dumps({
         "load_before": load_before, "load_after": os.getloadavg(), "model": args.model,
         "parameters": flat.numel(), "clients": n, "batch": batch, "threads": args.threads,
