@@ -39,9 +39,9 @@ from torch.func import functional_call
 from fedepic.models import FIXED_BUFFERS
 from fedepic.train import float_images
 
-# the unfolded input of a convolution is laid out a few clients at a time, at most this many bytes at once:
-# it bounds the memory, and a block this size is reused by the C allocator (glibc serves blocks under
-# 32 MiB from its heap once one was freed) where a larger one is mapped afresh, page by page, every call
+# the unfolded input of a convolution is laid out a few clients at a time in one buffer of at most this
+# many bytes: it bounds the memory, and the pages of one buffer are touched again instead of a fresh
+# allocation's being mapped in, page by page, for every chunk
 UNFOLD_BYTES = 16 * 2**20
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -96,21 +96,26 @@ def _windows(layer: nn.Conv2d, inputs: Tensor) -> Tensor:
 
 
 def _conv_grads(layer: nn.Conv2d, inputs: Tensor, grad_out: Tensor, n: int, has_bias: bool) -> list[Tensor]:
-    """[n, *weight.shape] (and [n, out]): per client, grad_out contracted with the unfolded input over
-    its rows and output positions together, a few clients at a time (at most ``UNFOLD_BYTES`` of
-    unfolded input at once, one client at least)."""
+    """[n, *weight.shape] (and [n, out]): per client, the unfolded input contracted with grad_out over
+    its rows and output positions together, a few clients at a time through one buffer of at most
+    ``UNFOLD_BYTES`` (one client's unfolded input at least)."""
     windows = _windows(layer, inputs)  # [n*B, C, Ho, Wo, kh, kw]
     batch, channels, out_h, out_w, kh, kw = windows.shape
     per, out_channels, positions = batch // n, grad_out.shape[1], out_h * out_w
+    size = channels * kh * kw
     windows = windows.reshape(n, per, channels, out_h, out_w, kh, kw)
     g = grad_out.reshape(n, per, out_channels, positions).transpose(1, 2).reshape(n, out_channels, per * positions)
-    step = max(1, UNFOLD_BYTES // (windows[0].numel() * windows.element_size()))
+    client = size * per * positions
+    step = max(1, min(n, UNFOLD_BYTES // (client * windows.element_size())))
+    buffer = windows.new_empty(step * client)
     weights = []
     for start in range(0, n, step):
-        # one copy lays a chunk's windows out as [clients, C*kh*kw, B*Ho*Wo]
-        cols = windows[start:start + step].permute(0, 2, 5, 6, 1, 3, 4).reshape(-1, channels * kh * kw, per * positions)
-        weights.append(torch.bmm(g[start:start + step], cols.transpose(1, 2)))
-    out = [torch.cat(weights).reshape(n, *layer.weight.shape)]
+        count = min(step, n - start)
+        # one copy lays the chunk's windows out as [clients, C*kh*kw, B*Ho*Wo]
+        cols = buffer[:count * client].view(count, channels, kh, kw, per, out_h, out_w)
+        cols.copy_(windows[start:start + count].permute(0, 2, 5, 6, 1, 3, 4))
+        weights.append(torch.bmm(cols.view(count, size, per * positions), g[start:start + count].transpose(1, 2)))
+    out = [torch.cat(weights).transpose(1, 2).reshape(n, *layer.weight.shape)]
     if has_bias:
         out.append(g.sum(2))
     return out
