@@ -166,3 +166,13 @@ def test_running_buffers_and_dropout_are_not_supported():
     with pytest.raises(ValueError, match="running buffers"):  # stacked_gradients refuses them, as before
         stacked_gradients(tiny(nn.BatchNorm2d(3)), torch.zeros(3 * 9 + 3 + 6 + 3 * 64 * 4 + 4),
                           *minibatches(2, 3, 1, 8, classes=4))
+
+
+@pytest.mark.parametrize("limit", [1, 2**40], ids=["one-client-per-chunk", "one-chunk"])
+def test_the_chunks_of_unfolded_input_do_not_change_the_gradients(classifiers, monkeypatch, limit):
+    model = classifiers[("cnn", 3, 32)]
+    flat = flat_parameters(model)
+    xb, yb = minibatches(3, 5, 3, 32)
+    want = vmap_gradients(model, flat, xb, yb)
+    monkeypatch.setattr("fedepic.grouped_gradients.UNFOLD_BYTES", limit)
+    assert_same_gradients(grouped_gradients(model, flat, xb, yb), want)
