@@ -166,10 +166,13 @@ def grouped_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor) ->
     # a layer input changed in place after the layer read it no longer holds what the layer saw
     if not usable or not calls or any(x._version != version for _, _, x, version, _ in calls):
         return None
-    grad_outs = torch.autograd.grad(loss, [edge for *_, edge in calls])
+    # a layer whose output the loss does not use gets None: no contribution (a zero gradient)
+    grad_outs = torch.autograd.grad(loss, [edge for *_, edge in calls], allow_unused=True)
     grads: dict[str, Tensor] = {}
     with torch.no_grad():
         for (prefix, layer, x, _, _), g in zip(calls, grad_outs):
+            if g is None:
+                continue
             has_bias = layer.bias is not None
             if type(layer) is nn.Linear:
                 pieces = _linear_grads(x, g, n, has_bias)

@@ -107,21 +107,24 @@ def test_mode_requires_grad_and_hooks_are_left_as_found(classifiers):
 
 
 class TwiceLinear(nn.Module):
-    """One Linear applied twice, on [N, T, F] rows, then a strided dilated padded bias-free convolution."""
+    """A strided dilated asymmetrically padded bias-free convolution, one Linear applied twice on
+    [N, C, H, W] rows, and one whose output the loss does not use."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=(2, 1), bias=False)
         self.mix = nn.Linear(6, 6)
         self.head = nn.Linear(4 * 7 * 6, 5)
+        self.unused = nn.Linear(6, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)  # [N, 4, 7, 6] on 14x14 inputs
         h = self.mix(torch.tanh(self.mix(h)))  # the same layer twice, on the last dim of a 4-d tensor
+        self.unused(h)
         return self.head(h.flatten(1))
 
 
-def test_strides_dilation_padding_no_bias_and_a_layer_called_twice():
+def test_strides_dilation_padding_no_bias_a_layer_called_twice_and_an_unused_one():
     torch.manual_seed(1)
     model = TwiceLinear()
     assert supported(model)
