@@ -6,9 +6,9 @@ clients of each client's mean cross-entropy, whose gradient with respect to a la
 by row, the gradient of that row's own client's mean loss. One ``torch.autograd.grad`` call asks for
 dL/d(output) of every ``nn.Linear`` and ``nn.Conv2d`` layer only (autograd computes the input
 gradients on the way, never a weight gradient); each client's weight gradient is then the sum over
-its own rows of grad_output^T @ input, one batched matrix product over the clients per layer:
-Linear directly, Conv2d on the unfolded (im2col) input with the B rows and the output positions
-folded into one contraction. The unfolding is a strided view of the zero-padded input, laid out for
+its own rows of grad_output^T @ input, batched matrix products over the clients: Linear directly,
+one product per layer; Conv2d on the unfolded (im2col) input with the B rows and the output
+positions folded into one contraction, a few clients per product. The unfolding is a strided view of the zero-padded input, laid out for
 the product by one copy (``F.unfold`` and then the per-client layout would copy it twice). Biases
 are the sums of grad_output over the client's rows (and positions).
 
