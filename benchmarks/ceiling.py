@@ -99,13 +99,27 @@ def kernel_floor(model: torch.nn.Module, clients: int, batch: int, steps: int, e
         with torch.no_grad():
             model(test)
 
+    def one_backward() -> None:  # the whole round's images as one batch: no per-client gradients at all
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images.flatten(0, 1)), labels.flatten()).backward()
+
     rounds = {"loop": _best_seconds(loop, repeats), "vmap": _best_seconds(lambda: per_client(params, images, labels),
                                                                           repeats)}
+    # fedepic's batched per-client kernel (fedepic/grouped_gradients.py), reported beside the eager floor:
+    # where it is faster, it is the tighter floor of an implementation that needs per-client gradients
+    from fedepic.grouped_gradients import grouped_gradients
+
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+    if grouped_gradients(model, flat, images, labels) is not None:
+        rounds["grouped"] = _best_seconds(lambda: grouped_gradients(model, flat, images, labels), repeats)
+    lower = _best_seconds(one_backward, repeats)
     model.zero_grad(set_to_none=True)
     one_pass = _best_seconds(evaluate, repeats) * test_images / eval_batch
     best = min(rounds.values())
     return {"round_seconds": {k: round(v, 6) for k, v in rounds.items()}, "eval_pass_seconds": round(one_pass, 6),
-            "seconds": round(steps * best + evaluations * one_pass, 1)}
+            "seconds": round(steps * best + evaluations * one_pass, 1),
+            # one backward over all clients' images: below any implementation that keeps the gradients apart
+            "one_backward_round_seconds": round(lower, 6)}
 
 
 def local_epochs_floor(model: torch.nn.Module, node_rows: list[int], batch: int, epochs: int, lr: float,

@@ -50,6 +50,7 @@ class LocalResult:
     metrics: dict[str, float]
     epic_state: Optional[dict]  # EpicState.state_dict() to keep, when local EPIC runs
     momentum: Optional[torch.Tensor] = None  # per_step: the client's new m_i (before its model attack)
+    vector: Optional[torch.Tensor] = None  # per_step: what it sends, flat (``state`` holds views of it)
 
 
 def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_state: dict[str, torch.Tensor],
@@ -139,7 +140,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
                    "poisoned-rows": int(client.poisoned.sum()), "epic-dropped": 0, "epic-selections": 0,
                    "epic-poison-recall": UNKNOWN, "epic-skipped-nonfinite": 0, "attack-nonfinite": attack_nonfinite,
                    "train-seconds": seconds}
-        results.append(LocalResult(unflatten_like(sent, global_state), metrics, None, momentum))
+        results.append(LocalResult(unflatten_like(sent, global_state), metrics, None, momentum, sent))
     return results
 
 

@@ -24,7 +24,7 @@ from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.extensions import SERVER_RULES, expected_clients
 from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress, fixed_mask, per_step
-from fedepic.vectors import flatten_state, parameter_mask
+from fedepic.vectors import contiguous_run, flatten_state, parameter_mask
 
 
 def aggregate_rows(rule: Any, stack: torch.Tensor, weights: torch.Tensor, state: dict) -> Any:
@@ -58,6 +58,8 @@ class LocalServerBackend:
         like = self.model.state_dict()
         self.parameters = parameter_mask(self.model, like)
         self.fixed = fixed_mask(like)
+        run = contiguous_run(self.parameters)
+        self.selected = run if run is not None else self.parameters  # a view where the parameters are one run
 
     def train(self, rnd: int, clients: Sequence[int], progress: Progress) -> NodeWork:
         chosen = [self.clients[i] for i in clients]
@@ -75,18 +77,19 @@ class LocalServerBackend:
                 if result.epic_state is not None:
                     progress.epic[client.client_id] = pack_epic_state(result.epic_state)
                 results.append(result)
-        replies = [ClientReply(c.client_id, flatten_state(r.state), r.metrics) for c, r in zip(chosen, results)]
+        replies = [ClientReply(c.client_id, r.vector if r.vector is not None else flatten_state(r.state), r.metrics)
+                   for c, r in zip(chosen, results)]
         return NodeWork(replies, [], len(chosen))
 
     def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
         weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
-        base = reference[self.parameters]
-        out = aggregate_rows(self.rule, stack[:, self.parameters] - base, weights, self.rule_state)
+        base = reference[self.selected]
+        out = aggregate_rows(self.rule, stack[:, self.selected] - base, weights, self.rule_state)
         excluded, shares = reported(out)
         if out.vector is None:
             return Aggregated(None, excluded, shares, out.nonfinite.tolist())
         vector = reference.clone()
-        vector[self.parameters] = base + out.vector.to(vector.dtype)
+        vector[self.selected] = base + out.vector.to(vector.dtype)
         statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
         if bool(statistics.any()):
             rows = out.kept.nonzero().flatten()

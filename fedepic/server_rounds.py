@@ -58,7 +58,7 @@ from fedepic.outputs import RunWriter
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.extensions import pre_aggregation_steps
-from fedepic.vectors import finite_rows, flatten_state, float_keys, parameter_mask, unflatten_like
+from fedepic.vectors import columns, contiguous_run, finite_rows, flatten_state, float_keys, parameter_mask, unflatten_like
 
 
 # --------------------------------------------------------------------------- what a round exchanges
@@ -267,15 +267,17 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     if not needs_honest(cfg.attack.model) or n_bad == 0:
         return None
     mask = torch.ones(stack.shape[1], dtype=torch.bool) if mask is None else mask
-    benign = (stack[[i for i, bad in enumerate(malicious) if not bad]] - global_vec)[:, mask]
+    origin = columns(global_vec, mask)
+    benign = columns(stack[[i for i, bad in enumerate(malicious) if not bad]], mask) - origin
     first_bad = stack[malicious.index(True)]
-    own = (first_bad - global_vec)[mask]
+    own = columns(first_bad, mask) - origin
     params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
     outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
     update = first_bad.clone()
-    update[mask] = global_vec[mask] + outcome.update
+    run = contiguous_run(mask)
+    update[run if run is not None else mask] = origin + outcome.update
     return AttackOutcome(update, outcome.nonfinite)
 
 

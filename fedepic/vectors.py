@@ -58,3 +58,29 @@ def finite_rows(stack: torch.Tensor) -> torch.Tensor:
 def all_finite(vector: torch.Tensor) -> bool:
     """True when every entry of ``vector`` is finite (the same test as ``finite_rows``)."""
     return bool(finite_rows(vector.reshape(1, -1))[0])
+
+
+def columns(stack: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``stack[..., mask]`` for a bool ``mask`` over the last dimension; a view when the selected entries
+    are one contiguous run (a model's parameters usually are: its few buffers come first or last).
+    Boolean indexing copies through a masked gather, several times slower than a view on a [n, 431k] stack."""
+    run = contiguous_run(mask)
+    return stack[..., run] if run is not None else stack[..., mask]
+
+
+def contiguous_run(mask: torch.Tensor) -> "slice | None":
+    """The slice ``mask`` selects when its True entries are one contiguous run, else None."""
+    hits = mask.nonzero().flatten()
+    if hits.numel() == 0:
+        return slice(0, 0)
+    first, last = int(hits[0]), int(hits[-1])
+    return slice(first, last + 1) if last - first + 1 == hits.numel() else None
+
+
+def row_shares(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of a bool ``mask`` [n, D], the share of True entries, float64 [n]. Counted on the bytes
+    (``uint8`` summed into int32: exact below 2**31 columns), 10x faster here than summing the bools
+    as float64."""
+    d = mask.shape[-1]
+    counts = mask.contiguous().view(torch.uint8).sum(dim=-1, dtype=torch.int32)
+    return counts.to(torch.float64) / max(d, 1)

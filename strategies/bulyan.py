@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fedepic.vectors import row_shares
+
 from strategies.aggregate import Aggregate
 from strategies.krum import lowest_scores, multikrum_scores
 from strategies.median import sorted_columns
@@ -51,7 +53,7 @@ def closest_to_median(selected: Tensor, beta: int) -> tuple[Tensor, Tensor]:
         low -= take_below.long()
         high += (~take_below).long()
     limit = torch.maximum(median - ordered.gather(0, low)[0], ordered.gather(0, high)[0] - median)
-    shares = ((selected - median).abs() > limit).sum(dim=1, dtype=torch.float64) / max(d, 1)
+    shares = row_shares((selected - median).abs() > limit)
     return total / beta, shares
 
 

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fedepic.vectors import row_shares
+
 from strategies.aggregate import Aggregate
 
 
@@ -79,7 +81,7 @@ def tail_shares(stack: Tensor, ordered: list[Tensor], cut: int) -> Tensor:
     if cut == 0 or n == 0 or d == 0:
         return torch.zeros(n, dtype=torch.float64)
     tails = (stack < ordered[cut]) | (stack > ordered[n - cut - 1])
-    return tails.sum(dim=1, dtype=torch.float64) / d
+    return row_shares(tails)
 
 
 class MedianRule:

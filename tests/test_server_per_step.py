@@ -211,46 +211,40 @@ def test_every_byzfl_comparison_row_is_a_valid_fedepic_run(tmp_path, task_identi
             assert member["attack_injected"] in ("alie", "ipm"), row
 
 
-def test_byzfl_comparison_times_each_rows_own_flower_strategy(monkeypatch):
-    """The Flower-rule floor of benchmarks/byzfl_compare.py aggregates, for every row, with the strategy
-    fedepic's registry builds from that row's config (class and parameters), as many replies as the row's
-    rounds have."""
+def test_byzfl_comparison_times_each_rows_own_rule(monkeypatch):
+    """The rule floor of benchmarks/byzfl_compare.py aggregates, for every row, with the tensor rule and
+    the pre-aggregation steps fedepic's registries build from that row's config, on as many rows as the
+    row's rounds have."""
     import importlib.util
 
-    import strategies.server
+    import fedepic.extensions as extensions
 
     spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    built, outputs, real = [], [], strategies.server.build_server_strategy
+    built, real = [], extensions.SERVER_RULES.build
 
-    def recording(name, cfg):
-        tracked = real(name, cfg)
+    def recording(name, cfg, context=None):
+        rule = real(name, cfg, context)
         calls = []
-        inner = tracked.strategy.aggregate_train
-        def counted(rnd, replies):  # the real aggregation of the benchmark's replies, counted
-            replies = list(replies)
-            calls.append(len(replies))
-            arrays, metrics = inner(rnd, replies)
-            outputs.append(arrays is not None and metrics is not None and "train-seconds" in metrics)
-            return arrays, metrics
 
-        tracked.strategy.aggregate_train = counted
-        built.append((name, cfg, tracked.strategy, calls))
-        return tracked
+        def counted(stack, own_index, weights, state):
+            calls.append(stack.shape[0])
+            return rule(stack, own_index, weights, state)
 
-    monkeypatch.setattr(strategies.server, "build_server_strategy", recording)
-    want = {"none_avg": ("fedavg", "FedAvg", 10), "alie_tm": ("fedtrimmedavg", "ExactTrimmedAvg", 12),
-            "signflip_median": ("fedmedian", "FedMedian", 12), "ipm_tm_clip_nnm": ("fedtrimmedavg", "ExactTrimmedAvg", 12)}
+        built.append((name, type(rule).__name__, cfg, calls))
+        return counted
+
+    monkeypatch.setattr(extensions.SERVER_RULES, "build", recording)
+    want = {"none_avg": ("fedavg", "MeanRule", 10), "alie_tm": ("fedtrimmedavg", "TrimmedMeanRule", 12),
+            "signflip_median": ("fedmedian", "MedianRule", 12),
+            "ipm_tm_clip_nnm": ("fedtrimmedavg", "TrimmedMeanRule", 12)}
     assert set(want) == set(module.FEDEPIC_ROWS)
-    for row, (name, cls, replies) in want.items():
-        seconds = module.flower_rule_seconds(row, repeats=1)
-        assert seconds > 0, row
-        got_name, cfg, strategy, calls = built[-1]
-        assert (got_name, type(strategy).__name__, calls) == (name, cls, [replies, replies]), row
-        assert outputs[-2:] == [True, True], row  # it aggregated the arrays and the per-step metrics
-        if name == "fedtrimmedavg":
-            assert strategy.num_trim == cfg.defense.trim == 2, row
+    for row, (name, cls, rows) in want.items():
+        assert module.rule_seconds(row, repeats=1) > 0, row
+        got_name, got_cls, cfg, calls = built[-1]
+        assert (got_name, got_cls, calls) == (name, cls, [rows, rows]), row
+        assert list(cfg.defense.pre_aggregation) == (["clip", "nnm"] if row == "ipm_tm_clip_nnm" else []), row
 
 
 def test_the_flower_backend_holds_each_clients_momentum_and_epic_state(task_identity, monkeypatch):
