@@ -58,6 +58,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# ByzFL runs with the caller's environment: importing fedepic (the ceiling's models) sets
+# OMP_WAIT_POLICY=PASSIVE in this process (fedepic/__init__.py), which is fedepic's choice, not ByzFL's
+CALLER_ENV = dict(os.environ)
 SIDE = REPO / "benchmarks" / "byzfl_side.py"
 BYZFL = "byzfl==0.0.11"
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
@@ -183,7 +186,7 @@ def main() -> None:
     data = os.environ.get("FEDEPIC_DATA")
     if not data or not (Path(data) / "MNIST" / "raw").is_dir():
         raise SystemExit("set FEDEPIC_DATA to a folder holding MNIST/raw (../shared/data/unpack.sh DIR prints one)")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env = {**CALLER_ENV, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
     sys.path.insert(0, str(REPO))
     from benchmarks.ceiling import ceiling, gemm_peak_gflops
 

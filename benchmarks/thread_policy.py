@@ -6,8 +6,8 @@ under background load, in one run.
 The workload is ByzFL's benchmark row ALIE + trimmed mean (benchmarks/byzfl_compare.py: cnn_mnist,
 12 clients, per-step protocol, batch 25) for ``--rounds`` steps with ``engine=local``, on a fixed
 random split of MNIST (no ByzFL needed). Each setting runs as its own ``python -m fedepic.simulate``
-process: OMP_WAIT_POLICY active (the OpenMP default spins), passive (fedepic's default, see
-fedepic/__init__.py), each with ``train.threads`` 1 and 2; first with nothing else started here, then
+process: OMP_WAIT_POLICY unset (libgomp's default: spin a while at each barrier, then sleep) and
+passive (fedepic's default, see fedepic/__init__.py), each with ``train.threads`` 1 and 2; first with nothing else started here, then
 beside ``--load`` busy processes at nice 19 (the situation of a shared machine). Settings take turns,
 so a change of the machine's own load falls on all of them alike. Prints one JSON line: per setting
 and load the wall seconds of the member (``summary.json``), with the load average before and after.
@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = {"active-2": ("ACTIVE", 2), "passive-2": ("PASSIVE", 2), "active-1": ("ACTIVE", 1),
-            "passive-1": ("PASSIVE", 1)}
+# (OMP_WAIT_POLICY, train.threads); "" hands the child an empty value, which libgomp reads as unset (its
+# own default: spin a while at each barrier, then sleep) and fedepic's setdefault leaves alone
+SETTINGS = {"default-2": ("", 2), "passive-2": ("PASSIVE", 2), "default-1": ("", 1), "passive-1": ("PASSIVE", 1)}
 
 
 def split(path: Path) -> None:
@@ -43,8 +44,9 @@ def member_seconds(policy: str, threads: int, rounds: int, split_file: Path, out
             "train.momentum=0.9", "train.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0",
             f"rounds={rounds}", f"train.eval_every={rounds}", "clients.count=12", "clients.malicious_ids=[10,11]",
             "attack.model=alie", "attack.alie_z=-1.5", "strategies=[fedtrimmedavg]", "defense.trim=2",
-            f"train.threads={threads}", f"output_dir={out}", f"name={policy.lower()}-{threads}"]
-    env = {**os.environ, "OMP_WAIT_POLICY": policy, "FLWR_TELEMETRY_ENABLED": "0"}
+            f"train.threads={threads}", f"output_dir={out}", f"name={(policy or 'default').lower()}-{threads}"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": policy})
     done = subprocess.run([sys.executable, "-m", "fedepic.simulate", *args], capture_output=True, text=True,
                           env=env, cwd=REPO)
     if done.returncode != 0:
