@@ -12,8 +12,8 @@ from fedepic import extensions as ext
 from fedepic.config import load_config
 from fedepic.registry import Entry, Registry
 
-REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.MODEL_ATTACKS, ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES,
-              ext.DATASETS, ext.MODELS]
+REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.SERVER_RULES, ext.PRE_AGGREGATION, ext.MODEL_ATTACKS,
+              ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES, ext.DATASETS, ext.MODELS]
 OURS = ("fedepic.", "strategies.", "simulations.")  # Flower's own classes keep Flower's defaults
 
 
