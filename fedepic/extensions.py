@@ -77,7 +77,7 @@ PURIFICATION.update(target=purification_target, oracle_round=oracle_round, known
 
 PEER_RULES = Registry("peer rule", [
     Entry("gossip", "strategies.gossip:Gossip", "D-PSGD gossip averaging (Lian et al., NeurIPS 2017)"),
-    Entry("median", "strategies.median:CoordinateMedian", "coordinate-wise median (Yin et al., ICML 2018)"),
+    Entry("median", "strategies.median:MedianRule", "coordinate-wise median (Yin et al., ICML 2018)"),
     Entry("trimmed_mean", "strategies.trimmed_mean:TrimmedMean",
           "coordinate-wise trimmed mean, `defense.trim` per side (Yin et al., ICML 2018)", {"b": "defense.trim"}),
     Entry("krum", "strategies.krum:KrumSelect", "Krum assuming `defense.byzantine` attackers (Blanchard et al., "

@@ -88,6 +88,8 @@ from fedepic.train import fit, float_images, round_lr  # noqa: F401 (round_lr re
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_work import minibatch_rows
 from fedepic.extensions import PEER_RULES
+from strategies.aggregate import Aggregate, aggregate
+from strategies.gossip import check_stack
 from strategies.gradient_purification import PurificationState
 
 TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
@@ -331,9 +333,12 @@ def peer_rule(strategy: str, cfg: RunConfig, defended: bool = True) -> Any:
 
 @dataclass
 class AggregationReport:
-    """What the peer rule did at one node this round (neighbour ids). ``nonfinite``: neighbours whose
-    model held NaN / inf and was left out; ``own_nonfinite``: the node's own model did and was replaced
-    (``strategies/finite.py``)."""
+    """What the peer rule did at one node this round (neighbour ids). ``kept``: for GP and exclude the
+    neighbours aggregated this round, for the stateless rules the neighbours the rule received (every
+    neighbour but the non-finite ones; which of them a selecting rule such as Krum chose is in the
+    rule's ``Aggregate.kept``, not here). ``nonfinite``: neighbours whose model held NaN / inf and was
+    left out; ``own_nonfinite``: the node's own model did (and was replaced when a neighbour was finite;
+    ``strategies.aggregate.aggregate``)."""
 
     flagged: list[int] = field(default_factory=list)
     purified: list[int] = field(default_factory=list)
@@ -360,10 +365,18 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
                                                                  round_=state.round or None)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    new, bad = built_rule(strategy, cfg, rules, malicious).apply(own, neighbours, weights)
-    dropped = set(bad.rows)
-    return new, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
-                                  nonfinite=[ids[r] for r in bad.rows], own_nonfinite=bad.own)
+    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights)
+    bad = out.nonfinite[1:].tolist()
+    return out.vector, AggregationReport(kept=[j for j, b in zip(ids, bad) if not b],
+                                         nonfinite=[j for j, b in zip(ids, bad) if b],
+                                         own_nonfinite=bool(out.nonfinite[0]))
+
+
+def peer_aggregate(rule: Any, own: Tensor, neighbours: Tensor, weights: Optional[Tensor]) -> Aggregate:
+    """A stateless peer ``rule`` over the stack [own; neighbours] (own at row 0, ``weights`` [m+1]
+    self first), through ``strategies.aggregate.aggregate`` (the non-finite policy)."""
+    check_stack(own, neighbours)
+    return aggregate(rule, torch.cat([own.unsqueeze(0), neighbours]), 0, weights)
 
 
 def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]], malicious: bool = False) -> Any:
@@ -481,11 +494,12 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
         return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                        report.nonfinite, report.own_nonfinite)
     applied = built_rule(rule, cfg, rules, malicious)
-    x, bad_x = applied.apply(own[:split], stack[:, :split], w)
-    y, bad_y = applied.apply(own[split:], stack[:, split:], w)
-    dropped = set(bad_x.rows) | set(bad_y.rows)
-    return x, y, AggregationReport(kept=[j for r, j in enumerate(ids) if r not in dropped],
-                                   nonfinite=[ids[r] for r in sorted(dropped)], own_nonfinite=bad_x.own or bad_y.own)
+    out_x = peer_aggregate(applied, own[:split], stack[:, :split], w)
+    out_y = peer_aggregate(applied, own[split:], stack[:, split:], w)
+    bad = (out_x.nonfinite[1:] | out_y.nonfinite[1:]).tolist()
+    return out_x.vector, out_y.vector, AggregationReport(
+        kept=[j for j, b in zip(ids, bad) if not b], nonfinite=[j for j, b in zip(ids, bad) if b],
+        own_nonfinite=bool(out_x.nonfinite[0] or out_y.nonfinite[0]))
 
 
 def dsgt_point(cfg: RunConfig, state: NodeState, mixed_x: Tensor, round_: int) -> Tensor:

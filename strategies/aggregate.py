@@ -19,11 +19,28 @@ The rule reports what it did in its :class:`Aggregate`: the vector, who it kept 
 coordinate-wise rules the share of each row's coordinates it cut, and (filled in by
 :func:`aggregate`) which rows were left out for holding NaN or inf. Nothing downstream re-derives it.
 
-:func:`aggregate` is the only place the non-finite policy lives: rows holding NaN or inf are removed
-before the rule runs, the rule sees the finite rows only (weights and ``own_index`` remapped), and its
-report is mapped back onto the original rows (a removed row: not kept, share 1.0, nonfinite). With no
-finite row, the vector is None and the receiver keeps what it had. A non-finite own row at a peer is
-removed like any other; the rule then runs with ``own_index=None``.
+:func:`aggregate` is the only place the non-finite policy lives (a row "holds NaN or inf" if any of
+its entries does). One policy, stated for both cases:
+
+- **Rows other than own** (every row at a server) that hold NaN or inf are removed before the rule
+  runs, like rejected inputs; the rule sees the finite rows only, in their order (``own_index`` and
+  ``weights`` remapped), and its report is mapped back onto the original rows (a removed row: not
+  kept, share 1.0, ``nonfinite`` True).
+- **Weights at a peer** (``own_index`` set, weights given): they are first checked (shape [n],
+  non-negative, summing to 1; :func:`resolve_weights`), then the removed rows' weights are zeroed and
+  the rest, the self weight always among them, rescaled to sum to 1 (:func:`renormalised_weights`);
+  this runs on every call, also when every row is finite (it divides by the sum). At a server the
+  weights of the finite rows are passed as they are (the rules normalise them).
+- **Own at a peer**: a non-finite own row (the node's training diverged) cannot be a centre or a row;
+  it is replaced by the coordinate-wise median of the finite other rows
+  (``strategies.median.coordinate_median``), which then plays own's part at own's (remapped) index:
+  self weight, centre of clipping and of updates. The report marks it ``nonfinite`` and not kept, and
+  sets ``own_replaced``.
+- **Nothing finite to aggregate**: at a server (no finite row) the vector is None and the receiver
+  keeps what it had; at a peer with no finite other row and a non-finite own, the vector is the own
+  row as given (non-finite), no rule runs and nothing is kept. A finite own with no finite other row
+  is aggregated alone (the rule runs on the one row; every registered peer rule returns it, a
+  pre-aggregation step such as clipping may change it).
 
 Example::
 
@@ -53,8 +70,11 @@ class Aggregate:
     vector : [D], or None when no finite row was left (the receiver keeps its model).
     kept : bool [n], rows the rule used as a whole (a coordinate-wise rule keeps every finite row).
     shares : float [n] or None, per row the share of its coordinates a coordinate-wise rule cut.
-    nonfinite : bool [n], rows left out for NaN / inf before the rule ran (set by :func:`aggregate`).
+    nonfinite : bool [n], rows left out for NaN / inf before the rule ran (set by :func:`aggregate`);
+        at a peer the own row too when it held NaN / inf.
     info : anything else the rule reports (EPIC's medoids), plain data.
+    own_replaced : at a peer, whether a non-finite own row was replaced by the coordinate median of the
+        finite other rows before the rule ran (set by :func:`aggregate`; module docstring).
     """
 
     vector: Optional[Tensor]
@@ -62,6 +82,7 @@ class Aggregate:
     shares: Optional[Tensor] = None
     nonfinite: Optional[Tensor] = None
     info: dict[str, Any] = field(default_factory=dict)
+    own_replaced: bool = False
 
     @property
     def excluded(self) -> list[bool]:
@@ -75,12 +96,79 @@ class Aggregate:
 Rule = Callable[[Tensor, Optional[int], Optional[Tensor], dict], Aggregate]
 
 
+_WEIGHT_TOL = 1e-4
+
+
+def resolve_weights(weights: Optional[Tensor], m: int, like: Tensor) -> Tensor:
+    """Return a peer's [m+1] mixing weights, self first (uniform when None), checked to be >= 0 and to
+    sum to 1."""
+    if weights is None:
+        return torch.full((m + 1,), 1.0 / (m + 1), dtype=like.dtype, device=like.device)
+    weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if weights.shape != (m + 1,):
+        raise ValueError(f"weights must have shape [{m + 1}] (self first), got {tuple(weights.shape)}")
+    if bool((weights < 0).any()):
+        raise ValueError("weights must be non-negative")
+    total = float(weights.sum())
+    if abs(total - 1.0) > _WEIGHT_TOL:
+        raise ValueError(f"weights must sum to 1, got {total:.6f}")
+    return weights
+
+
+def renormalised_weights(weights: Tensor, keep_mask: Tensor) -> Tensor:
+    """Zero the weights of dropped neighbours and rescale self + kept ones to sum to 1.
+
+    ``weights`` [m+1] are self first, ``keep_mask`` [m] the neighbours kept. The self weight (index 0)
+    is always kept, so the result is well defined even when every neighbour is dropped (then the node
+    keeps its own model). The dropped mass is shared among self and the kept neighbours in proportion
+    to their weights, which keeps the rule a convex combination and never lets one remaining neighbour
+    gain more than its proportional share.
+    """
+    keep = torch.as_tensor(keep_mask, dtype=torch.bool, device=weights.device)
+    if keep.shape != (weights.shape[0] - 1,):
+        raise ValueError(f"keep_mask must have shape [{weights.shape[0] - 1}], got {tuple(keep.shape)}")
+    full = torch.cat([torch.ones(1, dtype=torch.bool, device=weights.device), keep])
+    kept = torch.where(full, weights, torch.zeros_like(weights))
+    total = kept.sum()
+    if float(total) <= 0.0:
+        # Self weight 0 and nothing kept: fall back to keeping the own model.
+        kept = torch.zeros_like(weights)
+        kept[0] = 1.0
+        return kept
+    return kept / total
+
+
+def self_first(n: int, own_index: int) -> Tensor:
+    """The row order [own_index, the other rows in stack order] of an n-row stack (int64 [n])."""
+    return torch.cat([torch.tensor([own_index]), torch.arange(n)[torch.arange(n) != own_index]])
+
+
+def peer_weights(weights: Tensor, own_index: int, finite_others: Tensor, like: Tensor) -> Tensor:
+    """A peer's per-row ``weights`` [n] checked and renormalised over own and the rows of
+    ``finite_others`` (bool [n], own False), in row order (module docstring); dropped rows get 0."""
+    n = finite_others.shape[0]
+    if own_index == 0:  # the usual layout: rows are already self first
+        return renormalised_weights(resolve_weights(weights, n - 1, like), finite_others[1:])
+    order = self_first(n, own_index)
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape [{n}] (one per row), got {tuple(w.shape)}")
+    ordered = renormalised_weights(resolve_weights(w[order], n - 1, like), finite_others[order[1:]])
+    out = torch.empty_like(ordered)
+    out[order.to(out.device)] = ordered
+    return out
+
+
 def aggregate(rule: Rule, stack: Tensor, own_index: Optional[int] = None, weights: Optional[Tensor] = None,
               state: Optional[dict] = None) -> Aggregate:
-    """``rule`` on the finite rows of ``stack`` [n, D], its report mapped back to all n rows (module
-    docstring). Cost: one pass over the stack for the finiteness test, plus the rule."""
+    """``rule`` on the finite rows of ``stack`` [n, D], its report mapped back to all n rows; at a peer
+    (``own_index`` set) a non-finite own replaced and the weights renormalised (module docstring).
+    Cost: one pass over the stack for the finiteness test, plus the rule (plus, at a peer with a
+    non-finite own, a coordinate median of the other rows)."""
     n = stack.shape[0]
     state = {} if state is None else state
+    if own_index is not None:
+        return _peer_aggregate(rule, stack, int(own_index), weights, state)
     finite = finite_rows(stack) if n else torch.zeros(0, dtype=torch.bool)
     if n == 0 or not bool(finite.any()):
         return Aggregate(None, torch.zeros(n, dtype=torch.bool), torch.ones(n) if n else None, ~finite)
@@ -89,13 +177,53 @@ def aggregate(rule: Rule, stack: Tensor, own_index: Optional[int] = None, weight
         out.nonfinite = torch.zeros(n, dtype=torch.bool)
         return out
     rows = finite.nonzero().flatten()
-    position = {int(r): i for i, r in enumerate(rows)}
-    inner = rule(stack[rows], position.get(own_index) if own_index is not None else None,
-                 None if weights is None else weights[rows], state)
+    inner = rule(stack[rows], None, None if weights is None else weights[rows], state)
+    return _mapped_back(inner, n, rows, ~finite)
+
+
+def _mapped_back(inner: Aggregate, n: int, rows: Tensor, nonfinite: Tensor, replaced: Optional[int] = None
+                 ) -> Aggregate:
+    """``inner``'s report on ``stack[rows]`` as one on all n rows: rows not in ``rows``, and the row
+    ``replaced``, are not kept and cut whole."""
     kept = torch.zeros(n, dtype=torch.bool)
-    kept[rows] = inner.kept
+    kept[rows] = inner.kept.cpu()
     shares = None
     if inner.shares is not None:
         shares = torch.ones(n, dtype=inner.shares.dtype)
-        shares[rows] = inner.shares
-    return Aggregate(inner.vector, kept, shares, ~finite, inner.info)
+        shares[rows] = inner.shares.cpu()
+    if replaced is not None:
+        kept[replaced] = False
+        if shares is not None:
+            shares[replaced] = 1.0
+    return Aggregate(inner.vector, kept, shares, nonfinite, inner.info, replaced is not None)
+
+
+def _peer_aggregate(rule: Rule, stack: Tensor, own_index: int, weights: Optional[Tensor], state: dict) -> Aggregate:
+    """:func:`aggregate` at a peer (module docstring)."""
+    if stack.dim() != 2:
+        raise ValueError(f"stack must be [n, D], got shape {tuple(stack.shape)}")
+    n = stack.shape[0]
+    if not 0 <= own_index < n:
+        raise ValueError(f"own_index {own_index} outside the {n} rows")
+    finite = finite_rows(stack).cpu()
+    others = finite.clone()
+    others[own_index] = False
+    own_ok = bool(finite[own_index])
+    w = None if weights is None else peer_weights(weights, own_index, others, stack)
+    if not own_ok and not bool(others.any()):  # nothing finite to aggregate: own as given
+        return Aggregate(stack[own_index].clone(), torch.zeros(n, dtype=torch.bool), torch.ones(n), ~finite)
+    if own_ok and bool(finite.all()):
+        out = rule(stack, own_index, w, state)
+        out.nonfinite = torch.zeros(n, dtype=torch.bool)
+        return out
+    used = others.clone()
+    used[own_index] = True
+    rows = used.nonzero().flatten()
+    inner_own = int((rows < own_index).sum())
+    inner_stack = stack[rows.to(stack.device)]  # a copy: own may be replaced in it
+    if not own_ok:
+        from strategies.median import coordinate_median  # median.py builds on this module
+
+        inner_stack[inner_own] = coordinate_median(stack[others.to(stack.device)])
+    inner = rule(inner_stack, inner_own, None if w is None else w[rows.to(w.device)], state)
+    return _mapped_back(inner, n, rows, ~finite, None if own_ok else own_index)

@@ -11,11 +11,14 @@ the neighbours' model updates.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor
 
+from strategies.aggregate import Aggregate
 from strategies.epic_updates import epic_select_updates
-from strategies.finite import split_finite
-from strategies.gossip import check_stack, gossip_subset
+from strategies.gossip import gossip_subset, own_only, split_own
 
 
 def epic_keep_mask(own: Tensor, neighbours: Tensor, fraction: float, threshold: int = 1) -> Tensor:
@@ -34,8 +37,9 @@ class EpicPeer:
     threshold : int
         Medoids whose cluster weight is <= threshold are dropped (EPIC's rule; 1 = isolated;
         ``defense.epic.threshold``).
-    The node's own model is always kept (self weight kept, weights renormalised). Non-finite vectors
-    are left out before the selection (``strategies/finite.py``).
+    The node's own model is always kept (self weight kept, weights renormalised). A peer rule of the
+    one signature (``strategies/aggregate.py``): ``kept`` is own and the neighbours EPIC keeps. Non-finite
+    vectors are left out before the selection (``strategies.aggregate.aggregate``).
     """
 
 
@@ -47,13 +51,11 @@ class EpicPeer:
         self.fraction = float(fraction)
         self.threshold = threshold
 
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        check_stack(own, neighbours)
-        inp = split_finite(own, neighbours, weights)
-        if inp.neighbours.shape[0] == 0:
-            return inp.own.clone(), inp.report
-        keep = epic_keep_mask(inp.own, inp.neighbours, self.fraction, self.threshold)
-        return gossip_subset(inp.own, inp.neighbours, inp.weights, keep), inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        own, neighbours, w = split_own(stack, own_index, weights)
+        if neighbours.shape[0] == 0:
+            return own_only(stack, own_index)
+        keep = epic_keep_mask(own, neighbours, self.fraction, self.threshold)
+        kept = torch.ones(stack.shape[0], dtype=torch.bool)
+        kept[torch.arange(stack.shape[0]) != own_index] = keep.cpu()
+        return Aggregate(gossip_subset(own, neighbours, w, keep), kept)

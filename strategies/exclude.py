@@ -19,6 +19,9 @@ class ExcludeDetected(GradientPurification):
     variable is kept. The parameters are GP's (``defense.purification.*``); see
     :class:`GradientPurification`. With ``oracle_round=1`` it is "exclude the malicious neighbours
     from the start" on the original graph and weights.
+
+    Signature: GP's ``aggregate`` / ``aggregate_tracking`` methods (stateful), not the one rule
+    signature of ``strategies/aggregate.py``.
     """
 
     aggregate_suspects = False  # per-round rejection: a neighbour flagged this round is left out this round

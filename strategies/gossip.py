@@ -4,23 +4,29 @@ Paper: Xiangru Lian, Ce Zhang, Huan Zhang, Cho-Jui Hsieh, Wei Zhang, Ji Liu, "Ca
 Algorithms Outperform Centralized Algorithms? A Case Study for Decentralized Parallel Stochastic
 Gradient Descent", NeurIPS 2017, arXiv:1705.09056 (D-PSGD).
 
-Every peer rule in ``strategies/`` has the signature
-``rule(own: Tensor[D], neighbours: Tensor[m, D], weights: Tensor[m+1] | None) -> Tensor[D]``:
-``own`` is the node's model vector after local training, ``neighbours`` holds the models received this
-round (one row per neighbour), and ``weights`` are the node's Metropolis–Hastings mixing weights
-(index 0 = self, then the neighbours in row order), summing to 1. ``None`` means uniform weights.
+Every stateless peer rule in ``strategies/`` has the one signature of ``strategies/aggregate.py``::
 
-Every rule also has ``apply(own, neighbours, weights) -> (new_own, NonFinite)``: the same result plus the
-record of the NaN / inf vectors it left out (``strategies/finite.py``); ``rule(...)`` is ``apply(...)[0]``.
+    rule(stack: Tensor[n, D], own_index: int, weights: Tensor[n] | None, state: dict) -> Aggregate
+
+``stack`` holds the node's own model vector after local training (row ``own_index``) and the models
+received this round (the other rows, one per neighbour); ``weights`` are the node's
+Metropolis–Hastings mixing weights per row (the self weight at ``own_index``), summing to 1, or None
+for uniform weights. A rule assumes finite rows: call it through ``strategies.aggregate.aggregate``,
+which applies the non-finite policy (rows dropped, weights renormalised, a non-finite own replaced).
+The stateful rules (``GradientPurification``, ``ExcludeDetected``) keep their own ``aggregate`` method.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-_WEIGHT_TOL = 1e-4
+from strategies.aggregate import Aggregate, renormalised_weights, resolve_weights, self_first
 
+__all__ = ["Gossip", "check_stack", "gossip_subset", "own_only", "renormalised_weights", "resolve_weights",
+           "split_own", "weighted_delta"]
 
 def check_stack(own: Tensor, neighbours: Tensor) -> None:
     """Raise ValueError unless ``own`` is [D] and ``neighbours`` is [m, D] with the same D."""
@@ -32,41 +38,26 @@ def check_stack(own: Tensor, neighbours: Tensor) -> None:
         )
 
 
-def resolve_weights(weights: Tensor | None, m: int, like: Tensor) -> Tensor:
-    """Return the [m+1] mixing weights (uniform when None), checked to be >= 0 and to sum to 1."""
-    if weights is None:
-        return torch.full((m + 1,), 1.0 / (m + 1), dtype=like.dtype, device=like.device)
-    weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if weights.shape != (m + 1,):
-        raise ValueError(f"weights must have shape [{m + 1}] (self first), got {tuple(weights.shape)}")
-    if bool((weights < 0).any()):
-        raise ValueError("weights must be non-negative")
-    total = float(weights.sum())
-    if abs(total - 1.0) > _WEIGHT_TOL:
-        raise ValueError(f"weights must sum to 1, got {total:.6f}")
-    return weights
+def split_own(stack: Tensor, own_index: Optional[int], weights: Optional[Tensor]
+              ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A peer's ``stack`` [n, D] as (own [D], the other rows [n-1, D] in stack order, ``weights``
+    reordered self first [n] or None). With own at row 0 (the callers' layout) the rows are views."""
+    if own_index is None:
+        raise ValueError("a peer rule needs own_index (the row of the node's own vector)")
+    if stack.dim() != 2 or not 0 <= own_index < stack.shape[0]:
+        raise ValueError(f"own_index {own_index} outside a stack of shape {tuple(stack.shape)}")
+    if own_index == 0:
+        return stack[0], stack[1:], weights
+    order = self_first(stack.shape[0], own_index)
+    w = None if weights is None else torch.as_tensor(weights)[order.to(torch.as_tensor(weights).device)]
+    return stack[own_index], stack[order[1:].to(stack.device)], w
 
 
-def renormalised_weights(weights: Tensor, keep_mask: Tensor) -> Tensor:
-    """Zero the weights of dropped neighbours and rescale self + kept ones to sum to 1.
-
-    The self weight (index 0) is always kept, so the result is well defined even when every
-    neighbour is dropped (then the node keeps its own model). The dropped mass is shared among
-    self and the kept neighbours in proportion to their weights, which keeps the rule a convex
-    combination and never lets one remaining neighbour gain more than its proportional share.
-    """
-    keep = torch.as_tensor(keep_mask, dtype=torch.bool, device=weights.device)
-    if keep.shape != (weights.shape[0] - 1,):
-        raise ValueError(f"keep_mask must have shape [{weights.shape[0] - 1}], got {tuple(keep.shape)}")
-    full = torch.cat([torch.ones(1, dtype=torch.bool, device=weights.device), keep])
-    kept = torch.where(full, weights, torch.zeros_like(weights))
-    total = kept.sum()
-    if float(total) <= 0.0:
-        # Self weight 0 and nothing kept: fall back to keeping the own model.
-        kept = torch.zeros_like(weights)
-        kept[0] = 1.0
-        return kept
-    return kept / total
+def own_only(stack: Tensor, own_index: int) -> Aggregate:
+    """The node keeps its own row: the vector a copy of it, only own kept."""
+    kept = torch.zeros(stack.shape[0], dtype=torch.bool)
+    kept[own_index] = True
+    return Aggregate(stack[own_index].clone(), kept)
 
 
 def weighted_delta(own: Tensor, neighbours: Tensor, neighbour_weights: Tensor) -> Tensor:
@@ -78,24 +69,25 @@ def weighted_delta(own: Tensor, neighbours: Tensor, neighbour_weights: Tensor) -
 
 class Gossip:
     """D-PSGD gossip averaging (Lian et al., "Can decentralized algorithms outperform centralized
-    algorithms?", NeurIPS 2017): ``x_i <- sum_j w_ij x_j`` over self and neighbours.
+    algorithms?", NeurIPS 2017): ``x_i <- sum_j w_ij x_j`` over self and neighbours, computed as
+    ``x_i + sum_{j != i} w_ij (x_j - x_i)`` (identical math, and exact when all models are equal).
 
-    No parameters. Not robust: one bad neighbour moves the average without bound. Non-finite vectors
-    are left out, weights renormalised (``strategies/finite.py``): a change from plain D-PSGD, where
-    one NaN neighbour would make every model NaN.
+    No parameters. Every row enters the sum (``kept`` all True). Not robust: one bad neighbour moves
+    the average without bound. Through ``strategies.aggregate.aggregate`` non-finite vectors are left
+    out and the weights renormalised: a change from plain D-PSGD, where one NaN neighbour would make
+    every model NaN.
+
+    Example::
+
+        >>> out = Gossip()(torch.tensor([[0.0], [3.0], [6.0]]), 0, torch.tensor([0.5, 0.25, 0.25]), {})
+        >>> out.vector, out.kept.tolist()
+        (tensor([2.2500]), [True, True, True])
     """
 
-
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        from strategies.finite import split_finite  # finite.py builds on this module
-
-        inp = split_finite(own, neighbours, weights)
-        w = resolve_weights(inp.weights, inp.neighbours.shape[0], inp.own)
-        # Written as own + weighted delta: identical math, and exact when all models are equal.
-        return inp.own + weighted_delta(inp.own, inp.neighbours, w[1:]), inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        own, neighbours, w = split_own(stack, own_index, weights)
+        w = resolve_weights(w, neighbours.shape[0], own)
+        return Aggregate(own + weighted_delta(own, neighbours, w[1:]), torch.ones(stack.shape[0], dtype=torch.bool))
 
 
 def gossip_subset(

@@ -74,7 +74,8 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    records hold the clipped contributions.
 8. **Non-finite vectors** [not in the paper]: such a neighbour is scored ``inf``, flagged, never mixed
    or recorded and left out of the median; a non-finite own vector is replaced by the coordinate-wise
-   median of the finite neighbours (``strategies/finite.py``).
+   median of the finite neighbours: the policy of ``strategies.aggregate.aggregate`` for the
+   stateless peer rules, applied here by the rule itself.
 
 Why these thresholds: z > 3 is the 3-sigma rule on a robust scale. ``min_scale = 0.5``: with 0.25,
 benign neighbours of low-degree nodes began to be confirmed from round 6 on ``configs/noniid.yaml``;
@@ -181,6 +182,11 @@ class Screening:
 
 class GradientPurification:
     """Gradient Purification (Li, Miao, Zhang, Yin, Front. Comput. Sci. 2025). See module docstring.
+
+    Signature: not (yet) the one rule signature of ``strategies/aggregate.py`` that the stateless peer
+    rules have. GP keeps per-neighbour records keyed by node id across rounds, so it keeps its own
+    methods ``aggregate(own, neighbours, ids, weights, state, round_=)`` (D-PSGD) and
+    ``aggregate_tracking(...)`` (DSGT), and applies the same non-finite policy itself (rule 8).
 
     Every parameter is required: the registry (``fedepic.extensions.PEER_RULES``) binds them to the
     ``defense.purification.*`` keys, whose schema holds the one set of defaults (given in brackets).

@@ -12,8 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from strategies.aggregate import Aggregate
-from strategies.finite import split_finite
+from strategies.aggregate import Aggregate, self_first
 from strategies.mean import weighted_mean
 
 
@@ -44,22 +43,29 @@ def krum_scores(stack: Tensor, f: int) -> Tensor:
 
 
 class KrumSelect:
-    """Krum over ``{own} ∪ neighbours`` (Blanchard et al., NeurIPS 2017).
+    """Krum over own and the neighbours (Blanchard et al., NeurIPS 2017), a peer rule of the one
+    signature (``strategies/aggregate.py``).
 
     Each of the n = m + 1 models is scored by the sum of squared distances to its ``n - f - 2``
     nearest other models, the paper's definition (ByzFL uses ``n - f - 1``; we follow the paper).
-    The lowest score wins; ties go to the lowest index, so ``own`` (index 0) wins a tie.
+    The lowest score wins; ties go to own first, then to the lowest row (the rows are scored in the
+    order own, then the others in stack order). ``kept`` marks the selected rows; ``info["selected"]``
+    lists them best first.
 
     Small neighbourhoods (a change from the paper, which assumes n - f - 2 >= 1 everywhere; node
     degrees in a graph differ): at a node with ``n - f - 2 < 1`` the rule uses ``f' = n - 3`` when
     n >= 3, and with n <= 2 (own and at most one neighbour) keeps the node's own model, since one
     neighbour cannot be told apart from own and own is the one model the node trusts. ``multi`` is
-    capped at the n models. Non-finite vectors are left out first (``strategies/finite.py``), and n
-    counts what remains.
+    capped at the n models. Non-finite vectors are left out first (``strategies.aggregate.aggregate``),
+    and n counts what remains.
 
     Example: own = [0], neighbours = [[0.1], [5.0], [-0.1]], f = 1: n - f - 2 = 1, scores
-    [0.01, 24.01, 0.01, 0.04] -> own (lowest index of the tie) is returned. With neighbours = [[5.0]]
-    the node keeps [0].
+    [0.01, 24.01, 0.01, 0.04] -> own (which wins the tie) is returned. With neighbours = [[5.0]]
+    the node keeps [0]::
+
+        >>> out = KrumSelect(1)(torch.tensor([[0.0], [0.1], [5.0], [-0.1]]), 0, None, {})
+        >>> out.vector, out.kept.tolist()
+        (tensor([0.]), [True, False, False, False])
 
     Parameters
     ----------
@@ -93,17 +99,21 @@ class KrumSelect:
             return None
         return min(self.f, n - 3)
 
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        inp = split_finite(own, neighbours, None)
-        stack = torch.cat([inp.own.unsqueeze(0), inp.neighbours])
-        f = self.effective_f(stack.shape[0])
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        if own_index is None:
+            raise ValueError("krum (peer): needs own_index, the row of the node's own vector")
+        n = stack.shape[0]
+        kept = torch.zeros(n, dtype=torch.bool)
+        f = self.effective_f(n)
         if f is None:
-            return inp.own.clone(), inp.report
-        adapted = KrumSelect(f, min(self.multi, stack.shape[0]))
-        return stack[adapted.select(stack)].mean(dim=0), inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+            kept[own_index] = True
+            return Aggregate(stack[own_index].clone(), kept, info={"selected": [own_index]})
+        order = self_first(n, own_index)  # own first: it wins ties
+        ordered = stack if own_index == 0 else stack[order.to(stack.device)]
+        chosen = KrumSelect(f, min(self.multi, n)).select(ordered)
+        rows = order[chosen.cpu()]
+        kept[rows] = True
+        return Aggregate(ordered[chosen].mean(dim=0), kept, info={"selected": rows.tolist()})
 
 
 DISTANCE_CHUNK = 1 << 16  # columns per float64 block of exact_sq_distances

@@ -1,8 +1,11 @@
-"""Coordinate-wise median as a decentralized peer rule (Byzantine-robust aggregation).
+"""Coordinate-wise median (Byzantine-robust aggregation): one rule, ``MedianRule``, for the server
+(``SERVER_RULES["fedmedian"]``) and the peers (``PEER_RULES["median"]``, over own and the neighbours),
+and one function, ``coordinate_median``, for every other median in the code (GP's centre, the
+replacement of a non-finite own in ``strategies.aggregate.aggregate``).
 
 Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
 Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498. Deviation: none (an
-unweighted median over own and the neighbours; NaN / inf rows are left out first, strategies/finite.py).
+unweighted median; NaN / inf rows are left out first by ``strategies.aggregate.aggregate``).
 """
 
 from __future__ import annotations
@@ -21,20 +24,20 @@ def coordinate_median(stack: Tensor) -> Tensor:
     """True coordinate-wise median of the rows of ``stack`` [n, D].
 
     For an even row count it returns the mean of the two middle values, not the lower one that
-    ``torch.median`` gives, so the result is symmetric in the inputs. Sorting is used instead of
-    ``torch.quantile``, which refuses inputs above 2**24 elements (ResNet-18 stacks exceed that).
+    ``torch.median`` gives, so the result is symmetric in the inputs (and ``np.median``'s, as Flower's
+    FedMedian takes it). Sorting (``sorted_columns``) is used instead of ``torch.quantile``, which
+    refuses inputs above 2**24 elements (ResNet-18 stacks exceed that).
     """
-    n = stack.shape[0]
-    if n == 0:
+    if stack.shape[0] == 0:
         raise ValueError("coordinate_median needs at least one row")
-    if n <= SMALL_STACK and bool(torch.isfinite(stack.sum())):
-        ordered = sorted_rows(stack)
-    else:
-        ordered = list(torch.sort(stack, dim=0).values)
-    mid = n // 2
-    if n % 2 == 1:
-        return ordered[mid].clone()
-    return (ordered[mid - 1] + ordered[mid]) / 2
+    return middle(sorted_columns(stack))
+
+
+def middle(ordered: list[Tensor]) -> Tensor:
+    """The median from the coordinate-wise sorted rows ``ordered``: the middle row for an odd count,
+    the mean of the two middle rows (rounded once) for an even one."""
+    n, mid = len(ordered), len(ordered) // 2
+    return ordered[mid].clone() if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 SMALL_STACK = 16  # up to this many rows the sorting network below beats torch.sort along dim 0
@@ -85,7 +88,8 @@ def tail_shares(stack: Tensor, ordered: list[Tensor], cut: int) -> Tensor:
 
 
 class MedianRule:
-    """Coordinate-wise median as a server rule of the one signature (Yin et al., ICML 2018; Flower's FedMedian).
+    """Coordinate-wise median as a rule of the one signature, server and peer (Yin et al., ICML 2018;
+    Flower's FedMedian).
 
     ``x_j = median_i u_ij`` per coordinate j; for an even n the mean of the two middle values, as
     ``np.median`` (Flower's FedMedian) takes it. Every finite row is kept; ``shares`` reports per row the
@@ -102,34 +106,16 @@ class MedianRule:
         >>> out.vector, out.kept.tolist(), out.shares.tolist()
         (tensor([1.5000, 1.5000]), [True, True, True, True], [1.0, 0.0, 0.5, 0.5])
 
+    At a peer (``PEER_RULES["median"]``) the stack is own and the neighbours, and the rule is the same:
+    own is one row of the median like the others (the mixing weights are ignored, as in the paper).
+
     Cost: the sort (``sorted_columns``: O(n^2 D) min / max for n <= 64, else O(D n log n)) plus O(n D)
     for the shares. ``weights`` are ignored (the median is unweighted, as in the paper and in Flower);
     ``own_index`` too. Deviation from Flower: none; float32 arithmetic as numpy's on float32 arrays
-    (the mean of the two middle values is rounded once in both).
+    (the mean of the two middle values is rounded once in both). Stateless.
     """
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
-        n = stack.shape[0]
         ordered = sorted_columns(stack)
-        mid = n // 2
-        vector = ordered[mid].clone() if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-        return Aggregate(vector, torch.ones(n, dtype=torch.bool), tail_shares(stack, ordered, (n - 1) // 2))
-
-
-class CoordinateMedian:
-    """Coordinate-wise median over ``{own} ∪ neighbours`` (Yin et al., ICML 2018).
-
-    No parameters. The mixing weights are ignored: the median is unweighted, as in the paper.
-    Even counts use the true median (mean of the two middle values). Non-finite vectors are left out
-    before the median is taken (``strategies/finite.py``); torch would sort NaN above every number.
-    """
-
-
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        from strategies.finite import split_finite  # finite.py builds on this module
-
-        inp = split_finite(own, neighbours, None)
-        return coordinate_median(torch.cat([inp.own.unsqueeze(0), inp.neighbours])), inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+        return Aggregate(middle(ordered), torch.ones(stack.shape[0], dtype=torch.bool),
+                         tail_shares(stack, ordered, (stack.shape[0] - 1) // 2))

@@ -1,7 +1,7 @@
 """Pre-aggregation steps: transforms of the stacked input vectors that run before any aggregation rule.
 
 Small callables over a stack [n, D] (ByzFL's style), with no framework inside, so the same step serves
-a peer rule (``PreAggregated``, over {own} ∪ neighbours' models) and the server, where it transforms
+a peer rule (``PreAggregated``, over the stack of own and the neighbours' models) and the server, where it transforms
 the clients' updates before the rule aggregates them (``fedepic.server_rounds.pre_aggregate_updates``).
 The steps are the registry ``fedepic.extensions.PRE_AGGREGATION``: one class and one entry each.
 
@@ -32,10 +32,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from strategies.aggregate import Aggregate, Rule
 
 
 Step = Callable[[Tensor], Tensor]
@@ -85,29 +87,33 @@ class StaticClip:
 
 
 class PreAggregated:
-    """A peer rule whose inputs ``{own} ∪ neighbours`` first go through ``steps``.
+    """A peer rule of the one signature (``strategies/aggregate.py``) whose input stack (own and the
+    neighbours) first goes through ``steps``; ``rule`` is a rule of the same signature.
 
     In a decentralized node the own vector is a row like the others (NNM mixes it too, as at a
-    server). ``f`` of NNM is capped at ``rows - 1`` where a neighbourhood is small. Stateful rules
-    (GP, exclude) keep per-neighbour records of what they received, so they are not wrapped.
+    server), and it stays at ``own_index``. ``f`` of NNM is capped at ``rows - 1`` where a
+    neighbourhood is small. The transformed stack goes to ``rule`` through
+    ``strategies.aggregate.aggregate`` again: a step can overflow a row to inf, and the weights are
+    renormalised over the rows the rule then gets (as the wrapper always did). The report is the inner
+    rule's (rows of the same stack; a row that only the steps made non-finite is marked not kept and,
+    in ``info["nonfinite_after_steps"]``, listed). Stateful rules (GP, exclude) keep per-neighbour
+    records of what they received, so they are not wrapped.
     """
 
-    def __init__(self, rule, steps: Sequence[Step]) -> None:
+    def __init__(self, rule: Rule, steps: Sequence[Step]) -> None:
         self.rule, self.steps = rule, list(steps)
 
-    def transform(self, own: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
-        stack = torch.cat([own.unsqueeze(0), neighbours])
+    def transform(self, stack: Tensor) -> Tensor:
+        """``stack`` [n, D] through the steps in order."""
         for step in self.steps:
             stack = step(stack)
-        return stack[0], stack[1:]
+        return stack
 
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        from strategies.finite import split_finite
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        from strategies.aggregate import aggregate
 
-        inp = split_finite(own, neighbours, weights)  # the steps need finite rows: NaN would spread
-        new_own, new_neighbours = self.transform(inp.own, inp.neighbours)
-        result, _ = self.rule.apply(new_own, new_neighbours, inp.weights)
-        return result, inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+        inner = aggregate(self.rule, self.transform(stack), own_index, weights, state)
+        info = dict(inner.info)
+        if inner.nonfinite is not None and bool(inner.nonfinite.any()):
+            info["nonfinite_after_steps"] = inner.nonfinite.nonzero().flatten().tolist()
+        return Aggregate(inner.vector, inner.kept, inner.shares, None, info)

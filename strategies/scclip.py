@@ -2,16 +2,18 @@
 
 Paper: Lie He, Sai Praneeth Karimireddy, Martin Jaggi, "Byzantine-Robust Decentralized Learning via
 ClippedGossip", arXiv:2202.01545, 2022 (self-centered clipping). Deviation: NaN / inf neighbours
-are left out before clipping (strategies/finite.py).
+are left out before clipping (``strategies.aggregate.aggregate``).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from strategies.finite import split_finite
-from strategies.gossip import resolve_weights
+from strategies.aggregate import Aggregate
+from strategies.gossip import own_only, resolve_weights, split_own
 
 
 def clip_rows(z: Tensor, tau: float) -> Tensor:
@@ -39,8 +41,12 @@ class SelfCenteredClipping:
        the radius so that the neighbours carrying that share of the weight are clipped, and with
        equal weights the two coincide. Give exactly one of ``tau`` and ``delta``.
 
+    A peer rule of the one signature (``strategies/aggregate.py``); the centre is own (row
+    ``own_index``). Every row enters the sum (``kept`` all True, a far neighbour clipped, not dropped);
+    ``info["radius"]`` is the radius used and ``info["clipped"]`` the rows whose difference was clipped.
+
     Non-finite vectors are left out before the radius is chosen and the rest clipped
-    (``strategies/finite.py``): a NaN or inf difference has no norm to clip by, and in delta mode it
+    (``strategies.aggregate.aggregate``): a NaN or inf difference has no norm to clip by, and in delta mode it
     would make the quantile radius NaN, switching clipping off for every neighbour. The paper assumes
     finite messages; this is the reading that keeps its bound ``w_ij * tau`` per neighbour.
     """
@@ -63,13 +69,14 @@ class SelfCenteredClipping:
         dists = diffs.norm(dim=1)
         return float(torch.quantile(dists.double(), 1.0 - float(self.delta)))
 
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        inp = split_finite(own, neighbours, weights)
-        if inp.neighbours.shape[0] == 0:
-            return inp.own.clone(), inp.report
-        w = resolve_weights(inp.weights, inp.neighbours.shape[0], inp.own)
-        diffs = inp.neighbours - inp.own
-        return inp.own + w[1:] @ clip_rows(diffs, self.radius(diffs)), inp.report
-
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        own, neighbours, w = split_own(stack, own_index, weights)
+        if neighbours.shape[0] == 0:
+            return own_only(stack, own_index)
+        w = resolve_weights(w, neighbours.shape[0], own)
+        diffs = neighbours - own
+        tau = self.radius(diffs)
+        clipped = (diffs.norm(dim=1) > tau).cpu()
+        others = torch.arange(stack.shape[0]) != own_index
+        return Aggregate(own + w[1:] @ clip_rows(diffs, tau), torch.ones(stack.shape[0], dtype=torch.bool),
+                         info={"radius": tau, "clipped": torch.arange(stack.shape[0])[others][clipped].tolist()})

@@ -1,4 +1,5 @@
-"""Coordinate-wise trimmed mean as a decentralized peer rule (Byzantine-robust aggregation).
+"""Coordinate-wise trimmed mean (Byzantine-robust aggregation): the peer rule ``TrimmedMean`` and the
+server rule ``TrimmedMeanRule``.
 
 Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
 Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498. Deviation: b adapts to
@@ -13,53 +14,52 @@ import torch
 from torch import Tensor
 
 from strategies.aggregate import Aggregate
-from strategies.finite import split_finite
-from strategies.gossip import check_stack
 from strategies.median import sorted_columns, tail_shares
 
 
-def trimmed_mean(stack: Tensor, b: int) -> Tensor:
-    """Per coordinate, drop the ``b`` largest and ``b`` smallest of the n rows and average the rest."""
-    n = stack.shape[0]
-    if 2 * b >= n:
-        raise ValueError(f"trimmed_mean: 2*b = {2 * b} must be < the number of models n = {n}")
-    ordered = torch.sort(stack, dim=0).values
-    return ordered[b : n - b].mean(dim=0)
-
-
 class TrimmedMean:
-    """Coordinate-wise trimmed mean over ``{own} ∪ neighbours`` (Yin et al., ICML 2018).
+    """Coordinate-wise trimmed mean over own and the neighbours (Yin et al., ICML 2018), a peer rule of
+    the one signature (``strategies/aggregate.py``).
 
     Parameters
     ----------
     b : int
         Values removed at each end per coordinate (the number of Byzantine neighbours tolerated;
         ``defense.trim``). ``b = 0`` is the plain (unweighted) mean.
-    The mixing weights are ignored (unweighted, as in the paper).
+    The mixing weights and ``own_index`` are ignored (unweighted, as in the paper; own is a row like
+    the others). Every row is kept; ``shares`` is per row the share of its coordinates that fell in a cut
+    tail (ties with a kept order statistic count as kept, ``strategies.median.tail_shares``).
 
     Small neighbourhoods (a change from the paper's fixed b, which assumes ``2b < n`` everywhere; node
     degrees in a graph differ, and a rule that refused to run at a low-degree node would stop the
     network): b is lowered to ``(n - 1) // 2`` at a node with n <= 2b models. Non-finite vectors are
-    left out first (``strategies/finite.py``), and n counts what remains.
+    left out first (``strategies.aggregate.aggregate``), and n counts what remains.
+
+    Same order statistics as the server's ``TrimmedMeanRule`` (whose f adapts the same way), another
+    float32 rounding of their mean: ``torch.sort(...).mean`` here, kept as the peer rule always
+    computed it, a sum of sorted rows divided by n - 2f there.
 
     Example: own = [0], neighbours = [[1], [2], [50]], b = 1: the values {0, 1, 2, 50} lose 0 and 50,
-    so the result is [1.5]; with b = 2 (more than the 4 models allow) b is lowered to 1.
+    so the result is [1.5]; with b = 2 (more than the 4 models allow) b is lowered to 1::
+
+        >>> out = TrimmedMean(2)(torch.tensor([[0.0], [1.0], [2.0], [50.0]]), 0, None, {})
+        >>> out.vector, out.shares.tolist()
+        (tensor([1.5000]), [1.0, 0.0, 0.0, 1.0])
     """
-
-
-    def apply(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None):
-        check_stack(own, neighbours)
-        inp = split_finite(own, neighbours, None)
-        stack = torch.cat([inp.own.unsqueeze(0), inp.neighbours])
-        return trimmed_mean(stack, min(self.b, (stack.shape[0] - 1) // 2)), inp.report
 
     def __init__(self, b: int) -> None:
         if int(b) != b or b < 0:
             raise ValueError(f"trimmed_mean: b must be a non-negative integer, got {b!r}")
         self.b = int(b)
 
-    def __call__(self, own: Tensor, neighbours: Tensor, weights: Tensor | None = None) -> Tensor:
-        return self.apply(own, neighbours, weights)[0]
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        n = stack.shape[0]
+        b = min(self.b, (n - 1) // 2)
+        if 2 * b >= n:
+            raise ValueError(f"trimmed_mean: 2*b = {2 * b} must be < the number of models n = {n}")
+        ordered = torch.sort(stack, dim=0).values
+        return Aggregate(ordered[b:n - b].mean(dim=0), torch.ones(n, dtype=torch.bool),
+                         tail_shares(stack, ordered, b))
 
 
 class TrimmedMeanRule:

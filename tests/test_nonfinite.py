@@ -11,7 +11,7 @@ import torch
 from gp_factory import make_gp
 
 from strategies.epic_updates import epic_select_updates
-from strategies.finite import NonFinite, split_finite
+from strategies.aggregate import Aggregate, aggregate
 from strategies.gradient_purification import GradientPurification, PurificationState
 from fedepic.extensions import PEER_RULES
 
@@ -54,21 +54,32 @@ def build_peer_rule(name, **params):
     return PEER_RULES.get(name).load()(**params)
 
 
+def peer(rule, own, neighbours, weights=None):
+    """``rule`` over the stack [own; neighbours] (own at row 0) through ``strategies.aggregate.aggregate``."""
+    return aggregate(rule, torch.cat([own[None], neighbours]), 0, weights)
+
+
+def report_of(out):
+    """(the neighbour rows left out, whether own was non-finite): what the old ``NonFinite`` record held."""
+    return out.nonfinite[1:].nonzero().flatten().tolist(), bool(out.nonfinite[0])
+
+
 @pytest.mark.parametrize("name, params", STATELESS)
 @pytest.mark.parametrize("kinds", [{1: "nan"}, {4: "inf"}, {1: "nan", 4: "inf"}, {0: "-inf", 2: "nan", 5: "inf"}])
 def test_peer_rules_leave_out_nonfinite_neighbours(name, params, kinds):
     own, neigh = neighbourhood()
     w = torch.full((7,), 1 / 7)
     rule = build_peer_rule(name, **params)
-    out, report = rule.apply(own, spoil(neigh, kinds), w)
+    result = peer(rule, own, spoil(neigh, kinds), w)
+    out = result.vector
     assert torch.isfinite(out).all()
-    assert report == NonFinite(sorted(kinds), False) and report.count == len(kinds)
+    assert report_of(result) == (sorted(kinds), False) and result.nonfinite_count == len(kinds)
+    assert not result.own_replaced and not result.kept[[r + 1 for r in kinds]].any()
     # the same result as running the rule on the finite rows alone, weights renormalised
     keep = [r for r in range(6) if r not in kinds]
     w_kept = torch.cat([w[:1], w[1:][keep]])
     if name not in ("trimmed_mean",) or 2 * params["b"] < len(keep) + 1:
-        assert torch.allclose(out, rule(own, neigh[keep], w_kept / w_kept.sum()), atol=1e-6)
-    assert torch.isfinite(rule(own, spoil(neigh, kinds), w)).all()  # __call__ is apply()[0]
+        assert torch.allclose(out, peer(rule, own, neigh[keep], w_kept / w_kept.sum()).vector, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, params", STATELESS)
@@ -77,9 +88,9 @@ def test_peer_rules_replace_a_nonfinite_own_model(name, params, kind):
     own, neigh = neighbourhood(seed=1)
     bad_own = own.clone()
     bad_own[3] = BAD[kind]
-    out, report = build_peer_rule(name, **params).apply(bad_own, spoil(neigh, {2: "nan"}), None)
-    assert torch.isfinite(out).all()
-    assert report.own and report.rows == [2] and report.count == 2
+    result = peer(build_peer_rule(name, **params), bad_own, spoil(neigh, {2: "nan"}), None)
+    assert torch.isfinite(result.vector).all()
+    assert report_of(result) == ([2], True) and result.nonfinite_count == 2 and result.own_replaced
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
@@ -97,24 +108,31 @@ def test_finite_rows_is_the_elementwise_test(dtype):
     assert finite_rows(torch.zeros(0, 5, dtype=dtype)).tolist() == []
 
 
-def test_split_finite_example():
+def test_peer_policy_example():
+    """The former split_finite example through aggregate(): what the rule sees, and the report."""
     own = torch.zeros(2)
     neigh = torch.tensor([[1.0, 0.0], [math.nan, 0.0], [math.inf, 1.0]])
-    inp = split_finite(own, neigh, torch.tensor([0.4, 0.2, 0.2, 0.2]))
-    assert torch.equal(inp.neighbours, neigh[:1])
-    assert torch.allclose(inp.weights, torch.tensor([2 / 3, 1 / 3]))
-    assert inp.report == NonFinite([1, 2], False)
-    lost = split_finite(torch.full((2,), math.nan), neigh[1:], None)  # nothing finite: own unchanged
-    assert lost.report.count == 3 and lost.neighbours.shape == (0, 2)
+    seen = {}
+
+    def spy(stack, own_index, weights, state):
+        seen.update(stack=stack.clone(), own_index=own_index, weights=weights)
+        return Aggregate(stack[own_index].clone(), torch.ones(len(stack), dtype=torch.bool))
+
+    out = peer(spy, own, neigh, torch.tensor([0.4, 0.2, 0.2, 0.2]))
+    assert torch.equal(seen["stack"], torch.cat([own[None], neigh[:1]])) and seen["own_index"] == 0
+    assert torch.allclose(seen["weights"], torch.tensor([2 / 3, 1 / 3]))
+    assert report_of(out) == ([1, 2], False) and out.kept.tolist() == [True, True, False, False]
+    lost = peer(spy, torch.full((2,), math.nan), neigh[1:], None)  # nothing finite: own unchanged
+    assert lost.nonfinite_count == 3 and torch.isnan(lost.vector).all() and not lost.kept.any()
 
 
 def test_scclip_delta_radius_ignores_nonfinite_neighbours():
     """Before: a NaN distance made the quantile radius NaN and `norms > nan` is False, so no one was clipped."""
     own = torch.tensor([0.0])
     neigh = torch.tensor([[1.0], [2.0], [3.0], [100.0], [math.nan]])
-    out, report = build_peer_rule("scclip", tau=None, delta=0.25).apply(own, neigh, None)
-    assert torch.allclose(out, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))  # as without the NaN row
-    assert report.rows == [4]
+    result = peer(build_peer_rule("scclip", tau=None, delta=0.25), own, neigh, None)
+    assert torch.allclose(result.vector, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))  # as without the NaN row
+    assert report_of(result)[0] == [4]
 
 
 @pytest.mark.parametrize("detector", ["robust", "epic"])

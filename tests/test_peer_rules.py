@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from strategies.gossip import Gossip, gossip_subset, renormalised_weights
+from strategies.gossip import Gossip, check_stack, gossip_subset, renormalised_weights
 from strategies.krum import KrumSelect, krum_scores
-from strategies.median import CoordinateMedian, coordinate_median
+from strategies.aggregate import aggregate
+from strategies.median import MedianRule, coordinate_median
 from fedepic.config import load_config
 from fedepic.extensions import PEER_RULES
 from strategies.scclip import SelfCenteredClipping
@@ -16,21 +17,28 @@ NEIGH = torch.tensor([[1.0, 0.0], [0.0, 2.0], [10.0, -10.0]])
 W = torch.tensor([0.4, 0.2, 0.2, 0.2])
 
 
+def peer(rule, own, neighbours, weights=None):
+    """``rule``'s vector over the stack [own; neighbours] (own at row 0) through the one entry point,
+    ``strategies.aggregate.aggregate`` (the old call ``rule(own, neighbours, weights)``)."""
+    check_stack(own, neighbours)
+    return aggregate(rule, torch.cat([own[None], neighbours]), 0, weights).vector
+
+
 def test_gossip_weighted_sum():
-    out = Gossip()(OWN, NEIGH, W)
+    out = peer(Gossip(), OWN, NEIGH, W)
     expected = 0.4 * OWN + 0.2 * NEIGH.sum(dim=0)
     assert torch.allclose(out, expected)
-    uniform = Gossip()(OWN, NEIGH, None)
+    uniform = peer(Gossip(), OWN, NEIGH, None)
     assert torch.allclose(uniform, torch.cat([OWN[None], NEIGH]).mean(dim=0))
 
 
 def test_gossip_rejects_bad_weights():
     with pytest.raises(ValueError, match="sum to 1"):
-        Gossip()(OWN, NEIGH, torch.tensor([0.5, 0.2, 0.2, 0.2]))
+        peer(Gossip(), OWN, NEIGH, torch.tensor([0.5, 0.2, 0.2, 0.2]))
     with pytest.raises(ValueError, match="shape"):
-        Gossip()(OWN, NEIGH, torch.tensor([0.5, 0.5]))
+        peer(Gossip(), OWN, NEIGH, torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="shape"):
-        Gossip()(OWN, torch.zeros(3, 5), None)
+        peer(Gossip(), OWN, torch.zeros(3, 5), None)
 
 
 def test_gossip_subset_renormalises_with_self():
@@ -41,25 +49,25 @@ def test_gossip_subset_renormalises_with_self():
     assert torch.allclose(renormalised_weights(W, keep), torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
     none_kept = gossip_subset(OWN + 3, NEIGH, W, torch.zeros(3, dtype=torch.bool))
     assert torch.equal(none_kept, OWN + 3)
-    assert torch.allclose(gossip_subset(OWN, NEIGH, W, torch.ones(3, dtype=torch.bool)), Gossip()(OWN, NEIGH, W))
+    assert torch.allclose(gossip_subset(OWN, NEIGH, W, torch.ones(3, dtype=torch.bool)), peer(Gossip(), OWN, NEIGH, W))
 
 
 def test_median_true_median_for_even_count():
     stack = torch.tensor([[1.0, 4.0], [2.0, 3.0], [10.0, -1.0], [3.0, 0.0]])
     assert torch.equal(coordinate_median(stack), torch.tensor([2.5, 1.5]))
     assert torch.equal(coordinate_median(stack[:3]), torch.tensor([2.0, 3.0]))
-    out = CoordinateMedian()(OWN, NEIGH, W)  # rows {0,1,0,10} and {0,0,2,-10}
+    out = peer(MedianRule(), OWN, NEIGH, W)  # rows {0,1,0,10} and {0,0,2,-10}
     assert torch.equal(out, torch.tensor([0.5, 0.0]))
 
 
 def test_trimmed_mean():
     own = torch.tensor([0.0])
     neigh = torch.tensor([[1.0], [2.0], [100.0], [-50.0]])
-    assert torch.allclose(TrimmedMean(1)(own, neigh), torch.tensor([1.0]))  # mean of {0, 1, 2}
-    assert torch.allclose(TrimmedMean(0)(own, neigh), torch.tensor([53.0 / 5]))
-    assert torch.allclose(TrimmedMean(2)(own, neigh), torch.tensor([1.0]))  # the middle value
+    assert torch.allclose(peer(TrimmedMean(1), own, neigh), torch.tensor([1.0]))  # mean of {0, 1, 2}
+    assert torch.allclose(peer(TrimmedMean(0), own, neigh), torch.tensor([53.0 / 5]))
+    assert torch.allclose(peer(TrimmedMean(2), own, neigh), torch.tensor([1.0]))  # the middle value
     # b = 3 needs 7 models: with 5 it is lowered to (5 - 1) // 2 = 2 (the docstring's deviation)
-    assert torch.equal(TrimmedMean(3)(own, neigh), TrimmedMean(2)(own, neigh))
+    assert torch.equal(peer(TrimmedMean(3), own, neigh), peer(TrimmedMean(2), own, neigh))
     with pytest.raises(ValueError, match="non-negative"):
         TrimmedMean(-1)
 
@@ -70,15 +78,15 @@ def test_krum_paper_scores_and_selection():
     # n = 4, f = 1 -> each model scored on its n - f - 2 = 1 nearest other model
     scores = krum_scores(torch.cat([own[None], neigh]), f=1)
     assert torch.equal(scores, torch.tensor([1.0, 1.0, 4.0, 289.0]))
-    assert torch.equal(KrumSelect(f=1)(own, neigh), own)  # tie between rows 0 and 1 -> lowest index
-    assert torch.equal(KrumSelect(f=1, multi=2)(own, neigh), torch.tensor([0.5]))
-    assert torch.equal(KrumSelect(f=0, multi=3)(own, neigh), torch.tensor([4.0 / 3]))
+    assert torch.equal(peer(KrumSelect(f=1), own, neigh), own)  # tie between rows 0 and 1 -> lowest index
+    assert torch.equal(peer(KrumSelect(f=1, multi=2), own, neigh), torch.tensor([0.5]))
+    assert torch.equal(peer(KrumSelect(f=0, multi=3), own, neigh), torch.tensor([4.0 / 3]))
     with pytest.raises(ValueError, match="n - f - 2"):
         krum_scores(torch.cat([own[None], neigh]), f=2)
     # the rule adapts (simulations/dfl_node.py relies on it): f = 2 with n = 4 runs as f' = n - 3 = 1,
     # and multi is capped at the n models
-    assert torch.equal(KrumSelect(f=2)(own, neigh), KrumSelect(f=1)(own, neigh))
-    assert torch.equal(KrumSelect(f=0, multi=5)(own, neigh), torch.tensor([6.0]))
+    assert torch.equal(peer(KrumSelect(f=2), own, neigh), peer(KrumSelect(f=1), own, neigh))
+    assert torch.equal(peer(KrumSelect(f=0, multi=5), own, neigh), torch.tensor([6.0]))
 
 
 @pytest.mark.parametrize("f", [0, 1, 3])
@@ -86,22 +94,22 @@ def test_krum_with_one_neighbour_keeps_own(f):
     """n = 2 (own + one neighbour): n - f - 2 < 1 for every f; one neighbour cannot be told apart from
     own, so the node keeps its own model instead of raising."""
     own, neigh = torch.tensor([0.0, 1.0]), torch.tensor([[5.0, -5.0]])
-    assert torch.equal(KrumSelect(f=f)(own, neigh), own)
-    assert torch.equal(KrumSelect(f=f, multi=2)(own, neigh), own)
-    assert torch.equal(KrumSelect(f=f)(own, torch.zeros(0, 2)), own)
+    assert torch.equal(peer(KrumSelect(f=f), own, neigh), own)
+    assert torch.equal(peer(KrumSelect(f=f, multi=2), own, neigh), own)
+    assert torch.equal(peer(KrumSelect(f=f), own, torch.zeros(0, 2)), own)
 
 
 def test_krum_with_two_neighbours_lowers_f():
     own, neigh = torch.tensor([0.0]), torch.tensor([[0.5], [9.0]])
     # n = 3 -> f' = 0, k = 1: scores 0.25, 0.25, 72.25 -> own (lowest index of the tie)
-    assert torch.equal(KrumSelect(f=2)(own, neigh), own)
+    assert torch.equal(peer(KrumSelect(f=2), own, neigh), own)
 
 
 def test_krum_excludes_outlier():
     gen = torch.Generator().manual_seed(0)
     honest = torch.randn(6, 5, generator=gen) * 0.1
     bad = torch.full((1, 5), 50.0)
-    out = KrumSelect(f=1)(honest[0], torch.cat([honest[1:], bad]))
+    out = peer(KrumSelect(f=1), honest[0], torch.cat([honest[1:], bad]))
     assert float(out.abs().max()) < 1.0
 
 
@@ -109,11 +117,11 @@ def test_scclip_fixed_tau():
     own = torch.tensor([0.0, 0.0])
     neigh = torch.tensor([[0.5, 0.0], [0.0, 30.0], [-3.0, 4.0]])
     w = torch.tensor([0.25, 0.25, 0.25, 0.25])
-    out = SelfCenteredClipping(tau=1.0)(own, neigh, w)
+    out = peer(SelfCenteredClipping(tau=1.0), own, neigh, w)
     clipped = torch.tensor([[0.5, 0.0], [0.0, 1.0], [-0.6, 0.8]])
     assert torch.allclose(out, 0.25 * clipped.sum(dim=0))
     # a huge tau makes it plain gossip
-    assert torch.allclose(SelfCenteredClipping(tau=1e9)(own, neigh, w), Gossip()(own, neigh, w))
+    assert torch.allclose(peer(SelfCenteredClipping(tau=1e9), own, neigh, w), peer(Gossip(), own, neigh, w))
 
 
 def test_scclip_adaptive_tau():
@@ -122,7 +130,7 @@ def test_scclip_adaptive_tau():
     rule = SelfCenteredClipping(tau=None, delta=0.25)
     # distances 1, 2, 3, 100 -> 0.75 quantile (linear) = 3 + 0.25*(100-3) = 27.25
     assert rule.radius(neigh - own) == pytest.approx(27.25)
-    out = rule(own, neigh, None)
+    out = peer(rule, own, neigh, None)
     assert torch.allclose(out, torch.tensor([(1 + 2 + 3 + 27.25) / 5]))
     with pytest.raises(ValueError, match="exactly one"):
         SelfCenteredClipping(tau=None)
@@ -152,7 +160,7 @@ def test_registry_builds_every_rule_from_the_config():
 def test_consensus_is_a_fixed_point(name, params):
     x = torch.tensor([1.0, -2.0, 3.0])
     rule = PEER_RULES.get(name).load()(**params)
-    out = rule(x, x.repeat(4, 1), torch.full((5,), 0.2))
+    out = peer(rule, x, x.repeat(4, 1), torch.full((5,), 0.2))
     assert torch.allclose(out, x)
 
 
@@ -167,7 +175,7 @@ def test_epic_peer_drops_isolated_update():
     # k = ceil(0.4 * 5) = 2 medoids: one for the honest group, one alone for the outlier
     keep = epic_keep_mask(own, neigh, fraction=0.4)
     assert keep.tolist() == [True, True, False, True, True]
-    out = EpicPeer(fraction=0.4, threshold=1)(own, neigh, w)
+    out = peer(EpicPeer(fraction=0.4, threshold=1), own, neigh, w)
     assert torch.allclose(out, gossip_subset(own, neigh, w, keep))
     assert torch.allclose(out, honest.sum(dim=0) / 5)
     with pytest.raises(ValueError, match="fraction"):

@@ -10,7 +10,8 @@ import strategies.preaggregation as pre
 from fedepic.config import ConfigError, load_config
 from simulations.dfl_node import NodeState, aggregate_vectors, peer_rule
 from strategies.gossip import Gossip
-from strategies.median import CoordinateMedian
+from strategies.aggregate import aggregate
+from strategies.median import MedianRule
 
 
 def nnm_by_hand(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -66,13 +67,15 @@ def test_pre_aggregation_runs_before_the_peer_rule_of_a_benign_node_only():
     gen = torch.Generator().manual_seed(3)
     own, neigh = torch.randn(8, generator=gen), torch.randn(4, 8, generator=gen) * 3
     stack = pre.static_clip(pre.nearest_neighbor_mixing(torch.cat([own[None], neigh]), 1), 2.0)
-    want = CoordinateMedian()(stack[0], stack[1:])
+    want = aggregate(MedianRule(), stack, 0).vector
     rule = peer_rule("median", cfg)
-    assert isinstance(rule, pre.PreAggregated) and torch.allclose(rule(own, neigh), want, atol=1e-6)
+    got = aggregate(rule, torch.cat([own[None], neigh]), 0).vector
+    assert isinstance(rule, pre.PreAggregated) and torch.allclose(got, want, atol=1e-6)
     got, _ = aggregate_vectors("median", cfg, own, neigh, [1, 2, 3, 4], None, NodeState("m"))
     assert torch.allclose(got, want, atol=1e-6)
     honest, _ = aggregate_vectors("median", cfg, own, neigh, [1, 2, 3, 4], None, NodeState("m"), malicious=True)
-    assert torch.allclose(honest, Gossip()(own, neigh), atol=1e-6)  # a malicious node gossips, undefended
+    plain = aggregate(Gossip(), torch.cat([own[None], neigh]), 0).vector
+    assert torch.allclose(honest, plain, atol=1e-6)  # a malicious node gossips, undefended
 
 
 @pytest.mark.parametrize("overrides,key", [
