@@ -9,7 +9,10 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
   rows as updates (model - global model, or per-step momenta) and returns the aggregated update; every
   registered one is translation-equivariant, weighting included (``strategies/mean.py``), so a stack of
   models gives the aggregated model and the same report.
-- ``own_index`` is the receiver's own row at a peer, None at a server.
+- ``own_index`` is the receiver's own row at a peer, None at a server. The stateless peer rules
+  (``fedepic.extensions.PEER_RULES``: gossip, median, trimmed mean, Krum, SCClip, EPIC, and the
+  pre-aggregation wrapper) need it; the stateful ones (GP, exclude) keep their own ``aggregate``
+  method for now (``strategies/gradient_purification.py``).
 - ``weights`` are per-row weights (FedAvg's example counts, a peer's mixing weights), or None for
   equal weights. A rule that ignores them says so in its docstring.
 - ``state`` is the rule's own memory across rounds (a plain dict the rule may update in place; it is
@@ -50,6 +53,14 @@ Example::
     >>> out = aggregate(mean, torch.tensor([[1.0], [3.0], [float("nan")]]))
     >>> out.vector, out.kept.tolist(), out.nonfinite.tolist()
     (tensor([2.]), [True, True, False], [False, False, True])
+
+At a peer (own at row 0, self weight 0.5; the NaN own is replaced by the median of rows 1 and 2)::
+
+    >>> from strategies.gossip import Gossip
+    >>> stack = torch.tensor([[float("nan")], [2.0], [4.0], [float("inf")]])
+    >>> out = aggregate(Gossip(), stack, 0, torch.tensor([0.5, 0.2, 0.2, 0.1]))
+    >>> out.vector, out.own_replaced, out.kept.tolist(), out.nonfinite.tolist()
+    (tensor([3.]), True, [False, True, True, False], [True, False, False, True])
 """
 
 from __future__ import annotations
@@ -67,12 +78,14 @@ from fedepic.vectors import finite_rows
 class Aggregate:
     """What one aggregation produced.
 
-    vector : [D], or None when no finite row was left (the receiver keeps its model).
+    vector : [D], or None when no finite row was left at a server (the receiver keeps its model); at a
+        peer with nothing finite, own as given.
     kept : bool [n], rows the rule used as a whole (a coordinate-wise rule keeps every finite row).
     shares : float [n] or None, per row the share of its coordinates a coordinate-wise rule cut.
     nonfinite : bool [n], rows left out for NaN / inf before the rule ran (set by :func:`aggregate`);
         at a peer the own row too when it held NaN / inf.
-    info : anything else the rule reports (EPIC's medoids), plain data.
+    info : anything else the rule reports (EPIC's medoids), plain data; row indices in it count the
+        rows of the stack the rule ran on (the finite ones, when some were left out).
     own_replaced : at a peer, whether a non-finite own row was replaced by the coordinate median of the
         finite other rows before the rule ran (set by :func:`aggregate`; module docstring).
     """
