@@ -350,10 +350,13 @@ class AggregationReport:
 
 def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Tensor, ids: list[int],
                       weights: Optional[Tensor], state: NodeState, malicious: bool = False,
-                      rules: Optional[Mapping[str, Any]] = None) -> tuple[Tensor, AggregationReport]:
+                      rules: Optional[Mapping[str, Any]] = None, stack: Optional[Tensor] = None
+                      ) -> tuple[Tensor, AggregationReport]:
     """One aggregation at a node over flat vectors: ``own`` [D], ``neighbours`` [m, D] with node ids
     ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules.
-    ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call."""
+    ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call.
+    ``stack``: the caller's [own; neighbours] [m+1, D] when it built one (``own`` and ``neighbours``
+    are then its rows), which saves the stateless rules a copy."""
     if len(ids) != neighbours.shape[0]:
         raise ValueError(f"{len(ids)} neighbour ids for {neighbours.shape[0]} neighbour models")
     if neighbours.shape[0] == 0:
@@ -365,18 +368,22 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
                                                                  round_=state.round or None)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights)
+    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights, stack)
     bad = out.nonfinite[1:].tolist()
     return out.vector, AggregationReport(kept=[j for j, b in zip(ids, bad) if not b],
                                          nonfinite=[j for j, b in zip(ids, bad) if b],
                                          own_nonfinite=bool(out.nonfinite[0]))
 
 
-def peer_aggregate(rule: Any, own: Tensor, neighbours: Tensor, weights: Optional[Tensor]) -> Aggregate:
+def peer_aggregate(rule: Any, own: Tensor, neighbours: Tensor, weights: Optional[Tensor],
+                   stack: Optional[Tensor] = None) -> Aggregate:
     """A stateless peer ``rule`` over the stack [own; neighbours] (own at row 0, ``weights`` [m+1]
-    self first), through ``strategies.aggregate.aggregate`` (the non-finite policy)."""
+    self first; ``stack`` that stack when the caller has it), through ``strategies.aggregate.aggregate``
+    (the non-finite policy)."""
     check_stack(own, neighbours)
-    return aggregate(rule, torch.cat([own.unsqueeze(0), neighbours]), 0, weights)
+    if stack is None:
+        stack = torch.cat([own.unsqueeze(0), neighbours])
+    return aggregate(rule, stack, 0, weights)
 
 
 def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]], malicious: bool = False) -> Any:
@@ -412,9 +419,9 @@ def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
     if state.trained is None:
         raise ValueError("aggregate before train: the node has no trained model this round")
     ids = sorted(int(j) for j in neighbours)
-    stack = torch.stack([neighbours[j].to(own.dtype) for j in ids]) if ids else own.new_zeros(0, own.numel())
+    stack = torch.stack([own, *(neighbours[j].to(own.dtype) for j in ids)])  # own first, the rules' layout
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
-    new, report = aggregate_vectors(strategy, cfg, own, stack, ids, w, state, malicious, rules)
+    new, report = aggregate_vectors(strategy, cfg, stack[0], stack[1:], ids, w, state, malicious, rules, stack)
     state.model = unflatten_like(new, state.trained)
     state.trained = None
     return report

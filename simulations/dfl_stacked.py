@@ -147,10 +147,10 @@ class StackedDsgdMember(LocalMember):
         for i, k in self.row.items():
             ids = sorted(boxes[i])
             weights, self_weight = self._mixing(i, boxes[i])
-            stack = torch.stack([boxes[i][j] for j in ids]) if ids else self.x.new_zeros(0, self.x.shape[1])
+            stack = torch.stack([self.x[k], *(boxes[i][j] for j in ids)])  # own first, the rules' layout
             w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=self.x.dtype)
-            mixed[k], reports[i] = aggregate_vectors(self.rule, self.cfg, self.x[k], stack, ids, w, self.states[i],
-                                                     self.clients[i].is_malicious, self.rules)
+            mixed[k], reports[i] = aggregate_vectors(self.rule, self.cfg, stack[0], stack[1:], ids, w, self.states[i],
+                                                     self.clients[i].is_malicious, self.rules, stack)
         return mixed, reports
 
     def _evaluate(self) -> tuple[dict[int, dict], dict[int, Tensor]]:

@@ -28,6 +28,7 @@ from strategies.aggregate import Aggregate, renormalised_weights, resolve_weight
 __all__ = ["Gossip", "check_stack", "gossip_subset", "own_only", "renormalised_weights", "resolve_weights",
            "split_own", "weighted_delta"]
 
+
 def check_stack(own: Tensor, neighbours: Tensor) -> None:
     """Raise ValueError unless ``own`` is [D] and ``neighbours`` is [m, D] with the same D."""
     if own.dim() != 1:
@@ -49,7 +50,8 @@ def split_own(stack: Tensor, own_index: Optional[int], weights: Optional[Tensor]
     if own_index == 0:
         return stack[0], stack[1:], weights
     order = self_first(stack.shape[0], own_index)
-    w = None if weights is None else torch.as_tensor(weights)[order.to(torch.as_tensor(weights).device)]
+    w = None if weights is None else torch.as_tensor(weights)
+    w = None if w is None else w[order.to(w.device)]
     return stack[own_index], stack[order[1:].to(stack.device)], w
 
 

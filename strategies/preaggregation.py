@@ -1,7 +1,7 @@
 """Pre-aggregation steps: transforms of the stacked input vectors that run before any aggregation rule.
 
 Small callables over a stack [n, D] (ByzFL's style), with no framework inside, so the same step serves
-a peer rule (``PreAggregated``, over the stack of own and the neighbours' models) and the server, where it transforms
+a peer rule (``PreAggregated``, over {own} ∪ neighbours' models) and the server, where it transforms
 the clients' updates before the rule aggregates them (``fedepic.server_rounds.pre_aggregate_updates``).
 The steps are the registry ``fedepic.extensions.PRE_AGGREGATION``: one class and one entry each.
 

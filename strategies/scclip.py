@@ -16,9 +16,10 @@ from strategies.aggregate import Aggregate
 from strategies.gossip import own_only, resolve_weights, split_own
 
 
-def clip_rows(z: Tensor, tau: float) -> Tensor:
-    """``clip(z, tau) = z * min(1, tau / ||z||)`` row-wise; zero rows are left unchanged."""
-    norms = z.norm(dim=1, keepdim=True)
+def clip_rows(z: Tensor, tau: float, norms: Optional[Tensor] = None) -> Tensor:
+    """``clip(z, tau) = z * min(1, tau / ||z||)`` row-wise; zero rows are left unchanged. ``norms``:
+    the row norms [m, 1] when the caller has them."""
+    norms = z.norm(dim=1, keepdim=True) if norms is None else norms
     scale = torch.where(
         norms > tau, tau / norms.clamp_min(torch.finfo(z.dtype).tiny), torch.ones_like(norms)
     )
@@ -62,11 +63,12 @@ class SelfCenteredClipping:
         self.tau = tau
         self.delta = delta
 
-    def radius(self, diffs: Tensor) -> float:
-        """The clipping radius for neighbour differences ``diffs`` [m, D]."""
+    def radius(self, diffs: Tensor, dists: Optional[Tensor] = None) -> float:
+        """The clipping radius for neighbour differences ``diffs`` [m, D] (``dists``: their norms [m],
+        when the caller has them)."""
         if self.tau is not None:
             return float(self.tau)
-        dists = diffs.norm(dim=1)
+        dists = diffs.norm(dim=1) if dists is None else dists
         return float(torch.quantile(dists.double(), 1.0 - float(self.delta)))
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
@@ -75,8 +77,8 @@ class SelfCenteredClipping:
             return own_only(stack, own_index)
         w = resolve_weights(w, neighbours.shape[0], own)
         diffs = neighbours - own
-        tau = self.radius(diffs)
-        clipped = (diffs.norm(dim=1) > tau).cpu()
-        others = torch.arange(stack.shape[0]) != own_index
-        return Aggregate(own + w[1:] @ clip_rows(diffs, tau), torch.ones(stack.shape[0], dtype=torch.bool),
-                         info={"radius": tau, "clipped": torch.arange(stack.shape[0])[others][clipped].tolist()})
+        norms = diffs.norm(dim=1, keepdim=True)
+        tau = self.radius(diffs, norms.squeeze(1))
+        others = torch.arange(stack.shape[0])[torch.arange(stack.shape[0]) != own_index]
+        return Aggregate(own + w[1:] @ clip_rows(diffs, tau, norms), torch.ones(stack.shape[0], dtype=torch.bool),
+                         info={"radius": tau, "clipped": others[(norms.squeeze(1) > tau).cpu()].tolist()})
