@@ -1,5 +1,5 @@
-"""One-off: run the peer rules of commit ccebbfc (old signature) on fixed seeded neighbourhoods and save
-inputs and outputs to tests/data/peer_rules_before.pt."""
+"""One-off, run at commit ccebbfc (it calls the old `rule.apply(own, neighbours, weights)`, gone since): the
+peer rules on fixed seeded neighbourhoods, inputs and outputs saved to tests/data/peer_rules_before.pt."""
 import math, torch
 from strategies.gossip import Gossip
 from strategies.median import CoordinateMedian
