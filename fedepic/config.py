@@ -46,8 +46,18 @@ AUGMENTATIONS = ("none", "crop", "crop_flip")
 DATASETS = extensions.DATASETS.names()
 DATA_ATTACKS = extensions.DATA_ATTACKS.names()
 MODEL_ATTACKS = extensions.MODEL_ATTACKS.names()
-SERVER_STRATEGIES = extensions.SERVER_STRATEGIES.names()
+# a server member is a tensor rule (SERVER_RULES; on Ray, Flower's strategy of the same name where one is
+# registered) or a reference member (SERVER_STRATEGIES flagged "reference": centralized-epic)
+SERVER_STRATEGIES = extensions.SERVER_RULES.names() + extensions.SERVER_STRATEGIES.names("reference")
 PEER_STRATEGIES = extensions.PEER_RULES.names()
+
+
+def member_names(mode: str) -> tuple[str, ...]:
+    """The member names ``strategies:`` accepts in ``mode``, read from the registries when asked (an
+    entry added to a registry is accepted at once)."""
+    if mode == "decentralized":
+        return extensions.PEER_RULES.names()
+    return extensions.SERVER_RULES.names() + extensions.SERVER_STRATEGIES.names("reference")
 CENTRAL_DEFENSES = extensions.CENTRAL_DEFENSES.names()
 PRE_AGGREGATION = extensions.PRE_AGGREGATION.names()
 MODEL_NAMES = extensions.MODELS.names()
@@ -602,7 +612,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.engine == "ray" or not cfg.train.device.startswith("cuda"), "train.device", cfg.train.device,
            "engine=local runs on the CPU for now; use engine=ray for GPUs")
     _validate_server(cfg)
-    allowed = PEER_STRATEGIES if cfg.mode == "decentralized" else SERVER_STRATEGIES
+    allowed = member_names(cfg.mode)
     _validate_variants(cfg, allowed)
     for i, name in enumerate(cfg.strategies):
         if name not in cfg.variants:

@@ -138,6 +138,11 @@ def pre_aggregation_steps(cfg: Any) -> list:
     return [PRE_AGGREGATION.build(name, cfg) for name in cfg.defense.pre_aggregation]
 
 
+def is_reference(name: str) -> bool:
+    """Whether server member ``name`` is a reference trained without rounds (centralized-epic), not a rule."""
+    return name in SERVER_STRATEGIES and SERVER_STRATEGIES.has(name, "reference")
+
+
 # The tensor rules of the server strategies (strategies/aggregate.py's one signature), name for name
 # and bound from the same config keys; references (centralized-epic) have none.
 SERVER_RULES = Registry("server rule", [

@@ -47,19 +47,49 @@ def reported(out: Any) -> tuple[Optional[list[bool]], Optional[list[float]]]:
     return out.excluded, shares
 
 
+class RuleAggregation:
+    """A member's tensor rule over a round's replies (module docstring): the one aggregation of
+    ``engine=local``, and of ``engine=ray`` for a rule that has no Flower strategy."""
+
+    def __init__(self, cfg: RunConfig, name: str, model: torch.nn.Module) -> None:
+        self.rule = SERVER_RULES.build(name, cfg, {"expected": expected_clients(cfg)})
+        self.rule_state: dict = {}
+        like = model.state_dict()
+        self.parameters = parameter_mask(model, like)
+        self.fixed = fixed_mask(like)
+        run = contiguous_run(self.parameters)
+        self.selected = run if run is not None else self.parameters  # a view where the parameters are one run
+
+    def __call__(self, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
+        weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
+        base = reference[self.selected]
+        out = aggregate_rows(self.rule, stack[:, self.selected] - base, weights, self.rule_state)
+        excluded, shares = reported(out)
+        if out.vector is None:
+            return Aggregated(None, excluded, shares, out.nonfinite.tolist())
+        vector = reference.clone()
+        vector[self.selected] = base + out.vector.to(vector.dtype)
+        statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
+        if bool(statistics.any()):
+            rows = out.kept.nonzero().flatten()
+            w = weights[rows] / weights[rows].sum()
+            vector[statistics] = (w[:, None] * stack[rows][:, statistics].double()).sum(dim=0).to(vector.dtype)
+        return Aggregated(vector, excluded, shares, out.nonfinite.tolist())
+
+    def state_dict(self) -> dict:
+        return {"rule": dict(self.rule_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rule_state = dict(state.get("rule", {}))
+
+
 class LocalServerBackend:
     """Every client of a member in this process (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, name: str, data: ImageData, clients: Sequence[ClientData]) -> None:
         self.cfg, self.data, self.clients = cfg, data, list(clients)
-        self.rule = SERVER_RULES.build(name, cfg, {"expected": expected_clients(cfg)})
-        self.rule_state: dict = {}
         self.model = model_for(cfg, data)  # the structure per-step gradients go through
-        like = self.model.state_dict()
-        self.parameters = parameter_mask(self.model, like)
-        self.fixed = fixed_mask(like)
-        run = contiguous_run(self.parameters)
-        self.selected = run if run is not None else self.parameters  # a view where the parameters are one run
+        self.aggregation = RuleAggregation(cfg, name, self.model)
 
     def train(self, rnd: int, clients: Sequence[int], progress: Progress) -> NodeWork:
         chosen = [self.clients[i] for i in clients]
@@ -82,23 +112,10 @@ class LocalServerBackend:
         return NodeWork(replies, [], len(chosen))
 
     def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
-        weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
-        base = reference[self.selected]
-        out = aggregate_rows(self.rule, stack[:, self.selected] - base, weights, self.rule_state)
-        excluded, shares = reported(out)
-        if out.vector is None:
-            return Aggregated(None, excluded, shares, out.nonfinite.tolist())
-        vector = reference.clone()
-        vector[self.selected] = base + out.vector.to(vector.dtype)
-        statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
-        if bool(statistics.any()):
-            rows = out.kept.nonzero().flatten()
-            w = weights[rows] / weights[rows].sum()
-            vector[statistics] = (w[:, None] * stack[rows][:, statistics].double()).sum(dim=0).to(vector.dtype)
-        return Aggregated(vector, excluded, shares, out.nonfinite.tolist())
+        return self.aggregation(work, stack, reference)
 
     def state_dict(self) -> dict:
-        return {"rule": dict(self.rule_state)}
+        return self.aggregation.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.rule_state = dict(state.get("rule", {}))
+        self.aggregation.load_state_dict(state)

@@ -49,11 +49,12 @@ def _extension_names() -> str:
     """What each key accepts, from the registries (fedepic/extensions.py)."""
     from fedepic import extensions as ext
 
-    keys = [("strategies (federated)", ext.SERVER_STRATEGIES), ("strategies (decentralized)", ext.PEER_RULES),
-            ("attack.model", ext.MODEL_ATTACKS), ("attack.data", ext.DATA_ATTACKS),
-            ("defense.compare (centralized)", ext.CENTRAL_DEFENSES), ("data.name", ext.DATASETS),
-            ("model.name", ext.MODELS)]
-    return "\n".join(f"{key}: {', '.join(registry.names())}" for key, registry in keys)
+    keys = [("strategies (federated)", ext.SERVER_RULES.names() + ext.SERVER_STRATEGIES.names("reference")),
+            ("strategies (decentralized)", ext.PEER_RULES.names()), ("attack.model", ext.MODEL_ATTACKS.names()),
+            ("attack.data", ext.DATA_ATTACKS.names()), ("defense.compare (centralized)", ext.CENTRAL_DEFENSES.names()),
+            ("defense.pre_aggregation", ext.PRE_AGGREGATION.names()), ("data.name", ext.DATASETS.names()),
+            ("model.name", ext.MODELS.names())]
+    return "\n".join(f"{key}: {', '.join(names)}" for key, names in keys)
 
 
 def runner_for(mode: str) -> Callable:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from fedepic.checkpoint import Resume
 from fedepic.config import ConfigError, RunConfig
 from fedepic.data import load_dataset
-from fedepic.extensions import SERVER_STRATEGIES
+from fedepic.extensions import is_reference
 from fedepic.interrupts import Interrupts
 from fedepic.client_data import checked_poison_set, client_partition, poison_set
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
@@ -61,7 +61,7 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     from simulations.server_app import make_server_app, open_run, serve
 
     with open_run(cfg, interrupts=interrupts, resume=resume) as life:  # reads the checkpoints, then opens the folder
-        if cfg.engine == "local" or all(SERVER_STRATEGIES.has(n, "reference") for n in cfg.strategies):
+        if cfg.engine == "local" or all(is_reference(n) for n in cfg.strategies):
             serve(None, cfg, life, life.interrupts.stop)  # in this process, main thread: a signal raises at once
         else:
             if client_app is None:

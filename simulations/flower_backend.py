@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fedepic.config import RunConfig
+from fedepic.extensions import SERVER_STRATEGIES
+from fedepic.local_backend import RuleAggregation
 from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress
 from fedepic.vectors import flatten_state, unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -84,9 +86,12 @@ class FlowerServerBackend:
     """One member's node work through a Flower Grid and its aggregation by Flower's strategy."""
 
     def __init__(self, cfg: RunConfig, name: str, grid: PartitionGrid, config: Mapping[str, Any],
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, model: torch.nn.Module) -> None:
         self.cfg, self.grid, self.config, self.stop = cfg, grid, dict(config), stop
-        self.tracked = build_server_strategy(name, cfg)
+        # Flower's own strategy where the name has one; a rule registered only as a tensor rule
+        # (SERVER_RULES) aggregates here as it does in process
+        self.tracked = build_server_strategy(name, cfg) if name in SERVER_STRATEGIES else None
+        self.tensor = RuleAggregation(cfg, name, model) if self.tracked is None else None
         self.valid: list[Message] = []
 
     def _message(self, node: int, rnd: int, progress: Progress) -> Message:
@@ -123,6 +128,8 @@ class FlowerServerBackend:
         exceeds the gaps between honest clients' scores and makes its choice noise; on updates it
         chooses what the exact tensor rule chooses (tests/test_server_rules.py). Every registered
         strategy is translation-equivariant, so this changes nothing else but float rounding."""
+        if self.tensor is not None:
+            return self.tensor(work, stack, reference)
         updates = stack - reference
         for msg, row in zip(self.valid, updates):
             msg.content["arrays"] = ArrayRecord(unflatten_like(row, self.like))
@@ -131,7 +138,7 @@ class FlowerServerBackend:
         return Aggregated(vector, outcome.excluded, outcome.trimmed_share, outcome.nonfinite)
 
     def state_dict(self) -> dict:
-        return self.tracked.state_dict()
+        return self.tracked.state_dict() if self.tracked is not None else self.tensor.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.tracked.load_state_dict(state)
+        (self.tracked if self.tracked is not None else self.tensor).load_state_dict(state)

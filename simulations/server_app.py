@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from fedepic.builders import build_model, epic_schedule
+from fedepic.client_work import model_for
 from fedepic.checkpoint import Resume, checkpoint_due
 from fedepic.client_data import build_client_data, client_partition, partition_report, poison_set, worker_config
 from fedepic.columns import FEDERATED
@@ -37,7 +38,7 @@ from fedepic.config import RunConfig, load_config, to_yaml
 from fedepic.data import ImageData, load_dataset
 from fedepic.epic import EpicState
 from fedepic.errors import RunInterrupted
-from fedepic.extensions import SERVER_STRATEGIES
+from fedepic.extensions import is_reference
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.local_backend import LocalServerBackend
@@ -167,7 +168,7 @@ def backend(grid: Optional[PartitionGrid], cfg: RunConfig, name: str, data: Imag
         return LocalServerBackend(cfg, name, data, [build_client_data(cfg, data, c, parts)
                                                     for c in range(cfg.clients.count)])
     config = {CONFIG_KEY: to_yaml(worker_config(cfg)), MEMBER_KEY: name}
-    return FlowerServerBackend(cfg, name, grid, config, stop)
+    return FlowerServerBackend(cfg, name, grid, config, stop, model_for(cfg, data))
 
 
 def _run_member(grid: Optional[PartitionGrid], cfg: RunConfig, name: str, data: ImageData, evaluator: Evaluator,
@@ -184,7 +185,7 @@ def _run_member(grid: Optional[PartitionGrid], cfg: RunConfig, name: str, data: 
     member = life.open_member(name, lambda: _report(name, result, started),
                               saved["offsets"]["member"] if saved is not None else None)
     member.write_config(to_yaml(cfg))
-    if SERVER_STRATEGIES.has(name, "reference"):
+    if is_reference(name):
         run_centralized_epic(cfg, data, evaluator, member, stop, result, saved)
     else:
         initial = {k: v.detach().cpu() for k, v in build_model(cfg, data, cfg.seed, torch.device("cpu")).state_dict().items()}
@@ -233,7 +234,7 @@ def _serve(grid: Optional[PartitionGrid], cfg: RunConfig, life: RunLifecycle, st
     # a resumed run keeps the root lines an uninterrupted one has written by now, and does not log them again
     kept = [name for name in cfg.strategies if life.kept(name)]
     ready_logged, members_logged = restore_root(life.root, kept) if life.resume is not None else (False, [])
-    if grid is not None and any(not SERVER_STRATEGIES.has(m, "reference") for m in cfg.strategies):
+    if grid is not None and any(not is_reference(m) for m in cfg.strategies):
         warmup = _wait_for_clients(grid, cfg, stop)  # a resumed run's nodes are new: they warm up again
         if not ready_logged:
             life.root.log(warmup)

@@ -39,9 +39,11 @@ def test_every_configurable_entry_binds_from_the_default_config() -> None:
         assert hasattr(ext.DATA_ATTACKS.build(name, cfg), "poison")
 
 
-def test_every_server_strategy_but_references_has_a_server_rule_and_vice_versa() -> None:
+def test_every_flower_strategy_has_a_server_rule() -> None:
+    """Flower's strategies are optional counterparts of the tensor rules (engine=ray uses them, and
+    the tests check they agree); a rule without one runs on both engines through the tensor rule."""
     strategies = {n for n in ext.SERVER_STRATEGIES.names() if not ext.SERVER_STRATEGIES.has(n, "reference")}
-    assert set(ext.SERVER_RULES.names()) == strategies
+    assert strategies <= set(ext.SERVER_RULES.names())
     assert not set(ext.SERVER_RULES.names()) & set(ext.SERVER_STRATEGIES.names("reference"))
 
 
@@ -51,6 +53,8 @@ def test_every_server_rule_binds_like_its_flower_strategy() -> None:
     for name in ext.SERVER_RULES.names():
         rule = ext.SERVER_RULES.build(name, cfg)
         assert callable(rule)
+        if name not in ext.SERVER_STRATEGIES:
+            continue
         flower = ext.SERVER_STRATEGIES.arguments(name, cfg)
         for key, value in ext.SERVER_RULES.arguments(name, cfg).items():
             assert flower[key] == value == getattr(rule, key), (name, key)

@@ -13,6 +13,7 @@ Tolerances: both sides compute in float32 from the same float32 inputs.
 from __future__ import annotations
 
 import doctest
+import json
 
 import numpy as np
 import pytest
@@ -249,3 +250,46 @@ def test_tracked_strategy_reports_the_rule_and_warns_when_flower_averaged_otherw
         mixed = TrackedStrategy("fedavg", build_server_strategy("fedavg", cfg).strategy, MedianRule())
         mixed.aggregate(1, replies(), torch.from_numpy(stack.copy()))
     assert "differs from Flower's arrays" in caplog.text
+
+
+def test_a_rule_registered_only_as_a_tensor_rule_runs_on_both_engines(tmp_path, task_identity, monkeypatch):
+    """One module plus one SERVER_RULES line: the config accepts the name, engine=local aggregates with
+    it, and the Flower backend (engine=ray) aggregates with the same tensor rule, since Flower has no
+    strategy of that name."""
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    import simulations.flower_backend as fb
+    from fedepic import extensions
+    from fedepic.config import load_config
+    from fedepic.registry import Entry
+    from fedepic.server_rounds import Progress
+    from tests.test_resume import serve_locally
+
+    entries = dict(extensions.SERVER_RULES._entries)
+    entries["plain_mean"] = Entry("plain_mean", "strategies.mean:MeanRule", "the mean, under another name")
+    monkeypatch.setattr(extensions.SERVER_RULES, "_entries", entries)
+    cfg = load_config(None, ["mode=federated", "engine=local", "name=n", f"output_dir={tmp_path}", "progress=false",
+                             "data.name=synthetic", "data.synthetic_train=200", "data.synthetic_test=50",
+                             "clients.count=3", "rounds=2", "model.name=mlp", "strategies=[plain_mean,fedavg]"])
+    folder = serve_locally(cfg)
+    rows = {r["strategy"]: r for r in json.loads((folder / "summary.json").read_text())["rows"]}
+    assert rows["plain_mean"]["final_accuracy"] == pytest.approx(rows["fedavg"]["final_accuracy"])
+
+    def answer(grid, messages, timeout_s, stop):
+        return [Message(content=RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), float(k))}),
+                                            "metrics": MetricRecord({"partition-id": k, "num-examples": 1})}),
+                        reply_to=m) for k, m in enumerate(messages)]
+
+    monkeypatch.setattr(fb, "exchange", answer)
+    grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [7, 8]))
+    grid.partitions.update({7: 0, 8: 1})
+    model = torch.nn.Linear(2, 1, bias=False)  # one parameter entry of 2 values, like the replies' "w"
+    backend = fb.FlowerServerBackend(cfg, "plain_mean", grid, {}, threading.Event(), model)
+    assert backend.tracked is None
+    progress = Progress({"weight": torch.zeros(1, 2)})
+    work = backend.train(1, [0, 1], progress)
+    out = backend.aggregate(1, work, torch.stack([r.vector for r in work.replies]), torch.zeros(2))
+    assert torch.equal(out.vector, torch.full((2,), 0.5)) and out.excluded == [False, False]
