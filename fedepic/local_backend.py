@@ -6,9 +6,8 @@ client by client, or, under the per-step protocol, every sampled client's miniba
 global model in one batched call. Aggregation runs the member's tensor rule
 (``fedepic.extensions.SERVER_RULES``; each is tested equal to its Flower strategy) through
 ``strategies.aggregate.aggregate``, which leaves out NaN / inf rows first. The rule sees the clients'
-updates (model minus global model; momenta under per_step), parameters only; the fixed normalisation
-buffers are the global model's, and other buffers (BatchNorm statistics) are the weighted mean of the
-rows the rule kept.
+parameter updates (model minus global model; momenta under per_step), as the round engine hands them
+to either backend (``fedepic.server_rounds.parameter_updates``; buffers follow in ``new_vector``).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from fedepic.client_work import local_train, model_for, pack_epic_state, per_ste
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.extensions import SERVER_RULES, expected_clients
-from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress, fixed_mask, per_step
-from fedepic.vectors import contiguous_run, flatten_state, parameter_mask
+from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress, per_step
+from fedepic.vectors import flatten_state
 
 
 def aggregate_rows(rule: Any, stack: torch.Tensor, weights: torch.Tensor, state: dict) -> Any:
@@ -48,33 +47,18 @@ def reported(out: Any) -> tuple[Optional[list[bool]], Optional[list[float]]]:
 
 
 class RuleAggregation:
-    """A member's tensor rule over a round's replies (module docstring): the one aggregation of
-    ``engine=local``, and of ``engine=ray`` for a rule that has no Flower strategy."""
+    """A member's tensor rule over a round's parameter updates: the one aggregation of ``engine=local``,
+    and of ``engine=ray`` for a rule that has no Flower strategy."""
 
-    def __init__(self, cfg: RunConfig, name: str, model: torch.nn.Module) -> None:
+    def __init__(self, cfg: RunConfig, name: str) -> None:
         self.rule = SERVER_RULES.build(name, cfg, {"expected": expected_clients(cfg)})
         self.rule_state: dict = {}
-        like = model.state_dict()
-        self.parameters = parameter_mask(model, like)
-        self.fixed = fixed_mask(like)
-        run = contiguous_run(self.parameters)
-        self.selected = run if run is not None else self.parameters  # a view where the parameters are one run
 
-    def __call__(self, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
+    def __call__(self, work: NodeWork, updates: torch.Tensor) -> Aggregated:
         weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
-        base = reference[self.selected]
-        out = aggregate_rows(self.rule, stack[:, self.selected] - base, weights, self.rule_state)
+        out = aggregate_rows(self.rule, updates, weights, self.rule_state)
         excluded, shares = reported(out)
-        if out.vector is None:
-            return Aggregated(None, excluded, shares, out.nonfinite.tolist())
-        vector = reference.clone()
-        vector[self.selected] = base + out.vector.to(vector.dtype)
-        statistics = ~self.parameters & ~self.fixed  # BatchNorm running statistics: the kept rows' mean
-        if bool(statistics.any()):
-            rows = out.kept.nonzero().flatten()
-            w = weights[rows] / weights[rows].sum()
-            vector[statistics] = (w[:, None] * stack[rows][:, statistics].double()).sum(dim=0).to(vector.dtype)
-        return Aggregated(vector, excluded, shares, out.nonfinite.tolist())
+        return Aggregated(out.vector, excluded, shares, out.nonfinite.tolist())
 
     def state_dict(self) -> dict:
         return {"rule": dict(self.rule_state)}
@@ -89,7 +73,7 @@ class LocalServerBackend:
     def __init__(self, cfg: RunConfig, name: str, data: ImageData, clients: Sequence[ClientData]) -> None:
         self.cfg, self.data, self.clients = cfg, data, list(clients)
         self.model = model_for(cfg, data)  # the structure per-step gradients go through
-        self.aggregation = RuleAggregation(cfg, name, self.model)
+        self.aggregation = RuleAggregation(cfg, name)
 
     def train(self, rnd: int, clients: Sequence[int], progress: Progress) -> NodeWork:
         chosen = [self.clients[i] for i in clients]
@@ -111,8 +95,8 @@ class LocalServerBackend:
                    for c, r in zip(chosen, results)]
         return NodeWork(replies, [], len(chosen))
 
-    def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
-        return self.aggregation(work, stack, reference)
+    def aggregate(self, rnd: int, work: NodeWork, updates: torch.Tensor) -> Aggregated:
+        return self.aggregation(work, updates)
 
     def state_dict(self) -> dict:
         return self.aggregation.state_dict()

@@ -86,7 +86,7 @@ class NodeWork:
 
 @dataclass
 class Aggregated:
-    """A backend's aggregation: the new vector (``flatten_state`` layout; None: the round is skipped)
+    """A backend's aggregation: the aggregated parameter update [P] (None: the round is skipped)
     and per valid reply whom the rule left out whole, the share of coordinates it cut, and whether the
     reply was left out for holding NaN / inf."""
 
@@ -107,9 +107,10 @@ class ServerBackend(Protocol):
         """The sampled clients' (positions in client order) work at ``progress.like``; reads and updates
         their server-held state (``progress.epic``, ``progress.momentum``)."""
 
-    def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
-        """The rule over the rows of ``stack`` (the replies' vectors after attacks and pre-aggregation);
-        ``reference`` is the global model's vector (zero under per_step, whose rows are momenta)."""
+    def aggregate(self, rnd: int, work: NodeWork, updates: torch.Tensor) -> Aggregated:
+        """The rule over ``updates`` [n, P]: the replies' parameter updates after attacks and
+        pre-aggregation (rows all NaN for a reply that held NaN / inf); its vector is the aggregated
+        update [P]."""
 
     def state_dict(self) -> dict:
         """The rule's memory across rounds (plain data, for checkpoints)."""
@@ -321,6 +322,39 @@ def client_records(replies: list[ClientReply], malicious: list[bool], norms: lis
     return records
 
 
+def parameter_updates(stack: torch.Tensor, origin: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+    """The rows' updates on the model's parameters, ``stack - origin`` on the ``parameters`` entries
+    [n, P]: what pre-aggregation and every rule see, on both backends. Buffers never enter a rule. A row
+    holding NaN / inf anywhere (a diverged client's BatchNorm statistics included) is all NaN here, so
+    that every rule leaves it out whole."""
+    updates = columns(stack, parameters) - columns(origin, parameters)
+    finite = finite_rows(stack)
+    if not bool(finite.all()):
+        updates[~finite] = float("nan")
+    return updates
+
+
+def new_vector(origin: torch.Tensor, outcome: Aggregated, stack: torch.Tensor, parameters: torch.Tensor,
+               fixed: torch.Tensor, work: NodeWork) -> torch.Tensor:
+    """The aggregate in the ``flatten_state`` layout: the parameters are ``origin`` plus the rule's
+    aggregated update; the fixed normalisation buffers stay ``origin``'s; other buffers (BatchNorm
+    running statistics) are the example-weighted mean of the rows the rule used whole (every finite
+    row for a coordinate-wise rule), the same on both backends."""
+    vector = origin.clone()
+    run = contiguous_run(parameters)
+    selected = run if run is not None else parameters
+    vector[selected] = columns(origin, parameters) + outcome.vector.to(vector.dtype)
+    statistics = ~parameters & ~fixed
+    if bool(statistics.any()):
+        out = [bool(x) for x in (outcome.excluded or [False] * len(work.replies))]
+        bad = [bool(x) for x in (outcome.nonfinite or [False] * len(work.replies))]
+        rows = [i for i in range(len(work.replies)) if not out[i] and not bad[i]]
+        if rows:
+            w = torch.tensor([float(work.replies[i].metrics["num-examples"]) for i in rows], dtype=torch.float64)
+            vector[statistics] = ((w / w.sum())[:, None] * stack[rows][:, statistics].double()).sum(dim=0).float()
+    return vector
+
+
 # --------------------------------------------------------------------------- one round, one member
 
 
@@ -337,26 +371,29 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     # the vectors' origin: per_step clients send momenta, the others models (updates are model - global)
     global_vec = torch.zeros(flatten_state(like).numel()) if per_step(cfg) else flatten_state(like)
     stack = torch.stack([r.vector for r in replies]) if replies else torch.zeros(0)
+    parameters = evaluator.parameter_mask(like)
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
-                                   evaluator.parameter_mask(like)) if replies else None
+                                   parameters) if replies else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         stack[i] = injected.update
+    updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)
     if cfg.defense.pre_aggregation and replies:  # NNM / clipping of the updates, then the rule
-        stack = pre_aggregate_updates(stack, global_vec, pre_aggregation_steps(cfg))
-    outcome = backend.aggregate(rnd, work, stack, global_vec) if replies else Aggregated(None, [], None, [])
+        updates = pre_aggregate_updates(updates, torch.zeros(updates.shape[1]), pre_aggregation_steps(cfg))
+    outcome = backend.aggregate(rnd, work, updates) if replies else Aggregated(None, [], None, [])
     progress.nonfinite += outcome.nonfinite_count
-    if outcome.vector is not None and per_step(cfg):
-        progress.like = server_step(like, unflatten_like(outcome.vector, like), server_lr(cfg, rnd),
-                                    cfg.train.weight_decay)
-    elif outcome.vector is not None:
-        progress.like = unflatten_like(outcome.vector, like)
+    if outcome.vector is not None:
+        vector = new_vector(global_vec, outcome, stack, parameters, fixed_mask(like), work)
+        if per_step(cfg):
+            progress.like = server_step(like, unflatten_like(vector, like), server_lr(cfg, rnd),
+                                        cfg.train.weight_decay)
+        else:
+            progress.like = unflatten_like(vector, like)
     evaluated = rnd % cfg.train.eval_every == 0 or rnd == cfg.rounds
     ev = evaluator(progress.like) if evaluated else dict.fromkeys(("accuracy", "loss", "per_class", "attack_success"))
     diverged = nonfinite_model(bool(torch.isfinite(flatten_state(progress.like)).all()), ev if evaluated else None)
     if diverged and progress.diverged_round is None:
         progress.diverged_round = rnd
-    clients = client_records(replies, malicious, (stack - global_vec).norm(dim=1).tolist() if replies else [],
-                             outcome)
+    clients = client_records(replies, malicious, updates.norm(dim=1).tolist() if replies else [], outcome)
     progress.tally.add(malicious, outcome.excluded, len(work.failures))
     progress.recalls = [c["poison_recall"] for c in clients if c["poison_recall"] is not None]
     return {

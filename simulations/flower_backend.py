@@ -10,7 +10,8 @@ it left out). A reply that carries an error (the client raised, its worker died)
 Clients are stateless: the server holds each client's local EPIC state and per-step momentum
 (``Progress.epic``, ``Progress.momentum``), sends them with the client's train message and takes the
 new ones out of the reply before the strategy sees it. The strategy aggregates the clients' updates
-(model minus global model; momenta under per_step), as the tensor rules of ``engine=local`` do. Nodes are listed in partition order
+(model minus global model; momenta under per_step), parameters only, as the tensor rules of
+``engine=local`` do. Nodes are listed in partition order
 (:class:`PartitionGrid`), so the engine's sample (positions in client order) picks the same clients
 in every run, a resumed one included, whose nodes are new.
 """
@@ -26,7 +27,7 @@ from fedepic.config import RunConfig
 from fedepic.extensions import SERVER_STRATEGIES
 from fedepic.local_backend import RuleAggregation
 from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress
-from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.vectors import unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from simulations.client_app import EPIC_KEY, MOMENTUM_KEY
@@ -91,7 +92,10 @@ class FlowerServerBackend:
         # Flower's own strategy where the name has one; a rule registered only as a tensor rule
         # (SERVER_RULES) aggregates here as it does in process
         self.tracked = build_server_strategy(name, cfg) if name in SERVER_STRATEGIES else None
-        self.tensor = RuleAggregation(cfg, name, model) if self.tracked is None else None
+        self.tensor = RuleAggregation(cfg, name) if self.tracked is None else None
+        names = {n for n, _ in model.named_parameters()}
+        # the parameter entries of a state, in state order: the layout of the updates' columns
+        self.parameter_entries = {k: v for k, v in model.state_dict().items() if k in names}
         self.valid: list[Message] = []
 
     def _message(self, node: int, rnd: int, progress: Progress) -> Message:
@@ -118,23 +122,23 @@ class FlowerServerBackend:
             if MOMENTUM_KEY in msg.content.array_records:
                 progress.momentum[partition] = msg.content.pop(MOMENTUM_KEY).to_torch_state_dict()["m"]
             work.append(ClientReply(partition, record_vector(msg.content["arrays"]), client_metrics(msg)))
-        self.like = progress.like
         return NodeWork(work, round_failures(messages, replies, self.grid.partitions), len(messages))
 
-    def aggregate(self, rnd: int, work: NodeWork, stack: torch.Tensor, reference: torch.Tensor) -> Aggregated:
-        """Flower's strategy over the updates ``stack - reference``, then the global vector plus the
-        aggregated update. Updates, not models: Flower's Krum computes distances in float32 as
-        |a|^2 + |b|^2 - 2ab, whose rounding on whole models (weights far larger than a round's change)
-        exceeds the gaps between honest clients' scores and makes its choice noise; on updates it
-        chooses what the exact tensor rule chooses (tests/test_server_rules.py). Every registered
-        strategy is translation-equivariant, so this changes nothing else but float rounding."""
+    def aggregate(self, rnd: int, work: NodeWork, updates: torch.Tensor) -> Aggregated:
+        """Flower's strategy over the clients' parameter updates [n, P] (ArrayRecords of the parameter
+        entries only: buffers, integer counters included, never reach a strategy), its aggregate read
+        back as the aggregated update [P]. Updates, not models: Flower's Krum computes distances in
+        float32 as |a|^2 + |b|^2 - 2ab, whose rounding on whole models (weights far larger than a
+        round's change) exceeds the gaps between honest clients' scores and makes its choice noise; on
+        updates it chooses what the exact tensor rule chooses (tests/test_server_rules.py). Every
+        registered strategy is translation-equivariant, so this changes nothing else but rounding."""
         if self.tensor is not None:
-            return self.tensor(work, stack, reference)
-        updates = stack - reference
+            return self.tensor(work, updates)
+        entries = self.parameter_entries
         for msg, row in zip(self.valid, updates):
-            msg.content["arrays"] = ArrayRecord(unflatten_like(row, self.like))
+            msg.content["arrays"] = ArrayRecord(unflatten_like(row, entries))
         outcome = self.tracked.aggregate(rnd, self.valid, updates)
-        vector = None if outcome.arrays is None else reference + flatten_state(outcome.arrays.to_torch_state_dict())
+        vector = None if outcome.arrays is None else record_vector(outcome.arrays)
         return Aggregated(vector, outcome.excluded, outcome.trimmed_share, outcome.nonfinite)
 
     def state_dict(self) -> dict:

@@ -263,18 +263,23 @@ def test_the_flower_backend_holds_each_clients_momentum_and_epic_state(task_iden
     cfg = load_config(None, ["mode=federated", "data.name=synthetic", "clients.count=2", "strategies=[fedavg]"])
     sent: list = []
 
-    def answer(grid, messages, timeout_s, stop):
-        sent.extend(messages)
-        return [Message(content=RecordDict({
+    partition_of = {70: 1, 71: 0}  # node ids in another order than their partitions
+
+    def reply(m: Message) -> Message:
+        k = partition_of[int(m.metadata.dst_node_id)]
+        return Message(content=RecordDict({
             "arrays": ArrayRecord({"w": torch.zeros(4)}), MOMENTUM_KEY: ArrayRecord({"m": torch.arange(4.0) + k}),
             EPIC_KEY: ConfigRecord({"keep": b"\x80", "rows": 1, "selections": 1}),
             "metrics": MetricRecord({"partition-id": k, "num-examples": 1})}), reply_to=m)
-            for k, m in enumerate(messages)]
+
+    def answer(grid, messages, timeout_s, stop):
+        sent.extend(messages)
+        return [reply(m) for m in reversed(messages)]  # replies come back in any order
 
     monkeypatch.setattr(fb, "exchange", answer)
     grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [70, 71]))
-    grid.partitions.update({70: 0, 71: 1})
-    backend = fb.FlowerServerBackend(cfg, "fedavg", grid, {}, threading.Event())
+    grid.partitions.update(partition_of)
+    backend = fb.FlowerServerBackend(cfg, "fedavg", grid, {}, threading.Event(), torch.nn.Linear(4, 1))
     progress = Progress({"w": torch.zeros(4)})
     work = backend.train(1, [0, 1], progress)
     assert [r.client for r in work.replies] == [0, 1] and work.failures == []
@@ -283,6 +288,7 @@ def test_the_flower_backend_holds_each_clients_momentum_and_epic_state(task_iden
     assert torch.equal(progress.momentum[1], torch.arange(4.0) + 1) and progress.epic[0]["selections"] == 1
     backend.train(2, [1], progress)
     nxt = sent[-1]
+    assert int(nxt.metadata.dst_node_id) == 70  # client 1's node
     assert torch.equal(nxt.content.array_records[MOMENTUM_KEY].to_torch_state_dict()["m"], torch.arange(4.0) + 1)
     assert nxt.content.config_records[EPIC_KEY]["rows"] == 1 and nxt.content["config"]["server-round"] == 2
     state = progress.state_dict()

@@ -291,5 +291,82 @@ def test_a_rule_registered_only_as_a_tensor_rule_runs_on_both_engines(tmp_path, 
     assert backend.tracked is None
     progress = Progress({"weight": torch.zeros(1, 2)})
     work = backend.train(1, [0, 1], progress)
-    out = backend.aggregate(1, work, torch.stack([r.vector for r in work.replies]), torch.zeros(2))
+    out = backend.aggregate(1, work, torch.stack([r.vector for r in work.replies]))
     assert torch.equal(out.vector, torch.full((2,), 0.5)) and out.excluded == [False, False]
+
+
+def _batchnorm_round(n: int = 7):
+    """A model with BatchNorm running statistics and an integer counter, its state, and n replies whose
+    parameters are honest but whose last row's running statistics are far off."""
+    from fedepic.server_rounds import ClientReply, NodeWork
+    from fedepic.vectors import flatten_state, parameter_mask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    like = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = parameter_mask(model, like)
+    origin = flatten_state(like)
+    stack = origin + 0.01 * torch.randn(n, origin.numel(), generator=torch.Generator().manual_seed(1))
+    stack[n - 1, ~mask] += 50.0
+    work = NodeWork([ClientReply(i, stack[i], {"num-examples": 10}) for i in range(n)], [], n)
+    return model, like, mask, origin, stack, work
+
+
+def _flower_aggregate(name, cfg, model, work, updates):
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MessageType
+
+    import simulations.flower_backend as fb
+
+    n = len(work.replies)
+    grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: list(range(n))))
+    backend = fb.FlowerServerBackend(cfg, name, grid, {}, threading.Event(), model)
+    asks = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=i, message_type=MessageType.TRAIN)
+            for i in range(n)]
+    backend.valid = [Message(content=RecordDict({"arrays": ArrayRecord({}), "metrics": MetricRecord(
+        {"num-examples": 10, "partition-id": i})}), reply_to=a) for i, a in enumerate(asks)]
+    return backend.aggregate(1, work, updates.clone())
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "epic"])
+def test_both_backends_aggregate_a_batchnorm_model_alike(task_identity, name):
+    """Rules see parameter updates only, on both backends (integer counters and running statistics never
+    reach Flower); the running statistics are the mean of the rows the rule kept, written once by the
+    engine; one client's far-off statistics move neither the kept set nor the parameters."""
+    from fedepic.config import load_config
+    from fedepic.local_backend import RuleAggregation
+    from fedepic.server_rounds import fixed_mask, new_vector, parameter_updates
+
+    cfg = load_config(None, ["mode=federated", "clients.count=7", "clients.malicious_ids=[6]", f"strategies=[{name}]"])
+    model, like, mask, origin, stack, work = _batchnorm_round()
+    updates = parameter_updates(stack, origin, mask)
+    assert updates.shape == (7, int(mask.sum()))
+    local = RuleAggregation(cfg, name)(work, updates.clone())
+    ray = _flower_aggregate(name, cfg, model, work, updates)
+    assert local.excluded == ray.excluded and local.nonfinite == ray.nonfinite
+    assert torch.allclose(local.vector, ray.vector, atol=1e-6)
+    vector = new_vector(origin, local, stack, mask, fixed_mask(like), work)
+    statistics = ~mask
+    kept = [i for i in range(7) if not (local.excluded or [False] * 7)[i]]
+    assert torch.allclose(vector[statistics], stack[kept][:, statistics].mean(dim=0), atol=1e-5)
+    clean = _batchnorm_round()[4][:6]  # the same parameters without the far-off statistics
+    clean_work = type(work)(work.replies[:6] + [work.replies[6]], [], 7)
+    assert clean_work.asked == 7 and torch.equal(updates[:6], parameter_updates(clean, origin, mask))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian", "krum"])
+def test_a_reply_with_nan_running_statistics_is_left_out_on_both_backends(task_identity, name):
+    from fedepic.config import load_config
+    from fedepic.local_backend import RuleAggregation
+    from fedepic.server_rounds import parameter_updates
+
+    cfg = load_config(None, ["mode=federated", "clients.count=7", "clients.malicious_ids=[6]", f"strategies=[{name}]"])
+    model, like, mask, origin, stack, work = _batchnorm_round()
+    stack[2, ~mask] = float("nan")  # finite parameters, NaN statistics
+    updates = parameter_updates(stack, origin, mask)
+    local = RuleAggregation(cfg, name)(work, updates.clone())
+    ray = _flower_aggregate(name, cfg, model, work, updates)
+    assert local.nonfinite[2] and ray.nonfinite[2] and local.nonfinite == ray.nonfinite
+    assert torch.isfinite(local.vector).all() and torch.allclose(local.vector, ray.vector, atol=1e-6)
