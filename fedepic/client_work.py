@@ -1,6 +1,8 @@
 """What a client computes in one round of the server-based mode, free of Flower and Ray: local epochs
-from the global model (optionally with local EPIC), or one minibatch gradient and its momentum under the
-per-step protocol, then the client's own model attack. Both backends call these functions: the
+from the global model (optionally with local EPIC; the local optimiser's ``train.momentum``,
+``train.nesterov`` and ``train.weight_decay``), or one minibatch gradient and its momentum under the
+per-step protocol (beta = ``train.client_momentum``; no L2 on the client: the server step applies
+``server.weight_decay``), then the client's own model attack. Both backends call these functions: the
 in-process one directly (``fedepic.local_backend``), the Flower ClientApp per message
 (``simulations/client_app.py``).
 
@@ -123,7 +125,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])
         # one shared point, the global model, for every client
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
-    beta = cfg.train.momentum
+    beta = cfg.train.client_momentum
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
     mask = parameter_mask(model, global_state)  # buffers are never attacked
     results = []

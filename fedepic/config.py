@@ -124,8 +124,15 @@ class TrainConfig:
     epochs: int = field(default=1, metadata=AT_LEAST_ONE)  # centralized epochs; in FL, see clients.local_epochs
     batch_size: int = field(default=64, metadata=between(1, ROWS_LIMIT))
     lr: float = field(default=0.05, metadata=POSITIVE)
+    # heavy-ball momentum of the local optimiser (torch SGD): local epochs (server.protocol=local_epochs,
+    # decentralized.algorithm=dpsgd) and mode=centralized; refused elsewhere when set (see client_momentum)
     momentum: float = field(default=0.9, metadata=between(0, 1, open_high=True))
-    nesterov: bool = field(default=True, metadata=ANY)
+    nesterov: bool = field(default=True, metadata=ANY)  # Nesterov form of `momentum`, where it acts
+    # the client EMA beta of the one-step protocols (server.protocol=per_step, decentralized.algorithm=dsgd):
+    # m_i <- beta m_i + (1 - beta) g_i; refused elsewhere when set (dsgt has no momentum)
+    client_momentum: float = field(default=0.9, metadata=between(0, 1, open_high=True))
+    # client-side L2: in the local optimiser (local epochs, dpsgd, centralized), inside g_i under dsgd and
+    # dsgt; refused under server.protocol=per_step, whose L2 is the server's (server.weight_decay)
     weight_decay: float = field(default=5e-4, metadata=NON_NEGATIVE)
     milestones: List[int] = field(default_factory=list, metadata=AT_LEAST_ONE)  # epochs at which lr *= gamma
     gamma: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
@@ -148,9 +155,12 @@ class EpicConfig:
     enabled: bool = field(default=False, metadata=ANY)
     # medoids per class = ceil(fraction * n_c); the paper uses 0.1 / 0.2 / 0.3
     fraction: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
-    warmup: int = field(default=10, metadata=NON_NEGATIVE)  # K: first selection after this many epochs
-    interval: int = field(default=2, metadata=AT_LEAST_ONE)  # T: then every T epochs
-    # last selection epoch; None = the last lr milestone (if any)
+    # the schedule's step (fedepic/builders.py epic_schedule): training epochs in mode=centralized and the
+    # federated centralized-epic reference; rounds for federated local EPIC (defense.local_epic); the
+    # node's cumulative local epochs for decentralized local EPIC (gp_epic, defense.local_epic)
+    warmup: int = field(default=10, metadata=NON_NEGATIVE)  # K: first selection after this many steps
+    interval: int = field(default=2, metadata=AT_LEAST_ONE)  # T: then every T steps
+    # last selection step; None = the last lr milestone where the step is an epoch (not in rounds)
     until: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
     # logits (softmax - onehot) | last_layer ((p - y) (x) h)
     proxy: str = field(default="logits", metadata=one_of(PROXIES))
@@ -272,8 +282,10 @@ class DecentralizedConfig:
     """The decentralized algorithm (mode=decentralized); see simulations/dfl_node.py for the equations."""
 
     # dpsgd: train clients.local_epochs epochs, then gossip the models (Lian et al. 2017);
-    # dsgd: one minibatch step per round with client momentum train.momentum (the per-step protocol);
-    # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021)
+    # dsgd: one minibatch step per round with client momentum train.client_momentum (the per-step
+    #   protocol), train.weight_decay inside the gradient;
+    # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021),
+    #   no momentum, train.weight_decay inside the gradient
     algorithm: str = field(default="dpsgd", metadata=one_of(DFL_ALGORITHMS))
     # engine=local under dpsgd: the nodes' local epochs in one vectorized loop where the model allows it
     # (mlp; fedepic/stacked_fit.py), equal to training them one by one up to float rounding; false trains
@@ -288,11 +300,14 @@ class ServerConfig:
     # local_epochs: each sampled client trains clients.local_epochs epochs from the global model and
     #   sends its model; the strategy's aggregate is the new global model (FedAvg-style);
     # per_step: each client takes one minibatch gradient (train.batch_size rows) at the global model,
-    #   sends its momentum m_i <- beta m_i + (1 - beta) g_i (beta = train.momentum, m_i kept across
-    #   rounds); the server aggregates the momenta and steps w <- w - lr (agg + train.weight_decay w)
+    #   sends its momentum m_i <- beta m_i + (1 - beta) g_i (beta = train.client_momentum, m_i kept
+    #   across rounds); the server aggregates the momenta and steps w <- w - lr (agg + server.weight_decay w)
     protocol: str = field(default="local_epochs", metadata=one_of(SERVER_PROTOCOLS))
     # per_step: the server's step size; None = train.lr (train.milestones count rounds)
     lr: Optional[float] = field(default=None, metadata=POSITIVE)
+    # per_step: the L2 term of the server's step (the clients' gradients carry none); refused elsewhere
+    # when set (client-side L2 is train.weight_decay)
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -612,6 +627,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.engine == "ray" or not cfg.train.device.startswith("cuda"), "train.device", cfg.train.device,
            "engine=local runs on the CPU for now; use engine=ray for GPUs")
     _validate_server(cfg)
+    _validate_where_keys_act(cfg)
     allowed = member_names(cfg.mode)
     _validate_variants(cfg, allowed)
     for i, name in enumerate(cfg.strategies):
@@ -641,6 +657,48 @@ def _validate_server(cfg: RunConfig) -> None:
            f"{why}; the centralized reference trains epochs (use server.protocol=local_epochs)")
     _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
            f"{why}: needs a model without BatchNorm statistics (mlp, cnn)")
+
+
+def _default(section: type, key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(section) if f.name == key)
+
+
+def _validate_where_keys_act(cfg: RunConfig) -> None:
+    """Each optimisation key acts in one place: ``train.momentum`` and ``train.nesterov`` in the local
+    optimiser (local epochs, dpsgd, centralized), ``train.client_momentum`` in the client momentum of the
+    one-step protocols (per_step, dsgd), ``train.weight_decay`` on the clients, ``server.weight_decay`` in
+    the per-step server step. A key set away from its default where it does not act is refused."""
+    if cfg.mode == "federated":
+        setting = f"server.protocol={cfg.server.protocol}"
+        local = cfg.server.protocol == "local_epochs"
+        client_ema = server_l2 = not local
+    elif cfg.mode == "decentralized":
+        algorithm = cfg.decentralized.algorithm
+        setting = f"decentralized.algorithm={algorithm}"
+        local, client_ema, server_l2 = algorithm == "dpsgd", algorithm == "dsgd", False
+    else:
+        setting, local, client_ema, server_l2 = "mode=centralized", True, False, False
+    train = cfg.train
+    no_momentum = setting == "decentralized.algorithm=dsgt"
+    if not local:
+        how = "without momentum: leave it unset" if no_momentum else \
+            "with the client momentum train.client_momentum: set that instead"
+        for key in ("momentum", "nesterov"):
+            _check(getattr(train, key) == _default(TrainConfig, key), f"train.{key}", getattr(train, key),
+                   f"acts in the local optimiser only; {setting} takes one gradient step per round {how}")
+    if not client_ema:
+        instead = "there is no momentum: leave it unset" if no_momentum else "the optimiser's momentum is train.momentum"
+        _check(train.client_momentum == _default(TrainConfig, "client_momentum"), "train.client_momentum",
+               train.client_momentum, "the client momentum of server.protocol=per_step and "
+               f"decentralized.algorithm=dsgd; under {setting} {instead}")
+    if server_l2:
+        _check(train.weight_decay == _default(TrainConfig, "weight_decay"), "train.weight_decay", train.weight_decay,
+               f"the clients' L2; under {setting} the clients send plain gradients and the server applies "
+               "the L2: set server.weight_decay")
+    else:
+        _check(cfg.server.weight_decay == _default(ServerConfig, "weight_decay"), "server.weight_decay",
+               cfg.server.weight_decay, f"the L2 of the server step of server.protocol=per_step; under {setting} "
+               "the clients' L2 is train.weight_decay")
 
 
 def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
@@ -779,6 +837,7 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
             check_domains(member)
             _validate_defense(member)
             _validate_attack(member)
+            _validate_where_keys_act(member)
         except ConfigError as err:
             raise ConfigError(f"{err} (in variants.{entry})") from None
     if cfg.mode != "decentralized":
@@ -807,11 +866,10 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
 
 
 def _one_step_settings(cfg: RunConfig, where: str, algorithm: str) -> None:
-    """dsgd and dsgt take one minibatch gradient step per round (dsgt without momentum), with no
-    augmentation, on models without running statistics: a setting they would ignore is refused."""
+    """dsgd and dsgt take one minibatch gradient step per round, with no augmentation, on models without
+    running statistics: a setting they would ignore is refused (the momentum keys:
+    `_validate_where_keys_act`)."""
     why = f"decentralized.algorithm={algorithm} takes plain gradient steps"
-    _check(algorithm != "dsgt" or cfg.train.momentum == 0, f"train.momentum{where}", cfg.train.momentum,
-           f"{why}: set it to 0")
     _check(cfg.train.augment == "none", f"train.augment{where}", cfg.train.augment, f"{why}: set it to none")
     _check(cfg.clients.local_epochs == 1, f"clients.local_epochs{where}", cfg.clients.local_epochs,
            f"decentralized.algorithm={algorithm} takes one minibatch step per round: leave it at 1")

@@ -20,9 +20,11 @@ optimal Byzantine ML under heterogeneity", AISTATS 2023). Every sampled client s
 m_i <- beta m_i + (1 - beta) g_i (``fedepic.client_work.per_step_results``); the attacks replace the
 malicious vectors, the optional pre-aggregation and the rule aggregate the momenta, and the server steps
     w_{t+1} = w_t - eta_t (agg(m_1, ..., m_n) + lambda w_t),   eta_t = server.lr (else train.lr),
-                                                                  lambda = train.weight_decay,
-on every float entry but the fixed normalisation buffers (no server momentum; ``train.momentum`` is an
-average's weight: a step moves by about eta times the gradient). The momenta are the "updates" there:
+                                                                  lambda = server.weight_decay,
+on every float entry but the fixed normalisation buffers (no server momentum; beta =
+``train.client_momentum`` is an average's weight: a step moves by about eta times the gradient; the
+clients' gradients carry no L2, and ``train.momentum``, ``train.nesterov`` and ``train.weight_decay``,
+which act on local training, are refused when set). The momenta are the "updates" there:
 the attacks, NNM, clipping and the reported norms see m_i itself. The server keeps each m_i between
 rounds (``Progress.momentum``), as it keeps local EPIC's drops, and checkpoints it: clients are stateless.
 
@@ -385,7 +387,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
         vector = new_vector(global_vec, outcome, stack, parameters, fixed_mask(like), work)
         if per_step(cfg):
             progress.like = server_step(like, unflatten_like(vector, like), server_lr(cfg, rnd),
-                                        cfg.train.weight_decay)
+                                        cfg.server.weight_decay)
         else:
             progress.like = unflatten_like(vector, like)
     evaluated = rnd % cfg.train.eval_every == 0 or rnd == cfg.rounds

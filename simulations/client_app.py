@@ -28,8 +28,8 @@ round's benign updates and are applied by the ServerApp (server_app.inject_model
 
 Per-step protocol (server.protocol=per_step, :func:`per_step_results`): a client takes one minibatch
 gradient g_i at the global model (``train.batch_size`` rows drawn with replacement, seeded by the
-seed, the client and the round; no weight decay: the server applies it), updates its momentum
-m_i <- beta m_i + (1 - beta) g_i (beta = ``train.momentum``, m_i(0) = 0) and sends m_i, laid out as
+seed, the client and the round; no weight decay: the server applies ``server.weight_decay``), updates
+its momentum m_i <- beta m_i + (1 - beta) g_i (beta = ``train.client_momentum``, m_i(0) = 0) and sends m_i, laid out as
 the model's state dict (zero at the fixed normalisation buffers), after its own model attack
 (applied to m_i, as to an update); a malicious client that holds no rows and whose vector a
 server-side attack (ALIE, IPM, min-max) replaces computes nothing and sends 0, which the attack

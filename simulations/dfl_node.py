@@ -9,18 +9,20 @@ graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).
 **dpsgd** (Lian et al., "Can decentralized algorithms outperform centralized algorithms?", NeurIPS
 2017, in its "train then gossip" form). A round at node i:
 1. ``train_local``: start from the node's model, train ``clients.local_epochs`` epochs on its own rows
-   (optionally with local EPIC, Yang et al. ICML 2022, whose drops persist in the node state).
+   (torch SGD with ``train.momentum``, ``train.nesterov`` and ``train.weight_decay``; optionally with
+   local EPIC, Yang et al. ICML 2022, whose drops persist in the node state).
 2. The router hands the node its neighbours' models of this round (possibly poisoned).
 3. ``aggregate_models``: combine the node's trained model with them using its peer rule.
 
 **dsgd**, one-step decentralized SGD with client momentum (the per-step protocol of the
 Byzantine-robust literature, e.g. He, Karimireddy, Jaggi's ClippedGossip 2022 and ByzFL's benchmark):
 
-    m_i <- beta m_i + (1 - beta) g_i(x_i),    m_i(0) = 0,   beta = train.momentum
+    m_i <- beta m_i + (1 - beta) g_i(x_i),    m_i(0) = 0,   beta = train.client_momentum
     x_i <- R_i({x_j}) - eta m_i                                  (R = W for gossip)
 
 g_i on one minibatch of ``train.batch_size`` rows at the model the node sends, eta = ``train.lr``
-(milestones in rounds), the L2 term ``train.weight_decay`` inside g_i. Every peer rule applies as under
+(milestones in rounds), the L2 term ``train.weight_decay`` inside g_i (``train.momentum`` and
+``train.nesterov``, the local optimiser's, are refused when set). Every peer rule applies as under
 dpsgd (the node sends its model). In code: ``dsgd_momentum`` in the train phase, then
 ``aggregate_models`` and ``dsgd_step``.
 
@@ -40,7 +42,8 @@ own direction.
 
 Each gradient takes one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by
 seed, round, node), ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
-``train.weight_decay`` inside g_i; no momentum. A node sends (x_i, y_i) as one vector (the model's
+``train.weight_decay`` inside g_i; no momentum (``train.momentum``, ``train.nesterov`` and
+``train.client_momentum`` are refused when set). A node sends (x_i, y_i) as one vector (the model's
 entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector
 as under dpsgd, and a model attack perturbs both. Stateless rules replace both sums (R applied to
 the x's and to the y's); GP (``strategies/gradient_purification.py``) screens on the trackers and

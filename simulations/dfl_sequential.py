@@ -226,7 +226,7 @@ class LocalMember:
         trained = {}
         for k, i in enumerate(self.active):
             state = self.states[i]
-            dsgd_momentum(state, grads[k], self.cfg.train.momentum)
+            dsgd_momentum(state, grads[k], self.cfg.train.client_momentum)
             state.trained, state.round = state.model, round_
             trained[i] = points[k]
         reports = self._exchange_models(trained, round_, tally)

@@ -108,7 +108,7 @@ class StackedDsgdMember(LocalMember):
         self.models = {}
 
     def _dsgd_round(self, round_: int, tally: AttackTally) -> dict:
-        beta = self.cfg.train.momentum
+        beta = self.cfg.train.client_momentum
         for start in range(0, len(self.active), GRADIENT_CHUNK):
             ids = self.active[start:start + GRADIENT_CHUNK]
             batches = [self._batch(i, round_) for i in ids]
