@@ -66,8 +66,8 @@ BYZFL = "byzfl==0.0.11"
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 
 COMMON = ["mode=federated", "engine=local", "progress=false", "seed=0", "data.name=mnist", "data.partition=rows",
-          "model.name=cnn_mnist", "server.protocol=per_step", "train.lr=0.1", "train.momentum=0.9",
-          "train.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0"]
+          "model.name=cnn_mnist", "server.protocol=per_step", "train.lr=0.1", "train.client_momentum=0.9",
+          "server.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0"]
 FEDEPIC_ROWS = {
     "none_avg": ["clients.count=10", "strategies=[fedavg]"],
     "alie_tm": ["clients.count=12", "clients.malicious_ids=[10,11]", "attack.model=alie", "attack.alie_z=-1.5",

@@ -41,7 +41,7 @@ def split(path: Path) -> None:
 def member_seconds(policy: str, threads: int, rounds: int, split_file: Path, out: Path) -> float:
     args = ["mode=federated", "engine=local", "progress=false", "seed=0", "data.name=mnist", "data.partition=rows",
             f"data.partition_file={split_file}", "model.name=cnn_mnist", "server.protocol=per_step", "train.lr=0.1",
-            "train.momentum=0.9", "train.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0",
+            "train.client_momentum=0.9", "server.weight_decay=1e-4", "train.batch_size=25", "checkpoint_every=0",
             f"rounds={rounds}", f"train.eval_every={rounds}", "clients.count=12", "clients.malicious_ids=[10,11]",
             "attack.model=alie", "attack.alie_z=-1.5", "strategies=[fedtrimmedavg]", "defense.trim=2",
             f"train.threads={threads}", f"output_dir={out}", f"name={(policy or 'default').lower()}-{threads}"]
