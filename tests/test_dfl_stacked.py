@@ -23,7 +23,7 @@ from simulations.dfl_stacked import GossipMatrix, StackedDsgdMember, member_clas
 
 def dsgd_cfg(*extra: str):
     return load_config("dfl_smoke", ["decentralized.algorithm=dsgd", "engine=local", "train.lr=0.1",
-                                     "train.momentum=0.9", "train.weight_decay=0.001", "clients.count=8",
+                                     "train.client_momentum=0.9", "train.weight_decay=0.001", "clients.count=8",
                                      "topology.name=k_regular", "topology.k=3", "train.eval_every=2", *extra])
 
 

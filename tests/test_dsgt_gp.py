@@ -27,8 +27,7 @@ def gp(target: str, oracle: int | None = None, malicious=(0,)) -> GradientPurifi
 
 
 def dsgt_cfg(**extra: str):
-    overrides = ["decentralized.algorithm=dsgt", "engine=local", "train.lr=0.2", "train.weight_decay=0",
-                 "train.momentum=0"]
+    overrides = ["decentralized.algorithm=dsgt", "engine=local", "train.lr=0.2", "train.weight_decay=0"]
     return load_config("dfl_smoke", overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -146,8 +145,10 @@ def test_oracle_confirms_exactly_at_its_round():
 
 @pytest.mark.parametrize("overrides,key", [
     (["decentralized.algorithm=dsgt", "defense.local_epic=true"], "strategies"),  # local EPIC counts epochs
-    (["decentralized.algorithm=dsgt"], "train.momentum"),  # DSGT takes plain steps: momentum would be ignored
-    (["decentralized.algorithm=dsgt", "train.momentum=0", "model.name=resnet18"], "model.name"),
+    (["decentralized.algorithm=dsgt", "train.momentum=0"], "train.momentum"),  # DSGT takes plain steps: any
+    (["decentralized.algorithm=dsgt", "train.client_momentum=0"], "train.client_momentum"),  # momentum is refused
+    (["decentralized.algorithm=dsgd", "train.momentum=0.5"], "train.momentum"),  # dsgd's is train.client_momentum
+    (["decentralized.algorithm=dsgt", "model.name=resnet18"], "model.name"),
     (["engine=local", "train.device=cuda"], "train.device"),
     (["defense.purification.detector=records", "defense.purification.target=none"], "defense.purification.detector"),
     (["strategies=[exclude]", "defense.purification.detector=records"], "defense.purification.detector"),
@@ -186,7 +187,7 @@ def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm,momentum", [("dsgt", 0.0), ("dsgd", 0.9)])
+@pytest.mark.parametrize("algorithm,momentum", [("dsgt", []), ("dsgd", ["train.client_momentum=0.9"])])
 def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, capsys, algorithm, momentum):
     """The same DSGT / DSGD run (a variant included) through Flower + Ray and in process: the same
     rounds, evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's
@@ -194,7 +195,7 @@ def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, cap
     from fedepic.simulate import main
 
     args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false",
-            f"decentralized.algorithm={algorithm}", "train.lr=0.05", f"train.momentum={momentum}", "rounds=3",
+            f"decentralized.algorithm={algorithm}", "train.lr=0.05", *momentum, "rounds=3",
             "train.eval_every=2",
             "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
             "strategies=[gossip,gp,gp_none]"]
@@ -237,7 +238,8 @@ def test_the_oracle_reads_the_round_not_how_many_aggregations_the_node_had():
 
 def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
     """Two nodes and no edge: each runs m <- beta m + (1 - beta) g, x <- x - lr m on its own minibatches,
-    which a hand loop over torch.autograd reproduces."""
+    which a hand loop over torch.autograd reproduces. beta = train.client_momentum = 0.7, not what
+    train.momentum holds (0.9): a run that read it would differ."""
     import torch.nn.functional as F
 
     from fedepic.data import load_dataset
@@ -251,7 +253,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
 
     cfg = load_config("dfl_smoke", ["clients.count=2", "clients.malicious_ids=[]", "decentralized.algorithm=dsgd",
                                     "engine=local",
-                                    "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.001",
+                                    "train.lr=0.1", "train.client_momentum=0.7", "train.weight_decay=0.001",
                                     "attack.data=none", "strategies=[gossip]", "train.eval_every=100"])
     data = load_dataset(cfg.data, cfg.seed)
     parts = client_partition(cfg, data)
@@ -270,7 +272,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
         with torch.no_grad():
             for k, p in params.items():
                 g = p.grad + 0.001 * p
-                momentum[k] = 0.9 * momentum[k] + 0.1 * g
+                momentum[k] = 0.7 * momentum[k] + 0.3 * g
                 p -= 0.1 * momentum[k]
     assert torch.allclose(flatten_state(member.states[1].model), flatten_state(exchanged_state(net)), atol=1e-5)
 

@@ -156,7 +156,7 @@ def test_local_engine_dsgt_resume_equals_an_uninterrupted_run(tmp_path: Path) ->
     """engine=local, decentralized.algorithm=dsgt: the in-process engine checkpoints the trackers and GP's
     records like the router does, and a resumed run is the uninterrupted one."""
     args = ["config=dfl_smoke.yaml", "name=l", "progress=false", "rounds=60", "engine=local", "checkpoint_every=5",
-            "decentralized.algorithm=dsgt", "train.lr=0.05", "train.momentum=0", "train.eval_every=20",
+            "decentralized.algorithm=dsgt", "train.lr=0.05", "train.eval_every=20",
             "strategies=[gossip,gp]", "train.threads=1", "figures.enabled=false"]
     ref = completed_run([*args, f"output_dir={tmp_path / 'ref'}"])
 

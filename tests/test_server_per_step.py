@@ -27,7 +27,7 @@ from tests.test_resume import metrics_lines, only_folder, serve_locally
 def per_step_config(out: Path, *extra: str):
     base = ["mode=federated", "name=p", f"output_dir={out}", "progress=false", "data.name=mnist",
             "data.train_per_class=30", "data.test_per_class=20", "model.name=mlp", "server.protocol=per_step",
-            "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.01", "train.batch_size=16",
+            "train.lr=0.1", "train.client_momentum=0.9", "server.weight_decay=0.01", "train.batch_size=16",
             "train.threads=1", "rounds=6"]
     keys = {e.split("=", 1)[0] for e in extra}
     return load_config(None, [b for b in base if b.split("=", 1)[0] not in keys] + list(extra))
@@ -55,9 +55,12 @@ def records(folder: Path, member: str) -> list[dict]:
 
 def test_per_step_without_attackers_is_minibatch_sgd_with_momentum_on_the_pooled_data(tmp_path, task_identity):
     """One client holding all rows: m <- beta m + (1 - beta) g, w <- w - lr (m + wd w), written by hand
-    with autograd, gives the run's test loss after every round."""
+    with autograd, gives the run's test loss after every round. beta = train.client_momentum = 0.7 and
+    wd = server.weight_decay = 0.01, neither what train.momentum and train.weight_decay hold (0.9,
+    5e-4): a run that read those would differ."""
     cfg = per_step_config(tmp_path, "clients.count=1", "strategies=[fedavg]", "train.milestones=[4]",
-                          "train.gamma=0.5")
+                          "train.gamma=0.5", "train.client_momentum=0.7")
+    assert (cfg.train.client_momentum, cfg.server.weight_decay) == (0.7, 0.01)
     folder = serve_locally(cfg)
     data = load_dataset(cfg.data, cfg.seed)
     client = build_client_data(cfg, data, 0, client_partition(cfg, data))
@@ -72,8 +75,8 @@ def test_per_step_without_attackers_is_minibatch_sgd_with_momentum_on_the_pooled
         lr = cfg.train.lr * (0.5 if rnd > 4 else 1.0)
         with torch.no_grad():
             for p, m in zip(params, momentum):
-                m.mul_(cfg.train.momentum).add_((1 - cfg.train.momentum) * p.grad)
-                p.sub_(lr * (m + cfg.train.weight_decay * p))
+                m.mul_(cfg.train.client_momentum).add_((1 - cfg.train.client_momentum) * p.grad)
+                p.sub_(lr * (m + cfg.server.weight_decay * p))
         ev = evaluate(model, data.test_x, data.test_y, 1024, data.num_classes, False)
         assert record["loss"] == pytest.approx(ev["loss"], rel=1e-5, abs=1e-6), rnd
         assert record["accuracy"] == pytest.approx(ev["accuracy"])
@@ -148,6 +151,9 @@ def test_per_step_momenta_persist_through_a_resume(tmp_path, task_identity):
     (["server.protocol=local_epochs", "server.lr=0.1"], "server.lr"),  # it would be ignored
     (["data.partition_file=split.npz"], "data.partition_file"),  # read only under partition=rows
     (["mode=decentralized"], "server.protocol"),  # a federated protocol
+    (["train.momentum=0.5"], "train.momentum"),  # the local optimiser's: per_step uses train.client_momentum
+    (["train.nesterov=false"], "train.nesterov"),
+    (["train.weight_decay=0.01"], "train.weight_decay"),  # the clients' L2: per_step's is server.weight_decay
 ])
 def test_per_step_refuses_what_it_would_ignore(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -168,7 +174,8 @@ def test_both_engines_give_the_same_federated_run(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         return only_folder(out)
 
-    per_step = {"server.protocol": "per_step", "rounds": "4", "clients.local_epochs": "1", "train.momentum": "0.5"}
+    per_step = {"server.protocol": "per_step", "rounds": "4", "clients.local_epochs": "1",
+                "train.client_momentum": "0.5", "server.weight_decay": "5e-4"}
     for name, extra in (("epochs", {}), ("steps", per_step)):
         local = run(tmp_path / f"{name}-local", engine="local", **extra)
         ray = run(tmp_path / f"{name}-ray", **extra)
@@ -318,13 +325,13 @@ def test_a_per_step_round_with_ipm_and_clipping_is_the_hand_computed_step(tmp_pa
         rows = minibatch_rows(len(client), cfg.train.batch_size, client_seed(cfg, k) + 1)
         model.zero_grad()
         F.cross_entropy(model(client.x[rows].float() / 255), client.y[rows]).backward()
-        momenta.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * (1 - cfg.train.momentum))
+        momenta.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * (1 - cfg.train.client_momentum))
     vectors = [*momenta, -2.0 * (momenta[0] + momenta[1]) / 2]
     clipped = [v * min(1.0, 0.01 / float(v.norm())) for v in vectors]
     direction = sum(clipped) / 3
     with torch.no_grad():
         w0 = torch.cat([p.reshape(-1) for p in model.parameters()])
-        w1 = w0 - cfg.train.lr * (direction + cfg.train.weight_decay * w0)
+        w1 = w0 - cfg.train.lr * (direction + cfg.server.weight_decay * w0)
         offset = 0
         for p in model.parameters():
             p.copy_(w1[offset:offset + p.numel()].view_as(p))
