@@ -295,7 +295,7 @@ class DecentralizedConfig:
 
 @dataclass
 class ServerConfig:
-    """How a server-based round trains (mode=federated); simulations/server_app.py has the equations."""
+    """How a server-based round trains (mode=federated); fedepic/server_rounds.py has the per-step equations."""
 
     # local_epochs: each sampled client trains clients.local_epochs epochs from the global model and
     #   sends its model; the strategy's aggregate is the new global model (FedAvg-style);
@@ -687,7 +687,8 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
             _check(getattr(train, key) == _default(TrainConfig, key), f"train.{key}", getattr(train, key),
                    f"acts in the local optimiser only; {setting} takes one gradient step per round {how}")
     if not client_ema:
-        instead = "there is no momentum: leave it unset" if no_momentum else "the optimiser's momentum is train.momentum"
+        instead = "there is no momentum: leave it unset" if no_momentum else \
+            "the optimiser's momentum is train.momentum"
         _check(train.client_momentum == _default(TrainConfig, "client_momentum"), "train.client_momentum",
                train.client_momentum, "the client momentum of server.protocol=per_step and "
                f"decentralized.algorithm=dsgd; under {setting} {instead}")

@@ -176,7 +176,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
                 state.model = exchanged_state(model)
             batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
             point = flatten_state(state.model).unsqueeze(0)
-            dsgd_momentum(state, dsgt_gradients(model, point, [batch], run_cfg)[0], run_cfg.train.client_momentum)
+            gradient = dsgt_gradients(model, point, [batch], run_cfg)[0]
+            dsgd_momentum(state, gradient, run_cfg.train.client_momentum)
             state.trained, state.round, stats = state.model, round_, {}
         else:
             model = model.to(device)
