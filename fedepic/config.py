@@ -211,8 +211,10 @@ class DefenseConfig:
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
     trim: int = field(default=1, metadata=NON_NEGATIVE)
-    # attackers f that Krum (server and peer), MultiKrum, Bulyan, server EPIC and NNM assume; null (the
-    # default): the configured number of malicious clients, as ByzFL and the papers set it
+    # attackers f that Krum (server and peer), MultiKrum, Bulyan, server EPIC and NNM assume among the
+    # vectors they aggregate; null (the default): the malicious clients a receiver can see, i.e. all of
+    # them at a server (as ByzFL and the papers set it), and at a peer the most malicious neighbours any
+    # benign node has (fedepic.extensions.assumed_byzantine)
     byzantine: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
     scclip_tau: float = field(default=1.0, metadata=POSITIVE)
     # steps applied before the aggregation, in order: nnm (nearest-neighbour mixing, f = defense.byzantine),
@@ -653,7 +655,8 @@ def _validate_server(cfg: RunConfig) -> None:
     _check(cfg.train.augment == "none", "train.augment", cfg.train.augment, f"{why}: set it to none")
     _check(not cfg.defense.local_epic, "defense.local_epic", cfg.defense.local_epic,
            f"{why}; local EPIC selects over epochs")
-    _check("centralized-epic" not in cfg.strategies, "strategies", "centralized-epic",
+    references = [name for name in cfg.strategies if extensions.is_reference(name)]
+    _check(not references, "strategies", references[0] if references else None,
            f"{why}; the centralized reference trains epochs (use server.protocol=local_epochs)")
     _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
            f"{why}: needs a model without BatchNorm statistics (mlp, cnn)")

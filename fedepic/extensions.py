@@ -18,18 +18,40 @@ Flags:
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Mapping
 
 from fedepic.registry import Entry, Registry
 
 
 def assumed_byzantine(cfg: Any, context: Mapping[str, Any]) -> int:
-    """``defense.byzantine``, or (null) the configured number of malicious clients."""
+    """f, the Byzantine vectors a rule assumes among those it aggregates: ``defense.byzantine``, or (null)
+    the configured malicious clients among a receiver's inputs. A server aggregates every client, so
+    f = the number of malicious clients (as ByzFL and the papers set it); a peer aggregates its
+    neighbourhood, so f = the most malicious neighbours any benign node has in the communication graph
+    (the b of He, Karimireddy, Jaggi, "Byzantine-robust decentralized learning via ClippedGossip", 2022),
+    not the network's total, which would exceed a small neighbourhood and turn NNM into the identity."""
     if cfg.defense.byzantine is not None:
         return int(cfg.defense.byzantine)
     from fedepic.config import malicious_ids
 
-    return len(malicious_ids(cfg))
+    bad = tuple(sorted(malicious_ids(cfg)))
+    if cfg.mode != "decentralized" or not bad:
+        return len(bad)
+    topo = cfg.topology
+    return most_malicious_neighbours(topo.name, cfg.clients.count, topo.k, topo.p,
+                                     tuple(tuple(e) for e in topo.edges), cfg.seed, bad)
+
+
+@lru_cache(maxsize=16)  # a pure function of its arguments: each node builds its rules from the same graph
+def most_malicious_neighbours(name: str, count: int, k: int, p: float, edges: tuple, seed: int, bad: tuple) -> int:
+    """The largest number of ``bad`` neighbours of a node outside ``bad`` in the graph ``name``."""
+    from fedepic.topology import build_topology
+
+    graph = build_topology("explicit" if name == "edges" else name, count, k=k, p=p, edges=[tuple(e) for e in edges],
+                           seed=seed)
+    malicious = set(bad)
+    return max((sum(j in malicious for j in graph.neighbors(i)) for i in graph.nodes if i not in malicious), default=0)
 
 
 def expected_clients(cfg: Any) -> int:

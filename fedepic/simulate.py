@@ -13,6 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
+
+# OpenMP threads sleep instead of spinning between parallel regions, unless the environment says
+# otherwise: on a machine whose cores other processes share, torch's spinning intra-op threads wait on
+# each other at every barrier, and an in-process run slowed down 2-4x (benchmarks/thread_policy.py).
+# Set before torch loads its OpenMP runtime (nothing above imports torch); the command's own children
+# (Ray's workers, one thread each) inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 

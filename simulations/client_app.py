@@ -17,14 +17,14 @@ round r when `EpicSchedule.is_selection_epoch(r)` holds, i.e. defense.epic.warmu
 (and .until) count *rounds* here. The dropped rows persist across rounds and are left out of later
 local training. The server holds them, not the node: the client returns its packed EPIC state in the
 train reply (ConfigRecord `EPIC_KEY`), and the server sends the state it holds for the client back
-with the client's next train message of the same member (ServerApp, `run_strategy`). Clients are
+with the client's next train message of the same member (`simulations.flower_backend`). Clients are
 thus stateless: a restarted Ray worker or a resumed run (whose nodes are new) continues with the
 drops the server checkpointed, and members compared in one run never share drops. Flower's
 strategies never see the record: the server takes it out of the reply before aggregating.
 
 Model attacks applied here, on the update u = w_local - w_global of a malicious client:
 sign_flip, gaussian (attack.sigma) and scaling (attack.scale). ALIE, IPM and min-max need the
-round's benign updates and are applied by the ServerApp (server_app.inject_model_attack).
+round's benign updates and are applied by the round engine (`fedepic.server_rounds.inject_model_attack`).
 
 Per-step protocol (server.protocol=per_step, :func:`per_step_results`): a client takes one minibatch
 gradient g_i at the global model (``train.batch_size`` rows drawn with replacement, seeded by the
@@ -36,8 +36,8 @@ server-side attack (ALIE, IPM, min-max) replaces computes nothing and sends 0, w
 replaces whenever it applies (a round with fewer honest replies than the attack needs aggregates
 the 0). m_i persists across rounds the way local EPIC's drops do: the
 server keeps it and sends it back (``MOMENTUM_KEY``), so clients stay stateless. The gradients of
-several clients are one vectorized call (``fedepic.stacked``): the in-process engine hands a round's
-messages to :func:`handle_train_batch` at once; on Ray each message is the case n = 1.
+several clients are one batched call (``fedepic.stacked``); on Ray each message is the case n = 1
+(``engine=local`` calls ``fedepic.client_work`` directly, without messages).
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ def run_federated(cfg: RunConfig, *, client_app: Optional[Any] = None, interrupt
     """
     quiet_flower()
     check_federated(cfg)
+    if client_app is not None and cfg.engine == "local":
+        raise ValueError("client_app replaces the Flower ClientApp of engine=ray; engine=local runs no ClientApp")
     check_ray_address(cfg)  # before a run folder exists
     data = load_dataset(cfg.data, cfg.seed)  # a missing dataset fails here, before a run folder exists
     checked_poison_set(cfg, data)  # and so does a poison set that does not fit the data

@@ -10,9 +10,10 @@ stack of client **updates** (model - global model, or per-step momenta) and retu
 **update**. Every one of them is translation-equivariant: adding the same vector g to every row adds g
 to the result and leaves ``kept`` and ``shares`` unchanged (means with weights summing to one, order
 statistics, and selections that depend only on pairwise distances or on distances to the
-coordinate-wise median). A stack of models therefore gives the aggregated model, which is how
-``strategies.server.TrackedStrategy`` uses them on the models Flower receives; up to float32 rounding
-of ``g + u``, which can move near-ties.
+coordinate-wise median). A stack of models would therefore give the aggregated model, up to float32
+rounding of ``g + u``, which can move near-ties; both backends hand the rules parameter updates
+(``fedepic.server_rounds.parameter_updates``), as ``strategies.server.TrackedStrategy`` hands them to
+Flower's strategies.
 """
 
 from __future__ import annotations

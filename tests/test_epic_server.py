@@ -149,6 +149,24 @@ def test_byzantine_null_assumes_the_configured_attackers():
     assert plain.defense.byzantine is None and build_server_strategy("krum", plain).strategy.num_malicious_nodes == 3
 
 
+def test_byzantine_null_at_a_peer_is_the_most_malicious_neighbours_of_a_benign_node():
+    """A peer rule aggregates a neighbourhood: f is what a benign node can see there, not the total."""
+    from fedepic.config import load_config
+    from fedepic.extensions import PEER_RULES, PRE_AGGREGATION, assumed_byzantine
+
+    def f(*overrides: str) -> int:
+        return assumed_byzantine(load_config(None, ["mode=decentralized", "strategies=[gossip]", *overrides]), {})
+
+    # a ring of 6 with attackers 0 and 2: node 1 sees both, every other benign node at most one
+    assert f("clients.count=6", "clients.malicious_ids=[0,2]", "topology.name=ring") == 2
+    assert f("clients.count=6", "clients.malicious_ids=[0,3]", "topology.name=ring") == 1
+    assert f("clients.count=6", "clients.malicious_ids=[0,1,2]", "topology.name=complete") == 3
+    assert f("clients.count=6", "clients.malicious_ids=[]", "topology.name=complete") == 0
+    assert f("clients.count=6", "clients.malicious_ids=[0,3]", "topology.name=ring", "defense.byzantine=5") == 5
+    cfg = load_config("noniid.yaml", ["strategies=[krum]", "defense.pre_aggregation=[nnm]"])
+    assert PEER_RULES.build("krum", cfg).f == PRE_AGGREGATION.build("nnm", cfg).f == 2 < len(cfg.clients.malicious_ids)
+
+
 @pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan", "epic"])
 def test_tracked_strategies_report_the_excluded_attacker(task_identity, name):
     updates = honest_updates(8, d=400, seed=5).numpy().astype(np.float32)
