@@ -58,9 +58,11 @@ from fedepic.metrics import nonfinite_model
 from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
-from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.extensions import pre_aggregation_steps
-from fedepic.vectors import columns, contiguous_run, finite_rows, flatten_state, float_keys, parameter_mask, unflatten_like
+from fedepic.train import evaluate, resolve_device, round_lr
+from fedepic.vectors import (
+    columns, contiguous_run, finite_rows, flatten_state, float_keys, parameter_mask, unflatten_like,
+)
 
 
 # --------------------------------------------------------------------------- what a round exchanges
@@ -284,18 +286,17 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     return AttackOutcome(update, outcome.nonfinite)
 
 
-def pre_aggregate_updates(models: torch.Tensor, reference: torch.Tensor, steps: Sequence) -> torch.Tensor:
-    """The steps applied to the updates ``models - reference`` (rows [n, D] and the global vector [D]),
-    returned as models again. Non-finite rows are left as they are (the rule leaves them out); the
-    steps see the finite ones only."""
-    ok = finite_rows(models)
+def pre_aggregate_updates(updates: torch.Tensor, steps: Sequence) -> torch.Tensor:
+    """The steps applied in order to the finite rows of ``updates`` [n, P]; a non-finite row is left as
+    it is (the rule leaves it out), and the steps never see it."""
+    ok = finite_rows(updates)
     if not steps or int(ok.sum()) == 0:
-        return models
-    updates = models[ok] - reference
+        return updates
+    rows = updates[ok]
     for step in steps:
-        updates = step(updates)
-    out = models.clone()
-    out[ok] = reference + updates
+        rows = step(rows)
+    out = updates.clone()
+    out[ok] = rows
     return out
 
 
@@ -380,7 +381,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)
     if cfg.defense.pre_aggregation and replies:  # NNM / clipping of the updates, then the rule
-        updates = pre_aggregate_updates(updates, torch.zeros(updates.shape[1]), pre_aggregation_steps(cfg))
+        updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg))
     outcome = backend.aggregate(rnd, work, updates) if replies else Aggregated(None, [], None, [])
     progress.nonfinite += outcome.nonfinite_count
     if outcome.vector is not None:

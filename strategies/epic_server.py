@@ -27,7 +27,9 @@ from torch import Tensor
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from strategies.epic_updates import UpdateSelection, epic_select_updates, medoid_count  # noqa: F401 (re-exported)
+from strategies.epic_updates import (  # noqa: F401 (UpdateSelection, medoid_count re-exported)
+    UpdateSelection, check_epic_parameters, epic_select_updates, medoid_count,
+)
 
 
 def record_vector(record: ArrayRecord) -> Tensor:
@@ -78,10 +80,7 @@ class EpicServer(FedAvg):
     def __init__(self, fraction: float, threshold: int, min_medoids: int, num_malicious_nodes: int,
                  client_id_key: str = "partition-id", **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-        if threshold < 0 or min_medoids < 1 or num_malicious_nodes < 0:
-            raise ValueError("threshold and num_malicious_nodes must be >= 0, min_medoids >= 1")
+        check_epic_parameters(fraction, threshold, min_medoids, num_malicious_nodes)
         self.fraction, self.threshold, self.min_medoids = fraction, threshold, min_medoids
         self.num_malicious_nodes = num_malicious_nodes
         self.client_id_key = client_id_key

@@ -34,6 +34,14 @@ class UpdateSelection:
         return (~self.keep).nonzero().flatten().tolist()
 
 
+def check_epic_parameters(fraction: float, threshold: int, min_medoids: int, num_malicious_nodes: int) -> None:
+    """EPIC on updates' settings, as the tensor rule and the Flower strategy both take them."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if threshold < 0 or min_medoids < 1 or num_malicious_nodes < 0:
+        raise ValueError("threshold and num_malicious_nodes must be >= 0, min_medoids >= 1")
+
+
 def medoid_count(m: int, fraction: float, min_medoids: int = 2, num_malicious: int = 0) -> int:
     """k = max(min_medoids, num_malicious + 1, ceil(fraction * m)), at most m - 1.
 
@@ -115,10 +123,7 @@ class EpicRule:
     """
 
     def __init__(self, fraction: float, threshold: int, min_medoids: int, num_malicious_nodes: int) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-        if threshold < 0 or min_medoids < 1 or num_malicious_nodes < 0:
-            raise ValueError("threshold and num_malicious_nodes must be >= 0, min_medoids >= 1")
+        check_epic_parameters(fraction, threshold, min_medoids, num_malicious_nodes)
         self.fraction, self.threshold, self.min_medoids = fraction, threshold, min_medoids
         self.num_malicious_nodes = num_malicious_nodes
 
