@@ -230,7 +230,7 @@ def main() -> None:
         for row, r in results.items():
             b, f = r["byzfl"], r["fedepic"]
             print(f"| {row} | {b['seconds']:.1f} | {f['seconds']:.1f} / {f['member_seconds']:.1f} | {r['speedup']:.2f}x | "
-                  f"{r['speed_target']:.0f}x | {r['ceiling']['max_possible_speedup']:.2f}x / "
+                  f"{r['speed_target']:g}x | {r['ceiling']['max_possible_speedup']:.2f}x / "
                   f"{r['max_possible_speedup_kernels']:.2f}x / {r['max_possible_speedup_with_rule']:.2f}x | "
                   f"{100 * b['final_accuracy']:.2f} | "
                   f"{100 * f['final_accuracy']:.2f} |",

@@ -214,7 +214,8 @@ class MultiKrumRule:
         chosen = lowest_scores(scores, self.num_nodes_to_select)
         kept = torch.zeros(n, dtype=torch.bool)
         kept[chosen] = True
-        rows = kept.nonzero().flatten()
+        # summed in the order of the scores, as Flower's select_multikrum hands its choice to the average
+        rows = torch.as_tensor(chosen)
         vector = stack[chosen[0]].clone() if len(chosen) == 1 else \
             weighted_mean(stack[rows], None if weights is None else torch.as_tensor(weights)[rows])
         return Aggregate(vector, kept, info={"scores": scores.tolist(), "order": chosen.tolist()})

@@ -29,9 +29,11 @@ from strategies.aggregate import Aggregate
 def weighted_mean(stack: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """``sum_i w_i x_i / sum_i w_i`` over the rows of ``stack`` [n, D] (equal weights when None).
 
-    The weights are normalised in float64 and cast to the stack's dtype, then applied as one
-    matrix-vector product (no [n, D] temporary): Flower's ``aggregate_arrayrecords`` does the same in
-    numpy float32 (``x_i * (w_i / total)`` accumulated row by row), so the two agree to float32 rounding.
+    Computed as Flower's ``aggregate_arrayrecords`` computes it, so that both engines give the same bits:
+    the factors ``w_i / sum(w)`` in Python floats (float64), each row times its factor in the stack's
+    dtype, accumulated row by row in row order. One pass over the stack per row, no [n, D] temporary.
+    The last bits matter: a few rounds of non-IID local training turn a one-ulp difference of the
+    global model into points of final accuracy (benchmarks/RESULTS.md).
 
     >>> weighted_mean(torch.tensor([[0.0, 2.0], [4.0, 6.0]]), torch.tensor([3.0, 1.0]))
     tensor([1., 3.])
@@ -41,10 +43,14 @@ def weighted_mean(stack: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         raise ValueError("weighted_mean needs at least one row")
     if weights is None:
         return stack.mean(dim=0)
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    if w.shape[0] != n or bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise ValueError(f"weights must be {n} non-negative values with a positive sum, got {w.tolist()}")
-    return (w / w.sum()).to(stack.dtype) @ stack
+    w = [float(x) for x in torch.as_tensor(weights, dtype=torch.float64).reshape(-1)]
+    if len(w) != n or any(x < 0 for x in w) or not sum(w) > 0:
+        raise ValueError(f"weights must be {n} non-negative values with a positive sum, got {w}")
+    total = sum(w)
+    out = stack[0] * (w[0] / total)
+    for row, weight in zip(stack[1:], w[1:]):
+        out += row * (weight / total)
+    return out
 
 
 class MeanRule:
@@ -59,8 +65,8 @@ class MeanRule:
         >>> out.vector, out.kept.tolist()
         (tensor([1.]), [True, True])
 
-    Cost: O(n D) time, O(D) extra memory. Deviation from Flower's FedAvg: none (float32 rounding:
-    Flower accumulates ``x_i * w_i`` row by row in float32, here one float32 matrix-vector product).
+    Cost: O(n D) time, O(D) extra memory. Deviation from Flower's FedAvg: none, to the bit
+    (``weighted_mean`` does Flower's float32 arithmetic in Flower's order).
     Stateless; ``own_index`` is ignored (a server has none).
     """
 
