@@ -149,10 +149,12 @@ def client_messages_run_once() -> Iterator[bool]:
     its worker died: the death reaches the ServerApp or router as an error reply. The actor's own
     max_task_retries stays as `backend_config` sets it, not 0, so that messages sent to the actor while
     its worker restarts wait for it instead of failing too. Flower calls ``actor.run.remote(...)``
-    with no options, hence the class-level setting (`method_retries`)."""
+    with no options, hence the class-level setting (`method_retries`). ``terminate`` ends the actor
+    with ``exit_actor`` on purpose: with a retry left, Ray logged that exit at every shutdown as a
+    failed task to be retried, so it gets none either."""
     from flwr.simulation.ray_transport.ray_actor import ClientAppActor
 
-    with method_retries(ClientAppActor, "run", 0) as done:
+    with method_retries(ClientAppActor, "run", 0) as done, method_retries(ClientAppActor, "terminate", 0):
         yield done
 
 
