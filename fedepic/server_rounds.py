@@ -61,7 +61,7 @@ from fedepic.server_checkpoints import elapsed, save_member_checkpoint
 from fedepic.extensions import pre_aggregation_steps
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.vectors import (
-    columns, contiguous_run, finite_rows, flatten_state, float_keys, parameter_mask, unflatten_like,
+    finite_rows, flatten_state, float_keys, parameter_mask, selector, unflatten_like,
 )
 
 
@@ -271,18 +271,17 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     n_bad = sum(malicious)
     if not needs_honest(cfg.attack.model) or n_bad == 0:
         return None
-    mask = torch.ones(stack.shape[1], dtype=torch.bool) if mask is None else mask
-    origin = columns(global_vec, mask)
-    benign = columns(stack[[i for i, bad in enumerate(malicious) if not bad]], mask) - origin
+    entries = slice(None) if mask is None else selector(mask)
+    origin = global_vec[..., entries]
+    benign = stack[[i for i, bad in enumerate(malicious) if not bad]][..., entries] - origin
     first_bad = stack[malicious.index(True)]
-    own = columns(first_bad, mask) - origin
+    own = first_bad[..., entries] - origin
     params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
     outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
     update = first_bad.clone()
-    run = contiguous_run(mask)
-    update[run if run is not None else mask] = origin + outcome.update
+    update[..., entries] = origin + outcome.update
     return AttackOutcome(update, outcome.nonfinite)
 
 
@@ -330,7 +329,8 @@ def parameter_updates(stack: torch.Tensor, origin: torch.Tensor, parameters: tor
     [n, P]: what pre-aggregation and every rule see, on both backends. Buffers never enter a rule. A row
     holding NaN / inf anywhere (a diverged client's BatchNorm statistics included) is all NaN here, so
     that every rule leaves it out whole."""
-    updates = columns(stack, parameters) - columns(origin, parameters)
+    entries = selector(parameters)
+    updates = stack[..., entries] - origin[..., entries]
     finite = finite_rows(stack)
     if not bool(finite.all()):
         updates[~finite] = float("nan")
@@ -344,9 +344,8 @@ def new_vector(origin: torch.Tensor, outcome: Aggregated, stack: torch.Tensor, p
     running statistics) are the example-weighted mean of the rows the rule used whole (every finite
     row for a coordinate-wise rule), the same on both backends."""
     vector = origin.clone()
-    run = contiguous_run(parameters)
-    selected = run if run is not None else parameters
-    vector[selected] = columns(origin, parameters) + outcome.vector.to(vector.dtype)
+    entries = selector(parameters)
+    vector[..., entries] = origin[..., entries] + outcome.vector.to(vector.dtype)
     statistics = ~parameters & ~fixed
     if bool(statistics.any()):
         out = [bool(x) for x in (outcome.excluded or [False] * len(work.replies))]

@@ -60,21 +60,16 @@ def all_finite(vector: torch.Tensor) -> bool:
     return bool(finite_rows(vector.reshape(1, -1))[0])
 
 
-def columns(stack: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``stack[..., mask]`` for a bool ``mask`` over the last dimension; a view when the selected entries
-    are one contiguous run (a model's parameters usually are: its few buffers come first or last).
-    Boolean indexing copies through a masked gather, several times slower than a view on a [n, 431k] stack."""
-    run = contiguous_run(mask)
-    return stack[..., run] if run is not None else stack[..., mask]
-
-
-def contiguous_run(mask: torch.Tensor) -> "slice | None":
-    """The slice ``mask`` selects when its True entries are one contiguous run, else None."""
+def selector(mask: torch.Tensor) -> "slice | torch.Tensor":
+    """What indexes the entries a bool ``mask`` over the last dimension selects: a slice when they are
+    one contiguous run (a model's parameters usually are: its few buffers come first or last), so that
+    ``x[..., selector(mask)]`` is a view, else ``mask`` itself. Boolean indexing copies through a
+    masked gather, several times slower than a view on a [n, 431k] stack."""
     hits = mask.nonzero().flatten()
     if hits.numel() == 0:
         return slice(0, 0)
     first, last = int(hits[0]), int(hits[-1])
-    return slice(first, last + 1) if last - first + 1 == hits.numel() else None
+    return slice(first, last + 1) if last - first + 1 == hits.numel() else mask
 
 
 def row_shares(mask: torch.Tensor) -> torch.Tensor:
