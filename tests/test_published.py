@@ -128,3 +128,36 @@ def test_unknown_experiment_or_cell_is_a_config_error():
         published.cells("nope")
     with pytest.raises(ConfigError, match="0 cells match"):
         published.find("bucketing_mnist", aggregator="krum", attack="nope")
+
+
+def test_reproduce_configs_load_with_the_authors_settings():
+    from fedepic.config import load_config, sweep_section
+
+    dumbbell = load_config(str(REPO / "configs" / "reproduce" / "dumbbell_clippedgossip.yaml"))
+    assert (dumbbell.rounds, dumbbell.clients.count, dumbbell.train.lr, dumbbell.train.eval_every) == (900, 20, 0.1, 30)
+    assert len(dumbbell.topology.edges) == 2 * 45 + 1 and [0, 19] in dumbbell.topology.edges
+    assert sweep_section(dumbbell)[1] == {"data.partition": ["iid", "label_sets"]}
+    bucketing = load_config(str(REPO / "configs" / "reproduce" / "bucketing_mnist.yaml"))
+    assert (bucketing.rounds, bucketing.server.protocol, bucketing.server.lr) == (600, "per_step", 0.1)
+    assert bucketing.clients.malicious_ids == [20, 21, 22, 23, 24]
+    assert bucketing.attack.alie_z == pytest.approx(0.2533471031357998)  # Phi^-1(0.6), the authors' z
+
+
+def test_ema_momentum_at_ten_times_the_lr_takes_the_authors_heavy_ball_steps():
+    """The configs' lr 0.1: the authors' m <- 0.9 m + g (m_1 = g_1) stepped at 0.01 equals fedepic's
+    m' <- 0.9 m' + 0.1 g (m'_0 = 0) stepped at 0.1, since m' = 0.1 m at every step."""
+    import torch
+
+    from simulations.dfl_node import NodeState, dsgd_momentum
+
+    gradients = torch.tensor([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [2.0, 2.0]])
+    state, heavy = NodeState(member="x"), None
+    x_authors, x_fedepic = torch.zeros(2), torch.zeros(2)
+    for g in gradients:
+        heavy = g.clone() if heavy is None else 0.9 * heavy + g
+        dsgd_momentum(state, g, 0.9)
+        x_authors, x_fedepic = x_authors - 0.01 * heavy, x_fedepic - 0.1 * state.momentum
+        assert torch.allclose(state.momentum, 0.1 * heavy)
+    # by hand: m = [1, -2], [3.9, -1.3], [2.51, 2.83], [4.259, 4.547]; x = -0.01 * their sum
+    assert torch.allclose(x_authors, torch.tensor([-0.11669, -0.04077]), atol=1e-6)
+    assert torch.allclose(x_fedepic, x_authors, atol=1e-6)
