@@ -203,6 +203,14 @@ class PurificationConfig:
 
 
 @dataclass
+class CenteredClippingConfig:
+    """Centered clipping (Karimireddy, He, Jaggi, ICML 2021); see strategies/centered_clipping.py."""
+
+    tau: float = field(default=100.0, metadata=POSITIVE)  # clipping radius (ByzFL's default)
+    iterations: int = field(default=1, metadata=between(1, 1000))  # L, clipping steps per round (ByzFL's default)
+
+
+@dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
     # centralized: e.g. [none, epic-0.1, random, loss, spectral]
@@ -222,6 +230,7 @@ class DefenseConfig:
     # decentralized: on {own} ∪ neighbours before a stateless peer rule
     pre_aggregation: List[str] = field(default_factory=list, metadata=one_of(PRE_AGGREGATION))
     clip_radius: float = field(default=1.0, metadata=POSITIVE)
+    centered_clipping: CenteredClippingConfig = field(default_factory=CenteredClippingConfig)
 
 
 @dataclass

@@ -180,6 +180,10 @@ SERVER_RULES = Registry("server rule", [
     Entry("epic", "strategies.epic_updates:EpicRule", "EPIC on the updates, then FedAvg of the rest",
           {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold",
            "min_medoids": "defense.epic.min_medoids", "num_malicious_nodes": assumed_byzantine}),
+    Entry("centered_clipping", "strategies.centered_clipping:CenteredClippingRule",
+          "centered clipping around the previous aggregate, `defense.centered_clipping.tau` and `.iterations` "
+          "(Karimireddy, He, Jaggi, ICML 2021)",
+          {"tau": "defense.centered_clipping.tau", "iterations": "defense.centered_clipping.iterations"}),
 ])
 
 
