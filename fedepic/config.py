@@ -211,6 +211,14 @@ class CenteredClippingConfig:
 
 
 @dataclass
+class GeometricMedianConfig:
+    """RFA, the smoothed Weiszfeld geometric median (Pillutla et al., IEEE TSP 2022); strategies/geometric_median.py."""
+
+    iterations: int = field(default=3, metadata=between(1, 1000))  # T, Weiszfeld steps from 0 (ByzFL's default)
+    nu: float = field(default=0.1, metadata=POSITIVE)  # smoothing: weights 1 / max(nu, distance) (ByzFL's default)
+
+
+@dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
     # centralized: e.g. [none, epic-0.1, random, loss, spectral]
@@ -231,6 +239,7 @@ class DefenseConfig:
     pre_aggregation: List[str] = field(default_factory=list, metadata=one_of(PRE_AGGREGATION))
     clip_radius: float = field(default=1.0, metadata=POSITIVE)
     centered_clipping: CenteredClippingConfig = field(default_factory=CenteredClippingConfig)
+    geometric_median: GeometricMedianConfig = field(default_factory=GeometricMedianConfig)
 
 
 @dataclass

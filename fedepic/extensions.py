@@ -107,6 +107,10 @@ PEER_RULES = Registry("peer rule", [
     Entry("scclip", "strategies.scclip:SelfCenteredClipping",
           "self-centred clipping at radius `defense.scclip_tau` (He, Karimireddy, Jaggi, 2022)",
           {"tau": "defense.scclip_tau"}),
+    Entry("geometric_median", "strategies.geometric_median:GeometricMedianRule",
+          "RFA over own and the neighbours, equal weights, `defense.geometric_median.iterations` and `.nu` "
+          "(Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
+          {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
     Entry("epic", "strategies.epic_peer:EpicPeer", "EPIC on the neighbours' updates, then gossip",
           {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold"}),
     Entry("exclude", "strategies.exclude:ExcludeDetected",
@@ -184,6 +188,10 @@ SERVER_RULES = Registry("server rule", [
           "centered clipping around the previous aggregate, `defense.centered_clipping.tau` and `.iterations` "
           "(Karimireddy, He, Jaggi, ICML 2021)",
           {"tau": "defense.centered_clipping.tau", "iterations": "defense.centered_clipping.iterations"}),
+    Entry("geometric_median", "strategies.geometric_median:GeometricMedianRule",
+          "RFA: smoothed Weiszfeld geometric median, example-weighted, `defense.geometric_median.iterations` and "
+          "`.nu` (Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
+          {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
 ])
 
 

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from fedepic.config import load_config
-from fedepic.extensions import SERVER_RULES
-from strategies import centered_clipping
+from fedepic.extensions import PEER_RULES, SERVER_RULES
+from strategies import centered_clipping, geometric_median
 from strategies.aggregate import aggregate
 from strategies.centered_clipping import CenteredClippingRule
+from strategies.geometric_median import GeometricMedianRule
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = torch.load(DATA / "byzfl_reference.pt", weights_only=True)
@@ -104,6 +105,69 @@ def test_centered_clipping_binds_from_the_config():
 
 def test_centered_clipping_examples():
     assert doctest.testmod(centered_clipping).failed == 0
+
+
+# --------------------------------------------------------------------------- geometric median (RFA)
+
+
+def test_geometric_median_is_byzfls_at_the_server_and_at_a_peer():
+    for case in reference("geometric_median"):
+        rule = GeometricMedianRule(case["iterations"], case["nu"])
+        x, want = case["stack"], case["out"]
+        out = aggregate(rule, x.clone(), None, None, {})
+        assert close(out.vector, want), (case["nu"], case["iterations"], x.shape)
+        assert out.kept.all() and abs(sum(out.info["weights"]) - 1) < 1e-12
+        for own in (0, x.shape[0] - 1):  # at a peer: own is a row like the others, mixing weights ignored
+            w = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(own))
+            peer = aggregate(rule, x.clone(), own, w / w.sum(), {})
+            assert close(peer.vector, want) and peer.kept.all()
+
+
+def test_geometric_median_by_hand_with_example_weights():
+    """Rows 0, 2, 10 (one coordinate) with example counts 1, 2, 1, nu = 0.5, two steps from 0:
+    step 1: distances 0, 2, 10 -> max(nu, d) = 0.5, 2, 10; beta = 1/0.5, 2/2, 1/10 = 2, 1, 0.1;
+            z_1 = (0 + 2 + 1) / 3.1 = 30/31.
+    step 2: distances 30/31, 32/31, 280/31; beta = 31/30, 62/32, 31/280; z_2 = sum beta x / sum beta."""
+    x = torch.tensor([[0.0], [2.0], [10.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    one = GeometricMedianRule(1, 0.5)(x, None, w, {})
+    assert abs(float(one.vector) - 30 / 31) < 1e-12
+    b = [31 / 30, 62 / 32, 31 / 280]
+    two = GeometricMedianRule(2, 0.5)(x, None, w, {})
+    assert abs(float(two.vector) - (2 * b[1] + 10 * b[2]) / sum(b)) < 1e-12
+    assert two.kept.tolist() == [True, True, True]
+    # the same stack with equal weights (None) is ByzFL's: beta = 2, 1/2, 1/10
+    assert abs(float(GeometricMedianRule(1, 0.5)(x, None, None, {}).vector) - (1 + 1) / 2.6) < 1e-12
+
+
+def test_geometric_median_leaves_a_nan_row_out():
+    x = torch.tensor([[0.0, 0.0], [NAN, 1.0], [4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    out = aggregate(GeometricMedianRule(5, 0.1), x.clone(), None, None, {})
+    want = GeometricMedianRule(5, 0.1)(x[[0, 2, 3]], None, None, {}).vector
+    assert torch.equal(out.vector, want)
+    assert out.kept.tolist() == [True, False, True, True] and out.nonfinite.tolist() == [False, True, False, False]
+    # at a peer with a NaN own: own is replaced by the coordinate median of the others, then one row of the median
+    peer = aggregate(GeometricMedianRule(5, 0.1), x.clone(), 1, None, {})
+    replaced = x.clone()
+    replaced[1] = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    assert peer.own_replaced and torch.equal(peer.vector, GeometricMedianRule(5, 0.1)(replaced, 1, None, {}).vector)
+
+
+def test_geometric_median_refuses_bad_parameters_and_binds_from_the_config():
+    with pytest.raises(ValueError, match="iterations"):
+        GeometricMedianRule(0, 0.1)
+    with pytest.raises(ValueError, match="nu"):
+        GeometricMedianRule(3, 0.0)
+    cfg = load_config(None, ["mode=federated", "defense.geometric_median.iterations=7",
+                             "defense.geometric_median.nu=0.01"])
+    rule = SERVER_RULES.build("geometric_median", cfg)
+    assert (rule.iterations, rule.nu) == (7, 0.01)
+    peer = PEER_RULES.build("geometric_median", load_config(None, ["mode=decentralized", "strategies=[gossip]"]))
+    assert (peer.iterations, peer.nu) == (3, 0.1)
+
+
+def test_geometric_median_examples():
+    assert doctest.testmod(geometric_median).failed == 0
 
 
 # --------------------------------------------------------------------------- the recording itself
