@@ -111,6 +111,8 @@ PEER_RULES = Registry("peer rule", [
           "RFA over own and the neighbours, equal weights, `defense.geometric_median.iterations` and `.nu` "
           "(Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
           {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
+    Entry("monna", "strategies.monna:MoNNARule", "MoNNA: the mean of the n - f rows nearest to own, f = "
+          "`defense.byzantine` (Farhadkhani et al., ICML 2023)", {"f": assumed_byzantine}),
     Entry("epic", "strategies.epic_peer:EpicPeer", "EPIC on the neighbours' updates, then gossip",
           {"fraction": "defense.epic.fraction", "threshold": "defense.epic.threshold"}),
     Entry("exclude", "strategies.exclude:ExcludeDetected",
@@ -192,6 +194,8 @@ SERVER_RULES = Registry("server rule", [
           "RFA: smoothed Weiszfeld geometric median, example-weighted, `defense.geometric_median.iterations` and "
           "`.nu` (Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
           {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
+    Entry("monna", "strategies.monna:MoNNARule", "MoNNA: the mean of the n - f updates nearest to the previous "
+          "aggregate, f = `defense.byzantine` (Farhadkhani et al., ICML 2023)", {"f": assumed_byzantine}),
 ])
 
 

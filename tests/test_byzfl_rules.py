@@ -19,10 +19,11 @@ import torch
 
 from fedepic.config import load_config
 from fedepic.extensions import PEER_RULES, SERVER_RULES
-from strategies import centered_clipping, geometric_median
+from strategies import centered_clipping, geometric_median, monna
 from strategies.aggregate import aggregate
 from strategies.centered_clipping import CenteredClippingRule
 from strategies.geometric_median import GeometricMedianRule
+from strategies.monna import MoNNARule
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = torch.load(DATA / "byzfl_reference.pt", weights_only=True)
@@ -168,6 +169,65 @@ def test_geometric_median_refuses_bad_parameters_and_binds_from_the_config():
 
 def test_geometric_median_examples():
     assert doctest.testmod(geometric_median).failed == 0
+
+
+# --------------------------------------------------------------------------- MoNNA
+
+
+def test_monna_at_a_peer_is_byzfls_with_idx_the_own_row():
+    for case in reference("monna"):
+        x, want, own = case["stack"], case["out"], case["idx"]
+        out = aggregate(MoNNARule(case["f"]), x.clone(), own, None, {})
+        assert close(out.vector, want), (case["f"], own, x.shape)
+        assert int(out.kept.sum()) == x.shape[0] - case["f"] and bool(out.kept[own])
+        assert close(x[out.kept].mean(dim=0), want)
+
+
+def test_monna_by_hand_at_a_peer_and_at_the_server():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0], [0.0, -2.0], [30.0, 40.0]], dtype=torch.float64)
+    # own = row 2 at (1, 0), f = 2: distances 1, sqrt(20), 0, sqrt(5), sqrt(29 ** 2 + 40 ** 2) -> rows 2, 0, 3
+    out = MoNNARule(2)(x, 2, None, {})
+    assert out.info["selected"] == [2, 0, 3] and out.kept.tolist() == [True, False, True, True, False]
+    assert close(out.vector, torch.tensor([1 / 3, -2 / 3], dtype=torch.float64))
+    # a tie with own goes to own: row 0 duplicated at row 1, own = 1, f = 2 of 3 -> lowered to 1: rows 1, 0
+    dup = torch.tensor([[1.0], [1.0], [5.0]], dtype=torch.float64)
+    assert MoNNARule(2)(dup, 1, None, {}).info["selected"] == [1, 0]
+    # the server: round 1 from 0 (norms 0, 5, 1, 2, 50 -> rows 0, 2, 3), round 2 from that mean
+    state = {}
+    first = MoNNARule(2)(x, None, None, state)
+    assert first.info["selected"] == [0, 2, 3] and close(state["reference"], first.vector)
+    second = MoNNARule(2)(x + torch.tensor([3.0, 4.0], dtype=torch.float64), None, None, state)
+    # from the reference (1/3, -2/3) the shifted rows (3, 4), (6, 8), (4, 4), (3, 2), (33, 44) lie at
+    # sqrt(7.11 + 21.78), sqrt(32.11 + 75.11), sqrt(13.44 + 21.78), sqrt(7.11 + 7.11), ...: rows 3, 0, 2
+    assert second.info["selected"] == [3, 0, 2]
+    want = (x + torch.tensor([3.0, 4.0], dtype=torch.float64))[[0, 2, 3]].mean(dim=0)
+    assert close(second.vector, want) and close(state["reference"], want)
+
+
+def test_monna_leaves_a_nan_row_out_and_replaces_a_nan_own():
+    x = torch.tensor([[0.0], [NAN], [1.0], [2.0], [50.0]], dtype=torch.float64)
+    out = aggregate(MoNNARule(1), x.clone(), 0, None, {})  # 4 finite rows, f = 1: own and its 2 nearest
+    assert close(out.vector, torch.tensor([1.0], dtype=torch.float64))
+    assert out.kept.tolist() == [True, False, True, True, False] and out.nonfinite.tolist()[1]
+    # own (row 1) replaced by the median of 0, 1, 2, 50, 1.5: five rows, f = 1, own and its 3 nearest
+    own_nan = aggregate(MoNNARule(1), x.clone(), 1, None, {})
+    assert own_nan.own_replaced and own_nan.info["selected"] == [1, 2, 3, 0]
+    assert close(own_nan.vector, torch.tensor([(1.5 + 1.0 + 2.0 + 0.0) / 4], dtype=torch.float64))
+    assert own_nan.kept.tolist() == [True, False, True, True, False]  # the replaced own is reported not kept
+    server = aggregate(MoNNARule(1), x.clone(), None, None, {})
+    assert close(server.vector, torch.tensor([1.0], dtype=torch.float64)) and server.nonfinite.tolist()[1]
+
+
+def test_monna_binds_f_from_the_config():
+    cfg = load_config(None, ["mode=federated", "clients.count=10", "clients.malicious_fraction=0.3"])
+    assert SERVER_RULES.build("monna", cfg).f == 3
+    assert SERVER_RULES.build("monna", load_config(None, ["mode=federated", "defense.byzantine=2"])).f == 2
+    with pytest.raises(ValueError, match="monna"):
+        MoNNARule(-1)
+
+
+def test_monna_examples():
+    assert doctest.testmod(monna).failed == 0
 
 
 # --------------------------------------------------------------------------- the recording itself
