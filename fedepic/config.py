@@ -240,6 +240,8 @@ class DefenseConfig:
     clip_radius: float = field(default=1.0, metadata=POSITIVE)
     centered_clipping: CenteredClippingConfig = field(default_factory=CenteredClippingConfig)
     geometric_median: GeometricMedianConfig = field(default_factory=GeometricMedianConfig)
+    # bucketing (defense.pre_aggregation: bucketing): inputs per bucket (Karimireddy, He, Jaggi, ICLR 2022)
+    bucket_size: int = field(default=2, metadata=between(1, NODES_LIMIT))
 
 
 @dataclass

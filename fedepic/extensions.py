@@ -158,12 +158,20 @@ PRE_AGGREGATION = Registry("pre-aggregation step", [
           "`defense.byzantine` attackers (Allouah et al., AISTATS 2023)", {"f": assumed_byzantine}),
     Entry("clip", "strategies.preaggregation:StaticClip", "static L2 clipping at `defense.clip_radius`",
           {"c": "defense.clip_radius"}),
+    Entry("bucketing", "strategies.bucketing:Bucketing", "each input replaced by the mean of its bucket of "
+          "`defense.bucket_size`, a seeded random permutation (Karimireddy, He, Jaggi, ICLR 2022)",
+          {"s": "defense.bucket_size", "seed": "seed"}),
+    Entry("arc", "strategies.arc:AdaptiveRobustClipping", "adaptive robust clipping: the floor(2f(n - f)/n) "
+          "largest inputs clipped to the next norm, f = `defense.byzantine` (Allouah et al., 2024)",
+          {"f": assumed_byzantine}),
 ])
 
 
-def pre_aggregation_steps(cfg: Any) -> list:
-    """``defense.pre_aggregation``'s steps, in order."""
-    return [PRE_AGGREGATION.build(name, cfg) for name in cfg.defense.pre_aggregation]
+def pre_aggregation_steps(cfg: Any, round: int | None = None) -> list:
+    """``defense.pre_aggregation``'s steps, in order; ``round`` (the server's round, None at a peer) is the
+    context a step may take (bucketing seeds its permutation with it)."""
+    context = None if round is None else {"round": round}
+    return [PRE_AGGREGATION.build(name, cfg, context) for name in cfg.defense.pre_aggregation]
 
 
 def is_reference(name: str) -> bool:

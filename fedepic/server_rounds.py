@@ -380,7 +380,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)
     if cfg.defense.pre_aggregation and replies:  # NNM / clipping of the updates, then the rule
-        updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg))
+        updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg, rnd))
     outcome = backend.aggregate(rnd, work, updates) if replies else Aggregated(None, [], None, [])
     progress.nonfinite += outcome.nonfinite_count
     if outcome.vector is not None:

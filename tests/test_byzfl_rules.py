@@ -10,7 +10,9 @@ where such a venv exists and checks the recording is still what ByzFL gives.
 from __future__ import annotations
 
 import doctest
+import hashlib
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -18,11 +20,15 @@ import pytest
 import torch
 
 from fedepic.config import load_config
-from fedepic.extensions import PEER_RULES, SERVER_RULES
-from strategies import centered_clipping, geometric_median, monna
+from fedepic.extensions import PEER_RULES, SERVER_RULES, pre_aggregation_steps
+from simulations.dfl_node import peer_rule
+from strategies import arc, bucketing, centered_clipping, geometric_median, monna
 from strategies.aggregate import aggregate
+from strategies.arc import AdaptiveRobustClipping, adaptive_robust_clip, clipped_count
+from strategies.bucketing import Bucketing, bucket_means, bucketed_rows
 from strategies.centered_clipping import CenteredClippingRule
 from strategies.geometric_median import GeometricMedianRule
+from strategies.mean import MeanRule
 from strategies.monna import MoNNARule
 
 DATA = Path(__file__).parent / "data"
@@ -228,6 +234,107 @@ def test_monna_binds_f_from_the_config():
 
 def test_monna_examples():
     assert doctest.testmod(monna).failed == 0
+
+
+# --------------------------------------------------------------------------- bucketing
+
+
+def test_bucket_means_are_byzfls_under_byzfls_permutation():
+    for case in reference("bucketing"):
+        x, perm, s = case["stack"], case["permutation"], case["s"]
+        assert close(bucket_means(x, perm, s), case["out"]), (s, x.shape)
+        rows = bucketed_rows(x, perm, s)  # what the step hands the rule: each row its bucket's mean
+        for b, members in enumerate(torch.split(perm, s)):
+            assert all(close(rows[i], case["out"][b]) for i in members.tolist())
+
+
+def test_bucketing_by_hand_and_its_seeds():
+    x = torch.arange(5.0, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 10.0]], dtype=torch.float64)
+    perm = torch.tensor([3, 0, 4, 1, 2])  # buckets {3, 0}, {4, 1}, {2}
+    want = torch.tensor([[1.5, 15.0], [2.5, 25.0], [2.0, 20.0]], dtype=torch.float64)
+    assert close(bucket_means(x, perm, 2), want)
+    assert close(bucketed_rows(x, perm, 2), want[[0, 1, 2, 0, 1]])
+    # at a server the round's permutation: seed * 1_000_003 + round, the same however often it is built
+    for rnd in (1, 2):
+        g = torch.Generator().manual_seed(7 * 1_000_003 + rnd)
+        assert torch.equal(Bucketing(2, 7, rnd)(x), bucketed_rows(x, torch.randperm(5, generator=g), 2))
+        assert torch.equal(Bucketing(2, 7, rnd)(x), Bucketing(2, 7, rnd)(x))
+    # at a peer (no round): seeded with the seed and a digest of the stack, the same whenever it is built
+    for stack in (x, x + 1, x * 2):
+        key = int.from_bytes(hashlib.blake2b(struct.pack("<dqq", float(stack.sum()), 5, 2), digest_size=4).digest(),
+                             "little") >> 1
+        g = torch.Generator().manual_seed(7 * 1_000_003 + key)
+        assert torch.equal(Bucketing(2, 7)(stack), bucketed_rows(stack, torch.randperm(5, generator=g), 2))
+    perms = {tuple(Bucketing(2, 7).permutation(x + k).tolist()) for k in range(20)}
+    assert len(perms) > 10  # a new permutation for new inputs (5! = 120 of them)
+    assert torch.equal(Bucketing(1, 7, 1)(x), x)
+    with pytest.raises(ValueError, match="bucketing"):
+        Bucketing(0, 7)
+
+
+def test_bucketing_leaves_nan_rows_out_of_the_buckets():
+    x = torch.tensor([[0.0], [NAN], [2.0], [4.0], [6.0]], dtype=torch.float64)
+    out = Bucketing(2, 3, 1)(x)
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 1)
+    finite = bucketed_rows(x[[0, 2, 3, 4]], torch.randperm(4, generator=g), 2)
+    assert torch.isnan(out[1]).all() and torch.equal(out[[0, 2, 3, 4]], finite)
+    # then the rule leaves the NaN row out: the mean of the four bucketed rows is the mean of the rows
+    agg = aggregate(MeanRule(), out, None, None, {})
+    assert close(agg.vector, torch.tensor([3.0], dtype=torch.float64)) and agg.nonfinite.tolist()[1]
+
+
+def test_the_server_engine_builds_the_steps_with_its_round():
+    cfg = load_config(None, ["mode=federated", "seed=5", "defense.pre_aggregation=[bucketing,arc]",
+                             "defense.bucket_size=3", "defense.byzantine=2"])
+    bucketing, arc = pre_aggregation_steps(cfg, 4)
+    assert (bucketing.s, bucketing.seed, bucketing.round, arc.f) == (3, 5, 4, 2)
+    assert pre_aggregation_steps(cfg)[0].round is None  # a peer's: built once, no round
+    source = (Path(__file__).parents[1] / "fedepic" / "server_rounds.py").read_text()
+    assert "pre_aggregation_steps(cfg, rnd)" in source
+
+
+def test_bucketing_before_a_peer_rule_moves_own_with_its_bucket():
+    cfg = load_config("dfl_smoke", ["strategies=[gossip]", "defense.pre_aggregation=[bucketing]",
+                                    "defense.bucket_size=2", "seed=11"])
+    rule = peer_rule("gossip", cfg)
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    got = aggregate(rule, x, 0, torch.tensor([0.7, 0.1, 0.1, 0.1])).vector
+    rows = bucketed_rows(x, Bucketing(2, 11).permutation(x), 2)
+    assert torch.allclose(got, 0.7 * rows[0] + 0.1 * rows[1:].sum(dim=0))
+
+
+# --------------------------------------------------------------------------- ARC
+
+
+def test_arc_is_byzfls():
+    for case in reference("arc"):
+        assert close(AdaptiveRobustClipping(case["f"])(case["stack"].clone()), case["out"]), (case["f"], case["stack"].shape)
+
+
+def test_arc_by_hand():
+    # n = 5, f = 2: k = floor(2 * 2 * 3 / 5) = 2; norms 5, 10, 1, 2, 13 -> the two largest (13, 10) go to 5
+    x = torch.tensor([[3.0, 4.0], [6.0, 8.0], [1.0, 0.0], [0.0, 2.0], [5.0, 12.0]], dtype=torch.float64)
+    want = x.clone()
+    want[1] = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    want[4] = torch.tensor([5.0, 12.0], dtype=torch.float64) * 5 / 13
+    assert close(adaptive_robust_clip(x, 2), want)
+    assert torch.equal(adaptive_robust_clip(x, 0), x)  # k = 0
+    assert [clipped_count(n, f) for n, f in ((10, 3), (4, 2), (7, 3), (3, 3))] == [4, 2, 3, 0]
+
+
+def test_arc_k_is_the_exact_floor_where_byzfls_float_product_falls_short():
+    assert clipped_count(242, 33) == 57 and int((2 * 33 / 242) * (242 - 33)) == 56  # 2 * 33 * 209 / 242 = 57
+
+
+def test_arc_leaves_nan_rows_out_of_the_norms():
+    x = torch.tensor([[3.0, 4.0], [NAN, 0.0], [6.0, 8.0], [1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    out = AdaptiveRobustClipping(1)(x)  # 4 finite rows, f = 1: k = 1, the row of norm 10 clipped to 5
+    assert torch.isnan(out[1, 0]) and close(out[[0, 2, 3, 4]], adaptive_robust_clip(x[[0, 2, 3, 4]], 1))
+    assert close(out[2], torch.tensor([3.0, 4.0], dtype=torch.float64))
+
+
+def test_bucketing_and_arc_examples():
+    assert doctest.testmod(bucketing).failed == 0 and doctest.testmod(arc).failed == 0
 
 
 # --------------------------------------------------------------------------- the recording itself
