@@ -8,7 +8,8 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
   its own vector and its neighbours'). A server rule (``fedepic.extensions.SERVER_RULES``) reads the
   rows as updates (model - global model, or per-step momenta) and returns the aggregated update; every
   registered one is translation-equivariant, weighting included (``strategies/mean.py``), so a stack of
-  models gives the aggregated model and the same report.
+  models gives the aggregated model and the same report, except centered clipping, the geometric
+  median and MoNNA (a centre from history or a start at zero: their docstrings).
 - ``own_index`` is the receiver's own row at a peer, None at a server. The stateless peer rules
   (``fedepic.extensions.PEER_RULES``: gossip, median, trimmed mean, Krum, SCClip, EPIC, and the
   pre-aggregation wrapper) need it; the stateful ones (GP, exclude) keep their own ``aggregate``
