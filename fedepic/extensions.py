@@ -220,6 +220,10 @@ MODEL_ATTACKS = Registry("model attack", [
           {"epsilon": "attack.ipm_eps"}, frozenset({"needs_honest"})),
     Entry("minmax", "fedepic.attacks.model_attacks:minmax", "min-max (Shejwalkar & Houmansadr, NDSS 2021)",
           flags=frozenset({"needs_honest"})),
+    Entry("bit_flip", "fedepic.attacks.model_attacks:sign_flip", "bit flipping (Karimireddy, He, Jaggi): the "
+          "negated update / model, an alias of `sign_flip`"),
+    Entry("minsum", "fedepic.attacks.minsum:minsum", "min-sum (Shejwalkar & Houmansadr, NDSS 2021)",
+          flags=frozenset({"needs_honest"})),
 ])
 
 

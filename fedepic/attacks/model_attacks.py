@@ -49,12 +49,14 @@ def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
     return finite, own, count
 
 
-_NEEDS_HONEST = {"alie": 2, "ipm": 1}
+_NEEDS_HONEST = {"alie": 2, "ipm": 1, "fang_krum": 1, "fang_trimmed_mean": 1, "optimal_alie": 2,
+                 "optimal_ipm": 1, "mimic": 1}
 
 
 def honest_rows_needed(name: str, params: dict[str, Any]) -> int:
-    """How many honest updates attack ``name`` needs with ``params`` (0 for those that need none)."""
-    if name == "minmax":
+    """How many honest updates attack ``name`` (its function's name) needs with ``params`` (0 for those
+    that need none)."""
+    if name in ("minmax", "minsum"):
         return 2 if params.get("perturbation", "std") == "std" else 1
     return _NEEDS_HONEST.get(name, 0)
 
@@ -90,10 +92,30 @@ def no_attack(honest: Tensor, own: Tensor, generator: torch.Generator | None = N
 def sign_flip(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, scale: float = 1.0
 ) -> Tensor:
-    """Sign flipping: ``-scale * own`` (scale 1 is the classic attack).
+    """Sign flipping: ``-scale * own`` (scale 1 is the classic attack); registered as ``sign_flip`` and,
+    under the literature's name, as ``bit_flip`` (the same function, scale 1).
 
     Paper: the "bit-flipping" baseline of Sai Praneeth Karimireddy, Lie He, Martin Jaggi, "Learning from
-    History for Byzantine Robust Optimization", ICML 2021, arXiv:2012.10333.
+    History for Byzantine Robust Optimization", ICML 2021, arXiv:2012.10333, and of Sai Praneeth
+    Karimireddy, Lie He, Martin Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+    Bucketing", ICLR 2022, https://openreview.net/forum?id=jXKKDEi5vJt ("BF"); its decentralized form in
+    Lie He, Sai Praneeth Karimireddy, Martin Jaggi, "Byzantine-robust decentralized learning via
+    ClippedGossip", arXiv:2202.01545, 2022.
+
+    The authors' code defines it as the negated own vector: in ``epfml/byzantine-robust-noniid-optimizer``
+    (``codes/attacks/bitflipping.py``) the Byzantine worker's ``get_gradient`` returns
+    ``-super().get_gradient()``, the negation of the gradient it computed honestly; in
+    ``epfml/byzantine-robust-decentralized-optimizer`` (``codes/attacks.py``, ``BitFlippingWorker``)
+    it sends ``-flattened_model``, its negated model. fedepic's ``sign_flip`` is that rule: at a server
+    ``own`` is the attacker's update (model - global model, or its momentum under per_step), at a peer
+    its trained model (``simulations/dfl_router.py``), so bit flipping and sign flipping are one attack
+    and ``bit_flip`` is an alias, not a second implementation. It differs from ByzFL's ``SignFlipping``,
+    which sends ``-mean(honest)`` (omniscient: the negated mean of the honest vectors; Allen-Zhu et al.,
+    ICLR 2021): fedepic's needs no honest vector and negates the attacker's own. Deviation: none for
+    scale 1; ``scale`` (not in the papers, no config key) scales the negation.
+
+    >>> sign_flip(torch.zeros(1, 2), torch.tensor([1.0, -2.0]))
+    tensor([-1.,  2.])
     """
     _check(honest, own)
     return -scale * own
@@ -180,7 +202,9 @@ def ipm(
     return -epsilon * honest.mean(dim=0)
 
 
-def _perturbation(honest: Tensor, kind: str) -> Tensor:
+def perturbation_direction(honest: Tensor, kind: str) -> Tensor:
+    """Min-max's and min-sum's direction p (Shejwalkar & Houmansadr, NDSS 2021): ``-std`` (unbiased),
+    ``-mu/||mu||`` ("unit_vec") or ``-sign(mu)`` of the honest rows."""
     mu = honest.mean(dim=0)
     if kind == "std":
         return -column_std(honest)
@@ -188,7 +212,7 @@ def _perturbation(honest: Tensor, kind: str) -> Tensor:
         return -mu / mu.norm().clamp_min(torch.finfo(mu.dtype).tiny)
     if kind == "sign":
         return -torch.sign(mu)
-    raise ValueError(f"minmax: perturbation must be 'std', 'unit_vec' or 'sign', got {kind!r}")
+    raise ValueError(f"perturbation must be 'std', 'unit_vec' or 'sign', got {kind!r}")
 
 
 @finite_inputs
@@ -210,7 +234,7 @@ def minmax(
     which is real and >= 0 because ``|e_i| <= B`` (mu lies in the hull). gamma is the smallest root.
     """
     _check(honest, own, need_honest=2 if perturbation == "std" else 1)
-    mu, p = honest.mean(dim=0), _perturbation(honest, perturbation)
+    mu, p = honest.mean(dim=0), perturbation_direction(honest, perturbation)
     p_sq = float(p.double().square().sum())
     if p_sq == 0.0:
         return mu  # identical honest updates: no room to move
