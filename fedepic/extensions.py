@@ -224,6 +224,10 @@ MODEL_ATTACKS = Registry("model attack", [
           "negated update / model, an alias of `sign_flip`"),
     Entry("minsum", "fedepic.attacks.minsum:minsum", "min-sum (Shejwalkar & Houmansadr, NDSS 2021)",
           flags=frozenset({"needs_honest"})),
+    Entry("fang_krum", "fedepic.attacks.fang:fang_krum", "Fang et al.'s full-knowledge attack on Krum (USENIX "
+          "Security 2020)", flags=frozenset({"needs_honest"})),
+    Entry("fang_trimmed_mean", "fedepic.attacks.fang:fang_trimmed_mean", "Fang et al.'s full-knowledge attack on "
+          "the trimmed mean and median (USENIX Security 2020)", flags=frozenset({"needs_honest"})),
 ])
 
 

@@ -57,3 +57,79 @@ def test_minsum_hand_made_value():
 def test_minsum_is_registered_and_omniscient():
     assert MODEL_ATTACKS.has("minsum", "needs_honest")
     assert torch.equal(apply_model_attack("minsum", HONEST, OWN), minsum(HONEST, OWN))
+
+
+# ------------------------------------------------------------------------------------- Fang et al.
+
+from fedepic.attacks.fang import fang_krum, fang_trimmed_mean, krum_lambda_bound  # noqa: E402
+
+CLUSTER = torch.tensor([[1.0, 1.0], [1.2, 0.8], [0.9, 1.1], [1.1, 0.9]])
+
+
+def test_fang_lambda_bound_by_hand():
+    # m = 5 vectors, c = 1: each benign row's m - c - 2 = 2 nearest benign rows, m - 2c - 1 = 2, d = 2
+    d = lambda a, b: math.dist(a, b)  # noqa: E731
+    rows = CLUSTER.tolist()
+    near = [sum(sorted(d(r, o) for k, o in enumerate(rows) if k != i)[:2]) for i, r in enumerate(rows)]
+    expected = min(near) / (2 * math.sqrt(2)) + max(math.hypot(*r) for r in rows) / math.sqrt(2)
+    assert krum_lambda_bound(CLUSTER, 1, 5) == pytest.approx(expected, rel=1e-12)
+    # m - 2c - 1 <= 0: the first term is dropped
+    assert krum_lambda_bound(CLUSTER, 2, 5) == pytest.approx(max(math.hypot(*r) for r in rows) / math.sqrt(2))
+
+
+def _krum_choice(stack: torch.Tensor, f: int) -> int:
+    n, k = stack.shape[0], max(1, stack.shape[0] - f - 2)
+    scores = [sum(sorted(float(torch.dist(a, b)) ** 2 for j, b in enumerate(stack) if j != i)[:k])
+              for i, a in enumerate(stack)]
+    return min(range(n), key=lambda i: (scores[i], i))
+
+
+SPREAD = torch.tensor([[0.1, 0.3], [0.3, -0.1], [-0.1, 0.2], [0.2, 0.0], [0.0, 0.1]])
+
+
+def test_fang_krum_is_the_largest_halving_krum_selects():
+    # three attackers among eight vectors: Krum (f = 3, k = 3 neighbours) picks -lambda_0 / 4 * s
+    out = fang_krum(SPREAD, SPREAD[0], None, f=3, n=8)
+    lam0 = krum_lambda_bound(SPREAD, 3, 8)
+    lam = float(out.abs()[0])
+    assert torch.allclose(out, -lam * torch.ones(2))  # -lambda * sign(mean), sign(mean) = (1, 1)
+    assert lam == pytest.approx(lam0 / 4, rel=1e-6)
+    assert _krum_choice(torch.cat([SPREAD, out.expand(3, -1)]), 3) >= 5  # Krum picks a crafted copy
+    assert _krum_choice(torch.cat([SPREAD, (2 * out).expand(3, -1)]), 3) < 5  # lambda_0 / 2 was not picked
+    assert _krum_choice(torch.cat([SPREAD, (4 * out).expand(3, -1)]), 3) < 5  # nor lambda_0
+
+
+def test_fang_krum_stops_at_the_threshold():
+    # one attacker is never picked here: lambda is halved down to the paper's threshold 1e-5
+    out = fang_krum(SPREAD, SPREAD[0], None, f=1, n=6)
+    lam = float(out.abs()[0])
+    assert 1e-5 <= lam < 2e-5
+    assert lam == pytest.approx(krum_lambda_bound(SPREAD, 1, 6) / 2 ** 15, rel=1e-6)
+
+
+def test_fang_krum_threshold_and_zero():
+    assert torch.equal(fang_krum(torch.zeros(3, 2), torch.zeros(2), None, f=1, n=None), torch.zeros(2))
+
+
+def test_fang_trimmed_mean_by_hand():
+    honest = torch.tensor([[1.0, -1.0, 2.0, 0.5], [2.0, -3.0, -4.0, -0.5], [3.0, -2.0, 1.0, 0.0]])
+    # mean (2, -2, -1/3, 0): s = (1, -1, -1, 0); extremes: min 1 (same sign: 1/r), max -1 (same sign:
+    # -1/r), max 2 (opposite: 2r), 0 where s = 0
+    r = 1 + torch.rand(4, generator=torch.Generator().manual_seed(5))
+    out = fang_trimmed_mean(honest, torch.zeros(4), torch.Generator().manual_seed(5))
+    assert torch.allclose(out, torch.tensor([1 / r[0], -1 / r[1], 2 * r[2], 0.0]))
+    assert float(out[0]) <= 1.0 and float(out[1]) >= -1.0 and float(out[2]) >= 2.0
+    with pytest.raises(ValueError, match="b must be"):
+        fang_trimmed_mean(honest, torch.zeros(4), None, b=0.5)
+
+
+def test_fang_trimmed_mean_moves_the_trimmed_mean_against_the_direction():
+    from strategies.trimmed_mean import TrimmedMeanRule
+
+    gen = torch.Generator().manual_seed(0)
+    honest = 1.0 + 0.1 * torch.randn(6, 50, generator=gen)  # every coordinate moves up
+    crafted = fang_trimmed_mean(honest, honest[0], torch.Generator().manual_seed(1))
+    rule = TrimmedMeanRule(2)
+    clean = rule(honest, None, None, {}).vector
+    attacked = rule(torch.cat([honest, crafted.expand(2, -1)]), None, None, {}).vector
+    assert bool((attacked < clean).all())
