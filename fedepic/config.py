@@ -273,6 +273,8 @@ class AttackConfig:
     ipm_eps: float = field(default=0.1, metadata=NON_NEGATIVE)
     alie_z: Optional[float] = field(default=None, metadata=FINITE)  # None = Baruch et al.'s z_max from n and f
     per_neighbour: bool = field(default=False, metadata=ANY)  # decentralized: a different poisoned model per neighbour
+    # optimal_alie / optimal_ipm: evaluations of ByzFL's line search over the attack factor
+    search_evals: int = field(default=20, metadata=AT_LEAST_ONE)
 
 
 @dataclass

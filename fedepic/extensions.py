@@ -12,6 +12,8 @@ Flags:
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains;
+  ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
+  pre-aggregation steps, as ``aggregator``);
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
 """
 
@@ -228,6 +230,12 @@ MODEL_ATTACKS = Registry("model attack", [
           "Security 2020)", flags=frozenset({"needs_honest"})),
     Entry("fang_trimmed_mean", "fedepic.attacks.fang:fang_trimmed_mean", "Fang et al.'s full-knowledge attack on "
           "the trimmed mean and median (USENIX Security 2020)", flags=frozenset({"needs_honest"})),
+    Entry("optimal_alie", "fedepic.attacks.optimized:optimal_alie", "ByzFL's optimized ALIE: tau searched "
+          "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
+          {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
+    Entry("optimal_ipm", "fedepic.attacks.optimized:optimal_ipm", "ByzFL's optimized IPM: tau searched "
+          "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
+          {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
 ])
 
 

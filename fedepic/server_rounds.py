@@ -58,7 +58,8 @@ from fedepic.metrics import nonfinite_model
 from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
-from fedepic.extensions import pre_aggregation_steps
+from fedepic.attacks.optimized import defense_aggregator
+from fedepic.extensions import MODEL_ATTACKS, pre_aggregation_steps
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.vectors import (
     finite_rows, flatten_state, float_keys, parameter_mask, selector, unflatten_like,
@@ -260,13 +261,16 @@ def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor
 
 
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
-                        seed: int, mask: Optional[torch.Tensor] = None) -> Optional[AttackOutcome]:
+                        seed: int, mask: Optional[torch.Tensor] = None, rule: Optional[str] = None,
+                        ) -> Optional[AttackOutcome]:
     """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
     from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
     inputs it left out; None when it does not apply this round. Only the entries ``mask`` selects (the
     model's parameters) are attacked; the others (buffers) are the first malicious reply's own.
 
-    ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set).
+    ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set). An
+    attack flagged ``needs_rule`` (the optimized ALIE / IPM) gets the member's defense, ``rule`` with the
+    pre-aggregation steps, as its ``aggregator``.
     """
     n_bad = sum(malicious)
     if not needs_honest(cfg.attack.model) or n_bad == 0:
@@ -276,7 +280,8 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     benign = stack[[i for i, bad in enumerate(malicious) if not bad]][..., entries] - origin
     first_bad = stack[malicious.index(True)]
     own = first_bad[..., entries] - origin
-    params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad)
+    defense = defense_aggregator(cfg, rule) if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
+    params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad, aggregator=defense)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
     outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
@@ -375,7 +380,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     stack = torch.stack([r.vector for r in replies]) if replies else torch.zeros(0)
     parameters = evaluator.parameter_mask(like)
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
-                                   parameters) if replies else None
+                                   parameters, rule=name) if replies else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)

@@ -133,3 +133,86 @@ def test_fang_trimmed_mean_moves_the_trimmed_mean_against_the_direction():
     clean = rule(honest, None, None, {}).vector
     attacked = rule(torch.cat([honest, crafted.expand(2, -1)]), None, None, {}).vector
     assert bool((attacked < clean).all())
+
+
+# ------------------------------------------------------------------------------------- ByzFL's optimized ALIE / IPM
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fedepic.attacks.optimized import best_factor, defense_aggregator, optimal_alie, optimal_ipm  # noqa: E402
+
+BYZFL_CASES = Path(__file__).parent / "data" / "byzfl_attacks.json"
+
+
+def _byzfl_rule(name: str):
+    from strategies.median import MedianRule
+    from strategies.preaggregation import nearest_neighbor_mixing
+    from strategies.trimmed_mean import TrimmedMeanRule
+
+    return {"trmean_nnm": lambda s: TrimmedMeanRule(2)(nearest_neighbor_mixing(s, 2), None, None, {}).vector,
+            "median": lambda s: MedianRule()(s, None, None, {}).vector,
+            "trmean": lambda s: TrimmedMeanRule(2)(s, None, None, {}).vector}[name]
+
+
+def test_optimized_attacks_match_byzfl():
+    """ByzFL 0.0.11's Optimal_ALittleIsEnough / Optimal_InnerProductManipulation (tests/data/make_byzfl_attacks.py)
+    on 9 random stacks each, against the same rules built from fedepic's strategies."""
+    cases = json.loads(BYZFL_CASES.read_text())["cases"]
+    assert len(cases) == 18
+    for case in cases:
+        x = torch.tensor(case["x"], dtype=torch.float64)
+        attack = optimal_alie if case["attack"] == "alie" else optimal_ipm
+        out = attack(x, x[0], None, f=2, evals=20, aggregator=_byzfl_rule(case["rule"]))
+        assert torch.allclose(out, torch.tensor(case["out"], dtype=torch.float64), rtol=1e-6, atol=1e-5), case["rule"]
+
+
+def test_line_search_by_hand():
+    # F(tau) = 100 - |tau - 25| under ByzFL's schedule, traced by hand (tau (F - 100)):
+    # 0 (-25), +10 -> 10 (-15) better, delta 20 -> 30 (-5) better, delta 40 -> 70 (-45) worse, delta 32;
+    # contraction: 62 (-37) no, delta 25.6 -> 55.6 no, delta 20.48 -> 50.48 no, delta 16.384 -> 46.384 no
+    honest = torch.zeros(2, 1)
+    calls = []
+
+    def aggregator(stack):
+        calls.append(float(stack[-1, 0]))
+        return torch.tensor([-abs(float(stack[-1, 0]) - 25.0) + 100.0])  # distance from 0: 100 - |tau - 25|
+
+    tau = best_factor(honest, lambda t: torch.tensor([t]), f=1, evals=8, aggregator=aggregator)
+    assert tau == 30.0
+    assert calls == pytest.approx([0.0, 10.0, 30.0, 70.0, 62.0, 55.6, 50.48, 46.384])
+    with pytest.raises(ValueError, match="evals"):
+        best_factor(honest, lambda t: torch.tensor([t]), f=1, evals=0, aggregator=aggregator)
+
+
+def test_optimal_ipm_against_the_mean_keeps_expanding():
+    # the mean's deviation grows with tau: 20 evaluations expand 0, 10, 30, 70, ... = 10 (2^19 - 1)
+    out = optimal_ipm(HONEST, OWN, None, f=1, evals=20)
+    assert torch.allclose(out, -10.0 * (2 ** 19 - 1) * HONEST.mean(dim=0))
+
+
+def test_the_server_passes_its_defense_to_the_optimized_attacks():
+    from fedepic.config import load_config
+    from fedepic.server_rounds import inject_model_attack
+
+    cfg = load_config(None, ["mode=federated", "attack.model=optimal_alie", "defense.trim=2",
+                             "defense.pre_aggregation=[nnm]", "clients.count=9", "clients.malicious_fraction=0.22"])
+    x = torch.tensor(json.loads(BYZFL_CASES.read_text())["cases"][0]["x"], dtype=torch.float32)
+    stack = torch.cat([x, torch.zeros(2, 5)])  # the global model is the origin: rows are updates
+    out = inject_model_attack(cfg, [False] * 7 + [True] * 2, stack, torch.zeros(5), seed=0, rule="fedtrimmedavg")
+    expected = optimal_alie(x, x[0], None, f=2, evals=20, aggregator=_byzfl_rule("trmean_nnm"))
+    assert torch.allclose(out.update, expected, rtol=1e-5)
+    # the aggregator the server builds is the registry's rule after its pre-aggregation steps
+    stacked = torch.cat([x, expected.expand(2, -1)])
+    assert torch.allclose(defense_aggregator(cfg, "fedtrimmedavg")(stacked), _byzfl_rule("trmean_nnm")(stacked))
+    # without the member's rule the objective is the plain mean
+    plain = inject_model_attack(cfg, [False] * 7 + [True] * 2, stack, torch.zeros(5), seed=0)
+    assert torch.allclose(plain.update, optimal_alie(x, x[0], None, f=2, evals=20), rtol=1e-5)
+
+
+def test_search_evals_is_validated():
+    from fedepic.config import ConfigError, load_config
+
+    assert load_config(None, ["attack.model=optimal_ipm"]).attack.search_evals == 20
+    with pytest.raises(ConfigError, match="attack.search_evals"):
+        load_config(None, ["attack.search_evals=0"])

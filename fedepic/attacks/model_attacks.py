@@ -287,12 +287,15 @@ def apply_model_attack(
     return run_model_attack(name, honest, own, generator, **params).update
 
 
-def model_attack_arguments(attack: Any, *, n: int | None = None, f: int | None = None) -> dict[str, Any]:
+def model_attack_arguments(attack: Any, *, n: int | None = None, f: int | None = None,
+                           **runtime: Any) -> dict[str, Any]:
     """The keyword arguments of the configured model attack (``attack``: the config's ``attack``
     section, or a whole config): its config keys, plus ``n`` (vectors the aggregation sees) and ``f``
-    (malicious among them) for the attacks that take them (ALIE). The one builder every mode uses."""
+    (malicious among them) for the attacks that take them (ALIE), and any other ``runtime`` value the
+    attack's signature names (``aggregator``: the defense, for the optimized attacks). The one builder
+    every mode uses."""
     section = getattr(attack, "attack", attack)
-    return MODEL_ATTACKS.arguments(section.model, SimpleNamespace(attack=section), {"n": n, "f": f})
+    return MODEL_ATTACKS.arguments(section.model, SimpleNamespace(attack=section), {"n": n, "f": f, **runtime})
 
 
 def needs_honest(name: str) -> bool:
