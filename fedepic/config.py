@@ -275,6 +275,8 @@ class AttackConfig:
     per_neighbour: bool = field(default=False, metadata=ANY)  # decentralized: a different poisoned model per neighbour
     # optimal_alie / optimal_ipm: evaluations of ByzFL's line search over the attack factor
     search_evals: int = field(default=20, metadata=AT_LEAST_ONE)
+    # dissensus: eps, how many times the benign pull the malicious neighbours cancel
+    dissensus_eps: float = field(default=1.0, metadata=FINITE)
 
 
 @dataclass
@@ -961,6 +963,8 @@ def _validate_attack(cfg: RunConfig) -> None:
     _check(len(set(sources)) == len(sources), "attack.flip_map", attack.flip_map, "a class is mapped twice")
     _check(bool(attack.flip_map) or attack.flip != "map" or attack.data != "label_flip", "attack.flip_map", [],
            "attack.flip=map needs [[from, to], ...]")
+    _check(attack.model != "dissensus" or cfg.mode != "federated", "attack.model", attack.model,
+           "a decentralized attack (it pulls a peer against its neighbours): not for mode=federated")
     if attack.poisons is not None:
         _check(os.path.isfile(attack.poisons), "attack.poisons", attack.poisons, "file not found")
 

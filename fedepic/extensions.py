@@ -14,6 +14,8 @@ Flags:
   the server or router), the others act on the attacker's own update where it trains;
   ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
   pre-aggregation steps, as ``aggregator``);
+  ``per_receiver`` (decentralized: crafted for each receiver from its model and gossip weights,
+  ``simulations.dfl_router.receiver_view``);
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
 """
 
@@ -236,6 +238,9 @@ MODEL_ATTACKS = Registry("model attack", [
     Entry("optimal_ipm", "fedepic.attacks.optimized:optimal_ipm", "ByzFL's optimized IPM: tau searched "
           "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
           {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
+    Entry("dissensus", "fedepic.attacks.dissensus:dissensus", "dissensus, decentralized only: each receiver "
+          "pulled `attack.dissensus_eps` times against its benign neighbours (He, Karimireddy, Jaggi, 2022)",
+          {"epsilon": "attack.dissensus_eps"}, frozenset({"needs_honest", "per_receiver"})),
 ])
 
 

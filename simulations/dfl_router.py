@@ -32,7 +32,7 @@ from torch import Tensor
 from fedepic.attacks.model_attacks import honest_rows_needed, model_attack_arguments, run_model_attack
 from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
-from fedepic.extensions import PEER_RULES
+from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.metrics import consensus_distance, detection_metrics, nonfinite_model
 from fedepic.topology import build_topology, metropolis_hastings_weights
 
@@ -113,6 +113,19 @@ def _honest_stack(trained: Mapping[int, Tensor], ids: list[int], everyone: list[
     return torch.stack([trained[j] for j in chosen])
 
 
+def receiver_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[int, float]], bad: set[int],
+                  receiver: int) -> tuple[Tensor, dict[str, Any]]:
+    """What a per-receiver attack (flag ``per_receiver``: dissensus) sees of ``receiver``: the models of
+    its finite benign neighbours [m, D], and as runtime arguments its model, its gossip weights for those
+    neighbours and the sum of its weights for its malicious neighbours."""
+    ids = [j for j in sorted(mixing[receiver]) if j != receiver and j not in bad and j in trained
+           and bool(torch.isfinite(trained[j]).all())]
+    own = trained[receiver]
+    honest = torch.stack([trained[j] for j in ids]) if ids else own.new_zeros((0, own.numel()))
+    return honest, {"receiver": own, "honest_weights": torch.tensor([mixing[receiver][j] for j in ids]),
+                    "byzantine_weight": sum(w for j, w in mixing[receiver].items() if j in bad)}
+
+
 def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
                     malicious: Sequence[int], attacker: int, *, seed: int, round_: int,
                     tally: Optional[AttackTally] = None) -> dict[int, Tensor]:
@@ -133,10 +146,16 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     everyone = sorted(n for n in trained if n not in bad)
     params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1))
     need = honest_rows_needed(attack.model, params)
-    groups = [[j] for j in targets] if attack.per_neighbour else [targets]
+    per_receiver = MODEL_ATTACKS.has(attack.model, "per_receiver")  # dissensus: crafted from each receiver's view
+    mixing = metropolis_hastings_weights(graph) if per_receiver else {}
+    groups = [[j] for j in targets] if attack.per_neighbour or per_receiver else [targets]
     for group in groups:
-        honest = _honest_stack(trained, honest_reference(graph, bad, group), everyone, need)
-        gen = attack_generator(seed, round_, attacker, group[0] if attack.per_neighbour else attacker)
+        if per_receiver:
+            honest, view = receiver_view(trained, mixing, bad, group[0])
+            params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1), **view)
+        else:
+            honest = _honest_stack(trained, honest_reference(graph, bad, group), everyone, need)
+        gen = attack_generator(seed, round_, attacker, group[0] if attack.per_neighbour or per_receiver else attacker)
         outcome = run_model_attack(attack.model, honest, own, gen, **params)
         if tally is not None:
             tally.nonfinite_inputs += outcome.nonfinite

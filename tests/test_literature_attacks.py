@@ -216,3 +216,61 @@ def test_search_evals_is_validated():
     assert load_config(None, ["attack.model=optimal_ipm"]).attack.search_evals == 20
     with pytest.raises(ConfigError, match="attack.search_evals"):
         load_config(None, ["attack.search_evals=0"])
+
+
+# ------------------------------------------------------------------------------------- dissensus
+
+from fedepic.attacks.dissensus import dissensus  # noqa: E402
+
+
+def test_dissensus_formula_by_hand():
+    honest = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    x_i = torch.tensor([1.0, 1.0])
+    # pull = 0.2 * (0, -1) + 0.3 * (2, 1) = (0.6, 0.1); byzantine weight 0.25, eps 2: x_i - 8 * pull
+    out = dissensus(honest, torch.zeros(2), None, epsilon=2.0, receiver=x_i,
+                    honest_weights=torch.tensor([0.2, 0.3]), byzantine_weight=0.25)
+    assert torch.allclose(out, torch.tensor([1.0 - 4.8, 1.0 - 0.8]))
+    own = torch.tensor([5.0, 5.0])
+    assert torch.equal(dissensus(honest, own, None, epsilon=1.0), own)  # no receiver: its own vector
+    assert torch.equal(dissensus(honest[:0], own, None, epsilon=1.0, receiver=x_i, honest_weights=torch.zeros(0),
+                                 byzantine_weight=0.5), x_i)
+
+
+def _dfl_cfg(*overrides):
+    from fedepic.config import load_config
+
+    return load_config(None, ["mode=decentralized", "clients.count=5", "strategies=[gossip]", *overrides])
+
+
+def test_dissensus_at_the_router_per_receiver():
+    """Ring of 5, node 0 malicious (neighbours 1 and 4): every degree is 2, so every Metropolis-Hastings
+    weight is 1/3; receiver 1's benign neighbour is 2, its Byzantine one 0: it gets
+    x_1 - eps * (1/3)(x_2 - x_1) / (1/3) = x_1 - eps (x_2 - x_1)."""
+    from fedepic.topology import build_topology
+    from simulations.dfl_router import poisoned_models
+
+    graph = build_topology("ring", 5, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    trained = {i: torch.randn(4, generator=gen) for i in range(5)}
+    cfg = _dfl_cfg("attack.model=dissensus", "attack.dissensus_eps=1.5")
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    assert torch.allclose(sent[1], trained[1] - 1.5 * (trained[2] - trained[1]))
+    assert torch.allclose(sent[4], trained[4] - 1.5 * (trained[3] - trained[4]))
+    # gossip at receiver 1 then moves by (1 - eps) times the benign pull
+    mixed = (trained[1] + trained[2] + sent[1]) / 3
+    assert torch.allclose(mixed - trained[1], (1 - 1.5) * (trained[2] - trained[1]) / 3, atol=1e-6)
+
+    # two malicious neighbours of receiver 2 in a complete graph of 4 (weights 1/4): 0 and 1 send
+    # x_2 - eps * (1/4)(x_3 - x_2) / (2/4)
+    graph = build_topology("complete", 4, seed=0)
+    sent = poisoned_models(cfg.attack, trained, graph, [0, 1], 0, seed=0, round_=1)
+    assert torch.allclose(sent[2], trained[2] - 1.5 * 0.5 * (trained[3] - trained[2]))
+    assert sent[1] is trained[0]  # a colluder gets the honest model
+
+
+def test_dissensus_is_refused_at_a_server():
+    from fedepic.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="attack.model.*not for mode=federated"):
+        load_config(None, ["mode=federated", "attack.model=dissensus"])
+    assert _dfl_cfg("attack.model=dissensus").attack.dissensus_eps == 1.0
