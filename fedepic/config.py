@@ -277,6 +277,8 @@ class AttackConfig:
     search_evals: int = field(default=20, metadata=AT_LEAST_ONE)
     # dissensus: eps, how many times the benign pull the malicious neighbours cancel
     dissensus_eps: float = field(default=1.0, metadata=FINITE)
+    # mimic: rounds of warm-up in which the mimicked honest client is chosen (then fixed)
+    mimic_warmup: int = field(default=1, metadata=AT_LEAST_ONE)
 
 
 @dataclass

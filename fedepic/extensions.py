@@ -238,6 +238,9 @@ MODEL_ATTACKS = Registry("model attack", [
     Entry("optimal_ipm", "fedepic.attacks.optimized:optimal_ipm", "ByzFL's optimized IPM: tau searched "
           "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
           {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
+    Entry("mimic", "fedepic.attacks.mimic:mimic", "mimic: copy the honest worker picked in `attack.mimic_warmup` "
+          "warm-up rounds (Karimireddy, He, Jaggi, ICLR 2022)", {"warmup": "attack.mimic_warmup"},
+          frozenset({"needs_honest"})),
     Entry("dissensus", "fedepic.attacks.dissensus:dissensus", "dissensus, decentralized only: each receiver "
           "pulled `attack.dissensus_eps` times against its benign neighbours (He, Karimireddy, Jaggi, 2022)",
           {"epsilon": "attack.dissensus_eps"}, frozenset({"needs_honest", "per_receiver"})),

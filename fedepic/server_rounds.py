@@ -161,18 +161,19 @@ class Progress:
     nonfinite: int = 0  # replies left out because their vectors held NaN / inf (they never reach the model)
     epic: dict[int, dict] = field(default_factory=dict)  # client id -> its packed local EPIC state
     momentum: dict[int, torch.Tensor] = field(default_factory=dict)  # per_step: client id -> m_i
+    attack: dict = field(default_factory=dict)  # a stateful model attack's memory (mimic's warm-up)
 
     def state_dict(self) -> dict:
         return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
                 "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
                 "epic": {pid: dict(state) for pid, state in self.epic.items()},
-                "momentum": dict(self.momentum)}
+                "momentum": dict(self.momentum), "attack": dict(self.attack)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Progress":
         return cls(dict(state["like"]), Tally(**state["tally"]), list(state["recalls"]), state["diverged_round"],
                    int(state["nonfinite"]), {int(pid): dict(s) for pid, s in state["epic"].items()},
-                   {int(pid): m for pid, m in state.get("momentum", {}).items()})
+                   {int(pid): m for pid, m in state.get("momentum", {}).items()}, dict(state.get("attack", {})))
 
 
 @dataclass
@@ -262,6 +263,7 @@ def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor
 
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
                         seed: int, mask: Optional[torch.Tensor] = None, rule: Optional[str] = None,
+                        memory: Optional[dict] = None, clients: Optional[list[int]] = None,
                         ) -> Optional[AttackOutcome]:
     """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
     from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
@@ -270,7 +272,8 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
 
     ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set). An
     attack flagged ``needs_rule`` (the optimized ALIE / IPM) gets the member's defense, ``rule`` with the
-    pre-aggregation steps, as its ``aggregator``.
+    pre-aggregation steps, as its ``aggregator``; a stateful one (mimic) keeps its memory in ``memory``
+    (the member's ``Progress.attack``) and gets the benign replies' client ids (``clients``: every reply's).
     """
     n_bad = sum(malicious)
     if not needs_honest(cfg.attack.model) or n_bad == 0:
@@ -281,7 +284,8 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     first_bad = stack[malicious.index(True)]
     own = first_bad[..., entries] - origin
     defense = defense_aggregator(cfg, rule) if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
-    params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad, aggregator=defense)
+    ids = None if clients is None else [c for c, bad in zip(clients, malicious) if not bad]
+    params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad, aggregator=defense, state=memory, ids=ids)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
         return None
     outcome = run_model_attack(cfg.attack.model, benign, own, torch.Generator().manual_seed(seed), **params)
@@ -380,7 +384,8 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     stack = torch.stack([r.vector for r in replies]) if replies else torch.zeros(0)
     parameters = evaluator.parameter_mask(like)
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
-                                   parameters, rule=name) if replies else None
+                                   parameters, rule=name, memory=progress.attack,
+                                   clients=[r.client for r in replies]) if replies else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)

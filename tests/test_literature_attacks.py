@@ -274,3 +274,80 @@ def test_dissensus_is_refused_at_a_server():
     with pytest.raises(ConfigError, match="attack.model.*not for mode=federated"):
         load_config(None, ["mode=federated", "attack.model=dissensus"])
     assert _dfl_cfg("attack.model=dissensus").attack.dissensus_eps == 1.0
+
+
+# ------------------------------------------------------------------------------------- mimic
+
+from fedepic.attacks.mimic import mimic  # noqa: E402
+
+
+def _power_step(h, mu, z):
+    c = sum(float((row - mu) @ z) * (row - mu) for row in h)
+    return c / c.norm()
+
+
+def test_mimic_warmup_by_hand():
+    """Two warm-up rounds, traced with the formulas of the authors' code, then the target is fixed."""
+    gen = torch.Generator().manual_seed(1)
+    r0, r1, r2 = (torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    ids = [3, 5, 6, 8]
+    state: dict = {}
+    # round 0: mu = mean, z from the seeded z0
+    z0 = torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mu = r0.mean(0)
+    z = _power_step(r0, mu, z0)
+    out = mimic(r0, torch.zeros(3, dtype=torch.float64), None, warmup=2, state=state, ids=ids)
+    row = int(torch.argmax(r0 @ z))
+    assert torch.equal(out, r0[row]) and state["target"] == ids[row] and state["t"] == 1
+    # round 1 (t = 1 < warmup): running mean and direction
+    mu = mu / 2 + r1.mean(0) / 2
+    z = z / 2 + _power_step(r1, mu, z) / 2
+    z = z / z.norm()
+    out = mimic(r1, torch.zeros(3, dtype=torch.float64), None, warmup=2, state=state, ids=ids)
+    row = int(torch.argmax(r1 @ z))
+    assert torch.allclose(state["z"], z) and torch.allclose(state["mu"], mu)
+    assert torch.equal(out, r1[row]) and state["target"] == ids[row]
+    # round 2 (t = warmup): the target client's vector, wherever its row is; z no longer moves
+    target = state["target"]
+    shuffled = [8, 6, 5, 3]
+    out = mimic(r2, torch.zeros(3, dtype=torch.float64), None, warmup=2, state=state, ids=shuffled)
+    assert torch.equal(out, r2[shuffled.index(target)]) and torch.allclose(state["z"], z) and state["t"] == 3
+    # a target not sampled this round: the row of largest <h, z> stands in, the target stays
+    others = [i for i in ids if i != target][:3]
+    out = mimic(r2[:3], torch.zeros(3, dtype=torch.float64), None, warmup=2, state=state, ids=others)
+    assert torch.equal(out, r2[int(torch.argmax(r2[:3] @ z))]) and state["target"] == target
+
+
+def test_mimic_without_state_and_nonfinite_rows():
+    honest = torch.tensor([[-2.0, 0.0], [0.0, 0.1], [3.0, 0.0]])
+    first = mimic(honest, torch.zeros(2), None, warmup=1)
+    assert torch.equal(first, mimic(honest, torch.zeros(2), None, warmup=1))  # no memory: round 0 each time
+    spoilt = torch.cat([honest, torch.full((1, 2), float("nan"))])
+    state: dict = {}
+    assert torch.equal(mimic(spoilt, torch.zeros(2), None, warmup=1, state=state, ids=[1, 2, 3, 4]), first)
+    assert state["target"] in (1, 2, 3)
+    with pytest.raises(ValueError, match="ids"):
+        mimic(honest, torch.zeros(2), None, warmup=1, ids=[1])
+
+
+def test_the_server_keeps_mimics_memory_in_the_members_progress():
+    from fedepic.config import load_config
+    from fedepic.server_rounds import Progress, inject_model_attack
+
+    cfg = load_config(None, ["mode=federated", "attack.model=mimic", "attack.mimic_warmup=1"])
+    gen = torch.Generator().manual_seed(2)
+    stack = torch.randn(5, 4, generator=gen)
+    progress = Progress({})
+    malicious = [False, True, False, False, True]
+    out = inject_model_attack(cfg, malicious, stack, torch.zeros(4), seed=0, memory=progress.attack,
+                              clients=[10, 11, 12, 13, 14])
+    assert progress.attack["target"] in (10, 12, 13) and progress.attack["t"] == 1
+    target = progress.attack["target"]
+    assert torch.equal(out.update, stack[[10, 11, 12, 13, 14].index(target)])
+    restored = Progress.from_state_dict(progress.state_dict())
+    assert restored.attack["target"] == target and torch.equal(restored.attack["z"], progress.attack["z"])
+    # next round, other rows: the fixed target's new vector
+    stack2 = torch.randn(5, 4, generator=gen)
+    out = inject_model_attack(cfg, malicious, stack2, torch.zeros(4), seed=1, memory=restored.attack,
+                              clients=[10, 11, 12, 13, 14])
+    assert torch.equal(out.update, stack2[[10, 11, 12, 13, 14].index(target)])
