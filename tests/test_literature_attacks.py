@@ -351,3 +351,14 @@ def test_the_server_keeps_mimics_memory_in_the_members_progress():
     out = inject_model_attack(cfg, malicious, stack2, torch.zeros(4), seed=1, memory=restored.attack,
                               clients=[10, 11, 12, 13, 14])
     assert torch.equal(out.update, stack2[[10, 11, 12, 13, 14].index(target)])
+
+
+@pytest.mark.parametrize("module", ["fedepic.attacks.minsum", "fedepic.attacks.fang", "fedepic.attacks.optimized",
+                                    "fedepic.attacks.dissensus", "fedepic.attacks.mimic",
+                                    "fedepic.attacks.model_attacks"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
