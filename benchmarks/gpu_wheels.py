@@ -1,11 +1,13 @@
-"""Pick the wheels a GPU machine needs for benchmarks/gpu_suite.sh from requirements.lock.
+"""Pick the wheels a GPU machine needs for benchmarks/gpu_suite.sh from the lock (uv.lock, exported).
 
 A GPU machine may hold torch and torchvision and nothing else of ours, and it reaches no package
-index. This writes a hash-pinned requirements file (the lock's own lines and hashes, markers
+index. This reads uv.lock as `uv export` writes it in requirements format (hashes and "# via"
+lines), and writes a hash-pinned requirements file (the lock's own lines and hashes, markers
 evaluated for the GPU machine's Python) that `pip download` turns into a wheel folder:
 
-    python benchmarks/gpu_wheels.py > .wheels/requirements.txt          # the suite's closure
-    python benchmarks/gpu_wheels.py --profile lock                       # the whole lock, for sizing
+    uv export --frozen --extra dev --no-default-groups --no-emit-project -o .wheels/lock.txt
+    python benchmarks/gpu_wheels.py --lock .wheels/lock.txt > .wheels/requirements.txt   # the suite's closure
+    python benchmarks/gpu_wheels.py --lock .wheels/lock.txt --profile lock                # the whole lock, for sizing
 
 `benchmarks/make_gpu_wheels.sh` runs both steps. Never listed: torch, torchvision, triton, nvidia-*
 and cuda-* (the GPU machine's own builds stay). Profiles:
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from packaging.markers import Marker
 
-REPO = Path(__file__).resolve().parent.parent
+
 EXCLUDED = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
 SUITE_ROOTS = ("omegaconf", "pyyaml", "rich", "matplotlib", "numpy", "pytest")
 DEFAULT_SKIP = ("numba", "llvmlite")
@@ -80,12 +82,13 @@ def main() -> None:
     parser.add_argument("--profile", choices=["suite", "lock"], default="suite")
     parser.add_argument("--python", default="3.12.3", help="the GPU machine's Python (markers are evaluated for it)")
     parser.add_argument("--skip", default=",".join(DEFAULT_SKIP), help="comma-separated names left out")
-    parser.add_argument("--lock", default=str(REPO / "requirements.lock"))
+    parser.add_argument("--lock", required=True,
+                        help="uv.lock exported: uv export --frozen --extra dev --no-default-groups --no-emit-project")
     args = parser.parse_args()
     skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
     blocks = [b for b in parse_lock(Path(args.lock).read_text()) if applies(b, args.python)]
     chosen = select(blocks, args.profile, skip)
-    print(f"# {args.profile} profile of requirements.lock for Python {args.python}; "
+    print(f"# {args.profile} profile of uv.lock for Python {args.python}; "
           f"written by benchmarks/gpu_wheels.py ({len(chosen)} packages)")
     for b in chosen:
         print(" \\\n    ".join([b["spec"]] + b["hashes"]))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with a package index, what benchmarks/gpu_suite.sh carries to a GPU machine that
-# reaches none: the lock's wheels for the GPU machine's Python (hash-checked against requirements.lock)
+# reaches none: the lock's wheels for the GPU machine's Python (hash-checked against uv.lock)
 # in .wheels/, and a copy of the CIFAR-10 JPEG archive in .carry/data/ (../shared does not travel).
 #
 #   bash benchmarks/make_gpu_wheels.sh                  # suite profile, Python 3.12 (the H200 image's)
@@ -16,7 +16,11 @@ PROFILE=${PROFILE:-suite}
 DEST=${DEST:-.wheels}
 SKIP=${SKIP-numba,llvmlite}
 mkdir -p "$DEST"
-"$PY" benchmarks/gpu_wheels.py --profile "$PROFILE" --python "$PYVER" --skip "$SKIP" > "$DEST/requirements.txt"
+UV=${UV:-.venv/bin/uv}
+[ -x "$UV" ] || UV=uv
+"$UV" export -q --frozen --extra dev --no-default-groups --no-emit-project --format requirements-txt -o "$DEST/lock.txt"
+"$PY" benchmarks/gpu_wheels.py --lock "$DEST/lock.txt" --profile "$PROFILE" --python "$PYVER" --skip "$SKIP" \
+    > "$DEST/requirements.txt"
 platforms=()
 for n in 2_17 2_27 2_28 2_31 2_34 2_35 2_39; do platforms+=(--platform "manylinux_${n}_x86_64"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --require-hashes \

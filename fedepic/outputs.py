@@ -115,16 +115,74 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
-LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"  # beside pyproject.toml in a checkout
+LOCK_FILE = Path(__file__).resolve().parents[1] / "uv.lock"  # beside pyproject.toml in a checkout
+PROJECT = "fedepic"
+
+
+def _applies(entry: Mapping[str, Any], marker_type: Any) -> bool:
+    """Whether a uv.lock dependency entry's environment marker (if any) holds on this machine."""
+    marker = entry.get("marker")
+    return not marker or marker_type(marker).evaluate({"extra": ""})
+
+
+def _locked_versions(lock: Mapping[str, Any], marker_type: Any) -> dict[str, tuple[str, bool]]:
+    """Every package uv.lock installs here, from the project down: name -> (version, required).
+
+    ``required`` is True for what the project's own dependencies need, False for what only its
+    extras and dependency groups add (a plain `pip install -e .` leaves those out). Where the lock
+    holds two versions of a package (one per environment marker), the dependency entry names its
+    ``version``.
+    """
+    packages: dict[str, list[Mapping[str, Any]]] = {}
+    for package in lock.get("package", []):
+        packages.setdefault(package["name"], []).append(package)
+
+    def find(entry: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+        candidates = [p for p in packages.get(entry["name"], []) if entry.get("version") in (None, p.get("version"))]
+        return candidates[0] if candidates else None
+
+    found: dict[str, tuple[str, bool]] = {}
+    seen: set[tuple[str, str, bool]] = set()
+
+    def walk(entry: Mapping[str, Any], required: bool) -> None:
+        package = find(entry)
+        if package is None:
+            return
+        extras = tuple(entry.get("extra", ()))
+        key = (package["name"] + str(package.get("version")), ",".join(extras), required)
+        if key in seen:
+            return
+        seen.add(key)
+        if package["name"] != PROJECT:
+            version_, was_required = found.get(package["name"], (package["version"], False))
+            found[package["name"]] = (version_, was_required or required)
+        children = [(d, required) for d in package.get("dependencies", [])]
+        for extra in extras:
+            children += [(d, required) for d in package.get("optional-dependencies", {}).get(extra, [])]
+        if package["name"] == PROJECT:  # the project's extras and groups: optional here
+            for group in (package.get("optional-dependencies", {}) | package.get("dev-dependencies", {})).values():
+                children += [(d, False) for d in group]
+        for child, child_required in children:
+            if _applies(child, marker_type):
+                walk(child, child_required)
+
+    walk({"name": PROJECT}, True)
+    return found
 
 
 def lock_record(path: Path = LOCK_FILE) -> dict[str, Any]:
-    """The lock's sha256 and the installed packages whose versions differ from its pins.
+    """The lock's sha256 and the installed packages whose versions differ from uv.lock.
 
-    ``differs`` lists "name: installed X, locked Y" (or "not installed") for every pin whose
-    environment marker holds here; it is None where the markers cannot be read (no ``packaging``,
-    as on a machine with only torch). Without the file (an installed wheel) both are None.
+    ``differs`` lists "name: installed X, locked Y" for every package the lock installs on this
+    machine (environment markers evaluated, from the project's dependencies, extras and groups down),
+    and "name: not installed, locked Y" for those the project's own dependencies need (an extra or a
+    group that is not installed is not a difference). It is None where the markers cannot be read (no
+    ``packaging``, as on a machine with only torch). Without the file (an installed wheel) both are None.
+
+    >>> sorted(lock_record())  # doctest: +SKIP
+    ['differs', 'file', 'sha256']
     """
+    import tomllib
     from importlib.metadata import PackageNotFoundError, version
 
     if not path.is_file():
@@ -133,21 +191,17 @@ def lock_record(path: Path = LOCK_FILE) -> dict[str, Any]:
     record: dict[str, Any] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "differs": None}
     try:
         from packaging.markers import Marker
-        from packaging.utils import canonicalize_name
     except ImportError:
         return record
     differs = []
-    for line in data.decode().splitlines():
-        pin, _, marker = line.partition(";")
-        name, sep, locked = pin.strip().rstrip("\\").strip().partition("==")
-        if not sep or line.startswith((" ", "#")) or (marker.strip(" \\") and not Marker(marker.strip(" \\")).evaluate()):
-            continue
+    for name, (locked, required) in sorted(_locked_versions(tomllib.loads(data.decode()), Marker).items()):
         try:
             installed = version(name)
         except PackageNotFoundError:
-            differs.append(f"{name}: not installed, locked {locked}")
+            if required:
+                differs.append(f"{name}: not installed, locked {locked}")
             continue
-        if canonicalize_name(name) != "fedepic" and installed != locked:
+        if installed != locked:
             differs.append(f"{name}: installed {installed}, locked {locked}")
     record["differs"] = differs
     return record

@@ -31,23 +31,59 @@ def test_summary_records_the_lock(tmp_path):
 
     from importlib.metadata import version
 
-    lock = tmp_path / "requirements.lock"
-    lock.write_text(
-        "# header\n"
-        f"torch=={version('torch')} \\\n    --hash=sha256:00\n"
-        "numpy==0.0.1 ; python_full_version >= '3.0' \\\n    # via torch\n"
-        "pytest==0.0.2 ; sys_platform == 'no-such-platform'\n"
-        "no-such-package-fedepic==1.0\n"
-    )
+    lock = tmp_path / "uv.lock"
+    lock.write_text(f"""version = 1
+[[package]]
+name = "fedepic"
+version = "0.1.0"
+source = {{ editable = "." }}
+dependencies = [
+    {{ name = "torch" }},
+    {{ name = "numpy", marker = "python_full_version >= '3.0'" }},
+    {{ name = "pytest", marker = "sys_platform == 'no-such-platform'" }},
+    {{ name = "no-such-package-fedepic" }},
+]
+[package.optional-dependencies]
+extra = [{{ name = "also-not-installed-fedepic" }}, {{ name = "pyyaml" }}]
+
+[[package]]
+name = "torch"
+version = "{version('torch')}"
+[[package]]
+name = "numpy"
+version = "0.0.1"
+[[package]]
+name = "pytest"
+version = "0.0.2"
+[[package]]
+name = "no-such-package-fedepic"
+version = "1.0"
+dependencies = [{{ name = "no-such-dependency-fedepic" }}]
+[[package]]
+name = "no-such-dependency-fedepic"
+version = "2.0"
+[[package]]
+name = "also-not-installed-fedepic"
+version = "3.0"
+[[package]]
+name = "pyyaml"
+version = "0.0.3"
+""")
     record = lock_record(lock)
-    assert record["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
-    assert len(record["differs"]) == 2  # the marker that does not hold is skipped; torch matches
-    assert record["differs"][0].startswith("numpy: installed ") and record["differs"][0].endswith("locked 0.0.1")
-    assert record["differs"][1] == "no-such-package-fedepic: not installed, locked 1.0"
+    assert record["file"] == "uv.lock" and record["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    # the marker that does not hold is skipped; torch matches; an extra that is not installed is no
+    # difference, an installed one at another version is; a dependency's dependency counts
+    assert record["differs"] == [
+        "no-such-dependency-fedepic: not installed, locked 2.0",
+        "no-such-package-fedepic: not installed, locked 1.0",
+        f"numpy: installed {version('numpy')}, locked 0.0.1",
+        f"pyyaml: installed {version('pyyaml')}, locked 0.0.3",
+    ]
     assert lock_record(tmp_path / "absent.lock") == {"file": "absent.lock", "sha256": None, "differs": None}
     with RunWriter(tmp_path, "run") as run:
         run.write_summary({})
     summary = json.loads((run.path / "summary.json").read_text())
+    assert LOCK_FILE.name == "uv.lock" and summary["lock"]["file"] == "uv.lock"
     assert summary["lock"]["sha256"] == hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
 
 
