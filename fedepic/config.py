@@ -38,7 +38,7 @@ DPI_RANGE = (50, 600)  # figures.dpi
 # with the run's settings)
 RUN_LEVEL_KEYS = ("mode", "seed", "output_dir", "name", "progress", "checkpoint_every", "figures", "data",
                   "clients", "rounds", "strategies", "variants", "topology", "ray", "engine", "decentralized",
-                  "server", "model", "attack")
+                  "server", "model", "attack", "log")
 PARTITIONS = ("iid", "dirichlet", "shards", "label_sets", "rows")
 PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -360,6 +360,15 @@ class FiguresConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's metrics go besides metrics.jsonl (the run folder stays the source of truth)."""
+
+    # each member's metrics also as TensorBoard event files beside its metrics.jsonl (needs the
+    # tensorboard package: the `tensorboard` extra); `tensorboard --logdir RUN_FOLDER` shows them
+    tensorboard: bool = field(default=False, metadata=ANY)
+
+
+@dataclass
 class SweepSettings:
     """How a sweep runs: the reserved keys of ``sweep:`` (fedepic/sweep/). Every other key of ``sweep:``
     is an axis: a dotted config key and the list of its values (``sweep.seed=[0,1,2]``)."""
@@ -394,6 +403,7 @@ class RunConfig:
     # interrupted one over
     checkpoint_every: int = field(default=1, metadata=NON_NEGATIVE)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -1017,6 +1027,7 @@ def check_environment(cfg: RunConfig) -> None:
         folder, key = decoded_cache_dir(cfg.data)
         check_writable_dir(key, folder)
     _check_device(cfg)
+    _check_tensorboard(cfg)
     num_classes, image_size = dataset_shape(cfg.data)
     if num_classes is not None:
         validate_against_dataset(cfg, num_classes, image_size)
@@ -1088,6 +1099,15 @@ def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int) -> 
                f"{name} repeats a row (clients' rows must be disjoint)")
         seen |= rows_set
     _check(bool(seen), key, path, "every client's array is empty: no client would train")
+
+
+def _check_tensorboard(cfg: RunConfig) -> None:
+    """log.tensorboard=true needs the tensorboard package (torch's SummaryWriter imports it)."""
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        _check(importlib.util.find_spec("tensorboard") is not None, "log.tensorboard", True,
+               "the tensorboard package is not installed (pip install tensorboard, or the tensorboard extra)")
 
 
 def _check_device(cfg: RunConfig) -> None:

@@ -138,7 +138,8 @@ class RunLifecycle(FolderLifecycle):
         self._saved = {m: resume.member_checkpoint(m) for m in self.members if not resume.finished(m)} \
             if resume is not None else {}
         self._kept = {m for m in self.members if resume is not None and resume.finished(m)}
-        self.root = RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume is not None else None)
+        self.root = RunWriter(cfg.output_dir, cfg.name, resume=resume.run_dir if resume is not None else None,
+                              tensorboard=cfg.log.tensorboard)
         self.writers: dict[str, RunWriter] = {}  # the members open now
         self._reports: dict[str, Callable[[], MemberReport]] = {}
         self._done: dict[str, tuple[dict, Curves]] = {}  # finished member -> its row and curves

@@ -286,8 +286,11 @@ class RunWriter:
 
     def __init__(self, output_dir: str | Path, name: str, *, stamp: Optional[str] = None,
                  parent: Optional["RunWriter"] = None, resume: Optional[Path] = None,
-                 lock_key: str = "resume", kind: str = "run") -> None:
+                 lock_key: str = "resume", kind: str = "run", tensorboard: bool = False) -> None:
         self.parent, self.lock_key, self.kind = parent, lock_key, kind
+        # log.tensorboard: each record also goes to event files in the folder (members inherit it)
+        self.tensorboard = tensorboard or (parent is not None and parent.tensorboard)
+        self._scalars: Optional[Any] = None
         self._lock: Optional[int] = None
         self._made: Optional[Path] = None  # the first folder that __enter__ created above a new run folder
         self._created = False  # __enter__ made the new run folder itself (only then may it remove it)
@@ -420,6 +423,9 @@ class RunWriter:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+            if self._scalars is not None:
+                self._scalars.close()
+                self._scalars = None
             try:
                 if self.parent is None and self.dir != self.final_dir and self.dir.exists():
                     os.replace(self.dir, self.final_dir)
@@ -433,6 +439,8 @@ class RunWriter:
         """Put the metrics lines logged so far on disk (before a checkpoint records the file's length)."""
         if self._metrics is not None:
             self._metrics.flush()
+        if self._scalars is not None:
+            self._scalars.flush()
 
     @property
     def path(self) -> Path:
@@ -445,7 +453,14 @@ class RunWriter:
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON object (one line) to metrics.jsonl; a line is flushed whole or not at all."""
         assert self._metrics is not None, "RunWriter used outside its context"
-        self._metrics.write(json.dumps(_jsonable(dict(record))) + "\n")
+        line = json.dumps(_jsonable(dict(record)))
+        self._metrics.write(line + "\n")
+        if self.tensorboard:  # the very values of the line, as read back from it
+            if self._scalars is None:
+                from fedepic.tensorboard_log import ScalarLog
+
+                self._scalars = ScalarLog(self.dir, self.resuming)
+            self._scalars.write(json.loads(line))
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.dir / name, obj)

@@ -1,0 +1,104 @@
+"""A run folder's metrics as TensorBoard event files (``log.tensorboard=true``), beside metrics.jsonl.
+
+TensorBoard is where many users already look at training curves (TensorFlow team, "TensorBoard:
+TensorFlow's visualization toolkit", https://www.tensorflow.org/tensorboard). Each record a run folder
+logs to ``metrics.jsonl`` (:meth:`fedepic.outputs.RunWriter.log`) is also written, through torch's
+``torch.utils.tensorboard.SummaryWriter``, as scalars at the record's step: every member's folder holds
+its own event file, so ``tensorboard --logdir RUN_FOLDER`` shows the members side by side. The run
+folder stays the source of truth; the event files are a view of ``metrics.jsonl``.
+
+A record becomes scalars by :func:`scalars`: the step is the record's ``round``, else ``epoch``, else
+``step`` (an int); every other number is one scalar tagged with its key, a list of numbers one scalar
+per item (``per_class/0``, ``per_class/1``, ...), a mapping its numbers under ``key/inner``; booleans
+and texts are left out, and so is a key whose value is ``null`` (a figure the record does not have); a
+``null`` inside a list (metrics.jsonl's NaN) is written as NaN, so the items keep their positions.
+
+>>> scalars({"round": 3, "accuracy": 0.5, "per_class": [0.25, None], "failures": [], "ok": True})
+(3, {'accuracy': 0.5, 'per_class/0': 0.25, 'per_class/1': nan})
+
+A resumed run logs again the records after its checkpoint (fedepic.checkpoint.truncate_metrics cut them
+from metrics.jsonl): the writer opened for it purges the events at or after the first step it logs
+(SummaryWriter's ``purge_step``), so the event files follow the truncated file.
+
+Cost: one event per scalar, appended to a buffered file (flushed with metrics.jsonl and when the folder
+closes); importing tensorboard takes about a second, paid only when the key is on.
+Deviation: none; torch's writer and tensorboard's file format are used as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+STEP_KEYS = ("round", "epoch", "step")  # the x axis of a record, in the order looked for
+
+
+def _number(value: Any) -> Optional[float]:
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _flatten(tag: str, value: Any, out: dict[str, float]) -> None:
+    number = _number(value)
+    if number is not None:
+        out[tag] = number
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if item is None or not isinstance(item, (list, tuple, Mapping)):
+                _flatten(f"{tag}/{index}", item, out)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(f"{tag}/{key}", item, out)
+
+
+def scalars(record: Mapping[str, Any], fallback_step: int = 0) -> tuple[int, dict[str, float]]:
+    """The step of a metrics.jsonl record and its scalars (tag -> value); see the module docstring."""
+    step_key = next((k for k in STEP_KEYS if isinstance(record.get(k), int) and not isinstance(record[k], bool)),
+                    None)
+    step = record[step_key] if step_key is not None else fallback_step
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key != step_key and value is not None:
+            _flatten(key, value, out)
+    return step, out
+
+
+class ScalarLog:
+    """The event files of one run folder: :meth:`write` each metrics.jsonl record as it is logged.
+
+    Parameters
+    ----------
+    folder : Path
+        The run or member folder; the event file goes there, beside metrics.jsonl.
+    resuming : bool
+        The folder was reopened by a resume: the first record written purges the events at or after
+        its step.
+    """
+
+    def __init__(self, folder: Path, resuming: bool) -> None:
+        self.folder, self.resuming = folder, resuming
+        self._writer: Any = None
+        self._count = 0
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        step, values = scalars(record, self._count)
+        self._count += 1
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self._writer = SummaryWriter(log_dir=str(self.folder), purge_step=step if self.resuming else None)
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
