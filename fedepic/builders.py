@@ -2,7 +2,7 @@
 
 The EPIC schedule's keys (``defense.epic.warmup``, ``.interval``, ``.until``) count a different unit in
 each mode, because each mode selects at a different step; :data:`EPIC_UNITS` names it, and the
-README's config table repeats it:
+hand-written key notes (docs/reference/config-notes.md) repeat it:
 
 - centralized (and the federated ``centralized-epic`` reference): training epochs;
 - federated local EPIC (``defense.local_epic``): rounds (a client selects after its round's local epochs);

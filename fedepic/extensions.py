@@ -2,7 +2,7 @@
 their tensor server rules, model attacks, data attacks, centralized defenses, datasets and models.
 
 To add one, write its module and add one ``Entry`` line below: config validation, the runners, the
-README's tables and the tests pick it up from here. Targets are imported only when built, so this
+generated config reference (docs/reference/config.md) and the tests pick it up from here. Targets are imported only when built, so this
 module stays light (no torch, no flwr).
 
 Flags:

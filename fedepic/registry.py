@@ -1,7 +1,7 @@
 """One registry per extension point: the names the config accepts, what each name builds, where its
 parameters come from in the config, and its flags.
 
-Config validation, the runners, the README's tables and the tests all read these registries, so adding
+Config validation, the runners, the generated config reference and the tests all read these registries, so adding
 a peer rule, a server strategy, a model attack, a data attack, a centralized defense, a dataset or a
 model is one new module plus one :class:`Entry` line here.
 
@@ -37,7 +37,7 @@ class Entry:
     target : str
         ``"module:attribute"`` of the class or function the name builds.
     summary : str
-        One line for the README's tables and error messages.
+        One line for the config reference's tables and error messages.
     params : mapping
         Constructor parameter -> dotted config key, or ``f(cfg, context)`` for a derived value.
     flags : frozenset of str
@@ -122,6 +122,6 @@ class Registry:
         return self.get(name).load()(**self.arguments(name, cfg, context))
 
     def table(self) -> str:
-        """A Markdown table of the names and summaries (the README's lists are made from it)."""
+        """A Markdown table of the names and summaries (the config reference's lists are made from it)."""
         rows = [f"| `{e.name}` | {e.summary} |" for e in self]
         return "\n".join(["| name | what it is |", "|---|---|", *rows]) + "\n"

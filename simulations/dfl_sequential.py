@@ -15,7 +15,7 @@ process, with the same node, router, attack and rule functions as the Flower app
 
 It is also the reference the Flower run is tested against (same seed, same numbers:
 tests/test_decentralized.py). Pick it for many small rounds on one machine (per-round overhead on Ray
-is 0.4 s or more, benchmarks/RESULTS.md); pick ``engine=ray`` for big models, GPUs per node and
+is 0.4 s or more, docs/results/engines.md); pick ``engine=ray`` for big models, GPUs per node and
 clusters. It is not parallel: one process, torch's own threads.
 """
 

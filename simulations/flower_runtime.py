@@ -75,7 +75,7 @@ def backend_config(cfg: RunConfig, run_once: bool = True) -> dict:
     else:
         init_args["address"] = "local"  # never attach to a cluster that happens to run on this host
         # No dashboard for a run-scoped local cluster: its processes cost CPU at every start (measured
-        # below in benchmarks/RESULTS.md) and nobody watches them; an attached cluster keeps its own.
+        # below in docs/results/engines.md) and nobody watches them; an attached cluster keeps its own.
         init_args["include_dashboard"] = False
         if cfg.ray.num_cpus is not None:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)

@@ -133,7 +133,7 @@ def _workers_at_our_priority(cfg: RunConfig) -> Iterator[None]:
     otherwise. Ray starts workers at nice 15 to keep its own daemons responsive; but the cells are this
     command's work (the one-at-a-time executor runs them at its own priority), and on a shared machine
     a nice-15 worker gets about 3% of a core that a nice-0 process wants (CFS weights 36 against 1024;
-    benchmarks/RESULTS.md). An attached cluster keeps its own setting."""
+    docs/results/engines.md). An attached cluster keeps its own setting."""
     if cfg.ray.address or NICENESS in os.environ:
         yield
         return

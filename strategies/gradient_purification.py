@@ -34,7 +34,7 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    j from elsewhere and i's own mass coming back; and mixing stays doubly stochastic only while drops
    are symmetric (both ends of an edge drop it): a benign neighbour confirmed by mistake, or a blatant
    suspect left out for a round (rule 6), is dropped by one end only, and mass then leaks over that
-   edge. With the real detector's measured precision (benchmarks/RESULTS.md) this happens.
+   edge. With the real detector's measured precision (docs/results/defenses.md) this happens.
 3. **Detection** [Q2 says the records make detection possible; the scores are inferred]. Robust
    z-score of each neighbour's vector against the coordinate-wise median of {own} ∪ {active
    neighbours} (``detector="robust"``): the trackers under DSGT, the models under D-PSGD.
@@ -68,7 +68,7 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
    GP against rejecting "suspicious gradients per iteration", ``strategies/exclude.py``], except a
    **blatant** one, scoring above ``reject_score`` (default 30, ten times the threshold), which is
    left out of the round even before confirmation [inferred; not in the paper]: aggregating a
-   Gaussian or sign-flipped model even once wrecks a node (measured in benchmarks/RESULTS.md).
+   Gaussian or sign-flipped model even once wrecks a node (measured in docs/results/defenses.md).
 7. **Optional clipping** (``clip_tau``) [Q4 "integrates with existing DFL aggregation"]: the mixing
    is ClippedGossip (He, Karimireddy, Jaggi 2022), ``c_ij = w_ij clip(v_j - v_i, clip_tau)``, and the
    records hold the clipped contributions.

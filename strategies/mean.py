@@ -33,7 +33,7 @@ def weighted_mean(stack: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     the factors ``w_i / sum(w)`` in Python floats (float64), each row times its factor in the stack's
     dtype, accumulated row by row in row order. One pass over the stack per row, no [n, D] temporary.
     The last bits matter: a few rounds of non-IID local training turn a one-ulp difference of the
-    global model into points of final accuracy (benchmarks/RESULTS.md).
+    global model into points of final accuracy (docs/results/byzfl.md).
 
     >>> weighted_mean(torch.tensor([[0.0, 2.0], [4.0, 6.0]]), torch.tensor([3.0, 1.0]))
     tensor([1., 3.])
