@@ -30,14 +30,15 @@ from typing import Any, Optional
 from fedepic.errors import ConfigError
 
 PUBLISHED = Path(__file__).resolve().parent / "published.json"
-KEY_FIELDS = ("split", "aggregator", "attack")  # what names a cell within its experiment
+KEY_FIELDS = ("split", "aggregator", "attack", "row", "defense", "measure")  # what names a cell within its experiment
 
 
 @dataclass(frozen=True)
 class PublishedCell:
-    """One published figure: ``key`` names the cell ({"split": "iid", "aggregator": "gossip"}, or
-    {"aggregator": "cm", "attack": "ipm"}), ``value`` the figure, ``std`` its seed spread (None for one
-    seed), ``source`` the raw file, lines and rows it was read from."""
+    """One published figure: ``key`` names the cell ({"split": "iid", "aggregator": "gossip"},
+    {"aggregator": "cm", "attack": "ipm"}, {"row": "alie_tm"} or {"defense": "none", "measure":
+    "accuracy"}), ``value`` the figure, ``std`` its seed spread (None for one seed), ``source`` the raw
+    file, lines and rows it was read from."""
 
     experiment: str
     key: dict[str, str]

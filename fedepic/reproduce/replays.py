@@ -1,0 +1,188 @@
+"""The registered replays of ``python -m fedepic.reproduce NAME``: per name, the config it runs, the
+published experiment it is compared with (``published.json``), and how each published cell maps to a
+fedepic result.
+
+A published cell maps to one number of the replay's sweep folder (:class:`CellMap`): the sweep cells
+whose axis values match ``values`` (one per seed), the comparison row of ``member`` in each of them, and
+its column ``metric`` (a share, so ``scale`` 100 gives percent). A cell fedepic cannot run yet (a rule,
+an attack or a measure it lacks) keeps its intended mapping and says in ``needs`` what is missing: it
+is reported as missing, with that text, until its value shows up in a run folder (a config extended
+once the feature lands). ``comparable`` set on a replay says why none of its cells can be a
+reproduction (a reduced smoke protocol): its rows are printed beside the paper's without a verdict.
+
+Example::
+
+    >>> replay = get("dumbbell")
+    >>> replay.config, replay.experiment, replay.seeds
+    ('reproduce/dumbbell_clippedgossip.yaml', 'dumbbell_clippedgossip', (0,))
+    >>> m = replay.map_cell({"split": "noniid", "aggregator": "trimmed_mean"})
+    >>> m.values, m.member, m.metric, m.needs
+    ({'data.partition': 'label_sets'}, 'trimmed_mean', 'mean_accuracy', None)
+    >>> replay.map_cell({"split": "iid", "aggregator": "mozi"}).needs[:28]
+    'a MOZI peer rule (rho 1, alph'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from fedepic.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class CellMap:
+    """Where a published cell's fedepic figure is: the sweep cells with axis ``values`` (all seeds),
+    comparison row ``member``, column ``metric`` times ``scale``; ``needs``: what fedepic lacks to run it."""
+
+    values: dict[str, Any]
+    member: str
+    metric: str
+    scale: float = 100.0
+    needs: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One registered replay (module docstring)."""
+
+    name: str
+    about: str
+    config: str  # under configs/ (python -m fedepic.simulate config=...)
+    experiment: str  # in published.json
+    seeds: tuple[int, ...]  # the authors' seeds: the replay's default
+    map_cell: Callable[[Mapping[str, str]], CellMap]
+    deviations: tuple[str, ...] = ()  # what differs from the published protocol for every cell
+    points: float = 2.0  # tolerance: the published std + points ...
+    single_seed_points: float = 3.0  # ... or this, where the published figure has one seed
+    comparable: Optional[str] = None  # None, or why no cell of this replay can be a reproduction
+    path_keys: tuple[str, ...] = field(default=())  # keys (and sweep axes) holding paths relative to the repository
+
+    def config_path(self) -> Path:
+        return REPO / "configs" / self.config
+
+    def fixed_overrides(self) -> list[str]:
+        """Overrides the command adds: the values of ``path_keys`` (in the config and in its sweep axes)
+        made absolute, since the config's paths are relative to the repository root and the command
+        may run elsewhere (the config is read as plain YAML: loading it would check those paths)."""
+        import yaml
+
+        raw = yaml.safe_load(self.config_path().read_text(encoding="utf-8")) or {}
+        out = []
+        for key in self.path_keys:
+            node: Any = raw
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, str):
+                out.append(f"{key}={REPO / node}")
+            axis = (raw.get("sweep") or {}).get(key)
+            if isinstance(axis, list):
+                out.append(f"sweep.{key}=[{','.join(str(REPO / p) for p in axis)}]")
+        return out
+
+
+# --------------------------------------------------------------------------- dumbbell (ClippedGossip)
+
+DUMBBELL_SPLITS = {"iid": "iid", "noniid": "label_sets"}
+DUMBBELL_RULES = {"gossip": None, "scclip": None, "trimmed_mean": None,
+                  "rfa": "a geometric-median peer rule (RFA: 8 smoothed-Weiszfeld steps, nu 0.1, z_0 = 0; "
+                         "PROTOCOLS.md 1.5), then `rfa` in the config's strategies",
+                  "mozi": "a MOZI peer rule (rho 1, alpha 0.5) that takes its own gradient step without momentum "
+                          "(PROTOCOLS.md 1.5), then `mozi` in the config's strategies"}
+
+
+def _dumbbell(key: Mapping[str, str]) -> CellMap:
+    return CellMap({"data.partition": DUMBBELL_SPLITS[key["split"]]}, key["aggregator"], "mean_accuracy",
+                   needs=DUMBBELL_RULES[key["aggregator"]])
+
+
+# --------------------------------------------------------------------------- bucketing, MNIST
+
+BUCKETING_ATTACKS: dict[str, Optional[dict[str, str]]] = {
+    "bit_flip": {"attack.model": "sign_flip", "attack.data": "none"},
+    "label_flip": {"attack.model": "none", "attack.data": "label_flip"},
+    "ipm": {"attack.model": "ipm", "attack.data": "none"},
+    "alie": {"attack.model": "alie", "attack.data": "none"},
+    "mimic": None,
+}
+BUCKETING_RULES = {"krum": ("krum", None), "cm": ("fedmedian", None),
+                   "rfa": ("rfa", "a geometric-median server rule (RFA T = 8, nu 0.1; PROTOCOLS.md 2.4)"),
+                   "cclip": ("cclip", "a centered-clipping server rule (tau 10 on heavy-ball momenta, i.e. 1 on "
+                                      "fedepic's EMA momenta, 3 iterations, the centre kept across rounds; "
+                                      "PROTOCOLS.md 2.4)")}
+MIMIC_NEEDS = "the mimic attack (warm-up 1; PROTOCOLS.md 2.5)"
+
+
+def _bucketing(key: Mapping[str, str]) -> CellMap:
+    member, rule_needs = BUCKETING_RULES[key["aggregator"]]
+    values = BUCKETING_ATTACKS[key["attack"]]
+    needs = [n for n in (rule_needs, None if values is not None else MIMIC_NEEDS) if n]
+    return CellMap(values if values is not None else {"attack.model": "mimic", "attack.data": "none"}, member,
+                   "final_accuracy", needs=" and ".join(needs) or None)
+
+
+# --------------------------------------------------------------------------- ByzFL's benchmark
+
+BYZFL_ROWS = {"none_avg": ({"attack.model": "none"}, "fedavg"),
+              "alie_tm": ({"attack.model": "alie"}, "fedtrimmedavg"),
+              "signflip_median": ({"attack.model": "ipm", "attack.ipm_eps": 1.0}, "fedmedian"),
+              "ipm_tm_clip_nnm": ({"attack.model": "ipm", "attack.ipm_eps": 2.0}, "fedtrimmedavg")}
+
+
+def _byzfl(key: Mapping[str, str]) -> CellMap:
+    values, member = BYZFL_ROWS[key["row"]]
+    return CellMap(dict(values), member, "final_accuracy")
+
+
+# --------------------------------------------------------------------------- EPIC Table 2, CPU smoke
+
+def _epic_table2(key: Mapping[str, str]) -> CellMap:
+    return CellMap({}, key["defense"], key["measure"])
+
+
+REPLAYS: dict[str, Replay] = {r.name: r for r in (
+    Replay("dumbbell", "ClippedGossip (He, Karimireddy, Jaggi 2022), Fig. 4: dumbbell graph, no attack, IID and "
+           "non-IID, 5 aggregators", "reproduce/dumbbell_clippedgossip.yaml", "dumbbell_clippedgossip", (0,),
+           _dumbbell,
+           deviations=("the measure: fedepic's mean over honest nodes of each node's own test accuracy at the last "
+                       "round (mean_accuracy); the authors score one model, the average of all honest models, on "
+                       "the first 9,984 test images",
+                       "mixing weights Metropolis-Hastings (1/10 inside a clique) instead of the authors' 1/11",
+                       "combine-then-adapt dsgd instead of the authors' adapt-then-combine",
+                       "model cnn_mnist instead of the authors' Net with dropout",
+                       "non-IID rows: label_sets (each label split evenly in its clique) instead of the authors' "
+                       "random round-robin deal; minibatches with replacement from all rows instead of the same "
+                       "first 960 rows every epoch",
+                       "every DEVIATES line of configs/reproduce/dumbbell_clippedgossip.yaml; PROTOCOLS.md 1.8")),
+    Replay("bucketing_mnist", "Bucketing (Karimireddy, He, Jaggi, ICLR 2022), MNIST exp3: momentum 0.9, no "
+           "bucketing, 4 rules x 5 attacks", "reproduce/bucketing_mnist.yaml", "bucketing_mnist", (0, 1, 2),
+           _bucketing,
+           deviations=("Byzantine clients send their (EMA) momentum; the authors' BF and LF send one raw gradient",
+                       "data: 25 label-sorted shards dealt at random to all clients instead of 3,000 contiguous "
+                       "label-sorted rows per honest worker and IID rows for the Byzantine ones",
+                       "model cnn_mnist instead of the authors' Net with dropout",
+                       "Krum scores squared distances; the authors' code their 4th power",
+                       "every DEVIATES line of configs/reproduce/bucketing_mnist.yaml; PROTOCOLS.md 2.8")),
+    Replay("byzfl", "ByzFL 0.0.11's benchmark scenario: the four rows of benchmarks/byzfl_compare.py, against "
+           "ByzFL's own measured accuracies", "reproduce/byzfl_benchmark.yaml", "byzfl_benchmark", (0,), _byzfl,
+           deviations=("the known differences of benchmarks/byzfl_compare.py's docstring: minibatches with "
+                       "replacement, each side's own initial weights, fedepic's own normalisation statistics",),
+           points=2.0, single_seed_points=2.0, path_keys=("data.partition_file",)),
+    Replay("epic_table2_smoke", "EPIC (Yang, Liu, Mirzasoleiman, ICML 2022), Table 2, as the CPU smoke run: "
+           "Witches' Brew, no defense vs EPIC-0.1", "reproduce/epic_table2_smoke.yaml", "epic_table2", (0,),
+           _epic_table2,
+           comparable="a CPU smoke protocol (3 CIFAR-10 classes, small CNN, 5 epochs, eps 16/255, budget 2%, a "
+                      "short brew, 2 targets), not Table 2's (CIFAR-10, ResNet-18, 40 epochs, eps 8/255, 1%, "
+                      "10 targets; the GPU suite, benchmarks/gpu_suite.sh): its figures cannot match the paper's "
+                      "and are not a reproduction"),
+)}
+
+
+def get(name: str) -> Replay:
+    """The replay called ``name``; an unknown name is a ConfigError naming it and the choices."""
+    if name not in REPLAYS:
+        raise ConfigError(f"invalid value {name!r} for the replay NAME: choose one of {', '.join(REPLAYS)}")
+    return REPLAYS[name]
