@@ -156,6 +156,20 @@ def check_source(replay, folder: Path, summary: dict) -> None:
                           f"{replay.name!r} (config name {name!r})")
 
 
+def changed_protocol(replay, summary: dict, seeds: Sequence[int]) -> list[str]:
+    """For --from: nothing when the folder is the shipped config's sweep with these seeds (the same
+    sweep key), else one line saying the folder's config differs (overrides it ran with)."""
+    from fedepic.config import load_config
+    from fedepic.sweep.plan import plan_sweep
+
+    shipped = plan_sweep(load_config(str(replay.config_path()), [*replay.fixed_overrides(),
+                                                                 f"sweep.seed=[{','.join(map(str, seeds))}]"]))
+    if summary.get("key") == shipped.key:
+        return []
+    return [f"(the folder's sweep key {summary.get('key')} is not the shipped config's {shipped.key}: it ran with "
+            "other settings; see its config.yaml)"]
+
+
 def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequence[str]) -> str:
     """Compare, write reproduction.md and reproduction.json into ``folder``; returns the Markdown."""
     import json
@@ -193,6 +207,7 @@ def execute(args: Arguments, interrupts) -> int:
         summary, sweep = read_sweep(folder)
         check_source(replay, folder, summary)
         seeds = tuple(sorted({c.seed for c in sweep if c.seed is not None}))
+        changed = changed_protocol(replay, summary, seeds)
     elif args.dry_run:
         from fedepic.sweep.plan import plan_sweep
 
@@ -203,7 +218,8 @@ def execute(args: Arguments, interrupts) -> int:
     else:
         folder, failed = run(replay, args, seeds, interrupts)
         summary, sweep = read_sweep(folder)
-    print(report(replay, folder, sweep, seeds, args.overrides), end="")
+        changed = list(args.overrides)
+    print(report(replay, folder, sweep, seeds, changed), end="")
     print(folder / "reproduction.md")
     if failed:
         print(f"fedepic.reproduce: {len(failed)} sweep cell(s) failed: {', '.join(failed[:5])} (see "

@@ -56,8 +56,8 @@ def markdown(replay: Replay, paper: str, folder: Path, results: Sequence[CellRes
              f"seed std + {replay.points:g} points of the published figure ({replay.single_seed_points:g} points "
              "where it has one seed); figures in percent"]
     if overrides:
-        lines.append(f"- **overrides given: {' '.join(overrides)}: the protocol is changed, so a verdict here "
-                     "says nothing about the published experiment**")
+        lines.append(f"- **protocol changed: {' '.join(overrides)}: a verdict here says nothing about the "
+                     "published experiment**")
     if replay.comparable:
         lines.append(f"- **not a reproduction: {replay.comparable}**")
     lines += [f"- differs from the published protocol: {d}" for d in replay.deviations]

@@ -18,8 +18,8 @@ Example::
     >>> m = replay.map_cell({"split": "noniid", "aggregator": "trimmed_mean"})
     >>> m.values, m.member, m.metric, m.needs
     ({'data.partition': 'label_sets'}, 'trimmed_mean', 'mean_accuracy', None)
-    >>> replay.map_cell({"split": "iid", "aggregator": "mozi"}).needs[:28]
-    'a MOZI peer rule (rho 1, alph'
+    >>> replay.map_cell({"split": "iid", "aggregator": "mozi"}).needs[:16]
+    'a MOZI peer rule'
 """
 
 from __future__ import annotations

@@ -1,0 +1,217 @@
+"""python -m fedepic.reproduce: the comparison of published cells with hand-made sweep folders (a cell
+within its tolerance, one outside, one missing for a failed run, one missing for a rule fedepic lacks,
+a smoke replay without verdicts), --list and --dry-run through the command, bad input (exit 2, one
+line, nothing written), and one real two-round replay that writes reproduction.md."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedepic.reproduce import compare as compare_module
+from fedepic.reproduce import published, replays
+from fedepic.reproduce.__main__ import main
+from fedepic.reproduce.compare import compare, read_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "fedepic.reproduce", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def make_sweep(folder: Path, name: str, cells: list[dict]) -> Path:
+    """A sweep folder as fedepic.sweep writes it: summary.json listing ``cells`` (values, status, rows),
+    each completed one with its own summary.json holding ``rows``."""
+    listed = []
+    for index, cell in enumerate(cells):
+        cell_name = f"{index:03d}"
+        entry = {"index": index, "name": cell_name, "values": cell["values"], "status": cell["status"],
+                 "error": cell.get("error"), "folder": None}
+        if cell["status"] == "completed":
+            (folder / "cells" / cell_name).mkdir(parents=True)
+            (folder / "cells" / cell_name / "summary.json").write_text(json.dumps({"rows": cell["rows"]}))
+            entry["folder"] = f"cells/{cell_name}"
+        listed.append(entry)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"kind": "sweep", "name": name, "key": "handmade",
+                                                     "cells": listed}))
+    return folder
+
+
+def dumbbell_rows(accuracy: dict[str, float]) -> list[dict]:
+    return [{"strategy": s, "mean_accuracy": a} for s, a in accuracy.items()]
+
+
+def test_doctests_of_the_registry_and_the_comparison():
+    for module in (replays, compare_module):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_every_published_cell_of_every_replay_has_a_mapping():
+    for replay in replays.REPLAYS.values():
+        for cell in published.cells(replay.experiment):
+            mapping = replay.map_cell(cell.key)
+            assert mapping.member and mapping.metric and mapping.scale == 100.0
+
+
+def test_dumbbell_cells_within_outside_and_missing(tmp_path):
+    # iid: gossip 95.0 (published 96.434, one seed: tolerance 3 -> within), scclip 93.0 (96.404: 3.40 away ->
+    # outside); noniid: the cell failed -> every noniid cell missing with its error; rfa, mozi: not in fedepic
+    folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [
+        {"values": {"data.partition": "iid", "seed": 0}, "status": "completed",
+         "rows": dumbbell_rows({"gossip": 0.95, "scclip": 0.93, "trimmed_mean": 0.9241})},
+        {"values": {"data.partition": "label_sets", "seed": 0}, "status": "failed", "error": "RunFailed: boom"},
+    ])
+    _, sweep = read_sweep(folder)
+    replay = replays.get("dumbbell")
+    results = {(r.key["split"], r.key["aggregator"]): r for r in compare(replay, published.cells("dumbbell_clippedgossip"),
+                                                                            sweep)}
+    gossip = results["iid", "gossip"]
+    assert gossip.verdict == "within" and gossip.tolerance == 3.0
+    assert gossip.mean == pytest.approx(95.0) and gossip.std is None and gossip.seeds == [0]
+    assert gossip.difference == pytest.approx(95.0 - 96.43429487179488)
+    assert results["iid", "scclip"].verdict == "outside"
+    assert results["iid", "scclip"].difference == pytest.approx(93.0 - 96.4042467948718)
+    # 92.40 against 95.40: exactly 3.00 away is still within (|d| <= tolerance)
+    assert results["iid", "trimmed_mean"].verdict == "within"
+    assert results["noniid", "gossip"].verdict == "missing"
+    assert results["noniid", "gossip"].reason == "seed 0: failed (RunFailed: boom)"
+    for split in ("iid", "noniid"):
+        for rule in ("rfa", "mozi"):
+            assert results[split, rule].verdict == "missing"
+            assert results[split, rule].reason.startswith("fedepic cannot run it yet: needs a ")
+
+
+def test_bucketing_mean_and_spread_over_seeds(tmp_path):
+    # krum / ipm: published 9.989 with std 0.3007 over 3 seeds -> tolerance 2.3007; fedepic 8, 9, 10 -> mean 9,
+    # std 1 -> within. cm / ipm: published 32.13, std 5.087 -> tolerance 7.087; fedepic 20, 30 (seed 2 failed)
+    # -> mean 25, 7.13 away -> outside, over two seeds, the lost one named. krum / mimic: no mimic attack
+    rows = {0: (0.08, 0.20), 1: (0.09, 0.30), 2: (0.10, None)}
+    cells = []
+    for seed, (krum, cm) in rows.items():
+        members = [{"strategy": "krum", "final_accuracy": krum}]
+        if cm is not None:
+            members.append({"strategy": "fedmedian", "final_accuracy": cm})
+        cells.append({"values": {"seed": seed, "attack.model": "ipm", "attack.data": "none"}, "status": "completed",
+                      "rows": members})
+    folder = make_sweep(tmp_path / "sweep", "reproduce-bucketing-mnist", cells)
+    _, sweep = read_sweep(folder)
+    found = {(r.key["aggregator"], r.key["attack"]): r
+             for r in compare(replays.get("bucketing_mnist"), published.cells("bucketing_mnist"), sweep)}
+    krum = found["krum", "ipm"]
+    assert krum.verdict == "within" and krum.seeds == [0, 1, 2]
+    assert krum.mean == pytest.approx(9.0) and krum.std == pytest.approx(1.0)
+    assert krum.tolerance == pytest.approx(0.30070326520293045 + 2.0)
+    cm = found["cm", "ipm"]
+    assert cm.verdict == "outside" and cm.mean == pytest.approx(25.0)
+    assert cm.std == pytest.approx(statistics.stdev([20.0, 30.0])) and cm.seeds == [0, 1]
+    assert "seed 2: completed" in cm.reason
+    assert found["krum", "mimic"].verdict == "missing" and "the mimic attack" in found["krum", "mimic"].reason
+    assert found["krum", "bit_flip"].reason.startswith("the run folder has no sweep cell with attack.model=sign_flip")
+
+
+def test_smoke_replay_reports_values_without_a_verdict(tmp_path):
+    folder = make_sweep(tmp_path / "sweep", "reproduce-epic-table2-smoke", [
+        {"values": {"seed": 0}, "status": "completed",
+         "rows": [{"defense": "none", "attack_success": 0.5, "accuracy": 0.7},
+                  {"defense": "epic-0.1", "attack_success": 0.0, "accuracy": 0.65}]}])
+    _, sweep = read_sweep(folder)
+    results = compare(replays.get("epic_table2_smoke"), published.cells("epic_table2"), sweep)
+    assert [r.verdict for r in results] == ["not comparable"] * 4
+    assert [round(r.mean, 6) for r in results] == [50.0, 70.0, 0.0, 65.0]
+    assert all("not Table 2's" in r.reason for r in results)
+
+
+def test_from_folder_writes_reproduction_md_and_json(tmp_path, capsys):
+    folder = make_sweep(tmp_path / "sweep", "reproduce-byzfl-benchmark", [
+        {"values": {"seed": 0, "attack.model": "none", "attack.ipm_eps": 0.1}, "status": "completed",
+         "rows": [{"strategy": "fedavg", "final_accuracy": 0.9864}]},
+        {"values": {"seed": 0, "attack.model": "ipm", "attack.ipm_eps": 1.0}, "status": "completed",
+         "rows": [{"strategy": "fedmedian", "final_accuracy": 0.93}]}])
+    assert main(["byzfl", "--from", str(folder)]) == 0
+    data = json.loads((folder / "reproduction.json").read_text())
+    verdicts = {c["key"]["row"]: c["verdict"] for c in data["cells"]}
+    # 98.64 vs 98.51 (tolerance 2: byzfl_compare's) within; 93.00 vs 96.03 outside; the other two not run
+    assert verdicts == {"none_avg": "within", "alie_tm": "missing", "signflip_median": "outside",
+                        "ipm_tm_clip_nnm": "missing"}
+    assert data["counts"] == {"within": 1, "outside": 1, "missing": 2, "not comparable": 0}
+    assert data["protocol_changed"] is True  # a hand-made folder is not the shipped config's sweep
+    text = (folder / "reproduction.md").read_text()
+    assert "| row=none_avg | 98.51 | 0 | - | 98.64 | - | 0 | 0.13 | 2.00 | within |" in text
+    assert text in capsys.readouterr().out
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_list_and_dry_run_through_the_command(tmp_path):
+    listed = run_command(["--list"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    for name in ("dumbbell", "bucketing_mnist", "byzfl", "epic_table2_smoke"):
+        assert f"| {name} |" in listed.stdout
+    out = tmp_path / "out"
+    dry = run_command(["bucketing_mnist", "--dry-run", "--seeds", "2", f"output_dir={out}"], tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "seeds: 0,1" in dry.stdout and "sweep cells (8):" in dry.stdout
+    assert "aggregator=krum, attack=ipm: published 9.99, tolerance 2.30; fedepic krum final_accuracy at " \
+           "attack.model=ipm, attack.data=none: from 2 sweep cell(s)" in dry.stdout
+    assert "aggregator=rfa, attack=ipm" in dry.stdout and "MISSING: needs a geometric-median server rule" in dry.stdout
+    assert not out.exists()  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["nosuchreplay"], "nosuchreplay"),
+    (["dumbbell", "nosuchkey=1"], "nosuchkey"),
+    (["dumbbell", "rounds=abc"], "rounds"),
+    (["dumbbell", "--seeds", "0"], "--seeds"),
+    (["dumbbell", "--bogus"], "--bogus"),
+    (["dumbbell", "sweep.seed=[1]"], "--seeds"),
+    (["dumbbell", "--from", "does-not-exist"], "--from"),
+    ([], "NAME"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
+    out = tmp_path / "out"
+    proc = run_command([*args, f"output_dir={out}"] if args and not args[-1].startswith("does") else args, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and needle in lines[0], proc.stderr
+    assert proc.stdout == "" and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_from_a_sweep_of_another_replay_is_refused(tmp_path):
+    folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [])
+    assert main(["byzfl", "--from", str(folder)]) == 2
+    assert not (folder / "reproduction.md").exists()
+
+
+def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
+    """The real command on the shipped dumbbell config, cut to 2 rounds on 30 training images a class."""
+    out = tmp_path / "out"
+    proc = run_command(["dumbbell", "rounds=2", "train.eval_every=1", "data.train_per_class=30",
+                        "data.test_per_class=20", f"output_dir={out}", "progress=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = next(out.glob("sweep-reproduce-dumbbell-clippedgossip-*"))
+    data = json.loads((folder / "reproduction.json").read_text())
+    assert data["protocol_changed"] is True and data["seeds"] == [0]
+    by_verdict = {}
+    for cell in data["cells"]:
+        by_verdict.setdefault(cell["verdict"], []).append(cell["key"]["aggregator"])
+    # gossip, scclip, trimmed_mean ran on both splits (two rounds: far below the published ~90%); rfa, mozi missing
+    assert sorted(by_verdict["missing"]) == ["mozi", "mozi", "rfa", "rfa"]
+    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean"] * 2)
+    summary = json.loads((folder / "summary.json").read_text())
+    first = json.loads((folder / summary["cells"][0]["folder"] / "summary.json").read_text())
+    gossip = next(r for r in first["rows"] if r["strategy"] == "gossip")
+    cell = next(c for c in data["cells"] if c["key"] == {"split": "iid", "aggregator": "gossip"})
+    assert cell["mean"] == pytest.approx(100 * gossip["mean_accuracy"])
+    text = (folder / "reproduction.md").read_text()
+    assert "protocol changed: rounds=2" in text and "| split=iid, aggregator=gossip | 96.43 | 0 | - |" in text
+    assert proc.stdout.strip().endswith(str(folder / "reproduction.md"))
