@@ -215,3 +215,78 @@ def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
     text = (folder / "reproduction.md").read_text()
     assert "protocol changed: rounds=2" in text and "| split=iid, aggregator=gossip | 96.43 | 0 | - |" in text
     assert proc.stdout.strip().endswith(str(folder / "reproduction.md"))
+
+
+def _byzfl_compare():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("byzfl_compare", REPO / "benchmarks" / "byzfl_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_byzfl_replay_runs_byzfl_compare_rows(tmp_path):
+    """Each cell of the byzfl replay's sweep is the fedepic run benchmarks/byzfl_compare.py makes for its row
+    (same sections, same split rows), and the published side is ByzFL's accuracy stored in RESULTS.md."""
+    import dataclasses
+
+    import numpy as np
+
+    from fedepic.config import load_config
+    from fedepic.sweep.plan import plan_sweep
+
+    script, replay = _byzfl_compare(), replays.get("byzfl")
+    plan = plan_sweep(load_config(str(replay.config_path()), [*replay.fixed_overrides(), "sweep.seed=[0]"]))
+    by_row = {}
+    for cell in published.cells("byzfl_benchmark"):
+        mapping = replay.map_cell(cell.key)
+        [match] = [c for c in plan.cells if compare_module.matches(compare_module.SweepCell(c.values, "", None),
+                                                                   mapping.values)]
+        by_row[cell.key["row"]] = (match.config, mapping.member)
+    assert list(by_row) == list(script.FEDEPIC_ROWS)
+    for row, (ours, member) in by_row.items():
+        split = REPO / "configs" / "reproduce" / "byzfl_split" / f"clients_{ours.clients.count}.npz"
+        theirs = load_config(None, [*script.COMMON, f"data.partition_file={split}", "rounds=800",
+                                    "train.eval_every=50", *script.FEDEPIC_ROWS[row]])
+        assert ours.strategies == theirs.strategies == [member]
+        if row == "none_avg":  # the script leaves malicious_ids unset (5 flagged, no attack); the replay: none
+            assert ours.clients.malicious_ids == [] and theirs.clients.malicious_ids is None
+            theirs = dataclasses.replace(theirs, clients=dataclasses.replace(theirs.clients, malicious_ids=[]))
+        for section in ("data", "model", "clients", "server", "rounds", "seed", "mode"):
+            assert getattr(ours, section) == getattr(theirs, section), (row, section)
+        used = ["pre_aggregation", "byzantine", *(["trim"] if member == "fedtrimmedavg" else []),
+                *(["clip_radius"] if "clip" in ours.defense.pre_aggregation else [])]  # what the row's rules read
+        assert [getattr(ours.defense, k) for k in used] == [getattr(theirs.defense, k) for k in used], row
+        assert dataclasses.replace(ours.train, threads=None) == dataclasses.replace(theirs.train, threads=None)
+        unused = {"alie_z": None, "ipm_eps": None}  # the other attack's parameter: not read by this row
+        unused.pop({"alie": "alie_z", "ipm": "ipm_eps"}.get(ours.attack.model, ""), None)
+        if ours.attack.model != "none":
+            assert dataclasses.replace(ours.attack, **unused) == dataclasses.replace(theirs.attack, **unused), row
+    # the two split files: the same 10 honest clients (ByzFL's Dirichlet 0.5 split of all 60,000 rows)
+    with np.load(REPO / "configs/reproduce/byzfl_split/clients_10.npz") as ten, \
+            np.load(REPO / "configs/reproduce/byzfl_split/clients_12.npz") as twelve:
+        rows = np.concatenate([ten[f"client_{k}"] for k in range(10)])
+        assert sorted(rows.tolist()) == list(range(60_000))
+        assert all((ten[f"client_{k}"] == twelve[f"client_{k}"]).all() for k in range(10))
+        assert twelve["client_10"].size == twelve["client_11"].size == 0
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    stored = [c.value for c in published.cells("byzfl_benchmark")]
+    assert "| 98.51 | 98.60 |" in results and "| 97.84 | 97.64 |" in results  # ByzFL acc %, fedepic acc %
+    assert "| 96.03 | 95.04 |" in results and "| 97.39 | 97.09 |" in results
+    assert stored == [98.51, 97.84, 96.03, 97.39]
+
+
+@pytest.mark.skipif(not (Path("/tmp/byzfl-venv") / "bin" / "python").exists(),
+                    reason="ByzFL's venv (benchmarks/byzfl_compare.py --venv) is not on this machine")
+def test_shipped_split_is_byzfls_own(tmp_path, data_root):
+    """ByzFL's DataDistributor, run again through benchmarks/byzfl_side.py, gives the shipped rows."""
+    import numpy as np
+
+    out = tmp_path / "split.npz"
+    subprocess.run(["/tmp/byzfl-venv/bin/python", str(REPO / "benchmarks" / "byzfl_side.py"), "split", "--data",
+                    str(data_root), "--out", str(out), "--byzantine", "2"], check=True, timeout=600)
+    with np.load(out) as fresh, np.load(REPO / "configs/reproduce/byzfl_split/clients_12.npz") as shipped:
+        assert set(fresh.files) == set(shipped.files)
+        for name in fresh.files:
+            assert np.array_equal(np.sort(fresh[name]), shipped[name].astype(np.int64)), name
