@@ -228,7 +228,7 @@ def _byzfl_compare():
 
 def test_byzfl_replay_runs_byzfl_compare_rows(tmp_path):
     """Each cell of the byzfl replay's sweep is the fedepic run benchmarks/byzfl_compare.py makes for its row
-    (same sections, same split rows), and the published side is ByzFL's accuracy stored in RESULTS.md."""
+    (same sections, same split rows), and the published side is ByzFL's accuracy stored in docs/results/byzfl.md."""
     import dataclasses
 
     import numpy as np
@@ -270,7 +270,7 @@ def test_byzfl_replay_runs_byzfl_compare_rows(tmp_path):
         assert sorted(rows.tolist()) == list(range(60_000))
         assert all((ten[f"client_{k}"] == twelve[f"client_{k}"]).all() for k in range(10))
         assert twelve["client_10"].size == twelve["client_11"].size == 0
-    results = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    results = (REPO / "docs" / "results" / "byzfl.md").read_text()
     stored = [c.value for c in published.cells("byzfl_benchmark")]
     assert "| 98.51 | 98.60 |" in results and "| 97.84 | 97.64 |" in results  # ByzFL acc %, fedepic acc %
     assert "| 96.03 | 95.04 |" in results and "| 97.39 | 97.09 |" in results
