@@ -66,7 +66,8 @@ def test_every_published_cell_of_every_replay_has_a_mapping():
 
 def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     # iid: gossip 95.0 (published 96.434, one seed: tolerance 3 -> within), scclip 93.0 (96.404: 3.40 away ->
-    # outside); noniid: the cell failed -> every noniid cell missing with its error; rfa, mozi: not in fedepic
+    # outside); noniid: the cell failed -> every noniid cell missing with its error; rfa: not in the folder;
+    # mozi: fedepic lacks its performance stage
     folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [
         {"values": {"data.partition": "iid", "seed": 0}, "status": "completed",
          "rows": dumbbell_rows({"gossip": 0.95, "scclip": 0.93, "trimmed_mean": 0.9241})},
@@ -86,16 +87,17 @@ def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     assert results["iid", "trimmed_mean"].verdict == "within"
     assert results["noniid", "gossip"].verdict == "missing"
     assert results["noniid", "gossip"].reason == "seed 0: failed (RunFailed: boom)"
+    assert results["iid", "rfa"].verdict == "missing"
+    assert results["iid", "rfa"].reason == "no mean_accuracy of member 'rfa' in the matching cells"
     for split in ("iid", "noniid"):
-        for rule in ("rfa", "mozi"):
-            assert results[split, rule].verdict == "missing"
-            assert results[split, rule].reason.startswith("fedepic cannot run it yet: needs a ")
+        assert results[split, "mozi"].verdict == "missing"
+        assert results[split, "mozi"].reason.startswith("fedepic cannot run it yet: needs MOZI's performance stage")
 
 
 def test_bucketing_mean_and_spread_over_seeds(tmp_path):
     # krum / ipm: published 9.989 with std 0.3007 over 3 seeds -> tolerance 2.3007; fedepic 8, 9, 10 -> mean 9,
     # std 1 -> within. cm / ipm: published 32.13, std 5.087 -> tolerance 7.087; fedepic 20, 30 (seed 2 failed)
-    # -> mean 25, 7.13 away -> outside, over two seeds, the lost one named. krum / mimic: no mimic attack
+    # -> mean 25, 7.13 away -> outside, over two seeds, the lost one named. krum / mimic: not in the folder
     rows = {0: (0.08, 0.20), 1: (0.09, 0.30), 2: (0.10, None)}
     cells = []
     for seed, (krum, cm) in rows.items():
@@ -116,8 +118,9 @@ def test_bucketing_mean_and_spread_over_seeds(tmp_path):
     assert cm.verdict == "outside" and cm.mean == pytest.approx(25.0)
     assert cm.std == pytest.approx(statistics.stdev([20.0, 30.0])) and cm.seeds == [0, 1]
     assert "seed 2: completed" in cm.reason
-    assert found["krum", "mimic"].verdict == "missing" and "the mimic attack" in found["krum", "mimic"].reason
-    assert found["krum", "bit_flip"].reason.startswith("the run folder has no sweep cell with attack.model=sign_flip")
+    assert found["krum", "mimic"].verdict == "missing"
+    assert found["krum", "mimic"].reason.startswith("the run folder has no sweep cell with attack.model=mimic")
+    assert found["krum", "bit_flip"].reason.startswith("the run folder has no sweep cell with attack.model=bit_flip")
 
 
 def test_smoke_replay_reports_values_without_a_verdict(tmp_path):
@@ -160,10 +163,10 @@ def test_list_and_dry_run_through_the_command(tmp_path):
     out = tmp_path / "out"
     dry = run_command(["bucketing_mnist", "--dry-run", "--seeds", "2", f"output_dir={out}"], tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert "seeds: 0,1" in dry.stdout and "sweep cells (8):" in dry.stdout
+    assert "seeds: 0,1" in dry.stdout and "sweep cells (10):" in dry.stdout
     assert "aggregator=krum, attack=ipm: published 9.99, tolerance 2.30; fedepic krum final_accuracy at " \
            "attack.model=ipm, attack.data=none: from 2 sweep cell(s)" in dry.stdout
-    assert "aggregator=rfa, attack=ipm" in dry.stdout and "MISSING: needs a geometric-median server rule" in dry.stdout
+    assert "aggregator=rfa, attack=ipm: published" in dry.stdout and "MISSING" not in dry.stdout
     assert not out.exists()  # nothing ran, nothing written
 
 
@@ -204,9 +207,9 @@ def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
     by_verdict = {}
     for cell in data["cells"]:
         by_verdict.setdefault(cell["verdict"], []).append(cell["key"]["aggregator"])
-    # gossip, scclip, trimmed_mean ran on both splits (two rounds: far below the published ~90%); rfa, mozi missing
-    assert sorted(by_verdict["missing"]) == ["mozi", "mozi", "rfa", "rfa"]
-    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean"] * 2)
+    # gossip, scclip, trimmed_mean, rfa ran on both splits (two rounds: far below the published ~90%); mozi missing
+    assert sorted(by_verdict["missing"]) == ["mozi", "mozi"]
+    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean", "rfa"] * 2)
     summary = json.loads((folder / "summary.json").read_text())
     first = json.loads((folder / summary["cells"][0]["folder"] / "summary.json").read_text())
     gossip = next(r for r in first["rows"] if r["strategy"] == "gossip")

@@ -19,7 +19,7 @@ Example::
     >>> m.values, m.member, m.metric, m.needs
     ({'data.partition': 'label_sets'}, 'trimmed_mean', 'mean_accuracy', None)
     >>> replay.map_cell({"split": "iid", "aggregator": "mozi"}).needs[:16]
-    'a MOZI peer rule'
+    "MOZI's performan"
 """
 
 from __future__ import annotations
@@ -87,11 +87,9 @@ class Replay:
 # --------------------------------------------------------------------------- dumbbell (ClippedGossip)
 
 DUMBBELL_SPLITS = {"iid": "iid", "noniid": "label_sets"}
-DUMBBELL_RULES = {"gossip": None, "scclip": None, "trimmed_mean": None,
-                  "rfa": "a geometric-median peer rule (RFA: 8 smoothed-Weiszfeld steps, nu 0.1, z_0 = 0; "
-                         "PROTOCOLS.md 1.5), then `rfa` in the config's strategies",
-                  "mozi": "a MOZI peer rule (rho 1, alpha 0.5) that takes its own gradient step without momentum "
-                          "(PROTOCOLS.md 1.5), then `mozi` in the config's strategies"}
+DUMBBELL_RULES = {"gossip": None, "scclip": None, "trimmed_mean": None, "rfa": None,
+                  "mozi": "MOZI's performance stage (the peer rule `mozi` has its distance stage only) and its own "
+                          "gradient step without momentum (PROTOCOLS.md 1.5), then `mozi` in the config's strategies"}
 
 
 def _dumbbell(key: Mapping[str, str]) -> CellMap:
@@ -101,27 +99,20 @@ def _dumbbell(key: Mapping[str, str]) -> CellMap:
 
 # --------------------------------------------------------------------------- bucketing, MNIST
 
-BUCKETING_ATTACKS: dict[str, Optional[dict[str, str]]] = {
-    "bit_flip": {"attack.model": "sign_flip", "attack.data": "none"},
+BUCKETING_ATTACKS: dict[str, dict[str, str]] = {
+    "bit_flip": {"attack.model": "bit_flip", "attack.data": "none"},
     "label_flip": {"attack.model": "none", "attack.data": "label_flip"},
     "ipm": {"attack.model": "ipm", "attack.data": "none"},
     "alie": {"attack.model": "alie", "attack.data": "none"},
-    "mimic": None,
+    "mimic": {"attack.model": "mimic", "attack.data": "none"},
 }
-BUCKETING_RULES = {"krum": ("krum", None), "cm": ("fedmedian", None),
-                   "rfa": ("rfa", "a geometric-median server rule (RFA T = 8, nu 0.1; PROTOCOLS.md 2.4)"),
-                   "cclip": ("cclip", "a centered-clipping server rule (tau 10 on heavy-ball momenta, i.e. 1 on "
-                                      "fedepic's EMA momenta, 3 iterations, the centre kept across rounds; "
-                                      "PROTOCOLS.md 2.4)")}
-MIMIC_NEEDS = "the mimic attack (warm-up 1; PROTOCOLS.md 2.5)"
+BUCKETING_RULES = {"krum": ("krum", None), "cm": ("fedmedian", None), "rfa": ("geometric_median", None),
+                   "cclip": ("centered_clipping", None)}
 
 
 def _bucketing(key: Mapping[str, str]) -> CellMap:
-    member, rule_needs = BUCKETING_RULES[key["aggregator"]]
-    values = BUCKETING_ATTACKS[key["attack"]]
-    needs = [n for n in (rule_needs, None if values is not None else MIMIC_NEEDS) if n]
-    return CellMap(values if values is not None else {"attack.model": "mimic", "attack.data": "none"}, member,
-                   "final_accuracy", needs=" and ".join(needs) or None)
+    member, needs = BUCKETING_RULES[key["aggregator"]]
+    return CellMap(dict(BUCKETING_ATTACKS[key["attack"]]), member, "final_accuracy", needs=needs)
 
 
 # --------------------------------------------------------------------------- ByzFL's benchmark
