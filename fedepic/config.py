@@ -216,6 +216,13 @@ class GeometricMedianConfig:
 
     iterations: int = field(default=3, metadata=between(1, 1000))  # T, Weiszfeld steps from 0 (ByzFL's default)
     nu: float = field(default=0.1, metadata=POSITIVE)  # smoothing: weights 1 / max(nu, distance) (ByzFL's default)
+class DncConfig:
+    """DnC (Shejwalkar, Houmansadr, NDSS 2021); see strategies/dnc.py."""
+
+    iterations: int = field(default=5, metadata=AT_LEAST_ONE)  # niters: random coordinate subsets per round
+    subsample: int = field(default=10000, metadata=AT_LEAST_ONE)  # b: coordinates per subset (capped at D)
+    # c: each iteration drops the floor(c * defense.byzantine) highest outlier scores
+    filter_fraction: float = field(default=1.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -242,6 +249,7 @@ class DefenseConfig:
     geometric_median: GeometricMedianConfig = field(default_factory=GeometricMedianConfig)
     # bucketing (defense.pre_aggregation: bucketing): inputs per bucket (Karimireddy, He, Jaggi, ICLR 2022)
     bucket_size: int = field(default=2, metadata=between(1, NODES_LIMIT))
+    dnc: DncConfig = field(default_factory=DncConfig)  # server rule dnc
 
 
 @dataclass

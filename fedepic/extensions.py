@@ -208,6 +208,10 @@ SERVER_RULES = Registry("server rule", [
           {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
     Entry("monna", "strategies.monna:MoNNARule", "MoNNA: the mean of the n - f updates nearest to the previous "
           "aggregate, f = `defense.byzantine` (Farhadkhani et al., ICML 2023)", {"f": assumed_byzantine}),
+    Entry("dnc", "strategies.dnc:DivideAndConquer", "Divide-and-Conquer: drop the c f highest SVD outlier scores "
+          "over `defense.dnc.iterations` coordinate subsets (Shejwalkar, Houmansadr, NDSS 2021)",
+          {"num_malicious_nodes": assumed_byzantine, "filter_fraction": "defense.dnc.filter_fraction",
+           "iterations": "defense.dnc.iterations", "subsample": "defense.dnc.subsample", "seed": "seed"}),
 ])
 
 

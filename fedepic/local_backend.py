@@ -54,9 +54,17 @@ class RuleAggregation:
         self.rule = SERVER_RULES.build(name, cfg, {"expected": expected_clients(cfg)})
         self.rule_state: dict = {}
 
-    def __call__(self, work: NodeWork, updates: torch.Tensor) -> Aggregated:
+    def __call__(self, work: NodeWork, updates: torch.Tensor, rnd: Optional[int] = None) -> Aggregated:
+        """The rule over ``updates``; the round ``rnd`` and the server's own update (``work.server_update``)
+        are in the rule's state for this call only (``strategies/aggregate.py``), never checkpointed."""
         weights = torch.tensor([float(r.metrics["num-examples"]) for r in work.replies], dtype=torch.float64)
-        out = aggregate_rows(self.rule, updates, weights, self.rule_state)
+        inputs = {k: v for k, v in (("round", rnd), ("server_update", work.server_update)) if v is not None}
+        self.rule_state.update(inputs)
+        try:
+            out = aggregate_rows(self.rule, updates, weights, self.rule_state)
+        finally:
+            for key in inputs:
+                self.rule_state.pop(key, None)
         excluded, shares = reported(out)
         return Aggregated(out.vector, excluded, shares, out.nonfinite.tolist())
 
@@ -96,7 +104,7 @@ class LocalServerBackend:
         return NodeWork(replies, [], len(chosen))
 
     def aggregate(self, rnd: int, work: NodeWork, updates: torch.Tensor) -> Aggregated:
-        return self.aggregation(work, updates)
+        return self.aggregation(work, updates, rnd)
 
     def state_dict(self) -> dict:
         return self.aggregation.state_dict()

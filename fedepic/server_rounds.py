@@ -87,6 +87,7 @@ class NodeWork:
     replies: list[ClientReply]
     failures: list[dict] = field(default_factory=list)
     asked: int = 0
+    server_update: Optional[torch.Tensor] = None  # the server's own update [P] (FLTrust's root set), or None
 
 
 @dataclass

@@ -133,7 +133,7 @@ class FlowerServerBackend:
         updates it chooses what the exact tensor rule chooses (tests/test_server_rules.py). Every
         registered strategy is translation-equivariant, so this changes nothing else but rounding."""
         if self.tensor is not None:
-            return self.tensor(work, updates)
+            return self.tensor(work, updates, rnd)
         entries = self.parameter_entries
         for msg, row in zip(self.valid, updates):
             msg.content["arrays"] = ArrayRecord(unflatten_like(row, entries))

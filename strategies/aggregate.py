@@ -17,7 +17,11 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
 - ``weights`` are per-row weights (FedAvg's example counts, a peer's mixing weights), or None for
   equal weights. A rule that ignores them says so in its docstring.
 - ``state`` is the rule's own memory across rounds (a plain dict the rule may update in place; it is
-  what a checkpoint saves); stateless rules leave it alone.
+  what a checkpoint saves); stateless rules leave it alone. At a server the round engine also puts the
+  round's inputs there for the call only (``fedepic.local_backend.RuleAggregation``, removed again
+  after it, never checkpointed): ``state["round"]``, the server round (1-based), which seeded rules
+  draw their randomness from (:func:`round_generator`), and ``state["server_update"]``, the server's
+  own update on its root set for the rules that need one (FLTrust; ``fedepic.root_set``).
 
 The rule reports what it did in its :class:`Aggregate`: the vector, who it kept whole, for
 coordinate-wise rules the share of each row's coordinates it cut, and (filled in by
@@ -241,3 +245,14 @@ def _peer_aggregate(rule: Rule, stack: Tensor, own_index: int, weights: Optional
         inner_stack[inner_own] = coordinate_median(stack[others.to(stack.device)])
     inner = rule(inner_stack, inner_own, None if w is None else w[rows.to(w.device)], state)
     return _mapped_back(inner, n, rows, ~finite, None if own_ok else own_index)
+
+
+def round_generator(seed: int, state: dict, rule: str) -> torch.Generator:
+    """The CPU generator of a seeded server rule for this call: seeded by the run's ``seed`` and
+    ``state["round"]`` (module docstring), so every round draws afresh and a rerun (or a resumed run)
+    draws the same. Raises ValueError, naming ``rule``, when the caller gave no round."""
+    rnd = state.get("round")
+    if rnd is None:
+        raise ValueError(f"{rule}: needs the server round in state['round'] (set by the round engine)")
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rnd))
+
