@@ -226,6 +226,16 @@ class DncConfig:
 
 
 @dataclass
+class SignGuardConfig:
+    """SignGuard (Xu, Huang, Song, Lan, ICDCS 2022); see strategies/signguard.py."""
+
+    lower: float = field(default=0.1, metadata=NON_NEGATIVE)  # L: keep norms above L * the median norm
+    upper: float = field(default=3.0, metadata=POSITIVE)  # R: and below R * the median norm
+    # beta: the share of coordinates (one random block) whose signs are clustered
+    coordinate_fraction: float = field(default=0.1, metadata=UNIT_OPEN_LOW)
+
+
+@dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
     # centralized: e.g. [none, epic-0.1, random, loss, spectral]
@@ -250,6 +260,7 @@ class DefenseConfig:
     # bucketing (defense.pre_aggregation: bucketing): inputs per bucket (Karimireddy, He, Jaggi, ICLR 2022)
     bucket_size: int = field(default=2, metadata=between(1, NODES_LIMIT))
     dnc: DncConfig = field(default_factory=DncConfig)  # server rule dnc
+    signguard: SignGuardConfig = field(default_factory=SignGuardConfig)  # server rule signguard
 
 
 @dataclass
@@ -973,6 +984,9 @@ def _validate_defense(cfg: RunConfig) -> None:
     _check(not cfg.defense.pre_aggregation or cfg.mode != "centralized", "defense.pre_aggregation",
            cfg.defense.pre_aggregation, "pre-aggregation runs before the aggregation rules of federated and "
            "decentralized runs")
+    guard = cfg.defense.signguard
+    _check(guard.lower < guard.upper, "defense.signguard.lower", guard.lower,
+           f"must be below defense.signguard.upper ({guard.upper})")
 
 
 def _validate_attack(cfg: RunConfig) -> None:

@@ -212,6 +212,10 @@ SERVER_RULES = Registry("server rule", [
           "over `defense.dnc.iterations` coordinate subsets (Shejwalkar, Houmansadr, NDSS 2021)",
           {"num_malicious_nodes": assumed_byzantine, "filter_fraction": "defense.dnc.filter_fraction",
            "iterations": "defense.dnc.iterations", "subsample": "defense.dnc.subsample", "seed": "seed"}),
+    Entry("signguard", "strategies.signguard:SignGuard", "SignGuard: median-norm band, MeanShift on sign shares, "
+          "mean clipped at the median norm (Xu, Huang, Song, Lan, ICDCS 2022)",
+          {"lower": "defense.signguard.lower", "upper": "defense.signguard.upper",
+           "coordinate_fraction": "defense.signguard.coordinate_fraction", "seed": "seed"}),
 ])
 
 
