@@ -236,6 +236,23 @@ class SignGuardConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """BALANCE (Fang et al., ACM CCS 2024); see strategies/balance.py."""
+
+    gamma: float = field(default=0.3, metadata=POSITIVE)  # accept ||x_i - x_j|| <= gamma exp(-kappa t/T) ||x_i||
+    kappa: float = field(default=1.0, metadata=NON_NEGATIVE)  # decay of that radius over the rounds
+    alpha: float = field(default=0.5, metadata=UNIT)  # x_i <- alpha x_i + (1 - alpha) mean(accepted)
+
+
+@dataclass
+class MoziConfig:
+    """MOZI / UBAR's distance stage (Guo et al., 2020 / TCSVT 2021); see strategies/mozi.py."""
+
+    rho: float = field(default=0.4, metadata=UNIT)  # the share of closest neighbours kept
+    alpha: float = field(default=0.5, metadata=UNIT)  # x_i <- alpha x_i + (1 - alpha) mean(kept)
+
+
+@dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
     # centralized: e.g. [none, epic-0.1, random, loss, spectral]
@@ -261,6 +278,8 @@ class DefenseConfig:
     bucket_size: int = field(default=2, metadata=between(1, NODES_LIMIT))
     dnc: DncConfig = field(default_factory=DncConfig)  # server rule dnc
     signguard: SignGuardConfig = field(default_factory=SignGuardConfig)  # server rule signguard
+    balance: BalanceConfig = field(default_factory=BalanceConfig)  # peer rule balance
+    mozi: MoziConfig = field(default_factory=MoziConfig)  # peer rule mozi
 
 
 @dataclass

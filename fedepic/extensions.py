@@ -133,6 +133,13 @@ PEER_RULES = Registry("peer rule", [
           frozenset({"stateful", "local_epic"})),
     Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
           flags=frozenset({"benign_graph"})),
+    Entry("balance", "strategies.balance:Balance", "BALANCE: mix with the neighbours within `defense.balance.gamma`"
+          " ||x_i|| (Fang et al., CCS 2024); no decay yet: the peer engines do not hand rules the round",
+          {"gamma": "defense.balance.gamma", "kappa": "defense.balance.kappa", "alpha": "defense.balance.alpha",
+           "rounds": "rounds"}),
+    Entry("mozi", "strategies.mozi:MoziStageOne", "MOZI / UBAR without its performance (loss) stage: mix with the "
+          "`defense.mozi.rho` closest neighbours (Guo et al., 2020 / TCSVT 2021)",
+          {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}),
 ])
 
 

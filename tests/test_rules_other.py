@@ -194,7 +194,66 @@ def test_signguard_binds_from_the_config_and_refuses_an_empty_band():
         fl_cfg("defense.signguard.lower=3.0")
 
 
-@pytest.mark.parametrize("module", ["strategies.dnc", "strategies.signguard"])
+# --------------------------------------------------------------------------- BALANCE
+
+
+def test_balance_accepts_within_the_decaying_radius_and_mixes_with_alpha():
+    """own = [3, 4] (norm 5); neighbours at distances 0.5, 1.0, 2.0, 10. gamma = 0.3, kappa = 1, T = 10:
+    t = 0 -> radius 1.5 (accepts the first two); t = 10 -> 1.5 / e = 0.552 (the first only).
+    alpha = 0.25: x = 0.25 own + 0.75 mean(accepted)."""
+    from strategies.balance import Balance
+
+    own = torch.tensor([3.0, 4.0])
+    neigh = own + torch.tensor([[0.5, 0.0], [0.0, -1.0], [2.0, 0.0], [0.0, 10.0]])
+    stack = torch.cat([own[None], neigh])
+    rule = Balance(0.3, 1.0, 0.25, rounds=10)
+    first = aggregate(rule, stack, 0, torch.full((5,), 0.2), {"round": 0})
+    assert first.kept.tolist() == [True, True, True, False, False]
+    assert first.info["threshold"] == pytest.approx(1.5)
+    assert torch.allclose(first.vector, 0.25 * own + 0.75 * (neigh[0] + neigh[1]) / 2)
+    last = rule(stack, 0, None, {"round": 10})
+    assert last.info["threshold"] == pytest.approx(1.5 / torch.e) and last.kept.tolist() == [True, True] + [False] * 3
+    assert torch.allclose(last.vector, 0.25 * own + 0.75 * neigh[0])
+    # without the round (today's peer engines): t = 0, no decay
+    assert rule(stack, 0, None, {}).info == {"threshold": pytest.approx(1.5), "round": None}
+    # nobody within the radius: own unchanged; own at another row
+    alone = rule(torch.stack([neigh[3], own]), 1, None, {"round": 0})
+    assert torch.equal(alone.vector, own) and alone.kept.tolist() == [False, True]
+
+
+# --------------------------------------------------------------------------- MOZI (stage 1)
+
+
+def test_mozi_keeps_the_closest_rho_share_and_falls_back_to_the_closest():
+    """Distances from own [0, 0]: 1, 3, 2, 10. rho = 0.5 keeps floor(2) = 2, rows 1 and 3 (distances
+    1 and 2); alpha = 0.6: 0.6 own + 0.4 mean. rho = 0.2: floor(0.8) = 0 -> the closest alone."""
+    from strategies.mozi import MoziStageOne
+
+    stack = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, -2.0], [10.0, 0.0]])
+    out = aggregate(MoziStageOne(0.5, 0.6), stack, 0, None)
+    assert out.kept.tolist() == [True, True, False, True, False] and out.info["selected"] == [1, 3]
+    assert torch.allclose(out.vector, 0.4 * torch.tensor([0.5, -1.0]))
+    few = MoziStageOne(0.2, 0.6)(stack, 0, None, {})
+    assert few.info["selected"] == [1] and torch.allclose(few.vector, torch.tensor([0.4, 0.0]))
+
+
+def test_peer_rules_bind_from_the_config():
+    cfg = dfl_cfg("defense.balance.gamma=0.7", "defense.balance.kappa=2", "defense.balance.alpha=0.1",
+                  "rounds=9", "defense.mozi.rho=0.3", "defense.mozi.alpha=0.8")
+    balance, mozi = PEER_RULES.build("balance", cfg), PEER_RULES.build("mozi", cfg)
+    assert (balance.gamma, balance.kappa, balance.alpha, balance.rounds) == (0.7, 2.0, 0.1, 9)
+    assert (mozi.rho, mozi.alpha) == (0.3, 0.8)
+
+
+@pytest.mark.parametrize("name", ["balance", "mozi"])
+def test_consensus_is_a_fixed_point(name):
+    x = torch.tensor([1.0, -2.0, 3.0])
+    rule = PEER_RULES.build(name, dfl_cfg())
+    assert torch.allclose(aggregate(rule, x.repeat(5, 1), 0, torch.full((5,), 0.2)).vector, x)
+
+
+@pytest.mark.parametrize("module", ["strategies.dnc", "strategies.signguard", "strategies.balance",
+                                    "strategies.mozi"])
 def test_docstring_examples(module):
     import importlib
 
