@@ -253,6 +253,13 @@ class MoziConfig:
 
 
 @dataclass
+class FLTrustConfig:
+    """FLTrust (Cao, Fang, Liu, Gong, NDSS 2021); see strategies/fltrust.py and fedepic/root_set.py."""
+
+    root_size: int = field(default=100, metadata=AT_LEAST_ONE)  # clean training rows the server trains on
+
+
+@dataclass
 class DefenseConfig:
     epic: EpicConfig = field(default_factory=EpicConfig)
     # centralized: e.g. [none, epic-0.1, random, loss, spectral]
@@ -280,6 +287,7 @@ class DefenseConfig:
     signguard: SignGuardConfig = field(default_factory=SignGuardConfig)  # server rule signguard
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # peer rule balance
     mozi: MoziConfig = field(default_factory=MoziConfig)  # peer rule mozi
+    fltrust: FLTrustConfig = field(default_factory=FLTrustConfig)  # server rule fltrust
 
 
 @dataclass
@@ -1003,6 +1011,9 @@ def _validate_defense(cfg: RunConfig) -> None:
     _check(not cfg.defense.pre_aggregation or cfg.mode != "centralized", "defense.pre_aggregation",
            cfg.defense.pre_aggregation, "pre-aggregation runs before the aggregation rules of federated and "
            "decentralized runs")
+    _check(not (cfg.mode == "federated" and cfg.server.protocol == "per_step" and "fltrust" in cfg.strategies),
+           "server.protocol", cfg.server.protocol, "fltrust's server update is a local-training update: use "
+           "local_epochs")
     guard = cfg.defense.signguard
     _check(guard.lower < guard.upper, "defense.signguard.lower", guard.lower,
            f"must be below defense.signguard.upper ({guard.upper})")

@@ -10,6 +10,8 @@ Flags:
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound);
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule);
+- server rules: ``server_update`` (the round engine trains the server's root set each round and hands
+  the rule that update, ``fedepic.root_set``; FLTrust);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains;
   ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
@@ -223,6 +225,9 @@ SERVER_RULES = Registry("server rule", [
           "mean clipped at the median norm (Xu, Huang, Song, Lan, ICDCS 2022)",
           {"lower": "defense.signguard.lower", "upper": "defense.signguard.upper",
            "coordinate_fraction": "defense.signguard.coordinate_fraction", "seed": "seed"}),
+    Entry("fltrust", "strategies.fltrust:FLTrust", "FLTrust: ReLU-cosine trust in the server's update on "
+          "`defense.fltrust.root_size` clean rows, updates rescaled to its norm (Cao et al., NDSS 2021)",
+          flags=frozenset({"server_update"})),
 ])
 
 

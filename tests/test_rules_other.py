@@ -252,8 +252,61 @@ def test_consensus_is_a_fixed_point(name):
     assert torch.allclose(aggregate(rule, x.repeat(5, 1), 0, torch.full((5,), 0.2)).vector, x)
 
 
+# --------------------------------------------------------------------------- FLTrust
+
+
+def test_fltrust_weights_by_relu_cosine_and_rescales_to_the_server_norm():
+    """g0 = [0, 2] (norm 2). g1 = [0, 5] (cos 1), g2 = [3, 3] (cos 1/sqrt 2), g3 = [1, -1] (cos -1/sqrt 2 -> 0),
+    g4 = 0 (trust 0). Rescaled to norm 2: [0, 2] and [sqrt 2, sqrt 2];
+    g = (1 [0, 2] + (1/sqrt 2) [sqrt 2, sqrt 2]) / (1 + 1/sqrt 2) = [1, 3] / 1.7071."""
+    from strategies.fltrust import FLTrust
+
+    stack = torch.tensor([[0.0, 5.0], [3.0, 3.0], [1.0, -1.0], [0.0, 0.0]])
+    out = aggregate(FLTrust(), stack, None, torch.ones(4), {"server_update": torch.tensor([0.0, 2.0])})
+    assert out.kept.tolist() == [True, True, False, False]
+    assert out.info["trust"] == pytest.approx([1.0, 2 ** -0.5, 0.0, 0.0])
+    assert torch.allclose(out.vector, torch.tensor([1.0, 3.0]) / (1 + 2 ** -0.5))
+    # scaling a client's update changes nothing (its norm is replaced by ||g0||)
+    scaled = stack.clone()
+    scaled[1] *= 100
+    assert torch.allclose(FLTrust()(scaled, None, None, {"server_update": torch.tensor([0.0, 2.0])}).vector,
+                          out.vector)
+    # no positive trust: no aggregate; no server update: an error naming the key
+    assert FLTrust()(stack[2:], None, None, {"server_update": torch.tensor([0.0, 2.0])}).vector is None
+    with pytest.raises(ValueError, match="server_update"):
+        FLTrust()(stack, None, None, {})
+
+
+def test_the_root_set_is_seeded_clean_and_its_update_is_a_parameter_update():
+    from fedepic.data import load_dataset
+    from fedepic.root_set import root_client, root_rows, server_update
+    from fedepic.server_rounds import Evaluator, Target
+    from fedepic.client_work import model_for
+
+    cfg = fl_cfg("data.name=synthetic", "data.synthetic_train=300", "data.synthetic_test=50", "model.name=mlp",
+                 "defense.fltrust.root_size=40", "seed=3", "strategies=[fltrust]")
+    data = load_dataset(cfg.data)
+    rows = root_rows(cfg, data)
+    assert len(rows) == 40 == len(set(rows.tolist())) and rows.tolist() == sorted(rows.tolist())
+    assert rows.tolist() == root_rows(cfg, data).tolist()
+    client = root_client(cfg, data)
+    assert torch.equal(client.y, data.train_y[torch.from_numpy(rows)]) and not client.poisoned.any()
+    like = {k: v.detach().clone() for k, v in model_for(cfg, data).state_dict().items()}
+    mask = Evaluator(cfg, data, Target()).parameter_mask(like)
+    g0 = server_update(cfg, data, like, 1, mask)
+    assert g0.shape == (int(mask.sum()),) and float(g0.norm()) > 0
+    assert torch.equal(g0, server_update(cfg, data, like, 1, mask))
+
+
+def test_fltrust_is_refused_under_per_step():
+    from fedepic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.protocol"):
+        fl_cfg("strategies=[fltrust]", "server.protocol=per_step", "model.name=mlp")
+
+
 @pytest.mark.parametrize("module", ["strategies.dnc", "strategies.signguard", "strategies.balance",
-                                    "strategies.mozi"])
+                                    "strategies.mozi", "strategies.fltrust"])
 def test_docstring_examples(module):
     import importlib
 
