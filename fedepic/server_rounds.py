@@ -59,8 +59,7 @@ from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
 from fedepic.attacks.optimized import defense_aggregator
-from fedepic.extensions import MODEL_ATTACKS, pre_aggregation_steps
-from fedepic.extensions import SERVER_RULES, pre_aggregation_steps
+from fedepic.extensions import MODEL_ATTACKS, SERVER_RULES, pre_aggregation_steps
 from fedepic.root_set import server_update
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.vectors import (
@@ -394,7 +393,6 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)
     if cfg.defense.pre_aggregation and replies:  # NNM / clipping of the updates, then the rule
         updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg, rnd))
-        updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg))
     if replies and name in SERVER_RULES and SERVER_RULES.has(name, "server_update"):  # FLTrust's root set
         work.server_update = server_update(cfg, evaluator.data, like, rnd, parameters)
     outcome = backend.aggregate(rnd, work, updates) if replies else Aggregated(None, [], None, [])
