@@ -216,6 +216,9 @@ class GeometricMedianConfig:
 
     iterations: int = field(default=3, metadata=between(1, 1000))  # T, Weiszfeld steps from 0 (ByzFL's default)
     nu: float = field(default=0.1, metadata=POSITIVE)  # smoothing: weights 1 / max(nu, distance) (ByzFL's default)
+
+
+@dataclass
 class DncConfig:
     """DnC (Shejwalkar, Houmansadr, NDSS 2021); see strategies/dnc.py."""
 
