@@ -31,21 +31,6 @@ def aggregate_rows(rule: Any, stack: torch.Tensor, weights: torch.Tensor, state:
     return importlib.import_module("strategies.aggregate").aggregate(rule, stack, None, weights, state)
 
 
-def reported(out: Any) -> tuple[Optional[list[bool]], Optional[list[float]]]:
-    """Whom a round's record names as left out whole, and the shares of cut coordinates, as the Flower
-    backend reports them (``strategies.server.TrackedStrategy``): rows left out for NaN / inf always;
-    otherwise nobody (None) when the rule skipped the round (Bulyan below 4f + 3 rows) or cut
-    coordinates only (a median or trimmed mean keeps every row); else the rows the rule did not keep."""
-    nonfinite = out.nonfinite
-    only_nonfinite = nonfinite.tolist() if bool(nonfinite.any()) else None
-    if out.vector is None:
-        return (out.excluded if bool(nonfinite.all()) else only_nonfinite), None
-    shares = None if out.shares is None else out.shares.tolist()
-    if shares is not None and bool((out.kept | nonfinite).all()):
-        return only_nonfinite, shares
-    return out.excluded, shares
-
-
 class RuleAggregation:
     """A member's tensor rule over a round's parameter updates: the one aggregation of ``engine=local``,
     and of ``engine=ray`` for a rule that has no Flower strategy."""
@@ -65,7 +50,7 @@ class RuleAggregation:
         finally:
             for key in inputs:
                 self.rule_state.pop(key, None)
-        excluded, shares = reported(out)
+        excluded, shares = out.server_notes()
         return Aggregated(out.vector, excluded, shares, out.nonfinite.tolist())
 
     def state_dict(self) -> dict:

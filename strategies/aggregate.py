@@ -110,6 +110,26 @@ class Aggregate:
     def nonfinite_count(self) -> int:
         return 0 if self.nonfinite is None else int(self.nonfinite.sum())
 
+    def server_notes(self) -> tuple[Optional[list[bool]], Optional[list[float]]]:
+        """Whom a server round names as left out whole, and the shares of cut coordinates, from this
+        report of :func:`aggregate` (both backends: ``fedepic.local_backend``, ``strategies.server``):
+        the rows left out for NaN / inf always; otherwise nobody (None) when the rule skipped the round
+        (Bulyan below 4f + 3 rows) or cut coordinates only (a median or trimmed mean keeps every finite
+        row); else the rows the rule did not keep. With no finite row every row is named.
+
+        >>> Aggregate(torch.tensor([1.0]), torch.tensor([True, False]), torch.tensor([0.0, 1.0]),
+        ...           torch.tensor([False, True])).server_notes()
+        ([False, True], [0.0, 1.0])
+        """
+        nonfinite = torch.zeros(len(self.kept), dtype=torch.bool) if self.nonfinite is None else self.nonfinite
+        only_nonfinite = nonfinite.tolist() if bool(nonfinite.any()) else None
+        if self.vector is None:
+            return (self.excluded if bool(nonfinite.all()) else only_nonfinite), None
+        shares = None if self.shares is None else self.shares.tolist()
+        if shares is not None and bool((self.kept | nonfinite).all()):
+            return only_nonfinite, shares
+        return self.excluded, shares
+
 
 Rule = Callable[[Tensor, Optional[int], Optional[Tensor], dict], Aggregate]
 

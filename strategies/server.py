@@ -42,7 +42,6 @@ the registered ones need nothing else).
 from __future__ import annotations
 
 from collections.abc import Iterable
-import dataclasses
 from dataclasses import dataclass
 import logging
 from typing import Any, Optional
@@ -53,7 +52,7 @@ from torch import Tensor
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
-from strategies.aggregate import Rule
+from strategies.aggregate import Rule, aggregate
 from strategies.epic_server import EpicServer, record_vector
 from fedepic.vectors import finite_rows
 from strategies.median import SMALL_STACK, sorted_rows
@@ -198,52 +197,41 @@ class TrackedStrategy:
     def aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
         """`strategy.aggregate_train(replies)`; `stack` holds the valid replies' model vectors in reply order.
 
-        Replies whose vector is not finite are left out first (module docstring) and marked in the outcome.
-        """
+        The rule runs through ``strategies.aggregate.aggregate``, the one place of the non-finite policy:
+        its report says which rows held NaN / inf, and the Flower strategy gets the other replies only
+        (module docstring). The rule's report on all rows gives the outcome's notes."""
         valid = [m for m in replies if not m.has_error()]
-        finite = finite_rows(stack).tolist() if valid else []
-        if all(finite):
-            return dataclasses.replace(self._aggregate(server_round, replies, stack), nonfinite=[False] * len(valid))
-        bad = {id(m) for m, ok in zip(valid, finite) if not ok}
-        if len(bad) == len(valid):
-            return Outcome(None, None, [True] * len(valid), None, [True] * len(valid))
-        inner = self._aggregate(server_round, [m for m in replies if id(m) not in bad], stack[torch.tensor(finite)])
-        pos = iter(range(len(valid)))
-        rows = [next(pos) if ok else None for ok in finite]  # position among the finite replies
-        excluded = [True if r is None else (False if inner.excluded is None else inner.excluded[r]) for r in rows]
-        shares = None if inner.trimmed_share is None else [1.0 if r is None else inner.trimmed_share[r] for r in rows]
-        return Outcome(inner.arrays, inner.metrics, excluded, shares, [not ok for ok in finite])
-
-    def _aggregate(self, server_round: int, replies: list[Message], stack: Tensor) -> Outcome:
-        """Flower's arrays and metrics; the rule's report on the same (finite) stack, with the example
-        counts Flower weights by. A rule that skips the round (vector None: Bulyan below 4f + 3 replies)
-        reports nobody, as Flower aggregates nothing; one that keeps every row and reports shares cut
-        coordinates only (``excluded`` None)."""
-        contents = [m.content for m in replies if not m.has_error()]
-        if not contents:
-            return Outcome(*self.strategy.aggregate_train(server_round, replies), None)
+        if not valid:
+            return Outcome(*self.strategy.aggregate_train(server_round, replies), None, None, [])
         key = getattr(self.strategy, "weighted_by_key", "num-examples")
-        weights = torch.tensor([float(next(iter(c.metric_records.values()))[key]) for c in contents],
+        weights = torch.tensor([float(next(iter(m.content.metric_records.values()))[key]) for m in valid],
                                dtype=torch.float64)
-        report = self.rule(stack, None, weights, {})  # the stack is finite here: aggregate() would add nothing
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if report.vector is None or arrays is None:
-            if (report.vector is None) != (arrays is None):
-                logging.getLogger("fedepic").warning(
-                    "%s, round %d: the server rule %s the round, Flower's strategy %s it", self.name, server_round,
-                    *(("skipped", "aggregated") if report.vector is None else ("aggregated", "skipped")))
-            return Outcome(arrays, metrics, None, None)
-        flower = record_vector(arrays)
+        report = aggregate(self.rule, stack, None, weights, {})
+        nonfinite = report.nonfinite.tolist()
+        excluded, shares = report.server_notes()
+        if all(nonfinite):  # nothing finite: the round is skipped, every reply named
+            return Outcome(None, None, excluded, None, nonfinite)
+        left_out = {id(m) for m, bad in zip(valid, nonfinite) if bad}
+        arrays, metrics = self.strategy.aggregate_train(server_round, [m for m in replies if id(m) not in left_out])
+        if (report.vector is None) != (arrays is None):
+            logging.getLogger("fedepic").warning(
+                "%s, round %d: the server rule %s the round, Flower's strategy %s it", self.name, server_round,
+                *(("skipped", "aggregated") if report.vector is None else ("aggregated", "skipped")))
+        if arrays is None:  # Flower aggregated nothing: only the non-finite replies are named
+            return Outcome(None, metrics, nonfinite if any(nonfinite) else None, None, nonfinite)
+        if report.vector is not None:
+            self._check(server_round, report.vector, record_vector(arrays))
+        return Outcome(arrays, metrics, excluded, shares, nonfinite)
+
+    def _check(self, server_round: int, vector: Tensor, flower: Tensor) -> None:
+        """Warn when the rule's vector is not Flower's aggregate (its report may then not be Flower's choice)."""
         scale = float(flower.abs().max()) if flower.numel() else 0.0
-        gap = float((report.vector - flower).abs().max()) if flower.numel() else 0.0
+        gap = float((vector - flower).abs().max()) if flower.numel() else 0.0
         if not gap <= REPORT_RTOL * max(scale, 1e-12):
             logging.getLogger("fedepic").warning(
                 "%s, round %d: the server rule's vector differs from Flower's arrays by %.3g (largest value %.3g);"
                 " its report of the excluded clients may not be Flower's selection", self.name, server_round,
                 gap, scale)
-        shares = None if report.shares is None else report.shares.tolist()
-        excluded = None if shares is not None and bool(report.kept.all()) else report.excluded
-        return Outcome(arrays, metrics, excluded, shares)
 
 
 def flower_settings(cfg: Any) -> dict[str, Any]:

@@ -310,3 +310,42 @@ def test_minmax_was_nan_with_one_nonfinite_honest_row_and_falls_back_when_too_fe
     assert torch.equal(out.update, honest[2]) and out.nonfinite == 2
     with pytest.raises(ValueError, match="at least 2"):  # too few rows to begin with is still an error
         minmax(honest[:1], honest[0])
+
+
+@pytest.mark.parametrize("name", ["fedtrimmedavg", "krum"])
+def test_tracked_strategy_takes_its_nonfinite_policy_from_aggregate(task_identity, monkeypatch, name):
+    """One place for the non-finite policy: TrackedStrategy runs its rule through
+    strategies.aggregate.aggregate (called once, on all the rows) and its outcome is that report's
+    server notes, which engine=local records too. Hand-made rows, each constant: 0, 1, 2, 3, 10 and a
+    NaN one. The trimmed mean (f = 1) of the 5 finite rows cuts row 0 and row 4 everywhere: mean 2,
+    shares [1, 0, 0, 0, 1] and 1.0 for the NaN row, nobody excluded whole but the NaN row. Krum
+    (f = 1) keeps one middle row and excludes the others."""
+    import numpy as np
+
+    import strategies.server as server
+    from strategies.epic_server import record_vector
+
+    values = [0.0, 1.0, 2.0, 3.0, 10.0, float("nan")]
+    updates = np.array([[v] * 400 for v in values], dtype=np.float32)
+    calls = []
+    real = server.aggregate
+
+    def counted(rule, stack, own_index=None, weights=None, state=None):
+        out = real(rule, stack, own_index, weights, state)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(server, "aggregate", counted)
+    tracked = server.build_server_strategy(name, fl_cfg(6, 1))
+    outcome = tracked.aggregate(1, [reply(u, client_id=i) for i, u in enumerate(updates)], torch.from_numpy(updates))
+    assert len(calls) == 1 and calls[0].nonfinite.tolist() == [False] * 5 + [True]
+    assert (outcome.excluded, outcome.trimmed_share) == calls[0].server_notes()
+    assert outcome.nonfinite == [False] * 5 + [True]
+    vector = record_vector(outcome.arrays)
+    if name == "fedtrimmedavg":
+        assert torch.equal(vector, torch.full((400,), 2.0))
+        assert outcome.excluded == [False] * 5 + [True]
+        assert outcome.trimmed_share == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    else:  # Krum's scores (n - f - 2 = 2 nearest): rows 1 and 2 tie lowest at 400 * (1 + 1); row 1 first
+        assert torch.equal(vector, torch.full((400,), 1.0))
+        assert outcome.excluded == [True, False, True, True, True, True] and outcome.trimmed_share is None
