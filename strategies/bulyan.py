@@ -23,7 +23,7 @@ def closest_to_median(selected: Tensor, beta: int) -> tuple[Tensor, Tensor]:
     """Per coordinate of ``selected`` [t, D]: the mean of the ``beta`` values closest to the coordinate-wise
     median (``np.median``'s: the mean of the two middle values for even t), and per row the share of
     coordinates where its distance to the median exceeds the beta-th smallest one (it was not averaged
-    there; ties count as kept, ``strategies.server.closest_shares``'s definition).
+    there; ties count as kept).
 
     The beta values closest to a point form a contiguous run of the sorted column, so the run is grown
     from the middle one value at a time, each step taking the nearer of the two neighbours of the run

@@ -79,7 +79,7 @@ def tail_shares(stack: Tensor, ordered: list[Tensor], cut: int) -> Tensor:
     """Per row of ``stack`` [n, D], the share of its coordinates below the ``cut``-th smallest or above
     the ``cut``-th largest value of the column (``ordered`` is ``sorted_columns(stack)``): the values a
     rule keeping the middle ``n - 2 cut`` order statistics did not average. Ties with a kept order
-    statistic count as kept, as ``strategies.server.trimmed_shares`` counts them; float64 shares [n]."""
+    statistic count as kept; float64 shares [n]."""
     n, d = stack.shape
     if cut == 0 or n == 0 or d == 0:
         return torch.zeros(n, dtype=torch.float64)

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import logging
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,8 +53,6 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedTrimmedAvg, Strategy
 from strategies.aggregate import Rule, aggregate
 from strategies.epic_server import EpicServer, record_vector
-from fedepic.vectors import finite_rows
-from strategies.median import SMALL_STACK, sorted_rows
 
 ID_KEYS = ("partition-id", "malicious")  # per-client labels, not quantities: never averaged
 
@@ -130,46 +127,6 @@ class Outcome:
     @property
     def nonfinite_count(self) -> int:
         return sum(self.nonfinite or [])
-
-
-def closest_shares(stack: Tensor, beta: int) -> list[float]:
-    """(A reference for the tests of ``strategies.bulyan``, which reports these shares itself.)
-    Bulyan's second step: per row of [t, D], the share of coordinates where the row is not among the
-    `beta` values closest to the coordinate-wise median (so it was not averaged there; ties count as kept)."""
-    t = stack.shape[0]
-    if t == 0 or beta >= t:
-        return [0.0] * t
-    x = stack.numpy()
-    ordered = np.sort(x, axis=0)  # numpy sorts short columns much faster than torch on the CPU
-    median = (ordered[(t - 1) // 2] + ordered[t // 2]) / 2  # numpy's median, as Bulyan uses
-    gap = np.abs(x - median)
-    limit = np.sort(gap, axis=0)[max(beta, 1) - 1]
-    return (gap > limit).mean(axis=1).tolist()
-
-
-def trimmed_shares(stack: Tensor, beta: float) -> list[float]:
-    """(A reference for the tests of ``strategies.trimmed_mean.TrimmedMeanRule`` and
-    ``strategies.median.MedianRule``, which report these shares themselves.) Per row of [n, D], the
-    share of coordinates whose value lies in the beta-trimmed tails
-    (below the int(beta*n)-th smallest or above the int(beta*n)-th largest value; ties count as kept).
-
-    The two order statistics come from a full coordinate-wise sort, not ``np.partition``, which for a
-    few rows of a long vector is several times slower on this CPU (rows x 431k floats, best of 5): 12
-    rows 85 ms against 31 ms for ``np.sort``, 20 rows 156 against 39 ms, 50 rows 338 against 72 ms.
-    Finite stacks of up to ``SMALL_STACK`` rows use the sorting network
-    ``strategies.median.sorted_rows`` (12 rows: 25 ms), the others ``np.sort``. Both give the values
-    np.partition gave, so the shares are exact."""
-    n = stack.shape[0]
-    cut = int(beta * n)
-    if cut == 0 or n == 0:
-        return [0.0] * n
-    if n <= SMALL_STACK and bool(finite_rows(stack).all()):
-        ordered = sorted_rows(stack)
-        tails = (stack < ordered[cut]) | (stack > ordered[n - cut - 1])
-        return (tails.sum(dim=1, dtype=torch.float64) / stack.shape[1]).tolist()  # numpy's mean of bools
-    x = stack.numpy()
-    sorted_x = np.sort(x, axis=0)
-    return ((x < sorted_x[cut]) | (x > sorted_x[n - cut - 1])).mean(axis=1).tolist()
 
 
 REPORT_RTOL = 1e-4  # the rule's vector against Flower's arrays: float32 summation orders differ far below this

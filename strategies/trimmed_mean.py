@@ -71,7 +71,7 @@ class TrimmedMeanRule:
     ``strategies.server.ExactTrimmedAvg`` (Flower's FedTrimmedAvg with its beta set so that exactly f
     are cut; fewer rows than 2f + 1 lower the cut instead of failing). Every finite row is kept;
     ``shares`` is per row the share of coordinates where its value fell in a cut tail (ties with the
-    kept extremes count as kept), ``strategies.server.trimmed_shares``'s definition.
+    kept extremes count as kept; ``strategies.median.tail_shares``).
 
     Paper: Dong Yin, Yudong Chen, Kannan Ramchandran, Peter Bartlett, "Byzantine-Robust Distributed
     Learning: Towards Optimal Statistical Rates", ICML 2018 (PMLR 80),

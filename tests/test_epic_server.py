@@ -11,8 +11,7 @@ from fedepic.extensions import SERVER_STRATEGIES
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from strategies.epic_server import EpicServer, epic_select_updates, medoid_count, record_vector
 from strategies.server import (
-    build_server_strategy, closest_shares, exact_trim_beta, mean_client_metrics,
-    trimmed_shares,
+    build_server_strategy, exact_trim_beta, mean_client_metrics,
 )
 
 
@@ -198,17 +197,27 @@ def test_trimmed_mean_reports_the_outlier_as_always_trimmed(task_identity):
     assert max(s for i, s in enumerate(outcome.trimmed_share) if i != 2) < 0.9
 
 
-def test_share_helpers():
+def test_the_rules_report_their_shares():
+    """The shares a round records are the rules' own reports (Aggregate.shares), on hand-made rows."""
+    from strategies.aggregate import aggregate
+    from strategies.bulyan import closest_to_median
+    from strategies.median import MedianRule
+    from strategies.trimmed_mean import TrimmedMeanRule
+
     stack = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [100.0, -100.0]])
     # one value cut per tail and column: rows 0 and 3 in column 0, rows 3 and 2 in column 1
-    assert trimmed_shares(stack, 0.25) == [0.5, 0.0, 0.5, 1.0]
-    assert trimmed_shares(stack, 0.0) == [0.0] * 4
+    assert TrimmedMeanRule(1)(stack, None, None, {}).shares.tolist() == [0.5, 0.0, 0.5, 1.0]
+    assert TrimmedMeanRule(0)(stack, None, None, {}).shares.tolist() == [0.0] * 4
+    assert MedianRule()(stack, None, None, {}).shares.tolist() == [0.5, 0.0, 0.5, 1.0]  # (4 - 1) // 2 = 1 per side
     # median per column: 1.5 and 0.5; the 2 closest values are rows 1, 2 (col 0) and rows 0, 1 (col 1)
-    assert closest_shares(stack, 2) == [0.5, 0.0, 0.5, 1.0]
+    assert closest_to_median(stack, 2)[1].tolist() == [0.5, 0.0, 0.5, 1.0]
+    # through aggregate(): a NaN row is left out first and reported cut whole
+    spoilt = torch.cat([stack, torch.tensor([[float("nan"), 0.0]])])
+    assert aggregate(TrimmedMeanRule(1), spoilt).shares.tolist() == [0.5, 0.0, 0.5, 1.0, 1.0]
 
 
 def partitioned_shares(stack: torch.Tensor, beta: float) -> list[float]:
-    """trimmed_shares as it was written before (np.partition of the two ranks): the reference."""
+    """The trimmed-tail shares by np.partition of the two ranks: the reference."""
     import numpy as np
 
     n = stack.shape[0]
@@ -220,21 +229,28 @@ def partitioned_shares(stack: torch.Tensor, beta: float) -> list[float]:
     return ((x < ordered[cut]) | (x > ordered[n - cut - 1])).mean(axis=1).tolist()
 
 
-@pytest.mark.parametrize("extra", [-3, 0, 1, 18])  # rows: below, at and above strategies.median.SMALL_STACK
-def test_trimmed_shares_equal_the_partition_they_replace(extra):
-    """Both paths (the few-row sorting network up to SMALL_STACK finite rows, numpy's sort beyond or with
-    NaN) give exactly the shares of the np.partition version: ties, signed zeros and NaN included."""
-    from strategies.median import SMALL_STACK
+@pytest.mark.parametrize("extra", [-3, 0, 1, 18, 60])  # rows: both sides of SMALL_STACK and of NETWORK_ROWS
+def test_trimmed_mean_shares_equal_the_partition_reference(extra):
+    """The trimmed mean's and the median's reported shares (the sorting network up to NETWORK_ROWS
+    finite rows, torch.sort beyond) are exactly those of np.partition: ties and signed zeros included;
+    a NaN row is left out by aggregate() and the others' shares are those of the finite rows."""
+    from strategies.aggregate import aggregate
+    from strategies.median import MedianRule, SMALL_STACK
+    from strategies.trimmed_mean import TrimmedMeanRule
 
     rows = SMALL_STACK + extra
     gen = torch.Generator().manual_seed(rows)
     stack = torch.randint(-3, 4, (rows, 400), generator=gen).float() / 4  # many ties
     stack[:, :50] = torch.randn(rows, 50, generator=gen)
     stack[0, 60], stack[1, 60] = 0.0, -0.0
-    for beta in (1.25 / rows, (rows // 3 + 0.25) / rows):
-        assert trimmed_shares(stack, beta) == partitioned_shares(stack, beta)
-    stack[1, 0] = float("nan")  # NaN sorts last in numpy's partition and sort alike
-    assert trimmed_shares(stack, 1.25 / rows) == partitioned_shares(stack, 1.25 / rows)
+    for cut in (1, rows // 3):
+        assert TrimmedMeanRule(cut)(stack, None, None, {}).shares.tolist() == partitioned_shares(stack, (cut + 0.25) / rows)
+    median_cut = (rows - 1) // 2
+    assert MedianRule()(stack, None, None, {}).shares.tolist() == partitioned_shares(stack, (median_cut + 0.25) / rows)
+    stack[1, 0] = float("nan")
+    finite = torch.cat([stack[:1], stack[2:]])
+    want = partitioned_shares(finite, 1.25 / (rows - 1))
+    assert aggregate(TrimmedMeanRule(1), stack).shares.tolist() == [want[0], 1.0, *want[1:]]
 
 
 def test_client_metrics_mean_skips_ids_and_unknowns():

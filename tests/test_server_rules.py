@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from strategies.aggregate import aggregate
 from strategies.epic_server import record_vector
-from strategies.server import exact_trim_beta, flower_settings, trimmed_shares
+from strategies.server import exact_trim_beta, flower_settings
 
 NAMES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "epic"]
 RTOL, ATOL = 1e-5, 1e-6
@@ -63,12 +63,36 @@ def examples_for(n: int, seed: int) -> list[int]:
     return torch.randint(5, 60, (n,), generator=torch.Generator().manual_seed(seed + 1000)).tolist()
 
 
+def trimmed_shares(stack: torch.Tensor, beta: float) -> list[float]:
+    """Reference (numpy, by the definition): per row of [n, D], the share of coordinates whose value lies
+    in the beta-trimmed tails, below the int(beta*n)-th smallest or above the int(beta*n)-th largest
+    value of the column (ties with those count as kept)."""
+    n = stack.shape[0]
+    cut = int(beta * n)
+    if cut == 0 or n == 0:
+        return [0.0] * n
+    x = stack.numpy()
+    ordered = np.sort(x, axis=0)
+    return ((x < ordered[cut]) | (x > ordered[n - cut - 1])).mean(axis=1).tolist()
+
+
+def closest_shares(stack: torch.Tensor, beta: int) -> list[float]:
+    """Reference (numpy, by the definition): Bulyan's second step, per row of [t, D] the share of
+    coordinates where the row is not among the beta values closest to np.median's median (ties count
+    as kept)."""
+    t = stack.shape[0]
+    if t == 0 or beta >= t:
+        return [0.0] * t
+    x = stack.numpy()
+    gap = np.abs(x - np.median(x, axis=0))
+    limit = np.sort(gap, axis=0)[max(beta, 1) - 1]
+    return (gap > limit).mean(axis=1).tolist()
+
+
 def flower_run(name: str, cfg, stack: np.ndarray, examples: list[int]):
     """Flower's strategy `name` on fresh replies: (vector, kept or None, shares or None) as Flower's own
     functions define them (select_multikrum for Krum and Bulyan's first step, EpicServer's record,
-    trimmed_shares for the trimmed mean and the median)."""
-    from strategies.server import closest_shares
-
+    the tail and closest shares below for the trimmed mean, the median and Bulyan's second step)."""
     n = stack.shape[0]
     selected: list = []
 
