@@ -106,11 +106,15 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
 
 def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[ClientData],
                      global_state: dict[str, torch.Tensor], server_round: int,
-                     momenta: Sequence[Optional[torch.Tensor]]) -> list[LocalResult]:
+                     momenta: Sequence[Optional[torch.Tensor]], parameters: torch.Tensor) -> list[LocalResult]:
     """One per-step round of ``clients`` (module docstring): their minibatch gradients at the global
-    model in one vectorized call, their momenta, and what each sends (after its client-side attack)."""
+    model in one vectorized call, their momenta, and what each sends (after its client-side attack).
+    ``parameters`` is ``fedepic.vectors.parameter_mask`` of the model's state layout, which the caller
+    computes once per run (:func:`state_parameters`): buffers are never attacked."""
     started = time.perf_counter()
     base = flatten_state(global_state)
+    if parameters.shape != base.shape:
+        raise ValueError(f"parameters has {parameters.numel()} entries, the global state {base.numel()}")
     seeds = [client_seed(cfg, c.client_id) + server_round for c in clients]
     # a malicious client without rows whose vector the server-side attack replaces computes nothing (as
     # in ByzFL, where Byzantine clients hold no data); with rows it computes honestly, so that a round
@@ -127,7 +131,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
     beta = cfg.train.client_momentum
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
-    mask = parameter_mask(model, global_state)  # buffers are never attacked
+    mask = parameters
     results = []
     for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
         momentum = (1.0 - beta) * gradient if previous is None else beta * previous + (1.0 - beta) * gradient
@@ -144,6 +148,13 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
                    "train-seconds": seconds}
         results.append(LocalResult(unflatten_like(sent, global_state), metrics, None, momentum, sent))
     return results
+
+
+def state_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """Which entries of a ``flatten_state`` of ``model``'s states are its parameters
+    (``fedepic.vectors.parameter_mask`` on its own state layout): one bool vector per run, the same for
+    every state of the model (the global model of every round)."""
+    return parameter_mask(model, model.state_dict())
 
 
 def _attacked(cfg: RunConfig, global_state: dict, state: dict, seed: int,

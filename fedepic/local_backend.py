@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import torch
 
 from fedepic.client_data import ClientData
-from fedepic.client_work import local_train, model_for, pack_epic_state, per_step_results, unpack_epic_state
+from fedepic.client_work import (
+    local_train, model_for, pack_epic_state, per_step_results, state_parameters, unpack_epic_state,
+)
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.extensions import SERVER_RULES, expected_clients
@@ -66,13 +68,14 @@ class LocalServerBackend:
     def __init__(self, cfg: RunConfig, name: str, data: ImageData, clients: Sequence[ClientData]) -> None:
         self.cfg, self.data, self.clients = cfg, data, list(clients)
         self.model = model_for(cfg, data)  # the structure per-step gradients go through
+        self.parameters = state_parameters(self.model)  # once per member: the layout never changes
         self.aggregation = RuleAggregation(cfg, name)
 
     def train(self, rnd: int, clients: Sequence[int], progress: Progress) -> NodeWork:
         chosen = [self.clients[i] for i in clients]
         if per_step(self.cfg):
             results = per_step_results(self.cfg, self.model, chosen, progress.like, rnd,
-                                       [progress.momentum.get(c.client_id) for c in chosen])
+                                       [progress.momentum.get(c.client_id) for c in chosen], self.parameters)
             for client, result in zip(chosen, results):
                 progress.momentum[client.client_id] = result.momentum
         else:

@@ -50,7 +50,7 @@ from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
 from fedepic.checkpoint import checkpoint_due
-from fedepic.client_work import model_for
+from fedepic.client_work import model_for, state_parameters
 from fedepic.config import RunConfig, malicious_ids
 from fedepic.data import ImageData
 from fedepic.errors import RunInterrupted
@@ -63,7 +63,7 @@ from fedepic.extensions import MODEL_ATTACKS, SERVER_RULES, pre_aggregation_step
 from fedepic.root_set import server_update
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.vectors import (
-    finite_rows, flatten_state, float_keys, parameter_mask, selector, unflatten_like,
+    finite_rows, flatten_state, float_keys, selector, unflatten_like,
 )
 
 
@@ -204,14 +204,12 @@ class Evaluator:
         self.cfg, self.data, self.target = cfg, data, target
         self.device = resolve_device(cfg.train.device)
         self.model = model_for(cfg, data).to(self.device)
+        # which entries of a flatten_state of the global model are parameters: one layout per run
+        self.parameters = state_parameters(self.model)
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict:
         self.model.load_state_dict(state)
         return self.measure(self.model)
-
-    def parameter_mask(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Which entries of ``flatten_state(state)`` are the model's parameters (not its buffers)."""
-        return parameter_mask(self.model, state)
 
     def measure(self, model: torch.nn.Module) -> dict:
         cfg, data = self.cfg, self.data
@@ -384,7 +382,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     # the vectors' origin: per_step clients send momenta, the others models (updates are model - global)
     global_vec = torch.zeros(flatten_state(like).numel()) if per_step(cfg) else flatten_state(like)
     stack = torch.stack([r.vector for r in replies]) if replies else torch.zeros(0)
-    parameters = evaluator.parameter_mask(like)
+    parameters = evaluator.parameters
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
                                    parameters, rule=name, memory=progress.attack,
                                    clients=[r.client for r in replies]) if replies else None

@@ -49,7 +49,9 @@ from typing import Optional, Sequence
 import torch
 
 from fedepic.client_data import client_data_for, config_from_text, dataset_for
-from fedepic.client_work import local_train, model_for, pack_epic_state, per_step_results, unpack_epic_state
+from fedepic.client_work import (
+    local_train, model_for, pack_epic_state, per_step_results, state_parameters, unpack_epic_state,
+)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -67,6 +69,13 @@ def structure_model(text: str) -> torch.nn.Module:
     """The model that per-step gradients are taken through (its structure and fixed buffers; its
     parameters are never read): one per process and config, not one per message."""
     return model_for(config_from_text(text), dataset_for(text))
+
+
+@lru_cache(maxsize=2)
+def structure_parameters(text: str) -> torch.Tensor:
+    """The parameter entries of ``structure_model(text)``'s state layout (bool [state entries]):
+    computed once per process and config, not once per message (read-only for its callers)."""
+    return state_parameters(structure_model(text))
 
 
 # --------------------------------------------------------------------------- EPIC state in messages
@@ -96,7 +105,7 @@ def handle_train_batch(messages: Sequence[Message], contexts: Sequence[Context])
     momenta = [_momentum_of(m) for m in messages]
     global_state = messages[0].content.array_records["arrays"].to_torch_state_dict()
     results = per_step_results(cfg, structure_model(text), clients, global_state, int(config["server-round"]),
-                               momenta)
+                               momenta, structure_parameters(text))
     replies = []
     for msg, result in zip(messages, results):
         content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),

@@ -528,3 +528,43 @@ def test_a_raising_client_fails_an_in_process_run(tmp_path):
     assert summary["status"] == "failed" and summary["rows"] == []
     assert json.loads((folders[0] / "fedavg" / "summary.json").read_text())["status"] == "failed"
     assert not (folders[0] / "fedmedian").exists()
+
+
+def test_the_parameter_mask_is_computed_once_per_member_not_per_round(tmp_path, monkeypatch, task_identity):
+    """Per-step rounds reuse one parameter mask: the round engine's (Evaluator.parameters) and the
+    backend's (LocalServerBackend.parameters) are computed when the member starts, and
+    per_step_results takes it instead of deriving it from every round's global model. Three rounds
+    with a sign-flipping client (whose attack reads the mask) make two calls in all, as one round does."""
+    import fedepic.client_work as client_work
+    from fedepic.client_work import per_step_results, state_parameters
+    from fedepic.data import load_dataset
+    from fedepic.models import FIXED_BUFFERS
+    from fedepic.vectors import flatten_state
+    from tests.test_resume import serve_locally
+    from tests.test_server_per_step import per_step_config
+
+    calls = []
+    real = client_work.parameter_mask
+
+    def counted(model, state):
+        calls.append(len(state))
+        return real(model, state)
+
+    monkeypatch.setattr(client_work, "parameter_mask", counted)
+    counts = []
+    for rounds in (1, 3):
+        calls.clear()
+        cfg = per_step_config(tmp_path / str(rounds), f"rounds={rounds}", "clients.count=3", "clients.malicious_ids=[0]",
+                              "attack.model=sign_flip", "strategies=[fedavg]")
+        folder = serve_locally(cfg)
+        assert len((folder / "fedavg" / "metrics.jsonl").read_text().splitlines()) == rounds
+        counts.append(len(calls))
+    assert counts == [2, 2]
+    # the mlp's state: its normalisation constants (one entry each), then weights and biases only
+    net = client_work.model_for(cfg, load_dataset(cfg.data, cfg.seed))
+    state = net.state_dict()
+    mask = state_parameters(net)
+    assert [k for k in state if k in FIXED_BUFFERS] == ["mean", "std"] and state["mean"].numel() == 1
+    assert mask.numel() == flatten_state(state).numel() and mask[:2].tolist() == [False, False] and bool(mask[2:].all())
+    with pytest.raises(ValueError, match="parameters has 1 entries"):
+        per_step_results(cfg, net, [], state, 1, [], torch.ones(1, dtype=torch.bool))
