@@ -35,7 +35,9 @@ the model's state dict (zero at the fixed normalisation buffers), after its own 
 server-side attack (ALIE, IPM, min-max) replaces computes nothing and sends 0, which the attack
 replaces whenever it applies (a round with fewer honest replies than the attack needs aggregates
 the 0). m_i persists across rounds the way local EPIC's drops do: the
-server keeps it and sends it back (``MOMENTUM_KEY``), so clients stay stateless. The gradients of
+server keeps it and sends it back (``MOMENTUM_KEY``), so clients stay stateless. The reply carries m_i
+once: as its arrays when the client sends m_i itself (an honest client: :func:`arrays_hold_momentum`),
+and under ``MOMENTUM_KEY`` besides the arrays only when its own attack changed what it sends. The gradients of
 several clients are one batched call (``fedepic.stacked``); on Ray each message is the case n = 1
 (``engine=local`` calls ``fedepic.client_work`` directly, without messages).
 """
@@ -44,13 +46,13 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from fedepic.client_data import client_data_for, config_from_text, dataset_for
 from fedepic.client_work import (
-    local_train, model_for, pack_epic_state, per_step_results, state_parameters, unpack_epic_state,
+    LocalResult, local_train, model_for, pack_epic_state, per_step_results, state_parameters, unpack_epic_state,
 )
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -108,10 +110,21 @@ def handle_train_batch(messages: Sequence[Message], contexts: Sequence[Context])
                                momenta, structure_parameters(text))
     replies = []
     for msg, result in zip(messages, results):
-        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics),
-                              MOMENTUM_KEY: ArrayRecord({"m": result.momentum})})
+        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)})
+        if not arrays_hold_momentum(result, global_state):  # attacked: m_i is not what it sends
+            content[MOMENTUM_KEY] = ArrayRecord({"m": result.momentum})
         replies.append(Message(content=content, reply_to=msg))
     return replies
+
+
+def arrays_hold_momentum(result: LocalResult, global_state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a per-step reply's arrays are the client's momentum m_i bit for bit, so that the reply
+    carries m_i once (without ``MOMENTUM_KEY``) and the server reads it from the arrays
+    (``simulations.flower_backend``): the client sent m_i unattacked and every float entry of the state
+    is float32, so laying m_i out as the state (``unflatten_like``) and flattening it back
+    (``record_vector``) changes no bit. An attacked client sends another vector and both travel."""
+    return result.vector is result.momentum and all(
+        v.dtype == torch.float32 for v in global_state.values() if torch.is_floating_point(v))
 
 
 def _momentum_of(msg: Message) -> Optional[torch.Tensor]:

@@ -9,7 +9,8 @@ it left out). A reply that carries an error (the client raised, its worker died)
 
 Clients are stateless: the server holds each client's local EPIC state and per-step momentum
 (``Progress.epic``, ``Progress.momentum``), sends them with the client's train message and takes the
-new ones out of the reply before the strategy sees it. The strategy aggregates the clients' updates
+new ones out of the reply before the strategy sees it. A per-step reply without ``MOMENTUM_KEY`` sent
+its momentum as its arrays (``simulations.client_app.arrays_hold_momentum``), which the server keeps. The strategy aggregates the clients' updates
 (model minus global model; momenta under per_step), parameters only, as the tensor rules of
 ``engine=local`` do. Nodes are listed in partition order
 (:class:`PartitionGrid`), so the engine's sample (positions in client order) picks the same clients
@@ -26,7 +27,7 @@ import torch
 from fedepic.config import RunConfig
 from fedepic.extensions import SERVER_STRATEGIES
 from fedepic.local_backend import RuleAggregation
-from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress
+from fedepic.server_rounds import Aggregated, ClientReply, NodeWork, Progress, per_step
 from fedepic.vectors import unflatten_like
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -119,9 +120,12 @@ class FlowerServerBackend:
             self.grid.partitions[int(msg.metadata.src_node_id)] = partition
             if EPIC_KEY in msg.content.config_records:
                 progress.epic[partition] = dict(msg.content.pop(EPIC_KEY))
+            vector = record_vector(msg.content["arrays"])
             if MOMENTUM_KEY in msg.content.array_records:
                 progress.momentum[partition] = msg.content.pop(MOMENTUM_KEY).to_torch_state_dict()["m"]
-            work.append(ClientReply(partition, record_vector(msg.content["arrays"]), client_metrics(msg)))
+            elif per_step(self.cfg):  # the client sent its momentum itself (client_app.arrays_hold_momentum)
+                progress.momentum[partition] = vector
+            work.append(ClientReply(partition, vector, client_metrics(msg)))
         return NodeWork(work, round_failures(messages, replies, self.grid.partitions), len(messages))
 
     def aggregate(self, rnd: int, work: NodeWork, updates: torch.Tensor) -> Aggregated:

@@ -568,3 +568,59 @@ def test_the_parameter_mask_is_computed_once_per_member_not_per_round(tmp_path, 
     assert mask.numel() == flatten_state(state).numel() and mask[:2].tolist() == [False, False] and bool(mask[2:].all())
     with pytest.raises(ValueError, match="parameters has 1 entries"):
         per_step_results(cfg, net, [], state, 1, [], torch.ones(1, dtype=torch.bool))
+
+
+def test_a_per_step_reply_carries_the_clients_momentum_once(tmp_path, monkeypatch, task_identity):
+    """Ray's per-step path, messages included but without Ray: the backend's train messages go through
+    the ClientApp's handler. An honest client's reply carries m_i once, as its arrays (no MOMENTUM_KEY);
+    a sign-flipping client's carries what it sends and, apart, m_i. The server keeps exactly the
+    momenta per_step_results computes, m_0 = beta m_0(previous) + (1 - beta) g_0 with beta = 0.9."""
+    import threading
+    from types import SimpleNamespace
+
+    import simulations.flower_backend as fb
+    from fedepic.client_data import client_data_for, worker_config
+    from fedepic.client_work import per_step_results, state_parameters
+    from fedepic.config import to_yaml
+    from fedepic.server_rounds import Progress
+    from fedepic.vectors import flatten_state
+    from simulations.client_app import CONFIG_KEY, MEMBER_KEY, MOMENTUM_KEY, handle_train_batch, structure_model
+    from tests.test_server_per_step import per_step_config
+
+    cfg = per_step_config(tmp_path, "clients.count=2", "clients.malicious_ids=[1]", "attack.model=sign_flip",
+                          "strategies=[fedavg]")
+    text = to_yaml(worker_config(cfg))
+    model = structure_model(text)
+    like = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    size = flatten_state(like).numel()
+    previous = torch.randn(size, generator=torch.Generator().manual_seed(3))
+    partition_of = {70: 0, 71: 1}
+    sent_keys: dict[int, set] = {}
+
+    def answer(grid, messages, timeout_s, stop):
+        contexts = [SimpleNamespace(node_config={"partition-id": partition_of[int(m.metadata.dst_node_id)]})
+                    for m in messages]
+        replies = handle_train_batch(messages, contexts)
+        for reply, context in zip(replies, contexts):
+            sent_keys[context.node_config["partition-id"]] = set(reply.content.array_records)
+        return replies
+
+    monkeypatch.setattr(fb, "exchange", answer)
+    grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [70, 71]))
+    grid.partitions.update(partition_of)
+    backend = fb.FlowerServerBackend(cfg, "fedavg", grid, {CONFIG_KEY: text, MEMBER_KEY: "fedavg"},
+                                     threading.Event(), model)
+    progress = Progress(like, momentum={0: previous.clone()})
+    work = backend.train(1, [0, 1], progress)
+
+    assert sent_keys == {0: {"arrays"}, 1: {"arrays", MOMENTUM_KEY}}
+    clients = [client_data_for(text, 0), client_data_for(text, 1)]
+    want = per_step_results(cfg, model, clients, like, 1, [previous, None], state_parameters(model))
+    fresh = per_step_results(cfg, model, clients[:1], like, 1, [None], state_parameters(model))[0]
+    assert torch.equal(want[0].momentum, 0.9 * previous + fresh.momentum)  # (1 - beta) g_0 is fresh's m_0
+    for i in (0, 1):
+        assert torch.equal(progress.momentum[i], want[i].momentum), i
+        assert torch.equal(work.replies[i].vector, want[i].vector), i
+    mask = state_parameters(model)
+    assert torch.equal(work.replies[1].vector[mask], -want[1].momentum[mask])  # sign_flip sends -m_1
+    assert torch.equal(work.replies[0].vector, progress.momentum[0])
