@@ -2,9 +2,13 @@
 
 A checkpoint is one ``checkpoint.pt`` per run folder (or per member folder), written atomically
 (temporary name, then rename) after every ``checkpoint_every``-th epoch or round, once that step's
-metrics lines are on disk. It holds plain data only: tensors, numbers, strings, lists and dicts,
-so it is read with ``torch.load(weights_only=True)`` and never unpickles code. It records the byte
-length of every metrics.jsonl it covers: a resume truncates each file there, so lines logged after the
+metrics lines are on disk. Every mode writes the one format of :func:`save_checkpoint` and reads it
+with :func:`load_checkpoint`: plain tensors and plain Python containers and values only (dicts with
+str or int keys, a module's OrderedDict state among them, lists, tuples, str, int, float, bool,
+None). :func:`not_plain` checks it before anything is written, so a writer that puts anything else
+in (a ``bytes`` payload, a ``collections.Counter``, a numpy scalar) fails in its own run, not at the
+resume. It is read with ``torch.load(weights_only=True)``, which never unpickles code. It records the
+byte length of every metrics.jsonl it covers: a resume truncates each file there, so lines logged after the
 checkpoint (by the step the interruption cut short) are dropped and logged again.
 
 ``python -m fedepic.simulate resume=RUN_DIR [config=... key=value ...]`` continues the run in
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 import re
 import textwrap
 import warnings
@@ -65,11 +70,52 @@ def checkpoint_due(every: int, step: int, last: int) -> bool:
     return bool(every) and step % every == 0 and step < last
 
 
+PLAIN_VALUES = (str, int, float, bool, type(None))  # with tensors, dicts, lists and tuples: the format
+
+
+def not_plain(value: Any, where: str = "state") -> Optional[str]:
+    """The path and type of the first entry of ``value`` outside the checkpoint format (module
+    docstring), or None. Exact types: a subclass of dict (``collections.Counter``) or of float
+    (``numpy.float64``) is not plain, but for ``collections.OrderedDict``, what a module's
+    ``state_dict()`` returns.
+
+    >>> import torch
+    >>> not_plain({"model": {"w": torch.ones(1)}, "curve": [0.5, None], "round": 3}) is None
+    True
+    >>> not_plain({"epic": {0: {"keep": b"\\x80"}}})
+    "state['epic'][0]['keep'] is bytes"
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN_VALUES:
+        return None
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                return f"{where} has a key of type {type(key).__name__}"
+            problem = not_plain(item, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            problem = not_plain(item, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    return f"{where} is {type(value).__name__}"
+
+
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write ``state`` (plain data and tensors) to ``path`` atomically."""
+    """Write ``state`` (plain tensors and containers, :func:`not_plain`) to ``path`` atomically; anything
+    else is a TypeError naming the entry, and nothing is written."""
     from fedepic.outputs import atomic_torch_save  # torch is imported only by runs that checkpoint
 
-    atomic_torch_save({"format_version": FORMAT_VERSION, **state}, path)
+    state = {"format_version": FORMAT_VERSION, **state}
+    problem = not_plain(state)
+    if problem:
+        raise TypeError(f"checkpoint {path}: {problem}, not a plain tensor or container")
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

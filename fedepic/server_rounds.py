@@ -50,7 +50,7 @@ from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
 from fedepic.checkpoint import checkpoint_due
-from fedepic.client_work import model_for, state_parameters
+from fedepic.client_work import model_for, pack_epic_state, state_parameters, unpack_epic_state
 from fedepic.config import RunConfig, malicious_ids
 from fedepic.data import ImageData
 from fedepic.errors import RunInterrupted
@@ -166,16 +166,32 @@ class Progress:
     attack: dict = field(default_factory=dict)  # a stateful model attack's memory (mimic's warm-up)
 
     def state_dict(self) -> dict:
+        """The checkpoint's part (fedepic.checkpoint's format): each client's local EPIC state as
+        ``{"keep": bool tensor [rows], "selections": int}``, as centralized-epic saves its own, not the
+        bit-packed bytes its messages carry."""
         return {"like": self.like, "tally": dataclasses.asdict(self.tally), "recalls": list(self.recalls),
                 "diverged_round": self.diverged_round, "nonfinite": self.nonfinite,
-                "epic": {pid: dict(state) for pid, state in self.epic.items()},
+                "epic": {pid: epic_tensors(state) for pid, state in self.epic.items()},
                 "momentum": dict(self.momentum), "attack": dict(self.attack)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Progress":
         return cls(dict(state["like"]), Tally(**state["tally"]), list(state["recalls"]), state["diverged_round"],
-                   int(state["nonfinite"]), {int(pid): dict(s) for pid, s in state["epic"].items()},
+                   int(state["nonfinite"]), {int(pid): epic_packed(s) for pid, s in state["epic"].items()},
                    {int(pid): m for pid, m in state.get("momentum", {}).items()}, dict(state.get("attack", {})))
+
+
+def epic_tensors(packed: dict) -> dict:
+    """A client's packed local EPIC state (``fedepic.client_work.pack_epic_state``) as checkpoint data."""
+    state = unpack_epic_state(packed)
+    return {"keep": torch.tensor(state["keep"], dtype=torch.bool), "selections": int(state["selections"])}
+
+
+def epic_packed(saved: dict) -> dict:
+    """:func:`epic_tensors` packed again; a checkpoint of an earlier version holds the packed state itself."""
+    if isinstance(saved["keep"], bytes):
+        return dict(saved)
+    return pack_epic_state({"keep": saved["keep"].tolist(), "selections": int(saved["selections"])})
 
 
 @dataclass

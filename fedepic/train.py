@@ -197,9 +197,17 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
         if on_epoch:
             on_epoch(record, extra)
         if on_state:
-            on_state(epoch, {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            on_state(epoch, {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
                              "generator": generator.get_state(), "history": history})
     return history
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict:
+    """``scheduler.state_dict()`` without its milestones, a ``collections.Counter`` (not a plain
+    container: fedepic.checkpoint) that the config gives anyway: a resumed ``fit`` builds its
+    scheduler from the same ``train.milestones`` and ``load_state_dict`` keeps them (it updates the
+    fields it is given; a checkpoint of an earlier version that holds them sets the same Counter)."""
+    return {k: v for k, v in scheduler.state_dict().items() if k != "milestones"}
 
 
 def round_lr(cfg: Any, round_: int, base: Optional[float] = None) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -469,3 +470,78 @@ def test_federated_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root:
     root = json.loads((resumed / "summary.json").read_text())
     assert root["resumed"] is True and [r["strategy"] for r in root["rows"]] == ["fedavg", "krum"]
     assert without_timing(root["rows"]) == without_timing(json.loads((ref / "summary.json").read_text())["rows"])
+
+
+# --------------------------------------------------------------------------- the one checkpoint format
+
+
+def test_a_checkpoint_holds_plain_tensors_and_containers_only(tmp_path: Path) -> None:
+    """save_checkpoint refuses what is not plain (naming the entry) and writes nothing; what it takes,
+    load_checkpoint reads back with weights_only=True."""
+    from collections import Counter, OrderedDict
+
+    import numpy as np
+
+    from fedepic.checkpoint import not_plain
+
+    path = tmp_path / CHECKPOINT
+    for bad, where in [({"epic": {0: {"keep": b"\x80"}}}, "state['epic'][0]['keep'] is bytes"),
+                       ({"scheduler": {"milestones": Counter([4])}}, "state['scheduler']['milestones'] is Counter"),
+                       ({"curve": [0.5, np.float64(0.25)]}, "state['curve'][1] is float64"),
+                       ({"ids": {(0, 1): 2}}, "state['ids'] has a key of type tuple")]:
+        assert not_plain(bad) == where
+        with pytest.raises(TypeError, match=f"checkpoint .*: {re.escape(where)}, not a plain"):
+            save_checkpoint(path, bad)
+        assert not path.exists() and not list(tmp_path.iterdir())
+    good = {"model": OrderedDict(w=torch.ones(2)), "keep": torch.tensor([True, False]), "pair": (1, "a"),
+            "curve": [0.5, float("nan"), None], "by_id": {3: {"selections": 2}}, "done": True}
+    save_checkpoint(path, good)
+    back = load_checkpoint(path)
+    assert torch.equal(back["model"]["w"], torch.ones(2)) and back["keep"].tolist() == [True, False]
+    assert back["pair"] == (1, "a") and back["by_id"] == {3: {"selections": 2}} and back["curve"][2] is None
+
+
+def test_the_server_checkpoints_local_epic_states_as_bool_tensors() -> None:
+    """Progress keeps a client's local EPIC state as its messages carry it (bit-packed bytes); its
+    checkpoint part holds {"keep": bool tensor, "selections": int}, as centralized-epic's, and reads
+    back to the same packed state; a checkpoint of the earlier version (the packed bytes) still reads."""
+    from fedepic.client_work import pack_epic_state
+    from fedepic.server_rounds import Progress
+
+    packed = pack_epic_state({"keep": [True, False, True, True, False, True, True, True, False], "selections": 2})
+    assert packed == {"keep": bytes([0b10110111, 0b00000000]), "rows": 9, "selections": 2}
+    progress = Progress({"w": torch.zeros(2)}, epic={5: dict(packed)})
+    saved = progress.state_dict()["epic"][5]
+    assert saved["keep"].dtype == torch.bool and saved["selections"] == 2
+    assert saved["keep"].tolist() == [True, False, True, True, False, True, True, True, False]
+    assert Progress.from_state_dict(progress.state_dict()).epic == {5: packed}
+    earlier = {**progress.state_dict(), "epic": {5: dict(packed)}}
+    assert Progress.from_state_dict(earlier).epic == {5: packed}
+
+
+def test_fit_resumes_its_lr_schedule_without_saving_the_milestones() -> None:
+    """fit's state for a checkpoint leaves out the scheduler's milestones (a Counter the config gives):
+    resumed after epoch 1 of 4 with milestones [3] (gamma 0.5: the lr halves after the third epoch),
+    the lrs are 0.1, 0.1, 0.1, 0.05, as in one uninterrupted call, and so are the losses."""
+    from fedepic.config import TrainConfig
+    from fedepic.train import fit
+
+    cfg = TrainConfig(lr=0.1, milestones=[3], gamma=0.5, batch_size=8, epochs=4, threads=1, augment="none")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (32, 1, 4, 4), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 2, (32,), generator=gen)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+
+    whole = fit(net(), x, y, cfg, seed=3, device=torch.device("cpu"))
+    states: dict = {}
+    model = net()
+    fit(model, x, y, cfg, seed=3, device=torch.device("cpu"), epochs=1,
+        on_state=lambda epoch, state: states.update({epoch: state}))
+    assert "milestones" not in states[1]["scheduler"]
+    resumed = fit(model, x, y, cfg, seed=3, device=torch.device("cpu"), resume=states[1])
+    assert [h["lr"] for h in whole] == [0.1, 0.1, 0.1, 0.05]
+    assert [h["lr"] for h in resumed] == [h["lr"] for h in whole]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in whole]
