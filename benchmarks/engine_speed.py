@@ -96,7 +96,7 @@ def load_workload(folder: Path) -> Workload:
 
 def compute_estimate(work: Workload) -> dict:
     """GFLOP of training and evaluation per member (module docstring), from the run's resolved config."""
-    from simulations.dfl_node import eval_due
+    from fedepic.peer_node import eval_due
 
     cfg = work.cfg
     params = sum(p.numel() for p in work.model.parameters())
@@ -118,7 +118,7 @@ def kernel_floor(work: Workload) -> Optional[dict]:
     from benchmarks.ceiling import evaluation_floor, local_epochs_floor
     from fedepic.config import member_config
     from fedepic.extensions import PEER_RULES
-    from simulations.dfl_node import eval_due
+    from fedepic.peer_node import eval_due
 
     cfg, data, model = work.cfg, work.data, work.model
     if cfg.mode != "decentralized" or cfg.decentralized.algorithm != "dpsgd":

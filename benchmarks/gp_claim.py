@@ -2,7 +2,7 @@
 
     python benchmarks/gp_claim.py [--seeds 0 1 2] [--workers 2] [--table FILE] [key=value ...]
 
-Runs each (seed, member) of the config in process (``simulations.dfl_sequential``, the engine=local
+Runs each (seed, member) of the config in process (``fedepic.peer_local``, the engine=local
 path) in a pool of ``--workers`` processes (one torch thread each), and prints one JSON line: the wall
 time, and per member the mean and spread (max - min) over seeds of, at the end and after rounds
 T_d - 1, T_d, T_d + 1 and T_d + 10 of the oracle round T_d: exclusive_accuracy (labels 7/8), attack_success (6 <-> 9), clean_accuracy
@@ -33,7 +33,7 @@ def run_one(job: tuple[int, str, list[str]]) -> tuple[int, str, list[dict], floa
 
     torch.set_num_threads(1)
     from fedepic.config import load_config
-    from simulations.dfl_sequential import run_sequential
+    from fedepic.peer_local import run_sequential
 
     seed, member, overrides = job
     cfg = load_config("gp_claim", [f"seed={seed}", "progress=false", *overrides])

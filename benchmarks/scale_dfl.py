@@ -3,7 +3,7 @@
     python benchmarks/scale_dfl.py [--config scale_dfl.yaml] [--compare-rounds 1] [key=value ...]
 
 Runs ``python -m fedepic.simulate config=CONFIG`` (engine=local, decentralized.algorithm=dsgd: the
-stacked engine of simulations/dfl_stacked.py) in a child process and prints one JSON line: the
+stacked engine of fedepic/peer_stacked.py) in a child process and prints one JSON line: the
 child's wall time (start-up, data, every round), its peak resident memory (``ru_maxrss``), the mean
 seconds of a round with and without evaluation, the final mean accuracy, and the compute estimate.
 Then, with ``--compare-rounds N > 0``, the same config's first N rounds (none evaluated) through the
@@ -35,25 +35,25 @@ REPO = Path(__file__).resolve().parent.parent
 NODE_BY_NODE = """
 import json, sys
 from fedepic.config import load_config
-from simulations import dfl_sequential, dfl_stacked
-dfl_stacked.member_class = lambda cfg: dfl_sequential.LocalMember
+from fedepic import peer_local, peer_stacked
+peer_stacked.member_class = lambda cfg: peer_local.LocalMember
 cfg = load_config(sys.argv[1], sys.argv[3:] + [f"rounds={sys.argv[2]}"])
 records = []
-class Sink(dfl_sequential._Collect):
+class Sink(peer_local._Collect):
     def round(self, member, record):
         records.append(record["seconds"])
 from types import SimpleNamespace
 from fedepic.config import malicious_ids, member_config
 from fedepic.data import load_dataset
 from fedepic.client_data import client_partition, partition_report
-from simulations.dfl_router import communication_graph, routing_for, run_label_roles
+from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
 data = load_dataset(cfg.data, cfg.seed)
 parts = client_partition(cfg, data)
 roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
 rule, _ = member_config(cfg, cfg.strategies[0])
 member = SimpleNamespace(name=cfg.strategies[0], strategy=cfg.strategies[0],
                          routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
-dfl_sequential.run_local_member(cfg, member, Sink(), data, parts, roles)
+peer_local.run_local_member(cfg, member, Sink(), data, parts, roles)
 print(json.dumps(records))
 """
 
@@ -86,7 +86,7 @@ def compute_estimate(folder: Path) -> dict:
     from fedepic.config import load_config, malicious_ids
     from fedepic.data import load_dataset
     from fedepic.models import model_for_data
-    from simulations.dfl_node import eval_due
+    from fedepic.peer_node import eval_due
 
     cfg = load_config(str(folder / "config.yaml"), [])
     data = load_dataset(cfg.data, cfg.seed)

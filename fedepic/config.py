@@ -356,7 +356,7 @@ class TopologyConfig:
 
 @dataclass
 class DecentralizedConfig:
-    """The decentralized algorithm (mode=decentralized); see simulations/dfl_node.py for the equations."""
+    """The decentralized algorithm (mode=decentralized); see fedepic/peer_node.py for the equations."""
 
     # dpsgd: train clients.local_epochs epochs, then gossip the models (Lian et al. 2017);
     # dsgd: one minibatch step per round with client momentum train.client_momentum (the per-step

@@ -32,7 +32,7 @@ def _percent(label: str, better: Optional[str]) -> Quantity:
 
 
 KNOWN: dict[str, Quantity] = {
-    # decentralized (over the benign nodes; simulations/dfl_router.round_metrics)
+    # decentralized (over the benign nodes; fedepic.peer_routing.round_metrics)
     "mean_accuracy": _percent("mean accuracy of benign nodes", HIGHER),
     "worst_accuracy": _percent("worst benign node's accuracy", HIGHER),
     "benign_label_accuracy": _percent("accuracy on labels benign nodes hold", HIGHER),

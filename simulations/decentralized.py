@@ -4,7 +4,7 @@ the same graph, data split and attack, and writes one sub-folder per strategy pl
 Run folder (``output_dir/<timestamp>-<name>/``): config.yaml, partition.json (label histogram per
 node), topology.json (edges, malicious nodes, label roles), summary.json, comparison.{md,csv,png}, and
 per strategy ``<strategy>/`` with metrics.jsonl (one line per round), summary.json and curves.png.
-All figures are over the BENIGN nodes (see ``dfl_router.round_metrics``).
+All figures are over the BENIGN nodes (see ``peer_routing.round_metrics``).
 
 Checkpoints: after every ``checkpoint_every``-th round but its last, a member's folder gets
 ``checkpoint.pt`` (``fedepic.checkpoint``): the round, the length of its metrics.jsonl, and every
@@ -39,10 +39,10 @@ from fedepic.train import torch_threads
 
 from fedepic.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
-from simulations.dfl_node import STATEFUL, peer_rule
-from simulations.dfl_sequential import run_local_member
+from fedepic.peer_node import STATEFUL, peer_rule
+from fedepic.peer_local import run_local_member
 from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
-from simulations.dfl_router import (
+from fedepic.peer_routing import (
     benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
 )
 
@@ -226,7 +226,7 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
 
 
 def class_labels(roles: Mapping[str, Sequence[int]], num_classes: int) -> list[str]:
-    """What the figures call each class: its id, and its role where it has one (dfl_router.label_roles):
+    """What the figures call each class: its id, and its role where it has one (peer_routing.label_roles):
     "exclusive" (only malicious nodes hold it, the attack leaves it alone), "malicious only", or
     "attacked" (benign nodes hold it and the data attack changes it)."""
     def label(c: int) -> str:

@@ -5,7 +5,7 @@ Message flow of one round (``grid.send_and_receive`` takes a different Message p
 what makes the ServerApp a router):
 1. ``train``: router -> every node {member, round}. The node loads its state from ``Context.state``
    (a fresh model in round 1), trains locally, keeps the trained model and replies with it.
-2. The router decides what travels over each edge (``dfl_router.outgoing``): benign nodes' trained
+2. The router decides what travels over each edge (``peer_routing.outgoing``): benign nodes' trained
    models, and the malicious nodes' poisoned ones (the router knows every model: omniscient attacks).
 3. ``train.aggregate``: router -> every node ONE message holding its neighbours' models, their ids and
    the node's mixing weights. The node aggregates with its rule (GP state in ``Context.state``),
@@ -56,12 +56,12 @@ from fedepic.errors import RunFailed
 from fedepic.client_data import client_data_for, config_from_text, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
 from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
-from simulations.dfl_node import (
+from fedepic.peer_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
     load_exchanged, new_model, one_step, train_local, uses_local_epic,
 )
-from simulations.dfl_router import (
+from fedepic.peer_routing import (
     AttackTally, Routing, detection_record, detection_truth, divergence_counts, message_batches, outgoing,
     round_metrics,
 )

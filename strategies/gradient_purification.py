@@ -22,7 +22,7 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
 
 1. **The gradient state** [inferred from Q2-Q4 and from the same group's LPPA, arXiv 2501.04409, which
    works in gradient-tracking DFL]. Under ``decentralized.algorithm=dsgt`` nodes exchange a model x_j
-   and a gradient tracker y_j (``simulations/dfl_node.py``), and the tracker is the gradient that
+   and a gradient tracker y_j (``fedepic/peer_node.py``), and the tracker is the gradient that
    moves the weights. GP acts on the trackers (``target="gradient"``, what ``auto`` picks there).
 2. **Mixing as deltas, and the records** [Q2; the delta form is inferred]. The aggregation is
    ``v_i <- v_i + sum_j w_ij (v_j - v_i)`` over the neighbours kept this round (v = y for the gradient
@@ -471,7 +471,7 @@ class GradientPurification:
                            ) -> tuple[Tensor, Tensor, PurificationReport]:
         """One round of gradient tracking (DSGT): screen on the trackers ``y``, mix models and trackers
         over the same kept neighbours, record and purify the ``target`` family. Returns the mixed
-        (x, y), before DSGT's own step (``simulations.dfl_node``). Mutates ``state``."""
+        (x, y), before DSGT's own step (``fedepic.peer_node``). Mutates ``state``."""
         ids = [int(j) for j in neighbour_ids]
         screening = self.screen(own_y, y, ids, state, round_, weights)
         x_finite = finite_rows(x)

@@ -14,10 +14,10 @@ import torch
 from fedepic.attacks.model_attacks import alie_z, column_std
 from fedepic.config import load_config
 from fedepic.topology import build_topology, mixing_matrix
-from simulations.dfl_node import (
+from fedepic.peer_node import (
     NodeState, aggregate_models, aggregate_vectors, derive_seed, round_lr,
 )
-from simulations.dfl_router import (
+from fedepic.peer_routing import (
     AttackTally, detection_truth, honest_reference, inbox, label_roles, message_batches, outgoing, poisoned_models,
     round_metrics, routing_for,
 )
@@ -240,7 +240,7 @@ def test_label_roles_and_round_metrics():
 def test_run_label_roles_consult_the_flip_map_only_under_label_flipping():
     """One helper for the Ray run and the in-process loop: a configured flip map marks labels as
     poisoned only when attack.data=label_flip."""
-    from simulations.dfl_router import run_label_roles
+    from fedepic.peer_routing import run_label_roles
 
     hist = [[5, 5, 0, 0], [0, 0, 5, 5]]  # node 1, the malicious one here, alone holds labels 2 and 3
     flipping = _cfg("attack.flip_map=[[2,3],[3,2]]", "clients.malicious_ids=[1]")
@@ -314,7 +314,7 @@ def test_small_ring_through_the_cli_twice_gives_the_same_numbers(tmp_path, capsy
     assert "detection_recall" in numbers["gp"][0] and "detection_recall" not in numbers["gossip"][0]
 
     # the Flower plumbing (Context.state across messages, routing) changes nothing: the plain loop agrees
-    from simulations.dfl_sequential import run_sequential
+    from fedepic.peer_local import run_sequential
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match

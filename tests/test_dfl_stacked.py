@@ -1,4 +1,4 @@
-"""The stacked in-process D-SGD engine (simulations/dfl_stacked.py) against the node-by-node one
+"""The stacked in-process D-SGD engine (fedepic/peer_stacked.py) against the node-by-node one
 (``LocalMember``), and its vectorized evaluation against ``train.evaluate`` model by model."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from fedepic.data import load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_data import client_partition, partition_report
-from simulations.dfl_node import exchanged_state, new_model
-from simulations.dfl_router import communication_graph, routing_for, run_label_roles
-from simulations.dfl_sequential import LocalMember
-from simulations.dfl_eval import evaluate_rows
-from simulations.dfl_stacked import GossipMatrix, StackedDsgdMember, member_class
+from fedepic.peer_node import exchanged_state, new_model
+from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
+from fedepic.peer_local import LocalMember
+from fedepic.peer_eval import evaluate_rows
+from fedepic.peer_stacked import GossipMatrix, StackedDsgdMember, member_class
 
 
 def dsgd_cfg(*extra: str):
@@ -157,7 +157,7 @@ def test_an_attack_with_success_only_is_scored_model_by_model(monkeypatch):
     """A user's data attack that defines ``success`` but not ``success_many`` is scored with its own
     ``success`` on each model (here: a figure that depends on the model's first weight)."""
     import fedepic.attacks
-    import simulations.dfl_eval as stacked
+    import fedepic.peer_eval as stacked
     from fedepic.attacks.data_attacks import LabelFlip, batched_success
 
     class Custom(LabelFlip):
@@ -215,10 +215,10 @@ def test_models_with_convolutions_train_node_by_node():
 
 
 def test_train_local_stacked_equals_train_local_job_by_job():
-    """dfl_node.train_local_stacked against dfl_node.train_local, node by node: the trained models, the
+    """peer_node.train_local_stacked against peer_node.train_local, node by node: the trained models, the
     statistics (EPIC's drops, skipped selections, poison recall) and the node states."""
     from fedepic.client_data import build_client_data
-    from simulations.dfl_node import LocalJob, NodeState, load_exchanged, train_local, train_local_stacked
+    from fedepic.peer_node import LocalJob, NodeState, load_exchanged, train_local, train_local_stacked
 
     cfg = load_config("dfl_smoke", ["clients.local_epochs=3", "defense.epic.warmup=1", "defense.epic.interval=1",
                                     "defense.epic.fraction=0.3", "train.batch_size=20"])

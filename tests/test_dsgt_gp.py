@@ -14,7 +14,7 @@ from gp_factory import make_gp
 from fedepic.config import ConfigError, load_config, member_config
 from fedepic.extensions import oracle_round
 from fedepic.topology import build_topology, metropolis_hastings_weights
-from simulations.dfl_node import NodeState, dsgt_finish, dsgt_mix, dsgt_point
+from fedepic.peer_node import NodeState, dsgt_finish, dsgt_mix, dsgt_point
 from strategies.gradient_purification import GradientPurification
 
 D = 6
@@ -244,9 +244,9 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
 
     from fedepic.data import load_dataset
     from fedepic.client_data import client_partition, partition_report
-    from simulations.dfl_node import derive_seed, dsgt_batch, exchanged_state, new_model
-    from simulations.dfl_router import routing_for, run_label_roles
-    from simulations.dfl_sequential import LocalMember
+    from fedepic.peer_node import derive_seed, dsgt_batch, exchanged_state, new_model
+    from fedepic.peer_routing import routing_for, run_label_roles
+    from fedepic.peer_local import LocalMember
     from fedepic.vectors import flatten_state
 
     import networkx as nx

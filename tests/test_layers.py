@@ -1,4 +1,5 @@
-"""The core never imports flwr, ray, strategies or simulations: the centralized path runs without them."""
+"""The core never imports flwr, ray or simulations. The centralized path runs without strategies/ too;
+the decentralized core (fedepic/peer_*.py) calls the pure-torch peer rules there."""
 
 from __future__ import annotations
 
@@ -56,9 +57,15 @@ def test_selection_runs_without_numba():
     run_probe(NO_NUMBA_PROBE)
 
 
-SEQUENTIAL_PROBE = blocking('flwr', 'ray') + """
+# the decentralized mode's core: its nodes, routing, evaluation and in-process backends (the peer rules
+# they call live in strategies/, pure torch, so only flwr, ray and simulations are blocked here)
+PEER_MODULES = ("fedepic.peer_node", "fedepic.peer_routing", "fedepic.peer_eval", "fedepic.peer_local",
+                "fedepic.peer_stacked")
+
+SEQUENTIAL_PROBE = blocking('flwr', 'ray', 'simulations') + """
+import """ + ", ".join(PEER_MODULES) + """
 from fedepic.config import load_config
-from simulations.dfl_sequential import run_sequential
+from fedepic.peer_local import run_sequential
 cfg = load_config(None, ['mode=decentralized', 'data.name=synthetic', 'data.synthetic_train=200',
                          'data.synthetic_test=50', 'clients.count=4', 'clients.malicious_ids=[0]', 'rounds=1',
                          'model.name=mlp', 'topology.name=complete', 'strategies=[gp]', 'attack.data=label_flip'])
@@ -69,7 +76,8 @@ print('ok')
 
 
 def test_the_in_process_decentralized_loop_runs_without_flower_or_ray():
-    """simulations/dfl_sequential.py: the same node and router code as the Flower run, importing neither."""
+    """fedepic/peer_local.py: the same node and router code as the Flower run, importing neither (nor
+    anything of simulations/)."""
     run_probe(SEQUENTIAL_PROBE)
 
 

@@ -176,7 +176,7 @@ def test_epic_on_updates_drops_nonfinite_updates(kinds):
 
 def test_dfl_node_reports_nonfinite_neighbours_by_id():
     from fedepic.config import load_config
-    from simulations.dfl_node import NodeState, aggregate_vectors
+    from fedepic.peer_node import NodeState, aggregate_vectors
 
     cfg = load_config("dfl_smoke.yaml", [])
     own, neigh = neighbourhood(m=4, seed=5)
@@ -190,7 +190,7 @@ def test_dfl_node_reports_nonfinite_neighbours_by_id():
 
 def test_dfl_krum_with_a_single_neighbour():
     from fedepic.config import load_config
-    from simulations.dfl_node import NodeState, aggregate_vectors
+    from fedepic.peer_node import NodeState, aggregate_vectors
 
     cfg = load_config("dfl_smoke.yaml", ["defense.trim=2"])
     own, neigh = neighbourhood(m=1, seed=6)

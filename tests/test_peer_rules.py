@@ -83,7 +83,7 @@ def test_krum_paper_scores_and_selection():
     assert torch.equal(peer(KrumSelect(f=0, multi=3), own, neigh), torch.tensor([4.0 / 3]))
     with pytest.raises(ValueError, match="n - f - 2"):
         krum_scores(torch.cat([own[None], neigh]), f=2)
-    # the rule adapts (simulations/dfl_node.py relies on it): f = 2 with n = 4 runs as f' = n - 3 = 1,
+    # the rule adapts (fedepic/peer_node.py relies on it): f = 2 with n = 4 runs as f' = n - 3 = 1,
     # and multi is capped at the n models
     assert torch.equal(peer(KrumSelect(f=2), own, neigh), peer(KrumSelect(f=1), own, neigh))
     assert torch.equal(peer(KrumSelect(f=0, multi=5), own, neigh), torch.tensor([6.0]))

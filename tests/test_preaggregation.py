@@ -8,7 +8,7 @@ import torch
 
 import strategies.preaggregation as pre
 from fedepic.config import ConfigError, load_config
-from simulations.dfl_node import NodeState, aggregate_vectors, peer_rule
+from fedepic.peer_node import NodeState, aggregate_vectors, peer_rule
 from strategies.gossip import Gossip
 from strategies.aggregate import aggregate
 from strategies.median import MedianRule

@@ -197,7 +197,7 @@ def test_local_engine_vectorized_local_epochs_resume_equals_an_uninterrupted_run
 
 
 def _gp_node_state():
-    from simulations.dfl_node import NodeState
+    from fedepic.peer_node import NodeState
     from strategies.gradient_purification import PurificationState
 
     gp = PurificationState(records={3: torch.ones(4)}, history={3: [True, False], 5: []}, confirmed={3}, rounds=2)

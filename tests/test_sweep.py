@@ -124,7 +124,7 @@ def test_grid_tables_and_figures_equal_the_cells_own_figures(tmp_path: Path, cap
 
 
 def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, capsys, monkeypatch) -> None:
-    from simulations.dfl_sequential import LocalMember
+    from fedepic.peer_local import LocalMember
 
     play = LocalMember.play_round
 
@@ -159,7 +159,7 @@ def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, c
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path: Path, capsys, monkeypatch) -> None:
-    from simulations.dfl_sequential import LocalMember
+    from fedepic.peer_local import LocalMember
 
     play = LocalMember.play_round
 

@@ -1,6 +1,6 @@
 """Evaluation of many decentralized nodes at once: the benign nodes' models as rows of one [n, D]
 tensor, scored together by one vmap over the models (``fedepic.stacked.stacked_logits``) instead of one
-forward pass per node. Used by both in-process members (``dfl_sequential``, ``dfl_stacked``) for models
+forward pass per node. Used by both in-process members (``peer_local``, ``peer_stacked``) for models
 whose exchanged entries are all parameters (mlp, cnn, cnn_mnist); BatchNorm models are scored node by
 node. Equal to ``train.evaluate`` and ``attack_success`` model by model: tests/test_dfl_stacked.py.
 """
@@ -18,7 +18,7 @@ from fedepic.data import ImageData
 from fedepic.stacked import activation_size, parameter_layout, stacked_logits
 from fedepic.train import logit_metrics
 from fedepic.vectors import unflatten_like
-from simulations.dfl_node import exchanged_state, load_exchanged
+from fedepic.peer_node import exchanged_state, load_exchanged
 
 EVAL_ENTRIES = 2 ** 27  # activation entries (float32: 512 MB) in flight in one vectorized evaluation
 

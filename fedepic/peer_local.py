@@ -1,16 +1,16 @@
 """The in-process engine of the decentralized mode (``engine=local``): every node of a round in this
-process, with the same node, router, attack and rule functions as the Flower apps (``dfl_node``,
-``dfl_router``), and without Flower or Ray (it imports neither: tests/test_layers.py checks it).
+process, with the same node, router, attack and rule functions as the Flower apps (``peer_node``,
+``peer_routing``), and without Flower or Ray (it imports neither: tests/test_layers.py checks it).
 
 - Each node's model is built once and reused across rounds.
 - Under ``decentralized.algorithm=dsgt`` or ``dsgd`` the round's gradients of all nodes are one
   vectorized call (``fedepic.stacked``, torch.func.vmap over functional_call). Under dpsgd (local
-  epochs) the nodes of a round train in one vectorized loop (``dfl_node.train_local_stacked``, over
+  epochs) the nodes of a round train in one vectorized loop (``peer_node.train_local_stacked``, over
   ``fedepic.stacked_fit``) for models without convolutions (mlp); the cnn models and models with
   BatchNorm train one node after another (``train_local``, as a Ray node does): see
   ``LocalMember.vectorized_training``.
-- Evaluation runs where ``dfl_node.eval_due`` says (``train.eval_every``): all benign nodes in one
-  vectorized pass (``dfl_eval.evaluate_rows``) for models without BatchNorm, else one node at a time
+- Evaluation runs where ``peer_node.eval_due`` says (``train.eval_every``): all benign nodes in one
+  vectorized pass (``peer_eval.evaluate_rows``) for models without BatchNorm, else one node at a time
   with the Ray node's own ``evaluate`` and ``attack_success``.
 
 It is also the reference the Flower run is tested against (same seed, same numbers:
@@ -36,13 +36,13 @@ from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
-from simulations.dfl_eval import evaluate_rows, stackable
-from simulations.dfl_node import (
+from fedepic.peer_eval import evaluate_rows, stackable
+from fedepic.peer_node import (
     HONEST, STATEFUL, LocalJob, NodeState, aggregate_flat, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
     load_exchanged, new_model, peer_rule, train_local, train_local_stacked, uses_local_epic,
 )
-from simulations.dfl_router import (
+from fedepic.peer_routing import (
     AttackTally, Routing, communication_graph, detection_record, detection_truth, divergence_counts, inbox, outgoing,
     round_metrics, routing_for, run_label_roles,
 )
@@ -149,7 +149,7 @@ class LocalMember:
                 and not any(isinstance(m, unsupported) for m in model.modules()))
 
     def _dpsgd_train_stacked(self, round_: int) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        """Every node's local epochs in one vectorized loop (``dfl_node.train_local_stacked``): the same
+        """Every node's local epochs in one vectorized loop (``peer_node.train_local_stacked``): the same
         seeds, rows, EPIC selections and SGD as ``train_local`` node by node, up to float rounding."""
         starts, jobs, nodes, trained, losses = [], [], [], {}, {}
         for i in self.active:
@@ -216,7 +216,7 @@ class LocalMember:
 
     def _dsgd_round(self, round_: int, tally: AttackTally) -> dict:
         """Every node's gradient at the model it sends (one vectorized call), its momentum, the
-        exchange, the peer rule, then the step (``dfl_node``: dsgd)."""
+        exchange, the peer rule, then the step (``peer_node``: dsgd)."""
         for i in self.active:
             if self.states[i].model is None:
                 self.states[i].model = exchanged_state(self.models[i])
@@ -280,7 +280,7 @@ def run_local_member(cfg: RunConfig, member: Any, sink: Any, data: ImageData, pa
     ``node_by_node``: see ``LocalMember``."""
     if sink.finished(member):
         return
-    from simulations.dfl_stacked import member_class
+    from fedepic.peer_stacked import member_class
 
     local = member_class(cfg)(cfg, member.strategy, member.name, member.routing, data, parts, roles)
     local.node_by_node = node_by_node

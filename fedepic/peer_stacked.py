@@ -1,20 +1,20 @@
 """The in-process decentralized engine at scale: every node's model as one row of a stacked tensor.
 
-``LocalMember`` (``dfl_sequential``) keeps one state dict per node and moves it through flat vectors
+``LocalMember`` (``peer_local``) keeps one state dict per node and moves it through flat vectors
 every round. That is fine for 20 nodes; for 1,000 nodes the copies cost more than the compute (a
 profile of 100 nodes: 12 s of 56 s in flatten / unflatten). Here, under ``decentralized.algorithm=dsgd``,
 the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 
 - gradients: one ``torch.func`` vmap per chunk of nodes (``fedepic.stacked``), each node on its own
-  minibatch (``dfl_node.dsgt_batch``, the Ray node's function and seeds);
-- momentum and step: ``dfl_node``'s equations, m_i <- beta m_i + (1 - beta) g_i and
+  minibatch (``peer_node.dsgt_batch``, the Ray node's function and seeds);
+- momentum and step: ``peer_node``'s equations, m_i <- beta m_i + (1 - beta) g_i and
   x_i <- R_i - eta m_i, on whole rows;
-- exchange: the attack functions of ``dfl_router`` on row views; then, when every node uses plain
+- exchange: the attack functions of ``peer_routing`` on row views; then, when every node uses plain
   gossip (``strategies.gossip.Gossip``, malicious nodes included) and every vector is finite, the mix
   is one sparse product with the mixing matrix, R = W X (over column blocks), plus a correction for
   each message an attacker changed. Any other rule (robust, GP, pre-aggregation) or a non-finite vector
-  takes ``dfl_node.aggregate_vectors`` node by node on the same rows, as a Ray node does;
-- evaluation: all benign nodes in one vectorized forward (``dfl_eval.evaluate_rows``).
+  takes ``peer_node.aggregate_vectors`` node by node on the same rows, as a Ray node does;
+- evaluation: all benign nodes in one vectorized forward (``peer_eval.evaluate_rows``).
 
 Equal to ``LocalMember`` up to float rounding (the sparse product sums in another order):
 tests/test_dfl_stacked.py.
@@ -34,12 +34,12 @@ from fedepic.data import ImageData
 from fedepic.stacked import stacked_gradients
 from fedepic.train import float_images
 from fedepic.vectors import flatten_state, unflatten_like
-from simulations.dfl_eval import evaluate_rows
-from simulations.dfl_node import (
+from fedepic.peer_eval import evaluate_rows
+from fedepic.peer_node import (
     STATEFUL, AggregationReport, NodeState, aggregate_vectors, exchanged_state, new_model, round_lr,
 )
-from simulations.dfl_router import AttackTally, Routing
-from simulations.dfl_sequential import LocalMember
+from fedepic.peer_routing import AttackTally, Routing
+from fedepic.peer_local import LocalMember
 from fedepic.vectors import finite_rows
 from strategies.gossip import Gossip
 
@@ -186,6 +186,6 @@ class StackedDsgdMember(LocalMember):
 
 def member_class(cfg: RunConfig) -> type:
     """``StackedDsgdMember`` under dsgd (whose models are BatchNorm-free by validation), else ``LocalMember``."""
-    from simulations.dfl_node import is_dsgd
+    from fedepic.peer_node import is_dsgd
 
     return StackedDsgdMember if is_dsgd(cfg) else LocalMember

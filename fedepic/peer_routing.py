@@ -320,5 +320,5 @@ def communication_graph(cfg: RunConfig) -> nx.Graph:
 
 
 def run_label_roles(cfg: RunConfig, histograms: list[list[int]], num_classes: int) -> dict[str, list[int]]:
-    """``dfl_router.label_roles`` for this run: only a label-flipping attack touches labels."""
+    """``peer_routing.label_roles`` for this run: only a label-flipping attack touches labels."""
     return label_roles(histograms, malicious_ids(cfg), flip_table(cfg.attack, num_classes))
