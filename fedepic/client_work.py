@@ -29,7 +29,7 @@ from fedepic.data import ImageData
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.stacked import gradients_in_state_layout
-from fedepic.train import fit, float_images, prepare_model, resolve_device
+from fedepic.train import ema_momentum_, fit, float_images, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
 
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
@@ -134,7 +134,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     mask = parameters
     results = []
     for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
-        momentum = (1.0 - beta) * gradient if previous is None else beta * previous + (1.0 - beta) * gradient
+        momentum = ema_momentum_(torch.zeros_like(gradient) if previous is None else previous.clone(), gradient, beta)
         sent, attack_nonfinite = momentum, 0
         if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
             outcome = run_model_attack(cfg.attack.model, momentum[mask][None], momentum[mask],

@@ -87,7 +87,7 @@ from fedepic.stacked_fit import NodeRows, stacked_fit
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
-from fedepic.train import fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
+from fedepic.train import ema_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_work import minibatch_rows
 from fedepic.extensions import PEER_RULES
@@ -447,9 +447,10 @@ def one_step(cfg: RunConfig) -> bool:
 
 
 def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float) -> None:
-    """m_i <- beta m_i + (1 - beta) g_i (m_i starts at 0)."""
-    previous = torch.zeros_like(gradient) if state.momentum is None else state.momentum
-    state.momentum = beta * previous + (1.0 - beta) * gradient
+    """m_i <- beta m_i + (1 - beta) g_i (m_i starts at 0; ``fedepic.train.ema_momentum_``), into a new
+    tensor: the old one may be a read-only buffer of a Flower record."""
+    previous = torch.zeros_like(gradient) if state.momentum is None else state.momentum.clone()
+    state.momentum = ema_momentum_(previous, gradient, beta)
 
 
 def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:

@@ -217,3 +217,30 @@ def round_lr(cfg: Any, round_: int, base: Optional[float] = None) -> float:
     done = (round_ - 1) * cfg.clients.local_epochs
     start = cfg.train.lr if base is None else base
     return start * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if done >= m)
+
+
+def ema_momentum_(momentum: torch.Tensor, gradient: torch.Tensor, beta: float, *,
+                  scratch: bool = False) -> torch.Tensor:
+    """The client momentum of the one-step protocols, in place: ``m <- beta m + (1 - beta) g``.
+
+    Karimireddy, He, Jaggi, "Learning from history for Byzantine robust optimization", ICML 2021
+    (https://arxiv.org/abs/2012.10333), Algorithm 2: "m_i,t = (1 - beta) g_i(x_t-1) + beta m_i,t-1"
+    (their beta is this one; m_i starts at 0: the caller passes zeros). The server's per-step protocol
+    (``fedepic.client_work.per_step_results``) and decentralized dsgd (``fedepic.peer_node``, the
+    stacked rows of ``fedepic.peer_stacked``) all update their momenta here, with
+    beta = ``train.client_momentum``.
+
+    Rounded as ``beta * m + (1 - beta) * g`` is: each product rounded, then the sum. ``add_`` with
+    ``alpha = 1 - beta`` would fuse the second product into the sum where the CPU has FMA (one
+    rounding fewer) and move the last bits. ``scratch``: ``gradient`` may be overwritten with
+    ``(1 - beta) g`` (saves a temporary when the caller is done with it). Cost: O(D) per row, no
+    allocation with ``scratch``. Returns ``momentum``.
+
+    >>> m = torch.tensor([1.0, 0.0])
+    >>> ema_momentum_(m, torch.tensor([3.0, 2.0]), 0.5)
+    tensor([2., 1.])
+    >>> m
+    tensor([2., 1.])
+    """
+    scaled = gradient.mul_(1.0 - beta) if scratch else gradient * (1.0 - beta)
+    return momentum.mul_(beta).add_(scaled)

@@ -11,7 +11,7 @@ from fedepic.augment import random_crop_flip
 from fedepic.config import DataConfig, TrainConfig
 from fedepic.data import DataError, ImageData, load_dataset
 from fedepic.models import build_classifier, model_for_data
-from fedepic.train import evaluate, fit
+from fedepic.train import ema_momentum_, evaluate, fit
 
 
 def test_mnist_loads_exactly_and_caches(data_root):
@@ -115,3 +115,21 @@ def test_model_for_data_follows_the_data_and_the_seed():
     other = model_for_data("cnn", data, seed=4)
     assert not torch.equal(a.classifier.weight, other.classifier.weight)
     assert a(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_client_momentum_is_the_moving_average_rounded_as_written():
+    """m <- beta m + (1 - beta) g, in place: by hand, from m = 0, and to the last bit what the expression
+    beta * m + (1 - beta) * g gives (each product rounded, then the sum; an FMA would differ)."""
+    m = torch.tensor([1.0, -2.0, 0.0])
+    out = ema_momentum_(m, torch.tensor([3.0, 2.0, 4.0]), 0.75)
+    assert out is m and m.tolist() == [1.5, -1.0, 1.0]  # 0.75 * 1 + 0.25 * 3, 0.75 * -2 + 0.25 * 2, 0.25 * 4
+    zero = torch.zeros(2)
+    assert ema_momentum_(zero, torch.tensor([8.0, -4.0]), 0.5).tolist() == [4.0, -2.0]  # m(0) = 0: (1 - beta) g
+    gen = torch.Generator().manual_seed(3)
+    for beta in (0.9, 0.99, 0.3):
+        before, gradient = torch.randn(16, 4097, generator=gen), torch.randn(16, 4097, generator=gen)
+        want = beta * before + (1.0 - beta) * gradient
+        assert torch.equal(ema_momentum_(before.clone(), gradient, beta), want)
+        scratch = gradient.clone()
+        assert torch.equal(ema_momentum_(before.clone(), scratch, beta, scratch=True), want)
+        assert torch.equal(scratch, gradient * (1.0 - beta))  # the scratch gradient now holds (1 - beta) g
