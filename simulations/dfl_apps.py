@@ -55,7 +55,8 @@ from fedepic.errors import RunFailed
 
 from fedepic.client_data import client_data_for, config_from_text, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
-from simulations.messaging import check_failures, exchange, last_line, wait_for_nodes
+from fedepic.failures import check_failures, last_line
+from simulations.messaging import exchange, wait_for_nodes
 from fedepic.peer_node import (
     STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,

@@ -1,14 +1,13 @@
-"""Messages of the simulations: waiting for nodes, a stop-aware exchange, and the failure check of a round."""
+"""Messages of the simulations: waiting for nodes and a stop-aware exchange (the failure check of a round
+is ``fedepic.failures``, shared with the in-process engines)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional
 
-from fedepic.config import RunConfig
-from fedepic.errors import RunFailed, RunInterrupted
-
+from fedepic.errors import RunInterrupted
 
 PULL_INTERVAL_S = 0.01  # Flower's own send_and_receive polls every 0.1 s; replies arrive sooner
 
@@ -46,18 +45,3 @@ def exchange(grid: Any, messages: Iterable[Any], timeout_s: float = 3600.0,
         if pending:
             time.sleep(PULL_INTERVAL_S)
     return replies
-
-
-def check_failures(cfg: RunConfig, what: str, failures: Sequence[Mapping[str, Any]], asked: int) -> None:
-    """Raise RunFailed when every one of ``asked`` clients failed, or more than clients.max_failed_fraction."""
-    limit = cfg.clients.max_failed_fraction
-    if asked and failures and (len(failures) == asked or len(failures) > limit * asked):
-        raise RunFailed(f"{what}: {len(failures)} of {asked} clients failed (clients.max_failed_fraction={limit}); "
-                        f"first: {last_line(str(failures[0].get('reason', '?')))}")
-
-
-def last_line(text: str, limit: int = 300) -> str:
-    """The last non-empty line of an error text (a Ray traceback ends with the exception's message)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "?")[:limit]
-

@@ -49,13 +49,14 @@ from fedepic.server_checkpoints import elapsed, kept_row_and_curves, restore_roo
 from fedepic.server_rounds import (
     Evaluator, MemberResult, Target, append_point, member_row, run_member, with_x,
 )
+from fedepic.failures import check_failures
 from fedepic.train import fit, resolve_device, torch_threads
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from simulations.client_app import CONFIG_KEY, MEMBER_KEY
 from simulations.flower_backend import ROUND_TIMEOUT_S, FlowerServerBackend, PartitionGrid, client_metrics
 from simulations.flower_runtime import interrupted_quietly, quiet_flower
-from simulations.messaging import check_failures, exchange, wait_for_nodes
+from simulations.messaging import exchange, wait_for_nodes
 
 NODE_WAIT_S = 300.0
 COMPARISON_COLUMNS, PANELS = FEDERATED.columns, FEDERATED.panels

@@ -105,7 +105,7 @@ def fake_reply(node: int, error: str | None = None):
 def test_node_failures_are_recorded_and_too_many_stop_the_run() -> None:
     from fedepic.config import load_config
     from fedepic.errors import RunFailed
-    from simulations.messaging import check_failures
+    from fedepic.failures import check_failures
     from simulations.dfl_apps import _failures
 
     partition_of = {101: 0, 102: 1, 103: 2, 104: 3}  # Flower node id -> partition id
