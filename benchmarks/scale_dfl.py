@@ -7,8 +7,8 @@ stacked engine of fedepic/peer_stacked.py) in a child process and prints one JSO
 child's wall time (start-up, data, every round), its peak resident memory (``ru_maxrss``), the mean
 seconds of a round with and without evaluation, the final mean accuracy, and the compute estimate.
 Then, with ``--compare-rounds N > 0``, the same config's first N rounds (none evaluated) through the
-node-by-node in-process member (``LocalMember``, one state dict per node) in another child, for the ratio of the
-per-round times. Targets (issue: engine and per-step protocol): at most 300 s and 8 GB.
+node-by-node in-process member (``tests/test_dfl_stacked.py::NodeByNodeDsgd``, one state dict per node)
+in another child, for the ratio of the per-round times. Targets (issue: engine and per-step protocol): at most 300 s and 8 GB.
 
 Compute estimate (GFLOP, an estimate of the work, not a measurement): training ``6 P`` per minibatch
 row (forward 2P, backward 4P) times batch size, active nodes and rounds; evaluation ``2 P`` per test
@@ -36,7 +36,8 @@ NODE_BY_NODE = """
 import json, sys
 from fedepic.config import load_config
 from fedepic import peer_local, peer_stacked
-peer_stacked.member_class = lambda cfg: peer_local.LocalMember
+from tests.test_dfl_stacked import NodeByNodeDsgd  # the node-by-node dsgd member lives with its test
+peer_stacked.member_class = lambda cfg: NodeByNodeDsgd
 cfg = load_config(sys.argv[1], sys.argv[3:] + [f"rounds={sys.argv[2]}"])
 records = []
 class Sink(peer_local._Collect):

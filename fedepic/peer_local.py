@@ -1,51 +1,52 @@
-"""The in-process engine of the decentralized mode (``engine=local``): every node of a round in this
-process, with the same node, router, attack and rule functions as the Flower apps (``peer_node``,
-``peer_routing``), and without Flower or Ray (it imports neither: tests/test_layers.py checks it).
+"""The in-process backend of the decentralized round engine (``engine=local``): every node of a member
+in this process, with the same node, routing, attack and rule functions as the Flower apps
+(``peer_node``, ``peer_routing``), and without Flower or Ray (it imports neither: tests/test_layers.py
+checks it).
 
-- Each node's model is built once and reused across rounds.
-- Under ``decentralized.algorithm=dsgt`` or ``dsgd`` the round's gradients of all nodes are one
-  vectorized call (``fedepic.stacked``, torch.func.vmap over functional_call). Under dpsgd (local
-  epochs) the nodes of a round train in one vectorized loop (``peer_node.train_local_stacked``, over
-  ``fedepic.stacked_fit``) for models without convolutions (mlp); the cnn models and models with
-  BatchNorm train one node after another (``train_local``, as a Ray node does): see
-  ``LocalMember.vectorized_training``.
-- Evaluation runs where ``peer_node.eval_due`` says (``train.eval_every``): all benign nodes in one
+The round itself (node work -> the attacks of ``peer_routing.outgoing`` -> each receiver's aggregation
+and step -> evaluation -> the metrics record) and the member loop are ``fedepic.peer_rounds``'; a
+``LocalMember`` is a ``peer_rounds.PeerBackend``:
+
+- ``send``: under dpsgd every active node's ``clients.local_epochs`` of local training, in one
+  vectorized loop (``peer_node.train_local_stacked``, over ``fedepic.stacked_fit``) for models without
+  convolutions (mlp), else one node after another (``train_local``, as a Ray node does): see
+  ``LocalMember.vectorized_training``. Under dsgt every node's (model, tracker) vector (in round 1
+  after y_i(0) = g_i(x_i(0)), all nodes' gradients in one vectorized call, ``fedepic.stacked``).
+  Under dsgd the member is ``fedepic.peer_stacked.StackedDsgdMember`` (``peer_stacked.member_class``).
+- ``receive``: each node's inbox aggregated with its rule (``peer_node.aggregate_flat``; dsgt: the two
+  sums of ``dsgt_mix``, the step and, in one vectorized call, the gradients at the new points); then,
+  where ``peer_node.eval_due`` says (``train.eval_every``), all benign nodes evaluated in one
   vectorized pass (``peer_eval.evaluate_rows``) for models without BatchNorm, else one node at a time
   with the Ray node's own ``evaluate`` and ``attack_success``.
 
-It is also the reference the Flower run is tested against (same seed, same numbers:
-tests/test_decentralized.py). Pick it for many small rounds on one machine (per-round overhead on Ray
-is 0.4 s or more, docs/results/engines.md); pick ``engine=ray`` for big models, GPUs per node and
-clusters. It is not parallel: one process, torch's own threads.
+Each node's model is built once and reused across rounds. This backend is also the reference the
+Flower run is tested against (same seed, same numbers: tests/test_decentralized.py). It is not
+parallel: one process, torch's own threads. Cost per round: the nodes' training (or one gradient
+each) and their rules, O(edges x D) for the messages' stacks.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from fedepic.attacks import attack_success
-from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, malicious_ids, member_config
 from fedepic.data import ImageData, load_dataset
-from fedepic.extensions import PEER_RULES
 from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
 from fedepic.peer_eval import evaluate_rows, stackable
 from fedepic.peer_node import (
-    HONEST, STATEFUL, LocalJob, NodeState, aggregate_flat, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
+    HONEST, AggregationReport, LocalJob, NodeState, aggregate_flat, derive_seed, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
     load_exchanged, new_model, peer_rule, train_local, train_local_stacked, uses_local_epic,
 )
-from fedepic.peer_routing import (
-    AttackTally, Routing, communication_graph, detection_record, detection_truth, divergence_counts, inbox, outgoing,
-    round_metrics, routing_for, run_label_roles,
-)
+from fedepic.peer_rounds import Member, Messages, Received, RunSink, Sent, peer_setting, play_round, run_peer_member
+from fedepic.peer_routing import Routing, communication_graph, inbox, routing_for, run_label_roles
 
 
 # nodes per vectorized training loop: about six copies of a chunk's parameters are alive at once
@@ -54,7 +55,8 @@ TRAINING_CHUNK = 64
 
 
 class LocalMember:
-    """One member (``strategies`` entry) run in process: its rule, config, nodes and their states.
+    """One member (``strategies`` entry) run in process: its rule, config, nodes and their states; a
+    ``peer_rounds.PeerBackend`` (module docstring).
 
     ``node_by_node``: train the nodes' local epochs one after another, as Ray nodes do, instead of in
     one vectorized loop (the reference the Flower run is compared with to the last bit)."""
@@ -63,15 +65,13 @@ class LocalMember:
 
     def __init__(self, cfg: RunConfig, entry: str, name: str, routing: Routing, data: ImageData,
                  parts: Sequence[Any], roles: Mapping[str, Sequence[int]]) -> None:
-        self.rule, self.cfg = member_config(cfg, entry)
+        self.setting = peer_setting(cfg, Member(name, entry, routing), roles)
+        self.rule, self.cfg = self.setting.rule, self.setting.cfg
         self.name, self.routing, self.data, self.roles = name, routing, data, roles
-        self.bad = malicious_ids(cfg)
-        self.benign = [i for i in range(cfg.clients.count) if i not in set(self.bad)]
-        self.active = self.benign if PEER_RULES.has(self.rule, "benign_graph") else list(range(cfg.clients.count))
+        self.bad, self.benign, self.active = self.setting.malicious, self.setting.benign, self.setting.active
         self.clients: dict[int, ClientData] = {i: build_client_data(cfg, data, i, parts) for i in self.active}
         self.states = {i: NodeState(name) for i in self.active}
         self.build_models()
-        self.truth = detection_truth(routing.graph, self.bad) if self.rule in STATEFUL else None
         self.device = torch.device("cpu")
         # built once: the rules keep their per-node state in NodeState, not in themselves
         self.rules = {self.rule: peer_rule(self.rule, self.cfg), HONEST: peer_rule("gossip", self.cfg, defended=False)}
@@ -81,46 +81,49 @@ class LocalMember:
         self.models = {i: new_model(self.cfg, self.data) for i in self.active}
         self.template = exchanged_state(self.models[self.active[0]])  # the layout of the flat rows
 
-    # -- one round ------------------------------------------------------------------------------
     def play_round(self, round_: int) -> dict[str, Any]:
-        started = time.perf_counter()
-        tally = AttackTally()
+        """One round through the engine (``peer_rounds.play_round``): its metrics record. For tests and
+        benchmarks that drive a member round by round; runs go through ``run_local_member``."""
+        return play_round(self, round_)[0]
+
+    # -- the two phases of a round (peer_rounds.PeerBackend) -------------------------------------
+    def send(self, round_: int) -> Sent:
+        """Every active node's vector of ``round_``: its trained model (dpsgd; its training loss in the
+        stats), or its (model, tracker) (dsgt)."""
         if is_dsgt(self.cfg):
-            reports, losses = self._dsgt_round(round_, tally), {}
-        elif is_dsgd(self.cfg):
-            reports, losses = self._dsgd_round(round_, tally), {}
+            return Sent(self._dsgt_vectors(round_))
+        if is_dsgd(self.cfg):
+            raise TypeError("dsgd runs on the stacked rows: build the member with peer_stacked.member_class(cfg)")
+        trained, losses = self._dpsgd_train_stacked(round_) if self.vectorized_training() else self._dpsgd_train(round_)
+        return Sent(trained, {i: {"train_loss": loss} for i, loss in losses.items()})
+
+    def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
+        """Every node's aggregation of its inbox (dsgt: and its step and new gradient), then the
+        evaluation when due and the states when ``collect``."""
+        if is_dsgt(self.cfg):
+            reports = self._dsgt_step(round_, work.vectors, messages)
         else:
-            reports, losses = self._dpsgd_round(round_, tally)
-        confirmed = {i: reports[i].confirmed for i in self.active}
+            reports = self._aggregate_inboxes(work.vectors, messages)
+        return self._received(round_, reports, collect)
+
+    def restore(self, states: Mapping[int, Mapping[str, Any]]) -> None:
+        for i, plain in states.items():
+            if int(i) in self.states:
+                self.states[int(i)] = NodeState.from_plain(plain["arrays"], plain["config"])
+
+    def _received(self, round_: int, reports: Mapping[int, AggregationReport], collect: bool) -> Received:
+        confirmed = {i: list(reports[i].confirmed) for i in self.active}
         nonfinite = sum(len(r.nonfinite) + int(r.own_nonfinite) for r in reports.values())
-        if eval_due(self.cfg, round_):
-            evals, vectors = self._evaluate()
-            record = {"round": round_, **round_metrics(evals, vectors, self.benign, self.roles,
-                                                       confirmed if self.truth else None, self.truth)}
-            record.update(divergence_counts(evals, vectors, self.benign))
-        else:
-            record = {"round": round_, **detection_record(self.benign, confirmed if self.truth else None, self.truth)}
-        record["failures"] = []
-        record["nonfinite_models"] = nonfinite
-        record["attack_nonfinite_inputs"] = tally.nonfinite_inputs
-        benign_losses = [losses[i] for i in self.benign if i in losses]
-        if benign_losses:
-            record["train_loss"] = sum(benign_losses) / len(benign_losses)
-        record["seconds"] = time.perf_counter() - started
-        return record
+        evals, models = self._evaluate() if eval_due(self.cfg, round_) else ({}, {})
+        return Received(evals, models, confirmed, nonfinite, self.plain_states() if collect else {})
 
-    def _send(self, trained: Mapping[int, torch.Tensor], round_: int, tally: AttackTally) -> dict:
-        graph = self.routing.graph.subgraph(self.active)
-        return outgoing(self.cfg.attack, trained, graph, self.bad, seed=self.cfg.seed, round_=round_, tally=tally)
-
+    # -- dpsgd -----------------------------------------------------------------------------------
     def _mixing(self, i: int, box: Mapping[int, Any]) -> tuple[dict[int, float], float]:
         w = self.routing.weights[i]
         return {j: w[j] for j in box}, 1 - sum(w[j] for j in box)
 
-    def _dpsgd_round(self, round_: int, tally: AttackTally) -> tuple[dict, dict[int, float]]:
-        if self.vectorized_training():
-            trained, losses = self._dpsgd_train_stacked(round_)
-            return self._exchange_models(trained, round_, tally), losses
+    def _dpsgd_train(self, round_: int) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        """Every node's local epochs, one node after another (``train_local``, as a Ray node trains)."""
         trained, losses = {}, {}
         for i in self.active:
             net, state, client = self.models[i], self.states[i], self.clients[i]
@@ -133,7 +136,7 @@ class LocalMember:
             losses[i] = stats["train_loss"]
             state.trained, state.model, state.round = exchanged_state(net), None, round_
             trained[i] = flatten_state(state.trained)
-        return self._exchange_models(trained, round_, tally), losses
+        return trained, losses
 
     def vectorized_training(self) -> bool:
         """Whether local epochs run in one vectorized loop (``decentralized.vectorize``): for models whose
@@ -175,21 +178,24 @@ class LocalMember:
                 trained[i], losses[i] = rows[k], stats[k]["train_loss"]
         return trained, losses
 
-    def _exchange_models(self, trained: Mapping[int, torch.Tensor], round_: int, tally: AttackTally) -> dict:
-        """Send the nodes' models (attacks included) and aggregate each node's inbox with its rule."""
-        sent = self._send(trained, round_, tally)
+    def _aggregate_inboxes(self, trained: Mapping[int, torch.Tensor], messages: Messages
+                           ) -> dict[int, AggregationReport]:
+        """Each node's inbox (the attacks applied) aggregated with its rule over its own trained model."""
         reports = {}
         for i in self.active:
-            box = inbox(sent, i)
+            box = inbox(messages, i)
             weights, self_weight = self._mixing(i, box)
             own = trained[i].clone()  # trained[i] is in the neighbours' inboxes too, and a rule may work in place
             reports[i] = aggregate_flat(self.rule, self.cfg, self.states[i], own, box, weights, self_weight,
                                         self.clients[i].is_malicious, self.rules)
         return reports
 
-    def _dsgt_round(self, round_: int, tally: AttackTally) -> dict:
+    # -- dsgt ------------------------------------------------------------------------------------
+    def _dsgt_vectors(self, round_: int) -> dict[int, torch.Tensor]:
+        """Every node's (x_i, y_i); in the first round y_i(0) = g_i(x_i(0)) on a minibatch seeded with
+        round 0 first."""
         fresh = [i for i in self.active if self.states[i].tracker is None]
-        if fresh:  # the first round: y_i(0) = g_i(x_i(0)) on a minibatch seeded with round 0
+        if fresh:
             starts = {i: self.models[i] for i in fresh}
             points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
             grads = dsgt_gradients(starts[fresh[0]], points, [self._batch(i, 0) for i in fresh], self.cfg)
@@ -197,14 +203,18 @@ class LocalMember:
                 dsgt_start(self.states[i], starts[i], grads[k])
         for i in self.active:
             self.states[i].round = round_  # as a Ray node's train phase sets it: the oracle reads it
-        trained = {i: flatten_state(dsgt_message(self.states[i])) for i in self.active}
-        sent = self._send(trained, round_, tally)
+        return {i: flatten_state(dsgt_message(self.states[i])) for i in self.active}
+
+    def _dsgt_step(self, round_: int, sent: Mapping[int, torch.Tensor], messages: Messages
+                   ) -> dict[int, AggregationReport]:
+        """The two sums at every node, its step, the gradients at the new points (one vectorized
+        call) and the tracker update."""
         reports, points, mixed_y = {}, [], {}
         for i in self.active:
-            box = inbox(sent, i)
+            box = inbox(messages, i)
             weights, self_weight = self._mixing(i, box)
             x, y, reports[i] = dsgt_mix(self.rule, self.cfg, self.states[i], box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules, own=trained[i])
+                                        self.clients[i].is_malicious, self.rules, own=sent[i])
             points.append(dsgt_point(self.cfg, self.states[i], x, round_))
             mixed_y[i] = y
         stacked = torch.stack(points)
@@ -212,26 +222,6 @@ class LocalMember:
                                self.cfg)
         for k, i in enumerate(self.active):
             dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
-        return reports
-
-    def _dsgd_round(self, round_: int, tally: AttackTally) -> dict:
-        """Every node's gradient at the model it sends (one vectorized call), its momentum, the
-        exchange, the peer rule, then the step (``peer_node``: dsgd)."""
-        for i in self.active:
-            if self.states[i].model is None:
-                self.states[i].model = exchanged_state(self.models[i])
-        points = torch.stack([flatten_state(self.states[i].model) for i in self.active])
-        grads = dsgt_gradients(self.models[self.active[0]], points, [self._batch(i, round_) for i in self.active],
-                               self.cfg)
-        trained = {}
-        for k, i in enumerate(self.active):
-            state = self.states[i]
-            dsgd_momentum(state, grads[k], self.cfg.train.client_momentum)
-            state.trained, state.round = state.model, round_
-            trained[i] = points[k]
-        reports = self._exchange_models(trained, round_, tally)
-        for i in self.active:
-            dsgd_step(self.cfg, self.states[i], round_)
         return reports
 
     def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,56 +255,31 @@ class LocalMember:
             out[i] = {"arrays": arrays, "config": config}
         return out
 
-    def restore(self, states: Mapping[int, Mapping[str, Any]]) -> None:
-        for i, plain in states.items():
-            if int(i) in self.states:
-                self.states[int(i)] = NodeState.from_plain(plain["arrays"], plain["config"])
 
-
-def run_local_member(cfg: RunConfig, member: Any, sink: Any, data: ImageData, parts: Sequence[Any],
+def run_local_member(cfg: RunConfig, member: Member, sink: RunSink, data: ImageData, parts: Sequence[Any],
                      roles: Mapping[str, Sequence[int]], stop: Optional[threading.Event] = None,
                      node_by_node: bool = False) -> None:
-    """``member`` (a ``dfl_apps.Member``-like: name, strategy, routing) through ``sink`` (a
-    ``dfl_apps.RunSink``), exactly as the Flower router drives it: begin (maybe from a checkpoint),
-    one ``round`` report per round, checkpoints when due, ``end``. Returns early when ``stop`` is set.
-    ``node_by_node``: see ``LocalMember``."""
-    if sink.finished(member):
-        return
-    from fedepic.peer_stacked import member_class
+    """``member`` through ``sink`` in this process: ``peer_rounds.run_peer_member`` (the loop the Flower
+    router runs too) with a ``peer_stacked.member_class(cfg)`` backend. ``node_by_node``: see
+    ``LocalMember``."""
+    def backend() -> LocalMember:
+        from fedepic.peer_stacked import member_class  # it imports this module
 
-    local = member_class(cfg)(cfg, member.strategy, member.name, member.routing, data, parts, roles)
-    local.node_by_node = node_by_node
-    start = sink.begin(member)
-    local.restore(start.states)
-    for round_ in range(start.round + 1, cfg.rounds + 1):
-        if stop is not None and stop.is_set():
-            return
-        sink.round(member, local.play_round(round_))
-        if checkpoint_due(cfg.checkpoint_every, round_, cfg.rounds):
-            sink.checkpoint(member, round_, local.plain_states())
-    sink.end(member)
+        local = member_class(cfg)(cfg, member.strategy, member.name, member.routing, data, parts, roles)
+        local.node_by_node = node_by_node
+        return local
+
+    run_peer_member(cfg, member, sink, backend, stop)
 
 
-class _Collect:
-    """A sink that keeps the records (``run_sequential``)."""
+class _Collect(RunSink):
+    """A sink that keeps the records without timings and failures (``run_sequential``)."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def finished(self, member: Any) -> bool:
-        return False
-
-    def begin(self, member: Any) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(round=0, states={})
-
-    def round(self, member: Any, record: Mapping[str, Any]) -> None:
+    def round(self, member: Member, record: Mapping[str, Any]) -> None:
         self.records.append({k: v for k, v in record.items() if k not in ("seconds", "failures")})
-
-    def checkpoint(self, *args: Any) -> None: ...
-
-    def end(self, member: Any) -> None: ...
 
 
 def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = None,
@@ -322,14 +287,11 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     """One ``strategies`` entry's rounds in process; returns the per-round records (without timings
     and failures). ``data`` may be passed to reuse a loaded dataset across strategies.
     ``node_by_node``: see ``LocalMember``."""
-    from types import SimpleNamespace
-
     data = load_dataset(cfg.data, cfg.seed) if data is None else data
     parts = client_partition(cfg, data)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
     rule, _ = member_config(cfg, strategy)
-    member = SimpleNamespace(name=strategy, strategy=strategy,
-                             routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
+    member = Member(strategy, strategy, routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
     sink = _Collect()
     run_local_member(cfg, member, sink, data, parts, roles, node_by_node=node_by_node)
     return sink.records

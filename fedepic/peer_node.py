@@ -1,7 +1,9 @@
 """What one decentralized-FL node does, free of Flower: its state, local training and peer aggregation.
 
-The Flower ClientApp in ``simulations/dfl_apps.py`` only converts messages and ``Context.state`` to and
-from the plain objects here, so every step of a node can be tested on hand-made tensors.
+The round engine (``fedepic.peer_rounds``) orders these steps; its backends call them, in process
+(``fedepic.peer_local``, ``fedepic.peer_stacked``) or in the Flower ClientApp of
+``simulations/dfl_apps.py``, which only converts messages and ``Context.state`` to and from the plain
+objects here. So every step of a node can be tested on hand-made tensors.
 
 Two algorithms (``decentralized.algorithm``); W = (w_ij) are the Metropolis-Hastings weights of the
 graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).

@@ -1,7 +1,9 @@
-"""The decentralized router's pure logic: who hears whom, what malicious nodes send, and what is measured.
+"""The decentralized network's pure logic: who hears whom, what malicious nodes send, and what is measured.
 
-In ``mode=decentralized`` Flower's ServerApp aggregates nothing; it plays the network. It knows every
-model of the round, which lets it also play the omniscient attacker and the measuring instrument.
+In ``mode=decentralized`` nobody aggregates centrally; the round engine (``fedepic.peer_rounds``) plays
+the network between the nodes' two phases, whatever backend runs them (in process, or Flower on Ray,
+whose ServerApp only routes). It knows every vector of the round, which lets it also play the
+omniscient attacker (:func:`outgoing`) and the measuring instrument (:func:`round_metrics`).
 Everything here works on plain tensors and networkx graphs, so it is tested without Flower.
 
 Model attacks in a decentralized network (He, Karimireddy, Jaggi, "Byzantine-robust decentralized

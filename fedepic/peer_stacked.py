@@ -1,5 +1,8 @@
-"""The in-process decentralized engine at scale: every node's model as one row of a stacked tensor.
+"""The in-process decentralized backend at scale: every node's model as one row of a stacked tensor.
 
+A ``StackedDsgdMember`` is a ``fedepic.peer_rounds.PeerBackend`` (``send``: the gradients and momenta;
+``receive``: the mix, the step, the evaluation), picked by :func:`member_class` for every dsgd member
+of ``engine=local``; the engine between its two phases decides the messages (the attacks included).
 ``LocalMember`` (``peer_local``) keeps one state dict per node and moves it through flat vectors
 every round. That is fine for 20 nodes; for 1,000 nodes the copies cost more than the compute (a
 profile of 100 nodes: 12 s of 56 s in flatten / unflatten). Here, under ``decentralized.algorithm=dsgd``,
@@ -9,15 +12,19 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
   minibatch (``peer_node.dsgt_batch``, the Ray node's function and seeds);
 - momentum and step: ``peer_node``'s equations, m_i <- beta m_i + (1 - beta) g_i and
   x_i <- R_i - eta m_i, on whole rows;
-- exchange: the attack functions of ``peer_routing`` on row views; then, when every node uses plain
+- exchange: the engine's messages (``peer_routing.outgoing``) on row views; then, when every node uses plain
   gossip (``strategies.gossip.Gossip``, malicious nodes included) and every vector is finite, the mix
   is one sparse product with the mixing matrix, R = W X (over column blocks), plus a correction for
   each message an attacker changed. Any other rule (robust, GP, pre-aggregation) or a non-finite vector
   takes ``peer_node.aggregate_vectors`` node by node on the same rows, as a Ray node does;
 - evaluation: all benign nodes in one vectorized forward (``peer_eval.evaluate_rows``).
 
-Equal to ``LocalMember`` up to float rounding (the sparse product sums in another order):
-tests/test_dfl_stacked.py.
+Deviation from the paper's equations: none; the gossip mix sums in another order than
+``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)), and the step x_i <- R_i - eta m_i is one
+fused ``add_`` (one rounding fewer than a node's ``peer_node.dsgd_step``). So the rows equal a
+node-by-node dsgd (each node's state dict, as a Ray node keeps it) up to float rounding: the oracle
+of tests/test_dfl_stacked.py. Cost per round: the n gradients, O(n D) for the momenta and the step,
+O(edges x D) for the sparse mix (node by node: each node's rule over its inbox).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_node import (
     STATEFUL, AggregationReport, NodeState, aggregate_vectors, exchanged_state, new_model, round_lr,
 )
-from fedepic.peer_routing import AttackTally, Routing
+from fedepic.peer_rounds import Messages, Received, Sent
+from fedepic.peer_routing import Routing
 from fedepic.peer_local import LocalMember
 from fedepic.vectors import finite_rows
 from strategies.gossip import Gossip
@@ -107,7 +115,9 @@ class StackedDsgdMember(LocalMember):
         self.model = new_model(self.cfg, self.data)  # one template; the rows are the models
         self.models = {}
 
-    def _dsgd_round(self, round_: int, tally: AttackTally) -> dict:
+    def send(self, round_: int) -> Sent:
+        """Every node's gradient at the model it sends (vmap'd chunks), folded into its momentum row;
+        the vectors sent are the rows of X themselves."""
         beta = self.cfg.train.client_momentum
         for start in range(0, len(self.active), GRADIENT_CHUNK):
             ids = self.active[start:start + GRADIENT_CHUNK]
@@ -121,12 +131,16 @@ class StackedDsgdMember(LocalMember):
             ema_momentum_(self.m[start:start + len(ids)], grads, beta, scratch=True)
         for i in self.active:
             self.states[i].round = round_
-        sent = self._send({i: self.x[k] for i, k in self.row.items()}, round_, tally)
-        mixed, reports = self._mix(sent)
-        self.spare, self.x = self.x, mixed.add_(self.m, alpha=-round_lr(self.cfg, round_))  # x_i <- R_i - eta m_i
-        return reports
+        return Sent({i: self.x[k] for i, k in self.row.items()})
 
-    def _mix(self, sent: Mapping[int, Mapping[int, Tensor]]) -> tuple[Tensor, dict[int, AggregationReport]]:
+    def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
+        """The mix R of every row (the attackers' messages in place of their rows), then the step
+        x_i <- R_i - eta m_i, the evaluation when due and the states when ``collect``."""
+        mixed, reports = self._mix(messages)
+        self.spare, self.x = self.x, mixed.add_(self.m, alpha=-round_lr(self.cfg, round_))  # x_i <- R_i - eta m_i
+        return self._received(round_, reports, collect)
+
+    def _mix(self, sent: Messages) -> tuple[Tensor, dict[int, AggregationReport]]:
         changed = [(s, r, v) for s, msgs in sent.items() if s in self.bad for r, v in msgs.items()]
         finite = bool(finite_rows(self.x).all()) and all(bool(finite_rows(v[None])[0]) for _, _, v in changed)
         if not (self.fast_mix and finite):
@@ -137,8 +151,7 @@ class StackedDsgdMember(LocalMember):
             mixed[self.row[receiver]].add_(weight * (vector - self.x[self.row[sender]]))
         return mixed, {i: AggregationReport(kept=list(self.neighbours[i])) for i in self.active}
 
-    def _mix_node_by_node(self, sent: Mapping[int, Mapping[int, Tensor]]
-                          ) -> tuple[Tensor, dict[int, AggregationReport]]:
+    def _mix_node_by_node(self, sent: Messages) -> tuple[Tensor, dict[int, AggregationReport]]:
         boxes: dict[int, dict[int, Tensor]] = defaultdict(dict)
         for sender, msgs in sent.items():
             for receiver, vector in msgs.items():
@@ -182,6 +195,7 @@ class StackedDsgdMember(LocalMember):
             if state.momentum is not None:
                 self.m[self.row[i]] = state.momentum
             state.model, state.momentum = None, None
+
 
 
 def member_class(cfg: RunConfig) -> type:

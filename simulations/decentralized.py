@@ -1,5 +1,14 @@
-"""Runner of ``mode=decentralized``: one Flower simulation that runs every peer strategy in turn over
-the same graph, data split and attack, and writes one sub-folder per strategy plus the comparison.
+"""Runner of ``mode=decentralized``: every peer strategy in turn over the same graph, data split and
+attack, one sub-folder per strategy plus the comparison.
+
+Structure: the round and the member loop are ``fedepic.peer_rounds`` (core, no Flower, no Ray: node
+work, the messages with the model attacks, each receiver's aggregation and step, evaluation, the
+metrics record, checkpoints). It drives one backend per member: under ``engine=local`` the nodes in
+this process (``fedepic.peer_local.LocalMember``; ``fedepic.peer_stacked.StackedDsgdMember`` under
+dsgd), under ``engine=ray`` one Flower simulation whose ServerApp routes and whose ClientApps are
+the nodes (``simulations.dfl_apps``). What a node does is ``fedepic.peer_node``, what the network
+does ``fedepic.peer_routing``. This module writes the folders (``FolderSink``, the engine's
+``RunSink``) and starts the simulation.
 
 Run folder (``output_dir/<timestamp>-<name>/``): config.yaml, partition.json (label histogram per
 node), topology.json (edges, malicious nodes, label roles), summary.json, comparison.{md,csv,png}, and
@@ -8,7 +17,7 @@ All figures are over the BENIGN nodes (see ``peer_routing.round_metrics``).
 
 Checkpoints: after every ``checkpoint_every``-th round but its last, a member's folder gets
 ``checkpoint.pt`` (``fedepic.checkpoint``): the round, the length of its metrics.jsonl, and every
-node's state after that round as the router collected it (``dfl_apps``: model, GP records and
+node's state after that round as the backend collected it (``peer_node.NodeState``: model, GP records and
 detector meta, local EPIC's kept rows and selections). A member deletes it when it completes, the
 run deletes any left when it completes. ``resume=RUN_FOLDER`` keeps the completed members as they
 are (their records are read back from metrics.jsonl for the comparison), continues the interrupted
@@ -41,7 +50,8 @@ from fedepic.client_data import client_partition, partition_report, worker_confi
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 from fedepic.peer_node import STATEFUL, peer_rule
 from fedepic.peer_local import run_local_member
-from simulations.dfl_apps import Member, MemberStart, Router, RunSink, make_client_app, make_server_app
+from fedepic.peer_rounds import Member, MemberStart, RunSink
+from simulations.dfl_apps import Router, make_client_app, make_server_app
 from fedepic.peer_routing import (
     benign_components, communication_graph, malicious_share, routing_for, run_label_roles,
 )
@@ -217,7 +227,7 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
                 run_local_member(cfg, member, sink, data, parts, roles, life.interrupts.stop)
         else:
             node_cfg = worker_config(cfg)
-            router = Router(node_cfg, bad, roles, members, sink, life.interrupts.stop)
+            router = Router(node_cfg, roles, members, sink, life.interrupts.stop)
             run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
                        interrupts=life.interrupts)
         if not life.all_finished:  # cut short by a signal (an error would have raised)

@@ -1,13 +1,19 @@
-"""Flower apps of the decentralized mode: a ServerApp that only routes over the communication graph,
-and a ClientApp whose nodes train, aggregate with their peer rule and evaluate themselves.
+"""Flower apps of the decentralized mode, the Ray backend of the round engine (``fedepic.peer_rounds``):
+a ServerApp that only routes over the communication graph, and a ClientApp whose nodes train,
+aggregate with their peer rule and evaluate themselves.
 
-Message flow of one round (``grid.send_and_receive`` takes a different Message per node, which is
-what makes the ServerApp a router):
-1. ``train``: router -> every node {member, round}. The node loads its state from ``Context.state``
-   (a fresh model in round 1), trains locally, keeps the trained model and replies with it.
-2. The router decides what travels over each edge (``peer_routing.outgoing``): benign nodes' trained
-   models, and the malicious nodes' poisoned ones (the router knows every model: omniscient attacks).
-3. ``train.aggregate``: router -> every node ONE message holding its neighbours' models, their ids and
+The round and the member loop are the engine's (``peer_rounds.run_peer_member``, the loop of
+``engine=local`` too); the ServerApp's ``Router`` runs every member through it with a
+``FlowerPeers`` backend, whose two phases are the two messages of a round. Message flow of one round
+(``grid.send_and_receive`` takes a different Message per node, which is what makes the ServerApp a
+router):
+1. ``train`` (``FlowerPeers.send``): router -> every node {member, round}. The node loads its state
+   from ``Context.state`` (a fresh model in round 1), trains locally, keeps the trained model and
+   replies with it.
+2. The engine decides what travels over each edge (``peer_routing.outgoing``): benign nodes' trained
+   models, and the malicious nodes' poisoned ones (it knows every model: omniscient attacks).
+3. ``train.aggregate`` (``FlowerPeers.receive``): router -> every node ONE message holding its
+   neighbours' models, their ids and
    the node's mixing weights. The node aggregates with its rule (GP state in ``Context.state``),
    evaluates the result on the test set and replies with metrics, its detector's confirmed set and
    its new model (the last only feeds the consensus-distance measurement).
@@ -18,7 +24,7 @@ Checkpoints (``resume=``): a node's state lives on its Ray actor, so the router 
 round ``r`` with ``r % checkpoint_every == 0`` (the member's last round excepted: it then completes),
 the ``train.aggregate`` config carries ``send_state``, and the node adds its state after the
 aggregation (``NodeState.to_plain`` as ``dfl.*`` records, the layout of ``Context.state``) to its
-reply: exactly what round ``r + 1`` starts from. The router hands those states to the sink
+reply: exactly what round ``r + 1`` starts from. The engine hands those states to the sink
 (``RunSink.checkpoint``) once the round's metrics line is logged. A node that failed that round
 (or sat it out) keeps the state it had in the previous checkpoint: a resume restores that one,
 so after node failures a resumed run may differ from an uninterrupted one. On resume the first
@@ -35,8 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
-from functools import lru_cache
-from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -46,26 +51,23 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedepic.attacks import attack_success
-from fedepic.checkpoint import checkpoint_due
-from fedepic.config import RunConfig, member_config, to_yaml
-from fedepic.extensions import PEER_RULES
+from fedepic.client_data import client_data_for, config_from_text, dataset_for, member_from_text
+from fedepic.config import RunConfig, to_yaml
+from fedepic.errors import RunFailed
+from fedepic.failures import last_line
+from fedepic.peer_node import (
+    NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients,
+    dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, load_exchanged,
+    new_model, train_local, uses_local_epic,
+)
+from fedepic.peer_rounds import (
+    Member, Messages, PeerSetting, Received, RunSink, Sent, peer_setting, run_peer_member,
+)
+from fedepic.peer_routing import message_batches
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
-from fedepic.errors import RunFailed
-
-from fedepic.client_data import client_data_for, config_from_text, dataset_for, member_from_text
 from simulations.flower_runtime import interrupted_quietly
-from fedepic.failures import check_failures, last_line
 from simulations.messaging import exchange, wait_for_nodes
-from fedepic.peer_node import (
-    STATEFUL, NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
-    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
-    load_exchanged, new_model, one_step, train_local, uses_local_epic,
-)
-from fedepic.peer_routing import (
-    AttackTally, Routing, detection_record, detection_truth, divergence_counts, message_batches, outgoing,
-    round_metrics,
-)
 
 STATE_PREFIX = "dfl."
 MAX_INFLIGHT_BYTES = 1 << 30  # router payload per batch of aggregate messages (see message_batches)
@@ -248,42 +250,6 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
 # ----------------------------------------------------------------------------------- router side
 
 
-@dataclass
-class Member:
-    """One strategy run inside the simulation: its name (folder) and its peer strategy."""
-
-    name: str
-    strategy: str
-    routing: Routing
-
-
-@dataclass
-class MemberStart:
-    """Where a member's rounds begin: after round ``round`` (0: from the start), with ``states``
-    (partition id -> ``plain_state``) for the nodes to restore first."""
-
-    round: int = 0
-    states: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-
-class RunSink:
-    """Where the router reports; the runner implements it with run folders."""
-
-    def finished(self, member: Member) -> bool:
-        """True for a member a resumed run found completed: the router skips it."""
-        return False
-
-    def begin(self, member: Member) -> MemberStart:
-        return MemberStart()
-
-    def round(self, member: Member, record: Mapping[str, Any]) -> None: ...
-
-    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
-        """Round ``round_``'s metrics line is logged; ``states`` are the nodes' states after it."""
-
-    def end(self, member: Member) -> None: ...
-
-
 def _failures(asked: Sequence[int], replies: Sequence[Message], partition_of: Mapping[int, int],
               phase: str) -> list[dict]:
     """One record per asked node that answered with an error (it raised, or its worker died) or not
@@ -301,148 +267,54 @@ def _config_message(node_id: int, kind: str, values: Mapping[str, Any], group: s
                    message_type=kind, group_id=group)
 
 
-@dataclass
-class Aggregated:
-    """What the nodes reported after aggregating (partition ids throughout)."""
+class FlowerPeers:
+    """One member's nodes as Flower ClientApps: the Ray backend of ``fedepic.peer_rounds`` (a
+    ``PeerBackend``). ``send`` is the ``train`` phase, ``receive`` the ``train.aggregate`` phase (module
+    docstring); the engine decides between them what travels over each edge. A node that fails a
+    phase is a failure ``{"node", "phase", "reason"}``: failing ``train``, it sits the round out (sends
+    nothing, keeps its model)."""
 
-    evals: dict[int, dict]
-    models: dict[int, torch.Tensor]
-    confirmed: dict[int, list[int]]
-    failures: list[dict]
-    nonfinite: int  # models the nodes' rules left out (or replaced) as non-finite
-    states: dict[int, dict[str, Any]]  # plain node states, when a checkpoint is due
-    attack_nonfinite: int = 0  # NaN / inf inputs the model attacks left out or replaced
+    def __init__(self, setting: PeerSetting, member: Member, grid: Grid, node_of: Mapping[int, int],
+                 stop: Optional[threading.Event] = None) -> None:
+        self.setting, self.member, self.grid, self.node_of, self.stop = setting, member, grid, dict(node_of), stop
+        self.partition_of = {node: pid for pid, node in self.node_of.items()}
+        self.pending: dict[int, Mapping[str, Any]] = {}  # checkpointed states, sent with the next train messages
+        self.records: dict[int, ArrayRecord] = {}  # this round's trained models, as the nodes sent them
 
+    def restore(self, states: Mapping[int, Mapping[str, Any]]) -> None:
+        self.pending = dict(states)
 
-class Router:
-    """The ServerApp's state for one simulation: node ids, graph knowledge and the reporting sink."""
-
-    def __init__(self, cfg: RunConfig, malicious: Sequence[int], roles: Mapping[str, Sequence[int]],
-                 members: Sequence[Member], sink: RunSink, stop: Optional[threading.Event] = None) -> None:
-        self.cfg, self.malicious, self.roles = cfg, sorted(malicious), roles
-        self.members, self.sink, self.stop = list(members), sink, stop
-        self.benign = [i for i in range(cfg.clients.count) if i not in set(self.malicious)]
-        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
-        self._resolved: dict[str, tuple[str, RunConfig]] = {}
-
-    def __call__(self, grid: Grid, context: Context) -> None:
-        nodes = wait_for_nodes(grid, self.cfg.clients.count, stop=self.stop)
-        replies = exchange(grid, [_config_message(n, HELLO, {}, "hello") for n in nodes], stop=self.stop)
-        failed = [r.error.reason for r in replies if r.has_error()]
-        if failed or len(replies) != len(nodes):  # no node may be missing from the graph
-            reason = last_line(failed[0]) if failed else "no reply before the timeout"
-            raise RunFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} nodes failed at start-up: {reason}")
-        self.node_of = {int(r.content.metric_records["info"]["partition-id"]): r.metadata.src_node_id
-                        for r in replies}
-        if sorted(self.node_of) != list(range(self.cfg.clients.count)):
-            raise RuntimeError(f"partition ids {sorted(self.node_of)} do not cover 0..{self.cfg.clients.count - 1}")
-        for member in self.members:
-            self.run_member(grid, member)
-
-    def resolved(self, member: Member) -> tuple[str, RunConfig]:
-        """(peer rule, member config) of ``member``, resolved once per member (variants merge keys)."""
-        if member.name not in self._resolved:
-            self._resolved[member.name] = member_config(self.cfg, member.strategy)
-        return self._resolved[member.name]
-
-    def active_nodes(self, member: Member) -> list[int]:
-        """Nodes that take part: under ``upper`` the malicious nodes are cut off, so they sit out."""
-        if PEER_RULES.has(self.resolved(member)[0], "benign_graph"):
-            return list(self.benign)
-        return list(range(self.cfg.clients.count))
-
-    def run_member(self, grid: Grid, member: Member) -> None:
-        if self.sink.finished(member):
-            return  # completed before a resume: its folder stays as it is
-        start = self.sink.begin(member)
-        saved = dict(start.states)  # a node missing from a checkpoint round keeps its older state
-        rule = self.resolved(member)[0]
-        truth = detection_truth(member.routing.graph, self.malicious) if rule in STATEFUL else None
-        for round_ in range(start.round + 1, self.cfg.rounds + 1):
-            restore = start.states if round_ == start.round + 1 else {}
-            due = checkpoint_due(self.cfg.checkpoint_every, round_, self.cfg.rounds)
-            record, states = self.play_round(grid, member, round_, truth, restore, due)
-            self.sink.round(member, record)
-            check_failures(self.cfg, f"{member.name}, round {round_}", record["failures"],
-                           len(self.active_nodes(member)))
-            if due:  # after check_failures: a resume redoes a round that failed the run
-                saved.update(states)
-                self.sink.checkpoint(member, round_, saved)
-        self.sink.end(member)
-
-    def play_round(self, grid: Grid, member: Member, round_: int, truth: Optional[set[tuple[int, int]]],
-                   restore: Mapping[int, Mapping[str, Any]], collect: bool) -> tuple[dict, dict[int, dict]]:
-        """One round: (its metrics record, the nodes' states after it when ``collect``)."""
-        started = time.perf_counter()
-        trained, records, train_stats, failures = self.train_round(grid, member, round_, restore)
-        trained_at = time.perf_counter()
-        agg = self.aggregate_round(grid, member, round_, trained, records, collect)
-        failures += agg.failures
-        evaluated = eval_due(self.resolved(member)[1], round_)
-        reported = [i for i in self.benign if i in agg.confirmed]
-        if not (any(i in agg.evals for i in self.benign) if evaluated else reported):
-            raise RunFailed(f"{member.name}, round {round_}: no benign node reported "
-                            f"({len(failures)} failures; first: {last_line(failures[0]['reason']) if failures else '?'})")
-        confirmed = agg.confirmed if truth is not None else None
-        if evaluated:
-            record = {"round": round_, **round_metrics(agg.evals, agg.models, self.benign, self.roles, confirmed,
-                                                         truth)}
-            record.update(divergence_counts(agg.evals, agg.models, self.benign))
-        else:  # train.eval_every: the detector's figures only
-            record = {"round": round_, **detection_record(reported, confirmed, truth)}
-        record["failures"] = failures
-        record["nonfinite_models"] = agg.nonfinite  # left out (or replaced) by the nodes' rules
-        record["attack_nonfinite_inputs"] = agg.attack_nonfinite
-        losses = [train_stats[i]["train_loss"] for i in self.benign if "train_loss" in train_stats.get(i, {})]
-        if losses or not one_step(self.cfg):  # dsgd / dsgt nodes report no training loss
-            record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
-        record["node_train_seconds"] = sum(float(st.get("train_seconds", 0.0)) for st in train_stats.values())
-        record["train_phase_seconds"] = trained_at - started
-        record["seconds"] = time.perf_counter() - started
-        return record, agg.states
-
-    @property
-    def partition_of(self) -> dict[int, int]:
-        return {node: pid for pid, node in self.node_of.items()}
-
-    def train_round(self, grid: Grid, member: Member, round_: int,
-                    restore: Optional[Mapping[int, Mapping[str, Any]]] = None):
-        """Phase 1: every active node trains; returns (flat trained models, their records, stats,
-        failures). A node that fails sits the round out: it sends nothing and keeps its model.
-        ``restore``: checkpointed node states, sent along for the nodes to start from."""
+    def send(self, round_: int) -> Sent:
+        """Every active node trains (its checkpointed state sent along in a resumed run's first round);
+        the flat trained models, their statistics (``train_loss``, ``train_seconds``) and the failures."""
+        member = self.member
         conf = {"member": member.name, "strategy": member.strategy, "round": round_}
-        group = f"{member.name}-{round_}"
-        nodes = self.active_nodes(member)
-        restore = restore or {}
-        messages = [_config_message(self.node_of[i], TRAIN, conf, group,
+        nodes = self.setting.active
+        restore, self.pending = self.pending, {}
+        messages = [_config_message(self.node_of[i], TRAIN, conf, f"{member.name}-{round_}",
                                     state_records(node_state_from(restore[i])) if i in restore else None)
                     for i in nodes]
-        replies = exchange(grid, messages, stop=self.stop)
-        failures = _failures(nodes, replies, self.partition_of, "train")
+        replies = exchange(self.grid, messages, stop=self.stop)
+        self.records = {}
         trained: dict[int, torch.Tensor] = {}
-        records: dict[int, ArrayRecord] = {}
         stats: dict[int, dict] = {}
         for reply in (r for r in replies if not r.has_error()):
             metrics = reply.content.metric_records["metrics"]
             pid = int(metrics["partition-id"])
-            records[pid] = reply.content.array_records["model"]
-            trained[pid] = flatten_state(records[pid].to_torch_state_dict())
+            self.records[pid] = reply.content.array_records["model"]
+            trained[pid] = flatten_state(self.records[pid].to_torch_state_dict())
             stats[pid] = dict(metrics)
-        if not trained:
-            check_failures(self.cfg, f"{member.name}, round {round_}", failures, len(nodes))
-        return trained, records, stats, failures
+        return Sent(trained, stats, _failures(nodes, replies, self.partition_of, "train"))
 
-    def aggregate_round(self, grid: Grid, member: Member, round_: int, trained: Mapping[int, torch.Tensor],
-                        records: Mapping[int, ArrayRecord], collect: bool = False) -> Aggregated:
-        """Phases 2-3: route (with attacks), every node aggregates and reports (with its state when
-        ``collect``)."""
-        graph = member.routing.graph
-        tally = AttackTally()
-        sent = outgoing(self.cfg.attack, trained, graph.subgraph(trained.keys()), self.malicious,
-                        seed=self.cfg.seed, round_=round_, tally=tally)
+    def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
+        """Every node that trained gets ONE message with its inbox (``messages``), its neighbours' ids
+        and its mixing weights, aggregates, steps, evaluates when due and reports (with its state when
+        ``collect``). A poisoned model shared by several receivers is packed once, a benign one is the
+        record its sender sent; messages go in batches of at most ``MAX_INFLIGHT_BYTES``."""
+        member, trained, records = self.member, work.vectors, self.records
         template = next(iter(records.values())).to_torch_state_dict()
         packed: dict[int, ArrayRecord] = {}  # id(tensor) -> record: a shared poisoned model is packed once
-        for sender, msgs in sent.items():
+        for sender, msgs in messages.items():
             for vec in msgs.values():
                 if vec is trained[sender]:
                     packed[id(vec)] = records[sender]
@@ -450,9 +322,9 @@ class Router:
                     packed[id(vec)] = ArrayRecord(unflatten_like(vec, template))
         model_bytes = 4 * next(iter(trained.values())).numel()
         nodes = sorted(trained)
-        messages, sizes = [], []
+        out, sizes = [], []
         for i in nodes:
-            ids = sorted(s for s, msgs in sent.items() if i in msgs)
+            ids = sorted(s for s, msgs in messages.items() if i in msgs)
             w = member.routing.weights[i]
             content = RecordDict({"config": ConfigRecord({
                 "member": member.name, "strategy": member.strategy, "round": round_, "neighbours": ids,
@@ -460,13 +332,13 @@ class Router:
                 "self_weight": float(1.0 - sum(w[j] for j in ids)), "send_state": collect,
             })})
             for j in ids:
-                content[f"n.{j}"] = packed[id(sent[j][i])]
-            messages.append(Message(content, dst_node_id=self.node_of[i], message_type=AGGREGATE,
-                                    group_id=f"{member.name}-{round_}"))
+                content[f"n.{j}"] = packed[id(messages[j][i])]
+            out.append(Message(content, dst_node_id=self.node_of[i], message_type=AGGREGATE,
+                               group_id=f"{member.name}-{round_}"))
             sizes.append(model_bytes * max(len(ids), 1))
         replies = []
         for batch in message_batches(sizes, MAX_INFLIGHT_BYTES):
-            replies.extend(exchange(grid, [messages[k] for k in batch], stop=self.stop))
+            replies.extend(exchange(self.grid, [out[k] for k in batch], stop=self.stop))
         failures = _failures(nodes, replies, self.partition_of, "aggregate")
         evals, models, confirmed, nonfinite, states = {}, {}, {}, {}, {}
         for reply in (r for r in replies if not r.has_error()):
@@ -480,7 +352,34 @@ class Router:
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
             if collect and (plain := plain_state(reply.content)) is not None:
                 states[pid] = plain
-        return Aggregated(evals, models, confirmed, failures, sum(nonfinite.values()), states, tally.nonfinite_inputs)
+        return Received(evals, models, confirmed, sum(nonfinite.values()), states, failures)
+
+
+class Router:
+    """The ServerApp's state for one simulation: node ids, the members and the reporting sink. It runs
+    every member through ``fedepic.peer_rounds.run_peer_member`` with a ``FlowerPeers`` backend."""
+
+    def __init__(self, cfg: RunConfig, roles: Mapping[str, Sequence[int]], members: Sequence[Member], sink: RunSink,
+                 stop: Optional[threading.Event] = None) -> None:
+        self.cfg, self.roles, self.members, self.sink, self.stop = cfg, roles, list(members), sink, stop
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        nodes = wait_for_nodes(grid, self.cfg.clients.count, stop=self.stop)
+        replies = exchange(grid, [_config_message(n, HELLO, {}, "hello") for n in nodes], stop=self.stop)
+        failed = [r.error.reason for r in replies if r.has_error()]
+        if failed or len(replies) != len(nodes):  # no node may be missing from the graph
+            reason = last_line(failed[0]) if failed else "no reply before the timeout"
+            raise RunFailed(f"{len(failed) or len(nodes) - len(replies)} of {len(nodes)} nodes failed at start-up: {reason}")
+        self.node_of = {int(r.content.metric_records["info"]["partition-id"]): r.metadata.src_node_id
+                        for r in replies}
+        if sorted(self.node_of) != list(range(self.cfg.clients.count)):
+            raise RuntimeError(f"partition ids {sorted(self.node_of)} do not cover 0..{self.cfg.clients.count - 1}")
+        for member in self.members:
+            run_peer_member(self.cfg, member, self.sink, partial(self.backend, grid, member), self.stop)
+
+    def backend(self, grid: Grid, member: Member) -> FlowerPeers:
+        return FlowerPeers(peer_setting(self.cfg, member, self.roles), member, grid, self.node_of, self.stop)
 
 
 def make_server_app(router: Router) -> ServerApp:

@@ -1,5 +1,6 @@
-"""The stacked in-process D-SGD engine (fedepic/peer_stacked.py) against the node-by-node one
-(``LocalMember``), and its vectorized evaluation against ``train.evaluate`` model by model."""
+"""The stacked in-process D-SGD engine (fedepic/peer_stacked.py) against a node-by-node one (``NodeByNodeDsgd``,
+one state dict per node, as a Ray node keeps it: the oracle, here only), and its vectorized evaluation
+against ``train.evaluate`` model by model."""
 
 from __future__ import annotations
 
@@ -14,11 +15,37 @@ from fedepic.data import load_dataset
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_data import client_partition, partition_report
-from fedepic.peer_node import exchanged_state, new_model
+from fedepic.peer_node import dsgd_momentum, dsgd_step, dsgt_gradients, exchanged_state, new_model
+from fedepic.peer_rounds import Messages, Received, Sent
 from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
 from fedepic.peer_local import LocalMember
 from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_stacked import GossipMatrix, StackedDsgdMember, member_class
+
+
+class NodeByNodeDsgd(LocalMember):
+    """dsgd node by node (``peer_node``'s equations on each node's state dict): every node's gradient at
+    the model it sends (one vectorized call), m_i <- beta m_i + (1 - beta) g_i, the exchange, the peer
+    rule over its inbox, then x_i <- R_i - eta m_i. The oracle of the stacked rows."""
+
+    def send(self, round_: int) -> Sent:
+        for i in self.active:
+            if self.states[i].model is None:
+                self.states[i].model = exchanged_state(self.models[i])
+        points = torch.stack([flatten_state(self.states[i].model) for i in self.active])
+        grads = dsgt_gradients(self.models[self.active[0]], points, [self._batch(i, round_) for i in self.active],
+                               self.cfg)
+        for k, i in enumerate(self.active):
+            state = self.states[i]
+            dsgd_momentum(state, grads[k], self.cfg.train.client_momentum)
+            state.trained, state.round = state.model, round_
+        return Sent({i: points[k] for k, i in enumerate(self.active)})
+
+    def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
+        reports = self._aggregate_inboxes(work.vectors, messages)
+        for i in self.active:
+            dsgd_step(self.cfg, self.states[i], round_)
+        return self._received(round_, reports, collect)
 
 
 def dsgd_cfg(*extra: str):
@@ -38,7 +65,7 @@ def member_args(cfg, strategy: str) -> tuple:
 
 def members(cfg, strategy: str):
     args = member_args(cfg, strategy)
-    return LocalMember(cfg, strategy, strategy, *args), StackedDsgdMember(cfg, strategy, strategy, *args)
+    return NodeByNodeDsgd(cfg, strategy, strategy, *args), StackedDsgdMember(cfg, strategy, strategy, *args)
 
 
 def assert_same_records(want: dict, got: dict) -> None:

@@ -246,7 +246,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
     from fedepic.client_data import client_partition, partition_report
     from fedepic.peer_node import derive_seed, dsgt_batch, exchanged_state, new_model
     from fedepic.peer_routing import routing_for, run_label_roles
-    from fedepic.peer_local import LocalMember
+    from fedepic.peer_stacked import StackedDsgdMember
     from fedepic.vectors import flatten_state
 
     import networkx as nx
@@ -258,7 +258,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
     data = load_dataset(cfg.data, cfg.seed)
     parts = client_partition(cfg, data)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
-    member = LocalMember(cfg, "gossip", "gossip", routing_for("gossip", nx.empty_graph(2), []), data, parts, roles)
+    member = StackedDsgdMember(cfg, "gossip", "gossip", routing_for("gossip", nx.empty_graph(2), []), data, parts, roles)
     for round_ in range(1, 6):
         member.play_round(round_)
     net = new_model(cfg, data)
@@ -274,7 +274,7 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
                 g = p.grad + 0.001 * p
                 momentum[k] = 0.7 * momentum[k] + 0.3 * g
                 p -= 0.1 * momentum[k]
-    assert torch.allclose(flatten_state(member.states[1].model), flatten_state(exchanged_state(net)), atol=1e-5)
+    assert torch.allclose(flatten_state(member.node_model(1)), flatten_state(exchanged_state(net)), atol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["gradient", "weights"])

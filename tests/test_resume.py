@@ -236,7 +236,7 @@ def test_folder_sink_keeps_continues_and_restarts_the_members_it_finds(tmp_path:
     from fedepic.lifecycle import Comparison, RunLifecycle
     from fedepic.outputs import RunWriter
     from simulations.decentralized import FolderSink
-    from simulations.dfl_apps import Member
+    from fedepic.peer_rounds import Member
 
     folder = tmp_path / "20261202-000000-d"
     members = [Member(name, name, None) for name in ("gossip", "gp", "median")]

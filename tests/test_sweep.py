@@ -126,7 +126,7 @@ def test_grid_tables_and_figures_equal_the_cells_own_figures(tmp_path: Path, cap
 def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, capsys, monkeypatch) -> None:
     from fedepic.peer_local import LocalMember
 
-    play = LocalMember.play_round
+    play = LocalMember.send  # a round's node work (fedepic.peer_rounds.play_round calls it first)
 
     def interrupted_in_cell_2(self, round_):  # as SIGINT would, in the 2nd round of the third cell
         if self.cfg.name.startswith("002-") and round_ == 2:
@@ -134,7 +134,7 @@ def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, c
         return play(self, round_)
 
     args = [*SMOKE, f"output_dir={tmp_path}", "sweep.parallel=false", "rounds=3", *GRID]
-    monkeypatch.setattr(LocalMember, "play_round", interrupted_in_cell_2)
+    monkeypatch.setattr(LocalMember, "send", interrupted_in_cell_2)
     rc, _, err = run_cli(args, capsys)
     assert rc == 130 and err.strip().endswith("finished parts were kept"), err
     folder = sweep_folder(tmp_path)
@@ -145,7 +145,7 @@ def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, c
     assert (cut / "gossip" / "checkpoint.pt").is_file()
     finished = {c: (folder / "cells" / c / "summary.json").stat().st_mtime_ns for c in ("000-0-none-gossip", "001-0-none-gp")}
 
-    monkeypatch.setattr(LocalMember, "play_round", play)
+    monkeypatch.setattr(LocalMember, "send", play)
     rc, again, err = run_cli([f"resume={folder}"], capsys)  # as the same command would (the grid test)
     assert rc == 0 and again == folder, err
     assert sessions(folder)[-1] == [c["name"] for c in summary["cells"][2:]]  # only the unfinished ones ran
@@ -161,14 +161,14 @@ def test_an_interrupted_sweep_reruns_only_its_unfinished_cells(tmp_path: Path, c
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path: Path, capsys, monkeypatch) -> None:
     from fedepic.peer_local import LocalMember
 
-    play = LocalMember.play_round
+    play = LocalMember.send  # a round's node work (fedepic.peer_rounds.play_round calls it first)
 
     def broken_for_seed_1(self, round_):
         if self.cfg.seed == 1 and self.rule == "gp" and round_ == 2:
             raise RuntimeError("a bug in round 2")
         return play(self, round_)
 
-    monkeypatch.setattr(LocalMember, "play_round", broken_for_seed_1)
+    monkeypatch.setattr(LocalMember, "send", broken_for_seed_1)
     args = [*SMOKE, f"output_dir={tmp_path}", "sweep.parallel=false", *GRID]
     rc, folder, err = run_cli(args, capsys)
     assert rc == 1 and folder is not None and "2 failed cell(s): 005-1-none-gp, 007-1-sign_flip-gp" in err, err
@@ -183,7 +183,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path: Path, capsys
     assert "(n=1)" in (folder / "tables/mean_accuracy.md").read_text()
     assert_aggregates_match(folder, "mean_accuracy")
 
-    monkeypatch.setattr(LocalMember, "play_round", play)
+    monkeypatch.setattr(LocalMember, "send", play)
     rc, _, err = run_cli(args, capsys)
     assert rc == 0, err
     assert sessions(folder)[-1] == [c["name"] for c in failed]
