@@ -17,7 +17,7 @@ Flags:
   ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
   pre-aggregation steps, as ``aggregator``);
   ``per_receiver`` (decentralized: crafted for each receiver from its model and gossip weights,
-  ``simulations.dfl_router.receiver_view``);
+  ``fedepic.peer_routing.receiver_view``);
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
 """
 

@@ -29,11 +29,11 @@ Cost: O(m D) for the m distances and the mean; O(D) extra memory.
 
 The round: the rule reads t from ``state["round"]`` and T from ``rounds`` (the config's ``rounds``).
 Deviations and readings:
-- **Today no peer engine hands a stateless peer rule the round** (``simulations/dfl_node.py``'s
+- **Today no peer engine hands a stateless peer rule the round** (``fedepic/peer_node.py``'s
   ``peer_aggregate`` calls ``aggregate(rule, stack, 0, weights)`` with a fresh state, and the issue asks
   not to edit ``simulations/dfl_*.py`` while they move). Without ``state["round"]`` the rule uses t = 0,
   i.e. the constant threshold gamma ||x_i|| with no decay, and says so in ``info["round"]`` (None). The
-  hook that would give it the round is one argument in ``dfl_node.peer_aggregate``'s call:
+  hook that would give it the round is one argument in ``fedepic.peer_node.peer_aggregate``'s call:
   ``aggregate(rule, stack, 0, weights, {"round": state.round})``.
 - ``weights`` (the mixing weights) are ignored: the paper averages the accepted models equally and
   weighs own by alpha.

@@ -39,12 +39,12 @@ Cost: O(m D) for the distances and the mean, O(m log m) for the sort; O(D) extra
 Deviations (this is "MOZI without its performance stage"):
 - **Stage 2 is missing.** It needs each kept neighbour's loss on the node's own minibatch, i.e. the
   node's model, data and loss function inside the rule. The one rule signature carries vectors only,
-  and the peer engines call stateless rules with a fresh ``state`` (``simulations/dfl_node.py``'s
+  and the peer engines call stateless rules with a fresh ``state`` (``fedepic/peer_node.py``'s
   ``peer_aggregate``), which the issue asks not to edit while those files move; a ``loss`` callable
   placed in ``state`` by the node would be the smallest hook, and it needs that edit. Without stage 2
   a neighbour that is close to own but worse on own data (a subtle poison) is kept.
 - ``- lr * grad``, the code's local step, is not part of the rule: fedepic's D-PSGD trains before it
-  aggregates (``simulations/dfl_node.py``).
+  aggregates (``fedepic/peer_node.py``).
 - ``weights`` are ignored (the code averages N_r equally and weighs own by alpha). Ties of distance go
   to the lower row (a stable sort). Non-finite neighbours are left out first
   (``strategies.aggregate.aggregate``), and m counts the finite ones.

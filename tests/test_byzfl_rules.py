@@ -21,7 +21,7 @@ import torch
 
 from fedepic.config import load_config
 from fedepic.extensions import PEER_RULES, SERVER_RULES, pre_aggregation_steps
-from simulations.dfl_node import peer_rule
+from fedepic.peer_node import peer_rule
 from strategies import arc, bucketing, centered_clipping, geometric_median, monna
 from strategies.aggregate import aggregate
 from strategies.arc import AdaptiveRobustClipping, adaptive_robust_clip, clipped_count

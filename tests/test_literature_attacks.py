@@ -247,7 +247,7 @@ def test_dissensus_at_the_router_per_receiver():
     weight is 1/3; receiver 1's benign neighbour is 2, its Byzantine one 0: it gets
     x_1 - eps * (1/3)(x_2 - x_1) / (1/3) = x_1 - eps (x_2 - x_1)."""
     from fedepic.topology import build_topology
-    from simulations.dfl_router import poisoned_models
+    from fedepic.peer_routing import poisoned_models
 
     graph = build_topology("ring", 5, seed=0)
     gen = torch.Generator().manual_seed(3)

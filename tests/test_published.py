@@ -148,7 +148,7 @@ def test_ema_momentum_at_ten_times_the_lr_takes_the_authors_heavy_ball_steps():
     m' <- 0.9 m' + 0.1 g (m'_0 = 0) stepped at 0.1, since m' = 0.1 m at every step."""
     import torch
 
-    from simulations.dfl_node import NodeState, dsgd_momentum
+    from fedepic.peer_node import NodeState, dsgd_momentum
 
     gradients = torch.tensor([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [2.0, 2.0]])
     state, heavy = NodeState(member="x"), None

@@ -37,7 +37,7 @@ row is finite); after the warm-up, a target not among the round's honest vectors
 non-finite) is replaced for that round by the row of largest <h_i, z> (the authors' simulator always has
 every worker); without ``state`` (the decentralized router passes none) every round is round 0: the
 target is chosen afresh from that round's vectors, with no memory; the router crafts one copy against the
-union of the receivers' honest models (``simulations/dfl_router.py``).
+union of the receivers' honest models (``fedepic/peer_routing.py``).
 """
 
 from __future__ import annotations

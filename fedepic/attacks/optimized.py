@@ -38,7 +38,7 @@ Example (the mean as the rule: F grows with |tau|, so the search keeps expanding
 Cost: ``evals`` runs of the pre-aggregation and the rule on m + f vectors. Deviations: the rule is
 called on equal weights (FedAvg's example weights are not passed; ByzFL's aggregators are unweighted
 too) and with a fresh empty state; ``start``, ``delta`` and the ratio are ByzFL's defaults
-(0, 10, 0.8) and not configurable; at a peer (``simulations/dfl_router.py``) no rule is passed and the
+(0, 10, 0.8) and not configurable; at a peer (``fedepic/peer_routing.py``) no rule is passed and the
 objective uses the plain mean of the receivers' honest models and the crafted copies (ByzFL's default
 aggregator is the mean too, though with its ``Clipping`` default as pre-aggregation, which fedepic
 does not add).
