@@ -328,6 +328,10 @@ class AttackConfig:
     dissensus_eps: float = field(default=1.0, metadata=FINITE)
     # mimic: rounds of warm-up in which the mimicked honest client is chosen (then fixed)
     mimic_warmup: int = field(default=1, metadata=AT_LEAST_ONE)
+    # minsum: the bound on the malicious update's sum of squared distances to the benign ones: the min over
+    # benign i of sum_j ||h_i - h_j||^2 (code: the authors' code, which produced the paper's tables) or the
+    # max (paper: the formula in the paper's text); fedepic/attacks/minsum.py
+    minsum_bound: str = field(default="code", metadata=one_of(("code", "paper")))
 
 
 @dataclass

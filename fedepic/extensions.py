@@ -246,8 +246,9 @@ MODEL_ATTACKS = Registry("model attack", [
           flags=frozenset({"needs_honest"})),
     Entry("bit_flip", "fedepic.attacks.model_attacks:sign_flip", "bit flipping (Karimireddy, He, Jaggi): the "
           "negated update / model, an alias of `sign_flip`"),
-    Entry("minsum", "fedepic.attacks.minsum:minsum", "min-sum (Shejwalkar & Houmansadr, NDSS 2021)",
-          flags=frozenset({"needs_honest"})),
+    Entry("minsum", "fedepic.attacks.minsum:minsum", "min-sum (Shejwalkar & Houmansadr, NDSS 2021), the bound of "
+          "the authors' code or of the paper's text (`attack.minsum_bound`)", {"bound": "attack.minsum_bound"},
+          frozenset({"needs_honest"})),
     Entry("fang_krum", "fedepic.attacks.fang:fang_krum", "Fang et al.'s full-knowledge attack on Krum (USENIX "
           "Security 2020)", flags=frozenset({"needs_honest"})),
     Entry("fang_trimmed_mean", "fedepic.attacks.fang:fang_trimmed_mean", "Fang et al.'s full-knowledge attack on "

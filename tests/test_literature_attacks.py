@@ -35,10 +35,16 @@ def _sum_sq(m: torch.Tensor, honest: torch.Tensor) -> float:
     return float((honest.double() - m.double()).square().sum())
 
 
+def _budget(honest: torch.Tensor, bound: str) -> float:
+    sums = [_sum_sq(h, honest) for h in honest]
+    return min(sums) if bound == "code" else max(sums)
+
+
+@pytest.mark.parametrize("bound", ["code", "paper"])
 @pytest.mark.parametrize("kind", ["std", "unit_vec", "sign"])
-def test_minsum_meets_the_sum_budget_with_equality(kind):
-    budget = max(_sum_sq(h, HONEST) for h in HONEST)
-    mal = minsum(HONEST, OWN, None, perturbation=kind)
+def test_minsum_meets_the_sum_budget_with_equality(kind, bound):
+    budget = _budget(HONEST, bound)
+    mal = minsum(HONEST, OWN, None, perturbation=kind, bound=bound)
     assert _sum_sq(mal, HONEST) == pytest.approx(budget, rel=1e-6)
     mu = HONEST.mean(dim=0)
     step = mal - mu
@@ -46,17 +52,79 @@ def test_minsum_meets_the_sum_budget_with_equality(kind):
 
 
 def test_minsum_hand_made_value():
-    # honest rows (0, 0), (2, 0), (1, 3): mu = (1, 1); |e_i| = sqrt2, sqrt2, 2 -> max 2;
-    # std = (1, sqrt3), p = -(1, sqrt3), |p| = 2 -> gamma = 1, m = (0, 1 - sqrt3)
+    # honest rows (0, 0), (2, 0), (1, 3): mu = (1, 1); |e_i| = sqrt2, sqrt2, 2 -> min sqrt2, max 2;
+    # std = (1, sqrt3), p = -(1, sqrt3), |p| = 2 -> gamma = sqrt2 / 2 (code) or 1 (paper)
     honest = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
-    out = minsum(honest, torch.zeros(2))
+    out = minsum(honest, torch.zeros(2), bound="paper")
     assert torch.allclose(out, torch.tensor([0.0, 1.0 - math.sqrt(3.0)]), atol=1e-6)
-    assert torch.equal(minsum(torch.ones(3, 2), torch.zeros(2)), torch.ones(2))  # no spread: mu
+    g = math.sqrt(2.0) / 2
+    out = minsum(honest, torch.zeros(2), bound="code")
+    assert torch.allclose(out, torch.tensor([1.0 - g, 1.0 - g * math.sqrt(3.0)]), atol=1e-6)
+    for bound in ("code", "paper"):
+        assert torch.equal(minsum(torch.ones(3, 2), torch.zeros(2), bound=bound), torch.ones(2))  # no spread: mu
+    with pytest.raises(ValueError, match="bound must be 'code' or 'paper', got 'mean'"):
+        minsum(honest, torch.zeros(2), bound="mean")
+
+
+def _authors_search(honest: torch.Tensor, kind: str, bound: str, start: float = 10.0) -> float:
+    """The binary search of the authors' ``our_attack_score`` (NDSS21-Model-Poisoning notebooks), in float64:
+    lamda from ``start``, steps halving, accepted while sum_j ||mu - lamda * deviation - h_j||^2 <= the bound
+    (min over i of the benign sums in their code; max in the paper's text), to 1e-5."""
+    from fedepic.attacks.model_attacks import perturbation_direction
+
+    mu, deviation = honest.mean(dim=0), -perturbation_direction(honest, kind)
+    limit = _budget(honest, bound)
+    lamda, lamda_fail, lamda_succ = start, start, 0.0
+    while abs(lamda_succ - lamda) > 1e-5:
+        if _sum_sq(mu - lamda * deviation, honest) <= limit:
+            lamda_succ, lamda = lamda, lamda + lamda_fail / 2
+        else:
+            lamda = lamda - lamda_fail / 2
+        lamda_fail /= 2
+    return lamda_succ
+
+
+def _gamma(honest: torch.Tensor, kind: str, bound: str) -> float:
+    from fedepic.attacks.model_attacks import perturbation_direction
+
+    p = perturbation_direction(honest, kind)
+    out = minsum(honest, torch.zeros(honest.shape[1], dtype=honest.dtype), perturbation=kind, bound=bound)
+    return float((out - honest.mean(dim=0)).norm() / p.norm())
+
+
+def test_minsum_gamma_of_the_code_and_of_the_paper_on_8x50_rows():
+    honest = torch.randn(8, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    code, paper = _gamma(honest, "std", "code"), _gamma(honest, "std", "paper")
+    assert code == pytest.approx(0.78975, abs=1e-4) and paper == pytest.approx(1.00739, abs=1e-4)
+    assert _authors_search(honest, "std", "code") == pytest.approx(code, abs=2e-5)
+    assert _authors_search(honest, "std", "paper") == pytest.approx(paper, abs=2e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_minsum_closed_form_is_the_authors_binary_search(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows, dim = int(torch.randint(3, 12, (1,), generator=gen)), int(torch.randint(2, 40, (1,), generator=gen))
+    honest = torch.randn(rows, dim, generator=gen, dtype=torch.float64) + torch.rand(dim, generator=gen,
+                                                                                        dtype=torch.float64)
+    for kind in ("std", "unit_vec", "sign"):
+        for bound in ("code", "paper"):
+            closed = _gamma(honest, kind, bound)
+            assert closed < 19.0  # inside the search's reach (twice its start of 10)
+            assert _authors_search(honest, kind, bound) == pytest.approx(closed, abs=2e-5), (kind, bound)
 
 
 def test_minsum_is_registered_and_omniscient():
+    from fedepic.attacks.model_attacks import model_attack_arguments
+    from fedepic.config import load_config
+
     assert MODEL_ATTACKS.has("minsum", "needs_honest")
-    assert torch.equal(apply_model_attack("minsum", HONEST, OWN), minsum(HONEST, OWN))
+    for bound in ("code", "paper"):
+        cfg = load_config(None, ["attack.model=minsum", f"attack.minsum_bound={bound}"])
+        params = model_attack_arguments(cfg, n=5, f=2)
+        assert params == {"bound": bound}
+        assert torch.equal(apply_model_attack("minsum", HONEST, OWN, None, **params),
+                           minsum(HONEST, OWN, bound=bound))
+    assert load_config(None, ["attack.model=minsum"]).attack.minsum_bound == "code"
 
 
 # ------------------------------------------------------------------------------------- Fang et al.
