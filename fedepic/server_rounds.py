@@ -280,7 +280,7 @@ def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
                         seed: int, mask: Optional[torch.Tensor] = None, rule: Optional[str] = None,
                         memory: Optional[dict] = None, clients: Optional[list[int]] = None,
-                        ) -> Optional[AttackOutcome]:
+                        rule_state: Optional[dict] = None) -> Optional[AttackOutcome]:
     """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
     from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
     inputs it left out; None when it does not apply this round. Only the entries ``mask`` selects (the
@@ -288,7 +288,8 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
 
     ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set). An
     attack flagged ``needs_rule`` (the optimized ALIE / IPM) gets the member's defense, ``rule`` with the
-    pre-aggregation steps, as its ``aggregator``; a stateful one (mimic) keeps its memory in ``memory``
+    pre-aggregation steps, as its ``aggregator``, with a copy of the rule's state the server holds now
+    (``rule_state``: the previous round's centre of centered clipping, MoNNA's reference); a stateful one (mimic) keeps its memory in ``memory``
     (the member's ``Progress.attack``) and gets the benign replies' client ids (``clients``: every reply's).
     """
     n_bad = sum(malicious)
@@ -299,7 +300,7 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     benign = stack[[i for i, bad in enumerate(malicious) if not bad]][..., entries] - origin
     first_bad = stack[malicious.index(True)]
     own = first_bad[..., entries] - origin
-    defense = defense_aggregator(cfg, rule) if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
+    defense = defense_aggregator(cfg, rule, rule_state) if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
     ids = None if clients is None else [c for c, bad in zip(clients, malicious) if not bad]
     params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad, aggregator=defense, state=memory, ids=ids)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
@@ -308,6 +309,13 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     update = first_bad.clone()
     update[..., entries] = origin + outcome.update
     return AttackOutcome(update, outcome.nonfinite)
+
+
+def rule_memory(backend: ServerBackend) -> dict:
+    """The tensor rule's state the backend holds across rounds (``RuleAggregation.rule_state``: the
+    ``"rule"`` entry of its state_dict, on both backends; empty for a Flower strategy, whose tensor twin
+    is stateless), for an attack that searches against the defense (``defense_aggregator`` copies it)."""
+    return backend.state_dict().get("rule", {})
 
 
 def pre_aggregate_updates(updates: torch.Tensor, steps: Sequence) -> torch.Tensor:
@@ -401,7 +409,8 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     parameters = evaluator.parameters
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
                                    parameters, rule=name, memory=progress.attack,
-                                   clients=[r.client for r in replies]) if replies else None
+                                   clients=[r.client for r in replies],
+                                   rule_state=rule_memory(backend)) if replies else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)

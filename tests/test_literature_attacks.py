@@ -278,6 +278,77 @@ def test_the_server_passes_its_defense_to_the_optimized_attacks():
     assert torch.allclose(plain.update, optimal_alie(x, x[0], None, f=2, evals=20), rtol=1e-5)
 
 
+def test_the_search_sees_the_rule_state_the_server_holds():
+    """Centered clipping from the previous centre c = (10, 0): rows (10, +-1) sit within tau = 1 of it, so
+    the aggregate is c; from an empty state (centre 0) both rows are clipped to norm 1 instead. Each
+    evaluation starts from a copy: the state and the repeated result do not move."""
+    from fedepic.config import load_config
+    from fedepic.server_rounds import inject_model_attack
+
+    cfg = load_config(None, ["mode=federated", "attack.model=optimal_alie", "clients.count=4",
+                             "clients.malicious_fraction=0.25", "defense.centered_clipping.tau=1",
+                             "strategies=[centered_clipping]"])
+    state = {"centre": torch.tensor([10.0, 0.0])}
+    stack = torch.tensor([[10.0, 1.0], [10.0, -1.0]])
+    defended = defense_aggregator(cfg, "centered_clipping", state)
+    assert torch.equal(defended(stack), torch.tensor([10.0, 0.0]))
+    assert torch.equal(defended(stack), torch.tensor([10.0, 0.0]))
+    assert torch.equal(state["centre"], torch.tensor([10.0, 0.0])) and list(state) == ["centre"]
+    fresh = defense_aggregator(cfg, "centered_clipping")(stack)
+    assert torch.allclose(fresh, torch.tensor([10.0 / math.sqrt(101.0), 0.0]))
+    # the server's injection passes its state on: the update is the search against that centre
+    honest = torch.tensor([[10.0, 1.0], [10.0, -1.0], [11.0, 0.5]])
+    rows = torch.cat([honest, torch.zeros(1, 2)])
+    out = inject_model_attack(cfg, [False] * 3 + [True], rows, torch.zeros(2), seed=0, rule="centered_clipping",
+                              rule_state=state)
+    expected = optimal_alie(honest, honest[0], None, f=1, evals=20, aggregator=defended)
+    assert torch.equal(out.update, expected)
+    empty = inject_model_attack(cfg, [False] * 3 + [True], rows, torch.zeros(2), seed=0, rule="centered_clipping")
+    assert not torch.equal(empty.update, expected)
+
+
+def test_both_backends_hand_their_rule_state_to_the_search(tmp_path, monkeypatch):
+    """engine=local: round 2's search gets the centre round 1 left (round 1's: none); the Flower backend
+    holds a rule without a Flower strategy in the same RuleAggregation, read the same way."""
+    import threading
+    from types import SimpleNamespace
+
+    import fedepic.server_rounds as rounds
+    import simulations.flower_backend as fb
+    from fedepic.config import load_config
+    from fedepic.local_backend import RuleAggregation
+    from fedepic.server_rounds import ClientReply, NodeWork, rule_memory
+    from tests.test_resume import serve_locally
+
+    seen, centres = [], []
+    real_defense, real_call = rounds.defense_aggregator, RuleAggregation.__call__
+
+    def spy_defense(cfg, rule, state=None):
+        seen.append({k: v.clone() for k, v in (state or {}).items()})
+        return real_defense(cfg, rule, state)
+
+    def spy_call(self, work, updates, rnd=None):
+        out = real_call(self, work, updates, rnd)
+        centres.append(self.rule_state["centre"].clone())
+        return out
+
+    monkeypatch.setattr(rounds, "defense_aggregator", spy_defense)
+    monkeypatch.setattr(RuleAggregation, "__call__", spy_call)
+    cfg = load_config(None, ["mode=federated", "engine=local", "name=n", f"output_dir={tmp_path}", "progress=false",
+                             "data.name=synthetic", "data.synthetic_train=200", "data.synthetic_test=50",
+                             "clients.count=4", "clients.malicious_fraction=0.25", "rounds=2", "model.name=mlp",
+                             "attack.model=optimal_alie", "attack.search_evals=3", "strategies=[centered_clipping]"])
+    serve_locally(cfg)
+    assert len(seen) == 2 and seen[0] == {} and torch.equal(seen[1]["centre"], centres[0])
+
+    grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [0, 1]))
+    backend = fb.FlowerServerBackend(cfg, "centered_clipping", grid, {}, threading.Event(), torch.nn.Linear(2, 1))
+    assert backend.tracked is None and rule_memory(backend) == {}
+    work = NodeWork([ClientReply(i, torch.zeros(3), {"num-examples": 1}) for i in range(2)], [], 2)
+    out = backend.aggregate(1, work, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert torch.equal(rule_memory(backend)["centre"], out.vector)
+
+
 def test_search_evals_is_validated():
     from fedepic.config import ConfigError, load_config
 

@@ -37,7 +37,10 @@ Example (the mean as the rule: F grows with |tau|, so the search keeps expanding
 
 Cost: ``evals`` runs of the pre-aggregation and the rule on m + f vectors. Deviations: the rule is
 called on equal weights (FedAvg's example weights are not passed; ByzFL's aggregators are unweighted
-too) and with a fresh empty state; ``start``, ``delta`` and the ratio are ByzFL's defaults
+too); a stateful rule (centered clipping's centre, MoNNA's reference) sees a copy of the member's rule
+state as the server holds it before the round (``state`` of :func:`defense_aggregator`: the previous
+aggregate), every evaluation the same copy, so the search neither sees a zero centre nor moves the
+server's; ``start``, ``delta`` and the ratio are ByzFL's defaults
 (0, 10, 0.8) and not configurable; at a peer (``fedepic/peer_routing.py``) no rule is passed and the
 objective uses the plain mean of the receivers' honest models and the crafted copies (ByzFL's default
 aggregator is the mean too, though with its ``Clipping`` default as pre-aggregation, which fedepic
@@ -46,6 +49,7 @@ does not add).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional
 
 import torch
@@ -113,19 +117,21 @@ def optimal_ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None =
     return -tau * mu
 
 
-def defense_aggregator(cfg: Any, rule: str) -> Aggregator:
+def defense_aggregator(cfg: Any, rule: str, state: Optional[dict] = None) -> Aggregator:
     """The server's defense as the objective's ``agg(pre(.))``: ``defense.pre_aggregation``'s steps
     then the tensor rule ``rule`` of ``SERVER_RULES``, bound from ``cfg`` as the round engine binds
-    them (non-finite rows left out by ``strategies.aggregate.aggregate``)."""
+    them (non-finite rows left out by ``strategies.aggregate.aggregate``). ``state``: the rule's state as
+    the server holds it this round (None: empty); each evaluation gets its own deep copy of it."""
     from fedepic.extensions import SERVER_RULES, expected_clients, pre_aggregation_steps
     from strategies.aggregate import aggregate
 
     built = SERVER_RULES.build(rule, cfg, {"expected": expected_clients(cfg)})
     steps = pre_aggregation_steps(cfg)
+    snapshot = copy.deepcopy(state or {})
 
     def defended(stack: Tensor) -> Tensor:
         for step in steps:
             stack = step(stack)
-        return aggregate(built, stack, None, None, {}).vector
+        return aggregate(built, stack, None, None, copy.deepcopy(snapshot)).vector
 
     return defended
