@@ -454,12 +454,13 @@ class RunWriter:
         """Append one JSON object (one line) to metrics.jsonl; a line is flushed whole or not at all."""
         assert self._metrics is not None, "RunWriter used outside its context"
         line = json.dumps(_jsonable(dict(record)))
+        if self.tensorboard and self._scalars is None:  # counted before the line: its index in the file
+            from fedepic.tensorboard_log import ScalarLog, line_count
+
+            self._metrics.flush()
+            self._scalars = ScalarLog(self.dir, self.resuming, line_count(self.dir / "metrics.jsonl"))
         self._metrics.write(line + "\n")
         if self.tensorboard:  # the very values of the line, as read back from it
-            if self._scalars is None:
-                from fedepic.tensorboard_log import ScalarLog
-
-                self._scalars = ScalarLog(self.dir, self.resuming)
             self._scalars.write(json.loads(line))
 
     def write_json(self, name: str, obj: Any) -> None:

@@ -16,9 +16,14 @@ and texts are left out, and so is a key whose value is ``null`` (a figure the re
 >>> scalars({"round": 3, "accuracy": 0.5, "per_class": [0.25, None], "failures": [], "ok": True})
 (3, {'accuracy': 0.5, 'per_class/0': 0.25, 'per_class/1': nan})
 
+A record with none of those keys (the root folder's ``clients_ready`` or ``member`` lines) takes its
+index in metrics.jsonl as its step: the writer counts on from the lines the file already holds
+(``start``), so a resumed session continues the first session's steps instead of restarting at 0.
+
 A resumed run logs again the records after its checkpoint (fedepic.checkpoint.truncate_metrics cut them
 from metrics.jsonl): the writer opened for it purges the events at or after the first step it logs
-(SummaryWriter's ``purge_step``), so the event files follow the truncated file.
+(SummaryWriter's ``purge_step``), so the event files follow the truncated file: the events of the lines
+kept stay, those of the lines cut go (tests/test_tensorboard.py resumes an interrupted run).
 
 Cost: one event per scalar, appended to a buffered file (flushed with metrics.jsonl and when the folder
 closes); importing tensorboard takes about a second, paid only when the key is on.
@@ -28,6 +33,7 @@ Deviation: none; torch's writer and tensorboard's file format are used as they a
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -67,6 +73,16 @@ def scalars(record: Mapping[str, Any], fallback_step: int = 0) -> tuple[int, dic
     return step, out
 
 
+def line_count(path: Path) -> int:
+    """The complete lines of ``path`` (0 when it does not exist); a link there is refused (ELOOP)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    with os.fdopen(fd, "rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+
+
 class ScalarLog:
     """The event files of one run folder: :meth:`write` each metrics.jsonl record as it is logged.
 
@@ -77,12 +93,15 @@ class ScalarLog:
     resuming : bool
         The folder was reopened by a resume: the first record written purges the events at or after
         its step.
+    start : int
+        The records metrics.jsonl holds before the first one written here (after a resume's truncation):
+        the index, and so the fallback step, of that first record.
     """
 
-    def __init__(self, folder: Path, resuming: bool) -> None:
+    def __init__(self, folder: Path, resuming: bool, start: int = 0) -> None:
         self.folder, self.resuming = folder, resuming
         self._writer: Any = None
-        self._count = 0
+        self._count = start
 
     def write(self, record: Mapping[str, Any]) -> None:
         step, values = scalars(record, self._count)

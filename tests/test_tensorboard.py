@@ -98,3 +98,34 @@ def test_the_key_is_refused_in_one_line_without_the_package(monkeypatch, tmp_pat
     message = str(error.value)
     assert "log.tensorboard" in message and "tensorboard package is not installed" in message
     assert "\n" not in message
+
+
+def test_a_resumed_run_keeps_the_events_of_the_lines_kept_and_purges_the_others(tmp_path: Path) -> None:
+    """Cut while the second member runs (the root's metrics.jsonl holds the first member's line, step 0 by
+    its index), resumed in process: in every folder TensorBoard's view (both sessions' event files, the
+    second purging from the first step it logs) is metrics.jsonl's. The root's records have no round:
+    their steps go on from the lines kept (1, not 0 again, which would also purge the kept line's events)."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (uv run installs it)")
+    from fedepic.checkpoint import resume_config
+    from fedepic.errors import RunInterrupted
+    from tests.test_resume import StopAt, only_folder, serve_locally
+
+    args = [a for a in MODES["federated"] if not a.startswith("rounds=")]
+    cfg = load_config(None, [*args, "rounds=4", "checkpoint_every=1", "name=t",
+                             f"output_dir={tmp_path}", "log.tensorboard=true"])
+    with pytest.raises(RunInterrupted):
+        serve_locally(cfg, StopAt(tmp_path, ".*partial/fedmedian/metrics.jsonl", 3))
+    folder = only_folder(tmp_path)
+    cut_root = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["strategy"] for line in cut_root] == ["fedavg"]
+    resumed_cfg, point = resume_config(str(folder), None, [])
+    assert serve_locally(resumed_cfg, resume=point) == folder
+    root_lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert len(root_lines) == 2 and root_lines[0] == cut_root[0]
+    for member in [folder, folder / "fedavg", folder / "fedmedian"]:
+        expected, events = _expected(member), _events(member)
+        assert events.keys() == expected.keys(), member
+        assert all(_same(events[tag], expected[tag]) for tag in expected), (member, events, expected)
+    assert len(list((folder / "fedmedian").glob("events.out.tfevents.*"))) == 2  # two sessions, one view
+    root = _events(folder)
+    assert sorted({step for points in root.values() for step, _ in points}) == [0, 1]
