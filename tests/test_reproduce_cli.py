@@ -293,3 +293,61 @@ def test_shipped_split_is_byzfls_own(tmp_path, data_root):
         assert set(fresh.files) == set(shipped.files)
         for name in fresh.files:
             assert np.array_equal(np.sort(fresh[name]), shipped[name].astype(np.int64)), name
+
+
+def test_from_with_failed_cells_exits_1_after_writing_the_table(tmp_path, capsys):
+    folder = make_sweep(tmp_path / "sweep", "reproduce-byzfl-benchmark", [
+        {"values": {"seed": 0, "attack.model": "none", "attack.ipm_eps": 0.1}, "status": "completed",
+         "rows": [{"strategy": "fedavg", "final_accuracy": 0.9864}]},
+        {"values": {"seed": 0, "attack.model": "ipm", "attack.ipm_eps": 1.0}, "status": "failed",
+         "error": "RunFailed: boom"}])
+    assert main(["byzfl", "--from", str(folder)]) == 1
+    assert (folder / "reproduction.md").is_file() and (folder / "reproduction.json").is_file()
+    err = capsys.readouterr().err
+    assert "1 sweep cell(s) failed: 001" in err
+
+
+def test_from_refuses_a_planted_link_and_a_live_sweep(tmp_path, capsys):
+    """A link in the folder (at reproduction.md, say, pointing outside) is refused before anything is
+    written, and so is a folder a sweep still holds locked; neither writes through or into it."""
+    import fcntl
+
+    from fedepic.outputs import LOCK
+
+    cells = [{"values": {"seed": 0, "attack.model": "none", "attack.ipm_eps": 0.1}, "status": "completed",
+              "rows": [{"strategy": "fedavg", "final_accuracy": 0.9864}]}]
+    folder = make_sweep(tmp_path / "sweep", "reproduce-byzfl-benchmark", cells)
+    outside = tmp_path / "outside.md"
+    outside.write_text("theirs")
+    (folder / "reproduction.md").symlink_to(outside)
+    assert main(["byzfl", "--from", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "--from" in err and len(err.strip().splitlines()) == 1
+    assert outside.read_text() == "theirs" and not (folder / "reproduction.json").exists()
+    (folder / "reproduction.md").unlink()
+
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # a live sweep holds its folder's lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["byzfl", "--from", str(folder)]) == 2
+        assert "another process is running this sweep" in capsys.readouterr().err
+        assert not (folder / "reproduction.md").exists() and not (folder / "reproduction.json").exists()
+    finally:
+        os.close(fd)
+    (folder / LOCK).unlink()
+    assert main(["byzfl", "--from", str(folder)]) == 0
+    assert (folder / "reproduction.md").is_file() and not (folder / LOCK).exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_without_a_source_checkout_the_command_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """An installed wheel has fedepic/ but no configs/: every way to a replay's config says it needs a
+    checkout (exit 2, one line), and --list still works."""
+    monkeypatch.setattr(replays, "REPO", tmp_path)
+    assert main(["dumbbell", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a source checkout" in err and "configs/reproduce/" in err
+    folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [])
+    assert main(["dumbbell", "--from", str(folder)]) == 2
+    assert "needs a source checkout" in capsys.readouterr().err
+    assert main(["--list"]) == 0

@@ -170,8 +170,15 @@ def changed_protocol(replay, summary: dict, seeds: Sequence[int]) -> list[str]:
             "other settings; see its config.yaml)"]
 
 
-def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequence[str]) -> str:
-    """Compare, write reproduction.md and reproduction.json into ``folder``; returns the Markdown."""
+def failed_cells(summary: dict) -> list[str]:
+    """The names of the cells a sweep folder's summary lists as failed (what a run of the sweep reports)."""
+    return [str(c.get("name", c.get("index"))) for c in summary.get("cells", [])
+            if isinstance(c, dict) and c.get("status") == "failed"]
+
+
+def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequence[str], key: str = "--from") -> str:
+    """Compare, write reproduction.md and reproduction.json into ``folder`` (``output.write_into_sweep``;
+    ``key`` names the folder's source in a refusal); returns the Markdown."""
     import json
 
     from fedepic.reproduce import output
@@ -182,8 +189,8 @@ def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequenc
     paper = _paper(replay.experiment)
     text = output.markdown(replay, paper, folder, results, seeds, overrides)
     data = output.payload(replay, paper, folder, results, seeds, overrides)
-    output.write_atomically(folder / "reproduction.json", json.dumps(data, indent=1) + "\n")
-    output.write_atomically(folder / "reproduction.md", text)
+    output.write_into_sweep(folder, {"reproduction.json": json.dumps(data, indent=1) + "\n",
+                                     "reproduction.md": text}, key)
     return text
 
 
@@ -208,6 +215,7 @@ def execute(args: Arguments, interrupts) -> int:
         check_source(replay, folder, summary)
         seeds = tuple(sorted({c.seed for c in sweep if c.seed is not None}))
         changed = changed_protocol(replay, summary, seeds)
+        failed = failed_cells(summary)
     elif args.dry_run:
         from fedepic.sweep.plan import plan_sweep
 
@@ -219,7 +227,7 @@ def execute(args: Arguments, interrupts) -> int:
         folder, failed = run(replay, args, seeds, interrupts)
         summary, sweep = read_sweep(folder)
         changed = list(args.overrides)
-    print(report(replay, folder, sweep, seeds, changed), end="")
+    print(report(replay, folder, sweep, seeds, changed, "--from" if args.source is not None else "output_dir"), end="")
     print(folder / "reproduction.md")
     if failed:
         print(f"fedepic.reproduce: {len(failed)} sweep cell(s) failed: {', '.join(failed[:5])} (see "

@@ -4,15 +4,15 @@
 what differs from the published protocol, any command-line overrides), then one row per published
 cell (published figure, its seeds and std, fedepic's mean and std over its seeds, the difference, the
 tolerance, the verdict), then one line per cell that has no verdict, saying why. ``payload`` gives
-``reproduction.json``, the same content as data. ``write_atomically`` writes a file beside its final
-name and renames it, so a reader never sees half a file.
+``reproduction.json``, the same content as data. ``write_into_sweep`` writes them into the sweep folder
+under its lock, with no link in it, each beside its final name and renamed, so a reader never sees half
+a file.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from fedepic.reproduce.compare import CellResult
 from fedepic.reproduce.replays import Replay
@@ -82,8 +82,18 @@ def payload(replay: Replay, paper: str, folder: Path, results: Sequence[CellResu
             "cells": [r.record() for r in results]}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temporary file beside it and one rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_into_sweep(folder: Path, files: Mapping[str, str], key: str = "--from") -> None:
+    """Each of ``files`` (name -> text) into the sweep folder ``folder`` as a run writes its files: under
+    the folder's lock (``fedepic.outputs.lock_folder``: a sweep still running there is refused in one
+    line naming ``key``), after checking that no symbolic link is in it (``refuse_links``, as ``resume=`` checks), each
+    written to a fresh temporary file beside it and renamed over the name (``atomic_write_text``: a link
+    planted at the name is replaced, never written through)."""
+    from fedepic.outputs import atomic_write_text, lock_folder, refuse_links, unlock_folder
+
+    lock = lock_folder(folder, key, "sweep")
+    try:
+        refuse_links(folder, key)
+        for name, text in files.items():
+            atomic_write_text(folder / name, text)
+    finally:
+        unlock_folder(folder, lock)

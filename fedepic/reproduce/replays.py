@@ -62,7 +62,14 @@ class Replay:
     path_keys: tuple[str, ...] = field(default=())  # keys (and sweep axes) holding paths relative to the repository
 
     def config_path(self) -> Path:
-        return REPO / "configs" / self.config
+        """The replay's config in the repository's ``configs/``; a ConfigError in one line where there is
+        none (an installed wheel ships the package, not ``configs/``: the command needs a source checkout)."""
+        path = REPO / "configs" / self.config
+        if not path.is_file():
+            raise ConfigError(f"invalid value {self.name!r} for the replay NAME: python -m fedepic.reproduce needs a "
+                              f"source checkout (its config configs/{self.config} is not under {REPO}; an installed "
+                              "package ships no configs/): run it from a clone of the repository")
+        return path
 
     def fixed_overrides(self) -> list[str]:
         """Overrides the command adds: the values of ``path_keys`` (in the config and in its sweep axes)
