@@ -271,8 +271,8 @@ class DefenseConfig:
     purification: PurificationConfig = field(default_factory=PurificationConfig)
     # trimmed means (trimmed_mean, fedtrimmedavg): values cut per side
     trim: int = field(default=1, metadata=NON_NEGATIVE)
-    # attackers f that Krum (server and peer), MultiKrum, Bulyan, server EPIC and NNM assume among the
-    # vectors they aggregate; null (the default): the malicious clients a receiver can see, i.e. all of
+    # attackers f that Krum (server and peer), MultiKrum, Bulyan, server EPIC, MoNNA (server and peer),
+    # DnC and the pre-aggregation steps NNM and ARC assume among the vectors they aggregate; null (the default): the malicious clients a receiver can see, i.e. all of
     # them at a server (as ByzFL and the papers set it), and at a peer the most malicious neighbours any
     # benign node has (fedepic.extensions.assumed_byzantine)
     byzantine: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
@@ -296,7 +296,8 @@ class DefenseConfig:
 @dataclass
 class AttackConfig:
     data: str = field(default="none", metadata=one_of(DATA_ATTACKS))  # none | label_flip | backdoor | gradient_matching
-    # none | sign_flip | gaussian | scaling | alie | ipm | minmax
+    # none | sign_flip | bit_flip | gaussian | scaling | alie | ipm | minmax | minsum | fang_krum |
+    # fang_trimmed_mean | optimal_alie | optimal_ipm | mimic | dissensus (fedepic.extensions.MODEL_ATTACKS)
     model: str = field(default="none", metadata=one_of(MODEL_ATTACKS))
     # label flip
     flip: str = field(default="pairs", metadata=one_of(FLIPS))  # pairs (c <-> C-1-c) | all | map

@@ -34,8 +34,11 @@ from fedepic.domains import INT_LIMIT, Domain, domain_of
 REGISTRIES = (
     (extensions.PEER_RULES, "Peer rules (`strategies:` in `mode=decentralized`)"),
     (extensions.SERVER_STRATEGIES, "Server strategies (`strategies:` in `mode=federated`)"),
-    (extensions.SERVER_RULES, "Server rules (the tensor rules `engine=local` aggregates with; each tested equal to "
-                              "the Flower strategy of the same name)"),
+    (extensions.SERVER_RULES, "Server rules (the tensor rules `engine=local` aggregates with, and `engine=ray` too "
+                              "for a rule that has no Flower strategy; each rule that has a Flower strategy of the "
+                              "same name is tested equal to it: " + ", ".join(
+                                  f"`{n}`" for n in extensions.SERVER_RULES.names()
+                                  if n in extensions.SERVER_STRATEGIES.names()) + ")"),
     (extensions.PRE_AGGREGATION, "Pre-aggregation steps (`defense.pre_aggregation`, in the order listed)"),
     (extensions.MODEL_ATTACKS, "Model attacks (`attack.model`)"),
     (extensions.DATA_ATTACKS, "Data attacks (`attack.data`)"),

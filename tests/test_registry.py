@@ -94,3 +94,25 @@ def test_the_config_reference_tables_are_the_registries() -> None:
     assert {id(registry) for registry, _ in LISTED} == {id(registry) for registry in REGISTRIES}
     for registry in REGISTRIES:
         assert registry.table() in page, f"the config reference lacks the {registry.kind} table"
+
+
+def test_the_comments_and_headings_name_what_the_registries_hold() -> None:
+    """attack.model's comment lists every model attack, defense.byzantine's every entry that takes f from
+    it, and the server rules' heading claims Flower equality only for the rules tests/test_server_rules.py
+    checks against a Flower strategy."""
+    from fedepic.config import AttackConfig, DefenseConfig
+    from fedepic.config_reference import REGISTRIES as LISTED, _comments
+    from tests.test_server_rules import NAMES
+
+    listed = _comments(AttackConfig)["model"]
+    assert set(listed.replace("|", " ").replace("(", " ").split()) >= set(ext.MODEL_ATTACKS.names())
+    byzantine = _comments(DefenseConfig)["byzantine"]
+    for registry in (ext.PEER_RULES, ext.SERVER_RULES, ext.PRE_AGGREGATION):
+        for entry in registry:
+            if any(v is ext.assumed_byzantine for v in entry.params.values()):
+                shown = {"krum": "Krum", "multikrum": "MultiKrum", "epic": "EPIC", "monna": "MoNNA", "dnc": "DnC",
+                         "nnm": "NNM", "arc": "ARC"}[entry.name]
+                assert shown in byzantine, entry.name
+    heading = dict((r.kind, h) for r, h in LISTED)["server rule"]
+    claimed = {n for n in ext.SERVER_RULES.names() if f"`{n}`" in heading.split("tested equal to it:")[1]}
+    assert claimed == set(NAMES)
