@@ -30,12 +30,14 @@ class CenteredClippingRule:
     ``v <- v + (1/n) sum_i clip_tau(x_i - v)`` from the previous round's aggregate.
 
     The centre lives in ``state["centre"]`` (a float tensor [D], saved with the rule's state in a
-    checkpoint). First round: the centre is the zero vector, as ByzFL's ``CenteredClipping`` starts
-    it (``m=None``: "Default (None) makes it start from zero"); the authors' own code
-    (``epfml/byzantine-robust-decentralized-optimizer``, ``codes/aggregator.py``, ``Clipping``) starts
-    it at the first input instead (``self.momentum = inputs[0]``). We follow ByzFL: the first row
-    is an arbitrary client, possibly a Byzantine one, while zero is the "no update" point of the
-    updates this rule sees (inferred: the paper's v is the server momentum, which starts at zero).
+    checkpoint). First round: the centre is the zero vector, as the authors' server-side code starts it
+    (Karimireddy, He, Jaggi's bucketing repository ``epfml/byzantine-robust-noniid-optimizer``, commit
+    0e27349, ``codes/aggregator/clipping.py``, ``Clipping.__call__``: "``if self.momentum is None:
+    self.momentum = torch.zeros_like(inputs[0])``", the returned aggregate kept as the next centre) and
+    as ByzFL's ``CenteredClipping`` does (``m=None``: "Default (None) makes it start from zero"). The
+    decentralized repository (``epfml/byzantine-robust-decentralized-optimizer``, ``codes/aggregator.py``,
+    ``Clipping``) starts it at the first input instead (``self.momentum = inputs[0]``); we follow the
+    server-side code and ByzFL (the first row is an arbitrary client, possibly a Byzantine one).
 
     Example (tau = 1, one iteration, centre 0: rows of norm 3 and 0.5 move the centre by 1/2 of
     their clipped values)::

@@ -30,7 +30,11 @@ Example (the honest vectors differ along the first axis; the largest projection 
     >>> mimic(honest.flip(0), torch.zeros(2), None, warmup=1, state=state, ids=[9, 8, 7])  # t >= warmup: client 9
     tensor([3., 0.])
 
-Cost: O(m D) per round, two D-vectors of state. Deviations: the sign of z is that of the power step
+Cost: O(m D) per round, two D-vectors of state. Deviations: z0 is drawn in the honest vectors' dtype
+(``torch.randn(..., dtype=honest.dtype)``), so float32 and float64 inputs start from different z0 (torch's
+draws depend on the dtype); the authors' code draws it in torch's default dtype, float32
+(``torch.randn(len(curr_avg), generator=g, device=curr_avg.device)``, ``codes/attacks/mimic.py``), which
+fedepic's float32 updates match; the sign of z is that of the power step
 from the seeded z0 (as in the code: argmax of <h_i, z>, the code's default ``argmax=True``); honest rows
 holding NaN / inf are left out (a finite own is not needed: the attack never sends it unless no honest
 row is finite); after the warm-up, a target not among the round's honest vectors (not sampled, or
