@@ -30,10 +30,10 @@ from strategies.centered_clipping import CenteredClippingRule
 from strategies.geometric_median import GeometricMedianRule
 from strategies.mean import MeanRule
 from strategies.monna import MoNNARule
+from tests.byzfl_python import BYZFL_PYTHON, SKIP_REASON
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = torch.load(DATA / "byzfl_reference.pt", weights_only=True)
-BYZFL_PYTHON = Path(os.environ.get("FEDEPIC_BYZFL_PYTHON", "/tmp/byzfl-venv/bin/python"))
 NAN = float("nan")
 
 
@@ -349,8 +349,8 @@ def test_the_peer_rules_keep_a_consensus(name):
 # --------------------------------------------------------------------------- the recording itself
 
 
-@pytest.mark.skipif(not BYZFL_PYTHON.exists(), reason="no venv with byzfl (FEDEPIC_BYZFL_PYTHON); the comparisons "
-                    "above still ran, on the recorded outputs")
+@pytest.mark.skipif(not BYZFL_PYTHON.exists(), reason=SKIP_REASON + "; the comparisons above still ran, on the "
+                    "recorded outputs")
 def test_the_recorded_outputs_are_still_byzfls(tmp_path):
     out = tmp_path / "again.pt"
     subprocess.run([str(BYZFL_PYTHON), str(DATA / "make_byzfl_reference.py"), str(out)], check=True,
@@ -365,3 +365,19 @@ def test_the_recorded_outputs_are_still_byzfls(tmp_path):
                 assert all(torch.equal(p, q) for p, q in zip(a, b))
             else:
                 assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_the_byzfl_interpreter_comes_from_the_environment():
+    """FEDEPIC_BYZFL_PYTHON names ByzFL's interpreter (default /tmp/byzfl-venv/bin/python), and the skip
+    reason of the live checks says how to set it."""
+    import sys
+
+    code = "from tests.byzfl_python import BYZFL_PYTHON, SKIP_REASON; print(BYZFL_PYTHON); print(SKIP_REASON)"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "FEDEPIC_BYZFL_PYTHON"}
+    default = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert default.stdout.splitlines()[0] == "/tmp/byzfl-venv/bin/python"
+    given = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "FEDEPIC_BYZFL_PYTHON": "/x/bin/python"},
+                           capture_output=True, text=True)
+    path, reason = given.stdout.splitlines()
+    assert path == "/x/bin/python" and "/x/bin/python" in reason and "set FEDEPIC_BYZFL_PYTHON" in reason

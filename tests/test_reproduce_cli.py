@@ -19,6 +19,7 @@ from fedepic.reproduce import compare as compare_module
 from fedepic.reproduce import published, replays
 from fedepic.reproduce.__main__ import main
 from fedepic.reproduce.compare import compare, read_sweep
+from tests.byzfl_python import BYZFL_PYTHON, SKIP_REASON
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -280,14 +281,13 @@ def test_byzfl_replay_runs_byzfl_compare_rows(tmp_path):
     assert stored == [98.51, 97.84, 96.03, 97.39]
 
 
-@pytest.mark.skipif(not (Path("/tmp/byzfl-venv") / "bin" / "python").exists(),
-                    reason="ByzFL's venv (benchmarks/byzfl_compare.py --venv) is not on this machine")
+@pytest.mark.skipif(not BYZFL_PYTHON.exists(), reason=SKIP_REASON)
 def test_shipped_split_is_byzfls_own(tmp_path, data_root):
     """ByzFL's DataDistributor, run again through benchmarks/byzfl_side.py, gives the shipped rows."""
     import numpy as np
 
     out = tmp_path / "split.npz"
-    subprocess.run(["/tmp/byzfl-venv/bin/python", str(REPO / "benchmarks" / "byzfl_side.py"), "split", "--data",
+    subprocess.run([str(BYZFL_PYTHON), str(REPO / "benchmarks" / "byzfl_side.py"), "split", "--data",
                     str(data_root), "--out", str(out), "--byzantine", "2"], check=True, timeout=600)
     with np.load(out) as fresh, np.load(REPO / "configs/reproduce/byzfl_split/clients_12.npz") as shipped:
         assert set(fresh.files) == set(shipped.files)
