@@ -117,11 +117,11 @@ def kernel_floor(work: Workload) -> Optional[dict]:
     decentralized D-PSGD (local epochs), which is all the floor times."""
     from benchmarks.ceiling import evaluation_floor, local_epochs_floor
     from fedepic.config import member_config
-    from fedepic.extensions import PEER_RULES
+    from fedepic.extensions import PEER_RULES, algorithm_has
     from fedepic.peer_node import eval_due
 
     cfg, data, model = work.cfg, work.data, work.model
-    if cfg.mode != "decentralized" or cfg.decentralized.algorithm != "dpsgd":
+    if cfg.mode != "decentralized" or not algorithm_has(cfg, "local_optimizer"):
         return None
     shape = tuple(data.test_x.shape[1:])
     rounds: dict[tuple, dict[str, float]] = {}  # (benign only, epochs, batch) -> seconds by layout

@@ -25,10 +25,10 @@ from fedepic import extensions
 from fedepic.domains import (ANY, AT_LEAST_ONE, FINITE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain,
                              between, check_domains, meta, one_of)
 from fedepic.errors import ConfigError
+from fedepic.registry import config_value
 
 MODES = ("centralized", "federated", "decentralized")
 ENGINES = ("ray", "local")
-DFL_ALGORITHMS = ("dpsgd", "dsgd", "dsgt")
 SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 VECTOR_FORMATS = ("pdf", "svg")  # figures.vector
@@ -50,6 +50,12 @@ MODEL_ATTACKS = extensions.MODEL_ATTACKS.names()
 # registered) or a reference member (SERVER_STRATEGIES flagged "reference": centralized-epic)
 SERVER_STRATEGIES = extensions.SERVER_RULES.names() + extensions.SERVER_STRATEGIES.names("reference")
 PEER_STRATEGIES = extensions.PEER_RULES.names()
+
+
+def algorithm_names() -> tuple[str, ...]:
+    """The names ``decentralized.algorithm`` accepts, read from ``extensions.ALGORITHMS`` when asked (what
+    each needs is its flags there: `_validate_where_keys_act`, `_validate_member`, `ALGORITHM_NEEDS`)."""
+    return extensions.ALGORITHMS.names()
 
 
 def member_names(mode: str) -> tuple[str, ...]:
@@ -368,7 +374,7 @@ class DecentralizedConfig:
     #   protocol), train.weight_decay inside the gradient;
     # dsgt: gradient tracking, one plain minibatch step of train.lr per round (DIGing / Pu & Nedic 2021),
     #   no momentum, train.weight_decay inside the gradient
-    algorithm: str = field(default="dpsgd", metadata=one_of(DFL_ALGORITHMS))
+    algorithm: str = field(default="dpsgd", metadata=one_of(algorithm_names))
     # engine=local under dpsgd: the nodes' local epochs in one vectorized loop where the model allows it
     # (mlp; fedepic/stacked_fit.py), equal to training them one by one up to float rounding; false trains
     # one node after another, as Ray nodes do (with train.threads=1, Ray's numbers to the last bit)
@@ -734,7 +740,7 @@ def _validate_server(cfg: RunConfig) -> None:
     """``server.*``; per_step refuses what it would ignore (local epochs, augmentation, local EPIC, the
     epoch-based centralized reference, BatchNorm statistics)."""
     _check(cfg.mode == "federated" or cfg.server.protocol == "local_epochs", "server.protocol", cfg.server.protocol,
-           "a protocol of mode=federated (decentralized: decentralized.algorithm=dsgd is the per-step one)")
+           f"a protocol of mode=federated (decentralized: {_algorithms_with('client_momentum')} is the per-step one)")
     if cfg.server.lr is not None:
         _check(cfg.server.protocol == "per_step", "server.lr", cfg.server.lr,
                "the step size of server.protocol=per_step; local_epochs rounds take the strategy's aggregate")
@@ -756,11 +762,18 @@ def _default(section: type, key: str) -> Any:
     return next(f.default for f in dataclasses.fields(section) if f.name == key)
 
 
+def _algorithms_with(flag: str) -> str:
+    """``decentralized.algorithm=NAME`` for the algorithms flagged ``flag`` (names joined by ``|``)."""
+    return "decentralized.algorithm=" + "|".join(extensions.ALGORITHMS.names(flag))
+
+
 def _validate_where_keys_act(cfg: RunConfig) -> None:
     """Each optimisation key acts in one place: ``train.momentum`` and ``train.nesterov`` in the local
-    optimiser (local epochs, dpsgd, centralized), ``train.client_momentum`` in the client momentum of the
-    one-step protocols (per_step, dsgd), ``train.weight_decay`` on the clients, ``server.weight_decay`` in
-    the per-step server step. A key set away from its default where it does not act is refused."""
+    optimiser (local epochs, centralized, algorithms flagged ``local_optimizer``: dpsgd),
+    ``train.client_momentum`` in the client momentum of the one-step protocols (per_step, algorithms
+    flagged ``client_momentum``: dsgd), ``train.weight_decay`` on the clients, ``server.weight_decay`` in
+    the per-step server step. A key set away from its default where it does not act is refused; where
+    neither momentum acts (dsgt) the message says there is none."""
     if cfg.mode == "federated":
         setting = f"server.protocol={cfg.server.protocol}"
         local = cfg.server.protocol == "local_epochs"
@@ -768,11 +781,12 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
     elif cfg.mode == "decentralized":
         algorithm = cfg.decentralized.algorithm
         setting = f"decentralized.algorithm={algorithm}"
-        local, client_ema, server_l2 = algorithm == "dpsgd", algorithm == "dsgd", False
+        local = extensions.ALGORITHMS.has(algorithm, "local_optimizer")
+        client_ema, server_l2 = extensions.ALGORITHMS.has(algorithm, "client_momentum"), False
     else:
         setting, local, client_ema, server_l2 = "mode=centralized", True, False, False
     train = cfg.train
-    no_momentum = setting == "decentralized.algorithm=dsgt"
+    no_momentum = not local and not client_ema
     if not local:
         how = "without momentum: leave it unset" if no_momentum else \
             "with the client momentum train.client_momentum: set that instead"
@@ -784,7 +798,7 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
             "the optimiser's momentum is train.momentum"
         _check(train.client_momentum == _default(TrainConfig, "client_momentum"), "train.client_momentum",
                train.client_momentum, "the client momentum of server.protocol=per_step and "
-               f"decentralized.algorithm=dsgd; under {setting} {instead}")
+               f"{_algorithms_with('client_momentum')}; under {setting} {instead}")
     if server_l2:
         _check(train.weight_decay == _default(TrainConfig, "weight_decay"), "train.weight_decay", train.weight_decay,
                f"the clients' L2; under {setting} the clients send plain gradients and the server applies "
@@ -938,12 +952,13 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
         return
     pur = member.defense.purification
     where = "" if member is cfg else f" (in variants.{entry})"
-    dsgt = cfg.decentralized.algorithm == "dsgt"
-    if pur.target == "gradient" and not dsgt and extensions.PEER_RULES.has(rule, "stateful"):
+    algorithm = cfg.decentralized.algorithm
+    tracks = extensions.ALGORITHMS.has(algorithm, "tracks_gradient")
+    if pur.target == "gradient" and not tracks and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value 'gradient' for key 'defense.purification.target'{where}: "
-                          "gradient state exists under decentralized.algorithm=dsgt only")
+                          f"gradient state exists under {_algorithms_with('tracks_gradient')} only")
     if pur.detector == "records" and extensions.PEER_RULES.has(rule, "stateful"):
-        screened = "gradient" if dsgt else "weights"
+        screened = "gradient" if tracks else "weights"
         target = pur.target if pur.target != "auto" else screened
         _check(target == screened and rule != "exclude", f"defense.purification.detector{where}", "records",
                f"scores the records of what it screens: needs a GP rule with defense.purification.target="
@@ -951,24 +966,39 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if member.defense.pre_aggregation and extensions.PEER_RULES.has(rule, "stateful"):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': defense.pre_aggregation runs before "
                           "stateless peer rules; GP and exclude record what they receive as it is")
-    algorithm = cfg.decentralized.algorithm
-    if algorithm != "dpsgd" and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
+    one_step = extensions.ALGORITHMS.has(algorithm, "one_step")
+    if one_step and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
                           f"decentralized.algorithm={algorithm} takes one minibatch step per round")
-    if algorithm != "dpsgd":
-        _one_step_settings(member, where, algorithm)
+    _algorithm_settings(member, where, algorithm)
 
 
-def _one_step_settings(cfg: RunConfig, where: str, algorithm: str) -> None:
-    """dsgd and dsgt take one minibatch gradient step per round, with no augmentation, on models without
-    running statistics: a setting they would ignore is refused (the momentum keys:
-    `_validate_where_keys_act`)."""
-    why = f"decentralized.algorithm={algorithm} takes plain gradient steps"
-    _check(cfg.train.augment == "none", f"train.augment{where}", cfg.train.augment, f"{why}: set it to none")
-    _check(cfg.clients.local_epochs == 1, f"clients.local_epochs{where}", cfg.clients.local_epochs,
-           f"decentralized.algorithm={algorithm} takes one minibatch step per round: leave it at 1")
-    _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
-           f"decentralized.algorithm={algorithm} needs a model without BatchNorm statistics (mlp, cnn)")
+# What a flag of a decentralized algorithm (fedepic.extensions.ALGORITHMS) refuses in a member's config:
+# (key, whether its value is accepted, why). The message reads "decentralized.algorithm=NAME <why>". The
+# momentum keys are `_validate_where_keys_act`'s (flags local_optimizer, client_momentum), local EPIC
+# `_validate_member`'s (one_step: it names the member).
+ALGORITHM_NEEDS: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    "one_step": (
+        ("train.augment", lambda value: value == "none", "takes plain gradient steps: set it to none"),
+        ("clients.local_epochs", lambda value: value == 1, "takes one minibatch step per round: leave it at 1"),
+    ),
+    "no_running_stats": (
+        ("model.name", lambda value: not extensions.MODELS.has(value, "running_stats"),
+         "needs a model without BatchNorm statistics (mlp, cnn)"),
+    ),
+}
+
+
+def _algorithm_settings(cfg: RunConfig, where: str, algorithm: str) -> None:
+    """Refuse what ``algorithm``'s flags say it would ignore (:data:`ALGORITHM_NEEDS`), in flag order of
+    that table; a member's own key is named with ``where`` (run-level keys without it)."""
+    for flag, needs in ALGORITHM_NEEDS.items():
+        if not extensions.ALGORITHMS.has(algorithm, flag):
+            continue
+        for key, accepted, why in needs:
+            value = config_value(cfg, key)
+            suffix = "" if key.split(".")[0] in RUN_LEVEL_KEYS else where
+            _check(accepted(value), f"{key}{suffix}", value, f"decentralized.algorithm={algorithm} {why}")
 
 
 def _validate_data(cfg: RunConfig) -> None:

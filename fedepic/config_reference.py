@@ -45,6 +45,8 @@ REGISTRIES = (
     (extensions.CENTRAL_DEFENSES, "Centralized defenses (`defense.compare`)"),
     (extensions.DATASETS, "Datasets (`data.name`)"),
     (extensions.MODELS, "Models (`model.name`)"),
+    (extensions.ALGORITHMS, "Decentralized algorithms (`decentralized.algorithm`; what each flag means and "
+                            "refuses: `fedepic/extensions.py`, `fedepic.config.ALGORITHM_NEEDS`)"),
 )
 
 

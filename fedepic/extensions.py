@@ -1,5 +1,6 @@
 """Every extension point's registry (``fedepic.registry``): peer rules, server strategies (Flower's) and
-their tensor server rules, model attacks, data attacks, centralized defenses, datasets and models.
+their tensor server rules, model attacks, data attacks, centralized defenses, datasets, models and the
+decentralized algorithms.
 
 To add one, write its module and add one ``Entry`` line below: config validation, the runners, the
 generated config reference (docs/reference/config.md) and the tests pick it up from here. Targets are imported only when built, so this
@@ -18,7 +19,17 @@ Flags:
   pre-aggregation steps, as ``aggregator``);
   ``per_receiver`` (decentralized: crafted for each receiver from its model and gossip weights,
   ``fedepic.peer_routing.receiver_view``);
-- models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry).
+- models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry);
+- decentralized algorithms (``decentralized.algorithm``; their equations and papers: ``fedepic.peer_node``):
+  ``local_optimizer`` (nodes train ``clients.local_epochs`` with the local optimiser: ``train.momentum``
+  and ``train.nesterov`` act), ``one_step`` (one minibatch gradient step per round: ``train.milestones``
+  count rounds, ``clients.local_epochs`` stays 1, no augmentation, no local EPIC, no training loss to
+  report), ``client_momentum`` (the client EMA ``train.client_momentum`` acts; the nodes send their
+  models), ``tracks_gradient`` (nodes exchange (model, tracker) vectors and keep a gradient state: GP can
+  purify the trackers; no momentum acts), ``no_running_stats`` (refuses models flagged ``running_stats``).
+  Config validation is generated from these flags (``fedepic.config``); the target is the in-process
+  engine's member for the algorithm (``send`` / ``receive`` halves, ``fedepic.peer_rounds.PeerBackend``),
+  and the Ray ClientApp (``simulations/dfl_apps.py``) picks the node steps by the same flags.
 """
 
 from __future__ import annotations
@@ -66,11 +77,12 @@ def expected_clients(cfg: Any) -> int:
 
 
 def purification_target(cfg: Any, context: Mapping[str, Any]) -> str:
-    """``defense.purification.target``; ``auto`` is the gradient state under DSGT, the weights under D-PSGD."""
+    """``defense.purification.target``; ``auto`` is the gradient state where the algorithm tracks gradients
+    (dsgt), else the weights."""
     target = cfg.defense.purification.target
     if target != "auto":
         return target
-    return "gradient" if cfg.decentralized.algorithm == "dsgt" else "weights"
+    return "gradient" if algorithm_has(cfg, "tracks_gradient") else "weights"
 
 
 def oracle_round(cfg: Any, context: Mapping[str, Any] | None = None) -> int | None:
@@ -311,6 +323,24 @@ DATASETS = Registry("dataset", [
     Entry("synthetic", "fedepic.data:SYNTHETIC", "seeded class prototypes plus noise, 1x28x28, 10 classes (tests)",
           info={"classes": 10, "side": 28}),
 ])
+
+
+ALGORITHMS = Registry("decentralized algorithm", [
+    Entry("dpsgd", "fedepic.peer_local:LocalMember", "D-PSGD, train then gossip: `clients.local_epochs` of local "
+          "training, then the peer rule over the models (Lian et al., NeurIPS 2017)",
+          flags=frozenset({"local_optimizer"})),
+    Entry("dsgd", "fedepic.peer_stacked:StackedDsgdMember", "one-step D-SGD with client momentum "
+          "`train.client_momentum`, the per-step protocol (He, Karimireddy, Jaggi, 2022)",
+          flags=frozenset({"one_step", "client_momentum", "no_running_stats"})),
+    Entry("dsgt", "fedepic.peer_local:LocalMember", "gradient tracking, one plain step of `train.lr` per round "
+          "(DIGing: Nedic, Olshevsky, Shi, SIAM J. Optim. 2017; Pu, Nedic, Math. Prog. 2021)",
+          flags=frozenset({"one_step", "tracks_gradient", "no_running_stats"})),
+])
+
+
+def algorithm_has(cfg: Any, flag: str) -> bool:
+    """Whether the run's ``decentralized.algorithm`` is flagged ``flag`` in :data:`ALGORITHMS`."""
+    return ALGORITHMS.has(cfg.decentralized.algorithm, flag)
 
 
 MODELS = Registry("model", [

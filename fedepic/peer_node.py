@@ -92,7 +92,7 @@ from fedepic.epic import EpicState
 from fedepic.train import ema_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_work import minibatch_rows
-from fedepic.extensions import PEER_RULES
+from fedepic.extensions import PEER_RULES, algorithm_has
 from strategies.aggregate import Aggregate, aggregate
 from strategies.gossip import check_stack
 from strategies.gradient_purification import PurificationState
@@ -435,17 +435,23 @@ def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
 # ----------------------------------------------------------------------------------- dsgt
 
 
+# The engines ask the algorithm's flags (``fedepic.extensions.ALGORITHMS``), never its name.
 def is_dsgt(cfg: RunConfig) -> bool:
-    return cfg.decentralized.algorithm == "dsgt"
+    """Whether nodes exchange (model, tracker) vectors and keep a gradient state (flag ``tracks_gradient``:
+    dsgt's ``dsgt_*`` steps)."""
+    return algorithm_has(cfg, "tracks_gradient")
 
 
 def is_dsgd(cfg: RunConfig) -> bool:
-    return cfg.decentralized.algorithm == "dsgd"
+    """Whether nodes fold their gradient into the client momentum and step after the aggregation (flag
+    ``client_momentum``: dsgd's ``dsgd_momentum`` and ``dsgd_step``)."""
+    return algorithm_has(cfg, "client_momentum")
 
 
 def one_step(cfg: RunConfig) -> bool:
-    """dsgd and dsgt take one minibatch step per round (no local epochs, no training loss to report)."""
-    return cfg.decentralized.algorithm in ("dsgd", "dsgt")
+    """Whether nodes take one minibatch step per round (flag ``one_step``: no local epochs, no training
+    loss to report; dsgd and dsgt)."""
+    return algorithm_has(cfg, "one_step")
 
 
 def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float) -> None:

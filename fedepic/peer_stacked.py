@@ -199,7 +199,9 @@ class StackedDsgdMember(LocalMember):
 
 
 def member_class(cfg: RunConfig) -> type:
-    """``StackedDsgdMember`` under dsgd (whose models are BatchNorm-free by validation), else ``LocalMember``."""
-    from fedepic.peer_node import is_dsgd
+    """The in-process member of ``decentralized.algorithm``: its ``fedepic.extensions.ALGORITHMS`` entry's
+    target (``StackedDsgdMember`` under dsgd, whose models are BatchNorm-free by validation, else
+    ``LocalMember``)."""
+    from fedepic.extensions import ALGORITHMS
 
-    return StackedDsgdMember if is_dsgd(cfg) else LocalMember
+    return ALGORITHMS.get(cfg.decentralized.algorithm).load()

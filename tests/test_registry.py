@@ -4,7 +4,9 @@ from the schema's, the config accepts exactly the registered names, and the gene
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,7 @@ from fedepic.config import load_config
 from fedepic.registry import Entry, Registry
 
 REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.SERVER_RULES, ext.PRE_AGGREGATION, ext.MODEL_ATTACKS,
-              ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES, ext.DATASETS, ext.MODELS]
+              ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES, ext.DATASETS, ext.MODELS, ext.ALGORITHMS]
 OURS = ("fedepic.", "strategies.", "simulations.")  # Flower's own classes keep Flower's defaults
 
 
@@ -85,6 +87,12 @@ def test_the_config_accepts_exactly_the_registered_names() -> None:
         load_config(None, ["mode=decentralized", "strategies=[nope]"])
     for name in ext.MODEL_ATTACKS.names():
         load_config(None, [f"attack.model={name}"])
+    for name in ext.ALGORITHMS.names():
+        cfg = load_config(None, ["mode=decentralized", "strategies=[gossip]", "model.name=mlp",
+                                 f"decentralized.algorithm={name}"])
+        assert cfg.decentralized.algorithm == name
+    with pytest.raises(ConfigError, match="'decentralized.algorithm': choose one of dpsgd, dsgd, dsgt$"):
+        load_config(None, ["mode=decentralized", "decentralized.algorithm=nope"])
 
 
 def test_the_config_reference_tables_are_the_registries() -> None:
@@ -116,3 +124,105 @@ def test_the_comments_and_headings_name_what_the_registries_hold() -> None:
     heading = dict((r.kind, h) for r, h in LISTED)["server rule"]
     claimed = {n for n in ext.SERVER_RULES.names() if f"`{n}`" in heading.split("tested equal to it:")[1]}
     assert claimed == set(NAMES)
+
+
+def test_the_algorithms_declare_what_they_need():
+    """The flags the validation and the engines read (fedepic/extensions.py's docstring), per algorithm."""
+    flags = {entry.name: set(entry.flags) for entry in ext.ALGORITHMS}
+    assert flags == {"dpsgd": {"local_optimizer"},
+                     "dsgd": {"one_step", "client_momentum", "no_running_stats"},
+                     "dsgt": {"one_step", "tracks_gradient", "no_running_stats"}}
+
+
+def test_the_in_process_engine_dispatches_through_the_algorithm_entry():
+    from fedepic.peer_local import LocalMember
+    from fedepic.peer_node import is_dsgd, is_dsgt, one_step
+    from fedepic.peer_stacked import StackedDsgdMember, member_class
+
+    expected = {"dpsgd": (LocalMember, False, False, False), "dsgd": (StackedDsgdMember, False, True, True),
+                "dsgt": (LocalMember, True, False, True)}
+    for name, (member, tracks, momentum, single) in expected.items():
+        cfg = load_config(None, ["mode=decentralized", "strategies=[gossip]", "model.name=mlp",
+                                 f"decentralized.algorithm={name}"])
+        assert member_class(cfg) is member is ext.ALGORITHMS.get(name).load()
+        assert (is_dsgt(cfg), is_dsgd(cfg), one_step(cfg)) == (tracks, momentum, single), name
+
+
+PRODUCT = ("fedepic", "strategies", "simulations", "benchmarks")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compared_strings(node: ast.Compare) -> list[str]:
+    """The string constants a comparison reads: its operands and the items of literal tuples, lists, sets."""
+    found = []
+    for operand in [node.left, *node.comparators]:
+        items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+        found += [item.value for item in items if isinstance(item, ast.Constant) and isinstance(item.value, str)]
+    return found
+
+
+def test_no_algorithm_name_is_compared_by_string_outside_the_registry():
+    """The engines and the validation ask an algorithm's flags (``ALGORITHMS.has``), never its name:
+    ``algorithm == "dsgt"`` or ``algorithm in ("dsgd", "dsgt")`` anywhere in the product fails here."""
+    names = set(ext.ALGORITHMS.names())
+    found = []
+    for folder in PRODUCT:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "fedepic" / "extensions.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Compare) and names & set(_compared_strings(node)):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"algorithm names compared by string: {found}"
+
+
+def test_the_probe_sees_a_comparison():
+    tree = ast.parse('ok = cfg.decentralized.algorithm in ("dsgd", "dsgt") or name == "x"')
+    compares = [node for node in ast.walk(tree) if isinstance(node, ast.Compare)]
+    assert sorted(s for node in compares for s in _compared_strings(node)) == ["dsgd", "dsgt", "x"]
+
+
+def _with_algorithm(monkeypatch, name: str, flags: set) -> None:
+    """``ALGORITHMS`` plus one entry ``name`` with ``flags`` (the one registry line a new algorithm adds)."""
+    entries = [*ext.ALGORITHMS, Entry(name, "fedepic.peer_local:LocalMember", "a test algorithm",
+                                      flags=frozenset(flags))]
+    monkeypatch.setattr(ext, "ALGORITHMS", Registry("decentralized algorithm", entries))
+
+
+def test_a_new_algorithm_line_generates_its_validation(monkeypatch):
+    """A one-step algorithm with no momentum (neither ``local_optimizer`` nor ``client_momentum``):
+    accepted by name, and every key its flags say it ignores is refused in one line naming it."""
+    from fedepic.errors import ConfigError
+
+    _with_algorithm(monkeypatch, "plain", {"one_step", "no_running_stats"})
+    run = ["mode=decentralized", "data.name=synthetic", "clients.count=4", "decentralized.algorithm=plain"]
+    cfg = load_config(None, [*run, "model.name=mlp", "strategies=[gossip]"])
+    assert cfg.decentralized.algorithm == "plain"
+    refused = [("train.augment=crop", "train.augment", "decentralized.algorithm=plain takes plain gradient steps"),
+               ("clients.local_epochs=2", "clients.local_epochs", "takes one minibatch step per round"),
+               ("train.momentum=0.5", "train.momentum", "without momentum: leave it unset"),
+               ("train.client_momentum=0.5", "train.client_momentum", "there is no momentum"),
+               ("strategies=[gp_epic]", "strategies[0]", "local EPIC selects over epochs")]
+    for override, key, why in refused:
+        with pytest.raises(ConfigError) as err:
+            rule = [] if override.startswith("strategies") else ["strategies=[gossip]"]
+            load_config(None, [*run, "model.name=mlp", *rule, override])
+        message = str(err.value)
+        assert "\n" not in message and f"key '{key}'" in message and why in message, message
+    with pytest.raises(ConfigError, match="'model.name': decentralized.algorithm=plain needs a model without"):
+        load_config(None, [*run[:1], *run[2:], "strategies=[gossip]", "model.name=resnet18", "data.name=cifar10"])
+    with pytest.raises(ConfigError, match="'defense.purification.target': .*under decentralized.algorithm=dsgt only"):
+        load_config(None, [*run, "model.name=mlp", "strategies=[gp]", "defense.purification.target=gradient"])
+
+
+def test_a_new_local_epochs_algorithm_takes_the_local_optimiser(monkeypatch):
+    from fedepic.errors import ConfigError
+
+    _with_algorithm(monkeypatch, "local", {"local_optimizer", "tracks_gradient"})
+    run = ["mode=decentralized", "data.name=synthetic", "clients.count=4", "decentralized.algorithm=local"]
+    cfg = load_config(None, [*run, "model.name=resnet18", "train.augment=crop", "clients.local_epochs=2",
+                             "train.momentum=0.5", "strategies=[gp_epic]", "defense.purification.target=gradient"])
+    assert (cfg.train.momentum, cfg.clients.local_epochs, ext.purification_target(cfg, {})) == (0.5, 2, "gradient")
+    with pytest.raises(ConfigError, match="'train.client_momentum': .*decentralized.algorithm=dsgd; under "
+                                          "decentralized.algorithm=local the optimiser's momentum is train.momentum"):
+        load_config(None, [*run, "strategies=[gossip]", "train.client_momentum=0.5"])
