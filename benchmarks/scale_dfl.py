@@ -53,7 +53,8 @@ parts = client_partition(cfg, data)
 roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
 rule, _ = member_config(cfg, cfg.strategies[0])
 member = SimpleNamespace(name=cfg.strategies[0], strategy=cfg.strategies[0],
-                         routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
+                         routing=routing_for(rule, communication_graph(cfg), malicious_ids(cfg),
+                                             cfg.topology.mixing))
 peer_local.run_local_member(cfg, member, Sink(), data, parts, roles)
 print(json.dumps(records))
 """

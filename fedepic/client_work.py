@@ -1,7 +1,8 @@
 """What a client computes in one round of the server-based mode, free of Flower and Ray: local epochs
 from the global model (optionally with local EPIC; the local optimiser's ``train.momentum``,
 ``train.nesterov`` and ``train.weight_decay``), or one minibatch gradient and its momentum under the
-per-step protocol (beta = ``train.client_momentum``; no L2 on the client: the server step applies
+per-step protocol (beta = ``train.client_momentum``, in the form ``train.client_momentum_form``; a
+malicious client with ``attack.momentum=false`` sends its raw gradient instead; no L2 on the client: the server step applies
 ``server.weight_decay``), then the client's own model attack. Both backends call these functions: the
 in-process one directly (``fedepic.local_backend``), the Flower ClientApp per message
 (``simulations/client_app.py``).
@@ -29,7 +30,7 @@ from fedepic.data import ImageData
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.stacked import gradients_in_state_layout
-from fedepic.train import ema_momentum_, fit, float_images, prepare_model, resolve_device
+from fedepic.train import client_momentum_, fit, float_images, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
 
 UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 marks "not measured"
@@ -129,12 +130,16 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])
         # one shared point, the global model, for every client
         grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
-    beta = cfg.train.client_momentum
+    beta, form = cfg.train.client_momentum, cfg.train.client_momentum_form
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
     mask = parameters
     results = []
     for client, gradient, previous, seed in zip(clients, grads, momenta, seeds):
-        momentum = ema_momentum_(torch.zeros_like(gradient) if previous is None else previous.clone(), gradient, beta)
+        if client.is_malicious and not cfg.attack.momentum:  # attack.momentum=false: the raw gradient, no memory
+            momentum = gradient.clone()
+        else:
+            momentum = client_momentum_(torch.zeros_like(gradient) if previous is None else previous.clone(),
+                                        gradient, beta, form)
         sent, attack_nonfinite = momentum, 0
         if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
             outcome = run_model_attack(cfg.attack.model, momentum[mask][None], momentum[mask],

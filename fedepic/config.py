@@ -12,6 +12,7 @@ import errno
 import functools
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ from fedepic.registry import config_value
 
 MODES = ("centralized", "federated", "decentralized")
 ENGINES = ("ray", "local")
+DSGD_ORDERS = ("combine_then_adapt", "adapt_then_combine")
+MIXINGS = ("metropolis", "uniform_max_degree", "uniform_degree")
+CLIENT_MOMENTUM_FORMS = ("ema", "heavy_ball")
+GROUP_NAME = r"[A-Za-z0-9_]+"
 SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 VECTOR_FORMATS = ("pdf", "svg")  # figures.vector
@@ -137,6 +142,9 @@ class TrainConfig:
     # the client EMA beta of the one-step protocols (server.protocol=per_step, decentralized.algorithm=dsgd):
     # m_i <- beta m_i + (1 - beta) g_i; refused elsewhere when set (dsgt has no momentum)
     client_momentum: float = field(default=0.9, metadata=between(0, 1, open_high=True))
+    # the form of that momentum, where it acts: ema (m <- beta m + (1 - beta) g) | heavy_ball (m <- beta m + g,
+    # undamped, as the EPFL codes; the same steps as ema at lr / (1 - beta)): fedepic/train.py::client_momentum_
+    client_momentum_form: str = field(default="ema", metadata=one_of(CLIENT_MOMENTUM_FORMS))
     # client-side L2: in the local optimiser (local epochs, dpsgd, centralized), inside g_i under dsgd and
     # dsgt; refused under server.protocol=per_step, whose L2 is the server's (server.weight_decay)
     weight_decay: float = field(default=5e-4, metadata=NON_NEGATIVE)
@@ -150,6 +158,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=1024, metadata=between(1, ROWS_LIMIT))
     # evaluate on the test set every N epochs (centralized) or rounds (and always after the last)
     eval_every: int = field(default=1, metadata=AT_LEAST_ONE)
+    # decentralized: at every evaluation also score ONE model, the mean of the benign nodes' models
+    # (average_accuracy), and of the benign nodes of each topology.groups entry (average_accuracy_<name>)
+    eval_average_model: bool = field(default=False, metadata=ANY)
     # torch CPU threads; None leaves torch's default
     threads: Optional[int] = field(default=None, metadata=between(1, 1024))
 
@@ -339,6 +350,10 @@ class AttackConfig:
     # benign i of sum_j ||h_i - h_j||^2 (code: the authors' code, which produced the paper's tables) or the
     # max (paper: the formula in the paper's text); fedepic/attacks/minsum.py
     minsum_bound: str = field(default="code", metadata=one_of(("code", "paper")))
+    # one-step protocols (server.protocol=per_step, decentralized.algorithm=dsgd): whether malicious clients
+    # keep a client momentum (true) or use their raw minibatch gradient g in its place (false, the EPFL codes'
+    # Byzantine workers: bit flip sends -g, label flip the g of flipped labels)
+    momentum: bool = field(default=True, metadata=ANY)
 
 
 @dataclass
@@ -363,6 +378,12 @@ class TopologyConfig:
     # erdos_renyi edge probability; small_world rewiring probability
     p: float = field(default=0.3, metadata=UNIT_OPEN_LOW)
     edges: List[List[int]] = field(default_factory=list, metadata=NON_NEGATIVE)  # name=edges: [[u, v], ...]
+    # the gossip weights w_ij (fedepic/topology.py::mixing_weights): metropolis (1 / (1 + max(d_i, d_j)),
+    # symmetric) | uniform_max_degree (1 / (1 + max degree) on every edge, symmetric; ClippedGossip's dumbbell)
+    # | uniform_degree (1 / (1 + d_i) at node i: row-stochastic, NOT symmetric); the rest on the diagonal
+    mixing: str = field(default="metropolis", metadata=one_of(MIXINGS))
+    # named groups of nodes whose benign models train.eval_average_model also averages: {name: [ids]}
+    groups: Dict[str, List[int]] = field(default_factory=dict, metadata=ANY)
 
 
 @dataclass
@@ -379,6 +400,9 @@ class DecentralizedConfig:
     # (mlp; fedepic/stacked_fit.py), equal to training them one by one up to float rounding; false trains
     # one node after another, as Ray nodes do (with train.threads=1, Ray's numbers to the last bit)
     vectorize: bool = field(default=True, metadata=ANY)
+    # dsgd's round order: combine_then_adapt (x_i <- R_i({x_j}) - lr m_i) | adapt_then_combine
+    # (x_i <- R_i({x_j - lr m_j}): the nodes send, and the attacks act on, their half-step models)
+    order: str = field(default="combine_then_adapt", metadata=one_of(DSGD_ORDERS))
 
 
 @dataclass
@@ -799,6 +823,13 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
         _check(train.client_momentum == _default(TrainConfig, "client_momentum"), "train.client_momentum",
                train.client_momentum, "the client momentum of server.protocol=per_step and "
                f"{_algorithms_with('client_momentum')}; under {setting} {instead}")
+    if not client_ema:
+        _check(train.client_momentum_form == _default(TrainConfig, "client_momentum_form"),
+               "train.client_momentum_form", train.client_momentum_form, "the form of train.client_momentum, "
+               f"which acts under server.protocol=per_step and {_algorithms_with('client_momentum')} only, not under {setting}")
+        _check(cfg.attack.momentum == _default(AttackConfig, "momentum"), "attack.momentum", cfg.attack.momentum,
+               "whether malicious clients keep the client momentum of server.protocol=per_step and "
+               f"{_algorithms_with('client_momentum')}; under {setting} there is none")
     if server_l2:
         _check(train.weight_decay == _default(TrainConfig, "weight_decay"), "train.weight_decay", train.weight_decay,
                f"the clients' L2; under {setting} the clients send plain gradients and the server applies "
@@ -1086,6 +1117,23 @@ def _validate_clients(cfg: RunConfig) -> None:
 
 def _validate_topology(cfg: RunConfig) -> None:
     topo = cfg.topology
+    peer = cfg.mode == "decentralized"
+    _check(peer or topo.mixing == _default(TopologyConfig, "mixing"), "topology.mixing", topo.mixing,
+           "the gossip weights of mode=decentralized")
+    _check(cfg.decentralized.order == _default(DecentralizedConfig, "order")
+           or (peer and cfg.decentralized.algorithm == "dsgd"), "decentralized.order", cfg.decentralized.order,
+           "the round order of decentralized.algorithm=dsgd (mode=decentralized)")
+    _check(peer or not cfg.train.eval_average_model, "train.eval_average_model", cfg.train.eval_average_model,
+           "the average model of the benign nodes exists in mode=decentralized only")
+    _check(cfg.train.eval_average_model or not topo.groups, "topology.groups", dict(topo.groups),
+           "the groups whose average model train.eval_average_model scores: set that too")
+    for name, nodes in topo.groups.items():
+        _check(re.fullmatch(GROUP_NAME, str(name)) is not None, "topology.groups", name,
+               "a group name is letters, digits and _ (it names the column average_accuracy_<name>)")
+        _check(len(nodes) > 0, f"topology.groups.{name}", list(nodes), "list at least one node")
+        for node in nodes:
+            _check(isinstance(node, int) and 0 <= node < cfg.clients.count, f"topology.groups.{name}", node,
+                   f"node ids lie in [0, clients.count={cfg.clients.count})")
     for edge in topo.edges:
         _check(len(edge) == 2 and all(0 <= v < cfg.clients.count for v in edge), "topology.edges", edge,
                f"each edge is [u, v] with node ids in [0, {cfg.clients.count})")

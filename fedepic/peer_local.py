@@ -291,7 +291,8 @@ def run_sequential(cfg: RunConfig, strategy: str, data: Optional[ImageData] = No
     parts = client_partition(cfg, data)
     roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
     rule, _ = member_config(cfg, strategy)
-    member = Member(strategy, strategy, routing_for(rule, communication_graph(cfg), malicious_ids(cfg)))
+    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg), cfg.topology.mixing)
+    member = Member(strategy, strategy, routing)
     sink = _Collect()
     run_local_member(cfg, member, sink, data, parts, roles, node_by_node=node_by_node)
     return sink.records

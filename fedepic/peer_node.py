@@ -22,6 +22,17 @@ Byzantine-robust literature, e.g. He, Karimireddy, Jaggi's ClippedGossip 2022 an
     m_i <- beta m_i + (1 - beta) g_i(x_i),    m_i(0) = 0,   beta = train.client_momentum
     x_i <- R_i({x_j}) - eta m_i                                  (R = W for gossip)
 
+That is the default ``decentralized.order=combine_then_adapt``. ``adapt_then_combine`` steps first and
+combines the half-step models, as ClippedGossip's code does (codes/simulator.py:383-410: "Each worker
+applies gradients to models and get (x_{t+1/2}) ... Each worker aggregates `flattened_model` of the
+neighbors"; fedepic/reproduce/PROTOCOLS.md 1.4):
+
+    x_i <- R_i({x_j - eta m_j})
+
+so the node sends, and the model attacks act on, x_j - eta m_j. ``train.client_momentum_form=heavy_ball``
+takes m_i <- beta m_i + g_i instead of the EMA; a malicious node under ``attack.momentum=false``
+takes m_i <- g_i.
+
 g_i on one minibatch of ``train.batch_size`` rows at the model the node sends, eta = ``train.lr``
 (milestones in rounds), the L2 term ``train.weight_decay`` inside g_i (``train.momentum`` and
 ``train.nesterov``, the local optimiser's, are refused when set). Every peer rule applies as under
@@ -89,7 +100,7 @@ from fedepic.stacked_fit import NodeRows, stacked_fit
 from fedepic.data import ImageData
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
-from fedepic.train import ema_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
+from fedepic.train import client_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_work import minibatch_rows
 from fedepic.extensions import PEER_RULES, algorithm_has
@@ -454,15 +465,30 @@ def one_step(cfg: RunConfig) -> bool:
     return algorithm_has(cfg, "one_step")
 
 
-def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float) -> None:
-    """m_i <- beta m_i + (1 - beta) g_i (m_i starts at 0; ``fedepic.train.ema_momentum_``), into a new
-    tensor: the old one may be a read-only buffer of a Flower record."""
+def dsgd_momentum(state: NodeState, gradient: Tensor, beta: float, form: str = "ema", memory: bool = True) -> None:
+    """m_i <- beta m_i + (1 - beta) g_i (``form`` ema) or beta m_i + g_i (heavy_ball), m_i starting at 0
+    (``fedepic.train.client_momentum_``), into a new tensor: the old one may be a read-only buffer of a
+    Flower record. Without ``memory`` (a malicious node under ``attack.momentum=false``): m_i <- g_i."""
+    if not memory:
+        state.momentum = gradient.clone()
+        return
     previous = torch.zeros_like(gradient) if state.momentum is None else state.momentum.clone()
-    state.momentum = ema_momentum_(previous, gradient, beta)
+    state.momentum = client_momentum_(previous, gradient, beta, form)
+
+
+def keeps_momentum(cfg: RunConfig, malicious: bool) -> bool:
+    """Whether a node keeps its client momentum: benign nodes do; malicious ones unless ``attack.momentum=false``."""
+    return cfg.attack.momentum or not malicious
+
+
+def adapts_first(cfg: RunConfig) -> bool:
+    """``decentralized.order=adapt_then_combine``: a dsgd node steps before it sends (module docstring)."""
+    return cfg.decentralized.order == "adapt_then_combine"
 
 
 def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
-    """After the aggregation (``state.model`` = R_i): x_i <- R_i - eta m_i."""
+    """x_i <- x_i - eta m_i on ``state.model``: after the aggregation (``state.model`` = R_i) under
+    combine_then_adapt, before sending (the half-step model) under adapt_then_combine."""
     point = flatten_state(state.model) - round_lr(cfg, round_) * state.momentum
     state.model = unflatten_like(point, state.model)
 

@@ -199,7 +199,8 @@ def round_messages(setting: PeerSetting, work: Sent, round_: int) -> tuple[dict[
     tally = AttackTally()
     graph = setting.routing.graph.subgraph(work.vectors.keys())
     cfg = setting.cfg
-    sent = outgoing(cfg.attack, work.vectors, graph, setting.malicious, seed=cfg.seed, round_=round_, tally=tally)
+    sent = outgoing(cfg.attack, work.vectors, graph, setting.malicious, seed=cfg.seed, round_=round_, tally=tally,
+                    weights=setting.routing.weights)
     return sent, tally.nonfinite_inputs
 
 

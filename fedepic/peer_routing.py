@@ -36,7 +36,7 @@ from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.metrics import consensus_distance, detection_metrics, nonfinite_model
-from fedepic.topology import build_topology, metropolis_hastings_weights
+from fedepic.topology import build_topology, metropolis_hastings_weights, mixing_weights
 
 
 
@@ -45,7 +45,8 @@ from fedepic.topology import build_topology, metropolis_hastings_weights
 
 @dataclass(frozen=True)
 class Routing:
-    """Neighbours and Metropolis-Hastings weights of every node for one strategy run.
+    """Neighbours and mixing weights (``topology.mixing``; Metropolis-Hastings by default) of every node
+    for one strategy run.
 
     ``weights[i][i]`` is node i's self weight and ``weights[i][j]`` its weight for neighbour j.
     """
@@ -57,19 +58,19 @@ class Routing:
         return sorted(j for j in self.graph.neighbors(node) if j != node)
 
 
-def routing_for(strategy: str, graph: nx.Graph, malicious: Iterable[int]) -> Routing:
-    """The communication graph a strategy runs on.
+def routing_for(strategy: str, graph: nx.Graph, malicious: Iterable[int], mixing: str = "metropolis") -> Routing:
+    """The communication graph a strategy runs on, with the weights ``mixing`` (``topology.mixing``:
+    ``fedepic.topology.mixing_weights``) on it.
 
     ``upper`` removes every edge between a benign and a malicious node, so benign nodes aggregate
-    only benign models, with Metropolis-Hastings weights recomputed on that benign subgraph (the
-    paper's upper bound: DFL restarted without the malicious clients). Every other strategy uses
-    ``graph`` as is.
+    only benign models, with the weights recomputed on that benign subgraph (the paper's upper bound:
+    DFL restarted without the malicious clients). Every other strategy uses ``graph`` as is.
     """
     bad = set(int(m) for m in malicious)
     routed = nx.Graph(graph)
     if PEER_RULES.has(strategy, "benign_graph"):
         routed.remove_edges_from([(u, v) for u, v in graph.edges if (u in bad) != (v in bad)])
-    return Routing(routed, metropolis_hastings_weights(routed))
+    return Routing(routed, mixing_weights(routed, mixing))
 
 
 def benign_components(routing: Routing, malicious: Iterable[int]) -> int:
@@ -125,17 +126,20 @@ def receiver_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[in
     own = trained[receiver]
     honest = torch.stack([trained[j] for j in ids]) if ids else own.new_zeros((0, own.numel()))
     return honest, {"receiver": own, "honest_weights": torch.tensor([mixing[receiver][j] for j in ids]),
-                    "byzantine_weight": sum(w for j, w in mixing[receiver].items() if j in bad)}
+                    "byzantine_weight": sum(w for j, w in mixing[receiver].items() if j in bad and j in trained)}
 
 
 def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
                     malicious: Sequence[int], attacker: int, *, seed: int, round_: int,
-                    tally: Optional[AttackTally] = None) -> dict[int, Tensor]:
+                    tally: Optional[AttackTally] = None,
+                    weights: Optional[Mapping[int, Mapping[int, float]]] = None) -> dict[int, Tensor]:
     """What ``attacker`` sends to each of its neighbours: {receiver: model vector}.
 
     Benign receivers get the poisoned model (one shared tensor, or one per receiver with
     ``attack.per_neighbour``); malicious receivers get the attacker's honest model. ALIE's n and f are
     the graph's nodes and malicious nodes (at least 1). ``tally`` counts the non-finite attack inputs.
+    ``weights``: the receivers' mixing weights (``Routing.weights``), which a per-receiver attack
+    (dissensus) reads; None: Metropolis-Hastings on ``graph``.
     """
     bad = set(int(m) for m in malicious)
     own = trained[attacker]
@@ -149,7 +153,7 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1))
     need = honest_rows_needed(attack.model, params)
     per_receiver = MODEL_ATTACKS.has(attack.model, "per_receiver")  # dissensus: crafted from each receiver's view
-    mixing = metropolis_hastings_weights(graph) if per_receiver else {}
+    mixing = {} if not per_receiver else metropolis_hastings_weights(graph) if weights is None else weights
     groups = [[j] for j in targets] if attack.per_neighbour or per_receiver else [targets]
     for group in groups:
         if per_receiver:
@@ -173,14 +177,16 @@ class AttackTally:
 
 
 def outgoing(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph, malicious: Sequence[int],
-             *, seed: int, round_: int, tally: Optional[AttackTally] = None) -> dict[int, dict[int, Tensor]]:
-    """{sender: {receiver: vector}} for every edge; benign senders send their trained model."""
+             *, seed: int, round_: int, tally: Optional[AttackTally] = None,
+             weights: Optional[Mapping[int, Mapping[int, float]]] = None) -> dict[int, dict[int, Tensor]]:
+    """{sender: {receiver: vector}} for every edge; benign senders send their trained model. ``weights``:
+    the receivers' mixing weights (:func:`poisoned_models`)."""
     bad = set(int(m) for m in malicious)
     sent: dict[int, dict[int, Tensor]] = {}
     for node in graph.nodes:
         if node in bad:
             sent[node] = poisoned_models(attack, trained, graph, sorted(bad), node, seed=seed, round_=round_,
-                                         tally=tally)
+                                         tally=tally, weights=weights)
         else:
             sent[node] = {j: trained[node] for j in graph.neighbors(node) if j != node}
     return sent

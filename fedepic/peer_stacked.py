@@ -19,6 +19,9 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
   takes ``peer_node.aggregate_vectors`` node by node on the same rows, as a Ray node does;
 - evaluation: all benign nodes in one vectorized forward (``peer_eval.evaluate_rows``).
 
+Under ``decentralized.order=adapt_then_combine`` the rows step first, x_i - eta m_i (as
+``peer_node.dsgd_step`` rounds it), are sent and mixed, and the mix is the new model.
+
 Deviation from the paper's equations: none; the gossip mix sums in another order than
 ``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)), and the step x_i <- R_i - eta m_i is one
 fused ``add_`` (one rounding fewer than a node's ``peer_node.dsgd_step``). So the rows equal a
@@ -39,11 +42,12 @@ from torch import Tensor
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.stacked import stacked_gradients
-from fedepic.train import ema_momentum_, float_images
+from fedepic.train import client_momentum_, float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_node import (
-    STATEFUL, AggregationReport, NodeState, aggregate_vectors, exchanged_state, new_model, round_lr,
+    STATEFUL, AggregationReport, NodeState, adapts_first, aggregate_vectors, exchanged_state, keeps_momentum, new_model,
+    round_lr,
 )
 from fedepic.peer_rounds import Messages, Received, Sent
 from fedepic.peer_routing import Routing
@@ -118,7 +122,7 @@ class StackedDsgdMember(LocalMember):
     def send(self, round_: int) -> Sent:
         """Every node's gradient at the model it sends (vmap'd chunks), folded into its momentum row;
         the vectors sent are the rows of X themselves."""
-        beta = self.cfg.train.client_momentum
+        beta, form = self.cfg.train.client_momentum, self.cfg.train.client_momentum_form
         for start in range(0, len(self.active), GRADIENT_CHUNK):
             ids = self.active[start:start + GRADIENT_CHUNK]
             batches = [self._batch(i, round_) for i in ids]
@@ -126,9 +130,15 @@ class StackedDsgdMember(LocalMember):
             xb = float_images(xb)
             grads = stacked_gradients(self.model, self.x[start:start + len(ids)], xb,
                                       torch.stack([b[1] for b in batches]), self.cfg.train.weight_decay)
-            # m <- beta m + (1 - beta) g on the chunk's rows, in place (the gradients are scratch): a
-            # fresh [n, D] tensor per step would cost more in page faults than the arithmetic
-            ema_momentum_(self.m[start:start + len(ids)], grads, beta, scratch=True)
+            # m <- beta m + (1 - beta) g (or beta m + g) on the chunk's rows, in place (the gradients are
+            # scratch): a fresh [n, D] tensor per step would cost more in page faults than the arithmetic
+            raw = [k for k, i in enumerate(ids) if not keeps_momentum(self.cfg, self.clients[i].is_malicious)]
+            kept = grads[raw].clone() if raw else None  # attack.momentum=false: their raw gradients
+            client_momentum_(self.m[start:start + len(ids)], grads, beta, form, scratch=True)
+            if raw:
+                self.m[[start + k for k in raw]] = kept
+        if adapts_first(self.cfg):  # the half-step x_i - eta m_i is sent and combined (peer_node.dsgd_step's rounding)
+            self.x.sub_(torch.mul(self.m, round_lr(self.cfg, round_), out=self.spare))
         for i in self.active:
             self.states[i].round = round_
         return Sent({i: self.x[k] for i, k in self.row.items()})
@@ -137,7 +147,10 @@ class StackedDsgdMember(LocalMember):
         """The mix R of every row (the attackers' messages in place of their rows), then the step
         x_i <- R_i - eta m_i, the evaluation when due and the states when ``collect``."""
         mixed, reports = self._mix(messages)
-        self.spare, self.x = self.x, mixed.add_(self.m, alpha=-round_lr(self.cfg, round_))  # x_i <- R_i - eta m_i
+        if adapts_first(self.cfg):  # x_i <- R_i({x_j - eta m_j}): the step was taken before sending
+            self.spare, self.x = self.x, mixed
+        else:
+            self.spare, self.x = self.x, mixed.add_(self.m, alpha=-round_lr(self.cfg, round_))  # x_i <- R_i - eta m_i
         return self._received(round_, reports, collect)
 
     def _mix(self, sent: Messages) -> tuple[Tensor, dict[int, AggregationReport]]:

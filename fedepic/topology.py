@@ -120,6 +120,64 @@ def metropolis_hastings_weights(graph: nx.Graph) -> dict[int, dict[int, float]]:
     return weights
 
 
+def uniform_max_degree_weights(graph: nx.Graph) -> dict[int, dict[int, float]]:
+    """``w[i][j] = 1 / (1 + d_max)`` on every edge (d_max: the graph's largest degree) and
+    ``w[i][i] = 1 - sum_j w[i][j]``: one constant edge weight, symmetric and doubly stochastic.
+
+    ClippedGossip's dumbbell (He, Karimireddy, Jaggi, "Byzantine-robust decentralized learning via
+    ClippedGossip", arXiv:2202.01545, 2022; codes/graph_utils.py:255-308 of
+    epfml/byzantine-robust-decentralized-optimizer) weighs every edge with "``w = 1 / (q + qb + 1 + r)``"
+    and puts "``np.diag(1 - mixing.sum(axis=1))``" on the diagonal; with qb = r = 0 the largest degree is
+    q (the two bridge nodes), so that weight is this one, 1/11 for q = 10 (fedepic/reproduce/PROTOCOLS.md
+    1.1). The constant-edge-weight family is Xiao & Boyd's ("Fast linear iterations for distributed
+    averaging", Systems & Control Letters 53, 2004); 1 / (1 + d_max) is the member that keeps every self
+    weight positive (inferred). Cost: O(edges).
+
+    >>> w = uniform_max_degree_weights(nx.path_graph(3))
+    >>> w[0]
+    {1: 0.3333333333333333, 0: 0.6666666666666667}
+    """
+    edge = 1.0 / (1 + max((d for _, d in graph.degree()), default=0))
+    weights: dict[int, dict[int, float]] = {}
+    for i in graph.nodes:
+        row = {j: edge for j in graph.neighbors(i) if j != i}
+        row[i] = 1.0 - sum(row.values())
+        weights[i] = row
+    return weights
+
+
+def uniform_degree_weights(graph: nx.Graph) -> dict[int, dict[int, float]]:
+    """``w[i][j] = 1 / (1 + d_i)`` for every neighbour j of i and the same ``1 / (1 + d_i)`` for itself:
+    the plain average of {x_i} U {x_j}. Rows sum to 1 (row-stochastic) but the matrix is NOT symmetric
+    where neighbours' degrees differ (w_ij != w_ji), so gossip with it reaches a weighted average of the
+    models, not their plain mean (the stationary distribution of the random walk, degree-weighted; inferred).
+    The "equal-neighbour" weights of the consensus literature (e.g. Olshevsky & Tsitsiklis, "Convergence
+    speed in distributed consensus and averaging", SIAM J. Control Optim. 48(1), 2009). Cost: O(edges).
+
+    >>> w = uniform_degree_weights(nx.path_graph(3))
+    >>> w[0], w[1][0]
+    ({1: 0.5, 0: 0.5}, 0.3333333333333333)
+    """
+    weights: dict[int, dict[int, float]] = {}
+    for i in graph.nodes:
+        neighbours = [j for j in graph.neighbors(i) if j != i]
+        row = {j: 1.0 / (1 + len(neighbours)) for j in neighbours}
+        row[i] = 1.0 - sum(row.values())
+        weights[i] = row
+    return weights
+
+
+MIXING_WEIGHTS = {"metropolis": metropolis_hastings_weights, "uniform_max_degree": uniform_max_degree_weights,
+                  "uniform_degree": uniform_degree_weights}  # topology.mixing
+
+
+def mixing_weights(graph: nx.Graph, mixing: str = "metropolis") -> dict[int, dict[int, float]]:
+    """The gossip weights ``topology.mixing`` names on ``graph`` ({i: {j: w_ij, i: w_ii}})."""
+    if mixing not in MIXING_WEIGHTS:
+        raise ValueError(f"unknown mixing {mixing!r}; valid: {', '.join(MIXING_WEIGHTS)}")
+    return MIXING_WEIGHTS[mixing](graph)
+
+
 def mixing_matrix(graph: nx.Graph) -> Tensor:
     """Dense float64 Metropolis–Hastings matrix [n, n]; nodes must be ``0..n-1``."""
     n = graph.number_of_nodes()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedepic.augment import random_crop_flip
-from fedepic.config import TrainConfig
+from fedepic.config import CLIENT_MOMENTUM_FORMS, TrainConfig
 
 EpochHook = Callable[[int, nn.Module], Optional[dict]]
 
@@ -244,3 +244,31 @@ def ema_momentum_(momentum: torch.Tensor, gradient: torch.Tensor, beta: float, *
     """
     scaled = gradient.mul_(1.0 - beta) if scratch else gradient * (1.0 - beta)
     return momentum.mul_(beta).add_(scaled)
+
+
+def client_momentum_(momentum: torch.Tensor, gradient: torch.Tensor, beta: float, form: str = "ema", *,
+                     scratch: bool = False) -> torch.Tensor:
+    """The client momentum of the one-step protocols in the form ``train.client_momentum_form`` names,
+    in place; returns ``momentum`` (m starts at 0: the caller passes zeros).
+
+    - ``ema``: ``m <- beta m + (1 - beta) g`` (:func:`ema_momentum_`, Karimireddy, He, Jaggi, ICML 2021).
+    - ``heavy_ball``: ``m <- beta m + g``, undamped (Polyak, "Some methods of speeding up the convergence
+      of iteration methods", USSR Comput. Math. Math. Phys. 4(5), 1964): the form of the EPFL codes that
+      fedepic/reproduce/PROTOCOLS.md replays, "``param_state["momentum_buffer"].mul_(self.momentum)
+      .add_(p.grad)``" with the first buffer "``torch.clone(p.grad)``" (ClippedGossip's
+      codes/worker.py:141-152); from m = 0 the first step gives m = g, the same first buffer. Rounded as
+      ``beta * m + g`` is (no fused multiply-add). ``scratch`` is accepted and leaves ``gradient`` alone.
+
+    The two take the same steps when the heavy ball's lr is (1 - beta) times the EMA's: heavy-ball
+    m_t = EMA m_t / (1 - beta) exactly in real arithmetic. Cost: O(D) per row.
+
+    >>> client_momentum_(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 2.0]), 0.5, "heavy_ball")
+    tensor([3.5000, 2.0000])
+    >>> client_momentum_(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 2.0]), 0.5, "ema")
+    tensor([2., 1.])
+    """
+    if form == "ema":
+        return ema_momentum_(momentum, gradient, beta, scratch=scratch)
+    if form == "heavy_ball":
+        return momentum.mul_(beta).add_(gradient)
+    raise ValueError(f"unknown client momentum form {form!r}; valid: {', '.join(CLIENT_MOMENTUM_FORMS)}")

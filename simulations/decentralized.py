@@ -206,7 +206,7 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
     graph = communication_graph(cfg)
     bad = malicious_ids(cfg)
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
-    members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad))
+    members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad, cfg.topology.mixing))
                for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
     comparison = Comparison(COLUMNS, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
     life = RunLifecycle(cfg, [m.name for m in members], comparison, interrupts=interrupts,

@@ -56,9 +56,9 @@ from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import RunFailed
 from fedepic.failures import last_line
 from fedepic.peer_node import (
-    NodeState, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients,
-    dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, load_exchanged,
-    new_model, train_local, uses_local_epic,
+    NodeState, adapts_first, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients,
+    dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, keeps_momentum,
+    load_exchanged, new_model, train_local, uses_local_epic,
 )
 from fedepic.peer_rounds import (
     Member, Messages, PeerSetting, Received, RunSink, Sent, peer_setting, run_peer_member,
@@ -180,7 +180,10 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
             batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
             point = flatten_state(state.model).unsqueeze(0)
             gradient = dsgt_gradients(model, point, [batch], run_cfg)[0]
-            dsgd_momentum(state, gradient, run_cfg.train.client_momentum)
+            dsgd_momentum(state, gradient, run_cfg.train.client_momentum, run_cfg.train.client_momentum_form,
+                          keeps_momentum(run_cfg, client.is_malicious))
+            if adapts_first(run_cfg):  # the half-step model x_i - eta m_i is what it sends and combines
+                dsgd_step(run_cfg, state, round_)
             state.trained, state.round, stats = state.model, round_, {}
         else:
             model = model.to(device)
@@ -219,7 +222,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         else:
             report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
                                       malicious=client.is_malicious)
-            if is_dsgd(run_cfg):
+            if is_dsgd(run_cfg) and not adapts_first(run_cfg):
                 dsgd_step(run_cfg, state, round_)
         save_node_state(context, state)
         content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
