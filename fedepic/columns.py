@@ -27,6 +27,8 @@ DECENTRALIZED = ModeColumns(
     series=("mean_accuracy", "worst_accuracy", "benign_label_accuracy", "clean_accuracy", "exclusive_accuracy",
             "attack_success", "consensus_distance", "detection_precision", "detection_recall", "train_loss"),
 )
+# with train.eval_average_model a decentralized run adds, after worst_accuracy, the average model's columns:
+# average_accuracy and average_accuracy_<group> per topology.groups entry (fedepic.peer_eval.average_columns)
 FEDERATED = ModeColumns(
     columns=("strategy", "final_accuracy", "best_accuracy", "attack_success", "malicious_excluded", "benign_excluded",
              "poison_recall", "failures", "seconds"),

@@ -39,7 +39,7 @@ from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
-from fedepic.peer_eval import evaluate_rows, stackable
+from fedepic.peer_eval import average_record, evaluate_rows, stackable
 from fedepic.peer_node import (
     HONEST, AggregationReport, LocalJob, NodeState, aggregate_flat, derive_seed, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
@@ -115,7 +115,10 @@ class LocalMember:
         confirmed = {i: list(reports[i].confirmed) for i in self.active}
         nonfinite = sum(len(r.nonfinite) + int(r.own_nonfinite) for r in reports.values())
         evals, models = self._evaluate() if eval_due(self.cfg, round_) else ({}, {})
-        return Received(evals, models, confirmed, nonfinite, self.plain_states() if collect else {})
+        template = self.models[self.active[0]] if self.models else getattr(self, "model", None)
+        average = average_record(self.cfg, self.data, models, template)
+        return Received(evals, models, confirmed, nonfinite, self.plain_states() if collect else {},
+                        average=average)
 
     # -- dpsgd -----------------------------------------------------------------------------------
     def _mixing(self, i: int, box: Mapping[int, Any]) -> tuple[dict[int, float], float]:

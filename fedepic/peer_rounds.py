@@ -170,6 +170,7 @@ class Received:
     nonfinite: int
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    average: dict[str, float] = field(default_factory=dict)  # train.eval_average_model: peer_eval.average_record
 
 
 class PeerBackend(Protocol):
@@ -224,6 +225,7 @@ def round_record(setting: PeerSetting, round_: int, work: Sent, got: Received, a
     if evaluated:
         record = {"round": round_, **round_metrics(got.evals, got.models, benign, setting.roles, confirmed, truth)}
         record.update(divergence_counts(got.evals, got.models, benign))
+        record.update(got.average)  # the average model's accuracies (train.eval_average_model)
     else:  # train.eval_every: the detector's figures only
         record = {"round": round_, **detection_record(reported, confirmed, truth)}
     record["failures"] = failures

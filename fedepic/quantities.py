@@ -35,6 +35,7 @@ KNOWN: dict[str, Quantity] = {
     # decentralized (over the benign nodes; fedepic.peer_routing.round_metrics)
     "mean_accuracy": _percent("mean accuracy of benign nodes", HIGHER),
     "worst_accuracy": _percent("worst benign node's accuracy", HIGHER),
+    "average_accuracy": _percent("accuracy of the benign nodes' average model", HIGHER),
     "benign_label_accuracy": _percent("accuracy on labels benign nodes hold", HIGHER),
     "clean_accuracy": _percent("accuracy on labels the attack leaves alone", HIGHER),
     "exclusive_accuracy": _percent("accuracy on labels only malicious nodes hold", HIGHER),

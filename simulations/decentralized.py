@@ -49,6 +49,7 @@ from fedepic.train import torch_threads
 from fedepic.client_data import client_partition, partition_report, worker_config
 from simulations.flower_runtime import check_ray_address, quiet_flower, run_flower
 from fedepic.peer_node import STATEFUL, peer_rule
+from fedepic.peer_eval import average_columns
 from fedepic.peer_local import run_local_member
 from fedepic.peer_rounds import Member, MemberStart, RunSink
 from simulations.dfl_apps import Router, make_client_app, make_server_app
@@ -121,7 +122,7 @@ class FolderSink(RunSink):
         records = self.records[member.name]
         summary = member_summary(member.name, member_config(self.cfg, member.strategy)[0], records)
         curves: dict[str, list] = {}
-        for k in SERIES:  # with train.eval_every > 1 the accuracies exist in some rounds only
+        for k in (*SERIES, *average_columns(self.cfg)):  # with train.eval_every > 1 some rounds only
             curves[k] = [r[k] for r in records if r.get(k) is not None]
             curves[k + X_SUFFIX] = [r["round"] for r in records if r.get(k) is not None]
         return MemberReport(summary, summary, curves)
@@ -208,7 +209,8 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad, cfg.topology.mixing))
                for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
-    comparison = Comparison(COLUMNS, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
+    columns = (*COLUMNS[:3], *average_columns(cfg), *COLUMNS[3:])  # train.eval_average_model's after the accuracies
+    comparison = Comparison(columns, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
     life = RunLifecycle(cfg, [m.name for m in members], comparison, interrupts=interrupts,
                         resume=resume, extras=lambda rows: {"attack": attack_label(cfg), "label_roles": roles,
                                                             "diverged": diverged_members(rows, "strategy",
@@ -227,7 +229,7 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
                 run_local_member(cfg, member, sink, data, parts, roles, life.interrupts.stop)
         else:
             node_cfg = worker_config(cfg)
-            router = Router(node_cfg, roles, members, sink, life.interrupts.stop)
+            router = Router(node_cfg, roles, members, sink, life.interrupts.stop, data)
             run_flower(make_server_app(router), make_client_app(node_cfg), cfg.clients.count, cfg,
                        interrupts=life.interrupts)
         if not life.all_finished:  # cut short by a signal (an error would have raised)

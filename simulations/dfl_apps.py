@@ -63,6 +63,7 @@ from fedepic.peer_node import (
 from fedepic.peer_rounds import (
     Member, Messages, PeerSetting, Received, RunSink, Sent, peer_setting, run_peer_member,
 )
+from fedepic.peer_eval import average_record
 from fedepic.peer_routing import message_batches
 from fedepic.train import evaluate, resolve_device
 from fedepic.vectors import flatten_state, unflatten_like
@@ -278,8 +279,9 @@ class FlowerPeers:
     nothing, keeps its model)."""
 
     def __init__(self, setting: PeerSetting, member: Member, grid: Grid, node_of: Mapping[int, int],
-                 stop: Optional[threading.Event] = None) -> None:
+                 stop: Optional[threading.Event] = None, data: Optional[Any] = None) -> None:
         self.setting, self.member, self.grid, self.node_of, self.stop = setting, member, grid, dict(node_of), stop
+        self.data = data  # the router's dataset: the average model (train.eval_average_model) is scored here
         self.partition_of = {node: pid for pid, node in self.node_of.items()}
         self.pending: dict[int, Mapping[str, Any]] = {}  # checkpointed states, sent with the next train messages
         self.records: dict[int, ArrayRecord] = {}  # this round's trained models, as the nodes sent them
@@ -355,7 +357,8 @@ class FlowerPeers:
                 models[pid] = flatten_state(reply.content.array_records["model"].to_torch_state_dict())
             if collect and (plain := plain_state(reply.content)) is not None:
                 states[pid] = plain
-        return Received(evals, models, confirmed, sum(nonfinite.values()), states, failures)
+        average = average_record(self.setting.cfg, self.data, models) if self.data is not None else {}
+        return Received(evals, models, confirmed, sum(nonfinite.values()), states, failures, average)
 
 
 class Router:
@@ -363,8 +366,9 @@ class Router:
     every member through ``fedepic.peer_rounds.run_peer_member`` with a ``FlowerPeers`` backend."""
 
     def __init__(self, cfg: RunConfig, roles: Mapping[str, Sequence[int]], members: Sequence[Member], sink: RunSink,
-                 stop: Optional[threading.Event] = None) -> None:
+                 stop: Optional[threading.Event] = None, data: Optional[Any] = None) -> None:
         self.cfg, self.roles, self.members, self.sink, self.stop = cfg, roles, list(members), sink, stop
+        self.data = data  # for the average model's evaluation (train.eval_average_model), in the router
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id
 
     def __call__(self, grid: Grid, context: Context) -> None:
@@ -382,7 +386,8 @@ class Router:
             run_peer_member(self.cfg, member, self.sink, partial(self.backend, grid, member), self.stop)
 
     def backend(self, grid: Grid, member: Member) -> FlowerPeers:
-        return FlowerPeers(peer_setting(self.cfg, member, self.roles), member, grid, self.node_of, self.stop)
+        return FlowerPeers(peer_setting(self.cfg, member, self.roles), member, grid, self.node_of, self.stop,
+                           self.data)
 
 
 def make_server_app(router: Router) -> ServerApp:

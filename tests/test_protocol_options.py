@@ -270,3 +270,62 @@ def test_the_options_load_where_they_act():
     per_step = load_config(None, [*SMALL, "mode=federated", "server.protocol=per_step", "model.name=mlp",
                                   "train.client_momentum_form=heavy_ball", "attack.momentum=false"])
     assert (per_step.train.client_momentum_form, per_step.attack.momentum) == ("heavy_ball", False)
+
+
+# --------------------------------------------------------------------------- train.eval_average_model
+
+
+def test_the_average_model_is_scored_once_per_set_of_benign_nodes():
+    """average_record evaluates the float64 mean of the given rows (all, then each group's benign ones),
+    which evaluate_rows of that mean gives by hand; a group without a benign model is NaN."""
+    from fedepic.data import load_dataset
+    from fedepic.peer_eval import average_columns, average_record, evaluate_rows
+    from fedepic.peer_node import new_model
+
+    cfg = load_config(None, [*SMALL, *DSGD, "train.eval_average_model=true",
+                             "topology.groups={left: [0, 1], right: [2, 3], bad: [3]}"])
+    data = load_dataset(cfg.data, cfg.seed)
+    net = new_model(cfg, data)
+    base = flatten_state(exchanged_state(net))
+    gen = torch.Generator().manual_seed(0)
+    models = {i: base + 0.5 * torch.randn(base.shape, generator=gen) for i in (0, 1, 2)}  # node 3: not benign
+    got = average_record(cfg, data, models, net)
+    assert list(got) == average_columns(cfg) == ["average_accuracy", "average_accuracy_left", "average_accuracy_right",
+                                                 "average_accuracy_bad"]
+    means = torch.stack([(models[0] + models[1] + models[2]) / 3, (models[0] + models[1]) / 2, models[2]])
+    want = [r["accuracy"] for r in evaluate_rows(net, means, cfg, data)]
+    assert [got["average_accuracy"], got["average_accuracy_left"], got["average_accuracy_right"]] == \
+        pytest.approx(want)
+    assert got["average_accuracy_bad"] != got["average_accuracy_bad"]  # NaN
+    off = load_config(None, [*SMALL, *DSGD])
+    assert average_record(off, data, models, net) == {} and average_columns(off) == []
+
+
+def test_average_accuracy_reaches_metrics_summary_and_the_comparison(tmp_path, capsys):
+    """A dumbbell-like run with the switch: every evaluated record, the summary and comparison.csv hold
+    average_accuracy and average_accuracy_<group>; the run without it holds none and the same other figures."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from fedepic.simulate import main
+
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "engine=local", "rounds=3",
+            "train.eval_every=2", "strategies=[gossip]"]
+    runs = {}
+    for switch in ([], ["train.eval_average_model=true", "topology.groups={a: [0, 1, 2], b: [3, 4]}"]):
+        assert main([*args, *switch, f"name=avg{len(switch)}"]) == 0
+        runs[bool(switch)] = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = {k: [json.loads(x) for x in (run / "gossip" / "metrics.jsonl").read_text().splitlines()]
+             for k, run in runs.items()}
+    columns = ["average_accuracy", "average_accuracy_a", "average_accuracy_b"]
+    for got, want in zip(lines[True], lines[False]):
+        assert got.get("mean_accuracy") == want.get("mean_accuracy")
+        assert all((k in got) == ("mean_accuracy" in got) for k in columns)
+        assert not any(k in want for k in columns)
+    assert 0.0 <= lines[True][-1]["average_accuracy"] <= 1.0
+    summary = json.loads((runs[True] / "gossip" / "summary.json").read_text())
+    assert summary["average_accuracy"] == lines[True][-1]["average_accuracy"]
+    header = next(csv.reader((runs[True] / "comparison.csv").read_text().splitlines()))
+    assert header[:6] == ["strategy", "mean_accuracy", "worst_accuracy", *columns]
+    assert "average_accuracy" not in (runs[False] / "comparison.csv").read_text()
