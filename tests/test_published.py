@@ -134,11 +134,16 @@ def test_reproduce_configs_load_with_the_authors_settings():
     from fedepic.config import load_config, sweep_section
 
     dumbbell = load_config(str(REPO / "configs" / "reproduce" / "dumbbell_clippedgossip.yaml"))
-    assert (dumbbell.rounds, dumbbell.clients.count, dumbbell.train.lr, dumbbell.train.eval_every) == (900, 20, 0.1, 30)
+    assert (dumbbell.rounds, dumbbell.clients.count, dumbbell.train.lr, dumbbell.train.eval_every) == (900, 20, 0.01, 30)
+    assert (dumbbell.train.client_momentum_form, dumbbell.decentralized.order, dumbbell.topology.mixing,
+            dumbbell.train.eval_average_model) == ("heavy_ball", "adapt_then_combine", "uniform_max_degree", True)
+    assert sorted(dumbbell.topology.groups) == ["clique1", "clique2"]
     assert len(dumbbell.topology.edges) == 2 * 45 + 1 and [0, 19] in dumbbell.topology.edges
     assert sweep_section(dumbbell)[1] == {"data.partition": ["iid", "label_sets"]}
     bucketing = load_config(str(REPO / "configs" / "reproduce" / "bucketing_mnist.yaml"))
-    assert (bucketing.rounds, bucketing.server.protocol, bucketing.server.lr) == (600, "per_step", 0.1)
+    assert (bucketing.rounds, bucketing.server.protocol, bucketing.server.lr) == (600, "per_step", 0.01)
+    assert (bucketing.train.client_momentum_form, bucketing.attack.momentum) == ("heavy_ball", False)
+    assert (bucketing.defense.centered_clipping.tau, bucketing.defense.geometric_median.nu) == (10.0, 0.1)
     assert bucketing.clients.malicious_ids == [20, 21, 22, 23, 24]
     assert bucketing.attack.alie_z == pytest.approx(0.2533471031357998)  # Phi^-1(0.6), the authors' z
 

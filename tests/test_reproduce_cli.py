@@ -50,7 +50,7 @@ def make_sweep(folder: Path, name: str, cells: list[dict]) -> Path:
 
 
 def dumbbell_rows(accuracy: dict[str, float]) -> list[dict]:
-    return [{"strategy": s, "mean_accuracy": a} for s, a in accuracy.items()]
+    return [{"strategy": s, "average_accuracy": a} for s, a in accuracy.items()]
 
 
 def test_doctests_of_the_registry_and_the_comparison():
@@ -89,7 +89,7 @@ def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     assert results["noniid", "gossip"].verdict == "missing"
     assert results["noniid", "gossip"].reason == "seed 0: failed (RunFailed: boom)"
     assert results["iid", "rfa"].verdict == "missing"
-    assert results["iid", "rfa"].reason == "no mean_accuracy of member 'rfa' in the matching cells"
+    assert results["iid", "rfa"].reason == "no average_accuracy of member 'rfa' in the matching cells"
     for split in ("iid", "noniid"):
         assert results[split, "mozi"].verdict == "missing"
         assert results[split, "mozi"].reason.startswith("fedepic cannot run it yet: needs MOZI's performance stage")
@@ -215,7 +215,7 @@ def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
     first = json.loads((folder / summary["cells"][0]["folder"] / "summary.json").read_text())
     gossip = next(r for r in first["rows"] if r["strategy"] == "gossip")
     cell = next(c for c in data["cells"] if c["key"] == {"split": "iid", "aggregator": "gossip"})
-    assert cell["mean"] == pytest.approx(100 * gossip["mean_accuracy"])
+    assert cell["mean"] == pytest.approx(100 * gossip["average_accuracy"])
     text = (folder / "reproduction.md").read_text()
     assert "protocol changed: rounds=2" in text and "| split=iid, aggregator=gossip | 96.43 | 0 | - |" in text
     assert proc.stdout.strip().endswith(str(folder / "reproduction.md"))
