@@ -1098,6 +1098,8 @@ def _validate_attack(cfg: RunConfig) -> None:
            "attack.flip=map needs [[from, to], ...]")
     _check(attack.model != "dissensus" or cfg.mode != "federated", "attack.model", attack.model,
            "a decentralized attack (it pulls a peer against its neighbours): not for mode=federated")
+    _check(not attack.model.startswith("fang_") or cfg.mode != "decentralized", "attack.model", attack.model,
+           "Fang et al.'s attacks are defined against a server's Krum / trimmed mean: not for mode=decentralized")
     if attack.poisons is not None:
         _check(os.path.isfile(attack.poisons), "attack.poisons", attack.poisons, "file not found")
 

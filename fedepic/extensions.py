@@ -262,9 +262,9 @@ MODEL_ATTACKS = Registry("model attack", [
           "the authors' code or of the paper's text (`attack.minsum_bound`)", {"bound": "attack.minsum_bound"},
           frozenset({"needs_honest"})),
     Entry("fang_krum", "fedepic.attacks.fang:fang_krum", "Fang et al.'s full-knowledge attack on Krum (USENIX "
-          "Security 2020)", flags=frozenset({"needs_honest"})),
+          "Security 2020); server FL only", flags=frozenset({"needs_honest"})),
     Entry("fang_trimmed_mean", "fedepic.attacks.fang:fang_trimmed_mean", "Fang et al.'s full-knowledge attack on "
-          "the trimmed mean and median (USENIX Security 2020)", flags=frozenset({"needs_honest"})),
+          "the trimmed mean and median (USENIX Security 2020); server FL only", flags=frozenset({"needs_honest"})),
     Entry("optimal_alie", "fedepic.attacks.optimized:optimal_alie", "ByzFL's optimized ALIE: tau searched "
           "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
           {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),

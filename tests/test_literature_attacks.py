@@ -415,6 +415,17 @@ def test_dissensus_is_refused_at_a_server():
     assert _dfl_cfg("attack.model=dissensus").attack.dissensus_eps == 1.0
 
 
+@pytest.mark.parametrize("name", ["fang_krum", "fang_trimmed_mean"])
+def test_fangs_attacks_are_refused_at_peers(name):
+    """Fang et al. define them against a server's Krum / trimmed mean: mode=decentralized refuses them
+    with one line naming the key (exit 2 at the CLI); server FL keeps them."""
+    from fedepic.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"invalid value '{name}' for key 'attack.model'.*not for mode=decentralized"):
+        _dfl_cfg(f"attack.model={name}")
+    assert load_config(None, ["mode=federated", f"attack.model={name}"]).attack.model == name
+
+
 # ------------------------------------------------------------------------------------- mimic
 
 from fedepic.attacks.mimic import mimic  # noqa: E402

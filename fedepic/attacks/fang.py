@@ -42,14 +42,14 @@ Example (Krum; honest updates all point to +1, the crafted update points the oth
     tensor([ 1., -1.])
 
 Cost: Krum: O(m^2 d) per lambda tried (at most log2(lambda_0 / 1e-5) + 1 Krum runs); trimmed mean: O(n d).
-Deviations: every attacker sends the same draw: the attack returns one crafted vector and the server
-puts it in every malicious reply (``fedepic.server_rounds.inject_model_attack``; a peer's router sends
-one copy likewise), where the paper samples each crafted local model on its own (inferred from "the
-crafted local models" being drawn in the interval per coordinate); the vectors are updates at a server
-(w_Re = the origin) and models at a peer, where
-``-lambda * s`` and the crafted extremes are models (w_Re = 0 there: the router has no reference model;
-the same convention as the other attacks' model-space forms, ``simulations/dfl_router.py``); the
-direction s is that of the honest mean (above); the attackers' own honest vectors are not in the
+Server FL only: the paper attacks Krum and the trimmed mean / median at a server, and neither it nor
+a public code found defines the attacks for peers, so ``mode=decentralized`` refuses them
+(``fedepic.config``, one line naming ``attack.model``). Deviations: every attacker sends the same draw:
+the attack returns one crafted vector and the server puts it in every malicious reply
+(``fedepic.server_rounds.inject_model_attack``), where the paper samples each crafted local model on its
+own (inferred from "the crafted local models" being drawn in the interval per coordinate); the vectors
+are updates at a server (w_Re = the origin); the direction s is that of the honest mean (above); the
+attackers' own honest vectors are not in the
 benign statistics (the paper's full knowledge includes them; fedepic's attack sees the benign rows);
 when m - 2c - 1 <= 0 the first term of lambda_0 is dropped (the bound is undefined there), and when
 lambda_0 = 0 the honest vectors are all 0 and so is the attack. Krum is Flower's (``strategies.krum``:
