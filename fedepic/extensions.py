@@ -9,7 +9,8 @@ module stays light (no torch, no flwr).
 Flags:
 - peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
-  the malicious nodes from the graph: the upper bound);
+  the malicious nodes from the graph: the upper bound), ``needs_loss`` (the node hands the rule its
+  own-minibatch loss, ``state["loss"]``: ``fedepic.peer_node.own_batch_loss``);
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule);
 - server rules: ``server_update`` (the round engine trains the server's root set each round and hands
   the rule that update, ``fedepic.root_set``; FLTrust);
@@ -148,12 +149,12 @@ PEER_RULES = Registry("peer rule", [
     Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
           flags=frozenset({"benign_graph"})),
     Entry("balance", "strategies.balance:Balance", "BALANCE: mix with the neighbours within `defense.balance.gamma`"
-          " ||x_i|| (Fang et al., CCS 2024); no decay yet: the peer engines do not hand rules the round",
+          " exp(-`defense.balance.kappa` t / T) ||x_i|| (Fang et al., CCS 2024)",
           {"gamma": "defense.balance.gamma", "kappa": "defense.balance.kappa", "alpha": "defense.balance.alpha",
            "rounds": "rounds"}),
-    Entry("mozi", "strategies.mozi:MoziStageOne", "MOZI / UBAR without its performance (loss) stage: mix with the "
-          "`defense.mozi.rho` closest neighbours (Guo et al., 2020 / TCSVT 2021)",
-          {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}),
+    Entry("mozi", "strategies.mozi:Mozi", "MOZI / UBAR: mix with those of the `defense.mozi.rho` closest "
+          "neighbours no worse than own on own minibatch (Guo et al., 2020 / TCSVT 2021)",
+          {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}, frozenset({"needs_loss"})),
 ])
 
 

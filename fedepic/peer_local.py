@@ -43,7 +43,8 @@ from fedepic.peer_eval import average_record, evaluate_rows, stackable
 from fedepic.peer_node import (
     HONEST, AggregationReport, LocalJob, NodeState, aggregate_flat, derive_seed, dsgt_batch, dsgt_finish,
     dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
-    load_exchanged, new_model, peer_rule, train_local, train_local_stacked, uses_local_epic,
+    BatchLoss, load_exchanged, needs_loss, new_model, own_batch_loss, peer_rule, train_local, train_local_stacked,
+    uses_local_epic,
 )
 from fedepic.peer_rounds import Member, Messages, Received, RunSink, Sent, peer_setting, play_round, run_peer_member
 from fedepic.peer_routing import Routing, communication_graph, inbox, routing_for, run_label_roles
@@ -190,7 +191,8 @@ class LocalMember:
             weights, self_weight = self._mixing(i, box)
             own = trained[i].clone()  # trained[i] is in the neighbours' inboxes too, and a rule may work in place
             reports[i] = aggregate_flat(self.rule, self.cfg, self.states[i], own, box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules)
+                                        self.clients[i].is_malicious, self.rules, node=i,
+                                        loss=self.node_loss(i, self.models[i]))
         return reports
 
     # -- dsgt ------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class LocalMember:
             box = inbox(messages, i)
             weights, self_weight = self._mixing(i, box)
             x, y, reports[i] = dsgt_mix(self.rule, self.cfg, self.states[i], box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules, own=sent[i])
+                                        self.clients[i].is_malicious, self.rules, own=sent[i], node=i)
             points.append(dsgt_point(self.cfg, self.states[i], x, round_))
             mixed_y[i] = y
         stacked = torch.stack(points)
@@ -226,6 +228,14 @@ class LocalMember:
         for k, i in enumerate(self.active):
             dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
         return reports
+
+    def node_loss(self, i: int, model: torch.nn.Module) -> Optional[BatchLoss]:
+        """Node ``i``'s own-batch loss for a rule flagged ``needs_loss`` (MOZI), with ``model`` as scratch;
+        None for the other rules and at malicious nodes."""
+        client = self.clients[i]
+        if not needs_loss(self.rule, client.is_malicious):
+            return None
+        return own_batch_loss(model, client.x, client.y, self.cfg, self.states[i].round, i)
 
     def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
         client = self.clients[i]

@@ -87,7 +87,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +110,7 @@ from strategies.gradient_purification import PurificationState
 
 TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
 STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
+BatchLoss = Callable[[Tensor], Tensor]  # flat models [k, D] -> their losses [k] on a node's own minibatch
 
 
 def derive_seed(base: int, *parts: int) -> int:
@@ -364,15 +365,73 @@ class AggregationReport:
     own_nonfinite: bool = False
 
 
+def needs_loss(strategy: str, malicious: bool = False) -> bool:
+    """Whether a (benign) node hands ``strategy``'s rule its own-batch loss (registry flag ``needs_loss``:
+    MOZI); malicious nodes gossip and need none."""
+    return not malicious and strategy in PEER_RULES and PEER_RULES.has(strategy, "needs_loss")
+
+
+@torch.no_grad()
+def minibatch_losses(model: nn.Module, rows: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+    """The cross-entropy [k] (float32, CPU) of every flat exchanged model in ``rows`` [k, D] on one
+    minibatch, each loaded into ``model`` in turn (left holding the last row) and run in eval mode."""
+    like = {k: v for k, v in model.state_dict().items() if k not in FIXED_BUFFERS}
+    device = next(model.parameters()).device
+    xb, yb = float_images(images).to(device), labels.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for row in rows:
+            load_exchanged(model, unflatten_like(row, like))
+            losses.append(nn.functional.cross_entropy(model(xb).float(), yb).cpu())
+    finally:
+        model.train(was_training)
+    return torch.stack(losses)
+
+
+def own_batch_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int) -> BatchLoss:
+    """Node ``node``'s loss on its own minibatch of ``round_`` (``train.batch_size`` of its rows ``x``,
+    ``y``, seeded (seed, round, node): under dsgd the batch of its gradient) as a callable over flat
+    models [k, D] (:func:`minibatch_losses` with ``model`` as the scratch module): MOZI's score
+    (``strategies/mozi.py``), the same on both engines."""
+    images, labels = dsgt_batch(x, y, cfg, derive_seed(cfg.seed, round_, node))
+    return lambda rows: minibatch_losses(model, rows, images, labels)
+
+
+def rule_context(cfg: RunConfig, state: NodeState, node: Optional[int], loss: Optional[BatchLoss] = None
+                 ) -> dict[str, Any]:
+    """What a stateless peer rule finds in its ``state`` for one call (a fresh dict each call, so nothing
+    outlives it or reaches a checkpoint), as the server engine puts the round there
+    (``fedepic.local_backend.RuleAggregation``): ``round``, the round t the node trained in
+    (``state.round``, 1-based; left out before the first), ``rounds``, T (``cfg.rounds``), ``node``, the
+    receiving node's id (when the caller gives it), and ``loss``, the node's own-batch loss
+    (:func:`own_batch_loss`, for rules flagged ``needs_loss``). Both engines build it here.
+
+    >>> rule_context(RunConfig(rounds=9), NodeState("m", round=4), 2)
+    {'rounds': 9, 'round': 4, 'node': 2}
+    """
+    context: dict[str, Any] = {"rounds": int(cfg.rounds)}
+    if state.round:
+        context["round"] = int(state.round)
+    if node is not None:
+        context["node"] = int(node)
+    if loss is not None:
+        context["loss"] = loss
+    return context
+
+
 def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Tensor, ids: list[int],
                       weights: Optional[Tensor], state: NodeState, malicious: bool = False,
-                      rules: Optional[Mapping[str, Any]] = None, stack: Optional[Tensor] = None
+                      rules: Optional[Mapping[str, Any]] = None, stack: Optional[Tensor] = None,
+                      node: Optional[int] = None, loss: Optional[BatchLoss] = None
                       ) -> tuple[Tensor, AggregationReport]:
     """One aggregation at a node over flat vectors: ``own`` [D], ``neighbours`` [m, D] with node ids
     ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules.
     ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call.
     ``stack``: the caller's [own; neighbours] [m+1, D] when it built one (``own`` and ``neighbours``
-    are then its rows), which saves the stateless rules a copy."""
+    are then its rows), which saves the stateless rules a copy. ``node`` (the node's id) and ``loss``
+    (its own-batch loss) go into the stateless rule's call context (:func:`rule_context`)."""
     if len(ids) != neighbours.shape[0]:
         raise ValueError(f"{len(ids)} neighbour ids for {neighbours.shape[0]} neighbour models")
     if neighbours.shape[0] == 0:
@@ -384,7 +443,8 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
                                                                  round_=state.round or None)
         return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                       report.nonfinite, report.own_nonfinite)
-    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights, stack)
+    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights, stack,
+                         rule_context(cfg, state, node, loss))
     bad = out.nonfinite[1:].tolist()
     return out.vector, AggregationReport(kept=[j for j, b in zip(ids, bad) if not b],
                                          nonfinite=[j for j, b in zip(ids, bad) if b],
@@ -392,14 +452,14 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
 
 
 def peer_aggregate(rule: Any, own: Tensor, neighbours: Tensor, weights: Optional[Tensor],
-                   stack: Optional[Tensor] = None) -> Aggregate:
+                   stack: Optional[Tensor] = None, context: Optional[Mapping[str, Any]] = None) -> Aggregate:
     """A stateless peer ``rule`` over the stack [own; neighbours] (own at row 0, ``weights`` [m+1]
     self first; ``stack`` that stack when the caller has it), through ``strategies.aggregate.aggregate``
-    (the non-finite policy)."""
+    (the non-finite policy); ``context`` (:func:`rule_context`) is the rule's ``state`` for this call."""
     check_stack(own, neighbours)
     if stack is None:
         stack = torch.cat([own.unsqueeze(0), neighbours])
-    return aggregate(rule, stack, 0, weights)
+    return aggregate(rule, stack, 0, weights, dict(context or {}))
 
 
 def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]], malicious: bool = False) -> Any:
@@ -414,7 +474,8 @@ def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]]
 def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
                      neighbour_models: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float],
                      self_weight: float, malicious: bool = False,
-                     rules: Optional[Mapping[str, Any]] = None) -> AggregationReport:
+                     rules: Optional[Mapping[str, Any]] = None, node: Optional[int] = None,
+                     loss: Optional[BatchLoss] = None) -> AggregationReport:
     """Aggregate ``state.trained`` with the neighbours' state dicts; the result becomes ``state.model``.
 
     ``weights`` maps neighbour id to its mixing weight and ``self_weight`` is the node's own (they sum
@@ -424,12 +485,13 @@ def aggregate_models(strategy: str, cfg: RunConfig, state: NodeState,
         raise ValueError("aggregate before train: the node has no trained model this round")
     vectors = {int(j): flatten_state(model) for j, model in neighbour_models.items()}
     return aggregate_flat(strategy, cfg, state, flatten_state(state.trained), vectors, weights, self_weight,
-                          malicious, rules)
+                          malicious, rules, node, loss)
 
 
 def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
                    neighbours: Mapping[int, Tensor], weights: Mapping[int, float], self_weight: float,
-                   malicious: bool = False, rules: Optional[Mapping[str, Any]] = None) -> AggregationReport:
+                   malicious: bool = False, rules: Optional[Mapping[str, Any]] = None, node: Optional[int] = None,
+                   loss: Optional[BatchLoss] = None) -> AggregationReport:
     """:func:`aggregate_models` with the node's trained model and the neighbours' already flat
     (``own`` = ``flatten_state(state.trained)``): the in-process engine holds them as vectors."""
     if state.trained is None:
@@ -437,7 +499,8 @@ def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
     ids = sorted(int(j) for j in neighbours)
     stack = torch.stack([own, *(neighbours[j].to(own.dtype) for j in ids)])  # own first, the rules' layout
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
-    new, report = aggregate_vectors(strategy, cfg, stack[0], stack[1:], ids, w, state, malicious, rules, stack)
+    new, report = aggregate_vectors(strategy, cfg, stack[0], stack[1:], ids, w, state, malicious, rules, stack,
+                                    node, loss)
     state.model = unflatten_like(new, state.trained)
     state.trained = None
     return report
@@ -516,12 +579,14 @@ def dsgt_message(state: NodeState) -> dict[str, Tensor]:
 
 def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int, Tensor],
              weights: Mapping[int, float], self_weight: float, malicious: bool = False,
-             rules: Optional[Mapping[str, Any]] = None, own: Optional[Tensor] = None
-             ) -> tuple[Tensor, Tensor, AggregationReport]:
+             rules: Optional[Mapping[str, Any]] = None, own: Optional[Tensor] = None,
+             node: Optional[int] = None) -> tuple[Tensor, Tensor, AggregationReport]:
     """The two sums of a DSGT round at a node, ``(sum_j w_ij x_j, sum_j w_ij y_j)`` with the node's rule
     in place of W, over the flat (x, y) vectors ``received`` ({neighbour: vector}). Malicious nodes
     gossip honestly. Mutates ``state.gp`` for GP rules. ``own``: the node's flat (x, y) when the caller
-    has it (what it sent this round), else built from the state."""
+    has it (what it sent this round), else built from the state. ``node``: the node's id, for the
+    stateless rule's call context (:func:`rule_context`; no ``loss`` there: the tracker rows are no
+    model, so a ``needs_loss`` rule runs without its loss stage under dsgt)."""
     if own is None:
         own = torch.cat([flatten_state(state.model), state.tracker.float()])
     split = own.numel() - state.tracker.numel()
@@ -539,8 +604,9 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
         return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
                                        report.nonfinite, report.own_nonfinite)
     applied = built_rule(rule, cfg, rules, malicious)
-    out_x = peer_aggregate(applied, own[:split], stack[:, :split], w)
-    out_y = peer_aggregate(applied, own[split:], stack[:, split:], w)
+    context = rule_context(cfg, state, node)
+    out_x = peer_aggregate(applied, own[:split], stack[:, :split], w, context=context)
+    out_y = peer_aggregate(applied, own[split:], stack[:, split:], w, context=context)
     bad = (out_x.nonfinite[1:] | out_y.nonfinite[1:]).tolist()
     return out_x.vector, out_y.vector, AggregationReport(
         kept=[j for j, b in zip(ids, bad) if not b], nonfinite=[j for j, b in zip(ids, bad) if b],

@@ -176,7 +176,8 @@ class StackedDsgdMember(LocalMember):
             stack = torch.stack([self.x[k], *(boxes[i][j] for j in ids)])  # own first, the rules' layout
             w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=self.x.dtype)
             mixed[k], reports[i] = aggregate_vectors(self.rule, self.cfg, stack[0], stack[1:], ids, w, self.states[i],
-                                                     self.clients[i].is_malicious, self.rules, stack)
+                                                     self.clients[i].is_malicious, self.rules, stack, node=i,
+                                                     loss=self.node_loss(i, self.model))
         return mixed, reports
 
     def _evaluate(self) -> tuple[dict[int, dict], dict[int, Tensor]]:

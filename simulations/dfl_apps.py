@@ -56,9 +56,9 @@ from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import RunFailed
 from fedepic.failures import last_line
 from fedepic.peer_node import (
-    NodeState, adapts_first, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish, dsgt_gradients,
-    dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt, keeps_momentum,
-    load_exchanged, new_model, train_local, uses_local_epic,
+    NodeState, adapts_first, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
+    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
+    keeps_momentum, load_exchanged, needs_loss, new_model, own_batch_loss, train_local, uses_local_epic,
 )
 from fedepic.peer_rounds import (
     Member, Messages, PeerSetting, Received, RunSink, Sent, peer_setting, run_peer_member,
@@ -215,14 +215,16 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         round_ = int(conf["round"])
         if is_dsgt(run_cfg):  # the two sums, the step, the gradient at the new point, the tracker update
             x, y, report = dsgt_mix(strategy, run_cfg, state, {j: flatten_state(v) for j, v in received.items()},
-                                    weights, float(conf["self_weight"]), client.is_malicious)
+                                    weights, float(conf["self_weight"]), client.is_malicious, node=pid)
             point = dsgt_point(run_cfg, state, x, round_)
             batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
             dsgt_finish(state, point, y, dsgt_gradients(node_model(cfg_yaml)[0], point.unsqueeze(0), [batch],
                                                         run_cfg)[0])
         else:
+            loss = own_batch_loss(node_model(cfg_yaml)[0], client.x, client.y, run_cfg, round_, pid) \
+                if needs_loss(strategy, client.is_malicious) else None
             report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
-                                      malicious=client.is_malicious)
+                                      malicious=client.is_malicious, node=pid, loss=loss)
             if is_dsgd(run_cfg) and not adapts_first(run_cfg):
                 dsgd_step(run_cfg, state, round_)
         save_node_state(context, state)

@@ -27,14 +27,12 @@ threshold is 0.5 ||x_i|| = 0.5, so the far one is rejected and x_i <- 0.5 [1, 0]
 
 Cost: O(m D) for the m distances and the mean; O(D) extra memory.
 
-The round: the rule reads t from ``state["round"]`` and T from ``rounds`` (the config's ``rounds``).
+The round: the rule reads t from ``state["round"]`` and T from ``state["rounds"]`` (else its
+``rounds``, the config's ``rounds``): both peer engines put them there for the call
+(``fedepic.peer_node.rule_context``; t is the round the node trained in, 1-based), so the radius decays
+as exp(-kappa t / T) from round to round as in the paper. Called without a round (a direct call), the
+rule uses t = 0, the constant threshold gamma ||x_i||, and says so in ``info["round"]`` (None).
 Deviations and readings:
-- **Today no peer engine hands a stateless peer rule the round** (``fedepic/peer_node.py``'s
-  ``peer_aggregate`` calls ``aggregate(rule, stack, 0, weights)`` with a fresh state, and the issue asks
-  not to edit ``simulations/dfl_*.py`` while they move). Without ``state["round"]`` the rule uses t = 0,
-  i.e. the constant threshold gamma ||x_i|| with no decay, and says so in ``info["round"]`` (None). The
-  hook that would give it the round is one argument in ``fedepic.peer_node.peer_aggregate``'s call:
-  ``aggregate(rule, stack, 0, weights, {"round": state.round})``.
 - ``weights`` (the mixing weights) are ignored: the paper averages the accepted models equally and
   weighs own by alpha.
 - The order of a round is fedepic's D-PSGD "train then aggregate": x_i is the node's model after this
@@ -85,14 +83,14 @@ class Balance:
             raise ValueError(f"balance: rounds must be a positive integer, got {rounds!r}")
         self.gamma, self.kappa, self.alpha, self.rounds = float(gamma), float(kappa), float(alpha), int(rounds)
 
-    def threshold(self, own_norm: float, rnd: Optional[int]) -> float:
-        """gamma exp(-kappa t / T) ||x_i|| (t = 0 when ``rnd`` is None)."""
-        return self.gamma * math.exp(-self.kappa * (rnd or 0) / self.rounds) * own_norm
+    def threshold(self, own_norm: float, rnd: Optional[int], rounds: Optional[int] = None) -> float:
+        """gamma exp(-kappa t / T) ||x_i|| (t = 0 when ``rnd`` is None; T = ``rounds``, else the rule's)."""
+        return self.gamma * math.exp(-self.kappa * (rnd or 0) / (rounds or self.rounds)) * own_norm
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
         own, neighbours, _ = split_own(stack, own_index, weights)
         rnd = state.get("round")
-        radius = self.threshold(float(own.double().norm()), rnd)
+        radius = self.threshold(float(own.double().norm()), rnd, state.get("rounds"))
         info = {"threshold": radius, "round": rnd}
         if neighbours.shape[0] == 0:
             return Aggregate(own.clone(), own_only(stack, own_index).kept, info=info)

@@ -15,9 +15,7 @@ sees by about s, while one Byzantine input spoils at most one bucket.
 
 from __future__ import annotations
 
-import hashlib
-import struct
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -25,13 +23,18 @@ from torch import Tensor
 from fedepic.vectors import finite_rows
 
 SEED_STRIDE = 1_000_003  # the round's generator: seed * SEED_STRIDE + round (seeds < 2**32, rounds < 2**31)
+NODE_STRIDE = 1_000_033  # a peer's: (seed * SEED_STRIDE + round) * NODE_STRIDE + node, mod 2**63
 
 
-def content_key(vectors: Tensor) -> int:
-    """A 31-bit digest of ``vectors``: BLAKE2b of the float64 sum of its entries and of its shape."""
-    total = float(vectors.sum(dtype=torch.float64))
-    digest = hashlib.blake2b(struct.pack("<dqq", total, *vectors.shape), digest_size=4).digest()
-    return int.from_bytes(digest, "little") >> 1
+def permutation_seed(seed: int, round: int, node: Optional[int] = None) -> int:
+    """The generator seed of one permutation: ``seed * 1_000_003 + round`` at a server (``node`` None),
+    ``(seed * 1_000_003 + round) * 1_000_033 + node`` mod 2**63 at peer ``node``.
+
+    >>> permutation_seed(7, 2), permutation_seed(7, 2, 3)
+    (7000023, 7000254000762)
+    """
+    key = int(seed) * SEED_STRIDE + int(round)
+    return key if node is None else (key * NODE_STRIDE + int(node)) % (2**63)
 
 
 def bucket_of_rows(permutation: Tensor, s: int) -> Tensor:
@@ -60,15 +63,16 @@ def bucketed_rows(vectors: Tensor, permutation: Tensor, s: int) -> Tensor:
 class Bucketing:
     """Bucketing as a step (Karimireddy, He, Jaggi, ICLR 2022): each row becomes the mean of its bucket.
 
-    The permutation is drawn from a torch generator seeded explicitly. At a server the step is built
-    every round with the round (``fedepic.extensions.pre_aggregation_steps(cfg, rnd)``) and draws from
-    ``seed * 1_000_003 + round``: the same permutation on both engines and after a resume. At a peer
-    the round is not passed (the step is built once per run, or, on Ray, at every call), so it draws
-    from ``seed * 1_000_003 + c``, c a 31-bit digest (BLAKE2b) of the float64 sum of the stack it
-    gets: a new permutation for each node and round, the same on both engines and after a resume,
-    with no state to keep (a deviation: the paper's permutation is independent of the inputs; an
-    attacker who knew the seed and every other input could pick its vector to land in a chosen
-    bucket; fedepic's attacks do not).
+    The permutation is drawn from a torch generator seeded explicitly (:func:`permutation_seed`),
+    independent of the inputs as in the paper. At a server the step is built every round with the
+    round (``fedepic.extensions.pre_aggregation_steps(cfg, rnd)``) and draws from
+    ``seed * 1_000_003 + round``. At a peer the step is built once per run (on Ray, at every call)
+    without a round; ``strategies.preaggregation.PreAggregated`` binds it for each call
+    (:meth:`for_call`) to the round and the receiving node's id that the peer engines put in the rule's
+    state (``fedepic.peer_node.rule_context``), and it draws from
+    ``(seed * 1_000_003 + round) * 1_000_033 + node``: a new permutation for each node and round, the
+    same on both engines and after a resume, with no state to keep. A step with no round (a peer step
+    called outside the engines) raises ValueError.
 
     Example (s = 2, the permutation (2, 0, 1): buckets {x_2, x_0} and {x_1})::
 
@@ -88,7 +92,9 @@ class Bucketing:
     seed : int
         The run's seed (``seed``).
     round : int or None
-        The server round (the pre-aggregation context), None at a peer.
+        The server round (the pre-aggregation context); None at a peer until :meth:`for_call` binds it.
+    node : int or None
+        The receiving peer's id (bound by :meth:`for_call`), None at a server.
 
     Cost: O(n D) time and memory (the permuted copy and the means), O(n) for the permutation.
 
@@ -106,15 +112,24 @@ class Bucketing:
     the rule leaves them out), and the permutation is drawn over the finite rows.
     """
 
-    def __init__(self, s: int, seed: int, round: Optional[int] = None) -> None:
+    def __init__(self, s: int, seed: int, round: Optional[int] = None, node: Optional[int] = None) -> None:
         if int(s) != s or s < 1:
             raise ValueError(f"bucketing: the bucket size must be an integer >= 1, got {s!r}")
-        self.s, self.seed, self.round = int(s), int(seed), round
+        self.s, self.seed, self.round, self.node = int(s), int(seed), round, node
+
+    def for_call(self, context: Mapping[str, Any]) -> "Bucketing":
+        """At a peer, this step for one call: bound to ``context["round"]`` and ``context["node"]`` (the
+        rule's call state); a step already built with a round (a server's) is returned as it is."""
+        if self.round is not None or context.get("round") is None:
+            return self
+        return Bucketing(self.s, self.seed, int(context["round"]), context.get("node"))
 
     def permutation(self, vectors: Tensor) -> Tensor:
         """The permutation of the rows of ``vectors`` (see the class docstring for its seed)."""
-        key = self.round if self.round is not None else content_key(vectors)
-        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + int(key))
+        if self.round is None:
+            raise ValueError("bucketing: no round to seed the permutation with (a server builds the step with "
+                             "its round; a peer rule gets it in state['round'] from the engine)")
+        generator = torch.Generator().manual_seed(permutation_seed(self.seed, self.round, self.node))
         return torch.randperm(vectors.shape[0], generator=generator)
 
     def __call__(self, vectors: Tensor, /) -> Tensor:

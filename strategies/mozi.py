@@ -1,4 +1,5 @@
-"""MOZI / UBAR without its performance stage, a peer rule of the one signature (``strategies/aggregate.py``).
+"""MOZI / UBAR, a peer rule of the one signature (``strategies/aggregate.py``): a distance stage, then a
+performance (loss) stage on the node's own minibatch.
 
 Papers: Shangwei Guo, Tianwei Zhang, Xiaofei Xie, Lei Ma, Tao Xiang, Yang Liu, "Towards Byzantine-resilient
 Learning in Decentralized Systems", arXiv:2002.08569, 2020 (MOZI), https://arxiv.org/abs/2002.08569; and
@@ -10,10 +11,13 @@ names "Guo, Zhang, Wang, Hu, Chen, Zhang".)
 Read as ClippedGossip's code implements it (He, Karimireddy, Jaggi, ``epfml/byzantine-robust-decentralized-
 optimizer``, ``codes/aggregator.py``, class ``Mozi``), which the issue names as the reference::
 
+    data, target = self._sample_training_data()   # the next minibatch of the node's own data loader
+    grad = self._compute_gradient(data, target)
     # Step 1: compute distance
     dist2i = sorted(((i, ||x_i - v||) for i, v in enumerate(neighbor_inputs)), key=distance)
     ns = dist2i[: int(self.rho * len(neighbor_inputs))]          # stage 1: the closest rho share
-    ...
+    neighbor_losses = [self._compute_scores(data, target, i) for i in neighbor_inputs]
+    i_loss = self._compute_scores(data, target, local_inputs)
     for j, v in ns:
         if i_loss >= neighbor_losses[j]:                         # stage 2: loss on own batch <= own loss
             nr.append(j)
@@ -22,32 +26,49 @@ optimizer``, ``codes/aggregator.py``, class ``Mozi``), which the issue names as 
     avg_nr = sum(neighbor_inputs[j] for j in nr) / len(nr)
     output = self.alpha * local_inputs + (1 - self.alpha) * avg_nr - self.lr * grad
 
-This module implements stage 1 and the mixing:
+(``_compute_scores`` loads a model vector into the worker's model and returns
+``w.loss_func(w.model(data), target).item()`` under ``torch.no_grad()``; ``_sample_training_data``
+draws the next batch of ``worker.data_loader``, the node's own training loader, and the one batch serves
+the gradient and every score.) So, with l_i(v) the loss of model v on node i's minibatch B_i:
 
-    N_s = the floor(rho m) neighbours closest to x_i (Euclidean),   N_r = N_s, or {the closest} if N_s is empty,
+    N_s = the floor(rho m) neighbours closest to x_i (Euclidean),
+    N_r = {j in N_s : l_i(x_j) <= l_i(x_i)}, or {the closest} if N_r is empty,
     x_i <- alpha x_i + (1 - alpha) mean_{j in N_r} x_j.
 
-Example (own [0]; neighbours 0.1, -0.3, 5; rho = 0.7 keeps floor(2.1) = 2, the two closest)::
+The loss: ``state["loss"]``, a callable mapping flat models [k, D] to their losses [k] on B_i, which
+both peer engines put in the rule's state for the call (``fedepic.peer_node.own_batch_loss`` and
+``rule_context``; the registry flags the rule ``needs_loss``). B_i is one minibatch of
+``train.batch_size`` of the node's own rows drawn with the seed (seed, round, node)
+(``peer_node.dsgt_batch``): under dsgd the very batch of the node's gradient this round, as in the
+code, where one batch serves both. Called without ``state["loss"]`` the rule runs stage 1 only
+(N_r = N_s, or the closest), and says so in ``info["stage"]`` (1).
+
+Example (own [0]; neighbours 0.1, -0.3, 5; rho = 0.7 keeps floor(2.1) = 2, the two closest; with the
+loss l(v) = |v - 0.2|, own's loss 0.2, neighbour 0.1 (loss 0.1) stays and -0.3 (loss 0.5) goes)::
 
     >>> import torch
-    >>> out = MoziStageOne(0.7, 0.5)(torch.tensor([[0.0], [0.1], [-0.3], [5.0]]), 0, None, {})
-    >>> out.kept.tolist(), out.vector
-    ([True, True, True, False], tensor([-0.0500]))
+    >>> stack = torch.tensor([[0.0], [0.1], [-0.3], [5.0]])
+    >>> out = Mozi(0.7, 0.5)(stack, 0, None, {})
+    >>> out.kept.tolist(), out.vector, out.info["stage"]
+    ([True, True, True, False], tensor([-0.0500]), 1)
+    >>> out = Mozi(0.7, 0.5)(stack, 0, None, {"loss": lambda rows: (rows[:, 0] - 0.2).abs()})
+    >>> out.kept.tolist(), out.vector, out.info["stage"]
+    ([True, True, False, False], tensor([0.0500]), 2)
 
-Cost: O(m D) for the distances and the mean, O(m log m) for the sort; O(D) extra memory.
+Cost: O(m D) for the distances and the mean, O(m log m) for the sort, and the loss of own and of the
+floor(rho m) stage-1 neighbours on one minibatch (the code scores every neighbour; only N_s's scores
+are used); O(D) extra memory.
 
-Deviations (this is "MOZI without its performance stage"):
-- **Stage 2 is missing.** It needs each kept neighbour's loss on the node's own minibatch, i.e. the
-  node's model, data and loss function inside the rule. The one rule signature carries vectors only,
-  and the peer engines call stateless rules with a fresh ``state`` (``fedepic/peer_node.py``'s
-  ``peer_aggregate``), which the issue asks not to edit while those files move; a ``loss`` callable
-  placed in ``state`` by the node would be the smallest hook, and it needs that edit. Without stage 2
-  a neighbour that is close to own but worse on own data (a subtle poison) is kept.
+Deviations:
 - ``- lr * grad``, the code's local step, is not part of the rule: fedepic's D-PSGD trains before it
-  aggregates (``fedepic/peer_node.py``).
+  aggregates, and dsgd steps after it (``fedepic/peer_node.py``).
+- The losses are computed in eval mode (the code forwards the worker's model in the mode it is in;
+  the same for models without dropout or BatchNorm), with the plain cross-entropy (no L2 term).
+- Under dsgt the rule gets no loss (the tracker rows are no model): stage 1 only.
 - ``weights`` are ignored (the code averages N_r equally and weighs own by alpha). Ties of distance go
   to the lower row (a stable sort). Non-finite neighbours are left out first
-  (``strategies.aggregate.aggregate``), and m counts the finite ones.
+  (``strategies.aggregate.aggregate``), and m counts the finite ones. With a pre-aggregation step the
+  loss scores the transformed rows.
 - Defaults (``defense.mozi``): rho 0.4, alpha 0.5, ClippedGossip's runs (``aggmozi0.4,0.5``).
 """
 
@@ -62,8 +83,9 @@ from strategies.aggregate import Aggregate, self_first
 from strategies.gossip import own_only, split_own
 
 
-class MoziStageOne:
-    """MOZI / UBAR's distance stage and mixing at one node (module docstring).
+class Mozi:
+    """MOZI / UBAR at one node: the distance stage, the loss stage when ``state["loss"]`` is given, and
+    the mixing (module docstring).
 
     Parameters
     ----------
@@ -72,7 +94,7 @@ class MoziStageOne:
     alpha : float
         The weight of the node's own model (``defense.mozi.alpha``).
 
-    ``info``: ``selected`` (the rows of N_r, closest first).
+    ``info``: ``selected`` (the rows of N_r, closest first), ``stage`` (2 with the loss stage, else 1).
     """
 
     def __init__(self, rho: float, alpha: float) -> None:
@@ -88,10 +110,16 @@ class MoziStageOne:
         if m == 0:
             return own_only(stack, own_index)
         order = torch.sort((neighbours.double() - own.double()).norm(dim=1).cpu(), stable=True).indices
-        chosen = order[:max(1, int(self.rho * m))]
+        chosen = order[:int(self.rho * m)]  # N_s
+        loss = state.get("loss")
+        if loss is not None and len(chosen):
+            scores = torch.as_tensor(loss(torch.cat([own.unsqueeze(0), neighbours[chosen.to(neighbours.device)]])))
+            chosen = chosen[(scores[1:] <= scores[0]).cpu()]  # N_r: no worse than own on own batch
+        if not len(chosen):
+            chosen = order[:1]  # the closest
         rows = self_first(stack.shape[0], own_index)[1:][chosen]
         kept = torch.zeros(stack.shape[0], dtype=torch.bool)
         kept[own_index] = True
         kept[rows] = True
         mixed = self.alpha * own + (1 - self.alpha) * neighbours[chosen.to(neighbours.device)].mean(dim=0)
-        return Aggregate(mixed, kept, info={"selected": rows.tolist()})
+        return Aggregate(mixed, kept, info={"selected": rows.tolist(), "stage": 1 if loss is None else 2})

@@ -98,21 +98,27 @@ class PreAggregated:
     rule's (rows of the same stack; a row that only the steps made non-finite is marked not kept and,
     in ``info["nonfinite_after_steps"]``, listed). Stateful rules (GP, exclude) keep per-neighbour
     records of what they received, so they are not wrapped.
+
+    A step that depends on the call (bucketing's permutation: the round and the receiving node) has a
+    ``for_call(state)`` method; the wrapper binds it to the rule's ``state`` for each call
+    (``fedepic.peer_node.rule_context`` fills it) before the stack goes through.
     """
 
     def __init__(self, rule: Rule, steps: Sequence[Step]) -> None:
         self.rule, self.steps = rule, list(steps)
 
-    def transform(self, stack: Tensor) -> Tensor:
-        """``stack`` [n, D] through the steps in order."""
+    def transform(self, stack: Tensor, state: Optional[dict] = None) -> Tensor:
+        """``stack`` [n, D] through the steps in order, each bound to the call's ``state`` where it
+        depends on it (``for_call``)."""
         for step in self.steps:
-            stack = step(stack)
+            bind = getattr(step, "for_call", None)
+            stack = (bind(state or {}) if bind is not None else step)(stack)
         return stack
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
         from strategies.aggregate import aggregate
 
-        inner = aggregate(self.rule, self.transform(stack), own_index, weights, state)
+        inner = aggregate(self.rule, self.transform(stack, state), own_index, weights, state)
         info = dict(inner.info)
         if inner.nonfinite is not None and bool(inner.nonfinite.any()):
             info["nonfinite_after_steps"] = inner.nonfinite.nonzero().flatten().tolist()

@@ -10,9 +10,7 @@ where such a venv exists and checks the recording is still what ByzFL gives.
 from __future__ import annotations
 
 import doctest
-import hashlib
 import os
-import struct
 import subprocess
 from pathlib import Path
 
@@ -259,14 +257,19 @@ def test_bucketing_by_hand_and_its_seeds():
         g = torch.Generator().manual_seed(7 * 1_000_003 + rnd)
         assert torch.equal(Bucketing(2, 7, rnd)(x), bucketed_rows(x, torch.randperm(5, generator=g), 2))
         assert torch.equal(Bucketing(2, 7, rnd)(x), Bucketing(2, 7, rnd)(x))
-    # at a peer (no round): seeded with the seed and a digest of the stack, the same whenever it is built
-    for stack in (x, x + 1, x * 2):
-        key = int.from_bytes(hashlib.blake2b(struct.pack("<dqq", float(stack.sum()), 5, 2), digest_size=4).digest(),
-                             "little") >> 1
-        g = torch.Generator().manual_seed(7 * 1_000_003 + key)
-        assert torch.equal(Bucketing(2, 7)(stack), bucketed_rows(stack, torch.randperm(5, generator=g), 2))
-    perms = {tuple(Bucketing(2, 7).permutation(x + k).tolist()) for k in range(20)}
-    assert len(perms) > 10  # a new permutation for new inputs (5! = 120 of them)
+    # at a peer: bound per call to the round and the receiving node, whatever the stack holds
+    for rnd, node in ((1, 0), (1, 3), (2, 3)):
+        bound = Bucketing(2, 7).for_call({"round": rnd, "node": node})
+        g = torch.Generator().manual_seed((7 * 1_000_003 + rnd) * 1_000_033 + node)
+        perm = torch.randperm(5, generator=g)
+        for stack in (x, x + 1, x * 2):  # the permutation does not depend on the contents
+            assert torch.equal(bound(stack), bucketed_rows(stack, perm, 2))
+    perms = {tuple(Bucketing(2, 7).for_call({"round": r, "node": k}).permutation(x).tolist())
+             for r in range(1, 5) for k in range(5)}
+    assert len(perms) > 10  # a new permutation for each round and node (5! = 120 of them)
+    assert Bucketing(2, 7, 4).for_call({"round": 9, "node": 1}).round == 4  # a server's step keeps its round
+    with pytest.raises(ValueError, match="bucketing: no round"):
+        Bucketing(2, 7)(x)
     assert torch.equal(Bucketing(1, 7, 1)(x), x)
     with pytest.raises(ValueError, match="bucketing"):
         Bucketing(0, 7)
@@ -298,8 +301,8 @@ def test_bucketing_before_a_peer_rule_moves_own_with_its_bucket():
                                     "defense.bucket_size=2", "seed=11"])
     rule = peer_rule("gossip", cfg)
     x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
-    got = aggregate(rule, x, 0, torch.tensor([0.7, 0.1, 0.1, 0.1])).vector
-    rows = bucketed_rows(x, Bucketing(2, 11).permutation(x), 2)
+    got = aggregate(rule, x, 0, torch.tensor([0.7, 0.1, 0.1, 0.1]), {"round": 3, "node": 2}).vector
+    rows = bucketed_rows(x, Bucketing(2, 11, 3, 2).permutation(x), 2)
     assert torch.allclose(got, 0.7 * rows[0] + 0.1 * rows[1:].sum(dim=0))
 
 

@@ -221,19 +221,19 @@ def test_balance_accepts_within_the_decaying_radius_and_mixes_with_alpha():
     assert torch.equal(alone.vector, own) and alone.kept.tolist() == [False, True]
 
 
-# --------------------------------------------------------------------------- MOZI (stage 1)
+# --------------------------------------------------------------------------- MOZI
 
 
 def test_mozi_keeps_the_closest_rho_share_and_falls_back_to_the_closest():
     """Distances from own [0, 0]: 1, 3, 2, 10. rho = 0.5 keeps floor(2) = 2, rows 1 and 3 (distances
     1 and 2); alpha = 0.6: 0.6 own + 0.4 mean. rho = 0.2: floor(0.8) = 0 -> the closest alone."""
-    from strategies.mozi import MoziStageOne
+    from strategies.mozi import Mozi
 
     stack = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, -2.0], [10.0, 0.0]])
-    out = aggregate(MoziStageOne(0.5, 0.6), stack, 0, None)
+    out = aggregate(Mozi(0.5, 0.6), stack, 0, None)
     assert out.kept.tolist() == [True, True, False, True, False] and out.info["selected"] == [1, 3]
     assert torch.allclose(out.vector, 0.4 * torch.tensor([0.5, -1.0]))
-    few = MoziStageOne(0.2, 0.6)(stack, 0, None, {})
+    few = Mozi(0.2, 0.6)(stack, 0, None, {})
     assert few.info["selected"] == [1] and torch.allclose(few.vector, torch.tensor([0.4, 0.0]))
 
 

@@ -1,0 +1,163 @@
+"""What the peer rules and attacks get from the decentralized round (fedepic issue 33): the call context of
+a stateless peer rule (round, rounds, node; BALANCE's decay, bucketing's seed), MOZI's own-batch loss,
+the receiver's defense in the optimized attacks, mimic's memory across rounds, and both engines agreeing
+on all of them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedepic.client_data import client_partition, partition_report
+from fedepic.config import load_config, malicious_ids, member_config
+from fedepic.data import load_dataset
+from fedepic.peer_node import derive_seed, dsgt_batch, load_exchanged, own_batch_loss
+from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
+from fedepic.peer_stacked import member_class
+from fedepic.vectors import unflatten_like
+from strategies.aggregate import aggregate
+
+
+def member_for(cfg, strategy: str):
+    """A member of ``cfg`` (its in-process backend, as ``peer_local.run_local_member`` builds it)."""
+    data = load_dataset(cfg.data, cfg.seed)
+    parts = client_partition(cfg, data)
+    roles = run_label_roles(cfg, partition_report(cfg, data, parts)["label_histograms"], data.num_classes)
+    rule, _ = member_config(cfg, strategy)
+    routing = routing_for(rule, communication_graph(cfg), malicious_ids(cfg))
+    return member_class(cfg)(cfg, strategy, strategy, routing, data, parts, roles)
+
+
+class Recording:
+    """A peer rule that records the ``state`` of every call (a copy) and delegates to ``rule``."""
+
+    def __init__(self, rule) -> None:
+        self.rule, self.calls = rule, []
+
+    def __call__(self, stack, own_index, weights, state):
+        self.calls.append(dict(state))
+        return self.rule(stack, own_index, weights, state)
+
+
+# --------------------------------------------------------------------------- the call context
+
+
+@pytest.mark.parametrize("algorithm,strategy", [("dpsgd", "median"), ("dsgd", "median"), ("dsgt", "median")])
+def test_stateless_peer_rules_get_the_round_the_rounds_and_the_node(algorithm, strategy):
+    """Every benign node's rule call carries {"round": t, "rounds": T, "node": i}, on the in-process
+    backends of the three algorithms (dsgd: the stacked rows' node-by-node path); the Ray node passes the
+    same (``test_both_engines_agree_on_the_new_hooks``)."""
+    extra = {"dpsgd": [], "dsgd": ["train.client_momentum=0.9"], "dsgt": []}[algorithm]
+    cfg = load_config("dfl_smoke", [f"strategies=[{strategy}]", "rounds=2", f"decentralized.algorithm={algorithm}",
+                                    *extra])
+    member = member_for(cfg, strategy)
+    recorder = Recording(member.rules[strategy])
+    member.rules[strategy] = recorder
+    for rnd in (1, 2):
+        member.play_round(rnd)
+    benign = [i for i in member.active if i not in member.bad]
+    per_call = 2 if algorithm == "dsgt" else 1  # dsgt: the model sum and the tracker sum
+    want = [{"rounds": 2, "round": r, "node": i} for r in (1, 2) for i in benign for _ in range(per_call)]
+    assert recorder.calls == want
+
+
+def test_balance_decays_with_the_round_it_is_given():
+    """Own [1, 0], a neighbour at distance 0.4: gamma = 0.5 accepts it at t = 0 (radius 0.5) but not at
+    t = T = 1 with kappa = 1 (radius 0.5 / e = 0.18)."""
+    from strategies.balance import Balance
+
+    stack = torch.tensor([[1.0, 0.0], [1.0, 0.4]])
+    rule = Balance(0.5, 1.0, 0.5, rounds=10)
+    assert rule(stack, 0, None, {}).kept.tolist() == [True, True]
+    late = rule(stack, 0, None, {"round": 1, "rounds": 1})
+    assert late.kept.tolist() == [True, False] and late.info["threshold"] == pytest.approx(0.5 / math.e)
+    assert rule(stack, 0, None, {"round": 5}).info["threshold"] == pytest.approx(0.5 * math.exp(-0.5))
+
+
+def test_bucketing_at_a_peer_is_seeded_by_the_run_seed_the_round_and_the_node():
+    """A dpsgd round of gossip with bucketing (s = 2): node i's rule sees its stack with rows replaced by
+    the bucket means of the permutation seeded (seed * 1_000_003 + t) * 1_000_033 + i."""
+    from strategies.bucketing import bucketed_rows
+
+    cfg = load_config("dfl_smoke", ["strategies=[gossip]", "rounds=2", "defense.pre_aggregation=[bucketing]",
+                                    "defense.bucket_size=2", "seed=4"])
+    member = member_for(cfg, "gossip")
+    wrapped = member.rules["gossip"]
+    seen = []
+    inner = wrapped.rule
+
+    def gossip(stack, own_index, weights, state):
+        seen.append((stack.clone(), dict(state)))
+        return inner(stack, own_index, weights, state)
+
+    wrapped.rule = gossip
+    raw = []
+    original = wrapped.transform
+
+    def transform(stack, state=None):
+        raw.append(stack.clone())
+        return original(stack, state)
+
+    wrapped.transform = transform
+    member.play_round(1)
+    assert len(seen) == 4  # the benign nodes 1..4
+    for (bucketed, state), stack in zip(seen, raw):
+        g = torch.Generator().manual_seed((4 * 1_000_003 + 1) * 1_000_033 + state["node"])
+        assert torch.equal(bucketed, bucketed_rows(stack, torch.randperm(stack.shape[0], generator=g), 2))
+
+
+# --------------------------------------------------------------------------- MOZI's loss stage
+
+
+def test_mozi_gets_the_nodes_own_batch_loss():
+    """A dpsgd round of mozi: each benign node's rule gets ``loss``, the cross-entropy of flat models on its
+    minibatch (train.batch_size of its rows, seeded (seed, round, node)), checked model by model."""
+    cfg = load_config("dfl_smoke", ["strategies=[mozi]", "rounds=1", "defense.mozi.rho=1.0"])
+    member = member_for(cfg, "mozi")
+    recorder = Recording(member.rules["mozi"])
+    member.rules["mozi"] = recorder
+    member.play_round(1)
+    assert [c["node"] for c in recorder.calls] == [1, 2, 3, 4] and all("loss" in c for c in recorder.calls)
+    node = 2
+    loss = recorder.calls[1]["loss"]
+    net = member.models[node]
+    like = dict(member.template)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, sum(v.numel() for v in member.template.values()), generator=gen) * 0.1
+    images, labels = dsgt_batch(member.clients[node].x, member.clients[node].y, cfg, derive_seed(cfg.seed, 1, node))
+    got = loss(rows)
+    for k in range(3):
+        load_exchanged(net, unflatten_like(rows[k], like))
+        net.eval()
+        with torch.no_grad():
+            want = torch.nn.functional.cross_entropy(net(images.float() / 255 if images.dtype == torch.uint8
+                                                          else images.float()), labels)
+        assert float(got[k]) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_mozi_keeps_only_the_neighbours_no_worse_on_own_batch():
+    """Stage 2 by hand: rho = 1 keeps all three neighbours in stage 1; with losses own 0.5, neighbours 0.4,
+    0.9, 0.5, the second goes (worse than own), ties stay; alpha = 0.5. No neighbour as good: the closest."""
+    from strategies.mozi import Mozi
+
+    stack = torch.tensor([[0.0], [1.0], [2.0], [-3.0]])
+    losses = {0.0: 0.5, 1.0: 0.4, 2.0: 0.9, -3.0: 0.5}
+    loss = lambda rows: torch.tensor([losses[float(v)] for v in rows[:, 0]])  # noqa: E731
+    out = aggregate(Mozi(1.0, 0.5), stack, 0, None, {"loss": loss})
+    assert out.kept.tolist() == [True, True, False, True] and out.info["selected"] == [1, 3]
+    assert torch.allclose(out.vector, torch.tensor([0.5 * (1.0 - 3.0) / 2]))
+    worse = lambda rows: torch.tensor([0.1] + [1.0] * (rows.shape[0] - 1))  # noqa: E731
+    out = aggregate(Mozi(1.0, 0.5), stack, 0, None, {"loss": worse})
+    assert out.info["selected"] == [1] and torch.allclose(out.vector, torch.tensor([0.5]))
+
+
+def test_own_batch_loss_is_seeded_by_round_and_node():
+    cfg = load_config("dfl_smoke", ["strategies=[mozi]"])
+    member = member_for(cfg, "mozi")
+    client, net = member.clients[1], member.models[1]
+    row = torch.randn(1, sum(v.numel() for v in member.template.values()), generator=torch.Generator().manual_seed(1))
+    a = own_batch_loss(net, client.x, client.y, cfg, 1, 1)(row)
+    assert torch.equal(a, own_batch_loss(net, client.x, client.y, cfg, 1, 1)(row))
+    assert not torch.equal(a, own_batch_loss(net, client.x, client.y, cfg, 2, 1)(row))
