@@ -19,7 +19,8 @@ Flags:
   ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
   pre-aggregation steps, as ``aggregator``);
   ``per_receiver`` (decentralized: crafted for each receiver from its model and gossip weights,
-  ``fedepic.peer_routing.receiver_view``);
+  ``fedepic.peer_routing.receiver_view``); ``stateful`` (keeps a memory across rounds: the server's
+  ``Progress.attack``, the decentralized engine's member memory, both checkpointed);
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry);
 - decentralized algorithms (``decentralized.algorithm``; their equations and papers: ``fedepic.peer_node``):
   ``local_optimizer`` (nodes train ``clients.local_epochs`` with the local optimiser: ``train.momentum``
@@ -274,7 +275,7 @@ MODEL_ATTACKS = Registry("model attack", [
           {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
     Entry("mimic", "fedepic.attacks.mimic:mimic", "mimic: copy the honest worker picked in `attack.mimic_warmup` "
           "warm-up rounds (Karimireddy, He, Jaggi, ICLR 2022)", {"warmup": "attack.mimic_warmup"},
-          frozenset({"needs_honest"})),
+          frozenset({"needs_honest", "stateful"})),
     Entry("dissensus", "fedepic.attacks.dissensus:dissensus", "dissensus, decentralized only: each receiver "
           "pulled `attack.dissensus_eps` times against its benign neighbours (He, Karimireddy, Jaggi, 2022)",
           {"epsilon": "attack.dissensus_eps"}, frozenset({"needs_honest", "per_receiver"})),

@@ -72,6 +72,7 @@ class LocalMember:
         self.bad, self.benign, self.active = self.setting.malicious, self.setting.benign, self.setting.active
         self.clients: dict[int, ClientData] = {i: build_client_data(cfg, data, i, parts) for i in self.active}
         self.states = {i: NodeState(name) for i in self.active}
+        self.attack_memory: dict = {}  # play_round's (the engine's loop keeps its own)
         self.build_models()
         self.device = torch.device("cpu")
         # built once: the rules keep their per-node state in NodeState, not in themselves
@@ -84,8 +85,9 @@ class LocalMember:
 
     def play_round(self, round_: int) -> dict[str, Any]:
         """One round through the engine (``peer_rounds.play_round``): its metrics record. For tests and
-        benchmarks that drive a member round by round; runs go through ``run_local_member``."""
-        return play_round(self, round_)[0]
+        benchmarks that drive a member round by round (a stateful attack's memory kept in
+        ``attack_memory``); runs go through ``run_local_member``."""
+        return play_round(self, round_, memory=self.attack_memory)[0]
 
     # -- the two phases of a round (peer_rounds.PeerBackend) -------------------------------------
     def send(self, round_: int) -> Sent:

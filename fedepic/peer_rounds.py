@@ -62,11 +62,12 @@ from torch import Tensor
 from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, malicious_ids, member_config
 from fedepic.errors import RunFailed, RunInterrupted
-from fedepic.extensions import PEER_RULES
+from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.failures import check_failures, last_line
 from fedepic.peer_node import STATEFUL, eval_due, one_step
 from fedepic.peer_routing import (
-    AttackTally, Routing, detection_record, detection_truth, divergence_counts, outgoing, round_metrics,
+    AttackTally, Routing, detection_record, detection_truth, divergence_counts, outgoing, receiver_defense,
+    round_metrics,
 )
 
 Messages = Mapping[int, Mapping[int, Tensor]]  # {sender: {receiver: vector}}: what travels over each edge
@@ -88,10 +89,11 @@ class Member:
 class MemberStart:
     """Where a member's rounds begin: after round ``round`` (0: from the start), with ``states``
     (node id -> ``{"arrays", "config"}``, ``NodeState.to_plain``'s two parts) for the nodes to restore
-    first."""
+    first, and ``attack``, a stateful model attack's memory (mimic's; ``peer_routing.poisoned_models``)."""
 
     round: int = 0
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    attack: dict[str, Any] = field(default_factory=dict)
 
 
 class RunSink:
@@ -107,8 +109,10 @@ class RunSink:
 
     def round(self, member: Member, record: Mapping[str, Any]) -> None: ...
 
-    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
-        """Round ``round_``'s metrics line is logged; ``states`` are the nodes' states after it."""
+    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]], **extra: Any) -> None:
+        """Round ``round_``'s metrics line is logged; ``states`` are the nodes' states after it; ``extra``
+        holds ``attack``, a stateful model attack's memory (only when it has one: plain tensors and
+        containers), which ``begin`` hands back in ``MemberStart.attack``."""
 
     def end(self, member: Member) -> None: ...
 
@@ -193,15 +197,19 @@ class PeerBackend(Protocol):
 # --------------------------------------------------------------------------- one round
 
 
-def round_messages(setting: PeerSetting, work: Sent, round_: int) -> tuple[dict[int, dict[int, Tensor]], int]:
+def round_messages(setting: PeerSetting, work: Sent, round_: int, memory: Optional[dict] = None
+                   ) -> tuple[dict[int, dict[int, Tensor]], int]:
     """What travels over each edge between the nodes that sent, with the model attacks
     (``peer_routing.outgoing``), and how many non-finite inputs the attacks left out or replaced. A
-    benign sender's messages are its vector itself (the same tensor: backends may rely on it)."""
+    benign sender's messages are its vector itself (the same tensor: backends may rely on it). An attack
+    flagged ``needs_rule`` gets the receivers' defense (``peer_routing.receiver_defense``, built from the
+    registry with the member's rule); a stateful one keeps ``memory`` (None: none across rounds)."""
     tally = AttackTally()
     graph = setting.routing.graph.subgraph(work.vectors.keys())
     cfg = setting.cfg
+    defense = receiver_defense(cfg, setting.rule, round_) if MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
     sent = outgoing(cfg.attack, work.vectors, graph, setting.malicious, seed=cfg.seed, round_=round_, tally=tally,
-                    weights=setting.routing.weights)
+                    defense=defense, memory=memory, weights=setting.routing.weights)
     return sent, tally.nonfinite_inputs
 
 
@@ -237,9 +245,10 @@ def round_record(setting: PeerSetting, round_: int, work: Sent, got: Received, a
     return record
 
 
-def play_round(backend: PeerBackend, round_: int, collect: bool = False) -> tuple[dict[str, Any], dict[int, dict]]:
+def play_round(backend: PeerBackend, round_: int, collect: bool = False, memory: Optional[dict] = None
+               ) -> tuple[dict[str, Any], dict[int, dict]]:
     """One round of the member ``backend`` plays (module docstring): (its metrics record, the nodes'
-    states after it when ``collect``). The record ends with the timings: ``node_train_seconds`` (the
+    states after it when ``collect``); ``memory``: the member's attack memory (:func:`round_messages`). The record ends with the timings: ``node_train_seconds`` (the
     sum of the nodes' own training times) and ``train_phase_seconds`` (the node work's wall time) where
     the backend times its nodes, and ``seconds`` (the round's wall time)."""
     setting = backend.setting
@@ -248,7 +257,7 @@ def play_round(backend: PeerBackend, round_: int, collect: bool = False) -> tupl
     trained_at = time.perf_counter()
     if not work.vectors:  # every node failed: the check raises (it says how many, and why)
         check_failures(setting.cfg, f"{setting.name}, round {round_}", work.failures, len(setting.active))
-    messages, attack_nonfinite = round_messages(setting, work, round_)
+    messages, attack_nonfinite = round_messages(setting, work, round_, memory)
     got = backend.receive(round_, work, messages, collect)
     record = round_record(setting, round_, work, got, attack_nonfinite,
                           evaluated=eval_due(setting.cfg, round_), one_step=one_step(setting.cfg))
@@ -281,14 +290,15 @@ def run_peer_member(cfg: RunConfig, member: Member, sink: RunSink, backend_for: 
     start = sink.begin(member)
     backend.restore(start.states)
     saved = dict(start.states)
+    memory = dict(start.attack)  # a stateful attack's memory across rounds (mimic), checkpointed with the states
     for round_ in range(start.round + 1, cfg.rounds + 1):
         if stop is not None and stop.is_set():
             raise RunInterrupted("interrupted")
         due = checkpoint_due(cfg.checkpoint_every, round_, cfg.rounds)
-        record, states = play_round(backend, round_, collect=due)
+        record, states = play_round(backend, round_, collect=due, memory=memory)
         sink.round(member, record)
         check_failures(cfg, f"{member.name}, round {round_}", record["failures"], len(backend.setting.active))
         if due:  # after check_failures: a resume redoes a round that failed the run
             saved.update(states)
-            sink.checkpoint(member, round_, saved)
+            sink.checkpoint(member, round_, saved, **({"attack": memory} if memory else {}))
     sink.end(member)

@@ -17,7 +17,9 @@ receivers' honest models (z from Baruch et al. with n = clients.count, f = the m
 attack.alie_z), IPM ``-eps * mu`` and min-max ``mu + gamma p`` (Shejwalkar & Houmansadr) over them.
 By default m sends ONE model to all its benign neighbours, crafted against the union of their
 honest neighbourhoods; ``attack.per_neighbour=true`` crafts one model per receiver against exactly
-the honest models that receiver aggregates (and draws fresh noise for each). Colluding malicious
+the honest models that receiver aggregates (and draws fresh noise for each). The optimized ALIE / IPM
+are always crafted per receiver, against its own defense (:func:`receiver_defense`); mimic keeps its
+memory across rounds in the engine (``poisoned_models``'s ``memory``). Colluding malicious
 nodes send each other their honest models. Data attacks (label flipping, backdoor) need nothing
 here: the malicious node trains on its attacked rows and sends the result.
 """
@@ -25,7 +27,8 @@ here: the malicious node trains on its attacked rows and sends the result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import networkx as nx
 import torch
@@ -108,12 +111,23 @@ def attack_generator(seed: int, round_: int, attacker: int, receiver: int) -> to
     return torch.Generator().manual_seed(mixed)
 
 
-def _honest_stack(trained: Mapping[int, Tensor], ids: list[int], everyone: list[int], need: int) -> Tensor:
-    """Rows of ``ids``; when fewer than ``need``, all benign models (so a thin neighbourhood still works)."""
+def _honest_ids(ids: list[int], everyone: list[int], need: int) -> list[int]:
+    """``ids``; when fewer than ``need``, all benign nodes (so a thin neighbourhood still works)."""
     chosen = ids if len(ids) >= need else everyone
     if len(chosen) < need:
         raise ValueError(f"model attack needs {need} benign models, the network has {len(chosen)}")
-    return torch.stack([trained[j] for j in chosen])
+    return chosen
+
+
+def _honest_stack(trained: Mapping[int, Tensor], ids: list[int], everyone: list[int], need: int) -> Tensor:
+    """Rows of :func:`_honest_ids`."""
+    return torch.stack([trained[j] for j in _honest_ids(ids, everyone, need)])
+
+
+def _against(defense: ReceiverDefense, weights: Tensor, receiver: int, stack: Tensor) -> Tensor:
+    """The optimized attacks' ``aggregator`` at ``receiver``: its defense over ``stack`` (its view's
+    honest rows, then the attack's copies) with the view's ``weights``."""
+    return defense(stack, weights.to(stack.dtype), receiver)
 
 
 def receiver_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[int, float]], bad: set[int],
@@ -129,10 +143,53 @@ def receiver_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[in
                     "byzantine_weight": sum(w for j, w in mixing[receiver].items() if j in bad and j in trained)}
 
 
+ReceiverDefense = Callable[[Tensor, Tensor, int], Tensor]  # (stack, own first; weights; receiver) -> aggregate
+
+
+def receiver_defense(cfg: RunConfig, rule: str, round_: int) -> ReceiverDefense:
+    """A receiver's defense as the optimized attacks' objective sees it (``fedepic.attacks.optimized``;
+    the server's counterpart is ``defense_aggregator``): its peer rule after the pre-aggregation steps,
+    built from the registry as a benign node builds it (``peer_node.peer_rule``), over a stack with the
+    receiver's own model at row 0 and its mixing weights, with the call context a node gives it in this
+    round (``peer_node.rule_context``: round, rounds, node; no ``loss``: the router has no node's data,
+    so MOZI scores stage 1 only here). A stateful rule's records (gp, exclude) are the node's, not the
+    router's: plain gossip, what they do while no neighbour is flagged, stands in for them."""
+    from fedepic.peer_node import STATEFUL, peer_rule
+    from strategies.aggregate import aggregate
+
+    built = peer_rule("gossip", cfg, defended=False) if rule in STATEFUL else peer_rule(rule, cfg)
+
+    def defended(stack: Tensor, weights: Tensor, receiver: int) -> Tensor:
+        context = {"rounds": int(cfg.rounds), "round": int(round_), "node": int(receiver)}
+        return aggregate(built, stack, 0, weights, context).vector
+
+    return defended
+
+
+def defended_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[int, float]], bad: set[int],
+                  receiver: int) -> Optional[tuple[Tensor, Tensor, int]]:
+    """What an optimized attack crafts against at ``receiver``: the honest models it aggregates [k, D]
+    (its own first, then its finite benign neighbours), the weights of the stack its rule then gets
+    (those rows' mixing weights, then its f malicious neighbours' total shared by f equal copies,
+    renormalised to sum to 1), and f. None when its own model is not finite (own cannot be row 0)."""
+    own = trained[receiver]
+    if not bool(torch.isfinite(own).all()):
+        return None
+    honest, _ = receiver_view(trained, mixing, bad, receiver)
+    ids = [j for j in sorted(mixing[receiver]) if j != receiver and j not in bad and j in trained
+           and bool(torch.isfinite(trained[j]).all())]
+    liars = [j for j in mixing[receiver] if j != receiver and j in bad]
+    w = [mixing[receiver][receiver], *(mixing[receiver][j] for j in ids)]
+    w += [sum(mixing[receiver][j] for j in liars) / len(liars)] * len(liars)
+    weights = torch.tensor(w, dtype=torch.float64)
+    return torch.cat([own.unsqueeze(0), honest]), (weights / weights.sum()).to(own.dtype), len(liars)
+
+
 def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
                     malicious: Sequence[int], attacker: int, *, seed: int, round_: int,
                     tally: Optional[AttackTally] = None,
-                    weights: Optional[Mapping[int, Mapping[int, float]]] = None) -> dict[int, Tensor]:
+                    weights: Optional[Mapping[int, Mapping[int, float]]] = None,
+                    defense: Optional[ReceiverDefense] = None, memory: Optional[dict] = None) -> dict[int, Tensor]:
     """What ``attacker`` sends to each of its neighbours: {receiver: model vector}.
 
     Benign receivers get the poisoned model (one shared tensor, or one per receiver with
@@ -140,6 +197,12 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     the graph's nodes and malicious nodes (at least 1). ``tally`` counts the non-finite attack inputs.
     ``weights``: the receivers' mixing weights (``Routing.weights``), which a per-receiver attack
     (dissensus) reads; None: Metropolis-Hastings on ``graph``.
+    An attack flagged ``needs_rule`` (optimized ALIE / IPM) given the receivers' ``defense``
+    (:func:`receiver_defense`) is crafted per receiver against that receiver's rule over its view
+    (:func:`defended_view`; f = its malicious neighbours); a receiver whose view is too thin gets the
+    attacker's honest model. A ``stateful`` attack (mimic) keeps its memory in ``memory`` (the member's,
+    kept by the engine across rounds and in checkpoints), under the attacker's id (``"a>r"`` per
+    receiver with ``attack.per_neighbour``), and gets the honest models' node ids.
     """
     bad = set(int(m) for m in malicious)
     own = trained[attacker]
@@ -152,13 +215,29 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     everyone = sorted(n for n in trained if n not in bad)
     params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1))
     need = honest_rows_needed(attack.model, params)
-    per_receiver = MODEL_ATTACKS.has(attack.model, "per_receiver")  # dissensus: crafted from each receiver's view
+    optimized = defense is not None and MODEL_ATTACKS.has(attack.model, "needs_rule")
+    # dissensus: crafted from each receiver's view; optimized ALIE / IPM: against each receiver's defense
+    per_receiver = MODEL_ATTACKS.has(attack.model, "per_receiver") or optimized
     mixing = {} if not per_receiver else metropolis_hastings_weights(graph) if weights is None else weights
     groups = [[j] for j in targets] if attack.per_neighbour or per_receiver else [targets]
     for group in groups:
-        if per_receiver:
+        if optimized:
+            view = defended_view(trained, mixing, bad, group[0])
+            if view is None or view[0].shape[0] < need:
+                out[group[0]] = own
+                continue
+            honest, view_weights, f = view
+            aggregator = partial(_against, defense, view_weights, group[0])
+            params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=f, aggregator=aggregator)
+        elif per_receiver:
             honest, view = receiver_view(trained, mixing, bad, group[0])
             params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1), **view)
+        elif memory is not None and MODEL_ATTACKS.has(attack.model, "stateful"):
+            ids = _honest_ids(honest_reference(graph, bad, group), everyone, need)
+            honest = torch.stack([trained[j] for j in ids])
+            key = f"{attacker}>{group[0]}" if attack.per_neighbour else str(attacker)
+            params = model_attack_arguments(attack, n=graph.number_of_nodes(), f=max(len(bad), 1),
+                                            state=memory.setdefault(key, {}), ids=ids)
         else:
             honest = _honest_stack(trained, honest_reference(graph, bad, group), everyone, need)
         gen = attack_generator(seed, round_, attacker, group[0] if attack.per_neighbour or per_receiver else attacker)
@@ -178,15 +257,16 @@ class AttackTally:
 
 def outgoing(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph, malicious: Sequence[int],
              *, seed: int, round_: int, tally: Optional[AttackTally] = None,
-             weights: Optional[Mapping[int, Mapping[int, float]]] = None) -> dict[int, dict[int, Tensor]]:
-    """{sender: {receiver: vector}} for every edge; benign senders send their trained model. ``weights``:
-    the receivers' mixing weights (:func:`poisoned_models`)."""
+             weights: Optional[Mapping[int, Mapping[int, float]]] = None,
+             defense: Optional[ReceiverDefense] = None, memory: Optional[dict] = None) -> dict[int, dict[int, Tensor]]:
+    """{sender: {receiver: vector}} for every edge; benign senders send their trained model. ``weights``
+    (the receivers' mixing weights), ``defense`` and ``memory``: see :func:`poisoned_models`."""
     bad = set(int(m) for m in malicious)
     sent: dict[int, dict[int, Tensor]] = {}
     for node in graph.nodes:
         if node in bad:
             sent[node] = poisoned_models(attack, trained, graph, sorted(bad), node, seed=seed, round_=round_,
-                                         tally=tally, weights=weights)
+                                         tally=tally, weights=weights, defense=defense, memory=memory)
         else:
             sent[node] = {j: trained[node] for j in graph.neighbors(node) if j != node}
     return sent

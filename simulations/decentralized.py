@@ -140,7 +140,8 @@ class FolderSink(RunSink):
             return MemberStart()
         self._check_saved(member, saved)
         self.bars[member.name].advance(saved["round"])
-        return MemberStart(int(saved["round"]), {int(i): state for i, state in saved["states"].items()})
+        return MemberStart(int(saved["round"]), {int(i): state for i, state in saved["states"].items()},
+                           dict(saved.get("attack", {})))
 
     def _check_saved(self, member: Member, saved: Mapping[str, Any]) -> None:
         rounds = [r.get("round") for r in self.records[member.name]]
@@ -148,13 +149,16 @@ class FolderSink(RunSink):
             raise ConfigError(f"invalid value '{self.life.root.dir / member.name}' for key 'resume': metrics.jsonl "
                               f"holds rounds {rounds[:3]}..., its checkpoint is at round {saved['round']}")
 
-    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]]) -> None:
-        """``checkpoint.pt`` of the member after ``round_``, whose metrics line is on disk by now."""
+    def checkpoint(self, member: Member, round_: int, states: Mapping[int, Mapping[str, Any]],
+                   attack: Optional[Mapping[str, Any]] = None) -> None:
+        """``checkpoint.pt`` of the member after ``round_``, whose metrics line is on disk by now, with a
+        stateful attack's memory (``attack``) when it has one."""
         writer = self.life.writers[member.name]
         writer.flush()
         save_checkpoint(writer.dir / CHECKPOINT, {
             "member": member.name, "round": round_, "metrics_size": metrics_size(writer.dir),
             "states": {str(i): dict(state) for i, state in sorted(states.items())},
+            **({"attack": dict(attack)} if attack else {}),
         })
 
     def round(self, member: Member, record: Mapping[str, Any]) -> None:

@@ -161,3 +161,104 @@ def test_own_batch_loss_is_seeded_by_round_and_node():
     a = own_batch_loss(net, client.x, client.y, cfg, 1, 1)(row)
     assert torch.equal(a, own_batch_loss(net, client.x, client.y, cfg, 1, 1)(row))
     assert not torch.equal(a, own_batch_loss(net, client.x, client.y, cfg, 2, 1)(row))
+
+
+# --------------------------------------------------------------------------- optimized attacks at peers
+
+
+def test_optimal_alie_at_a_peer_optimises_against_the_receivers_rule():
+    """Ring of 5, node 0 malicious: receiver 1 aggregates own x_1, x_2 and the attack (weights 1/3 each).
+    The crafted model is ByzFL's search with that receiver's trimmed mean as the aggregator, not the
+    plain mean (whose search keeps expanding)."""
+    from fedepic.attacks.optimized import optimal_alie
+    from fedepic.peer_node import peer_rule
+    from fedepic.peer_routing import poisoned_models, receiver_defense
+    from fedepic.topology import build_topology
+
+    cfg = load_config("dfl_smoke", ["strategies=[trimmed_mean]", "attack.model=optimal_alie", "attack.data=none"])
+    graph = build_topology("ring", 5, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    trained = {i: torch.randn(6, generator=gen) for i in range(5)}
+    defense = receiver_defense(cfg, "trimmed_mean", 3)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3, defense=defense)
+    rule = peer_rule("trimmed_mean", cfg)
+    w = torch.full((3,), 1 / 3)
+    for receiver, neighbour in ((1, 2), (4, 3)):
+        honest = torch.stack([trained[receiver], trained[neighbour]])
+        want = optimal_alie(honest, trained[0], None, f=1, evals=cfg.attack.search_evals,
+                            aggregator=lambda s, r=receiver: aggregate(rule, s, 0, w, {"round": 3, "node": r}).vector)
+        assert torch.allclose(sent[receiver], want)
+        against_mean = optimal_alie(honest, trained[0], None, f=1, evals=cfg.attack.search_evals)
+        assert float((sent[receiver] - honest.mean(0)).norm()) < 1e-3 * float((against_mean - honest.mean(0)).norm())
+    # without the defense (a caller that passes none) the objective is the plain mean, as before
+    plain = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3)
+    assert plain[1] is plain[4]
+
+
+def test_optimal_attacks_on_dfl_smoke_stay_finite_against_a_robust_rule():
+    from fedepic.peer_local import run_sequential
+
+    for attack in ("optimal_alie", "optimal_ipm"):
+        cfg = load_config("dfl_smoke", ["strategies=[trimmed_mean]", f"attack.model={attack}", "attack.data=none",
+                                        "rounds=3"])
+        records = run_sequential(cfg, "trimmed_mean")
+        assert all(math.isfinite(r["consensus_distance"]) and r["consensus_distance"] < 1.0 for r in records)
+        assert records[-1]["mean_accuracy"] > 0.5
+
+
+# --------------------------------------------------------------------------- mimic's memory at peers
+
+
+def test_mimic_at_peers_keeps_its_target_across_rounds_and_checkpoints():
+    """mimic with a warm-up of 1 round: the engine's memory holds the attacker's target after round 1,
+    round 2 sends that node's model of round 2; a resume from round 1's checkpoint (states and memory)
+    gives the uninterrupted run's records."""
+    from fedepic.peer_local import LocalMember
+    from fedepic.peer_rounds import Member, MemberStart, RunSink, run_peer_member
+
+    overrides = ["strategies=[gossip]", "attack.model=mimic", "attack.mimic_warmup=1", "attack.data=none",
+                 "rounds=3", "checkpoint_every=1"]
+    cfg = load_config("dfl_smoke", overrides)
+    member = member_for(cfg, "gossip")
+    member.play_round(1)
+    memory = member.attack_memory
+    assert set(memory) == {"0"} and memory["0"]["t"] == 1 and memory["0"]["target"] in (1, 2, 3, 4)
+    target = memory["0"]["target"]
+    seen = {}
+    original = member.receive
+
+    def receive(round_, work, messages, collect):
+        seen[round_] = (messages[0][1], work.vectors[target])
+        return original(round_, work, messages, collect)
+
+    member.receive = receive
+    member.play_round(2)
+    assert memory["0"]["target"] == target and memory["0"]["t"] == 2
+    assert torch.equal(seen[2][0], seen[2][1])  # the fixed target's model of round 2
+
+    class Sink(RunSink):
+        def __init__(self, start=MemberStart()):
+            self.start, self.records, self.saved = start, [], {}
+
+        def begin(self, member):
+            return self.start
+
+        def round(self, member, record):
+            self.records.append({k: v for k, v in record.items() if k not in ("seconds", "failures")})
+
+        def checkpoint(self, member, round_, states, **extra):
+            import copy
+            self.saved[round_] = (copy.deepcopy(dict(states)), copy.deepcopy(extra))
+
+    def backend():
+        fresh = member_for(cfg, "gossip")
+        assert isinstance(fresh, LocalMember)
+        return fresh
+
+    whole = Sink()
+    run_peer_member(cfg, Member("gossip", "gossip", member.routing), whole, backend)
+    states, extra = whole.saved[1]
+    assert extra["attack"]["0"]["target"] == target
+    resumed = Sink(MemberStart(1, states, extra["attack"]))
+    run_peer_member(cfg, Member("gossip", "gossip", member.routing), resumed, backend)
+    assert repr(resumed.records) == repr(whole.records[1:])  # repr: NaN figures compare equal

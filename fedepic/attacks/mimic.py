@@ -39,9 +39,12 @@ from the seeded z0 (as in the code: argmax of <h_i, z>, the code's default ``arg
 holding NaN / inf are left out (a finite own is not needed: the attack never sends it unless no honest
 row is finite); after the warm-up, a target not among the round's honest vectors (not sampled, or
 non-finite) is replaced for that round by the row of largest <h_i, z> (the authors' simulator always has
-every worker); without ``state`` (the decentralized router passes none) every round is round 0: the
-target is chosen afresh from that round's vectors, with no memory; the router crafts one copy against the
-union of the receivers' honest models (``fedepic/peer_routing.py``).
+every worker); without ``state`` every round is round 0: the target is chosen afresh from that
+round's vectors, with no memory. At peers the decentralized engine keeps the memory per attacker (per
+attacker and receiver under ``attack.per_neighbour``) across rounds and in its checkpoints
+(``fedepic.peer_rounds.run_peer_member``, ``MemberStart.attack``), and the router passes the node ids of
+the honest models, crafted against the union of the receivers' honest models
+(``fedepic/peer_routing.py``); the target is a node, chosen once after the warm-up.
 """
 
 from __future__ import annotations

@@ -40,11 +40,14 @@ called on equal weights (FedAvg's example weights are not passed; ByzFL's aggreg
 too); a stateful rule (centered clipping's centre, MoNNA's reference) sees a copy of the member's rule
 state as the server holds it before the round (``state`` of :func:`defense_aggregator`: the previous
 aggregate), every evaluation the same copy, so the search neither sees a zero centre nor moves the
-server's; ``start``, ``delta`` and the ratio are ByzFL's defaults
-(0, 10, 0.8) and not configurable; at a peer (``fedepic/peer_routing.py``) no rule is passed and the
-objective uses the plain mean of the receivers' honest models and the crafted copies (ByzFL's default
-aggregator is the mean too, though with its ``Clipping`` default as pre-aggregation, which fedepic
-does not add).
+server's; ``start``, ``delta`` and the ratio are ByzFL's defaults (0, 10, 0.8) and not configurable.
+At a peer the router crafts one model per receiver against that receiver's defense
+(``fedepic.peer_routing.receiver_defense``: its peer rule after pre-aggregation, built from the
+registry, with its mixing weights and the round's call context), over its own model and its finite
+benign neighbours' with f = its malicious neighbours (``peer_routing.defended_view``); there the rule
+gets the receiver's weights and a fresh state, and a stateful rule (gp, exclude) is stood in for by
+gossip. Called with no ``aggregator`` the objective uses the plain mean (ByzFL's default aggregator is
+the mean too, though with its ``Clipping`` default as pre-aggregation, which fedepic does not add).
 """
 
 from __future__ import annotations
