@@ -262,3 +262,37 @@ def test_mimic_at_peers_keeps_its_target_across_rounds_and_checkpoints():
     resumed = Sink(MemberStart(1, states, extra["attack"]))
     run_peer_member(cfg, Member("gossip", "gossip", member.routing), resumed, backend)
     assert repr(resumed.records) == repr(whole.records[1:])  # repr: NaN figures compare equal
+
+
+# --------------------------------------------------------------------------- both engines
+
+
+@pytest.mark.slow
+def test_both_engines_agree_on_the_new_hooks(tmp_path, capsys):
+    """One Ray run of dfl_smoke with balance (the round), mozi (the own-batch loss) and trimmed_mean, all
+    with bucketing (round and node), under the optimized ALIE (the receiver's defense): its records are
+    the in-process engine's, node by node."""
+    import json
+    from pathlib import Path
+
+    from fedepic.peer_local import run_sequential
+    from fedepic.simulate import main
+
+    overrides = [f"output_dir={tmp_path}", "strategies=[balance,mozi,trimmed_mean]",
+                 "defense.pre_aggregation=[bucketing]", "defense.bucket_size=2", "attack.model=optimal_alie",
+                 "attack.data=none", "defense.mozi.rho=1.0", "defense.balance.gamma=0.05"]
+    assert main(["config=dfl_smoke.yaml", "progress=false", *overrides]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match
+    try:
+        for member in ("balance", "mozi", "trimmed_mean"):
+            got = [json.loads(line) for line in (run / member / "metrics.jsonl").read_text().splitlines()]
+            want = run_sequential(load_config("dfl_smoke.yaml", overrides), member, node_by_node=True)
+            assert len(got) == len(want) == 2
+            for g, w in zip(got, want):
+                assert g["mean_accuracy"] == pytest.approx(w["mean_accuracy"], abs=1e-6)
+                assert g["per_class"] == pytest.approx(w["per_class"], abs=1e-6)
+                assert g["consensus_distance"] == pytest.approx(w["consensus_distance"], rel=1e-4)
+    finally:
+        torch.set_num_threads(threads)

@@ -68,7 +68,7 @@ def test_every_published_cell_of_every_replay_has_a_mapping():
 def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     # iid: gossip 95.0 (published 96.434, one seed: tolerance 3 -> within), scclip 93.0 (96.404: 3.40 away ->
     # outside); noniid: the cell failed -> every noniid cell missing with its error; rfa: not in the folder;
-    # mozi: fedepic lacks its performance stage
+    # mozi: fedepic's rule lacks MOZI's own gradient step
     folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [
         {"values": {"data.partition": "iid", "seed": 0}, "status": "completed",
          "rows": dumbbell_rows({"gossip": 0.95, "scclip": 0.93, "trimmed_mean": 0.9241})},
@@ -92,7 +92,7 @@ def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     assert results["iid", "rfa"].reason == "no average_accuracy of member 'rfa' in the matching cells"
     for split in ("iid", "noniid"):
         assert results[split, "mozi"].verdict == "missing"
-        assert results[split, "mozi"].reason.startswith("fedepic cannot run it yet: needs MOZI's performance stage")
+        assert results[split, "mozi"].reason.startswith("fedepic cannot run it yet: needs MOZI's own gradient step")
 
 
 def test_bucketing_mean_and_spread_over_seeds(tmp_path):

@@ -19,7 +19,7 @@ Example::
     >>> m.values, m.member, m.metric, m.needs
     ({'data.partition': 'label_sets'}, 'trimmed_mean', 'average_accuracy', None)
     >>> replay.map_cell({"split": "iid", "aggregator": "mozi"}).needs[:16]
-    "MOZI's performan"
+    "MOZI's own gradi"
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class Replay:
 
 DUMBBELL_SPLITS = {"iid": "iid", "noniid": "label_sets"}
 DUMBBELL_RULES = {"gossip": None, "scclip": None, "trimmed_mean": None, "rfa": None,
-                  "mozi": "MOZI's performance stage (the peer rule `mozi` has its distance stage only) and its own "
-                          "gradient step without momentum (PROTOCOLS.md 1.5), then `mozi` in the config's strategies"}
+                  "mozi": "MOZI's own gradient step without momentum (PROTOCOLS.md 1.5; the peer rule `mozi` mixes "
+                          "only), then `mozi` in the config's strategies"}
 
 
 def _dumbbell(key: Mapping[str, str]) -> CellMap:
