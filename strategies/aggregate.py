@@ -276,3 +276,15 @@ def round_generator(seed: int, state: dict, rule: str) -> torch.Generator:
         raise ValueError(f"{rule}: needs the server round in state['round'] (set by the round engine)")
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rnd))
 
+
+def saved_vector(state: dict, key: str, stack: Tensor, rule: str) -> Tensor:
+    """A stateful server rule's vector from the previous round (``state[key]``: centered clipping's
+    centre, MoNNA's reference), in ``stack``'s dtype and device, or zero before the first round. A
+    saved vector of another length than the rows is refused: a checkpoint of another model."""
+    saved = state.get(key)
+    if saved is None:
+        return torch.zeros(stack.shape[1], dtype=stack.dtype, device=stack.device)
+    saved = torch.as_tensor(saved)
+    if saved.shape != (stack.shape[1],):
+        raise ValueError(f"{rule}: the saved {key} has shape {tuple(saved.shape)}, the rows {stack.shape[1]} entries")
+    return saved.to(dtype=stack.dtype, device=stack.device)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from strategies.aggregate import Aggregate
+from strategies.aggregate import Aggregate, saved_vector
 from strategies.scclip import clip_rows
 
 CENTRE = "centre"  # the state key of v_0, the previous round's aggregate
@@ -79,14 +79,7 @@ class CenteredClippingRule:
 
     def centre(self, stack: Tensor, state: dict) -> Tensor:
         """v_0: the previous aggregate in ``state``, or zero in the first round."""
-        saved = state.get(CENTRE)
-        if saved is None:
-            return torch.zeros(stack.shape[1], dtype=stack.dtype, device=stack.device)
-        saved = torch.as_tensor(saved)
-        if saved.shape != (stack.shape[1],):
-            raise ValueError(f"centered_clipping: the saved centre has shape {tuple(saved.shape)}, "
-                             f"the rows {stack.shape[1]} entries")
-        return saved.to(dtype=stack.dtype, device=stack.device)
+        return saved_vector(state, CENTRE, stack, "centered_clipping")
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
         v = self.centre(stack, state)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from strategies.aggregate import Aggregate, self_first
+from strategies.aggregate import Aggregate, saved_vector, self_first
 
 REFERENCE = "reference"  # the server rule's state key: the previous round's aggregate
 
@@ -88,14 +88,7 @@ class MoNNARule:
 
     def reference(self, stack: Tensor, state: dict) -> Tensor:
         """The server's reference: the previous aggregate in ``state``, or zero in the first round."""
-        saved = state.get(REFERENCE)
-        if saved is None:
-            return torch.zeros(stack.shape[1], dtype=stack.dtype, device=stack.device)
-        saved = torch.as_tensor(saved)
-        if saved.shape != (stack.shape[1],):
-            raise ValueError(f"monna: the saved reference has shape {tuple(saved.shape)}, the rows {stack.shape[1]} "
-                             "entries")
-        return saved.to(dtype=stack.dtype, device=stack.device)
+        return saved_vector(state, REFERENCE, stack, "monna")
 
     def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
         n = stack.shape[0]
