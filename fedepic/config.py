@@ -1123,8 +1123,9 @@ def _validate_topology(cfg: RunConfig) -> None:
     _check(peer or topo.mixing == _default(TopologyConfig, "mixing"), "topology.mixing", topo.mixing,
            "the gossip weights of mode=decentralized")
     _check(cfg.decentralized.order == _default(DecentralizedConfig, "order")
-           or (peer and cfg.decentralized.algorithm == "dsgd"), "decentralized.order", cfg.decentralized.order,
-           "the round order of decentralized.algorithm=dsgd (mode=decentralized)")
+           or (peer and extensions.ALGORITHMS.has(cfg.decentralized.algorithm, "client_momentum")),
+           "decentralized.order", cfg.decentralized.order,
+           f"the round order of {_algorithms_with('client_momentum')} (mode=decentralized)")
     _check(peer or not cfg.train.eval_average_model, "train.eval_average_model", cfg.train.eval_average_model,
            "the average model of the benign nodes exists in mode=decentralized only")
     _check(cfg.train.eval_average_model or not topo.groups, "topology.groups", dict(topo.groups),

@@ -280,7 +280,7 @@ def server_step(like: dict[str, torch.Tensor], direction: dict[str, torch.Tensor
 def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tensor, global_vec: torch.Tensor,
                         seed: int, mask: Optional[torch.Tensor] = None, rule: Optional[str] = None,
                         memory: Optional[dict] = None, clients: Optional[list[int]] = None,
-                        rule_state: Optional[dict] = None) -> Optional[AttackOutcome]:
+                        rule_state: Optional[dict] = None, round_: Optional[int] = None) -> Optional[AttackOutcome]:
     """Omniscient ALIE / IPM / min-max: the attack vector (``update`` = global model + attack) built
     from the round's benign updates (rows of `stack` minus `global_vec`), with the count of non-finite
     inputs it left out; None when it does not apply this round. Only the entries ``mask`` selects (the
@@ -289,7 +289,9 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     ALIE uses n = replies, f = malicious replies (z from Baruch et al. unless attack.alie_z is set). An
     attack flagged ``needs_rule`` (the optimized ALIE / IPM) gets the member's defense, ``rule`` with the
     pre-aggregation steps, as its ``aggregator``, with a copy of the rule's state the server holds now
-    (``rule_state``: the previous round's centre of centered clipping, MoNNA's reference); a stateful one (mimic) keeps its memory in ``memory``
+    (``rule_state``: the previous round's centre of centered clipping, MoNNA's reference, and the round's
+    inputs to the rule: ``round``, FLTrust's ``server_update``) and the pre-aggregation steps of round
+    ``round_`` (bucketing's permutation); a stateful one (mimic) keeps its memory in ``memory``
     (the member's ``Progress.attack``) and gets the benign replies' client ids (``clients``: every reply's).
     """
     n_bad = sum(malicious)
@@ -300,7 +302,8 @@ def inject_model_attack(cfg: RunConfig, malicious: list[bool], stack: torch.Tens
     benign = stack[[i for i, bad in enumerate(malicious) if not bad]][..., entries] - origin
     first_bad = stack[malicious.index(True)]
     own = first_bad[..., entries] - origin
-    defense = defense_aggregator(cfg, rule, rule_state) if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
+    defense = defense_aggregator(cfg, rule, rule_state, round_) \
+        if rule and MODEL_ATTACKS.has(cfg.attack.model, "needs_rule") else None
     ids = None if clients is None else [c for c, bad in zip(clients, malicious) if not bad]
     params = model_attack_arguments(cfg.attack, n=len(malicious), f=n_bad, aggregator=defense, state=memory, ids=ids)
     if len(benign) < honest_rows_needed(cfg.attack.model, params):
@@ -407,17 +410,20 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     global_vec = torch.zeros(flatten_state(like).numel()) if per_step(cfg) else flatten_state(like)
     stack = torch.stack([r.vector for r in replies]) if replies else torch.zeros(0)
     parameters = evaluator.parameters
+    if replies and name in SERVER_RULES and SERVER_RULES.has(name, "server_update"):  # FLTrust's root set
+        work.server_update = server_update(cfg, evaluator.data, like, rnd, parameters)
+    # the rule's state as the backend will hand it to the rule this round (its memory and this call's inputs)
+    call_state = {**rule_memory(backend), "round": rnd,
+                  **({"server_update": work.server_update} if work.server_update is not None else {})}
     injected = inject_model_attack(cfg, malicious, stack, global_vec, cfg.seed * 7919 + rnd,
                                    parameters, rule=name, memory=progress.attack,
                                    clients=[r.client for r in replies],
-                                   rule_state=rule_memory(backend)) if replies else None
+                                   rule_state=call_state, round_=rnd) if replies else None
     for i in (i for i, bad in enumerate(malicious) if bad and injected is not None):
         stack[i] = injected.update
     updates = parameter_updates(stack, global_vec, parameters) if replies else torch.zeros(0)
     if cfg.defense.pre_aggregation and replies:  # NNM / clipping of the updates, then the rule
         updates = pre_aggregate_updates(updates, pre_aggregation_steps(cfg, rnd))
-    if replies and name in SERVER_RULES and SERVER_RULES.has(name, "server_update"):  # FLTrust's root set
-        work.server_update = server_update(cfg, evaluator.data, like, rnd, parameters)
     outcome = backend.aggregate(rnd, work, updates) if replies else Aggregated(None, [], None, [])
     progress.nonfinite += outcome.nonfinite_count
     if outcome.vector is not None:

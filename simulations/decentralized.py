@@ -32,7 +32,6 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import networkx as nx
 
 from fedepic.checkpoint import CHECKPOINT, Resume, metrics_size, save_checkpoint
 from fedepic.config import ConfigError, RunConfig, malicious_ids, member_config

@@ -323,9 +323,9 @@ def test_both_backends_hand_their_rule_state_to_the_search(tmp_path, monkeypatch
     seen, centres = [], []
     real_defense, real_call = rounds.defense_aggregator, RuleAggregation.__call__
 
-    def spy_defense(cfg, rule, state=None):
-        seen.append({k: v.clone() for k, v in (state or {}).items()})
-        return real_defense(cfg, rule, state)
+    def spy_defense(cfg, rule, state=None, round_=None):
+        seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in (state or {}).items()})
+        return real_defense(cfg, rule, state, round_)
 
     def spy_call(self, work, updates, rnd=None):
         out = real_call(self, work, updates, rnd)
@@ -339,7 +339,9 @@ def test_both_backends_hand_their_rule_state_to_the_search(tmp_path, monkeypatch
                              "clients.count=4", "clients.malicious_fraction=0.25", "rounds=2", "model.name=mlp",
                              "attack.model=optimal_alie", "attack.search_evals=3", "strategies=[centered_clipping]"])
     serve_locally(cfg)
-    assert len(seen) == 2 and seen[0] == {} and torch.equal(seen[1]["centre"], centres[0])
+    # each search gets the rule's memory and this call's inputs (the round), as the rule itself does
+    assert len(seen) == 2 and seen[0] == {"round": 1} and seen[1]["round"] == 2
+    assert torch.equal(seen[1]["centre"], centres[0])
 
     grid = fb.PartitionGrid(SimpleNamespace(get_node_ids=lambda: [0, 1]))
     backend = fb.FlowerServerBackend(cfg, "centered_clipping", grid, {}, threading.Event(), torch.nn.Linear(2, 1))
@@ -512,3 +514,30 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_search_gets_the_rounds_inputs_fltrust_and_bucketing():
+    """The optimized attacks search against the rule as the engine calls it this round: FLTrust with the
+    server's update in its state, bucketing's steps built for the round (an unseeded step would refuse)."""
+    from fedepic.config import load_config
+    from fedepic.server_rounds import inject_model_attack
+
+    honest = torch.tensor([[1.0, 0.5], [0.8, 0.7], [1.2, 0.4], [0.9, 0.6]], dtype=torch.float64)
+    rows = torch.cat([honest, torch.zeros(2, 2, dtype=torch.float64)])
+    bad = [False] * 4 + [True] * 2
+    fl = load_config(None, ["mode=federated", "attack.model=optimal_alie", "strategies=[fltrust]",
+                            "clients.count=6", "clients.malicious_ids=[4,5]"])
+    g0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    out = inject_model_attack(fl, bad, rows, torch.zeros(2, dtype=torch.float64), seed=0, rule="fltrust",
+                              rule_state={"round": 1, "server_update": g0}, round_=1)
+    assert out is not None and bool(torch.isfinite(out.update).all())
+    with pytest.raises(ValueError, match="server_update"):  # without the round's input the rule cannot run
+        inject_model_attack(fl, bad, rows, torch.zeros(2, dtype=torch.float64), seed=0, rule="fltrust")
+    bucketed = load_config(None, ["mode=federated", "attack.model=optimal_ipm", "strategies=[fedmedian]",
+                                  "defense.pre_aggregation=[bucketing]", "clients.count=6",
+                                  "clients.malicious_ids=[4,5]"])
+    first = inject_model_attack(bucketed, bad, rows, torch.zeros(2, dtype=torch.float64), seed=0,
+                                rule="fedmedian", rule_state={"round": 3}, round_=3)
+    again = inject_model_attack(bucketed, bad, rows, torch.zeros(2, dtype=torch.float64), seed=0,
+                                rule="fedmedian", rule_state={"round": 3}, round_=3)
+    assert torch.equal(first.update, again.update)  # the round's permutation: the same search both times

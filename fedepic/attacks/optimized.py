@@ -120,16 +120,19 @@ def optimal_ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None =
     return -tau * mu
 
 
-def defense_aggregator(cfg: Any, rule: str, state: Optional[dict] = None) -> Aggregator:
+def defense_aggregator(cfg: Any, rule: str, state: Optional[dict] = None,
+                       round_: Optional[int] = None) -> Aggregator:
     """The server's defense as the objective's ``agg(pre(.))``: ``defense.pre_aggregation``'s steps
     then the tensor rule ``rule`` of ``SERVER_RULES``, bound from ``cfg`` as the round engine binds
     them (non-finite rows left out by ``strategies.aggregate.aggregate``). ``state``: the rule's state as
-    the server holds it this round (None: empty); each evaluation gets its own deep copy of it."""
+    the server holds it this round, with the round's inputs for the call (``round``, FLTrust's
+    ``server_update``) (None: empty); each evaluation gets its own deep copy of it. ``round_``: the
+    round the pre-aggregation steps are built for (bucketing's permutation), as the engine builds them."""
     from fedepic.extensions import SERVER_RULES, expected_clients, pre_aggregation_steps
     from strategies.aggregate import aggregate
 
     built = SERVER_RULES.build(rule, cfg, {"expected": expected_clients(cfg)})
-    steps = pre_aggregation_steps(cfg)
+    steps = pre_aggregation_steps(cfg, round_) if round_ is not None else pre_aggregation_steps(cfg)
     snapshot = copy.deepcopy(state or {})
 
     def defended(stack: Tensor) -> Tensor:
