@@ -39,7 +39,7 @@ from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.metrics import consensus_distance, detection_metrics, nonfinite_model
-from fedepic.topology import build_topology, metropolis_hastings_weights, mixing_weights
+from fedepic.topology import build_topology, mixing_weights
 
 
 
@@ -169,17 +169,29 @@ def receiver_defense(cfg: RunConfig, rule: str, round_: int) -> ReceiverDefense:
 def defended_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[int, float]], bad: set[int],
                   receiver: int) -> Optional[tuple[Tensor, Tensor, int]]:
     """What an optimized attack crafts against at ``receiver``: the honest models it aggregates [k, D]
-    (its own first, then its finite benign neighbours), the weights of the stack its rule then gets
-    (those rows' mixing weights, then its f malicious neighbours' total shared by f equal copies,
-    renormalised to sum to 1), and f. None when its own model is not finite (own cannot be row 0)."""
+    (its own first, then its finite benign neighbours), the weights of the stack its rule then gets,
+    and f, its malicious neighbours that sent this round (those in ``trained``). The weights are the
+    receiving node's (``LocalMember._mixing``, the Ray node's alike): each sender's mixing weight, the
+    self weight ``1 - sum over the senders`` (a neighbour that sent nothing leaves its weight to the
+    receiver), the f liars' total shared by f equal copies; then, as ``strategies.aggregate`` does
+    after leaving out the non-finite honest rows, renormalised to sum to 1. None when its own model is
+    not finite (own cannot be row 0).
+
+    >>> one = torch.ones(2)
+    >>> mixing = {0: {0: .4, 1: .2, 2: .2, 3: .2}}
+    >>> view = defended_view({0: one, 1: one, 2: one}, mixing, {2, 3}, 0)  # liar 3 sent nothing
+    >>> view[1].tolist(), view[2]
+    ([0.6000000238418579, 0.20000000298023224, 0.20000000298023224], 1)
+    """
     own = trained[receiver]
     if not bool(torch.isfinite(own).all()):
         return None
     honest, _ = receiver_view(trained, mixing, bad, receiver)
     ids = [j for j in sorted(mixing[receiver]) if j != receiver and j not in bad and j in trained
            and bool(torch.isfinite(trained[j]).all())]
-    liars = [j for j in mixing[receiver] if j != receiver and j in bad]
-    w = [mixing[receiver][receiver], *(mixing[receiver][j] for j in ids)]
+    senders = [j for j in mixing[receiver] if j != receiver and j in trained]
+    liars = [j for j in senders if j in bad]
+    w = [1.0 - sum(mixing[receiver][j] for j in senders), *(mixing[receiver][j] for j in ids)]
     w += [sum(mixing[receiver][j] for j in liars) / len(liars)] * len(liars)
     weights = torch.tensor(w, dtype=torch.float64)
     return torch.cat([own.unsqueeze(0), honest]), (weights / weights.sum()).to(own.dtype), len(liars)
@@ -187,16 +199,15 @@ def defended_view(trained: Mapping[int, Tensor], mixing: Mapping[int, Mapping[in
 
 def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph,
                     malicious: Sequence[int], attacker: int, *, seed: int, round_: int,
-                    tally: Optional[AttackTally] = None,
-                    weights: Optional[Mapping[int, Mapping[int, float]]] = None,
+                    weights: Mapping[int, Mapping[int, float]], tally: Optional[AttackTally] = None,
                     defense: Optional[ReceiverDefense] = None, memory: Optional[dict] = None) -> dict[int, Tensor]:
     """What ``attacker`` sends to each of its neighbours: {receiver: model vector}.
 
     Benign receivers get the poisoned model (one shared tensor, or one per receiver with
     ``attack.per_neighbour``); malicious receivers get the attacker's honest model. ALIE's n and f are
     the graph's nodes and malicious nodes (at least 1). ``tally`` counts the non-finite attack inputs.
-    ``weights``: the receivers' mixing weights (``Routing.weights``), which a per-receiver attack
-    (dissensus) reads; None: Metropolis-Hastings on ``graph``.
+    ``weights``: the receivers' mixing weights (``Routing.weights``, ``topology.mixing``'s), which a
+    per-receiver attack (dissensus, the optimized ones) reads.
     An attack flagged ``needs_rule`` (optimized ALIE / IPM) given the receivers' ``defense``
     (:func:`receiver_defense`) is crafted per receiver against that receiver's rule over its view
     (:func:`defended_view`; f = its malicious neighbours); a receiver whose view is too thin gets the
@@ -218,7 +229,7 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     optimized = defense is not None and MODEL_ATTACKS.has(attack.model, "needs_rule")
     # dissensus: crafted from each receiver's view; optimized ALIE / IPM: against each receiver's defense
     per_receiver = MODEL_ATTACKS.has(attack.model, "per_receiver") or optimized
-    mixing = {} if not per_receiver else metropolis_hastings_weights(graph) if weights is None else weights
+    mixing = weights if per_receiver else {}
     groups = [[j] for j in targets] if attack.per_neighbour or per_receiver else [targets]
     for group in groups:
         if optimized:
@@ -256,9 +267,8 @@ class AttackTally:
 
 
 def outgoing(attack: AttackConfig, trained: Mapping[int, Tensor], graph: nx.Graph, malicious: Sequence[int],
-             *, seed: int, round_: int, tally: Optional[AttackTally] = None,
-             weights: Optional[Mapping[int, Mapping[int, float]]] = None,
-             defense: Optional[ReceiverDefense] = None, memory: Optional[dict] = None) -> dict[int, dict[int, Tensor]]:
+             *, seed: int, round_: int, weights: Mapping[int, Mapping[int, float]],
+             tally: Optional[AttackTally] = None, defense: Optional[ReceiverDefense] = None, memory: Optional[dict] = None) -> dict[int, dict[int, Tensor]]:
     """{sender: {receiver: vector}} for every edge; benign senders send their trained model. ``weights``
     (the receivers' mixing weights), ``defense`` and ``memory``: see :func:`poisoned_models`."""
     bad = set(int(m) for m in malicious)

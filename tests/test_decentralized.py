@@ -13,7 +13,7 @@ import torch
 
 from fedepic.attacks.model_attacks import alie_z, column_std
 from fedepic.config import load_config
-from fedepic.topology import build_topology, mixing_matrix
+from fedepic.topology import build_topology, metropolis_hastings_weights, mixing_matrix
 from fedepic.peer_node import (
     NodeState, aggregate_models, aggregate_vectors, derive_seed, round_lr,
 )
@@ -165,32 +165,36 @@ def test_model_attacks_at_the_router():
     gen = torch.Generator().manual_seed(3)
     trained = {i: torch.randn(6, generator=gen) for i in range(5)}
     cfg = _cfg("attack.data=none", "attack.model=sign_flip")
-    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     assert sorted(sent) == [1, 4] and torch.equal(sent[1], -trained[0]) and sent[1] is sent[4]
+    with pytest.raises(TypeError, match="weights"):  # no silent Metropolis fallback: the caller's mixing
+        poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    with pytest.raises(TypeError, match="weights"):
+        outgoing(cfg.attack, trained, graph, [0], seed=0, round_=1)
 
     # ALIE against the union of the receivers' honest neighbourhoods: {1, 2} and {4, 3}
     assert honest_reference(graph, [0], [1, 4]) == [1, 2, 3, 4]
     cfg = _cfg("attack.data=none", "attack.model=alie")
-    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     honest = torch.stack([trained[j] for j in (1, 2, 3, 4)])
     expected = honest.mean(0) - alie_z(5, 1) * column_std(honest)
     assert torch.allclose(sent[1], expected) and torch.allclose(sent[4], expected)
 
     # per neighbour: crafted against that receiver's own neighbourhood only
     cfg = _cfg("attack.data=none", "attack.model=alie", "attack.per_neighbour=true")
-    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     honest = torch.stack([trained[j] for j in (1, 2)])
     assert torch.allclose(sent[1], honest.mean(0) - alie_z(5, 1) * column_std(honest))
     assert not torch.allclose(sent[1], sent[4])
 
     cfg = _cfg("attack.data=none", "attack.model=gaussian", "attack.per_neighbour=true")
-    a = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
-    b = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    a = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
+    b = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     assert not torch.equal(a[1], a[4]) and torch.equal(a[1], b[1])  # fresh draw per receiver, reproducible
 
     # colluders receive each other's honest models; benign senders send their trained model
     cfg = _cfg("attack.data=none", "attack.model=sign_flip")
-    everything = outgoing(cfg.attack, trained, graph, [0, 1], seed=0, round_=1)
+    everything = outgoing(cfg.attack, trained, graph, [0, 1], seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     assert everything[0][1] is trained[0] and torch.equal(everything[0][4], -trained[0])
     got = inbox(everything, 2)  # node 1 is malicious too: it attacks its benign neighbour 2
     assert sorted(got) == [1, 3] and torch.equal(got[1], -trained[1]) and got[3] is trained[3]
@@ -199,7 +203,7 @@ def test_model_attacks_at_the_router():
     cfg = _cfg("attack.data=none", "attack.model=alie")
     spoilt = {**trained, 2: torch.full((6,), float("nan"))}
     tally = AttackTally()
-    sent = outgoing(cfg.attack, spoilt, graph, [0], seed=0, round_=1, tally=tally)
+    sent = outgoing(cfg.attack, spoilt, graph, [0], seed=0, round_=1, tally=tally, weights=metropolis_hastings_weights(graph))
     honest = torch.stack([trained[j] for j in (1, 3, 4)])
     assert torch.allclose(sent[0][1], honest.mean(0) - alie_z(5, 1) * column_std(honest)) and tally.nonfinite_inputs == 1
 

@@ -387,14 +387,14 @@ def test_dissensus_at_the_router_per_receiver():
     """Ring of 5, node 0 malicious (neighbours 1 and 4): every degree is 2, so every Metropolis-Hastings
     weight is 1/3; receiver 1's benign neighbour is 2, its Byzantine one 0: it gets
     x_1 - eps * (1/3)(x_2 - x_1) / (1/3) = x_1 - eps (x_2 - x_1)."""
-    from fedepic.topology import build_topology
+    from fedepic.topology import build_topology, metropolis_hastings_weights
     from fedepic.peer_routing import poisoned_models
 
     graph = build_topology("ring", 5, seed=0)
     gen = torch.Generator().manual_seed(3)
     trained = {i: torch.randn(4, generator=gen) for i in range(5)}
     cfg = _dfl_cfg("attack.model=dissensus", "attack.dissensus_eps=1.5")
-    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     assert torch.allclose(sent[1], trained[1] - 1.5 * (trained[2] - trained[1]))
     assert torch.allclose(sent[4], trained[4] - 1.5 * (trained[3] - trained[4]))
     # gossip at receiver 1 then moves by (1 - eps) times the benign pull
@@ -404,7 +404,7 @@ def test_dissensus_at_the_router_per_receiver():
     # two malicious neighbours of receiver 2 in a complete graph of 4 (weights 1/4): 0 and 1 send
     # x_2 - eps * (1/4)(x_3 - x_2) / (2/4)
     graph = build_topology("complete", 4, seed=0)
-    sent = poisoned_models(cfg.attack, trained, graph, [0, 1], 0, seed=0, round_=1)
+    sent = poisoned_models(cfg.attack, trained, graph, [0, 1], 0, seed=0, round_=1, weights=metropolis_hastings_weights(graph))
     assert torch.allclose(sent[2], trained[2] - 1.5 * 0.5 * (trained[3] - trained[2]))
     assert sent[1] is trained[0]  # a colluder gets the honest model
 

@@ -173,14 +173,14 @@ def test_optimal_alie_at_a_peer_optimises_against_the_receivers_rule():
     from fedepic.attacks.optimized import optimal_alie
     from fedepic.peer_node import peer_rule
     from fedepic.peer_routing import poisoned_models, receiver_defense
-    from fedepic.topology import build_topology
+    from fedepic.topology import build_topology, metropolis_hastings_weights
 
     cfg = load_config("dfl_smoke", ["strategies=[trimmed_mean]", "attack.model=optimal_alie", "attack.data=none"])
     graph = build_topology("ring", 5, seed=0)
     gen = torch.Generator().manual_seed(5)
     trained = {i: torch.randn(6, generator=gen) for i in range(5)}
     defense = receiver_defense(cfg, "trimmed_mean", 3)
-    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3, defense=defense)
+    sent = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3, defense=defense, weights=metropolis_hastings_weights(graph))
     rule = peer_rule("trimmed_mean", cfg)
     w = torch.full((3,), 1 / 3)
     for receiver, neighbour in ((1, 2), (4, 3)):
@@ -191,7 +191,7 @@ def test_optimal_alie_at_a_peer_optimises_against_the_receivers_rule():
         against_mean = optimal_alie(honest, trained[0], None, f=1, evals=cfg.attack.search_evals)
         assert float((sent[receiver] - honest.mean(0)).norm()) < 1e-3 * float((against_mean - honest.mean(0)).norm())
     # without the defense (a caller that passes none) the objective is the plain mean, as before
-    plain = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3)
+    plain = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=3, weights=metropolis_hastings_weights(graph))
     assert plain[1] is plain[4]
 
 
@@ -296,3 +296,25 @@ def test_both_engines_agree_on_the_new_hooks(tmp_path, capsys):
                 assert g["consensus_distance"] == pytest.approx(w["consensus_distance"], rel=1e-4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_defended_view_weights_are_the_receiving_nodes_with_a_failed_sender():
+    """Complete graph of 4 (Metropolis weights 1/4), receiver 1, liars 0 and 3; liar 3 failed this round
+    (not in ``trained``). The receiving node (``LocalMember._mixing``) weighs its senders 0 and 2 by 1/4
+    and keeps 1 - 1/2 for itself; the view counts f = 1 liar and gives the same weights. A non-finite
+    honest neighbour is then left out and the rest renormalised, as ``strategies.aggregate`` does."""
+    import networkx as nx
+
+    from fedepic.peer_routing import defended_view
+    from fedepic.topology import metropolis_hastings_weights
+
+    weights = metropolis_hastings_weights(nx.complete_graph(4))
+    trained = {i: torch.full((3,), float(i)) for i in (0, 1, 2)}
+    honest, w, f = defended_view(trained, weights, {0, 3}, 1)
+    node_self_weight = 1 - (weights[1][0] + weights[1][2])  # what node 1 keeps over its inbox {0, 2}
+    assert f == 1 and torch.equal(honest, torch.stack([trained[1], trained[2]]))
+    assert w.tolist() == pytest.approx([node_self_weight, weights[1][2], weights[1][0]]) == [0.5, 0.25, 0.25]
+    spoilt = {**trained, 2: torch.full((3,), float("nan"))}
+    honest, w, f = defended_view(spoilt, weights, {0, 3}, 1)
+    assert f == 1 and torch.equal(honest, trained[1][None])
+    assert w.tolist() == pytest.approx([0.5 / 0.75, 0.25 / 0.75])
