@@ -63,6 +63,7 @@ class LocalMember:
     one vectorized loop (the reference the Flower run is compared with to the last bit)."""
 
     node_by_node = False
+    has_node_by_node = True  # whether ``node_by_node`` acts (``run_local_member`` refuses it where not)
 
     def __init__(self, cfg: RunConfig, entry: str, name: str, routing: Routing, data: ImageData,
                  parts: Sequence[Any], roles: Mapping[str, Sequence[int]]) -> None:
@@ -276,11 +277,17 @@ def run_local_member(cfg: RunConfig, member: Member, sink: RunSink, data: ImageD
                      node_by_node: bool = False) -> None:
     """``member`` through ``sink`` in this process: ``peer_rounds.run_peer_member`` (the loop the Flower
     router runs too) with a ``peer_stacked.member_class(cfg)`` backend. ``node_by_node``: see
-    ``LocalMember``."""
-    def backend() -> LocalMember:
-        from fedepic.peer_stacked import member_class  # it imports this module
+    ``LocalMember``; a member class without a node-by-node form (``peer_stacked.StackedDsgdMember``,
+    whose rows are one tensor) refuses it with a ValueError rather than run its stacked rows."""
+    from fedepic.peer_stacked import member_class  # it imports this module
 
-        local = member_class(cfg)(cfg, member.strategy, member.name, member.routing, data, parts, roles)
+    kind = member_class(cfg)
+    if node_by_node and not kind.has_node_by_node:
+        raise ValueError(f"node_by_node=True: decentralized.algorithm={cfg.decentralized.algorithm} runs in process "
+                         f"as {kind.__name__}, which has no node-by-node form (its nodes are rows of one tensor)")
+
+    def backend() -> LocalMember:
+        local = kind(cfg, member.strategy, member.name, member.routing, data, parts, roles)
         local.node_by_node = node_by_node
         return local
 

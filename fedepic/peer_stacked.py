@@ -10,8 +10,9 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 
 - gradients: one ``torch.func`` vmap per chunk of nodes (``fedepic.stacked``), each node on its own
   minibatch (``peer_node.dsgt_batch``, the Ray node's function and seeds);
-- momentum and step: ``peer_node``'s equations, m_i <- beta m_i + (1 - beta) g_i and
-  x_i <- R_i - eta m_i, on whole rows;
+- momentum and step: ``peer_node``'s equations on whole rows: m_i <- beta m_i + (1 - beta) g_i (the EMA),
+  or m_i <- beta m_i + g_i under ``train.client_momentum_form=heavy_ball``, or m_i <- g_i at a malicious
+  node under ``attack.momentum=false``; and x_i <- R_i - eta m_i;
 - exchange: the engine's messages (``peer_routing.outgoing``) on row views; then, when every node uses plain
   gossip (``strategies.gossip.Gossip``, malicious nodes included) and every vector is finite, the mix
   is one sparse product with the mixing matrix, R = W X (over column blocks), plus a correction for
@@ -23,9 +24,9 @@ Under ``decentralized.order=adapt_then_combine`` the rows step first, x_i - eta 
 ``peer_node.dsgd_step`` rounds it), are sent and mixed, and the mix is the new model.
 
 Deviation from the paper's equations: none; the gossip mix sums in another order than
-``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)), and the step x_i <- R_i - eta m_i is one
-fused ``add_`` (one rounding fewer than a node's ``peer_node.dsgd_step``). So the rows equal a
-node-by-node dsgd (each node's state dict, as a Ray node keeps it) up to float rounding: the oracle
+``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)); the step x_i <- R_i - eta m_i rounds as a
+node's ``peer_node.dsgd_step`` does (:func:`step_rows`: the product eta m_i, then the difference, two
+roundings; bitwise equal on equal inputs). So the rows equal a node-by-node dsgd (each node's state dict, as a Ray node keeps it) up to float rounding: the oracle
 of tests/test_dfl_stacked.py. Cost per round: the n gradients, O(n D) for the momenta and the step,
 O(edges x D) for the sparse mix (node by node: each node's rule over its inbox).
 """
@@ -58,6 +59,18 @@ from strategies.gossip import Gossip
 # -- sizes (one place): what bounds memory, not what is tuned for speed ------------------------------
 GRADIENT_CHUNK = 32  # nodes per vmap'd gradient call: 32 x MLP's 784x256 layer is 26 MB of gradient, which
 #                      the allocator reuses between calls (250 per call measured 1.2x slower here)
+
+
+def step_rows(x: Tensor, m: Tensor, lr: float, scratch: Tensor) -> Tensor:
+    """``x <- x - lr * m`` in place, rounded as ``peer_node.dsgd_step`` rounds it (the product, then the
+    difference: two roundings, not a fused multiply-add), with ``scratch`` (x's shape, neither x nor m)
+    holding the product, so a step allocates nothing.
+
+    >>> x, m = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])
+    >>> step_rows(x, m, 0.1, torch.empty_like(x))
+    tensor([[0.9500, 2.1000]])
+    """
+    return x.sub_(torch.mul(m, lr, out=scratch))
 
 
 class GossipMatrix:
@@ -98,7 +111,11 @@ class GossipMatrix:
 class StackedDsgdMember(LocalMember):
     """A ``LocalMember`` under ``decentralized.algorithm=dsgd`` whose models and momenta are rows of
     two [n, D] tensors (module docstring). Only the round, the evaluation and the checkpoint
-    conversion differ; the records and the sink protocol are ``LocalMember``'s."""
+    conversion differ; the records and the sink protocol are ``LocalMember``'s. There is no node-by-node
+    form (``has_node_by_node``): ``run_local_member(..., node_by_node=True)`` refuses dsgd, and
+    ``decentralized.vectorize`` (dpsgd's local epochs) does not act here."""
+
+    has_node_by_node = False
 
     def __init__(self, cfg: RunConfig, entry: str, name: str, routing: Routing, data: ImageData,
                  parts: Sequence[Any], roles: Mapping[str, Sequence[int]]) -> None:
@@ -112,7 +129,7 @@ class StackedDsgdMember(LocalMember):
         graph = routing.graph.subgraph(self.active)
         self.neighbours = {i: sorted(j for j in graph.neighbors(i) if j != i) for i in self.active}
         self.gossip = GossipMatrix(self.row, routing, self.neighbours)
-        self.fast_mix = (not cfg.defense.pre_aggregation and self.rule not in STATEFUL
+        self.fast_mix = (not self.cfg.defense.pre_aggregation and self.rule not in STATEFUL
                          and all(type(r) is Gossip for r in self.rules.values()))
 
     def build_models(self) -> None:
@@ -137,20 +154,20 @@ class StackedDsgdMember(LocalMember):
             client_momentum_(self.m[start:start + len(ids)], grads, beta, form, scratch=True)
             if raw:
                 self.m[[start + k for k in raw]] = kept
-        if adapts_first(self.cfg):  # the half-step x_i - eta m_i is sent and combined (peer_node.dsgd_step's rounding)
-            self.x.sub_(torch.mul(self.m, round_lr(self.cfg, round_), out=self.spare))
+        if adapts_first(self.cfg):  # the half-step x_i - eta m_i is sent and combined
+            step_rows(self.x, self.m, round_lr(self.cfg, round_), scratch=self.spare)
         for i in self.active:
             self.states[i].round = round_
         return Sent({i: self.x[k] for i, k in self.row.items()})
 
     def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
         """The mix R of every row (the attackers' messages in place of their rows), then the step
-        x_i <- R_i - eta m_i, the evaluation when due and the states when ``collect``."""
+        x_i <- R_i - eta m_i, the evaluation when due and the states when ``collect``. The vectors
+        ``send`` returned (rows of the old X) are scratch afterwards."""
         mixed, reports = self._mix(messages)
-        if adapts_first(self.cfg):  # x_i <- R_i({x_j - eta m_j}): the step was taken before sending
-            self.spare, self.x = self.x, mixed
-        else:
-            self.spare, self.x = self.x, mixed.add_(self.m, alpha=-round_lr(self.cfg, round_))  # x_i <- R_i - eta m_i
+        if not adapts_first(self.cfg):  # x_i <- R_i - eta m_i; under adapt_then_combine the step came before sending
+            step_rows(mixed, self.m, round_lr(self.cfg, round_), scratch=self.x)
+        self.spare, self.x = self.x, mixed
         return self._received(round_, reports, collect)
 
     def _mix(self, sent: Messages) -> tuple[Tensor, dict[int, AggregationReport]]:

@@ -300,3 +300,44 @@ def test_the_vectorized_loop_is_chosen_by_config_and_model():
     assert not off.vectorized_training()
     vectorized.models[vectorized.active[0]] = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
     assert not vectorized.vectorized_training()  # dropout's randomness would not follow each node's generator
+
+
+def test_the_stacked_step_rounds_as_a_nodes_dsgd_step():
+    """``step_rows`` (x - lr * m: the product rounded, then the difference) equals ``peer_node.dsgd_step``
+    bitwise on random rows, where a fused ``add_(m, alpha=-lr)`` differs in the last bit of many entries."""
+    from fedepic.peer_node import NodeState, round_lr
+    from fedepic.peer_stacked import step_rows
+
+    cfg = dsgd_cfg()  # train.lr=0.1
+    lr = round_lr(cfg, 1)
+    gen = torch.Generator().manual_seed(0)
+    x, m = torch.randn(16, 4096, generator=gen), torch.randn(16, 4096, generator=gen)
+    want = []
+    for k in range(x.shape[0]):
+        state = NodeState(member="gossip", model={"w": x[k].clone()}, momentum=m[k].clone())
+        dsgd_step(cfg, state, 1)
+        want.append(state.model["w"])
+    want = torch.stack(want)
+    scratch = torch.empty_like(x)
+    got = step_rows(x.clone(), m, lr, scratch)
+    assert torch.equal(got, want)
+    assert not torch.equal(x.clone().add_(m, alpha=-lr), want)  # the fused form: one rounding fewer
+
+
+def test_fast_mix_reads_the_members_own_pre_aggregation():
+    """A variant that adds pre-aggregation takes the node-by-node mix even when the run-level config has none."""
+    cfg = dsgd_cfg("variants={pre: {strategy: gossip, defense: {pre_aggregation: [bucketing], bucket_size: 2}}}",
+                   "strategies=[gossip,pre]")
+    assert not cfg.defense.pre_aggregation
+    assert StackedDsgdMember(cfg, "pre", "pre", *member_args(cfg, "pre")).fast_mix is False
+    assert StackedDsgdMember(cfg, "gossip", "gossip", *member_args(cfg, "gossip")).fast_mix is True
+
+
+def test_node_by_node_is_refused_under_dsgd():
+    """The in-process dsgd member has no node-by-node form: asking for one raises instead of silently
+    running the stacked rows (dpsgd's member honours it)."""
+    from fedepic.peer_local import run_local_member
+
+    with pytest.raises(ValueError, match="node_by_node=True: decentralized.algorithm=dsgd"):
+        run_local_member(dsgd_cfg("strategies=[gossip]"), None, None, None, [], {}, node_by_node=True)
+    assert LocalMember.has_node_by_node and not StackedDsgdMember.has_node_by_node
