@@ -1017,6 +1017,12 @@ ALGORITHM_NEEDS: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] =
         ("model.name", lambda value: not extensions.MODELS.has(value, "running_stats"),
          "needs a model without BatchNorm statistics (mlp, cnn)"),
     ),
+    # y_i <- sum_j w_ij y_j + g_i(new) - g_i(old) keeps sum_i y_i = sum_i g_i only when W's columns sum to 1
+    "tracks_gradient": (
+        ("topology.mixing", lambda value: value != "uniform_degree",
+         "tracks the average gradient, which needs column-stochastic weights: uniform_degree's are only "
+         "row-stochastic (use metropolis or uniform_max_degree)"),
+    ),
 }
 
 

@@ -69,6 +69,15 @@ def member_names(strategies: list[str]) -> list[str]:
     return names
 
 
+def members_average_columns(cfg: RunConfig) -> list[str]:
+    """The average model's columns of the comparison (``peer_eval.average_columns``): those of every
+    member's own config, in order, once each (a variant may set ``train.eval_average_model`` alone)."""
+    columns: dict[str, None] = {}
+    for entry in cfg.strategies:
+        columns.update(dict.fromkeys(average_columns(member_config(cfg, entry)[1])))
+    return list(columns)
+
+
 def member_summary(name: str, strategy: str, records: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The last round's figures, plus the first round at which the detector had found every malicious
     neighbour (detection recall 1), if it ever did."""
@@ -121,7 +130,8 @@ class FolderSink(RunSink):
         records = self.records[member.name]
         summary = member_summary(member.name, member_config(self.cfg, member.strategy)[0], records)
         curves: dict[str, list] = {}
-        for k in (*SERIES, *average_columns(self.cfg)):  # with train.eval_every > 1 some rounds only
+        averages = average_columns(member_config(self.cfg, member.strategy)[1])  # a variant may set its own
+        for k in (*SERIES, *averages):  # with train.eval_every > 1 some rounds only
             curves[k] = [r[k] for r in records if r.get(k) is not None]
             curves[k + X_SUFFIX] = [r["round"] for r in records if r.get(k) is not None]
         return MemberReport(summary, summary, curves)
@@ -212,7 +222,7 @@ def _run_decentralized(cfg: RunConfig, interrupts: Optional[Interrupts], resume:
     roles = run_label_roles(cfg, report["label_histograms"], data.num_classes)
     members = [Member(name, s, routing_for(member_config(cfg, s)[0], graph, bad, cfg.topology.mixing))
                for name, s in zip(member_names(cfg.strategies), cfg.strategies)]
-    columns = (*COLUMNS[:3], *average_columns(cfg), *COLUMNS[3:])  # train.eval_average_model's after the accuracies
+    columns = (*COLUMNS[:3], *members_average_columns(cfg), *COLUMNS[3:])  # the average model's after the accuracies
     comparison = Comparison(columns, PANELS, setting_title(cfg), class_labels=class_labels(roles, data.num_classes))
     life = RunLifecycle(cfg, [m.name for m in members], comparison, interrupts=interrupts,
                         resume=resume, extras=lambda rows: {"attack": attack_label(cfg), "label_roles": roles,

@@ -104,7 +104,8 @@ def test_the_dissensus_attack_reads_the_members_mixing_weights():
     params = model_attack_arguments(cfg.attack, n=5, f=1, **view)
     want = run_model_attack("dissensus", honest, trained[0], torch.Generator().manual_seed(0), **params).update
     assert torch.allclose(got, want)
-    metropolis = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1)[1]
+    metropolis = poisoned_models(cfg.attack, trained, graph, [0], 0, seed=0, round_=1,
+                                 weights=routing_for("gossip", graph, [0]).weights)[1]
     assert not torch.allclose(got, metropolis)
 
 
@@ -329,3 +330,40 @@ def test_average_accuracy_reaches_metrics_summary_and_the_comparison(tmp_path, c
     header = next(csv.reader((runs[True] / "comparison.csv").read_text().splitlines()))
     assert header[:6] == ["strategy", "mean_accuracy", "worst_accuracy", *columns]
     assert "average_accuracy" not in (runs[False] / "comparison.csv").read_text()
+
+
+def test_a_variants_average_model_has_its_columns_in_the_comparison(tmp_path, capsys):
+    """``train.eval_average_model`` set in one variant only: the comparison's columns are built from the
+    members' configs (``members_average_columns``), so the variant's row holds its average accuracy and
+    the plain member's cell is empty; its curves hold the column too (FolderSink reads the member's config)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from fedepic.simulate import main
+    from simulations.decentralized import members_average_columns
+
+    variant = ["variants={avg: {strategy: gossip, train: {eval_average_model: true}}}", "strategies=[gossip,avg]"]
+    assert members_average_columns(load_config("dfl_smoke.yaml", variant)) == ["average_accuracy"]
+    assert members_average_columns(load_config("dfl_smoke.yaml", ["strategies=[gossip]"])) == []
+    assert main(["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "engine=local", "rounds=2",
+                 *variant]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["strategy"]: r for r in csv.DictReader((run / "comparison.csv").read_text().splitlines())}
+    last = json.loads((run / "avg" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert float(rows["avg"]["average_accuracy"]) == pytest.approx(last["average_accuracy"])
+    assert rows["gossip"]["average_accuracy"] == ""
+    assert rows["gossip"]["mean_accuracy"] == rows["avg"]["mean_accuracy"]  # the switch changes no other figure
+
+
+def test_dsgt_refuses_row_stochastic_weights_and_takes_the_doubly_stochastic_ones():
+    """DSGT's tracker keeps sum_i y_i = sum_i g_i only when W's columns sum to 1: uniform_degree
+    (1 / (1 + d_i), row-stochastic) is refused in one line naming the key; the symmetric ones load."""
+    dsgt = ["mode=decentralized", "decentralized.algorithm=dsgt", "model.name=mlp", "strategies=[gossip]"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*SMALL, *dsgt, "topology.mixing=uniform_degree"])
+    message = str(err.value)
+    assert "\n" not in message and "key 'topology.mixing'" in message and "column" in message, message
+    for mixing in ("metropolis", "uniform_max_degree"):
+        assert load_config(None, [*SMALL, *dsgt, f"topology.mixing={mixing}"]).topology.mixing == mixing
+    assert load_config(None, [*SMALL, *DSGD, "topology.mixing=uniform_degree"]).topology.mixing == "uniform_degree"
