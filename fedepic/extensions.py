@@ -26,9 +26,10 @@ Flags:
   ``local_optimizer`` (nodes train ``clients.local_epochs`` with the local optimiser: ``train.momentum``
   and ``train.nesterov`` act), ``one_step`` (one minibatch gradient step per round: ``train.milestones``
   count rounds, ``clients.local_epochs`` stays 1, no augmentation, no local EPIC, no training loss to
-  report), ``client_momentum`` (the client EMA ``train.client_momentum`` acts; the nodes send their
-  models), ``tracks_gradient`` (nodes exchange (model, tracker) vectors and keep a gradient state: GP can
-  purify the trackers; no momentum acts), ``no_running_stats`` (refuses models flagged ``running_stats``).
+  report), ``client_momentum`` (the client momentum ``train.client_momentum`` acts, in the form
+  ``train.client_momentum_form``: the EMA or heavy ball; the nodes send their models), ``tracks_gradient`` (nodes exchange (model, tracker) vectors and keep a gradient state: GP can
+  purify the trackers; no momentum acts; the tracker needs column-stochastic mixing weights, so
+  ``topology.mixing=uniform_degree`` is refused), ``no_running_stats`` (refuses models flagged ``running_stats``).
   Config validation is generated from these flags (``fedepic.config``); the target is the in-process
   engine's member for the algorithm (``send`` / ``receive`` halves, ``fedepic.peer_rounds.PeerBackend``),
   and the Ray ClientApp (``simulations/dfl_apps.py``) picks the node steps by the same flags.

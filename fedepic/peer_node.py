@@ -5,8 +5,10 @@ The round engine (``fedepic.peer_rounds``) orders these steps; its backends call
 ``simulations/dfl_apps.py``, which only converts messages and ``Context.state`` to and from the plain
 objects here. So every step of a node can be tested on hand-made tensors.
 
-Two algorithms (``decentralized.algorithm``); W = (w_ij) are the Metropolis-Hastings weights of the
-graph (symmetric, doubly stochastic), and R a peer rule (R = W for gossip).
+Three algorithms (``decentralized.algorithm``): dpsgd, dsgd and dsgt. W = (w_ij) are the mixing weights
+of the graph that ``topology.mixing`` names (``fedepic.topology.mixing_weights``: Metropolis-Hastings
+by default and uniform_max_degree, both symmetric and doubly stochastic; uniform_degree, only
+row-stochastic, which dsgt refuses), and R a peer rule (R = W for gossip).
 
 **dpsgd** (Lian et al., "Can decentralized algorithms outperform centralized algorithms?", NeurIPS
 2017, in its "train then gossip" form). A round at node i:
@@ -73,8 +75,8 @@ Peer rules by strategy name (``strategies/`` holds the rules, ``fedepic.extensio
   left out of that round's aggregation, and once the consistency rule confirms it, of every later one.
   This is the "reject suspicious gradients per iteration" family that the GP paper sets itself
   against (``strategies/exclude.py``).
-- upper: plain gossip; the router runs it on the graph without the malicious nodes, with
-  Metropolis-Hastings weights recomputed on that benign subgraph (the paper's upper bound).
+- upper: plain gossip; the router runs it on the graph without the malicious nodes, with the
+  ``topology.mixing`` weights recomputed on that benign subgraph (the paper's upper bound).
 Malicious nodes do not defend: whatever the strategy, they gossip honestly over the honest models of
 their neighbours (so their own model tracks the benign ones and their attacks stay hard to spot).
 

@@ -8,8 +8,9 @@ A member (one entry of ``strategies:``) plays ``rounds`` rounds over the communi
 2. outgoing messages: the engine decides what travels over each edge, the model attacks included
    (``fedepic.peer_routing.outgoing``: benign nodes send their vector, malicious nodes a poisoned one
    crafted from the round's honest vectors, as an omniscient attacker);
-3. each receiver's aggregation with its peer rule, then its step (dsgd: x_i <- R_i - eta m_i; dsgt:
-   the tracker update), then, when ``peer_node.eval_due`` says so, every benign node's evaluation
+3. each receiver's aggregation with its peer rule, then its step (dsgd: x_i <- R_i - eta m_i, or under
+   ``decentralized.order=adapt_then_combine`` none, the step x_i - eta m_i having come before sending in
+   step 1; dsgt: the tracker update), then, when ``peer_node.eval_due`` says so, every benign node's evaluation
    (:meth:`PeerBackend.receive`);
 4. one metrics record (:func:`round_record`), over the BENIGN nodes.
 
@@ -23,8 +24,8 @@ once, here. The engine imports neither Flower nor Ray (tests/test_layers.py).
 Algorithms (``fedepic.peer_node`` has their equations and papers): dpsgd (Lian, Zhang, Zhang, Hsieh,
 Zhang, Liu, "Can decentralized algorithms outperform centralized algorithms? A case study for
 decentralized parallel stochastic gradient descent", NeurIPS 2017, https://arxiv.org/abs/1705.09056),
-dsgd with client momentum, and dsgt (gradient tracking). With W the Metropolis-Hastings mixing weights
-and R_i node i's peer rule (R = W for gossip), a dpsgd round is
+dsgd with client momentum, and dsgt (gradient tracking). With W the mixing weights of ``topology.mixing``
+(Metropolis-Hastings by default) and R_i node i's peer rule (R = W for gossip), a dpsgd round is
 
     x_i <- R_i({train(x_j)}_{j in N(i) + i}),
 

@@ -108,7 +108,7 @@ def sign_flip(
     ``epfml/byzantine-robust-decentralized-optimizer`` (``codes/attacks.py``, ``BitFlippingWorker``)
     it sends ``-flattened_model``, its negated model. fedepic's ``sign_flip`` is that rule: at a server
     ``own`` is the attacker's update (model - global model, or its momentum under per_step), at a peer
-    its trained model (``simulations/dfl_router.py``), so bit flipping and sign flipping are one attack
+    its trained model (``fedepic/peer_routing.py``), so bit flipping and sign flipping are one attack
     and ``bit_flip`` is an alias, not a second implementation. It differs from ByzFL's ``SignFlipping``,
     which sends ``-mean(honest)`` (omniscient: the negated mean of the honest vectors; Allen-Zhu et al.,
     ICLR 2021): fedepic's needs no honest vector and negates the attacker's own. Deviation: none for
