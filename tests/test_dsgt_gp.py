@@ -186,28 +186,35 @@ def test_claim_protocol_smoke_runs_through_the_main_command(tmp_path):
     assert all(not math.isnan(lines[-1][k]) for k in ("clean_accuracy", "exclusive_accuracy", "attack_success"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm,momentum", [("dsgt", []), ("dsgd", ["train.client_momentum=0.9"])])
-def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, capsys, algorithm, momentum):
-    """The same DSGT / DSGD run (a variant included) through Flower + Ray and in process: the same
-    rounds, evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's
-    a vmap over one: equal to float rounding)."""
+def ray_and_local_runs(args: list[str], capsys) -> dict[str, Path]:
+    """The run folders of ``python -m fedepic.simulate`` with ``args`` under engine=ray and engine=local,
+    with one torch thread (as in the Ray workers, one CPU each, so float sums match)."""
     from fedepic.simulate import main
 
-    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false",
-            f"decentralized.algorithm={algorithm}", "train.lr=0.05", *momentum, "rounds=3",
-            "train.eval_every=2",
-            "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
-            "strategies=[gossip,gp,gp_none]"]
     runs = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the Ray workers (one CPU each), so float sums match
+    torch.set_num_threads(1)
     try:
         for engine in ("ray", "local"):
             assert main([*args, f"engine={engine}"]) == 0
             runs[engine] = Path(capsys.readouterr().out.strip().splitlines()[-1])
     finally:
         torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,momentum", [("dsgt", []), ("dsgd", ["train.client_momentum=0.9"])])
+def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, capsys, algorithm, momentum):
+    """The same DSGT / DSGD run (a variant included) through Flower + Ray and in process: the same
+    rounds, evaluations and figures (the in-process gradients are one vmap over all nodes, a Ray node's
+    a vmap over one: equal to float rounding)."""
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false",
+            f"decentralized.algorithm={algorithm}", "train.lr=0.05", *momentum, "rounds=3",
+            "train.eval_every=2",
+            "variants={gp_none: {strategy: gp, defense: {purification: {target: none, oracle_at: 0.5}}}}",
+            "strategies=[gossip,gp,gp_none]"]
+    runs = ray_and_local_runs(args, capsys)
     for member in ("gossip", "gp", "gp_none"):
         rows = {e: [json.loads(x) for x in (run / member / "metrics.jsonl").read_text().splitlines()]
                 for e, run in runs.items()}
@@ -220,6 +227,38 @@ def test_one_step_algorithms_on_ray_give_the_local_engines_numbers(tmp_path, cap
             if "mean_accuracy" not in want:
                 continue
             assert got["mean_accuracy"] == pytest.approx(want["mean_accuracy"], abs=1e-6)
+            assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
+            assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-3, abs=1e-6)
+    assert json.loads((runs["ray"] / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_dsgd_protocol_options_on_ray_give_the_local_engines_numbers(tmp_path, capsys):
+    """The dsgd options through Flower + Ray and in process: adapt_then_combine, heavy-ball client
+    momentum, malicious nodes without momentum sending sign-flipped models, uniform_max_degree weights,
+    and the router-side average model with groups: the same rounds and figures (the tolerance of the
+    test above), the average accuracies included."""
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false", "decentralized.algorithm=dsgd",
+            "train.lr=0.05", "train.client_momentum=0.9", "rounds=3", "train.eval_every=2",
+            "decentralized.order=adapt_then_combine", "train.client_momentum_form=heavy_ball", "attack.momentum=false",
+            "attack.model=sign_flip", "attack.data=none", "topology.mixing=uniform_max_degree",
+            "train.eval_average_model=true", "topology.groups={a: [0, 1, 2], b: [3, 4]}",
+            "strategies=[gossip,median]"]
+    cfg = load_config("dfl_smoke", args[3:])
+    assert cfg.clients.malicious_ids or cfg.clients.malicious_fraction > 0  # attackers without momentum act
+    runs = ray_and_local_runs(args, capsys)
+    averages = ["average_accuracy", "average_accuracy_a", "average_accuracy_b"]
+    for member in ("gossip", "median"):
+        rows = {e: [json.loads(x) for x in (run / member / "metrics.jsonl").read_text().splitlines()]
+                for e, run in runs.items()}
+        assert [r["round"] for r in rows["ray"]] == [r["round"] for r in rows["local"]] == [1, 2, 3]
+        assert [r["round"] for r in rows["local"] if "mean_accuracy" in r] == [2, 3]
+        for got, want in zip(rows["ray"], rows["local"]):
+            assert ("mean_accuracy" in got) == ("mean_accuracy" in want)
+            if "mean_accuracy" not in want:
+                continue
+            for key in ("mean_accuracy", *averages):
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key
             assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
             assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-3, abs=1e-6)
     assert json.loads((runs["ray"] / "summary.json").read_text())["status"] == "completed"
