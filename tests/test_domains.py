@@ -30,6 +30,7 @@ FREE_KEY_VALUES = {
     "sweep.zip": ["[[seed]]", "[[seed, no_such_axis]]", "x"],
     "sweep.metrics": ["[no_such_metric]"],
     "sweep.curves": ["[no_such_curve]"],
+    "topology.groups": ["{'a-b': [0]}", "{g: []}", "{g: [-1]}", "{g: x}"],
 }
 SWEEP_CONTEXT = ["sweep.seed=[0]"]  # a sweep with one axis, so that its settings are read
 # texts tried against every key with a pattern; each key gets those its pattern refuses
