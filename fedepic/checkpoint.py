@@ -79,11 +79,11 @@ def not_plain(value: Any, where: str = "state") -> Optional[str]:
     (``numpy.float64``) is not plain, but for ``collections.OrderedDict``, what a module's
     ``state_dict()`` returns.
 
-    >>> import torch
-    >>> not_plain({"model": {"w": torch.ones(1)}, "curve": [0.5, None], "round": 3}) is None
-    True
-    >>> not_plain({"epic": {0: {"keep": b"\\x80"}}})
-    "state['epic'][0]['keep'] is bytes"
+        >>> import torch
+        >>> not_plain({"model": {"w": torch.ones(1)}, "curve": [0.5, None], "round": 3}) is None
+        True
+        >>> not_plain({"epic": {0: {"keep": b"\\x80"}}})
+        "state['epic'][0]['keep'] is bytes"
     """
     import torch
 

@@ -431,7 +431,7 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
     """One aggregation at a node over flat vectors: ``own`` [D], ``neighbours`` [m, D] with node ids
     ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules.
     ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call.
-    ``stack``: the caller's [own; neighbours] [m+1, D] when it built one (``own`` and ``neighbours``
+    ``stack``: the caller's ``[own; neighbours]``, ``[m+1, D]`` when it built one (``own`` and ``neighbours``
     are then its rows), which saves the stateless rules a copy. ``node`` (the node's id) and ``loss``
     (its own-batch loss) go into the stateless rule's call context (:func:`rule_context`)."""
     if len(ids) != neighbours.shape[0]:

@@ -154,9 +154,9 @@ def uniform_degree_weights(graph: nx.Graph) -> dict[int, dict[int, float]]:
     The "equal-neighbour" weights of the consensus literature (e.g. Olshevsky & Tsitsiklis, "Convergence
     speed in distributed consensus and averaging", SIAM J. Control Optim. 48(1), 2009). Cost: O(edges).
 
-    >>> w = uniform_degree_weights(nx.path_graph(3))
-    >>> w[0], w[1][0]
-    ({1: 0.5, 0: 0.5}, 0.3333333333333333)
+        >>> w = uniform_degree_weights(nx.path_graph(3))
+        >>> w[0], w[1][0]
+        ({1: 0.5, 0: 0.5}, 0.3333333333333333)
     """
     weights: dict[int, dict[int, float]] = {}
     for i in graph.nodes:
