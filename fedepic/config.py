@@ -471,7 +471,7 @@ class SweepSettings:
     metrics: Optional[List[str]] = field(default=None, metadata=ANY)
     # per-round metrics drawn with a +- s.e. band; null: the mode's panels
     curves: Optional[List[str]] = field(default=None, metadata=ANY)
-    # each cell's own figures (about 1.5 s of matplotlib a cell); the sweep draws its own
+    # each cell's own figures (matplotlib per cell: docs/results/engines.md); the sweep draws its own
     cell_figures: bool = field(default=False, metadata=ANY)
 
 

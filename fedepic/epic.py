@@ -392,7 +392,7 @@ class _Codes:
     """Row access to a group's codes: stored in full, or recomputed in chunks.
 
     ``workspace`` (flat int32) is reused for the stored matrix when large enough:
-    writing a fresh 100 MB allocation costs more in page faults than the build.
+    a fresh allocation of the matrix's size pays a page fault per page written.
     """
 
     def __init__(
@@ -504,8 +504,8 @@ def _single_thread(device: torch.device) -> Iterator[int]:
     """Single-threaded torch ops on CPU inside; yields the caller's thread count.
 
     Selection issues thousands of cache-sized operations; OpenMP threads gain little
-    there and, on a busy machine, waiting for a descheduled thread made them 10-50x
-    slower (measured on 2 shared cores), and idle workers spin and steal the core.
+    there and, on a busy machine, waiting for a descheduled thread made them far
+    slower (docs/results/engines.md), and idle workers spin and steal the core.
     Only the float64 products of heavy groups (proxies, wide features) get the
     caller's threads back.  Running classes in parallel Python threads was slower
     here (GIL hand-offs between small operations).

@@ -471,7 +471,8 @@ class RunWriter:
 
     def environment(self) -> dict[str, Any]:
         """{"versions", "lock"} of this process, read once per run and shared by its members' summaries
-        (reading every installed package's metadata took 0.2 s a summary)."""
+        (reading every installed package's metadata costs one file read per package; read per
+        summary it measured slow: docs/results/engines.md)."""
         if self.parent is not None:
             return self.parent.environment()
         if self._environment is None:

@@ -51,7 +51,7 @@ from fedepic.peer_routing import Routing, communication_graph, inbox, routing_fo
 
 
 # nodes per vectorized training loop: about six copies of a chunk's parameters are alive at once
-# (starts, layers, gradients, momenta, results), 0.36 GB for 64 MLP nodes
+# (starts, layers, gradients, momenta, results): 6 x 64 x D float32 values (0.36 GB for the MLP's D)
 TRAINING_CHUNK = 64
 
 
@@ -148,10 +148,10 @@ class LocalMember:
     def vectorized_training(self) -> bool:
         """Whether local epochs run in one vectorized loop (``decentralized.vectorize``): for models whose
         state is their parameters (plus the fixed normalisation), without convolutions and without
-        dropout. vmap turns per-node convolution weights into grouped convolutions, which measured 1.45x
-        slower than the loop over nodes for the cnn (20 nodes, batch 32, 2 epochs; the MLP: 1.27x
-        faster); BatchNorm's running statistics are not parameters; dropout's randomness would not
-        follow a node's own generator."""
+        dropout. vmap turns per-node convolution weights into grouped convolutions, which measured
+        slower than the loop over nodes for the cnn and faster for the MLP (docs/results/engines.md);
+        BatchNorm's running statistics are not parameters; dropout's randomness would not follow a
+        node's own generator."""
         model = self.models[self.active[0]]
         only_parameters = set(model.state_dict()) - set(FIXED_BUFFERS) == {n for n, _ in model.named_parameters()}
         unsupported = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)

@@ -4,8 +4,8 @@ A ``StackedDsgdMember`` is a ``fedepic.peer_rounds.PeerBackend`` (``send``: the 
 ``receive``: the mix, the step, the evaluation), picked by :func:`member_class` for every dsgd member
 of ``engine=local``; the engine between its two phases decides the messages (the attacks included).
 ``LocalMember`` (``peer_local``) keeps one state dict per node and moves it through flat vectors
-every round. That is fine for 20 nodes; for 1,000 nodes the copies cost more than the compute (a
-profile of 100 nodes: 12 s of 56 s in flatten / unflatten). Here, under ``decentralized.algorithm=dsgd``,
+every round: O(n D) copies a round on top of the compute, which for 1,000 nodes cost more than the
+compute (a profile of 100 nodes: docs/results/engines.md). Here, under ``decentralized.algorithm=dsgd``,
 the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 
 - gradients: one ``torch.func`` vmap per chunk of nodes (``fedepic.stacked``), each node on its own
@@ -58,7 +58,7 @@ from strategies.gossip import Gossip
 
 # -- sizes (one place): what bounds memory, not what is tuned for speed ------------------------------
 GRADIENT_CHUNK = 32  # nodes per vmap'd gradient call: 32 x MLP's 784x256 layer is 26 MB of gradient, which
-#                      the allocator reuses between calls (250 per call measured 1.2x slower here)
+#                      the allocator reuses between calls (250 per call measured slower: docs/results/engines.md)
 
 
 def step_rows(x: Tensor, m: Tensor, lr: float, scratch: Tensor) -> Tensor:
@@ -82,7 +82,8 @@ class GossipMatrix:
     Written by hand because torch has the sparse product but no gossip operator (networkx's
     ``to_scipy_sparse_array`` would add scipy for one matrix). The product runs over blocks of
     ``COLUMN_BLOCK`` coordinates, whose n rows stay in cache while the 10 or so neighbours of every
-    node are read: 1.7x faster than one product over all D columns for 1,000 nodes here."""
+    node are read: the same O(edges D) work, with fewer cache misses than one product over all D
+    columns (docs/results/engines.md)."""
 
     COLUMN_BLOCK = 8192
 

@@ -16,7 +16,7 @@ import sys
 
 # OpenMP threads sleep instead of spinning between parallel regions, unless the environment says
 # otherwise: on a machine whose cores other processes share, torch's spinning intra-op threads wait on
-# each other at every barrier and an in-process run slows down (measured: benchmarks/thread_policy.py).
+# each other at every barrier and an in-process run slows down (docs/results/engines.md, OpenMP's wait policy).
 # Set before torch loads its OpenMP runtime (nothing above imports torch); the command's own children
 # (Ray's workers, one thread each) inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -55,8 +55,9 @@ def stacked_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor, we
 
     ``flat`` may also be one point [D] shared by all n minibatches (the server-based per-step round,
     where every client is at the global model): the parameters are then not batched, which keeps
-    convolutions ungrouped (13x faster for a 5x5 two-conv MNIST net with 10 clients here). Models of
-    Linear and Conv2d layers only (mlp, cnn, cnn_mnist) then take one batched pass instead
+    convolutions ungrouped (n ordinary convolutions instead of one grouped one: faster,
+    docs/results/engines.md). Models of Linear and Conv2d layers only (mlp, cnn, cnn_mnist) then take
+    one batched pass instead
     (``fedepic.grouped_gradients``). ``xb`` may be uint8 (``float_images`` converts it)."""
     layout = parameter_layout(model)
     fixed = {k: v for k, v in model.state_dict().items() if k in FIXED_BUFFERS}

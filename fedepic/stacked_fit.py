@@ -3,7 +3,7 @@ own rows, in its own order, from its own seed, with all nodes' gradients of a st
 
 A decentralized round under ``local_epochs`` trains every node for a few epochs on a few hundred
 rows: thousands of tiny steps, each dominated by Python and autograd dispatch when taken one node at
-a time (1.7 ms a step for the MLP on 32 images). Here step s of an epoch is one
+a time (one dispatch per layer, node and step; docs/results/engines.md). Here step s of an epoch is one
 ``fedepic.stacked.weighted_gradients`` call (``torch.func.vmap``) over every node that still has a
 batch s, then one fused ``torch.optim.SGD.step`` over the per-node rows of the stacked layers.
 
@@ -105,9 +105,9 @@ def stacked_fit(model: nn.Module, start: Tensor, nodes: Sequence[NodeRows], cfg:
     per_node = [[layers[name][k] for name, _ in layout] for k in range(len(nodes))]  # views of the rows
     # torch's SGD over one parameter per node and layer. Fused: each tensor's whole update (weight decay,
     # momentum, Nesterov, step) in one kernel instead of one per operation and tensor, which for 20 nodes
-    # x 6 layers of the mlp measured 1.6 ms a step against 6.8 ms (foreach), and the local epochs of
-    # noniid.yaml's 20 nodes 0.22 s against 0.30 s (2-core CPU, best of 3). The same arithmetic: on that
-    # CPU it matched fit's unfused SGD to the bit except in each tensor's last numel % 16 elements (the
+    # x 6 layers of the mlp measured faster than foreach (docs/results/engines.md, fused SGD). The same
+    # arithmetic: on the 2-core CPU it matched fit's unfused SGD to the bit except in each tensor's last
+    # numel % 16 elements (the
     # kernel's scalar tail), which the batched matrix products already leave apart in the last bits.
     # Fused SGD needs every momentum buffer to start at the first step (a parameter first stepped after
     # the others raises): here it does, as every node with rows has a batch at step 0 of epoch 1 and

@@ -8,9 +8,9 @@ member name (the strategy under test) with every train message, so the same app 
 Memoisation. A Ray actor runs many ClientApp calls in one process, so the parsed config, the dataset
 and each client's (attacked) rows are cached (`fedepic.client_data.client_data_for`), keyed by the config text
 (and the partition id). The cache holds only values derived deterministically from that key, so it
-never changes results; it saves reloading the dataset per message (about 0.5 s from the uint8
-cache). Shipping the data inside the ClientApp closure instead would make Ray pickle it with
-every message (Flower submits the app factory with each task; see benchmarks/bench_flower_overhead.py).
+never changes results; it saves reloading the dataset per message (docs/results/engines.md). Shipping
+the data inside the ClientApp closure instead would make Ray pickle it with every message
+(Flower submits the app factory with each task; see benchmarks/bench_flower_overhead.py).
 
 Local EPIC (defense.local_epic): the client runs EPIC on its own rows after local training in
 round r when `EpicSchedule.is_selection_epoch(r)` holds, i.e. defense.epic.warmup and .interval

@@ -130,8 +130,9 @@ def exact_sq_distances(stack: Tensor, chunk: int = DISTANCE_CHUNK) -> Tensor:
     std 0.05, updates of 1e-3: relative errors up to 0.3 %, more than the gaps between honest clients'
     Krum scores). Differences in float64 are exact to ~1e-13 relative and give exactly 0 for equal
     rows (ties stay ties). One ``cdist`` on the whole stack in float64 would need a float64 copy of it
-    (4.4 GB for 50 x 11M); the blocks keep that at ``n * chunk`` values. Cost: O(n^2 D) (12 x 431k:
-    ~23 ms on 2 cores; the float64 matrix-product form takes ~5 ms but is not exact for equal rows).
+    (4.4 GB for 50 x 11M); the blocks keep that at ``n * chunk`` values. Cost: O(n^2 D) (the float64
+    matrix-product form is the same order and measured faster, but is not exact for equal rows:
+    docs/results/engines.md).
     """
     n = stack.shape[0]
     out = torch.zeros(n, n, dtype=torch.float64, device=stack.device)

@@ -48,7 +48,7 @@ def sorted_rows(stack: Tensor) -> list[Tensor]:
     elementwise min / max between neighbouring rows.
 
     Written here because ``torch.sort(dim=0)`` over a few rows of a long vector is slow on the CPU
-    (17 ms for 6 x 235k floats, one thread, against about 3 ms here), and a node's neighbourhood is a
+    (measured: docs/results/engines.md), and a node's neighbourhood is a
     few rows. Min and max only move values, so the result is exactly torch.sort's for finite input
     (NaN would propagate differently: callers pass finite stacks, ``coordinate_median`` checks).
     """
@@ -67,9 +67,8 @@ NETWORK_ROWS = 64  # finite stacks up to this many rows: the sorting network, el
 def sorted_columns(stack: Tensor) -> list[Tensor]:
     """The rows of ``stack`` [n, D] sorted coordinate-wise, for the server rules (finite stacks, as
     ``strategies.aggregate.aggregate`` passes them). Up to ``NETWORK_ROWS`` rows the sorting network
-    ``sorted_rows``, which beats ``torch.sort(dim=0)`` well beyond ``SMALL_STACK`` on this CPU (rows x
-    431k float32, best of 3, 2 cores: 17 rows 29 against 157 ms, 30 rows 81 against 333 ms, 50 rows 210
-    against 638 ms; numpy's sort would take 29, 35 and 58 ms, but the rules stay in torch)."""
+    ``sorted_rows`` (n passes of O(n D) min / max), which measured faster than ``torch.sort(dim=0)``
+    well beyond ``SMALL_STACK`` on the 2-core CPU (docs/results/engines.md; the rules stay in torch, not numpy)."""
     if stack.shape[0] <= NETWORK_ROWS and bool(torch.isfinite(stack.sum())):
         return sorted_rows(stack)
     return list(torch.sort(stack, dim=0).values)

@@ -53,8 +53,8 @@ def nearest_neighbor_mixing(vectors: Tensor, f: int) -> Tensor:
     wide = vectors.double()  # distances in float64: near-ties keep their order
     nearest = torch.sort(torch.cdist(wide, wide), dim=1, stable=True).indices[:, : n - f]
     # one row at a time: the same reduction as vectors[nearest].mean(dim=1), bit for bit on the CPU
-    # (torch 2.14; tested), without gathering all n x (n - f) rows at once (74 ms against 29 ms for
-    # 12 x 431k floats here)
+    # (torch 2.14; tested), without gathering all n x (n - f) rows at once: O(n (n - f) D) reads, O(D)
+    # scratch per row instead of O(n (n - f) D) (docs/results/engines.md)
     return torch.stack([vectors[rows].mean(dim=0) for rows in nearest])
 
 
