@@ -19,6 +19,7 @@ The exit status of an interrupted run is 128 + signum: 130 for SIGINT, 143 for S
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -101,6 +102,31 @@ class Interrupts:
 def exit_status(err: BaseException) -> int:
     """128 + the signal that interrupted the run (SIGINT for a plain KeyboardInterrupt)."""
     return 128 + int(getattr(err, "signum", None) or signal.SIGINT)
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # the disk refused a write
+
+
+def cli_outcome(prog: str, err: BaseException) -> Optional[int]:
+    """The one stderr line a command (``prog``) prints for ``err``, and its exit status: 2 for bad input
+    or a refused write, 1 for a failed run, 128 + the signal for an interruption. None for anything else
+    (a bug), which the caller re-raises so that its traceback shows."""
+    from fedepic.errors import ConfigError, DataError, RunFailed
+
+    if isinstance(err, (ConfigError, DataError)):
+        line, status = f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", 2
+    elif isinstance(err, ModuleNotFoundError):
+        line, status = f"error: this needs the missing package '{err.name}' (pip install -e .)", 2
+    elif isinstance(err, RunFailed):
+        line, status = f"run failed: {err}", 1
+    elif isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        line, status = f"error: cannot write {err.filename or 'a file'}: {err.strerror}", 2
+    elif isinstance(err, KeyboardInterrupt):
+        line, status = "interrupted; finished parts were kept", exit_status(err)
+    else:
+        return None
+    print(f"{prog}: {line}", file=sys.stderr)
+    return status
 
 
 def _name(signum: Optional[int]) -> str:

@@ -10,7 +10,6 @@ SIGINT and SIGTERM end the run with status "interrupted" and exit 130 and 143 (f
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
@@ -33,7 +32,6 @@ USAGE = ("usage: python -m fedepic.simulate config=NAME.yaml [key=value ...]   (
          "runs; the same command again resumes it)")
 
 # a full, read-only or forbidden disk is the user's to fix, not a bug: one line, no traceback
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _split_args(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], list[str]]:
@@ -107,8 +105,7 @@ def _check_cells_cluster(cfg) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fedepic.config import load_config
-    from fedepic.errors import ConfigError, DataError, RunFailed  # light: reported before torch loads
-    from fedepic.interrupts import Interrupts, exit_status
+    from fedepic.interrupts import Interrupts, cli_outcome  # light: bad input is reported before torch loads
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -133,23 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_dir, failed_cells = outcome.folder, outcome.failed
             else:
                 run_dir = runner_for(cfg.mode)(cfg, interrupts=interrupts, resume=point)
-    except (ConfigError, DataError) as err:
-        print(f"fedepic: error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:
-        print(f"fedepic: error: mode needs the missing package '{err.name}' (pip install -e .)", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"fedepic: run failed: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        if err.errno not in STORAGE_ERRNOS:
+    except (Exception, KeyboardInterrupt) as err:  # bad input, a failed run, a full disk, a signal
+        status = cli_outcome("fedepic", err)
+        if status is None:
             raise
-        print(f"fedepic: error: cannot write {err.filename or 'a file'}: {err.strerror}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print("fedepic: interrupted; finished parts were kept", file=sys.stderr)
-        return exit_status(err)
+        return status
     print(Path(run_dir))
     if failed_cells:  # the sweep went on past them; its summary says "failed" and why, per cell
         print(f"fedepic: sweep finished with {len(failed_cells)} failed cell(s): {', '.join(failed_cells[:5])}"

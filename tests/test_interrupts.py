@@ -177,3 +177,28 @@ def test_a_diverged_fl_run_says_so(tmp_path: Path, mode: str) -> None:
         assert member["diverged_round"] is None and member["nonfinite_replies"] == 4 * 2
     else:
         assert member["diverged_round"] == 1
+
+
+def test_cli_outcome_one_line_and_status_per_kind_of_error(capsys):
+    """Both commands (fedepic.simulate, fedepic.reproduce) share this one mapping of errors to a line
+    and an exit status; a bug (anything else) is not swallowed."""
+    import errno as errno_codes
+    from fedepic.errors import ConfigError, RunFailed
+    from fedepic.interrupts import cli_outcome
+
+    cases = [
+        (ConfigError("key 'rounds': must be at least 1, got 0\nsecond line"), 2,
+         "prog: error: key 'rounds': must be at least 1, got 0"),
+        (RunFailed("3 of 4 clients failed round 2"), 1, "prog: run failed: 3 of 4 clients failed round 2"),
+        (OSError(errno_codes.ENOSPC, "No space left on device", "/runs/x"), 2,
+         "prog: error: cannot write /runs/x: No space left on device"),
+        (ModuleNotFoundError("no flwr", name="flwr"), 2,
+         "prog: error: this needs the missing package 'flwr' (pip install -e .)"),
+        (KeyboardInterrupt(), 130, "prog: interrupted; finished parts were kept"),
+    ]
+    for err, status, line in cases:
+        assert cli_outcome("prog", err) == status
+        assert capsys.readouterr().err == line + "\n"
+    assert cli_outcome("prog", OSError(errno_codes.ENOENT, "gone")) is None
+    assert cli_outcome("prog", ZeroDivisionError()) is None
+    assert capsys.readouterr().err == ""

@@ -237,9 +237,7 @@ def execute(args: Arguments, interrupts) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fedepic.errors import ConfigError, DataError, RunFailed
-    from fedepic.interrupts import Interrupts, exit_status
-    from fedepic.simulate import STORAGE_ERRNOS
+    from fedepic.interrupts import Interrupts, cli_outcome
 
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
@@ -251,22 +249,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         with Interrupts() as interrupts:
             return execute(args, interrupts)
-    except (ConfigError, DataError) as err:
-        print(f"fedepic.reproduce: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"fedepic.reproduce: run failed: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        if err.errno not in STORAGE_ERRNOS:
+    except (Exception, KeyboardInterrupt) as err:  # bad input, a failed run, a full disk, a signal
+        status = cli_outcome("fedepic.reproduce", err)
+        if status is None:
             raise
-        print(f"fedepic.reproduce: error: cannot write {err.filename or 'a file'}: {err.strerror}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print("fedepic.reproduce: interrupted; finished parts were kept", file=sys.stderr)
-        return exit_status(err)
-
+        return status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,7 +46,8 @@ def execute_cell(cfg: RunConfig, workdir: Path, *, interrupts: Interrupts,
     """Run the cell ``cfg`` with ``workdir`` as its output_dir, or continue its stopped run folder
     ``resume``; never raises for the cell's own failure or interruption (a full disk does raise)."""
     from fedepic.checkpoint import resume_config
-    from fedepic.simulate import STORAGE_ERRNOS, runner_for
+    from fedepic.interrupts import STORAGE_ERRNOS
+    from fedepic.simulate import runner_for
 
     started = time.perf_counter()
     try:
