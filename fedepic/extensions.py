@@ -118,6 +118,9 @@ PURIFICATION: dict[str, Any] = {k: f"defense.purification.{k}" for k in (
 PURIFICATION.update(target=purification_target, oracle_round=oracle_round, known_malicious=known_malicious)
 
 
+# RFA's keys, one binding for its peer and its server entry
+GEOMETRIC_MEDIAN_KEYS = {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}
+
 PEER_RULES = Registry("peer rule", [
     Entry("gossip", "strategies.gossip:Gossip", "D-PSGD gossip averaging (Lian et al., NeurIPS 2017)"),
     Entry("median", "strategies.median:MedianRule", "coordinate-wise median (Yin et al., ICML 2018)"),
@@ -131,7 +134,7 @@ PEER_RULES = Registry("peer rule", [
     Entry("geometric_median", "strategies.geometric_median:GeometricMedianRule",
           "RFA over own and the neighbours, equal weights, `defense.geometric_median.iterations` and `.nu` "
           "(Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
-          {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
+          GEOMETRIC_MEDIAN_KEYS),
     Entry("monna", "strategies.monna:MoNNARule", "MoNNA: the mean of the n - f rows nearest to own, f = "
           "`defense.byzantine` (Farhadkhani et al., ICML 2023)", {"f": assumed_byzantine}),
     Entry("epic", "strategies.epic_peer:EpicPeer", "EPIC on the neighbours' updates, then gossip",
@@ -229,7 +232,7 @@ SERVER_RULES = Registry("server rule", [
     Entry("geometric_median", "strategies.geometric_median:GeometricMedianRule",
           "RFA: smoothed Weiszfeld geometric median, example-weighted, `defense.geometric_median.iterations` and "
           "`.nu` (Pillutla, Kakade, Harchaoui, IEEE TSP 2022)",
-          {"iterations": "defense.geometric_median.iterations", "nu": "defense.geometric_median.nu"}),
+          GEOMETRIC_MEDIAN_KEYS),
     Entry("monna", "strategies.monna:MoNNARule", "MoNNA: the mean of the n - f updates nearest to the previous "
           "aggregate, f = `defense.byzantine` (Farhadkhani et al., ICML 2023)", {"f": assumed_byzantine}),
     Entry("dnc", "strategies.dnc:DivideAndConquer", "Divide-and-Conquer: drop the c f highest SVD outlier scores "
