@@ -20,23 +20,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from fedepic.vectors import flatten_state
 from strategies.epic_updates import (  # noqa: F401 (UpdateSelection, medoid_count re-exported)
     UpdateSelection, check_epic_parameters, epic_select_updates, medoid_count,
 )
 
 
 def record_vector(record: ArrayRecord) -> Tensor:
-    """The float arrays of an ArrayRecord, flattened in key order (the order of fedepic.vectors)."""
-    parts = [a.numpy().ravel() for a in record.values()]
-    floats = [p for p in parts if np.issubdtype(p.dtype, np.floating)]
-    return torch.from_numpy(np.concatenate(floats).astype(np.float32, copy=False)) if floats else torch.zeros(0)
+    """``fedepic.vectors.flatten_state`` of the record's arrays: the one vector layout of every mode."""
+    return flatten_state(record.to_torch_state_dict())
 
 
 def client_id(msg: Message, key: str = "partition-id") -> int:
