@@ -351,3 +351,42 @@ def test_without_a_source_checkout_the_command_says_so_in_one_line(tmp_path, mon
     assert main(["dumbbell", "--from", str(folder)]) == 2
     assert "needs a source checkout" in capsys.readouterr().err
     assert main(["--list"]) == 0
+
+
+def test_overrides_that_keep_part_of_the_replay_are_a_subset_not_a_new_protocol():
+    """Part of a replay's members or of an unzipped axis's values runs the shipped protocol on fewer cells;
+    anything else (another value, a zipped axis, any other key) changes the protocol."""
+    from fedepic.reproduce.subset import split_overrides
+
+    dumbbell, bucketing = replays.get("dumbbell"), replays.get("bucketing_mnist")
+    subset, changed = split_overrides(str(dumbbell.config_path()), dumbbell.fixed_overrides(), [
+        "strategies=[rfa,gossip]", "sweep.data.partition=[label_sets]", "rounds=2", "strategies=[gossip,krum]",
+        "sweep.data.partition=[iid,shards]", "strategies=[gossip,gossip]", "sweep.data.partition=[]"])
+    assert subset == ["strategies=[rfa,gossip]", "sweep.data.partition=[label_sets]"]
+    assert changed == ["rounds=2", "strategies=[gossip,krum]", "sweep.data.partition=[iid,shards]",
+                       "strategies=[gossip,gossip]", "sweep.data.partition=[]"]
+    subset, changed = split_overrides(str(bucketing.config_path()), bucketing.fixed_overrides(), [
+        "strategies=[krum,centered_clipping]", "sweep.attack.model=[bit_flip]"])
+    assert subset == ["strategies=[krum,centered_clipping]"] and changed == ["sweep.attack.model=[bit_flip]"]
+
+
+def test_from_a_folder_that_ran_part_of_the_replay_reads_it_as_that_part(tmp_path):
+    """--from recognises a sweep of the shipped config narrowed to some members and axis values: the same
+    sweep key as the shipped config with those narrowing overrides; a folder with another key is a
+    changed protocol."""
+    import yaml
+
+    from fedepic.config import load_config
+    from fedepic.reproduce.__main__ import changed_protocol
+    from fedepic.sweep.plan import plan_sweep
+
+    replay = replays.get("dumbbell")
+    narrowed = ["strategies=[gossip,rfa]", "sweep.data.partition=[iid]"]
+    key = plan_sweep(load_config(str(replay.config_path()),
+                                 [*replay.fixed_overrides(), *narrowed, "sweep.seed=[0]"])).key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"strategies": ["gossip", "rfa"]}))
+    summary = {"key": key, "axes": {"data.partition": ["iid"], "seed": [0]}}
+    assert changed_protocol(replay, tmp_path, summary, [0]) == (["strategies=[gossip, rfa]",
+                                                                 "sweep.data.partition=[iid]"], [])
+    subset, changed = changed_protocol(replay, tmp_path, {**summary, "key": "0123456789"}, [0])
+    assert subset == [] and len(changed) == 1 and "0123456789" in changed[0]

@@ -7,7 +7,9 @@ folder given with ``--from``, then prints and writes into that folder ``reproduc
 mean and spread over its seeds, the tolerance and whether the cell is within it, and for every cell
 fedepic cannot run yet what it lacks (``fedepic.reproduce.compare``). ``--dry-run`` prints the plan
 and runs nothing; ``--list`` lists the replays. ``key=value`` overrides go to the config as in
-``python -m fedepic.simulate`` (and mark the table as a changed protocol). Bad input (an unknown NAME,
+``python -m fedepic.simulate``: one that keeps part of the replay's members (``strategies=[...]``) or of
+one unzipped sweep axis's values runs part of the replay under its protocol (``fedepic.reproduce.subset``;
+the cells left out say missing); any other marks the table as a changed protocol. Bad input (an unknown NAME,
 flag or key, a bad value, a folder that is not the replay's sweep) prints one line and exits 2 with
 nothing written; a sweep with failed cells exits 1 after writing the table.
 """
@@ -156,18 +158,32 @@ def check_source(replay, folder: Path, summary: dict) -> None:
                           f"{replay.name!r} (config name {name!r})")
 
 
-def changed_protocol(replay, summary: dict, seeds: Sequence[int]) -> list[str]:
-    """For --from: nothing when the folder is the shipped config's sweep with these seeds (the same
-    sweep key), else one line saying the folder's config differs (overrides it ran with)."""
+def changed_protocol(replay, folder: Path, summary: dict, seeds: Sequence[int]) -> tuple[list[str], list[str]]:
+    """For --from: (subset, changed). Nothing changed when the folder is the shipped config's sweep with
+    these seeds (the same sweep key), possibly narrowed to part of its members or axis values
+    (``fedepic.reproduce.subset``); else one line saying the folder's config differs."""
+    import yaml
+
     from fedepic.config import load_config
+    from fedepic.reproduce.subset import folder_subset
     from fedepic.sweep.plan import plan_sweep
 
-    shipped = plan_sweep(load_config(str(replay.config_path()), [*replay.fixed_overrides(),
-                                                                 f"sweep.seed=[{','.join(map(str, seeds))}]"]))
-    if summary.get("key") == shipped.key:
-        return []
-    return [f"(the folder's sweep key {summary.get('key')} is not the shipped config's {shipped.key}: it ran with "
-            "other settings; see its config.yaml)"]
+    def key(extra: Sequence[str]) -> str:
+        return plan_sweep(load_config(str(replay.config_path()), [*replay.fixed_overrides(), *extra,
+                                                                  f"sweep.seed=[{','.join(map(str, seeds))}]"])).key
+
+    if summary.get("key") == key([]):
+        return [], []
+    try:
+        strategies = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("strategies", [])
+    except (OSError, yaml.YAMLError):
+        strategies = []
+    subset = folder_subset(str(replay.config_path()), replay.fixed_overrides(), strategies or [],
+                           summary.get("axes") or {})
+    if subset and summary.get("key") == key(subset):
+        return subset, []
+    return [], [f"(the folder's sweep key {summary.get('key')} is not the shipped config's {key([])}: it ran with "
+                "other settings; see its config.yaml)"]
 
 
 def failed_cells(summary: dict) -> list[str]:
@@ -176,7 +192,8 @@ def failed_cells(summary: dict) -> list[str]:
             if isinstance(c, dict) and c.get("status") == "failed"]
 
 
-def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequence[str], key: str = "--from") -> str:
+def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequence[str], key: str = "--from",
+           subset: Sequence[str] = ()) -> str:
     """Compare, write reproduction.md and reproduction.json into ``folder`` (``output.write_into_sweep``;
     ``key`` names the folder's source in a refusal); returns the Markdown."""
     import json
@@ -187,8 +204,8 @@ def report(replay, folder: Path, sweep, seeds: Sequence[int], overrides: Sequenc
 
     results = compare(replay, cells(replay.experiment), sweep)
     paper = _paper(replay.experiment)
-    text = output.markdown(replay, paper, folder, results, seeds, overrides)
-    data = output.payload(replay, paper, folder, results, seeds, overrides)
+    text = output.markdown(replay, paper, folder, results, seeds, overrides, subset)
+    data = output.payload(replay, paper, folder, results, seeds, overrides, subset)
     output.write_into_sweep(folder, {"reproduction.json": json.dumps(data, indent=1) + "\n",
                                      "reproduction.md": text}, key)
     return text
@@ -200,6 +217,7 @@ def execute(args: Arguments, interrupts) -> int:
     from fedepic.reproduce.compare import read_sweep
     from fedepic.reproduce.published import cells
     from fedepic.reproduce.replays import get
+    from fedepic.reproduce.subset import split_overrides
 
     if args.name is None:
         raise ConfigError("invalid value None for the replay NAME: give one (python -m fedepic.reproduce --list)")
@@ -214,7 +232,7 @@ def execute(args: Arguments, interrupts) -> int:
         summary, sweep = read_sweep(folder)
         check_source(replay, folder, summary)
         seeds = tuple(sorted({c.seed for c in sweep if c.seed is not None}))
-        changed = changed_protocol(replay, summary, seeds)
+        subset, changed = changed_protocol(replay, folder, summary, seeds)
         failed = failed_cells(summary)
     elif args.dry_run:
         from fedepic.sweep.plan import plan_sweep
@@ -226,8 +244,9 @@ def execute(args: Arguments, interrupts) -> int:
     else:
         folder, failed = run(replay, args, seeds, interrupts)
         summary, sweep = read_sweep(folder)
-        changed = list(args.overrides)
-    print(report(replay, folder, sweep, seeds, changed, "--from" if args.source is not None else "output_dir"), end="")
+        subset, changed = split_overrides(str(replay.config_path()), replay.fixed_overrides(), args.overrides)
+    print(report(replay, folder, sweep, seeds, changed, "--from" if args.source is not None else "output_dir", subset),
+          end="")
     print(folder / "reproduction.md")
     if failed:
         print(f"fedepic.reproduce: {len(failed)} sweep cell(s) failed: {', '.join(failed[:5])} (see "

@@ -48,13 +48,16 @@ def table_rows(results: Sequence[CellResult]) -> list[str]:
 
 
 def markdown(replay: Replay, paper: str, folder: Path, results: Sequence[CellResult], seeds: Sequence[int],
-             overrides: Sequence[str]) -> str:
+             overrides: Sequence[str], subset: Sequence[str] = ()) -> str:
     n = counts(results)
     lines = [f"# Reproduction: {replay.name}", "", f"- replay: {replay.about}", f"- published: {paper}",
              f"- fedepic: config `configs/{replay.config}`, sweep folder `{folder}`, seeds {_seeds(seeds)}",
              f"- tolerance: a cell is reproduced when fedepic's mean over its seeds lies within the published "
              f"seed std + {replay.points:g} points of the published figure ({replay.single_seed_points:g} points "
              "where it has one seed); figures in percent"]
+    if subset:
+        lines.append(f"- part of the replay: {' '.join(subset)} (the shipped protocol; the cells left out say "
+                     "missing)")
     if overrides:
         lines.append(f"- **protocol changed: {' '.join(overrides)}: a verdict here says nothing about the "
                      "published experiment**")
@@ -71,10 +74,10 @@ def markdown(replay: Replay, paper: str, folder: Path, results: Sequence[CellRes
 
 
 def payload(replay: Replay, paper: str, folder: Path, results: Sequence[CellResult], seeds: Sequence[int],
-            overrides: Sequence[str]) -> dict[str, Any]:
+            overrides: Sequence[str], subset: Sequence[str] = ()) -> dict[str, Any]:
     return {"replay": replay.name, "about": replay.about, "paper": paper, "experiment": replay.experiment,
             "config": f"configs/{replay.config}", "sweep_folder": str(folder), "seeds": list(seeds),
-            "overrides": list(overrides), "protocol_changed": bool(overrides),
+            "overrides": list(overrides), "protocol_changed": bool(overrides), "subset": list(subset),
             "tolerance": {"points": replay.points, "single_seed_points": replay.single_seed_points,
                           "spread": "published sample std (ddof 1)"},
             "comparable": replay.comparable is None, "not_comparable_because": replay.comparable,
