@@ -226,3 +226,47 @@ def test_a_new_local_epochs_algorithm_takes_the_local_optimiser(monkeypatch):
     with pytest.raises(ConfigError, match="'train.client_momentum': .*decentralized.algorithm=dsgd; under "
                                           "decentralized.algorithm=local the optimiser's momentum is train.momentum"):
         load_config(None, [*run, "strategies=[gossip]", "train.client_momentum=0.5"])
+
+
+def readme_example() -> tuple[str, str]:
+    """The two python blocks of README.md's "Add a rule": the module and its registry line."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Add a rule", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2, "README's 'Add a rule' must hold the module and its registry line"
+    return blocks[0], blocks[1].strip().rstrip(",")
+
+
+def test_the_readmes_worked_example_is_one_module_and_one_line(monkeypatch, tmp_path, data_root) -> None:
+    """README's example rule, its module and its PEER_RULES line and nothing else, aggregates by its
+    formula and runs as a member of a decentralized run (engine=local)."""
+    import json
+    import sys
+    import types
+
+    import torch
+
+    from fedepic.simulate import main
+    from strategies.aggregate import aggregate
+
+    code, line = readme_example()
+    module = types.ModuleType("strategies.midpoint_median")
+    exec(compile(code, "strategies/midpoint_median.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "strategies.midpoint_median", module)
+    entry = eval(line, {"Entry": Entry})
+    monkeypatch.setitem(ext.PEER_RULES._entries, entry.name, entry)
+
+    rule = ext.PEER_RULES.build("midpoint_median", load_config("dfl_smoke.yaml", []))
+    stack = torch.tensor([[0.0, 4.0], [2.0, 0.0], [4.0, 8.0], [10.0, 2.0]])
+    out = aggregate(rule, stack, 0)
+    assert torch.equal(out.vector, torch.tensor([2.0, 3.0]))  # own (0, 4), neighbours' median (4, 2)
+    assert out.kept.tolist() == [True] * 4
+
+    status = main(["config=dfl_smoke.yaml", "engine=local", "strategies=[gossip,midpoint_median]",
+                   f"output_dir={tmp_path}", "progress=false", "figures.enabled=false"])
+    assert status == 0
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    rows = {r["strategy"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"gossip", "midpoint_median"}
+    assert 0 <= rows["midpoint_median"]["mean_accuracy"] <= 1
+    assert rows["midpoint_median"]["mean_accuracy"] != rows["gossip"]["mean_accuracy"]
