@@ -43,7 +43,8 @@ class Entry:
     flags : frozenset of str
         What runners ask about an entry (``stateful``, ``needs_honest``, ...).
     info : mapping
-        Facts the config checks need before the target is imported (a dataset's classes and image side).
+        Facts the config checks need before the target is imported (a dataset's classes and image side),
+        or a second ``"module:attribute"`` a runner loads (a decentralized algorithm's in-process member).
     """
 
     name: str
@@ -54,8 +55,13 @@ class Entry:
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def load(self) -> Any:
-        module, _, attribute = self.target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return load_target(self.target)
+
+
+def load_target(target: str) -> Any:
+    """The attribute ``"module:attribute"`` names, its module imported now."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def config_value(cfg: Any, key: str) -> Any:
