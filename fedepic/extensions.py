@@ -30,9 +30,11 @@ Flags:
   ``train.client_momentum_form``: the EMA or heavy ball; the nodes send their models), ``tracks_gradient`` (nodes exchange (model, tracker) vectors and keep a gradient state: GP can
   purify the trackers; no momentum acts; the tracker needs column-stochastic mixing weights, so
   ``topology.mixing=uniform_degree`` is refused), ``no_running_stats`` (refuses models flagged ``running_stats``).
-  Config validation is generated from these flags (``fedepic.config``); the target is the in-process
-  engine's member for the algorithm (``send`` / ``receive`` halves, ``fedepic.peer_rounds.PeerBackend``),
-  and the Ray ClientApp (``simulations/dfl_apps.py``) picks the node steps by the same flags.
+  Config validation is generated from these flags (``fedepic.config``); the target is the algorithm's
+  node step (``fedepic.algorithms``: what one node computes in the ``send`` and ``receive`` halves of a
+  round), which both backends call: the in-process engine (``fedepic.peer_local.LocalMember``, or the
+  member class named in ``info["member"]``, ``fedepic.peer_stacked.member_class``) and the Ray
+  ClientApp (``simulations/dfl_apps.py``), neither of which branches on the algorithm.
 """
 
 from __future__ import annotations
@@ -332,13 +334,14 @@ DATASETS = Registry("dataset", [
 
 
 ALGORITHMS = Registry("decentralized algorithm", [
-    Entry("dpsgd", "fedepic.peer_local:LocalMember", "D-PSGD, train then gossip: `clients.local_epochs` of local "
+    Entry("dpsgd", "fedepic.algorithms.dpsgd:Dpsgd", "D-PSGD, train then gossip: `clients.local_epochs` of local "
           "training, then the peer rule over the models (Lian et al., NeurIPS 2017)",
           flags=frozenset({"local_optimizer"})),
-    Entry("dsgd", "fedepic.peer_stacked:StackedDsgdMember", "one-step D-SGD with client momentum "
+    Entry("dsgd", "fedepic.algorithms.dsgd:Dsgd", "one-step D-SGD with client momentum "
           "`train.client_momentum`, the per-step protocol (He, Karimireddy, Jaggi, 2022)",
-          flags=frozenset({"one_step", "client_momentum", "no_running_stats"})),
-    Entry("dsgt", "fedepic.peer_local:LocalMember", "gradient tracking, one plain step of `train.lr` per round "
+          flags=frozenset({"one_step", "client_momentum", "no_running_stats"}),
+          info={"member": "fedepic.peer_stacked:StackedDsgdMember"}),
+    Entry("dsgt", "fedepic.algorithms.dsgt:Dsgt", "gradient tracking, one plain step of `train.lr` per round "
           "(DIGing: Nedic, Olshevsky, Shi, SIAM J. Optim. 2017; Pu, Nedic, Math. Prog. 2021)",
           flags=frozenset({"one_step", "tracks_gradient", "no_running_stats"})),
 ])

@@ -7,17 +7,19 @@ The round itself (node work -> the attacks of ``peer_routing.outgoing`` -> each 
 and step -> evaluation -> the metrics record) and the member loop are ``fedepic.peer_rounds``'; a
 ``LocalMember`` is a ``peer_rounds.PeerBackend``:
 
-- ``send``: under dpsgd every active node's ``clients.local_epochs`` of local training, in one
-  vectorized loop (``peer_node.train_local_stacked``, over ``fedepic.stacked_fit``) for models without
-  convolutions (mlp), else one node after another (``train_local``, as a Ray node does): see
-  ``LocalMember.vectorized_training``. Under dsgt every node's (model, tracker) vector (in round 1
-  after y_i(0) = g_i(x_i(0)), all nodes' gradients in one vectorized call, ``fedepic.stacked``).
-  Under dsgd the member is ``fedepic.peer_stacked.StackedDsgdMember`` (``peer_stacked.member_class``).
-- ``receive``: each node's inbox aggregated with its rule (``peer_node.aggregate_flat``; dsgt: the two
-  sums of ``dsgt_mix``, the step and, in one vectorized call, the gradients at the new points); then,
-  where ``peer_node.eval_due`` says (``train.eval_every``), all benign nodes evaluated in one
-  vectorized pass (``peer_eval.evaluate_rows``) for models without BatchNorm, else one node at a time
-  with the Ray node's own ``evaluate`` and ``attack_success``.
+- ``send`` and ``receive`` call the algorithm's node step (``self.step``: the target of its
+  ``fedepic.extensions.ALGORITHMS`` entry, ``fedepic.algorithms``), the very functions a Ray node
+  calls: ``send`` every active node's send half (dpsgd: its ``clients.local_epochs`` of local
+  training; dsgt: its (model, tracker) vector), ``receive`` every node's aggregation of its inbox with
+  its rule and its step. Where the step has an all-nodes form (``send_all``, ``receive_all``) and
+  ``node_by_node`` is off, that runs instead: dpsgd's local epochs in one vectorized loop
+  (``peer_node.train_local_stacked``, over ``fedepic.stacked_fit``) for models without convolutions
+  (mlp, ``LocalMember.vectorized_training``), dsgt's gradients of all nodes in one vectorized call
+  (``fedepic.stacked``); both tested equal to the per-node step. Under dsgd the member is
+  ``fedepic.peer_stacked.StackedDsgdMember`` (its entry's ``info["member"]``, ``peer_stacked.member_class``).
+- after ``receive``, where ``peer_node.eval_due`` says (``train.eval_every``), all benign nodes are
+  evaluated in one vectorized pass (``peer_eval.evaluate_rows``) for models without BatchNorm, else one
+  node at a time with the Ray node's own ``evaluate`` and ``attack_success``.
 
 Each node's model is built once and reused across rounds. This backend is also the reference the
 Flower run is tested against (same seed, same numbers: tests/test_decentralized.py). It is not
@@ -37,30 +39,26 @@ from fedepic.config import RunConfig, malicious_ids, member_config
 from fedepic.data import ImageData, load_dataset
 from fedepic.models import FIXED_BUFFERS
 from fedepic.train import evaluate
-from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.vectors import flatten_state
 from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
 from fedepic.peer_eval import average_record, evaluate_rows, stackable
 from fedepic.peer_node import (
-    HONEST, AggregationReport, LocalJob, NodeState, aggregate_flat, derive_seed, dsgt_batch, dsgt_finish,
-    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
-    BatchLoss, load_exchanged, needs_loss, new_model, own_batch_loss, peer_rule, train_local, train_local_stacked,
-    uses_local_epic,
+    HONEST, AggregationReport, BatchLoss, NodeState, derive_seed, dsgt_batch, eval_due, exchanged_state,
+    load_exchanged, needs_loss, new_model, own_batch_loss, peer_rule,
 )
 from fedepic.peer_rounds import Member, Messages, Received, RunSink, Sent, peer_setting, play_round, run_peer_member
-from fedepic.peer_routing import Routing, communication_graph, inbox, routing_for, run_label_roles
-
-
-# nodes per vectorized training loop: about six copies of a chunk's parameters are alive at once
-# (starts, layers, gradients, momenta, results): 6 x 64 x D float32 values (0.36 GB for the MLP's D)
-TRAINING_CHUNK = 64
+from fedepic.peer_routing import Routing, communication_graph, inbox as inbox_of, routing_for, run_label_roles
+from fedepic.algorithms import Inbox, PeerNode, node_step
+from fedepic.algorithms.dpsgd import aggregate_inbox
 
 
 class LocalMember:
     """One member (``strategies`` entry) run in process: its rule, config, nodes and their states; a
     ``peer_rounds.PeerBackend`` (module docstring).
 
-    ``node_by_node``: train the nodes' local epochs one after another, as Ray nodes do, instead of in
-    one vectorized loop (the reference the Flower run is compared with to the last bit)."""
+    ``node_by_node``: run the node step one node after another, as Ray nodes do, never its all-nodes
+    form (dpsgd's vectorized local epochs, dsgt's vectorized gradients): the reference the Flower run is
+    compared with to the last bit."""
 
     node_by_node = False
     has_node_by_node = True  # whether ``node_by_node`` acts (``run_local_member`` refuses it where not)
@@ -78,6 +76,7 @@ class LocalMember:
         self.device = torch.device("cpu")
         # built once: the rules keep their per-node state in NodeState, not in themselves
         self.rules = {self.rule: peer_rule(self.rule, self.cfg), HONEST: peer_rule("gossip", self.cfg, defended=False)}
+        self.step = node_step(self.cfg)  # the algorithm's node step: its fedepic.extensions.ALGORITHMS entry
 
     def build_models(self) -> None:
         """One model per node, built once and reloaded every round."""
@@ -91,24 +90,38 @@ class LocalMember:
         return play_round(self, round_, memory=self.attack_memory)[0]
 
     # -- the two phases of a round (peer_rounds.PeerBackend) -------------------------------------
+    def node(self, i: int) -> PeerNode:
+        """Node ``i`` as its algorithm's step sees it (``fedepic.algorithms.PeerNode``)."""
+        return PeerNode(i, self.rule, self.cfg, self.states[i], self.clients[i], self.models[i], self.template,
+                        self.device, self.rules)
+
     def send(self, round_: int) -> Sent:
-        """Every active node's vector of ``round_``: its trained model (dpsgd; its training loss in the
-        stats), or its (model, tracker) (dsgt)."""
-        if is_dsgt(self.cfg):
-            return Sent(self._dsgt_vectors(round_))
-        if is_dsgd(self.cfg):
-            raise TypeError("dsgd runs on the stacked rows: build the member with peer_stacked.member_class(cfg)")
-        trained, losses = self._dpsgd_train_stacked(round_) if self.vectorized_training() else self._dpsgd_train(round_)
-        return Sent(trained, {i: {"train_loss": loss} for i, loss in losses.items()})
+        """Every active node's send half (``self.step``, the algorithm's node step): its all-nodes form
+        where it has one and ``node_by_node`` is off, else node by node."""
+        sent = None if self.node_by_node else self.step.send_all(self, round_)
+        if sent is not None:
+            return sent
+        vectors, stats = {}, {}
+        for i in self.active:
+            out = self.step.send(self.node(i), round_)
+            vectors[i], stats[i] = flatten_state(out.message), dict(out.stats)
+        return Sent(vectors, stats)
 
     def receive(self, round_: int, work: Sent, messages: Messages, collect: bool) -> Received:
-        """Every node's aggregation of its inbox (dsgt: and its step and new gradient), then the
-        evaluation when due and the states when ``collect``."""
-        if is_dsgt(self.cfg):
-            reports = self._dsgt_step(round_, work.vectors, messages)
-        else:
-            reports = self._aggregate_inboxes(work.vectors, messages)
+        """Every node's receive half (aggregation of its inbox and its step; all nodes at once where the
+        step has that form and ``node_by_node`` is off), then the evaluation when due and the states when
+        ``collect``."""
+        reports = None if self.node_by_node else self.step.receive_all(self, round_, work, messages)
+        if reports is None:
+            reports = {i: self.step.receive(self.node(i), round_, self.inbox(i, messages, work.vectors[i]))
+                       for i in self.active}
         return self._received(round_, reports, collect)
+
+    def inbox(self, i: int, messages: Messages, own: Optional[torch.Tensor] = None) -> Inbox:
+        """What node ``i`` received in ``messages``, with its mixing weights (and ``own``, what it sent)."""
+        box = inbox_of(messages, i)
+        weights, self_weight = self._mixing(i, box)
+        return Inbox(box, weights, self_weight, own)
 
     def restore(self, states: Mapping[int, Mapping[str, Any]]) -> None:
         for i, plain in states.items():
@@ -124,26 +137,9 @@ class LocalMember:
         return Received(evals, models, confirmed, nonfinite, self.plain_states() if collect else {},
                         average=average)
 
-    # -- dpsgd -----------------------------------------------------------------------------------
     def _mixing(self, i: int, box: Mapping[int, Any]) -> tuple[dict[int, float], float]:
         w = self.routing.weights[i]
         return {j: w[j] for j in box}, 1 - sum(w[j] for j in box)
-
-    def _dpsgd_train(self, round_: int) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        """Every node's local epochs, one node after another (``train_local``, as a Ray node trains)."""
-        trained, losses = {}, {}
-        for i in self.active:
-            net, state, client = self.models[i], self.states[i], self.clients[i]
-            start = state.model if state.model is not None else exchanged_state(new_model(self.cfg, self.data))
-            load_exchanged(net, start)
-            stats = train_local(net, client.x, client.y, self.cfg, state, round_=round_,
-                                seed=derive_seed(self.cfg.seed, round_, i), device=self.device,
-                                epic=uses_local_epic(self.rule, self.cfg, client.is_malicious),
-                                poison_mask=client.poisoned)
-            losses[i] = stats["train_loss"]
-            state.trained, state.model, state.round = exchanged_state(net), None, round_
-            trained[i] = flatten_state(state.trained)
-        return trained, losses
 
     def vectorized_training(self) -> bool:
         """Whether local epochs run in one vectorized loop (``decentralized.vectorize``): for models whose
@@ -158,79 +154,13 @@ class LocalMember:
         return (self.cfg.decentralized.vectorize and not self.node_by_node and only_parameters
                 and not any(isinstance(m, unsupported) for m in model.modules()))
 
-    def _dpsgd_train_stacked(self, round_: int) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        """Every node's local epochs in one vectorized loop (``peer_node.train_local_stacked``): the same
-        seeds, rows, EPIC selections and SGD as ``train_local`` node by node, up to float rounding."""
-        starts, jobs, nodes, trained, losses = [], [], [], {}, {}
-        for i in self.active:
-            state, client = self.states[i], self.clients[i]
-            start = state.model if state.model is not None else exchanged_state(new_model(self.cfg, self.data))
-            if len(client.y) == 0:  # train_local's early return: nothing to train, the model goes out as it came
-                losses[i] = float("nan")
-                state.trained, state.model, state.round = start, None, round_
-                trained[i] = flatten_state(start)
-                continue
-            starts.append(flatten_state(start))
-            nodes.append(i)
-            jobs.append(LocalJob(state, client.x, client.y, derive_seed(self.cfg.seed, round_, i),
-                                 uses_local_epic(self.rule, self.cfg, client.is_malicious), self.models[i],
-                                 client.poisoned))
-        for first in range(0, len(nodes), TRAINING_CHUNK):  # nodes are independent: chunks bound the memory
-            chunk = slice(first, first + TRAINING_CHUNK)
-            rows, stats = train_local_stacked(self.models[nodes[0]], torch.stack(starts[chunk]), jobs[chunk],
-                                              self.cfg, round_=round_, device=self.device)
-            for k, i in enumerate(nodes[chunk]):
-                state = self.states[i]
-                state.trained, state.model, state.round = unflatten_like(rows[k], self.template), None, round_
-                trained[i], losses[i] = rows[k], stats[k]["train_loss"]
-        return trained, losses
-
     def _aggregate_inboxes(self, trained: Mapping[int, torch.Tensor], messages: Messages
                            ) -> dict[int, AggregationReport]:
-        """Each node's inbox (the attacks applied) aggregated with its rule over its own trained model."""
-        reports = {}
-        for i in self.active:
-            box = inbox(messages, i)
-            weights, self_weight = self._mixing(i, box)
-            own = trained[i].clone()  # trained[i] is in the neighbours' inboxes too, and a rule may work in place
-            reports[i] = aggregate_flat(self.rule, self.cfg, self.states[i], own, box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules, node=i,
-                                        loss=self.node_loss(i, self.models[i]))
-        return reports
-
-    # -- dsgt ------------------------------------------------------------------------------------
-    def _dsgt_vectors(self, round_: int) -> dict[int, torch.Tensor]:
-        """Every node's (x_i, y_i); in the first round y_i(0) = g_i(x_i(0)) on a minibatch seeded with
-        round 0 first."""
-        fresh = [i for i in self.active if self.states[i].tracker is None]
-        if fresh:
-            starts = {i: self.models[i] for i in fresh}
-            points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
-            grads = dsgt_gradients(starts[fresh[0]], points, [self._batch(i, 0) for i in fresh], self.cfg)
-            for k, i in enumerate(fresh):
-                dsgt_start(self.states[i], starts[i], grads[k])
-        for i in self.active:
-            self.states[i].round = round_  # as a Ray node's train phase sets it: the oracle reads it
-        return {i: flatten_state(dsgt_message(self.states[i])) for i in self.active}
-
-    def _dsgt_step(self, round_: int, sent: Mapping[int, torch.Tensor], messages: Messages
-                   ) -> dict[int, AggregationReport]:
-        """The two sums at every node, its step, the gradients at the new points (one vectorized
-        call) and the tracker update."""
-        reports, points, mixed_y = {}, [], {}
-        for i in self.active:
-            box = inbox(messages, i)
-            weights, self_weight = self._mixing(i, box)
-            x, y, reports[i] = dsgt_mix(self.rule, self.cfg, self.states[i], box, weights, self_weight,
-                                        self.clients[i].is_malicious, self.rules, own=sent[i], node=i)
-            points.append(dsgt_point(self.cfg, self.states[i], x, round_))
-            mixed_y[i] = y
-        stacked = torch.stack(points)
-        grads = dsgt_gradients(self.models[self.active[0]], stacked, [self._batch(i, round_) for i in self.active],
-                               self.cfg)
-        for k, i in enumerate(self.active):
-            dsgt_finish(self.states[i], stacked[k], mixed_y[i], grads[k])
-        return reports
+        """Each node's inbox (the attacks applied) aggregated with its rule over its own trained model
+        (``fedepic.algorithms.dpsgd.aggregate_inbox``, the receive half of dpsgd and, before its step,
+        of dsgd)."""
+        return {i: aggregate_inbox(self.node(i), self.states[i].round, self.inbox(i, messages, trained[i]))
+                for i in self.active}
 
     def node_loss(self, i: int, model: torch.nn.Module) -> Optional[BatchLoss]:
         """Node ``i``'s own-batch loss for a rule flagged ``needs_loss`` (MOZI), with ``model`` as scratch;

@@ -231,9 +231,12 @@ class StackedDsgdMember(LocalMember):
 
 
 def member_class(cfg: RunConfig) -> type:
-    """The in-process member of ``decentralized.algorithm``: its ``fedepic.extensions.ALGORITHMS`` entry's
-    target (``StackedDsgdMember`` under dsgd, whose models are BatchNorm-free by validation, else
-    ``LocalMember``)."""
-    from fedepic.extensions import ALGORITHMS
+    """The in-process member of ``decentralized.algorithm``: the class its ``fedepic.extensions.ALGORITHMS``
+    entry names in ``info["member"]`` (dsgd: ``StackedDsgdMember``, whose models are BatchNorm-free by
+    validation), else ``LocalMember``, which runs the entry's node step (``fedepic.algorithms``) node by
+    node or in its all-nodes form."""
+    from fedepic import extensions
+    from fedepic.registry import load_target
 
-    return ALGORITHMS.get(cfg.decentralized.algorithm).load()
+    member = extensions.ALGORITHMS.get(cfg.decentralized.algorithm).info.get("member")
+    return LocalMember if member is None else load_target(member)

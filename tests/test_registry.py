@@ -134,17 +134,25 @@ def test_the_algorithms_declare_what_they_need():
                      "dsgt": {"one_step", "tracks_gradient", "no_running_stats"}}
 
 
-def test_the_in_process_engine_dispatches_through_the_algorithm_entry():
+def test_both_engines_dispatch_through_the_algorithm_entry():
+    """The entry's target is the algorithm's node step, which the Ray ClientApp and ``LocalMember`` both
+    build (``fedepic.algorithms.node_step``); the in-process member is the entry's ``info["member"]`` or
+    ``LocalMember``."""
+    from fedepic.algorithms import node_step
+    from fedepic.algorithms.dpsgd import Dpsgd
+    from fedepic.algorithms.dsgd import Dsgd
+    from fedepic.algorithms.dsgt import Dsgt
     from fedepic.peer_local import LocalMember
     from fedepic.peer_node import is_dsgd, is_dsgt, one_step
     from fedepic.peer_stacked import StackedDsgdMember, member_class
 
-    expected = {"dpsgd": (LocalMember, False, False, False), "dsgd": (StackedDsgdMember, False, True, True),
-                "dsgt": (LocalMember, True, False, True)}
-    for name, (member, tracks, momentum, single) in expected.items():
+    expected = {"dpsgd": (Dpsgd, LocalMember, False, False, False), "dsgd": (Dsgd, StackedDsgdMember, False, True, True),
+                "dsgt": (Dsgt, LocalMember, True, False, True)}
+    for name, (step, member, tracks, momentum, single) in expected.items():
         cfg = load_config(None, ["mode=decentralized", "strategies=[gossip]", "model.name=mlp",
                                  f"decentralized.algorithm={name}"])
-        assert member_class(cfg) is member is ext.ALGORITHMS.get(name).load()
+        assert step is ext.ALGORITHMS.get(name).load() and type(node_step(cfg)) is step
+        assert member_class(cfg) is member
         assert (is_dsgt(cfg), is_dsgd(cfg), one_step(cfg)) == (tracks, momentum, single), name
 
 
@@ -184,7 +192,7 @@ def test_the_probe_sees_a_comparison():
 
 def _with_algorithm(monkeypatch, name: str, flags: set) -> None:
     """``ALGORITHMS`` plus one entry ``name`` with ``flags`` (the one registry line a new algorithm adds)."""
-    entries = [*ext.ALGORITHMS, Entry(name, "fedepic.peer_local:LocalMember", "a test algorithm",
+    entries = [*ext.ALGORITHMS, Entry(name, "fedepic.algorithms.dpsgd:Dpsgd", "a test algorithm",
                                       flags=frozenset(flags))]
     monkeypatch.setattr(ext, "ALGORITHMS", Registry("decentralized algorithm", entries))
 
