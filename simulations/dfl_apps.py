@@ -55,11 +55,8 @@ from fedepic.client_data import client_data_for, config_from_text, dataset_for, 
 from fedepic.config import RunConfig, to_yaml
 from fedepic.errors import RunFailed
 from fedepic.failures import last_line
-from fedepic.peer_node import (
-    NodeState, adapts_first, aggregate_models, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_finish,
-    dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, eval_due, exchanged_state, is_dsgd, is_dsgt,
-    keeps_momentum, load_exchanged, needs_loss, new_model, own_batch_loss, train_local, uses_local_epic,
-)
+from fedepic.algorithms import Inbox, PeerNode, node_step
+from fedepic.peer_node import NodeState, eval_due, exchanged_state, load_exchanged, new_model
 from fedepic.peer_rounds import (
     Member, Messages, PeerSetting, Received, RunSink, Sent, peer_setting, run_peer_member,
 )
@@ -163,41 +160,14 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         strategy, run_cfg = member_from_text(cfg_yaml, str(conf["strategy"]))  # a variant: its rule and keys
         restore_node_state(context, msg.content)
         state = load_node_state(context, member)
-        device = resolve_device(run_cfg.train.device)
         model, initial = node_model(cfg_yaml)
-        start = state.model if state.model is not None else state.trained  # trained: no aggregation came
-        load_exchanged(model, initial if start is None else start)
+        node = PeerNode(pid, strategy, run_cfg, state, client, model, initial, resolve_device(run_cfg.train.device))
         started = time.perf_counter()
-        if is_dsgt(run_cfg):  # nothing to train: send (x_i, y_i); round 1 first takes y_i(0) = g_i(x_i(0))
-            # DSGT's vectors and minibatches live on the CPU (fedepic.stacked), so the model stays there
-            if state.tracker is None:
-                batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, 0, pid))
-                point = flatten_state(exchanged_state(model)).unsqueeze(0)
-                dsgt_start(state, model, dsgt_gradients(model, point, [batch], run_cfg)[0])
-            state.trained, state.round, stats = dsgt_message(state), round_, {}
-        elif is_dsgd(run_cfg):  # the gradient at the model it sends, into the client momentum
-            if state.model is None:
-                state.model = exchanged_state(model)
-            batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
-            point = flatten_state(state.model).unsqueeze(0)
-            gradient = dsgt_gradients(model, point, [batch], run_cfg)[0]
-            dsgd_momentum(state, gradient, run_cfg.train.client_momentum, run_cfg.train.client_momentum_form,
-                          keeps_momentum(run_cfg, client.is_malicious))
-            if adapts_first(run_cfg):  # the half-step model x_i - eta m_i is what it sends and combines
-                dsgd_step(run_cfg, state, round_)
-            state.trained, state.round, stats = state.model, round_, {}
-        else:
-            model = model.to(device)
-            stats = train_local(model, client.x, client.y, run_cfg, state, round_=round_,
-                                seed=derive_seed(run_cfg.seed, round_, pid), device=device,
-                                epic=uses_local_epic(strategy, run_cfg, client.is_malicious),
-                                poison_mask=client.poisoned)
-            # the start-of-round model is not needed any more: Context.state travels with every call
-            state.trained, state.model, state.round = exchanged_state(model), None, round_
+        sent = node_step(run_cfg).send(node, round_)  # the algorithm's send half (fedepic.algorithms)
         save_node_state(context, state)
         metrics = {"partition-id": pid, "num-examples": len(client), "train_seconds": time.perf_counter() - started,
-                   **{k: float(v) for k, v in stats.items()}}
-        return Message(RecordDict({"model": ArrayRecord(state.trained), "metrics": MetricRecord(metrics)}),
+                   **{k: float(v) for k, v in sent.stats.items()}}
+        return Message(RecordDict({"model": ArrayRecord(sent.message), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 
     @app.train("aggregate")
@@ -210,23 +180,13 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         strategy, run_cfg = member_from_text(cfg_yaml, str(conf["strategy"]))
         state = load_node_state(context, member)
         ids = [int(j) for j in conf["neighbours"]]
-        received = {j: msg.content.array_records[f"n.{j}"].to_torch_state_dict() for j in ids}
+        received = {j: flatten_state(msg.content.array_records[f"n.{j}"].to_torch_state_dict()) for j in ids}
         weights = dict(zip(ids, (float(w) for w in conf["weights"])))
         round_ = int(conf["round"])
-        if is_dsgt(run_cfg):  # the two sums, the step, the gradient at the new point, the tracker update
-            x, y, report = dsgt_mix(strategy, run_cfg, state, {j: flatten_state(v) for j, v in received.items()},
-                                    weights, float(conf["self_weight"]), client.is_malicious, node=pid)
-            point = dsgt_point(run_cfg, state, x, round_)
-            batch = dsgt_batch(client.x, client.y, run_cfg, derive_seed(run_cfg.seed, round_, pid))
-            dsgt_finish(state, point, y, dsgt_gradients(node_model(cfg_yaml)[0], point.unsqueeze(0), [batch],
-                                                        run_cfg)[0])
-        else:
-            loss = own_batch_loss(node_model(cfg_yaml)[0], client.x, client.y, run_cfg, round_, pid) \
-                if needs_loss(strategy, client.is_malicious) else None
-            report = aggregate_models(strategy, run_cfg, state, received, weights, float(conf["self_weight"]),
-                                      malicious=client.is_malicious, node=pid, loss=loss)
-            if is_dsgd(run_cfg) and not adapts_first(run_cfg):
-                dsgd_step(run_cfg, state, round_)
+        model, initial = node_model(cfg_yaml)
+        node = PeerNode(pid, strategy, run_cfg, state, client, model, initial, resolve_device(run_cfg.train.device))
+        # the algorithm's receive half: the aggregation with the node's rule and its step (fedepic.algorithms)
+        report = node_step(run_cfg).receive(node, round_, Inbox(received, weights, float(conf["self_weight"])))
         save_node_state(context, state)
         content = RecordDict({"detector": ConfigRecord({"flagged": report.flagged, "purified": report.purified,
                                                         "confirmed": report.confirmed,
