@@ -1,9 +1,11 @@
 """What one decentralized-FL node does, free of Flower: its state, local training and peer aggregation.
 
-The round engine (``fedepic.peer_rounds``) orders these steps; its backends call them, in process
-(``fedepic.peer_local``, ``fedepic.peer_stacked``) or in the Flower ClientApp of
-``simulations/dfl_apps.py``, which only converts messages and ``Context.state`` to and from the plain
-objects here. So every step of a node can be tested on hand-made tensors.
+The round engine (``fedepic.peer_rounds``) orders these steps; each algorithm's node step
+(``fedepic.algorithms``, the target of its ``fedepic.extensions.ALGORITHMS`` entry) composes them, and
+both backends call that step: in process (``fedepic.peer_local``; ``fedepic.peer_stacked`` for dsgd's
+stacked rows) and in the Flower ClientApp of ``simulations/dfl_apps.py``, which only converts messages
+and ``Context.state`` to and from the plain objects here. So every step of a node can be tested on
+hand-made tensors.
 
 Three algorithms (``decentralized.algorithm``): dpsgd, dsgd and dsgt. W = (w_ij) are the mixing weights
 of the graph that ``topology.mixing`` names (``fedepic.topology.mixing_weights``: Metropolis-Hastings
@@ -511,7 +513,8 @@ def aggregate_flat(strategy: str, cfg: RunConfig, state: NodeState, own: Tensor,
 # ----------------------------------------------------------------------------------- dsgt
 
 
-# The engines ask the algorithm's flags (``fedepic.extensions.ALGORITHMS``), never its name.
+# What an algorithm's flags (``fedepic.extensions.ALGORITHMS``) say; the engines call its node step
+# (``fedepic.algorithms``) and never ask its name.
 def is_dsgt(cfg: RunConfig) -> bool:
     """Whether nodes exchange (model, tracker) vectors and keep a gradient state (flag ``tracks_gradient``:
     dsgt's ``dsgt_*`` steps)."""

@@ -14,10 +14,11 @@ A member (one entry of ``strategies:``) plays ``rounds`` rounds over the communi
    (:meth:`PeerBackend.receive`);
 4. one metrics record (:func:`round_record`), over the BENIGN nodes.
 
-The backends decide how steps 1 and 3 run: ``fedepic.peer_local`` (``LocalMember``, and
+The backends decide where steps 1 and 3 run: ``fedepic.peer_local`` (``LocalMember``, and
 ``fedepic.peer_stacked.StackedDsgdMember``: the nodes in this process) and
 ``simulations.dfl_apps.FlowerPeers`` (Flower ClientApps on Ray, one node per SuperNode; the Flower
-ServerApp only routes). Everything else, the member loop (:func:`run_peer_member`: begin or resume
+ServerApp only routes); what a node computes in them is its algorithm's node step
+(``fedepic.algorithms``), the same class on both. Everything else, the member loop (:func:`run_peer_member`: begin or resume
 from the sink, rounds, failure checks, checkpoints when due, the stop event, end) included, is written
 once, here. The engine imports neither Flower nor Ray (tests/test_layers.py).
 

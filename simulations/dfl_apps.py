@@ -8,15 +8,18 @@ The round and the member loop are the engine's (``peer_rounds.run_peer_member``,
 (``grid.send_and_receive`` takes a different Message per node, which is what makes the ServerApp a
 router):
 1. ``train`` (``FlowerPeers.send``): router -> every node {member, round}. The node loads its state
-   from ``Context.state`` (a fresh model in round 1), trains locally, keeps the trained model and
-   replies with it.
+   from ``Context.state`` (a fresh model in round 1), runs the send half of its algorithm's node step
+   (``fedepic.algorithms``, the target of the ``fedepic.extensions.ALGORITHMS`` entry: dpsgd's local
+   epochs, dsgd's gradient into its momentum, dsgt's (model, tracker)), keeps its state and replies
+   with the vector it sends.
 2. The engine decides what travels over each edge (``peer_routing.outgoing``): benign nodes' trained
    models, and the malicious nodes' poisoned ones (it knows every model: omniscient attacks).
 3. ``train.aggregate`` (``FlowerPeers.receive``): router -> every node ONE message holding its
    neighbours' models, their ids and
-   the node's mixing weights. The node aggregates with its rule (GP state in ``Context.state``),
-   evaluates the result on the test set and replies with metrics, its detector's confirmed set and
-   its new model (the last only feeds the consensus-distance measurement).
+   the node's mixing weights. The node runs the receive half of its node step (the aggregation with its
+   rule, GP state in ``Context.state``, and the algorithm's step), evaluates the result on the test set
+   and replies with metrics, its detector's confirmed set and its new model (the last only feeds the
+   consensus-distance measurement).
 Several strategy runs ("members") go through one simulation in turn; a node resets its state when
 the member changes, so they never share anything but the Ray actors.
 
@@ -31,6 +34,10 @@ so after node failures a resumed run may differ from an uninterrupted one. On re
 round's ``train`` messages carry each node's saved state, which the node puts into its
 ``Context.state`` before training. The router itself keeps nothing across rounds, and every random
 draw (local training, attack noise) is seeded from (seed, round, node).
+
+The ClientApp never branches on the algorithm: its node work is the entry's step, the very class the
+in-process engine (``fedepic.peer_local.LocalMember``) calls, so a new algorithm is its step module and
+its registry line on both engines (docs/extending.md).
 
 Each ClientApp call ships only the config; nodes load the dataset once per actor process
 (``fedepic.client_data.dataset_for``) and then cut their partition out of it, and build one model

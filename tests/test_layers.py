@@ -60,7 +60,8 @@ def test_selection_runs_without_numba():
 # the decentralized mode's core: its nodes, routing, evaluation and in-process backends (the peer rules
 # they call live in strategies/, pure torch, so only flwr, ray and simulations are blocked here)
 PEER_MODULES = ("fedepic.peer_rounds", "fedepic.peer_node", "fedepic.peer_routing", "fedepic.peer_eval",
-                "fedepic.peer_local", "fedepic.peer_stacked")
+                "fedepic.peer_local", "fedepic.peer_stacked", "fedepic.algorithms", "fedepic.algorithms.dpsgd",
+                "fedepic.algorithms.dsgd", "fedepic.algorithms.dsgt")
 
 SEQUENTIAL_PROBE = blocking('flwr', 'ray', 'simulations') + """
 import """ + ", ".join(PEER_MODULES) + """
