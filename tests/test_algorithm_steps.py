@@ -147,7 +147,7 @@ def test_a_registered_algorithm_runs_in_process_with_its_own_equation(toy_regist
     member = LocalMember(cfg, "gossip", "gossip", *args)
     record = member.play_round(1)
     assert "train_loss" not in record  # one_step: no training loss to report
-    routing, data = args[0], args[1]
+    routing = args[0]
     x0 = flatten_state(member.template)
     model = member.models[0]
     stepped = {}
