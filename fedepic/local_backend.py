@@ -13,7 +13,7 @@ to either backend (``fedepic.server_rounds.parameter_updates``; buffers follow i
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
