@@ -180,3 +180,20 @@ def test_epic_peer_drops_isolated_update():
     assert torch.allclose(out, honest.sum(dim=0) / 5)
     with pytest.raises(ValueError, match="fraction"):
         EpicPeer(fraction=0.0, threshold=1)
+
+
+def test_peer_trimmed_mean_has_the_bits_of_the_sorted_mean():
+    """The peer rule sorts with the sorting network (strategies.median.sorted_columns) for speed; its
+    vector keeps the bits of torch.sort(...).values[b:n - b].mean(0), which it computed before, on
+    stacks of every size the network takes and beyond it, with ties."""
+    from strategies.median import NETWORK_ROWS
+    from strategies.trimmed_mean import TrimmedMean
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (3, 5, 11, NETWORK_ROWS, NETWORK_ROWS + 3):
+        stack = torch.randn(n, 257, generator=generator)
+        stack[:, :16] = torch.round(stack[:, :16])  # ties
+        for b in (0, 1, 2):
+            k = min(b, (n - 1) // 2)
+            expected = torch.sort(stack, dim=0).values[k:n - k].mean(dim=0)
+            assert torch.equal(TrimmedMean(b)(stack, 0, None, {}).vector, expected), (n, b)
