@@ -266,10 +266,13 @@ class BalanceConfig:
 
 @dataclass
 class MoziConfig:
-    """MOZI / UBAR's distance stage (Guo et al., 2020 / TCSVT 2021); see strategies/mozi.py."""
+    """MOZI / UBAR's distance and loss stages (Guo et al., 2020 / TCSVT 2021); see strategies/mozi.py."""
 
     rho: float = field(default=0.4, metadata=UNIT)  # the share of closest neighbours kept
     alpha: float = field(default=0.5, metadata=UNIT)  # x_i <- alpha x_i + (1 - alpha) mean(kept)
+    # dsgd only: MOZI's own gradient step, as ClippedGossip's code takes it (codes/aggregator.py:427-469):
+    # x_i <- alpha x_i + (1 - alpha) mean(kept) - lr (g_i(B_i) + g_i(B'_i)), no momentum; see strategies/mozi.py
+    own_step: bool = field(default=False, metadata=ANY)
 
 
 @dataclass
@@ -1001,6 +1004,10 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if one_step and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
                           f"decentralized.algorithm={algorithm} takes one minibatch step per round")
+    _check(not (rule == "mozi" and member.defense.mozi.own_step)
+           or extensions.ALGORITHMS.has(algorithm, "client_momentum"), f"defense.mozi.own_step{where}", True,
+           f"MOZI's own gradient step replaces the one-step update of {_algorithms_with('client_momentum')}; "
+           f"decentralized.algorithm={algorithm} has none")
     _algorithm_settings(member, where, algorithm)
 
 

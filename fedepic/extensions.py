@@ -160,7 +160,8 @@ PEER_RULES = Registry("peer rule", [
           {"gamma": "defense.balance.gamma", "kappa": "defense.balance.kappa", "alpha": "defense.balance.alpha",
            "rounds": "rounds"}),
     Entry("mozi", "strategies.mozi:Mozi", "MOZI / UBAR: mix with those of the `defense.mozi.rho` closest "
-          "neighbours no worse than own on own minibatch (Guo et al., 2020 / TCSVT 2021)",
+          "neighbours no worse than own on own minibatch (Guo et al., 2020 / TCSVT 2021); `defense.mozi.own_step`: "
+          "its own gradient step without momentum (dsgd, as ClippedGossip's code)",
           {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}, frozenset({"needs_loss"})),
 ])
 

@@ -162,13 +162,14 @@ class LocalMember:
         return {i: aggregate_inbox(self.node(i), self.states[i].round, self.inbox(i, messages, trained[i]))
                 for i in self.active}
 
-    def node_loss(self, i: int, model: torch.nn.Module) -> Optional[BatchLoss]:
-        """Node ``i``'s own-batch loss for a rule flagged ``needs_loss`` (MOZI), with ``model`` as scratch;
-        None for the other rules and at malicious nodes."""
+    def node_loss(self, i: int, model: torch.nn.Module, draw: int = 0) -> Optional[BatchLoss]:
+        """Node ``i``'s own-batch loss (its minibatch number ``draw``: ``peer_node.own_batch_loss``) for a
+        rule flagged ``needs_loss`` (MOZI), with ``model`` as scratch; None for the other rules and at
+        malicious nodes."""
         client = self.clients[i]
         if not needs_loss(self.rule, client.is_malicious):
             return None
-        return own_batch_loss(model, client.x, client.y, self.cfg, self.states[i].round, i)
+        return own_batch_loss(model, client.x, client.y, self.cfg, self.states[i].round, i, draw)
 
     def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
         client = self.clients[i]

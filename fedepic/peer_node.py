@@ -394,13 +394,21 @@ def minibatch_losses(model: nn.Module, rows: Tensor, images: Tensor, labels: Ten
     return torch.stack(losses)
 
 
-def own_batch_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int) -> BatchLoss:
+def own_batch_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int,
+                   draw: int = 0) -> BatchLoss:
     """Node ``node``'s loss on its own minibatch of ``round_`` (``train.batch_size`` of its rows ``x``,
-    ``y``, seeded (seed, round, node): under dsgd the batch of its gradient) as a callable over flat
-    models [k, D] (:func:`minibatch_losses` with ``model`` as the scratch module): MOZI's score
-    (``strategies/mozi.py``), the same on both engines."""
-    images, labels = dsgt_batch(x, y, cfg, derive_seed(cfg.seed, round_, node))
+    ``y``, seeded (seed, round, node): under dsgd the batch of its gradient; with ``draw`` 1 MOZI's
+    second minibatch under its own step, seeded (seed, round, node, 1): ``fedepic.algorithms.dsgd``)
+    as a callable over flat models [k, D] (:func:`minibatch_losses` with ``model`` as the scratch
+    module): MOZI's score (``strategies/mozi.py``), the same on both engines."""
+    images, labels = dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw))
     return lambda rows: minibatch_losses(model, rows, images, labels)
+
+
+def batch_seed(cfg: RunConfig, round_: int, node: int, draw: int = 0) -> int:
+    """The seed of node ``node``'s minibatch number ``draw`` in ``round_``: (seed, round, node) for the
+    first, the one every algorithm's gradient takes; (seed, round, node, draw) for the others."""
+    return derive_seed(cfg.seed, round_, node) if draw == 0 else derive_seed(cfg.seed, round_, node, draw)
 
 
 def rule_context(cfg: RunConfig, state: NodeState, node: Optional[int], loss: Optional[BatchLoss] = None

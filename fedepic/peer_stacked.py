@@ -21,7 +21,10 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 - evaluation: all benign nodes in one vectorized forward (``peer_eval.evaluate_rows``).
 
 Under ``decentralized.order=adapt_then_combine`` the rows step first, x_i - eta m_i (as
-``peer_node.dsgd_step`` rounds it), are sent and mixed, and the mix is the new model.
+``peer_node.dsgd_step`` rounds it), are sent and mixed, and the mix is the new model. Under MOZI's own
+step (``fedepic.algorithms.dsgd.own_step``) every row's gradient is the sum over its two minibatches
+(``dsgd.step_batches``), m_i <- g_i, and the rows step after the mix whatever the order: dsgd's node
+step on whole rows.
 
 Deviation from the paper's equations: none; the gossip mix sums in another order than
 ``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)); the step x_i <- R_i - eta m_i rounds as a
@@ -47,9 +50,9 @@ from fedepic.train import client_momentum_, float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_node import (
-    STATEFUL, AggregationReport, NodeState, adapts_first, aggregate_vectors, exchanged_state, keeps_momentum, new_model,
-    round_lr,
+    STATEFUL, AggregationReport, NodeState, aggregate_vectors, exchanged_state, keeps_momentum, new_model, round_lr,
 )
+from fedepic.algorithms.dsgd import own_step, score_draw, step_batches, steps_after_mix
 from fedepic.peer_rounds import Messages, Received, Sent
 from fedepic.peer_routing import Routing
 from fedepic.peer_local import LocalMember
@@ -141,13 +144,20 @@ class StackedDsgdMember(LocalMember):
         """Every node's gradient at the model it sends (vmap'd chunks), folded into its momentum row;
         the vectors sent are the rows of X themselves."""
         beta, form = self.cfg.train.client_momentum, self.cfg.train.client_momentum_form
+        mozi_step = own_step(self.cfg, self.rule)
         for start in range(0, len(self.active), GRADIENT_CHUNK):
             ids = self.active[start:start + GRADIENT_CHUNK]
-            batches = [self._batch(i, round_) for i in ids]
-            xb = torch.stack([b[0] for b in batches])
-            xb = float_images(xb)
-            grads = stacked_gradients(self.model, self.x[start:start + len(ids)], xb,
-                                      torch.stack([b[1] for b in batches]), self.cfg.train.weight_decay)
+            per_node = [step_batches(self.clients[i].x, self.clients[i].y, self.cfg, round_, i, self.rule) for i in ids]
+            grads = None
+            for draw in range(len(per_node[0])):  # B_i, and MOZI's B'_i under own_step: the gradients summed
+                xb = float_images(torch.stack([batches[draw][0] for batches in per_node]))
+                g = stacked_gradients(self.model, self.x[start:start + len(ids)], xb,
+                                      torch.stack([batches[draw][1] for batches in per_node]),
+                                      self.cfg.train.weight_decay)
+                grads = g if grads is None else grads.add_(g)
+            if mozi_step:  # MOZI's own step: m_i <- g_i, no momentum (fedepic.algorithms.dsgd.own_step)
+                self.m[start:start + len(ids)] = grads
+                continue
             # m <- beta m + (1 - beta) g (or beta m + g) on the chunk's rows, in place (the gradients are
             # scratch): a fresh [n, D] tensor per step would cost more in page faults than the arithmetic
             raw = [k for k, i in enumerate(ids) if not keeps_momentum(self.cfg, self.clients[i].is_malicious)]
@@ -155,7 +165,7 @@ class StackedDsgdMember(LocalMember):
             client_momentum_(self.m[start:start + len(ids)], grads, beta, form, scratch=True)
             if raw:
                 self.m[[start + k for k in raw]] = kept
-        if adapts_first(self.cfg):  # the half-step x_i - eta m_i is sent and combined
+        if not steps_after_mix(self.cfg, self.rule):  # the half-step x_i - eta m_i is sent and combined
             step_rows(self.x, self.m, round_lr(self.cfg, round_), scratch=self.spare)
         for i in self.active:
             self.states[i].round = round_
@@ -166,7 +176,7 @@ class StackedDsgdMember(LocalMember):
         x_i <- R_i - eta m_i, the evaluation when due and the states when ``collect``. The vectors
         ``send`` returned (rows of the old X) are scratch afterwards."""
         mixed, reports = self._mix(messages)
-        if not adapts_first(self.cfg):  # x_i <- R_i - eta m_i; under adapt_then_combine the step came before sending
+        if steps_after_mix(self.cfg, self.rule):  # x_i <- R_i - eta m_i; under adapt_then_combine the step came before sending
             step_rows(mixed, self.m, round_lr(self.cfg, round_), scratch=self.x)
         self.spare, self.x = self.x, mixed
         return self._received(round_, reports, collect)
@@ -188,6 +198,7 @@ class StackedDsgdMember(LocalMember):
             for receiver, vector in msgs.items():
                 boxes[receiver][sender] = vector
         mixed, reports = self.spare, {}
+        draw = score_draw(self.cfg, self.rule)  # MOZI's minibatch: B'_i under its own step (fedepic.algorithms.dsgd)
         for i, k in self.row.items():
             ids = sorted(boxes[i])
             weights, self_weight = self._mixing(i, boxes[i])
@@ -195,7 +206,7 @@ class StackedDsgdMember(LocalMember):
             w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=self.x.dtype)
             mixed[k], reports[i] = aggregate_vectors(self.rule, self.cfg, stack[0], stack[1:], ids, w, self.states[i],
                                                      self.clients[i].is_malicious, self.rules, stack, node=i,
-                                                     loss=self.node_loss(i, self.model))
+                                                     loss=self.node_loss(i, self.model, draw))
         return mixed, reports
 
     def _evaluate(self) -> tuple[dict[int, dict], dict[int, Tensor]]:

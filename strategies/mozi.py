@@ -39,8 +39,9 @@ The loss: ``state["loss"]``, a callable mapping flat models [k, D] to their loss
 both peer engines put in the rule's state for the call (``fedepic.peer_node.own_batch_loss`` and
 ``rule_context``; the registry flags the rule ``needs_loss``). B_i is one minibatch of
 ``train.batch_size`` of the node's own rows drawn with the seed (seed, round, node)
-(``peer_node.dsgt_batch``): under dsgd the very batch of the node's gradient this round, as in the
-code, where one batch serves both. Called without ``state["loss"]`` the rule runs stage 1 only
+(``peer_node.dsgt_batch``): under dsgd the very batch of the node's gradient this round; under
+``defense.mozi.own_step`` MOZI's own second batch B'_i, as in the code, where one batch serves MOZI's
+gradient and its scores (below). Called without ``state["loss"]`` the rule runs stage 1 only
 (N_r = N_s, or the closest), and says so in ``info["stage"]`` (1).
 
 Example (own [0]; neighbours 0.1, -0.3, 5; rho = 0.7 keeps floor(2.1) = 2, the two closest; with the
@@ -55,13 +56,42 @@ loss l(v) = |v - 0.2|, own's loss 0.2, neighbour 0.1 (loss 0.1) stays and -0.3 (
     >>> out.kept.tolist(), out.vector, out.info["stage"]
     ([True, True, False, False], tensor([0.0500]), 2)
 
+MOZI's own gradient step (``defense.mozi.own_step: true``, dsgd only; ``fedepic.algorithms.dsgd.own_step``).
+The code above ends in ``- self.lr * grad``, and ClippedGossip runs MOZI under ``DummyDecentralizedTrainer``
+(``dumbbell.py:164-165``), whose ``_update_local_model`` takes no step ("``# g = worker.get_gradient()`` /
+``# worker.set_gradient(g)`` / ``# worker.apply_gradient()``", ``codes/simulator.py:587-589``) but still
+runs the trainer's ``compute_gradient`` ("``self.optimizer.zero_grad()`` ... ``loss.backward()``",
+``codes/worker.py:74-77``; "compute_gradient as usual so that data loader works as usual",
+``codes/simulator.py:577``). MOZI's ``_compute_gradient`` then back-propagates its own batch without
+zeroing (``codes/aggregator.py:406-412``) and reads ``p.grad`` itself (``_get_updates``, ``:365-372``),
+not the worker's momentum buffer, so (inferred from torch's accumulation of ``.grad``; the class's own
+note: "we should count each mozi step as 2 iterations", ``:377``)::
+
+    grad = g_i(x_i; B_i) + g_i(x_i; B'_i)      B_i: the trainer's minibatch, B'_i: MOZI's (its scores' too)
+    x_i <- alpha x_i + (1 - alpha) mean_{j in N_r} x_j - lr grad       (lr = args.lr, constant, ``:555``)
+
+with every x at the start of the round (no node stepped before sending). fedepic runs it as dsgd whose
+every node sends x_i, takes m_i <- g_i(B_i) + g_i(B'_i) (no momentum) and steps after this rule,
+x_i <- R_i - eta m_i, which is the line above (dsgd's node step, ``fedepic/algorithms/dsgd.py``, on
+both engines); B'_i is a second minibatch drawn with the seed (seed, round, node, 1) and the loss stage
+scores on it (``dsgd.step_batches``, ``peer_node.own_batch_loss``). The rule itself is the same with or
+without the key. Deviations of the own step: ``train.client_momentum``,
+``attack.momentum`` and ``decentralized.order`` do not act on such a member (the authors' other members
+keep theirs); malicious nodes gossip (as under every fedepic rule) and step the same way, without
+momentum (inferred: under the dummy trainer no worker steps on its own); eta follows ``train.milestones``
+(the code's lr is fixed: "TODO: node that ideally the lr should be taken from the lr_scheduler", ``:383``;
+constant in ClippedGossip's runs); ``train.weight_decay`` enters g (``p.grad`` holds no L2 term; 0 in the
+authors' runs); the two minibatches are drawn with replacement from all the node's rows (the code's
+come from two iterators over its loader).
+
 Cost: O(m D) for the distances and the mean, O(m log m) for the sort, and the loss of own and of the
 floor(rho m) stage-1 neighbours on one minibatch (the code scores every neighbour; only N_s's scores
 are used); O(D) extra memory.
 
 Deviations:
 - ``- lr * grad``, the code's local step, is not part of the rule: fedepic's D-PSGD trains before it
-  aggregates, and dsgd steps after it (``fedepic/peer_node.py``).
+  aggregates, and dsgd steps after it (``fedepic/algorithms/dsgd.py``); ``defense.mozi.own_step`` makes
+  that step the code's (above).
 - The losses are computed in eval mode (the code forwards the worker's model in the mode it is in;
   the same for models without dropout or BatchNorm), with the plain cross-entropy (no L2 term).
 - Under dsgt the rule gets no loss (the tracker rows are no model): stage 1 only.
@@ -69,7 +99,8 @@ Deviations:
   to the lower row (a stable sort). Non-finite neighbours are left out first
   (``strategies.aggregate.aggregate``), and m counts the finite ones. With a pre-aggregation step the
   loss scores the transformed rows.
-- Defaults (``defense.mozi``): rho 0.4, alpha 0.5, ClippedGossip's runs (``aggmozi0.4,0.5``).
+- Defaults (``defense.mozi``): rho 0.4, alpha 0.5, ClippedGossip's runs (``aggmozi0.4,0.5``); own_step
+  false (the dumbbell replay sets it, with rho 1: ``mozi1,0.5``).
 """
 
 from __future__ import annotations

@@ -88,16 +88,22 @@ def test_dsgt_vectorized_gradients_equal_the_per_node_step(strategy, extra):
             assert want.trained is None and got.trained is None
 
 
-@pytest.mark.parametrize("extra", [["train.lr=0.1"], ["decentralized.order=adapt_then_combine", "train.lr=0.01",
-                                                      "train.client_momentum_form=heavy_ball", "attack.momentum=false"]])
-def test_the_stacked_dsgd_rows_equal_the_per_node_step(extra):
+@pytest.mark.parametrize("strategy,extra", [
+    ("median", ["train.lr=0.1"]),
+    ("median", ["decentralized.order=adapt_then_combine", "train.lr=0.01", "train.client_momentum_form=heavy_ball",
+                "attack.momentum=false"]),
+    # MOZI's own step: two minibatches summed, no momentum, the step after the mix whatever the order
+    ("mozi", ["strategies=[mozi]", "defense.mozi.own_step=true", "defense.mozi.rho=1.0", "train.lr=0.05",
+              "decentralized.order=adapt_then_combine"]),
+])
+def test_the_stacked_dsgd_rows_equal_the_per_node_step(strategy, extra):
     """dsgd's stacked rows (``StackedDsgdMember``, its entry's ``info["member"]``) against ``LocalMember``
     running the ``Dsgd`` step node by node, as a Ray node does."""
     cfg = load_config("dfl_smoke", ["engine=local", "decentralized.algorithm=dsgd",
                                     "train.client_momentum=0.9", "train.weight_decay=0.001", "clients.count=6",
                                     "topology.name=k_regular", "topology.k=3", *extra])
-    args = member_args(cfg, "median")
-    loop, stacked = LocalMember(cfg, "median", "median", *args), StackedDsgdMember(cfg, "median", "median", *args)
+    args = member_args(cfg, strategy)
+    loop, stacked = LocalMember(cfg, strategy, strategy, *args), StackedDsgdMember(cfg, strategy, strategy, *args)
     assert type(loop.step).__name__ == "Dsgd" and loop.step.send_all(loop, 1) is None
     for round_ in range(1, 4):
         same_records(loop.play_round(round_), stacked.play_round(round_))

@@ -153,6 +153,77 @@ def test_mozi_keeps_only_the_neighbours_no_worse_on_own_batch():
     assert out.info["selected"] == [1] and torch.allclose(out.vector, torch.tensor([0.5]))
 
 
+OWN_STEP = ["strategies=[mozi]", "rounds=2", "decentralized.algorithm=dsgd", "train.client_momentum=0.9",
+            "train.client_momentum_form=heavy_ball", "decentralized.order=adapt_then_combine",
+            "defense.mozi.own_step=true", "defense.mozi.rho=1.0", "defense.mozi.alpha=0.5", "train.lr=0.05"]
+
+
+def _gradient_and_loss(net, row, like, images, labels):
+    """The cross-entropy of the flat model ``row`` on one minibatch (eval mode, as MOZI scores) and its
+    gradient (train mode; the MLP has neither dropout nor BatchNorm), by torch autograd on the module."""
+    load_exchanged(net, unflatten_like(row, like))
+    xb = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(xb), labels).backward()
+    grad = torch.cat([p.grad.reshape(-1) for _, p in net.named_parameters()])
+    with torch.no_grad():
+        net.eval()
+        loss = float(torch.nn.functional.cross_entropy(net(xb), labels))
+        net.train()
+    return grad, loss
+
+
+def test_mozi_own_step_is_the_codes_update():
+    """defense.mozi.own_step by hand, round 2 of dfl_smoke under dsgd (heavy-ball momentum 0.9 and
+    adapt_then_combine set: neither may act). ClippedGossip's Mozi.__call__ (codes/aggregator.py:427-469,
+    under DummyDecentralizedTrainer): every node sent its model x_i of the round's start; benign node i
+    keeps N_r = the neighbours whose loss on B'_i (seed (seed, 2, i, 1)) is at most its own (rho 1: all
+    are in N_s), else the closest, and takes 0.5 x_i + 0.5 mean_{N_r} x_j - lr (g_i(B_i) + g_i(B'_i)),
+    B_i seeded (seed, 2, i), each g with fedepic's L2 term; malicious node 0 gossips (Metropolis weights)
+    and takes the same step."""
+    cfg = load_config("dfl_smoke", OWN_STEP)
+    member = member_for(cfg, "mozi")
+    member.play_round(1)
+    start = {i: member.x[member.row[i]].clone() for i in member.active}
+    member.play_round(2)
+    net, like = member.model, dict(member.template)
+    parameters = [n for n, _ in net.named_parameters()]
+    assert list(like) == parameters  # the flat layout is the parameters' (the gradient's order)
+    kept_some = []
+    for i in member.active:
+        client = member.clients[i]
+        first = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, 2, i))
+        second = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, 2, i, 1))
+        g1, _ = _gradient_and_loss(net, start[i], like, *first)
+        g2, own_loss = _gradient_and_loss(net, start[i], like, *second)
+        neighbours = sorted(member.routing.graph.neighbors(i))
+        if i in member.bad:  # honest gossip: x_i + sum_j w_ij (x_j - x_i)
+            w = member.routing.weights[i]
+            mixed = start[i] + sum(w[j] * (start[j] - start[i]) for j in neighbours)
+        else:
+            losses = {j: _gradient_and_loss(net, start[j], like, *second)[1] for j in neighbours}
+            kept = [j for j in neighbours if losses[j] <= own_loss] or \
+                [min(neighbours, key=lambda j: float((start[j] - start[i]).norm()))]
+            kept_some.append(len(kept))
+            mixed = 0.5 * start[i] + 0.5 * torch.stack([start[j] for j in kept]).mean(0)
+        decay = cfg.train.weight_decay * start[i]  # fedepic's g holds the L2 term (the code's p.grad none)
+        want = mixed - cfg.train.lr * ((g1 + decay) + (g2 + decay))
+        got = member.x[member.row[i]]
+        assert torch.allclose(got, want, atol=1e-7), (i, float((got - want).abs().max()))
+        # not the trainer's step: with one batch, or with the momentum, the node would be elsewhere
+        assert not torch.allclose(got, mixed - cfg.train.lr * (g1 + decay), atol=1e-4)
+    assert kept_some == [1, 1, 1, 1]  # of its two ring neighbours each benign node mixed one: the loss stage acted
+
+
+def test_mozi_own_step_needs_dsgd():
+    from fedepic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'defense.mozi.own_step': MOZI's own gradient step replaces the one-step "
+                                          r"update of decentralized.algorithm=dsgd; decentralized.algorithm=dpsgd"):
+        load_config("dfl_smoke", ["strategies=[mozi]", "defense.mozi.own_step=true"])
+    load_config("dfl_smoke", ["strategies=[gossip]", "defense.mozi.own_step=true"])  # no mozi member: no matter
+
+
 def test_own_batch_loss_is_seeded_by_round_and_node():
     cfg = load_config("dfl_smoke", ["strategies=[mozi]"])
     member = member_for(cfg, "mozi")

@@ -55,24 +55,26 @@ if TYPE_CHECKING:
 TRAINING_CHUNK = 64
 
 
-def own_loss(node: PeerNode, round_: int) -> Optional[BatchLoss]:
-    """The node's own-batch loss of ``round_`` for a rule flagged ``needs_loss`` (MOZI), with ``node.model``
-    as scratch; None for the other rules and at malicious nodes."""
+def own_loss(node: PeerNode, round_: int, draw: int = 0) -> Optional[BatchLoss]:
+    """The node's own-batch loss of ``round_`` (its minibatch number ``draw``: ``peer_node.own_batch_loss``)
+    for a rule flagged ``needs_loss`` (MOZI), with ``node.model`` as scratch; None for the other rules and
+    at malicious nodes."""
     client = node.client
     if not needs_loss(node.rule, client.is_malicious):
         return None
-    return own_batch_loss(node.model, client.x, client.y, node.cfg, round_, node.id)
+    return own_batch_loss(node.model, client.x, client.y, node.cfg, round_, node.id, draw)
 
 
-def aggregate_inbox(node: PeerNode, round_: int, inbox: Inbox) -> AggregationReport:
+def aggregate_inbox(node: PeerNode, round_: int, inbox: Inbox, draw: int = 0) -> AggregationReport:
     """The node's rule over its sent model (``inbox.own``, else ``state.trained``) and its inbox; the
     result becomes ``state.model`` (``peer_node.aggregate_flat``). dpsgd's receive half, and dsgd's
-    before its step."""
+    before its step. A ``needs_loss`` rule scores on the node's minibatch number ``draw`` (:func:`own_loss`;
+    dsgd under MOZI's own step: 1)."""
     state = node.state
     # a copy: the caller's vector is in the neighbours' inboxes too, and a rule may work in place
     own = inbox.own.clone() if inbox.own is not None else flatten_state(state.trained)
     return aggregate_flat(node.rule, node.cfg, state, own, inbox.vectors, inbox.weights, inbox.self_weight,
-                          node.client.is_malicious, node.rules, node=node.id, loss=own_loss(node, round_))
+                          node.client.is_malicious, node.rules, node=node.id, loss=own_loss(node, round_, draw))
 
 
 class Dpsgd(NodeStep):

@@ -19,8 +19,16 @@ and under ``adapt_then_combine`` x_i <- R_i({x_j - eta m_j}) (the node sends its
   (``peer_node.dsgd_step``) before sending;
 - receive: the rule over the inbox (``dpsgd.aggregate_inbox``), then the step under combine_then_adapt.
 
+MOZI's own gradient step (``defense.mozi.own_step`` on a ``mozi`` member, :func:`own_step`; the code it
+follows is quoted in ``strategies/mozi.py``): every node of the member, the malicious ones too, sends
+its model x_i, takes m_i <- g_i(x_i; B_i) + g_i(x_i; B'_i) (:func:`step_batches`: B'_i seeded (seed,
+round, node, 1); no momentum, whatever ``train.client_momentum`` and ``attack.momentum`` say) and steps
+after the rule, x_i <- R_i - eta m_i, whatever ``decentralized.order`` says (:func:`steps_after_mix`);
+MOZI scores on B'_i (:func:`score_draw`). Config validation refuses the key on a mozi member of any
+algorithm without dsgd's flag ``client_momentum``.
+
 Deviation from the paper: none in the equations (``fedepic.peer_node`` quotes the authors' code for
-the adapt_then_combine order).
+the adapt_then_combine order); MOZI's own step states its deviations in ``strategies/mozi.py``.
 
 Example: the step the registry line names::
 
@@ -40,13 +48,52 @@ tested equal to this step node by node (tests/test_algorithm_steps.py).
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.algorithms.dpsgd import aggregate_inbox
+from fedepic.config import RunConfig
 from fedepic.peer_node import (
-    AggregationReport, adapts_first, derive_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_gradients,
+    AggregationReport, adapts_first, batch_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_gradients,
     exchanged_state, keeps_momentum,
 )
 from fedepic.vectors import flatten_state
+
+
+def own_step(cfg: RunConfig, rule: str) -> bool:
+    """Whether the dsgd member of ``rule`` takes MOZI's own gradient step (``defense.mozi.own_step`` on
+    the ``mozi`` rule: module docstring, ``strategies/mozi.py``).
+
+    >>> import dataclasses
+    >>> cfg = RunConfig()
+    >>> cfg = dataclasses.replace(cfg, defense=dataclasses.replace(
+    ...     cfg.defense, mozi=dataclasses.replace(cfg.defense.mozi, own_step=True)))
+    >>> own_step(cfg, "mozi"), own_step(cfg, "gossip"), score_draw(cfg, "mozi"), steps_after_mix(cfg, "mozi")
+    (True, False, 1, True)
+    """
+    return rule == "mozi" and cfg.defense.mozi.own_step
+
+
+def score_draw(cfg: RunConfig, rule: str) -> int:
+    """The minibatch a ``needs_loss`` rule scores on (``peer_node.own_batch_loss``'s ``draw``): B'_i (1)
+    under :func:`own_step`, else the gradient's B_i (0)."""
+    return 1 if own_step(cfg, rule) else 0
+
+
+def step_batches(x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int, rule: str
+                 ) -> list[tuple[Tensor, Tensor]]:
+    """The minibatches (images, labels) of node ``node``'s gradient in ``round_``, whose gradients at its
+    model are summed: B_i (seeded (seed, round, node)), and under :func:`own_step` also MOZI's B'_i
+    (seeded (seed, round, node, 1); ClippedGossip's code back-propagates MOZI's batch without zeroing the
+    trainer's gradient, so its step takes the sum: ``strategies/mozi.py``)."""
+    draws = (0, 1) if own_step(cfg, rule) else (0,)
+    return [dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw)) for draw in draws]
+
+
+def steps_after_mix(cfg: RunConfig, rule: str) -> bool:
+    """Whether a node of ``rule``'s member steps after the aggregation, x_i <- R_i - eta m_i: under
+    combine_then_adapt, and under :func:`own_step` whatever the order."""
+    return own_step(cfg, rule) or not adapts_first(cfg)
 
 
 class Dsgd(NodeStep):
@@ -58,20 +105,22 @@ class Dsgd(NodeStep):
         model = start_model(node)
         if state.model is None:
             state.model = exchanged_state(model)
-        batch = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, round_, node.id))
         point = flatten_state(state.model).unsqueeze(0)
-        gradient = dsgt_gradients(model, point, [batch], cfg)[0]
-        dsgd_momentum(state, gradient, cfg.train.client_momentum, cfg.train.client_momentum_form,
-                      keeps_momentum(cfg, client.is_malicious))
-        if adapts_first(cfg):  # the half-step model x_i - eta m_i is what it sends and combines
+        gradient = None
+        for batch in step_batches(client.x, client.y, cfg, round_, node.id, node.rule):  # own_step: two, summed
+            g = dsgt_gradients(model, point, [batch], cfg)[0]
+            gradient = g if gradient is None else gradient.add_(g)
+        memory = keeps_momentum(cfg, client.is_malicious) and not own_step(cfg, node.rule)  # own_step: m_i <- g_i
+        dsgd_momentum(state, gradient, cfg.train.client_momentum, cfg.train.client_momentum_form, memory)
+        if not steps_after_mix(cfg, node.rule):  # the half-step model x_i - eta m_i is what it sends and combines
             dsgd_step(cfg, state, round_)
         state.trained, state.round = state.model, round_
         return NodeSent(state.trained)
 
     def receive(self, node: PeerNode, round_: int, inbox: Inbox) -> AggregationReport:
-        """R_i over the inbox, then x_i <- R_i - eta m_i (combine_then_adapt; the step came before sending
-        under adapt_then_combine)."""
-        report = aggregate_inbox(node, round_, inbox)
-        if not adapts_first(node.cfg):
+        """R_i over the inbox (MOZI scoring on :func:`score_draw`'s minibatch), then x_i <- R_i - eta m_i
+        (combine_then_adapt or :func:`own_step`; else the step came before sending)."""
+        report = aggregate_inbox(node, round_, inbox, score_draw(node.cfg, node.rule))
+        if steps_after_mix(node.cfg, node.rule):
             dsgd_step(node.cfg, node.state, round_)
         return report
