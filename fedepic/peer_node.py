@@ -35,7 +35,9 @@ neighbors"; fedepic/reproduce/PROTOCOLS.md 1.4):
 
 so the node sends, and the model attacks act on, x_j - eta m_j. ``train.client_momentum_form=heavy_ball``
 takes m_i <- beta m_i + g_i instead of the EMA; a malicious node under ``attack.momentum=false``
-takes m_i <- g_i.
+takes m_i <- g_i. A member of the ``mozi`` rule with ``defense.mozi.own_step`` takes MOZI's own step
+instead (``fedepic.algorithms.dsgd.own_step``): m_i <- g_i(B_i) + g_i(B'_i), no momentum, combine
+then adapt.
 
 g_i on one minibatch of ``train.batch_size`` rows at the model the node sends, eta = ``train.lr``
 (milestones in rounds), the L2 term ``train.weight_decay`` inside g_i (``train.momentum`` and

@@ -12,7 +12,8 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
   minibatch (``peer_node.dsgt_batch``, the Ray node's function and seeds);
 - momentum and step: ``peer_node``'s equations on whole rows: m_i <- beta m_i + (1 - beta) g_i (the EMA),
   or m_i <- beta m_i + g_i under ``train.client_momentum_form=heavy_ball``, or m_i <- g_i at a malicious
-  node under ``attack.momentum=false``; and x_i <- R_i - eta m_i;
+  node under ``attack.momentum=false``, or m_i <- g_i(B_i) + g_i(B'_i) at every node under MOZI's own step
+  (``fedepic.algorithms.dsgd.own_step``); and x_i <- R_i - eta m_i;
 - exchange: the engine's messages (``peer_routing.outgoing``) on row views; then, when every node uses plain
   gossip (``strategies.gossip.Gossip``, malicious nodes included) and every vector is finite, the mix
   is one sparse product with the mixing matrix, R = W X (over column blocks), plus a correction for
@@ -22,9 +23,8 @@ the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 
 Under ``decentralized.order=adapt_then_combine`` the rows step first, x_i - eta m_i (as
 ``peer_node.dsgd_step`` rounds it), are sent and mixed, and the mix is the new model. Under MOZI's own
-step (``fedepic.algorithms.dsgd.own_step``) every row's gradient is the sum over its two minibatches
-(``dsgd.step_batches``), m_i <- g_i, and the rows step after the mix whatever the order: dsgd's node
-step on whole rows.
+step the rows step after the mix whatever the order (``fedepic.algorithms.dsgd.steps_after_mix``), each
+row's gradient summed over its two minibatches (``dsgd.step_batches``).
 
 Deviation from the paper's equations: none; the gossip mix sums in another order than
 ``strategies.gossip.Gossip`` (x_i + sum_j w_ij (x_j - x_i)); the step x_i <- R_i - eta m_i rounds as a

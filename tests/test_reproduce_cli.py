@@ -68,10 +68,10 @@ def test_every_published_cell_of_every_replay_has_a_mapping():
 def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     # iid: gossip 95.0 (published 96.434, one seed: tolerance 3 -> within), scclip 93.0 (96.404: 3.40 away ->
     # outside); noniid: the cell failed -> every noniid cell missing with its error; rfa: not in the folder;
-    # mozi: fedepic's rule lacks MOZI's own gradient step
+    # mozi 94.0 (published 96.044: 2.04 away -> within): MOZI's cells map to member mozi's average_accuracy
     folder = make_sweep(tmp_path / "sweep", "reproduce-dumbbell-clippedgossip", [
         {"values": {"data.partition": "iid", "seed": 0}, "status": "completed",
-         "rows": dumbbell_rows({"gossip": 0.95, "scclip": 0.93, "trimmed_mean": 0.9241})},
+         "rows": dumbbell_rows({"gossip": 0.95, "scclip": 0.93, "trimmed_mean": 0.9241, "mozi": 0.94})},
         {"values": {"data.partition": "label_sets", "seed": 0}, "status": "failed", "error": "RunFailed: boom"},
     ])
     _, sweep = read_sweep(folder)
@@ -90,9 +90,10 @@ def test_dumbbell_cells_within_outside_and_missing(tmp_path):
     assert results["noniid", "gossip"].reason == "seed 0: failed (RunFailed: boom)"
     assert results["iid", "rfa"].verdict == "missing"
     assert results["iid", "rfa"].reason == "no average_accuracy of member 'rfa' in the matching cells"
-    for split in ("iid", "noniid"):
-        assert results[split, "mozi"].verdict == "missing"
-        assert results[split, "mozi"].reason.startswith("fedepic cannot run it yet: needs MOZI's own gradient step")
+    mozi = results["iid", "mozi"]
+    assert mozi.verdict == "within" and mozi.mean == pytest.approx(94.0) and mozi.seeds == [0]
+    assert mozi.difference == pytest.approx(94.0 - 96.04366987179488)
+    assert results["noniid", "mozi"].reason == "seed 0: failed (RunFailed: boom)"
 
 
 def test_bucketing_mean_and_spread_over_seeds(tmp_path):
@@ -208,9 +209,9 @@ def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
     by_verdict = {}
     for cell in data["cells"]:
         by_verdict.setdefault(cell["verdict"], []).append(cell["key"]["aggregator"])
-    # gossip, scclip, trimmed_mean, rfa ran on both splits (two rounds: far below the published ~90%); mozi missing
-    assert sorted(by_verdict["missing"]) == ["mozi", "mozi"]
-    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean", "rfa"] * 2)
+    # all five members ran on both splits (two rounds: far below the published ~90%), MOZI with its own step
+    assert "missing" not in by_verdict
+    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean", "rfa", "mozi"] * 2)
     summary = json.loads((folder / "summary.json").read_text())
     first = json.loads((folder / summary["cells"][0]["folder"] / "summary.json").read_text())
     gossip = next(r for r in first["rows"] if r["strategy"] == "gossip")
