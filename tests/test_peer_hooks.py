@@ -215,6 +215,29 @@ def test_mozi_own_step_is_the_codes_update():
     assert kept_some == [1, 1, 1, 1]  # of its two ring neighbours each benign node mixed one: the loss stage acted
 
 
+@pytest.mark.slow
+def test_mozi_own_step_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
+    """The same own-step member through Flower + Ray (``simulations/dfl_apps.py``'s ClientApp calling the
+    ``Dsgd`` node step: the two gradients, no momentum, the step after the mix, the scores on B'_i) and in
+    process (``StackedDsgdMember``'s rows): the same figures, round by round."""
+    import json
+
+    from tests.test_dsgt_gp import ray_and_local_runs
+
+    args = ["config=dfl_smoke.yaml", f"output_dir={tmp_path}", "progress=false",
+            *(o for o in OWN_STEP if not o.startswith("rounds=")), "rounds=3",
+            "attack.data=none", "attack.model=sign_flip"]
+    runs = ray_and_local_runs(args, capsys)
+    rows = {e: [json.loads(x) for x in (run / "mozi" / "metrics.jsonl").read_text().splitlines()]
+            for e, run in runs.items()}
+    assert [r["round"] for r in rows["ray"]] == [r["round"] for r in rows["local"]] == [1, 2, 3]
+    for got, want in zip(rows["ray"], rows["local"]):
+        assert got["mean_accuracy"] == pytest.approx(want["mean_accuracy"], abs=1e-6)
+        assert got["per_class"] == pytest.approx(want["per_class"], abs=1e-6)
+        assert got["consensus_distance"] == pytest.approx(want["consensus_distance"], rel=1e-3, abs=1e-6)
+    assert json.loads((runs["ray"] / "summary.json").read_text())["status"] == "completed"
+
+
 def test_mozi_own_step_needs_dsgd():
     from fedepic.errors import ConfigError
 
