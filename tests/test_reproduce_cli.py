@@ -197,29 +197,67 @@ def test_from_a_sweep_of_another_replay_is_refused(tmp_path):
     assert not (folder / "reproduction.md").exists()
 
 
-def test_tiny_dumbbell_replay_end_to_end(tmp_path, data_root):
-    """The real command on the shipped dumbbell config, cut to 2 rounds on 30 training images a class."""
+# The CI smoke of every shipped replay: the real command, cut to a handful of iterations on few rows (and few
+# clients where the replay's sweep does not fix them), so each runs in seconds to a minute on a 2-core CPU.
+# A replay added to fedepic.reproduce.replays without an entry here fails
+# test_every_shipped_replay_has_a_smoke_run.
+SMOKE_RUNS: dict[str, list[str]] = {
+    # 20 nodes (the dumbbell's edges name them all), 1 round, 10 training images a class
+    "dumbbell": ["rounds=1", "data.train_per_class=10", "data.test_per_class=5"],
+    # seed 0 only; 5 clients with 1 attacker (the authors' 25 with 5), 1 round
+    "bucketing_mnist": ["--seeds", "1", "rounds=1", "clients.count=5", "clients.malicious_ids=[4]",
+                        "data.train_per_class=20", "data.test_per_class=10"],
+    # the sweep fixes the clients and the split files index all 60,000 rows: 1 round, 100 test images
+    "byzfl": ["rounds=1", "data.test_per_class=10"],
+    # 2 epochs on 60 images (EPIC's first selection after 1), a 2-step brew from a 1-epoch pretraining
+    "epic_table2_smoke": ["train.epochs=2", "train.milestones=[]", "defense.epic.warmup=1", "attack.steps=2",
+                          "attack.restarts=1", "attack.pretrain_epochs=1", "data.train_per_class=20",
+                          "data.test_per_class=10"],
+}
+
+
+def test_every_shipped_replay_has_a_smoke_run(tmp_path):
+    listed = run_command(["--list"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split("|")[1].strip() for line in listed.stdout.splitlines()[2:]]
+    assert names == list(replays.REPLAYS) and sorted(SMOKE_RUNS) == sorted(names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SMOKE_RUNS))
+def test_every_replay_runs_end_to_end_for_a_handful_of_iterations(tmp_path, data_root, name):
+    """``python -m fedepic.reproduce NAME`` with SMOKE_RUNS[NAME]: the sweep runs, every published cell gets
+    fedepic's figure (none missing), which is 100 x the mapped member's metric in the matching sweep cell's
+    summary.json, and reproduction.md, marked "protocol changed", is printed and its path is the last line."""
     out = tmp_path / "out"
-    proc = run_command(["dumbbell", "rounds=2", "train.eval_every=1", "data.train_per_class=30",
-                        "data.test_per_class=20", f"output_dir={out}", "progress=false"], tmp_path)
+    proc = run_command([name, *SMOKE_RUNS[name], f"output_dir={out}", "progress=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = next(out.glob("sweep-reproduce-dumbbell-clippedgossip-*"))
+    replay = replays.get(name)
+    [folder] = list(out.glob("sweep-*"))
     data = json.loads((folder / "reproduction.json").read_text())
     assert data["protocol_changed"] is True and data["seeds"] == [0]
-    by_verdict = {}
+    published_cells = published.cells(replay.experiment)
+    assert [c["key"] for c in data["cells"]] == [dict(c.key) for c in published_cells]
+    listed = json.loads((folder / "summary.json").read_text())["cells"]
+    assert listed and all(c["status"] == "completed" for c in listed)
+    allowed = {"not comparable"} if replay.comparable else {"within", "outside"}
     for cell in data["cells"]:
-        by_verdict.setdefault(cell["verdict"], []).append(cell["key"]["aggregator"])
-    # all five members ran on both splits (two rounds: far below the published ~90%), MOZI with its own step
-    assert "missing" not in by_verdict
-    assert sorted(by_verdict["outside"]) == sorted(["gossip", "scclip", "trimmed_mean", "rfa", "mozi"] * 2)
-    summary = json.loads((folder / "summary.json").read_text())
-    first = json.loads((folder / summary["cells"][0]["folder"] / "summary.json").read_text())
-    gossip = next(r for r in first["rows"] if r["strategy"] == "gossip")
-    cell = next(c for c in data["cells"] if c["key"] == {"split": "iid", "aggregator": "gossip"})
-    assert cell["mean"] == pytest.approx(100 * gossip["average_accuracy"])
+        assert cell["verdict"] in allowed, cell
+        mapping = replay.map_cell(cell["key"])
+        [source] = [c for c in listed
+                    if compare_module.matches(compare_module.SweepCell(c["values"], c["status"], None), mapping.values)]
+        rows = json.loads((folder / source["folder"] / "summary.json").read_text())["rows"]
+        [row] = [r for r in rows if str(r.get("strategy", r.get("defense"))) == mapping.member]
+        assert cell["mean"] == pytest.approx(100 * row[mapping.metric]), cell["key"]
+        assert 0.0 <= cell["mean"] <= 100.0
     text = (folder / "reproduction.md").read_text()
-    assert "protocol changed: rounds=2" in text and "| split=iid, aggregator=gossip | 96.43 | 0 | - |" in text
-    assert proc.stdout.strip().endswith(str(folder / "reproduction.md"))
+    assert f"protocol changed: {' '.join(a for a in SMOKE_RUNS[name] if '=' in a)}" in text
+    first = published_cells[0]
+    assert f"| {', '.join(f'{k}={v}' for k, v in first.key.items())} | {first.value:.2f} |" in text
+    assert text in proc.stdout and proc.stdout.strip().endswith(str(folder / "reproduction.md"))
+    if name == "dumbbell":  # all five members ran on both splits, MOZI with its own step
+        members = {c["key"]["aggregator"] for c in data["cells"]}
+        assert members == {"gossip", "scclip", "trimmed_mean", "rfa", "mozi"} and len(data["cells"]) == 10
 
 
 def _byzfl_compare():
