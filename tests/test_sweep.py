@@ -308,17 +308,21 @@ def test_the_best_member_follows_the_metrics_direction() -> None:
 
 def test_shipped_sweeps_expand_to_their_grids() -> None:
     plan = plan_sweep(load_config("sweep_dfl_attacks.yaml", []))
-    assert len(plan.cells) == 144 and plan.member_axis == "strategies" and plan.row_axes == ["attack.data", "attack.model"]
-    assert len(plan.axes["seed"]) == 3 and len(plan.axes["strategies"]) == 8 and len(plan.axes["attack.model"]) == 6
+    assert len(plan.cells) == 294 and plan.member_axis == "strategies" and plan.row_axes == ["attack.data", "attack.model"]
+    assert len(plan.axes["seed"]) == 3 and len(plan.axes["strategies"]) == 14 and len(plan.axes["attack.model"]) == 7
     noniid = load_config("noniid.yaml", [])
     first = plan.cells[0].config
     assert (first.data, first.topology, first.rounds) == (noniid.data, noniid.topology, noniid.rounds)
     assert first.engine == "local" and first.train.threads == 1
     smaller = plan_sweep(load_config("sweep_dfl_attacks.yaml", ["sweep.seed=[0]", "sweep.attack.data=[label_flip,none]",
                                                                  "sweep.attack.model=[none,ipm]"]))
-    assert len(smaller.cells) == 16 and smaller.key != plan.key  # the command line replaces the file's axes
+    assert len(smaller.cells) == 28 and smaller.key != plan.key  # the command line replaces the file's axes
+    variants = {c.config.strategies[0]: c.config for c in plan.cells if c.config.strategies[0].endswith("_trimmed_mean")}
+    assert {name: cfg.variants[name]["defense"]["pre_aggregation"] for name, cfg in variants.items()} == {
+        "bucketing_trimmed_mean": ["bucketing"], "arc_trimmed_mean": ["arc"]}
     server = plan_sweep(load_config("sweep_server_attacks.yaml", []))
     assert server.base.mode == "federated" and server.member_axis == "strategies" and "attack.model" in server.row_axes
+    assert len(server.cells) == 273 and len(server.axes["strategies"]) == 13 and len(server.axes["attack.model"]) == 7
 
 
 def test_sweep_figures_keep_to_three_panels_a_row_and_a_3_to_1_aspect() -> None:
