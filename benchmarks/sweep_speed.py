@@ -1,5 +1,5 @@
 """A sweep two ways in one run: one cell at a time in one process, and as Ray tasks on a local Ray
-instance of ``--workers`` workers; the issue's targets for the shipped 144-cell grid.
+instance of ``--workers`` workers; the targets issue 16 set for the shipped grid when it had 144 cells (it has 294 now).
 
     python benchmarks/sweep_speed.py [--config sweep_dfl_attacks.yaml] [--workers 2] [--out DIR] [key=value ...]
 
