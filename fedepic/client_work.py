@@ -29,6 +29,7 @@ from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
+from fedepic.minibatches import minibatch_positions, with_replacement_rows
 from fedepic.stacked import gradients_in_state_layout
 from fedepic.train import client_momentum_, fit, float_images, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
@@ -37,10 +38,17 @@ UNKNOWN = -1.0  # MetricRecords must hold the same keys on every client: -1 mark
 
 
 def minibatch_rows(rows: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``batch_size`` row indices in [0, rows), drawn with replacement from a generator seeded by ``seed``."""
-    if rows <= 0:
-        raise ValueError("a one-step gradient needs at least one training row (this client or node has none)")
-    return torch.randint(rows, (batch_size,), generator=torch.Generator().manual_seed(seed))
+    """``batch_size`` row indices in [0, rows), drawn with replacement from a generator seeded by ``seed``
+    (``train.sampler=replacement``: ``fedepic.minibatches.with_replacement_rows``)."""
+    return with_replacement_rows(rows, batch_size, seed)
+
+
+def client_batch_rows(cfg: RunConfig, rows: int, seed: int, server_round: int) -> torch.Tensor:
+    """A per-step client's minibatch of ``server_round`` (from 1) among its ``rows`` rows under
+    ``train.sampler`` (``fedepic.minibatches``): drawn with replacement seeded by ``seed``, or its
+    in-order batch number ``server_round - 1``."""
+    return minibatch_positions(cfg.train.sampler, rows, cfg.train.batch_size, seed, server_round - 1,
+                               cfg.train.batches_per_epoch)
 
 
 def model_for(cfg: RunConfig, data: ImageData) -> torch.nn.Module:
@@ -124,7 +132,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     computing = [i for i, skip in enumerate(replaced) if not skip]
     grads = torch.zeros(len(clients), base.numel())
     if computing:
-        rows = [minibatch_rows(len(clients[i]), cfg.train.batch_size, seeds[i]) for i in computing]
+        rows = [client_batch_rows(cfg, len(clients[i]), seeds[i], server_round) for i in computing]
         xb = torch.stack([clients[i].x[r] for i, r in zip(computing, rows)])
         xb = float_images(xb)
         yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])

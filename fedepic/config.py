@@ -26,6 +26,7 @@ from fedepic import extensions
 from fedepic.domains import (ANY, AT_LEAST_ONE, FINITE, NON_NEGATIVE, PATH, POSITIVE, UNIT, UNIT_OPEN_LOW, Domain,
                              between, check_domains, meta, one_of)
 from fedepic.errors import ConfigError
+from fedepic.minibatches import SAMPLERS
 from fedepic.registry import config_value
 
 MODES = ("centralized", "federated", "decentralized")
@@ -145,6 +146,14 @@ class TrainConfig:
     # the form of that momentum, where it acts: ema (m <- beta m + (1 - beta) g) | heavy_ball (m <- beta m + g,
     # undamped, as the EPFL codes; the same steps as ema at lr / (1 - beta)): fedepic/train.py::client_momentum_
     client_momentum_form: str = field(default="ema", metadata=one_of(CLIENT_MOMENTUM_FORMS))
+    # the one-step protocols' minibatches (server.protocol=per_step, decentralized.algorithm=dsgd|dsgt;
+    # refused elsewhere when set): replacement (each drawn with replacement from all the node's rows) |
+    # in_order (the rows in their stored order, batch_size at a time, wrapping around; a data.partition=rows
+    # file's order as saved, other partitions ascending): fedepic/minibatches.py
+    sampler: str = field(default="replacement", metadata=one_of(SAMPLERS))
+    # train.sampler=in_order: an epoch is the first K batches, then the order starts over (None: all the
+    # rows, wrapping around); an unshuffled loader stopped after K batches per epoch
+    batches_per_epoch: Optional[int] = field(default=None, metadata=between(1, ROWS_LIMIT))
     # client-side L2: in the local optimiser (local epochs, dpsgd, centralized), inside g_i under dsgd and
     # dsgt; refused under server.protocol=per_step, whose L2 is the server's (server.weight_decay)
     weight_decay: float = field(default=5e-4, metadata=NON_NEGATIVE)
@@ -799,8 +808,9 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
     optimiser (local epochs, centralized, algorithms flagged ``local_optimizer``: dpsgd),
     ``train.client_momentum`` in the client momentum of the one-step protocols (per_step, algorithms
     flagged ``client_momentum``: dsgd), ``train.weight_decay`` on the clients, ``server.weight_decay`` in
-    the per-step server step. A key set away from its default where it does not act is refused; where
-    neither momentum acts (dsgt) the message says there is none."""
+    the per-step server step, ``train.sampler`` and ``train.batches_per_epoch`` in the minibatches of the
+    one-step protocols (per_step, algorithms flagged ``one_step``). A key set away from its default where it
+    does not act is refused; where neither momentum acts (dsgt) the message says there is none."""
     if cfg.mode == "federated":
         setting = f"server.protocol={cfg.server.protocol}"
         local = cfg.server.protocol == "local_epochs"
@@ -813,6 +823,9 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
     else:
         setting, local, client_ema, server_l2 = "mode=centralized", True, False, False
     train = cfg.train
+    one_step = (cfg.mode == "federated" and not local) or (
+        cfg.mode == "decentralized" and extensions.ALGORITHMS.has(cfg.decentralized.algorithm, "one_step"))
+    _check_sampler(cfg, setting, one_step)
     no_momentum = not local and not client_ema
     if not local:
         how = "without momentum: leave it unset" if no_momentum else \
@@ -843,6 +856,21 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
                "the clients' L2 is train.weight_decay")
 
 
+def _check_sampler(cfg: RunConfig, setting: str, one_step: bool) -> None:
+    """``train.sampler`` and ``train.batches_per_epoch`` pick the minibatches of the one-step protocols
+    (``fedepic.minibatches``): refused, when set, where no one-step gradient is taken, and K without
+    the in-order sampler."""
+    train = cfg.train
+    if not one_step:
+        for key in ("sampler", "batches_per_epoch"):
+            _check(getattr(train, key) == _default(TrainConfig, key), f"train.{key}", getattr(train, key),
+                   "picks the minibatches of server.protocol=per_step and "
+                   f"{_algorithms_with('one_step')}; {setting} takes no one-step gradients")
+    if train.batches_per_epoch is not None:
+        _check(train.sampler == "in_order", "train.batches_per_epoch", train.batches_per_epoch,
+               "read only under train.sampler=in_order")
+
+
 def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
     for name, body in cfg.variants.items():
         key = f"variants.{name}"
@@ -853,6 +881,10 @@ def _validate_variants(cfg: RunConfig, allowed: tuple) -> None:
         _choice(f"{key}.strategy", body["strategy"], allowed)
         for k in body:
             _check(k not in RUN_LEVEL_KEYS, f"{key}.{k}", body[k], "a run-level key, the same for every member")
+        train = body.get("train")
+        if isinstance(train, dict) and "sampler" in train:  # the rows are read once, in the sampler's order
+            _check(False, f"{key}.train.sampler", train["sampler"], "the same for every member: the nodes' rows "
+                   "are read once for the run, in the order train.sampler=in_order reads (data.partition=rows)")
 
 
 def member_config(cfg: RunConfig, entry: str) -> tuple[str, RunConfig]:

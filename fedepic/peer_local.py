@@ -43,8 +43,8 @@ from fedepic.vectors import flatten_state
 from fedepic.client_data import ClientData, build_client_data, client_partition, partition_report
 from fedepic.peer_eval import average_record, evaluate_rows, stackable
 from fedepic.peer_node import (
-    HONEST, AggregationReport, BatchLoss, NodeState, derive_seed, dsgt_batch, eval_due, exchanged_state,
-    load_exchanged, needs_loss, new_model, own_batch_loss, peer_rule,
+    HONEST, AggregationReport, BatchLoss, NodeState, eval_due, exchanged_state, load_exchanged, needs_loss,
+    new_model, node_batch, own_batch_loss, peer_rule,
 )
 from fedepic.peer_rounds import Member, Messages, Received, RunSink, Sent, peer_setting, play_round, run_peer_member
 from fedepic.peer_routing import Routing, communication_graph, inbox as inbox_of, routing_for, run_label_roles
@@ -171,9 +171,10 @@ class LocalMember:
             return None
         return own_batch_loss(model, client.x, client.y, self.cfg, self.states[i].round, i, draw)
 
-    def _batch(self, i: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, i: int, round_: int, first_round: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node ``i``'s minibatch of ``round_`` (``peer_node.node_batch``, as its Ray node draws it)."""
         client = self.clients[i]
-        return dsgt_batch(client.x, client.y, self.cfg, derive_seed(self.cfg.seed, round_, i))
+        return node_batch(client.x, client.y, self.cfg, round_, i, first_round)
 
     def _evaluate(self) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
         nodes = [i for i in self.benign if i in self.states]

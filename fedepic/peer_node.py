@@ -59,8 +59,8 @@ Mathematical Programming 187, 2021) writes the model step adapt-then-combine,
 the model step then uses the node's own tracker only, so purifying it (GP) changes nothing but i's
 own direction.
 
-Each gradient takes one minibatch of ``train.batch_size`` rows (drawn with replacement, seeded by
-seed, round, node), ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
+Each gradient takes one minibatch of ``train.batch_size`` rows (``node_batch``: drawn with replacement,
+seeded by seed, round, node, or in order under ``train.sampler=in_order``), ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
 ``train.weight_decay`` inside g_i; no momentum (``train.momentum``, ``train.nesterov`` and
 ``train.client_momentum`` are refused when set). A node sends (x_i, y_i) as one vector (the model's
 entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector
@@ -109,6 +109,7 @@ from fedepic.epic import EpicState
 from fedepic.train import client_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.client_work import minibatch_rows
+from fedepic.minibatches import minibatch_positions
 from fedepic.extensions import PEER_RULES, algorithm_has
 from strategies.aggregate import Aggregate, aggregate
 from strategies.gossip import check_stack
@@ -399,11 +400,12 @@ def minibatch_losses(model: nn.Module, rows: Tensor, images: Tensor, labels: Ten
 def own_batch_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int,
                    draw: int = 0) -> BatchLoss:
     """Node ``node``'s loss on its own minibatch of ``round_`` (``train.batch_size`` of its rows ``x``,
-    ``y``, seeded (seed, round, node): under dsgd the batch of its gradient; with ``draw`` 1 MOZI's
-    second minibatch under its own step, seeded (seed, round, node, 1): ``fedepic.algorithms.dsgd``)
-    as a callable over flat models [k, D] (:func:`minibatch_losses` with ``model`` as the scratch
-    module): MOZI's score (``strategies/mozi.py``), the same on both engines."""
-    images, labels = dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw))
+    ``y``: under dsgd the batch of its gradient, :func:`node_batch` under ``train.sampler``; with ``draw``
+    1 MOZI's second minibatch under its own step, drawn with replacement seeded (seed, round, node, 1):
+    ``fedepic.algorithms.dsgd``) as a callable over flat models [k, D] (:func:`minibatch_losses` with
+    ``model`` as the scratch module): MOZI's score (``strategies/mozi.py``), the same on both engines."""
+    images, labels = node_batch(x, y, cfg, round_, node) if draw == 0 else \
+        dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw))
     return lambda rows: minibatch_losses(model, rows, images, labels)
 
 
@@ -581,7 +583,21 @@ def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor,
 
 
 def dsgt_batch(x: Tensor, y: Tensor, cfg: RunConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """``train.batch_size`` rows of (x, y) drawn with replacement, seeded by ``seed``
+    (``train.sampler=replacement``); the algorithms call :func:`node_batch`, which honours ``train.sampler``."""
     rows = minibatch_rows(len(y), cfg.train.batch_size, seed)
+    return x[rows], y[rows]
+
+
+def node_batch(x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int, first_round: int = 1
+               ) -> tuple[Tensor, Tensor]:
+    """Node ``node``'s minibatch of ``round_`` among its rows (x, y) under ``train.sampler``
+    (``fedepic.minibatches``): drawn with replacement seeded by (seed, round, node), or its in-order
+    batch number ``round_ - first_round`` (``first_round``: the round of the node's first gradient, 1 for
+    dsgd, 0 for dsgt's y_i(0)). Both engines, and MOZI's own-batch loss, take their batches here."""
+    train = cfg.train
+    rows = minibatch_positions(train.sampler, len(y), train.batch_size, derive_seed(cfg.seed, round_, node),
+                               round_ - first_round, train.batches_per_epoch)
     return x[rows], y[rows]
 
 

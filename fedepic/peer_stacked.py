@@ -9,7 +9,7 @@ compute (a profile of 100 nodes: docs/results/engines.md). Here, under ``decentr
 the models X [n, D] and momenta M [n, D] stay stacked for the whole run:
 
 - gradients: one ``torch.func`` vmap per chunk of nodes (``fedepic.stacked``), each node on its own
-  minibatch (``peer_node.dsgt_batch``, the Ray node's function and seeds);
+  minibatch (``peer_node.node_batch``, the Ray node's function, seeds and ``train.sampler``);
 - momentum and step: ``peer_node``'s equations on whole rows: m_i <- beta m_i + (1 - beta) g_i (the EMA),
   or m_i <- beta m_i + g_i under ``train.client_momentum_form=heavy_ball``, or m_i <- g_i at a malicious
   node under ``attack.momentum=false``, or m_i <- g_i(B_i) + g_i(B'_i) at every node under MOZI's own step

@@ -23,7 +23,7 @@ from fedepic.data import load_dataset
 from fedepic.client_data import client_partition, partition_report
 from fedepic.peer_local import LocalMember, run_sequential
 from fedepic.peer_node import (
-    AggregationReport, derive_seed, dsgt_batch, dsgt_gradients, exchanged_state, round_lr,
+    AggregationReport, derive_seed, dsgt_batch, dsgt_gradients, exchanged_state, node_batch, round_lr,
 )
 from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
 from fedepic.peer_stacked import StackedDsgdMember
@@ -69,6 +69,7 @@ def test_the_algorithm_modules_doctests_pass():
 @pytest.mark.parametrize("strategy,extra", [
     ("gossip", []),
     ("gp", ["attack.data=none", "attack.model=sign_flip"]),  # GP screens and purifies the trackers
+    ("gossip", ["train.sampler=in_order", "train.batches_per_epoch=2"]),  # in-order batches, y_i(0) batch 0
 ])
 def test_dsgt_vectorized_gradients_equal_the_per_node_step(strategy, extra):
     """dsgt in process (every node's gradients in one vectorized call: ``Dsgt.send_all``, ``receive_all``)
@@ -92,9 +93,11 @@ def test_dsgt_vectorized_gradients_equal_the_per_node_step(strategy, extra):
     ("median", ["train.lr=0.1"]),
     ("median", ["decentralized.order=adapt_then_combine", "train.lr=0.01", "train.client_momentum_form=heavy_ball",
                 "attack.momentum=false"]),
+    ("median", ["train.lr=0.1", "train.sampler=in_order", "train.batches_per_epoch=2"]),
     # MOZI's own step: two minibatches summed, no momentum, the step after the mix whatever the order
     ("mozi", ["strategies=[mozi]", "defense.mozi.own_step=true", "defense.mozi.rho=1.0", "train.lr=0.05",
               "decentralized.order=adapt_then_combine"]),
+    ("mozi", ["strategies=[mozi]", "defense.mozi.own_step=true", "train.lr=0.05", "train.sampler=in_order"]),
 ])
 def test_the_stacked_dsgd_rows_equal_the_per_node_step(strategy, extra):
     """dsgd's stacked rows (``StackedDsgdMember``, its entry's ``info["member"]``) against ``LocalMember``
@@ -123,7 +126,7 @@ class PlainStep(NodeStep):
         cfg, client = node.cfg, node.client
         model = start_model(node)
         point = flatten_state(exchanged_state(model))
-        batch = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, round_, node.id))
+        batch = node_batch(client.x, client.y, cfg, round_, node.id)
         gradient = dsgt_gradients(model, point.unsqueeze(0), [batch], cfg)[0]
         node.state.trained = unflatten_like(point - round_lr(cfg, round_) * gradient, exchanged_state(model))
         node.state.model, node.state.round = None, round_

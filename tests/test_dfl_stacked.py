@@ -87,6 +87,7 @@ def assert_same_records(want: dict, got: dict) -> None:
     ("gossip", ["attack.data=none", "attack.model=sign_flip"]),  # the sparse mix + attackers' messages
     ("median", []),                                       # a robust rule: node by node on the rows
     ("gp", ["attack.data=none", "attack.model=sign_flip"]),  # a stateful rule (GP's records)
+    ("gossip", ["train.sampler=in_order", "train.batches_per_epoch=3"]),  # in-order minibatches
 ])
 def test_stacked_dsgd_equals_the_node_by_node_engine(strategy, extra):
     cfg = dsgd_cfg(*extra)

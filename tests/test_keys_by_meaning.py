@@ -3,7 +3,9 @@
 - ``train.momentum``, ``train.nesterov``: the local optimiser (local epochs, dpsgd, centralized);
 - ``train.client_momentum``: the client momentum of the one-step protocols (per_step, dsgd);
 - ``train.weight_decay``: the clients' L2 (the local optimiser; inside the gradient under dsgd, dsgt);
-- ``server.weight_decay``: the L2 of the per-step server step.
+- ``server.weight_decay``: the L2 of the per-step server step;
+- ``train.sampler``, ``train.batches_per_epoch``: the minibatches of the one-step protocols (per_step,
+  dsgd, dsgt; tests/test_minibatches.py).
 
 What each key does where it acts is tested by hand-computed runs: tests/test_server_per_step.py
 (per_step: client momentum and server weight decay), tests/test_dsgt_gp.py (dsgd: client momentum).
@@ -47,6 +49,10 @@ REFUSED = [
     ("dpsgd", DPSGD, "server.weight_decay=1e-4", "train.weight_decay"),
     ("dsgd", DSGD, "server.weight_decay=1e-4", "train.weight_decay"),
     ("dsgt", DSGT, "server.weight_decay=1e-4", "train.weight_decay"),
+    # the one-step protocols' minibatch order where no one-step gradient is taken
+    ("local_epochs", LOCAL_EPOCHS, "train.sampler=in_order", "server.protocol=per_step"),
+    ("dpsgd", DPSGD, "train.sampler=in_order", "no one-step gradients"),
+    ("centralized", CENTRALIZED, "train.batches_per_epoch=30", "no one-step gradients"),
 ]
 
 
@@ -63,9 +69,10 @@ def test_a_key_set_where_it_does_not_act_is_refused(setting, mode, override, hin
 
 LOCAL_OPTIMISER = {"train.momentum": 0.5, "train.nesterov": False, "train.weight_decay": 0.0}
 ACCEPTED = [
-    ("per_step", PER_STEP, {"train.client_momentum": 0.5, "server.weight_decay": 1e-4}),
-    ("dsgd", DSGD, {"train.client_momentum": 0.5, "train.weight_decay": 1e-4}),
-    ("dsgt", DSGT, {"train.weight_decay": 0.0}),
+    ("per_step", PER_STEP, {"train.client_momentum": 0.5, "server.weight_decay": 1e-4, "train.sampler": "in_order"}),
+    ("dsgd", DSGD, {"train.client_momentum": 0.5, "train.weight_decay": 1e-4, "train.sampler": "in_order",
+                    "train.batches_per_epoch": 30}),
+    ("dsgt", DSGT, {"train.weight_decay": 0.0, "train.sampler": "in_order"}),
     ("dpsgd", DPSGD, LOCAL_OPTIMISER),
     ("local_epochs", LOCAL_EPOCHS, LOCAL_OPTIMISER),
     ("centralized", CENTRALIZED, LOCAL_OPTIMISER),

@@ -14,8 +14,8 @@ and under ``adapt_then_combine`` x_i <- R_i({x_j - eta m_j}) (the node sends its
 ``train.client_momentum_form=heavy_ball`` takes m_i <- beta m_i + g_i; a malicious node under
 ``attack.momentum=false`` m_i <- g_i.
 
-- send: g_i on one minibatch of ``train.batch_size`` rows at the model it sends (seeded by seed, round,
-  node), folded into m_i (``peer_node.dsgd_momentum``); under adapt_then_combine the step
+- send: g_i on one minibatch of ``train.batch_size`` rows at the model it sends (``peer_node.node_batch``:
+  seeded by seed, round, node, or batch round - 1 under ``train.sampler=in_order``), folded into m_i (``peer_node.dsgd_momentum``); under adapt_then_combine the step
   (``peer_node.dsgd_step``) before sending;
 - receive: the rule over the inbox (``dpsgd.aggregate_inbox``), then the step under combine_then_adapt.
 
@@ -55,7 +55,7 @@ from fedepic.algorithms.dpsgd import aggregate_inbox
 from fedepic.config import RunConfig
 from fedepic.peer_node import (
     AggregationReport, adapts_first, batch_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_gradients,
-    exchanged_state, keeps_momentum,
+    exchanged_state, keeps_momentum, node_batch,
 )
 from fedepic.vectors import flatten_state
 
@@ -83,11 +83,12 @@ def score_draw(cfg: RunConfig, rule: str) -> int:
 def step_batches(x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int, rule: str
                  ) -> list[tuple[Tensor, Tensor]]:
     """The minibatches (images, labels) of node ``node``'s gradient in ``round_``, whose gradients at its
-    model are summed: B_i (seeded (seed, round, node)), and under :func:`own_step` also MOZI's B'_i
-    (seeded (seed, round, node, 1); ClippedGossip's code back-propagates MOZI's batch without zeroing the
-    trainer's gradient, so its step takes the sum: ``strategies/mozi.py``)."""
-    draws = (0, 1) if own_step(cfg, rule) else (0,)
-    return [dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw)) for draw in draws]
+    model are summed: B_i (``peer_node.node_batch``, under ``train.sampler``), and under :func:`own_step`
+    also MOZI's B'_i, drawn with replacement seeded (seed, round, node, 1) (ClippedGossip's code
+    back-propagates MOZI's batch without zeroing the trainer's gradient, so its step takes the sum:
+    ``strategies/mozi.py``)."""
+    first = [node_batch(x, y, cfg, round_, node)]
+    return first + [dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, 1))] if own_step(cfg, rule) else first
 
 
 def steps_after_mix(cfg: RunConfig, rule: str) -> bool:

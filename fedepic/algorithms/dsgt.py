@@ -12,7 +12,8 @@ gradient g_i; with w_ij the mixing weights (the node's peer rule in their place)
     y_i <- sum_j w_ij y_j + g_i(x_i new) - g_i(x_i old),        y_i(0) = g_i(x_i(0))
 
 - send: (x_i, y_i) as one vector (the model's entries, then ``peer_node.TRACKER``); in its first round
-  the node first takes y_i(0) = g_i(x_i(0)) on a minibatch seeded with round 0;
+  the node first takes y_i(0) = g_i(x_i(0)) on a minibatch seeded with round 0 (``peer_node.node_batch``;
+  under ``train.sampler=in_order`` round t takes batch t, y_i(0) batch 0);
 - receive: the two sums (``peer_node.dsgt_mix``: GP screens on the trackers), the step
   (``peer_node.dsgt_point``), the gradient at the new point on the round's minibatch, the tracker
   update (``peer_node.dsgt_finish``).
@@ -46,8 +47,8 @@ import torch
 
 from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.peer_node import (
-    AggregationReport, derive_seed, dsgt_batch, dsgt_finish, dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point,
-    dsgt_start, exchanged_state,
+    AggregationReport, dsgt_finish, dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, exchanged_state,
+    node_batch,
 )
 from fedepic.peer_routing import inbox as inbox_of
 from fedepic.vectors import flatten_state
@@ -66,7 +67,7 @@ class Dsgt(NodeStep):
         cfg, state, client = node.cfg, node.state, node.client
         model = start_model(node)
         if state.tracker is None:
-            batch = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, 0, node.id))
+            batch = node_batch(client.x, client.y, cfg, 0, node.id, first_round=0)
             point = flatten_state(exchanged_state(model)).unsqueeze(0)
             dsgt_start(state, model, dsgt_gradients(model, point, [batch], cfg)[0])
         state.trained, state.round = dsgt_message(state), round_
@@ -78,7 +79,7 @@ class Dsgt(NodeStep):
         x, y, report = dsgt_mix(node.rule, cfg, state, inbox.vectors, inbox.weights, inbox.self_weight,
                                 client.is_malicious, node.rules, own=inbox.own, node=node.id)
         point = dsgt_point(cfg, state, x, round_)
-        batch = dsgt_batch(client.x, client.y, cfg, derive_seed(cfg.seed, round_, node.id))
+        batch = node_batch(client.x, client.y, cfg, round_, node.id, first_round=0)
         dsgt_finish(state, point, y, dsgt_gradients(node.model, point.unsqueeze(0), [batch], cfg)[0])
         return report
 
@@ -91,7 +92,7 @@ class Dsgt(NodeStep):
         if fresh:
             starts = {i: member.models[i] for i in fresh}
             points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
-            grads = dsgt_gradients(starts[fresh[0]], points, [member._batch(i, 0) for i in fresh], member.cfg)
+            grads = dsgt_gradients(starts[fresh[0]], points, [member._batch(i, 0, first_round=0) for i in fresh], member.cfg)
             for k, i in enumerate(fresh):
                 dsgt_start(member.states[i], starts[i], grads[k])
         for i in member.active:
@@ -112,7 +113,7 @@ class Dsgt(NodeStep):
             mixed_y[i] = y
         stacked = torch.stack(points)
         grads = dsgt_gradients(member.models[member.active[0]], stacked,
-                               [member._batch(i, round_) for i in member.active], member.cfg)
+                               [member._batch(i, round_, first_round=0) for i in member.active], member.cfg)
         for k, i in enumerate(member.active):
             dsgt_finish(member.states[i], stacked[k], mixed_y[i], grads[k])
         return reports
