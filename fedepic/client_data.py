@@ -51,8 +51,11 @@ class ClientData:
 
 
 def client_partition(cfg: RunConfig, data: ImageData) -> list[np.ndarray]:
-    """Row indices per client, reproducible from cfg.seed (the same split for every strategy)."""
-    return partition(data.train_y.numpy(), cfg.clients.count, cfg.data, cfg.seed)
+    """Row indices per client, reproducible from cfg.seed (the same split for every strategy): a
+    ``data.partition=rows`` file's rows in its order under ``train.sampler=in_order`` (which reads them
+    in their stored order; a run-level key for that reason), ascending otherwise."""
+    return partition(data.train_y.numpy(), cfg.clients.count, cfg.data, cfg.seed,
+                     keep_order=cfg.train.sampler == "in_order")
 
 
 @lru_cache(maxsize=4)

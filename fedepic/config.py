@@ -119,6 +119,9 @@ class DataConfig:
     partition: str = field(default="iid", metadata=one_of(PARTITIONS))
     # partition=rows: .npz with int arrays client_0 .. client_{count-1}
     partition_file: Optional[str] = field(default=None, metadata=PATH)
+    # partition=rows: whether a row may belong to several clients (each holds its own copy; e.g. Byzantine
+    # workers' IID rows that honest workers hold too); false refuses rows shared between clients
+    shared_rows: bool = field(default=False, metadata=ANY)
     alpha: float = field(default=0.5, metadata=POSITIVE)  # dirichlet concentration
     shards_per_client: int = field(default=2, metadata=AT_LEAST_ONE)  # shards: about k labels per client
     # dirichlet: resample until every client holds at least this many rows
@@ -1083,13 +1086,14 @@ def _validate_data(cfg: RunConfig) -> None:
         _check(len(data.classes) >= 2 and len(set(data.classes)) == len(data.classes), "data.classes",
                data.classes, "list at least two distinct class ids")
     if data.partition == "rows":
-        _check_partition_file(data.partition_file, cfg.clients.count)
+        _check_partition_file(data.partition_file, cfg.clients.count, data.shared_rows)
         for key in ("classes", "train_per_class"):
             _check(getattr(data, key) is None, f"data.{key}", getattr(data, key),
                    "partition=rows indexes the full training set; a subset would give its rows other images")
     else:
-        _check(data.partition_file is None, "data.partition_file", data.partition_file,
-               "read only under data.partition=rows")
+        for key in ("partition_file", "shared_rows"):
+            _check(getattr(data, key) == _default(DataConfig, key), f"data.{key}", getattr(data, key),
+                   "read only under data.partition=rows")
     if data.partition == "label_sets":
         _check(len(data.label_sets) > 0, "data.label_sets", [], "partition=label_sets needs label groups")
         for i, group in enumerate(data.label_sets):
@@ -1248,21 +1252,22 @@ def check_writable_dir(key: str, path: Path) -> None:
         raise ConfigError(f"invalid value '{path}' for key '{key}': {nearest} is not writable")
 
 
-def _check_partition_file(path: Optional[str], count: int) -> None:
-    """partition=rows: the file holds client_0 .. client_{count-1}, disjoint non-negative integer rows
-    (their upper bound is checked against the loaded dataset, fedepic.partition.partition). Checked
-    once per file version: workers validate the config of every message."""
+def _check_partition_file(path: Optional[str], count: int, shared: bool = False) -> None:
+    """partition=rows: the file holds client_0 .. client_{count-1}, non-negative integer rows, none twice
+    in one client, and none in two clients unless ``shared`` (data.shared_rows); their upper bound is
+    checked against the loaded dataset (fedepic.partition.partition). Checked once per file version:
+    workers validate the config of every message."""
     _check(path is not None, "data.partition_file", path,
            "partition=rows reads the rows of every client from this .npz file")
     try:
         stat = os.stat(path)  # type: ignore[arg-type]
     except OSError as err:
         raise ConfigError(f"invalid value {path!r} for key 'data.partition_file': cannot read it ({err})") from None
-    _checked_partition_file(str(path), stat.st_mtime_ns, stat.st_size, count)
+    _checked_partition_file(str(path), stat.st_mtime_ns, stat.st_size, count, shared)
 
 
 @functools.lru_cache(maxsize=8)
-def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int) -> None:
+def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int, shared: bool) -> None:
     key = "data.partition_file"
     try:
         import numpy as np
@@ -1281,8 +1286,9 @@ def _checked_partition_file(path: str, mtime_ns: int, size: int, count: int) -> 
                f"{name} must be a 1-d array of integer row indices")
         _check(rows.size == 0 or int(rows.min()) >= 0, key, path, f"{name} holds a negative row index")
         rows_set = set(rows.tolist())
-        _check(len(rows_set) == rows.size and not (rows_set & seen), key, path,
-               f"{name} repeats a row (clients' rows must be disjoint)")
+        _check(len(rows_set) == rows.size, key, path, f"{name} repeats a row (a client holds each row once)")
+        _check(shared or not (rows_set & seen), key, path, f"{name} repeats a row of another client (clients' "
+               "rows must be disjoint unless data.shared_rows=true)")
         seen |= rows_set
     _check(bool(seen), key, path, "every client's array is empty: no client would train")
 

@@ -1,7 +1,8 @@
 """Seeded, disjoint and complete partitions of a labelled dataset across clients.
 
 Schemes: iid, dirichlet(alpha) (Hsu et al. 2019), shards (McMahan et al. 2017: k label-sorted shards per
-client), explicit label sets (which clients hold which labels) and saved rows (a split made elsewhere).
+client), explicit label sets (which clients hold which labels) and saved rows (a split made elsewhere,
+neither necessarily complete nor, under ``data.shared_rows=true``, disjoint).
 """
 
 from __future__ import annotations
@@ -71,12 +72,17 @@ def label_sets(labels: np.ndarray, num_clients: int, groups: Sequence[LabelGroup
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
-def saved_rows(path: str, num_clients: int, num_rows: int) -> list[np.ndarray]:
+def saved_rows(path: str, num_clients: int, num_rows: int, keep_order: bool = False) -> list[np.ndarray]:
     """The rows of every client as saved in ``path`` (client_0, client_1, ...): a split made elsewhere,
-    e.g. by another framework, so that both train on the same clients. Clients may hold no rows, and
-    rows may belong to nobody; the config check has refused overlaps."""
+    e.g. by another framework, so that both train on the same clients. Clients may hold no rows, rows
+    may belong to nobody, and, under ``data.shared_rows=true``, to several clients (the config check
+    has refused a row twice in one client, and rows shared without that key). Each client's rows in
+    ascending order, or, with ``keep_order`` (``train.sampler=in_order``, which reads them in their
+    stored order), in the file's order."""
     with np.load(path) as saved:
-        parts = [np.sort(saved[f"client_{k}"].astype(np.int64)) for k in range(num_clients)]
+        parts = [saved[f"client_{k}"].astype(np.int64) for k in range(num_clients)]
+    if not keep_order:
+        parts = [np.sort(p) for p in parts]
     top = max((int(p.max()) for p in parts if p.size), default=-1)
     if top >= num_rows:
         raise ConfigError(f"invalid value {path!r} for key 'data.partition_file': row {top} is beyond the "
@@ -84,8 +90,10 @@ def saved_rows(path: str, num_clients: int, num_rows: int) -> list[np.ndarray]:
     return parts
 
 
-def partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int) -> list[np.ndarray]:
-    """Row indices per client under `cfg.partition`, reproducible from `seed`."""
+def partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int,
+              keep_order: bool = False) -> list[np.ndarray]:
+    """Row indices per client under `cfg.partition`, reproducible from `seed`; ``keep_order``: a rows
+    file's order as saved (:func:`saved_rows`), the other schemes' rows ascending either way."""
     labels = np.asarray(labels)
     if num_clients < 1 or num_clients > len(labels):
         raise ValueError(f"cannot split {len(labels)} rows among clients.count={num_clients}")
@@ -99,7 +107,7 @@ def partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int) 
     if cfg.partition == "label_sets":
         return label_sets(labels, num_clients, cfg.label_sets, rng)
     if cfg.partition == "rows":
-        return saved_rows(cfg.partition_file, num_clients, len(labels))
+        return saved_rows(cfg.partition_file, num_clients, len(labels), keep_order)
     raise ValueError(f"unknown data.partition {cfg.partition!r}")
 
 

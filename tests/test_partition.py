@@ -109,3 +109,65 @@ def test_saved_rows_index_the_full_training_set(tmp_path):
     with pytest.raises(ConfigError, match="'data.train_per_class'.*full training set"):
         load_config(None, ["data.partition=rows", f"data.partition_file={path}", "clients.count=2",
                            "data.train_per_class=10"])
+
+
+def test_rows_shared_between_clients_need_shared_rows(tmp_path, mnist_labels):
+    """data.shared_rows=true: a row may belong to several clients (the Byzantine workers of Karimireddy
+    et al.'s bucketing experiments hold IID rows that honest workers hold too); without it the overlap
+    is refused with one line, and a row twice in one client is refused either way."""
+    from fedepic.config import load_config
+    from fedepic.errors import ConfigError
+
+    path = tmp_path / "shared.npz"
+    np.savez(path, client_0=np.array([7, 3, 5]), client_1=np.array([5, 9]), client_2=np.array([3, 5, 7]))
+    args = ["data.partition=rows", f"data.partition_file={path}", "clients.count=3"]
+    with pytest.raises(ConfigError, match="'data.partition_file'.*client_1 repeats a row of another client.*"
+                                          "data.shared_rows=true"):
+        load_config(None, args)
+    cfg = load_config(None, [*args, "data.shared_rows=true"])
+    parts = partition(mnist_labels, 3, cfg.data, seed=0)
+    assert [p.tolist() for p in parts] == [[3, 5, 7], [5, 9], [3, 5, 7]]
+    hist = np.array(label_histograms(mnist_labels, parts, 10))
+    assert hist.sum() == 8  # a shared row counts once per client that holds it
+    twice = tmp_path / "twice.npz"
+    np.savez(twice, client_0=np.array([4, 4]), client_1=np.array([1]))
+    with pytest.raises(ConfigError, match="client_0 repeats a row \\(a client holds each row once\\)"):
+        load_config(None, ["data.partition=rows", f"data.partition_file={twice}", "clients.count=2",
+                           "data.shared_rows=true"])
+    with pytest.raises(ConfigError, match="'data.shared_rows'.*only under data.partition=rows"):
+        load_config(None, ["data.shared_rows=true"])
+
+
+def test_a_shared_row_is_each_clients_own_copy(tmp_path, data_root):
+    """A malicious client's label flip changes its copy of a shared row, not the honest client's."""
+    from fedepic.client_data import build_client_data, client_partition
+    from fedepic.config import load_config
+
+    path = tmp_path / "shared.npz"
+    data = load_dataset(DataConfig(name="mnist", root=str(data_root), download=False))
+    sixes = np.flatnonzero(data.train_y.numpy() == 6)[:4]
+    np.savez(path, client_0=sixes, client_1=sixes[::-1].copy())
+    cfg = load_config(None, ["data.partition=rows", f"data.partition_file={path}", "clients.count=2",
+                             "data.shared_rows=true", "clients.malicious_ids=[0]", "attack.data=label_flip",
+                             "attack.flip=map", "attack.flip_map=[[6,9]]", f"data.root={data_root}"])
+    parts = client_partition(cfg, data)
+    bad, good = (build_client_data(cfg, data, k, parts) for k in (0, 1))
+    assert bad.y.tolist() == [9, 9, 9, 9] and good.y.tolist() == [6, 6, 6, 6]
+    assert np.array_equal(bad.rows, good.rows) and bool(bad.poisoned.all()) and not good.poisoned.any()
+
+
+def test_the_in_order_sampler_reads_a_rows_file_in_its_order(tmp_path, data_root):
+    """train.sampler=in_order reads the rows in their stored order: the file's, not ascending (the
+    replacement sampler keeps the ascending order it always had, so its draws are unchanged)."""
+    from fedepic.client_data import client_partition
+    from fedepic.config import load_config
+
+    path = tmp_path / "ordered.npz"
+    np.savez(path, client_0=np.array([50, 10, 30]), client_1=np.array([20, 40]))
+    data = load_dataset(DataConfig(name="mnist", root=str(data_root), download=False))
+    base = ["data.partition=rows", f"data.partition_file={path}", "clients.count=2", "mode=decentralized",
+            "decentralized.algorithm=dsgd", "model.name=mlp", "strategies=[gossip]",
+            f"data.root={data_root}"]
+    in_order = client_partition(load_config(None, [*base, "train.sampler=in_order"]), data)
+    assert [p.tolist() for p in in_order] == [[50, 10, 30], [20, 40]]
+    assert [p.tolist() for p in client_partition(load_config(None, base), data)] == [[10, 30, 50], [20, 40]]
