@@ -146,3 +146,39 @@ def test_the_sampler_keys_are_accepted_where_they_act():
                       ["mode=federated", "server.protocol=per_step", "strategies=[fedavg]"]):
         cfg = load_config("dfl_smoke", [*overrides, "train.sampler=in_order", "train.batches_per_epoch=30"])
         assert (cfg.train.sampler, cfg.train.batches_per_epoch) == ("in_order", 30)
+
+
+def test_the_client_app_draws_the_in_process_batches(monkeypatch):
+    """dsgd under train.sampler=in_order through the Ray backend's code (``Router`` -> ``FlowerPeers`` ->
+    the ClientApp, on an in-process grid) and through the in-process stacked rows: the same records;
+    and not those of the replacement sampler (the key reaches both engines)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.dfl_apps import Router, make_client_app
+    from fedepic.config import malicious_ids
+    from fedepic.peer_local import _Collect, run_sequential
+    from fedepic.peer_rounds import Member
+    from fedepic.peer_routing import communication_graph, routing_for
+    from tests.test_algorithm_steps import InProcessGrid, member_args, same_records
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets in a ServerApp's process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    cfg = dsgd_config("train.sampler=in_order", "train.batches_per_epoch=2", "rounds=3", "strategies=[gossip]",
+                      "train.eval_every=1", "train.lr=0.05")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both halves in one process: the same float sums
+    try:
+        want = run_sequential(cfg, "gossip")
+        other = run_sequential(dsgd_config("rounds=3", "strategies=[gossip]", "train.eval_every=1", "train.lr=0.05"),
+                               "gossip")
+        _, _, _, roles = member_args(cfg, "gossip")
+        member = Member("gossip", "gossip", routing_for("gossip", communication_graph(cfg), malicious_ids(cfg),
+                                                        cfg.topology.mixing))
+        sink = _Collect()
+        Router(cfg, roles, [member], sink)(InProcessGrid(make_client_app(cfg), cfg.clients.count), None)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["round"] for r in sink.records] == [1, 2, 3]
+    for record, expected in zip(sink.records, want):
+        same_records(expected, {k: v for k, v in record.items() if k not in ("node_train_seconds",
+                                                                               "train_phase_seconds")})
+    assert [r["consensus_distance"] for r in want] != pytest.approx([r["consensus_distance"] for r in other], rel=1e-3)
