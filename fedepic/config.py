@@ -155,7 +155,8 @@ class TrainConfig:
     # file's order as saved, other partitions ascending): fedepic/minibatches.py
     sampler: str = field(default="replacement", metadata=one_of(SAMPLERS))
     # train.sampler=in_order: an epoch is the first K batches, then the order starts over (None: all the
-    # rows, wrapping around); an unshuffled loader stopped after K batches per epoch
+    # rows, wrapping around); an unshuffled loader stopped after K batches per epoch. Both keys: the same for
+    # every member (refused in variants: the nodes' rows are read once, in the sampler's order)
     batches_per_epoch: Optional[int] = field(default=None, metadata=between(1, ROWS_LIMIT))
     # client-side L2: in the local optimiser (local epochs, dpsgd, centralized), inside g_i under dsgd and
     # dsgt; refused under server.protocol=per_step, whose L2 is the server's (server.weight_decay)

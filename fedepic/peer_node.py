@@ -60,7 +60,8 @@ the model step then uses the node's own tracker only, so purifying it (GP) chang
 own direction.
 
 Each gradient takes one minibatch of ``train.batch_size`` rows (``node_batch``: drawn with replacement,
-seeded by seed, round, node, or in order under ``train.sampler=in_order``), ``eta = train.lr`` (``train.milestones`` count rounds) and the L2 term
+seeded by seed, round, node, or in order under ``train.sampler=in_order``), ``eta = train.lr``
+(``train.milestones`` count rounds) and the L2 term
 ``train.weight_decay`` inside g_i; no momentum (``train.momentum``, ``train.nesterov`` and
 ``train.client_momentum`` are refused when set). A node sends (x_i, y_i) as one vector (the model's
 entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector

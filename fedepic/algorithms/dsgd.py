@@ -15,7 +15,8 @@ and under ``adapt_then_combine`` x_i <- R_i({x_j - eta m_j}) (the node sends its
 ``attack.momentum=false`` m_i <- g_i.
 
 - send: g_i on one minibatch of ``train.batch_size`` rows at the model it sends (``peer_node.node_batch``:
-  seeded by seed, round, node, or batch round - 1 under ``train.sampler=in_order``), folded into m_i (``peer_node.dsgd_momentum``); under adapt_then_combine the step
+  seeded by seed, round, node, or batch round - 1 under ``train.sampler=in_order``), folded into m_i
+  (``peer_node.dsgd_momentum``); under adapt_then_combine the step
   (``peer_node.dsgd_step``) before sending;
 - receive: the rule over the inbox (``dpsgd.aggregate_inbox``), then the step under combine_then_adapt.
 

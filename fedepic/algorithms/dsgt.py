@@ -92,7 +92,8 @@ class Dsgt(NodeStep):
         if fresh:
             starts = {i: member.models[i] for i in fresh}
             points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
-            grads = dsgt_gradients(starts[fresh[0]], points, [member._batch(i, 0, first_round=0) for i in fresh], member.cfg)
+            batches = [member._batch(i, 0, first_round=0) for i in fresh]
+            grads = dsgt_gradients(starts[fresh[0]], points, batches, member.cfg)
             for k, i in enumerate(fresh):
                 dsgt_start(member.states[i], starts[i], grads[k])
         for i in member.active:

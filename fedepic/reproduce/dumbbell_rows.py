@@ -156,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", choices=SPLITS, required=True)
     parser.add_argument("--out", required=True, help="the .npz to write")
     parser.add_argument("--all-rows", action="store_true",
-                        help="every row of a node in its loader's order (3,000 or 2,940), not only the 960 it trains on")
+                        help="every row of a node in its loader's order (3,000 or 2,940), not only the 960 "
+                             "it trains on")
     parser.add_argument("--data-root", default=None, help="MNIST's folder (else $FEDEPIC_DATA)")
     args = parser.parse_args(argv)
     from fedepic.config import DataConfig
