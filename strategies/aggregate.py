@@ -10,10 +10,8 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
   registered one is translation-equivariant, weighting included (``strategies/mean.py``), so a stack of
   models gives the aggregated model and the same report, except centered clipping, the geometric
   median and MoNNA (a centre from history or a start at zero: their docstrings).
-- ``own_index`` is the receiver's own row at a peer, None at a server. The stateless peer rules
-  (``fedepic.extensions.PEER_RULES``: gossip, median, trimmed mean, Krum, SCClip, EPIC, and the
-  pre-aggregation wrapper) need it; the stateful ones (GP, exclude) keep their own ``aggregate``
-  method for now (``strategies/gradient_purification.py``).
+- ``own_index`` is the receiver's own row at a peer, None at a server. Every peer rule
+  (``fedepic.extensions.PEER_RULES``) needs it.
 - ``weights`` are per-row weights (FedAvg's example counts, a peer's mixing weights), or None for
   equal weights. A rule that ignores them says so in its docstring.
 - ``state`` is the rule's own memory across rounds (a plain dict the rule may update in place; it is
@@ -21,7 +19,15 @@ A rule is a pure torch function over a stack of vectors (ByzFL's shape of an agg
   round's inputs there for the call only (``fedepic.local_backend.RuleAggregation``, removed again
   after it, never checkpointed): ``state["round"]``, the server round (1-based), which seeded rules
   draw their randomness from (:func:`round_generator`), and ``state["server_update"]``, the server's
-  own update on its root set for the rules that need one (FLTrust; ``fedepic.root_set``).
+  own update on its root set for the rules that need one (FLTrust; ``fedepic.root_set``). At a peer
+  the node's engine does the same (``fedepic.peer_node.rule_context``: ``round``, ``rounds``,
+  ``node``, ``ids``, the sender of each row, ``loss`` for MOZI, ``tracking`` under gradient
+  tracking) around the node's own memory (``fedepic.peer_node.NodeState.rule_state``), which holds
+  the per-neighbour records of the stateful rules (GP, exclude: ``strategies/gradient_purification.py``)
+  in plain form: ``{name: Tensor}`` groups and config values, checkpointed as they are.
+  :func:`aggregate` itself adds ``state["rows"]`` for the call: the index in the given stack of each
+  row the rule receives (all of them, or the finite ones in order; below), so that a rule which
+  names its rows (GP, by ``state["ids"]``) knows whom it was given and whom the policy left out.
 
 The rule reports what it did in its :class:`Aggregate`: the vector, who it kept whole, for
 coordinate-wise rules the share of each row's coordinates it cut, and (filled in by
@@ -32,8 +38,8 @@ its entries does). One policy, stated for both cases:
 
 - **Rows other than own** (every row at a server) that hold NaN or inf are removed before the rule
   runs, like rejected inputs; the rule sees the finite rows only, in their order (``own_index`` and
-  ``weights`` remapped), and its report is mapped back onto the original rows (a removed row: not
-  kept, share 1.0, ``nonfinite`` True).
+  ``weights`` remapped, ``state["rows"]`` naming their original indices), and its report is mapped
+  back onto the original rows (a removed row: not kept, share 1.0, ``nonfinite`` True).
 - **Weights at a peer** (``own_index`` set, weights given): they are first checked (shape [n],
   non-negative, summing to 1; :func:`resolve_weights`), then the removed rows' weights are zeroed and
   the rest, the self weight always among them, rescaled to sum to 1 (:func:`renormalised_weights`);
@@ -211,12 +217,26 @@ def aggregate(rule: Rule, stack: Tensor, own_index: Optional[int] = None, weight
     if n == 0 or not bool(finite.any()):
         return Aggregate(None, torch.zeros(n, dtype=torch.bool), torch.ones(n) if n else None, ~finite)
     if bool(finite.all()):
-        out = rule(stack, own_index, weights, state)
+        out = _called(rule, stack, own_index, weights, state, list(range(n)))
         out.nonfinite = torch.zeros(n, dtype=torch.bool)
         return out
     rows = finite.nonzero().flatten()
-    inner = rule(stack[rows], None, None if weights is None else weights[rows], state)
+    inner = _called(rule, stack[rows], None, None if weights is None else weights[rows], state, rows.tolist())
     return _mapped_back(inner, n, rows, ~finite)
+
+
+ROWS = "rows"  # the state key through which aggregate() names the rows a rule receives (module docstring)
+
+
+def _called(rule: Rule, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict,
+            rows: list[int]) -> Aggregate:
+    """``rule(stack, own_index, weights, state)`` with ``state["rows"]`` = ``rows`` (the index in the
+    caller's stack of each row of ``stack``) for the call only."""
+    state[ROWS] = rows
+    try:
+        return rule(stack, own_index, weights, state)
+    finally:
+        state.pop(ROWS, None)
 
 
 def _mapped_back(inner: Aggregate, n: int, rows: Tensor, nonfinite: Tensor, replaced: Optional[int] = None
@@ -251,7 +271,7 @@ def _peer_aggregate(rule: Rule, stack: Tensor, own_index: int, weights: Optional
     if not own_ok and not bool(others.any()):  # nothing finite to aggregate: own as given
         return Aggregate(stack[own_index].clone(), torch.zeros(n, dtype=torch.bool), torch.ones(n), ~finite)
     if own_ok and bool(finite.all()):
-        out = rule(stack, own_index, w, state)
+        out = _called(rule, stack, own_index, w, state, list(range(n)))
         out.nonfinite = torch.zeros(n, dtype=torch.bool)
         return out
     used = others.clone()
@@ -263,7 +283,7 @@ def _peer_aggregate(rule: Rule, stack: Tensor, own_index: int, weights: Optional
         from strategies.median import coordinate_median  # median.py builds on this module
 
         inner_stack[inner_own] = coordinate_median(stack[others.to(stack.device)])
-    inner = rule(inner_stack, inner_own, None if w is None else w[rows.to(w.device)], state)
+    inner = _called(rule, inner_stack, inner_own, None if w is None else w[rows.to(w.device)], state, rows.tolist())
     return _mapped_back(inner, n, rows, ~finite, None if own_ok else own_index)
 
 
