@@ -72,10 +72,12 @@ quote, "[inferred]" one we had to choose, since the paper's body was not availab
 7. **Optional clipping** (``clip_tau``) [Q4 "integrates with existing DFL aggregation"]: the mixing
    is ClippedGossip (He, Karimireddy, Jaggi 2022), ``c_ij = w_ij clip(v_j - v_i, clip_tau)``, and the
    records hold the clipped contributions.
-8. **Non-finite vectors** [not in the paper]: such a neighbour is scored ``inf``, flagged, never mixed
-   or recorded and left out of the median; a non-finite own vector is replaced by the coordinate-wise
-   median of the finite neighbours: the policy of ``strategies.aggregate.aggregate`` for the
-   stateless peer rules, applied here by the rule itself.
+8. **Non-finite vectors** [not in the paper]: GP runs through ``strategies.aggregate.aggregate``
+   like every peer rule, whose policy leaves such a neighbour out (its weight spread over own and the
+   finite neighbours in proportion) and replaces a non-finite own vector by the coordinate-wise
+   median of the finite neighbours. GP learns whom it left out (``state["rows"]``, below) and counts
+   it as evidence: the neighbour is scored ``inf`` and flagged (so a neighbour that keeps sending NaN
+   is confirmed, and purified), never mixed or recorded.
 
 Why these thresholds: z > 3 is the 3-sigma rule on a robust scale. ``min_scale = 0.5``: with 0.25,
 benign neighbours of low-degree nodes began to be confirmed from round 6 on ``configs/noniid.yaml``;
@@ -87,24 +89,64 @@ IPM 17-31, sign flipping 33-59, Gaussian 780-1,250; benign ones at most 1.2: hen
 Purification removes the recorded aggregated contribution. Under D-PSGD with ``target="weights"``
 the local training done on a model that held it is not undone; under DSGT nothing but the tracker
 is touched.
+
+**The signature.** GP and ``exclude`` are peer rules of the one signature of ``strategies/aggregate.py``,
+``rule(stack, own_index, weights, state) -> Aggregate``, and the node's engine calls them as it calls
+every peer rule (``fedepic.peer_node.peer_aggregate``). What the call needs beyond the rows comes in
+``state``, put there by the engine for the call only: ``state["ids"]``, the sender of each row (own's
+entry is not read); ``state["round"]``, the round (the oracle's clock; without it, the calls so far
++ 1); under gradient tracking ``state["tracking"]``; and ``state["rows"]``, which
+``strategies.aggregate.aggregate`` sets: the caller's row of each row the rule was given, so that GP
+knows which neighbours the non-finite policy left out (rule 8). The ``Aggregate`` reports the mixed
+vector, ``kept`` (own and the neighbours mixed this round) and, in ``info``, the detector's verdicts
+by id: ``scores``, ``flagged``, ``purified`` (confirmed this round) and ``confirmed`` (so far).
+
+**The rule's state.** The per-neighbour memory (records, suspicion history, confirmed set, the count of
+calls and of recorded rounds, :class:`PurificationState`) persists in ``state`` in plain form, the
+form a checkpoint stores (``PurificationState.to_rule_state``): the records as the group
+``state["gp"]`` ({str(j): Tensor}) and the rest as config values ``state["gp.present"]``,
+``state["gp.rounds"]``, ``state["gp.confirmed"]``, ``state["gp.history.<j>"]``, ... The rule reads it
+at the start of a call and writes it back at the end, so the node keeps and checkpoints it as the
+state of any rule (``fedepic.peer_node.NodeState.rule_state``), and checkpoints written before this
+signature load unchanged.
+
+**Gradient tracking: two calls a round.** Under ``decentralized.algorithm=dsgt`` the engine calls every
+peer rule twice a round on the node's flat vectors: first on the trackers
+(``state["tracking"] = "trackers"``), then on the models (``"models"``), each through the non-finite
+policy. GP screens in the first call (rules 3-6 on the trackers), mixes the trackers (recorded and
+purified under ``target="gradient"``), confirms, and leaves the second call the kept neighbours
+(``state["gp.verdict"]``) and, under ``target="weights"``, the retired records (``state["gp.purge"]``);
+the second call mixes the models over those neighbours whose model is finite (recorded under
+``target="weights"``) and subtracts the retired records. Both keys live only between the two calls.
+
+What changed with the signature (the numbers of every test are the same): (a) a neighbour left out for
+NaN / inf now has its weight spread over own and the finite neighbours in proportion, the policy
+of every peer rule, where GP kept it on the node; and weights given are divided by their sum even
+when every row is finite, as for every peer rule: a float32 sum that is not exactly 1 moves the
+mixing by float rounding (the graphs of the shipped configs sum to exactly 1 at every node). Without
+weights GP mixes with uniform weights over own and the finite rows. (b) When nothing is finite (own and every
+neighbour NaN / inf) the policy returns own unchanged and GP does not run: no flags are recorded and
+the round is not counted. (c) Under dsgt the node's report (``AggregationReport.nonfinite``) lists a
+neighbour whose model or tracker is non-finite, as for the other rules; before, only the trackers
+counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from strategies.aggregate import ROWS, Aggregate, aggregate as apply_policy
 from strategies.epic_peer import epic_keep_mask
-from fedepic.vectors import all_finite, finite_rows
-from strategies.gossip import check_stack, resolve_weights
+from strategies.gossip import check_stack, resolve_weights, split_own
 from strategies.median import coordinate_median
 from strategies.scclip import clip_rows
 
 DETECTORS = ("robust", "records", "epic")
+STATE = "gp"  # GP's keys in the rule's state, and so in a node's checkpoint (module docstring)
 _MAD_TO_STD = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 
 
@@ -150,6 +192,36 @@ class PurificationState:
             mixed={int(j): int(c) for j, c in zip(meta.get("mixed_ids", []), meta.get("mixed_counts", []))},
         )
 
+    def to_rule_state(self) -> dict[str, Any]:
+        """This state as it lives in the rule's ``state`` (module docstring, "The rule's state"): the
+        records as the group ``state["gp"]`` ({str(j): Tensor}), ``state["gp.present"]``, and
+        ``state_dict``'s meta as ``state["gp.<name>"]``.
+
+        >>> sorted(PurificationState(records={3: torch.ones(2)}, history={3: [True]}, rounds=1).to_rule_state())
+        ['gp', 'gp.confirmed', 'gp.history.3', 'gp.history_ids', 'gp.mixed_counts', 'gp.mixed_ids', 'gp.present', 'gp.rounds']
+        """
+        plain = self.state_dict()
+        return {STATE: plain["records"], f"{STATE}.present": True,
+                **{f"{STATE}.{name}": value for name, value in plain["meta"].items()}}
+
+    @classmethod
+    def from_rule_state(cls, state: Mapping[str, Any]) -> "PurificationState":
+        """The state ``to_rule_state`` put in ``state``, or a fresh one where it holds none."""
+        if not state.get(f"{STATE}.present"):
+            return cls()
+        prefix = f"{STATE}."
+        meta = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return cls.from_state_dict({"records": dict(state.get(STATE, {})), "meta": meta})
+
+    def store(self, state: dict) -> None:
+        """Write this state into the rule's ``state`` (``to_rule_state``; history only grows, so every
+        earlier key is overwritten)."""
+        state.update(self.to_rule_state())
+
+    def load_rule_state(self, state: Mapping[str, Any]) -> None:
+        """Replace this state's contents with what the rule's ``state`` holds (``from_rule_state``)."""
+        self.__dict__.update(PurificationState.from_rule_state(state).__dict__)
+
 
 @dataclass
 class PurificationReport:
@@ -165,28 +237,52 @@ class PurificationReport:
 
 
 TARGETS = ("weights", "gradient", "none")
+TRACKING = ("trackers", "models")  # state["tracking"] under gradient tracking: the two calls of a round, in order
+VERDICT = f"{STATE}.verdict"  # dsgt: the neighbours the trackers' call kept, for the models' call (ids)
+PURGE = f"{STATE}.purge"  # dsgt, target weights: the records the models' call subtracts ({str(j): Tensor})
+
+
+@dataclass
+class Neighbourhood:
+    """One call's inputs at a node, by neighbour: ``ids`` every neighbour the caller named (its order),
+    ``finite`` whether each sent a finite vector (the policy gave the rule its row), ``vectors`` [k, D]
+    the finite ones' vectors in that order, ``weights`` [k + 1] the mixing weights of own (first) and
+    of those rows, ``rows`` the row of the stack of each of those vectors."""
+
+    own: Tensor
+    ids: list[int]
+    finite: list[bool]
+    vectors: Tensor
+    weights: Tensor
+    rows: list[int]
+
+    def at(self, positions: list[int]) -> list[int]:
+        """The indices into ``vectors`` of the finite neighbours at ``positions`` (into ``ids``)."""
+        index = {p: k for k, p in enumerate(p for p, ok in enumerate(self.finite) if ok)}
+        return [index[p] for p in positions]
 
 
 @dataclass
 class Screening:
-    """One round's detector verdicts at a node (row indices into the neighbour stack)."""
+    """One round's detector verdicts at a node (positions index the neighbourhood's ``ids``)."""
 
     scores: dict[int, float]
     flagged: list[int]
     confirm: list[int]  # confirmed this round: purified after the mixing, never mixed again
-    keep: Tensor  # BoolTensor [m]: rows mixed this round
+    keep: list[int]  # positions mixed this round (finite ones), ascending
     nonfinite: list[int]
-    own: Tensor  # the own vector the screening used (replaced when it was non-finite: rule 8)
-    own_nonfinite: bool
 
 
 class GradientPurification:
     """Gradient Purification (Li, Miao, Zhang, Yin, Front. Comput. Sci. 2025). See module docstring.
 
-    Signature: not (yet) the one rule signature of ``strategies/aggregate.py`` that the stateless peer
-    rules have. GP keeps per-neighbour records keyed by node id across rounds, so it keeps its own
-    methods ``aggregate(own, neighbours, ids, weights, state, round_=)`` (D-PSGD) and
-    ``aggregate_tracking(...)`` (DSGT), and applies the same non-finite policy itself (rule 8).
+    A peer rule of the one signature (``strategies/aggregate.py``), called through
+    ``strategies.aggregate.aggregate`` like every peer rule: ``rule(stack, own_index, weights, state)``
+    reads the sender of each row from ``state["ids"]``, the round from ``state["round"]`` (the oracle's
+    T_d; without it, the calls so far + 1) and, under gradient tracking, which call of the round this is
+    from ``state["tracking"]``; its per-neighbour memory lives in ``state`` in plain form (module
+    docstring, "The rule's state"). The methods ``aggregate`` and ``aggregate_tracking`` run one round
+    for a caller that holds a :class:`PurificationState` (the tests) through the same call.
 
     Every parameter is required: the registry (``fedepic.extensions.PEER_RULES``) binds them to the
     ``defense.purification.*`` keys, whose schema holds the one set of defaults (given in brackets).
@@ -220,6 +316,26 @@ class GradientPurification:
         Oracle detection: confirm exactly ``known_malicious`` in this round [None: the detector].
     known_malicious : sequence of int
         The malicious node ids, read only by the oracle.
+
+    Example (node 0 with neighbours 1-4, every weight 0.2; neighbour 4 sends a model far away and,
+    ``patience=1``, is confirmed at once: not mixed, its weight stays with the node, nothing recorded
+    yet to subtract)::
+
+        >>> import dataclasses
+        >>> from fedepic.config import PurificationConfig
+        >>> from strategies.aggregate import aggregate
+        >>> keys = {k: v for k, v in dataclasses.asdict(PurificationConfig()).items() if k != "oracle_at"}
+        >>> gp = GradientPurification(**{**keys, "patience": 1, "target": "weights"}, oracle_round=None,
+        ...                           known_malicious=())
+        >>> stack = torch.tensor([[0.0], [1.0], [-1.0], [0.5], [40.0]])
+        >>> state = {"ids": [0, 1, 2, 3, 4], "round": 1}
+        >>> out = aggregate(gp, stack, 0, torch.full((5,), 0.2), state)
+        >>> out.vector, out.kept.tolist(), out.info["purified"], state["gp.confirmed"]
+        (tensor([0.1000]), [True, True, True, True, False], [4], [4])
+
+    Cost per call: the detector (``robust``: two coordinate medians over k + 1 rows and O(k D) for
+    the distances and directions) plus O(k D) for the mixing and the records, k the neighbours; the
+    plain state is read and written back each call (O(k) Python objects, the records by reference).
     """
 
     aggregate_suspects = True  # rule 6: a suspicious, unconfirmed neighbour is still aggregated (and recorded)
@@ -283,6 +399,67 @@ class GradientPurification:
         """A fresh per-node state (no records, nothing confirmed)."""
         return PurificationState()
 
+    # -- the one signature -----------------------------------------------------------------------
+    def __call__(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict) -> Aggregate:
+        """One round at a node (or, under gradient tracking, one of its two calls): screen, mix, record,
+        purify; the memory read from and written back to ``state`` (class docstring)."""
+        tracking = state.get("tracking")
+        if tracking is not None and tracking not in TRACKING:
+            raise ValueError(f"gp: state['tracking'] must be one of {TRACKING} or absent, got {tracking!r}")
+        if tracking is None and self.target == "gradient":
+            raise ValueError("gp: target='gradient' needs gradient state (decentralized.algorithm=dsgt)")
+        hood = self.neighbourhood(stack, own_index, weights, state)
+        memory = PurificationState.from_rule_state(state)
+        if tracking == "models":
+            vector, keep, info = self.mix_tracked_models(hood, memory, state), self.tracked_keep(hood, state), {}
+        else:
+            screening = self.screen(hood, memory, state.get("round"))
+            vector = self.mix(hood, screening.keep, memory, recorded=self.target == ("gradient" if tracking else "weights"))
+            if tracking == "trackers":
+                vector = self.finish_trackers(vector, hood, screening, memory, state)
+            else:
+                vector = self.finish(vector, screening, memory, subtract=self.target == "weights")
+            keep, info = screening.keep, self.detection(screening, memory)
+        memory.store(state)
+        return Aggregate(vector, self.kept_rows(stack.shape[0], own_index, hood, keep), info=info)
+
+    def neighbourhood(self, stack: Tensor, own_index: Optional[int], weights: Optional[Tensor], state: dict
+                      ) -> Neighbourhood:
+        """The call's rows by neighbour: ``state["ids"]`` names every row of the caller's stack (own's
+        entry is not read), ``state["rows"]`` (set by ``strategies.aggregate.aggregate``) the caller's
+        row of each row given here; a neighbour whose row is missing sent NaN / inf."""
+        own, vectors, w = split_own(stack, own_index, weights)
+        names = state.get("ids")
+        if names is None:
+            raise ValueError("gp: needs the sender of each row in state['ids'] (the node's engine sets it)")
+        rows = list(state.get(ROWS, range(stack.shape[0])))
+        if len(rows) != stack.shape[0] or not all(0 <= q < len(names) for q in rows):
+            raise ValueError(f"gp: state['ids'] must name every row of the stack, got {len(names)} ids")
+        own_row = rows[own_index]
+        given = set(rows)
+        positions = [q for q in range(len(names)) if q != own_row]
+        ids = [int(names[q]) for q in positions]
+        if len(set(ids)) != len(ids):
+            raise ValueError("gp: the neighbour ids in state['ids'] must be distinct")
+        others = [r for r in range(stack.shape[0]) if r != own_index]
+        return Neighbourhood(own, ids, [q in given for q in positions], vectors,
+                             resolve_weights(w, vectors.shape[0], own), others)
+
+    def kept_rows(self, n: int, own_index: int, hood: Neighbourhood, keep: list[int]) -> Tensor:
+        """``Aggregate.kept`` [n]: own and the rows of the neighbours at ``keep``."""
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[own_index] = True
+        for k in hood.at(keep):
+            kept[hood.rows[k]] = True
+        return kept
+
+    @staticmethod
+    def detection(screening: Screening, memory: PurificationState) -> dict[str, Any]:
+        """``Aggregate.info``: the round's scores, flagged, purified (confirmed now) and every confirmed
+        neighbour so far, by id."""
+        return {"scores": screening.scores, "flagged": screening.flagged, "purified": list(screening.confirm),
+                "confirmed": sorted(memory.confirmed)}
+
     # -- detection ---------------------------------------------------------------------------
     def robust_scores(self, own: Tensor, neighbours: Tensor) -> Tensor:
         """Suspicion score [m] of each neighbour (robust z-score of the distance to the median
@@ -317,24 +494,26 @@ class GradientPurification:
         scores = self.robust_scores(own, neighbours)
         return scores, scores > self.threshold
 
-    def record_suspicion(self, own: Tensor, neighbours: Tensor, ids: list[int], active: list[int],
-                         weights: Tensor | None, state: PurificationState) -> tuple[Tensor, Tensor]:
+    def record_suspicion(self, hood: Neighbourhood, active: list[int], memory: PurificationState
+                         ) -> tuple[Tensor, Tensor]:
         """``detector="records"``: the robust score of each neighbour's record per unit weight and round,
         ``r_ij / (w_ij k_j)`` (k_j: the rounds j was recorded), the mean of what j's vector differed from
         the node's over its history, against 0 (the node itself). A neighbour without a record yet is
         scored on this round's difference ``v_j - v_i``. Averaging over the history is the consistency
-        across iterations: a benign neighbour's differences average out, a poisoning one's persist."""
+        across iterations: a benign neighbour's differences average out, a poisoning one's persist.
+        ``active``: the positions scored (finite, unconfirmed)."""
+        own = hood.own
         if not active:
             empty = torch.zeros(0, dtype=own.dtype, device=own.device)
             return empty, empty.bool()
-        w = resolve_weights(weights, len(ids), own)[1:]
+        w = hood.weights[1:]
         rows = []
-        for r in active:
-            j, count = ids[r], state.mixed.get(ids[r], 0)
-            if j in state.records and count > 0 and float(w[r]) > 0:
-                rows.append(state.records[j].to(own) / (float(w[r]) * count))
+        for p, k in zip(active, hood.at(active)):
+            j, count = hood.ids[p], memory.mixed.get(hood.ids[p], 0)
+            if j in memory.records and count > 0 and float(w[k]) > 0:
+                rows.append(memory.records[j].to(own) / (float(w[k]) * count))
             else:
-                rows.append(neighbours[r] - own)
+                rows.append(hood.vectors[k] - own)
         scores = self.robust_scores(torch.zeros_like(own), torch.stack(rows))
         return scores, scores > self.threshold
 
@@ -349,141 +528,184 @@ class GradientPurification:
         return self.votes is not None and sum(flags[-self.window :]) >= self.votes
 
     # -- screening, mixing, purification --------------------------------------------------------
-    def screen(self, own: Tensor, neighbours: Tensor, ids: list[int], state: PurificationState,
-               round_: int | None = None, weights: Tensor | None = None) -> Screening:
-        """Rules 3, 4, 6 and 8 for this round: scores, flags, confirmations and the rows to mix.
-        Updates the suspicion history (not the records, nor ``confirmed``: see ``purify``). ``round_``
+    def screen(self, hood: Neighbourhood, memory: PurificationState, round_: int | None = None) -> Screening:
+        """Rules 3, 4, 6 and 8 for this round: scores, flags, confirmations and the neighbours to mix.
+        Updates the suspicion history (not the records, nor ``confirmed``: see ``finish``). ``round_``
         (1-based) is the round the oracle compares with T_d; without it, the calls so far + 1."""
-        check_stack(own, neighbours)
-        if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
-            raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
-        finite = finite_rows(neighbours).tolist()
-        own_nonfinite = not all_finite(own)
-        if own_nonfinite and any(finite):
-            own = coordinate_median(neighbours[torch.tensor(finite, device=neighbours.device)])
-        keep = torch.zeros(len(ids), dtype=torch.bool, device=own.device)
-        screening = Screening({}, [], [], keep, [ids[r] for r, ok in enumerate(finite) if not ok], own, own_nonfinite)
+        ids, finite = hood.ids, hood.finite
+        screening = Screening({}, [], [], [], [j for j, ok in zip(ids, finite) if not ok])
         if self.oracle_round is not None:
-            return self._oracle(screening, ids, finite, state, state.rounds + 1 if round_ is None else round_)
-        active = [r for r, j in enumerate(ids) if j not in state.confirmed and finite[r]]
+            return self._oracle(screening, hood, memory, memory.rounds + 1 if round_ is None else int(round_))
+        active = [p for p, j in enumerate(ids) if j not in memory.confirmed and finite[p]]
         if self.detector == "records":
-            scores, suspicious = self.record_suspicion(own, neighbours, ids, active, weights, state)
+            scores, suspicious = self.record_suspicion(hood, active, memory)
         else:
-            scores, suspicious = self.suspicion(own, neighbours[active])
-        broken = [r for r, j in enumerate(ids) if j not in state.confirmed and not finite[r]]
+            scores, suspicious = self.suspicion(hood.own, hood.vectors[hood.at(active)])
+        broken = [p for p, j in enumerate(ids) if j not in memory.confirmed and not finite[p]]
         scores = torch.cat([scores, torch.full((len(broken),), float("inf"), dtype=scores.dtype, device=scores.device)])
         suspicious = torch.cat([suspicious, torch.ones(len(broken), dtype=torch.bool, device=suspicious.device)])
         history_len = max(self.patience, self.window)
-        for pos, row in enumerate(active + broken):
-            j, flag, score = ids[row], bool(suspicious[pos]), float(scores[pos])
+        for pos, p in enumerate(active + broken):
+            j, flag, score = ids[p], bool(suspicious[pos]), float(scores[pos])
             screening.scores[j] = score
-            flags = (state.history.get(j, []) + [flag])[-history_len:]
-            state.history[j] = flags
+            flags = (memory.history.get(j, []) + [flag])[-history_len:]
+            memory.history[j] = flags
             if flag:
                 screening.flagged.append(j)
             if flag and self.is_confirmed(flags):
                 screening.confirm.append(j)
-            elif finite[row] and (not flag or (self.aggregate_suspects and not self.is_blatant(score))):
-                keep[row] = True
+            elif finite[p] and (not flag or (self.aggregate_suspects and not self.is_blatant(score))):
+                screening.keep.append(p)
+        screening.keep.sort()
         return screening
 
-    def _oracle(self, screening: Screening, ids: list[int], finite: list[bool], state: PurificationState,
-                round_: int) -> Screening:
+    def _oracle(self, screening: Screening, hood: Neighbourhood, memory: PurificationState, round_: int
+                ) -> Screening:
         """Oracle detection: the malicious neighbours are confirmed in round ``oracle_round`` (or at the
         node's first aggregation after it, had it none that round), and every other finite neighbour
         is mixed (nothing is flagged before)."""
         due = round_ >= self.oracle_round
-        for row, j in enumerate(ids):
-            if j in state.confirmed:
+        for p, j in enumerate(hood.ids):
+            if j in memory.confirmed:
                 continue
             if due and j in self.known_malicious:
                 screening.confirm.append(j)
-            elif finite[row]:
-                screening.keep[row] = True
+            elif hood.finite[p]:
+                screening.keep.append(p)
         return screening
 
-    def mix(self, own: Tensor, neighbours: Tensor, ids: list[int], weights: Tensor | None, keep: Tensor,
-            records: dict[int, Tensor] | None, mixed: dict[int, int] | None = None) -> Tensor:
-        """``own + sum_{j kept} w_ij clip(v_j - own)`` (rules 2, 7); a dropped neighbour's weight stays
-        with the node. Adds each contribution to ``records`` when given."""
-        w = resolve_weights(weights, len(ids), own)
-        rows = keep.nonzero().flatten().tolist()
-        if not rows:
+    def mix(self, hood: Neighbourhood, keep: list[int], memory: PurificationState, recorded: bool) -> Tensor:
+        """``own + sum_{j kept} w_ij clip(v_j - own)`` (rules 2, 7) over the neighbours at ``keep``; a
+        dropped neighbour's weight stays with the node. With ``recorded`` each contribution is added to
+        ``memory.records`` (and counted in ``memory.mixed``)."""
+        own = hood.own
+        if not keep:
             return own.clone()
-        diffs = neighbours[rows] - own
+        rows = hood.at(keep)
+        diffs = hood.vectors[rows] - own
         if self.clip_tau is not None:
             diffs = clip_rows(diffs, self.clip_tau)
-        contributions = diffs.mul_(w[1:][rows].unsqueeze(1))  # diffs is ours: weighted in place
-        if records is not None:
-            for row, c in zip(rows, contributions):
-                j = ids[row]
-                if j in records:
-                    records[j].add_(c)  # the record is the state's own tensor (a clone when it began)
+        contributions = diffs.mul_(hood.weights[1:][rows].unsqueeze(1))  # diffs is ours: weighted in place
+        if recorded:
+            for p, c in zip(keep, contributions):
+                j = hood.ids[p]
+                if j in memory.records:
+                    memory.records[j].add_(c)  # the record is the state's own tensor (a clone when it began)
                 else:
-                    records[j] = c.clone()
-                if mixed is not None:
-                    mixed[j] = mixed.get(j, 0) + 1
+                    memory.records[j] = c.clone()
+                memory.mixed[j] = memory.mixed.get(j, 0) + 1
         return own + contributions.sum(dim=0)
 
     @staticmethod
     def purify(vector: Tensor, state: PurificationState, j: int) -> Tensor:
         """Rule 5: ``vector - r_ij``; r_ij is discarded and j marked confirmed (never mixed again)."""
-        record = state.records.pop(j, None)
-        state.mixed.pop(j, None)
-        state.confirmed.add(j)
+        record = GradientPurification.retire(state, j)
         if record is None:
             return vector
         return vector - record.to(device=vector.device, dtype=vector.dtype)
 
-    def finish(self, vector: Tensor, screening: Screening, state: PurificationState, subtract: bool) -> Tensor:
+    @staticmethod
+    def retire(memory: PurificationState, j: int) -> Optional[Tensor]:
+        """Mark j confirmed (never mixed again) and drop its record and count; returns the record."""
+        record = memory.records.pop(j, None)
+        memory.mixed.pop(j, None)
+        memory.confirmed.add(j)
+        return record
+
+    def finish(self, vector: Tensor, screening: Screening, memory: PurificationState, subtract: bool) -> Tensor:
         """After the round's mixing: purify (``subtract``) or just drop the confirmed neighbours."""
         for j in screening.confirm:
             if subtract:
-                vector = self.purify(vector, state, j)
+                vector = self.purify(vector, memory, j)
             else:
-                state.records.pop(j, None)
-                state.mixed.pop(j, None)
-                state.confirmed.add(j)
-        state.rounds += 1
+                self.retire(memory, j)
+        memory.rounds += 1
         return vector
 
-    def report(self, screening: Screening, ids: list[int], state: PurificationState) -> PurificationReport:
-        return PurificationReport(
-            scores=screening.scores, flagged=screening.flagged, purified=list(screening.confirm),
-            confirmed=sorted(state.confirmed), kept=[ids[r] for r in screening.keep.nonzero().flatten().tolist()],
-            nonfinite=screening.nonfinite, own_nonfinite=screening.own_nonfinite)
+    # -- gradient tracking: two calls a round ----------------------------------------------------
+    def finish_trackers(self, mixed: Tensor, hood: Neighbourhood, screening: Screening, memory: PurificationState,
+                        state: dict) -> Tensor:
+        """The trackers' call of a DSGT round ends the round's bookkeeping (confirmations, the round
+        count) and leaves the models' call the kept neighbours (``VERDICT``) and, under
+        ``target="weights"``, the records to subtract from the models (``PURGE``, in confirmation order)."""
+        state[VERDICT] = [hood.ids[p] for p in screening.keep]
+        if self.target != "weights":
+            return self.finish(mixed, screening, memory, subtract=self.target == "gradient")
+        purge: dict[str, Tensor] = {}
+        for j in screening.confirm:
+            record = self.retire(memory, j)
+            if record is not None:
+                purge[str(j)] = record
+        state[PURGE] = purge
+        memory.rounds += 1
+        return mixed
 
+    def tracked_keep(self, hood: Neighbourhood, state: dict) -> list[int]:
+        """The positions the models' call mixes: the neighbours the trackers' call kept whose model
+        is finite (``VERDICT``; none when the trackers' call did not run this round)."""
+        kept = set(state.get(VERDICT, ()))
+        return [p for p, j in enumerate(hood.ids) if j in kept and hood.finite[p]]
+
+    def mix_tracked_models(self, hood: Neighbourhood, memory: PurificationState, state: dict) -> Tensor:
+        """The models' call of a DSGT round: mix the models over the trackers' call's kept neighbours
+        (recorded under ``target="weights"``), then subtract the records it retired."""
+        mixed = self.mix(hood, self.tracked_keep(hood, state), memory, recorded=self.target == "weights")
+        state.pop(VERDICT, None)
+        for record in state.pop(PURGE, {}).values():
+            mixed = mixed - record.to(device=mixed.device, dtype=mixed.dtype)
+        return mixed
+
+    # -- a caller that holds a PurificationState --------------------------------------------------
     def aggregate(self, own: Tensor, neighbours: Tensor, neighbour_ids: list[int], weights: Tensor | None,
                   state: PurificationState, round_: int | None = None) -> tuple[Tensor, PurificationReport]:
-        """One round of model gossip (D-PSGD): screen on the models, mix them (recorded under
-        ``target="weights"``), then purify. Mutates ``state``. ``round_``: see ``screen``."""
-        if self.target == "gradient":
-            raise ValueError("gp: target='gradient' needs gradient state (decentralized.algorithm=dsgt)")
-        ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own, neighbours, ids, state, round_, weights)
-        records = state.records if self.target == "weights" else None
-        mixed = self.mix(screening.own, neighbours, ids, weights, screening.keep, records, state.mixed)
-        mixed = self.finish(mixed, screening, state, subtract=self.target == "weights")
-        return mixed, self.report(screening, ids, state)
+        """One round of model gossip (D-PSGD) through the one signature: screen on the models, mix
+        them (recorded under ``target="weights"``), then purify. Mutates ``state``. ``round_``: see
+        ``screen``."""
+        ids = self._checked_ids(own, neighbours, neighbour_ids)
+        call = self._call_state(ids, state, round_)
+        out = apply_policy(self, torch.cat([own.unsqueeze(0), neighbours]), 0, weights, call)
+        state.load_rule_state(call)
+        return out.vector, self.report(out, ids)
 
     def aggregate_tracking(self, own_x: Tensor, own_y: Tensor, x: Tensor, y: Tensor, neighbour_ids: list[int],
                            weights: Tensor | None, state: PurificationState, round_: int | None = None
                            ) -> tuple[Tensor, Tensor, PurificationReport]:
-        """One round of gradient tracking (DSGT): screen on the trackers ``y``, mix models and trackers
-        over the same kept neighbours, record and purify the ``target`` family. Returns the mixed
-        (x, y), before DSGT's own step (``fedepic.peer_node``). Mutates ``state``."""
+        """One round of gradient tracking (DSGT) through the one signature, as the node's engine calls
+        it: the trackers ``y`` first (screen, mix, record and purify the ``target`` family), then the
+        models ``x`` over the same kept neighbours. Returns the mixed (x, y), before DSGT's own step
+        (``fedepic.peer_node``). Mutates ``state``."""
+        ids = self._checked_ids(own_y, y, neighbour_ids)
+        check_stack(own_x, x)
+        call = self._call_state(ids, state, round_)
+        call["tracking"] = "trackers"
+        out_y = apply_policy(self, torch.cat([own_y.unsqueeze(0), y]), 0, weights, call)
+        call["tracking"] = "models"
+        out_x = apply_policy(self, torch.cat([own_x.unsqueeze(0), x]), 0, weights, call)
+        state.load_rule_state(call)
+        return out_x.vector, out_y.vector, self.report(out_y, ids)
+
+    @staticmethod
+    def _checked_ids(own: Tensor, neighbours: Tensor, neighbour_ids: list[int]) -> list[int]:
+        check_stack(own, neighbours)
         ids = [int(j) for j in neighbour_ids]
-        screening = self.screen(own_y, y, ids, state, round_, weights)
-        x_finite = finite_rows(x)
-        keep_x = screening.keep & x_finite.to(screening.keep.device)
-        own_x = own_x if all_finite(own_x) or not bool(x_finite.any()) else coordinate_median(x[x_finite])
-        mixed_x = self.mix(own_x, x, ids, weights, keep_x, state.records if self.target == "weights" else None,
-                           state.mixed if self.target == "weights" else None)
-        mixed_y = self.mix(screening.own, y, ids, weights, screening.keep,
-                           state.records if self.target == "gradient" else None,
-                           state.mixed if self.target == "gradient" else None)
-        if self.target == "weights":
-            mixed_x = self.finish(mixed_x, screening, state, subtract=True)
-        else:
-            mixed_y = self.finish(mixed_y, screening, state, subtract=self.target == "gradient")
-        return mixed_x, mixed_y, self.report(screening, ids, state)
+        if len(ids) != neighbours.shape[0] or len(set(ids)) != len(ids):
+            raise ValueError("gp: neighbour_ids must be distinct and match the rows of neighbours")
+        return ids
+
+    @staticmethod
+    def _call_state(ids: list[int], state: PurificationState, round_: int | None) -> dict:
+        """The one signature's ``state`` for one call: ``state`` in plain form and the call's inputs."""
+        call = {**state.to_rule_state(), "ids": [None, *ids]}
+        if round_ is not None:
+            call["round"] = int(round_)
+        return call
+
+    @staticmethod
+    def report(out: Aggregate, ids: list[int]) -> PurificationReport:
+        """``out`` (own at row 0, the neighbours ``ids`` after it) as a :class:`PurificationReport`."""
+        kept, bad = out.kept[1:].tolist(), out.nonfinite[1:].tolist()
+        info = out.info
+        return PurificationReport(
+            scores=info["scores"], flagged=info["flagged"], purified=info["purified"], confirmed=info["confirmed"],
+            kept=[j for j, k in zip(ids, kept) if k], nonfinite=[j for j, b in zip(ids, bad) if b],
+            own_nonfinite=bool(out.nonfinite[0]))
