@@ -65,16 +65,20 @@ seeded by seed, round, node, or in order under ``train.sampler=in_order``), ``et
 ``train.weight_decay`` inside g_i; no momentum (``train.momentum``, ``train.nesterov`` and
 ``train.client_momentum`` are refused when set). A node sends (x_i, y_i) as one vector (the model's
 entries, then ``TRACKER``), so the router, the model attacks and the message code see one vector
-as under dpsgd, and a model attack perturbs both. Stateless rules replace both sums (R applied to
-the x's and to the y's); GP (``strategies/gradient_purification.py``) screens on the trackers and
-purifies them. In code: ``dsgt_mix`` (the two sums), then the gradient at the new point
+as under dpsgd, and a model attack perturbs both. The rule replaces both sums: it is called on the
+y's, then on the x's (``tracking`` in its state says which); GP
+(``strategies/gradient_purification.py``) screens on the trackers, purifies them and mixes the
+models over the neighbours it kept. In code: ``dsgt_mix`` (the two sums), then the gradient at the new point
 (``fedepic.stacked.stacked_gradients``, all nodes at once in process, one at a time on Ray), then
 ``dsgt_finish``.
 
-Peer rules by strategy name (``strategies/`` holds the rules, ``fedepic.extensions.PEER_RULES`` builds them):
-- gossip, median, trimmed_mean, krum, scclip, epic: stateless rules over the stacked models.
+Peer rules by strategy name (``strategies/`` holds the rules, ``fedepic.extensions.PEER_RULES`` builds them).
+Every one has the one rule signature of ``strategies/aggregate.py`` and is called the same way,
+through ``strategies.aggregate.aggregate`` (``aggregate_vectors``, ``dsgt_mix``), with the node's
+``NodeState.rule_state`` as its state and the call's inputs (:func:`rule_context`) in it:
+- gossip, median, trimmed_mean, krum, scclip, epic, ...: stateless rules over the stacked models.
 - gp: Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025), with its per-neighbour recording
-  variables kept in the node state.
+  variables kept in the rule state (and so in the node's checkpoint).
 - gp_epic: the same GP rule; the node also runs EPIC on its own rows during local training.
 - exclude: GP's detector WITHOUT recording or purification: a neighbour flagged suspicious in a round is
   left out of that round's aggregation, and once the consistency rule confirms it, of every later one.
@@ -93,8 +97,9 @@ neither sent nor attacked.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +119,7 @@ from fedepic.minibatches import minibatch_positions
 from fedepic.extensions import PEER_RULES, algorithm_has
 from strategies.aggregate import Aggregate, aggregate
 from strategies.gossip import check_stack
-from strategies.gradient_purification import PurificationState
+from strategies.gradient_purification import STATE as GP_STATE, PurificationState
 
 TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
 STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
@@ -153,29 +158,57 @@ def load_exchanged(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
 # ----------------------------------------------------------------------------------- state
 
 
+class PurificationView:
+    """``NodeState.gp``: the GP / exclude memory held in ``NodeState.rule_state``, as a
+    ``PurificationState`` (a copy: None when the rule state holds none); assigning one writes it into
+    ``rule_state`` (None changes nothing). A view for tests and benchmarks that read GP's records: the
+    engine itself hands the rule ``rule_state`` as it is (``aggregate_vectors``)."""
+
+    def __get__(self, node: Optional["NodeState"], owner: Optional[type] = None) -> Any:
+        if node is None:
+            return self
+        if not node.rule_state.get(f"{GP_STATE}.present"):
+            return None
+        return PurificationState.from_rule_state(node.rule_state)
+
+    def __set__(self, node: "NodeState", value: Optional[PurificationState]) -> None:
+        if isinstance(value, PurificationState):  # None, or this view as the field's default: nothing to write
+            value.store(node.rule_state)
+
+
+OWN_ARRAYS = frozenset({"model", "trained", "epic", "dsgt", "dsgd", "meta"})  # "meta": simulations/dfl_apps.py's
+OWN_CONFIG = frozenset({"member", "round", "epic_selections"})
+
+
 @dataclass
 class NodeState:
     """Everything a node keeps between messages (stored in its Flower ``Context.state``).
 
     ``member`` names the strategy run the state belongs to: a message of another run resets it.
     ``model`` is the node's model at the start of the next round; ``trained`` its model after this
-    round's local training (the "own" row of the aggregation); ``gp`` GP's recording variables and
-    suspicion history; ``epic_keep`` the rows local EPIC still keeps.
+    round's local training (the "own" row of the aggregation); ``epic_keep`` the rows local EPIC
+    still keeps; ``rule_state`` the peer rule's own state, the ``state`` of the one rule signature
+    (``strategies/aggregate.py``) without the call's inputs: plain data, ``{name: Tensor}`` groups and
+    config values (GP's and exclude's records and suspicion history,
+    ``strategies/gradient_purification.py``; empty for the other rules), checkpointed as it is by
+    ``to_plain``. ``gp`` reads GP's part of it (:class:`PurificationView`).
     """
 
     member: str
     round: int = 0
     model: Optional[dict[str, Tensor]] = None
     trained: Optional[dict[str, Tensor]] = None
-    gp: Optional[PurificationState] = None
     epic_keep: Optional[Tensor] = None
     epic_selections: int = 0
     tracker: Optional[Tensor] = None  # dsgt: y_i (flat)
     gradient: Optional[Tensor] = None  # dsgt: g_i at the current model (flat)
     momentum: Optional[Tensor] = None  # dsgd: the client momentum m_i (flat)
+    rule_state: dict[str, Any] = field(default_factory=dict)
+    gp: Optional[PurificationState] = field(default=PurificationView(), repr=False, compare=False)  # after rule_state
 
     def to_plain(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-        """(array groups, config values): tensors grouped by record name, and scalars / lists."""
+        """(array groups, config values): tensors grouped by record name, and scalars / lists; the rule
+        state's groups and values among them under their own names (which must not be the node's)."""
         arrays: dict[str, dict[str, Tensor]] = {}
         config: dict[str, Any] = {"member": self.member, "round": self.round,
                                   "epic_selections": self.epic_selections}
@@ -189,19 +222,20 @@ class NodeState:
             arrays["dsgt"] = {"tracker": self.tracker, "gradient": self.gradient}
         if self.momentum is not None:
             arrays["dsgd"] = {"momentum": self.momentum}
-        if self.gp is not None:
-            gp = self.gp.state_dict()
-            arrays["gp"] = gp["records"]
-            config.update({f"gp.{k}": v for k, v in gp["meta"].items()})
-            config["gp.present"] = True
+        for key, value in self.rule_state.items():
+            if key in OWN_ARRAYS or key in OWN_CONFIG:
+                raise ValueError(f"the peer rule's state key {key!r} is one of the node state's own")
+            if isinstance(value, Mapping):
+                arrays[key] = dict(value)
+            else:
+                config[key] = value
         return arrays, config
 
     @classmethod
     def from_plain(cls, arrays: Mapping[str, Mapping[str, Tensor]], config: Mapping[str, Any]) -> "NodeState":
-        gp = None
-        if config.get("gp.present"):
-            meta = {k[3:]: v for k, v in config.items() if k.startswith("gp.") and k != "gp.present"}
-            gp = PurificationState.from_state_dict({"records": dict(arrays.get("gp", {})), "meta": meta})
+        """Inverse of ``to_plain``: the groups and values that are not the node's own are the rule state."""
+        rule_state: dict[str, Any] = {k: dict(v) for k, v in arrays.items() if k not in OWN_ARRAYS}
+        rule_state.update({k: v for k, v in config.items() if k not in OWN_CONFIG})
         keep = arrays.get("epic", {}).get("keep")
         dsgt = arrays.get("dsgt", {})
         return cls(
@@ -209,12 +243,12 @@ class NodeState:
             round=int(config.get("round", 0)),
             model=dict(arrays["model"]) if "model" in arrays else None,
             trained=dict(arrays["trained"]) if "trained" in arrays else None,
-            gp=gp,
             epic_keep=None if keep is None else torch.as_tensor(keep).bool(),
             epic_selections=int(config.get("epic_selections", 0)),
             tracker=None if "tracker" not in dsgt else torch.as_tensor(dsgt["tracker"]),
             gradient=None if "gradient" not in dsgt else torch.as_tensor(dsgt["gradient"]),
             momentum=None if "momentum" not in arrays.get("dsgd", {}) else torch.as_tensor(arrays["dsgd"]["momentum"]),
+            rule_state=rule_state,
         )
 
 
@@ -358,10 +392,12 @@ def peer_rule(strategy: str, cfg: RunConfig, defended: bool = True) -> Any:
 
 @dataclass
 class AggregationReport:
-    """What the peer rule did at one node this round (neighbour ids). ``kept``: for GP and exclude the
-    neighbours aggregated this round, for the stateless rules the neighbours the rule received (every
-    neighbour but the non-finite ones; which of them a selecting rule such as Krum chose is in the
-    rule's ``Aggregate.kept``, not here). ``nonfinite``: neighbours whose model held NaN / inf and was
+    """What the peer rule did at one node this round (neighbour ids; :func:`node_report` builds it from
+    the rule's ``Aggregate``). ``flagged``, ``purified``, ``confirmed``: the verdicts of a rule that
+    screens its neighbours (GP and exclude report them in ``Aggregate.info``; empty for the others).
+    ``kept``: for such a rule the neighbours aggregated this round, for the others the neighbours the
+    rule received (every neighbour but the non-finite ones; which of them a selecting rule such as
+    Krum chose is in the rule's ``Aggregate.kept``, not here). ``nonfinite``: neighbours whose model held NaN / inf and was
     left out; ``own_nonfinite``: the node's own model did (and was replaced when a neighbour was finite;
     ``strategies.aggregate.aggregate``)."""
 
@@ -418,12 +454,14 @@ def batch_seed(cfg: RunConfig, round_: int, node: int, draw: int = 0) -> int:
 
 def rule_context(cfg: RunConfig, state: NodeState, node: Optional[int], loss: Optional[BatchLoss] = None
                  ) -> dict[str, Any]:
-    """What a stateless peer rule finds in its ``state`` for one call (a fresh dict each call, so nothing
-    outlives it or reaches a checkpoint), as the server engine puts the round there
-    (``fedepic.local_backend.RuleAggregation``): ``round``, the round t the node trained in
-    (``state.round``, 1-based; left out before the first), ``rounds``, T (``cfg.rounds``), ``node``, the
-    receiving node's id (when the caller gives it), and ``loss``, the node's own-batch loss
-    (:func:`own_batch_loss`, for rules flagged ``needs_loss``). Both engines build it here.
+    """The round's inputs a peer rule finds in its ``state`` for one call, around the node's own rule
+    state and removed after the call (:func:`call_inputs`, so nothing outlives it or reaches a
+    checkpoint), as the server engine puts the round there (``fedepic.local_backend.RuleAggregation``):
+    ``round``, the round t the node trained in (``state.round``, 1-based; left out before the first),
+    ``rounds``, T (``cfg.rounds``), ``node``, the receiving node's id (when the caller gives it), and
+    ``loss``, the node's own-batch loss (:func:`own_batch_loss`, for rules flagged ``needs_loss``).
+    :func:`aggregate_vectors` and :func:`dsgt_mix` add ``ids``, the sender of each row (own's entry:
+    ``node``), and under dsgt ``tracking``. Both engines build it here.
 
     >>> rule_context(RunConfig(rounds=9), NodeState("m", round=4), 2)
     {'rounds': 9, 'round': 4, 'node': 2}
@@ -444,39 +482,71 @@ def aggregate_vectors(strategy: str, cfg: RunConfig, own: Tensor, neighbours: Te
                       node: Optional[int] = None, loss: Optional[BatchLoss] = None
                       ) -> tuple[Tensor, AggregationReport]:
     """One aggregation at a node over flat vectors: ``own`` [D], ``neighbours`` [m, D] with node ids
-    ``ids`` and mixing weights ``weights`` [m+1] (self first). Mutates ``state.gp`` for GP rules.
-    ``rules`` may hold the rule objects already built ({name: rule}), which saves a build per call.
-    ``stack``: the caller's ``[own; neighbours]``, ``[m+1, D]`` when it built one (``own`` and ``neighbours``
-    are then its rows), which saves the stateless rules a copy. ``node`` (the node's id) and ``loss``
-    (its own-batch loss) go into the stateless rule's call context (:func:`rule_context`)."""
+    ``ids`` and mixing weights ``weights`` [m+1] (self first), by the node's peer rule (plain gossip at
+    a malicious node), whatever the rule: one call of the one signature with ``state.rule_state`` as
+    its state, which a stateful rule (GP, exclude) updates. ``rules`` may hold the rule objects already
+    built ({name: rule}), which saves a build per call. ``stack``: the caller's ``[own; neighbours]``,
+    ``[m+1, D]`` when it built one (``own`` and ``neighbours`` are then its rows), which saves a copy.
+    ``node`` (the node's id) and ``loss`` (its own-batch loss) go into the call's inputs
+    (:func:`rule_context`), with ``ids``."""
     if len(ids) != neighbours.shape[0]:
         raise ValueError(f"{len(ids)} neighbour ids for {neighbours.shape[0]} neighbour models")
     if neighbours.shape[0] == 0:
         return own.clone(), AggregationReport()
-    if strategy in STATEFUL and not malicious:
-        if state.gp is None:
-            state.gp = PurificationState()
-        new, report = built_rule(strategy, cfg, rules).aggregate(own, neighbours, ids, weights, state.gp,
-                                                                 round_=state.round or None)
-        return new, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
-                                      report.nonfinite, report.own_nonfinite)
-    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights, stack,
-                         rule_context(cfg, state, node, loss))
-    bad = out.nonfinite[1:].tolist()
-    return out.vector, AggregationReport(kept=[j for j, b in zip(ids, bad) if not b],
-                                         nonfinite=[j for j, b in zip(ids, bad) if b],
-                                         own_nonfinite=bool(out.nonfinite[0]))
+    context = {**rule_context(cfg, state, node, loss), "ids": [node, *ids]}
+    out = peer_aggregate(built_rule(strategy, cfg, rules, malicious), own, neighbours, weights, stack, context,
+                         state.rule_state)
+    return out.vector, node_report([out], ids)
 
 
 def peer_aggregate(rule: Any, own: Tensor, neighbours: Tensor, weights: Optional[Tensor],
-                   stack: Optional[Tensor] = None, context: Optional[Mapping[str, Any]] = None) -> Aggregate:
-    """A stateless peer ``rule`` over the stack [own; neighbours] (own at row 0, ``weights`` [m+1]
-    self first; ``stack`` that stack when the caller has it), through ``strategies.aggregate.aggregate``
-    (the non-finite policy); ``context`` (:func:`rule_context`) is the rule's ``state`` for this call."""
+                   stack: Optional[Tensor] = None, context: Optional[Mapping[str, Any]] = None,
+                   memory: Optional[dict[str, Any]] = None) -> Aggregate:
+    """A peer ``rule`` over the stack [own; neighbours] (own at row 0, ``weights`` [m+1] self first;
+    ``stack`` that stack when the caller has it), through ``strategies.aggregate.aggregate`` (the
+    non-finite policy). The rule's ``state`` is ``memory`` (the node's ``rule_state``; a fresh dict
+    when None) with ``context`` (:func:`rule_context`) in it for this call."""
     check_stack(own, neighbours)
     if stack is None:
         stack = torch.cat([own.unsqueeze(0), neighbours])
-    return aggregate(rule, stack, 0, weights, dict(context or {}))
+    state = {} if memory is None else memory
+    with call_inputs(state, context or {}):
+        return aggregate(rule, stack, 0, weights, state)
+
+
+@contextmanager
+def call_inputs(state: dict[str, Any], inputs: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """``state`` with ``inputs`` in it while the block runs, and without them after (a rule state that
+    already holds one of their keys is refused: they are the call's, never the rule's)."""
+    taken = sorted(state.keys() & inputs.keys())
+    if taken:
+        raise ValueError(f"the peer rule's state holds {taken}, names of the call's inputs")
+    state.update(inputs)
+    try:
+        yield state
+    finally:
+        for key in inputs:
+            state.pop(key, None)
+
+
+def node_report(outs: Sequence[Aggregate], ids: list[int]) -> AggregationReport:
+    """The node's :class:`AggregationReport` from the rule's report of each call of the round (one; under
+    dsgt the trackers' and the models'), own at row 0 and the neighbours ``ids`` after it: a neighbour
+    or own non-finite in any call counts; the detector's verdicts (``flagged``, ``purified``,
+    ``confirmed`` in ``Aggregate.info``) and, with them, ``kept`` come from the call that screened."""
+    bad, own_bad = outs[0].nonfinite[1:].clone(), bool(outs[0].nonfinite[0])
+    for out in outs[1:]:
+        bad |= out.nonfinite[1:]
+        own_bad = own_bad or bool(out.nonfinite[0])
+    flags = bad.tolist()
+    nonfinite = [j for j, b in zip(ids, flags) if b]
+    screened = next((out for out in outs if "confirmed" in out.info), None)
+    if screened is None:
+        return AggregationReport(kept=[j for j, b in zip(ids, flags) if not b], nonfinite=nonfinite,
+                                 own_nonfinite=own_bad)
+    info = screened.info
+    return AggregationReport(list(info["flagged"]), list(info["purified"]), list(info["confirmed"]),
+                             [j for j, k in zip(ids, screened.kept[1:].tolist()) if k], nonfinite, own_bad)
 
 
 def built_rule(strategy: str, cfg: RunConfig, rules: Optional[Mapping[str, Any]], malicious: bool = False) -> Any:
@@ -615,10 +685,13 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
              node: Optional[int] = None) -> tuple[Tensor, Tensor, AggregationReport]:
     """The two sums of a DSGT round at a node, ``(sum_j w_ij x_j, sum_j w_ij y_j)`` with the node's rule
     in place of W, over the flat (x, y) vectors ``received`` ({neighbour: vector}). Malicious nodes
-    gossip honestly. Mutates ``state.gp`` for GP rules. ``own``: the node's flat (x, y) when the caller
-    has it (what it sent this round), else built from the state. ``node``: the node's id, for the
-    stateless rule's call context (:func:`rule_context`; no ``loss`` there: the tracker rows are no
-    model, so a ``needs_loss`` rule runs without its loss stage under dsgt)."""
+    gossip honestly. Every rule is called twice through the one signature with ``state.rule_state``:
+    first on the trackers (``tracking`` = "trackers" among the call's inputs), then on the models
+    ("models"), so that a rule that screens (GP) screens on the trackers and mixes the models over the
+    same neighbours. ``own``: the node's flat (x, y) when the caller has it (what it sent this round),
+    else built from the state. ``node``: the node's id, for the call's inputs (:func:`rule_context`; no
+    ``loss`` there: the tracker rows are no model, so a ``needs_loss`` rule runs without its loss stage
+    under dsgt)."""
     if own is None:
         own = torch.cat([flatten_state(state.model), state.tracker.float()])
     split = own.numel() - state.tracker.numel()
@@ -627,22 +700,13 @@ def dsgt_mix(rule: str, cfg: RunConfig, state: NodeState, received: Mapping[int,
     w = torch.tensor([self_weight, *(weights[j] for j in ids)], dtype=own.dtype)
     if not ids:
         return own[:split].clone(), own[split:].clone(), AggregationReport()
-    if rule in STATEFUL and not malicious:
-        if state.gp is None:
-            state.gp = PurificationState()
-        x, y, report = built_rule(rule, cfg, rules).aggregate_tracking(own[:split], own[split:], stack[:, :split],
-                                                               stack[:, split:], ids, w, state.gp,
-                                                               round_=state.round or None)
-        return x, y, AggregationReport(report.flagged, report.purified, report.confirmed, report.kept,
-                                       report.nonfinite, report.own_nonfinite)
     applied = built_rule(rule, cfg, rules, malicious)
-    context = rule_context(cfg, state, node)
-    out_x = peer_aggregate(applied, own[:split], stack[:, :split], w, context=context)
-    out_y = peer_aggregate(applied, own[split:], stack[:, split:], w, context=context)
-    bad = (out_x.nonfinite[1:] | out_y.nonfinite[1:]).tolist()
-    return out_x.vector, out_y.vector, AggregationReport(
-        kept=[j for j, b in zip(ids, bad) if not b], nonfinite=[j for j, b in zip(ids, bad) if b],
-        own_nonfinite=bool(out_x.nonfinite[0] or out_y.nonfinite[0]))
+    context = {**rule_context(cfg, state, node), "ids": [node, *ids]}
+    out_y = peer_aggregate(applied, own[split:], stack[:, split:], w, context={**context, "tracking": "trackers"},
+                           memory=state.rule_state)
+    out_x = peer_aggregate(applied, own[:split], stack[:, :split], w, context={**context, "tracking": "models"},
+                           memory=state.rule_state)
+    return out_x.vector, out_y.vector, node_report([out_y, out_x], ids)
 
 
 def dsgt_point(cfg: RunConfig, state: NodeState, mixed_x: Tensor, round_: int) -> Tensor:

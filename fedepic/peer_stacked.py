@@ -50,7 +50,7 @@ from fedepic.train import client_momentum_, float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_node import (
-    STATEFUL, AggregationReport, NodeState, aggregate_vectors, exchanged_state, keeps_momentum, new_model, round_lr,
+    AggregationReport, NodeState, aggregate_vectors, exchanged_state, keeps_momentum, new_model, round_lr,
 )
 from fedepic.algorithms.dsgd import own_step, score_draw, step_batches, steps_after_mix
 from fedepic.peer_rounds import Messages, Received, Sent
@@ -133,8 +133,7 @@ class StackedDsgdMember(LocalMember):
         graph = routing.graph.subgraph(self.active)
         self.neighbours = {i: sorted(j for j in graph.neighbors(i) if j != i) for i in self.active}
         self.gossip = GossipMatrix(self.row, routing, self.neighbours)
-        self.fast_mix = (not self.cfg.defense.pre_aggregation and self.rule not in STATEFUL
-                         and all(type(r) is Gossip for r in self.rules.values()))
+        self.fast_mix = not self.cfg.defense.pre_aggregation and all(type(r) is Gossip for r in self.rules.values())
 
     def build_models(self) -> None:
         self.model = new_model(self.cfg, self.data)  # one template; the rows are the models
