@@ -411,7 +411,8 @@ class GradientPurification:
         hood = self.neighbourhood(stack, own_index, weights, state)
         memory = PurificationState.from_rule_state(state)
         if tracking == "models":
-            vector, keep, info = self.mix_tracked_models(hood, memory, state), self.tracked_keep(hood, state), {}
+            keep, info = self.tracked_keep(hood, state), {}
+            vector = self.mix_tracked_models(hood, keep, memory, state)
         else:
             screening = self.screen(hood, memory, state.get("round"))
             vector = self.mix(hood, screening.keep, memory, recorded=self.target == ("gradient" if tracking else "weights"))
@@ -646,10 +647,12 @@ class GradientPurification:
         kept = set(state.get(VERDICT, ()))
         return [p for p, j in enumerate(hood.ids) if j in kept and hood.finite[p]]
 
-    def mix_tracked_models(self, hood: Neighbourhood, memory: PurificationState, state: dict) -> Tensor:
-        """The models' call of a DSGT round: mix the models over the trackers' call's kept neighbours
-        (recorded under ``target="weights"``), then subtract the records it retired."""
-        mixed = self.mix(hood, self.tracked_keep(hood, state), memory, recorded=self.target == "weights")
+    def mix_tracked_models(self, hood: Neighbourhood, keep: list[int], memory: PurificationState, state: dict
+                           ) -> Tensor:
+        """The models' call of a DSGT round: mix the models over ``keep`` (``tracked_keep``; recorded under
+        ``target="weights"``), then subtract the records the trackers' call retired; both left by that
+        call are removed from ``state``."""
+        mixed = self.mix(hood, keep, memory, recorded=self.target == "weights")
         state.pop(VERDICT, None)
         for record in state.pop(PURGE, {}).values():
             mixed = mixed - record.to(device=mixed.device, dtype=mixed.dtype)
