@@ -7,7 +7,9 @@ generated config reference (docs/reference/config.md) and the tests pick it up f
 module stays light (no torch, no flwr).
 
 Flags:
-- peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history),
+- peer rules: ``stateful`` (per-neighbour state kept at the node: records, suspicion history; it lives
+  in the rule's ``state``, ``NodeState.rule_state``, which the node checkpoints as any rule's; the flag
+  tells config validation and the router, which stands gossip in for such a rule, not the node),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound), ``needs_loss`` (the node hands the rule its
   own-minibatch loss, ``state["loss"]``: ``fedepic.peer_node.own_batch_loss``);

@@ -20,8 +20,11 @@ class ExcludeDetected(GradientPurification):
     :class:`GradientPurification`. With ``oracle_round=1`` it is "exclude the malicious neighbours
     from the start" on the original graph and weights.
 
-    Signature: GP's ``aggregate`` / ``aggregate_tracking`` methods (stateful), not the one rule
-    signature of ``strategies/aggregate.py``.
+    Signature: the one rule signature of ``strategies/aggregate.py``, GP's ``__call__``: the senders in
+    ``state["ids"]``, the suspicion history and confirmed set kept in ``state`` in plain form (the
+    ``gp.*`` keys; the records group ``state["gp"]`` stays empty), the verdicts in ``Aggregate.info``
+    (``strategies/gradient_purification.py``, "The signature"). Cost: GP's detector plus one mixing,
+    O(k D) for k neighbours.
     """
 
     aggregate_suspects = False  # per-round rejection: a neighbour flagged this round is left out this round

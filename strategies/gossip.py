@@ -4,7 +4,7 @@ Paper: Xiangru Lian, Ce Zhang, Huan Zhang, Cho-Jui Hsieh, Wei Zhang, Ji Liu, "Ca
 Algorithms Outperform Centralized Algorithms? A Case Study for Decentralized Parallel Stochastic
 Gradient Descent", NeurIPS 2017, arXiv:1705.09056 (D-PSGD).
 
-Every stateless peer rule in ``strategies/`` has the one signature of ``strategies/aggregate.py``::
+Every peer rule in ``strategies/`` has the one signature of ``strategies/aggregate.py``::
 
     rule(stack: Tensor[n, D], own_index: int, weights: Tensor[n] | None, state: dict) -> Aggregate
 
@@ -13,7 +13,8 @@ received this round (the other rows, one per neighbour); ``weights`` are the nod
 Metropolis–Hastings mixing weights per row (the self weight at ``own_index``), summing to 1, or None
 for uniform weights. A rule assumes finite rows: call it through ``strategies.aggregate.aggregate``,
 which applies the non-finite policy (rows dropped, weights renormalised, a non-finite own replaced).
-The stateful rules (``GradientPurification``, ``ExcludeDetected``) keep their own ``aggregate`` method.
+The stateful rules (``GradientPurification``, ``ExcludeDetected``) too: they read the senders of the
+rows from ``state["ids"]`` and keep their per-neighbour records in ``state``.
 """
 
 from __future__ import annotations
