@@ -46,9 +46,11 @@ class Recording:
 
 @pytest.mark.parametrize("algorithm,strategy", [("dpsgd", "median"), ("dsgd", "median"), ("dsgt", "median")])
 def test_stateless_peer_rules_get_the_round_the_rounds_and_the_node(algorithm, strategy):
-    """Every benign node's rule call carries {"round": t, "rounds": T, "node": i}, on the in-process
-    backends of the three algorithms (dsgd: the stacked rows' node-by-node path); the Ray node passes the
-    same (``test_both_engines_agree_on_the_new_hooks``)."""
+    """Every benign node's rule call carries {"round": t, "rounds": T, "node": i}, the sender of each row
+    (``ids``, own first; fedepic issue 30), the rows ``strategies.aggregate.aggregate`` passed on
+    (``rows``) and, under dsgt, which of the round's two calls it is (``tracking``: trackers first), on
+    the in-process backends of the three algorithms (dsgd: the stacked rows' node-by-node path); the Ray
+    node passes the same (``test_both_engines_agree_on_the_new_hooks``)."""
     extra = {"dpsgd": [], "dsgd": ["train.client_momentum=0.9"], "dsgt": []}[algorithm]
     cfg = load_config("dfl_smoke", [f"strategies=[{strategy}]", "rounds=2", f"decentralized.algorithm={algorithm}",
                                     *extra])
@@ -58,8 +60,10 @@ def test_stateless_peer_rules_get_the_round_the_rounds_and_the_node(algorithm, s
     for rnd in (1, 2):
         member.play_round(rnd)
     benign = [i for i in member.active if i not in member.bad]
-    per_call = 2 if algorithm == "dsgt" else 1  # dsgt: the model sum and the tracker sum
-    want = [{"rounds": 2, "round": r, "node": i} for r in (1, 2) for i in benign for _ in range(per_call)]
+    calls = [{"tracking": "trackers"}, {"tracking": "models"}] if algorithm == "dsgt" else [{}]  # dsgt: two sums
+    neighbours = {i: sorted(member.routing.graph.neighbors(i)) for i in benign}  # a ring: two each
+    want = [{"rounds": 2, "round": r, "node": i, "ids": [i, *neighbours[i]], "rows": [0, 1, 2], **call}
+            for r in (1, 2) for i in benign for call in calls]
     assert recorder.calls == want
 
 
