@@ -123,7 +123,10 @@ What changed with the signature (the numbers of every test are the same): (a) a 
 NaN / inf now has its weight spread over own and the finite neighbours in proportion, the policy
 of every peer rule, where GP kept it on the node; and weights given are divided by their sum even
 when every row is finite, as for every peer rule: a float32 sum that is not exactly 1 moves the
-mixing by float rounding (the graphs of the shipped configs sum to exactly 1 at every node). Without
+mixing by float rounding. The graphs of the shipped configs sum to exactly 1 at every node (their GP
+and exclude runs gave the same numbers, bit for bit, before and after); on a 10-node small world
+(k 4, p 0.3) where two nodes' sums are 1 within float32 rounding, gp's and exclude's training losses
+moved in the 8th digit over 6 rounds, the accuracies not at all. Without
 weights GP mixes with uniform weights over own and the finite rows. (b) When nothing is finite (own and every
 neighbour NaN / inf) the policy returns own unchanged and GP does not run: no flags are recorded and
 the round is not counted. (c) Under dsgt the node's report (``AggregationReport.nonfinite``) lists a
