@@ -397,9 +397,9 @@ class AggregationReport:
     screens its neighbours (GP and exclude report them in ``Aggregate.info``; empty for the others).
     ``kept``: for such a rule the neighbours aggregated this round, for the others the neighbours the
     rule received (every neighbour but the non-finite ones; which of them a selecting rule such as
-    Krum chose is in the rule's ``Aggregate.kept``, not here). ``nonfinite``: neighbours whose model held NaN / inf and was
-    left out; ``own_nonfinite``: the node's own model did (and was replaced when a neighbour was finite;
-    ``strategies.aggregate.aggregate``)."""
+    Krum chose is in the rule's ``Aggregate.kept``, not here). ``nonfinite``: neighbours whose vector
+    held NaN / inf and was left out (under dsgt: model or tracker); ``own_nonfinite``: the node's own
+    did (and was replaced when a neighbour was finite; ``strategies.aggregate.aggregate``)."""
 
     flagged: list[int] = field(default_factory=list)
     purified: list[int] = field(default_factory=list)

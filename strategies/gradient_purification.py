@@ -418,7 +418,8 @@ class GradientPurification:
             vector = self.mix_tracked_models(hood, keep, memory, state)
         else:
             screening = self.screen(hood, memory, state.get("round"))
-            vector = self.mix(hood, screening.keep, memory, recorded=self.target == ("gradient" if tracking else "weights"))
+            recorded = self.target == ("gradient" if tracking else "weights")  # the family screened and mixed here
+            vector = self.mix(hood, screening.keep, memory, recorded=recorded)
             if tracking == "trackers":
                 vector = self.finish_trackers(vector, hood, screening, memory, state)
             else:
