@@ -157,18 +157,33 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
 
 def _label_axes(ax, name: str, xlabel: str, q: Optional[Quantity] = None) -> None:
     """The quantity's label as the panel title, its unit on the y axis; percentages kept near [0, 100]
-    (a flat 0 % or 100 % curve does not get an axis from -0.04 to 0.04 or past 100)."""
+    (a flat 0 % or 100 % curve does not get an axis from -0.04 to 0.04 or past 100).
+
+    A percentage axis never has an offset or multiplier text above it, so its title sits at the top of
+    the axes as matplotlib's automatic placement would put it, without that placement's cost (it
+    measures every tick label at every draw). Other axes keep the automatic placement: it lifts the
+    title above a multiplier such as "×10⁻⁵". Their tick labels go through mathtext only where
+    scientific notation can appear (mathtext's parsing is the dearer part of a panel's text)."""
     q = q or quantity(name)
-    ax.set_title("\n".join(textwrap.wrap(q.label, 38)))
+    low, high = _finite_range(ax)
+    if q.unit == "%":
+        ax.set_title("\n".join(textwrap.wrap(q.label, 38)), y=1.0)
+        pad = max(4.0, 0.08 * (high - low))
+        ax.set_ylim(max(low - pad, -2.0), min(high + pad, 102.0))
+        ax.ticklabel_format(axis="y", useOffset=False)
+    else:  # small magnitudes (consensus distances) as "x 1e-4", not six-decimal ticks
+        ax.set_title("\n".join(textwrap.wrap(q.label, 38)))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=_may_be_scientific(low, high))
     ax.set_ylabel("\n".join(textwrap.wrap(q.unit, 24)))
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-    if q.unit == "%":
-        low, high = _finite_range(ax)
-        pad = max(4.0, 0.08 * (high - low))
-        ax.set_ylim(max(low - pad, -2.0), min(high + pad, 102.0))
-    else:  # small magnitudes (consensus distances) as "x 1e-4", not six-decimal ticks
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
+
+
+def _may_be_scientific(low: float, high: float) -> bool:
+    """Whether an axis over [low, high] may get a "×10ⁿ" multiplier at scilimits (-3, 4): its largest
+    magnitude outside [1e-2, 1e3) (a decade inside the limits either side, for the axis's margins)."""
+    top = max(abs(low), abs(high))
+    return not 1e-2 <= top < 1e3
 
 
 def _finite_range(ax) -> tuple[float, float]:

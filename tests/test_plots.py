@@ -203,3 +203,24 @@ def test_save_figure_writes_png_at_the_dpi_and_a_reproducible_vector_copy(tmp_pa
     assert (again / f"f.{vector}").read_bytes() == (folder / f"f.{vector}").read_bytes()  # no dates inside
     with pytest.raises(ValueError, match="eps"):
         plots.save_figure(None, figure(), "f", 100, "eps")
+
+
+def test_percent_titles_sit_on_the_axes_and_a_multiplier_lifts_the_others():
+    """A percentage axis has no offset text: its title is placed at the top of the axes without the
+    automatic placement; a consensus distance below 1e-3 gets "×10⁻⁴" (mathtext) and its title above it."""
+    series = {"mean_accuracy": [0.5, 0.7], "consensus_distance": [1e-4, 3e-4], "train_loss": [1.0, 0.5]}
+    fig = plots.curves_figure(series, "round", "t")
+    try:
+        fig.canvas.draw()
+        by_title = {ax.get_title(): ax for ax in fig.axes if ax.get_lines()}
+        accuracy, distance, loss = (by_title[t] for t in ("mean accuracy of benign nodes",
+                                                          "consensus distance to the average\nmodel", "training loss"))
+        assert accuracy._autotitlepos is False and accuracy.yaxis.offsetText.get_text() == ""
+        offset = distance.yaxis.offsetText
+        assert offset.get_text().startswith("$\\times\\mathdefault{10^{") and "4}}" in offset.get_text()
+        assert distance.title.get_window_extent().y0 >= offset.get_window_extent().y1 - 0.5  # never over it
+        assert distance.yaxis.get_major_formatter().get_useMathText()
+        assert not loss.yaxis.get_major_formatter().get_useMathText()  # plain labels: no "×10ⁿ" at 0.5 to 1
+        assert all("$" not in t.get_text() for t in loss.get_yticklabels())
+    finally:
+        plots.close(fig)
