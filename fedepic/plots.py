@@ -31,7 +31,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedepic.config import VECTOR_FORMATS  # noqa: E402
-from fedepic.quantities import Quantity, quantity  # noqa: E402
+from fedepic.quantities import Quantity, quantity, with_unit  # noqa: E402
 
 X_SUFFIX = "@x"  # series["acc@x"] holds the x values of series["acc"] (e.g. the evaluated rounds)
 SE_SUFFIX = "@se"  # series["acc@se"] holds the standard error of each value of series["acc"]
@@ -237,10 +237,48 @@ def _legend(fig, spare: list, styles: Mapping[str, LineStyle], members: list[str
 
 def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str,
                   line: Optional[LineStyle] = None):
-    """One member's curves: one panel per metric with a finite value, in the member's run style."""
+    """One member's curves: one panel per metric with a finite value, in the member's run style.
+
+    A metric whose curve says nothing a line of text cannot is listed under the panels instead of
+    drawn (:func:`curve_panels`): one constant over all its points ("attack success: 0.0 % at every
+    round") or one with the same points as a metric drawn before it. Every panel is drawn when that
+    would leave none."""
     member = "member"
-    return panel_grid_figure({member: series}, metric_names(series), xlabel, title,
-                             {member: line or member_styles([member])[member]}, legend=False)
+    panels, notes = curve_panels(series, xlabel)
+    fig = panel_grid_figure({member: series}, panels, xlabel, title,
+                            {member: line or member_styles([member])[member]}, legend=False)
+    if notes:
+        with style():
+            width = fig.get_size_inches()[0]
+            fig.supxlabel(_wrap(f"Not drawn: {'; '.join(notes)}.", width * 1.4), fontsize="small")
+    return fig
+
+
+def curve_panels(series: Mapping[str, Sequence[float]], xlabel: str = "round") -> tuple[list[str], list[str]]:
+    """The metrics of ``series`` that get a panel of their own, and one note for each that does not:
+    a metric with at least two points, every one finite and all equal, is *constant* ("attack success:
+    0.0 % at every round"); one whose x values and values equal those of a metric before it (in the
+    same unit) is *the same as* that metric. When that would leave no panel, every metric keeps its own.
+
+    >>> curve_panels({"attack_success": [0.0, 0.0], "mean_accuracy": [0.5, 0.6], "clean_accuracy": [0.5, 0.6]})
+    (['mean_accuracy'], ['attack success: 0.0 % at every round', 'accuracy on labels the attack leaves alone: the same as mean accuracy of benign nodes'])
+    """
+    names = metric_names(series)
+    drawn: list[str] = []
+    notes: list[str] = []
+    for name in names:
+        values = list(series[name])
+        q = quantity(name)
+        if len(values) >= 2 and all(_finite(v) for v in values) and len(set(values)) == 1:
+            notes.append(f"{q.label}: {with_unit(name, values[0])} at every {xlabel}")
+            continue
+        twin = next((d for d in drawn if list(series[d]) == values and list(x_values(series, d)) ==
+                     list(x_values(series, name)) and (quantity(d).unit, quantity(d).scale) == (q.unit, q.scale)), None)
+        if twin is not None:
+            notes.append(f"{q.label}: the same as {quantity(twin).label}")
+            continue
+        drawn.append(name)
+    return (drawn, notes) if drawn else (names, [])
 
 
 # ---------------------------------------------------------------------------------------- heatmaps

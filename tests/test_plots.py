@@ -205,6 +205,45 @@ def test_save_figure_writes_png_at_the_dpi_and_a_reproducible_vector_copy(tmp_pa
         plots.save_figure(None, figure(), "f", 100, "eps")
 
 
+def test_member_curves_list_constant_and_repeated_metrics_instead_of_drawing_them():
+    """A flat curve (two points or more, all equal) or a copy of a curve drawn before it becomes a note
+    under the panels: the values stay on the figure, as text."""
+    series = {"mean_accuracy": [0.5, 0.6, 0.7], "clean_accuracy": [0.5, 0.6, 0.7], "attack_success": [0.0, 0.0, 0.0],
+              "detection_precision": [1.0, 1.0, 1.0], "train_loss": [1.0, 0.5, 0.25],
+              "worst_accuracy": [0.4], "exclusive_accuracy": [0.0, float("nan"), 0.0]}
+    panels, notes = plots.curve_panels(series)
+    assert panels == ["mean_accuracy", "train_loss", "worst_accuracy", "exclusive_accuracy"]  # one point; a gap
+    assert notes == ["accuracy on labels the attack leaves alone: the same as mean accuracy of benign nodes",
+                     "attack success: 0.0 % at every round", "detection precision: 100.0 % at every round"]
+    fig = plots.curves_figure(series, "round", "gp")
+    try:
+        titles = [ax.get_title() for ax in fig.axes if ax.get_lines()]
+        assert titles == ["mean accuracy of benign nodes", "training loss", "worst benign node's accuracy",
+                          "accuracy on labels only malicious\nnodes hold"]
+        note = " ".join(fig._supxlabel.get_text().split())
+        assert note == "Not drawn: " + "; ".join(notes) + "."
+        fig.canvas.draw()
+        assert inside(fig, fig._supxlabel) and not any(
+            fig._supxlabel.get_window_extent().overlaps(ax.get_tightbbox()) for ax in fig.axes if ax.get_lines())
+    finally:
+        plots.close(fig)
+
+
+def test_same_values_in_other_units_are_drawn_and_all_flat_curves_keep_their_panels():
+    same_values = {"mean_accuracy": [0.5, 0.25], "train_loss": [0.5, 0.25]}  # percent and cross-entropy
+    assert plots.curve_panels(same_values) == (["mean_accuracy", "train_loss"], [])
+    shifted = {"mean_accuracy": [0.5, 0.25], "mean_accuracy@x": [1, 2], "worst_accuracy": [0.5, 0.25],
+               "worst_accuracy@x": [2, 4]}
+    assert plots.curve_panels(shifted)[0] == ["mean_accuracy", "worst_accuracy"]  # other rounds: its own curve
+    flat = {"attack_success": [0.0, 0.0], "detection_precision": [1.0, 1.0]}
+    assert plots.curve_panels(flat) == (["attack_success", "detection_precision"], [])  # nothing else to show
+    fig = plots.curves_figure(flat, "round", "t")
+    try:
+        assert sum(1 for ax in fig.axes if ax.get_lines()) == 2 and fig._supxlabel is None
+    finally:
+        plots.close(fig)
+
+
 def test_percent_titles_sit_on_the_axes_and_a_multiplier_lifts_the_others():
     """A percentage axis has no offset text: its title is placed at the top of the axes without the
     automatic placement; a consensus distance below 1e-3 gets "×10⁻⁴" (mathtext) and its title above it."""
