@@ -17,6 +17,7 @@ defense); :func:`save_figure` writes both formats atomically through anything wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import textwrap
@@ -388,11 +389,13 @@ class BytesTarget(Protocol):
 
 def save_figure(target: BytesTarget, fig, stem: str, dpi: int, vector: str) -> list[str]:
     """``stem.png`` at ``dpi`` and ``stem.<vector>`` (``pdf`` or ``svg``), each written atomically;
-    returns the file names. Dates are left out of the vector files, so a figure's bytes are reproducible."""
+    returns the file names. Dates are left out of the vector files, so a figure's bytes are reproducible.
+    A PDF embeds its fonts as Type 42 subsets shared between the figures of a process
+    (:func:`shared_font_subsets`)."""
     if vector not in VECTOR_FORMATS:
         raise ValueError(f"vector format {vector!r}: choose one of {', '.join(VECTOR_FORMATS)}")
     names = []
-    with style():
+    with style(), shared_font_subsets():
         for fmt, options in (("png", {"dpi": dpi}), (vector, {"metadata": {"pdf": {"CreationDate": None},
                                                                           "svg": {"Date": None}}[vector]})):
             buf = io.BytesIO()
@@ -405,3 +408,74 @@ def save_figure(target: BytesTarget, fig, stem: str, dpi: int, vector: str) -> l
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+# A PDF's fonts. Matplotlib's PDF backend embeds each Type 42 font as the subset of the glyphs the
+# figure uses, and makes it with fontTools from the font file, per PDF: about 0.17 s of a member's
+# 0.44 s PDF (docs/results/engines.md). The subsets are made here instead, of the glyphs asked for
+# plus the printable ASCII ones, so that figures of the same text share one subset: each font is read
+# once per process (a memo of a pure function, keyed by what the subset is made of; a few kilobytes
+# more per PDF). Anything unexpected (another matplotlib's internals) falls back to matplotlib's own.
+ASCII = range(32, 127)
+SUBSET_MEMO = 16  # fonts x glyph sets kept: a figure's text uses one to three fonts
+
+
+@contextlib.contextmanager
+def shared_font_subsets() -> Iterator[None]:
+    """Within the block, the PDF backend's font subsets come from :func:`font_subset` (restored after)."""
+    try:
+        from matplotlib.backends import _backend_pdf_ps as pdf_ps
+    except ImportError:  # another matplotlib: its own subsetting
+        yield
+        return
+    original = getattr(pdf_ps, "get_glyphs_subset", None)
+    if original is None:
+        yield
+        return
+
+    def subset(fontfile, glyphs):
+        try:
+            data, index_map = font_subset(fontfile, frozenset(glyphs), original)
+        except Exception:  # noqa: BLE001 - matplotlib's own subsetting still embeds the font
+            return original(fontfile, glyphs)
+        return contextlib.nullcontext(_Subset(_FontBytes(data), index_map))
+
+    pdf_ps.get_glyphs_subset = subset
+    try:
+        yield
+    finally:
+        pdf_ps.get_glyphs_subset = original
+
+
+def font_subset(fontfile, glyphs: frozenset, make) -> tuple[bytes, dict]:
+    """The TrueType bytes of ``fontfile``'s subset holding ``glyphs`` and the printable ASCII glyphs, and
+    its map from the font's glyph indices to the subset's, made by ``make`` (matplotlib's
+    ``get_glyphs_subset``) once for each font and glyph set."""
+    from matplotlib.font_manager import get_font
+
+    font = get_font(fontfile)
+    return _made_subset(fontfile, glyphs | frozenset(font.get_char_index(c) for c in ASCII) - {0}, make)
+
+
+@functools.lru_cache(maxsize=SUBSET_MEMO)
+def _made_subset(fontfile, glyphs: frozenset, make) -> tuple[bytes, dict]:
+    with make(fontfile, set(glyphs)) as made:
+        buffer = io.BytesIO()
+        made.font.save(buffer, reorderTables=False)  # what matplotlib's font_as_file writes
+        return buffer.getvalue(), dict(made.glyph_index_map)
+
+
+@dataclass(frozen=True)
+class _FontBytes:
+    """A made subset, as matplotlib's PDF backend reads it (``save`` into a file)."""
+
+    data: bytes
+
+    def save(self, file, reorderTables: bool = False) -> None:  # noqa: N803 - fontTools' name
+        file.write(self.data)
+
+
+@dataclass(frozen=True)
+class _Subset:
+    font: _FontBytes
+    glyph_index_map: dict

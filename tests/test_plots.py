@@ -263,3 +263,53 @@ def test_percent_titles_sit_on_the_axes_and_a_multiplier_lifts_the_others():
         assert all("$" not in t.get_text() for t in loss.get_yticklabels())
     finally:
         plots.close(fig)
+
+
+def embedded_glyphs(pdf: bytes) -> dict[str, str]:
+    """Each character a PDF's Type 42 font draws -> the name of the glyph it draws (the CIDToGIDMap
+    into the embedded subset; matplotlib's character codes are the characters' code points)."""
+    import io
+    import re
+    import zlib
+
+    from fontTools.ttLib import TTFont
+
+    def stream(number: bytes) -> bytes:
+        body = re.search(rb"\n" + number + rb" 0 obj\n(.*?)endobj", pdf, re.S).group(1)
+        data = body[body.index(b"stream\n") + 7:body.rindex(b"endstream")]
+        return zlib.decompress(data) if b"FlateDecode" in body[:body.index(b"stream\n")] else data
+
+    drawn = {}
+    for match in re.finditer(rb"/CIDToGIDMap (\d+) 0 R", pdf):
+        cid_font = pdf[pdf.rindex(b" obj", 0, match.start()):match.start()]
+        descriptor = re.search(rb"/FontDescriptor (\d+) 0 R", cid_font + pdf[match.start():match.start() + 400])
+        file_ref = re.search(rb"\n" + descriptor.group(1) + rb" 0 obj\n.*?/FontFile2 (\d+) 0 R", pdf, re.S).group(1)
+        font = TTFont(io.BytesIO(stream(file_ref)))
+        order = font.getGlyphOrder()
+        gids = stream(match.group(1))
+        for code in range(32, 127):
+            gid = int.from_bytes(gids[2 * code:2 * code + 2], "big")
+            if gid:
+                drawn[chr(code)] = order[gid]
+    return drawn
+
+
+def test_pdfs_share_font_subsets_and_draw_the_same_glyphs(tmp_path, monkeypatch):
+    """The PDF's fonts are subsets made once per font and glyph set (fedepic.plots.shared_font_subsets):
+    each character still maps to its own glyph, and a second figure of other text reuses the subset."""
+    from matplotlib.backends import _backend_pdf_ps
+
+    made = []
+    original = _backend_pdf_ps.get_glyphs_subset
+    monkeypatch.setattr(_backend_pdf_ps, "get_glyphs_subset", lambda f, g: made.append(len(g)) or original(f, g))
+    plots._made_subset.cache_clear()
+    texts = []
+    for title in ("gossip: ABC xyz 123", "gp_epic: Qjk 0.5"):
+        folder, _ = saved_png(tmp_path / title[:2], plots.panel_grid_figure({"a": {"accuracy": [0.1, 0.5]}},
+                                                                             ["accuracy"], "round", title))
+        texts.append(embedded_glyphs((folder / "f.pdf").read_bytes()))
+    assert _backend_pdf_ps.get_glyphs_subset is not None and len(made) == 1  # one subset for both figures
+    expected = {"A": "A", "z": "z", "1": "one", "_": "underscore", "Q": "Q", ".": "period", " ": "space"}
+    for text in texts:
+        assert {c: text[c] for c in expected if c in text} == {c: g for c, g in expected.items() if c in text}
+    assert {"A", "z", "1"} <= set(texts[0]) and {"_", "Q", "."} <= set(texts[1])
