@@ -27,8 +27,10 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.font_manager  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.layout_engine import LayoutEngine  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedepic.config import VECTOR_FORMATS  # noqa: E402
@@ -121,13 +123,14 @@ def _grid(n: int, columns: int = MAX_COLUMNS) -> tuple[int, int]:
 
 def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], panels: Sequence[str],
                       xlabel: str, title: str, styles: Optional[Mapping[str, LineStyle]] = None,
-                      legend: bool = True, quantities: Optional[Mapping[str, Quantity]] = None):
+                      legend: bool = True, quantities: Optional[Mapping[str, Quantity]] = None, note: str = ""):
     """One panel per metric of ``panels`` (at most 3 per row), one line per member (its mean; a band
     of ± s.e. where the member's series has ``metric@se``), one shared legend outside the axes.
 
     ``styles``: the run's :func:`member_styles` (default: by the order of ``per_member``). A metric no
     member has a finite value for gets no panel. ``quantities``: how a panel is labelled and scaled
     when its key is not the metric's name (a sweep's panel per setting); default ``quantity(panel)``.
+    ``note``: a line of small print under the panels.
     """
     quantities = quantities or {}
     styles = styles or member_styles(list(per_member))
@@ -138,8 +141,11 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
     if place is not None and place.where == "right":
         width += place.inches
     below = place.inches if place is not None and place.where == "below" else 0.0
+    # a legend beside or below the panels is placed by constrained layout; else the grid's margins are
+    # computed (PanelGridLayout: the same room for every label, at a fraction of the cost)
+    layout = "constrained" if place is not None and place.where != "panel" else PanelGridLayout(rows, cols)
     with style():
-        fig = plt.figure(figsize=_figsize(width, rows * PANEL_SIZE[1] + 0.6 + below), layout="constrained")
+        fig = plt.figure(figsize=_figsize(width, rows * PANEL_SIZE[1] + 0.6 + below), layout=layout)
         axes = fig.subplots(rows, cols, squeeze=False).ravel()
         for ax, panel in zip(axes, shown):
             for member, series in per_member.items():
@@ -153,7 +159,101 @@ def panel_grid_figure(per_member: Mapping[str, Mapping[str, Sequence[float]]], p
             banded = any(_finite(v) for s in per_member.values() for p in shown for v in s.get(p + SE_SUFFIX) or [])
             _legend(fig, spare, styles, list(per_member), place, "member (shaded: ± s.e.)" if banded else "member")
         fig.suptitle(_wrap(title, width))
+        if note:
+            fig.supxlabel(_wrap(note, width * 1.4), fontsize="small")  # 7.5 pt: about 14 characters an inch
     return fig
+
+
+POINT = 1 / 72  # inches
+PAD = 3 * POINT  # around each panel and the figure's titles, as constrained layout's default pads
+
+
+class PanelGridLayout(LayoutEngine):
+    """A grid of ``rows`` x ``cols`` equal panels whose margins are computed from what they hold: the
+    widest y tick label and the y label on the left, the x tick labels and the x label below, the
+    title (and a "×10ⁿ" multiplier) above, the suptitle above the grid and the supxlabel below it.
+    A column gets the largest margins of its panels and a row those of its row, and every panel the same
+    size, so the axes line up (as constrained layout aligns them).
+    Text sizes are measured on the figure's renderer, two passes (the ticks follow the axes' size);
+    constrained layout measures every tick label of every panel in each of its passes."""
+
+    _adjust_compatible = False
+    _colorbar_gridspec = False
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def execute(self, fig) -> None:
+        renderer = fig._get_renderer()
+        width, height = fig.get_size_inches()
+        top = _text_inches(fig._suptitle, renderer) + 2 * PAD
+        bottom = _text_inches(fig._supxlabel, renderer) + 2 * PAD if fig._supxlabel is not None else PAD
+        if fig._suptitle is not None:
+            fig._suptitle.set_y(1 - PAD / height)
+        if fig._supxlabel is not None:
+            fig._supxlabel.set_y(PAD / height)
+        for _ in range(2):  # the tick labels of the first placement, then of the axes' final size
+            left, right = [[PAD] * self.cols for _ in range(2)]  # inches, per column
+            above, below = [[PAD] * self.rows for _ in range(2)]  # per row
+            for ax in fig.axes:
+                if ax.axison:
+                    spec = ax.get_subplotspec()
+                    row, col = spec.rowspan.start, spec.colspan.start
+                    lm, bm, rm, am = _margins(ax, renderer)
+                    left[col], right[col] = max(left[col], lm + PAD), max(right[col], rm + PAD)
+                    above[row], below[row] = max(above[row], am + PAD), max(below[row], bm + PAD)
+            panel_w = max((width - sum(left) - sum(right)) / self.cols, 0.1)  # every panel the same size
+            panel_h = max((height - top - bottom - sum(above) - sum(below)) / self.rows, 0.1)
+            for ax in fig.axes:
+                spec = ax.get_subplotspec()
+                row, col = spec.rowspan.start, spec.colspan.start
+                x0 = sum(left[:col + 1]) + sum(right[:col]) + col * panel_w
+                y0 = bottom + sum(below[row:]) + sum(above[row + 1:]) + (self.rows - 1 - row) * panel_h
+                ax.set_position([x0 / width, y0 / height, panel_w / width, panel_h / height])
+
+
+def _text_inches(text, renderer, across: bool = False) -> float:
+    """The height (``across``: the width) of a text artist in inches; 0 for none or an empty one."""
+    if text is None or not text.get_text() or not text.get_visible():
+        return 0.0
+    box = text.get_window_extent(renderer)
+    return (box.width if across else box.height) / renderer.points_to_pixels(72)
+
+
+def _margins(ax, renderer) -> tuple[float, float, float, float]:
+    """Inches a panel needs left, below, right and above its axes: tick labels, labels, title."""
+    rc = matplotlib.rcParams
+    y_labels = _tick_labels(ax.yaxis)
+    x_labels = _tick_labels(ax.xaxis)
+    y_font = matplotlib.font_manager.FontProperties(size=rc["ytick.labelsize"])
+    x_font = matplotlib.font_manager.FontProperties(size=rc["xtick.labelsize"])
+    inch = renderer.points_to_pixels(72)
+    y_width = max((_extent(renderer, t, y_font)[0] for t in y_labels), default=0.0) / inch
+    x_height = max((_extent(renderer, t, x_font)[1] for t in x_labels), default=0.0) / inch
+    x_over = max((_extent(renderer, t, x_font)[0] for t in x_labels[-1:]), default=0.0) / inch / 2
+    offset = ax.yaxis.get_major_formatter().get_offset() if y_labels else ""
+    offset_height = _extent(renderer, offset, y_font)[1] / inch + PAD if offset else 0.0
+    left = y_width + (rc["ytick.major.size"] + rc["ytick.major.pad"] + rc["axes.labelpad"]) * POINT
+    below = x_height + (rc["xtick.major.size"] + rc["xtick.major.pad"] + rc["axes.labelpad"]) * POINT
+    above = _text_inches(ax.title, renderer) + rc["axes.titlepad"] * POINT + offset_height
+    return (left + _text_inches(ax.yaxis.label, renderer, across=True),
+            below + _text_inches(ax.xaxis.label, renderer), x_over, above)
+
+
+def _tick_labels(axis) -> list[str]:
+    """The major tick labels an axis will draw (those inside its view), as its formatter writes them."""
+    locs = axis.get_majorticklocs()
+    labels = axis.get_major_formatter().format_ticks(locs)
+    low, high = sorted(axis.get_view_interval())
+    span = (high - low) * 1e-9
+    return [t for loc, t in zip(locs, labels) if low - span <= loc <= high + span and t]
+
+
+def _extent(renderer, text: str, font) -> tuple[float, float]:
+    """(width, height) in pixels of one line of tick text (mathtext where it has "$")."""
+    width, height, _ = renderer.get_text_width_height_descent(text, font, ismath="$" in text)
+    return width, height
 
 
 def _label_axes(ax, name: str, xlabel: str, q: Optional[Quantity] = None) -> None:
@@ -246,13 +346,8 @@ def curves_figure(series: Mapping[str, Sequence[float]], xlabel: str, title: str
     would leave none."""
     member = "member"
     panels, notes = curve_panels(series, xlabel)
-    fig = panel_grid_figure({member: series}, panels, xlabel, title,
-                            {member: line or member_styles([member])[member]}, legend=False)
-    if notes:
-        with style():
-            width = fig.get_size_inches()[0]
-            fig.supxlabel(_wrap(f"Not drawn: {'; '.join(notes)}.", width * 1.4), fontsize="small")
-    return fig
+    return panel_grid_figure({member: series}, panels, xlabel, title, {member: line or member_styles([member])[member]},
+                             legend=False, note=f"Not drawn: {'; '.join(notes)}." if notes else "")
 
 
 def curve_panels(series: Mapping[str, Sequence[float]], xlabel: str = "round") -> tuple[list[str], list[str]]:

@@ -313,3 +313,31 @@ def test_pdfs_share_font_subsets_and_draw_the_same_glyphs(tmp_path, monkeypatch)
     for text in texts:
         assert {c: text[c] for c in expected if c in text} == {c: g for c, g in expected.items() if c in text}
     assert {"A", "z", "1"} <= set(texts[0]) and {"_", "Q", "."} <= set(texts[1])
+
+
+@pytest.mark.parametrize("panels", [1, 2, 4, 7])
+def test_computed_grid_margins_keep_every_label_apart_and_inside(panels):
+    """PanelGridLayout (a panel grid without a legend outside the axes): each panel's tick labels,
+    labels, title and multiplier stay inside the figure, apart from the other panels and the titles."""
+    metrics = ["mean_accuracy", "consensus_distance", "exclusive_accuracy", "train_loss", "detection_recall",
+               "worst_accuracy", "seconds"]
+    values = {"consensus_distance": [2e-5, 7e-5, 1.5e-4], "train_loss": [2.31, 1.2, 0.4], "seconds": [1200.0, 15.0, 4e4]}
+    series = {m: values.get(m, [0.1 + 0.01 * i, 0.55, 0.999]) for i, m in enumerate(metrics[:panels])}
+    fig = plots.curves_figure(series, "round", "a long setting title: decentralized MNIST, 20 nodes (4 malicious), "
+                                               "small_world (k=4, p=0.2), attack label_flip, seed 0")
+    try:
+        assert isinstance(fig.get_layout_engine(), plots.PanelGridLayout)
+        fig.canvas.draw()
+        boxes = [ax.get_tightbbox() for ax in fig.axes if ax.get_lines()]
+        assert len(boxes) == panels
+        assert all(inside(fig, ax) for ax in fig.axes if ax.get_lines()) and inside(fig, fig._suptitle)
+        frame = fig.bbox
+        assert all(b.x0 >= frame.x0 - 1 and b.y0 >= frame.y0 - 1 and b.x1 <= frame.x1 + 1 and b.y1 <= frame.y1 + 1
+                   for b in boxes)
+        title = fig._suptitle.get_window_extent()
+        assert not any(b.overlaps(title) for b in boxes)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        sizes = {tuple(round(v, 6) for v in ax.get_position().size) for ax in fig.axes}
+        assert len(sizes) == 1  # every panel the same size
+    finally:
+        plots.close(fig)
