@@ -260,11 +260,12 @@ def _label_axes(ax, name: str, xlabel: str, q: Optional[Quantity] = None) -> Non
     """The quantity's label as the panel title, its unit on the y axis; percentages kept near [0, 100]
     (a flat 0 % or 100 % curve does not get an axis from -0.04 to 0.04 or past 100).
 
-    A percentage axis never has an offset or multiplier text above it, so its title sits at the top of
-    the axes as matplotlib's automatic placement would put it, without that placement's cost (it
-    measures every tick label at every draw). Other axes keep the automatic placement: it lifts the
-    title above a multiplier such as "×10⁻⁵". Their tick labels go through mathtext only where
-    scientific notation can appear (mathtext's parsing is the dearer part of a panel's text)."""
+    A percentage axis, or one whose values need neither a multiplier nor an offset (:func:`_plain_numbers`;
+    offsets off), has no text above it, so its title sits at the top of the axes as matplotlib's
+    automatic placement would put it, without that placement's cost (it measures every tick label at
+    every draw). Other axes keep the automatic placement: it lifts the title above a multiplier such
+    as "×10⁻⁵". Their tick labels go through mathtext only where scientific notation can appear
+    (mathtext's parsing is the dearer part of a panel's text)."""
     q = q or quantity(name)
     low, high = _finite_range(ax)
     if q.unit == "%":
@@ -272,12 +273,22 @@ def _label_axes(ax, name: str, xlabel: str, q: Optional[Quantity] = None) -> Non
         pad = max(4.0, 0.08 * (high - low))
         ax.set_ylim(max(low - pad, -2.0), min(high + pad, 102.0))
         ax.ticklabel_format(axis="y", useOffset=False)
+    elif _plain_numbers(low, high):  # no multiplier, no offset: the title on the axes, as for percentages
+        ax.set_title("\n".join(textwrap.wrap(q.label, 38)), y=1.0)
+        ax.ticklabel_format(axis="y", useOffset=False)
     else:  # small magnitudes (consensus distances) as "x 1e-4", not six-decimal ticks
         ax.set_title("\n".join(textwrap.wrap(q.label, 38)))
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=_may_be_scientific(low, high))
     ax.set_ylabel("\n".join(textwrap.wrap(q.unit, 24)))
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+
+
+def _plain_numbers(low: float, high: float) -> bool:
+    """Whether the tick labels of [low, high] need neither a multiplier nor an offset: magnitudes a
+    decade inside [1e-3, 1e4) (:func:`_may_be_scientific`) and a span of at least 1% of them (an
+    offset takes a span four decades below the values, matplotlib's ``axes.formatter.offset_threshold``)."""
+    return not _may_be_scientific(low, high) and high - low >= 1e-2 * max(abs(low), abs(high))
 
 
 def _may_be_scientific(low: float, high: float) -> bool:

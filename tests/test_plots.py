@@ -261,6 +261,16 @@ def test_percent_titles_sit_on_the_axes_and_a_multiplier_lifts_the_others():
         assert distance.yaxis.get_major_formatter().get_useMathText()
         assert not loss.yaxis.get_major_formatter().get_useMathText()  # plain labels: no "×10ⁿ" at 0.5 to 1
         assert all("$" not in t.get_text() for t in loss.get_yticklabels())
+        assert loss._autotitlepos is False and loss.yaxis.offsetText.get_text() == ""  # nothing to lift it over
+        assert distance._autotitlepos is not False
+    finally:
+        plots.close(fig)
+    fig = plots.curves_figure({"train_loss": [2.30210, 2.30250]}, "round", "t")  # an offset: "+2.302"
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax._autotitlepos is not False and ax.yaxis.offsetText.get_text()
+        assert not ax.title.get_window_extent().overlaps(ax.yaxis.offsetText.get_window_extent())
     finally:
         plots.close(fig)
 
