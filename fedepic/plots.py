@@ -481,7 +481,7 @@ def _label_cells(ax, heat: Heatmap, cell: tuple[float, float], vmin: float, vmax
                 dark = (1.0 - position if reversed_scale else position) < 0.6
                 text = heat.texts[r][c] if heat.texts is not None else fmt.format(value)
                 ax.text(c, r, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
-                        fontweight="bold" if (r, c) in heat.bold else "normal")
+                        fontweight="bold" if (r, c) in heat.bold else "normal", in_layout=False)
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -497,19 +497,39 @@ def save_figure(target: BytesTarget, fig, stem: str, dpi: int, vector: str) -> l
     """``stem.png`` at ``dpi`` and ``stem.<vector>`` (``pdf`` or ``svg``), each written atomically;
     returns the file names. Dates are left out of the vector files, so a figure's bytes are reproducible.
     A PDF embeds its fonts as Type 42 subsets shared between the figures of a process
-    (:func:`shared_font_subsets`)."""
+    (:func:`shared_font_subsets`).
+
+    The figure is laid out once (:func:`lay_out`, at the PNG's dpi) and each format then drawn once:
+    with a layout engine set, matplotlib's ``savefig`` draws the whole figure an extra time before
+    each save (without rendering: every tick label and text is measured again) and lays it out in
+    both draws."""
     if vector not in VECTOR_FORMATS:
         raise ValueError(f"vector format {vector!r}: choose one of {', '.join(VECTOR_FORMATS)}")
     names = []
     with style(), shared_font_subsets():
+        lay_out(fig, dpi)
         for fmt, options in (("png", {"dpi": dpi}), (vector, {"metadata": {"pdf": {"CreationDate": None},
                                                                           "svg": {"Date": None}}[vector]})):
             buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, **options)  # constrained layout keeps every label inside
+            fig.savefig(buf, format=fmt, **options)
             target.write_bytes(f"{stem}.{fmt}", buf.getvalue())
             names.append(f"{stem}.{fmt}")
-            fig.set_layout_engine("none")  # laid out (in inches) by the first save: the second keeps it
     return names
+
+
+def lay_out(fig, dpi: float) -> None:
+    """Run the figure's layout engine once (constrained layout, :class:`PanelGridLayout`) at ``dpi`` and
+    remove it: the axes keep their places (in figure fractions) in every later draw."""
+    engine = fig.get_layout_engine()
+    if engine is None:
+        return
+    shown = fig.get_dpi()
+    fig.set_dpi(dpi)
+    try:
+        engine.execute(fig)
+    finally:
+        fig.set_dpi(shown)
+    fig.set_layout_engine(None)
 
 
 def close(fig) -> None:

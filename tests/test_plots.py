@@ -351,3 +351,23 @@ def test_computed_grid_margins_keep_every_label_apart_and_inside(panels):
         assert len(sizes) == 1  # every panel the same size
     finally:
         plots.close(fig)
+
+
+@pytest.mark.parametrize("make", ["curves", "heatmap"])
+def test_save_figure_lays_out_once_and_draws_each_format_once(tmp_path, make):
+    """With a layout engine set, savefig would draw the figure an extra time before each format;
+    save_figure lays it out once and removes the engine, so each format is drawn once."""
+    if make == "curves":
+        fig = plots.curves_figure(member_series(1.0), "round", "gp")
+    else:
+        fig = plots.heatmap_figure([[10.0, 90.0], [50.0, 20.0]], ["a", "b"], ["0", "1"], "t", "test accuracy (%)")
+    draws = []
+    fig.canvas.mpl_connect("draw_event", lambda event: draws.append(event))
+    engine = type(fig.get_layout_engine())
+    placed = []
+    original = engine.execute
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "execute", lambda self, f: placed.append(f) or original(self, f))
+        folder, names = saved_png(tmp_path, fig, dpi=120)
+    assert len(draws) == 2 and len(placed) == 1 and fig.get_layout_engine() is None
+    assert all(inside(fig, ax) for ax in fig.axes)
