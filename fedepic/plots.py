@@ -12,6 +12,14 @@ the same in each figure drawn with it; :func:`panel_grid_figure` draws one panel
 line per member; :func:`heatmap_figure` draws a matrix (per-class accuracy over rounds, attack x
 defense); :func:`save_figure` writes both formats atomically through anything with ``write_bytes``
 (fedepic.outputs.RunWriter).
+
+Cost (issue 30: figures and report at most 15% of the noniid local run's CPU time; measured with
+benchmarks/figure_share.py, docs/results/engines.md): a member's curves draw no panel for a constant
+or repeated metric (:func:`curve_panels`); a panel grid without a legend outside its axes is laid out
+from measured text sizes (:class:`PanelGridLayout`) instead of constrained layout; a title goes
+through matplotlib's automatic placement only where a multiplier or offset can sit above its axes; a
+figure is laid out once and each format drawn once (:func:`save_figure`); the PDFs of a process share
+their font subsets (:func:`shared_font_subsets`).
 """
 
 from __future__ import annotations

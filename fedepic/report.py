@@ -8,7 +8,9 @@ Every mode writes them through fedepic.lifecycle, so the files have one format (
   is a mean over repeats);
 - ``per_class``: each member's per-class test accuracy at its last evaluation (member x class), and
   ``per_class_rounds``: per-class accuracy over the rounds (epochs), one heatmap per member;
-- ``<member>/curves``: one panel per metric.
+- ``<member>/curves``: one panel per metric; a metric constant over all its points, or with the same
+  points as a metric drawn before it, is not drawn but listed under the panels with its value
+  (fedepic.plots.curve_panels: "Not drawn: attack success: 0.0 % at every round; ...").
 
 Per-class figures come from the members' metrics.jsonl (records with a ``per_class`` list). Figures
 are presentation: one that cannot be drawn is a warning line on stderr, never a lost folder or a
@@ -182,8 +184,9 @@ def _class_by_x(member: str, pc: PerClass, labels: Sequence[str], xlabel: str):
 
 def write_curves(writer: RunWriter, curves: Curves, xlabel: str, title: str, *,
                  line: Optional["LineStyle"] = None, figures: Optional[FiguresConfig] = None) -> None:
-    """A member's curves: one panel per non-empty series, in the member's ``line`` style; nothing when
-    every series is empty. (Its per-class accuracy over time is a panel of the root's per_class_rounds.)"""
+    """A member's curves: one panel per non-empty series, in the member's ``line`` style (a constant or
+    repeated series is a note under the panels: fedepic.plots.curves_figure); nothing when every series
+    is empty. (Its per-class accuracy over time is a panel of the root's per_class_rounds.)"""
     figures = figures or FiguresConfig()
     if not figures.enabled:
         return
