@@ -31,15 +31,14 @@ algorithm without dsgd's flag ``client_momentum``.
 Deviation from the paper: none in the equations (``fedepic.peer_node`` quotes the authors' code for
 the adapt_then_combine order); MOZI's own step states its deviations in ``strategies/mozi.py``.
 
-Example: the step the registry line names::
+Example: which members step after the mix (combine then adapt, the default order, and MOZI's own step
+whatever the order)::
 
-    >>> import dataclasses
-    >>> from fedepic.algorithms import node_step
-    >>> from fedepic.config import RunConfig
-    >>> cfg = RunConfig()
-    >>> cfg = dataclasses.replace(cfg, decentralized=dataclasses.replace(cfg.decentralized, algorithm="dsgd"))
-    >>> type(node_step(cfg)).__name__
-    'Dsgd'
+    >>> from fedepic.config import load_config
+    >>> cfg = load_config("dfl_smoke", ["decentralized.algorithm=dsgd", "strategies=[gossip,mozi]",
+    ...                                 "defense.mozi.own_step=true"])
+    >>> own_step(cfg, "mozi"), own_step(cfg, "gossip"), steps_after_mix(cfg, "mozi")
+    (True, False, True)
 
 Cost per round and node: one minibatch gradient (a vmap over one model, ``fedepic.stacked``), O(D) for
 the momentum and the step, the rule over the inbox. The in-process engine runs every node's rows as
