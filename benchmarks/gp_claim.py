@@ -1,6 +1,6 @@
-"""Gradient Purification's claim on configs/gp_claim.yaml: every member, 3 seeds, the claim check.
+"""Gradient Purification's claim on configs/gp_claim.yaml (or gp_harm.yaml): every member, 3 seeds, the claim check.
 
-    python benchmarks/gp_claim.py [--seeds 0 1 2] [--workers 2] [--table FILE] [key=value ...]
+    python benchmarks/gp_claim.py [--config gp_claim] [--seeds 0 1 2] [--workers 2] [--table FILE] [key=value ...]
 
 Runs each (seed, member) of the config in process (``fedepic.peer_local``, the engine=local
 path) in a pool of ``--workers`` processes (one torch thread each), and prints one JSON line: the wall
@@ -11,6 +11,14 @@ exclude-from-the-start and upper at each T_d:
   (a) GP's final 7/8 accuracy beats exclude's by more than the seeds' spread (of either),
   (b) GP's final attack success is within 2 points of exclude's,
   (c) GP's final mean accuracy is at least upper's.
+
+With a config whose ``sweep:`` has attack axes (configs/gp_harm.yaml: the six attacks, attack.data and
+attack.model zipped), every member runs under each attack, and gossip also runs under no attack
+(``attack.data=none attack.model=none``) as the harm criterion's reference; the JSON line then holds,
+per attack and averaged over the attacks (each seed's figure averaged over the attacks, then mean and
+spread over the seeds): the members' figures, the harm check (gossip's benign_label_accuracy at least
+``HARM_DROP`` below no-attack gossip's, 3 seeds' means) and the claim check. Only label_flip has an
+attack success, so (b) is n/a (null) under a model attack and ``holds`` is then (a) and (c).
 """
 
 from __future__ import annotations
@@ -25,28 +33,61 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-METRICS = ("exclusive_accuracy", "attack_success", "clean_accuracy", "mean_accuracy")
+METRICS = ("exclusive_accuracy", "attack_success", "clean_accuracy", "benign_label_accuracy", "mean_accuracy")
+NO_ATTACK = ("none", "none")  # (attack.data, attack.model): the harm criterion's reference run of gossip
+# the harm criterion (docs/results/gp-claim.md, fixed before any GP figure): gossip's benign_label_accuracy
+# at least this far below no-attack gossip's (3 seeds' means, round 200)
+HARM_DROP = 0.05
+
+Attack = tuple[str, str]  # (attack.data, attack.model)
 
 
-def run_one(job: tuple[int, str, list[str]]) -> tuple[int, str, list[dict], float]:
+def attack_name(attack: Attack) -> str:
+    """The attack's name: the model attack's, else the data attack's ("none" for no attack)."""
+    data, model = attack
+    return model if model != "none" else data
+
+
+def attack_list(cfg) -> list[Attack]:
+    """The (attack.data, attack.model) pairs to run: the config's ``sweep:`` attack axes (zipped when
+    ``sweep.zip`` pairs them, else every combination), or the config's one attack when it has none."""
+    from itertools import product
+
+    from fedepic.config import sweep_section
+
+    settings, axes = sweep_section(cfg)
+    data, model = axes.get("attack.data"), axes.get("attack.model")
+    if data is None and model is None:
+        return [(cfg.attack.data, cfg.attack.model)]
+    data, model = data or [cfg.attack.data], model or [cfg.attack.model]
+    if any({"attack.data", "attack.model"} <= set(group) for group in settings.zip):
+        return list(zip(data, model))
+    return list(product(data, model))
+
+
+def attack_overrides(attack: Attack | None) -> list[str]:
+    return [] if attack is None else [f"attack.data={attack[0]}", f"attack.model={attack[1]}"]
+
+
+def run_one(job: tuple[str, int, Attack | None, str, list[str]]) -> tuple[int, Attack | None, str, list[dict], float]:
     import torch
 
     torch.set_num_threads(1)
     from fedepic.config import load_config
     from fedepic.peer_local import run_sequential
 
-    seed, member, overrides = job
-    cfg = load_config("gp_claim", [f"seed={seed}", "progress=false", *overrides])
+    config, seed, attack, member, overrides = job
+    cfg = load_config(config, [f"seed={seed}", "progress=false", *overrides, *attack_overrides(attack)])
     started = time.perf_counter()
     records = run_sequential(cfg, member)
-    return seed, member, records, time.perf_counter() - started
+    return seed, attack, member, records, time.perf_counter() - started
 
 
-def oracle_round_of(member: str, overrides: list[str]):
+def oracle_round_of(member: str, overrides: list[str], config: str = "gp_claim"):
     from fedepic.config import load_config, member_config
     from fedepic.extensions import oracle_round
 
-    return oracle_round(member_config(load_config("gp_claim", overrides), member)[1])
+    return oracle_round(member_config(load_config(config, overrides), member)[1])
 
 
 def at(records: list[dict], round_: int) -> dict:
@@ -63,38 +104,100 @@ def summarise(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="gp_claim", help="gp_claim, or gp_harm (the six attacks)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--table", type=Path, default=None, help="also write a Markdown table here")
     args, overrides = parser.parse_known_args()
     from fedepic.config import load_config
 
-    cfg = load_config("gp_claim", overrides)
+    cfg = load_config(args.config, overrides)
     members = list(cfg.strategies)
-    jobs = [(s, m, overrides) for s in args.seeds for m in members]
+    attacks = attack_list(cfg) if cfg.sweep else None
+    if attacks is None:
+        jobs = [(args.config, s, None, m, overrides) for s in args.seeds for m in members]
+    else:  # no-attack gossip first: the harm criterion's reference
+        jobs = [(args.config, s, a, m, overrides)
+                for a, ms in [(NO_ATTACK, ["gossip"]), *((a, members) for a in attacks)] for s in args.seeds for m in ms]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run_one, jobs))
     wall = time.perf_counter() - started
-    by = {(s, m): recs for s, m, recs, _ in results}
-    out: dict = {"benchmark": "gp_claim", "seeds": args.seeds, "rounds": cfg.rounds, "wall_s": round(wall, 1),
-                 "run_s_total": round(sum(r[3] for r in results), 1), "workers": args.workers,
-                 "cpus": os.cpu_count(), "overrides": overrides, "members": {}}
-    for m in members:
-        td = oracle_round_of(m, overrides)
-        # before: after round T_d - 1; after: after T_d + 1, the first step with a purified tracker (round
-        # T_d's step still used the tracker sent before the purification); later: T_d + 10
-        points = {"end": cfg.rounds, **({"before_td": td - 1, "at_td": td, "after_td": td + 1, "later_td": td + 10}
-                                        if td and td > 1 else {})}
-        last = [by[(s, m)][-1] for s in args.seeds]
-        detection = {k: summarise([r.get(f"detection_{k}") for r in last]) for k in ("precision", "recall")}
-        out["members"][m] = {"oracle_round": td, "detection": detection, **{
-            name: {k: summarise([at(by[(s, m)], r)[k] for s in args.seeds]) for k in METRICS}
-            for name, r in points.items()}}
-    out["claim"] = claim_check(out["members"])
+    by = {(s, a, m): recs for s, a, m, recs, _ in results}
+    out: dict = {"benchmark": "gp_claim", "config": args.config, "seeds": args.seeds, "rounds": cfg.rounds,
+                 "wall_s": round(wall, 1), "run_s_total": round(sum(r[4] for r in results), 1),
+                 "workers": args.workers, "cpus": os.cpu_count(), "overrides": overrides}
+    if attacks is None:
+        out["members"] = {m: member_summary({s: by[(s, None, m)] for s in args.seeds},
+                                            oracle_round_of(m, overrides, args.config), cfg.rounds) for m in members}
+        out["claim"] = claim_check(out["members"])
+    else:
+        out.update(per_attack(by, attacks, members, args.seeds, cfg.rounds,
+                              {m: oracle_round_of(m, overrides, args.config) for m in members}))
     print(json.dumps(out))
     if args.table:
-        args.table.write_text(markdown(out))
+        args.table.write_text(markdown(out) if attacks is None else harm_markdown(out))
+
+
+def member_summary(runs: dict[int, list[dict]], td, rounds: int) -> dict:
+    """One member's figures over the seeds (``runs``: seed -> records): at the end and, for an oracle
+    round ``td`` > 1, around it."""
+    # before: after round T_d - 1; after: after T_d + 1, the first step with a purified tracker (round
+    # T_d's step still used the tracker sent before the purification); later: T_d + 10
+    points = {"end": rounds, **({"before_td": td - 1, "at_td": td, "after_td": td + 1, "later_td": td + 10}
+                                if td and td > 1 else {})}
+    last = [recs[-1] for recs in runs.values()]
+    detection = {k: summarise([r.get(f"detection_{k}") for r in last]) for k in ("precision", "recall")}
+    return {"oracle_round": td, "detection": detection, **{
+        name: {k: summarise([at(recs, r)[k] for recs in runs.values()]) for k in METRICS}
+        for name, r in points.items()}}
+
+
+def per_attack(by: dict, attacks: list[Attack], members: list[str], seeds: list[int], rounds: int,
+               tds: dict) -> dict:
+    """The figures, harm check and claim check per attack, then averaged over the attacks."""
+    reference = member_summary({s: by[(s, NO_ATTACK, "gossip")] for s in seeds}, None, rounds)
+    result: dict = {"attacks": {}, "no_attack_gossip": reference}
+    for a in attacks:
+        ms = {m: member_summary({s: by[(s, a, m)] for s in seeds}, tds[m], rounds) for m in members}
+        result["attacks"][attack_name(a)] = {"members": ms, "harm": harm_check(ms.get("gossip"), reference),
+                                             "claim": claim_check(ms)}
+    averaged = {m: member_summary({s: averaged_records([by[(s, a, m)] for a in attacks]) for s in seeds}, None, rounds)
+                for m in members}
+    result["average"] = {"members": averaged, "harm": harm_check(averaged.get("gossip"), reference),
+                         "claim": claim_check(averaged)}
+    return result
+
+
+def averaged_records(runs: list[list[dict]]) -> list[dict]:
+    """One seed's evaluated records averaged over the attacks' runs, round by round (a metric a run
+    lacks, e.g. attack_success under a model attack, is averaged over the runs that have it)."""
+    rounds = sorted(set.intersection(*({r["round"] for r in recs if "mean_accuracy" in r} for recs in runs)))
+    out = []
+    for round_ in rounds:
+        figures = [at(recs, round_) for recs in runs]
+        lasts = [recs[-1] for recs in runs]
+        record = {"round": round_, **{k: mean_of([f[k] for f in figures]) for k in METRICS}}
+        if round_ == rounds[-1]:
+            record.update({f"detection_{k}": mean_of([r.get(f"detection_{k}") for r in lasts])
+                           for k in ("precision", "recall")})
+        out.append(record)
+    return out
+
+
+def mean_of(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def harm_check(gossip: dict | None, reference: dict) -> dict | None:
+    """The harm criterion: gossip's benign_label_accuracy at round 200 (3 seeds' mean) at least
+    ``HARM_DROP`` below no-attack gossip's."""
+    if gossip is None:
+        return None
+    attacked = gossip["end"]["benign_label_accuracy"]["mean"]
+    clean = reference["end"]["benign_label_accuracy"]["mean"]
+    return {"no_attack": clean, "attacked": attacked, "drop": clean - attacked, "harms": clean - attacked >= HARM_DROP}
 
 
 def claim_check(members: dict) -> dict:
@@ -105,12 +208,14 @@ def claim_check(members: dict) -> dict:
             continue
         gp = m["end"]
         margin = max(gp["exclusive_accuracy"]["spread"], ex["exclusive_accuracy"]["spread"])
+        asr = gp["attack_success"]["mean"], ex["attack_success"]["mean"]
         checks[name] = {
             "a_78_beats_exclude": gp["exclusive_accuracy"]["mean"] - ex["exclusive_accuracy"]["mean"] > margin,
-            "b_asr_within_2pts": abs(gp["attack_success"]["mean"] - ex["attack_success"]["mean"]) <= 0.02,
+            # n/a (None) without an attack success: a model attack has none
+            "b_asr_within_2pts": None if None in asr else abs(asr[0] - asr[1]) <= 0.02,
             "c_mean_at_least_upper": gp["mean_accuracy"]["mean"] >= up["mean_accuracy"]["mean"],
         }
-        checks[name]["holds"] = all(checks[name].values())
+        checks[name]["holds"] = all(v for v in checks[name].values() if v is not None)
     return checks
 
 
@@ -131,6 +236,42 @@ def markdown(out: dict) -> str:
         lines.append(f"| {name} | {m['oracle_round'] or '-'} | {cell(e['exclusive_accuracy'])} | "
                      f"{cell(e['attack_success'])} | {cell(e['clean_accuracy'])} | {cell(e['mean_accuracy'])} | "
                      f"{around} | {asr} | {cell(m['detection']['precision'])} / {cell(m['detection']['recall'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def harm_markdown(out: dict) -> str:
+    """Three tables for the attacks' run: the harm criterion, the members' figures, the claim check."""
+    def cell(s: dict) -> str:
+        return "n/a" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['spread'] / 2:.1f}"
+
+    def mark(v) -> str:
+        return "n/a" if v is None else ("yes" if v else "no")
+
+    sections = {**out["attacks"], "average of the six": out["average"]}
+    ref = out["no_attack_gossip"]["end"]
+    lines = [f"No-attack gossip: benign labels {cell(ref['benign_label_accuracy'])}, 7/8 "
+             f"{cell(ref['exclusive_accuracy'])}, mean {cell(ref['mean_accuracy'])}.", "",
+             "| attack | gossip benign labels | drop from no attack | harm criterion met | gossip ASR 6/9 |",
+             "|---|---|---|---|---|"]
+    for name, sec in sections.items():
+        g, h = sec["members"]["gossip"]["end"], sec["harm"]
+        lines.append(f"| {name} | {cell(g['benign_label_accuracy'])} | {100 * h['drop']:.1f} | {mark(h['harms'])} | "
+                     f"{cell(g['attack_success'])} |")
+    lines += ["", "| attack | member | T_d | 7/8 end | ASR 6/9 end | benign labels end | mean end | detection P / R |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, sec in sections.items():
+        for member, m in sec["members"].items():
+            e = m["end"]
+            lines.append(f"| {name} | {member} | {m['oracle_round'] or '-'} | {cell(e['exclusive_accuracy'])} | "
+                         f"{cell(e['attack_success'])} | {cell(e['benign_label_accuracy'])} | "
+                         f"{cell(e['mean_accuracy'])} | {cell(m['detection']['precision'])} / "
+                         f"{cell(m['detection']['recall'])} |")
+    lines += ["", "| attack | member | (a) 7/8 beats exclude_start | (b) ASR within 2 pts | (c) mean >= upper | holds |",
+              "|---|---|---|---|---|---|"]
+    for name, sec in sections.items():
+        for member, c in sec["claim"].items():
+            lines.append(f"| {name} | {member} | {mark(c['a_78_beats_exclude'])} | {mark(c['b_asr_within_2pts'])} | "
+                         f"{mark(c['c_mean_at_least_upper'])} | {mark(c['holds'])} |")
     return "\n".join(lines) + "\n"
 
 
