@@ -40,6 +40,7 @@ NO_ATTACK = ("none", "none")  # (attack.data, attack.model): the harm criterion'
 HARM_DROP = 0.05
 
 Attack = tuple[str, str]  # (attack.data, attack.model)
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 def attack_name(attack: Attack) -> str:
@@ -247,7 +248,8 @@ def harm_markdown(out: dict) -> str:
     def mark(v) -> str:
         return "n/a" if v is None else ("yes" if v else "no")
 
-    sections = {**out["attacks"], "average of the six": out["average"]}
+    count = len(out["attacks"])
+    sections = {**out["attacks"], f"average of the {NUMBER_WORDS.get(count, count)}": out["average"]}
     ref = out["no_attack_gossip"]["end"]
     lines = [f"No-attack gossip: benign labels {cell(ref['benign_label_accuracy'])}, 7/8 "
              f"{cell(ref['exclusive_accuracy'])}, mean {cell(ref['mean_accuracy'])}.", "",

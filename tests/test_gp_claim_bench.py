@@ -55,3 +55,116 @@ def test_the_benchmark_prints_one_json_line_and_a_table(tmp_path, data_root):
     assert gp["detection"]["recall"]["mean"] == 1.0  # the oracle confirmed every malicious neighbour
     assert set(result["claim"]) == {"gp_grad_td50"}
     assert "| gp_grad_td50 | 2 |" in table.read_text()
+
+
+# -- configs/gp_harm.yaml: the six attacks, the harm criterion, the per-attack and averaged checks --------
+
+
+def test_gp_harm_config_loads_with_the_six_attacks():
+    from fedepic.config import load_config, malicious_ids
+
+    bench = _bench()
+    cfg = load_config("gp_harm")
+    assert bench.attack_list(cfg) == [("label_flip", "none"), ("none", "sign_flip"), ("none", "gaussian"),
+                                      ("none", "alie"), ("none", "ipm"), ("none", "minmax")]
+    assert [bench.attack_name(a) for a in bench.attack_list(cfg)] == [
+        "label_flip", "sign_flip", "gaussian", "alie", "ipm", "minmax"]
+    assert bench.attack_name(bench.NO_ATTACK) == "none"
+    assert cfg.decentralized.algorithm == "dsgt" and cfg.rounds == 200 and malicious_ids(cfg) == [0, 5, 10, 15]
+    assert cfg.strategies == ["gossip", "exclude_start", "upper", "gp_grad_td5", "gp_grad_td20", "gp_grad_td50", "gp_grad"]
+    holders = {label: sorted(c for g in cfg.data.label_sets if label in g.labels for c in g.clients) for label in range(10)}
+    assert holders[6] == holders[9] == [0, 1, 2, 5, 6, 7, 10, 11, 12, 15, 16, 17]  # 8 benign + the 4 malicious
+    assert holders[7] == holders[8] == [0, 5, 10, 15]  # only the malicious nodes
+    # gp_claim.yaml has no attack axes: its one attack
+    assert bench.attack_list(load_config("gp_claim")) == [("label_flip", "none")]
+
+
+def test_attack_list_takes_every_combination_without_zip():
+    from fedepic.config import load_config
+
+    cfg = load_config("gp_claim", ["sweep.attack.data=[none,label_flip]", "sweep.attack.model=[none,ipm]"])
+    assert _bench().attack_list(cfg) == [("none", "none"), ("none", "ipm"), ("label_flip", "none"),
+                                         ("label_flip", "ipm")]
+
+
+def test_harm_check_is_a_five_point_drop_of_benign_label_accuracy():
+    bench = _bench()
+    stat = lambda m: {"end": {"benign_label_accuracy": {"mean": m, "spread": 0.0}}}  # noqa: E731
+    met = bench.harm_check(stat(0.70), stat(0.75))  # exactly 5 points below: met
+    assert met["harms"] and abs(met["drop"] - 0.05) < 1e-12 and met["no_attack"] == 0.75 and met["attacked"] == 0.70
+    assert not bench.harm_check(stat(0.71), stat(0.75))["harms"]  # 4 points: not met
+    assert not bench.harm_check(stat(0.80), stat(0.75))["harms"]  # better than no attack
+    assert bench.harm_check(None, stat(0.75)) is None  # no gossip member: nothing to check
+
+
+def test_claim_check_without_attack_success_is_a_and_c():
+    bench = _bench()
+    members = {"exclude_start": _end(0.0, 0.0, None, 0.70), "upper": _end(0.0, 0.0, None, 0.64),
+               "gp_grad": _end(0.30, 0.0, None, 0.65), "gp_grad_td5": _end(0.30, 0.0, None, 0.60)}
+    checks = bench.claim_check(members)
+    assert checks["gp_grad"] == {"a_78_beats_exclude": True, "b_asr_within_2pts": None,
+                                 "c_mean_at_least_upper": True, "holds": True}
+    assert checks["gp_grad_td5"]["holds"] is False  # (c) fails: 0.60 < 0.64
+
+
+def _records(e78, asr, benign, mean, precision=None) -> list[dict]:
+    end = {"round": 200, "exclusive_accuracy": e78, "clean_accuracy": benign, "benign_label_accuracy": benign,
+           "mean_accuracy": mean, **({} if asr is None else {"attack_success": asr}),
+           **({} if precision is None else {"detection_precision": precision, "detection_recall": 1.0})}
+    return [{"round": 100, **{k: v for k, v in end.items() if k != "round"}}, end]
+
+
+def test_per_attack_reports_each_attack_and_their_average():
+    bench = _bench()
+    flip, sign = ("label_flip", "none"), ("none", "sign_flip")
+    by = {}
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        by[(seed, bench.NO_ATTACK, "gossip")] = _records(0.8, None, 0.90 + shift, 0.88)
+        by[(seed, flip, "gossip")] = _records(0.7, 0.40, 0.80 + shift, 0.78)  # 10 points below: harms
+        by[(seed, sign, "gossip")] = _records(0.0, None, 0.88 + shift, 0.70)  # 2 points below: does not
+        for a in (flip, sign):
+            by[(seed, a, "exclude_start")] = _records(0.0, 0.01 if a == flip else None, 0.92, 0.74, 1.0)
+            by[(seed, a, "upper")] = _records(0.0, 0.01 if a == flip else None, 0.90, 0.72)
+            by[(seed, a, "gp_grad")] = _records(0.5 if a == flip else 0.1, 0.02 if a == flip else None, 0.9, 0.80, 0.5)
+    out = bench.per_attack(by, [flip, sign], ["gossip", "exclude_start", "upper", "gp_grad"], [0, 1], 200,
+                           {"gossip": None, "exclude_start": 1, "upper": None, "gp_grad": None})
+    assert list(out["attacks"]) == ["label_flip", "sign_flip"]
+    assert out["attacks"]["label_flip"]["harm"]["harms"] and not out["attacks"]["sign_flip"]["harm"]["harms"]
+    assert abs(out["attacks"]["label_flip"]["harm"]["drop"] - 0.10) < 1e-9
+    assert abs(out["attacks"]["sign_flip"]["harm"]["drop"] - 0.02) < 1e-9
+    assert out["attacks"]["label_flip"]["claim"]["gp_grad"]["holds"]  # 0.5 > 0, ASR +1 point, 0.80 >= 0.72
+    assert out["attacks"]["sign_flip"]["claim"]["gp_grad"]["b_asr_within_2pts"] is None
+    avg = out["average"]["members"]
+    assert abs(avg["gp_grad"]["end"]["exclusive_accuracy"]["mean"] - 0.30) < 1e-9  # (0.5 + 0.1) / 2
+    assert abs(avg["gossip"]["end"]["benign_label_accuracy"]["mean"] - 0.85) < 1e-9  # (0.81 + 0.89) / 2
+    assert abs(avg["gossip"]["end"]["attack_success"]["mean"] - 0.40) < 1e-9  # only label_flip has one
+    assert abs(avg["gp_grad"]["detection"]["precision"]["mean"] - 0.5) < 1e-9
+    assert abs(out["average"]["harm"]["drop"] - 0.06) < 1e-9  # 0.91 - 0.85
+    assert out["average"]["harm"]["harms"] and out["average"]["claim"]["gp_grad"]["holds"]
+    table = bench.harm_markdown(out)
+    assert "| label_flip | 81.0 ± 1.0 | 10.0 | yes | 40.0 ± 0.0 |" in table
+    assert "| sign_flip | 89.0 ± 1.0 | 2.0 | no | n/a |" in table
+    assert "| sign_flip | gp_grad | yes | n/a | yes | yes |" in table  # 0.1 beats 0.0 by more than the spread 0
+    assert "| average of the two | gp_grad | yes | yes | yes | yes |" in table
+
+
+def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
+    table = tmp_path / "harm.md"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gp_claim.py"), "--config", "gp_harm", "--seeds", "0",
+         "--workers", "2", "--table", str(table), "rounds=2", "data.train_per_class=20", "data.test_per_class=5",
+         "sweep.attack.data=[label_flip,none]", "sweep.attack.model=[none,ipm]",
+         "strategies=[gossip,exclude_start,upper,gp_grad_td50]"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+        env={**__import__("os").environ, "FEDEPIC_DATA": str(data_root), "FLWR_TELEMETRY_ENABLED": "0"})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(result["attacks"]) == ["label_flip", "ipm"]
+    assert set(result["attacks"]["ipm"]["members"]) == {"gossip", "exclude_start", "upper", "gp_grad_td50"}
+    assert result["attacks"]["label_flip"]["members"]["gossip"]["end"]["attack_success"]["mean"] is not None
+    assert result["attacks"]["ipm"]["members"]["gossip"]["end"]["attack_success"]["mean"] is None
+    assert result["no_attack_gossip"]["end"]["attack_success"]["mean"] is None
+    assert set(result["attacks"]["ipm"]["claim"]) == {"gp_grad_td50"} and "harms" in result["average"]["harm"]
+    # upper never hears a malicious node: the same figures under either attack
+    ends = [result["attacks"][a]["members"]["upper"]["end"]["mean_accuracy"]["mean"] for a in ("label_flip", "ipm")]
+    assert ends[0] == ends[1]
+    assert "| average of the two | gp_grad_td50 |" in table.read_text()
