@@ -13,17 +13,21 @@ exclude-from-the-start and upper at each T_d:
   (c) GP's final mean accuracy is at least upper's.
 
 With a config whose ``sweep:`` has attack axes (configs/gp_harm.yaml: the six attacks, attack.data and
-attack.model zipped), every member runs under each attack, and gossip also runs under no attack
-(``attack.data=none attack.model=none``) as the harm criterion's reference; the JSON line then holds,
+attack.model zipped), every member runs under each attack, and gossip, when a member, also runs under
+no attack (``attack.data=none attack.model=none``) as the harm criterion's reference; the JSON line then holds,
 per attack and averaged over the attacks (each seed's figure averaged over the attacks, then mean and
 spread over the seeds): the members' figures, the harm check (gossip's benign_label_accuracy at least
 ``HARM_DROP`` below no-attack gossip's, 3 seeds' means) and the claim check. Only label_flip has an
 attack success, so (b) is n/a (null) under a model attack and ``holds`` is then (a) and (c).
+A member no malicious message reaches (``upper``, ``exclude_start``: :func:`attack_free`) runs under
+the first attack only and stands for the others. ``--records DIR`` saves each run's records and reads
+them back on a later call (a run interrupted, or a second call adding members, redoes nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -70,18 +74,53 @@ def attack_overrides(attack: Attack | None) -> list[str]:
     return [] if attack is None else [f"attack.data={attack[0]}", f"attack.model={attack[1]}"]
 
 
-def run_one(job: tuple[str, int, Attack | None, str, list[str]]) -> tuple[int, Attack | None, str, list[dict], float]:
+def run_one(job: tuple[str, int, Attack | None, str, list[str], Path | None]
+            ) -> tuple[int, Attack | None, str, list[dict], float]:
+    """One (seed, attack, member) run in process; with a records folder, its records are read from there
+    when an earlier call saved them (0 s), else saved there."""
+    config, seed, attack, member, overrides, folder = job
+    saved = None if folder is None else folder / record_file(config, seed, attack, member, overrides)
+    if saved is not None and saved.exists():
+        return seed, attack, member, json.loads(saved.read_text()), 0.0
     import torch
 
     torch.set_num_threads(1)
     from fedepic.config import load_config
     from fedepic.peer_local import run_sequential
 
-    config, seed, attack, member, overrides = job
     cfg = load_config(config, [f"seed={seed}", "progress=false", *overrides, *attack_overrides(attack)])
     started = time.perf_counter()
     records = run_sequential(cfg, member)
-    return seed, attack, member, records, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if saved is not None:
+        saved.write_text(json.dumps(records))
+    return seed, attack, member, records, seconds
+
+
+def record_file(config: str, seed: int, attack: Attack | None, member: str, overrides: list[str]) -> str:
+    """The records file of one run: its config, seed, attack, member and a digest of the overrides."""
+    digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
+    return f"{config}-seed{seed}-{'config' if attack is None else '_'.join(attack)}-{member}-{digest}.json"
+
+
+def attack_free(cfg, member: str) -> bool:
+    """Whether no malicious message ever reaches the member's benign nodes, so that the attack cannot
+    change its run: ``upper`` (the router drops every benign-malicious edge) and an oracle exclusion
+    from the first round (``exclude_start``). tests/test_gp_claim_bench.py checks both equal under two attacks."""
+    from fedepic.config import member_config
+    from fedepic.extensions import PEER_RULES, oracle_round
+
+    rule, member_cfg = member_config(cfg, member)
+    return PEER_RULES.has(rule, "benign_graph") or (rule == "exclude" and oracle_round(member_cfg) == 1)
+
+
+def reused(records: list[dict], ran_under: Attack, attack: Attack) -> list[dict]:
+    """An attack-free member's records under ``ran_under`` standing for ``attack``: the figures that
+    depend on the data attack's labels (attack_success; clean_accuracy, whose labels exclude the
+    flipped ones) are left out when the two data attacks differ."""
+    if ran_under[0] == attack[0]:
+        return records
+    return [{k: v for k, v in r.items() if k not in ("attack_success", "clean_accuracy")} for r in records]
 
 
 def oracle_round_of(member: str, overrides: list[str], config: str = "gp_claim"):
@@ -109,25 +148,38 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--table", type=Path, default=None, help="also write a Markdown table here")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="a folder: each run's records are saved there, and read back by a later call")
     args, overrides = parser.parse_known_args()
     from fedepic.config import load_config
 
     cfg = load_config(args.config, overrides)
     members = list(cfg.strategies)
     attacks = attack_list(cfg) if cfg.sweep else None
+    if args.records:
+        args.records.mkdir(parents=True, exist_ok=True)
+    job = lambda s, a, m: (args.config, s, a, m, overrides, args.records)  # noqa: E731
     if attacks is None:
-        jobs = [(args.config, s, None, m, overrides) for s in args.seeds for m in members]
-    else:  # no-attack gossip first: the harm criterion's reference
-        jobs = [(args.config, s, a, m, overrides)
-                for a, ms in [(NO_ATTACK, ["gossip"]), *((a, members) for a in attacks)] for s in args.seeds for m in ms]
+        jobs = [job(s, None, m) for s in args.seeds for m in members]
+    else:  # no-attack gossip first (the harm criterion's reference, with gossip); attack-free members: the first attack
+        free = {m for m in members if attack_free(cfg, m)}
+        reference = [(NO_ATTACK, ["gossip"])] if "gossip" in members else []
+        jobs = [job(s, a, m) for a, ms in [*reference, *((a, members) for a in attacks)]
+                for s in args.seeds for m in ms if m not in free or a in (NO_ATTACK, attacks[0])]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run_one, jobs))
     wall = time.perf_counter() - started
     by = {(s, a, m): recs for s, a, m, recs, _ in results}
+    if attacks is not None:
+        for s, a, m in [(s, a, m) for s in args.seeds for a in attacks[1:] for m in free]:
+            by[(s, a, m)] = reused(by[(s, attacks[0], m)], attacks[0], a)
     out: dict = {"benchmark": "gp_claim", "config": args.config, "seeds": args.seeds, "rounds": cfg.rounds,
                  "wall_s": round(wall, 1), "run_s_total": round(sum(r[4] for r in results), 1),
-                 "workers": args.workers, "cpus": os.cpu_count(), "overrides": overrides}
+                 "workers": args.workers, "cpus": os.cpu_count(), "overrides": overrides, "runs": len(jobs),
+                 "runs_read_back": sum(r[4] == 0.0 for r in results)}
+    if attacks is not None:
+        out["attack_free_members"] = sorted(free)
     if attacks is None:
         out["members"] = {m: member_summary({s: by[(s, None, m)] for s in args.seeds},
                                             oracle_round_of(m, overrides, args.config), cfg.rounds) for m in members}
@@ -157,7 +209,8 @@ def member_summary(runs: dict[int, list[dict]], td, rounds: int) -> dict:
 def per_attack(by: dict, attacks: list[Attack], members: list[str], seeds: list[int], rounds: int,
                tds: dict) -> dict:
     """The figures, harm check and claim check per attack, then averaged over the attacks."""
-    reference = member_summary({s: by[(s, NO_ATTACK, "gossip")] for s in seeds}, None, rounds)
+    reference = (member_summary({s: by[(s, NO_ATTACK, "gossip")] for s in seeds}, None, rounds)
+                 if "gossip" in members else None)
     result: dict = {"attacks": {}, "no_attack_gossip": reference}
     for a in attacks:
         ms = {m: member_summary({s: by[(s, a, m)] for s in seeds}, tds[m], rounds) for m in members}
@@ -191,10 +244,10 @@ def mean_of(values: list) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def harm_check(gossip: dict | None, reference: dict) -> dict | None:
+def harm_check(gossip: dict | None, reference: dict | None) -> dict | None:
     """The harm criterion: gossip's benign_label_accuracy at round 200 (3 seeds' mean) at least
     ``HARM_DROP`` below no-attack gossip's."""
-    if gossip is None:
+    if gossip is None or reference is None:
         return None
     attacked = gossip["end"]["benign_label_accuracy"]["mean"]
     clean = reference["end"]["benign_label_accuracy"]["mean"]
@@ -250,16 +303,19 @@ def harm_markdown(out: dict) -> str:
 
     count = len(out["attacks"])
     sections = {**out["attacks"], f"average of the {NUMBER_WORDS.get(count, count)}": out["average"]}
-    ref = out["no_attack_gossip"]["end"]
-    lines = [f"No-attack gossip: benign labels {cell(ref['benign_label_accuracy'])}, 7/8 "
-             f"{cell(ref['exclusive_accuracy'])}, mean {cell(ref['mean_accuracy'])}.", "",
-             "| attack | gossip benign labels | drop from no attack | harm criterion met | gossip ASR 6/9 |",
-             "|---|---|---|---|---|"]
-    for name, sec in sections.items():
-        g, h = sec["members"]["gossip"]["end"], sec["harm"]
-        lines.append(f"| {name} | {cell(g['benign_label_accuracy'])} | {100 * h['drop']:.1f} | {mark(h['harms'])} | "
-                     f"{cell(g['attack_success'])} |")
-    lines += ["", "| attack | member | T_d | 7/8 end | ASR 6/9 end | benign labels end | mean end | detection P / R |",
+    lines = []
+    if out["no_attack_gossip"] is not None:
+        ref = out["no_attack_gossip"]["end"]
+        lines += [f"No-attack gossip: benign labels {cell(ref['benign_label_accuracy'])}, 7/8 "
+                  f"{cell(ref['exclusive_accuracy'])}, mean {cell(ref['mean_accuracy'])}.", "",
+                  "| attack | gossip benign labels | drop from no attack | harm criterion met | gossip ASR 6/9 |",
+                  "|---|---|---|---|---|"]
+        for name, sec in sections.items():
+            g, h = sec["members"]["gossip"]["end"], sec["harm"]
+            lines.append(f"| {name} | {cell(g['benign_label_accuracy'])} | {100 * h['drop']:.1f} | "
+                         f"{mark(h['harms'])} | {cell(g['attack_success'])} |")
+        lines.append("")
+    lines += ["| attack | member | T_d | 7/8 end | ASR 6/9 end | benign labels end | mean end | detection P / R |",
               "|---|---|---|---|---|---|---|---|"]
     for name, sec in sections.items():
         for member, m in sec["members"].items():

@@ -146,25 +146,62 @@ def test_per_attack_reports_each_attack_and_their_average():
     assert "| sign_flip | 89.0 ± 1.0 | 2.0 | no | n/a |" in table
     assert "| sign_flip | gp_grad | yes | n/a | yes | yes |" in table  # 0.1 beats 0.0 by more than the spread 0
     assert "| average of the two | gp_grad | yes | yes | yes | yes |" in table
+    # without gossip: no reference run, no harm check, the claim check as before
+    alone = bench.per_attack({k: v for k, v in by.items() if k[2] != "gossip"}, [flip, sign],
+                             ["exclude_start", "upper", "gp_grad"], [0, 1], 200,
+                             {"exclude_start": 1, "upper": None, "gp_grad": None})
+    assert alone["no_attack_gossip"] is None and alone["attacks"]["label_flip"]["harm"] is None
+    assert alone["average"]["claim"] == out["average"]["claim"]
+    assert "harm criterion" not in bench.harm_markdown(alone)
 
 
 def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
-    table = tmp_path / "harm.md"
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gp_claim.py"), "--config", "gp_harm", "--seeds", "0",
-         "--workers", "2", "--table", str(table), "rounds=2", "data.train_per_class=20", "data.test_per_class=5",
-         "sweep.attack.data=[label_flip,none]", "sweep.attack.model=[none,ipm]",
-         "strategies=[gossip,exclude_start,upper,gp_grad_td50]"],
-        capture_output=True, text=True, check=True, cwd=REPO,
-        env={**__import__("os").environ, "FEDEPIC_DATA": str(data_root), "FLWR_TELEMETRY_ENABLED": "0"})
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    table, records = tmp_path / "harm.md", tmp_path / "records"
+    command = [sys.executable, str(REPO / "benchmarks" / "gp_claim.py"), "--config", "gp_harm", "--seeds", "0",
+               "--workers", "2", "--table", str(table), "--records", str(records), "rounds=2",
+               "data.train_per_class=20", "data.test_per_class=5", "sweep.attack.data=[label_flip,none]",
+               "sweep.attack.model=[none,ipm]", "strategies=[gossip,exclude_start,upper,gp_grad_td50]"]
+    env = {**__import__("os").environ, "FEDEPIC_DATA": str(data_root), "FLWR_TELEMETRY_ENABLED": "0"}
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO,
+                                       env=env).stdout.strip().splitlines()[-1])
     assert list(result["attacks"]) == ["label_flip", "ipm"]
+    assert result["attack_free_members"] == ["exclude_start", "upper"]
+    assert result["runs"] == 1 + 4 + 2 and result["runs_read_back"] == 0  # no-attack gossip; 4 + 2 members
     assert set(result["attacks"]["ipm"]["members"]) == {"gossip", "exclude_start", "upper", "gp_grad_td50"}
     assert result["attacks"]["label_flip"]["members"]["gossip"]["end"]["attack_success"]["mean"] is not None
-    assert result["attacks"]["ipm"]["members"]["gossip"]["end"]["attack_success"]["mean"] is None
+    for member in ("gossip", "upper", "exclude_start"):  # a model attack has no attack success
+        assert result["attacks"]["ipm"]["members"][member]["end"]["attack_success"]["mean"] is None
     assert result["no_attack_gossip"]["end"]["attack_success"]["mean"] is None
     assert set(result["attacks"]["ipm"]["claim"]) == {"gp_grad_td50"} and "harms" in result["average"]["harm"]
-    # upper never hears a malicious node: the same figures under either attack
-    ends = [result["attacks"][a]["members"]["upper"]["end"]["mean_accuracy"]["mean"] for a in ("label_flip", "ipm")]
-    assert ends[0] == ends[1]
     assert "| average of the two | gp_grad_td50 |" in table.read_text()
+    assert len(list(records.glob("*.json"))) == 7
+    again = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO,
+                                      env=env).stdout.strip().splitlines()[-1])
+    assert again["runs_read_back"] == 7 and again["attacks"] == result["attacks"]
+
+
+def test_upper_and_exclude_start_are_the_same_under_any_attack(data_root, monkeypatch):
+    """What lets the benchmark run them under the first attack only (attack_free)."""
+    import torch
+
+    from fedepic.config import load_config
+
+    monkeypatch.setenv("FEDEPIC_DATA", str(data_root))
+    threads = torch.get_num_threads()  # run_one sets one thread
+    bench = _bench()
+    small = ["rounds=3", "data.train_per_class=20", "data.test_per_class=5", "train.eval_every=1"]
+    cfg = load_config("gp_harm", small)
+    assert [m for m in cfg.strategies if bench.attack_free(cfg, m)] == ["exclude_start", "upper"]
+    keys = ("mean_accuracy", "benign_label_accuracy", "exclusive_accuracy", "per_class")
+    for member in ("exclude_start", "upper"):
+        runs = [bench.run_one(("gp_harm", 0, attack, member, small, None))[3]
+                for attack in (("label_flip", "none"), ("none", "sign_flip"), ("none", "gaussian"))]
+        figures = [[{k: r[k] for k in keys} for r in recs if "mean_accuracy" in r] for recs in runs]
+        assert len(figures[0]) == 3 and figures[0] == figures[1] == figures[2]
+    gossip = [bench.run_one(("gp_harm", 0, attack, "gossip", small, None))[3][-1]["mean_accuracy"]
+              for attack in (("label_flip", "none"), ("none", "sign_flip"))]
+    torch.set_num_threads(threads)
+    assert gossip[0] != gossip[1]  # the attack does reach gossip's nodes
+    flip_only = bench.reused([{"round": 1, "mean_accuracy": 0.5, "attack_success": 0.2, "clean_accuracy": 0.6}],
+                             ("label_flip", "none"), ("none", "ipm"))
+    assert flip_only == [{"round": 1, "mean_accuracy": 0.5}]
