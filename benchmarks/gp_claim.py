@@ -27,6 +27,7 @@ them back on a later call (a run interrupted, or a second call adding members, r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -77,18 +78,21 @@ def attack_overrides(attack: Attack | None) -> list[str]:
 def run_one(job: tuple[str, int, Attack | None, str, list[str], Path | None]
             ) -> tuple[int, Attack | None, str, list[dict], float]:
     """One (seed, attack, member) run in process; with a records folder, its records are read from there
-    when an earlier call saved them (0 s), else saved there."""
+    when an earlier call saved the same run (same resolved config and member: 0 s), else saved there."""
     config, seed, attack, member, overrides, folder = job
-    saved = None if folder is None else folder / record_file(config, seed, attack, member, overrides)
+    from fedepic.config import load_config, to_yaml
+
+    cfg = load_config(config, [f"seed={seed}", "progress=false", *overrides, *attack_overrides(attack)])
+    # the digest leaves out the sweep section, which no single run reads (the attack list, the seeds)
+    resolved = to_yaml(dataclasses.replace(cfg, sweep={}))
+    saved = None if folder is None else folder / record_file(config, seed, attack, member, resolved)
     if saved is not None and saved.exists():
         return seed, attack, member, json.loads(saved.read_text()), 0.0
     import torch
 
     torch.set_num_threads(1)
-    from fedepic.config import load_config
     from fedepic.peer_local import run_sequential
 
-    cfg = load_config(config, [f"seed={seed}", "progress=false", *overrides, *attack_overrides(attack)])
     started = time.perf_counter()
     records = run_sequential(cfg, member)
     seconds = time.perf_counter() - started
@@ -97,9 +101,11 @@ def run_one(job: tuple[str, int, Attack | None, str, list[str], Path | None]
     return seed, attack, member, records, seconds
 
 
-def record_file(config: str, seed: int, attack: Attack | None, member: str, overrides: list[str]) -> str:
-    """The records file of one run: its config, seed, attack, member and a digest of the overrides."""
-    digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
+def record_file(config: str, seed: int, attack: Attack | None, member: str, resolved: str) -> str:
+    """The records file of one run: its config's name, seed, attack and member, and a digest of the
+    resolved config (``resolved``: its YAML), so that an edited config file or other overrides never
+    read back another run's records."""
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
     return f"{config}-seed{seed}-{'config' if attack is None else '_'.join(attack)}-{member}-{digest}.json"
 
 

@@ -73,7 +73,7 @@ def test_gp_harm_config_loads_with_the_six_attacks():
     assert cfg.decentralized.algorithm == "dsgt" and cfg.rounds == 200 and malicious_ids(cfg) == [0, 5, 10, 15]
     assert cfg.strategies == ["gossip", "exclude_start", "upper", "gp_grad_td5", "gp_grad_td20", "gp_grad_td50", "gp_grad"]
     holders = {label: sorted(c for g in cfg.data.label_sets if label in g.labels for c in g.clients) for label in range(10)}
-    assert holders[6] == holders[9] == [0, 1, 2, 5, 6, 7, 10, 11, 12, 15, 16, 17]  # 8 benign + the 4 malicious
+    assert holders[6] == holders[9] == [0, 1, 5, 10, 11, 15]  # 2 benign + the 4 malicious
     assert holders[7] == holders[8] == [0, 5, 10, 15]  # only the malicious nodes
     # gp_claim.yaml has no attack axes: its one attack
     assert bench.attack_list(load_config("gp_claim")) == [("label_flip", "none")]
@@ -178,6 +178,15 @@ def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
     again = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO,
                                       env=env).stdout.strip().splitlines()[-1])
     assert again["runs_read_back"] == 7 and again["attacks"] == result["attacks"]
+    other = json.loads(subprocess.run([*command, "train.lr=0.02"], capture_output=True, text=True, check=True,
+                                      cwd=REPO, env=env).stdout.strip().splitlines()[-1])
+    assert other["runs_read_back"] == 0  # another config: nothing read back
+    assert len(list(records.glob("*.json"))) == 14
+    fewer = json.loads(subprocess.run([*command, "sweep.attack.data=[none]", "sweep.attack.model=[ipm]"],
+                                      capture_output=True, text=True, check=True, cwd=REPO,
+                                      env=env).stdout.strip().splitlines()[-1])
+    assert list(fewer["attacks"]) == ["ipm"] and fewer["runs"] == 5 and fewer["runs_read_back"] == 3
+    assert fewer["attacks"]["ipm"]["members"]["gossip"] == result["attacks"]["ipm"]["members"]["gossip"]
 
 
 def test_upper_and_exclude_start_are_the_same_under_any_attack(data_root, monkeypatch):
