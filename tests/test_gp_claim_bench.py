@@ -159,8 +159,8 @@ def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
     table, records = tmp_path / "harm.md", tmp_path / "records"
     command = [sys.executable, str(REPO / "benchmarks" / "gp_claim.py"), "--config", "gp_harm", "--seeds", "0",
                "--workers", "2", "--table", str(table), "--records", str(records), "rounds=2",
-               "data.train_per_class=20", "data.test_per_class=5", "sweep.attack.data=[label_flip,none]",
-               "sweep.attack.model=[none,ipm]", "strategies=[gossip,exclude_start,upper,gp_grad_td50]"]
+               "data.train_per_class=20", "data.test_per_class=5", "strategies=[gossip,exclude_start,upper,gp_grad_td50]"]
+    base, command = command, [*command, "sweep.attack.data=[label_flip,none]", "sweep.attack.model=[none,ipm]"]
     env = {**__import__("os").environ, "FEDEPIC_DATA": str(data_root), "FLWR_TELEMETRY_ENABLED": "0"}
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO,
                                        env=env).stdout.strip().splitlines()[-1])
@@ -182,7 +182,7 @@ def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
                                       cwd=REPO, env=env).stdout.strip().splitlines()[-1])
     assert other["runs_read_back"] == 0  # another config: nothing read back
     assert len(list(records.glob("*.json"))) == 14
-    fewer = json.loads(subprocess.run([*command, "sweep.attack.data=[none]", "sweep.attack.model=[ipm]"],
+    fewer = json.loads(subprocess.run([*base, "sweep.attack.data=[none]", "sweep.attack.model=[ipm]"],
                                       capture_output=True, text=True, check=True, cwd=REPO,
                                       env=env).stdout.strip().splitlines()[-1])
     assert list(fewer["attacks"]) == ["ipm"] and fewer["runs"] == 5 and fewer["runs_read_back"] == 3
