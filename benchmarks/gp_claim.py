@@ -45,7 +45,7 @@ NO_ATTACK = ("none", "none")  # (attack.data, attack.model): the harm criterion'
 HARM_DROP = 0.05
 
 Attack = tuple[str, str]  # (attack.data, attack.model)
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 def attack_name(attack: Attack) -> str:
