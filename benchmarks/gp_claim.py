@@ -78,13 +78,15 @@ def attack_overrides(attack: Attack | None) -> list[str]:
 def run_one(job: tuple[str, int, Attack | None, str, list[str], Path | None]
             ) -> tuple[int, Attack | None, str, list[dict], float]:
     """One (seed, attack, member) run in process; with a records folder, its records are read from there
-    when an earlier call saved the same run (same resolved config and member: 0 s), else saved there."""
+    when an earlier call saved the same run (the member's resolved config: 0 s), else saved there."""
     config, seed, attack, member, overrides, folder = job
-    from fedepic.config import load_config, to_yaml
+    from fedepic.config import load_config, member_config, to_yaml
 
     cfg = load_config(config, [f"seed={seed}", "progress=false", *overrides, *attack_overrides(attack)])
-    # the digest leaves out the sweep section, which no single run reads (the attack list, the seeds)
-    resolved = to_yaml(dataclasses.replace(cfg, sweep={}))
+    # the digest is the member's own config (its variant merged), less what no single run reads: the
+    # sweep section (the attack list, the seeds) and the other members
+    rule, member_cfg = member_config(cfg, member)
+    resolved = rule + to_yaml(dataclasses.replace(member_cfg, sweep={}, strategies=[member], variants={}))
     saved = None if folder is None else folder / record_file(config, seed, attack, member, resolved)
     if saved is not None and saved.exists():
         return seed, attack, member, json.loads(saved.read_text()), 0.0

@@ -187,6 +187,10 @@ def test_the_benchmark_runs_gp_harm_per_attack(tmp_path, data_root):
                                       env=env).stdout.strip().splitlines()[-1])
     assert list(fewer["attacks"]) == ["ipm"] and fewer["runs"] == 5 and fewer["runs_read_back"] == 3
     assert fewer["attacks"]["ipm"]["members"]["gossip"] == result["attacks"]["ipm"]["members"]["gossip"]
+    one = json.loads(subprocess.run([*base[:-1], "strategies=[gp_grad_td50]", "sweep.attack.data=[label_flip,none]",
+                                     "sweep.attack.model=[none,ipm]"], capture_output=True, text=True, check=True,
+                                    cwd=REPO, env=env).stdout.strip().splitlines()[-1])
+    assert one["runs"] == 2 and one["runs_read_back"] == 2  # another members list reads the same runs back
 
 
 def test_upper_and_exclude_start_are_the_same_under_any_attack(data_root, monkeypatch):
