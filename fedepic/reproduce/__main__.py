@@ -172,7 +172,8 @@ def changed_protocol(replay, folder: Path, summary: dict, seeds: Sequence[int]) 
         return plan_sweep(load_config(str(replay.config_path()), [*replay.fixed_overrides(), *extra,
                                                                   f"sweep.seed=[{','.join(map(str, seeds))}]"])).key
 
-    if summary.get("key") == key([]):
+    shipped = key([])
+    if summary.get("key") == shipped:
         return [], []
     try:
         strategies = (yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}).get("strategies", [])
@@ -182,7 +183,7 @@ def changed_protocol(replay, folder: Path, summary: dict, seeds: Sequence[int]) 
                            summary.get("axes") or {})
     if subset and summary.get("key") == key(subset):
         return subset, []
-    return [], [f"(the folder's sweep key {summary.get('key')} is not the shipped config's {key([])}: it ran with "
+    return [], [f"(the folder's sweep key {summary.get('key')} is not the shipped config's {shipped}: it ran with "
                 "other settings; see its config.yaml)"]
 
 
