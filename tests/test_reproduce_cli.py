@@ -409,6 +409,18 @@ def test_overrides_that_keep_part_of_the_replay_are_a_subset_not_a_new_protocol(
     assert subset == ["strategies=[krum,centered_clipping]"] and changed == ["sweep.attack.model=[bit_flip]"]
 
 
+def test_overrides_of_where_and_how_a_sweep_runs_are_neither_subset_nor_protocol():
+    """sweep.parallel, progress, output_dir, the Ray settings: the sweep key ignores them, so the replay
+    keeps its verdicts (the name, which --from checks, stays a change)."""
+    from fedepic.reproduce.subset import split_overrides
+
+    dumbbell = replays.get("dumbbell")
+    subset, changed = split_overrides(str(dumbbell.config_path()), dumbbell.fixed_overrides(), [
+        "sweep.parallel=true", "progress=false", "output_dir=/tmp/x", "ray.num_cpus=2", "sweep.max_retries=0",
+        "name=other", "sweep.cell_cpus=2"])
+    assert subset == [] and changed == ["name=other", "sweep.cell_cpus=2"]
+
+
 def test_from_a_folder_that_ran_part_of_the_replay_reads_it_as_that_part(tmp_path):
     """--from recognises a sweep of the shipped config narrowed to some members and axis values: the same
     sweep key as the shipped config with those narrowing overrides; a folder with another key is a

@@ -4,7 +4,10 @@ A replay's sweep is its members (``strategies:``) times its sweep axes. An overr
 non-empty part of the shipped members (``strategies=[...]``), or of one axis's values
 (``sweep.<axis>=[...]``, an axis that is not zipped with another), runs some of the published cells
 exactly as shipped and leaves the others out: the comparison then says "missing" for those, and the
-cells it has keep their verdict. Any other override changes the protocol, and the table says so.
+cells it has keep their verdict. An override of a key that never changes what a cell computes (where
+and how the sweep is written and scheduled: ``fedepic.checkpoint.RESUMABLE_KEYS`` and
+``SWEEP_RESUMABLE_KEYS``, e.g. ``sweep.parallel=true`` or ``progress=false``) is neither: the sweep key
+ignores it too. Any other override changes the protocol, and the table says so.
 
 This is how a replay that cannot finish in the time a user has ships its reduced version (e.g. one
 split of the dumbbell, or two of the bucketing rules) without a second config. Cost: one config load.
@@ -16,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from fedepic.checkpoint import RESUMABLE_KEYS, SWEEP_RESUMABLE_KEYS
 from fedepic.config import load_config
 from fedepic.sweep.plan import sweep_section
 
@@ -41,15 +45,25 @@ def _narrows(values: Any, shipped: Sequence[Any]) -> bool:
         and all(v in shipped for v in values)
 
 
+def scheduling_only(key: str) -> bool:
+    """True for a key (or a key under a section) that never changes what a sweep cell computes; ``name``
+    aside, which names the sweep folder that ``--from`` checks."""
+    keys = [k for k in (*RESUMABLE_KEYS, *SWEEP_RESUMABLE_KEYS) if k != "name"]
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
 def split_overrides(config_path: str, fixed: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(subset, changed): the overrides that only narrow the replay's members or one unzipped sweep axis
-    to shipped values, and the rest (which change the protocol)."""
+    to shipped values, and those that change the protocol; overrides of :func:`scheduling_only` keys are
+    in neither."""
     members, axes, zipped = shipped_parts(config_path, fixed)
     subset, changed = [], []
     for item in overrides:
         key, _, text = item.partition("=")
         key = key.lstrip("-")
         values = _values(text)
+        if scheduling_only(key):
+            continue
         if key == "strategies":
             ok = _narrows(values, members)
         elif key.startswith("sweep.") and key[len("sweep."):] in axes and key[len("sweep."):] not in zipped:
