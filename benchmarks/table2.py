@@ -34,7 +34,6 @@ import math
 import multiprocessing as mp
 import os
 import signal
-import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait

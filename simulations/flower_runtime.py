@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from fedepic.config import ConfigError, RunConfig
-from fedepic.errors import RunInterrupted
 from fedepic.interrupts import Interrupts
 
 

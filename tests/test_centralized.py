@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedepic.attacks.gradient_matching import load_poisons
 from fedepic.config import DataConfig

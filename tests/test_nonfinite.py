@@ -12,7 +12,7 @@ from gp_factory import make_gp
 
 from strategies.epic_updates import epic_select_updates
 from strategies.aggregate import Aggregate, aggregate
-from strategies.gradient_purification import GradientPurification, PurificationState
+from strategies.gradient_purification import PurificationState
 from fedepic.extensions import PEER_RULES
 
 
