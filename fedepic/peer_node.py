@@ -441,9 +441,19 @@ def own_batch_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, round
     1 MOZI's second minibatch under its own step, drawn with replacement seeded (seed, round, node, 1):
     ``fedepic.algorithms.dsgd``) as a callable over flat models [k, D] (:func:`minibatch_losses` with
     ``model`` as the scratch module): MOZI's score (``strategies/mozi.py``), the same on both engines."""
-    images, labels = node_batch(x, y, cfg, round_, node) if draw == 0 else \
-        dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw))
+    images, labels = numbered_batch(x, y, cfg, round_, node, draw)
     return lambda rows: minibatch_losses(model, rows, images, labels)
+
+
+def numbered_batch(x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int, draw: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """Node ``node``'s minibatch number ``draw`` of ``round_`` from its rows ``x``, ``y``: the first
+    (``draw`` 0) is :func:`node_batch`, under ``train.sampler``, the one every algorithm's gradient takes;
+    the others (MOZI's B'_i under its own step) are drawn with replacement, seeded (seed, round, node,
+    draw) (:func:`batch_seed`)."""
+    if draw == 0:
+        return node_batch(x, y, cfg, round_, node)
+    return dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, draw))
 
 
 def batch_seed(cfg: RunConfig, round_: int, node: int, draw: int = 0) -> int:

@@ -54,8 +54,8 @@ from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.algorithms.dpsgd import aggregate_inbox
 from fedepic.config import RunConfig
 from fedepic.peer_node import (
-    AggregationReport, adapts_first, batch_seed, dsgd_momentum, dsgd_step, dsgt_batch, dsgt_gradients,
-    exchanged_state, keeps_momentum, node_batch,
+    AggregationReport, adapts_first, dsgd_momentum, dsgd_step, dsgt_gradients, exchanged_state, keeps_momentum,
+    numbered_batch,
 )
 from fedepic.vectors import flatten_state
 
@@ -87,8 +87,8 @@ def step_batches(x: Tensor, y: Tensor, cfg: RunConfig, round_: int, node: int, r
     also MOZI's B'_i, drawn with replacement seeded (seed, round, node, 1) (ClippedGossip's code
     back-propagates MOZI's batch without zeroing the trainer's gradient, so its step takes the sum:
     ``strategies/mozi.py``)."""
-    first = [node_batch(x, y, cfg, round_, node)]
-    return first + [dsgt_batch(x, y, cfg, batch_seed(cfg, round_, node, 1))] if own_step(cfg, rule) else first
+    draws = (0, 1) if own_step(cfg, rule) else (0,)
+    return [numbered_batch(x, y, cfg, round_, node, draw) for draw in draws]
 
 
 def steps_after_mix(cfg: RunConfig, rule: str) -> bool:
