@@ -19,8 +19,8 @@ The backends decide where steps 1 and 3 run: ``fedepic.peer_local`` (``LocalMemb
 ``simulations.dfl_apps.FlowerPeers`` (Flower ClientApps on Ray, one node per SuperNode; the Flower
 ServerApp only routes); what a node computes in them is its algorithm's node step
 (``fedepic.algorithms``), the same class on both. Everything else, the member loop (:func:`run_peer_member`: begin or resume
-from the sink, rounds, failure checks, checkpoints when due, the stop event, end) included, is written
-once, here. The engine imports neither Flower nor Ray (tests/test_layers.py).
+from the sink, then ``fedepic.member_loop.play_rounds``, the loop the server mode shares: rounds,
+failure checks, checkpoints when due, the stop event; end) included, is written once, here. The engine imports neither Flower nor Ray (tests/test_layers.py).
 
 Algorithms (``fedepic.peer_node`` has their equations and papers): dpsgd (Lian, Zhang, Zhang, Hsieh,
 Zhang, Liu, "Can decentralized algorithms outperform centralized algorithms? A case study for
@@ -61,11 +61,11 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from torch import Tensor
 
-from fedepic.checkpoint import checkpoint_due
 from fedepic.config import RunConfig, malicious_ids, member_config
-from fedepic.errors import RunFailed, RunInterrupted
+from fedepic.errors import RunFailed
 from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.failures import check_failures, last_line
+from fedepic.member_loop import PlayedRound, play_rounds
 from fedepic.peer_node import STATEFUL, eval_due, one_step
 from fedepic.peer_routing import (
     AttackTally, Routing, detection_record, detection_truth, divergence_counts, outgoing, receiver_defense,
@@ -293,14 +293,15 @@ def run_peer_member(cfg: RunConfig, member: Member, sink: RunSink, backend_for: 
     backend.restore(start.states)
     saved = dict(start.states)
     memory = dict(start.attack)  # a stateful attack's memory across rounds (mimic), checkpointed with the states
-    for round_ in range(start.round + 1, cfg.rounds + 1):
-        if stop is not None and stop.is_set():
-            raise RunInterrupted("interrupted")
-        due = checkpoint_due(cfg.checkpoint_every, round_, cfg.rounds)
+
+    def play(round_: int, due: bool) -> PlayedRound:
         record, states = play_round(backend, round_, collect=due, memory=memory)
-        sink.round(member, record)
-        check_failures(cfg, f"{member.name}, round {round_}", record["failures"], len(backend.setting.active))
-        if due:  # after check_failures: a resume redoes a round that failed the run
-            saved.update(states)
-            sink.checkpoint(member, round_, saved, **({"attack": memory} if memory else {}))
+        return PlayedRound(record, len(backend.setting.active), states)
+
+    def checkpoint(round_: int, played: PlayedRound) -> None:
+        saved.update(played.states)
+        sink.checkpoint(member, round_, saved, **({"attack": memory} if memory else {}))
+
+    play_rounds(cfg, member.name, start.round + 1, play, lambda played: sink.round(member, played.record),
+                checkpoint, stop)
     sink.end(member)

@@ -11,7 +11,9 @@ A member (one strategy of ``strategies:``) plays ``rounds`` rounds; each round i
 6. the server step: under ``server.protocol=per_step`` w <- w - eta (agg + lambda w), else w <- agg;
 7. evaluation of the global model, then one metrics record.
 
-The backends decide how steps 2 and 5 run; everything else is written once, here. The engine imports
+The backends decide how steps 2 and 5 run; everything else is written once, here, and the member
+loop around the rounds (stop, report, failure check, checkpoint) is ``fedepic.member_loop.play_rounds``,
+the decentralized mode's too. The engine imports
 neither Flower nor Ray (tests/test_layers.py).
 
 Per-step protocol (Karimireddy, He, Jaggi, "Learning from history for Byzantine robust optimization",
@@ -49,11 +51,10 @@ from fedepic.attacks import attack_success
 from fedepic.attacks.model_attacks import (
     AttackOutcome, honest_rows_needed, model_attack_arguments, needs_honest, run_model_attack,
 )
-from fedepic.checkpoint import checkpoint_due
 from fedepic.client_work import model_for, pack_epic_state, state_parameters, unpack_epic_state
 from fedepic.config import RunConfig, malicious_ids
 from fedepic.data import ImageData
-from fedepic.errors import RunInterrupted
+from fedepic.member_loop import PlayedRound, play_rounds
 from fedepic.metrics import nonfinite_model
 from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
@@ -498,18 +499,22 @@ def run_member(cfg: RunConfig, name: str, backend: ServerBackend, initial: dict[
         progress, first = Progress.from_state_dict(saved["progress"]), int(saved["round"]) + 1
         backend.load_state_dict(saved["strategy"])
         result.curves = with_x(saved["curves"])
-    record: dict = {}
-    for rnd in range(first, cfg.rounds + 1):
-        if stop.is_set():
-            raise RunInterrupted("interrupted")
-        record, asked = play_round(cfg, name, backend, rnd, evaluator, progress)
+
+    def play(rnd: int, due: bool) -> PlayedRound:
+        return PlayedRound(*play_round(cfg, name, backend, rnd, evaluator, progress))
+
+    def report(played: PlayedRound) -> None:
+        record = played.record
         member.log(record)
         if record["accuracy"] is not None:
-            append_point(result.curves, rnd, record["accuracy"], record["attack_success"])
-        check_failures(cfg, f"{name}, round {rnd}", record["failures"], asked)
-        if checkpoint_due(cfg.checkpoint_every, rnd, cfg.rounds):
-            save_member_checkpoint(member, {"member": name, "round": rnd, "progress": progress.state_dict(),
-                                            "strategy": backend.state_dict(), "curves": result.curves}, started)
+            append_point(result.curves, record["round"], record["accuracy"], record["attack_success"])
+
+    def checkpoint(rnd: int, played: PlayedRound) -> None:
+        save_member_checkpoint(member, {"member": name, "round": rnd, "progress": progress.state_dict(),
+                                        "strategy": backend.state_dict(), "curves": result.curves}, started)
+
+    last = play_rounds(cfg, name, first, play, report, checkpoint, stop, check_failures)
+    record = last.record if last is not None else {}
     recalls = progress.recalls
     result.row = {**member_row(name, result.curves, time.perf_counter() - started), **progress.tally.rates(),
                   "poison_recall": sum(recalls) / len(recalls) if recalls else None,
