@@ -51,6 +51,7 @@ from fedepic.centralized import (
 )
 from fedepic.config import RunConfig, load_config
 from fedepic.data import ImageData, load_dataset
+from fedepic.extensions import CENTRAL_DEFENSES
 from fedepic.progress import bar
 from fedepic.train import evaluate, fit, resolve_device
 
@@ -59,6 +60,11 @@ PAPER = {"none": {"attack_success": 0.25, "accuracy": 0.9248},
          "epic-0.1": {"attack_success": 0.027, "accuracy": 0.9092}}
 TARGET_PRETRAIN_SECONDS = 180  # issue 18: a 40-epoch ResNet-18 run on an H100-class GPU (paper: 15 min, A40)
 TARGET_BREW_SECONDS = 180
+
+
+def _base_has(defense: str, flag: str) -> bool:
+    """Whether the ``defense.compare`` member ``defense`` (``NAME`` or ``NAME-F``) is flagged ``flag``."""
+    return CENTRAL_DEFENSES.has(defense.partition("-")[0], flag)
 
 
 # ----------------------------------------------------------------------------- shared by main and workers
@@ -289,7 +295,7 @@ class Scheduler:
         self.brews_first = brews_first
         self.defenses = _ordered(defenses)
         # the member whose drop counts the controls replay, as in the centralized runner
-        self.first_epic = next((d for d in self.defenses if d.startswith("epic")), None)
+        self.first_epic = next((d for d in self.defenses if _base_has(d, "epic_selector")), None)
         self.earlier = {(o["target"], o["defense"]) for o in previous}
         self.previous_counts = {o["target"]: o.get("epic_counts") for o in previous if o["defense"] == self.first_epic}
         self.brews = [t for t in targets if t not in have_poisons]
@@ -311,7 +317,7 @@ class Scheduler:
         for d in self.defenses:
             if (t, d) in self.earlier:  # an earlier run's (--previous)
                 continue
-            if self.first_epic is not None and d.split("-")[0] in ("random", "loss") \
+            if self.first_epic is not None and _base_has(d, "replays_epic") \
                     and (t, self.first_epic) not in self.earlier:
                 self.waiting.setdefault(t, []).append(d)
             else:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from fedepic.attacks import attack_success, poison_rows
+from fedepic.attacks import attack_success, data_attack, poison_rows
 from fedepic.attacks.gradient_matching import (
     BrewConfig, PoisonSet, apply_poisons, brew_poisons, choose_setup, gradient_alignment, load_poisons, poison_mask,
     check_poisons, save_poisons, target_gradient,
@@ -28,7 +28,7 @@ from fedepic.config import ConfigError, RunConfig, TrainConfig
 from fedepic.data import ImageData, load_dataset
 from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
-from fedepic.extensions import CENTRAL_DEFENSES
+from fedepic.extensions import CENTRAL_DEFENSES, DATA_ATTACKS
 from fedepic.interrupts import Interrupts
 from fedepic.lifecycle import Comparison, MemberReport, RunLifecycle
 from fedepic.metrics import diverged, diverged_members, mean_and_se, poison_stats, success_rate
@@ -124,11 +124,11 @@ def _poison_trial(index: int, seed: int, data: ImageData, poisons: PoisonSet) ->
 
 def build_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: RunWriter, progress,
                  brewed: Optional[list] = None) -> list[Trial]:
-    if cfg.attack.data == "gradient_matching":
+    if DATA_ATTACKS.has(cfg.attack.data, "poison_set"):
         return _gradient_matching_trials(cfg, data, device, writer, progress, brewed)
+    fraction = data_attack(cfg.attack).central_fraction  # None: the attack draws no rows (none)
     rows = poison_rows(cfg.attack, data.train_x, data.train_y, data.num_classes,
-                       fraction=cfg.attack.budget if cfg.attack.data == "label_flip" else cfg.attack.backdoor_fraction,
-                       seed=cfg.seed)
+                       fraction=0.0 if fraction is None else fraction, seed=cfg.seed)
     return [Trial(t, cfg.seed + 1000 * t, rows.x, rows.y, rows.poisoned) for t in range(cfg.attack.targets)]
 
 
@@ -140,7 +140,8 @@ class DropPolicy:
         base, _, frac = name.partition("-")
         self.base, self.cfg, self.trial, self.keep, self.device = base, cfg, trial, keep, device
         self.schedule = epic_schedule(cfg, "epochs", float(frac) if frac else None)
-        self.epic = EpicState(len(keep), self.schedule, device=device) if base == "epic" else None
+        selects = CENTRAL_DEFENSES.has(base, "epic_selector")
+        self.epic = EpicState(len(keep), self.schedule, device=device) if selects else None
         if self.epic is not None:
             self.epic.keep = keep  # share the mask the training loop reads
         fallback = [int(trial.poisoned.sum()) or max(1, round(cfg.attack.budget * len(keep)))]
@@ -279,7 +280,12 @@ def _mean_of(outcomes: list[dict], key: str) -> Optional[float]:
 
 def _ordered(members: list[str]) -> list[str]:
     """EPIC members first: the controls replay the counts of the first EPIC member."""
-    return sorted(members, key=lambda m: 0 if m.startswith("epic") else 1)
+    return sorted(members, key=lambda m: 0 if _is_epic(m) else 1)
+
+
+def _is_epic(member: str) -> bool:
+    """Whether ``defense.compare`` member ``member`` (``NAME`` or ``NAME-F``) is EPIC itself (``epic_selector``)."""
+    return CENTRAL_DEFENSES.has(member.partition("-")[0], "epic_selector")
 
 
 def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
@@ -298,7 +304,7 @@ def run_centralized(cfg: RunConfig, *, interrupts: Optional[Interrupts] = None,
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = load_dataset(cfg.data, cfg.seed)  # before anything is written: a data error leaves no folder
-    if cfg.attack.data == "gradient_matching" and cfg.attack.poisons:  # a bad poison file too
+    if DATA_ATTACKS.has(cfg.attack.data, "poison_set") and cfg.attack.poisons:  # a bad poison file too
         check_poisons(load_poisons(cfg.attack.poisons), data.train_x, data.train_y, data.test_y, data.num_classes,
                       cfg.attack.eps)
     device = resolve_device(cfg.train.device)
@@ -329,7 +335,7 @@ def _root_figures(rows: list[dict], histogram: list[int]) -> dict:
 def _member_report(cfg: RunConfig, member: str, outcomes: list[dict]) -> MemberReport:
     """A member's summary (its trials so far), comparison row and test-accuracy curve: the mean over its
     finished trials at each evaluated epoch, with its standard error (fedepic.plots: "@se", "@x")."""
-    row = summarise(member, outcomes, cfg.attack.data == "gradient_matching") if outcomes else {}
+    row = summarise(member, outcomes, DATA_ATTACKS.has(cfg.attack.data, "poison_set")) if outcomes else {}
     return MemberReport({"defense": member, "trials_done": len(outcomes), "trials_detail": outcomes, **row}, row,
                         accuracy_curves([o["accuracy_curve"] for o in outcomes], cfg.train))
 
@@ -422,7 +428,7 @@ def _train_members(cfg: RunConfig, data: ImageData, device: torch.device, trials
             writer = _member_writer(cfg, member, outcomes, life, checkpoint)
             outcome, counts = train_victim(cfg, data, trial, member, device, writer, epic_counts, train_bar,
                                            checkpoint.victim(trial.index, member), save_victim)
-            if member.startswith("epic") and epic_counts is None:
+            if _is_epic(member) and epic_counts is None:
                 epic_counts = counts
             outcomes[member].append(outcome)
             life.root.log({"event": "trial", **{k: v for k, v in outcome.items() if k != "accuracy_curve"}})

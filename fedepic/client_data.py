@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fedepic.attacks import poison_rows
+from fedepic.attacks import data_attack, poison_rows
 from fedepic.config import ConfigError, RunConfig, malicious_ids, validate
 from fedepic.data import ImageData, cache_dir, default_root, load_dataset
+from fedepic.extensions import DATA_ATTACKS
 from fedepic.partition import label_histograms, partition
 
 
@@ -67,7 +68,7 @@ def _load_poison_set(path: str):
 
 def poison_set(cfg: RunConfig):
     """The saved Witches' Brew poison set for attack.data=gradient_matching (FL reuses, never brews)."""
-    if cfg.attack.data != "gradient_matching":
+    if not DATA_ATTACKS.has(cfg.attack.data, "poison_set"):
         return None
     if not cfg.attack.poisons:
         raise ConfigError("invalid value None for key 'attack.poisons': federated gradient_matching needs a saved "
@@ -94,6 +95,7 @@ def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,
     """Client `client_id`'s rows, attacked when it is malicious; deterministic from cfg.seed.
 
     Data attacks of a malicious client:
+    (the attack's ``client_fraction`` of its rows, or the poison set of an attack flagged ``poison_set``)
     - label_flip: every flippable row of the client (fraction 1.0; Tolpegin et al. 2020's setting);
     - backdoor: attack.backdoor_fraction of the client's non-target rows get the trigger (BadNets);
     - gradient_matching: the rows of the saved poison set (attack.poisons) that fall in this client's
@@ -107,11 +109,11 @@ def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,
     x, y = data.train_x[index], data.train_y[index]
     malicious = client_id in set(malicious_ids(cfg))
     poisoned = torch.zeros(len(y), dtype=torch.bool)
-    if malicious and cfg.attack.data in ("label_flip", "backdoor"):
-        fraction = 1.0 if cfg.attack.data == "label_flip" else cfg.attack.backdoor_fraction
+    fraction = data_attack(cfg.attack).client_fraction if malicious else None  # None: no rows drawn
+    if fraction is not None:
         attacked = poison_rows(cfg.attack, x, y, data.num_classes, fraction=fraction, seed=client_seed(cfg, client_id))
         x, y, poisoned = attacked.x, attacked.y, attacked.poisoned
-    elif malicious and cfg.attack.data == "gradient_matching":
+    elif malicious and DATA_ATTACKS.has(cfg.attack.data, "poison_set"):
         poisons = checked_poison_set(cfg, data)
         position = {int(r): i for i, r in enumerate(rows)}
         hits = [(position[int(r)], j) for j, r in enumerate(poisons.indices.tolist()) if int(r) in position]

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from fedepic.attacks.model_attacks import model_attack_arguments, needs_honest, run_model_attack
+from fedepic.attacks.model_attacks import acts_where_trained, model_attack_arguments, run_model_attack
 from fedepic.builders import build_model, epic_schedule
 from fedepic.client_data import ClientData, client_seed
 from fedepic.config import RunConfig
@@ -92,7 +92,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
             recall = poison_stats(~epic.keep, client.poisoned)["poison_recall"]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     attack_nonfinite = 0
-    if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
+    if client.is_malicious and acts_where_trained(cfg.attack.model):
         state, attack_nonfinite = _attacked(cfg, global_state, state, seed, parameter_mask(model, state))
     metrics = {
         # Flower's FedAvg weights by num-examples and divides by their sum: a client without rows sends the
@@ -149,7 +149,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
             momentum = client_momentum_(torch.zeros_like(gradient) if previous is None else previous.clone(),
                                         gradient, beta, form)
         sent, attack_nonfinite = momentum, 0
-        if client.is_malicious and cfg.attack.model != "none" and not needs_honest(cfg.attack.model):
+        if client.is_malicious and acts_where_trained(cfg.attack.model):
             outcome = run_model_attack(cfg.attack.model, momentum[mask][None], momentum[mask],
                                        torch.Generator().manual_seed(seed), **model_attack_arguments(cfg.attack))
             sent, attack_nonfinite = momentum.clone(), outcome.nonfinite

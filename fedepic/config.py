@@ -35,7 +35,6 @@ DSGD_ORDERS = ("combine_then_adapt", "adapt_then_combine")
 MIXINGS = ("metropolis", "uniform_max_degree", "uniform_degree")
 CLIENT_MOMENTUM_FORMS = ("ema", "heavy_ball")
 GROUP_NAME = r"[A-Za-z0-9_]+"
-SERVER_PROTOCOLS = ("local_epochs", "per_step")
 PURIFICATION_TARGETS = ("auto", "gradient", "weights", "none")
 VECTOR_FORMATS = ("pdf", "svg")  # figures.vector
 DPI_RANGE = (50, 600)  # figures.dpi
@@ -50,6 +49,7 @@ PROXIES = ("logits", "last_layer")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 # the names of the extension points come from their registries (fedepic/extensions.py)
 DATASETS = extensions.DATASETS.names()
+SERVER_PROTOCOLS = extensions.SERVER_PROTOCOLS.names()
 DATA_ATTACKS = extensions.DATA_ATTACKS.names()
 MODEL_ATTACKS = extensions.MODEL_ATTACKS.names()
 # a server member is a tensor rule (SERVER_RULES; on Ray, Flower's strategy of the same name where one is
@@ -777,23 +777,25 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_server(cfg: RunConfig) -> None:
-    """``server.*``; per_step refuses what it would ignore (local epochs, augmentation, local EPIC, the
-    epoch-based centralized reference, BatchNorm statistics)."""
-    _check(cfg.mode == "federated" or cfg.server.protocol == "local_epochs", "server.protocol", cfg.server.protocol,
+    """``server.*``; a protocol flagged ``one_step`` (per_step) refuses what it would ignore (local epochs,
+    augmentation, local EPIC, the epoch-based centralized reference, BatchNorm statistics)."""
+    protocol = cfg.server.protocol
+    _check(cfg.mode == "federated" or protocol == _default(ServerConfig, "protocol"), "server.protocol", protocol,
            f"a protocol of mode=federated (decentralized: {_algorithms_with('client_momentum')} is the per-step one)")
+    one_step = extensions.SERVER_PROTOCOLS.has(protocol, "one_step")
     if cfg.server.lr is not None:
-        _check(cfg.server.protocol == "per_step", "server.lr", cfg.server.lr,
-               "the step size of server.protocol=per_step; local_epochs rounds take the strategy's aggregate")
-    if cfg.mode != "federated" or cfg.server.protocol != "per_step":
+        _check(one_step, "server.lr", cfg.server.lr,
+               f"the step size of {_protocols_with('one_step')}; {protocol} rounds take the strategy's aggregate")
+    if cfg.mode != "federated" or not one_step:
         return
-    why = "server.protocol=per_step takes one minibatch gradient per client and round"
+    why = f"server.protocol={protocol} takes one minibatch gradient per client and round"
     _check(cfg.clients.local_epochs == 1, "clients.local_epochs", cfg.clients.local_epochs, f"{why}: leave it at 1")
     _check(cfg.train.augment == "none", "train.augment", cfg.train.augment, f"{why}: set it to none")
     _check(not cfg.defense.local_epic, "defense.local_epic", cfg.defense.local_epic,
            f"{why}; local EPIC selects over epochs")
     references = [name for name in cfg.strategies if extensions.is_reference(name)]
     _check(not references, "strategies", references[0] if references else None,
-           f"{why}; the centralized reference trains epochs (use server.protocol=local_epochs)")
+           f"{why}; the centralized reference trains epochs (use {_protocols_with('local_optimizer')})")
     _check(not extensions.MODELS.has(cfg.model.name, "running_stats"), "model.name", cfg.model.name,
            f"{why}: needs a model without BatchNorm statistics (mlp, cnn)")
 
@@ -807,18 +809,26 @@ def _algorithms_with(flag: str) -> str:
     return "decentralized.algorithm=" + "|".join(extensions.ALGORITHMS.names(flag))
 
 
+def _protocols_with(flag: str) -> str:
+    """``server.protocol=NAME`` for the server protocols flagged ``flag`` (names joined by ``|``)."""
+    return "server.protocol=" + "|".join(extensions.SERVER_PROTOCOLS.names(flag))
+
+
 def _validate_where_keys_act(cfg: RunConfig) -> None:
     """Each optimisation key acts in one place: ``train.momentum`` and ``train.nesterov`` in the local
-    optimiser (local epochs, centralized, algorithms flagged ``local_optimizer``: dpsgd),
-    ``train.client_momentum`` in the client momentum of the one-step protocols (per_step, algorithms
-    flagged ``client_momentum``: dsgd), ``train.weight_decay`` on the clients, ``server.weight_decay`` in
-    the per-step server step, ``train.sampler`` and ``train.batches_per_epoch`` in the minibatches of the
-    one-step protocols (per_step, algorithms flagged ``one_step``). A key set away from its default where it
-    does not act is refused; where neither momentum acts (dsgt) the message says there is none."""
+    optimiser (centralized, server protocols and algorithms flagged ``local_optimizer``: local_epochs,
+    dpsgd), ``train.client_momentum`` in the client momentum of the one-step protocols (protocols and
+    algorithms flagged ``client_momentum``: per_step, dsgd), ``train.weight_decay`` on the clients,
+    ``server.weight_decay`` in the server step of the protocols flagged ``one_step`` (per_step),
+    ``train.sampler`` and ``train.batches_per_epoch`` in the minibatches of the one-step protocols
+    (protocols and algorithms flagged ``one_step``). A key set away from its default where it does not act
+    is refused; where neither momentum acts (dsgt) the message says there is none."""
     if cfg.mode == "federated":
-        setting = f"server.protocol={cfg.server.protocol}"
-        local = cfg.server.protocol == "local_epochs"
-        client_ema = server_l2 = not local
+        protocol = cfg.server.protocol
+        setting = f"server.protocol={protocol}"
+        local = extensions.SERVER_PROTOCOLS.has(protocol, "local_optimizer")
+        client_ema = extensions.SERVER_PROTOCOLS.has(protocol, "client_momentum")
+        server_l2 = extensions.SERVER_PROTOCOLS.has(protocol, "one_step")
     elif cfg.mode == "decentralized":
         algorithm = cfg.decentralized.algorithm
         setting = f"decentralized.algorithm={algorithm}"
@@ -827,7 +837,7 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
     else:
         setting, local, client_ema, server_l2 = "mode=centralized", True, False, False
     train = cfg.train
-    one_step = (cfg.mode == "federated" and not local) or (
+    one_step = (cfg.mode == "federated" and server_l2) or (
         cfg.mode == "decentralized" and extensions.ALGORITHMS.has(cfg.decentralized.algorithm, "one_step"))
     _check_sampler(cfg, setting, one_step)
     no_momentum = not local and not client_ema
@@ -841,14 +851,15 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
         instead = "there is no momentum: leave it unset" if no_momentum else \
             "the optimiser's momentum is train.momentum"
         _check(train.client_momentum == _default(TrainConfig, "client_momentum"), "train.client_momentum",
-               train.client_momentum, "the client momentum of server.protocol=per_step and "
+               train.client_momentum, f"the client momentum of {_protocols_with('client_momentum')} and "
                f"{_algorithms_with('client_momentum')}; under {setting} {instead}")
     if not client_ema:
         _check(train.client_momentum_form == _default(TrainConfig, "client_momentum_form"),
                "train.client_momentum_form", train.client_momentum_form, "the form of train.client_momentum, "
-               f"which acts under server.protocol=per_step and {_algorithms_with('client_momentum')} only, not under {setting}")
+               f"which acts under {_protocols_with('client_momentum')} and {_algorithms_with('client_momentum')} only, "
+               f"not under {setting}")
         _check(cfg.attack.momentum == _default(AttackConfig, "momentum"), "attack.momentum", cfg.attack.momentum,
-               "whether malicious clients keep the client momentum of server.protocol=per_step and "
+               f"whether malicious clients keep the client momentum of {_protocols_with('client_momentum')} and "
                f"{_algorithms_with('client_momentum')}; under {setting} there is none")
     if server_l2:
         _check(train.weight_decay == _default(TrainConfig, "weight_decay"), "train.weight_decay", train.weight_decay,
@@ -856,7 +867,7 @@ def _validate_where_keys_act(cfg: RunConfig) -> None:
                "the L2: set server.weight_decay")
     else:
         _check(cfg.server.weight_decay == _default(ServerConfig, "weight_decay"), "server.weight_decay",
-               cfg.server.weight_decay, f"the L2 of the server step of server.protocol=per_step; under {setting} "
+               cfg.server.weight_decay, f"the L2 of the server step of {_protocols_with('one_step')}; under {setting} "
                "the clients' L2 is train.weight_decay")
 
 
@@ -868,7 +879,7 @@ def _check_sampler(cfg: RunConfig, setting: str, one_step: bool) -> None:
     if not one_step:
         for key in ("sampler", "batches_per_epoch"):
             _check(getattr(train, key) == _default(TrainConfig, key), f"train.{key}", getattr(train, key),
-                   "picks the minibatches of server.protocol=per_step and "
+                   f"picks the minibatches of {_protocols_with('one_step')} and "
                    f"{_algorithms_with('one_step')}; {setting} takes no one-step gradients")
     if train.batches_per_epoch is not None:
         _check(train.sampler == "in_order", "train.batches_per_epoch", train.batches_per_epoch,
@@ -1030,7 +1041,8 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if pur.detector == "records" and extensions.PEER_RULES.has(rule, "stateful"):
         screened = "gradient" if tracks else "weights"
         target = pur.target if pur.target != "auto" else screened
-        _check(target == screened and rule != "exclude", f"defense.purification.detector{where}", "records",
+        _check(target == screened and extensions.PEER_RULES.has(rule, "records"),
+               f"defense.purification.detector{where}", "records",
                f"scores the records of what it screens: needs a GP rule with defense.purification.target="
                f"{screened} here (exclude keeps no records)")
     if member.defense.pre_aggregation and extensions.PEER_RULES.has(rule, "stateful"):
@@ -1040,9 +1052,9 @@ def _validate_member(cfg: RunConfig, entry: str, key: str) -> None:
     if one_step and (extensions.PEER_RULES.has(rule, "local_epic") or member.defense.local_epic):
         raise ConfigError(f"invalid value {entry!r} for key '{key}': local EPIC selects over epochs, "
                           f"decentralized.algorithm={algorithm} takes one minibatch step per round")
-    _check(not (rule == "mozi" and member.defense.mozi.own_step)
-           or extensions.ALGORITHMS.has(algorithm, "client_momentum"), f"defense.mozi.own_step{where}", True,
-           f"MOZI's own gradient step replaces the one-step update of {_algorithms_with('client_momentum')}; "
+    own_step = extensions.own_step_key(member, rule)
+    _check(own_step is None or extensions.ALGORITHMS.has(algorithm, "client_momentum"), f"{own_step}{where}", True,
+           f"{rule}'s own gradient step replaces the one-step update of {_algorithms_with('client_momentum')}; "
            f"decentralized.algorithm={algorithm} has none")
     _algorithm_settings(member, where, algorithm)
 
@@ -1117,7 +1129,8 @@ def _validate_defense(cfg: RunConfig) -> None:
                 raise ConfigError(f"invalid value {name!r} for key 'defense.compare[{i}]': "
                                   "expected NAME or epic-FRACTION, e.g. epic-0.1") from None
         # epic, epic-0.1 and epic-0.10 are one member when defense.epic.fraction is 0.1
-        member = (base, float(frac) if frac else (epic.fraction if base == "epic" else None))
+        selector = extensions.CENTRAL_DEFENSES.has(base, "epic_selector")
+        member = (base, float(frac) if frac else (epic.fraction if selector else None))
         _check(member not in seen, f"defense.compare[{i}]", name, f"repeats {seen.get(member)!r}")
         seen[member] = name
     pur = cfg.defense.purification
@@ -1130,9 +1143,12 @@ def _validate_defense(cfg: RunConfig) -> None:
     _check(not cfg.defense.pre_aggregation or cfg.mode != "centralized", "defense.pre_aggregation",
            cfg.defense.pre_aggregation, "pre-aggregation runs before the aggregation rules of federated and "
            "decentralized runs")
-    _check(not (cfg.mode == "federated" and cfg.server.protocol == "per_step" and "fltrust" in cfg.strategies),
-           "server.protocol", cfg.server.protocol, "fltrust's server update is a local-training update: use "
-           "local_epochs")
+    rooted = [name for name in cfg.strategies
+              if name in extensions.SERVER_RULES and extensions.SERVER_RULES.has(name, "server_update")]
+    _check(not (cfg.mode == "federated" and rooted
+                and not extensions.SERVER_PROTOCOLS.has(cfg.server.protocol, "local_optimizer")),
+           "server.protocol", cfg.server.protocol, f"{rooted[0] if rooted else ''}'s server update is a "
+           f"local-training update: use {'|'.join(extensions.SERVER_PROTOCOLS.names('local_optimizer'))}")
     guard = cfg.defense.signguard
     _check(guard.lower < guard.upper, "defense.signguard.lower", guard.lower,
            f"must be below defense.signguard.upper ({guard.upper})")
@@ -1144,14 +1160,19 @@ def _validate_attack(cfg: RunConfig) -> None:
     for pair in attack.flip_map:
         _check(len(pair) == 2, "attack.flip_map", pair, "each entry is [from, to]")
     _check(len(set(sources)) == len(sources), "attack.flip_map", attack.flip_map, "a class is mapped twice")
-    _check(bool(attack.flip_map) or attack.flip != "map" or attack.data != "label_flip", "attack.flip_map", [],
-           "attack.flip=map needs [[from, to], ...]")
-    _check(attack.model != "dissensus" or cfg.mode != "federated", "attack.model", attack.model,
-           "a decentralized attack (it pulls a peer against its neighbours): not for mode=federated")
-    _check(not attack.model.startswith("fang_") or cfg.mode != "decentralized", "attack.model", attack.model,
-           "Fang et al.'s attacks are defined against a server's Krum / trimmed mean: not for mode=decentralized")
+    _check(bool(attack.flip_map) or attack.flip != "map" or not _attack_reads(attack, "attack.flip"),
+           "attack.flip_map", [], "attack.flip=map needs [[from, to], ...]")
+    entry = extensions.MODEL_ATTACKS.get(attack.model)
+    for flag, refused in (("decentralized_only", "federated"), ("federated_only", "decentralized")):
+        _check(flag not in entry.flags or cfg.mode != refused, "attack.model", attack.model,
+               f"{entry.info.get('why', entry.summary)}: not for mode={refused}")
     if attack.poisons is not None:
         _check(os.path.isfile(attack.poisons), "attack.poisons", attack.poisons, "file not found")
+
+
+def _attack_reads(attack: AttackConfig, key: str) -> bool:
+    """Whether the configured data attack's entry binds the config key ``key`` (``attack.flip``, ...)."""
+    return key in extensions.DATA_ATTACKS.get(attack.data).params.values()
 
 
 def _validate_clients(cfg: RunConfig) -> None:
@@ -1214,7 +1235,7 @@ def decoded_cache_dir(data: DataConfig) -> tuple[Path, str]:
 def check_environment(cfg: RunConfig) -> None:
     """Checks that read the file system or the machine; `load_config` runs them, Ray workers do not."""
     check_writable_dir("output_dir", Path(cfg.output_dir).expanduser())
-    if cfg.data.name != "synthetic":
+    if not extensions.DATASETS.has(cfg.data.name, "generated"):  # generated data has no decoded cache
         folder, key = decoded_cache_dir(cfg.data)
         check_writable_dir(key, folder)
     _check_device(cfg)
@@ -1317,7 +1338,7 @@ def _check_device(cfg: RunConfig) -> None:
 
 def dataset_shape(data: DataConfig) -> tuple[Optional[int], Optional[int]]:
     """(classes after data.classes, image side) where known without decoding; None where not."""
-    if data.name == "imagefolder":
+    if extensions.DATASETS.has(data.name, "folder"):
         train = data_root(data) / data.folder / "train"
         classes = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
         base = len(classes) or None
@@ -1353,14 +1374,14 @@ def validate_against_dataset(cfg: RunConfig, num_classes: int, image_size: Optio
     """Class ids and patch sizes that must fit the dataset (after data.classes relabels it 0..k-1)."""
     where = f"the dataset has classes 0..{num_classes - 1}"
     attack = cfg.attack
-    if attack.data == "label_flip" and attack.flip == "map":
+    if _attack_reads(attack, "attack.flip_map") and attack.flip == "map":
         for pair in attack.flip_map:
             _check(all(0 <= c < num_classes for c in pair), "attack.flip_map", pair, where)
-    if attack.data == "backdoor":
+    if _attack_reads(attack, "attack.backdoor_label"):
         _check(0 <= attack.backdoor_label < num_classes, "attack.backdoor_label", attack.backdoor_label, where)
-        if image_size is not None:
-            _check(attack.patch_size <= image_size, "attack.patch_size", attack.patch_size,
-                   f"images are {image_size}x{image_size}")
+    if _attack_reads(attack, "attack.patch_size") and image_size is not None:
+        _check(attack.patch_size <= image_size, "attack.patch_size", attack.patch_size,
+               f"images are {image_size}x{image_size}")
     if cfg.data.partition == "label_sets":
         for i, group in enumerate(cfg.data.label_sets):
             for label in group.labels:

@@ -39,6 +39,8 @@ REGISTRIES = (
                               "same name is tested equal to it: " + ", ".join(
                                   f"`{n}`" for n in extensions.SERVER_RULES.names()
                                   if n in extensions.SERVER_STRATEGIES.names()) + ")"),
+    (extensions.SERVER_PROTOCOLS, "Server protocols (`server.protocol` in `mode=federated`; what each flag means "
+                                  "and refuses: `fedepic/extensions.py`)"),
     (extensions.PRE_AGGREGATION, "Pre-aggregation steps (`defense.pre_aggregation`, in the order listed)"),
     (extensions.MODEL_ATTACKS, "Model attacks (`attack.model`)"),
     (extensions.DATA_ATTACKS, "Data attacks (`attack.data`)"),

@@ -1,6 +1,7 @@
 """Every extension point's registry (``fedepic.registry``): peer rules, server strategies (Flower's) and
-their tensor server rules, model attacks, data attacks, centralized defenses, datasets, models and the
-decentralized algorithms.
+their tensor server rules, server protocols, model attacks, data attacks, centralized defenses, datasets,
+models and the decentralized algorithms. Code outside this module asks an entry's flags and info, never
+its name (``tests/test_registry.py`` refuses a registered name compared as a string elsewhere).
 
 To add one, write its module and add one ``Entry`` line below: config validation, the runners, the
 generated config reference (docs/reference/config.md) and the tests pick it up from here. Targets are imported only when built, so this
@@ -12,17 +13,40 @@ Flags:
   tells config validation and the router, which stands gossip in for such a rule, not the node),
   ``local_epic`` (benign nodes also run EPIC on their own rows), ``benign_graph`` (the router drops
   the malicious nodes from the graph: the upper bound), ``needs_loss`` (the node hands the rule its
-  own-minibatch loss, ``state["loss"]``: ``fedepic.peer_node.own_batch_loss``);
+  own-minibatch loss, ``state["loss"]``: ``fedepic.peer_node.own_batch_loss``), ``records`` (keeps
+  per-neighbour records of what it screens, which ``defense.purification.detector=records`` scores: GP);
+  ``info["own_step"]``: the config key that makes a dsgd member of the rule take the rule's own gradient
+  step instead of the client-momentum step (MOZI: ``fedepic.algorithms.dsgd.own_step``);
 - server strategies: ``reference`` (no Flower: trained in-process, e.g. centralized-epic; no server rule);
 - server rules: ``server_update`` (the round engine trains the server's root set each round and hands
-  the rule that update, ``fedepic.root_set``; FLTrust);
+  the rule that update, ``fedepic.root_set``; FLTrust; a local-training update: refused under a server
+  protocol without ``local_optimizer``);
+- server protocols (``server.protocol``): ``local_optimizer`` (clients train ``clients.local_epochs``
+  with the local optimiser and send their models; the aggregate is the new model), ``one_step`` (each
+  client takes one minibatch gradient at the global model and the server steps w <- w - eta (agg +
+  lambda w): ``server.lr``, ``server.weight_decay`` and ``train.sampler`` act; the engines' per-step
+  path, ``fedepic.server_rounds.per_step``), ``client_momentum`` (clients send their momenta, the
+  client momentum ``train.client_momentum`` acts);
 - model attacks: ``needs_honest`` (omniscient: built from the round's honest updates, applied by
   the server or router), the others act on the attacker's own update where it trains;
   ``needs_rule`` (the attack searches against the defense: the server passes its rule, with the
   pre-aggregation steps, as ``aggregator``);
   ``per_receiver`` (decentralized: crafted for each receiver from its model and gossip weights,
   ``fedepic.peer_routing.receiver_view``); ``stateful`` (keeps a memory across rounds: the server's
-  ``Progress.attack``, the decentralized engine's member memory, both checkpointed);
+  ``Progress.attack``, the decentralized engine's member memory, both checkpointed); ``inactive`` (no
+  attack: the attacker's update is sent as it is, never run through the attack); ``decentralized_only``,
+  ``federated_only`` (refused in the other mode, with ``info["why"]`` in the message); the honest
+  updates an attack needs are its function's ``honest_rows`` (``fedepic.attacks.model_attacks``);
+- data attacks: ``inactive`` (no data attack), ``poison_set`` (its poisons are a brewed set: brewed per
+  trial in mode=centralized, read from ``attack.poisons`` in FL; ``fedepic.attacks.gradient_matching``);
+  the other attacks poison drawn rows, their class's ``client_fraction`` of a malicious client's rows in
+  FL and its ``central_fraction`` of the training set in mode=centralized;
+- centralized defenses: ``epic_selector`` (the member is EPIC itself: ``fedepic.epic.EpicState`` selects,
+  at ``defense.epic.fraction`` or the name's ``-F``; the controls replay its drop counts), ``replays_epic``,
+  ``once``, ``inactive`` (below, at ``CENTRAL_DEFENSES``);
+- datasets: ``folder`` (read from ``<root>/<data.folder>``: classes and image side read from the folder,
+  figures titled by the folder), ``generated`` (made from the seed: no files, no decoded cache);
+  ``info``: ``classes`` and ``side`` where fixed, ``title`` (the name figures print);
 - models: ``running_stats`` (BatchNorm buffers, which DSGT's vectorized gradients cannot carry);
 - decentralized algorithms (``decentralized.algorithm``; their equations and papers: ``fedepic.peer_node``):
   ``local_optimizer`` (nodes train ``clients.local_epochs`` with the local optimiser: ``train.momentum``
@@ -45,7 +69,7 @@ import math
 from functools import lru_cache
 from typing import Any, Mapping
 
-from fedepic.registry import Entry, Registry
+from fedepic.registry import Entry, Registry, config_value
 
 
 def assumed_byzantine(cfg: Any, context: Mapping[str, Any]) -> int:
@@ -150,11 +174,11 @@ PEER_RULES = Registry("peer rule", [
     Entry("gp", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification (Li, Miao, Zhang, Yin, FCS 2025)",
           PURIFICATION,
-          frozenset({"stateful"})),
+          frozenset({"stateful", "records"})),
     Entry("gp_epic", "strategies.gradient_purification:GradientPurification",
           "Gradient Purification, with benign nodes running EPIC on their own rows",
           PURIFICATION,
-          frozenset({"stateful", "local_epic"})),
+          frozenset({"stateful", "records", "local_epic"})),
     Entry("upper", "strategies.gossip:Gossip", "gossip on the benign subgraph only (the upper bound)",
           flags=frozenset({"benign_graph"})),
     Entry("balance", "strategies.balance:Balance", "BALANCE: mix with the neighbours within `defense.balance.gamma`"
@@ -164,8 +188,16 @@ PEER_RULES = Registry("peer rule", [
     Entry("mozi", "strategies.mozi:Mozi", "MOZI / UBAR: mix with those of the `defense.mozi.rho` closest "
           "neighbours no worse than own on own minibatch (Guo et al., 2020 / TCSVT 2021); `defense.mozi.own_step`: "
           "its own gradient step without momentum (dsgd, as ClippedGossip's code)",
-          {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}, frozenset({"needs_loss"})),
+          {"rho": "defense.mozi.rho", "alpha": "defense.mozi.alpha"}, frozenset({"needs_loss"}),
+          info={"own_step": "defense.mozi.own_step"}),
 ])
+
+
+def own_step_key(cfg: Any, rule: str) -> str | None:
+    """The config key (``info["own_step"]``) under which peer rule ``rule`` takes its own gradient step, when
+    that key is set in ``cfg``; None otherwise (and for a name that is no peer rule)."""
+    key = PEER_RULES.get(rule).info.get("own_step") if rule in PEER_RULES else None
+    return key if key is not None and config_value(cfg, key) else None
 
 
 SERVER_STRATEGIES = Registry("server strategy", [
@@ -254,8 +286,29 @@ SERVER_RULES = Registry("server rule", [
 ])
 
 
+# ``server.protocol``: what a federated client computes each round and what the server does with the
+# aggregate. The target is the clients' work of a round; both engines ask the flags
+# (``fedepic.server_rounds.per_step``), and config validation is generated from them.
+SERVER_PROTOCOLS = Registry("server protocol", [
+    Entry("local_epochs", "fedepic.client_work:local_train", "each client trains `clients.local_epochs` epochs "
+          "from the global model and sends its model; the aggregate is the new global model",
+          flags=frozenset({"local_optimizer"})),
+    Entry("per_step", "fedepic.client_work:per_step_results", "each client takes one minibatch gradient at the "
+          "global model and sends its momentum (`train.client_momentum`); the server steps w <- w - `server.lr` "
+          "(agg + `server.weight_decay` w) (Karimireddy, He, Jaggi, ICML 2021; Allouah et al., AISTATS 2023)",
+          flags=frozenset({"one_step", "client_momentum"})),
+])
+
+
+def protocol_has(cfg: Any, flag: str) -> bool:
+    """Whether the run's ``server.protocol`` is flagged ``flag`` in :data:`SERVER_PROTOCOLS`."""
+    return SERVER_PROTOCOLS.has(cfg.server.protocol, flag)
+
+
+FANG_MODE = "Fang et al.'s attacks are defined against a server's Krum / trimmed mean"
+
 MODEL_ATTACKS = Registry("model attack", [
-    Entry("none", "fedepic.attacks.model_attacks:no_attack", "no model attack"),
+    Entry("none", "fedepic.attacks.model_attacks:no_attack", "no model attack", flags=frozenset({"inactive"})),
     Entry("sign_flip", "fedepic.attacks.model_attacks:sign_flip", "the negated update"),
     Entry("gaussian", "fedepic.attacks.model_attacks:gaussian", "N(0, `attack.sigma`^2) noise as the update",
           {"sigma": "attack.sigma"}),
@@ -273,9 +326,11 @@ MODEL_ATTACKS = Registry("model attack", [
           "the authors' code or of the paper's text (`attack.minsum_bound`)", {"bound": "attack.minsum_bound"},
           frozenset({"needs_honest"})),
     Entry("fang_krum", "fedepic.attacks.fang:fang_krum", "Fang et al.'s full-knowledge attack on Krum (USENIX "
-          "Security 2020); server FL only", flags=frozenset({"needs_honest"})),
+          "Security 2020); server FL only", flags=frozenset({"needs_honest", "federated_only"}),
+          info={"why": FANG_MODE}),
     Entry("fang_trimmed_mean", "fedepic.attacks.fang:fang_trimmed_mean", "Fang et al.'s full-knowledge attack on "
-          "the trimmed mean and median (USENIX Security 2020); server FL only", flags=frozenset({"needs_honest"})),
+          "the trimmed mean and median (USENIX Security 2020); server FL only",
+          flags=frozenset({"needs_honest", "federated_only"}), info={"why": FANG_MODE}),
     Entry("optimal_alie", "fedepic.attacks.optimized:optimal_alie", "ByzFL's optimized ALIE: tau searched "
           "(`attack.search_evals`) against the defense (Allouah et al., AISTATS 2023)",
           {"evals": "attack.search_evals"}, frozenset({"needs_honest", "needs_rule"})),
@@ -287,19 +342,20 @@ MODEL_ATTACKS = Registry("model attack", [
           frozenset({"needs_honest", "stateful"})),
     Entry("dissensus", "fedepic.attacks.dissensus:dissensus", "dissensus, decentralized only: each receiver "
           "pulled `attack.dissensus_eps` times against its benign neighbours (He, Karimireddy, Jaggi, 2022)",
-          {"epsilon": "attack.dissensus_eps"}, frozenset({"needs_honest", "per_receiver"})),
+          {"epsilon": "attack.dissensus_eps"}, frozenset({"needs_honest", "per_receiver", "decentralized_only"}),
+          info={"why": "a decentralized attack (it pulls a peer against its neighbours)"}),
 ])
 
 
 DATA_ATTACKS = Registry("data attack", [
-    Entry("none", "fedepic.attacks.data_attacks:NoDataAttack", "no data poisoning"),
+    Entry("none", "fedepic.attacks.data_attacks:NoDataAttack", "no data poisoning", flags=frozenset({"inactive"})),
     Entry("label_flip", "fedepic.attacks.data_attacks:LabelFlip", "label flipping (`attack.flip`, `.flip_map`)",
-          {"flip": "attack.flip", "flip_map": "attack.flip_map"}),
+          {"flip": "attack.flip", "flip_map": "attack.flip_map", "budget": "attack.budget"}),
     Entry("backdoor", "fedepic.attacks.data_attacks:Backdoor", "BadNets patch backdoor (Gu et al., 2017)",
           {"label": "attack.backdoor_label", "patch_size": "attack.patch_size",
            "fraction": "attack.backdoor_fraction"}),
     Entry("gradient_matching", "fedepic.attacks.gradient_matching:GradientMatching",
-          "Witches' Brew clean-label poisons (Geiping et al., ICLR 2021)"),
+          "Witches' Brew clean-label poisons (Geiping et al., ICLR 2021)", flags=frozenset({"poison_set"})),
 ])
 
 
@@ -308,13 +364,13 @@ def spectral_budget(cfg: Any, context: Mapping[str, Any]) -> float:
     return min(max(cfg.attack.budget, 1 / context["n"]), 0.5)
 
 
-# ``epic`` is the selector itself (``fedepic.epic``); the controls are drop-mask functions over the kept
-# rows: ``replays_epic`` ones drop as many rows as EPIC did at the same selection, ``once`` ones select
-# once, at EPIC's first selection epoch; ``inactive``: never selects.
+# ``epic`` is the selector itself (flag ``epic_selector``: ``fedepic.epic``); the controls are drop-mask
+# functions over the kept rows: ``replays_epic`` ones drop as many rows as EPIC did at the same selection,
+# ``once`` ones select once, at EPIC's first selection epoch; ``inactive``: never selects.
 CENTRAL_DEFENSES = Registry("centralized defense", [
     Entry("none", "fedepic.defenses:no_drop", "train on every row", flags=frozenset({"inactive"})),
     Entry("epic", "fedepic.epic:EpicState", "EPIC (Yang, Liu, Mirzasoleiman, ICML 2022): drop isolated medoids; "
-          "`epic-F` sets the fraction"),
+          "`epic-F` sets the fraction", flags=frozenset({"epic_selector"})),
     Entry("random", "fedepic.defenses:random_drop", "control: as many rows as EPIC dropped, at random",
           flags=frozenset({"replays_epic"})),
     Entry("loss", "fedepic.defenses:highest_loss_drop", "control: as many rows as EPIC dropped, highest loss first",
@@ -325,14 +381,16 @@ CENTRAL_DEFENSES = Registry("centralized defense", [
 
 
 DATASETS = Registry("dataset", [
-    Entry("mnist", "fedepic.data:MNIST", "MNIST (torchvision's files)", info={"classes": 10, "side": 28}),
+    Entry("mnist", "fedepic.data:MNIST", "MNIST (torchvision's files)",
+          info={"classes": 10, "side": 28, "title": "MNIST"}),
     Entry("fashion_mnist", "fedepic.data:FASHION_MNIST", "FashionMNIST (torchvision's files)",
-          info={"classes": 10, "side": 28}),
-    Entry("cifar10", "fedepic.data:CIFAR10", "CIFAR-10 (torchvision's files)", info={"classes": 10, "side": 32}),
+          info={"classes": 10, "side": 28, "title": "Fashion-MNIST"}),
+    Entry("cifar10", "fedepic.data:CIFAR10", "CIFAR-10 (torchvision's files)",
+          info={"classes": 10, "side": 32, "title": "CIFAR-10"}),
     Entry("imagefolder", "fedepic.data:IMAGE_FOLDER", "`<root>/<data.folder>/{train,test}/<class>/<image>`; "
-          "classes and image side read from the folder"),
+          "classes and image side read from the folder", flags=frozenset({"folder"})),
     Entry("synthetic", "fedepic.data:SYNTHETIC", "seeded class prototypes plus noise, 1x28x28, 10 classes (tests)",
-          info={"classes": 10, "side": 28}),
+          flags=frozenset({"generated"}), info={"classes": 10, "side": 28}),
 ])
 
 

@@ -220,7 +220,7 @@ def poisoned_models(attack: AttackConfig, trained: Mapping[int, Tensor], graph: 
     receivers = sorted(j for j in graph.neighbors(attacker) if j != attacker)
     out = {j: own for j in receivers if j in bad}
     targets = [j for j in receivers if j not in bad]
-    if not targets or attack.model == "none":
+    if not targets or MODEL_ATTACKS.has(attack.model, "inactive"):
         out.update({j: own for j in targets})
         return out
     everyone = sorted(n for n in trained if n not in bad)

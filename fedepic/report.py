@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from fedepic.config import FiguresConfig, RunConfig, malicious_ids
+from fedepic.extensions import DATA_ATTACKS, DATASETS, MODEL_ATTACKS
 from fedepic.outputs import RunWriter, csv_table, markdown_table
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: client actors never need it
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: client actor
 
 Curves = Mapping[str, Sequence[float]]  # metric name -> one value per round (or evaluation); see fedepic.plots
 PER_CLASS_VALUE = "test accuracy (%)"
-DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
 
 def best_effort(what: str, write: Callable[[], Any]) -> bool:
@@ -52,15 +52,17 @@ def best_effort(what: str, write: Callable[[], Any]) -> bool:
 
 
 def attack_label(cfg: RunConfig) -> str:
-    """The data and model attacks of ``cfg`` joined by "+", or "none"."""
-    parts = [p for p in (cfg.attack.data, cfg.attack.model) if p != "none"]
+    """The data and model attacks of ``cfg`` joined by "+" (those not flagged ``inactive``), or "none"."""
+    parts = [name for name, registry in ((cfg.attack.data, DATA_ATTACKS), (cfg.attack.model, MODEL_ATTACKS))
+             if not registry.has(name, "inactive")]
     return "+".join(parts) if parts else "none"
 
 
 def setting_title(cfg: RunConfig) -> str:
     """The run's name and setting, as every figure and the report state it: mode, dataset, nodes or
     clients (malicious), topology or partition, attack, seed."""
-    data = cfg.data.folder if cfg.data.name == "imagefolder" else DATASET_NAMES.get(cfg.data.name, cfg.data.name)
+    dataset = DATASETS.get(cfg.data.name)  # a folder dataset is titled by its folder, the others by info["title"]
+    data = cfg.data.folder if "folder" in dataset.flags else dataset.info.get("title", cfg.data.name)
     if cfg.data.classes is not None:
         data += f" ({len(cfg.data.classes)} classes)"
     attack = f"attack {attack_label(cfg)}"

@@ -60,7 +60,7 @@ from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
 from fedepic.attacks.optimized import defense_aggregator
-from fedepic.extensions import MODEL_ATTACKS, SERVER_RULES, pre_aggregation_steps
+from fedepic.extensions import MODEL_ATTACKS, SERVER_RULES, pre_aggregation_steps, protocol_has
 from fedepic.root_set import server_update
 from fedepic.train import evaluate, resolve_device, round_lr
 from fedepic.vectors import (
@@ -248,7 +248,9 @@ def fixed_mask(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def per_step(cfg: RunConfig) -> bool:
-    return cfg.server.protocol == "per_step"
+    """Whether the run's server protocol takes one step per round (flag ``one_step``: per_step): clients
+    send their momenta, the server steps (module docstring); else clients train local epochs."""
+    return protocol_has(cfg, "one_step")
 
 
 def sample_clients(cfg: RunConfig, rnd: int) -> list[int]:

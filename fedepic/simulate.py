@@ -58,7 +58,7 @@ def _extension_names() -> str:
             ("strategies (decentralized)", ext.PEER_RULES.names()), ("attack.model", ext.MODEL_ATTACKS.names()),
             ("attack.data", ext.DATA_ATTACKS.names()), ("defense.compare (centralized)", ext.CENTRAL_DEFENSES.names()),
             ("defense.pre_aggregation", ext.PRE_AGGREGATION.names()), ("data.name", ext.DATASETS.names()),
-            ("model.name", ext.MODELS.names())]
+            ("model.name", ext.MODELS.names()), ("server.protocol", ext.SERVER_PROTOCOLS.names())]
     return "\n".join(f"{key}: {', '.join(names)}" for key, names in keys)
 
 

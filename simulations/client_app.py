@@ -51,6 +51,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from fedepic.client_data import client_data_for, config_from_text, dataset_for
+from fedepic.extensions import protocol_has
 from fedepic.client_work import (
     LocalResult, local_train, model_for, pack_epic_state, per_step_results, state_parameters, unpack_epic_state,
 )
@@ -101,7 +102,7 @@ def handle_train_batch(messages: Sequence[Message], contexts: Sequence[Context])
     cfg = config_from_text(text)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.server.protocol != "per_step":
+    if not protocol_has(cfg, "one_step"):  # local epochs: one client at a time
         return [_train_reply(m, c) for m, c in zip(messages, contexts)]
     clients = [client_data_for(text, int(c.node_config["partition-id"])) for c in contexts]
     momenta = [_momentum_of(m) for m in messages]

@@ -192,9 +192,9 @@ def test_an_attack_with_success_only_is_scored_model_by_model(monkeypatch):
         def success(self, model, test_x, test_y, num_classes, target_x=None, adversarial_class=None):
             return float(next(model.parameters()).flatten()[0])
 
-    assert batched_success(LabelFlip("pairs", [])) and not batched_success(Custom("pairs", []))
-    monkeypatch.setattr(fedepic.attacks, "data_attack", lambda attack: Custom("pairs", []))
-    monkeypatch.setattr(stacked, "data_attack", lambda attack: Custom("pairs", []))
+    assert batched_success(LabelFlip("pairs", [], 0.01)) and not batched_success(Custom("pairs", [], 0.01))
+    monkeypatch.setattr(fedepic.attacks, "data_attack", lambda attack: Custom("pairs", [], 0.01))
+    monkeypatch.setattr(stacked, "data_attack", lambda attack: Custom("pairs", [], 0.01))
     cfg = dsgd_cfg()
     data = load_dataset(cfg.data, cfg.seed)
     net = new_model(cfg, data)

@@ -245,7 +245,7 @@ def test_mozi_own_step_on_ray_gives_the_local_engines_numbers(tmp_path, capsys):
 def test_mozi_own_step_needs_dsgd():
     from fedepic.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'defense.mozi.own_step': MOZI's own gradient step replaces the one-step "
+    with pytest.raises(ConfigError, match=r"'defense.mozi.own_step': mozi's own gradient step replaces the one-step "
                                           r"update of decentralized.algorithm=dsgd; decentralized.algorithm=dpsgd"):
         load_config("dfl_smoke", ["strategies=[mozi]", "defense.mozi.own_step=true"])
     load_config("dfl_smoke", ["strategies=[gossip]", "defense.mozi.own_step=true"])  # no mozi member: no matter

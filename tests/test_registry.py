@@ -14,8 +14,8 @@ from fedepic import extensions as ext
 from fedepic.config import load_config
 from fedepic.registry import Entry, Registry
 
-REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.SERVER_RULES, ext.PRE_AGGREGATION, ext.MODEL_ATTACKS,
-              ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES, ext.DATASETS, ext.MODELS, ext.ALGORITHMS]
+REGISTRIES = [ext.PEER_RULES, ext.SERVER_STRATEGIES, ext.SERVER_RULES, ext.SERVER_PROTOCOLS, ext.PRE_AGGREGATION,
+              ext.MODEL_ATTACKS, ext.DATA_ATTACKS, ext.CENTRAL_DEFENSES, ext.DATASETS, ext.MODELS, ext.ALGORITHMS]
 OURS = ("fedepic.", "strategies.", "simulations.")  # Flower's own classes keep Flower's defaults
 
 
@@ -134,6 +134,53 @@ def test_the_algorithms_declare_what_they_need():
                      "dsgt": {"one_step", "tracks_gradient", "no_running_stats"}}
 
 
+def test_the_server_protocols_declare_what_they_need():
+    """The flags the validation and both engines read (``fedepic.server_rounds.per_step``, the ClientApp)."""
+    from fedepic.server_rounds import per_step
+
+    flags = {entry.name: set(entry.flags) for entry in ext.SERVER_PROTOCOLS}
+    assert flags == {"local_epochs": {"local_optimizer"}, "per_step": {"one_step", "client_momentum"}}
+    for name, one_step in (("local_epochs", False), ("per_step", True)):
+        cfg = load_config(None, ["mode=federated", "model.name=mlp", f"server.protocol={name}"])
+        assert per_step(cfg) is one_step
+
+
+def test_the_entry_flags_say_what_the_name_comparisons_said():
+    """The flags and info that replaced name comparisons (issue 30) hold for exactly the entries the
+    names picked, and agree with what the targets themselves declare."""
+    from types import SimpleNamespace
+
+    from fedepic.attacks.model_attacks import acts_where_trained, honest_rows_needed
+
+    assert ext.PEER_RULES.names("records") == ("gp", "gp_epic")
+    assert [e.name for e in ext.PEER_RULES if "own_step" in e.info] == ["mozi"]
+    assert ext.CENTRAL_DEFENSES.names("epic_selector") == ("epic",)
+    assert ext.DATA_ATTACKS.names("poison_set") == ("gradient_matching",)
+    assert ext.MODEL_ATTACKS.names("inactive") == ext.DATA_ATTACKS.names("inactive") == ("none",)
+    assert ext.MODEL_ATTACKS.names("decentralized_only") == ("dissensus",)
+    assert ext.MODEL_ATTACKS.names("federated_only") == ("fang_krum", "fang_trimmed_mean")
+    assert [n for n in ext.MODEL_ATTACKS.names() if acts_where_trained(n)] == ["sign_flip", "gaussian", "scaling",
+                                                                               "bit_flip"]
+    needs = {n: honest_rows_needed(n, {}) for n in ext.MODEL_ATTACKS.names() if honest_rows_needed(n, {})}
+    assert needs == {"alie": 2, "ipm": 1, "minmax": 2, "minsum": 2, "fang_krum": 1, "fang_trimmed_mean": 1,
+                     "optimal_alie": 2, "optimal_ipm": 1, "mimic": 1}
+    assert honest_rows_needed("minmax", {"perturbation": "sign"}) == 1
+    # the rows a data attack draws: all flippable rows of a malicious client for label_flip and the budget
+    # centrally; attack.backdoor_fraction in both modes for backdoor; none for none and the poison sets
+    cfg = load_config(None, ["attack.budget=0.03", "attack.backdoor_fraction=0.2"])
+    fractions = {n: (a.client_fraction, a.central_fraction) for n in ext.DATA_ATTACKS.names()
+                 for a in [ext.DATA_ATTACKS.build(n, SimpleNamespace(attack=cfg.attack))]}
+    assert fractions == {"none": (None, None), "label_flip": (1.0, 0.03), "backdoor": (0.2, 0.2),
+                         "gradient_matching": (None, None)}
+    # a dataset's flags are its source's: generated data is never cached, a folder dataset reads its
+    # cached files from data.folder
+    for entry in ext.DATASETS:
+        source = entry.load()
+        folder = source.folder is None and source.cached
+        assert ("generated" in entry.flags, "folder" in entry.flags) == (not source.cached, folder), entry.name
+    assert ext.DATASETS.names("folder") == ("imagefolder",) and ext.DATASETS.names("generated") == ("synthetic",)
+
+
 def test_both_engines_dispatch_through_the_algorithm_entry():
     """The entry's target is the algorithm's node step, which the Ray ClientApp and ``LocalMember`` both
     build (``fedepic.algorithms.node_step``); the in-process member is the entry's ``info["member"]`` or
@@ -182,6 +229,89 @@ def test_no_algorithm_name_is_compared_by_string_outside_the_registry():
                 if isinstance(node, ast.Compare) and names & set(_compared_strings(node)):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, f"algorithm names compared by string: {found}"
+
+
+# What may name a registered name outside fedepic/extensions.py, as (file, name, what it is compared with;
+# "dict" for a table's keys): each is not registry dispatch, and says why. Anything else the probe finds
+# fails the test below.
+ALLOWED_NAMES = {
+    # train.augment's value "none" (config.AUGMENTATIONS), not the data or model attack "none"
+    ("fedepic/centralized.py", "none", "cfg.train.augment"): "train.augment",
+    ("fedepic/config.py", "none", "cfg.train.augment"): "train.augment",
+    ("fedepic/config.py", "none", "value"): "train.augment (ALGORITHM_NEEDS' one_step check)",
+    ("fedepic/stacked_fit.py", "none", "cfg.augment"): "train.augment (a TrainConfig)",
+    ("fedepic/train.py", "none", "cfg.augment"): "train.augment (a TrainConfig)",
+    # GP's own detector kinds (defense.purification.detector: epic | records | ...), inside GP's module
+    ("strategies/gradient_purification.py", "epic", "self.detector"): "defense.purification.detector",
+    # the published bucketing table's attack labels (the paper's rows), mapped to config values
+    **{("fedepic/reproduce/replays.py", label, "dict"): "a paper's row label"
+       for label in ("bit_flip", "label_flip", "ipm", "alie", "mimic")},
+}
+CHECKED = ("fedepic", "simulations", "strategies")
+
+
+def _registered_names() -> dict[str, set[str]]:
+    """Every registry of fedepic/extensions.py (found there, so a new registry is covered) -> its names."""
+    return {value.kind: set(value.names()) for value in vars(ext).values() if isinstance(value, Registry)}
+
+
+def _subject(operands: list[ast.expr]) -> str:
+    """The source of what a registered name is compared with (the operands that are not string literals)."""
+    literal = (ast.Constant, ast.Tuple, ast.List, ast.Set)
+    return " ".join(ast.unparse(op) for op in operands if not isinstance(op, literal))
+
+
+def _name_uses(tree: ast.AST, registries: dict[str, set[str]]) -> list[tuple[int, str, str]]:
+    """(line, name, subject) of each registered name the code compares as a string (``==``, ``!=``, ``in``
+    a literal tuple, list or set, ``"x" in names``), tests as a prefix or suffix (``startswith``,
+    ``endswith``), or keys a dispatch table by (a dict literal with two or more names of one registry as
+    keys; subject "dict")."""
+    names = set().union(*registries.values())
+    found: list[tuple[int, str, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            subject = _subject([node.left, *node.comparators])
+            found += [(node.lineno, s, subject) for s in _compared_strings(node) if s in names]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("startswith", "endswith") and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            part, subject = node.args[0].value, ast.unparse(node.func.value)
+            test = str.startswith if node.func.attr == "startswith" else str.endswith
+            found += [(node.lineno, name, subject) for name in sorted(names) if part and test(name, part)]
+        elif isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+            if any(len(keys & registered) >= 2 for registered in registries.values()):
+                found += [(node.lineno, k, "dict") for k in sorted(keys & names)]
+    return found
+
+
+def test_no_registered_name_is_compared_by_string_outside_the_registry():
+    """The code asks an entry's flags and info, never its name (issue 30): a new rule, attack, protocol,
+    dataset or defense is one module plus one registry line. Every name of every registry compared as a
+    string, tested as a prefix, or keying a dispatch table in fedepic/, simulations/ or strategies/ fails
+    here, unless :data:`ALLOWED_NAMES` lists it with its reason; a stale allowance fails too."""
+    registries = _registered_names()
+    found, used = [], set()
+    for folder in CHECKED:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative == "fedepic/extensions.py":
+                continue
+            for line, name, subject in _name_uses(ast.parse(path.read_text(), relative), registries):
+                if (relative, name, subject) in ALLOWED_NAMES:
+                    used.add((relative, name, subject))
+                else:
+                    found.append(f"{relative}:{line}: {name!r} against {subject}")
+    assert not found, f"registered names compared by string (ask the entry's flags instead): {found}"
+    assert used == set(ALLOWED_NAMES), f"allowances that no longer match: {sorted(set(ALLOWED_NAMES) - used)}"
+
+
+def test_the_name_probe_sees_comparisons_prefixes_and_dispatch_tables():
+    registries = {"a": {"epic", "mozi", "fang_krum"}, "b": {"none", "mnist"}}
+    tree = ast.parse('ok = rule == "mozi" or attack.model.startswith("fang_") or "epic" in names\n'
+                     'TITLES = {"mnist": 1, "none": 2}\nRECORD = {"none": 1, "loss": 2}')
+    assert sorted(_name_uses(tree, registries)) == [(1, "epic", "names"), (1, "fang_krum", "attack.model"),
+                                                    (1, "mozi", "rule"), (2, "mnist", "dict"), (2, "none", "dict")]
 
 
 def test_the_probe_sees_a_comparison():

@@ -53,6 +53,7 @@ from torch import Tensor
 from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.algorithms.dpsgd import aggregate_inbox
 from fedepic.config import RunConfig
+from fedepic.extensions import own_step_key
 from fedepic.peer_node import (
     AggregationReport, adapts_first, dsgd_momentum, dsgd_step, dsgt_gradients, exchanged_state, keeps_momentum,
     numbered_batch,
@@ -61,8 +62,9 @@ from fedepic.vectors import flatten_state
 
 
 def own_step(cfg: RunConfig, rule: str) -> bool:
-    """Whether the dsgd member of ``rule`` takes MOZI's own gradient step (``defense.mozi.own_step`` on
-    the ``mozi`` rule: module docstring, ``strategies/mozi.py``).
+    """Whether the dsgd member of ``rule`` takes the rule's own gradient step: its entry's
+    ``info["own_step"]`` key is set (``defense.mozi.own_step`` on the ``mozi`` rule: module docstring,
+    ``strategies/mozi.py``; ``fedepic.extensions.own_step_key``).
 
     >>> import dataclasses
     >>> cfg = RunConfig()
@@ -71,7 +73,7 @@ def own_step(cfg: RunConfig, rule: str) -> bool:
     >>> own_step(cfg, "mozi"), own_step(cfg, "gossip"), score_draw(cfg, "mozi"), steps_after_mix(cfg, "mozi")
     (True, False, 1, True)
     """
-    return rule == "mozi" and cfg.defense.mozi.own_step
+    return own_step_key(cfg, rule) is not None
 
 
 def score_draw(cfg: RunConfig, rule: str) -> int:

@@ -171,9 +171,15 @@ class PoisonedRows:
 
 
 class NoDataAttack:
-    """No data poisoning: rows unchanged, no success to measure."""
+    """No data poisoning: rows unchanged, no success to measure.
+
+    An attack that poisons drawn rows says how many: ``client_fraction``, the share a malicious FL client
+    poisons of its own rows, and ``central_fraction``, the share of the training set in mode=centralized
+    (``fraction`` of :meth:`poison`); None where it draws no rows (no attack; poison sets,
+    ``fedepic.extensions`` flag ``poison_set``)."""
 
     client_fraction: Optional[float] = None
+    central_fraction: Optional[float] = None
 
     def poison(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, fraction: float,
                generator: torch.Generator) -> PoisonedRows:
@@ -226,12 +232,15 @@ class LabelFlip(NoDataAttack):
         ``pairs``, ``all`` or ``map`` (``attack.flip``).
     flip_map : list of [from, to]
         The explicit mapping of mode ``map`` (``attack.flip_map``).
+    budget : float
+        Share of the flippable rows flipped in mode=centralized (``attack.budget``).
     """
 
     client_fraction = 1.0  # a malicious FL client flips every flippable row it holds
 
-    def __init__(self, flip: str, flip_map: Sequence[Sequence[int]]) -> None:
+    def __init__(self, flip: str, flip_map: Sequence[Sequence[int]], budget: float) -> None:
         self.mode, self.mapping = flip, ({int(a): int(b) for a, b in flip_map} if flip == "map" else None)
+        self.central_fraction = budget
 
     def poison(self, x, y, num_classes, fraction, generator):
         new_y, flipped = label_flip(y, num_classes, self.mode, self.mapping, fraction, generator)
@@ -273,7 +282,8 @@ class Backdoor(NoDataAttack):
     """
 
     def __init__(self, label: int, patch_size: int, fraction: float) -> None:
-        self.label, self.patch_size, self.client_fraction = label, patch_size, fraction
+        self.label, self.patch_size = label, patch_size
+        self.client_fraction = self.central_fraction = fraction
 
     def poison(self, x, y, num_classes, fraction, generator):
         return PoisonedRows(*backdoor_patch(x, y, self.label, fraction, self.patch_size, generator=generator))

@@ -64,7 +64,7 @@ import math
 import torch
 from torch import Tensor
 
-from fedepic.attacks.model_attacks import finite_inputs
+from fedepic.attacks.model_attacks import finite_inputs, honest_rows
 
 LAMBDA_THRESHOLD = 1e-5  # the paper's stopping threshold of the search over lambda
 
@@ -99,6 +99,7 @@ def krum_picks_attacker(honest: Tensor, crafted: Tensor, attackers: int) -> bool
 
 
 @finite_inputs
+@honest_rows(1)
 def fang_krum(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, f: int,
               n: int | None) -> Tensor:
     """``-lambda * s``, lambda halved from lambda_0 until Krum selects it (module docstring); ``f``: the
@@ -115,6 +116,7 @@ def fang_krum(honest: Tensor, own: Tensor, generator: torch.Generator | None = N
 
 
 @finite_inputs
+@honest_rows(1)
 def fang_trimmed_mean(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /,
                       b: float = 2.0) -> Tensor:
     """Each coordinate beyond the honest extreme opposite to s, scaled by ``r ~ U[1, b]`` (module docstring)."""

@@ -54,7 +54,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fedepic.attacks.model_attacks import nonfinite_inputs
+from fedepic.attacks.model_attacks import honest_rows, nonfinite_inputs
 from fedepic.vectors import finite_rows
 
 
@@ -79,6 +79,7 @@ def updated_direction(honest: Tensor, state: dict, t: int) -> None:
     state["mu"], state["z"] = mu, z / z.norm().clamp_min(torch.finfo(z.dtype).tiny)
 
 
+@honest_rows(1)
 def mimic(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, warmup: int,
           state: Optional[dict] = None, ids: Optional[Sequence[int]] = None) -> Tensor:
     """The vector of the honest worker mimicked this round (module docstring); ``state`` is updated in place."""

@@ -53,13 +53,14 @@ import math
 import torch
 from torch import Tensor
 
-from fedepic.attacks.model_attacks import finite_inputs, perturbation_direction
+from fedepic.attacks.model_attacks import finite_inputs, honest_rows, perturbation_direction, std_needs_two
 
 
 BOUNDS = ("code", "paper")  # attack.minsum_bound: min or max over benign i (module docstring)
 
 
 @finite_inputs
+@honest_rows(std_needs_two)
 def minsum(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /,
            perturbation: str = "std", *, bound: str) -> Tensor:
     """``mu + gamma * p`` with ``gamma = min_i ||h_i - mu|| / ||p||`` (``bound="code"``) or ``max_i``

@@ -49,16 +49,32 @@ def nonfinite_inputs(honest: Tensor, own: Tensor) -> tuple[Tensor, Tensor, int]:
     return finite, own, count
 
 
-_NEEDS_HONEST = {"alie": 2, "ipm": 1, "fang_krum": 1, "fang_trimmed_mean": 1, "optimal_alie": 2,
-                 "optimal_ipm": 1, "mimic": 1}
+def honest_rows(count: int | Callable[[dict[str, Any]], int]) -> Callable[[Callable], Callable]:
+    """Declare, on an attack function, how many honest updates it needs: ``count``, or ``count(params)``
+    where the need depends on its parameters. Put it under ``@finite_inputs``, which reads it (as do the
+    engines, :func:`honest_rows_needed`); an attack without it needs none."""
+    def declare(attack: Callable) -> Callable:
+        attack.honest_rows = count if callable(count) else (lambda params: count)
+        return attack
+
+    return declare
+
+
+def std_needs_two(params: dict[str, Any]) -> int:
+    """Min-max's and min-sum's need: 2 honest rows for the "std" direction (a sample std), else 1."""
+    return 2 if params.get("perturbation", "std") == "std" else 1
+
+
+def rows_needed(attack: Callable, params: dict[str, Any]) -> int:
+    """How many honest updates the attack function ``attack`` needs with ``params`` (:func:`honest_rows`)."""
+    declared = getattr(attack, "honest_rows", None)
+    return 0 if declared is None else int(declared(params))
 
 
 def honest_rows_needed(name: str, params: dict[str, Any]) -> int:
-    """How many honest updates attack ``name`` (its function's name) needs with ``params`` (0 for those
-    that need none)."""
-    if name in ("minmax", "minsum"):
-        return 2 if params.get("perturbation", "std") == "std" else 1
-    return _NEEDS_HONEST.get(name, 0)
+    """How many honest updates model attack ``name`` (``fedepic.extensions.MODEL_ATTACKS``) needs with
+    ``params``: what its function declares (:func:`honest_rows`), 0 for those that need none."""
+    return rows_needed(MODEL_ATTACKS.get(name).load(), params)
 
 
 def finite_inputs(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -66,7 +82,7 @@ def finite_inputs(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     @functools.wraps(attack)
     def wrapped(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, **params: Any) -> Tensor:
-        need = honest_rows_needed(attack.__name__, params)
+        need = rows_needed(attack, params)
         _check(honest, own, need)
         finite, own, _ = nonfinite_inputs(honest, own)
         if finite.shape[0] < need:
@@ -167,6 +183,7 @@ def alie_z(n: int, f: int) -> float:
 
 
 @finite_inputs
+@honest_rows(2)
 def alie(
     honest: Tensor,
     own: Tensor,
@@ -191,6 +208,7 @@ def alie(
 
 
 @finite_inputs
+@honest_rows(1)
 def ipm(
     honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, epsilon: float
 ) -> Tensor:
@@ -216,6 +234,7 @@ def perturbation_direction(honest: Tensor, kind: str) -> Tensor:
 
 
 @finite_inputs
+@honest_rows(std_needs_two)
 def minmax(
     honest: Tensor,
     own: Tensor,
@@ -301,3 +320,9 @@ def model_attack_arguments(attack: Any, *, n: int | None = None, f: int | None =
 def needs_honest(name: str) -> bool:
     """True for the omniscient attacks built from the round's honest updates (applied by the server or router)."""
     return MODEL_ATTACKS.has(name, "needs_honest")
+
+
+def acts_where_trained(name: str) -> bool:
+    """True for the attacks a malicious client applies to its own update where it trains: neither
+    ``inactive`` (no attack) nor ``needs_honest``."""
+    return not MODEL_ATTACKS.has(name, "inactive") and not needs_honest(name)

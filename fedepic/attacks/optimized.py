@@ -58,7 +58,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from fedepic.attacks.model_attacks import column_std, finite_inputs
+from fedepic.attacks.model_attacks import column_std, finite_inputs, honest_rows
 
 Aggregator = Callable[[Tensor], Tensor]
 START, DELTA, RATIO = 0.0, 10.0, 0.8  # ByzFL's defaults
@@ -102,6 +102,7 @@ def best_factor(honest: Tensor, attack: Callable[[float], Tensor], *, f: int, ev
 
 
 @finite_inputs
+@honest_rows(2)
 def optimal_alie(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, f: int,
                  evals: int, aggregator: Optional[Aggregator] = None) -> Tensor:
     """``mu + tau * sigma`` at ByzFL's searched tau (module docstring); ``f`` copies are assumed."""
@@ -112,6 +113,7 @@ def optimal_alie(honest: Tensor, own: Tensor, generator: torch.Generator | None 
 
 
 @finite_inputs
+@honest_rows(1)
 def optimal_ipm(honest: Tensor, own: Tensor, generator: torch.Generator | None = None, /, *, f: int,
                 evals: int, aggregator: Optional[Aggregator] = None) -> Tensor:
     """``-tau * mu`` at ByzFL's searched tau (module docstring); ``f`` copies are assumed."""
