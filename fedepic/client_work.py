@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from fedepic.attacks.model_attacks import acts_where_trained, model_attack_arguments, run_model_attack
+from fedepic.attacks.model_attacks import acts_where_trained, model_attack_arguments, needs_honest, run_model_attack
 from fedepic.builders import build_model, epic_schedule
 from fedepic.client_data import ClientData, client_seed
 from fedepic.config import RunConfig
