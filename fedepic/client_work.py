@@ -27,6 +27,7 @@ from fedepic.builders import build_model, epic_schedule
 from fedepic.client_data import ClientData, client_seed
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
+from fedepic.dropout import has_dropout, mask_seed
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.minibatches import minibatch_positions, with_replacement_rows
@@ -136,8 +137,11 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
         xb = torch.stack([clients[i].x[r] for i, r in zip(computing, rows)])
         xb = float_images(xb)
         yb = torch.stack([clients[i].y[r] for i, r in zip(computing, rows)])
+        # dropout masks (a model with dropout) seeded by (seed, round, client), whichever clients share the call
+        mask_seeds = ([mask_seed(cfg.seed, server_round, clients[i].client_id) for i in computing]
+                      if has_dropout(model) else None)
         # one shared point, the global model, for every client
-        grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb)
+        grads[computing] = gradients_in_state_layout(model, global_state, base, xb, yb, mask_seeds=mask_seeds)
     beta, form = cfg.train.client_momentum, cfg.train.client_momentum_form
     seconds = (time.perf_counter() - started) / max(len(computing), 1)
     mask = parameters

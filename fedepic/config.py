@@ -131,7 +131,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="cnn", metadata=one_of(MODEL_NAMES))  # resnet18 (32x32) | cnn (28x28 or 32x32) | mlp
+    name: str = field(default="cnn", metadata=one_of(MODEL_NAMES))  # resnet18 (32x32) | cnn (28x28 or 32x32) | cnn_mnist | mnist_net | mlp
 
 
 @dataclass

@@ -418,5 +418,7 @@ MODELS = Registry("model", [
           flags=frozenset({"running_stats"})),
     Entry("cnn", "fedepic.models:cnn_body", "a small CNN (28x28 or 32x32)"),
     Entry("cnn_mnist", "fedepic.models:cnn_mnist_body", "ByzFL's cnn_mnist (two 5x5 convs, 500 hidden)"),
+    Entry("mnist_net", "fedepic.models:mnist_net_body", "the MNIST Net of the ClippedGossip and bucketing codes "
+          "(two 3x3 convs, dropout, 128 hidden; 1.2M parameters)"),
     Entry("mlp", "fedepic.models:mlp_body", "a two-layer MLP"),
 ])

@@ -21,7 +21,9 @@ hook, before any later in-place operation (``ReLU(inplace=True)``) rewrites that
 
 Supported: models whose every parameter lives in an ``nn.Linear`` or an ``nn.Conv2d`` (groups 1,
 zero padding given as numbers), with no buffers but the fixed ``mean``/``std`` normalisation and no
-dropout (fedepic's mlp, cnn and cnn_mnist). :func:`supported` tells; otherwise, or when a layer is
+dropout of torch's (fedepic's mlp, cnn, cnn_mnist and mnist_net). ``fedepic.dropout.MaskedDropout``
+is supported: its given masks (per client, [n, B, ...]) multiply the batched activations row by row,
+which autograd carries into each layer's grad_output. :func:`supported` tells; otherwise, or when a layer is
 called in a way the kernel does not expect, :func:`grouped_gradients` returns None and the caller
 takes the general path (``fedepic.stacked.stacked_gradients``'s vmap).
 """
@@ -121,15 +123,17 @@ def _conv_grads(layer: nn.Conv2d, inputs: Tensor, grad_out: Tensor, n: int, has_
     return out
 
 
-def grouped_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor) -> Optional[Tensor]:
+def grouped_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor,
+                      masks: Optional[dict[str, Tensor]] = None) -> Optional[Tensor]:
     """Gradient [n, D] of ``cross_entropy(model(xb[k]), yb[k])`` (mean over the B rows) for every
     client k, all at the one point ``flat`` [D] (``fedepic.stacked.parameter_layout``'s order), with
     minibatches ``xb`` [n, B, ...] (uint8, or float in [0, 1]) and labels ``yb`` [n, B]; no weight
     decay (the caller adds it). None when the model is not :func:`supported` or one of its layers was
     called in a way the kernel does not handle (the caller then takes the general path).
 
-    The model's mode, its parameters and their ``requires_grad`` are not touched: the forward pass is
-    a ``functional_call`` at ``flat``; the hooks are always removed."""
+    ``masks``: the clients' dropout masks {name: [n, B, ...]} (``fedepic.dropout``), for a model with
+    dropout in training mode. The model's mode, its parameters and their ``requires_grad`` are not
+    touched: the forward pass is a ``functional_call`` at ``flat``; the hooks are always removed."""
     from fedepic.stacked import parameter_layout, split_flat  # stacked imports this module
 
     if flat.dim() != 1 or not supported(model):
@@ -158,7 +162,8 @@ def grouped_gradients(model: nn.Module, flat: Tensor, xb: Tensor, yb: Tensor) ->
     hooks = [module.register_forward_hook(capture) for module in layers]
     try:
         with torch.enable_grad():
-            logits = functional_call(model, {**params, **fixed}, (images,))
+            given = {name: m.reshape(batch, *m.shape[2:]) for name, m in (masks or {}).items()}
+            logits = functional_call(model, {**params, **fixed, **given}, (images,))
             loss = F.cross_entropy(logits.reshape(batch, -1), yb.reshape(batch), reduction="sum") / per
     finally:
         for hook in hooks:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from torch import nn
 
+from fedepic.dropout import MaskedDropout
 from fedepic.extensions import MODELS
 
 if TYPE_CHECKING:  # data does not import models; the annotation only needs the name
@@ -77,6 +78,32 @@ def cnn_mnist_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
         nn.Flatten(), nn.Linear(50 * side * side, 500), nn.ReLU(inplace=True),
     )
     return body, 500
+
+
+def mnist_net_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """The MNIST ``Net`` of Lie He, Sai Praneeth Karimireddy, Martin Jaggi, "Byzantine-robust
+    decentralized learning via ClippedGossip", arXiv:2202.01545, 2022
+    (epfml/byzantine-robust-decentralized-optimizer, codes/tasks/mnist.py:11-33; the same class in
+    Karimireddy, He, Jaggi's bucketing code,
+    epfml/byzantine-robust-noniid-optimizer, codes/tasks/mnist.py:9-31): 1,199,882 parameters on 28x28.
+
+    conv 3x3 (32), ReLU, conv 3x3 (64), 2x2 max-pool (no ReLU between the second convolution and the
+    pool, as in the authors' ``forward``), ``Dropout2d(0.25)`` (whole channels of [B, 64, 12, 12]),
+    flatten, linear 9216 -> 128, ReLU, ``Dropout2d(0.5)`` on the 2-D [B, 128], then the classifier
+    128 -> 10. The second dropout is element-wise: inferred from torch's ``dropout2d`` on a 2-D input
+    (``feature_dropout`` draws its noise of shape [B, C] followed by a 1 per further dimension, so with
+    none it is per entry; torch 1.7.1, the bucketing code's requirements.txt, and 2.x alike; 2.x warns).
+    Both are :class:`fedepic.dropout.MaskedDropout` (seeded masks). The authors normalise with
+    MNIST's (0.1307, 0.3081) in the data loader and return log-softmax for ``nll_loss``; here the
+    training set's mean and std normalise inside the model and the logits go to cross-entropy, the same
+    loss."""
+    side = (image_size - 4) // 2
+    body = nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, 1), nn.ReLU(inplace=True), nn.Conv2d(32, 64, 3, 1), nn.MaxPool2d(2),
+        MaskedDropout(0.25, (64, 1, 1)), nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
+        MaskedDropout(0.5, (128,)),
+    )
+    return body, 128
 
 
 def mlp_body(in_channels: int, image_size: int) -> tuple[nn.Module, int]:

@@ -144,10 +144,10 @@ class LocalMember:
     def vectorized_training(self) -> bool:
         """Whether local epochs run in one vectorized loop (``decentralized.vectorize``): for models whose
         state is their parameters (plus the fixed normalisation), without convolutions and without
-        dropout. vmap turns per-node convolution weights into grouped convolutions, which measured
+        torch's dropout. vmap turns per-node convolution weights into grouped convolutions, which measured
         slower than the loop over nodes for the cnn and faster for the MLP (docs/results/engines.md);
-        BatchNorm's running statistics are not parameters; dropout's randomness would not follow a
-        node's own generator."""
+        BatchNorm's running statistics are not parameters; torch's dropout draws from the global RNG,
+        not a node's own generator (``fedepic.dropout.MaskedDropout`` draws from it: supported)."""
         model = self.models[self.active[0]]
         only_parameters = set(model.state_dict()) - set(FIXED_BUFFERS) == {n for n, _ in model.named_parameters()}
         unsupported = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)

@@ -106,6 +106,7 @@ import torch
 from torch import Tensor, nn
 
 from fedepic.config import RunConfig
+from fedepic.dropout import has_dropout, mask_seed
 from fedepic.models import FIXED_BUFFERS
 from fedepic.stacked import stacked_gradients
 from fedepic.stacked_fit import NodeRows, stacked_fit
@@ -654,13 +655,25 @@ def dsgd_step(cfg: RunConfig, state: NodeState, round_: int) -> None:
     state.model = unflatten_like(point, state.model)
 
 
-def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor, Tensor]], cfg: RunConfig) -> Tensor:
+def dsgt_gradients(model: nn.Module, points: Tensor, batches: list[tuple[Tensor, Tensor]], cfg: RunConfig,
+                   mask_seeds: Optional[Sequence[int]] = None) -> Tensor:
     """g_k at every row of ``points`` [n, D] on its minibatch ``batches[k]`` (images, labels): one
-    vectorized call (``fedepic.stacked``)."""
+    vectorized call (``fedepic.stacked``). A model with dropout needs ``mask_seeds``
+    (:func:`dropout_seeds`, one per row)."""
     xb = torch.stack([b[0] for b in batches])
     xb = float_images(xb)
     yb = torch.stack([b[1] for b in batches])
-    return stacked_gradients(model, points, xb, yb, cfg.train.weight_decay)
+    return stacked_gradients(model, points, xb, yb, cfg.train.weight_decay, mask_seeds)
+
+
+def dropout_seeds(cfg: RunConfig, model: nn.Module, round_: int, nodes: Sequence[int], draw: int = 0
+                  ) -> Optional[list[int]]:
+    """The dropout seed of each of ``nodes``' gradient on its minibatch number ``draw`` of ``round_``
+    (``fedepic.dropout.mask_seed`` of (seed, round, node, draw): the minibatch's own coordinates, so
+    the in-process engines and a Ray node draw the same masks), or None for a model without dropout."""
+    if not has_dropout(model):
+        return None
+    return [mask_seed(cfg.seed, round_, node, draw) for node in nodes]
 
 
 def dsgt_batch(x: Tensor, y: Tensor, cfg: RunConfig, seed: int) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,8 @@ from fedepic.train import client_momentum_, float_images
 from fedepic.vectors import flatten_state, unflatten_like
 from fedepic.peer_eval import evaluate_rows
 from fedepic.peer_node import (
-    AggregationReport, NodeState, aggregate_vectors, exchanged_state, keeps_momentum, new_model, round_lr,
+    AggregationReport, NodeState, aggregate_vectors, dropout_seeds, exchanged_state, keeps_momentum, new_model,
+    round_lr,
 )
 from fedepic.algorithms.dsgd import own_step, score_draw, step_batches, steps_after_mix
 from fedepic.peer_rounds import Messages, Received, Sent
@@ -152,7 +153,8 @@ class StackedDsgdMember(LocalMember):
                 xb = float_images(torch.stack([batches[draw][0] for batches in per_node]))
                 g = stacked_gradients(self.model, self.x[start:start + len(ids)], xb,
                                       torch.stack([batches[draw][1] for batches in per_node]),
-                                      self.cfg.train.weight_decay)
+                                      self.cfg.train.weight_decay,
+                                      dropout_seeds(self.cfg, self.model, round_, ids, draw))
                 grads = g if grads is None else grads.add_(g)
             if mozi_step:  # MOZI's own step: m_i <- g_i, no momentum (fedepic.algorithms.dsgd.own_step)
                 self.m[start:start + len(ids)] = grads

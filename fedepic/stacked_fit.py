@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from fedepic.augment import random_crop_flip
 from fedepic.config import TrainConfig
+from fedepic.dropout import draw_masks, has_dropout
 from fedepic.stacked import parameter_layout, split_flat, weighted_gradients
 from fedepic.train import float_images
 
@@ -66,27 +67,35 @@ def _epoch_orders(nodes: Sequence[NodeRows], generators: Sequence[torch.Generato
 
 
 def _step_batch(nodes: Sequence[NodeRows], orders: Sequence[Tensor], active: Sequence[int], start: int,
-                cfg: TrainConfig, generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+                cfg: TrainConfig, generators: Sequence[torch.Generator], model: Optional[nn.Module] = None
+                ) -> tuple[Tensor, Tensor, Tensor, list[int], Optional[dict[str, Tensor]]]:
     """Images [a, B, ...], labels [a, B] and weights [a, B] of step ``start // batch_size`` for the
-    ``active`` nodes, short batches padded with weight-0 copies of a real row; also each node's real batch size."""
+    ``active`` nodes, short batches padded with weight-0 copies of a real row; also each node's real batch
+    size and, with ``model`` (one with dropout), the dropout masks {name: [a, B, ...]}, each node's drawn
+    from its own generator after its augmentation, as ``fedepic.train.train_epoch`` draws them (the
+    padding's masks are ones)."""
     pieces = [orders[k][start:start + cfg.batch_size] for k in active]
     sizes = [len(p) for p in pieces]
     width = max(sizes)
-    images, labels = [], []
+    images, labels, masks = [], [], []
     for k, rows in zip(active, pieces):
         xb = float_images(nodes[k].x[rows])
         if cfg.augment != "none":  # per node, from its own generator, as its own loop would draw
             xb = random_crop_flip(xb, cfg.crop_pad, generators[k], flip=cfg.augment == "crop_flip")
         yb = nodes[k].y[rows]
+        drawn = draw_masks(model, len(rows), generators[k]) if model is not None else {}
         if len(rows) < width:  # padded with copies of the first row (weight 0): finite wherever the real rows are
             xb = torch.cat([xb, xb[:1].expand(width - len(rows), *xb.shape[1:])])
             yb = torch.cat([yb, yb[:1].expand(width - len(rows))])
+            drawn = {name: torch.cat([m, m.new_ones(width - len(rows), *m.shape[1:])]) for name, m in drawn.items()}
         images.append(xb)
         labels.append(yb)
+        masks.append(drawn)
     weights = torch.zeros(len(active), width)
     for j, size in enumerate(sizes):
         weights[j, :size] = 1.0 / size
-    return torch.stack(images), torch.stack(labels), weights, sizes
+    stacked_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]} if model is not None else None
+    return torch.stack(images), torch.stack(labels), weights, sizes, stacked_masks
 
 
 def stacked_fit(model: nn.Module, start: Tensor, nodes: Sequence[NodeRows], cfg: TrainConfig, *, epochs: int,
@@ -117,6 +126,7 @@ def stacked_fit(model: nn.Module, start: Tensor, nodes: Sequence[NodeRows], cfg:
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay, **({"fused": True} if fused else {"foreach": True}))
     generators = [torch.Generator(device=node.x.device).manual_seed(node.seed) for node in nodes]
+    dropout = model if has_dropout(model) else None  # its masks come from the nodes' generators
     histories: list[list[dict]] = [[] for _ in nodes]
     for epoch in range(1, epochs + 1):
         orders = _epoch_orders(nodes, generators)
@@ -125,10 +135,10 @@ def stacked_fit(model: nn.Module, start: Tensor, nodes: Sequence[NodeRows], cfg:
         for step in range(steps):
             first = step * cfg.batch_size
             active = [k for k, order in enumerate(orders) if first < len(order)]
-            xb, yb, weights, sizes = _step_batch(nodes, orders, active, first, cfg, generators)
+            xb, yb, weights, sizes, masks = _step_batch(nodes, orders, active, first, cfg, generators, dropout)
             index = torch.tensor(active)
             point = layers if len(active) == len(nodes) else {n: t.index_select(0, index) for n, t in layers.items()}
-            grads, losses = weighted_gradients(model, point, xb, yb, weights)
+            grads, losses = weighted_gradients(model, point, xb, yb, weights, masks)
             optimizer.zero_grad(set_to_none=True)
             for j, k in enumerate(active):
                 for (name, _), param in zip(layout, per_node[k]):

@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedepic.augment import random_crop_flip
 from fedepic.config import CLIENT_MOMENTUM_FORMS, TrainConfig
+from fedepic.dropout import draw_masks, has_dropout
 
 EpochHook = Callable[[int, nn.Module], Optional[dict]]
 
@@ -132,10 +134,14 @@ class EpochRecord:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 rows: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> float:
-    """One pass over `rows` of (x, y) (already on the model's device). Returns the mean training loss."""
+    """One pass over `rows` of (x, y) (already on the model's device). Returns the mean training loss.
+
+    `generator` draws the epoch's order, then per batch its augmentation and, for a model with
+    dropout (``fedepic.dropout``), its masks: the same seed gives the same masks."""
     device = x.device
     channels_last = device.type == "cuda" and cfg.amp
     model.train()
+    dropout = has_dropout(model)
     order = rows[torch.randperm(len(rows), generator=generator, device=generator.device).to(rows.device)]
     total = torch.zeros((), device=device)
     for start in range(0, len(order), cfg.batch_size):
@@ -145,8 +151,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
             xb = random_crop_flip(xb, cfg.crop_pad, generator, flip=cfg.augment == "crop_flip")
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
+        masks = draw_masks(model, len(idx), generator) if dropout else None
         with _autocast(device, cfg.amp):
-            loss = F.cross_entropy(model(xb), y[idx])
+            loss = F.cross_entropy(functional_call(model, masks, (xb,)) if masks else model(xb), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -117,7 +117,7 @@ def test_per_step_clients_take_their_in_order_batch_of_the_round(monkeypatch):
     seen = []
     real = client_work.gradients_in_state_layout
     monkeypatch.setattr(client_work, "gradients_in_state_layout",
-                        lambda model, state, base, xb, yb: seen.append(yb) or real(model, state, base, xb, yb))
+                        lambda model, state, base, xb, yb, **kw: seen.append(yb) or real(model, state, base, xb, yb, **kw))
     model = build_model(cfg, data)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     client_work.per_step_results(cfg, model, clients, state, 2, [None, None], client_work.state_parameters(model))

@@ -55,8 +55,8 @@ from fedepic.algorithms.dpsgd import aggregate_inbox
 from fedepic.config import RunConfig
 from fedepic.extensions import own_step_key
 from fedepic.peer_node import (
-    AggregationReport, adapts_first, dsgd_momentum, dsgd_step, dsgt_gradients, exchanged_state, keeps_momentum,
-    numbered_batch,
+    AggregationReport, adapts_first, dropout_seeds, dsgd_momentum, dsgd_step, dsgt_gradients, exchanged_state,
+    keeps_momentum, numbered_batch,
 )
 from fedepic.vectors import flatten_state
 
@@ -110,8 +110,9 @@ class Dsgd(NodeStep):
             state.model = exchanged_state(model)
         point = flatten_state(state.model).unsqueeze(0)
         gradient = None
-        for batch in step_batches(client.x, client.y, cfg, round_, node.id, node.rule):  # own_step: two, summed
-            g = dsgt_gradients(model, point, [batch], cfg)[0]
+        # own_step: two minibatches, their gradients summed; each draw has its own dropout masks
+        for draw, batch in enumerate(step_batches(client.x, client.y, cfg, round_, node.id, node.rule)):
+            g = dsgt_gradients(model, point, [batch], cfg, dropout_seeds(cfg, model, round_, [node.id], draw))[0]
             gradient = g if gradient is None else gradient.add_(g)
         memory = keeps_momentum(cfg, client.is_malicious) and not own_step(cfg, node.rule)  # own_step: m_i <- g_i
         dsgd_momentum(state, gradient, cfg.train.client_momentum, cfg.train.client_momentum_form, memory)

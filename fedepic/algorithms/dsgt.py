@@ -47,8 +47,8 @@ import torch
 
 from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.peer_node import (
-    AggregationReport, dsgt_finish, dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start, exchanged_state,
-    node_batch,
+    AggregationReport, dropout_seeds, dsgt_finish, dsgt_gradients, dsgt_message, dsgt_mix, dsgt_point, dsgt_start,
+    exchanged_state, node_batch,
 )
 from fedepic.peer_routing import inbox as inbox_of
 from fedepic.vectors import flatten_state
@@ -69,7 +69,8 @@ class Dsgt(NodeStep):
         if state.tracker is None:
             batch = node_batch(client.x, client.y, cfg, 0, node.id, first_round=0)
             point = flatten_state(exchanged_state(model)).unsqueeze(0)
-            dsgt_start(state, model, dsgt_gradients(model, point, [batch], cfg)[0])
+            seeds = dropout_seeds(cfg, model, 0, [node.id])
+            dsgt_start(state, model, dsgt_gradients(model, point, [batch], cfg, seeds)[0])
         state.trained, state.round = dsgt_message(state), round_
         return NodeSent(state.trained)
 
@@ -80,7 +81,8 @@ class Dsgt(NodeStep):
                                 client.is_malicious, node.rules, own=inbox.own, node=node.id)
         point = dsgt_point(cfg, state, x, round_)
         batch = node_batch(client.x, client.y, cfg, round_, node.id, first_round=0)
-        dsgt_finish(state, point, y, dsgt_gradients(node.model, point.unsqueeze(0), [batch], cfg)[0])
+        seeds = dropout_seeds(cfg, node.model, round_, [node.id])
+        dsgt_finish(state, point, y, dsgt_gradients(node.model, point.unsqueeze(0), [batch], cfg, seeds)[0])
         return report
 
     def send_all(self, member: "LocalMember", round_: int) -> Optional["Sent"]:
@@ -93,7 +95,8 @@ class Dsgt(NodeStep):
             starts = {i: member.models[i] for i in fresh}
             points = torch.stack([flatten_state(exchanged_state(starts[i])) for i in fresh])
             batches = [member._batch(i, 0, first_round=0) for i in fresh]
-            grads = dsgt_gradients(starts[fresh[0]], points, batches, member.cfg)
+            grads = dsgt_gradients(starts[fresh[0]], points, batches, member.cfg,
+                                   dropout_seeds(member.cfg, starts[fresh[0]], 0, fresh))
             for k, i in enumerate(fresh):
                 dsgt_start(member.states[i], starts[i], grads[k])
         for i in member.active:
@@ -113,8 +116,9 @@ class Dsgt(NodeStep):
             points.append(dsgt_point(member.cfg, member.states[i], x, round_))
             mixed_y[i] = y
         stacked = torch.stack(points)
-        grads = dsgt_gradients(member.models[member.active[0]], stacked,
-                               [member._batch(i, round_, first_round=0) for i in member.active], member.cfg)
+        model = member.models[member.active[0]]
+        grads = dsgt_gradients(model, stacked, [member._batch(i, round_, first_round=0) for i in member.active],
+                               member.cfg, dropout_seeds(member.cfg, model, round_, member.active))
         for k, i in enumerate(member.active):
             dsgt_finish(member.states[i], stacked[k], mixed_y[i], grads[k])
         return reports
