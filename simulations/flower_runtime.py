@@ -26,13 +26,14 @@ from typing import Any, Iterator, Optional
 
 from fedepic.config import ConfigError, RunConfig
 from fedepic.interrupts import Interrupts
+from simulations import RAY_IMPORT_DEFAULTS
 
 
 ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
                 "RAY_USAGE_STATS_ENABLED": "0",
-                # Ray's core worker otherwise installs absl's failure signal handler in the driver at
-                # ray.init, over ours: SIGTERM then aborted the run (rc 134) instead of stopping it.
-                "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+                # and those Ray reads when first imported (absl's failure signal handler off: SIGTERM
+                # otherwise aborted the run instead of stopping it), set in simulations/__init__.py
+                **RAY_IMPORT_DEFAULTS}
 
 
 class _DropKnownNoise(logging.Filter):

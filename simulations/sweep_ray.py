@@ -152,28 +152,33 @@ def _spec(run: SweepRun, cell: Cell) -> dict[str, Any]:
 
 def run_on_ray(run: SweepRun) -> None:
     """Every pending cell of ``run`` as a Ray task (module docstring); returns when all came back.
-    On SIGINT/SIGTERM the running cells are interrupted and collected, then RunInterrupted propagates."""
+    On SIGINT/SIGTERM the running cells are interrupted and collected, then RunInterrupted propagates.
+
+    The signals are polled here, never raised where they land: the driver runs Ray's threads and
+    finalizers, and an exception raised inside one of those (logging's lock release, say) was printed
+    as "Exception ignored" with its traceback and lost. ``_collect`` raises it within ``POLL_S``."""
     quiet_flower()
     settings, pending = run.plan.settings, run.pending()
-    # stdout keeps only the folder line
-    with redirect_stdout(sys.stderr), ray_leaves_sigterm_alone(), _workers_at_our_priority(run.plan.base):
-        ray.init(**backend_config(run.plan.base)["init_args"])
-    try:
-        control = SweepControl.remote()
-        task = ray.remote(run_cell_task).options(num_cpus=settings.cell_cpus, num_gpus=settings.cell_gpus,
-                                                 max_retries=settings.max_retries, retry_exceptions=False)
-        refs = {task.remote(_spec(run, cell), control): cell for cell in pending}
-        with progress_bars(run.plan.base.progress) as progress:
-            run.progress_bar(progress)
-            try:
-                _collect(run, refs, control, interruptible=True)
-            except KeyboardInterrupt as err:
-                ray.get(control.stop.remote(getattr(err, "signum", None) or signal.SIGINT))
-                with run.interrupts.polled():  # further signals are ignored while the cells come back
+    with run.interrupts.polled():
+        # stdout keeps only the folder line
+        with redirect_stdout(sys.stderr), ray_leaves_sigterm_alone(), _workers_at_our_priority(run.plan.base):
+            ray.init(**backend_config(run.plan.base)["init_args"])
+        try:
+            control = SweepControl.remote()
+            task = ray.remote(run_cell_task).options(num_cpus=settings.cell_cpus, num_gpus=settings.cell_gpus,
+                                                     max_retries=settings.max_retries, retry_exceptions=False)
+            refs = {task.remote(_spec(run, cell), control): cell for cell in pending}
+            with progress_bars(run.plan.base.progress) as progress:
+                run.progress_bar(progress)
+                try:
+                    _collect(run, refs, control, interruptible=True)
+                except KeyboardInterrupt as err:
+                    # further signals are ignored while the cells come back
+                    ray.get(control.stop.remote(getattr(err, "signum", None) or signal.SIGINT))
                     _collect(run, refs, control, interruptible=False)
-                raise
-    finally:
-        ray.shutdown()
+                    raise
+        finally:
+            ray.shutdown()
 
 
 def _collect(run: SweepRun, refs: dict[Any, Cell], control: Any, *, interruptible: bool) -> None:

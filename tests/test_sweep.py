@@ -8,6 +8,8 @@ import math
 import os
 import signal
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from fedepic.simulate import main
 from fedepic.sweep.aggregate import Stat, Table, direction
 from fedepic.sweep.plan import grid, plan_sweep
 from fedepic.sweep.report import format_stat, markdown, marked
-from tests.test_federated import interrupt_run
+from tests.test_federated import REPO, interrupt_run
 from tests.test_resume import metrics_lines
 
 SMOKE = ["config=dfl_smoke.yaml", "engine=local", "progress=false", "data.synthetic_train=300",
@@ -202,6 +204,29 @@ def test_sigterm_stops_a_sweep_with_a_true_status(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- on Ray, in parallel
+
+
+def test_ray_is_imported_with_its_failure_signal_handler_off():
+    """simulations/__init__.py sets what Ray reads at import; a driver importing the parallel executor
+    first (fedepic.reproduce, simulate's sweeps) once got absl's handler, which killed it on SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"}
+    probe = ("import simulations.sweep_ray\nfrom ray._private import ray_constants\n"
+             "print(ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_parallel_sweep_with_a_true_status(tmp_path: Path) -> None:
+    """SIGTERM to the driver of cells running as Ray tasks: the cells come back interrupted, the root
+    summary says so, exit 143 (the driver used to die in absl's handler, leaving no root summary)."""
+    args = [*SMOKE, f"output_dir={tmp_path}", "sweep.parallel=true", "ray.num_cpus=2", "rounds=400",
+            "sweep.seed=[0,1]"]
+    rc, err = interrupt_run(args, tmp_path, ".sweep-*.partial/metrics.jsonl", signal.SIGTERM, lines=1)
+    assert rc == 143 and "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    summary = read(sweep_folder(tmp_path) / "summary.json")
+    assert summary["status"] == "interrupted"
+    assert {c["status"] for c in summary["cells"]} <= {"interrupted", "completed", "pending"}
 
 
 def test_parallel_cells_on_ray_give_the_sequential_numbers(tmp_path: Path, capsys) -> None:
