@@ -63,11 +63,26 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
 
 
+def within_ulps(a: torch.Tensor, b: torch.Tensor, ulps: int = 8) -> bool:
+    """NaN at the same places, and the other entries within ``ulps`` float32 roundings of ``b`` (relative
+    to 1 + |b|)."""
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    eps = torch.finfo(torch.float32).eps
+    return bool(((a[~nan] - b[~nan]).abs() <= ulps * eps * (1 + b[~nan].abs())).all())
+
+
 def test_every_peer_rule_gives_its_result_from_before_the_change():
-    """Bit-identical vectors and the same non-finite report on all 5152 cases but one kind: a wrapper with
-    a clipping step at a node whose own vector is non-finite and who has no finite neighbour. The old
-    wrapper clipped that NaN own (NaN norm: every coordinate NaN); now aggregate() returns own as given,
-    the policy's "own unchanged" that every plain rule already followed."""
+    """The same vectors and non-finite report on all 5152 cases but one kind: a wrapper with a clipping
+    step at a node whose own vector is non-finite and who has no finite neighbour. The old wrapper clipped
+    that NaN own (NaN norm: every coordinate NaN); now aggregate() returns own as given, the policy's
+    "own unchanged" that every plain rule already followed.
+
+    "The same" is bit for bit on the machine that wrote the fixture, and within a few float32 roundings
+    elsewhere: the weighted rules' small matrix products (gossip's ``w @ (x - own)``, EPIC's mean) round
+    differently on other CPUs (seen: 1 rounding in 156 of the 5152 cases on an AVX-512 machine, with the
+    same torch), which no library setting here pins (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR`` tried)."""
     checked, changed = 0, 0
     for hood, key, weighted, rows, own_nonfinite, want in before_cases():
         out = aggregate(RULES[key](), stack_of(hood["own"], hood["neighbours"]), 0,
@@ -75,7 +90,7 @@ def test_every_peer_rule_gives_its_result_from_before_the_change():
         assert out.nonfinite[1:].nonzero().flatten().tolist() == rows, (hood["name"], key)
         assert bool(out.nonfinite[0]) == own_nonfinite, (hood["name"], key)
         checked += 1
-        if same(out.vector, want):
+        if within_ulps(out.vector, want):
             continue
         no_finite_neighbour = not bool(torch.isfinite(hood["neighbours"]).all(dim=1).any())
         assert "clip" in key and own_nonfinite and no_finite_neighbour, (hood["name"], key, weighted)
