@@ -132,7 +132,7 @@ def test_ray_client_gets_no_actor_retries(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_fails_the_running_task_and_keeps_the_next_ones():
+def test_ray_fails_the_running_task_and_keeps_the_next_ones(tmp_path):
     """The Ray semantics the fix relies on, on a toy actor with backend_config's actor options and the
     method set as `client_messages_run_once` sets ClientAppActor.run: the task a killed worker was
     running fails (not run again), and a task sent while the worker restarts waits for the restarted
@@ -147,7 +147,9 @@ def test_ray_fails_the_running_task_and_keeps_the_next_ones():
         def pid(self) -> int:
             return os.getpid()
 
-        def run(self, seconds: float) -> int:
+        def run(self, seconds: float, started: str = "") -> int:
+            if started:  # the driver waits for this file, not for Ray's process title (set lazily)
+                Path(started).touch()
             time.sleep(seconds)
             return os.getpid()
 
@@ -159,9 +161,10 @@ def test_ray_fails_the_running_task_and_keeps_the_next_ones():
             assert done
             actor = Toy.options(**{**options, "num_cpus": 0.5}).remote()
         first_pid = ray.get(actor.pid.remote(), timeout=60)
-        running = actor.run.remote(60)
-        deadline = time.monotonic() + 30
-        while not Path(f"/proc/{first_pid}/cmdline").read_bytes().startswith(b"ray::Toy.run"):
+        started = tmp_path / "started"
+        running = actor.run.remote(120, str(started))
+        deadline = time.monotonic() + 90  # a loaded CI machine took over 30 s to show Ray's process title
+        while not started.exists():
             assert time.monotonic() < deadline, "the task never started"
             time.sleep(POLL_S)
         os.kill(first_pid, signal.SIGKILL)
