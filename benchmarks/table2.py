@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 
+from fedepic import seeds
 from fedepic.attacks.gradient_matching import brew_poisons, choose_setup, load_poisons, save_poisons
 from fedepic.builders import build_model
 from fedepic.centralized import (
@@ -101,7 +102,7 @@ def _sync(device: torch.device) -> None:
 
 
 def trial_seed(cfg: RunConfig, t: int) -> int:
-    return cfg.seed + 1000 * t  # the centralized runner's seeding
+    return seeds.trial_seed(cfg.seed, t)  # the centralized runner's seeding
 
 
 def pretrain(ctx: Context) -> dict:

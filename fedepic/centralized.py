@@ -36,6 +36,7 @@ from fedepic.outputs import RunWriter
 from fedepic.progress import bar, progress_bars
 from fedepic.report import setting_title
 from fedepic.train import evaluate, fit, resolve_device
+from fedepic.seeds import selection_seed, trial_seed
 
 TABLE_COLUMNS = CENTRALIZED.columns
 
@@ -83,16 +84,16 @@ def _gradient_matching_trials(cfg: RunConfig, data: ImageData, device: torch.dev
         sets, random_alignments = [], []
         brew_bar = bar(progress, "brew poisons", cfg.attack.targets * cfg.attack.restarts * cfg.attack.steps)
         for t in range(cfg.attack.targets):
-            setup = choose_setup(data.train_y, data.test_y, data.num_classes, cfg.attack.budget, cfg.seed + 1000 * t)
+            setup = choose_setup(data.train_y, data.test_y, data.num_classes, cfg.attack.budget, trial_seed(cfg.seed, t))
             target_x = data.test_x[setup.target_index:setup.target_index + 1].float() / 255
             poisons = brew_poisons(clean, data.train_x, data.train_y, setup.poison_indices, target_x,
-                                   setup.adversarial_class, _brew_config(cfg), seed=cfg.seed + 1000 * t,
+                                   setup.adversarial_class, _brew_config(cfg), seed=trial_seed(cfg.seed, t),
                                    device=device, target_index=setup.target_index, target_class=setup.target_class,
                                    progress=lambda r, s, loss: brew_bar.advance(info=f"loss {loss:.3f}"))
             save_poisons(poisons, writer.dir / f"poisons-trial{t}.npz")
             sets.append(poisons)
-            random_alignments.append(_random_alignment(clean, data, poisons, target_x, cfg.seed + 1000 * t))
-    trials = [_poison_trial(t, cfg.seed + 1000 * t, data, p) for t, p in enumerate(sets)]
+            random_alignments.append(_random_alignment(clean, data, poisons, target_x, trial_seed(cfg.seed, t)))
+    trials = [_poison_trial(t, trial_seed(cfg.seed, t), data, p) for t, p in enumerate(sets)]
     for trial, aligned in zip(trials, random_alignments):
         trial.info["random_alignment"] = aligned
     return trials
@@ -129,7 +130,7 @@ def build_trials(cfg: RunConfig, data: ImageData, device: torch.device, writer: 
     fraction = data_attack(cfg.attack).central_fraction  # None: the attack draws no rows (none)
     rows = poison_rows(cfg.attack, data.train_x, data.train_y, data.num_classes,
                        fraction=0.0 if fraction is None else fraction, seed=cfg.seed)
-    return [Trial(t, cfg.seed + 1000 * t, rows.x, rows.y, rows.poisoned) for t in range(cfg.attack.targets)]
+    return [Trial(t, trial_seed(cfg.seed, t), rows.x, rows.y, rows.poisoned) for t in range(cfg.attack.targets)]
 
 
 class DropPolicy:
@@ -146,7 +147,7 @@ class DropPolicy:
             self.epic.keep = keep  # share the mask the training loop reads
         fallback = [int(trial.poisoned.sum()) or max(1, round(cfg.attack.budget * len(keep)))]
         self.counts = list(epic_counts) if epic_counts else fallback
-        self.generator = torch.Generator().manual_seed(trial.seed + 7)
+        self.generator = torch.Generator().manual_seed(selection_seed(trial.seed))
         self.selections: list[int] = []
         self.seconds = 0.0
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from fedepic import seeds
 from fedepic.attacks import data_attack, poison_rows
 from fedepic.config import ConfigError, RunConfig, malicious_ids, validate
 from fedepic.data import ImageData, cache_dir, default_root, load_dataset
@@ -87,7 +88,8 @@ def checked_poison_set(cfg: RunConfig, data: ImageData):
 
 
 def client_seed(cfg: RunConfig, client_id: int) -> int:
-    return cfg.seed * 100_003 + 7919 * (client_id + 1)
+    """Client ``client_id``'s seed in the run of ``cfg`` (``fedepic.seeds.client_seed``)."""
+    return seeds.client_seed(cfg.seed, client_id)
 
 
 def build_client_data(cfg: RunConfig, data: ImageData, client_id: int,

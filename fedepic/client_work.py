@@ -24,13 +24,14 @@ import torch
 
 from fedepic.attacks.model_attacks import acts_where_trained, model_attack_arguments, needs_honest, run_model_attack
 from fedepic.builders import build_model, epic_schedule
-from fedepic.client_data import ClientData, client_seed
+from fedepic.client_data import ClientData
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
 from fedepic.dropout import has_dropout, mask_seed
 from fedepic.epic import EpicState
 from fedepic.metrics import poison_stats
 from fedepic.minibatches import minibatch_positions, with_replacement_rows
+from fedepic.seeds import client_round_seed
 from fedepic.stacked import gradients_in_state_layout
 from fedepic.train import client_momentum_, fit, float_images, prepare_model, resolve_device
 from fedepic.vectors import flatten_state, parameter_mask, unflatten_like
@@ -74,7 +75,7 @@ def local_train(cfg: RunConfig, data: ImageData, client: ClientData, global_stat
     model = model_for(cfg, data)
     model.load_state_dict(global_state)
     model = prepare_model(model, device, cfg.train.amp)
-    seed = client_seed(cfg, client.client_id) + server_round
+    seed = client_round_seed(cfg.seed, client.client_id, server_round)
     epic: Optional[EpicState] = None
     keep = torch.ones(len(client), dtype=torch.bool)
     if cfg.defense.local_epic and len(client) > 0:  # EpicState needs rows; an empty client trains nothing
@@ -125,7 +126,7 @@ def per_step_results(cfg: RunConfig, model: torch.nn.Module, clients: Sequence[C
     base = flatten_state(global_state)
     if parameters.shape != base.shape:
         raise ValueError(f"parameters has {parameters.numel()} entries, the global state {base.numel()}")
-    seeds = [client_seed(cfg, c.client_id) + server_round for c in clients]
+    seeds = [client_round_seed(cfg.seed, c.client_id, server_round) for c in clients]
     # a malicious client without rows whose vector the server-side attack replaces computes nothing (as
     # in ByzFL, where Byzantine clients hold no data); with rows it computes honestly, so that a round
     # in which the attack cannot apply (too few honest replies) aggregates its honest momentum

@@ -23,13 +23,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-# the stream a dropout seed is derived in (ASCII "drop"), apart from the minibatch seeds of the same
-# (seed, round, node, draw)
-DROPOUT_STREAM = 0x64726F70
+from fedepic.seeds import dropout_seed
 
 
 class MaskedDropout(nn.Module):
@@ -88,7 +85,5 @@ def seeded_masks(model: nn.Module, batch: int, seeds: Sequence[int],
 
 def mask_seed(seed: int, round_: int, node: int, draw: int = 0) -> int:
     """The dropout seed of node (or client) ``node``'s minibatch number ``draw`` in ``round_`` of a run
-    seeded ``seed``: a 63-bit mix (numpy ``SeedSequence``) of those integers in :data:`DROPOUT_STREAM`,
-    as ``fedepic.peer_node.derive_seed`` mixes the minibatch seeds."""
-    words = [DROPOUT_STREAM, *(int(v) & 0xFFFFFFFF for v in (seed, round_, node, draw))]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    seeded ``seed`` (``fedepic.seeds.dropout_seed``)."""
+    return dropout_seed(seed, round_, node, draw)

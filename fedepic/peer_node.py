@@ -101,7 +101,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -115,6 +114,7 @@ from fedepic.builders import build_model, epic_schedule
 from fedepic.epic import EpicState
 from fedepic.train import client_momentum_, fit, float_images, round_lr  # noqa: F401 (round_lr re-exported)
 from fedepic.vectors import flatten_state, unflatten_like
+from fedepic.seeds import derive_seed
 from fedepic.client_work import minibatch_rows
 from fedepic.minibatches import minibatch_positions
 from fedepic.extensions import PEER_RULES, algorithm_has
@@ -125,12 +125,6 @@ from strategies.gradient_purification import STATE as GP_STATE, PurificationStat
 TRACKER = "dsgt.tracker"  # DSGT: the tracker's entry in the exchanged vector, after the model's
 STATEFUL = PEER_RULES.names("stateful")  # rules with per-neighbour state (records, suspicion history)
 BatchLoss = Callable[[Tensor], Tensor]  # flat models [k, D] -> their losses [k] on a node's own minibatch
-
-
-def derive_seed(base: int, *parts: int) -> int:
-    """A deterministic 63-bit seed from non-negative integers (numpy SeedSequence mixing)."""
-    words = [int(base) & 0xFFFFFFFF, *(int(p) & 0xFFFFFFFF for p in parts)]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 # ----------------------------------------------------------------------------------- models

@@ -39,6 +39,7 @@ from fedepic.attacks import flip_table
 from fedepic.config import AttackConfig, ConfigError, RunConfig, malicious_ids
 from fedepic.extensions import MODEL_ATTACKS, PEER_RULES
 from fedepic.metrics import consensus_distance, detection_metrics, nonfinite_model
+from fedepic.seeds import peer_attack_seed
 from fedepic.topology import build_topology, mixing_weights
 
 
@@ -107,8 +108,7 @@ def honest_reference(graph: nx.Graph, malicious: Iterable[int], receivers: Seque
 
 def attack_generator(seed: int, round_: int, attacker: int, receiver: int) -> torch.Generator:
     """The noise source of one poisoned model: a function of the run seed, round and sender/receiver."""
-    mixed = (seed * 1_000_003 + round_ * 10_007 + attacker * 101 + receiver) % (2**62)
-    return torch.Generator().manual_seed(mixed)
+    return torch.Generator().manual_seed(peer_attack_seed(seed, round_, attacker, receiver))
 
 
 def _honest_ids(ids: list[int], everyone: list[int], need: int) -> list[int]:

@@ -29,6 +29,7 @@ from fedepic.client_data import ClientData
 from fedepic.client_work import local_train
 from fedepic.config import RunConfig
 from fedepic.data import ImageData
+from fedepic.seeds import root_set_seed
 from fedepic.vectors import flatten_state, selector
 
 ROOT_CLIENT = -1  # the id the root set trains under (client seeds count ids from 0)
@@ -38,7 +39,7 @@ def root_rows(cfg: RunConfig, data: ImageData) -> np.ndarray:
     """The root set's row indices into the training split (sorted), seeded by ``cfg.seed``."""
     count = len(data.train_y)
     size = min(cfg.defense.fltrust.root_size, count)
-    rng = np.random.default_rng(cfg.seed * 7_919 + 104_729)
+    rng = np.random.default_rng(root_set_seed(cfg.seed))
     return np.sort(rng.choice(count, size=size, replace=False))
 
 

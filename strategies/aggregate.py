@@ -82,6 +82,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from fedepic.seeds import rule_round_seed
 from fedepic.vectors import finite_rows
 
 
@@ -294,7 +295,7 @@ def round_generator(seed: int, state: dict, rule: str) -> torch.Generator:
     rnd = state.get("round")
     if rnd is None:
         raise ValueError(f"{rule}: needs the server round in state['round'] (set by the round engine)")
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rnd))
+    return torch.Generator().manual_seed(rule_round_seed(seed, rnd))
 
 
 def saved_vector(state: dict, key: str, stack: Tensor, rule: str) -> Tensor:

@@ -20,21 +20,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from fedepic.seeds import permutation_seed
 from fedepic.vectors import finite_rows
-
-SEED_STRIDE = 1_000_003  # the round's generator: seed * SEED_STRIDE + round (seeds < 2**32, rounds < 2**31)
-NODE_STRIDE = 1_000_033  # a peer's: (seed * SEED_STRIDE + round) * NODE_STRIDE + node, mod 2**63
-
-
-def permutation_seed(seed: int, round: int, node: Optional[int] = None) -> int:
-    """The generator seed of one permutation: ``seed * 1_000_003 + round`` at a server (``node`` None),
-    ``(seed * 1_000_003 + round) * 1_000_033 + node`` mod 2**63 at peer ``node``.
-
-    >>> permutation_seed(7, 2), permutation_seed(7, 2, 3)
-    (7000023, 7000254000762)
-    """
-    key = int(seed) * SEED_STRIDE + int(round)
-    return key if node is None else (key * NODE_STRIDE + int(node)) % (2**63)
 
 
 def bucket_of_rows(permutation: Tensor, s: int) -> Tensor:
@@ -66,7 +53,8 @@ class Bucketing:
     The permutation is drawn from a torch generator seeded explicitly (:func:`permutation_seed`),
     independent of the inputs as in the paper. At a server the step is built every round with the
     round (``fedepic.extensions.pre_aggregation_steps(cfg, rnd)``) and draws from
-    ``seed * 1_000_003 + round``. At a peer the step is built once per run (on Ray, at every call)
+    ``fedepic.seeds.permutation_seed(seed, round)``, the server taken as node ``SERVER_NODE`` (not
+    ``seed * 1_000_003 + round``, which seeds the server rules' own draws). At a peer the step is built once per run (on Ray, at every call)
     without a round; ``strategies.preaggregation.PreAggregated`` binds it for each call
     (:meth:`for_call`) to the round and the receiving node's id that the peer engines put in the rule's
     state (``fedepic.peer_node.rule_context``), and it draws from

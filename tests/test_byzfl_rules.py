@@ -252,9 +252,10 @@ def test_bucketing_by_hand_and_its_seeds():
     want = torch.tensor([[1.5, 15.0], [2.5, 25.0], [2.0, 20.0]], dtype=torch.float64)
     assert close(bucket_means(x, perm, 2), want)
     assert close(bucketed_rows(x, perm, 2), want[[0, 1, 2, 0, 1]])
-    # at a server the round's permutation: seed * 1_000_003 + round, the same however often it is built
+    # at a server the round's permutation: that of node SERVER_NODE (2**31 - 1), the same however often it
+    # is built, and not seed * 1_000_003 + round, which seeds the server rules' draws (fedepic/seeds.py)
     for rnd in (1, 2):
-        g = torch.Generator().manual_seed(7 * 1_000_003 + rnd)
+        g = torch.Generator().manual_seed(((7 * 1_000_003 + rnd) * 1_000_033 + 2**31 - 1) % 2**63)
         assert torch.equal(Bucketing(2, 7, rnd)(x), bucketed_rows(x, torch.randperm(5, generator=g), 2))
         assert torch.equal(Bucketing(2, 7, rnd)(x), Bucketing(2, 7, rnd)(x))
     # at a peer: bound per call to the round and the receiving node, whatever the stack holds
@@ -278,7 +279,7 @@ def test_bucketing_by_hand_and_its_seeds():
 def test_bucketing_leaves_nan_rows_out_of_the_buckets():
     x = torch.tensor([[0.0], [NAN], [2.0], [4.0], [6.0]], dtype=torch.float64)
     out = Bucketing(2, 3, 1)(x)
-    g = torch.Generator().manual_seed(3 * 1_000_003 + 1)
+    g = torch.Generator().manual_seed(((3 * 1_000_003 + 1) * 1_000_033 + 2**31 - 1) % 2**63)
     finite = bucketed_rows(x[[0, 2, 3, 4]], torch.randperm(4, generator=g), 2)
     assert torch.isnan(out[1]).all() and torch.equal(out[[0, 2, 3, 4]], finite)
     # then the rule leaves the NaN row out: the mean of the four bucketed rows is the mean of the rows

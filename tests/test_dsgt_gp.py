@@ -283,7 +283,8 @@ def test_dsgd_of_a_node_alone_is_minibatch_sgd_with_client_momentum():
 
     from fedepic.data import load_dataset
     from fedepic.client_data import client_partition, partition_report
-    from fedepic.peer_node import derive_seed, dsgt_batch, exchanged_state, new_model
+    from fedepic.peer_node import dsgt_batch, exchanged_state, new_model
+    from fedepic.seeds import derive_seed
     from fedepic.peer_routing import routing_for, run_label_roles
     from fedepic.peer_stacked import StackedDsgdMember
     from fedepic.vectors import flatten_state

@@ -16,7 +16,8 @@ from fedepic.client_work import client_batch_rows, minibatch_rows
 from fedepic.config import load_config
 from fedepic.errors import ConfigError
 from fedepic.minibatches import in_order_rows, minibatch_positions, with_replacement_rows
-from fedepic.peer_node import derive_seed, dsgt_batch, node_batch
+from fedepic.peer_node import dsgt_batch, node_batch
+from fedepic.seeds import derive_seed
 
 
 def test_the_module_doctests_pass():

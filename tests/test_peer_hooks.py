@@ -13,7 +13,8 @@ import torch
 from fedepic.client_data import client_partition, partition_report
 from fedepic.config import load_config, malicious_ids, member_config
 from fedepic.data import load_dataset
-from fedepic.peer_node import derive_seed, dsgt_batch, load_exchanged, own_batch_loss
+from fedepic.peer_node import dsgt_batch, load_exchanged, own_batch_loss
+from fedepic.seeds import derive_seed
 from fedepic.peer_routing import communication_graph, routing_for, run_label_roles
 from fedepic.peer_stacked import member_class
 from fedepic.vectors import unflatten_like

@@ -41,9 +41,10 @@ import torch
 
 from fedepic.algorithms import Inbox, NodeSent, NodeStep, PeerNode, start_model
 from fedepic.peer_node import (
-    AggregationReport, BatchLoss, LocalJob, aggregate_flat, derive_seed, exchanged_state, needs_loss, own_batch_loss,
+    AggregationReport, BatchLoss, LocalJob, aggregate_flat, exchanged_state, needs_loss, own_batch_loss,
     train_local, train_local_stacked, uses_local_epic,
 )
+from fedepic.seeds import derive_seed
 from fedepic.vectors import flatten_state, unflatten_like
 
 if TYPE_CHECKING:
