@@ -252,6 +252,8 @@ def test_every_replay_runs_end_to_end_for_a_handful_of_iterations(tmp_path, data
         assert 0.0 <= cell["mean"] <= 100.0
     text = (folder / "reproduction.md").read_text()
     assert f"protocol changed: {' '.join(a for a in SMOKE_RUNS[name] if '=' in a)}" in text
+    if replay.deviations:  # the shipped config's differences, said to be from before the overrides
+        assert "- differs from the published protocol (the shipped config's, before the overrides above): " in text
     first = published_cells[0]
     assert f"| {', '.join(f'{k}={v}' for k, v in first.key.items())} | {first.value:.2f} |" in text
     assert text in proc.stdout and proc.stdout.strip().endswith(str(folder / "reproduction.md"))

@@ -63,7 +63,9 @@ def markdown(replay: Replay, paper: str, folder: Path, results: Sequence[CellRes
                      "published experiment**")
     if replay.comparable:
         lines.append(f"- **not a reproduction: {replay.comparable}**")
-    lines += [f"- differs from the published protocol: {d}" for d in replay.deviations]
+    # with overrides these are the shipped protocol's differences: an override may have removed one
+    where = " (the shipped config's, before the overrides above)" if overrides else ""
+    lines += [f"- differs from the published protocol{where}: {d}" for d in replay.deviations]
     lines += ["", f"Cells: {len(results)}; " + ", ".join(f"{v} {c}" for v, c in n.items() if c), "",
               *table_rows(results)]
     notes = [r for r in results if r.reason]
