@@ -58,7 +58,7 @@ from fedepic.member_loop import PlayedRound, play_rounds
 from fedepic.metrics import nonfinite_model
 from fedepic.models import FIXED_BUFFERS
 from fedepic.outputs import RunWriter
-from fedepic.seeds import server_round_seed
+from fedepic.seeds import server_attack_seed, server_round_seed
 from fedepic.server_checkpoints import elapsed, save_member_checkpoint
 from fedepic.attacks.optimized import defense_aggregator
 from fedepic.extensions import MODEL_ATTACKS, SERVER_RULES, pre_aggregation_steps, protocol_has
@@ -419,7 +419,7 @@ def play_round(cfg: RunConfig, name: str, backend: ServerBackend, rnd: int, eval
     # the rule's state as the backend will hand it to the rule this round (its memory and this call's inputs)
     call_state = {**rule_memory(backend), "round": rnd,
                   **({"server_update": work.server_update} if work.server_update is not None else {})}
-    injected = inject_model_attack(cfg, malicious, stack, global_vec, server_round_seed(cfg.seed, rnd),
+    injected = inject_model_attack(cfg, malicious, stack, global_vec, server_attack_seed(cfg.seed, rnd),
                                    parameters, rule=name, memory=progress.attack,
                                    clients=[r.client for r in replies],
                                    rule_state=call_state, round_=rnd) if replies else None

@@ -54,8 +54,9 @@ class Bucketing:
     independent of the inputs as in the paper. At a server the step is built every round with the
     round (``fedepic.extensions.pre_aggregation_steps(cfg, rnd)``) and draws from
     ``fedepic.seeds.permutation_seed(seed, round)``, the server taken as node ``SERVER_NODE`` (not
-    ``seed * 1_000_003 + round``, which seeds the server rules' own draws). At a peer the step is built once per run (on Ray, at every call)
-    without a round; ``strategies.preaggregation.PreAggregated`` binds it for each call
+    ``seed * 1_000_003 + round``, which seeds the server rules' own draws). At a peer the step is built
+    once per run (on Ray, at every call) without a round; ``strategies.preaggregation.PreAggregated`` binds
+    it for each call
     (:meth:`for_call`) to the round and the receiving node's id that the peer engines put in the rule's
     state (``fedepic.peer_node.rule_context``), and it draws from
     ``(seed * 1_000_003 + round) * 1_000_033 + node``: a new permutation for each node and round, the
