@@ -88,7 +88,7 @@ CORE_MODULES = ("fedepic.lifecycle", "fedepic.report", "fedepic.builders", "fede
                 "fedepic.sweep.run", "fedepic.sweep.page", "fedepic.columns", "fedepic.stacked_fit",
                 # the server-based round engine and its in-process backend
                 "fedepic.server_rounds", "fedepic.local_backend", "fedepic.client_work", "fedepic.client_data",
-                "fedepic.server_checkpoints", "fedepic.failures", "fedepic.member_loop")
+                "fedepic.server_checkpoints", "fedepic.failures", "fedepic.member_loop", "fedepic.seeds")
 
 
 def test_new_core_modules_import_without_flower_or_ray():
