@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -83,6 +84,24 @@ def line_count(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
 
 
+def newest_event_second(folder: Path) -> int:
+    """The largest wall-clock second in the names of the folder's event files
+    (``events.out.tfevents.<seconds>.<host>.<pid>.<n>``), or -1 without one."""
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    return max(seconds, default=-1)
+
+
+def wait_for_a_later_second(folder: Path, clock: Any = time.time, sleep: Any = time.sleep) -> None:
+    """Wait until the clock's second is past the newest event file's. TensorBoard reads a folder's event
+    files in name order, and a name starts with its writer's second: a resumed writer opened in the same
+    second as the cut one may sort first (its counter ".12" before ".3"), and its events would then be
+    read before the older file's, which TensorBoard takes for a restart that purges them (at most 1 s)."""
+    newest = newest_event_second(folder)
+    while int(clock()) <= newest:
+        sleep(0.05)
+
+
 class ScalarLog:
     """The event files of one run folder: :meth:`write` each metrics.jsonl record as it is logged.
 
@@ -109,6 +128,8 @@ class ScalarLog:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
+            if self.resuming:
+                wait_for_a_later_second(self.folder)
             self._writer = SummaryWriter(log_dir=str(self.folder), purge_step=step if self.resuming else None)
         for tag, value in values.items():
             self._writer.add_scalar(tag, value, global_step=step)

@@ -129,3 +129,26 @@ def test_a_resumed_run_keeps_the_events_of_the_lines_kept_and_purges_the_others(
     assert len(list((folder / "fedmedian").glob("events.out.tfevents.*"))) == 2  # two sessions, one view
     root = _events(folder)
     assert sorted({step for points in root.values() for step, _ in points}) == [0, 1]
+
+
+def test_a_resumed_writer_waits_for_a_second_after_the_newest_event_file(tmp_path: Path) -> None:
+    """TensorBoard reads event files in name order, the writer's second first: a resumed writer opened in
+    the cut file's second could sort first (".12" before ".3") and its events be purged as a restart. The
+    resumed writer waits until the clock is past that second; nothing waits without an event file."""
+    from fedepic.tensorboard_log import newest_event_second, wait_for_a_later_second
+
+    assert newest_event_second(tmp_path) == -1
+    (tmp_path / "events.out.tfevents.1700000005.host.42.3").write_bytes(b"")
+    (tmp_path / "events.out.tfevents.1700000003.host.42.12").write_bytes(b"")
+    assert newest_event_second(tmp_path) == 1700000005
+    now, slept = [1700000004.5], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    wait_for_a_later_second(tmp_path, clock=lambda: now[0], sleep=sleep)
+    assert int(now[0]) == 1700000006 and sum(slept) == pytest.approx(1.5, abs=0.06)
+    slept.clear()
+    wait_for_a_later_second(tmp_path / "empty", clock=lambda: now[0], sleep=sleep)
+    assert not slept
